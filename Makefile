@@ -1,0 +1,39 @@
+# Set-up is one stamp file: the venv is created once and reused; torch is pinned
+# before the package so that pip takes the local CPU build instead of CUDA wheels.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.embpress-installed
+TORCH_VERSION := 2.13.0
+
+.PHONY: setup demo test lint bench bench-quick clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/embpress demo --out out/demo
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy
+	$(PY) -m pytest -q -n 2 tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/run_all.py --quick --out out/bench-quick
+
+clean:
+	rm -rf $(VENV) out build dist src/*.egg-info

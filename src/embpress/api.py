@@ -1,0 +1,225 @@
+"""post_training_sparse_quantize: find a model's embedding tables, prune, quantize, replace.
+
+Drop-in for ``torch.ao.pruning._experimental.data_sparsifier.quantization_utils.
+post_training_sparse_quantize`` (same arguments, same order semantics) plus ``quant``,
+an :class:`embpress.QuantConfig`. Pruned entries decode to exactly 0.0 in both orders.
+Nothing in the model changes until every table has been compressed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layouts import encode_table
+from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
+from .quant import QuantConfig, RowQParams, choose_qparams, dequantize_codes, quantize_rows
+from .quant.rowwise import row_ranges, search_ranges
+
+__all__ = ["find_embeddings", "post_training_sparse_quantize", "reconstruction_error"]
+
+_CHUNK_ROWS = 1 << 15
+
+
+@dataclass
+class _Target:
+    """One embedding module and every (parent, attribute) place it sits at."""
+
+    name: str
+    module: Any
+    places: list[tuple[nn.Module, str]] = field(default_factory=list)
+
+
+def _is_plain_embedding(module: nn.Module) -> bool:
+    """nn.Embedding / nn.EmbeddingBag or a subclass that keeps their forward."""
+    for base in (nn.Embedding, nn.EmbeddingBag):
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return True
+    return False
+
+
+def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None = None) -> list[_Target]:
+    """Embedding modules of ``model`` at any depth (each once, with all its places)."""
+    targets: dict[int, _Target] = {}
+    skipped: list[str] = []
+    seen_places: set[tuple[int, str]] = set()
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is None or (id(parent), attr) in seen_places:
+                continue
+            seen_places.add((id(parent), attr))
+            name = f"{parent_name}.{attr}" if parent_name else attr
+            if _is_plain_embedding(child):
+                targets.setdefault(id(child), _Target(name, child)).places.append((parent, attr))
+            elif isinstance(child, (nn.Embedding, nn.EmbeddingBag)) and select_embeddings is None:
+                skipped.append(name)
+    if skipped:
+        warnings.warn(
+            "not compressed (subclass with its own forward): " + ", ".join(sorted(set(skipped))),
+            stacklevel=3,
+        )
+    if select_embeddings is None:
+        return list(targets.values())
+    if not isinstance(select_embeddings, list):
+        raise TypeError(
+            f"select_embeddings must be a list of embedding modules, got {type(select_embeddings).__name__}"
+        )
+    chosen: dict[int, _Target] = {}
+    for emb in select_embeddings:
+        if not isinstance(emb, (nn.Embedding, nn.EmbeddingBag)):
+            raise TypeError(
+                "select_embeddings must hold nn.Embedding / nn.EmbeddingBag modules, "
+                f"got {type(emb).__name__}"
+            )
+        if not _is_plain_embedding(emb):
+            raise TypeError(f"{type(emb).__name__} overrides forward; it cannot be replaced safely")
+        if id(emb) not in targets:
+            raise ValueError(f"select_embeddings holds a {type(emb).__name__} that is not part of the model")
+        chosen[id(emb)] = targets[id(emb)]
+    return list(chosen.values())
+
+
+def _checked_weight(target: _Target, config: QuantConfig) -> torch.Tensor:
+    weight = target.module.weight.detach()
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"table {target.name!r} is empty (shape {tuple(weight.shape)})")
+    if not weight.is_floating_point():
+        raise TypeError(f"table {target.name!r} has dtype {weight.dtype}, expected a float dtype")
+    w = weight.to("cpu", torch.float32)
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        if config.nonfinite == "raise":
+            count = int((~finite).sum())
+            raise ValueError(
+                f"table {target.name!r} holds {count} NaN/Inf value(s); fix the table or pass "
+                "QuantConfig(nonfinite='zero') to treat them as 0.0"
+            )
+        w = torch.where(finite, w, torch.zeros_like(w))
+    return w
+
+
+def _plain_qparams(w: torch.Tensor, config: QuantConfig) -> RowQParams:
+    lo, hi = row_ranges(w, None)
+    if config.resolved_range_search:
+        lo, hi = search_ranges(w, None, lo, hi, config.bits)
+    return choose_qparams(lo, hi, config.bits, config.resolved_scale_dtype)
+
+
+def _quantize_dequantize(w: torch.Tensor, qp: RowQParams, bits: int) -> torch.Tensor:
+    out = torch.empty_like(w)
+    for s in range(0, w.shape[0], _CHUNK_ROWS):
+        part = RowQParams(qp.scale[s : s + _CHUNK_ROWS], qp.offset[s : s + _CHUNK_ROWS], qp.dtype)
+        out[s : s + _CHUNK_ROWS] = dequantize_codes(
+            quantize_rows(w[s : s + _CHUNK_ROWS], part, bits), part.scale, part.offset
+        )
+    return out
+
+
+def reconstruction_error(
+    original: torch.Tensor, module: QuantizedEmbedding | QuantizedEmbeddingBag
+) -> dict[str, float]:
+    """Relative Frobenius error and max |error| of the module's table against ``original``."""
+    sq_err = sq_ref = 0.0
+    max_abs = 0.0
+    device = next(module.table.buffers()).device
+    for s in range(0, original.shape[0], _CHUNK_ROWS):
+        rows = torch.arange(s, min(s + _CHUNK_ROWS, original.shape[0]), device=device)
+        ref = original[s : s + _CHUNK_ROWS].double()
+        diff = module.table.decode_rows(rows).cpu().double() - ref
+        sq_err += float((diff * diff).sum())
+        sq_ref += float((ref * ref).sum())
+        max_abs = max(max_abs, float(diff.abs().max()))
+    rel = (sq_err / sq_ref) ** 0.5 if sq_ref > 0 else sq_err**0.5
+    return {"rel_frobenius": rel, "max_abs": max_abs}
+
+
+def _mask_of(sparsifier: Any, name: str, shape: torch.Size) -> torch.Tensor:
+    mask = sparsifier.get_mask(name)
+    if mask.numel() != shape.numel():
+        raise ValueError(
+            f"sparsifier mask for {name!r} has {mask.numel()} entries, table has {shape.numel()}"
+        )
+    return (mask.detach().reshape(shape) != 0).cpu()
+
+
+def _block_width(sparsifier: Any, name: str) -> int:
+    shape = getattr(sparsifier, "data_groups", {}).get(name, {}).get("sparse_block_shape")
+    try:
+        return max(1, int(shape[1]))
+    except (TypeError, IndexError, ValueError):
+        return 1
+
+
+def post_training_sparse_quantize(
+    model: nn.Module,
+    data_sparsifier_class: type,
+    sparsify_first: bool = True,
+    select_embeddings: list[nn.Module] | None = None,
+    *,
+    quant: QuantConfig | None = None,
+    **sparse_config: Any,
+) -> nn.Module:
+    """Prune and quantize the embedding tables of ``model`` in place; return ``model``.
+
+    Args:
+        model: any nn.Module; every nn.Embedding / nn.EmbeddingBag at any depth is
+            compressed (a module shared at several places once, staying shared).
+        data_sparsifier_class: e.g. :class:`embpress.DataNormSparsifier`; built with
+            ``**sparse_config``; any class with ``add_data`` / ``step`` / ``get_mask``.
+        sparsify_first: prune the float table, then quantize the kept entries; else
+            quantize first, prune the dequantized table, and keep the saved row params.
+        select_embeddings: compress only these modules (a list).
+        quant: a :class:`QuantConfig` (default: 8 bits, smallest layout).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    config = quant if quant is not None else QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"quant must be an embpress.QuantConfig, got {type(config).__name__}")
+    if _is_plain_embedding(model):
+        raise ValueError("model is itself an embedding: use QuantizedEmbedding(Bag).from_float(model)")
+    targets = find_embeddings(model, select_embeddings)
+    sparsifier = data_sparsifier_class(**sparse_config)
+    weights = {t.name: _checked_weight(t, config) for t in targets}
+    keys = {t.name: t.name.replace(".", "_") for t in targets}
+    saved: dict[str, RowQParams] = {}
+    for t in targets:
+        w = weights[t.name]
+        if not sparsify_first:
+            saved[t.name] = _plain_qparams(w, config)
+            w = weights[t.name] = _quantize_dequantize(w, saved[t.name], config.bits)
+        sparsifier.add_data(name=keys[t.name], data=w)
+    sparsifier.step()
+    replacements: dict[str, nn.Module] = {}
+    for t in targets:
+        w = weights.pop(t.name)
+        mask = _mask_of(sparsifier, keys[t.name], w.shape)
+        try:
+            table = encode_table(
+                w,
+                mask,
+                config,
+                block_width=_block_width(sparsifier, keys[t.name]),
+                saved_qparams=saved.get(t.name),
+            )
+        except ValueError as err:
+            raise ValueError(f"table {t.name!r}: {err}") from err
+        device = t.module.weight.device
+        m: Any = t.module
+        new: QuantizedEmbedding | QuantizedEmbeddingBag
+        if isinstance(m, nn.EmbeddingBag):
+            new = QuantizedEmbeddingBag(
+                table.to(device), m.mode, m.padding_idx, m.include_last_offset, m.max_norm, m.norm_type
+            )
+        else:
+            new = QuantizedEmbedding(table.to(device), m.padding_idx, m.max_norm, m.norm_type)
+        new.error = reconstruction_error(t.module.weight.detach().float().cpu(), new)
+        replacements[t.name] = new
+    for t in targets:
+        for parent, attr in t.places:
+            setattr(parent, attr, replacements[t.name])
+    return model

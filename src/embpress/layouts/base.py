@@ -1,0 +1,215 @@
+"""What every storage layout provides, and the fused row format two of them share.
+
+Fused row format (FBGEMM's ``FusedNBitRowwise``; the dense and pruned-row layouts)::
+
+    one row, ``row_bytes = ceil(D * bits / 8) + 2 * sizeof(scale_dtype)`` bytes:
+    [ packed codes: element j in byte j*bits//8 at bit (j*bits)%8 | scale | offset ]
+
+With float32 scale/offset at 8 bits and float16 at 4 and 2 bits this is byte for byte
+what ``torch.ops.quantized.embedding_bag_{byte,4bit,2bit}_rowwise_offsets`` read, so
+those kernels serve the lookups on CPU; any other device decodes with plain torch ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..quant.packing import pack_codes, packed_length, unpack_codes
+
+__all__ = [
+    "FormatError",
+    "QuantizedTable",
+    "decode_fused",
+    "fbgemm_bag",
+    "fused_row_bytes",
+    "make_fused",
+]
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
+DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
+_FBGEMM_OPS = {
+    8: "embedding_bag_byte_rowwise_offsets",
+    4: "embedding_bag_4bit_rowwise_offsets",
+    2: "embedding_bag_2bit_rowwise_offsets",
+}
+_FBGEMM_SCALE = {8: torch.float32, 4: torch.float16, 2: torch.float16}
+
+
+class FormatError(ValueError):
+    """A stored table or file does not have the shape, dtype or content its header promises."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' / 'float16'."""
+    return _DTYPE_NAMES[dtype]
+
+
+def fused_row_bytes(dim: int, bits: int, scale_dtype: torch.dtype) -> int:
+    """Bytes of one fused row."""
+    return packed_length(dim, bits) + 2 * torch.empty((), dtype=scale_dtype).element_size()
+
+
+def make_fused(
+    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Fused rows ``[rows, row_bytes]`` from uint8 codes ``[rows, D]`` and per-row qparams."""
+    parts = [
+        pack_codes(codes, bits),
+        scale.to(dtype).reshape(-1, 1).view(torch.uint8),
+        offset.to(dtype).reshape(-1, 1).view(torch.uint8),
+    ]
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def decode_fused(rows: torch.Tensor, dim: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``[n, D]`` from fused rows ``[n, row_bytes]`` (plain torch, any device)."""
+    packed = packed_length(dim, bits)
+    size = torch.empty((), dtype=dtype).element_size()
+    scale = rows[:, packed : packed + size].contiguous().view(dtype).float()
+    offset = rows[:, packed + size : packed + 2 * size].contiguous().view(dtype).float()
+    codes = unpack_codes(rows[:, :packed], bits, dim)
+    return codes.float() * scale + offset
+
+
+def fbgemm_bag(
+    fused: torch.Tensor,
+    dim: int,
+    bits: int,
+    dtype: torch.dtype,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    mode: int,
+    per_sample_weights: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Sum/mean bags with torch's FBGEMM kernel; None where it cannot serve (device, dtype)."""
+    if fused.device.type != "cpu" or _FBGEMM_SCALE[bits] != dtype or mode not in (0, 1):
+        return None
+    op = getattr(torch.ops.quantized, _FBGEMM_OPS[bits])
+    out: torch.Tensor = op(fused, indices, offsets, False, mode, False, per_sample_weights, None, True)
+    return out[:, :dim] if out.shape[1] != dim else out
+
+
+class QuantizedTable(nn.Module):
+    """A quantized table in one storage layout: buffers plus row decoding and bag lookups."""
+
+    layout: ClassVar[str] = ""
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, bits: int, scale_dtype: torch.dtype, num_pruned: int
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.bits = bits
+        self.scale_dtype = scale_dtype
+        self.num_pruned = num_pruned
+
+    # --------------------------------------------------------------- lookups
+    def decode_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        """float32 rows ``[len(indices), D]`` for in-range int64 ``indices``."""
+        raise NotImplementedError
+
+    def fast_bag(
+        self,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        mode: int,
+        per_sample_weights: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Sum (0) / mean (1) of bags given ``offsets`` with a final total; None if no kernel."""
+        return None
+
+    def dequantize(self, chunk_rows: int = 1 << 16) -> torch.Tensor:
+        """The whole table as float32 ``[num_embeddings, embedding_dim]``."""
+        device = next(self.buffers()).device
+        out = torch.empty(self.num_embeddings, self.embedding_dim, device=device)
+        for start in range(0, self.num_embeddings, chunk_rows):
+            stop = min(start + chunk_rows, self.num_embeddings)
+            out[start:stop] = self.decode_rows(torch.arange(start, stop, device=device))
+        return out
+
+    # --------------------------------------------------------------- sizes and metadata
+    @property
+    def nbytes(self) -> int:
+        """Every byte held for the table."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of entries pruned (they decode to exactly 0.0)."""
+        total = self.num_embeddings * self.embedding_dim
+        return self.num_pruned / total if total else 0.0
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able description that, with the buffers, rebuilds the table."""
+        return {
+            "layout": self.layout,
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "bits": self.bits,
+            "scale_dtype": dtype_name(self.scale_dtype),
+            "num_pruned": self.num_pruned,
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The buffers by name (what is written to disk)."""
+        return dict(self.named_buffers())
+
+    @classmethod
+    def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QuantizedTable:
+        """Rebuild from :meth:`meta` and :meth:`tensors`, checking every field first."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}x{self.embedding_dim}, layout={self.layout}, bits={self.bits}, "
+            f"sparsity={self.sparsity:.3f}, nbytes={self.nbytes}"
+        )
+
+
+# ------------------------------------------------------------------- validation helpers
+def expect_tensor(
+    tensors: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """The tensor ``name`` if it has exactly ``dtype`` and ``shape``; FormatError otherwise."""
+    if name not in tensors:
+        raise FormatError(f"tensor {name!r} is missing")
+    t = tensors[name]
+    if t.dtype != dtype:
+        raise FormatError(f"tensor {name!r} has dtype {t.dtype}, expected {dtype}")
+    if tuple(t.shape) != shape:
+        raise FormatError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def meta_int(meta: dict[str, Any], key: str, low: int = 0, high: int = 1 << 40) -> int:
+    """An integer field of ``meta`` in [low, high]; FormatError otherwise."""
+    value = meta.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise FormatError(f"field {key!r} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def base_fields(meta: dict[str, Any]) -> tuple[int, int, int, torch.dtype, int]:
+    """Validated (num_embeddings, embedding_dim, bits, scale_dtype, num_pruned)."""
+    rows = meta_int(meta, "num_embeddings", 1)
+    dim = meta_int(meta, "embedding_dim", 1, 1 << 24)
+    bits = meta.get("bits")
+    if bits not in (8, 4, 2) or isinstance(bits, bool):
+        raise FormatError(f"field 'bits' must be 8, 4 or 2, got {bits!r}")
+    name = meta.get("scale_dtype")
+    if name not in DTYPES_BY_NAME:
+        raise FormatError(f"field 'scale_dtype' must be float32 or float16, got {name!r}")
+    pruned = meta_int(meta, "num_pruned", 0, rows * dim)
+    return rows, dim, int(bits), DTYPES_BY_NAME[name], pruned
+
+
+POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def popcount_bytes(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of each uint8 (int64 result), by table lookup (works on every device)."""
+    return POPCOUNT8.to(x.device)[x.long()]

@@ -1,0 +1,62 @@
+"""Dense layout: every row stored as one fused row.
+
+Memory layout::
+
+    fused   uint8 [num_embeddings, row_bytes]   FBGEMM fused rows (see layouts.base)
+
+Pruned entries are stored in place as the row's zero code (exact 0.0, see
+``quant.rowwise``). Best when little or nothing is pruned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import (
+    QuantizedTable,
+    base_fields,
+    decode_fused,
+    expect_tensor,
+    fbgemm_bag,
+    fused_row_bytes,
+)
+
+__all__ = ["DenseTable"]
+
+
+class DenseTable(QuantizedTable):
+    """All rows as fused rows: ``fused[i]`` is row ``i``."""
+
+    layout = "dense"
+    fused: torch.Tensor
+
+    def __init__(
+        self, fused: torch.Tensor, embedding_dim: int, bits: int, scale_dtype: torch.dtype, num_pruned: int
+    ) -> None:
+        super().__init__(fused.shape[0], embedding_dim, bits, scale_dtype, num_pruned)
+        self.register_buffer("fused", fused)
+
+    def decode_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        return decode_fused(self.fused[indices], self.embedding_dim, self.bits, self.scale_dtype)
+
+    def fast_bag(
+        self, indices: torch.Tensor, offsets: torch.Tensor, mode: int, per_sample_weights: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        return fbgemm_bag(
+            self.fused,
+            self.embedding_dim,
+            self.bits,
+            self.scale_dtype,
+            indices,
+            offsets,
+            mode,
+            per_sample_weights,
+        )
+
+    @classmethod
+    def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> DenseTable:
+        rows, dim, bits, dtype, pruned = base_fields(meta)
+        fused = expect_tensor(tensors, "fused", torch.uint8, (rows, fused_row_bytes(dim, bits, dtype)))
+        return cls(fused, dim, bits, dtype, pruned)

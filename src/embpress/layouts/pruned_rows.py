@@ -1,0 +1,117 @@
+"""Pruned-row layout: only rows with a kept entry are stored, found through a rank bitmap.
+
+Memory layout (K kept rows out of N)::
+
+    fused     uint8 [K + 1, row_bytes]  kept rows in order, then one all-zero row
+                                        (codes 0, scale 0, offset 0: decodes to 0.0)
+    row_bits  uint8 [ceil(N / 8)]       bit i % 8 of byte i // 8 set iff row i is kept
+    row_rank  int32 [ceil(N / 8)]       kept rows before row 8 * k (prefix count)
+
+Row ``i`` maps to ``row_rank[i >> 3] + popcount(row_bits[i >> 3] & ((1 << (i & 7)) - 1))``
+if its bit is set, else to the zero row ``K``; 5 bits per row instead of a 32-bit index
+map. Indices are remapped with plain torch ops, then torch's FBGEMM kernels (CPU) or the
+plain-torch decoder run on the compact table. A pruned row stays in its bag (it adds 0
+and counts toward a mean), exactly as the zero row it is in the dequantized table.
+Partially pruned kept rows store their pruned entries in place as the zero code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import (
+    FormatError,
+    QuantizedTable,
+    base_fields,
+    decode_fused,
+    expect_tensor,
+    fbgemm_bag,
+    fused_row_bytes,
+    popcount_bytes,
+)
+
+__all__ = ["PrunedRowsTable", "rank_directory"]
+
+
+def rank_directory(row_bits: torch.Tensor) -> torch.Tensor:
+    """int32 exclusive prefix count of set bits, one entry per byte of ``row_bits``."""
+    counts = popcount_bytes(row_bits)
+    return (torch.cumsum(counts, 0) - counts).to(torch.int32)
+
+
+class PrunedRowsTable(QuantizedTable):
+    """Kept rows only, plus a zero row, addressed through ``row_bits`` / ``row_rank``."""
+
+    layout = "pruned_rows"
+    fused: torch.Tensor
+    row_bits: torch.Tensor
+    row_rank: torch.Tensor
+
+    def __init__(
+        self,
+        fused: torch.Tensor,
+        row_bits: torch.Tensor,
+        row_rank: torch.Tensor,
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int,
+        scale_dtype: torch.dtype,
+        num_pruned: int,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, bits, scale_dtype, num_pruned)
+        self.register_buffer("fused", fused)
+        self.register_buffer("row_bits", row_bits)
+        self.register_buffer("row_rank", row_rank)
+
+    @property
+    def kept_rows(self) -> int:
+        """Rows stored (the zero row not counted)."""
+        return int(self.fused.shape[0]) - 1
+
+    def remap(self, indices: torch.Tensor) -> torch.Tensor:
+        """Positions in ``fused`` of the original row ``indices``."""
+        idx = indices.long()
+        byte = self.row_bits[idx >> 3].long()
+        bit = idx & 7
+        kept = ((byte >> bit) & 1).bool()
+        below = byte & ((1 << bit) - 1)
+        rank = self.row_rank[idx >> 3].long() + popcount_bytes(below)
+        return torch.where(kept, rank, torch.full_like(rank, self.kept_rows))
+
+    def decode_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        rows = self.fused[self.remap(indices)]
+        return decode_fused(rows, self.embedding_dim, self.bits, self.scale_dtype)
+
+    def fast_bag(
+        self, indices: torch.Tensor, offsets: torch.Tensor, mode: int, per_sample_weights: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        if self.fused.device.type != "cpu":
+            return None
+        return fbgemm_bag(
+            self.fused,
+            self.embedding_dim,
+            self.bits,
+            self.scale_dtype,
+            self.remap(indices),
+            offsets.long(),
+            mode,
+            per_sample_weights,
+        )
+
+    @classmethod
+    def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PrunedRowsTable:
+        rows, dim, bits, dtype, pruned = base_fields(meta)
+        nbytes = (rows + 7) // 8
+        row_bits = expect_tensor(tensors, "row_bits", torch.uint8, (nbytes,))
+        row_rank = expect_tensor(tensors, "row_rank", torch.int32, (nbytes,))
+        if rows % 8 and int(row_bits[-1]) >> (rows % 8):
+            raise FormatError("tensor 'row_bits' marks rows past num_embeddings as kept")
+        if not torch.equal(rank_directory(row_bits), row_rank):
+            raise FormatError("tensor 'row_rank' does not match 'row_bits'")
+        kept = int(popcount_bytes(row_bits).sum())
+        fused = expect_tensor(tensors, "fused", torch.uint8, (kept + 1, fused_row_bytes(dim, bits, dtype)))
+        if bool(fused[-1].any()):
+            raise FormatError("the last row of 'fused' must be the all-zero row")
+        return cls(fused, row_bits, row_rank, rows, dim, bits, dtype, pruned)

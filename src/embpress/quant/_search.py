@@ -1,0 +1,68 @@
+"""Numba kernel: FBGEMM's greedy clipping-range search, one row per iteration.
+
+Starting from [min, max] of the row's kept entries, the range is shrunk by one of 200
+bins at a time from whichever end lowers the squared quantization error more, for up to
+16% of the bins; the range with the lowest error seen is kept (FBGEMM's
+``param_search_greedy``, used by its ``optimized_qparams`` prepack at 4 and 2 bits).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, nogil=True)
+def _loss(row: np.ndarray, keep: np.ndarray, use_keep: bool, lo: float, hi: float, levels: int) -> float:
+    scale = (hi - lo) / levels
+    inv = 1.0 / scale if scale > 0 else 0.0
+    total = 0.0
+    for j in range(row.shape[0]):
+        if use_keep and not keep[j]:
+            continue
+        x = row[j]
+        q = np.floor((x - lo) * inv + 0.5)
+        q = min(max(q, 0.0), float(levels))
+        d = x - (q * scale + lo)
+        total += d * d
+    return total
+
+
+@numba.njit(cache=True, parallel=True)
+def greedy_ranges(
+    w: np.ndarray,
+    kept: np.ndarray,
+    use_keep: bool,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    bits: int,
+    nbins: int,
+    ratio: float,
+) -> None:
+    """Narrow ``lo``/``hi`` (in place) to each row's least-error clipping range."""
+    levels = (1 << bits) - 1
+    min_bins = nbins * (1.0 - ratio)
+    for r in numba.prange(w.shape[0]):
+        xmin = float(lo[r])
+        xmax = float(hi[r])
+        if xmax <= xmin:
+            continue
+        row = w[r]
+        keep = kept[r] if use_keep else kept[0]
+        step = (xmax - xmin) / nbins
+        cur_min, cur_max = xmin, xmax
+        best = _loss(row, keep, use_keep, xmin, xmax, levels)
+        best_min, best_max = xmin, xmax
+        while cur_min + min_bins * step < cur_max:
+            loss_l = _loss(row, keep, use_keep, cur_min + step, cur_max, levels)
+            loss_r = _loss(row, keep, use_keep, cur_min, cur_max - step, levels)
+            if loss_l < loss_r:
+                cur_min += step
+                cur = loss_l
+            else:
+                cur_max -= step
+                cur = loss_r
+            if cur < best:
+                best, best_min, best_max = cur, cur_min, cur_max
+        lo[r] = best_min
+        hi[r] = best_max

@@ -1,0 +1,62 @@
+"""QuantConfig: how a table's kept entries are quantized and stored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LAYOUTS", "QuantConfig"]
+
+LAYOUTS = ("auto", "dense", "pruned_rows", "block_sparse")
+_SCALE_DTYPES = (torch.float32, torch.float16)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Row-wise quantization settings (one config, one handler: ``post_training_sparse_quantize``).
+
+    Args:
+        bits: 8, 4 or 2 bits per kept entry.
+        scale_dtype: dtype of each row's scale and offset. ``None`` picks FBGEMM's
+            convention (float32 at 8 bits, float16 at 4 and 2 bits), which lets the
+            dense and pruned-row layouts use torch's FBGEMM lookup kernels.
+        range_search: search each row for the clipping range with the least squared
+            error (FBGEMM's greedy search: 200 bins, up to 16% trimmed). ``None`` turns
+            it on at 4 and 2 bits, where it pays; at 8 bits plain min/max is as good.
+        layout: ``"auto"`` (smallest), ``"dense"``, ``"pruned_rows"`` or ``"block_sparse"``.
+        nonfinite: ``"raise"`` refuses a table with NaN/Inf (the default);
+            ``"zero"`` replaces them by 0.0 before compression.
+    """
+
+    bits: int = 8
+    scale_dtype: torch.dtype | None = None
+    range_search: bool | None = None
+    layout: str = "auto"
+    nonfinite: str = "raise"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in (8, 4, 2):
+            raise ValueError(f"bits must be 8, 4 or 2, got {self.bits!r}")
+        if self.scale_dtype is not None and self.scale_dtype not in _SCALE_DTYPES:
+            raise ValueError(
+                f"scale_dtype must be torch.float32, torch.float16 or None, got {self.scale_dtype!r}"
+            )
+        if self.range_search not in (None, True, False):
+            raise ValueError(f"range_search must be True, False or None, got {self.range_search!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
+        if self.nonfinite not in ("raise", "zero"):
+            raise ValueError(f"nonfinite must be 'raise' or 'zero', got {self.nonfinite!r}")
+
+    @property
+    def resolved_scale_dtype(self) -> torch.dtype:
+        """The scale/offset dtype actually used."""
+        if self.scale_dtype is not None:
+            return self.scale_dtype
+        return torch.float32 if self.bits == 8 else torch.float16
+
+    @property
+    def resolved_range_search(self) -> bool:
+        """Whether the clipping-range search runs."""
+        return self.bits < 8 if self.range_search is None else self.range_search

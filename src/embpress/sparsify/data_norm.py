@@ -1,0 +1,191 @@
+"""DataNormSparsifier: prune the blocks with the smallest mean L1 (or L2) norm.
+
+The masks equal those of ``torch.ao.pruning._experimental.data_sparsifier.DataNormSparsifier``
+on data without ties (same block norms, computed with the same ``avg_pool2d``; the same
+``round(sparsity_level * num_blocks)`` blocks removed; the same elements zeroed inside a
+removed block when ``zeros_per_block`` is smaller than the block). The reference sorts a
+copy of the norm array repeated ``block size`` times; here one ``kthvalue`` over the
+block norms finds the threshold, and the tables are walked in row chunks, so memory stays
+O(number of elements) with a small constant.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .base import BaseDataSparsifier
+
+__all__ = ["DataNormSparsifier", "block_norm_mask"]
+
+# Rows of the table handled at once (rounded to a multiple of the block height).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _validate(
+    sparsity_level: float, sparse_block_shape: tuple[int, int], zeros_per_block: int, norm: str
+) -> tuple[int, int]:
+    if not isinstance(sparsity_level, (int, float)) or not 0.0 <= float(sparsity_level) <= 1.0:
+        raise ValueError(f"sparsity_level must be a number in [0, 1], got {sparsity_level!r}")
+    try:
+        bh, bw = (int(v) for v in sparse_block_shape)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"sparse_block_shape must be two positive integers, got {sparse_block_shape!r}"
+        ) from None
+    if bh < 1 or bw < 1:
+        raise ValueError(f"sparse_block_shape must be two positive integers, got {sparse_block_shape!r}")
+    if not isinstance(zeros_per_block, int) or zeros_per_block < 0:
+        raise ValueError(f"zeros_per_block must be a non-negative integer, got {zeros_per_block!r}")
+    if zeros_per_block > bh * bw:
+        raise ValueError(
+            f"zeros_per_block={zeros_per_block} is larger than the block {bh}x{bw} ({bh * bw} elements)"
+        )
+    if norm not in ("L1", "L2"):
+        raise ValueError(f"norm must be 'L1' or 'L2', got {norm!r}")
+    return bh, bw
+
+
+def _elementwise_norm(x: torch.Tensor, norm: str) -> torch.Tensor:
+    return x.abs() if norm == "L1" else x * x
+
+
+def _row_chunks(height: int, width: int, block_height: int) -> range:
+    rows = max(block_height, (_CHUNK_ELEMENTS // max(width, 1)) // block_height * block_height)
+    return range(0, height, rows)
+
+
+def _block_norms(data: torch.Tensor, shape: tuple[int, int], norm: str) -> torch.Tensor:
+    """Mean elementwise norm of each block (partial edge blocks: mean of what is there)."""
+    height, width = data.shape
+    step = _row_chunks(height, width, shape[0]).step
+    parts = []
+    for start in range(0, height, step):
+        chunk = _elementwise_norm(data[start : start + step].float(), norm)
+        parts.append(F.avg_pool2d(chunk[None, None], kernel_size=shape, stride=shape, ceil_mode=True)[0, 0])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _pruned_blocks(norms: torch.Tensor, sparsity_level: float) -> torch.Tensor:
+    """Bool [block rows, block cols]: True where the block is among the k smallest norms."""
+    flat = norms.reshape(-1)
+    num_blocks = flat.numel()
+    k = round(sparsity_level * num_blocks)  # Python rounding, as the reference
+    if k <= 0:
+        return torch.zeros_like(norms, dtype=torch.bool)
+    if k >= num_blocks:
+        return torch.ones_like(norms, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, k).values
+    pruned = flat < threshold
+    missing = k - int(pruned.sum())
+    if missing > 0:  # ties at the threshold: take the first ones in row-major order
+        ties = torch.nonzero(flat == threshold).flatten()[:missing]
+        pruned[ties] = True
+    return pruned.view_as(norms)
+
+
+def _smallest_in_block(
+    chunk_norm: torch.Tensor, shape: tuple[int, int], zeros_per_block: int
+) -> torch.Tensor:
+    """Bool mask of a row chunk: False at the ``zeros_per_block`` smallest entries of each block."""
+    height, width = chunk_norm.shape
+    bh, bw = shape
+    hp, wp = math.ceil(height / bh) * bh, math.ceil(width / bw) * bw
+    padded = torch.full((hp, wp), float("nan"), dtype=chunk_norm.dtype)
+    padded[:height, :width] = chunk_norm
+    blocks = padded.view(hp // bh, bh, wp // bw, bw).permute(0, 2, 1, 3).reshape(-1, bh * bw)
+    order = torch.sort(blocks, dim=1).indices[:, :zeros_per_block]
+    keep = torch.ones_like(blocks, dtype=torch.bool)
+    keep.scatter_(1, order, False)
+    keep = keep.view(hp // bh, wp // bw, bh, bw).permute(0, 2, 1, 3).reshape(hp, wp)
+    return keep[:height, :width]
+
+
+def block_norm_mask(
+    data: torch.Tensor,
+    sparsity_level: float,
+    sparse_block_shape: tuple[int, int] = (1, 4),
+    zeros_per_block: int | None = None,
+    norm: str = "L1",
+) -> torch.Tensor:
+    """The DataNormSparsifier mask of a 2-D (or 1-D) tensor as bool (True = kept)."""
+    shape = _validate(
+        sparsity_level,
+        sparse_block_shape,
+        zeros_per_block if zeros_per_block is not None else math.prod(sparse_block_shape),
+        norm,
+    )
+    zeros = shape[0] * shape[1] if zeros_per_block is None else zeros_per_block
+    squeezed = data.detach().squeeze()
+    if squeezed.dim() > 2:
+        raise ValueError(f"only 2-D data is supported, got shape {tuple(data.shape)}")
+    if squeezed.dim() < 2:
+        squeezed = squeezed.reshape(1, -1)
+    if squeezed.is_floating_point() and bool(torch.isnan(squeezed).any()):
+        raise ValueError("data contains NaN: block norms are undefined")
+    height, width = squeezed.shape
+    if sparsity_level <= 0 or zeros == 0 or squeezed.numel() == 0:
+        return torch.ones(data.shape, dtype=torch.bool, device=data.device)
+    pruned = _pruned_blocks(_block_norms(squeezed, shape, norm), float(sparsity_level))
+    bh, bw = shape
+    mask = torch.empty((height, width), dtype=torch.bool)
+    step = _row_chunks(height, width, bh).step
+    for start in range(0, height, step):
+        rows = slice(start, start + step)
+        block_rows = pruned[start // bh : (start + step + bh - 1) // bh]
+        kept = ~block_rows.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
+        kept = kept[: min(step, height - start), :width]
+        if zeros < bh * bw and bool((~kept).any()):
+            inner = _smallest_in_block(_elementwise_norm(squeezed[rows].float(), norm), shape, zeros)
+            kept = kept | inner
+        mask[rows] = kept
+    return mask.reshape(data.shape).to(data.device)
+
+
+class DataNormSparsifier(BaseDataSparsifier):
+    """Zero the blocks whose mean L1/L2 norm is smallest, ``sparsity_level`` of them.
+
+    Args:
+        sparsity_level: fraction of blocks removed (``round(level * blocks)`` of them).
+        sparse_block_shape: block shape; blocks start at index (0, 0), edge blocks may be partial.
+        zeros_per_block: zeros inside a removed block (default: the whole block); the
+            smallest-norm elements of the block are the ones zeroed.
+        norm: ``"L1"`` (absolute value) or ``"L2"`` (square).
+    All four may be overridden per data in ``add_data``.
+    """
+
+    def __init__(
+        self,
+        data_list: list[tuple[str, Any]] | None = None,
+        sparsity_level: float = 0.5,
+        sparse_block_shape: tuple[int, int] = (1, 4),
+        zeros_per_block: int | None = None,
+        norm: str = "L1",
+    ) -> None:
+        if zeros_per_block is None:
+            zeros_per_block = math.prod(sparse_block_shape)
+        _validate(sparsity_level, sparse_block_shape, zeros_per_block, norm)
+        self.norm = norm
+        super().__init__(
+            data_list=data_list,
+            sparsity_level=sparsity_level,
+            sparse_block_shape=tuple(sparse_block_shape),
+            zeros_per_block=zeros_per_block,
+        )
+
+    def update_mask(  # type: ignore[override]
+        self,
+        name: str,
+        data: torch.Tensor,
+        sparsity_level: float,
+        sparse_block_shape: tuple[int, int],
+        zeros_per_block: int,
+        **kwargs: Any,
+    ) -> None:
+        """Set the mask of ``name`` to the block-norm mask of ``data``."""
+        self.state[name]["mask"] = block_norm_mask(
+            data, sparsity_level, sparse_block_shape, zeros_per_block, self.norm
+        )
