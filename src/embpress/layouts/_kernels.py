@@ -19,7 +19,8 @@ _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
 def set_threads() -> None:
     """Use as many numba threads as torch uses (within numba's pool)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined])))
+    pool = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), pool)))
 
 
 @numba.njit(cache=True, inline="always")

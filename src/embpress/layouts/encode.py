@@ -208,9 +208,9 @@ def _encode_block_sparse(
     mask: torch.Tensor | None,
     stats: MaskStats,
     qp: RowQParams,
-    codes_of,
+    codes_of: Callable[[int, int], torch.Tensor],
     step: int,
-    bits: int,  # type: ignore[no-untyped-def]
+    bits: int,
     dtype: torch.dtype,
 ) -> BlockSparseTable:
     rows, dim = w.shape
