@@ -99,7 +99,7 @@ def block_sparse_bag(
                                 code = codes[pos]
                             else:
                                 code = (codes[pos // per_byte] >> ((pos % per_byte) * bits)) & code_mask
-                            acc[col] += code * s + o
+                            acc[col] += np.float32(code) * s + o
                     c += width
         if mean and stop > start:
             count = np.float32(stop - start)

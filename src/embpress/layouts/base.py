@@ -88,8 +88,14 @@ def fbgemm_bag(
     if fused.device.type != "cpu" or _FBGEMM_SCALE[bits] != dtype or mode not in (0, 1):
         return None
     op = getattr(torch.ops.quantized, _FBGEMM_OPS[bits])
-    out: torch.Tensor = op(fused, indices, offsets, False, mode, False, per_sample_weights, None, True)
-    return out[:, :dim] if out.shape[1] != dim else out
+    # The op sums whatever ``mode`` says (seen with torch 2.13), so mean is divided here.
+    out: torch.Tensor = op(fused, indices, offsets, False, 0, False, per_sample_weights, None, True)
+    if out.shape[1] != dim:
+        out = out[:, :dim]
+    if mode == 1:
+        counts = (offsets[1:] - offsets[:-1]).clamp(min=1).to(out.dtype)
+        out = out / counts.unsqueeze(1)
+    return out
 
 
 class QuantizedTable(nn.Module):

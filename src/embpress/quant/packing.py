@@ -26,7 +26,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = packed_length(length, bits) * per_byte - length
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    grouped = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, per_byte)
+    grouped = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
     out = torch.zeros(grouped.shape[:-1], dtype=torch.uint8, device=codes.device)
     for k in range(per_byte):
         out |= grouped[..., k] << (k * bits)

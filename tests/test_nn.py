@@ -1,0 +1,203 @@
+"""QuantizedEmbedding / QuantizedEmbeddingBag: every layout, every nn input form, same answers."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from embpress import QuantConfig, QuantizedEmbedding, QuantizedEmbeddingBag
+from embpress.sparsify import block_norm_mask
+
+LAYOUTS = ["dense", "pruned_rows", "block_sparse"]
+ROWS, DIM = 300, 20
+
+
+def _bag(layout, bits=8, mode="sum", sparsity=0.6, block=(1, 4), **kwargs):
+    torch.manual_seed(1)
+    float_bag = nn.EmbeddingBag(ROWS, DIM, mode=mode, **kwargs)
+    mask = block_norm_mask(float_bag.weight, sparsity, block)
+    q = QuantizedEmbeddingBag.from_float(float_bag, QuantConfig(bits=bits, layout=layout), mask=mask,
+                                         block_width=block[1])
+    ref = nn.EmbeddingBag.from_pretrained(q.dequantize(), mode=mode, freeze=True, **kwargs)
+    return q, ref, mask
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("block", [(1, 4), (1, DIM), (1, 1), (2, 3)])
+def test_pruned_entries_decode_to_exact_zero(layout, bits, block):
+    q, _, mask = _bag(layout, bits, block=block)
+    table = q.dequantize()
+    assert q.layout == layout
+    assert bool((table[~mask] == 0).all())
+    assert q.sparsity == pytest.approx(float((~mask).float().mean()))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_bag_forms_match_nn_on_dequantized(layout, bits, mode):
+    q, ref, _ = _bag(layout, bits, mode)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, ROWS, (57,), generator=g)
+    offsets = torch.tensor([0, 3, 3, 10, 30, 56])  # includes an empty bag
+    _close(q(idx, offsets), ref(idx, offsets))
+    _close(q(idx.int(), offsets.int()), ref(idx, offsets))
+    two_d = torch.randint(0, ROWS, (6, 5), generator=g)
+    _close(q(two_d), ref(two_d))
+    if mode == "sum":
+        w = torch.rand(57, generator=g)
+        _close(q(idx, offsets, per_sample_weights=w), ref(idx, offsets, per_sample_weights=w))
+        w2 = torch.rand(6, 5, generator=g)
+        _close(q(two_d, per_sample_weights=w2), ref(two_d, per_sample_weights=w2))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_include_last_offset_and_padding_idx(layout):
+    for mode in ("sum", "mean", "max"):
+        q, ref, _ = _bag(layout, mode=mode, include_last_offset=True, padding_idx=7)
+        idx = torch.tensor([7, 1, 2, 7, 7, 4, 5, 7])
+        offsets = torch.tensor([0, 2, 5, 5, 8])
+        _close(q(idx, offsets), ref(idx, offsets))
+        q2, ref2, _ = _bag(layout, mode=mode, padding_idx=7)
+        _close(q2(idx, offsets[:-1]), ref2(idx, offsets[:-1]))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_max_norm_matches_nn(layout):
+    q, ref, _ = _bag(layout, mode="mean", max_norm=0.5)
+    idx = torch.randint(0, ROWS, (20,))
+    offsets = torch.tensor([0, 5, 12])
+    _close(q(idx, offsets), ref(idx, offsets))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_embedding_any_index_shape(layout, bits):
+    torch.manual_seed(3)
+    emb = nn.Embedding(ROWS, DIM, padding_idx=0)
+    mask = block_norm_mask(emb.weight, 0.7, (1, 4))
+    q = QuantizedEmbedding.from_float(emb, QuantConfig(bits=bits, layout=layout), mask=mask, block_width=4)
+    table = q.dequantize()
+    for shape in [(), (5,), (3, 4), (2, 3, 4), (0,), (2, 0)]:
+        idx = torch.randint(0, ROWS, shape)
+        out = q(idx)
+        assert out.shape == (*shape, DIM)
+        assert torch.equal(out, F.embedding(idx, table))
+
+
+def test_embedding_max_norm():
+    emb = nn.Embedding(50, 8, max_norm=1.0)
+    q = QuantizedEmbedding.from_float(emb)
+    idx = torch.tensor([[1, 2], [3, 49]])
+    ref = nn.Embedding.from_pretrained(q.dequantize(), max_norm=1.0)
+    _close(q(idx), ref(idx))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_out_of_range_and_bad_dtype(layout):
+    q, _, _ = _bag(layout)
+    with pytest.raises(IndexError):
+        q(torch.tensor([0, ROWS]), torch.tensor([0]))
+    with pytest.raises(IndexError):
+        q(torch.tensor([-1]), torch.tensor([0]))
+    with pytest.raises(TypeError):
+        q(torch.tensor([0.0]), torch.tensor([0]))
+    emb = QuantizedEmbedding.from_float(nn.Embedding(10, 4), QuantConfig(layout=layout))
+    with pytest.raises(IndexError):
+        emb(torch.tensor([10]))
+
+
+def test_bag_argument_errors_mirror_nn():
+    q, ref, _ = _bag("dense", mode="mean")
+    idx = torch.tensor([1, 2, 3])
+    for module in (q, ref):
+        with pytest.raises(NotImplementedError):
+            module(idx, torch.tensor([0]), per_sample_weights=torch.ones(3))
+        with pytest.raises(ValueError):
+            module(idx.view(1, 3), torch.tensor([0]))
+        with pytest.raises(ValueError):
+            module(idx)
+        with pytest.raises(ValueError):
+            module(idx.view(1, 1, 3))
+        with pytest.raises(RuntimeError):
+            module(idx, torch.tensor([1, 2]))
+
+
+def test_layouts_agree_without_sparsity():
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(ROWS, DIM)
+    tables = [QuantizedEmbeddingBag.from_float(bag, QuantConfig(bits=4, layout=lay)).dequantize()
+              for lay in LAYOUTS]
+    for a, b in itertools.combinations(tables, 2):
+        assert torch.equal(a, b)
+
+
+def test_auto_picks_the_smallest_layout():
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(1000, 64)
+    for block, expected in [((1, 4), "block_sparse"), ((1, 64), "pruned_rows")]:
+        mask = block_norm_mask(bag.weight, 0.8, block)
+        sizes = {}
+        for lay in [*LAYOUTS, "auto"]:
+            q = QuantizedEmbeddingBag.from_float(bag, QuantConfig(layout=lay), mask=mask, block_width=block[1])
+            sizes[lay] = q.nbytes
+            if lay == "auto":
+                assert q.layout == expected
+        assert sizes["auto"] == min(sizes[lay] for lay in LAYOUTS)
+    assert QuantizedEmbeddingBag.from_float(bag).layout == "dense"
+
+
+def test_bytes_fall_with_sparsity_and_bits():
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(2000, 64)
+    sizes = []
+    for level in (0.0, 0.5, 0.8, 0.95):
+        mask = block_norm_mask(bag.weight, level, (1, 4))
+        row = [QuantizedEmbeddingBag.from_float(bag, QuantConfig(bits=b), mask=mask, block_width=4).nbytes
+               for b in (8, 4, 2)]
+        assert row[0] > row[1] > row[2]
+        sizes.append(row)
+    for earlier, later in itertools.pairwise(sizes):
+        assert all(a > b for a, b in zip(earlier, later, strict=True))
+    assert sizes[0][0] == 2000 * (64 + 8)  # dense 8-bit: codes + fp32 scale and offset
+
+
+def test_nbytes_counts_every_buffer_and_repr_reports():
+    q, _, _ = _bag("block_sparse")
+    assert q.nbytes == sum(b.numel() * b.element_size() for b in q.buffers())
+    text = repr(q)
+    assert "bits=8" in text and "block_sparse" in text and "ratio_to_float32" in text
+
+
+def test_fast_kernels_match_generic_path():
+    for layout in LAYOUTS:
+        for bits in (8, 4, 2):
+            for mode in ("sum", "mean"):
+                q, _, _ = _bag(layout, bits, mode)
+                idx = torch.randint(0, ROWS, (400,))
+                offsets = torch.arange(0, 400, 8)
+                flat, bounds, _ = q._bags(idx, offsets, None)
+                fast = q.table.fast_bag(flat, bounds, 0 if mode == "sum" else 1, None)
+                assert fast is not None
+                _close(fast, q._generic(flat, bounds, None))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_plain_torch_path(layout):
+    q, ref, _ = _bag(layout, 4, "mean")
+    qc, refc = q.to("cuda"), ref.to("cuda")
+    idx = torch.randint(0, ROWS, (50,), device="cuda")
+    offsets = torch.tensor([0, 10, 20, 49], device="cuda")
+    out = qc(idx, offsets)
+    assert out.device.type == "cuda"
+    _close(out, refc(idx, offsets))

@@ -1,0 +1,198 @@
+"""Masks: parity with torch.ao's DataNormSparsifier and the BaseDataSparsifier contract."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from embpress import BaseDataSparsifier, DataNormSparsifier
+from embpress.sparsify import block_norm_mask
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as RefSparsifier
+
+
+def _ref_mask(x, **cfg):
+    ref = RefSparsifier(**cfg)
+    ref.add_data("t", x.clone())
+    ref.step()
+    return ref.get_mask("t").reshape(x.shape).bool()
+
+
+def _our_mask(x, **cfg):
+    ours = DataNormSparsifier(**cfg)
+    ours.add_data("t", x.clone())
+    ours.step()
+    return ours.get_mask("t")
+
+
+@pytest.mark.parametrize("shape", [(37, 13), (64, 32), (5, 7), (9, 1)])
+@pytest.mark.parametrize("block", [(1, 1), (1, 4), (2, 3), (3, 3), (4, 1), "row"])
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+def test_mask_equals_reference(shape, block, norm):
+    torch.manual_seed(hash((shape, str(block), norm)) % 1000)
+    x = torch.randn(shape)
+    block = (1, shape[1]) if block == "row" else block
+    for level in (0.0, 0.3, 0.5, 0.8, 1.0):
+        for zeros in (None, 1, 2):
+            if zeros is not None and zeros > block[0] * block[1]:
+                continue
+            cfg = dict(sparsity_level=level, sparse_block_shape=block, zeros_per_block=zeros, norm=norm)
+            assert torch.equal(_our_mask(x, **cfg), _ref_mask(x, **cfg)), cfg
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 40),
+    bh=st.integers(1, 4),
+    bw=st.integers(1, 6),
+    level=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_mask_equals_reference_property(rows, cols, bh, bw, level, seed, data):
+    assume(rows * cols > 1)  # the reference squeezes a 1x1 table to a scalar and fails
+    zeros = data.draw(st.one_of(st.none(), st.integers(0, bh * bw)))
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    cfg = dict(sparsity_level=level, sparse_block_shape=(bh, bw), zeros_per_block=zeros)
+    assert torch.equal(_our_mask(x, **cfg), _ref_mask(x, **cfg))
+
+
+def test_pruned_block_count_is_rounded_fraction():
+    x = torch.randn(250, 64)
+    mask = block_norm_mask(x, 0.8, (1, 4))
+    blocks = mask.view(250, 16, 4)
+    pruned = (~blocks).all(-1)
+    assert torch.equal((~blocks).any(-1), pruned)  # whole blocks only
+    assert int(pruned.sum()) == round(0.8 * 250 * 16)
+
+
+def test_pruned_blocks_have_the_smallest_norms():
+    x = torch.randn(100, 8)
+    mask = block_norm_mask(x, 0.5, (1, 2), norm="L2")
+    norms = (x * x).view(100, 4, 2).mean(-1)
+    pruned = ~mask.view(100, 4, 2).any(-1)
+    assert norms[pruned].max() < norms[~pruned].min()
+
+
+def test_ties_prune_exactly_k_blocks():
+    x = torch.ones(10, 8)  # every block has the same norm
+    mask = block_norm_mask(x, 0.5, (1, 4))
+    assert int((~mask).sum()) == 4 * round(0.5 * 20)
+
+
+def test_one_dimensional_data_keeps_its_shape():
+    x = torch.randn(30)
+    mask = _our_mask(x, sparsity_level=0.5, sparse_block_shape=(1, 3))
+    assert mask.shape == x.shape
+    assert int((~mask).sum()) == 3 * 5
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(sparsity_level=1.5),
+        dict(sparsity_level=-0.1),
+        dict(sparse_block_shape=(0, 4)),
+        dict(sparse_block_shape=(1, 4), zeros_per_block=5),
+        dict(zeros_per_block=-1),
+        dict(norm="L3"),
+    ],
+)
+def test_bad_config_raises_value_error(cfg):
+    with pytest.raises(ValueError):
+        DataNormSparsifier(**cfg)
+
+
+def test_nan_data_is_refused():
+    x = torch.randn(4, 4)
+    x[1, 1] = float("nan")
+    s = DataNormSparsifier()
+    s.add_data("t", x)
+    with pytest.raises(ValueError, match="NaN"):
+        s.step()
+
+
+def test_per_data_config_overrides_defaults():
+    s = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 1))
+    a, b = torch.randn(10, 10), torch.randn(10, 10)
+    s.add_data("a", a)
+    s.add_data("b", b, sparsity_level=0.9)
+    s.step()
+    assert int((~s.get_mask("a")).sum()) == 50
+    assert int((~s.get_mask("b")).sum()) == 90
+    assert s.data_groups["b"]["sparsity_level"] == 0.9
+
+
+def test_get_data_and_squash_mask():
+    x = torch.randn(8, 8)
+    s = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 2))
+    s.add_data("x", x)
+    s.step()
+    mask = s.get_mask("x")
+    assert s.get_data("x", return_original=True) is x
+    assert torch.equal(s.get_data("x", return_original=False), x * mask)
+    s.squash_mask()
+    assert torch.equal(x == 0, ~mask)  # applied in place, as the reference does
+    with pytest.raises(ValueError, match="squashed"):
+        s.get_data("x", return_original=True)
+
+
+def test_add_data_accepts_embedding_modules_and_replaces_with_warning():
+    emb = torch.nn.Embedding(10, 4)
+    s = DataNormSparsifier()
+    assert s.add_data("e", emb) is emb.weight
+    s.step()
+    old_mask = s.get_mask("e")
+    with pytest.warns(UserWarning, match="Replacing"):
+        s.add_data("e", torch.randn(10, 4))
+    assert s.get_mask("e") is old_mask
+    with pytest.raises(ValueError, match="shape"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s.add_data("e", torch.randn(3, 3))
+    with pytest.raises(TypeError):
+        s.add_data("bad", [1, 2, 3])
+
+
+def test_state_dict_round_trip():
+    s = DataNormSparsifier(sparsity_level=0.7, sparse_block_shape=(1, 2))
+    s.add_data("a", torch.randn(6, 8))
+    s.add_data("b", torch.randn(4, 4), sparsity_level=0.25)
+    s.step()
+    state = s.state_dict()
+    assert state["state"]["a"]["mask"].is_sparse
+    t = DataNormSparsifier()
+    t.load_state_dict(state)
+    for name in ("a", "b"):
+        assert torch.equal(t.get_mask(name), s.get_mask(name))
+        assert torch.equal(t.get_data(name), s.get_data(name))
+        assert t.data_groups[name] == s.data_groups[name]
+
+
+def test_user_sparsifier_overrides_update_mask():
+    class EveryOtherRow(BaseDataSparsifier):
+        def update_mask(self, name, data, **kwargs):
+            mask = torch.ones_like(data, dtype=torch.bool)
+            mask[::2] = False
+            self.state[name]["mask"] = mask
+
+    s = EveryOtherRow()
+    s.add_data("x", torch.randn(6, 3))
+    s.step()
+    assert torch.equal(s.get_mask("x")[:, 0], torch.tensor([False, True] * 3))
+
+
+def test_disabled_mask_update_keeps_masks():
+    s = DataNormSparsifier(sparsity_level=0.9)
+    s.add_data("x", torch.randn(8, 8))
+    s.enable_mask_update = False
+    s.step()
+    assert bool(s.get_mask("x").all())
+    assert math.isclose(s.defaults["sparsity_level"], 0.9)
