@@ -81,13 +81,16 @@ def search_ranges(
     return torch.from_numpy(lo_np), torch.from_numpy(hi_np)
 
 
-def _round_sig(x: torch.Tensor, sig_bits: int, dtype: torch.dtype, up: bool) -> torch.Tensor:
-    """Round float64 ``x`` up (or down) to ``sig_bits`` significant bits, on ``dtype``'s grid."""
+def _round_sig(x: torch.Tensor, sig_bits: int, dtype: torch.dtype, up: bool | None) -> torch.Tensor:
+    """Round float64 ``x`` up, down or (``up=None``) to nearest, to ``sig_bits`` significant bits."""
     _, exp = torch.frexp(x)  # x = mant * 2**exp, 0.5 <= |mant| < 1
     step_log2 = torch.clamp(exp.double() - sig_bits, min=_MIN_SPACING_LOG2[dtype])
     step = torch.exp2(step_log2)
     scaled = x / step
-    rounded = torch.ceil(scaled) if up else torch.floor(scaled)
+    if up is None:
+        rounded = torch.round(scaled)
+    else:
+        rounded = torch.ceil(scaled) if up else torch.floor(scaled)
     return torch.where(x == 0, x, rounded * step)
 
 
@@ -110,8 +113,11 @@ def choose_qparams(
     levels = (1 << bits) - 1
     mant = _MANTISSA_BITS[dtype]
     lo64, hi64 = lo.double(), hi.double()
+    # Offset at or below the row minimum. A float32 scale is rounded to nearest (a top value
+    # an ulp past the grid is clamped to the last code); a float16 one is rounded up, since
+    # near its subnormal range nearest rounding could lose most of the range.
     offset = _round_sig(lo64, mant, dtype, up=False)
-    scale = _round_sig((hi64 - offset) / levels, mant, dtype, up=True)
+    scale = _round_sig((hi64 - offset) / levels, mant, dtype, up=None if dtype == torch.float32 else True)
     if zero_rows is not None and bool(zero_rows.any()):
         rows = zero_rows.nonzero().flatten()
         z_scale, z_offset = _zero_grid(lo64[rows], hi64[rows], bits, dtype)
