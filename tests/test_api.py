@@ -17,7 +17,9 @@ EMB_NAMES = ["emb1", "embbag1", "emb_seq.0", "emb_seq.1"]
 
 
 def _tables(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedEmbedding, QuantizedEmbeddingBag))}
+    return {
+        n: m for n, m in model.named_modules() if isinstance(m, (QuantizedEmbedding, QuantizedEmbeddingBag))
+    }
 
 
 def _zero_fraction(t):
@@ -105,8 +107,14 @@ def test_quantize_first_keeps_saved_row_parameters():
     weight = model[0].weight.detach().clone()
     only_q = nn.Sequential(nn.EmbeddingBag.from_pretrained(weight.clone()))
     ptsq(only_q, DataNormSparsifier, True, sparsity_level=0.0, quant=QuantConfig(bits=4, layout="dense"))
-    ptsq(model, DataNormSparsifier, False, sparsity_level=0.7, sparse_block_shape=(1, 4),
-         quant=QuantConfig(bits=4, layout="block_sparse"))
+    ptsq(
+        model,
+        DataNormSparsifier,
+        False,
+        sparsity_level=0.7,
+        sparse_block_shape=(1, 4),
+        quant=QuantConfig(bits=4, layout="block_sparse"),
+    )
     table, plain = model[0].dequantize(), only_q[0].dequantize()
     kept = table != 0
     assert int((table == 0).sum()) >= round(0.7 * 500 * 8) * 4
@@ -118,8 +126,14 @@ def test_quantize_first_keeps_saved_row_parameters():
 def test_quantize_first_exact_zeros_every_layout(layout, bits):
     torch.manual_seed(1)
     model = nn.ModuleDict({"a": nn.Embedding(300, 16)})
-    ptsq(model, DataNormSparsifier, False, sparsity_level=0.5, sparse_block_shape=(1, 4),
-         quant=QuantConfig(bits=bits, layout=layout))
+    ptsq(
+        model,
+        DataNormSparsifier,
+        False,
+        sparsity_level=0.5,
+        sparse_block_shape=(1, 4),
+        quant=QuantConfig(bits=bits, layout=layout),
+    )
     assert model["a"].layout == layout
     assert int((model["a"].dequantize() == 0).sum()) >= round(0.5 * 300 * 4) * 4
 
@@ -139,10 +153,12 @@ def test_shared_module_is_compressed_once_and_stays_shared():
 
 
 def test_nested_containers_and_error_report():
-    model = nn.ModuleDict({
-        "towers": nn.ModuleList([nn.Sequential(nn.EmbeddingBag(40, 4, mode="max")) for _ in range(2)]),
-        "deep": nn.ModuleDict({"x": nn.Embedding(30, 6)}),
-    })
+    model = nn.ModuleDict(
+        {
+            "towers": nn.ModuleList([nn.Sequential(nn.EmbeddingBag(40, 4, mode="max")) for _ in range(2)]),
+            "deep": nn.ModuleDict({"x": nn.Embedding(30, 6)}),
+        }
+    )
     ptsq(model, DataNormSparsifier, sparsity_level=0.5, quant=QuantConfig(bits=4))
     report = {r.name: r for r in embpress.compression_report(model)}
     assert set(report) == {"towers.0.0", "towers.1.0", "deep.x"}

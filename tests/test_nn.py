@@ -20,8 +20,9 @@ def _bag(layout, bits=8, mode="sum", sparsity=0.6, block=(1, 4), **kwargs):
     torch.manual_seed(1)
     float_bag = nn.EmbeddingBag(ROWS, DIM, mode=mode, **kwargs)
     mask = block_norm_mask(float_bag.weight, sparsity, block)
-    q = QuantizedEmbeddingBag.from_float(float_bag, QuantConfig(bits=bits, layout=layout), mask=mask,
-                                         block_width=block[1])
+    q = QuantizedEmbeddingBag.from_float(
+        float_bag, QuantConfig(bits=bits, layout=layout), mask=mask, block_width=block[1]
+    )
     ref = nn.EmbeddingBag.from_pretrained(q.dequantize(), mode=mode, freeze=True, **kwargs)
     return q, ref, mask
 
@@ -135,8 +136,9 @@ def test_bag_argument_errors_mirror_nn():
 def test_layouts_agree_without_sparsity():
     torch.manual_seed(0)
     bag = nn.EmbeddingBag(ROWS, DIM)
-    tables = [QuantizedEmbeddingBag.from_float(bag, QuantConfig(bits=4, layout=lay)).dequantize()
-              for lay in LAYOUTS]
+    tables = [
+        QuantizedEmbeddingBag.from_float(bag, QuantConfig(bits=4, layout=lay)).dequantize() for lay in LAYOUTS
+    ]
     for a, b in itertools.combinations(tables, 2):
         assert torch.equal(a, b)
 
@@ -148,7 +150,9 @@ def test_auto_picks_the_smallest_layout():
         mask = block_norm_mask(bag.weight, 0.8, block)
         sizes = {}
         for lay in [*LAYOUTS, "auto"]:
-            q = QuantizedEmbeddingBag.from_float(bag, QuantConfig(layout=lay), mask=mask, block_width=block[1])
+            q = QuantizedEmbeddingBag.from_float(
+                bag, QuantConfig(layout=lay), mask=mask, block_width=block[1]
+            )
             sizes[lay] = q.nbytes
             if lay == "auto":
                 assert q.layout == expected
@@ -162,8 +166,10 @@ def test_bytes_fall_with_sparsity_and_bits():
     sizes = []
     for level in (0.0, 0.5, 0.8, 0.95):
         mask = block_norm_mask(bag.weight, level, (1, 4))
-        row = [QuantizedEmbeddingBag.from_float(bag, QuantConfig(bits=b), mask=mask, block_width=4).nbytes
-               for b in (8, 4, 2)]
+        row = [
+            QuantizedEmbeddingBag.from_float(bag, QuantConfig(bits=b), mask=mask, block_width=4).nbytes
+            for b in (8, 4, 2)
+        ]
         assert row[0] > row[1] > row[2]
         sizes.append(row)
     for earlier, later in itertools.pairwise(sizes):

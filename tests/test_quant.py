@@ -132,8 +132,14 @@ def test_packing_matches_fbgemm_nibble_order():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(bits=3), dict(bits=True), dict(scale_dtype=torch.bfloat16), dict(layout="csr"),
-     dict(nonfinite="ignore"), dict(range_search="yes")],
+    [
+        dict(bits=3),
+        dict(bits=True),
+        dict(scale_dtype=torch.bfloat16),
+        dict(layout="csr"),
+        dict(nonfinite="ignore"),
+        dict(range_search="yes"),
+    ],
 )
 def test_bad_config(kwargs):
     with pytest.raises(ValueError):
