@@ -16,13 +16,11 @@ import torch
 from torch import nn
 
 from .layouts import encode_table
+from .layouts.encode import fake_quantize_table, finite_table, plain_qparams
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
-from .quant import QuantConfig, RowQParams, choose_qparams, dequantize_codes, quantize_rows
-from .quant.rowwise import row_ranges, search_ranges
+from .quant import QuantConfig, RowQParams
 
-__all__ = ["find_embeddings", "post_training_sparse_quantize", "reconstruction_error"]
-
-_CHUNK_ROWS = 1 << 15
+__all__ = ["find_embeddings", "post_training_sparse_quantize"]
 
 
 @dataclass
@@ -84,61 +82,13 @@ def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None 
 
 
 def _checked_weight(target: _Target, config: QuantConfig) -> torch.Tensor:
-    weight = target.module.weight.detach()
-    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] == 0:
-        raise ValueError(f"table {target.name!r} is empty (shape {tuple(weight.shape)})")
-    if not weight.is_floating_point():
-        raise TypeError(f"table {target.name!r} has dtype {weight.dtype}, expected a float dtype")
-    w = weight.to("cpu", torch.float32)
-    finite = torch.isfinite(w)
-    if not bool(finite.all()):
-        if config.nonfinite == "raise":
-            count = int((~finite).sum())
-            raise ValueError(
-                f"table {target.name!r} holds {count} NaN/Inf value(s); fix the table or pass "
-                "QuantConfig(nonfinite='zero') to treat them as 0.0"
-            )
-        w = torch.where(finite, w, torch.zeros_like(w))
-    return w
-
-
-def _plain_qparams(w: torch.Tensor, config: QuantConfig) -> RowQParams:
-    lo, hi = row_ranges(w, None)
-    if config.resolved_range_search:
-        lo, hi = search_ranges(w, None, lo, hi, config.bits)
-    return choose_qparams(lo, hi, config.bits, config.resolved_scale_dtype)
-
-
-def _quantize_dequantize(w: torch.Tensor, qp: RowQParams, bits: int) -> torch.Tensor:
-    out = torch.empty_like(w)
-    for s in range(0, w.shape[0], _CHUNK_ROWS):
-        part = RowQParams(qp.scale[s : s + _CHUNK_ROWS], qp.offset[s : s + _CHUNK_ROWS], qp.dtype)
-        out[s : s + _CHUNK_ROWS] = dequantize_codes(
-            quantize_rows(w[s : s + _CHUNK_ROWS], part, bits), part.scale, part.offset
-        )
-    return out
-
-
-def reconstruction_error(
-    original: torch.Tensor, module: QuantizedEmbedding | QuantizedEmbeddingBag
-) -> dict[str, float]:
-    """Relative Frobenius error and max |error| of the module's table against ``original``."""
-    sq_err = sq_ref = 0.0
-    max_abs = 0.0
-    device = next(module.table.buffers()).device
-    for s in range(0, original.shape[0], _CHUNK_ROWS):
-        rows = torch.arange(s, min(s + _CHUNK_ROWS, original.shape[0]), device=device)
-        ref = original[s : s + _CHUNK_ROWS].double()
-        diff = module.table.decode_rows(rows).cpu().double() - ref
-        sq_err += float((diff * diff).sum())
-        sq_ref += float((ref * ref).sum())
-        max_abs = max(max_abs, float(diff.abs().max()))
-    rel = (sq_err / sq_ref) ** 0.5 if sq_ref > 0 else sq_err**0.5
-    return {"rel_frobenius": rel, "max_abs": max_abs}
+    return finite_table(target.module.weight, config, f"table {target.name!r}")
 
 
 def _mask_of(sparsifier: Any, name: str, shape: torch.Size) -> torch.Tensor:
     mask = sparsifier.get_mask(name)
+    if mask.dtype == torch.bool and mask.shape == shape:
+        return mask.detach().cpu()
     if mask.numel() != shape.numel():
         raise ValueError(
             f"sparsifier mask for {name!r} has {mask.numel()} entries, table has {shape.numel()}"
@@ -187,11 +137,13 @@ def post_training_sparse_quantize(
     weights = {t.name: _checked_weight(t, config) for t in targets}
     keys = {t.name: t.name.replace(".", "_") for t in targets}
     saved: dict[str, RowQParams] = {}
+    originals: dict[str, torch.Tensor] = {}
     for t in targets:
         w = weights[t.name]
         if not sparsify_first:
-            saved[t.name] = _plain_qparams(w, config)
-            w = weights[t.name] = _quantize_dequantize(w, saved[t.name], config.bits)
+            saved[t.name] = plain_qparams(w, config)
+            originals[t.name] = w
+            w = weights[t.name] = fake_quantize_table(w, saved[t.name], config.bits)
         sparsifier.add_data(name=keys[t.name], data=w)
     sparsifier.step()
     replacements: dict[str, nn.Module] = {}
@@ -199,12 +151,13 @@ def post_training_sparse_quantize(
         w = weights.pop(t.name)
         mask = _mask_of(sparsifier, keys[t.name], w.shape)
         try:
-            table = encode_table(
+            table, error = encode_table(
                 w,
                 mask,
                 config,
                 block_width=_block_width(sparsifier, keys[t.name]),
                 saved_qparams=saved.get(t.name),
+                reference=originals.pop(t.name, None),
             )
         except ValueError as err:
             raise ValueError(f"table {t.name!r}: {err}") from err
@@ -217,7 +170,7 @@ def post_training_sparse_quantize(
             )
         else:
             new = QuantizedEmbedding(table.to(device), m.padding_idx, m.max_norm, m.norm_type)
-        new.error = reconstruction_error(t.module.weight.detach().float().cpu(), new)
+        new.error = error
         replacements[t.name] = new
     for t in targets:
         for parent, attr in t.places:

@@ -102,19 +102,18 @@ class _QuantizedModule(nn.Module):
         mask: torch.Tensor | None,
         block_width: int,
         saved_qparams: RowQParams | None,
-    ) -> QuantizedTable:
+    ) -> tuple[QuantizedTable, dict[str, float]]:
         config = config if config is not None else QuantConfig()
         if mask is not None and tuple(mask.shape) != tuple(weight.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}")
-        w = weight.detach().to("cpu", torch.float32)
-        table = encode_table(
-            w,
+        table, error = encode_table(
+            weight,
             None if mask is None else mask.to("cpu", torch.bool),
             config,
             block_width=block_width,
             saved_qparams=saved_qparams,
         )
-        return table.to(weight.device)
+        return table.to(weight.device), error
 
 
 class QuantizedEmbedding(_QuantizedModule):
@@ -145,8 +144,10 @@ class QuantizedEmbedding(_QuantizedModule):
         """Quantize ``module`` (entries where ``mask`` is False are pruned to exact 0.0)."""
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"expected nn.Embedding, got {type(module).__name__}")
-        table = cls._encode(module.weight, config, mask, block_width, saved_qparams)
-        return cls(table, module.padding_idx, module.max_norm, module.norm_type)
+        table, error = cls._encode(module.weight, config, mask, block_width, saved_qparams)
+        out = cls(table, module.padding_idx, module.max_norm, module.norm_type)
+        out.error = error
+        return out
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         _check_indices(input, self.num_embeddings)
@@ -194,8 +195,8 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         """Quantize ``module`` (entries where ``mask`` is False are pruned to exact 0.0)."""
         if not isinstance(module, nn.EmbeddingBag):
             raise TypeError(f"expected nn.EmbeddingBag, got {type(module).__name__}")
-        table = cls._encode(module.weight, config, mask, block_width, saved_qparams)
-        return cls(
+        table, error = cls._encode(module.weight, config, mask, block_width, saved_qparams)
+        out = cls(
             table,
             module.mode,
             module.padding_idx,
@@ -203,6 +204,8 @@ class QuantizedEmbeddingBag(_QuantizedModule):
             module.max_norm,
             module.norm_type,
         )
+        out.error = error
+        return out
 
     def _bags(
         self, input: torch.Tensor, offsets: torch.Tensor | None, per_sample_weights: torch.Tensor | None

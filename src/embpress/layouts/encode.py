@@ -2,27 +2,42 @@
 
 The data flow of one table: choose the layout from the mask's statistics alone, derive
 which rows must hold an exact zero in place (``quant.rowwise``), compute per-row qparams
-over kept entries, quantize in row chunks (bounded extra memory), then pack.
+over kept entries, quantize and measure the error in one numba pass, then pack.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..quant.config import QuantConfig
 from ..quant.packing import pack_codes, packed_length
-from ..quant.rowwise import RowQParams, choose_qparams, quantize_rows, row_ranges, search_ranges
+from ..quant.rowwise import RowQParams, choose_qparams, search_ranges
+from ._encode_kernels import (
+    block_bitmap,
+    count_nonfinite,
+    encode_rows,
+    fake_quantize,
+    kept_minmax,
+    mask_row_stats,
+)
 from .base import QuantizedTable, fused_row_bytes, make_fused
 from .block_sparse import GROUP_ROWS, BlockSparseTable
 from .dense import DenseTable
 from .pruned_rows import PrunedRowsTable, rank_directory
 
-__all__ = ["MaskStats", "encode_table", "layout_sizes", "mask_stats"]
-
-_CHUNK_ELEMENTS = 1 << 22
+__all__ = [
+    "MaskStats",
+    "encode_table",
+    "fake_quantize_table",
+    "finite_table",
+    "layout_sizes",
+    "mask_stats",
+    "plain_qparams",
+]
 
 
 @dataclass(frozen=True)
@@ -38,43 +53,40 @@ class MaskStats:
     rows_with_pruned: int
 
 
-def _chunks(rows: int, dim: int) -> range:
-    return range(0, rows, max(1, _CHUNK_ELEMENTS // max(dim, 1)))
+@dataclass(frozen=True)
+class _RowStats:
+    kept: np.ndarray  # kept entries per row
+    blocks: np.ndarray  # kept (1 x width) blocks per row
+    width: int
 
 
-def _block_view(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(any kept, all kept) per (1 x width) block; the padding of an edge block is ignored."""
-    rows, dim = mask.shape
+def _row_stats(mask: np.ndarray | None, rows: int, dim: int, width: int) -> _RowStats:
+    """Per-row counts; ``width`` falls back to 1 where pruned entries do not fill blocks."""
     nb = -(-dim // width)
-    pad = nb * width - dim
-    any_kept = torch.nn.functional.pad(mask, (0, pad), value=False).view(rows, nb, width).any(2)
-    all_kept = torch.nn.functional.pad(mask, (0, pad), value=True).view(rows, nb, width).all(2)
-    return any_kept, all_kept
+    if mask is None:
+        return _RowStats(np.full(rows, dim, dtype=np.int64), np.full(rows, nb, dtype=np.int64), width)
+    kept, blocks, mixed = mask_row_stats(mask, width)
+    if width > 1 and int(mixed.sum()) > 0:
+        return _row_stats(mask, rows, dim, 1)
+    return _RowStats(kept, blocks, width)
+
+
+def _stats(rs: _RowStats, rows: int, dim: int) -> MaskStats:
+    return MaskStats(
+        rows=rows,
+        dim=dim,
+        pruned=rows * dim - int(rs.kept.sum()),
+        kept_rows=int((rs.kept > 0).sum()),
+        block_width=rs.width,
+        kept_blocks=int(rs.blocks.sum()),
+        rows_with_pruned=int((rs.kept < dim).sum()),
+    )
 
 
 def mask_stats(mask: torch.Tensor | None, rows: int, dim: int, block_width: int) -> MaskStats:
     """Counts for layout sizing; ``block_width`` falls back to 1 where blocks are mixed."""
-    if mask is None:
-        nb = -(-dim // block_width)
-        return MaskStats(rows, dim, 0, rows, block_width, rows * nb, 0)
-    pruned = kept_rows = kept_blocks = with_pruned = 0
-    uniform = True
-    step = _chunks(rows, dim).step
-    for start in range(0, rows, step):
-        part = mask[start : start + step]
-        pruned += int((~part).sum())
-        kept_rows += int(part.any(1).sum())
-        with_pruned += int((~part.all(1)).sum())
-        any_kept, all_kept = _block_view(part, block_width)
-        uniform = uniform and bool(torch.equal(any_kept, all_kept))
-        kept_blocks += int(any_kept.sum())
-    if not uniform:  # pruned entries do not fill whole blocks: store per element
-        return (
-            mask_stats(mask, rows, dim, 1)
-            if block_width != 1
-            else MaskStats(rows, dim, pruned, kept_rows, 1, rows * dim - pruned, with_pruned)
-        )
-    return MaskStats(rows, dim, pruned, kept_rows, block_width, kept_blocks, with_pruned)
+    m = None if mask is None else mask.to("cpu", torch.bool).contiguous().numpy()
+    return _stats(_row_stats(m, rows, dim, max(1, min(block_width, dim))), rows, dim)
 
 
 def layout_sizes(stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> dict[str, int]:
@@ -100,35 +112,30 @@ def _choose_layout(stats: MaskStats, config: QuantConfig) -> str:
     return min(sizes, key=lambda name: (sizes[name], list(sizes).index(name)))
 
 
-def _zero_rows(layout: str, mask: torch.Tensor | None) -> torch.Tensor | None:
+def _zero_rows(layout: str, rs: _RowStats, dim: int) -> torch.Tensor | None:
     """Rows that store pruned entries in place (and so need 0 on their grid)."""
-    if mask is None or layout == "block_sparse":
+    if layout == "block_sparse":
         return None
-    partial = ~mask.all(1)
+    partial = rs.kept < dim
     if layout == "pruned_rows":
-        partial &= mask.any(1)
-    return partial
+        partial &= rs.kept > 0
+    return torch.from_numpy(partial) if partial.any() else None
 
 
 def _qparams(
-    w: torch.Tensor,
-    mask: torch.Tensor | None,
+    w: np.ndarray,
+    mask: np.ndarray | None,
     config: QuantConfig,
     zero_rows: torch.Tensor | None,
     saved: RowQParams | None,
 ) -> RowQParams:
     dtype = config.resolved_scale_dtype
-    lo_parts, hi_parts = [], []
-    step = _chunks(w.shape[0], w.shape[1]).step
-    for start in range(0, w.shape[0], step):
-        stop = start + step
-        part_mask = None if mask is None else mask[start:stop]
-        lo, hi = row_ranges(w[start:stop], part_mask)
-        if config.resolved_range_search and saved is None:
-            lo, hi = search_ranges(w[start:stop], part_mask, lo, hi, config.bits)
-        lo_parts.append(lo)
-        hi_parts.append(hi)
-    lo, hi = torch.cat(lo_parts), torch.cat(hi_parts)
+    lo_np, hi_np = kept_minmax(w, _NO_MASK if mask is None else mask, mask is not None)
+    lo, hi = torch.from_numpy(lo_np), torch.from_numpy(hi_np)
+    if config.resolved_range_search and saved is None:
+        lo, hi = search_ranges(
+            torch.from_numpy(w), None if mask is None else torch.from_numpy(mask), lo, hi, config.bits
+        )
     fresh = choose_qparams(lo, hi, config.bits, dtype, zero_rows)
     if saved is None:
         return fresh
@@ -140,6 +147,41 @@ def _qparams(
     return RowQParams(scale, offset, dtype)
 
 
+_NO_MASK = np.ones((1, 1), dtype=np.bool_)
+
+
+def plain_qparams(w: torch.Tensor, config: QuantConfig) -> RowQParams:
+    """Row parameters of the whole rows (no mask): what quantize-first saves."""
+    return _qparams(_as_numpy(w), None, config, None, None)
+
+
+def fake_quantize_table(w: torch.Tensor, qp: RowQParams, bits: int) -> torch.Tensor:
+    """``dequantize(quantize(w))`` with the given row parameters."""
+    return torch.from_numpy(fake_quantize(_as_numpy(w), qp.scale.numpy(), qp.offset.numpy(), bits))
+
+
+def finite_table(w: torch.Tensor, config: QuantConfig, name: str = "table") -> torch.Tensor:
+    """``w`` as contiguous float32 on CPU; NaN/Inf refused (or zeroed, per ``config.nonfinite``)."""
+    if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"{name} is empty or not 2-D (shape {tuple(w.shape)})")
+    if not w.is_floating_point():
+        raise TypeError(f"{name} has dtype {w.dtype}, expected a float dtype")
+    out = w.detach().to("cpu", torch.float32).contiguous()
+    count = count_nonfinite(out.numpy())
+    if count:
+        if config.nonfinite == "raise":
+            raise ValueError(
+                f"{name} holds {count} NaN/Inf value(s); fix the table or pass "
+                "QuantConfig(nonfinite='zero') to treat them as 0.0"
+            )
+        out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+    return out
+
+
+def _as_numpy(w: torch.Tensor) -> np.ndarray:
+    return w.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
 def encode_table(
     w: torch.Tensor,
     mask: torch.Tensor | None,
@@ -147,100 +189,109 @@ def encode_table(
     *,
     block_width: int = 1,
     saved_qparams: RowQParams | None = None,
-) -> QuantizedTable:
+    reference: torch.Tensor | None = None,
+) -> tuple[QuantizedTable, dict[str, float]]:
     """Quantize float ``w`` [N, D] keeping ``mask`` (True = kept; None = all) into a table.
 
     ``block_width`` is the width of the sparsifier's blocks, used by the block-sparse
     layout when the pruned entries fill whole (1 x width) blocks. ``saved_qparams`` are
-    the row parameters of an earlier quantization (quantize-first order).
+    the row parameters of an earlier quantization (quantize-first order). Returns the
+    table and its error (relative Frobenius, max |error|) against ``reference``
+    (default ``w``), measured while encoding.
     """
-    w = w.detach()
-    rows, dim = w.shape
-    stats = mask_stats(mask, rows, dim, max(1, min(block_width, dim)))
+    x = finite_table(w, config).numpy()
+    ref = x if reference is None else _as_numpy(reference)
+    rows, dim = x.shape
+    m = None if mask is None else mask.to("cpu", torch.bool).contiguous().numpy()
+    rs = _row_stats(m, rows, dim, max(1, min(block_width, dim)))
+    stats = _stats(rs, rows, dim)
     layout = _choose_layout(stats, config)
-    zero_rows = _zero_rows(layout, mask)
-    qp = _qparams(w, mask, config, zero_rows, saved_qparams)
-    zero_codes = qp.zero_codes()
+    zero_rows = _zero_rows(layout, rs, dim)
+    qp = _qparams(x, m, config, zero_rows, saved_qparams)
     bits, dtype = config.bits, config.resolved_scale_dtype
-
-    def codes_of(start: int, stop: int) -> torch.Tensor:
-        part = RowQParams(qp.scale[start:stop], qp.offset[start:stop], dtype)
-        codes = quantize_rows(w[start:stop], part, bits)
-        if mask is not None:
-            codes = torch.where(mask[start:stop], codes, zero_codes[start:stop].unsqueeze(1))
-        return codes
-
-    step = _chunks(rows, dim).step
+    width = rs.width if layout == "block_sparse" else dim
+    row_start = np.zeros(rows, dtype=np.int64)
+    if layout == "block_sparse":
+        np.cumsum(rs.blocks[:-1] * width, out=row_start[1:])
+        out = np.empty(int(rs.blocks.sum()) * width, dtype=np.uint8)
+    else:
+        out = np.empty(rows * dim, dtype=np.uint8)
+    err_sq, ref_sq = np.empty(rows), np.empty(rows)
+    max_abs = np.empty(rows, dtype=np.float32)
+    encode_rows(
+        x,
+        ref,
+        _NO_MASK if m is None else m,
+        m is not None,
+        qp.scale.numpy(),
+        qp.offset.numpy(),
+        qp.zero_codes().numpy(),
+        bits,
+        width,
+        layout == "block_sparse",
+        row_start,
+        out,
+        err_sq,
+        ref_sq,
+        max_abs,
+    )
+    total_ref = float(ref_sq.sum())
+    error = {
+        "rel_frobenius": math.sqrt(float(err_sq.sum()) / total_ref)
+        if total_ref > 0
+        else math.sqrt(float(err_sq.sum())),
+        "max_abs": float(max_abs.max()) if rows else 0.0,
+    }
+    codes = torch.from_numpy(out)
+    if layout != "block_sparse":
+        codes = codes.view(rows, dim)
     if layout == "dense":
+        return DenseTable(
+            make_fused(codes, qp.scale, qp.offset, bits, dtype), dim, bits, dtype, stats.pruned
+        ), error
+    if layout == "pruned_rows":
+        kept = torch.from_numpy(rs.kept > 0)
         fused = torch.cat(
             [
-                make_fused(
-                    codes_of(s, s + step), qp.scale[s : s + step], qp.offset[s : s + step], bits, dtype
-                )
-                for s in range(0, rows, step)
+                make_fused(codes[kept], qp.scale[kept], qp.offset[kept], bits, dtype),
+                torch.zeros(1, fused_row_bytes(dim, bits, dtype), dtype=torch.uint8),
             ]
         )
-        return DenseTable(fused, dim, bits, dtype, stats.pruned)
-    if layout == "pruned_rows":
-        kept = torch.ones(rows, dtype=torch.bool) if mask is None else mask.any(1)
-        parts = []
-        for s in range(0, rows, step):
-            sel = kept[s : s + step]
-            parts.append(
-                make_fused(
-                    codes_of(s, s + step)[sel],
-                    qp.scale[s : s + step][sel],
-                    qp.offset[s : s + step][sel],
-                    bits,
-                    dtype,
-                )
-            )
-        parts.append(torch.zeros(1, fused_row_bytes(dim, bits, dtype), dtype=torch.uint8))
         row_bits = pack_codes(kept.to(torch.uint8), 1)
-        return PrunedRowsTable(
-            torch.cat(parts), row_bits, rank_directory(row_bits), rows, dim, bits, dtype, stats.pruned
+        table = PrunedRowsTable(
+            fused, row_bits, rank_directory(row_bits), rows, dim, bits, dtype, stats.pruned
         )
-    return _encode_block_sparse(w, mask, stats, qp, codes_of, step, bits, dtype)
+        return table, error
+    return _block_sparse(codes, m, rs, qp, stats, bits, dtype), error
 
 
-def _encode_block_sparse(
-    w: torch.Tensor,
-    mask: torch.Tensor | None,
-    stats: MaskStats,
+def _block_sparse(
+    codes: torch.Tensor,
+    mask: np.ndarray | None,
+    rs: _RowStats,
     qp: RowQParams,
-    codes_of: Callable[[int, int], torch.Tensor],
-    step: int,
+    stats: MaskStats,
     bits: int,
     dtype: torch.dtype,
 ) -> BlockSparseTable:
-    rows, dim = w.shape
-    width = stats.block_width
+    rows, dim, width = stats.rows, stats.dim, rs.width
     nb = -(-dim // width)
-    pad = nb * width - dim
-    streams, bitmaps, per_row = [], [], []
-    for s in range(0, rows, step):
-        codes = torch.nn.functional.pad(codes_of(s, s + step), (0, pad)).view(-1, nb, width)
-        if mask is None:
-            kept = torch.ones(codes.shape[:2], dtype=torch.bool)
-        else:
-            kept = _block_view(mask[s : s + step], width)[0]
-        streams.append(codes[kept].reshape(-1))
-        bitmaps.append(pack_codes(kept.to(torch.uint8), 1))
-        per_row.append(kept.sum(1) * width)
-    stream = torch.cat(streams)
-    counts = torch.cat(per_row)
+    if mask is None:
+        bitmap = pack_codes(torch.ones(rows, nb, dtype=torch.uint8), 1)
+    else:
+        bitmap = torch.from_numpy(block_bitmap(mask, width))
     groups = -(-rows // GROUP_ROWS)
     padded = torch.zeros(groups * GROUP_ROWS, dtype=torch.int64)
-    padded[:rows] = counts
+    padded[:rows] = torch.from_numpy(rs.blocks) * width
     group_ptr = torch.zeros(groups + 1, dtype=torch.int64)
     group_ptr[1:] = torch.cumsum(padded.view(groups, GROUP_ROWS).sum(1), 0)
     return BlockSparseTable(
-        pack_codes(stream.unsqueeze(0), bits).reshape(-1),
+        pack_codes(codes.unsqueeze(0), bits).reshape(-1),
         qp.scale.to(dtype),
         qp.offset.to(dtype),
-        torch.cat(bitmaps),
+        bitmap,
         group_ptr,
-        int(stream.numel()),
+        int(codes.numel()),
         dim,
         width,
         bits,

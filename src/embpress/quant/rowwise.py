@@ -87,10 +87,8 @@ def _round_sig(x: torch.Tensor, sig_bits: int, dtype: torch.dtype, up: bool | No
     step_log2 = torch.clamp(exp.double() - sig_bits, min=_MIN_SPACING_LOG2[dtype])
     step = torch.exp2(step_log2)
     scaled = x / step
-    if up is None:
-        rounded = torch.round(scaled)
-    else:
-        rounded = torch.ceil(scaled) if up else torch.floor(scaled)
+    rounding = {None: torch.round, True: torch.ceil, False: torch.floor}[up]
+    rounded = rounding(scaled)
     return torch.where(x == 0, x, rounded * step)
 
 

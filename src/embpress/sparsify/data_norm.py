@@ -6,7 +6,8 @@ on data without ties (same block norms, computed with the same ``avg_pool2d``; t
 removed block when ``zeros_per_block`` is smaller than the block). The reference sorts a
 copy of the norm array repeated ``block size`` times; here one ``kthvalue`` over the
 block norms finds the threshold, and the tables are walked in row chunks, so memory stays
-O(number of elements) with a small constant.
+O(number of elements) with a small constant. The hot loops are numba kernels
+(``_kernels.py``): one pass for the norms, two histogram passes for the threshold.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from ._kernels import block_norms, expand_block_mask, kth_smallest_nonnegative, mark_pruned
 from .base import BaseDataSparsifier
 
 __all__ = ["DataNormSparsifier", "block_norm_mask"]
@@ -60,31 +61,22 @@ def _row_chunks(height: int, width: int, block_height: int) -> range:
 
 def _block_norms(data: torch.Tensor, shape: tuple[int, int], norm: str) -> torch.Tensor:
     """Mean elementwise norm of each block (partial edge blocks: mean of what is there)."""
-    height, width = data.shape
-    step = _row_chunks(height, width, shape[0]).step
-    parts = []
-    for start in range(0, height, step):
-        chunk = _elementwise_norm(data[start : start + step].float(), norm)
-        parts.append(F.avg_pool2d(chunk[None, None], kernel_size=shape, stride=shape, ceil_mode=True)[0, 0])
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    x = data.detach().to("cpu", torch.float32).contiguous().numpy()
+    return torch.from_numpy(block_norms(x, shape[0], shape[1], norm == "L2"))
 
 
 def _pruned_blocks(norms: torch.Tensor, sparsity_level: float) -> torch.Tensor:
     """Bool [block rows, block cols]: True where the block is among the k smallest norms."""
-    flat = norms.reshape(-1)
-    num_blocks = flat.numel()
+    num_blocks = norms.numel()
     k = round(sparsity_level * num_blocks)  # Python rounding, as the reference
     if k <= 0:
         return torch.zeros_like(norms, dtype=torch.bool)
     if k >= num_blocks:
         return torch.ones_like(norms, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, k).values
-    pruned = flat < threshold
-    missing = k - int(pruned.sum())
-    if missing > 0:  # ties at the threshold: take the first ones in row-major order
-        ties = torch.nonzero(flat == threshold).flatten()[:missing]
-        pruned[ties] = True
-    return pruned.view_as(norms)
+    flat = norms.contiguous().numpy().ravel()
+    threshold, smaller = kth_smallest_nonnegative(flat, k)
+    # ties at the threshold: the first ones in row-major order
+    return torch.from_numpy(mark_pruned(norms.numpy(), threshold, k - smaller))
 
 
 def _smallest_in_block(
@@ -131,17 +123,14 @@ def block_norm_mask(
         return torch.ones(data.shape, dtype=torch.bool, device=data.device)
     pruned = _pruned_blocks(_block_norms(squeezed, shape, norm), float(sparsity_level))
     bh, bw = shape
-    mask = torch.empty((height, width), dtype=torch.bool)
-    step = _row_chunks(height, width, bh).step
-    for start in range(0, height, step):
-        rows = slice(start, start + step)
-        block_rows = pruned[start // bh : (start + step + bh - 1) // bh]
-        kept = ~block_rows.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
-        kept = kept[: min(step, height - start), :width]
-        if zeros < bh * bw and bool((~kept).any()):
-            inner = _smallest_in_block(_elementwise_norm(squeezed[rows].float(), norm), shape, zeros)
-            kept = kept | inner
-        mask[rows] = kept
+    mask = torch.from_numpy(expand_block_mask(pruned.numpy(), height, width, bh, bw))
+    if zeros < bh * bw:  # inside a pruned block only its smallest entries go
+        step = _row_chunks(height, width, bh).step
+        for start in range(0, height, step):
+            rows = slice(start, start + step)
+            if bool((~mask[rows]).any()):
+                norms = _elementwise_norm(squeezed[rows].float(), norm)
+                mask[rows] |= _smallest_in_block(norms, shape, zeros)
     return mask.reshape(data.shape).to(data.device)
 
 
