@@ -1,7 +1,7 @@
 """post_training_sparse_quantize: find a model's embedding tables, prune, quantize, replace.
 
-Drop-in for ``torch.ao.pruning._experimental.data_sparsifier.quantization_utils.
-post_training_sparse_quantize`` (same arguments, same order semantics) plus ``quant``,
+Drop-in for torch's experimental ``post_training_sparse_quantize``
+(``torch/ao/pruning/_experimental/data_sparsifier/quantization_utils.py``; same arguments, same order semantics) plus ``quant``,
 an :class:`embpress.QuantConfig`. Pruned entries decode to exactly 0.0 in both orders.
 Nothing in the model changes until every table has been compressed.
 """
@@ -158,6 +158,7 @@ def post_training_sparse_quantize(
                 block_width=_block_width(sparsifier, keys[t.name]),
                 saved_qparams=saved.get(t.name),
                 reference=originals.pop(t.name, None),
+                checked=True,
             )
         except ValueError as err:
             raise ValueError(f"table {t.name!r}: {err}") from err

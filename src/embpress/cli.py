@@ -115,7 +115,7 @@ def _boundary(fn: F) -> F:
 class _Group(click.Group):
     """A click group whose errors are one ``error:`` line on stderr, never a traceback."""
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,
@@ -180,14 +180,14 @@ def _torch_load(path: Path, kind: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except Exception as err:  # torch raises many types for a bad file; all mean the same here
         text = _one_line(err)
-        if "Weights only load failed" in text:
+        if "allowed global" in text or "Unsupported global" in text:
             raise CliError(
                 f"{path}: refused: the checkpoint holds Python objects that a weights-only load does "
                 "not unpickle (save the model's state_dict() instead)"
             ) from None
-        raise CliError(
-            f"{path}: not a PyTorch checkpoint or safetensors file ({type(err).__name__}: {text[:120]})"
-        ) from None
+        detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+        why = detail[1] if detail else f"{type(err).__name__}: {text}"
+        raise CliError(f"{path}: not a PyTorch checkpoint or safetensors file ({why[:120]})") from None
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -328,7 +328,10 @@ def _bag_modes(tables: Sequence[str], bags: Sequence[tuple[str, str]]) -> dict[s
             if fnmatch.fnmatchcase(k, pattern) or fnmatch.fnmatchcase(k[: -len(".weight")], pattern)
         ]
         if not hits:
-            raise ValueError(f"--bag {pattern!r} matches none of the tables: {', '.join(tables)}")
+            raise ValueError(
+                f"--bag {pattern!r} matches none of the tables being compressed ({', '.join(tables)}); "
+                "select its table with --tables"
+            )
         for k in hits:
             modes.setdefault(k, mode)
     return modes
@@ -592,6 +595,7 @@ Examples:
   embpress inspect model.embp.safetensors
   embpress demo --out out/demo
 
+\b
 In Python, load the result into the model it came from:
   model = embpress.load(MyModel(), "model.embp.safetensors")
 """
@@ -624,7 +628,9 @@ copied unchanged. Load OUT with embpress.load(model, OUT).
 """
 
 
-@cli.command(epilog=_COMPRESS_EPILOG)
+@cli.command(
+    epilog=_COMPRESS_EPILOG, short_help="Compress a checkpoint's embedding tables into an embpress file."
+)
 @click.argument("src", metavar="IN", type=click.Path(path_type=Path))
 @click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
 @click.option(
@@ -637,6 +643,7 @@ copied unchanged. Load OUT with embpress.load(model, OUT).
 @click.option(
     "--block",
     type=_BlockShape(),
+    metavar="HxW",
     default="1x4",
     show_default=True,
     help="Block shape HxW (rows x columns) pruned as a unit.",
@@ -644,6 +651,7 @@ copied unchanged. Load OUT with embpress.load(model, OUT).
 @click.option(
     "--zeros-per-block",
     type=click.IntRange(min=0),
+    metavar="N",
     default=None,
     help="Entries zeroed inside a pruned block (smallest first) [default: the whole block].",
 )
@@ -800,7 +808,8 @@ def _print_compress(summary: dict[str, Any], reports: list[CompressedTable]) -> 
         f"{summary['in']} -> {summary['out']}: sparsity {s['sparsity']:g}, block {s['block'][0]}x"
         f"{s['block'][1]}, {s['bits']} bits, {s['order']}"
     )
-    table = Table(title=title, title_justify="left", show_footer=True)
+    console.print(Text(title))
+    table = Table(show_footer=True)
     total = summary["total"]
     columns = [
         ("table", "total", "left"),
@@ -852,7 +861,7 @@ Examples:
 """
 
 
-@cli.command(epilog=_INSPECT_EPILOG)
+@cli.command(epilog=_INSPECT_EPILOG, short_help="Describe an embpress file or a checkpoint's tables.")
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option(
     "--tables",
@@ -950,7 +959,8 @@ def _print_inspect_embpress(summary: dict[str, Any]) -> None:
         f"{summary['file']}: embpress format version {summary['format_version']}, "
         f"{human_bytes(summary['file_bytes'])}, checksums ok"
     )
-    table = Table(title=title, title_justify="left", show_footer=True)
+    console.print(Text(title))
+    table = Table(show_footer=True)
     total = summary["total"]
     columns = [
         ("table", "total", "left"),
@@ -994,10 +1004,10 @@ def _print_inspect_plain(summary: dict[str, Any]) -> None:
     ):
         rows = summary[part]
         size = human_bytes(sum(r["bytes"] for r in rows))
-        table = Table(
-            title=f"{summary['file']} ({summary['format']}): {len(rows)} tensor(s) {title}, {size}",
-            title_justify="left",
-        )
+        console.print(Text(f"{summary['file']} ({summary['format']}): {len(rows)} tensor(s) {title}, {size}"))
+        if not rows:
+            continue
+        table = Table()
         for head, justify in (("key", "left"), ("shape", "right"), ("dtype", "left"), ("bytes", "right")):
             table.add_column(head, justify=justify, no_wrap=True)  # type: ignore[arg-type]
         for r in rows:
@@ -1011,12 +1021,12 @@ def _print_inspect_plain(summary: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------ demo
 _DEMO_EPILOG = """\b
 Example:
-  embpress demo --out out/demo          # about 30 s on 2 cores
+  embpress demo --out out/demo          # well under a minute on 2 cores
   embpress demo --quick --seed 1        # a few seconds
 """
 
 
-@cli.command(epilog=_DEMO_EPILOG)
+@cli.command(epilog=_DEMO_EPILOG, short_help="Train a small click model and sweep sparsity x bits.")
 @click.option(
     "--out",
     "out_dir",

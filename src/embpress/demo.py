@@ -53,9 +53,9 @@ class DemoSettings:
     zipf_exponent: float = 1.05
     samples: int = 50_000
     test_fraction: float = 0.2
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 256
-    learning_rate: float = 0.01
+    learning_rate: float = 0.005
     sparsities: tuple[float, ...] = (0.0, 0.5, 0.8, 0.9)
     bits: tuple[int, ...] = (8, 4, 2)
     block: tuple[int, int] = (1, 4)
@@ -117,12 +117,14 @@ class ClickModel(nn.Module):
 
     def __init__(self, settings: DemoSettings) -> None:
         super().__init__()
-        self.tables = nn.ModuleList(
+        bags = [
             nn.EmbeddingBag(rows, dim, mode="mean")
             for rows, dim in zip(settings.table_rows, settings.table_dims, strict=True)
-        )
-        for table in self.tables:  # small init: rows that never train keep a small norm
-            nn.init.normal_(table.weight, std=0.01)
+        ]
+        for bag in bags:  # small init: rows that never train keep a small norm
+            nn.init.normal_(bag.weight, std=0.01)
+        self.tables = nn.ModuleList(bags)
+        self.float_table_bytes = sum(bag.weight.numel() * 4 for bag in bags)
         self.bottom = nn.Sequential(nn.Linear(settings.num_dense, 16), nn.ReLU())
         self.top = nn.Sequential(nn.Linear(16 + sum(settings.table_dims), 64), nn.ReLU(), nn.Linear(64, 1))
 
@@ -171,7 +173,7 @@ def train(model: ClickModel, data: Batch, settings: DemoSettings, seed: int) -> 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(batch)
+            total += loss.item() * len(batch)
         mean = total / len(data)
     model.eval()
     return mean
@@ -232,7 +234,7 @@ def _plot(result: DemoResult, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("bytes of all embedding tables (log scale)")
     ax.set_ylabel("held-out AUC")
-    ax.set_title("embpress: AUC vs table size (labels: sparsity, block 1x4, sparsify-first)")
+    ax.set_title("AUC vs embedding table bytes (point labels: sparsity; block 1x4)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -262,7 +264,7 @@ def run_demo(
     t0 = time.perf_counter()
     train_loss = train(model, train_data, settings, seed)
     train_seconds = time.perf_counter() - t0
-    float_bytes = sum(t.weight.numel() * 4 for t in model.tables)  # type: ignore[union-attr]
+    float_bytes = model.float_table_bytes
     auc, loss = evaluate(model, test_data)
     baseline = DemoRow(None, None, float_bytes, 1.0, auc, loss)
     log.print(f"trained in {train_seconds:.1f} s: train loss {train_loss:.4f}, held-out AUC {auc:.4f}")
@@ -299,10 +301,13 @@ def run_demo(
 def print_results(result: DemoResult, console: Console) -> None:
     """The sweep as a rich table (float32 first), then where the plot is."""
     shapes = ", ".join(f"{r}x{d}" for r, d in result.table_shapes)
-    table = Table(
-        title=f"DLRM-style click model, tables {shapes}; block 1x4, sparsify-first",
-        title_justify="left",
+    console.print(
+        f"DLRM-style click model, tables {shapes} (rows x dim); block 1x4, sparsify-first; "
+        f"trained {result.train_seconds:.1f} s to train loss {result.train_loss:.4f}",
+        highlight=False,
+        soft_wrap=True,
     )
+    table = Table()
     for head in ("sparsity", "bits", "table bytes", "ratio to float32", "AUC", "log loss"):
         table.add_column(head, justify="right", no_wrap=True)
     base = result.baseline

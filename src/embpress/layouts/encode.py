@@ -190,6 +190,7 @@ def encode_table(
     block_width: int = 1,
     saved_qparams: RowQParams | None = None,
     reference: torch.Tensor | None = None,
+    checked: bool = False,
 ) -> tuple[QuantizedTable, dict[str, float]]:
     """Quantize float ``w`` [N, D] keeping ``mask`` (True = kept; None = all) into a table.
 
@@ -197,9 +198,10 @@ def encode_table(
     layout when the pruned entries fill whole (1 x width) blocks. ``saved_qparams`` are
     the row parameters of an earlier quantization (quantize-first order). Returns the
     table and its error (relative Frobenius, max |error|) against ``reference``
-    (default ``w``), measured while encoding.
+    (default ``w``), measured while encoding. ``checked``: ``w`` already went through
+    :func:`finite_table`.
     """
-    x = finite_table(w, config).numpy()
+    x = _as_numpy(w) if checked else finite_table(w, config).numpy()
     ref = x if reference is None else _as_numpy(reference)
     rows, dim = x.shape
     m = None if mask is None else mask.to("cpu", torch.bool).contiguous().numpy()

@@ -13,14 +13,12 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True)
-def _loss(row: np.ndarray, keep: np.ndarray, use_keep: bool, lo: float, hi: float, levels: int) -> float:
+def _loss(values: np.ndarray, count: int, lo: float, hi: float, levels: int) -> float:
     scale = (hi - lo) / levels
     inv = 1.0 / scale if scale > 0 else 0.0
     total = 0.0
-    for j in range(row.shape[0]):
-        if use_keep and not keep[j]:
-            continue
-        x = row[j]
+    for j in range(count):
+        x = values[j]
         q = np.floor((x - lo) * inv + 0.5)
         q = min(max(q, 0.0), float(levels))
         d = x - (q * scale + lo)
@@ -42,20 +40,25 @@ def greedy_ranges(
     """Narrow ``lo``/``hi`` (in place) to each row's least-error clipping range."""
     levels = (1 << bits) - 1
     min_bins = nbins * (1.0 - ratio)
+    cols = w.shape[1]
     for r in numba.prange(w.shape[0]):
         xmin = float(lo[r])
         xmax = float(hi[r])
         if xmax <= xmin:
             continue
-        row = w[r]
-        keep = kept[r] if use_keep else kept[0]
+        values = np.empty(cols, dtype=np.float64)  # the row's kept values, packed
+        count = 0
+        for c in range(cols):
+            if not use_keep or kept[r, c]:
+                values[count] = w[r, c]
+                count += 1
         step = (xmax - xmin) / nbins
         cur_min, cur_max = xmin, xmax
-        best = _loss(row, keep, use_keep, xmin, xmax, levels)
+        best = _loss(values, count, xmin, xmax, levels)
         best_min, best_max = xmin, xmax
         while cur_min + min_bins * step < cur_max:
-            loss_l = _loss(row, keep, use_keep, cur_min + step, cur_max, levels)
-            loss_r = _loss(row, keep, use_keep, cur_min, cur_max - step, levels)
+            loss_l = _loss(values, count, cur_min + step, cur_max, levels)
+            loss_r = _loss(values, count, cur_min, cur_max - step, levels)
             if loss_l < loss_r:
                 cur_min += step
                 cur = loss_l

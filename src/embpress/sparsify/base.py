@@ -1,6 +1,7 @@
 """BaseDataSparsifier: holds named tensors and their masks; subclasses decide the masks.
 
-Same contract as ``torch.ao.pruning._experimental.data_sparsifier.BaseDataSparsifier``
+Same contract as torch's experimental ``BaseDataSparsifier``
+(``torch/ao/pruning/_experimental/data_sparsifier/base_data_sparsifier.py``)
 (add_data with per-data config, step, get_mask, get_data(return_original=...),
 squash_mask, state_dict / load_state_dict, an overridable ``update_mask``), without
 parametrizations and without importing torch.ao. Masks are bool tensors (True = kept).

@@ -1,6 +1,7 @@
 """DataNormSparsifier: prune the blocks with the smallest mean L1 (or L2) norm.
 
-The masks equal those of ``torch.ao.pruning._experimental.data_sparsifier.DataNormSparsifier``
+The masks equal those of torch's experimental ``DataNormSparsifier``
+(``torch/ao/pruning/_experimental/data_sparsifier/data_norm_sparsifier.py``)
 on data without ties (same block norms, computed with the same ``avg_pool2d``; the same
 ``round(sparsity_level * num_blocks)`` blocks removed; the same elements zeroed inside a
 removed block when ``zeros_per_block`` is smaller than the block). The reference sorts a
