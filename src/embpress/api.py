@@ -1,8 +1,8 @@
 """post_training_sparse_quantize: find a model's embedding tables, prune, quantize, replace.
 
 Drop-in for torch's experimental ``post_training_sparse_quantize``
-(``torch/ao/pruning/_experimental/data_sparsifier/quantization_utils.py``; same arguments, same order semantics) plus ``quant``,
-an :class:`embpress.QuantConfig`. Pruned entries decode to exactly 0.0 in both orders.
+(``torch/ao/pruning/_experimental/data_sparsifier/quantization_utils.py``): same
+arguments, same order semantics, plus ``quant``, an :class:`embpress.QuantConfig`. Pruned entries decode to exactly 0.0 in both orders.
 Nothing in the model changes until every table has been compressed.
 """
 
