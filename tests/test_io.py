@@ -267,3 +267,19 @@ def test_inconsistent_index_structures_are_refused(tmp_path):
 def test_save_without_compressed_tables_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no QuantizedEmbedding"):
         embpress.save(nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_kind_from_model_takes_module_arguments_from_the_model(tmp_path):
+    model = _compressed()
+    path = tmp_path / "auto.safetensors"
+    embpress.save(model, path, kind_from_model=True)
+    index = embpress.io.read_index(path)
+    assert {e["kind"] for e in index["tables"].values()} == {"auto"}
+
+    target = _fresh()
+    target.items = nn.EmbeddingBag(350, 16, mode="max", padding_idx=3)
+    loaded = embpress.load(target, path)
+    assert isinstance(loaded.items, embpress.QuantizedEmbeddingBag)
+    assert (loaded.items.mode, loaded.items.padding_idx) == ("max", 3)
+    assert isinstance(loaded.user, embpress.QuantizedEmbedding) and loaded.user.padding_idx == 0
+    assert torch.equal(loaded.items.dequantize(), model.items.dequantize())

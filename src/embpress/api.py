@@ -2,8 +2,9 @@
 
 Drop-in for torch's experimental ``post_training_sparse_quantize``
 (``torch/ao/pruning/_experimental/data_sparsifier/quantization_utils.py``): same
-arguments, same order semantics, plus ``quant``, an :class:`embpress.QuantConfig`. Pruned entries decode to exactly 0.0 in both orders.
-Nothing in the model changes until every table has been compressed.
+arguments, same order semantics, plus ``quant``, an :class:`embpress.QuantConfig`.
+Pruned entries decode to exactly 0.0 in both orders. Nothing in the model changes until
+every table has been compressed.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -64,7 +64,6 @@ __all__ = [
 # Total table elements above which compress shows a progress bar (on stderr).
 PROGRESS_MIN_ELEMENTS = 1_000_000
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
-_BAG_MODES = ("sum", "mean", "max")
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -303,40 +302,6 @@ def find_tables(state: Mapping[str, torch.Tensor], patterns: Sequence[str] = ())
     return [k for k in state if k in chosen]
 
 
-def _parse_bags(specs: Sequence[str]) -> list[tuple[str, str]]:
-    """``PATTERN[=MODE]`` -> (pattern, mode); mode defaults to nn.EmbeddingBag's 'mean'."""
-    out = []
-    for spec in specs:
-        pattern, _, mode = spec.partition("=")
-        mode = mode or "mean"
-        if not pattern or mode not in _BAG_MODES:
-            raise click.BadParameter(
-                f"{spec!r}: expected PATTERN or PATTERN=MODE with MODE one of {', '.join(_BAG_MODES)}",
-                param_hint="'--bag'",
-            )
-        out.append((pattern, mode))
-    return out
-
-
-def _bag_modes(tables: Sequence[str], bags: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """Table key -> bag mode for the tables ``bags`` marks; each pattern must match a table."""
-    modes: dict[str, str] = {}
-    for pattern, mode in bags:
-        hits = [
-            k
-            for k in tables
-            if fnmatch.fnmatchcase(k, pattern) or fnmatch.fnmatchcase(k[: -len(".weight")], pattern)
-        ]
-        if not hits:
-            raise ValueError(
-                f"--bag {pattern!r} matches none of the tables being compressed ({', '.join(tables)}); "
-                "select its table with --tables"
-            )
-        for k in hits:
-            modes.setdefault(k, mode)
-    return modes
-
-
 # ------------------------------------------------------------------------------ compressing
 def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
     """Identity of a tensor's data: equal for tied tables (shared storage, same view)."""
@@ -351,16 +316,16 @@ def _child(parent: nn.Module, name: str) -> nn.Module:
 
 
 def build_skeleton(
-    state: Mapping[str, torch.Tensor], tables: Sequence[str], bag_modes: Mapping[str, str] | None = None
+    state: Mapping[str, torch.Tensor], tables: Sequence[str]
 ) -> tuple[nn.Module, dict[str, nn.Module]]:
     """A module whose ``state_dict()`` has the keys of ``state``; each table an embedding module.
 
-    Table ``a.b.weight`` becomes an ``nn.Embedding`` (``nn.EmbeddingBag`` with the mode in
-    ``bag_modes``) at ``a.b`` holding the very tensor (no copy); tied tables (the same
+    Table ``a.b.weight`` becomes an ``nn.Embedding`` at ``a.b`` holding the very tensor
+    (no copy; the file records no kind, ``embpress.load`` takes it from the model, which
+    may have an EmbeddingBag there); tied tables (the same
     storage) share one module, which embpress then saves once with aliases. Every other
     tensor is a buffer at its own key. Returns (skeleton, table key -> embedding module).
     """
-    bag_modes = bag_modes or {}
     root = nn.Module()
     modules: dict[str, nn.Module] = {}
     shared: dict[tuple[Any, ...], str] = {}
@@ -368,16 +333,10 @@ def build_skeleton(
         weight = state[key]
         first = shared.setdefault(_storage_key(weight), key)
         if first != key:
-            if bag_modes.get(first) != bag_modes.get(key):
-                raise ValueError(f"tables {first!r} and {key!r} are tied but marked differently by --bag")
             modules[key] = modules[first]
             continue
         rows, dim = weight.shape
-        module: nn.Module
-        if key in bag_modes:
-            module = nn.EmbeddingBag(rows, dim, mode=bag_modes[key], _weight=weight)
-        else:
-            module = nn.Embedding(rows, dim, _weight=weight)
+        module = nn.Embedding(rows, dim, _weight=weight)
         module.requires_grad_(False)
         modules[key] = module
     for key in tables:
@@ -421,7 +380,6 @@ class CompressedTable:
     bytes_after: int
     rel_frobenius: float | None
     max_abs_error: float | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -430,16 +388,13 @@ class CompressedTable:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able form, ratio included."""
-        out = asdict(self)
-        out.pop("extra")
-        return {**out, "ratio": self.ratio}
+        return {**asdict(self), "ratio": self.ratio}
 
 
 def compress_state_dict(
     state: Mapping[str, torch.Tensor],
     tables: Sequence[str],
     *,
-    bag_modes: Mapping[str, str] | None = None,
     sparsity: float = 0.8,
     block: tuple[int, int] = (1, 4),
     zeros_per_block: int | None = None,
@@ -454,7 +409,7 @@ def compress_state_dict(
     per table in DataNormSparsifier, so this equals one call over all of them), which lets
     ``on_table(name, elements, done)`` report progress.
     """
-    root, modules = build_skeleton(state, tables, bag_modes)
+    root, modules = build_skeleton(state, tables)
     config = quant if quant is not None else QuantConfig()
     sparse_config: dict[str, Any] = {"sparsity_level": sparsity, "sparse_block_shape": tuple(block)}
     if zeros_per_block is not None:
@@ -481,13 +436,12 @@ def compress_state_dict(
         qm = cast(QuantizedEmbedding | QuantizedEmbeddingBag, found)
         weight = state[f"{name}.weight"]
         error = qm.error or {}
-        is_bag = isinstance(qm, QuantizedEmbeddingBag)
         reports.append(
             CompressedTable(
                 name=name,
                 aliases=list(aliases),
-                kind="EmbeddingBag" if is_bag else "Embedding",
-                mode=cast(QuantizedEmbeddingBag, qm).mode if is_bag else None,
+                kind="auto",  # embpress.load builds it after the model's module
+                mode=None,
                 rows=qm.num_embeddings,
                 dim=qm.embedding_dim,
                 dtype=str(weight.dtype).replace("torch.", ""),
@@ -617,14 +571,15 @@ _COMPRESS_EPILOG = """\b
 Examples:
   embpress compress dlrm.pt dlrm.embp.safetensors
   embpress compress model.pt out.safetensors --sparsity 0.9 --bits 4 --block 1x8
-  embpress compress model.pt out.safetensors --tables 'sparse_arch.*' --bag '*=sum'
+  embpress compress model.pt out.safetensors --tables 'sparse_arch.*'
   embpress compress model.safetensors out.safetensors --order quantize-first --json
 
 \b
 Tables: '<module>.weight' 2-D float tensors whose module name looks like an
 embedding (emb1, embedding, word_embeddings, embed_tokens, wte, embedding_bags.3,
 anything with 'emb'), or exactly those --tables selects. Everything else is
-copied unchanged. Load OUT with embpress.load(model, OUT).
+copied unchanged. Load OUT with embpress.load(model, OUT): each table becomes a
+QuantizedEmbedding or QuantizedEmbeddingBag after the module the model has there.
 """
 
 
@@ -679,14 +634,6 @@ copied unchanged. Load OUT with embpress.load(model, OUT).
     "(repeatable, or comma-separated) [default: tables found by name].",
 )
 @click.option(
-    "--bag",
-    "bags",
-    multiple=True,
-    metavar="PATTERN[=MODE]",
-    help="Tables that are nn.EmbeddingBag in the model, with their mode (sum, mean, max; "
-    "default mean); a state_dict does not say. Repeatable. Others load as nn.Embedding.",
-)
-@click.option(
     "--layout",
     type=click.Choice(list(LAYOUTS)),
     default="auto",
@@ -712,7 +659,6 @@ def compress(
     bits: str,
     order: str,
     patterns: tuple[str, ...],
-    bags: tuple[str, ...],
     layout: str,
     nonfinite: str,
     as_json: bool,
@@ -730,7 +676,6 @@ def compress(
             f"({block[0] * block[1]} entries)",
             param_hint="'--zeros-per-block'",
         )
-    bag_specs = _parse_bags(bags)
     table_patterns = [p.strip() for spec in patterns for p in spec.split(",") if p.strip()]
     _check_out(src, dst)
     config = QuantConfig(bits=int(bits), layout=layout, nonfinite=nonfinite)
@@ -742,14 +687,12 @@ def compress(
             f"{src}: no embedding table found among {len(state)} tensors "
             "(name them with --tables PATTERN; see 'embpress inspect IN')"
         )
-    modes = _bag_modes(tables, bag_specs)
     total = sum(state[k].numel() for k in tables)
     try:
         with _progress(total, True) as on_table:
             root, reports = compress_state_dict(
                 state,
                 tables,
-                bag_modes=modes,
                 sparsity=sparsity,
                 block=block,
                 zeros_per_block=zeros_per_block,
@@ -761,7 +704,7 @@ def compress(
     except ValueError as err:
         message = _one_line(err).replace("pass QuantConfig(nonfinite='zero')", "pass --nonfinite zero")
         raise CliError(message) from None
-    eio.save(root, dst)
+    eio.save(root, dst, kind_from_model=True)
 
     copied = [k for k in state if k not in set(tables)]
     before = sum(r.bytes_before for r in reports)
@@ -911,31 +854,26 @@ def inspect(file: Path, patterns: tuple[str, ...], as_json: bool) -> None:
 
 def _inspect_embpress(path: Path) -> dict[str, Any]:
     index = eio.read_index(path)
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise CliError(f"{path}: could not read tensors ({_one_line(err)})") from None
-    for key, t in tensors.items():
-        if eio.crc32(t) != index["crc32"][key]:
-            raise CliError(f"{path}: tensor {key!r} is corrupted (CRC-32 mismatch)")
+    tensors = eio.read_tensors(path, index)
     tables = []
     for name, entry in index["tables"].items():
-        module = eio.build_module(path, name, entry, tensors)
+        table = eio.build_table(path, name, entry, tensors)
         error = entry.get("error") or {}
+        float_bytes = table.num_embeddings * table.embedding_dim * 4
         tables.append(
             {
                 "name": name,
                 "aliases": entry["aliases"],
                 "kind": entry["kind"],
-                "mode": entry["module"].get("mode"),
-                "rows": module.num_embeddings,
-                "dim": module.embedding_dim,
-                "layout": module.layout,
-                "bits": module.bits,
-                "sparsity": module.sparsity,
-                "bytes": module.nbytes,
-                "float32_bytes": module.float_nbytes,
-                "ratio": module.nbytes / module.float_nbytes,
+                "mode": (entry["module"] or {}).get("mode"),
+                "rows": table.num_embeddings,
+                "dim": table.embedding_dim,
+                "layout": table.layout,
+                "bits": table.bits,
+                "sparsity": table.sparsity,
+                "bytes": table.nbytes,
+                "float32_bytes": float_bytes,
+                "ratio": table.nbytes / float_bytes,
                 "rel_frobenius": error.get("rel_frobenius"),
                 "max_abs_error": error.get("max_abs"),
             }

@@ -250,9 +250,21 @@ def run_demo(
     console: Console | None = None,
     settings: DemoSettings | None = None,
 ) -> DemoResult:
-    """Train, sweep sparsity x bits, plot to ``out_dir/tradeoff.png``; progress on ``console``."""
+    """Train, sweep sparsity x bits, plot to ``out_dir/tradeoff.png``; progress on ``console``.
+
+    Runs on one torch thread: the model's ops are too small to gain from more, and on a
+    busy machine a multi-threaded pool can stall for tens of seconds.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(Path(out_dir), seed, settings or (QUICK if quick else DemoSettings()), console)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out_dir: Path, seed: int, settings: DemoSettings, console: Console | None) -> DemoResult:
     start = time.perf_counter()
-    settings = settings or (QUICK if quick else DemoSettings())
     log = console or Console(stderr=True, quiet=True)
     torch.manual_seed(seed)
     train_data, test_data = make_data(settings, seed)
@@ -287,7 +299,7 @@ def run_demo(
     result = DemoResult(
         baseline=baseline,
         rows=rows,
-        plot=Path(out_dir) / "tradeoff.png",
+        plot=out_dir / "tradeoff.png",
         settings=settings,
         train_loss=train_loss,
         train_seconds=train_seconds,

@@ -26,7 +26,16 @@ from .layouts import TABLE_CLASSES, FormatError, QuantizedTable
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, module_kwargs
 from .report import quantized_modules
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "read_index", "save", "write_file"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "build_table",
+    "load",
+    "read_index",
+    "read_tensors",
+    "save",
+    "write_file",
+]
 
 FORMAT_NAME = "embpress"
 FORMAT_VERSION = "1"
@@ -60,8 +69,14 @@ def write_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], i
         raise
 
 
-def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Write every compressed table of ``model`` and the rest of its state_dict to ``path``."""
+def save(model: nn.Module, path: str | os.PathLike[str], *, kind_from_model: bool = False) -> None:
+    """Write every compressed table of ``model`` and the rest of its state_dict to ``path``.
+
+    ``kind_from_model`` writes the tables with ``kind: "auto"`` and no module arguments:
+    ``load`` then builds each one after the float module it replaces (Embedding or
+    EmbeddingBag, its mode, padding_idx, max_norm...). For files made from a bare
+    state_dict, which does not say what kind of module a table belongs to.
+    """
     tables = quantized_modules(model)
     if not tables:
         raise ValueError("model has no QuantizedEmbedding / QuantizedEmbeddingBag to save")
@@ -70,10 +85,11 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     prefixes: list[str] = []
     for name, (module, aliases) in tables.items():
         qm: Any = module
+        kind = "EmbeddingBag" if isinstance(qm, QuantizedEmbeddingBag) else "Embedding"
         entries[name] = {
-            "kind": "EmbeddingBag" if isinstance(qm, QuantizedEmbeddingBag) else "Embedding",
+            "kind": "auto" if kind_from_model else kind,
             "aliases": aliases,
-            "module": module_kwargs(qm),
+            "module": None if kind_from_model else module_kwargs(qm),
             "table": qm.table.meta(),
             "error": qm.error,
         }
@@ -131,8 +147,8 @@ def _check_entry(p: Path, name: str, entry: Any) -> None:
     where = f"table {name!r}"
     if not isinstance(entry, dict):
         raise _fail(p, f"{where}: entry must be an object")
-    if entry.get("kind") not in ("Embedding", "EmbeddingBag"):
-        raise _fail(p, f"{where}: kind must be Embedding or EmbeddingBag, got {entry.get('kind')!r}")
+    if entry.get("kind") not in ("Embedding", "EmbeddingBag", "auto"):
+        raise _fail(p, f"{where}: kind must be Embedding, EmbeddingBag or auto, got {entry.get('kind')!r}")
     if not isinstance(entry.get("aliases"), list) or not all(isinstance(a, str) for a in entry["aliases"]):
         raise _fail(p, f"{where}: aliases must be a list of names")
     table, module = entry.get("table"), entry.get("module")
@@ -140,6 +156,10 @@ def _check_entry(p: Path, name: str, entry: Any) -> None:
         raise _fail(
             p, f"{where}: unknown layout {table.get('layout') if isinstance(table, dict) else None!r}"
         )
+    if entry["kind"] == "auto":
+        if module is not None:
+            raise _fail(p, f"{where}: a table of kind auto takes its module arguments from the model")
+        return
     if not isinstance(module, dict):
         raise _fail(p, f"{where}: module arguments must be an object")
     rows = table.get("num_embeddings")
@@ -152,7 +172,10 @@ def _check_entry(p: Path, name: str, entry: Any) -> None:
         raise _fail(p, f"{where}: mode must be sum, mean or max")
 
 
-def _read_tensors(p: Path, index: dict[str, Any], mmap: bool, verify: bool) -> dict[str, torch.Tensor]:
+def read_tensors(
+    p: Path, index: dict[str, Any], mmap: bool = True, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, each CRC-checked against the index (``verify``)."""
     out = {}
     try:
         with safe_open(str(p), framework="pt", backend="mmap" if mmap else "pread") as f:
@@ -166,24 +189,39 @@ def _read_tensors(p: Path, index: dict[str, Any], mmap: bool, verify: bool) -> d
     return out
 
 
-def build_module(
+def build_table(
     p: Path, name: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]
-) -> QuantizedEmbedding | QuantizedEmbeddingBag:
-    """The quantized module of one index entry, its tensors validated."""
+) -> QuantizedTable:
+    """The quantized table of one index entry, its tensors validated."""
     prefix = f"{TABLE_PREFIX}{name}."
     own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
-        table: QuantizedTable = TABLE_CLASSES[entry["table"]["layout"]].from_tensors(entry["table"], own)
+        return TABLE_CLASSES[entry["table"]["layout"]].from_tensors(entry["table"], own)
     except FormatError as err:
         raise _fail(p, f"table {name!r}: {err}") from None
-    kwargs = dict(entry["module"])
+
+
+def _module_for(
+    p: Path, name: str, entry: dict[str, Any], table: QuantizedTable, target: nn.Module
+) -> QuantizedEmbedding | QuantizedEmbeddingBag:
+    """The quantized module of one entry; kind "auto" copies ``target``'s kind and arguments."""
+    kind, kwargs = entry["kind"], entry["module"]
+    if kind == "auto":
+        bag = isinstance(target, (nn.EmbeddingBag, QuantizedEmbeddingBag))
+        kind = "EmbeddingBag" if bag else "Embedding"
+        keys: tuple[str, ...] = ("padding_idx", "max_norm", "norm_type")
+        if bag:
+            keys = (*keys, "mode", "include_last_offset")
+        kwargs = {k: getattr(target, k) for k in keys}
+        if kwargs["padding_idx"] is not None and not 0 <= kwargs["padding_idx"] < table.num_embeddings:
+            raise _fail(p, f"table {name!r}: the model's padding_idx is out of range")
     module: QuantizedEmbedding | QuantizedEmbeddingBag
     try:
-        if entry["kind"] == "EmbeddingBag":
+        if kind == "EmbeddingBag":
             module = QuantizedEmbeddingBag(table, **kwargs)
         else:
             module = QuantizedEmbedding(table, **kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise _fail(p, f"table {name!r}: bad module arguments ({err})") from None
     module.error = entry.get("error")
     return module
@@ -191,8 +229,8 @@ def build_module(
 
 def _resolve(
     model: nn.Module, p: Path, table: str, name: str, entry: dict[str, Any]
-) -> tuple[nn.Module, str]:
-    """(parent, attribute) of ``name`` in ``model``, checked against the stored table."""
+) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute, current module) of ``name`` in ``model``, checked against the table."""
     parent_name, _, attr = name.rpartition(".")
     try:
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -204,10 +242,12 @@ def _resolve(
     kinds = {
         "Embedding": (nn.Embedding, QuantizedEmbedding),
         "EmbeddingBag": (nn.EmbeddingBag, QuantizedEmbeddingBag),
+        "auto": (nn.Embedding, QuantizedEmbedding, nn.EmbeddingBag, QuantizedEmbeddingBag),
     }[entry["kind"]]
-    if not isinstance(current, kinds):
+    if current is None or not isinstance(current, kinds):
         found = type(current).__name__ if current is not None else "nothing"
-        raise _fail(p, f"table {table!r}: the model has {found} at {name!r}, expected {entry['kind']}")
+        expected = "an embedding" if entry["kind"] == "auto" else entry["kind"]
+        raise _fail(p, f"table {table!r}: the model has {found} at {name!r}, expected {expected}")
     rows, dim = getattr(current, "num_embeddings", None), getattr(current, "embedding_dim", None)
     meta = entry["table"]
     if (rows, dim) != (meta.get("num_embeddings"), meta.get("embedding_dim")):
@@ -216,7 +256,7 @@ def _resolve(
             f"table {table!r}: the model's table is {rows} x {dim}, the file's is "
             f"{meta.get('num_embeddings')} x {meta.get('embedding_dim')}",
         )
-    return parent, attr
+    return parent, attr, current
 
 
 def load(
@@ -236,15 +276,15 @@ def load(
     """
     p = Path(path)
     index = read_index(p)
-    tensors = _read_tensors(p, index, mmap, verify)
-    modules, places = {}, []
+    tensors = read_tensors(p, index, mmap, verify)
+    places: list[tuple[nn.Module, str, nn.Module]] = []
     for name, entry in index["tables"].items():
-        module = build_module(p, name, entry, tensors)
+        table = build_table(p, name, entry, tensors)
+        resolved = [_resolve(model, p, name, place, entry) for place in (name, *entry["aliases"])]
+        module = _module_for(p, name, entry, table, resolved[0][2])
         if device is not None:
             module = module.to(device)
-        modules[name] = module
-        for place in (name, *entry["aliases"]):
-            places.append((*_resolve(model, p, name, place, entry), module))
+        places.extend((parent, attr, module) for parent, attr, _ in resolved)
     state = {k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
     replaced = tuple(
         f"{place}." for name, entry in index["tables"].items() for place in (name, *entry["aliases"])
@@ -262,7 +302,7 @@ def load(
                 p,
                 f"tensor {key!r} has shape {tuple(value.shape)}, the model's is {tuple(expected[key].shape)}",
             )
-    for parent, attr, module in places:
-        setattr(parent, attr, module)
+    for parent, attr, replacement in places:
+        setattr(parent, attr, replacement)
     model.load_state_dict(state, strict=False)
     return model

@@ -1,0 +1,416 @@
+"""The ``embpress`` command: compress / inspect / demo, and every user error as one line."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from safetensors.torch import save_file
+from torch import nn
+
+import embpress
+from embpress import DataNormSparsifier, FormatError, QuantConfig, post_training_sparse_quantize
+from embpress.cli import cli, find_tables, looks_like_embedding
+from embpress.demo import DemoSettings, binary_auc, run_demo
+
+_SCRIPT = Path(sys.executable).with_name("embpress")
+EMBPRESS = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "embpress.cli"]
+
+
+class TwoTables(nn.Module):
+    """An nn.Embedding, an nn.EmbeddingBag (sum) and a linear layer on their outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(300, 16)
+        self.emb_bag = nn.EmbeddingBag(200, 8, mode="sum")
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, ids: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.emb(ids), self.emb_bag(bags)], dim=1))
+
+
+def _weights() -> dict[str, torch.Tensor]:
+    """Fixed weights; table entries are at least 0.5 away from 0, so only pruning makes exact zeros."""
+    torch.manual_seed(0)
+    model = TwoTables()
+    with torch.no_grad():
+        for table in (model.emb, model.emb_bag):
+            w = table.weight
+            w.copy_(torch.sign(torch.randn_like(w)) * (0.5 + torch.rand_like(w)))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _fresh(state: dict[str, torch.Tensor] | None = None) -> TwoTables:
+    torch.manual_seed(123)  # different init: everything must come from the file
+    model = TwoTables()
+    if state is not None:
+        model.load_state_dict(state)
+    return model.eval()
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    path = tmp_path / "model.pt"
+    torch.save(_weights(), path)
+    return path
+
+
+def _run(*args: str | Path) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+# ------------------------------------------------------------------------------ compress
+@pytest.mark.parametrize(
+    ("bits", "order", "block", "sparsity"),
+    [
+        (8, "sparsify-first", "1x4", 0.8),
+        (4, "quantize-first", "1x4", 0.5),
+        (2, "sparsify-first", "2x2", 0.9),
+    ],
+)
+def test_compress_equals_python_api(ckpt: Path, bits: int, order: str, block: str, sparsity: float) -> None:
+    out = ckpt.with_name("model.embp.safetensors")
+    result = _run(
+        "compress", ckpt, out, "--bits", bits, "--order", order, "--block", block,
+        "--sparsity", sparsity, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+
+    loaded = embpress.load(_fresh(), out)
+    assert isinstance(loaded.emb, embpress.QuantizedEmbedding)
+    assert isinstance(loaded.emb_bag, embpress.QuantizedEmbeddingBag)
+    assert loaded.emb_bag.mode == "sum"
+
+    reference = post_training_sparse_quantize(
+        _fresh(_weights()),
+        DataNormSparsifier,
+        order == "sparsify-first",
+        quant=QuantConfig(bits=bits),
+        sparsity_level=sparsity,
+        sparse_block_shape=tuple(int(v) for v in block.split("x")),
+    )
+    for name in ("emb", "emb_bag"):
+        got, want = getattr(loaded, name), getattr(reference, name)
+        assert torch.equal(got.dequantize(), want.dequantize()), name
+        assert got.layout == want.layout and got.nbytes == want.nbytes
+    assert torch.equal(loaded.fc.weight, reference.fc.weight)
+    ids = torch.randint(0, 300, (64,), generator=torch.Generator().manual_seed(1))
+    bags = torch.randint(0, 200, (64, 3), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, bags), reference(ids, bags))
+
+    rows = {t["name"]: t for t in report["tables"]}
+    assert set(rows) == {"emb", "emb_bag"}
+    for name, row in rows.items():
+        module = getattr(reference, name)
+        table = module.dequantize()
+        assert row["sparsity"] == module.sparsity
+        assert row["bits"] == bits and row["layout"] == module.layout
+        assert (row["rows"], row["dim"]) == tuple(table.shape)
+        assert row["bytes_before"] == table.numel() * 4 and row["bytes_after"] == module.nbytes
+        assert row["ratio"] == pytest.approx(module.nbytes / (table.numel() * 4))
+        assert row["rel_frobenius"] == pytest.approx(module.error["rel_frobenius"])
+        assert row["max_abs_error"] == pytest.approx(module.error["max_abs"])
+        # pruned entries are exact zeros; 8-bit grids cannot round an entry >= 0.5 to 0
+        zeros = float((table == 0).double().mean())
+        assert zeros >= row["sparsity"] - 1e-12
+        if bits == 8:
+            assert zeros == row["sparsity"]
+    assert rows["emb"]["kind"] == rows["emb_bag"]["kind"] == "auto"  # the model decides at load
+    assert report["copied"]["count"] == 2
+    total = report["total"]
+    assert total["bytes_after"] == sum(r["bytes_after"] for r in rows.values())
+    assert total["ratio"] == pytest.approx(total["bytes_after"] / total["bytes_before"])
+    assert report["settings"]["bits"] == bits and report["settings"]["order"] == order
+
+
+def test_compress_prints_a_table(ckpt: Path) -> None:
+    out = ckpt.with_name("out.safetensors")
+    result = _run("compress", ckpt, out, "--sparsity", "0.8", "--bits", "4")
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout
+    for word in ("emb_bag", "block_sparse", "0.8000", "total", "ratio", "rel err", "copied 2 other tensor"):
+        assert word in text, word
+    # a state_dict does not say which table is a bag: the loaded model's modules decide
+    loaded = embpress.load(_fresh(), out)
+    assert isinstance(loaded.emb, embpress.QuantizedEmbedding)
+    assert isinstance(loaded.emb_bag, embpress.QuantizedEmbeddingBag) and loaded.emb_bag.mode == "sum"
+    with pytest.raises(FormatError, match="expected an embedding"):
+        embpress.load(nn.ModuleDict({"emb": nn.Linear(16, 300), "emb_bag": nn.Linear(8, 200)}), out)
+
+
+def test_wrapped_checkpoint_and_safetensors_input(tmp_path: Path) -> None:
+    state = _weights()
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": state, "epoch": 3}, wrapped)
+    flat = tmp_path / "flat.safetensors"
+    save_file(state, str(flat))
+    outs = []
+    for src in (wrapped, flat):
+        out = tmp_path / f"{src.stem}.out.safetensors"
+        assert _run("compress", src, out).exit_code == 0
+        outs.append(embpress.load(_fresh(), out))
+    assert torch.equal(outs[0].emb.dequantize(), outs[1].emb.dequantize())
+
+
+def test_tied_tables_are_stored_once(tmp_path: Path) -> None:
+    shared = torch.randn(100, 8)
+    state = {
+        "enc.embed_tokens.weight": shared,
+        "dec.embed_tokens.weight": shared,
+        "head.bias": torch.zeros(3),
+    }
+    src, out = tmp_path / "tied.pt", tmp_path / "tied.safetensors"
+    torch.save(state, src)
+    result = _run("compress", src, out, "--json")
+    assert result.exit_code == 0, result.stderr
+    (row,) = json.loads(result.stdout)["tables"]
+    assert {row["name"], *row["aliases"]} == {"enc.embed_tokens", "dec.embed_tokens"}
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            emb = nn.Embedding(100, 8)
+            self.enc, self.dec = nn.Module(), nn.Module()
+            self.enc.embed_tokens = self.dec.embed_tokens = emb
+            self.head = nn.Module()
+            self.head.register_buffer("bias", torch.ones(3))
+
+    model = embpress.load(Tied(), out)
+    assert model.enc.embed_tokens is model.dec.embed_tokens
+
+
+def test_select_tables_and_name_heuristic() -> None:
+    for name in ("emb", "emb1", "embedding", "embeddings", "bert.embeddings.word_embeddings", "embed_tokens"):
+        assert looks_like_embedding(name), name
+    for name in ("transformer.wte", "sparse.embedding_bags.3", "tok_emb"):
+        assert looks_like_embedding(name), name
+    for name in ("fc", "layers.3", "lm_head", "encoder.layer.0.attention"):
+        assert not looks_like_embedding(name), name
+    state = {
+        "emb.weight": torch.randn(4, 4),
+        "emb_proj.weight": torch.randn(4, 4),
+        "emb_proj.bias": torch.randn(4),
+        "emb_norm.weight": torch.randn(4),
+        "ids_emb.weight": torch.zeros(4, 4, dtype=torch.int64),
+        "fc.weight": torch.randn(4, 4),
+    }
+    assert find_tables(state) == ["emb.weight"]
+    assert find_tables(state, ["fc"]) == ["fc.weight"]
+    assert find_tables(state, ["fc.weight", "emb"]) == ["emb.weight", "fc.weight"]
+
+
+def test_progress_stays_off_stdout(tmp_path: Path) -> None:
+    src, out = tmp_path / "big.pt", tmp_path / "big.safetensors"
+    torch.save({"big_emb.weight": torch.randn(70_000, 16)}, src)  # > 1M elements: progress shown
+    result = _run("compress", src, out, "--json", "--bits", "8")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["tables"][0]["rows"] == 70_000
+    assert "compressing big_emb" in result.stderr
+
+
+# ------------------------------------------------------------------------------ inspect
+def test_inspect_embpress_file(ckpt: Path) -> None:
+    out = ckpt.with_name("model.embp.safetensors")
+    assert _run("compress", ckpt, out, "--bits", "4").exit_code == 0
+    result = _run("inspect", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["format"] == "embpress" and info["format_version"] == "1"
+    tables = {t["name"]: t for t in info["tables"]}
+    assert tables["emb"]["kind"] == tables["emb_bag"]["kind"] == "auto"
+    assert tables["emb"]["sparsity"] == 0.8 and tables["emb"]["bits"] == 4
+    assert (tables["emb"]["rows"], tables["emb"]["dim"]) == (300, 16)
+    loaded = embpress.load(_fresh(), out)
+    assert tables["emb"]["bytes"] == loaded.emb.nbytes
+    assert tables["emb"]["ratio"] == pytest.approx(loaded.emb.nbytes / (300 * 16 * 4))
+    assert info["other_tensors"] == {"count": 2, "bytes": (24 * 3 + 3) * 4}
+
+    text = _run("inspect", out).stdout
+    for word in ("format version 1", "emb_bag", "auto", "block_sparse", "other tensors: 2"):
+        assert word in text, word
+
+
+def test_inspect_plain_checkpoint(ckpt: Path) -> None:
+    result = _run("inspect", ckpt, "--json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert [t["key"] for t in info["tables"]] == ["emb.weight", "emb_bag.weight"]
+    assert [t["key"] for t in info["copied"]] == ["fc.weight", "fc.bias"]
+    assert info["tables"][0]["shape"] == [300, 16]
+    text = _run("inspect", ckpt, "--tables", "emb").stdout
+    assert "1 tensor(s) compressed" in text and "emb_bag.weight" in text
+
+
+# ------------------------------------------------------------------------------ errors
+def _error_cases(tmp: Path, ckpt: Path) -> list[tuple[list[str | Path], int, str]]:
+    text = tmp / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    evil = tmp / "evil.pt"
+    torch.save({"emb.weight": torch.randn(4, 4), "hook": _Payload()}, evil)
+    pickled = tmp / "plain.pkl"
+    pickled.write_bytes(pickle.dumps(_Payload()))
+    linear = tmp / "linear.pt"
+    torch.save(nn.Linear(4, 4).state_dict(), linear)
+    odd = tmp / "odd.pt"
+    torch.save({"emb.weight": torch.ones(4, 4, dtype=torch.int32), "ln.weight": torch.ones(4)}, odd)
+    nan = tmp / "nan.pt"
+    torch.save({"emb.weight": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])}, nan)
+    done = tmp / "done.safetensors"
+    assert _run("compress", ckpt, done).exit_code == 0
+    corrupt = tmp / "corrupt.safetensors"
+    data = bytearray(done.read_bytes())
+    data[-1] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    empty = tmp / "empty.pt"
+    torch.save({}, empty)
+    out = tmp / "out.safetensors"
+    return [
+        (["compress", tmp / "missing.pt", out], 1, "no such file"),
+        (["compress", tmp, out], 1, "is a directory"),
+        (["compress", text, out], 1, "not a PyTorch checkpoint"),
+        (["compress", evil, out], 1, "refused"),
+        (["compress", pickled, out], 1, "not a PyTorch checkpoint"),
+        (["compress", done, out], 1, "already an embpress file"),
+        (["compress", ckpt, out, "--tables", "nothing*"], 1, "matches no table"),
+        (["compress", linear, out], 1, "no embedding table found"),
+        (["compress", odd, out, "--tables", "ln"], 1, "not a 2-D table"),
+        (["compress", odd, out, "--tables", "emb"], 1, "not a float table"),
+        (["compress", ckpt, out, "--tables", "fc"], 1, "also holds 'fc.bias'"),
+        (["compress", nan, out], 1, "NaN/Inf"),
+        (["compress", ckpt, out, "--sparsity", "1.5"], 2, "--sparsity"),
+        (["compress", ckpt, out, "--sparsity", "nan"], 2, "--sparsity"),
+        (["compress", ckpt, out, "--bits", "3"], 2, "--bits"),
+        (["compress", ckpt, out, "--block", "0x4"], 2, "--block"),
+        (["compress", ckpt, out, "--block", "wide"], 2, "--block"),
+        (["compress", ckpt, out, "--zeros-per-block", "5"], 2, "larger than the block"),
+        (["compress", ckpt, tmp / "sub" / ".." / ckpt.name], 2, "is the input file"),
+        (["compress", ckpt, tmp / "no" / "such" / "dir.safetensors"], 1, "does not exist"),
+        (["compress", empty, out], 1, "the checkpoint is empty"),
+        (["inspect", text], 1, "not a PyTorch checkpoint"),
+        (["inspect", corrupt], 1, "CRC-32 mismatch"),
+        (["frobnicate"], 2, "No such command"),
+    ]
+
+
+class _Payload:
+    """An arbitrary object: a weights-only load must refuse to build it."""
+
+
+def test_user_errors_are_one_line(tmp_path: Path, ckpt: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    before = ckpt.read_bytes()
+    for args, code, message in _error_cases(tmp_path, ckpt):
+        result = _run(*args)
+        where = " ".join(str(a) for a in args)
+        assert result.exit_code == code, (where, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (where, result.stderr)
+        assert message in lines[0], (where, lines[0])
+        assert "Traceback" not in result.output
+        assert not (tmp_path / "out.safetensors").exists(), where
+    assert ckpt.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_nonfinite_zero_is_accepted(tmp_path: Path) -> None:
+    src, out = tmp_path / "nan.pt", tmp_path / "nan.safetensors"
+    torch.save({"emb.weight": torch.tensor([[1.0, float("inf"), 2.0, 3.0]] * 8)}, src)
+    assert _run("compress", src, out, "--nonfinite", "zero", "--sparsity", "0").exit_code == 0
+    loaded = embpress.load(nn.ModuleDict({"emb": nn.Embedding(8, 4)}), out)
+    assert float(loaded["emb"].dequantize()[0, 1]) == 0.0
+
+
+def test_interrupt_leaves_nothing(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted_write(tensors: object, path: str, metadata: object = None) -> None:
+        Path(path).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embpress.io, "save_file", interrupted_write)
+    out = ckpt.with_name("out.safetensors")
+    result = _run("compress", ckpt, out)
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines() == ["error: interrupted; nothing was written"]
+    assert not out.exists() and _leftovers(ckpt.parent) == []
+
+
+def test_help_texts() -> None:
+    top = _run("--help")
+    assert top.exit_code == 0
+    for word in ("compress", "inspect", "demo", "Examples"):
+        assert word in top.stdout
+    options = {
+        "compress": ("--sparsity", "--block", "--zeros-per-block", "--norm", "--bits", "--order",
+                     "--tables", "--layout", "--json", "[default: 0.8]", "1x4", "Examples"),
+        "inspect": ("FILE", "--json", "--tables", "Examples"),
+        "demo": ("--out", "--seed", "--quick", "out/demo", "Example"),
+    }  # fmt: skip
+    for command, words in options.items():
+        result = _run(command, "--help")
+        assert result.exit_code == 0
+        text = " ".join(result.stdout.split())
+        for word in words:
+            assert word in text, (command, word)
+
+
+def test_console_script(ckpt: Path) -> None:
+    """The installed entry point: clean JSON on stdout; an error is one line, no traceback."""
+    out = ckpt.with_name("cli.safetensors")
+    done = subprocess.run(
+        [*EMBPRESS, "compress", ckpt, out, "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["out"] == str(out)
+    failed = subprocess.run([*EMBPRESS, "inspect", ckpt.with_name("nope.pt")], capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert failed.stderr.strip() == f"error: {ckpt.with_name('nope.pt')}: no such file"
+
+
+# ------------------------------------------------------------------------------ demo
+def test_demo_quick(tmp_path: Path) -> None:
+    result = _run("demo", "--quick", "--out", tmp_path / "demo")
+    assert result.exit_code == 0, result.stderr
+    png = tmp_path / "demo" / "tradeoff.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(png) in result.stdout
+    lines = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    cells = [[c.strip() for c in line.strip("│").split("│")] for line in lines]
+    assert [c[:2] for c in cells] == [["float32", "32"], ["0", "8"], ["0", "2"], ["0.8", "8"], ["0.8", "2"]]
+    aucs = [float(c[4]) for c in cells]
+    assert aucs[0] > 0.7  # the model learned the planted signal
+    assert all(abs(a - aucs[0]) < 0.1 for a in aucs)
+    ratios = [float(c[3]) for c in cells]
+    assert ratios[0] == 1.0 and ratios[1] > ratios[2] > ratios[4] and ratios[3] > ratios[4]
+
+
+def test_demo_is_deterministic(tmp_path: Path) -> None:
+    tiny = DemoSettings(
+        table_rows=(300, 200), table_dims=(8, 8), bag_lengths=(1, 2), samples=2_000, epochs=1,
+        sparsities=(0.5,), bits=(4,),
+    )  # fmt: skip
+    a = run_demo(tmp_path / "a", seed=3, settings=tiny)
+    b = run_demo(tmp_path / "b", seed=3, settings=tiny)
+    assert a.rows == b.rows and a.baseline == b.baseline
+
+
+def test_binary_auc_matches_pair_counting() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (200,), generator=g).float()  # many ties
+    labels = torch.randint(0, 2, (200,), generator=g).float()
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    diff = pos[:, None] - neg[None, :]
+    expected = float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+    assert binary_auc(scores, labels) == pytest.approx(expected, abs=1e-12)
+    assert binary_auc(torch.tensor([0.1, 0.9]), torch.tensor([0.0, 1.0])) == 1.0
