@@ -47,7 +47,7 @@ from . import io as eio
 from .api import post_training_sparse_quantize
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
 from .quant.config import LAYOUTS, QuantConfig
-from .report import quantized_modules
+from .report import human_bytes, quantized_modules
 from .sparsify import DataNormSparsifier
 
 __all__ = [
@@ -464,17 +464,6 @@ def _stdout() -> Console:
     if not console.is_terminal:
         console = Console(highlight=False, width=200)
     return console
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.50 KiB'."""
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            break
-    return f"{n:.2f} {unit}"
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
 
-__all__ = ["TableReport", "compression_report", "format_report", "quantized_modules"]
+__all__ = ["TableReport", "compression_report", "format_report", "human_bytes", "quantized_modules"]
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,13 @@ def compression_report(model: nn.Module) -> list[TableReport]:
     return reports
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB' (binary units)."""
+    if n < 1024:
+        return f"{int(n)} B"
+    units = ("KiB", "MiB", "GiB", "TiB")
+    power = min(int(math.log(n, 1024)), len(units))
+    return f"{n / 1024**power:.2f} {units[power - 1]}"
 
 
 def format_report(reports: list[TableReport]) -> str:
@@ -105,8 +107,8 @@ def format_report(reports: list[TableReport]) -> str:
                 r.layout,
                 str(r.bits),
                 f"{r.sparsity:.4f}",
-                _fmt_bytes(r.float_nbytes),
-                _fmt_bytes(r.nbytes),
+                human_bytes(r.float_nbytes),
+                human_bytes(r.nbytes),
                 f"{r.ratio:.4f}",
                 "-" if r.rel_frobenius is None else f"{r.rel_frobenius:.4f}",
                 "-" if r.max_abs_error is None else f"{r.max_abs_error:.4g}",
