@@ -1,0 +1,536 @@
+"""Time and peak memory to compress one embedding table: embpress vs torch's reference.
+
+Each measurement runs in a fresh interpreter (``--child``): it imports everything,
+compresses a tiny table with the same settings (warm-up: numba cache, first-call costs),
+builds the random ``rows x dim`` float32 input table, resets the kernel's peak-RSS mark
+(``/proc/self/clear_refs``), then times one ``post_training_sparse_quantize`` call and reads
+``VmHWM``. "Peak beyond input" = peak RSS during the call minus RSS just before it, i.e.
+everything the call allocates (the output table included) on top of the input table.
+
+Usage (from the repository root)::
+
+    python bench/compress_cost.py                 # 100k, 1M, 4M rows (about 6 minutes on 2 cores)
+    python bench/compress_cost.py --quick --out out/bench-quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+NAME = "compress_cost"
+SCRIPT = "bench/compress_cost.py"
+# Peak extra memory of the reference, in units of the float32 table (measured 8-10x at
+# 100k x 128; it sorts a copy of the block norms repeated block-size times, int64 indices).
+REF_MEMORY_FACTOR = 10.0
+TARGET_ROWS = 1_000_000
+TARGET_SPEEDUP = 20.0
+
+
+# ------------------------------------------------------------------------------ child side
+def _model(weight: Any) -> Any:
+    from torch import nn
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.EmbeddingBag.from_pretrained(weight, freeze=False, mode="sum")
+
+    return Holder()
+
+
+def _compress(cfg: dict[str, Any], model: Any) -> Any:
+    block = tuple(cfg["block"])
+    if cfg["impl"] == "ours":
+        import embpress
+
+        return embpress.post_training_sparse_quantize(
+            model,
+            embpress.DataNormSparsifier,
+            cfg["sparsify_first"],
+            quant=embpress.QuantConfig(bits=cfg["bits"]),
+            sparsity_level=cfg["sparsity"],
+            sparse_block_shape=block,
+        )
+    from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as RefSparsifier
+    from torch.ao.pruning._experimental.data_sparsifier.quantization_utils import (
+        post_training_sparse_quantize as ref_ptsq,
+    )
+
+    ref_ptsq(
+        model,
+        RefSparsifier,
+        sparsify_first=cfg["sparsify_first"],
+        sparsity_level=cfg["sparsity"],
+        sparse_block_shape=block,
+    )
+    return model
+
+
+def child(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One measurement (runs in a fresh process)."""
+    import torch
+
+    common.quiet_torch_warnings()
+    torch.manual_seed(cfg["seed"])
+    rows, dim = cfg["rows"], cfg["dim"]
+    warm = _model(torch.randn(min(rows, 4096), dim))
+    _compress(cfg, warm)
+    del warm
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    weight = torch.randn(rows, dim, generator=gen)
+    model = _model(weight)
+    peak = common.PeakMemory()
+    peak.start()
+    t0 = time.perf_counter()
+    _compress(cfg, model)
+    seconds = time.perf_counter() - t0
+    peak_bytes = peak.stop()
+    out: dict[str, Any] = {"seconds": seconds, "peak": peak_bytes, "peak_exact": peak.exact}
+    if cfg["impl"] == "ours":
+        out["nbytes"] = int(model.emb.nbytes)
+        out["layout"] = model.emb.layout
+    else:
+        out["nbytes"] = common.reference_table_bytes(model.emb)["memory"]
+        out["layout"] = "dense int8 (torch.ao)"
+    return out
+
+
+# ------------------------------------------------------------------------------ parent side
+def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every measurement to make, smallest tables first."""
+    cfgs = []
+    for rows in args.rows:
+        widths = [w if w > 0 else args.dim for w in args.blocks]
+        for impl, width, bits, order in itertools.product(("ours", "ref"), widths, args.bits, args.orders):
+            if impl == "ref" and bits != 8:
+                continue  # the reference has 8 bits only
+            if args.quick and not _in_quick_grid(impl, width == widths[0], bits, order == "sf"):
+                continue
+            if order == "qf" and rows > args.all_orders_max_rows:
+                continue  # time budget: quantize-first only up to --all-orders-max-rows
+            cfgs.append(
+                {
+                    "impl": impl,
+                    "rows": rows,
+                    "dim": args.dim,
+                    "sparsity": args.sparsity,
+                    "block": [1, width],
+                    "bits": bits,
+                    "sparsify_first": order == "sf",
+                    "seed": 0,
+                }
+            )
+    return cfgs
+
+
+def _in_quick_grid(impl: str, first_block: bool, bits: int, sf: bool) -> bool:
+    """--quick: both orders only for the first block at 8 bits (embpress), sparsify-first otherwise."""
+    if impl == "ref":
+        return sf
+    if bits == 8:
+        return first_block or sf
+    return first_block and sf
+
+
+def repeats_for(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    """More repeats where a run is short, and for the target comparison."""
+    target = (
+        cfg["rows"] == TARGET_ROWS and cfg["block"] == [1, 4] and cfg["sparsify_first"] and cfg["bits"] == 8
+    )
+    if target:
+        return max(args.repeats_large, args.target_repeats)
+    return args.repeats if cfg["rows"] <= args.small_rows else args.repeats_large
+
+
+def ref_skip_reason(cfg: dict[str, Any], args: argparse.Namespace) -> str | None:
+    table = cfg["rows"] * cfg["dim"] * 4
+    need = (REF_MEMORY_FACTOR + 1.5) * table
+    avail = common.mem_available_bytes()
+    if avail and need > 0.9 * avail:
+        return (
+            f"skipped: needs ~{need / 1e9:.0f} GB ({REF_MEMORY_FACTOR:.0f}x the {table / 1e9:.1f} GB "
+            f"table on top of it), {avail / 1e9:.0f} GB available"
+        )
+    if cfg["rows"] > args.ref_max_rows:
+        return f"skipped: above --ref-max-rows {args.ref_max_rows:,} (time budget)"
+    return None
+
+
+def key(cfg: dict[str, Any]) -> tuple[Any, ...]:
+    return (cfg["impl"], cfg["rows"], cfg["block"][1], cfg["bits"], cfg["sparsify_first"])
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    script = Path(__file__).resolve()
+    for cfg in grid(args):
+        label = (
+            f"{cfg['impl']:4s} rows={cfg['rows']:>8d} block=(1,{cfg['block'][1]}) bits={cfg['bits']} "
+            f"{'sparsify-first' if cfg['sparsify_first'] else 'quantize-first'}"
+        )
+        skip = ref_skip_reason(cfg, args) if cfg["impl"] == "ref" else None
+        if skip:
+            print(f"{label}: {skip}", file=sys.stderr, flush=True)
+            results.append({**cfg, "skipped": skip})
+            continue
+        runs = []
+        for _ in range(repeats_for(cfg, args)):
+            r = common.run_child(script, cfg, timeout=args.timeout)
+            if "error" in r:
+                runs = [r]
+                break
+            runs.append(r)
+        if "error" in runs[0]:
+            print(f"{label}: FAILED {runs[0]['error']}", file=sys.stderr, flush=True)
+            results.append({**cfg, "skipped": f"failed: {runs[0]['error']}"})
+            continue
+        times = sorted(r["seconds"] for r in runs)
+        res = {
+            **cfg,
+            "seconds": statistics.median(times),
+            "all_seconds": times,
+            "peak": max(r["peak"] for r in runs),
+            "peak_exact": all(r["peak_exact"] for r in runs),
+            "nbytes": runs[0]["nbytes"],
+            "layout": runs[0]["layout"],
+        }
+        print(
+            f"{label}: {common.fmt_seconds(res['seconds'])} (n={len(times)}), "
+            f"peak beyond input {common.fmt_bytes(res['peak'])}",
+            file=sys.stderr,
+            flush=True,
+        )
+        results.append(res)
+    return results
+
+
+def _exponent(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log(time) against log(rows): 1.0 = linear."""
+    if len(points) < 2:
+        return None
+    xs = [math.log(r) for r, _ in points]
+    ys = [math.log(t) for _, t in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else None
+
+
+def _order(sf: bool) -> str:
+    return "sparsify-first" if sf else "quantize-first"
+
+
+def _block(width: int, dim: int) -> str:
+    return f"(1,{width})" + (" rows" if width == dim else "")
+
+
+def render(results: list[dict[str, Any]], args: argparse.Namespace, cmd: str, plot: Path | None) -> str:
+    by_key = {key(r): r for r in results}
+    lines = [
+        "## Compression cost (time and peak memory)",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        f"Random normal float32 tables of {args.dim} columns, sparsity {args.sparsity}, DataNormSparsifier "
+        "(L1), one `post_training_sparse_quantize` call each. Every measurement runs in a fresh process "
+        "after a warm-up compression of a tiny table; *time* is the median over the repeats (n); *peak "
+        "beyond input* is the peak RSS during the call minus the RSS just before it (the input table "
+        "already allocated), so it includes the output table. *×table* divides it by the float32 "
+        "table's bytes. The reference is torch.ao's `post_training_sparse_quantize` with its "
+        "`DataNormSparsifier` (8 bits only).",
+        "",
+    ]
+    if any(r > args.all_orders_max_rows for r in args.rows) and "qf" in args.orders:
+        lines += [
+            f"Quantize-first runs stop at {args.all_orders_max_rows:,} rows (time budget of the full "
+            "run; `--all-orders-max-rows` changes it). The reference runs only where the memory it needs "
+            f"(~{REF_MEMORY_FACTOR:.0f}x the table on top of it, measured) fits in the available memory "
+            f"and up to `--ref-max-rows` {args.ref_max_rows:,}.",
+            "",
+        ]
+    if not all(r.get("peak_exact", True) for r in results if "seconds" in r):
+        lines += ["**Note:** this kernel refused to reset the peak-RSS mark; peaks are upper bounds.", ""]
+    rows_out = []
+    for r in results:
+        table = r["rows"] * r["dim"] * 4
+        if "seconds" not in r:
+            rows_out.append(
+                [
+                    f"{r['rows']:,}",
+                    "embpress" if r["impl"] == "ours" else "reference",
+                    _block(r["block"][1], r["dim"]),
+                    r["bits"],
+                    _order(r["sparsify_first"]),
+                    r["skipped"],
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
+            continue
+        rows_out.append(
+            [
+                f"{r['rows']:,}",
+                "embpress" if r["impl"] == "ours" else "reference",
+                _block(r["block"][1], r["dim"]),
+                r["bits"],
+                _order(r["sparsify_first"]),
+                f"{common.fmt_seconds(r['seconds'])} (n={len(r['all_seconds'])})",
+                common.fmt_bytes(r["peak"]),
+                f"{r['peak'] / table:.2f}",
+                common.fmt_bytes(r["nbytes"]),
+                r["layout"],
+            ]
+        )
+    lines += [
+        common.md_table(
+            [
+                "rows",
+                "impl",
+                "block",
+                "bits",
+                "order",
+                "time",
+                "peak beyond input",
+                "×table",
+                "output",
+                "layout",
+            ],
+            rows_out,
+            "rllrlrrrrl",
+        ),
+        "",
+        "### embpress against the reference (8 bits, same run)",
+        "",
+    ]
+    cmp_rows = []
+    for r in results:
+        if r["impl"] != "ours" or r["bits"] != 8 or "seconds" not in r:
+            continue
+        ref = by_key.get(("ref", r["rows"], r["block"][1], 8, r["sparsify_first"]))
+        if ref is None:
+            continue
+        if "seconds" not in ref:
+            cmp_rows.append(
+                [
+                    f"{r['rows']:,}",
+                    _block(r["block"][1], r["dim"]),
+                    _order(r["sparsify_first"]),
+                    common.fmt_seconds(r["seconds"]),
+                    ref["skipped"],
+                    "",
+                    "",
+                    common.fmt_bytes(r["peak"]),
+                    "",
+                    "",
+                ]
+            )
+            continue
+        cmp_rows.append(
+            [
+                f"{r['rows']:,}",
+                _block(r["block"][1], r["dim"]),
+                _order(r["sparsify_first"]),
+                common.fmt_seconds(r["seconds"]),
+                common.fmt_seconds(ref["seconds"]),
+                f"{r['seconds'] / ref['seconds']:.3f}",
+                f"**{ref['seconds'] / r['seconds']:.1f}x**",
+                common.fmt_bytes(r["peak"]),
+                common.fmt_bytes(ref["peak"]),
+                f"{r['peak'] / ref['peak']:.3f}" if ref["peak"] else "–",
+            ]
+        )
+    lines += [
+        common.md_table(
+            [
+                "rows",
+                "block",
+                "order",
+                "embpress time",
+                "reference time",
+                "time ours/ref",
+                "speed-up",
+                "embpress peak",
+                "reference peak",
+                "peak ours/ref",
+            ],
+            cmp_rows,
+            "rllrrrrrrr",
+        ),
+        "",
+    ]
+    # growth with rows
+    sizes = sorted({r["rows"] for r in results})
+    growth_rows = []
+    for k in sorted({key(r)[:1] + key(r)[2:] for r in results}):
+        impl, width, bits, sf = k
+        pts = [
+            (rows, by_key[(impl, rows, width, bits, sf)]["seconds"])
+            for rows in sizes
+            if "seconds" in by_key.get((impl, rows, width, bits, sf), {})
+        ]
+        exp = _exponent(pts)
+        cells = []
+        for rows in sizes:
+            hit = by_key.get((impl, rows, width, bits, sf), {})
+            cells.append(common.fmt_seconds(hit["seconds"]) if "seconds" in hit else "–")
+        per_row = [f"{t / n * 1e9:.0f}" for n, t in pts[-1:]]
+        growth_rows.append(
+            [
+                "embpress" if impl == "ours" else "reference",
+                _block(width, args.dim),
+                bits,
+                _order(sf),
+                *cells,
+                per_row[0] if per_row else "–",
+                "–" if exp is None else f"{exp:.2f}",
+            ]
+        )
+    lines += [
+        "### How time grows with rows",
+        "",
+        "*Exponent*: slope of log(time) against log(rows) over the sizes measured (1.00 = linear). "
+        "*ns/row*: time per row at the largest size measured.",
+        "",
+        common.md_table(
+            ["impl", "block", "bits", "order", *[f"{n:,} rows" for n in sizes], "ns/row", "exponent"],
+            growth_rows,
+            "llrl" + "r" * (len(sizes) + 2),
+        ),
+        "",
+    ]
+    if plot is not None:
+        lines += [f"![compression time against rows]({common.relpath(plot, args.md_root)})", ""]
+    lines += [target_lines(results, args), ""]
+    return "\n".join(lines)
+
+
+def target_lines(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """PASS/FAIL of the issue's target (at 1M rows; at the largest size in --quick)."""
+    by_key = {key(r): r for r in results}
+    sizes = sorted({r["rows"] for r in results})
+    rows = TARGET_ROWS if TARGET_ROWS in sizes else sizes[-1]
+    note = "" if rows == TARGET_ROWS else f" (measured at {rows:,} rows; the target is for 1,000,000)"
+    ours = by_key.get(("ours", rows, 4, 8, True), {})
+    ref = by_key.get(("ref", rows, 4, 8, True), {})
+    out = [f"**Target** (0.8, (1,4), sparsify-first, 8 bits){note}:"]
+    if "seconds" in ours and "seconds" in ref:
+        speedup = ref["seconds"] / ours["seconds"]
+        out.append(
+            f"- speed-up over the reference {speedup:.1f}x (target >= {TARGET_SPEEDUP:.0f}x): "
+            f"**{common.pass_fail(speedup >= TARGET_SPEEDUP)}**"
+        )
+    else:
+        out.append("- speed-up over the reference: not measured (reference or embpress run missing)")
+    if "seconds" in ours:
+        table = rows * args.dim * 4
+        out.append(
+            f"- embpress peak beyond input {common.fmt_bytes(ours['peak'])} vs the table "
+            f"{common.fmt_bytes(table)}: **{common.pass_fail(ours['peak'] <= table)}**"
+        )
+    return "\n".join(out)
+
+
+def plot_results(results: list[dict[str, Any]], path: Path, dim: int) -> Path | None:
+    plt = common.setup_matplotlib()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
+    series: dict[tuple[Any, ...], list[tuple[int, float]]] = {}
+    for r in results:
+        if "seconds" in r:
+            k = (r["impl"], r["block"][1], r["bits"], r["sparsify_first"])
+            series.setdefault(k, []).append((r["rows"], r["seconds"]))
+    if not series:
+        plt.close(fig)
+        return None
+    for (impl, width, bits, sf), pts in sorted(series.items()):
+        pts.sort()
+        label = f"{'embpress' if impl == 'ours' else 'reference'} (1,{width}) {bits}b {'sf' if sf else 'qf'}"
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o" if impl == "ours" else "s",
+            linestyle="-" if impl == "ours" else "--",
+            label=label,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"rows (x {dim} columns)")
+    ax.set_ylabel("seconds")
+    ax.set_title("post_training_sparse_quantize time")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny tables and a reduced grid (seconds)")
+    p.add_argument("--rows", type=int, nargs="+", help="table sizes (default 100k 1M 4M; quick 5k 20k)")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--sparsity", type=float, default=0.8)
+    p.add_argument("--blocks", type=int, nargs="+", default=[4, 0], help="block widths; 0 = whole rows")
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    p.add_argument("--orders", nargs="+", default=["sf", "qf"], choices=["sf", "qf"])
+    p.add_argument("--repeats", type=int, default=3, help="repeats at <= --small-rows rows")
+    p.add_argument("--repeats-large", type=int, default=1, help="repeats above --small-rows rows")
+    p.add_argument("--target-repeats", type=int, default=3, help="repeats of the 1M target comparison")
+    p.add_argument("--small-rows", type=int, default=200_000)
+    p.add_argument(
+        "--all-orders-max-rows",
+        type=int,
+        default=4_000_000,
+        help="above this many rows only sparsify-first is run (time budget)",
+    )
+    p.add_argument("--ref-max-rows", type=int, default=2_000_000, help="largest table run with the reference")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
+    p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for the .md/.json section")
+    p.add_argument("--plots", type=Path, help="folder for the PNG (default: --out)")
+    p.add_argument("--md-root", type=Path, help="folder the markdown will live in (links; default --out)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rows is None:
+        args.rows = [5_000, 20_000] if args.quick else [100_000, 1_000_000, 4_000_000]
+    if args.quick:
+        args.repeats = min(args.repeats, 1)
+        args.target_repeats = 1
+    args.plots = args.plots or args.out
+    args.md_root = args.md_root or args.out
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.child:
+        common.child_report(child(json.loads(args.child)))
+        return 0
+    cmd = common.command_line(SCRIPT, argv)
+    t0 = time.perf_counter()
+    load = common.OtherLoad()
+    results = measure(args)
+    plot = plot_results(results, args.plots / f"{NAME}.png", args.dim)
+    md = render(results, args, cmd, plot)
+    md += f"\n_Section run time: {time.perf_counter() - t0:.0f} s._ " + load.note()
+    common.write_section(args.out, NAME, md, {"command": cmd, "results": results})
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,337 @@
+"""Lookup throughput: bags of ids summed from a float32 table, the reference, FBGEMM and embpress.
+
+One step = ``bags`` bags of ``pooling`` ids each (sum mode, ``offsets`` given) on a
+``rows x dim`` table, ids drawn Zipf-like (exponent 1.05, hot rows scattered by a fixed
+permutation) or uniformly. Every contender runs the same steps under
+``torch.inference_mode()``; time = median of timed steps after warm-up, for one thread
+(``torch.set_num_threads(1)``) and for torch's default thread count. Ratios are to
+float32 ``nn.EmbeddingBag`` and to the reference measured in the same run, same threads,
+same ids.
+
+Contenders:
+- float32: ``nn.EmbeddingBag(mode="sum")``;
+- reference: ``torch.ao.nn.quantized.EmbeddingBag`` (8-bit), made by torch.ao's
+  prepare/convert, the quantization step of the reference ``post_training_sparse_quantize``
+  (it stores a dense table whatever the sparsity, so its lookups do not depend on it);
+- FBGEMM 8/4-bit: ``torch.ops.quantized.embedding_bag_{byte,4bit}_rowwise_offsets`` on
+  ``embedding_bag_{byte,4bit}_prepack`` tables;
+- embpress ``QuantizedEmbeddingBag`` in each layout: dense (nothing pruned) 8/4-bit,
+  block-sparse at 0.8 with (1,4) blocks 8/4-bit, pruned rows at 0.8 with whole-row blocks
+  8/4-bit; built with ``QuantizedEmbeddingBag.from_float`` and the DataNormSparsifier mask
+  (the encode path of ``post_training_sparse_quantize``), range search off (values only).
+
+Usage (from the repository root)::
+
+    python bench/lookup.py                 # 1M x 128, 4096 bags x 40 (about 1 minute)
+    python bench/lookup.py --quick --out out/bench-quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+NAME = "lookup"
+SCRIPT = "bench/lookup.py"
+TARGETS = (
+    "embpress dense 8-bit",
+    "embpress dense 4-bit",
+    "embpress block-sparse 8-bit",
+    "embpress block-sparse 4-bit",
+)
+
+
+def build(args: argparse.Namespace) -> tuple[dict[str, Callable[[Any, Any], Any]], dict[str, dict[str, Any]]]:
+    """Every contender as ``fn(indices, offsets) -> [bags, dim]``, and facts about each."""
+    import torch
+    from torch import nn
+
+    import embpress
+
+    common.quiet_torch_warnings()
+    rows, dim = args.rows, args.dim
+    weight = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
+    emb = nn.EmbeddingBag.from_pretrained(weight, mode="sum")
+    fns: dict[str, Callable[[Any, Any], Any]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    fns["float32"] = emb
+    info["float32"] = {"bytes": rows * dim * 4, "layout": "float32"}
+
+    holder = nn.Module()
+    holder.emb = nn.EmbeddingBag.from_pretrained(weight, mode="sum")
+    holder.emb.qconfig = torch.ao.quantization.float_qparams_weight_only_qconfig
+    torch.ao.quantization.prepare(holder, inplace=True)
+    torch.ao.quantization.convert(holder, inplace=True)
+    ref = holder.emb
+    fns["reference 8-bit"] = ref
+    info["reference 8-bit"] = {
+        "bytes": common.reference_table_bytes(ref)["memory"],
+        "layout": type(ref).__module__ + "." + type(ref).__name__,
+    }
+
+    ops = torch.ops.quantized
+    w8 = ops.embedding_bag_byte_prepack(weight)
+    w4 = ops.embedding_bag_4bit_prepack(weight)
+
+    def fb8(idx: Any, off: Any) -> Any:
+        return ops.embedding_bag_byte_rowwise_offsets(w8, idx, off, False, 0, False, None, None, False)
+
+    def fb4(idx: Any, off: Any) -> Any:
+        return ops.embedding_bag_4bit_rowwise_offsets(w4, idx, off, False, 0, False, None, None, False)
+
+    fns["FBGEMM 8-bit"] = fb8
+    info["FBGEMM 8-bit"] = {"bytes": int(w8.numel()), "layout": "fused rows"}
+    fns["FBGEMM 4-bit"] = fb4
+    info["FBGEMM 4-bit"] = {"bytes": int(w4.numel()), "layout": "fused rows"}
+
+    def mask_of(sparsity: float, width: int) -> Any:
+        sp = embpress.DataNormSparsifier(sparsity_level=sparsity, sparse_block_shape=(1, width))
+        sp.add_data("t", weight)
+        sp.step()
+        return sp.get_mask("t")
+
+    masks = {4: mask_of(args.sparsity, 4), dim: mask_of(args.sparsity, dim)}
+    plan = [
+        ("dense", None, "dense", 0.0),
+        ("block-sparse", 4, "block_sparse", args.sparsity),
+        ("pruned-rows", dim, "pruned_rows", args.sparsity),
+    ]
+    for label, width, layout, sparsity in plan:
+        for bits in (8, 4):
+            config = embpress.QuantConfig(bits=bits, range_search=False, layout=layout)
+            module = embpress.QuantizedEmbeddingBag.from_float(
+                emb, config, mask=None if width is None else masks[width], block_width=width or 1
+            )
+            name = f"embpress {label} 8-bit" if bits == 8 else f"embpress {label} 4-bit"
+            fns[name] = module
+            info[name] = {"bytes": int(module.nbytes), "layout": module.layout, "sparsity": sparsity}
+    return fns, info
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    fns, info = build(args)
+    all_threads = torch.get_num_threads()
+    count = args.bags * args.pooling
+    offsets = torch.arange(0, count, args.pooling, dtype=torch.int64)
+    dists = {
+        "zipf": torch.from_numpy(common.zipf_indices(args.rows, count, seed=1)),
+        "uniform": torch.from_numpy(common.uniform_indices(args.rows, count, seed=1)),
+    }
+    hot = {k: common.hot_fraction(v.numpy(), args.rows) for k, v in dists.items()}
+    threads = sorted({1, all_threads})
+    results = []
+    with torch.inference_mode():
+        # sanity: every contender returns [bags, dim] close to the float32 bags where nothing is pruned
+        ids = dists["uniform"]
+        expect = fns["float32"](ids, offsets)
+        for name, fn in fns.items():
+            out = fn(ids, offsets)
+            if tuple(out.shape) != (args.bags, args.dim):
+                raise RuntimeError(f"{name}: output shape {tuple(out.shape)}")
+            rel = float((out - expect).norm() / expect.norm())
+            info[name]["rel_error"] = rel
+        for t in threads:
+            torch.set_num_threads(t)
+            for dist, ids in dists.items():
+                for name, fn in fns.items():
+                    timing = common.timeit(
+                        lambda fn=fn, ids=ids: fn(ids, offsets),
+                        warmup=args.warmup,
+                        repeats=args.repeats,
+                        min_time=args.min_time,
+                    )
+                    results.append(
+                        {
+                            "name": name,
+                            "threads": t,
+                            "dist": dist,
+                            "seconds": timing.median,
+                            "n": len(timing.seconds),
+                            "spread": timing.spread,
+                            "lookups_per_s": count / timing.median,
+                        }
+                    )
+                    print(
+                        f"threads={t} {dist:7s} {name:28s} {count / timing.median / 1e6:8.2f} M lookups/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        torch.set_num_threads(all_threads)
+    return {
+        "rows": args.rows,
+        "dim": args.dim,
+        "bags": args.bags,
+        "pooling": args.pooling,
+        "all_threads": all_threads,
+        "hot_top1pct": hot,
+        "info": info,
+        "results": results,
+        "numpy": np.__version__,
+    }
+
+
+def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path | None) -> str:
+    info = data["info"]
+    res = {(r["name"], r["threads"], r["dist"]): r for r in data["results"]}
+    names = list(info)
+    threads = sorted({r["threads"] for r in data["results"]})
+    dists = ["zipf", "uniform"]
+    lines = [
+        "## Lookup throughput",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        f"A random normal {data['rows']:,} x {data['dim']} table; one step = {data['bags']:,} bags × "
+        f"{data['pooling']} ids ({data['bags'] * data['pooling']:,} lookups), sum mode. Ids: *zipf* "
+        f"(exponent 1.05; the 1% hottest rows get {data['hot_top1pct']['zipf'] * 100:.0f}% of lookups) or "
+        f"*uniform* ({data['hot_top1pct']['uniform'] * 100:.0f}%). Median step time over at least "
+        f"{args.repeats} timed steps{f' and {args.min_time:g} s' if args.min_time > 0 else ''} after "
+        f"{args.warmup} warm-up steps; "
+        f"M lookups/s = ids summed per second / 10^6; *×float32* and *×ref* are ratios of throughput "
+        f"against `nn.EmbeddingBag` float32 and the reference's quantized EmbeddingBag in the same run "
+        f"(same thread count, same ids). *all* = torch's default of {data['all_threads']} threads.",
+        "",
+        "Contenders (bytes of the table; relative error of the bag sums against float32 on the uniform "
+        "ids, which includes what pruning removed):",
+        "",
+        common.md_table(
+            ["contender", "layout", "table bytes", "rel. error vs float32"],
+            [
+                [n, info[n]["layout"], common.fmt_bytes(info[n]["bytes"]), f"{info[n]['rel_error']:.4f}"]
+                for n in names
+            ],
+            "llrr",
+        ),
+        "",
+    ]
+    for t in threads:
+        tlabel = "1 thread" if t == 1 else f"all threads ({t})"
+        rows_out = []
+        for n in names:
+            cells: list[Any] = [n]
+            for d in dists:
+                r = res[(n, t, d)]
+                f32 = res[("float32", t, d)]
+                ref = res[("reference 8-bit", t, d)]
+                cells += [
+                    common.fmt_rate(r["lookups_per_s"]),
+                    f"{r['lookups_per_s'] / f32['lookups_per_s']:.2f}",
+                    f"{r['lookups_per_s'] / ref['lookups_per_s']:.2f}",
+                ]
+            rows_out.append(cells)
+        lines += [
+            f"### {tlabel}",
+            "",
+            common.md_table(
+                [
+                    "contender",
+                    "zipf M lookups/s",
+                    "×float32",
+                    "×ref",
+                    "uniform M lookups/s",
+                    "×float32",
+                    "×ref",
+                ],
+                rows_out,
+                "lrrrrrr",
+            ),
+            "",
+        ]
+    if plot is not None:
+        lines += [f"![lookup throughput]({common.relpath(plot, args.md_root)})", ""]
+    lines += [
+        "**Targets** (dense 8/4-bit and block-sparse at 0.8 at least as fast as float32, every thread "
+        "count and id distribution):",
+        "",
+    ]
+    for name in TARGETS:
+        for t in threads:
+            for d in dists:
+                r, f32 = res[(name, t, d)], res[("float32", t, d)]
+                ratio = r["lookups_per_s"] / f32["lookups_per_s"]
+                lines.append(
+                    f"- {name}, {'1 thread' if t == 1 else f'{t} threads'}, {d}: {ratio:.2f}x float32: "
+                    f"**{common.pass_fail(ratio >= 1.0)}**"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def plot_lookups(data: dict[str, Any], path: Path) -> Path:
+    plt = common.setup_matplotlib()
+    names = list(data["info"])
+    threads = sorted({r["threads"] for r in data["results"]})
+    res = {(r["name"], r["threads"], r["dist"]): r for r in data["results"]}
+    combos = [(t, d) for t in threads for d in ("zipf", "uniform")]
+    fig, ax = plt.subplots(figsize=(8.0, 4.2), dpi=90)
+    width = 0.8 / len(combos)
+    for k, (t, d) in enumerate(combos):
+        ys = [res[(n, t, d)]["lookups_per_s"] / 1e6 for n in names]
+        xs = [i + (k - (len(combos) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, ys, width=width, label=f"{t} thread{'s' if t > 1 else ''}, {d}")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n.replace("embpress ", "ep ") for n in names], rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("M lookups/s")
+    ax.set_title(f"{data['bags']} bags x {data['pooling']} ids, {data['rows']:,} x {data['dim']} table")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a 20k-row table, 512 bags, few repeats")
+    p.add_argument("--rows", type=int, help="rows (default 1,000,000; quick 20,000)")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--bags", type=int, help="bags per step (default 4096; quick 512)")
+    p.add_argument("--pooling", type=int, default=40, help="ids per bag")
+    p.add_argument("--sparsity", type=float, default=0.8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, help="timed steps at least (default 15; quick 5)")
+    p.add_argument("--min-time", type=float, help="timed seconds at least per contender (default 0.5)")
+    p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for the .md/.json section")
+    p.add_argument("--plots", type=Path, help="folder for the PNG (default: --out)")
+    p.add_argument("--md-root", type=Path, help="folder the markdown will live in (links; default --out)")
+    args = p.parse_args(argv)
+    args.rows = args.rows or (20_000 if args.quick else 1_000_000)
+    args.bags = args.bags or (512 if args.quick else 4096)
+    args.repeats = args.repeats or (5 if args.quick else 15)
+    args.min_time = args.min_time if args.min_time is not None else (0.0 if args.quick else 0.5)
+    if args.quick:
+        args.warmup = min(args.warmup, 2)
+    args.plots = args.plots or args.out
+    args.md_root = args.md_root or args.out
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    cmd = common.command_line(SCRIPT, argv)
+    t0 = time.perf_counter()
+    load = common.OtherLoad()
+    data = measure(args)
+    plot = plot_lookups(data, args.plots / f"{NAME}.png")
+    md = render(data, args, cmd, plot)
+    md += f"\n_Section run time: {time.perf_counter() - t0:.0f} s._ " + load.note()
+    common.write_section(args.out, NAME, md, {"command": cmd, **data})
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
