@@ -3,7 +3,7 @@
 from .base import FormatError, QuantizedTable
 from .block_sparse import BlockSparseTable
 from .dense import DenseTable
-from .encode import encode_table, layout_sizes, mask_stats
+from .encode import encode_table, layout_sizes
 from .pruned_rows import PrunedRowsTable
 
 TABLE_CLASSES: dict[str, type[QuantizedTable]] = {
@@ -19,5 +19,4 @@ __all__ = [
     "QuantizedTable",
     "encode_table",
     "layout_sizes",
-    "mask_stats",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["count_nonfinite", "encode_rows", "fake_quantize", "kept_minmax", "mask_row_stats"]
+__all__ = ["count_nonfinite", "encode_rows", "fake_quantize", "scan_rows"]
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -26,57 +26,49 @@ def count_nonfinite(w: np.ndarray) -> int:
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def mask_row_stats(mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: kept entries, (1 x width) blocks with a kept entry, and mixed blocks."""
-    rows, cols = mask.shape
+def scan_rows(
+    w: np.ndarray, mask: np.ndarray, use_mask: bool, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over table and mask. Per row: kept entries, (1 x width) blocks with a kept
+    entry, blocks with kept and pruned entries mixed, the kept-block bitmap (bit k % 8 of
+    byte k // 8), and min / max over kept entries (0, 0 where none is kept)."""
+    rows, cols = w.shape
+    nb = (cols + width - 1) // width
     kept = np.zeros(rows, dtype=np.int64)
     blocks = np.zeros(rows, dtype=np.int64)
     mixed = np.zeros(rows, dtype=np.int64)
+    bitmap = np.zeros((rows, (nb + 7) // 8), dtype=np.uint8)
+    lo = np.zeros(rows, dtype=np.float32)
+    hi = np.zeros(rows, dtype=np.float32)
     for r in numba.prange(rows):
         k = 0
         b = 0
         m = 0
-        for c0 in range(0, cols, width):
-            n = 0
+        a = np.float32(np.inf)
+        z = np.float32(-np.inf)
+        for blk in range(nb):
+            c0 = blk * width
             c1 = min(c0 + width, cols)
+            n = 0
             for c in range(c0, c1):
-                if mask[r, c]:
+                if (not use_mask) or mask[r, c]:
                     n += 1
+                    v = w[r, c]
+                    a = min(a, v)
+                    z = max(z, v)
             k += n
             if n > 0:
                 b += 1
+                bitmap[r, blk >> 3] |= np.uint8(1 << (blk & 7))
                 if n < c1 - c0:
                     m += 1
         kept[r] = k
         blocks[r] = b
         mixed[r] = m
-    return kept, blocks, mixed
-
-
-@numba.njit(cache=True, parallel=True, nogil=True)
-def kept_minmax(w: np.ndarray, mask: np.ndarray, use_mask: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Min and max of each row over kept entries (0, 0 where none is kept)."""
-    rows, cols = w.shape
-    lo = np.zeros(rows, dtype=np.float32)
-    hi = np.zeros(rows, dtype=np.float32)
-    for r in numba.prange(rows):
-        found = False
-        a = np.float32(0.0)
-        b = np.float32(0.0)
-        for c in range(cols):
-            if use_mask and not mask[r, c]:
-                continue
-            v = w[r, c]
-            if not found:
-                a = v
-                b = v
-                found = True
-            else:
-                a = min(a, v)
-                b = max(b, v)
-        lo[r] = a
-        hi[r] = b
-    return lo, hi
+        if k > 0:
+            lo[r] = a
+            hi[r] = z
+    return kept, blocks, mixed, bitmap, lo, hi
 
 
 @numba.njit(cache=True, inline="always")
@@ -112,47 +104,42 @@ def encode_rows(
     """Quantize each row of ``w`` into ``out`` and measure the error against ``ref``.
 
     ``block_stream``: ``out`` is the code stream of kept (1 x width) blocks, row ``r``
-    starting at ``row_start[r]`` (edge blocks padded with code 0); else ``out`` is
-    ``rows * cols`` codes, row-major, and pruned entries get the row's ``zero_code``.
+    starting at ``row_start[r]`` (edge blocks padded with code 0; blocks are wholly kept
+    or wholly pruned); else ``out`` is ``rows * cols`` codes, row-major, and pruned
+    entries get the row's ``zero_code``.
     """
     rows, cols = w.shape
     levels = (1 << bits) - 1
     for r in numba.prange(rows):
         s = scale[r]
         o = offset[r]
+        inv_ok = s != 0
         e2 = 0.0
         r2 = 0.0
         mx = np.float32(0.0)
-        pos = row_start[r]
+        pos = row_start[r] if block_stream else r * cols
         for c0 in range(0, cols, width):
             c1 = min(c0 + width, cols)
-            block_kept = True
-            if use_mask:
-                block_kept = False
-                for c in range(c0, c1):
-                    if mask[r, c]:
-                        block_kept = True
-                        break
             for c in range(c0, c1):
-                kept = (not use_mask) or mask[r, c]
-                if kept:
-                    q = _code(w[r, c], s, o, levels)
-                    value = np.float32(q) * s + o
-                else:
-                    q = zero_code[r]
-                    value = np.float32(0.0)
-                if block_stream:
-                    if block_kept:
-                        out[pos + c - c0] = q
-                else:
-                    out[r * cols + c] = q
                 x = ref[r, c]
-                d = value - x
-                e2 += float(d) * float(d)
                 r2 += float(x) * float(x)
-                if abs(d) > mx:
-                    mx = abs(d)
-            if block_stream and block_kept:
+                if (not use_mask) or mask[r, c]:
+                    q = 0
+                    if inv_ok:
+                        t = np.rint((w[r, c] - o) / s)
+                        q = 0 if t < 0 else (levels if t > levels else int(t))
+                    d = (np.float32(q) * s + o) - x
+                    if block_stream:
+                        out[pos + c - c0] = q
+                    else:
+                        out[pos + c] = q
+                else:
+                    d = -x
+                    if not block_stream:
+                        out[pos + c] = zero_code[r]
+                e2 += float(d) * float(d)
+                mx = max(mx, abs(d))
+            if block_stream and ((not use_mask) or mask[r, c0]):
                 for j in range(c1 - c0, width):
                     out[pos + j] = 0
                 pos += width
@@ -172,19 +159,4 @@ def fake_quantize(w: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: in
         o = offset[r]
         for c in range(cols):
             out[r, c] = np.float32(_code(w[r, c], s, o, levels)) * s + o
-    return out
-
-
-@numba.njit(cache=True, parallel=True, nogil=True)
-def block_bitmap(mask: np.ndarray, width: int) -> np.ndarray:
-    """uint8 [rows, ceil(nb / 8)]: bit k % 8 of byte k // 8 set iff block k has a kept entry."""
-    rows, cols = mask.shape
-    nb = (cols + width - 1) // width
-    out = np.zeros((rows, (nb + 7) // 8), dtype=np.uint8)
-    for r in numba.prange(rows):
-        for k in range(nb):
-            for c in range(k * width, min((k + 1) * width, cols)):
-                if mask[r, c]:
-                    out[r, k >> 3] |= np.uint8(1 << (k & 7))
-                    break
     return out

@@ -16,14 +16,7 @@ import torch
 from ..quant.config import QuantConfig
 from ..quant.packing import pack_codes, packed_length
 from ..quant.rowwise import RowQParams, choose_qparams, search_ranges
-from ._encode_kernels import (
-    block_bitmap,
-    count_nonfinite,
-    encode_rows,
-    fake_quantize,
-    kept_minmax,
-    mask_row_stats,
-)
+from ._encode_kernels import count_nonfinite, encode_rows, fake_quantize, scan_rows
 from .base import QuantizedTable, fused_row_bytes, make_fused
 from .block_sparse import GROUP_ROWS, BlockSparseTable
 from .dense import DenseTable
@@ -35,7 +28,6 @@ __all__ = [
     "fake_quantize_table",
     "finite_table",
     "layout_sizes",
-    "mask_stats",
     "plain_qparams",
 ]
 
@@ -57,18 +49,20 @@ class MaskStats:
 class _RowStats:
     kept: np.ndarray  # kept entries per row
     blocks: np.ndarray  # kept (1 x width) blocks per row
+    bitmap: np.ndarray  # kept-block bits per row
+    lo: np.ndarray  # min over kept entries
+    hi: np.ndarray  # max over kept entries
     width: int
 
 
-def _row_stats(mask: np.ndarray | None, rows: int, dim: int, width: int) -> _RowStats:
-    """Per-row counts; ``width`` falls back to 1 where pruned entries do not fill blocks."""
-    nb = -(-dim // width)
-    if mask is None:
-        return _RowStats(np.full(rows, dim, dtype=np.int64), np.full(rows, nb, dtype=np.int64), width)
-    kept, blocks, mixed = mask_row_stats(mask, width)
+def _row_stats(w: np.ndarray, mask: np.ndarray | None, width: int) -> _RowStats:
+    """One pass over table and mask; ``width`` falls back to 1 where blocks are mixed."""
+    kept, blocks, mixed, bitmap, lo, hi = scan_rows(
+        w, _NO_MASK if mask is None else mask, mask is not None, width
+    )
     if width > 1 and int(mixed.sum()) > 0:
-        return _row_stats(mask, rows, dim, 1)
-    return _RowStats(kept, blocks, width)
+        return _row_stats(w, mask, 1)
+    return _RowStats(kept, blocks, bitmap, lo, hi, width)
 
 
 def _stats(rs: _RowStats, rows: int, dim: int) -> MaskStats:
@@ -81,12 +75,6 @@ def _stats(rs: _RowStats, rows: int, dim: int) -> MaskStats:
         kept_blocks=int(rs.blocks.sum()),
         rows_with_pruned=int((rs.kept < dim).sum()),
     )
-
-
-def mask_stats(mask: torch.Tensor | None, rows: int, dim: int, block_width: int) -> MaskStats:
-    """Counts for layout sizing; ``block_width`` falls back to 1 where blocks are mixed."""
-    m = None if mask is None else mask.to("cpu", torch.bool).contiguous().numpy()
-    return _stats(_row_stats(m, rows, dim, max(1, min(block_width, dim))), rows, dim)
 
 
 def layout_sizes(stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> dict[str, int]:
@@ -125,13 +113,13 @@ def _zero_rows(layout: str, rs: _RowStats, dim: int) -> torch.Tensor | None:
 def _qparams(
     w: np.ndarray,
     mask: np.ndarray | None,
+    rs: _RowStats,
     config: QuantConfig,
     zero_rows: torch.Tensor | None,
     saved: RowQParams | None,
 ) -> RowQParams:
     dtype = config.resolved_scale_dtype
-    lo_np, hi_np = kept_minmax(w, _NO_MASK if mask is None else mask, mask is not None)
-    lo, hi = torch.from_numpy(lo_np), torch.from_numpy(hi_np)
+    lo, hi = torch.from_numpy(rs.lo), torch.from_numpy(rs.hi)
     if config.resolved_range_search and saved is None:
         lo, hi = search_ranges(
             torch.from_numpy(w), None if mask is None else torch.from_numpy(mask), lo, hi, config.bits
@@ -152,7 +140,8 @@ _NO_MASK = np.ones((1, 1), dtype=np.bool_)
 
 def plain_qparams(w: torch.Tensor, config: QuantConfig) -> RowQParams:
     """Row parameters of the whole rows (no mask): what quantize-first saves."""
-    return _qparams(_as_numpy(w), None, config, None, None)
+    x = _as_numpy(w)
+    return _qparams(x, None, _row_stats(x, None, x.shape[1]), config, None, None)
 
 
 def fake_quantize_table(w: torch.Tensor, qp: RowQParams, bits: int) -> torch.Tensor:
@@ -205,11 +194,11 @@ def encode_table(
     ref = x if reference is None else _as_numpy(reference)
     rows, dim = x.shape
     m = None if mask is None else mask.to("cpu", torch.bool).contiguous().numpy()
-    rs = _row_stats(m, rows, dim, max(1, min(block_width, dim)))
+    rs = _row_stats(x, m, max(1, min(block_width, dim)))
     stats = _stats(rs, rows, dim)
     layout = _choose_layout(stats, config)
     zero_rows = _zero_rows(layout, rs, dim)
-    qp = _qparams(x, m, config, zero_rows, saved_qparams)
+    qp = _qparams(x, m, rs, config, zero_rows, saved_qparams)
     bits, dtype = config.bits, config.resolved_scale_dtype
     width = rs.width if layout == "block_sparse" else dim
     row_start = np.zeros(rows, dtype=np.int64)
@@ -264,24 +253,14 @@ def encode_table(
             fused, row_bits, rank_directory(row_bits), rows, dim, bits, dtype, stats.pruned
         )
         return table, error
-    return _block_sparse(codes, m, rs, qp, stats, bits, dtype), error
+    return _block_sparse(codes, rs, qp, stats, bits, dtype), error
 
 
 def _block_sparse(
-    codes: torch.Tensor,
-    mask: np.ndarray | None,
-    rs: _RowStats,
-    qp: RowQParams,
-    stats: MaskStats,
-    bits: int,
-    dtype: torch.dtype,
+    codes: torch.Tensor, rs: _RowStats, qp: RowQParams, stats: MaskStats, bits: int, dtype: torch.dtype
 ) -> BlockSparseTable:
     rows, dim, width = stats.rows, stats.dim, rs.width
-    nb = -(-dim // width)
-    if mask is None:
-        bitmap = pack_codes(torch.ones(rows, nb, dtype=torch.uint8), 1)
-    else:
-        bitmap = torch.from_numpy(block_bitmap(mask, width))
+    bitmap = torch.from_numpy(rs.bitmap)
     groups = -(-rows // GROUP_ROWS)
     padded = torch.zeros(groups * GROUP_ROWS, dtype=torch.int64)
     padded[:rows] = torch.from_numpy(rs.blocks) * width

@@ -68,21 +68,20 @@ def kth_smallest_nonnegative(values: np.ndarray, k: int) -> tuple[float, int]:
     return float(value), below
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def mark_pruned(norms: np.ndarray, threshold: float, ties: int) -> np.ndarray:
     """Blocks with norm < threshold, plus the first ``ties`` equal to it (row-major)."""
     flat = norms.ravel()
     out = np.empty(flat.shape[0], dtype=np.bool_)
     t = np.float32(threshold)
-    for i in range(flat.shape[0]):
-        v = flat[i]
-        if v < t:
-            out[i] = True
-        elif v == t and ties > 0:
+    for i in numba.prange(flat.shape[0]):
+        out[i] = flat[i] < t
+    for i in range(flat.shape[0]):  # ties are few; stop at the last one needed
+        if ties == 0:
+            break
+        if flat[i] == t:
             out[i] = True
             ties -= 1
-        else:
-            out[i] = False
     return out.reshape(norms.shape)
 
 

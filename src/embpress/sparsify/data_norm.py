@@ -116,12 +116,13 @@ def block_norm_mask(
         raise ValueError(f"only 2-D data is supported, got shape {tuple(data.shape)}")
     if squeezed.dim() < 2:
         squeezed = squeezed.reshape(1, -1)
-    if squeezed.is_floating_point() and bool(torch.isnan(squeezed).any()):
-        raise ValueError("data contains NaN: block norms are undefined")
     height, width = squeezed.shape
     if sparsity_level <= 0 or zeros == 0 or squeezed.numel() == 0:
         return torch.ones(data.shape, dtype=torch.bool, device=data.device)
-    pruned = _pruned_blocks(_block_norms(squeezed, shape, norm), float(sparsity_level))
+    norms = _block_norms(squeezed, shape, norm)
+    if bool(torch.isnan(norms).any()):  # a NaN entry makes its block's norm NaN
+        raise ValueError("data contains NaN: block norms are undefined")
+    pruned = _pruned_blocks(norms, float(sparsity_level))
     bh, bw = shape
     mask = torch.from_numpy(expand_block_mask(pruned.numpy(), height, width, bh, bw))
     if zeros < bh * bw:  # inside a pruned block only its smallest entries go
