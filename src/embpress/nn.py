@@ -22,11 +22,15 @@ __all__ = ["QuantizedEmbedding", "QuantizedEmbeddingBag"]
 _MODES = {"sum": 0, "mean": 1, "max": 2}
 
 
-def _check_indices(indices: torch.Tensor, num_embeddings: int) -> None:
+def _check_dtype(indices: torch.Tensor) -> None:
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices must be a Tensor, got {type(indices).__name__}")
     if indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+
+
+def _check_range(indices: torch.Tensor, num_embeddings: int) -> None:
+    """IndexError as nn.Embedding raises it (the fused kernels check inside)."""
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_embeddings):
         raise IndexError(f"index out of range in self (num_embeddings={num_embeddings})")
 
@@ -150,13 +154,14 @@ class QuantizedEmbedding(_QuantizedModule):
         return out
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        _check_indices(input, self.num_embeddings)
+        _check_dtype(input)
         flat = input.reshape(-1).long()
         out = None
         if self.max_norm is None:
             bounds = torch.arange(flat.numel() + 1, device=flat.device)
             out = self.table.fast_bag(flat, bounds, 0, None)
         if out is None:
+            _check_range(flat, self.num_embeddings)
             out = _renorm(self._lookup(flat), self.max_norm, self.norm_type)
         return out.reshape(*input.shape, self.embedding_dim)
 
@@ -211,7 +216,7 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         self, input: torch.Tensor, offsets: torch.Tensor | None, per_sample_weights: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Flat int64 indices, bag bounds with a final total, flat weights (nn's checks)."""
-        _check_indices(input, self.num_embeddings)
+        _check_dtype(input)
         if per_sample_weights is not None:
             if self.mode != "sum":
                 raise NotImplementedError(
@@ -275,6 +280,7 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         self, flat: torch.Tensor, bounds: torch.Tensor, weights: torch.Tensor | None
     ) -> torch.Tensor:
         """Decode the distinct rows once, then let torch.nn.functional do the bag."""
+        _check_range(flat, self.num_embeddings)
         if flat.numel() == 0:
             return torch.zeros(bounds.numel() - 1, self.embedding_dim, device=flat.device)
         unique, inverse = torch.unique(flat, return_inverse=True)

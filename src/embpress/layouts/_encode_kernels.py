@@ -27,17 +27,17 @@ def count_nonfinite(w: np.ndarray) -> int:
 
 @numba.njit(cache=True, parallel=True, nogil=True)
 def scan_rows(
-    w: np.ndarray, mask: np.ndarray, use_mask: bool, width: int
+    w: np.ndarray, mask: np.ndarray, use_mask: bool, width: int, word_bits: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One pass over table and mask. Per row: kept entries, (1 x width) blocks with a kept
-    entry, blocks with kept and pruned entries mixed, the kept-block bitmap (bit k % 8 of
-    byte k // 8), and min / max over kept entries (0, 0 where none is kept)."""
+    entry, blocks with kept and pruned entries mixed, the kept-block bitmap (bit k % W of
+    word k // W, W = ``word_bits``), and min / max over kept entries (0, 0 where none is kept)."""
     rows, cols = w.shape
     nb = (cols + width - 1) // width
     kept = np.zeros(rows, dtype=np.int64)
     blocks = np.zeros(rows, dtype=np.int64)
     mixed = np.zeros(rows, dtype=np.int64)
-    bitmap = np.zeros((rows, (nb + 7) // 8), dtype=np.uint8)
+    bitmap = np.zeros((rows, (nb + word_bits - 1) // word_bits), dtype=np.uint32)
     lo = np.zeros(rows, dtype=np.float32)
     hi = np.zeros(rows, dtype=np.float32)
     for r in numba.prange(rows):
@@ -59,7 +59,7 @@ def scan_rows(
             k += n
             if n > 0:
                 b += 1
-                bitmap[r, blk >> 3] |= np.uint8(1 << (blk & 7))
+                bitmap[r, blk // word_bits] |= np.uint32(1 << (blk % word_bits))
                 if n < c1 - c0:
                     m += 1
         kept[r] = k

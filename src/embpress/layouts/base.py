@@ -89,7 +89,12 @@ def fbgemm_bag(
         return None
     op = getattr(torch.ops.quantized, _FBGEMM_OPS[bits])
     # The op sums whatever ``mode`` says (seen with torch 2.13), so mean is divided here.
-    out: torch.Tensor = op(fused, indices, offsets, False, 0, False, per_sample_weights, None, True)
+    try:
+        out: torch.Tensor = op(fused, indices, offsets, False, 0, False, per_sample_weights, None, True)
+    except RuntimeError as err:  # the kernel checks every index; say it as nn.Embedding does
+        if "out of bounds" in str(err):
+            raise IndexError(f"index out of range in self ({err})") from None
+        raise
     if out.shape[1] != dim:
         out = out[:, :dim]
     if mode == 1:

@@ -18,7 +18,7 @@ from ..quant.packing import pack_codes, packed_length
 from ..quant.rowwise import RowQParams, choose_qparams, search_ranges
 from ._encode_kernels import count_nonfinite, encode_rows, fake_quantize, scan_rows
 from .base import QuantizedTable, fused_row_bytes, make_fused
-from .block_sparse import GROUP_ROWS, BlockSparseTable
+from .block_sparse import GROUP_ROWS, BlockSparseTable, group_pointers, word_type
 from .dense import DenseTable
 from .pruned_rows import PrunedRowsTable, rank_directory
 
@@ -57,8 +57,9 @@ class _RowStats:
 
 def _row_stats(w: np.ndarray, mask: np.ndarray | None, width: int) -> _RowStats:
     """One pass over table and mask; ``width`` falls back to 1 where blocks are mixed."""
+    _, word_bits = word_type(-(-w.shape[1] // width))
     kept, blocks, mixed, bitmap, lo, hi = scan_rows(
-        w, _NO_MASK if mask is None else mask, mask is not None, width
+        w, _NO_MASK if mask is None else mask, mask is not None, width, word_bits
     )
     if width > 1 and int(mixed.sum()) > 0:
         return _row_stats(w, mask, 1)
@@ -88,7 +89,7 @@ def layout_sizes(stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> dict[
         "pruned_rows": (stats.kept_rows + 1) * row_bytes + 5 * ((stats.rows + 7) // 8),
         "block_sparse": packed_length(stats.kept_blocks * stats.block_width, bits)
         + 2 * size * stats.rows
-        + stats.rows * ((nb + 7) // 8)
+        + stats.rows * (word_type(nb)[1] // 8) * -(-nb // word_type(nb)[1])
         + 8 * (groups + 1),
     }
 
@@ -259,22 +260,14 @@ def encode_table(
 def _block_sparse(
     codes: torch.Tensor, rs: _RowStats, qp: RowQParams, stats: MaskStats, bits: int, dtype: torch.dtype
 ) -> BlockSparseTable:
-    rows, dim, width = stats.rows, stats.dim, rs.width
-    bitmap = torch.from_numpy(rs.bitmap)
-    groups = -(-rows // GROUP_ROWS)
-    padded = torch.zeros(groups * GROUP_ROWS, dtype=torch.int64)
-    padded[:rows] = torch.from_numpy(rs.blocks) * width
-    group_ptr = torch.zeros(groups + 1, dtype=torch.int64)
-    group_ptr[1:] = torch.cumsum(padded.view(groups, GROUP_ROWS).sum(1), 0)
     return BlockSparseTable(
         pack_codes(codes.unsqueeze(0), bits).reshape(-1),
-        qp.scale.to(dtype),
-        qp.offset.to(dtype),
-        bitmap,
-        group_ptr,
+        torch.stack([qp.scale, qp.offset], dim=1).to(dtype),
+        torch.from_numpy(rs.bitmap).to(word_type(-(-stats.dim // rs.width))[0]),
+        group_pointers(torch.from_numpy(rs.blocks) * rs.width),
         int(codes.numel()),
-        dim,
-        width,
+        stats.dim,
+        rs.width,
         bits,
         stats.pruned,
     )

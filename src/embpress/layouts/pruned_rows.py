@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ._kernels import remap_rows
 from .base import (
     FormatError,
     QuantizedTable,
@@ -84,6 +85,21 @@ class PrunedRowsTable(QuantizedTable):
         rows = self.fused[self.remap(indices)]
         return decode_fused(rows, self.embedding_dim, self.bits, self.scale_dtype)
 
+    def _remap_checked(self, indices: torch.Tensor) -> torch.Tensor:
+        """:meth:`remap` in one numba pass, raising IndexError for out-of-range indices."""
+        out = torch.empty(indices.shape[0], dtype=torch.int64)
+        bad = remap_rows(
+            indices.long().contiguous().numpy(),
+            self.row_bits.numpy(),
+            self.row_rank.numpy(),
+            self.num_embeddings,
+            self.kept_rows,
+            out.numpy(),
+        )
+        if bad:
+            raise IndexError(f"index out of range in self (num_embeddings={self.num_embeddings})")
+        return out
+
     def fast_bag(
         self, indices: torch.Tensor, offsets: torch.Tensor, mode: int, per_sample_weights: torch.Tensor | None
     ) -> torch.Tensor | None:
@@ -94,7 +110,7 @@ class PrunedRowsTable(QuantizedTable):
             self.embedding_dim,
             self.bits,
             self.scale_dtype,
-            self.remap(indices),
+            self._remap_checked(indices),
             offsets.long(),
             mode,
             per_sample_weights,
