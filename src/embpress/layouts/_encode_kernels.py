@@ -9,7 +9,16 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["count_nonfinite", "encode_rows", "fake_quantize", "scan_rows"]
+from ._kernels import _popcount
+
+__all__ = [
+    "count_blocks",
+    "count_blocks_of_4",
+    "count_nonfinite",
+    "encode_rows",
+    "fake_quantize",
+    "kept_minmax",
+]
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -26,36 +35,28 @@ def count_nonfinite(w: np.ndarray) -> int:
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def scan_rows(
-    w: np.ndarray, mask: np.ndarray, use_mask: bool, width: int, word_bits: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One pass over table and mask. Per row: kept entries, (1 x width) blocks with a kept
-    entry, blocks with kept and pruned entries mixed, the kept-block bitmap (bit k % W of
-    word k // W, W = ``word_bits``), and min / max over kept entries (0, 0 where none is kept)."""
-    rows, cols = w.shape
+def count_blocks(
+    mask: np.ndarray, width: int, word_bits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over the mask. Per row: kept entries, (1 x width) blocks with a kept entry,
+    blocks with kept and pruned entries mixed, and the kept-block bitmap (bit k % W of
+    word k // W, W = ``word_bits``)."""
+    rows, cols = mask.shape
     nb = (cols + width - 1) // width
     kept = np.zeros(rows, dtype=np.int64)
     blocks = np.zeros(rows, dtype=np.int64)
     mixed = np.zeros(rows, dtype=np.int64)
     bitmap = np.zeros((rows, (nb + word_bits - 1) // word_bits), dtype=np.uint32)
-    lo = np.zeros(rows, dtype=np.float32)
-    hi = np.zeros(rows, dtype=np.float32)
     for r in numba.prange(rows):
         k = 0
         b = 0
         m = 0
-        a = np.float32(np.inf)
-        z = np.float32(-np.inf)
         for blk in range(nb):
             c0 = blk * width
             c1 = min(c0 + width, cols)
             n = 0
             for c in range(c0, c1):
-                if (not use_mask) or mask[r, c]:
-                    n += 1
-                    v = w[r, c]
-                    a = min(a, v)
-                    z = max(z, v)
+                n += mask[r, c]
             k += n
             if n > 0:
                 b += 1
@@ -65,10 +66,62 @@ def scan_rows(
         kept[r] = k
         blocks[r] = b
         mixed[r] = m
-        if k > 0:
-            lo[r] = a
-            hi[r] = z
-    return kept, blocks, mixed, bitmap, lo, hi
+    return kept, blocks, mixed, bitmap
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def count_blocks_of_4(
+    mask_words: np.ndarray, word_bits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`count_blocks` for (1 x 4) blocks, reading the bool mask as one uint32 per
+    block (a True byte is 0x01, so the popcount of the word is the block's kept count)."""
+    rows, nb = mask_words.shape
+    kept = np.zeros(rows, dtype=np.int64)
+    blocks = np.zeros(rows, dtype=np.int64)
+    mixed = np.zeros(rows, dtype=np.int64)
+    bitmap = np.zeros((rows, (nb + word_bits - 1) // word_bits), dtype=np.uint32)
+    for r in numba.prange(rows):
+        k = 0
+        b = 0
+        m = 0
+        for blk in range(nb):
+            n = _popcount(int(mask_words[r, blk]))
+            k += n
+            if n > 0:
+                b += 1
+                bitmap[r, blk // word_bits] |= np.uint32(1 << (blk % word_bits))
+                m += n < 4
+        kept[r] = k
+        blocks[r] = b
+        mixed[r] = m
+    return kept, blocks, mixed, bitmap
+
+
+@numba.njit(cache=True, inline="always")
+def _row_minmax(w: np.ndarray, mask: np.ndarray, use_mask: bool, r: int) -> tuple[float, float]:
+    a = np.float32(np.inf)
+    z = np.float32(-np.inf)
+    for c in range(w.shape[1]):
+        if (not use_mask) or mask[r, c]:
+            v = w[r, c]
+            a = min(a, v)
+            z = max(z, v)
+    if a > z:  # nothing kept
+        return 0.0, 0.0
+    return float(a), float(z)
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def kept_minmax(w: np.ndarray, mask: np.ndarray, use_mask: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of each row over its kept entries (0, 0 where none is kept)."""
+    rows = w.shape[0]
+    lo = np.zeros(rows, dtype=np.float32)
+    hi = np.zeros(rows, dtype=np.float32)
+    for r in numba.prange(rows):
+        a, z = _row_minmax(w, mask, use_mask, r)
+        lo[r] = a
+        hi[r] = z
+    return lo, hi
 
 
 @numba.njit(cache=True, inline="always")
@@ -100,8 +153,14 @@ def encode_rows(
     err_sq: np.ndarray,
     ref_sq: np.ndarray,
     max_abs: np.ndarray,
+    derive_qparams: bool,
 ) -> None:
     """Quantize each row of ``w`` into ``out`` and measure the error against ``ref``.
+
+    ``derive_qparams``: first set ``scale``/``offset`` of the row from its kept range,
+    float32 rule (offset = min, scale = (max - min) / levels rounded to nearest), which is
+    what ``quant.rowwise.choose_qparams`` gives for float32 rows without a zero constraint;
+    the row is read once, while it is in cache.
 
     ``block_stream``: ``out`` is the code stream of kept (1 x width) blocks, row ``r``
     starting at ``row_start[r]`` (edge blocks padded with code 0; blocks are wholly kept
@@ -111,6 +170,10 @@ def encode_rows(
     rows, cols = w.shape
     levels = (1 << bits) - 1
     for r in numba.prange(rows):
+        if derive_qparams:
+            a, z = _row_minmax(w, mask, use_mask, r)
+            offset[r] = a
+            scale[r] = np.float32((float(z) - float(a)) / levels)
         s = scale[r]
         o = offset[r]
         inv_ok = s != 0

@@ -13,10 +13,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._buffers import empty
 from ..quant.config import QuantConfig
 from ..quant.packing import pack_codes, packed_length
 from ..quant.rowwise import RowQParams, choose_qparams, search_ranges
-from ._encode_kernels import count_nonfinite, encode_rows, fake_quantize, scan_rows
+from ._encode_kernels import (
+    count_blocks,
+    count_blocks_of_4,
+    count_nonfinite,
+    encode_rows,
+    fake_quantize,
+    kept_minmax,
+)
 from .base import QuantizedTable, fused_row_bytes, make_fused
 from .block_sparse import GROUP_ROWS, BlockSparseTable, group_pointers, word_type
 from .dense import DenseTable
@@ -50,20 +58,25 @@ class _RowStats:
     kept: np.ndarray  # kept entries per row
     blocks: np.ndarray  # kept (1 x width) blocks per row
     bitmap: np.ndarray  # kept-block bits per row
-    lo: np.ndarray  # min over kept entries
-    hi: np.ndarray  # max over kept entries
     width: int
 
 
-def _row_stats(w: np.ndarray, mask: np.ndarray | None, width: int) -> _RowStats:
-    """One pass over table and mask; ``width`` falls back to 1 where blocks are mixed."""
-    _, word_bits = word_type(-(-w.shape[1] // width))
-    kept, blocks, mixed, bitmap, lo, hi = scan_rows(
-        w, _NO_MASK if mask is None else mask, mask is not None, width, word_bits
-    )
+def _row_stats(mask: np.ndarray | None, rows: int, dim: int, width: int) -> _RowStats:
+    """One pass over the mask; ``width`` falls back to 1 where blocks are mixed."""
+    nb = -(-dim // width)
+    _, word_bits = word_type(nb)
+    if mask is None:
+        bitmap = np.zeros((rows, -(-nb // word_bits)), dtype=np.uint32)
+        for k in range(nb):
+            bitmap[:, k // word_bits] |= np.uint32(1 << (k % word_bits))
+        return _RowStats(np.full(rows, dim, dtype=np.int64), np.full(rows, nb, dtype=np.int64), bitmap, width)
+    if width == 4 and dim % 4 == 0:
+        kept, blocks, mixed, bitmap = count_blocks_of_4(mask.view(np.uint32), word_bits)
+    else:
+        kept, blocks, mixed, bitmap = count_blocks(mask, width, word_bits)
     if width > 1 and int(mixed.sum()) > 0:
-        return _row_stats(w, mask, 1)
-    return _RowStats(kept, blocks, bitmap, lo, hi, width)
+        return _row_stats(mask, rows, dim, 1)
+    return _RowStats(kept, blocks, bitmap, width)
 
 
 def _stats(rs: _RowStats, rows: int, dim: int) -> MaskStats:
@@ -114,13 +127,13 @@ def _zero_rows(layout: str, rs: _RowStats, dim: int) -> torch.Tensor | None:
 def _qparams(
     w: np.ndarray,
     mask: np.ndarray | None,
-    rs: _RowStats,
     config: QuantConfig,
     zero_rows: torch.Tensor | None,
     saved: RowQParams | None,
 ) -> RowQParams:
     dtype = config.resolved_scale_dtype
-    lo, hi = torch.from_numpy(rs.lo), torch.from_numpy(rs.hi)
+    lo_np, hi_np = kept_minmax(w, _NO_MASK if mask is None else mask, mask is not None)
+    lo, hi = torch.from_numpy(lo_np), torch.from_numpy(hi_np)
     if config.resolved_range_search and saved is None:
         lo, hi = search_ranges(
             torch.from_numpy(w), None if mask is None else torch.from_numpy(mask), lo, hi, config.bits
@@ -141,8 +154,7 @@ _NO_MASK = np.ones((1, 1), dtype=np.bool_)
 
 def plain_qparams(w: torch.Tensor, config: QuantConfig) -> RowQParams:
     """Row parameters of the whole rows (no mask): what quantize-first saves."""
-    x = _as_numpy(w)
-    return _qparams(x, None, _row_stats(x, None, x.shape[1]), config, None, None)
+    return _qparams(_as_numpy(w), None, config, None, None)
 
 
 def fake_quantize_table(w: torch.Tensor, qp: RowQParams, bits: int) -> torch.Tensor:
@@ -195,19 +207,30 @@ def encode_table(
     ref = x if reference is None else _as_numpy(reference)
     rows, dim = x.shape
     m = None if mask is None else mask.to("cpu", torch.bool).contiguous().numpy()
-    rs = _row_stats(x, m, max(1, min(block_width, dim)))
+    rs = _row_stats(m, rows, dim, max(1, min(block_width, dim)))
     stats = _stats(rs, rows, dim)
     layout = _choose_layout(stats, config)
     zero_rows = _zero_rows(layout, rs, dim)
-    qp = _qparams(x, m, rs, config, zero_rows, saved_qparams)
     bits, dtype = config.bits, config.resolved_scale_dtype
+    # the common case (float32 qparams from the kept range) is derived inside the encode
+    # kernel, which then reads the table once instead of twice
+    derive = (
+        dtype == torch.float32
+        and zero_rows is None
+        and saved_qparams is None
+        and not config.resolved_range_search
+    )
+    if derive:
+        qp = RowQParams(torch.empty(rows), torch.empty(rows), dtype)
+    else:
+        qp = _qparams(x, m, config, zero_rows, saved_qparams)
     width = rs.width if layout == "block_sparse" else dim
     row_start = np.zeros(rows, dtype=np.int64)
     if layout == "block_sparse":
         np.cumsum(rs.blocks[:-1] * width, out=row_start[1:])
-        out = np.empty(int(rs.blocks.sum()) * width, dtype=np.uint8)
+        out = empty(int(rs.blocks.sum()) * width, np.uint8)
     else:
-        out = np.empty(rows * dim, dtype=np.uint8)
+        out = empty(rows * dim, np.uint8)
     err_sq, ref_sq = np.empty(rows), np.empty(rows)
     max_abs = np.empty(rows, dtype=np.float32)
     encode_rows(
@@ -217,7 +240,7 @@ def encode_table(
         m is not None,
         qp.scale.numpy(),
         qp.offset.numpy(),
-        qp.zero_codes().numpy(),
+        np.zeros(rows, dtype=np.uint8) if derive else qp.zero_codes().numpy(),
         bits,
         width,
         layout == "block_sparse",
@@ -226,6 +249,7 @@ def encode_table(
         err_sq,
         ref_sq,
         max_abs,
+        derive,
     )
     total_ref = float(ref_sq.sum())
     error = {

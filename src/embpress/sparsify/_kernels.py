@@ -15,12 +15,11 @@ __all__ = ["block_norms", "expand_block_mask", "kth_smallest_nonnegative"]
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def block_norms(x: np.ndarray, bh: int, bw: int, square: bool) -> np.ndarray:
-    """Mean of ``|x|`` (or ``x*x``) over each (bh x bw) block; edge blocks: in-bounds mean."""
+def block_norms(x: np.ndarray, bh: int, bw: int, square: bool, out: np.ndarray) -> None:
+    """``out`` = mean of ``|x|`` (or ``x*x``) over each (bh x bw) block (edge: in-bounds mean)."""
     rows, cols = x.shape
     nbr = (rows + bh - 1) // bh
     nbc = (cols + bw - 1) // bw
-    out = np.empty((nbr, nbc), dtype=np.float32)
     for br in numba.prange(nbr):
         r0 = br * bh
         r1 = min(r0 + bh, rows)
@@ -33,20 +32,29 @@ def block_norms(x: np.ndarray, bh: int, bw: int, square: bool) -> np.ndarray:
                     v = np.float32(x[r, c])
                     acc += v * v if square else abs(v)
             out[br, bc] = acc / np.float32((r1 - r0) * (c1 - c0))
-    return out
 
 
 @numba.njit(cache=True, nogil=True)
-def kth_smallest_nonnegative(values: np.ndarray, k: int) -> tuple[float, int]:
-    """(k-th smallest value (1-based), how many values are smaller) of non-negative float32s.
+def kth_smallest_nonnegative(values: np.ndarray, k: int) -> tuple[float, int, int]:
+    """(k-th smallest value (1-based), how many values are smaller, how many are NaN) of
+    non-negative float32s.
 
     Radix select on the float bit patterns (monotonic for non-negative floats): two
-    histogram passes, no sort and no copy.
+    histogram passes, no sort and no copy. NaN (exponent all ones, mantissa not 0) sorts
+    above +inf in this order; it is counted so that the caller can refuse it.
     """
     bits = values.view(np.uint32)
     high = np.zeros(65536, dtype=np.int64)
     for v in bits:
         high[v >> 16] += 1
+    nans = 0
+    for bucket in range(0x7F80, 65536):
+        nans += high[bucket]
+    inf_bits = np.uint32(0x7F800000)
+    if high[0x7F80] > 0:  # +inf shares the first of those buckets: take it back out
+        for v in bits:
+            if v == inf_bits:
+                nans -= 1
     below = 0
     bucket = 0
     for bucket in range(65536):
@@ -65,7 +73,7 @@ def kth_smallest_nonnegative(values: np.ndarray, k: int) -> tuple[float, int]:
         rest -= low[lo_bits]
         below += low[lo_bits]
     value = np.array([np.uint32((bucket << 16) | lo_bits)]).view(np.float32)[0]
-    return float(value), below
+    return float(value), below, nans
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -86,11 +94,13 @@ def mark_pruned(norms: np.ndarray, threshold: float, ties: int) -> np.ndarray:
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def expand_block_mask(pruned: np.ndarray, rows: int, cols: int, bh: int, bw: int) -> np.ndarray:
-    """Element mask (True = kept) of a (rows x cols) table from its pruned-block flags."""
-    out = np.empty((rows, cols), dtype=np.bool_)
+def expand_block_mask(pruned: np.ndarray, bh: int, bw: int, out: np.ndarray) -> None:
+    """``out`` = element mask (True = kept) of a table from its pruned-block flags."""
+    rows, cols = out.shape
+    nbc = pruned.shape[1]
     for r in numba.prange(rows):
         br = r // bh
-        for c in range(cols):
-            out[r, c] = not pruned[br, c // bw]
-    return out
+        for bc in range(nbc):
+            kept = not pruned[br, bc]
+            for c in range(bc * bw, min(bc * bw + bw, cols)):
+                out[r, c] = kept

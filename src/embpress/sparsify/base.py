@@ -81,8 +81,8 @@ class BaseDataSparsifier(abc.ABC):
                     )
                 mask = self.get_mask(name)
             self._delete_data(name)
-        if mask is None:
-            mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+        if mask is None:  # all kept, as a broadcast view: no memory until a mask is set
+            mask = torch.ones((), dtype=torch.bool, device=weight.device).expand(weight.shape)
         self._data[name] = weight
         self.state[name]["mask"] = mask
         self.data_groups[name] = local_args

@@ -15,12 +15,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
+from .._buffers import empty
 from ._kernels import block_norms, expand_block_mask, kth_smallest_nonnegative, mark_pruned
 from .base import BaseDataSparsifier
 
 __all__ = ["DataNormSparsifier", "block_norm_mask"]
+
+_NAN_MESSAGE = "data contains NaN: block norms are undefined"
 
 # Rows of the table handled at once (rounded to a multiple of the block height).
 _CHUNK_ELEMENTS = 1 << 22
@@ -62,19 +66,23 @@ def _row_chunks(height: int, width: int, block_height: int) -> range:
 def _block_norms(data: torch.Tensor, shape: tuple[int, int], norm: str) -> torch.Tensor:
     """Mean elementwise norm of each block (partial edge blocks: mean of what is there)."""
     x = data.detach().to("cpu", torch.float32).contiguous().numpy()
-    return torch.from_numpy(block_norms(x, shape[0], shape[1], norm == "L2"))
+    out = empty((-(-x.shape[0] // shape[0]), -(-x.shape[1] // shape[1])), np.float32)
+    block_norms(x, shape[0], shape[1], norm == "L2", out)
+    return torch.from_numpy(out)
 
 
 def _pruned_blocks(norms: torch.Tensor, sparsity_level: float) -> torch.Tensor:
     """Bool [block rows, block cols]: True where the block is among the k smallest norms."""
     num_blocks = norms.numel()
     k = round(sparsity_level * num_blocks)  # Python rounding, as the reference
-    if k <= 0:
-        return torch.zeros_like(norms, dtype=torch.bool)
-    if k >= num_blocks:
-        return torch.ones_like(norms, dtype=torch.bool)
+    if k <= 0 or k >= num_blocks:
+        if bool(torch.isnan(norms).any()):
+            raise ValueError(_NAN_MESSAGE)
+        return torch.full_like(norms, k > 0, dtype=torch.bool)
     flat = norms.contiguous().numpy().ravel()
-    threshold, smaller = kth_smallest_nonnegative(flat, k)
+    threshold, smaller, nans = kth_smallest_nonnegative(flat, k)
+    if nans:  # a NaN entry makes its block's norm NaN
+        raise ValueError(_NAN_MESSAGE)
     # ties at the threshold: the first ones in row-major order
     return torch.from_numpy(mark_pruned(norms.numpy(), threshold, k - smaller))
 
@@ -120,11 +128,11 @@ def block_norm_mask(
     if sparsity_level <= 0 or zeros == 0 or squeezed.numel() == 0:
         return torch.ones(data.shape, dtype=torch.bool, device=data.device)
     norms = _block_norms(squeezed, shape, norm)
-    if bool(torch.isnan(norms).any()):  # a NaN entry makes its block's norm NaN
-        raise ValueError("data contains NaN: block norms are undefined")
     pruned = _pruned_blocks(norms, float(sparsity_level))
     bh, bw = shape
-    mask = torch.from_numpy(expand_block_mask(pruned.numpy(), height, width, bh, bw))
+    mask_np = empty((height, width), np.bool_)
+    expand_block_mask(pruned.numpy(), bh, bw, mask_np)
+    mask = torch.from_numpy(mask_np)
     if zeros < bh * bw:  # inside a pruned block only its smallest entries go
         step = _row_chunks(height, width, bh).step
         for start in range(0, height, step):
