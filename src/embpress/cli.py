@@ -745,7 +745,6 @@ def _print_compress(summary: dict[str, Any], reports: list[CompressedTable]) -> 
     total = summary["total"]
     columns = [
         ("table", "total", "left"),
-        ("kind", "", "left"),
         ("rows x dim", "", "right"),
         ("layout", "", "left"),
         ("bits", "", "right"),
@@ -760,10 +759,8 @@ def _print_compress(summary: dict[str, Any], reports: list[CompressedTable]) -> 
         table.add_column(head, footer=foot, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for r in reports:
         name = Text(r.name + (f" (= {', '.join(r.aliases)})" if r.aliases else ""))
-        kind = r.kind if r.mode is None else f"{r.kind}({r.mode})"
         table.add_row(
             name,
-            kind,
             f"{r.rows} x {r.dim}",
             r.layout,
             str(r.bits),
