@@ -132,6 +132,8 @@ def _qparams(
     saved: RowQParams | None,
 ) -> RowQParams:
     dtype = config.resolved_scale_dtype
+    if saved is not None and zero_rows is None:
+        return saved
     lo_np, hi_np = kept_minmax(w, _NO_MASK if mask is None else mask, mask is not None)
     lo, hi = torch.from_numpy(lo_np), torch.from_numpy(hi_np)
     if config.resolved_range_search and saved is None:
