@@ -177,37 +177,40 @@ def encode_rows(
         s = scale[r]
         o = offset[r]
         inv_ok = s != 0
-        e2 = 0.0
-        r2 = 0.0
+        e2 = np.float32(0.0)  # one row's sums fit float32; the table's are float64
+        r2 = np.float32(0.0)
         mx = np.float32(0.0)
         pos = row_start[r] if block_stream else r * cols
         for c0 in range(0, cols, width):
             c1 = min(c0 + width, cols)
+            if block_stream and use_mask and not mask[r, c0]:  # a pruned block: only errors
+                for c in range(c0, c1):
+                    x = ref[r, c]
+                    e2 += x * x
+                    r2 += x * x
+                    mx = max(mx, abs(x))
+                continue
             for c in range(c0, c1):
                 x = ref[r, c]
-                r2 += float(x) * float(x)
-                if (not use_mask) or mask[r, c]:
+                r2 += x * x
+                if block_stream or (not use_mask) or mask[r, c]:
                     q = 0
                     if inv_ok:
                         t = np.rint((w[r, c] - o) / s)
                         q = 0 if t < 0 else (levels if t > levels else int(t))
                     d = (np.float32(q) * s + o) - x
-                    if block_stream:
-                        out[pos + c - c0] = q
-                    else:
-                        out[pos + c] = q
+                    out[pos + c - c0 if block_stream else pos + c] = q
                 else:
                     d = -x
-                    if not block_stream:
-                        out[pos + c] = zero_code[r]
-                e2 += float(d) * float(d)
+                    out[pos + c] = zero_code[r]
+                e2 += d * d
                 mx = max(mx, abs(d))
-            if block_stream and ((not use_mask) or mask[r, c0]):
+            if block_stream:
                 for j in range(c1 - c0, width):
                     out[pos + j] = 0
                 pos += width
-        err_sq[r] = e2
-        ref_sq[r] = r2
+        err_sq[r] = float(e2)
+        ref_sq[r] = float(r2)
         max_abs[r] = mx
 
 
