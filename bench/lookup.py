@@ -285,11 +285,7 @@ def plot_lookups(data: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"{data['bags']} bags x {data['pooling']} ids, {data['rows']:,} x {data['dim']} table")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

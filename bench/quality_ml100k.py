@@ -504,11 +504,7 @@ def plot_quality(data: dict[str, Any], path: Path) -> Path:
     ax.set_title("MovieLens-100k DLRM, sparsify-first")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -378,11 +378,7 @@ def plot_sizes(data: dict[str, Any], path: Path, sparsities: list[float]) -> Pat
     axes[0].plot([], [], color="gray", linestyle=":", label="FBGEMM prepacked (same color = bits)")
     axes[0].legend(fontsize=6)
     fig.suptitle(f"{data['rows']:,} x {dim} table", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
