@@ -158,3 +158,19 @@ def test_fp16_overflow_is_a_clear_error():
     lo, hi = row_ranges(x, None)
     with pytest.raises(ValueError, match="float32"):
         choose_qparams(lo, hi, 4, torch.float16)
+
+
+@settings(max_examples=100, deadline=None)
+@given(w=tables(max_rows=5, max_cols=12), bits=st.sampled_from([8, 4, 2]))
+def test_encode_kernel_matches_the_torch_reference_path(w, bits):
+    """The numba encoder (float32 qparams derived in-kernel) equals choose_qparams + quantize_rows."""
+    from embpress.layouts import encode_table
+
+    x = torch.from_numpy(w)
+    table, _ = encode_table(
+        x, None, QuantConfig(bits=bits, scale_dtype=torch.float32, range_search=False, layout="block_sparse")
+    )
+    lo, hi = row_ranges(x, None)
+    qp = choose_qparams(lo, hi, bits, torch.float32)
+    expected = dequantize_codes(quantize_rows(x, qp, bits), qp.scale, qp.offset)
+    assert torch.equal(table.dequantize(), expected)

@@ -173,7 +173,10 @@ def encode_rows(
         if derive_qparams:
             a, z = _row_minmax(w, mask, use_mask, r)
             offset[r] = a
-            scale[r] = np.float32((float(z) - float(a)) / levels)
+            step = np.float32((float(z) - float(a)) / levels)
+            if step == 0 and z > a:  # below float32's resolution: the smallest step
+                step = np.float32(2.0**-149)
+            scale[r] = step
         s = scale[r]
         o = offset[r]
         inv_ok = s != 0

@@ -116,6 +116,12 @@ def choose_qparams(
     # near its subnormal range nearest rounding could lose most of the range.
     offset = _round_sig(lo64, mant, dtype, up=False)
     scale = _round_sig((hi64 - offset) / levels, mant, dtype, up=None if dtype == torch.float32 else True)
+    # a range below the dtype's resolution still needs a non-zero step
+    scale = torch.where(
+        (scale == 0) & (hi64 > offset),
+        torch.exp2(torch.tensor(_MIN_SPACING_LOG2[dtype], dtype=torch.float64)),
+        scale,
+    )
     if zero_rows is not None and bool(zero_rows.any()):
         rows = zero_rows.nonzero().flatten()
         z_scale, z_offset = _zero_grid(lo64[rows], hi64[rows], bits, dtype)
