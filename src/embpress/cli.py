@@ -2,10 +2,12 @@
 
 ``compress`` reads a plain PyTorch state_dict (``.pt``/``.pth``, loaded with
 ``weights_only=True``) or a ``.safetensors`` file, rebuilds the state_dict as a skeleton
-module (an ``nn.Embedding`` / ``nn.EmbeddingBag`` at each table, every other tensor a
-buffer at its own key), runs :func:`embpress.post_training_sparse_quantize` on it and
-writes it with :func:`embpress.save`. So the command and the Python API share one code
-path, and ``embpress.load(model, OUT)`` loads the result into the model IN came from.
+module (an ``nn.Embedding`` at each table, every other tensor a buffer at its own key),
+runs :func:`embpress.post_training_sparse_quantize` on it and writes it with
+:func:`embpress.save` (tables of kind "auto": a state_dict does not say which table is a
+bag, so ``embpress.load`` builds each after the model's own module). The command and the
+Python API share one code path, and ``embpress.load(model, OUT)`` loads the result into
+the model IN came from.
 
 User errors end in one ``error: ...`` line on stderr and a non-zero exit status
 (2: bad usage, 1: anything else, 130: interrupted), never a traceback.
