@@ -275,3 +275,18 @@ def test_cuda_model_stays_on_cuda(ref_model):
     ptsq(ref_model, DataNormSparsifier, sparsity_level=0.8)
     out = ref_model.embbag1(torch.randint(0, 200, (3, 4), device="cuda"))
     assert out.device.type == "cuda"
+
+
+def test_tied_weights_are_reported():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(50, 8)
+            self.lm_head = nn.Linear(8, 50, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+    model = Tied()
+    with pytest.warns(UserWarning, match=r"wte \(also lm_head.weight\)"):
+        ptsq(model, DataNormSparsifier, sparsity_level=0.5)
+    assert isinstance(model.wte, QuantizedEmbedding)
+    assert isinstance(model.lm_head.weight, nn.Parameter)  # the head still computes in float

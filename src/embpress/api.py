@@ -177,4 +177,21 @@ def post_training_sparse_quantize(
     for t in targets:
         for parent, attr in t.places:
             setattr(parent, attr, replacements[t.name])
+    _warn_tied(model, {id(t.module.weight): t.name for t in targets})
     return model
+
+
+def _warn_tied(model: nn.Module, weights: dict[int, str]) -> None:
+    """Say when a compressed table's float weight still lives on in another module (tied
+    input/output embeddings): that module keeps computing with it and its bytes stay."""
+    tied = sorted(
+        f"{weights[id(p)]} (also {name})"
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if id(p) in weights
+    )
+    if tied:
+        warnings.warn(
+            "compressed tables whose float weight is still used elsewhere (tied weights; those "
+            "modules keep the float copy): " + ", ".join(tied),
+            stacklevel=3,
+        )
