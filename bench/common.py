@@ -381,6 +381,33 @@ def command_line(script: str, argv: Sequence[str]) -> str:
     return " ".join([shown, script, *(shlex.quote(a) for a in argv)])
 
 
+def add_output_args(p: Any) -> None:
+    """The --out / --plots / --md-root options every section script takes."""
+    p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for the .md/.json section")
+    p.add_argument("--plots", type=Path, help="folder for the PNG (default: --out)")
+    p.add_argument("--md-root", type=Path, help="folder the markdown will live in (links; default --out)")
+
+
+def finish_output_args(args: Any) -> None:
+    """Default --plots and --md-root to --out."""
+    args.plots = args.plots or args.out
+    args.md_root = args.md_root or args.out
+
+
+def run_section(name: str, cmd: str, args: Any, measure: Any, plot: Any, render: Any) -> int:
+    """Measure, plot to ``<plots>/<name>.png``, render, write and print one section."""
+    t0 = time.perf_counter()
+    load = OtherLoad()
+    data = measure(args)
+    png = plot(data, args.plots / f"{name}.png")
+    md = render(data, args, cmd, png)
+    md += f"\n_Section run time: {time.perf_counter() - t0:.0f} s._ " + load.note()
+    payload = data if isinstance(data, dict) else {"results": data}
+    write_section(args.out, name, md, {"command": cmd, **payload})
+    print(md)
+    return 0
+
+
 def write_section(out: Path, name: str, markdown: str, data: dict[str, Any]) -> None:
     """Write ``<out>/<name>.md`` (the section) and ``<out>/<name>.json`` (the numbers)."""
     out.mkdir(parents=True, exist_ok=True)

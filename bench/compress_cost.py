@@ -16,6 +16,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -495,9 +496,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--ref-max-rows", type=int, default=2_000_000, help="largest table run with the reference")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
-    p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for the .md/.json section")
-    p.add_argument("--plots", type=Path, help="folder for the PNG (default: --out)")
-    p.add_argument("--md-root", type=Path, help="folder the markdown will live in (links; default --out)")
+    common.add_output_args(p)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rows is None:
@@ -505,8 +504,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.repeats = min(args.repeats, 1)
         args.target_repeats = 1
-    args.plots = args.plots or args.out
-    args.md_root = args.md_root or args.out
+    common.finish_output_args(args)
     return args
 
 
@@ -517,15 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         common.child_report(child(json.loads(args.child)))
         return 0
     cmd = common.command_line(SCRIPT, argv)
-    t0 = time.perf_counter()
-    load = common.OtherLoad()
-    results = measure(args)
-    plot = plot_results(results, args.plots / f"{NAME}.png", args.dim)
-    md = render(results, args, cmd, plot)
-    md += f"\n_Section run time: {time.perf_counter() - t0:.0f} s._ " + load.note()
-    common.write_section(args.out, NAME, md, {"command": cmd, "results": results})
-    print(md)
-    return 0
+    plot = functools.partial(plot_results, dim=args.dim)
+    return common.run_section(NAME, cmd, args, measure, plot, render)
 
 
 if __name__ == "__main__":

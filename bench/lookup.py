@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -299,9 +298,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, help="timed steps at least (default 15; quick 5)")
     p.add_argument("--min-time", type=float, help="timed seconds at least per contender (default 0.5)")
-    p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for the .md/.json section")
-    p.add_argument("--plots", type=Path, help="folder for the PNG (default: --out)")
-    p.add_argument("--md-root", type=Path, help="folder the markdown will live in (links; default --out)")
+    common.add_output_args(p)
     args = p.parse_args(argv)
     args.rows = args.rows or (20_000 if args.quick else 1_000_000)
     args.bags = args.bags or (512 if args.quick else 4096)
@@ -309,8 +306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.min_time = args.min_time if args.min_time is not None else (0.0 if args.quick else 0.5)
     if args.quick:
         args.warmup = min(args.warmup, 2)
-    args.plots = args.plots or args.out
-    args.md_root = args.md_root or args.out
+    common.finish_output_args(args)
     return args
 
 
@@ -318,15 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     cmd = common.command_line(SCRIPT, argv)
-    t0 = time.perf_counter()
-    load = common.OtherLoad()
-    data = measure(args)
-    plot = plot_lookups(data, args.plots / f"{NAME}.png")
-    md = render(data, args, cmd, plot)
-    md += f"\n_Section run time: {time.perf_counter() - t0:.0f} s._ " + load.note()
-    common.write_section(args.out, NAME, md, {"command": cmd, **data})
-    print(md)
-    return 0
+    return common.run_section(NAME, cmd, args, measure, plot_lookups, render)
 
 
 if __name__ == "__main__":

@@ -520,9 +520,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sparsities", type=float, nargs="+")
     p.add_argument("--blocks", nargs="+", choices=BLOCKS)
     p.add_argument("--bits", type=int, nargs="+", choices=BITS)
-    p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for the .md/.json section")
-    p.add_argument("--plots", type=Path, help="folder for the PNG (default: --out)")
-    p.add_argument("--md-root", type=Path, help="folder the markdown will live in (links; default --out)")
+    common.add_output_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.subsample = args.subsample or 20_000
@@ -534,8 +532,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sparsities = args.sparsities or list(SPARSITIES)
     args.blocks = args.blocks or list(BLOCKS)
     args.bits = args.bits or list(BITS)
-    args.plots = args.plots or args.out
-    args.md_root = args.md_root or args.out
+    common.finish_output_args(args)
     return args
 
 
@@ -550,15 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         md = f"## Model quality: DLRM on MovieLens-100k\n\nCommand: `{cmd}`\n\n**{msg}**\n"
         common.write_section(args.out, NAME, md, {"command": cmd, "skipped": msg})
         return 0
-    t0 = time.perf_counter()
-    load = common.OtherLoad()
-    data = measure(args)
-    plot = plot_quality(data, args.plots / f"{NAME}.png")
-    md = render(data, args, cmd, plot)
-    md += f"\n_Section run time: {time.perf_counter() - t0:.0f} s._ " + load.note()
-    common.write_section(args.out, NAME, md, {"command": cmd, **data})
-    print(md)
-    return 0
+    return common.run_section(NAME, cmd, args, measure, plot_quality, render)
 
 
 if __name__ == "__main__":

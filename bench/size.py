@@ -21,11 +21,10 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import struct
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -387,13 +386,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, help="rows (default 1,000,000; quick 8,000)")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
-    p.add_argument("--out", type=Path, default=Path("out/bench"), help="folder for the .md/.json section")
-    p.add_argument("--plots", type=Path, help="folder for the PNG (default: --out)")
-    p.add_argument("--md-root", type=Path, help="folder the markdown will live in (links; default --out)")
+    common.add_output_args(p)
     args = p.parse_args(argv)
     args.rows = args.rows or (8_000 if args.quick else 1_000_000)
-    args.plots = args.plots or args.out
-    args.md_root = args.md_root or args.out
+    common.finish_output_args(args)
     return args
 
 
@@ -401,15 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     cmd = common.command_line(SCRIPT, argv)
-    t0 = time.perf_counter()
-    load = common.OtherLoad()
-    data = measure(args)
-    plot = plot_sizes(data, args.plots / f"{NAME}.png", args.sparsities)
-    md = render(data, args, cmd, plot)
-    md += f"\n_Section run time: {time.perf_counter() - t0:.0f} s._ " + load.note()
-    common.write_section(args.out, NAME, md, {"command": cmd, **json.loads(json.dumps(data, default=str))})
-    print(md)
-    return 0
+    plot = functools.partial(plot_sizes, sparsities=args.sparsities)
+    return common.run_section(NAME, cmd, args, measure, plot, render)
 
 
 if __name__ == "__main__":
