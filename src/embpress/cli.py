@@ -735,6 +735,14 @@ def _check_out(src: Path, dst: Path) -> None:
         raise CliError(f"{dst}: folder {parent} does not exist")
 
 
+def _footed_table(columns: list[tuple[str, str, str]]) -> Table:
+    """A rich table with (header, footer, justify) columns."""
+    table = Table(show_footer=True)
+    for head, foot, justify in columns:
+        table.add_column(head, footer=foot, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    return table
+
+
 def _print_compress(summary: dict[str, Any], reports: list[CompressedTable]) -> None:
     console = _stdout()
     s = summary["settings"]
@@ -743,22 +751,21 @@ def _print_compress(summary: dict[str, Any], reports: list[CompressedTable]) -> 
         f"{s['block'][1]}, {s['bits']} bits, {s['order']}"
     )
     console.print(Text(title))
-    table = Table(show_footer=True)
     total = summary["total"]
-    columns = [
-        ("table", "total", "left"),
-        ("rows x dim", "", "right"),
-        ("layout", "", "left"),
-        ("bits", "", "right"),
-        ("sparsity", "", "right"),
-        ("before", human_bytes(total["bytes_before"]), "right"),
-        ("after", human_bytes(total["bytes_after"]), "right"),
-        ("ratio", f"{total['ratio']:.4f}", "right"),
-        ("rel err", "", "right"),
-        ("max |err|", "", "right"),
-    ]
-    for head, foot, justify in columns:
-        table.add_column(head, footer=foot, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    table = _footed_table(
+        [
+            ("table", "total", "left"),
+            ("rows x dim", "", "right"),
+            ("layout", "", "left"),
+            ("bits", "", "right"),
+            ("sparsity", "", "right"),
+            ("before", human_bytes(total["bytes_before"]), "right"),
+            ("after", human_bytes(total["bytes_after"]), "right"),
+            ("ratio", f"{total['ratio']:.4f}", "right"),
+            ("rel err", "", "right"),
+            ("max |err|", "", "right"),
+        ]
+    )
     for r in reports:
         name = Text(r.name + (f" (= {', '.join(r.aliases)})" if r.aliases else ""))
         table.add_row(
@@ -886,22 +893,21 @@ def _print_inspect_embpress(summary: dict[str, Any]) -> None:
         f"{human_bytes(summary['file_bytes'])}, checksums ok"
     )
     console.print(Text(title))
-    table = Table(show_footer=True)
     total = summary["total"]
-    columns = [
-        ("table", "total", "left"),
-        ("kind", "", "left"),
-        ("rows x dim", "", "right"),
-        ("layout", "", "left"),
-        ("bits", "", "right"),
-        ("sparsity", "", "right"),
-        ("float32", human_bytes(total["float32_bytes"]), "right"),
-        ("stored", human_bytes(total["bytes"]), "right"),
-        ("ratio", f"{total['ratio']:.4f}", "right"),
-        ("rel err", "", "right"),
-    ]
-    for head, foot, justify in columns:
-        table.add_column(head, footer=foot, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    table = _footed_table(
+        [
+            ("table", "total", "left"),
+            ("kind", "", "left"),
+            ("rows x dim", "", "right"),
+            ("layout", "", "left"),
+            ("bits", "", "right"),
+            ("sparsity", "", "right"),
+            ("float32", human_bytes(total["float32_bytes"]), "right"),
+            ("stored", human_bytes(total["bytes"]), "right"),
+            ("ratio", f"{total['ratio']:.4f}", "right"),
+            ("rel err", "", "right"),
+        ]
+    )
     for t in summary["tables"]:
         name = t["name"] + (f" (= {', '.join(t['aliases'])})" if t["aliases"] else "")
         kind = t["kind"] if t["mode"] is None else f"{t['kind']}({t['mode']})"

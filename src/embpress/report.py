@@ -10,7 +10,7 @@ from torch import nn
 
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
 
-__all__ = ["TableReport", "compression_report", "format_report", "human_bytes", "quantized_modules"]
+__all__ = ["TableReport", "compression_report", "human_bytes", "quantized_modules"]
 
 
 @dataclass(frozen=True)
@@ -82,37 +82,3 @@ def human_bytes(n: float) -> str:
     units = ("KiB", "MiB", "GiB", "TiB")
     power = min(int(math.log(n, 1024)), len(units))
     return f"{n / 1024**power:.2f} {units[power - 1]}"
-
-
-def format_report(reports: list[TableReport]) -> str:
-    """Plain-text table of the reports (for logs and the README)."""
-    head = (
-        "table",
-        "rows x dim",
-        "layout",
-        "bits",
-        "sparsity",
-        "float32",
-        "stored",
-        "ratio",
-        "rel err",
-        "max |err|",
-    )
-    rows = [head]
-    for r in reports:
-        rows.append(
-            (
-                r.name,
-                f"{r.rows} x {r.dim}",
-                r.layout,
-                str(r.bits),
-                f"{r.sparsity:.4f}",
-                human_bytes(r.float_nbytes),
-                human_bytes(r.nbytes),
-                f"{r.ratio:.4f}",
-                "-" if r.rel_frobenius is None else f"{r.rel_frobenius:.4f}",
-                "-" if r.max_abs_error is None else f"{r.max_abs_error:.4g}",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)

@@ -50,7 +50,6 @@ class MaskStats:
     kept_rows: int
     block_width: int
     kept_blocks: int
-    rows_with_pruned: int
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,6 @@ def _stats(rs: _RowStats, rows: int, dim: int) -> MaskStats:
         kept_rows=int((rs.kept > 0).sum()),
         block_width=rs.width,
         kept_blocks=int(rs.blocks.sum()),
-        rows_with_pruned=int((rs.kept < dim).sum()),
     )
 
 

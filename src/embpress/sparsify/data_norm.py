@@ -58,9 +58,9 @@ def _elementwise_norm(x: torch.Tensor, norm: str) -> torch.Tensor:
     return x.abs() if norm == "L1" else x * x
 
 
-def _row_chunks(height: int, width: int, block_height: int) -> range:
-    rows = max(block_height, (_CHUNK_ELEMENTS // max(width, 1)) // block_height * block_height)
-    return range(0, height, rows)
+def _chunk_rows(width: int, block_height: int) -> int:
+    """Rows handled at once: about _CHUNK_ELEMENTS entries, a multiple of the block height."""
+    return max(block_height, (_CHUNK_ELEMENTS // max(width, 1)) // block_height * block_height)
 
 
 def _block_norms(data: torch.Tensor, shape: tuple[int, int], norm: str) -> torch.Tensor:
@@ -134,7 +134,7 @@ def block_norm_mask(
     expand_block_mask(pruned.numpy(), bh, bw, mask_np)
     mask = torch.from_numpy(mask_np)
     if zeros < bh * bw:  # inside a pruned block only its smallest entries go
-        step = _row_chunks(height, width, bh).step
+        step = _chunk_rows(width, bh)
         for start in range(0, height, step):
             rows = slice(start, start + step)
             if bool((~mask[rows]).any()):
