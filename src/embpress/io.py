@@ -49,12 +49,28 @@ def crc32(t: torch.Tensor) -> int:
     return zlib.crc32(flat.view(torch.uint8).numpy().data) if flat.numel() else 0
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, copying only those whose memory another entry (or a wider
+    tensor) also uses, which safetensors refuses (tied weights); the rest are not copied."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        t = value.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        whole = t.storage_offset() == 0 and t.numel() * t.element_size() == storage.nbytes()
+        if storage.data_ptr() in seen or not whole:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
 def write_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], index: dict[str, Any]) -> None:
     """Write tensors + index atomically: a temp file in the same folder, fsync, rename."""
     target = Path(path)
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a directory")
-    payload = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    payload = _unshared(tensors)
     index = {**index, "crc32": {k: crc32(v) for k, v in payload.items()}}
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "index": json.dumps(index)}
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
