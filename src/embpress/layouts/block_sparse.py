@@ -30,7 +30,7 @@ import torch
 
 from ..quant.packing import packed_length
 from ._kernels import block_sparse_bag, set_threads
-from .base import FormatError, QuantizedTable, base_fields, expect_tensor, meta_int
+from .base import FormatError, QuantizedTable, base_fields, expect_tensor, meta_int, popcount_bytes
 
 __all__ = ["GROUP_ROWS", "BlockSparseTable", "group_pointers", "word_type"]
 
@@ -161,7 +161,7 @@ class BlockSparseTable(QuantizedTable):
         ):
             raise FormatError("tensor 'block_words' marks blocks past the row end as kept")
         table = cls(codes, qparams, words, group_ptr, num_codes, dim, width, bits, pruned)
-        per_row = table._kept_blocks(torch.arange(rows)).sum(1) * width
+        per_row = popcount_bytes(words.contiguous().view(torch.uint8)).sum(1) * width
         expected = group_pointers(per_row)
         if not torch.equal(expected, group_ptr) or int(expected[-1]) != num_codes:
             raise FormatError("tensor 'group_ptr' does not match 'block_words' and 'num_codes'")
