@@ -7,6 +7,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from embpress import QuantConfig, QuantizedEmbedding, QuantizedEmbeddingBag
@@ -207,3 +209,79 @@ def test_cuda_plain_torch_path(layout):
     out = qc(idx, offsets)
     assert out.device.type == "cuda"
     _close(out, refc(idx, offsets))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dim=st.sampled_from([32, 64, 128, 256, 36]),
+    bits=st.sampled_from([8, 4, 2]),
+    sparsity=st.sampled_from([0.0, 0.5, 0.8, 0.97]),
+    mode=st.sampled_from(["sum", "mean"]),
+    weighted=st.booleans(),
+    scale_dtype=st.sampled_from([torch.float32, torch.float16]),
+    bag_sizes=st.lists(st.integers(0, 12), min_size=1, max_size=20),
+    seed=st.integers(0, 2**16),
+)
+def test_block_sparse_kernel_both_decodes_match_generic(
+    dim, bits, sparsity, mode, weighted, scale_dtype, bag_sizes, seed
+):
+    """The vector decode (whole bitmap words, where the CPU and shape allow) and the bit
+    walk both equal the plain-torch bag over the decoded rows, for every word width (8, 16,
+    32 bits, and rows of two words), weights, mean, empty bags and repeated ids."""
+    from embpress.layouts import block_sparse
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = 70  # not a multiple of the 16-row group: the last group is partial
+    weight = torch.randn(rows, dim, generator=gen)
+    weight[3] = 0.0  # a row with every block pruned
+    mask = block_norm_mask(weight, sparsity, (1, 4))
+    config = QuantConfig(bits=bits, layout="block_sparse", scale_dtype=scale_dtype)
+    q = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(weight, mode=mode), config, mask=mask, block_width=4
+    )
+    assert q.table.layout == "block_sparse"
+    idx = torch.randint(0, rows, (sum(bag_sizes),), generator=gen)
+    bounds = torch.tensor([0, *itertools.accumulate(bag_sizes)])
+    psw = torch.rand(idx.numel(), generator=gen) if weighted and mode == "sum" else None
+    expected = q._generic(idx, bounds, psw)
+    code = 0 if mode == "sum" else 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(block_sparse, "VECTOR_DECODE", True)
+        vector = q.table.fast_bag(idx, bounds, code, psw)
+        patch.setattr(block_sparse, "VECTOR_DECODE", False)
+        walk = q.table.fast_bag(idx, bounds, code, psw)
+    assert vector is not None and walk is not None
+    _close(vector, expected)
+    _close(walk, expected)
+
+
+def test_block_sparse_vector_decode_is_used_where_it_applies():
+    """The shapes the vector decode serves take it on a CPU that has it (this test
+    machine's CPU does; elsewhere it says so and checks the bit walk is picked)."""
+    from embpress.layouts._kernels import vector_decode_supported
+
+    cases = [(128, 8, True), (64, 4, True), (256, 8, True), (36, 8, False), (128, 2, False)]
+    for dim, bits, expected in cases:
+        weight = torch.randn(40, dim)
+        mask = block_norm_mask(weight, 0.5, (1, 4))
+        q = QuantizedEmbeddingBag.from_float(
+            nn.EmbeddingBag.from_pretrained(weight),
+            QuantConfig(bits=bits, layout="block_sparse"),
+            mask=mask,
+            block_width=4,
+        )
+        assert q.table._vector_decode() == (expected and vector_decode_supported(bits))
+
+
+def test_block_sparse_vector_decode_out_of_range():
+    weight = torch.randn(40, 128)
+    mask = block_norm_mask(weight, 0.8, (1, 4))
+    q = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(weight),
+        QuantConfig(bits=8, layout="block_sparse"),
+        mask=mask,
+        block_width=4,
+    )
+    for bad in (40, -1):
+        with pytest.raises(IndexError, match="out of range"):
+            q(torch.tensor([1, bad, 2]), torch.tensor([0, 2]))

@@ -1,29 +1,44 @@
 """Numba kernels for lookups that torch has no kernel for (block-sparse bags, row remapping).
 
-Compiled on first use and cached on disk; one bag per parallel iteration, so the thread
-count follows ``torch.get_num_threads()``. Indices are bounds-checked inside (a kernel
-returns how many were out of range, the caller raises IndexError).
+Compiled on first use and cached on disk; the thread count follows
+``torch.get_num_threads()``. Indices are bounds-checked inside (a kernel returns how many
+were out of range, the caller raises IndexError).
+
+The block-sparse bag is written for the memory system first: a lookup needs its row's
+bitmap group and qparams, then (from them) its codes, two dependent trips to memory. Each
+thread therefore pipelines its bags (headers prefetched two bags ahead, row starts and
+codes one bag ahead, see ``block_sparse_bag``) and decodes a row without branches on its
+bitmap where the CPU has AVX-512 expanding loads (``_emit_word_decode``); elsewhere it
+walks the set bits. Vector steps are written as LLVM IR (numba ``@intrinsic``) because
+numba does not vectorise them on its own.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Any
 
 import numba
 import numpy as np
 import torch
+from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-__all__ = ["block_sparse_bag", "remap_rows", "set_threads"]
+__all__ = ["GROUP_ROWS", "block_sparse_bag", "remap_rows", "set_threads", "vector_decode_supported"]
+
+# rows per group pointer of the block-sparse layout: a compile-time constant, so dividing
+# by it is a shift, and one group of bitmap words is one vector load
+GROUP_ROWS = 16
 
 
-def set_threads() -> None:
-    """Use as many numba threads as torch uses (within numba's pool)."""
+def set_threads() -> int:
+    """Use as many numba threads as torch uses (within numba's pool); return that count."""
     pool = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), pool)))
+    threads = max(1, min(torch.get_num_threads(), pool))
+    numba.set_num_threads(threads)
+    return threads
 
 
 def _int64_intrinsic(name: str) -> Any:
@@ -48,25 +63,33 @@ _popcount = _int64_intrinsic("llvm.ctpop")
 _trailing_zeros = _int64_intrinsic("llvm.cttz")
 
 
-@intrinsic
-def _prefetch_intrinsic(typingctx: Any, ary: Any, idx: Any) -> Any:
-    """Hint the CPU to load ``ary[idx]`` into cache (no effect on results)."""
+def _prefetch_intrinsic(locality: int) -> Any:
+    """Hint the CPU to load ``ary[idx]`` into cache (no effect on results).
 
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        aryty = signature.args[0]
-        arr = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [args[1]], wraparound=False)
-        i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [i8p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
+    ``locality`` 3 fetches into every level (L1 too), 2 stops at L2: lines needed a while
+    from now wait there instead of crowding L1.
+    """
 
-    return types.void(ary, types.intp), codegen
+    @intrinsic
+    def prefetch(typingctx: Any, ary: Any, idx: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            aryty = signature.args[0]
+            arr = context.make_array(aryty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [args[1]], wraparound=False)
+            i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            builder.call(fn, [i8p, ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return types.void(ary, types.intp), codegen
+
+    return prefetch
 
 
-_prefetch: Any = _prefetch_intrinsic
+_prefetch: Any = _prefetch_intrinsic(3)
+_prefetch_l2: Any = _prefetch_intrinsic(2)
 
 
 def _block4_intrinsic(bits: int) -> Any:
@@ -127,17 +150,215 @@ _add_block4_u8 = _block4_intrinsic(8)
 _add_block4_u4 = _block4_intrinsic(4)
 
 
-@numba.njit(cache=True, inline="always")
-def _half_bits_to_float(h: int) -> float:
-    h = int(h) & 0xFFFF
-    sign = -1.0 if h >> 15 else 1.0
-    exp = (h >> 10) & 0x1F
-    man = h & 0x3FF
-    if exp == 0:
-        return sign * man * 2.0**-24
-    if exp == 31:
-        return sign * math.inf if man == 0 else math.nan
-    return sign * (man + 1024) * 2.0 ** (exp - 25)
+def _call(builder: Any, name: str, ret: Any, args: list[Any]) -> Any:
+    """Call the LLVM intrinsic ``name`` (declared on first use)."""
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
+
+
+def _splat(builder: Any, x: Any, vty: Any) -> Any:
+    i32 = ir.IntType(32)
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, vty.count), [0] * vty.count))
+
+
+@intrinsic
+def _half_to_float_intrinsic(typingctx: Any, raw: Any) -> Any:
+    """float16 bits (an int16) -> float32, as the CPU's conversion instruction."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        half = builder.bitcast(builder.trunc(args[0], ir.IntType(16)), ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return types.float32(raw), codegen
+
+
+_half_to_float: Any = _half_to_float_intrinsic
+
+
+@intrinsic
+def _kept_before_in_group_intrinsic(typingctx: Any, words: Any, first: Any, before: Any) -> Any:
+    """``sum(popcount(words[first + e]) for e < before)`` over one group of bitmap words.
+
+    One 16-lane load, a lane popcount and a masked horizontal add: no loop whose trip
+    count depends on the row. ``words`` is a 1-D array of uint8/16/32; ``first + GROUP_ROWS``
+    must be within it.
+    """
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        wty = signature.args[0]
+        arr = context.make_array(wty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, wty, arr, [args[1]], wraparound=False)
+        width = wty.dtype.bitwidth
+        i32 = ir.IntType(32)
+        n = GROUP_ROWS
+        vw = ir.VectorType(ir.IntType(width), n)
+        v32 = ir.VectorType(i32, n)
+        vec = builder.load(builder.bitcast(ptr, vw.as_pointer()), align=1)
+        counts = _call(builder, f"llvm.ctpop.v{n}i{width}", vw, [vec])
+        counts = builder.zext(counts, v32) if width < 32 else counts
+        lane = ir.Constant(v32, list(range(n)))
+        earlier = builder.icmp_unsigned("<", lane, _splat(builder, builder.trunc(args[2], i32), v32))
+        kept = builder.select(earlier, counts, ir.Constant(v32, [0] * n))
+        total = _call(builder, f"llvm.vector.reduce.add.v{n}i32", i32, [kept])
+        return builder.zext(total, ir.IntType(64))
+
+    return types.int64(words, types.intp, types.intp), codegen
+
+
+_kept_before_in_group: Any = _kept_before_in_group_intrinsic
+
+
+def _emit_word_decode(
+    context: Any,
+    builder: Any,
+    codesty: Any,
+    codes: Any,
+    pos: Any,
+    word: Any,
+    s: Any,
+    o: Any,
+    bits: int,
+    word_bits: int,
+) -> Any:
+    """IR for the decoded values of one bitmap word's blocks: a <4W x float> vector.
+
+    The kept blocks' codes sit back to back from code index ``pos``; an expanding load
+    (``llvm.masked.expandload``: one ``vpexpandd``/``vpexpandw`` per 16/32 blocks on
+    AVX-512) spreads them to their block positions, every lane is decoded as
+    ``fma(float(code), s, o)`` (one rounding, as FBGEMM's kernels do) and pruned lanes are
+    set to exactly 0. No branch depends on which blocks are kept. 8-bit blocks are 4 bytes
+    (an i32 lane each); 4-bit blocks are 2 bytes (an i16 lane, low nibble first).
+    """
+    lanes = 4 * word_bits
+    i32 = ir.IntType(32)
+    i8 = ir.IntType(8)
+    vf = ir.VectorType(ir.FloatType(), lanes)
+    arr = context.make_array(codesty)(context, builder, codes)
+    kept = builder.bitcast(
+        builder.trunc(word, ir.IntType(word_bits)), ir.VectorType(ir.IntType(1), word_bits)
+    )
+    byte = pos if bits == 8 else builder.lshr(pos, ir.Constant(pos.type, 1))
+    cptr = cgutils.get_item_pointer(context, builder, codesty, arr, [byte], wraparound=False)
+    block = ir.IntType(32 if bits == 8 else 16)
+    vb = ir.VectorType(block, word_bits)
+    blocks = _call(
+        builder,
+        f"llvm.masked.expandload.v{word_bits}i{block.width}",
+        vb,
+        [cptr, kept, ir.Constant(vb, [0] * word_bits)],
+    )
+    if bits == 8:
+        lane_codes = builder.bitcast(blocks, ir.VectorType(i8, lanes))
+    else:
+        packed = builder.bitcast(blocks, ir.VectorType(i8, 2 * word_bits))
+        low = builder.and_(packed, ir.Constant(packed.type, [15] * (2 * word_bits)))
+        high = builder.lshr(packed, ir.Constant(packed.type, [4] * (2 * word_bits)))
+        order = [k for i in range(2 * word_bits) for k in (i, 2 * word_bits + i)]
+        lane_codes = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(i32, lanes), order))
+    values = builder.uitofp(lane_codes, vf)
+    decoded = _call(
+        builder, f"llvm.fma.v{lanes}f32", vf, [values, _splat(builder, s, vf), _splat(builder, o, vf)]
+    )
+    lane_kept = builder.shuffle_vector(
+        kept, kept, ir.Constant(ir.VectorType(i32, lanes), [i // 4 for i in range(lanes)])
+    )
+    return builder.select(lane_kept, decoded, ir.Constant(vf, [0.0] * lanes))
+
+
+def _word_decode_intrinsic(bits: int, word_bits: int) -> Any:
+    """``acc[col:col+4W] += decoded blocks of one bitmap word`` (rows of several words)."""
+    lanes = 4 * word_bits
+
+    @intrinsic
+    def decode_word(
+        typingctx: Any, acc: Any, col: Any, codes: Any, pos: Any, word: Any, s: Any, o: Any
+    ) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            accty, _, codesty, _, _, _, _ = signature.args
+            pos, word, s, o = args[3:]
+            decoded = _emit_word_decode(context, builder, codesty, args[2], pos, word, s, o, bits, word_bits)
+            acc_arr = context.make_array(accty)(context, builder, args[0])
+            aptr = cgutils.get_item_pointer(context, builder, accty, acc_arr, [args[1]], wraparound=False)
+            vptr = builder.bitcast(aptr, ir.VectorType(ir.FloatType(), lanes).as_pointer())
+            builder.store(builder.fadd(builder.load(vptr, align=4), decoded), vptr, align=4)
+            return context.get_dummy_value()
+
+        sig = types.void(acc, types.intp, codes, types.intp, types.int64, types.float32, types.float32)
+        return sig, codegen
+
+    return decode_word
+
+
+def _bag_decode_intrinsic(bits: int, word_bits: int) -> Any:
+    """``acc[:4W] = sum over i < n of the decoded one-word rows (starts[i], words[i], ...)``.
+
+    The whole bag in one loop whose running sum stays in vector registers (an alloca that
+    LLVM promotes), so a row costs its decode and one add: no load and store of the sum.
+    """
+    lanes = 4 * word_bits
+
+    @intrinsic
+    def decode_bag(
+        typingctx: Any, acc: Any, codes: Any, starts: Any, words: Any, scales: Any, shifts: Any, n: Any
+    ) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            accty, codesty, startty, wordty, scalety, shiftty, _ = signature.args
+            vf = ir.VectorType(ir.FloatType(), lanes)
+            total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
+            arrays = [
+                (context.make_array(t)(context, builder, v), t)
+                for t, v in zip((startty, wordty, scalety, shiftty), args[2:6], strict=True)
+            ]
+            with cgutils.for_range(builder, args[6]) as loop:
+                start, word, s, o = (
+                    builder.load(
+                        cgutils.get_item_pointer(context, builder, t, a, [loop.index], wraparound=False)
+                    )
+                    for a, t in arrays
+                )
+                decoded = _emit_word_decode(
+                    context, builder, codesty, args[1], start, word, s, o, bits=bits, word_bits=word_bits
+                )
+                builder.store(builder.fadd(builder.load(total), decoded), total)
+            acc_arr = context.make_array(accty)(context, builder, args[0])
+            aptr = cgutils.get_item_pointer(
+                context, builder, accty, acc_arr, [ir.Constant(ir.IntType(64), 0)]
+            )
+            builder.store(builder.load(total), builder.bitcast(aptr, vf.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(acc, codes, starts, words, scales, shifts, types.intp), codegen
+
+    return decode_bag
+
+
+_decode_word_8x8 = _word_decode_intrinsic(8, 8)
+_decode_word_8x16 = _word_decode_intrinsic(8, 16)
+_decode_word_8x32 = _word_decode_intrinsic(8, 32)
+_decode_word_4x8 = _word_decode_intrinsic(4, 8)
+_decode_word_4x16 = _word_decode_intrinsic(4, 16)
+_decode_word_4x32 = _word_decode_intrinsic(4, 32)
+_decode_bag_8x8 = _bag_decode_intrinsic(8, 8)
+_decode_bag_8x16 = _bag_decode_intrinsic(8, 16)
+_decode_bag_8x32 = _bag_decode_intrinsic(8, 32)
+_decode_bag_4x8 = _bag_decode_intrinsic(4, 8)
+_decode_bag_4x16 = _bag_decode_intrinsic(4, 16)
+_decode_bag_4x32 = _bag_decode_intrinsic(4, 32)
+
+
+@functools.cache
+def vector_decode_supported(bits: int) -> bool:
+    """Whether this CPU has the expanding loads the vector decode compiles to.
+
+    Elsewhere LLVM would emulate them lane by lane, slower than walking the set bits.
+    """
+    features = llvm_binding.get_host_cpu_features()
+    if bits == 8:
+        return bool(features.get("avx512f", False))
+    if bits == 4:
+        return bool(features.get("avx512vbmi2", False))
+    return False
 
 
 @numba.njit(cache=True, inline="always")
@@ -146,80 +367,190 @@ def _prefetch_headers(
     lo: int,
     hi: int,
     rows: int,
-    group_rows: int,
     words: int,
     flat_words: np.ndarray,
     group_ptr: np.ndarray,
     flat_qparams: np.ndarray,
 ) -> None:
     for p in range(lo, hi):
-        r = indices[p]
+        r = indices[np.uint64(p)]
         if 0 <= r < rows:
-            g = r // group_rows
-            _prefetch(flat_words, g * group_rows * words)
-            _prefetch(group_ptr, g)
-            _prefetch(flat_qparams, 2 * r)
+            g = r // GROUP_ROWS
+            _prefetch_l2(flat_words, g * GROUP_ROWS * words)
+            _prefetch_l2(group_ptr, g)
+            _prefetch_l2(flat_qparams, 2 * r)
 
 
 @numba.njit(cache=True, inline="always")
 def _row_headers(
     indices: np.ndarray,
-    weights: np.ndarray,
-    has_weights: bool,
     lo: int,
     hi: int,
+    weights: np.ndarray,
+    has_weights: bool,
     rows: int,
-    group_rows: int,
     words: int,
     width: int,
     bits: int,
-    half: bool,
     flat_words: np.ndarray,
     group_ptr: np.ndarray,
     qparam_bits: np.ndarray,
     qp32: np.ndarray,
+    half: bool,
     codes: np.ndarray,
-    start_out: np.ndarray,
-    s_out: np.ndarray,
-    o_out: np.ndarray,
+    scratch: np.ndarray,
+    scales: np.ndarray,
 ) -> int:
-    """Code start, scale and offset of each lookup in [lo, hi); prefetch its codes.
+    """Code start, first bitmap word, scale and offset of each lookup in [lo, hi).
 
-    Returns the number of out-of-range indices (their start is -1)."""
+    Written to ``scratch[0, i]``, ``scratch[1, i]``, ``scales[0, i]``, ``scales[1, i]`` (the
+    weight of a weighted bag folded into scale and offset); the codes are prefetched.
+    An out-of-range index gets an empty word (it adds nothing). Returns how many there were.
+    """
     bad = 0
+    total = flat_words.shape[0]
     for i in range(hi - lo):
-        p = lo + i
+        p = np.uint64(lo + i)
+        u = np.uint64(i)
         r = indices[p]
         if r < 0 or r >= rows:
             bad += 1
-            start_out[i] = -1
+            scratch[0, u] = 0
+            scratch[1, u] = 0
+            scales[0, u] = 0.0
+            scales[1, u] = 0.0
             continue
-        g = r // group_rows
-        first = g * group_rows * words
-        before = (r - g * group_rows) * words
-        kept_before = 0
-        if words == 1 and first + group_rows <= flat_words.shape[0]:
-            # fixed trip count and no branch: cheaper than a mispredicted loop exit
-            for e in range(group_rows):
-                kept_before += _popcount(int(flat_words[np.uint64(first + e)])) * (e < before)
+        g = r // GROUP_ROWS
+        first = g * GROUP_ROWS * words
+        before = (r - g * GROUP_ROWS) * words
+        if words == 1 and first + GROUP_ROWS <= total:
+            kept_before = _kept_before_in_group(flat_words, first, before)
         else:
+            kept_before = 0
             for e in range(first, first + before):
-                kept_before += _popcount(int(flat_words[e]))
-        c = group_ptr[g] + kept_before * width
-        start_out[i] = c
+                kept_before += _popcount(int(flat_words[np.uint64(e)]))
+        c = group_ptr[np.uint64(g)] + kept_before * width
+        scratch[0, u] = c
+        scratch[1, u] = int(flat_words[np.uint64(r * words)])
+        ur = np.uint64(r)
         if half:
-            sc = np.float32(_half_bits_to_float(qparam_bits[r, 0]))
-            of = np.float32(_half_bits_to_float(qparam_bits[r, 1]))
+            sc = _half_to_float(qparam_bits[ur, 0])
+            of = _half_to_float(qparam_bits[ur, 1])
         else:
-            sc = qp32[r, 0]
-            of = qp32[r, 1]
+            sc = qp32[ur, 0]
+            of = qp32[ur, 1]
         if has_weights:
             sc = sc * weights[p]
             of = of * weights[p]
-        s_out[i] = sc
-        o_out[i] = of
+        scales[0, u] = sc
+        scales[1, u] = of
         _prefetch(codes, c * bits // 8)
+        _prefetch(codes, c * bits // 8 + 63)
     return bad
+
+
+@numba.njit(cache=True, inline="always")
+def _decode_bag(
+    codes: np.ndarray,
+    block_words: np.ndarray,
+    dim: int,
+    width: int,
+    bits: int,
+    word_bits: int,
+    indices: np.ndarray,
+    lo: int,
+    hi: int,
+    rows: int,
+    mean: bool,
+    vector: bool,
+    scratch: np.ndarray,
+    scales: np.ndarray,
+    acc: np.ndarray,
+) -> None:
+    """``acc = sum / mean over lookups [lo, hi) of their decoded rows`` (kept blocks only)."""
+    words = block_words.shape[1]
+    n = hi - lo
+    per_byte = 8 // bits
+    shift = 0 if bits == 8 else (1 if bits == 4 else 2)
+    code_mask = (1 << bits) - 1
+    if vector and words == 1:  # one-word rows: the whole bag in registers
+        starts, first_words, s_all, o_all = scratch[0], scratch[1], scales[0], scales[1]
+        if bits == 8:
+            if word_bits == 32:
+                _decode_bag_8x32(acc, codes, starts, first_words, s_all, o_all, n)
+            elif word_bits == 16:
+                _decode_bag_8x16(acc, codes, starts, first_words, s_all, o_all, n)
+            else:
+                _decode_bag_8x8(acc, codes, starts, first_words, s_all, o_all, n)
+        else:
+            if word_bits == 32:
+                _decode_bag_4x32(acc, codes, starts, first_words, s_all, o_all, n)
+            elif word_bits == 16:
+                _decode_bag_4x16(acc, codes, starts, first_words, s_all, o_all, n)
+            else:
+                _decode_bag_4x8(acc, codes, starts, first_words, s_all, o_all, n)
+    else:
+        acc[:] = 0.0
+        for i in range(n):
+            u = np.uint64(i)
+            r = indices[np.uint64(lo + i)]
+            if r < 0 or r >= rows:
+                continue
+            c = scratch[0, u]
+            s = scales[0, u]
+            o = scales[1, u]
+            for k in range(words):
+                word = int(block_words[np.uint64(r), np.uint64(k)])
+                if vector:
+                    col = k * word_bits * 4
+                    if bits == 8:
+                        if word_bits == 32:
+                            _decode_word_8x32(acc, col, codes, c, word, s, o)
+                        elif word_bits == 16:
+                            _decode_word_8x16(acc, col, codes, c, word, s, o)
+                        else:
+                            _decode_word_8x8(acc, col, codes, c, word, s, o)
+                    else:
+                        if word_bits == 32:
+                            _decode_word_4x32(acc, col, codes, c, word, s, o)
+                        elif word_bits == 16:
+                            _decode_word_4x16(acc, col, codes, c, word, s, o)
+                        else:
+                            _decode_word_4x8(acc, col, codes, c, word, s, o)
+                    c += _popcount(word) * 4
+                    continue
+                while word != 0:  # walk the set bits
+                    blk = k * word_bits + _trailing_zeros(word)
+                    word &= word - 1
+                    col0 = blk * width
+                    if width == 4 and col0 + 4 <= dim and bits != 2:
+                        if bits == 8:
+                            _add_block4_u8(acc, col0, codes, c, s, o)
+                        else:
+                            _add_block4_u4(acc, col0, codes, c, s, o)
+                    else:
+                        for j in range(min(width, dim - col0)):
+                            pos = c + j
+                            if bits == 8:
+                                code = codes[pos]
+                            else:
+                                code = (codes[pos >> shift] >> ((pos & (per_byte - 1)) * bits)) & code_mask
+                            acc[col0 + j] += np.float32(code) * s + o
+                    c += width
+    if mean and n > 0:
+        count = np.float32(n)
+        for col in range(dim):
+            acc[col] /= count
+
+
+# how many bags ahead the row headers (bitmap words, group pointer, qparams) are prefetched;
+# the codes are prefetched one bag ahead, once the row starts are known
+# how many bags ahead of the one being decoded a thread prefetches the row headers
+# (bitmap group, group pointer, qparams; into L2) and computes the row starts (and
+# prefetches the codes). Measured on the 1M-row lookup benchmark: more distance lets
+# lines be evicted before use, less leaves loads waiting.
+HEADERS_AHEAD = 2
+STARTS_AHEAD = 1
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -233,111 +564,104 @@ def block_sparse_bag(
     width: int,
     bits: int,
     word_bits: int,
-    group_rows: int,
     indices: np.ndarray,
     offsets: np.ndarray,
     per_sample_weights: np.ndarray,
     has_weights: bool,
     mean: bool,
+    vector: bool,
+    threads: int,
     out: np.ndarray,
 ) -> int:
     """``out[b] = sum / mean over the bag of decoded rows`` (kept blocks only).
 
     ``qparam_bits``: [rows, 2] (scale, offset) as raw bits, int16 holding float16 when
     ``half``, else int32 holding float32. ``block_words``: [rows, words] bitmaps of
-    ``word_bits``-bit unsigned words. The row headers of bag b+1 are prefetched while
-    bag b is decoded, and a bag's codes are prefetched before they are decoded.
-    Returns the number of out-of-range indices (their rows are skipped).
+    ``word_bits``-bit unsigned words. ``vector``: decode whole bitmap words with expanding
+    loads (needs ``width == 4``, ``bits`` 8 or 4 and ``dim == 4 * word_bits * words``);
+    else walk the set bits.
+
+    Each thread takes a contiguous run of bags and pipelines them: while bag b is decoded,
+    the row headers of bag b+1 are read (start, bitmap word, scale, offset, into a ring of
+    scratch slots) with its codes prefetched, and the row headers of bag b+2 are
+    prefetched, so the dependent loads of a lookup (bitmap -> codes) are in flight long
+    before they are needed. Returns the number of out-of-range indices (their rows add
+    nothing).
     """
     rows = block_words.shape[0]
     words = block_words.shape[1]
-    per_byte = 8 // bits
-    shift = 0 if bits == 8 else (1 if bits == 4 else 2)
-    code_mask = (1 << bits) - 1
-    qp32 = np.empty((0, 2), np.float32) if half else qparam_bits.view(np.float32)
     flat_words = block_words.ravel()
     flat_qparams = qparam_bits.ravel()
+    qp32 = np.empty((0, 2), np.float32) if half else qparam_bits.view(np.float32)
     bags = offsets.shape[0] - 1
     max_bag = 0
     for b in range(bags):
         max_bag = max(max_bag, offsets[b + 1] - offsets[b])
-    bad = np.zeros(bags, dtype=np.int64)
-    for b in numba.prange(bags):
-        if b + 1 < bags:  # the next bag's row headers travel while this bag is decoded
+    runs = max(1, min(bags, threads))
+    per_run = -(-bags // runs)
+    bad = np.zeros(runs, dtype=np.int64)
+    for run in numba.prange(runs):
+        b0 = run * per_run
+        b1 = min(bags, b0 + per_run)
+        if b0 >= b1:
+            continue
+        ring = STARTS_AHEAD + 1  # per-lookup headers of the bags in flight, one slot per bag
+        scratch = np.empty((ring, 2, max_bag), dtype=np.int64)
+        scales = np.empty((ring, 2, max_bag), dtype=np.float32)
+        acc = np.empty(dim, dtype=np.float32)  # private: the compiler sees no aliasing
+        for a in range(b0, min(b1, b0 + HEADERS_AHEAD)):
             _prefetch_headers(
-                indices,
-                offsets[b + 1],
-                offsets[b + 2],
-                rows,
-                group_rows,
-                words,
-                flat_words,
-                group_ptr,
-                flat_qparams,
+                indices, offsets[a], offsets[a + 1], rows, words, flat_words, group_ptr, flat_qparams
             )
-        starts = np.empty(max_bag, dtype=np.int64)
-        scales = np.empty(max_bag, dtype=np.float32)
-        shifts = np.empty(max_bag, dtype=np.float32)
-        acc = np.zeros(dim, dtype=np.float32)  # private: the compiler sees no aliasing
-        # phase 1 reads every row header of the bag and prefetches its codes (independent
-        # loads, so their latencies overlap); phase 2 decodes
-        bad[b] = _row_headers(
-            indices,
-            per_sample_weights,
-            has_weights,
-            offsets[b],
-            offsets[b + 1],
-            rows,
-            group_rows,
-            words,
-            width,
-            bits,
-            half,
-            flat_words,
-            group_ptr,
-            qparam_bits,
-            qp32,
-            codes,
-            starts,
-            scales,
-            shifts,
-        )
-        start = offsets[b]
-        stop = offsets[b + 1]
-        for i in range(stop - start):
-            c = starts[i]
-            if c < 0:
+        for b in range(b0 - STARTS_AHEAD, b1):
+            a = b + HEADERS_AHEAD
+            if b >= b0 and a < b1:
+                _prefetch_headers(
+                    indices, offsets[a], offsets[a + 1], rows, words, flat_words, group_ptr, flat_qparams
+                )
+            a = b + STARTS_AHEAD
+            if a < b1:
+                slot = (a - b0) % ring
+                bad[run] += _row_headers(
+                    indices,
+                    offsets[a],
+                    offsets[a + 1],
+                    per_sample_weights,
+                    has_weights,
+                    rows,
+                    words,
+                    width,
+                    bits,
+                    flat_words,
+                    group_ptr,
+                    qparam_bits,
+                    qp32,
+                    half,
+                    codes,
+                    scratch[slot],
+                    scales[slot],
+                )
+            if b < b0:
                 continue
-            r = indices[start + i]
-            s = scales[i]
-            o = shifts[i]
-            for k in range(words):
-                word = int(block_words[r, k])
-                while word != 0:
-                    blk = k * word_bits + _trailing_zeros(word)
-                    word &= word - 1
-                    col0 = blk * width
-                    if width == 4 and col0 + 4 <= dim and bits != 2:
-                        # the common block, four lanes at once
-                        if bits == 8:
-                            _add_block4_u8(acc, col0, codes, c, s, o)
-                        else:
-                            _add_block4_u4(acc, col0, codes, c, s, o)
-                    else:
-                        n = min(width, dim - col0)
-                        for j in range(n):
-                            pos = c + j
-                            if bits == 8:
-                                code = codes[pos]
-                            else:
-                                code = (codes[pos >> shift] >> ((pos & (per_byte - 1)) * bits)) & code_mask
-                            acc[col0 + j] += np.float32(code) * s + o
-                    c += width
-        if mean and stop > start:
-            count = np.float32(stop - start)
-            for col in range(dim):
-                acc[col] /= count
-        out[b, :] = acc
+            slot = (b - b0) % ring
+            _decode_bag(
+                codes,
+                block_words,
+                dim,
+                width,
+                bits,
+                word_bits,
+                indices,
+                offsets[b],
+                offsets[b + 1],
+                rows,
+                mean,
+                vector,
+                scratch[slot],
+                scales[slot],
+                acc,
+            )
+            out[b, :] = acc
     return int(bad.sum())
 
 

@@ -18,7 +18,9 @@ Memory layout (N rows, D columns, block width w, nb = ceil(D / w) blocks per row
 Pruned blocks are simply absent, so they decode to exactly 0.0 and the bytes fall with
 sparsity: at 8 bits, 80% of (1, 4) blocks pruned and D = 128 costs
 ``0.2 * 128 + 8 + 4 + 0.5`` bytes per row. Sum/mean bags run in a numba kernel on CPU
-(it walks only the set bits); other devices (and max bags) decode rows with plain torch.
+(``_kernels.block_sparse_bag``: whole bitmap words decoded with AVX-512 expanding loads
+where the CPU has them and D = 4 * bits-per-word * words, else a walk over the set
+bits); other devices (and max bags) decode rows with plain torch.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ import numpy as np
 import torch
 
 from ..quant.packing import packed_length
-from ._kernels import block_sparse_bag, set_threads
+from ._kernels import GROUP_ROWS, block_sparse_bag, set_threads, vector_decode_supported
 from .base import FormatError, QuantizedTable, base_fields, expect_tensor, meta_int, popcount_bytes
 
 __all__ = ["GROUP_ROWS", "BlockSparseTable", "group_pointers", "word_type"]
 
-GROUP_ROWS = 16
+# use the vector decode where the table and the CPU allow it (tests switch it off to check
+# the bit walk against it)
+VECTOR_DECODE = True
 
 
 class BlockSparseTable(QuantizedTable):
@@ -118,7 +122,7 @@ class BlockSparseTable(QuantizedTable):
             if per_sample_weights is not None
             else np.zeros(0, dtype=np.float32)
         )
-        set_threads()
+        threads = set_threads()
         bad = block_sparse_bag(
             self.codes.numpy(),
             qparam_bits.numpy(),
@@ -129,17 +133,28 @@ class BlockSparseTable(QuantizedTable):
             self.block_width,
             self.bits,
             self.block_words.element_size() * 8,
-            GROUP_ROWS,
             indices.long().contiguous().numpy(),
             offsets.long().contiguous().numpy(),
             psw,
             per_sample_weights is not None,
             mode == 1,
+            self._vector_decode(),
+            threads,
             out,
         )
         if bad:
             raise IndexError(f"index out of range in self (num_embeddings={self.num_embeddings})")
         return torch.from_numpy(out)
+
+    def _vector_decode(self) -> bool:
+        """Whether the kernel decodes whole bitmap words at once (see ``_kernels``)."""
+        word_bits = self.block_words.element_size() * 8
+        return (
+            VECTOR_DECODE
+            and self.block_width == 4
+            and self.embedding_dim == 4 * word_bits * self.block_words.shape[1]
+            and vector_decode_supported(self.bits)
+        )
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "block_width": self.block_width, "num_codes": self.num_codes}
