@@ -102,7 +102,7 @@ def test_file_size_is_the_bytes_plus_a_header(tmp_path):
     assert os.path.getsize(path) == 8 + header_len + tensor_bytes
 
 
-def test_load_touches_no_pickle(tmp_path, monkeypatch):
+def test_load_touches_no_pickle(tmp_path):
     model = _compressed()
     path = tmp_path / "m.safetensors"
     embpress.save(model, path)
@@ -110,11 +110,15 @@ def test_load_touches_no_pickle(tmp_path, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("pickle used on the load path")
 
-    monkeypatch.setattr(pickle, "load", forbidden)
-    monkeypatch.setattr(pickle, "loads", forbidden)
-    monkeypatch.setattr(pickle, "Unpickler", forbidden)
-    monkeypatch.setattr(torch, "load", forbidden)
-    loaded = embpress.load(_fresh(), path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pickle, "load", forbidden)
+        patch.setattr(pickle, "loads", forbidden)
+        patch.setattr(pickle, "Unpickler", forbidden)
+        patch.setattr(torch, "load", forbidden)
+        loaded = embpress.load(_fresh(), path)
+    # the lookups run outside the guard: the first call of a numba kernel in a process may
+    # read numba's own compile cache (its index is a pickle numba wrote in __pycache__),
+    # which is code caching, not data from the file being loaded
     assert torch.equal(loaded(*_inputs()), model(*_inputs()))
 
 
