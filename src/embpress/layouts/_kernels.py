@@ -444,8 +444,15 @@ def _row_headers(
             of = of * weights[p]
         scales[0, u] = sc
         scales[1, u] = of
-        _prefetch(codes, c * bits // 8)
-        _prefetch(codes, c * bits // 8 + 63)
+        # every line the decode may touch: an expanding load from memory reads a whole
+        # vector's span (64 bytes from each of its two starts at 8 bits), not only the kept
+        # codes, so the line after the row's start counts too (measured: leaving it out
+        # doubles the lookup time on a table that does not fit in cache)
+        first_byte = c * bits // 8
+        _prefetch(codes, first_byte)
+        _prefetch(codes, first_byte + 63)
+        if bits == 8:
+            _prefetch(codes, first_byte + 127)
     return bad
 
 
