@@ -285,3 +285,83 @@ def test_block_sparse_vector_decode_out_of_range():
     for bad in (40, -1):
         with pytest.raises(IndexError, match="out of range"):
             q(torch.tensor([1, bad, 2]), torch.tensor([0, 2]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    layout=st.sampled_from(["dense", "pruned_rows"]),
+    dim=st.sampled_from([32, 64, 128, 96]),
+    mode=st.sampled_from(["sum", "mean"]),
+    weighted=st.booleans(),
+    bag_sizes=st.lists(st.integers(0, 12), min_size=1, max_size=20),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_rows_own_kernel_matches_fbgemm_and_generic(layout, dim, mode, weighted, bag_sizes, seed):
+    """4-bit fused rows on several threads (embpress's kernel where it serves, FBGEMM's
+    otherwise) give the plain-torch bag over the decoded rows, as FBGEMM's kernel does."""
+    from embpress.layouts import base
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = 50
+    weight = torch.randn(rows, dim, generator=gen)
+    mask = block_norm_mask(weight, 0.5, (1, dim)) if layout == "pruned_rows" else None
+    q = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(weight, mode=mode),
+        QuantConfig(bits=4, layout=layout),
+        mask=mask,
+        block_width=dim,
+    )
+    idx = torch.randint(0, rows, (sum(bag_sizes),), generator=gen)
+    bounds = torch.tensor([0, *itertools.accumulate(bag_sizes)])
+    psw = torch.rand(idx.numel(), generator=gen) if weighted and mode == "sum" else None
+    code = 0 if mode == "sum" else 1
+    expected = q._generic(idx, bounds, psw)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        own = q.table.fast_bag(idx, bounds, code, psw)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(base, "FUSED_KERNEL", False)
+            fbgemm = q.table.fast_bag(idx, bounds, code, psw)
+    finally:
+        torch.set_num_threads(threads)
+    assert own is not None and fbgemm is not None
+    _close(own, expected)
+    _close(fbgemm, expected)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dim", [32, 64, 128])
+def test_fused_bag_kernel_on_both_bit_widths(bits, dim):
+    """The fused-row kernel reads FBGEMM's row format at 8 bits (float32 qparams) and 4 bits
+    (float16): same sums as FBGEMM's own kernel, and out-of-range ids are counted."""
+    from embpress.layouts._kernels import fused_bag, vector_decode_supported
+
+    if not vector_decode_supported(bits):
+        pytest.skip("this CPU lacks the AVX-512 expanding loads the kernel compiles to")
+    weight = torch.randn(30, dim)
+    bag = nn.EmbeddingBag.from_pretrained(weight, mode="sum")
+    q = QuantizedEmbeddingBag.from_float(bag, QuantConfig(bits=bits))
+    fused = q.table.fused
+    idx = torch.randint(0, 30, (60,))
+    bounds = torch.arange(0, 61, 6)
+    out = torch.empty(10, dim).numpy()
+    empty = torch.zeros(0).numpy()
+    args = (fused.numpy().reshape(-1), fused.shape[1], dim, bits, bits != 8)
+    bad = fused_bag(*args, idx.numpy(), bounds.numpy(), empty, False, False, 2, out)
+    assert bad == 0
+    _close(torch.from_numpy(out), q._generic(idx, bounds, None))
+    idx[7] = 30
+    assert fused_bag(*args, idx.numpy(), bounds.numpy(), empty, False, False, 2, out) == 1
+
+
+def test_fused_rows_own_kernel_out_of_range():
+    q = QuantizedEmbeddingBag.from_float(nn.EmbeddingBag(40, 128), QuantConfig(bits=4, layout="dense"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for bad in (40, -1):
+            with pytest.raises(IndexError, match="out of range"):
+                q(torch.tensor([1, bad, 2]), torch.tensor([0, 2]))
+    finally:
+        torch.set_num_threads(threads)

@@ -26,7 +26,14 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-__all__ = ["GROUP_ROWS", "block_sparse_bag", "remap_rows", "set_threads", "vector_decode_supported"]
+__all__ = [
+    "GROUP_ROWS",
+    "block_sparse_bag",
+    "fused_bag",
+    "remap_rows",
+    "set_threads",
+    "vector_decode_supported",
+]
 
 # rows per group pointer of the block-sparse layout: a compile-time constant, so dividing
 # by it is a shift, and one group of bitmap words is one vector load
@@ -295,21 +302,39 @@ def _bag_decode_intrinsic(bits: int, word_bits: int) -> Any:
 
     The whole bag in one loop whose running sum stays in vector registers (an alloca that
     LLVM promotes), so a row costs its decode and one add: no load and store of the sum.
+    Iteration i also prefetches the code lines of row i of the next bag (``ahead[i]`` for
+    i < ``n_ahead``): a steady stream the memory system keeps up with, where a burst of a
+    whole bag's prefetches would overflow the CPU's miss buffers and be dropped.
     """
     lanes = 4 * word_bits
 
     @intrinsic
     def decode_bag(
-        typingctx: Any, acc: Any, codes: Any, starts: Any, words: Any, scales: Any, shifts: Any, n: Any
+        typingctx: Any,
+        acc: Any,
+        codes: Any,
+        starts: Any,
+        words: Any,
+        scales: Any,
+        shifts: Any,
+        n: Any,
+        ahead: Any,
+        n_ahead: Any,
     ) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            accty, codesty, startty, wordty, scalety, shiftty, _ = signature.args
+            accty, codesty, startty, wordty, scalety, shiftty, _, aheadty, _ = signature.args
             vf = ir.VectorType(ir.FloatType(), lanes)
             total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
             arrays = [
                 (context.make_array(t)(context, builder, v), t)
                 for t, v in zip((startty, wordty, scalety, shiftty), args[2:6], strict=True)
             ]
+            codes_arr = context.make_array(codesty)(context, builder, args[1])
+            ahead_arr = context.make_array(aheadty)(context, builder, args[7])
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+            prefetch = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
             with cgutils.for_range(builder, args[6]) as loop:
                 start, word, s, o = (
                     builder.load(
@@ -317,6 +342,24 @@ def _bag_decode_intrinsic(bits: int, word_bits: int) -> Any:
                     )
                     for a, t in arrays
                 )
+                with builder.if_then(builder.icmp_signed("<", loop.index, args[8])):
+                    nxt = builder.load(
+                        cgutils.get_item_pointer(
+                            context, builder, aheadty, ahead_arr, [loop.index], wraparound=False
+                        )
+                    )
+                    byte = nxt if bits == 8 else builder.ashr(nxt, ir.Constant(nxt.type, 1))
+                    base = builder.bitcast(
+                        cgutils.get_item_pointer(
+                            context, builder, codesty, codes_arr, [byte], wraparound=False
+                        ),
+                        i8p,
+                    )
+                    for delta in (0, 63, 127) if bits == 8 else (0, 63):
+                        ptr = builder.gep(base, [ir.Constant(ir.IntType(64), delta)])
+                        builder.call(
+                            prefetch, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]
+                        )
                 decoded = _emit_word_decode(
                     context, builder, codesty, args[1], start, word, s, o, bits=bits, word_bits=word_bits
                 )
@@ -328,7 +371,8 @@ def _bag_decode_intrinsic(bits: int, word_bits: int) -> Any:
             builder.store(builder.load(total), builder.bitcast(aptr, vf.as_pointer()), align=4)
             return context.get_dummy_value()
 
-        return types.void(acc, codes, starts, words, scales, shifts, types.intp), codegen
+        sig = types.void(acc, codes, starts, words, scales, shifts, types.intp, ahead, types.intp)
+        return sig, codegen
 
     return decode_bag
 
@@ -362,23 +406,31 @@ def vector_decode_supported(bits: int) -> bool:
 
 
 @numba.njit(cache=True, inline="always")
-def _prefetch_headers(
-    indices: np.ndarray,
-    lo: int,
-    hi: int,
-    rows: int,
-    words: int,
-    flat_words: np.ndarray,
-    group_ptr: np.ndarray,
-    flat_qparams: np.ndarray,
+def _prefetch_header(
+    r: int, rows: int, words: int, flat_words: np.ndarray, group_ptr: np.ndarray, flat_qparams: np.ndarray
 ) -> None:
-    for p in range(lo, hi):
-        r = indices[np.uint64(p)]
-        if 0 <= r < rows:
-            g = r // GROUP_ROWS
-            _prefetch_l2(flat_words, g * GROUP_ROWS * words)
-            _prefetch_l2(group_ptr, g)
-            _prefetch_l2(flat_qparams, 2 * r)
+    """Prefetch into L2 what ``_row_headers`` reads for row ``r``: bitmap group, pointer, qparams."""
+    if 0 <= r < rows:
+        g = r // GROUP_ROWS
+        _prefetch_l2(flat_words, g * GROUP_ROWS * words)
+        _prefetch_l2(group_ptr, g)
+        _prefetch_l2(flat_qparams, 2 * r)
+
+
+@numba.njit(cache=True, inline="always")
+def _prefetch_code_lines(codes: np.ndarray, start: int, bits: int) -> None:
+    """Prefetch every line the decode of a row starting at code ``start`` may read.
+
+    An expanding load from memory reads a whole vector's span (64 bytes from each of its
+    starts: two at 8 bits), not only the kept codes, so the lines after the row's first
+    byte count too (measured: leaving them out doubles the lookup time on a table that
+    does not fit in cache).
+    """
+    first = start * bits // 8
+    _prefetch(codes, first)
+    _prefetch(codes, first + 63)
+    if bits == 8:
+        _prefetch(codes, first + 127)
 
 
 @numba.njit(cache=True, inline="always")
@@ -397,21 +449,27 @@ def _row_headers(
     qparam_bits: np.ndarray,
     qp32: np.ndarray,
     half: bool,
-    codes: np.ndarray,
     scratch: np.ndarray,
     scales: np.ndarray,
+    pf_lo: int,
+    pf_hi: int,
 ) -> int:
     """Code start, first bitmap word, scale and offset of each lookup in [lo, hi).
 
     Written to ``scratch[0, i]``, ``scratch[1, i]``, ``scales[0, i]``, ``scales[1, i]`` (the
-    weight of a weighted bag folded into scale and offset); the codes are prefetched.
-    An out-of-range index gets an empty word (it adds nothing). Returns how many there were.
+    weight of a weighted bag folded into scale and offset). Iteration i also prefetches
+    the headers of lookup ``pf_lo + i`` (the bag after), a steady stream rather than a
+    burst. An out-of-range index gets an empty word (it adds nothing). Returns how many
+    there were.
     """
     bad = 0
     total = flat_words.shape[0]
+    flat_qparams = qparam_bits.ravel()
     for i in range(hi - lo):
         p = np.uint64(lo + i)
         u = np.uint64(i)
+        if pf_lo + i < pf_hi:
+            _prefetch_header(indices[np.uint64(pf_lo + i)], rows, words, flat_words, group_ptr, flat_qparams)
         r = indices[p]
         if r < 0 or r >= rows:
             bad += 1
@@ -444,15 +502,8 @@ def _row_headers(
             of = of * weights[p]
         scales[0, u] = sc
         scales[1, u] = of
-        # every line the decode may touch: an expanding load from memory reads a whole
-        # vector's span (64 bytes from each of its two starts at 8 bits), not only the kept
-        # codes, so the line after the row's start counts too (measured: leaving it out
-        # doubles the lookup time on a table that does not fit in cache)
-        first_byte = c * bits // 8
-        _prefetch(codes, first_byte)
-        _prefetch(codes, first_byte + 63)
-        if bits == 8:
-            _prefetch(codes, first_byte + 127)
+    for extra in range(pf_lo + hi - lo, pf_hi):  # a next bag longer than this one
+        _prefetch_header(indices[np.uint64(extra)], rows, words, flat_words, group_ptr, flat_qparams)
     return bad
 
 
@@ -473,8 +524,13 @@ def _decode_bag(
     scratch: np.ndarray,
     scales: np.ndarray,
     acc: np.ndarray,
+    ahead: np.ndarray,
+    n_ahead: int,
 ) -> None:
-    """``acc = sum / mean over lookups [lo, hi) of their decoded rows`` (kept blocks only)."""
+    """``acc = sum / mean over lookups [lo, hi) of their decoded rows`` (kept blocks only).
+
+    While decoding, prefetches the codes of the next bag's rows (code starts ``ahead[:n_ahead]``).
+    """
     words = block_words.shape[1]
     n = hi - lo
     per_byte = 8 // bits
@@ -484,22 +540,24 @@ def _decode_bag(
         starts, first_words, s_all, o_all = scratch[0], scratch[1], scales[0], scales[1]
         if bits == 8:
             if word_bits == 32:
-                _decode_bag_8x32(acc, codes, starts, first_words, s_all, o_all, n)
+                _decode_bag_8x32(acc, codes, starts, first_words, s_all, o_all, n, ahead, n_ahead)
             elif word_bits == 16:
-                _decode_bag_8x16(acc, codes, starts, first_words, s_all, o_all, n)
+                _decode_bag_8x16(acc, codes, starts, first_words, s_all, o_all, n, ahead, n_ahead)
             else:
-                _decode_bag_8x8(acc, codes, starts, first_words, s_all, o_all, n)
+                _decode_bag_8x8(acc, codes, starts, first_words, s_all, o_all, n, ahead, n_ahead)
         else:
             if word_bits == 32:
-                _decode_bag_4x32(acc, codes, starts, first_words, s_all, o_all, n)
+                _decode_bag_4x32(acc, codes, starts, first_words, s_all, o_all, n, ahead, n_ahead)
             elif word_bits == 16:
-                _decode_bag_4x16(acc, codes, starts, first_words, s_all, o_all, n)
+                _decode_bag_4x16(acc, codes, starts, first_words, s_all, o_all, n, ahead, n_ahead)
             else:
-                _decode_bag_4x8(acc, codes, starts, first_words, s_all, o_all, n)
+                _decode_bag_4x8(acc, codes, starts, first_words, s_all, o_all, n, ahead, n_ahead)
     else:
         acc[:] = 0.0
         for i in range(n):
             u = np.uint64(i)
+            if i < n_ahead:
+                _prefetch_code_lines(codes, ahead[u], bits)
             r = indices[np.uint64(lo + i)]
             if r < 0 or r >= rows:
                 continue
@@ -544,6 +602,8 @@ def _decode_bag(
                                 code = (codes[pos >> shift] >> ((pos & (per_byte - 1)) * bits)) & code_mask
                             acc[col0 + j] += np.float32(code) * s + o
                     c += width
+    for i in range(n, n_ahead):  # a next bag longer than this one
+        _prefetch_code_lines(codes, ahead[np.uint64(i)], bits)
     if mean and n > 0:
         count = np.float32(n)
         for col in range(dim):
@@ -552,12 +612,6 @@ def _decode_bag(
 
 # how many bags ahead the row headers (bitmap words, group pointer, qparams) are prefetched;
 # the codes are prefetched one bag ahead, once the row starts are known
-# how many bags ahead of the one being decoded a thread prefetches the row headers
-# (bitmap group, group pointer, qparams; into L2) and computes the row starts (and
-# prefetches the codes). Measured on the 1M-row lookup benchmark: more distance lets
-# lines be evicted before use, less leaves loads waiting.
-HEADERS_AHEAD = 2
-STARTS_AHEAD = 1
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -612,62 +666,191 @@ def block_sparse_bag(
         b1 = min(bags, b0 + per_run)
         if b0 >= b1:
             continue
-        ring = STARTS_AHEAD + 1  # per-lookup headers of the bags in flight, one slot per bag
-        scratch = np.empty((ring, 2, max_bag), dtype=np.int64)
-        scales = np.empty((ring, 2, max_bag), dtype=np.float32)
+        # per-lookup headers of the bag being decoded and of the next one
+        scratch = np.empty((2, 2, max_bag), dtype=np.int64)
+        scales = np.empty((2, 2, max_bag), dtype=np.float32)
         acc = np.empty(dim, dtype=np.float32)  # private: the compiler sees no aliasing
-        for a in range(b0, min(b1, b0 + HEADERS_AHEAD)):
-            _prefetch_headers(
-                indices, offsets[a], offsets[a + 1], rows, words, flat_words, group_ptr, flat_qparams
-            )
-        for b in range(b0 - STARTS_AHEAD, b1):
-            a = b + HEADERS_AHEAD
-            if b >= b0 and a < b1:
-                _prefetch_headers(
-                    indices, offsets[a], offsets[a + 1], rows, words, flat_words, group_ptr, flat_qparams
-                )
-            a = b + STARTS_AHEAD
-            if a < b1:
-                slot = (a - b0) % ring
+        for p in range(offsets[b0], offsets[b0 + 1]):
+            _prefetch_header(indices[p], rows, words, flat_words, group_ptr, flat_qparams)
+        for b in range(b0 - 1, b1):
+            cur = (b - b0) & 1
+            n_ahead = 0
+            if b + 1 < b1:  # headers of bag b+1; its codes are prefetched while bag b decodes
+                pf_lo, pf_hi = (offsets[b + 2], offsets[b + 3]) if b + 2 < b1 else (0, 0)
                 bad[run] += _row_headers(
-                    indices,
-                    offsets[a],
-                    offsets[a + 1],
-                    per_sample_weights,
-                    has_weights,
-                    rows,
-                    words,
-                    width,
-                    bits,
-                    flat_words,
-                    group_ptr,
-                    qparam_bits,
-                    qp32,
-                    half,
-                    codes,
-                    scratch[slot],
-                    scales[slot],
-                )
+                    indices, offsets[b + 1], offsets[b + 2], per_sample_weights, has_weights, rows, words,
+                    width, bits, flat_words, group_ptr, qparam_bits, qp32, half, scratch[1 - cur],
+                    scales[1 - cur], pf_lo, pf_hi,
+                )  # fmt: skip
+                n_ahead = offsets[b + 2] - offsets[b + 1]
             if b < b0:
                 continue
-            slot = (b - b0) % ring
             _decode_bag(
-                codes,
-                block_words,
-                dim,
-                width,
-                bits,
-                word_bits,
-                indices,
-                offsets[b],
-                offsets[b + 1],
-                rows,
-                mean,
-                vector,
-                scratch[slot],
-                scales[slot],
-                acc,
-            )
+                codes, block_words, dim, width, bits, word_bits, indices, offsets[b], offsets[b + 1], rows,
+                mean, vector, scratch[cur], scales[cur], acc, scratch[1 - cur, 0], n_ahead,
+            )  # fmt: skip
+            out[b, :] = acc
+    return int(bad.sum())
+
+
+@intrinsic
+def _float32_from_bits_intrinsic(typingctx: Any, raw: Any) -> Any:
+    """float32 bits (an integer) -> float32."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
+
+    return types.float32(raw), codegen
+
+
+_float32_from_bits: Any = _float32_from_bits_intrinsic
+
+
+@numba.njit(cache=True, inline="always")
+def _prefetch_fused_row(fused: np.ndarray, r: int, rows: int, row_bytes: int) -> None:
+    if 0 <= r < rows:
+        base = r * row_bytes
+        _prefetch(fused, base)
+        _prefetch(fused, base + 63)
+        _prefetch(fused, base + row_bytes - 1)
+
+
+@numba.njit(cache=True, inline="always")
+def _fused_headers(
+    fused: np.ndarray,
+    row_bytes: int,
+    code_bytes: int,
+    bits: int,
+    half: bool,
+    word: int,
+    indices: np.ndarray,
+    lo: int,
+    hi: int,
+    weights: np.ndarray,
+    has_weights: bool,
+    scratch: np.ndarray,
+    scales: np.ndarray,
+    pf_lo: int,
+    pf_hi: int,
+) -> int:
+    """Start, bitmap word (all blocks), scale and offset of each lookup in [lo, hi) of a
+    fused-row table (see ``layouts.base``). Iteration i prefetches the row of lookup
+    ``pf_lo + i`` (the bag after). Returns the number of out-of-range indices (they get an
+    empty word: they add nothing)."""
+    bad = 0
+    rows = fused.shape[0] // row_bytes
+    for i in range(hi - lo):
+        p = np.uint64(lo + i)
+        u = np.uint64(i)
+        if pf_lo + i < pf_hi:
+            _prefetch_fused_row(fused, indices[np.uint64(pf_lo + i)], rows, row_bytes)
+        r = indices[p]
+        if r < 0 or r >= rows:
+            bad += 1
+            scratch[0, u] = 0
+            scratch[1, u] = 0
+            scales[0, u] = 0.0
+            scales[1, u] = 0.0
+            continue
+        base = r * row_bytes
+        q = np.uint64(base + code_bytes)
+        if half:
+            sc = _half_to_float(int(fused[q]) | (int(fused[q + np.uint64(1)]) << 8))
+            of = _half_to_float(int(fused[q + np.uint64(2)]) | (int(fused[q + np.uint64(3)]) << 8))
+        else:
+            raw_s = 0
+            raw_o = 0
+            for k in range(4):
+                raw_s |= int(fused[q + np.uint64(k)]) << (8 * k)
+                raw_o |= int(fused[q + np.uint64(4 + k)]) << (8 * k)
+            sc = _float32_from_bits(raw_s)
+            of = _float32_from_bits(raw_o)
+        if has_weights:
+            sc = sc * weights[p]
+            of = of * weights[p]
+        scratch[0, u] = base * 8 // bits
+        scratch[1, u] = word
+        scales[0, u] = sc
+        scales[1, u] = of
+    for extra in range(pf_lo + hi - lo, pf_hi):  # a next bag longer than this one
+        _prefetch_fused_row(fused, indices[np.uint64(extra)], rows, row_bytes)
+    return bad
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def fused_bag(
+    fused: np.ndarray,
+    row_bytes: int,
+    dim: int,
+    bits: int,
+    half: bool,
+    indices: np.ndarray,
+    offsets: np.ndarray,
+    per_sample_weights: np.ndarray,
+    has_weights: bool,
+    mean: bool,
+    threads: int,
+    out: np.ndarray,
+) -> int:
+    """Sum / mean bags of a fused-row table (dense layout) with the vector decode.
+
+    The same pipeline and decode as ``block_sparse_bag`` with every block kept (the
+    bitmap word is all ones, so the expanding load is a plain load). For ``dim`` 32, 64
+    or 128 at 8 or 4 bits on CPUs with AVX-512: it serves 4-bit tables on several
+    threads, where torch's FBGEMM 4-bit kernel runs on one. ``fused`` is the table
+    flattened to bytes. Returns the number of out-of-range indices.
+    """
+    word_bits = dim // 4
+    word = (1 << word_bits) - 1
+    code_bytes = dim * bits // 8
+    rows = fused.shape[0] // row_bytes
+    bags = offsets.shape[0] - 1
+    max_bag = 0
+    for b in range(bags):
+        max_bag = max(max_bag, offsets[b + 1] - offsets[b])
+    runs = max(1, min(bags, threads))
+    per_run = -(-bags // runs)
+    bad = np.zeros(runs, dtype=np.int64)
+    for run in numba.prange(runs):
+        b0 = run * per_run
+        b1 = min(bags, b0 + per_run)
+        if b0 >= b1:
+            continue
+        scratch = np.empty((2, 2, max_bag), dtype=np.int64)
+        scales = np.empty((2, 2, max_bag), dtype=np.float32)
+        acc = np.empty(dim, dtype=np.float32)
+        for p in range(offsets[b0], offsets[b0 + 1]):
+            _prefetch_fused_row(fused, indices[p], rows, row_bytes)
+        for b in range(b0 - 1, b1):
+            cur = (b - b0) & 1
+            if b + 1 < b1:  # headers of bag b+1, rows of bag b+2 prefetched
+                pf_lo, pf_hi = (offsets[b + 2], offsets[b + 3]) if b + 2 < b1 else (0, 0)
+                bad[run] += _fused_headers(
+                    fused, row_bytes, code_bytes, bits, half, word, indices, offsets[b + 1], offsets[b + 2],
+                    per_sample_weights, has_weights, scratch[1 - cur], scales[1 - cur], pf_lo, pf_hi,
+                )  # fmt: skip
+            if b < b0:
+                continue
+            n = offsets[b + 1] - offsets[b]
+            st, wd, sc, of = scratch[cur, 0], scratch[cur, 1], scales[cur, 0], scales[cur, 1]
+            if bits == 8:
+                if word_bits == 32:
+                    _decode_bag_8x32(acc, fused, st, wd, sc, of, n, st, 0)
+                elif word_bits == 16:
+                    _decode_bag_8x16(acc, fused, st, wd, sc, of, n, st, 0)
+                else:
+                    _decode_bag_8x8(acc, fused, st, wd, sc, of, n, st, 0)
+            else:
+                if word_bits == 32:
+                    _decode_bag_4x32(acc, fused, st, wd, sc, of, n, st, 0)
+                elif word_bits == 16:
+                    _decode_bag_4x16(acc, fused, st, wd, sc, of, n, st, 0)
+                else:
+                    _decode_bag_4x8(acc, fused, st, wd, sc, of, n, st, 0)
+            if mean and n > 0:
+                count = np.float32(n)
+                for col in range(dim):
+                    acc[col] /= count
             out[b, :] = acc
     return int(bad.sum())
 

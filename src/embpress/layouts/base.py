@@ -7,17 +7,21 @@ Fused row format (FBGEMM's ``FusedNBitRowwise``; the dense and pruned-row layout
 
 With float32 scale/offset at 8 bits and float16 at 4 and 2 bits this is byte for byte
 what ``torch.ops.quantized.embedding_bag_{byte,4bit,2bit}_rowwise_offsets`` read, so
-those kernels serve the lookups on CPU; any other device decodes with plain torch ops.
+those kernels serve the lookups on CPU (4-bit bags on several threads go to embpress's
+``_kernels.fused_bag``, see ``own_kernel_serves``); any other device decodes with plain
+torch ops.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..quant.packing import pack_codes, packed_length, unpack_codes
+from ._kernels import fused_bag, set_threads, vector_decode_supported
 
 __all__ = [
     "FormatError",
@@ -36,6 +40,9 @@ _FBGEMM_OPS = {
     2: "embedding_bag_2bit_rowwise_offsets",
 }
 _FBGEMM_SCALE = {8: torch.float32, 4: torch.float16, 2: torch.float16}
+# serve 4-bit fused rows with embpress's kernel where ``own_kernel_serves`` says so (tests
+# switch it off to compare both kernels)
+FUSED_KERNEL = True
 
 
 class FormatError(ValueError):
@@ -74,6 +81,26 @@ def decode_fused(rows: torch.Tensor, dim: int, bits: int, dtype: torch.dtype) ->
     return codes.float() * scale + offset
 
 
+def own_kernel_serves(fused: torch.Tensor, dim: int, bits: int, dtype: torch.dtype, threads: int) -> bool:
+    """Whether ``fused_bag`` (embpress's numba kernel) serves these fused rows.
+
+    torch's FBGEMM 4-bit bag kernel runs on one thread whatever ``torch.get_num_threads()``
+    says (torch 2.13; its 8-bit kernel splits the bags across threads). With several
+    threads, 4-bit tables of 32, 64 or 128 columns therefore use embpress's vector kernel,
+    which splits them, on CPUs with the AVX-512 instructions it compiles to. On one thread
+    FBGEMM's kernel is the faster one and keeps the work.
+    """
+    return (
+        FUSED_KERNEL
+        and threads > 1
+        and bits == 4
+        and dim in (32, 64, 128)
+        and dtype == torch.float16
+        and fused.is_contiguous()
+        and vector_decode_supported(bits)
+    )
+
+
 def fbgemm_bag(
     fused: torch.Tensor,
     dim: int,
@@ -84,9 +111,38 @@ def fbgemm_bag(
     mode: int,
     per_sample_weights: torch.Tensor | None,
 ) -> torch.Tensor | None:
-    """Sum/mean bags with torch's FBGEMM kernel; None where it cannot serve (device, dtype)."""
+    """Sum/mean bags over fused rows on CPU; None where no kernel serves (device, dtype).
+
+    torch's FBGEMM kernel, or embpress's (``own_kernel_serves``) where FBGEMM would leave
+    threads idle.
+    """
     if fused.device.type != "cpu" or _FBGEMM_SCALE[bits] != dtype or mode not in (0, 1):
         return None
+    threads = torch.get_num_threads()
+    if own_kernel_serves(fused, dim, bits, dtype, threads):
+        out_np = np.empty((offsets.shape[0] - 1, dim), dtype=np.float32)
+        psw = (
+            per_sample_weights.float().contiguous().numpy()
+            if per_sample_weights is not None
+            else np.zeros(0, dtype=np.float32)
+        )
+        bad = fused_bag(
+            fused.numpy().reshape(-1),
+            fused.shape[1],
+            dim,
+            bits,
+            True,
+            indices.long().contiguous().numpy(),
+            offsets.long().contiguous().numpy(),
+            psw,
+            per_sample_weights is not None,
+            mode == 1,
+            set_threads(),
+            out_np,
+        )
+        if bad:
+            raise IndexError(f"index out of range in self (num_embeddings={fused.shape[0]})")
+        return torch.from_numpy(out_np)
     op = getattr(torch.ops.quantized, _FBGEMM_OPS[bits])
     # The op sums whatever ``mode`` says (seen with torch 2.13), so mean is divided here.
     try:
