@@ -330,29 +330,27 @@ def test_fused_rows_own_kernel_matches_fbgemm_and_generic(layout, dim, mode, wei
     _close(fbgemm, expected)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dim", [32, 64, 128])
-def test_fused_bag_kernel_on_both_bit_widths(bits, dim):
-    """The fused-row kernel reads FBGEMM's row format at 8 bits (float32 qparams) and 4 bits
-    (float16): same sums as FBGEMM's own kernel, and out-of-range ids are counted."""
+def test_fused_bag_kernel_counts_bad_ids(dim):
+    """The fused-row kernel gives FBGEMM's sums on valid ids and counts out-of-range ones."""
     from embpress.layouts._kernels import fused_bag, vector_decode_supported
 
-    if not vector_decode_supported(bits):
+    if not vector_decode_supported(4):
         pytest.skip("this CPU lacks the AVX-512 expanding loads the kernel compiles to")
     weight = torch.randn(30, dim)
     bag = nn.EmbeddingBag.from_pretrained(weight, mode="sum")
-    q = QuantizedEmbeddingBag.from_float(bag, QuantConfig(bits=bits))
+    q = QuantizedEmbeddingBag.from_float(bag, QuantConfig(bits=4))
     fused = q.table.fused
     idx = torch.randint(0, 30, (60,))
     bounds = torch.arange(0, 61, 6)
     out = torch.empty(10, dim).numpy()
     empty = torch.zeros(0).numpy()
-    args = (fused.numpy().reshape(-1), fused.shape[1], dim, bits, bits != 8)
-    bad = fused_bag(*args, idx.numpy(), bounds.numpy(), empty, False, False, 2, out)
-    assert bad == 0
+    args = (fused.numpy().reshape(-1), fused.shape[1], dim)
+    assert fused_bag(*args, idx.numpy(), bounds.numpy(), empty, False, False, 2, out) == 0
     _close(torch.from_numpy(out), q._generic(idx, bounds, None))
     idx[7] = 30
-    assert fused_bag(*args, idx.numpy(), bounds.numpy(), empty, False, False, 2, out) == 1
+    idx[50] = -1
+    assert fused_bag(*args, idx.numpy(), bounds.numpy(), empty, False, False, 2, out) == 2
 
 
 def test_fused_rows_own_kernel_out_of_range():

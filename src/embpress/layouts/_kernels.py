@@ -377,6 +377,124 @@ def _bag_decode_intrinsic(bits: int, word_bits: int) -> Any:
     return decode_bag
 
 
+def _fused_bag_intrinsic(word_bits: int) -> Any:
+    """``acc[:4W] = sum over lookups [lo, hi) of their 4-bit fused rows`` (float16 qparams).
+
+    One pass in the style of FBGEMM's kernels: each iteration reads the id, decodes its row
+    (codes then scale and offset, one row is ``row_bytes``) into a sum held in registers,
+    and prefetches the row of the id ``FUSED_PREFETCH`` places further on (across bag
+    boundaries, up to ``pf_end``). Ids must be in range (checked before). ``weights`` is
+    read only when ``weighted``.
+    """
+    lanes = 4 * word_bits
+    code_bytes = lanes // 2
+
+    @intrinsic
+    def decode_fused_bag(
+        typingctx: Any,
+        acc: Any,
+        fused: Any,
+        indices: Any,
+        lo: Any,
+        hi: Any,
+        pf_end: Any,
+        row_bytes: Any,
+        weights: Any,
+        weighted: Any,
+    ) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            accty, fusedty, indty, _, _, _, _, wty, _ = signature.args
+            acc_v, fused_v, ind_v, lo, hi, pf_end, row_bytes, w_v, weighted = args
+            i64 = ir.IntType(64)
+            i32 = ir.IntType(32)
+            i8p = ir.IntType(8).as_pointer()
+            f32 = ir.FloatType()
+            vf = ir.VectorType(f32, lanes)
+            fused_arr = context.make_array(fusedty)(context, builder, fused_v)
+            ind_arr = context.make_array(indty)(context, builder, ind_v)
+            w_arr = context.make_array(wty)(context, builder, w_v)
+            base = builder.bitcast(fused_arr.data, i8p)
+            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+            prefetch = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
+            count = builder.sub(hi, lo)
+            all_kept = ir.Constant(i64, (1 << word_bits) - 1)
+            with cgutils.for_range(builder, count) as loop:
+                p = builder.add(lo, loop.index)
+                ahead = builder.add(p, ir.Constant(i64, FUSED_PREFETCH))
+                with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
+                    r_ahead = builder.load(
+                        cgutils.get_item_pointer(context, builder, indty, ind_arr, [ahead], wraparound=False)
+                    )
+                    row_ahead = builder.gep(base, [builder.mul(r_ahead, row_bytes)])
+                    for delta in (0, 63):
+                        ptr = builder.gep(row_ahead, [ir.Constant(i64, delta)])
+                        builder.call(
+                            prefetch, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]
+                        )
+                r = builder.load(
+                    cgutils.get_item_pointer(context, builder, indty, ind_arr, [p], wraparound=False)
+                )
+                start = builder.mul(r, row_bytes)
+                qptr = builder.bitcast(
+                    builder.gep(base, [builder.add(start, ir.Constant(i64, code_bytes))]),
+                    ir.IntType(16).as_pointer(),
+                )
+                s = builder.fpext(builder.bitcast(builder.load(qptr, align=1), ir.HalfType()), f32)
+                o = builder.fpext(
+                    builder.bitcast(
+                        builder.load(builder.gep(qptr, [ir.Constant(i64, 1)]), align=1), ir.HalfType()
+                    ),
+                    f32,
+                )
+                with builder.if_else(
+                    builder.icmp_unsigned("!=", weighted, ir.Constant(weighted.type, 0))
+                ) as (
+                    then,
+                    otherwise,
+                ):
+                    with then:
+                        w_read = builder.load(
+                            cgutils.get_item_pointer(context, builder, wty, w_arr, [p], wraparound=False)
+                        )
+                        from_read = builder.block
+                    with otherwise:
+                        from_default = builder.block
+                w = builder.phi(f32)
+                w.add_incoming(w_read, from_read)
+                w.add_incoming(ir.Constant(f32, 1.0), from_default)
+                s = builder.fmul(s, w)
+                o = builder.fmul(o, w)
+                pos = builder.mul(start, ir.Constant(i64, 2))  # code index of the row (two per byte)
+                decoded = _emit_word_decode(
+                    context, builder, fusedty, fused_v, pos, all_kept, s, o, bits=4, word_bits=word_bits
+                )
+                builder.store(builder.fadd(builder.load(total), decoded), total)
+            aptr = cgutils.get_item_pointer(
+                context,
+                builder,
+                accty,
+                context.make_array(accty)(context, builder, acc_v),
+                [ir.Constant(i64, 0)],
+            )
+            builder.store(builder.load(total), builder.bitcast(aptr, vf.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        sig = types.void(
+            acc, fused, indices, types.intp, types.intp, types.intp, types.intp, weights, types.boolean
+        )
+        return sig, codegen
+
+    return decode_fused_bag
+
+
+# ids ahead whose fused rows are prefetched (FBGEMM's kernels use 16)
+FUSED_PREFETCH = 16
+_decode_fused_4x8 = _fused_bag_intrinsic(8)
+_decode_fused_4x16 = _fused_bag_intrinsic(16)
+_decode_fused_4x32 = _fused_bag_intrinsic(32)
+
+
 _decode_word_8x8 = _word_decode_intrinsic(8, 8)
 _decode_word_8x16 = _word_decode_intrinsic(8, 16)
 _decode_word_8x32 = _word_decode_intrinsic(8, 32)
@@ -693,97 +811,11 @@ def block_sparse_bag(
     return int(bad.sum())
 
 
-@intrinsic
-def _float32_from_bits_intrinsic(typingctx: Any, raw: Any) -> Any:
-    """float32 bits (an integer) -> float32."""
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)), ir.FloatType())
-
-    return types.float32(raw), codegen
-
-
-_float32_from_bits: Any = _float32_from_bits_intrinsic
-
-
-@numba.njit(cache=True, inline="always")
-def _prefetch_fused_row(fused: np.ndarray, r: int, rows: int, row_bytes: int) -> None:
-    if 0 <= r < rows:
-        base = r * row_bytes
-        _prefetch(fused, base)
-        _prefetch(fused, base + 63)
-        _prefetch(fused, base + row_bytes - 1)
-
-
-@numba.njit(cache=True, inline="always")
-def _fused_headers(
-    fused: np.ndarray,
-    row_bytes: int,
-    code_bytes: int,
-    bits: int,
-    half: bool,
-    word: int,
-    indices: np.ndarray,
-    lo: int,
-    hi: int,
-    weights: np.ndarray,
-    has_weights: bool,
-    scratch: np.ndarray,
-    scales: np.ndarray,
-    pf_lo: int,
-    pf_hi: int,
-) -> int:
-    """Start, bitmap word (all blocks), scale and offset of each lookup in [lo, hi) of a
-    fused-row table (see ``layouts.base``). Iteration i prefetches the row of lookup
-    ``pf_lo + i`` (the bag after). Returns the number of out-of-range indices (they get an
-    empty word: they add nothing)."""
-    bad = 0
-    rows = fused.shape[0] // row_bytes
-    for i in range(hi - lo):
-        p = np.uint64(lo + i)
-        u = np.uint64(i)
-        if pf_lo + i < pf_hi:
-            _prefetch_fused_row(fused, indices[np.uint64(pf_lo + i)], rows, row_bytes)
-        r = indices[p]
-        if r < 0 or r >= rows:
-            bad += 1
-            scratch[0, u] = 0
-            scratch[1, u] = 0
-            scales[0, u] = 0.0
-            scales[1, u] = 0.0
-            continue
-        base = r * row_bytes
-        q = np.uint64(base + code_bytes)
-        if half:
-            sc = _half_to_float(int(fused[q]) | (int(fused[q + np.uint64(1)]) << 8))
-            of = _half_to_float(int(fused[q + np.uint64(2)]) | (int(fused[q + np.uint64(3)]) << 8))
-        else:
-            raw_s = 0
-            raw_o = 0
-            for k in range(4):
-                raw_s |= int(fused[q + np.uint64(k)]) << (8 * k)
-                raw_o |= int(fused[q + np.uint64(4 + k)]) << (8 * k)
-            sc = _float32_from_bits(raw_s)
-            of = _float32_from_bits(raw_o)
-        if has_weights:
-            sc = sc * weights[p]
-            of = of * weights[p]
-        scratch[0, u] = base * 8 // bits
-        scratch[1, u] = word
-        scales[0, u] = sc
-        scales[1, u] = of
-    for extra in range(pf_lo + hi - lo, pf_hi):  # a next bag longer than this one
-        _prefetch_fused_row(fused, indices[np.uint64(extra)], rows, row_bytes)
-    return bad
-
-
 @numba.njit(cache=True, parallel=True, nogil=True)
 def fused_bag(
     fused: np.ndarray,
     row_bytes: int,
     dim: int,
-    bits: int,
-    half: bool,
     indices: np.ndarray,
     offsets: np.ndarray,
     per_sample_weights: np.ndarray,
@@ -792,22 +824,16 @@ def fused_bag(
     threads: int,
     out: np.ndarray,
 ) -> int:
-    """Sum / mean bags of a fused-row table (dense layout) with the vector decode.
+    """Sum / mean bags of a 4-bit fused-row table (float16 qparams; see ``layouts.base``).
 
-    The same pipeline and decode as ``block_sparse_bag`` with every block kept (the
-    bitmap word is all ones, so the expanding load is a plain load). For ``dim`` 32, 64
-    or 128 at 8 or 4 bits on CPUs with AVX-512: it serves 4-bit tables on several
-    threads, where torch's FBGEMM 4-bit kernel runs on one. ``fused`` is the table
-    flattened to bytes. Returns the number of out-of-range indices.
+    The vector decode of ``block_sparse_bag`` with every block kept, in one pass per bag
+    (``_fused_bag_intrinsic``), each thread on a contiguous run of bags. For ``dim`` 32, 64
+    or 128 on CPUs with AVX-512: it serves 4-bit tables on several threads, where torch's
+    FBGEMM 4-bit kernel runs on one. ``fused`` is the table flattened to bytes. Returns
+    the number of out-of-range indices (then nothing is computed: the caller raises).
     """
-    word_bits = dim // 4
-    word = (1 << word_bits) - 1
-    code_bytes = dim * bits // 8
     rows = fused.shape[0] // row_bytes
     bags = offsets.shape[0] - 1
-    max_bag = 0
-    for b in range(bags):
-        max_bag = max(max_bag, offsets[b + 1] - offsets[b])
     runs = max(1, min(bags, threads))
     per_run = -(-bags // runs)
     bad = np.zeros(runs, dtype=np.int64)
@@ -816,39 +842,31 @@ def fused_bag(
         b1 = min(bags, b0 + per_run)
         if b0 >= b1:
             continue
-        scratch = np.empty((2, 2, max_bag), dtype=np.int64)
-        scales = np.empty((2, 2, max_bag), dtype=np.float32)
+        for p in range(offsets[b0], offsets[b1]):  # the decode trusts the ids
+            r = indices[p]
+            if r < 0 or r >= rows:
+                bad[run] += 1
+        if bad[run]:
+            continue
         acc = np.empty(dim, dtype=np.float32)
-        for p in range(offsets[b0], offsets[b0 + 1]):
-            _prefetch_fused_row(fused, indices[p], rows, row_bytes)
-        for b in range(b0 - 1, b1):
-            cur = (b - b0) & 1
-            if b + 1 < b1:  # headers of bag b+1, rows of bag b+2 prefetched
-                pf_lo, pf_hi = (offsets[b + 2], offsets[b + 3]) if b + 2 < b1 else (0, 0)
-                bad[run] += _fused_headers(
-                    fused, row_bytes, code_bytes, bits, half, word, indices, offsets[b + 1], offsets[b + 2],
-                    per_sample_weights, has_weights, scratch[1 - cur], scales[1 - cur], pf_lo, pf_hi,
-                )  # fmt: skip
-            if b < b0:
-                continue
-            n = offsets[b + 1] - offsets[b]
-            st, wd, sc, of = scratch[cur, 0], scratch[cur, 1], scales[cur, 0], scales[cur, 1]
-            if bits == 8:
-                if word_bits == 32:
-                    _decode_bag_8x32(acc, fused, st, wd, sc, of, n, st, 0)
-                elif word_bits == 16:
-                    _decode_bag_8x16(acc, fused, st, wd, sc, of, n, st, 0)
-                else:
-                    _decode_bag_8x8(acc, fused, st, wd, sc, of, n, st, 0)
+        pf_end = offsets[b1]
+        for b in range(b0, b1):
+            lo = offsets[b]
+            hi = offsets[b + 1]
+            if dim == 128:
+                _decode_fused_4x32(
+                    acc, fused, indices, lo, hi, pf_end, row_bytes, per_sample_weights, has_weights
+                )
+            elif dim == 64:
+                _decode_fused_4x16(
+                    acc, fused, indices, lo, hi, pf_end, row_bytes, per_sample_weights, has_weights
+                )
             else:
-                if word_bits == 32:
-                    _decode_bag_4x32(acc, fused, st, wd, sc, of, n, st, 0)
-                elif word_bits == 16:
-                    _decode_bag_4x16(acc, fused, st, wd, sc, of, n, st, 0)
-                else:
-                    _decode_bag_4x8(acc, fused, st, wd, sc, of, n, st, 0)
-            if mean and n > 0:
-                count = np.float32(n)
+                _decode_fused_4x8(
+                    acc, fused, indices, lo, hi, pf_end, row_bytes, per_sample_weights, has_weights
+                )
+            if mean and hi > lo:
+                count = np.float32(hi - lo)
                 for col in range(dim):
                     acc[col] /= count
             out[b, :] = acc

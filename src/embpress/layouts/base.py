@@ -130,8 +130,6 @@ def fbgemm_bag(
             fused.numpy().reshape(-1),
             fused.shape[1],
             dim,
-            bits,
-            True,
             indices.long().contiguous().numpy(),
             offsets.long().contiguous().numpy(),
             psw,
