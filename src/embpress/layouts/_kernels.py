@@ -297,86 +297,6 @@ def _word_decode_intrinsic(bits: int, word_bits: int) -> Any:
     return decode_word
 
 
-def _bag_decode_intrinsic(bits: int, word_bits: int) -> Any:
-    """``acc[:4W] = sum over i < n of the decoded one-word rows (starts[i], words[i], ...)``.
-
-    The whole bag in one loop whose running sum stays in vector registers (an alloca that
-    LLVM promotes), so a row costs its decode and one add: no load and store of the sum.
-    Iteration i also prefetches the code lines of row i of the next bag (``ahead[i]`` for
-    i < ``n_ahead``): a steady stream the memory system keeps up with, where a burst of a
-    whole bag's prefetches would overflow the CPU's miss buffers and be dropped.
-    """
-    lanes = 4 * word_bits
-
-    @intrinsic
-    def decode_bag(
-        typingctx: Any,
-        acc: Any,
-        codes: Any,
-        starts: Any,
-        words: Any,
-        scales: Any,
-        shifts: Any,
-        n: Any,
-        ahead: Any,
-        n_ahead: Any,
-    ) -> Any:
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            accty, codesty, startty, wordty, scalety, shiftty, _, aheadty, _ = signature.args
-            vf = ir.VectorType(ir.FloatType(), lanes)
-            total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
-            arrays = [
-                (context.make_array(t)(context, builder, v), t)
-                for t, v in zip((startty, wordty, scalety, shiftty), args[2:6], strict=True)
-            ]
-            codes_arr = context.make_array(codesty)(context, builder, args[1])
-            ahead_arr = context.make_array(aheadty)(context, builder, args[7])
-            i8p = ir.IntType(8).as_pointer()
-            i32 = ir.IntType(32)
-            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-            prefetch = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-            with cgutils.for_range(builder, args[6]) as loop:
-                start, word, s, o = (
-                    builder.load(
-                        cgutils.get_item_pointer(context, builder, t, a, [loop.index], wraparound=False)
-                    )
-                    for a, t in arrays
-                )
-                with builder.if_then(builder.icmp_signed("<", loop.index, args[8])):
-                    nxt = builder.load(
-                        cgutils.get_item_pointer(
-                            context, builder, aheadty, ahead_arr, [loop.index], wraparound=False
-                        )
-                    )
-                    byte = nxt if bits == 8 else builder.ashr(nxt, ir.Constant(nxt.type, 1))
-                    base = builder.bitcast(
-                        cgutils.get_item_pointer(
-                            context, builder, codesty, codes_arr, [byte], wraparound=False
-                        ),
-                        i8p,
-                    )
-                    for delta in (0, 63, 127) if bits == 8 else (0, 63):
-                        ptr = builder.gep(base, [ir.Constant(ir.IntType(64), delta)])
-                        builder.call(
-                            prefetch, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]
-                        )
-                decoded = _emit_word_decode(
-                    context, builder, codesty, args[1], start, word, s, o, bits=bits, word_bits=word_bits
-                )
-                builder.store(builder.fadd(builder.load(total), decoded), total)
-            acc_arr = context.make_array(accty)(context, builder, args[0])
-            aptr = cgutils.get_item_pointer(
-                context, builder, accty, acc_arr, [ir.Constant(ir.IntType(64), 0)]
-            )
-            builder.store(builder.load(total), builder.bitcast(aptr, vf.as_pointer()), align=4)
-            return context.get_dummy_value()
-
-        sig = types.void(acc, codes, starts, words, scales, shifts, types.intp, ahead, types.intp)
-        return sig, codegen
-
-    return decode_bag
-
-
 def _fused_bag_intrinsic(word_bits: int) -> Any:
     """``acc[:4W] = sum over lookups [lo, hi) of their 4-bit fused rows`` (float16 qparams).
 
@@ -488,6 +408,196 @@ def _fused_bag_intrinsic(word_bits: int) -> Any:
     return decode_fused_bag
 
 
+def _emit_row_start(builder: Any, words_ptr: Any, group_ptr: Any, r: Any, width: int) -> Any:
+    """IR for the code index where row ``r`` of a one-word-per-row block-sparse table starts.
+
+    ``group_ptr[r // G]`` plus ``width`` times the kept blocks of the rows before ``r`` in
+    its group: one masked 16-lane load of the group's bitmap words (only the rows before
+    ``r``, so never past the table's end), a lane popcount and a horizontal add.
+    """
+    i64 = ir.IntType(64)
+    i32 = ir.IntType(32)
+    n = GROUP_ROWS
+    wty = words_ptr.type.pointee
+    vw = ir.VectorType(wty, n)
+    v32 = ir.VectorType(i32, n)
+    shift = n.bit_length() - 1
+    g = builder.lshr(r, ir.Constant(i64, shift))
+    first = builder.gep(words_ptr, [builder.shl(g, ir.Constant(i64, shift))])
+    before = builder.trunc(builder.and_(r, ir.Constant(i64, n - 1)), i32)
+    earlier = builder.icmp_unsigned("<", ir.Constant(v32, list(range(n))), _splat(builder, before, v32))
+    vec = _call(
+        builder,
+        f"llvm.masked.load.v{n}i{wty.width}.p0",
+        vw,
+        [builder.bitcast(first, vw.as_pointer()), ir.Constant(i32, 1), earlier, ir.Constant(vw, [0] * n)],
+    )
+    counts = _call(builder, f"llvm.ctpop.v{n}i{wty.width}", vw, [vec])
+    counts = builder.zext(counts, v32) if wty.width < 32 else counts
+    kept = builder.zext(_call(builder, f"llvm.vector.reduce.add.v{n}i32", i32, [counts]), i64)
+    base = builder.load(builder.gep(group_ptr, [g]))
+    return builder.add(base, builder.mul(kept, ir.Constant(i64, width)))
+
+
+# ids ahead whose row headers (bitmap group, group pointer, qparams) and, half as far,
+# codes the one-pass block-sparse decode prefetches
+HEADER_PREFETCH = 48
+CODE_PREFETCH = 24
+
+
+def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
+    """``acc[:4W] = sum over lookups [lo, hi) of their rows`` (one-word (1, 4)-block rows).
+
+    The whole lookup in one pass, FBGEMM-style: each iteration prefetches the headers of
+    the id ``HEADER_PREFETCH`` places on (into L2) and the codes of the id
+    ``CODE_PREFETCH`` places on (its start computed from headers prefetched earlier), then
+    computes its own row's start, reads word and qparams and decodes (``_emit_word_decode``)
+    into a sum held in registers. Prefetches run across bag boundaries up to ``pf_end``.
+    Ids must be in range (checked before). ``qparams`` is the qparam array as bytes:
+    float16 pairs (4 bytes a row) when ``half``, else float32 pairs (8 bytes).
+    """
+    lanes = 4 * word_bits
+
+    @intrinsic
+    def decode_pass(
+        typingctx: Any,
+        acc: Any,
+        codes: Any,
+        words: Any,
+        group_ptr: Any,
+        qparams: Any,
+        indices: Any,
+        lo: Any,
+        hi: Any,
+        pf_end: Any,
+        weights: Any,
+        weighted: Any,
+        half: Any,
+    ) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            (accty, codesty, wordsty, gpty, qty, indty, _, _, _, wty, _, _) = signature.args
+            acc_v, codes_v, words_v, gp_v, q_v, ind_v, lo, hi, pf_end, w_v, weighted, half = args
+            i64 = ir.IntType(64)
+            i32 = ir.IntType(32)
+            i8p = ir.IntType(8).as_pointer()
+            f32 = ir.FloatType()
+            vf = ir.VectorType(f32, lanes)
+
+            def data(ty: Any, value: Any) -> Any:
+                return context.make_array(ty)(context, builder, value).data
+
+            codes_p = builder.bitcast(data(codesty, codes_v), i8p)
+            words_p = data(wordsty, words_v)
+            gp_p = data(gpty, gp_v)
+            q_p = builder.bitcast(data(qty, q_v), i8p)
+            ind_p = data(indty, ind_v)
+            w_p = data(wty, w_v)
+            is_half = builder.icmp_unsigned("!=", half, ir.Constant(half.type, 0))
+            is_weighted = builder.icmp_unsigned("!=", weighted, ir.Constant(weighted.type, 0))
+            q_row = builder.select(is_half, ir.Constant(i64, 4), ir.Constant(i64, 8))
+            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+            prefetch = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+
+            def fetch(ptr: Any, locality: int) -> None:
+                builder.call(
+                    prefetch,
+                    [
+                        builder.bitcast(ptr, i8p),
+                        ir.Constant(i32, 0),
+                        ir.Constant(i32, locality),
+                        ir.Constant(i32, 1),
+                    ],
+                )
+
+            total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
+            with cgutils.for_range(builder, builder.sub(hi, lo)) as loop:
+                p = builder.add(lo, loop.index)
+                ahead = builder.add(p, ir.Constant(i64, HEADER_PREFETCH))
+                with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
+                    r = builder.load(builder.gep(ind_p, [ahead]))
+                    g = builder.lshr(r, ir.Constant(i64, GROUP_ROWS.bit_length() - 1))
+                    fetch(
+                        builder.gep(words_p, [builder.shl(g, ir.Constant(i64, GROUP_ROWS.bit_length() - 1))]),
+                        2,
+                    )
+                    fetch(builder.gep(gp_p, [g]), 2)
+                    fetch(builder.gep(q_p, [builder.mul(r, q_row)]), 2)
+                ahead = builder.add(p, ir.Constant(i64, CODE_PREFETCH))
+                with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
+                    r = builder.load(builder.gep(ind_p, [ahead]))
+                    start = _emit_row_start(builder, words_p, gp_p, r, 4)
+                    first = start if bits == 8 else builder.lshr(start, ir.Constant(i64, 1))
+                    for delta in (0, 63, 127) if bits == 8 else (0, 63):
+                        fetch(builder.gep(codes_p, [builder.add(first, ir.Constant(i64, delta))]), 3)
+                r = builder.load(builder.gep(ind_p, [p]))
+                start = _emit_row_start(builder, words_p, gp_p, r, 4)
+                word = builder.zext(builder.load(builder.gep(words_p, [r])), i64)
+                qrow = builder.gep(q_p, [builder.mul(r, q_row)])
+                with builder.if_else(is_half) as (then, otherwise):
+                    with then:
+                        hp = builder.bitcast(qrow, ir.IntType(16).as_pointer())
+                        s_h = builder.fpext(builder.bitcast(builder.load(hp, align=1), ir.HalfType()), f32)
+                        o_h = builder.fpext(
+                            builder.bitcast(
+                                builder.load(builder.gep(hp, [ir.Constant(i64, 1)]), align=1), ir.HalfType()
+                            ),
+                            f32,
+                        )
+                        from_half = builder.block
+                    with otherwise:
+                        fp = builder.bitcast(qrow, f32.as_pointer())
+                        s_f = builder.load(fp, align=1)
+                        o_f = builder.load(builder.gep(fp, [ir.Constant(i64, 1)]), align=1)
+                        from_single = builder.block
+                s = builder.phi(f32)
+                s.add_incoming(s_h, from_half)
+                s.add_incoming(s_f, from_single)
+                o = builder.phi(f32)
+                o.add_incoming(o_h, from_half)
+                o.add_incoming(o_f, from_single)
+                with builder.if_else(is_weighted) as (then, otherwise):
+                    with then:
+                        w_read = builder.load(builder.gep(w_p, [p]))
+                        from_read = builder.block
+                    with otherwise:
+                        from_default = builder.block
+                w = builder.phi(f32)
+                w.add_incoming(w_read, from_read)
+                w.add_incoming(ir.Constant(f32, 1.0), from_default)
+                decoded = _emit_word_decode(
+                    context,
+                    builder,
+                    codesty,
+                    codes_v,
+                    start,
+                    word,
+                    builder.fmul(s, w),
+                    builder.fmul(o, w),
+                    bits=bits,
+                    word_bits=word_bits,
+                )
+                builder.store(builder.fadd(builder.load(total), decoded), total)
+            aptr = builder.bitcast(data(accty, acc_v), vf.as_pointer())
+            builder.store(builder.load(total), aptr, align=4)
+            return context.get_dummy_value()
+
+        sig = types.void(
+            acc, codes, words, group_ptr, qparams, indices, types.intp, types.intp, types.intp, weights,
+            types.boolean, types.boolean,
+        )  # fmt: skip
+        return sig, codegen
+
+    return decode_pass
+
+
+_decode_pass_8x8 = _block_sparse_pass_intrinsic(8, 8)
+_decode_pass_8x16 = _block_sparse_pass_intrinsic(8, 16)
+_decode_pass_8x32 = _block_sparse_pass_intrinsic(8, 32)
+_decode_pass_4x8 = _block_sparse_pass_intrinsic(4, 8)
+_decode_pass_4x16 = _block_sparse_pass_intrinsic(4, 16)
+_decode_pass_4x32 = _block_sparse_pass_intrinsic(4, 32)
+
+
 # ids ahead whose fused rows are prefetched (FBGEMM's kernels use 16)
 FUSED_PREFETCH = 16
 _decode_fused_4x8 = _fused_bag_intrinsic(8)
@@ -501,12 +611,6 @@ _decode_word_8x32 = _word_decode_intrinsic(8, 32)
 _decode_word_4x8 = _word_decode_intrinsic(4, 8)
 _decode_word_4x16 = _word_decode_intrinsic(4, 16)
 _decode_word_4x32 = _word_decode_intrinsic(4, 32)
-_decode_bag_8x8 = _bag_decode_intrinsic(8, 8)
-_decode_bag_8x16 = _bag_decode_intrinsic(8, 16)
-_decode_bag_8x32 = _bag_decode_intrinsic(8, 32)
-_decode_bag_4x8 = _bag_decode_intrinsic(4, 8)
-_decode_bag_4x16 = _bag_decode_intrinsic(4, 16)
-_decode_bag_4x32 = _bag_decode_intrinsic(4, 32)
 
 
 @functools.cache
@@ -647,79 +751,64 @@ def _decode_bag(
 ) -> None:
     """``acc = sum / mean over lookups [lo, hi) of their decoded rows`` (kept blocks only).
 
-    While decoding, prefetches the codes of the next bag's rows (code starts ``ahead[:n_ahead]``).
+    The path for rows of several bitmap words (whole words decoded as vectors) and for
+    CPUs or shapes without the vector decode (the set bits walked). While decoding, it
+    prefetches the codes of the next bag's rows (code starts ``ahead[:n_ahead]``).
     """
     words = block_words.shape[1]
     n = hi - lo
     per_byte = 8 // bits
     shift = 0 if bits == 8 else (1 if bits == 4 else 2)
     code_mask = (1 << bits) - 1
-    if vector and words == 1:  # one-word rows: the whole bag in registers
-        starts, first_words, s_all, o_all = scratch[0], scratch[1], scales[0], scales[1]
-        if bits == 8:
-            if word_bits == 32:
-                _decode_bag_8x32(acc, codes, starts, first_words, s_all, o_all, n, ahead, n_ahead)
-            elif word_bits == 16:
-                _decode_bag_8x16(acc, codes, starts, first_words, s_all, o_all, n, ahead, n_ahead)
-            else:
-                _decode_bag_8x8(acc, codes, starts, first_words, s_all, o_all, n, ahead, n_ahead)
-        else:
-            if word_bits == 32:
-                _decode_bag_4x32(acc, codes, starts, first_words, s_all, o_all, n, ahead, n_ahead)
-            elif word_bits == 16:
-                _decode_bag_4x16(acc, codes, starts, first_words, s_all, o_all, n, ahead, n_ahead)
-            else:
-                _decode_bag_4x8(acc, codes, starts, first_words, s_all, o_all, n, ahead, n_ahead)
-    else:
-        acc[:] = 0.0
-        for i in range(n):
-            u = np.uint64(i)
-            if i < n_ahead:
-                _prefetch_code_lines(codes, ahead[u], bits)
-            r = indices[np.uint64(lo + i)]
-            if r < 0 or r >= rows:
+    acc[:] = 0.0
+    for i in range(n):
+        u = np.uint64(i)
+        if i < n_ahead:
+            _prefetch_code_lines(codes, ahead[u], bits)
+        r = indices[np.uint64(lo + i)]
+        if r < 0 or r >= rows:
+            continue
+        c = scratch[0, u]
+        s = scales[0, u]
+        o = scales[1, u]
+        for k in range(words):
+            word = int(block_words[np.uint64(r), np.uint64(k)])
+            if vector:
+                col = k * word_bits * 4
+                if bits == 8:
+                    if word_bits == 32:
+                        _decode_word_8x32(acc, col, codes, c, word, s, o)
+                    elif word_bits == 16:
+                        _decode_word_8x16(acc, col, codes, c, word, s, o)
+                    else:
+                        _decode_word_8x8(acc, col, codes, c, word, s, o)
+                else:
+                    if word_bits == 32:
+                        _decode_word_4x32(acc, col, codes, c, word, s, o)
+                    elif word_bits == 16:
+                        _decode_word_4x16(acc, col, codes, c, word, s, o)
+                    else:
+                        _decode_word_4x8(acc, col, codes, c, word, s, o)
+                c += _popcount(word) * 4
                 continue
-            c = scratch[0, u]
-            s = scales[0, u]
-            o = scales[1, u]
-            for k in range(words):
-                word = int(block_words[np.uint64(r), np.uint64(k)])
-                if vector:
-                    col = k * word_bits * 4
+            while word != 0:  # walk the set bits
+                blk = k * word_bits + _trailing_zeros(word)
+                word &= word - 1
+                col0 = blk * width
+                if width == 4 and col0 + 4 <= dim and bits != 2:
                     if bits == 8:
-                        if word_bits == 32:
-                            _decode_word_8x32(acc, col, codes, c, word, s, o)
-                        elif word_bits == 16:
-                            _decode_word_8x16(acc, col, codes, c, word, s, o)
-                        else:
-                            _decode_word_8x8(acc, col, codes, c, word, s, o)
+                        _add_block4_u8(acc, col0, codes, c, s, o)
                     else:
-                        if word_bits == 32:
-                            _decode_word_4x32(acc, col, codes, c, word, s, o)
-                        elif word_bits == 16:
-                            _decode_word_4x16(acc, col, codes, c, word, s, o)
-                        else:
-                            _decode_word_4x8(acc, col, codes, c, word, s, o)
-                    c += _popcount(word) * 4
-                    continue
-                while word != 0:  # walk the set bits
-                    blk = k * word_bits + _trailing_zeros(word)
-                    word &= word - 1
-                    col0 = blk * width
-                    if width == 4 and col0 + 4 <= dim and bits != 2:
+                        _add_block4_u4(acc, col0, codes, c, s, o)
+                else:
+                    for j in range(min(width, dim - col0)):
+                        pos = c + j
                         if bits == 8:
-                            _add_block4_u8(acc, col0, codes, c, s, o)
+                            code = codes[pos]
                         else:
-                            _add_block4_u4(acc, col0, codes, c, s, o)
-                    else:
-                        for j in range(min(width, dim - col0)):
-                            pos = c + j
-                            if bits == 8:
-                                code = codes[pos]
-                            else:
-                                code = (codes[pos >> shift] >> ((pos & (per_byte - 1)) * bits)) & code_mask
-                            acc[col0 + j] += np.float32(code) * s + o
-                    c += width
+                            code = (codes[pos >> shift] >> ((pos & (per_byte - 1)) * bits)) & code_mask
+                        acc[col0 + j] += np.float32(code) * s + o
+                c += width
     for i in range(n, n_ahead):  # a next bag longer than this one
         _prefetch_code_lines(codes, ahead[np.uint64(i)], bits)
     if mean and n > 0:
@@ -728,14 +817,11 @@ def _decode_bag(
             acc[col] /= count
 
 
-# how many bags ahead the row headers (bitmap words, group pointer, qparams) are prefetched;
-# the codes are prefetched one bag ahead, once the row starts are known
-
-
 @numba.njit(cache=True, parallel=True, nogil=True)
 def block_sparse_bag(
     codes: np.ndarray,
     qparam_bits: np.ndarray,
+    qparam_bytes: np.ndarray,
     half: bool,
     block_words: np.ndarray,
     group_ptr: np.ndarray,
@@ -755,17 +841,19 @@ def block_sparse_bag(
     """``out[b] = sum / mean over the bag of decoded rows`` (kept blocks only).
 
     ``qparam_bits``: [rows, 2] (scale, offset) as raw bits, int16 holding float16 when
-    ``half``, else int32 holding float32. ``block_words``: [rows, words] bitmaps of
-    ``word_bits``-bit unsigned words. ``vector``: decode whole bitmap words with expanding
-    loads (needs ``width == 4``, ``bits`` 8 or 4 and ``dim == 4 * word_bits * words``);
-    else walk the set bits.
+    ``half``, else int32 holding float32; ``qparam_bytes``: the same memory as uint8.
+    ``block_words``: [rows, words] bitmaps of ``word_bits``-bit unsigned words.
+    ``vector``: decode whole bitmap words with expanding loads (needs ``width == 4``,
+    ``bits`` 8 or 4 and ``dim == 4 * word_bits * words``); else walk the set bits.
 
-    Each thread takes a contiguous run of bags and pipelines them: while bag b is decoded,
-    the row headers of bag b+1 are read (start, bitmap word, scale, offset, into a ring of
-    scratch slots) with its codes prefetched, and the row headers of bag b+2 are
-    prefetched, so the dependent loads of a lookup (bitmap -> codes) are in flight long
-    before they are needed. Returns the number of out-of-range indices (their rows add
-    nothing).
+    Each thread takes a contiguous run of bags. One-word rows with the vector decode go
+    through ``_block_sparse_pass_intrinsic`` (one pass per bag, prefetch streams running
+    ``HEADER_PREFETCH`` / ``CODE_PREFETCH`` ids ahead, ids checked before). Other rows are
+    pipelined in two steps: the headers of bag b+1 are read (start, first word, scale,
+    offset) while the headers of bag b+2 are prefetched, then bag b is decoded while the
+    codes of bag b+1 are prefetched; so the dependent loads of a lookup (bitmap -> codes)
+    are in flight long before they are needed. Returns the number of out-of-range
+    indices (their rows add nothing; the caller raises).
     """
     rows = block_words.shape[0]
     words = block_words.shape[1]
@@ -779,6 +867,44 @@ def block_sparse_bag(
     runs = max(1, min(bags, threads))
     per_run = -(-bags // runs)
     bad = np.zeros(runs, dtype=np.int64)
+    if vector and words == 1:  # one pass per bag, sum in registers (``_block_sparse_pass_intrinsic``)
+        for run in numba.prange(runs):
+            b0 = run * per_run
+            b1 = min(bags, b0 + per_run)
+            if b0 >= b1:
+                continue
+            for p in range(offsets[b0], offsets[b1]):  # the decode trusts the ids
+                r = indices[p]
+                if r < 0 or r >= rows:
+                    bad[run] += 1
+            if bad[run]:
+                continue
+            acc = np.empty(dim, dtype=np.float32)
+            pf_end = offsets[b1]
+            for b in range(b0, b1):
+                lo = offsets[b]
+                hi = offsets[b + 1]
+                args = (acc, codes, flat_words, group_ptr, qparam_bytes, indices, lo, hi, pf_end)
+                if bits == 8:
+                    if word_bits == 32:
+                        _decode_pass_8x32(*args, per_sample_weights, has_weights, half)
+                    elif word_bits == 16:
+                        _decode_pass_8x16(*args, per_sample_weights, has_weights, half)
+                    else:
+                        _decode_pass_8x8(*args, per_sample_weights, has_weights, half)
+                else:
+                    if word_bits == 32:
+                        _decode_pass_4x32(*args, per_sample_weights, has_weights, half)
+                    elif word_bits == 16:
+                        _decode_pass_4x16(*args, per_sample_weights, has_weights, half)
+                    else:
+                        _decode_pass_4x8(*args, per_sample_weights, has_weights, half)
+                if mean and hi > lo:
+                    count = np.float32(hi - lo)
+                    for col in range(dim):
+                        acc[col] /= count
+                out[b, :] = acc
+        return int(bad.sum())
     for run in numba.prange(runs):
         b0 = run * per_run
         b1 = min(bags, b0 + per_run)

@@ -126,6 +126,7 @@ class BlockSparseTable(QuantizedTable):
         bad = block_sparse_bag(
             self.codes.numpy(),
             qparam_bits.numpy(),
+            self.qparams.view(torch.uint8).numpy().reshape(-1),
             half,
             self.block_words.numpy().view(_UNSIGNED[self.block_words.dtype]),
             self.group_ptr.numpy(),
