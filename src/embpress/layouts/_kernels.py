@@ -443,16 +443,19 @@ def _emit_row_start(builder: Any, words_ptr: Any, group_ptr: Any, r: Any, width:
 # codes the one-pass block-sparse decode prefetches
 HEADER_PREFETCH = 48
 CODE_PREFETCH = 24
+START_RING = 32  # a power of two above CODE_PREFETCH
 
 
 def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
     """``acc[:4W] = sum over lookups [lo, hi) of their rows`` (one-word (1, 4)-block rows).
 
     The whole lookup in one pass, FBGEMM-style: each iteration prefetches the headers of
-    the id ``HEADER_PREFETCH`` places on (into L2) and the codes of the id
-    ``CODE_PREFETCH`` places on (its start computed from headers prefetched earlier), then
-    computes its own row's start, reads word and qparams and decodes (``_emit_word_decode``)
-    into a sum held in registers. Prefetches run across bag boundaries up to ``pf_end``.
+    the id ``HEADER_PREFETCH`` places on (into L2), computes the row start of the id
+    ``CODE_PREFETCH`` places on (from headers prefetched earlier) into ``ring`` and
+    prefetches its codes, then takes its own row's start from the ring, reads word and
+    qparams and decodes (``_emit_word_decode``) into a sum held in registers. The ring
+    (``START_RING`` slots) carries starts across the bags of a run; ``prime`` fills it for
+    a run's first bag. Prefetches run across bag boundaries up to ``pf_end``.
     Ids must be in range (checked before). ``qparams`` is the qparam array as bytes:
     float16 pairs (4 bytes a row) when ``half``, else float32 pairs (8 bytes).
     """
@@ -473,10 +476,14 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
         weights: Any,
         weighted: Any,
         half: Any,
+        ring: Any,
+        prime: Any,
     ) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            (accty, codesty, wordsty, gpty, qty, indty, _, _, _, wty, _, _) = signature.args
-            acc_v, codes_v, words_v, gp_v, q_v, ind_v, lo, hi, pf_end, w_v, weighted, half = args
+            (accty, codesty, wordsty, gpty, qty, indty, _, _, _, wty, _, _, ringty, _) = signature.args
+            acc_v, codes_v, words_v, gp_v, q_v, ind_v, lo, hi, pf_end, w_v, weighted, half, ring_v, prime = (
+                args
+            )
             i64 = ir.IntType(64)
             i32 = ir.IntType(32)
             i8p = ir.IntType(8).as_pointer()
@@ -492,6 +499,8 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
             q_p = builder.bitcast(data(qty, q_v), i8p)
             ind_p = data(indty, ind_v)
             w_p = data(wty, w_v)
+            ring_p = data(ringty, ring_v)
+            ring_mask = ir.Constant(i64, START_RING - 1)
             is_half = builder.icmp_unsigned("!=", half, ir.Constant(half.type, 0))
             is_weighted = builder.icmp_unsigned("!=", weighted, ir.Constant(weighted.type, 0))
             q_row = builder.select(is_half, ir.Constant(i64, 4), ir.Constant(i64, 8))
@@ -509,6 +518,28 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                     ],
                 )
 
+            def start_ahead(q: Any) -> None:
+                """Row start of lookup ``q`` into the ring; prefetch its code lines."""
+                r = builder.load(builder.gep(ind_p, [q]))
+                start = _emit_row_start(builder, words_p, gp_p, r, 4)
+                builder.store(start, builder.gep(ring_p, [builder.and_(q, ring_mask)]))
+                first = start if bits == 8 else builder.lshr(start, ir.Constant(i64, 1))
+                for delta in (0, 63, 127) if bits == 8 else (0, 63):
+                    fetch(builder.gep(codes_p, [builder.add(first, ir.Constant(i64, delta))]), 3)
+
+            # the first bag of a run: the starts its first CODE_PREFETCH lookups would have
+            # got from earlier iterations
+            with builder.if_then(builder.icmp_unsigned("!=", prime, ir.Constant(prime.type, 0))):
+                primed = builder.sub(
+                    builder.select(
+                        builder.icmp_signed("<", builder.add(lo, ir.Constant(i64, CODE_PREFETCH)), pf_end),
+                        builder.add(lo, ir.Constant(i64, CODE_PREFETCH)),
+                        pf_end,
+                    ),
+                    lo,
+                )
+                with cgutils.for_range(builder, primed) as first_loop:
+                    start_ahead(builder.add(lo, first_loop.index))
             total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
             with cgutils.for_range(builder, builder.sub(hi, lo)) as loop:
                 p = builder.add(lo, loop.index)
@@ -524,13 +555,9 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                     fetch(builder.gep(q_p, [builder.mul(r, q_row)]), 2)
                 ahead = builder.add(p, ir.Constant(i64, CODE_PREFETCH))
                 with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
-                    r = builder.load(builder.gep(ind_p, [ahead]))
-                    start = _emit_row_start(builder, words_p, gp_p, r, 4)
-                    first = start if bits == 8 else builder.lshr(start, ir.Constant(i64, 1))
-                    for delta in (0, 63, 127) if bits == 8 else (0, 63):
-                        fetch(builder.gep(codes_p, [builder.add(first, ir.Constant(i64, delta))]), 3)
+                    start_ahead(ahead)
                 r = builder.load(builder.gep(ind_p, [p]))
-                start = _emit_row_start(builder, words_p, gp_p, r, 4)
+                start = builder.load(builder.gep(ring_p, [builder.and_(p, ring_mask)]))
                 word = builder.zext(builder.load(builder.gep(words_p, [r])), i64)
                 qrow = builder.gep(q_p, [builder.mul(r, q_row)])
                 with builder.if_else(is_half) as (then, otherwise):
@@ -583,7 +610,7 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
 
         sig = types.void(
             acc, codes, words, group_ptr, qparams, indices, types.intp, types.intp, types.intp, weights,
-            types.boolean, types.boolean,
+            types.boolean, types.boolean, ring, types.boolean,
         )  # fmt: skip
         return sig, codegen
 
@@ -879,31 +906,32 @@ def block_sparse_bag(
                     bad[run] += 1
             if bad[run]:
                 continue
-            acc = np.empty(dim, dtype=np.float32)
             pf_end = offsets[b1]
+            ring = np.empty(START_RING, dtype=np.int64)
             for b in range(b0, b1):
                 lo = offsets[b]
                 hi = offsets[b + 1]
+                acc = out[b]  # the sum is stored straight into the output row
+                prime = b == b0
                 args = (acc, codes, flat_words, group_ptr, qparam_bytes, indices, lo, hi, pf_end)
                 if bits == 8:
                     if word_bits == 32:
-                        _decode_pass_8x32(*args, per_sample_weights, has_weights, half)
+                        _decode_pass_8x32(*args, per_sample_weights, has_weights, half, ring, prime)
                     elif word_bits == 16:
-                        _decode_pass_8x16(*args, per_sample_weights, has_weights, half)
+                        _decode_pass_8x16(*args, per_sample_weights, has_weights, half, ring, prime)
                     else:
-                        _decode_pass_8x8(*args, per_sample_weights, has_weights, half)
+                        _decode_pass_8x8(*args, per_sample_weights, has_weights, half, ring, prime)
                 else:
                     if word_bits == 32:
-                        _decode_pass_4x32(*args, per_sample_weights, has_weights, half)
+                        _decode_pass_4x32(*args, per_sample_weights, has_weights, half, ring, prime)
                     elif word_bits == 16:
-                        _decode_pass_4x16(*args, per_sample_weights, has_weights, half)
+                        _decode_pass_4x16(*args, per_sample_weights, has_weights, half, ring, prime)
                     else:
-                        _decode_pass_4x8(*args, per_sample_weights, has_weights, half)
+                        _decode_pass_4x8(*args, per_sample_weights, has_weights, half, ring, prime)
                 if mean and hi > lo:
                     count = np.float32(hi - lo)
                     for col in range(dim):
                         acc[col] /= count
-                out[b, :] = acc
         return int(bad.sum())
     for run in numba.prange(runs):
         b0 = run * per_run
@@ -974,11 +1002,11 @@ def fused_bag(
                 bad[run] += 1
         if bad[run]:
             continue
-        acc = np.empty(dim, dtype=np.float32)
         pf_end = offsets[b1]
         for b in range(b0, b1):
             lo = offsets[b]
             hi = offsets[b + 1]
+            acc = out[b]  # the sum is stored straight into the output row
             if dim == 128:
                 _decode_fused_4x32(
                     acc, fused, indices, lo, hi, pf_end, row_bytes, per_sample_weights, has_weights
@@ -995,7 +1023,6 @@ def fused_bag(
                 count = np.float32(hi - lo)
                 for col in range(dim):
                     acc[col] /= count
-            out[b, :] = acc
     return int(bad.sum())
 
 
