@@ -450,12 +450,14 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
     """``acc[:4W] = sum over lookups [lo, hi) of their rows`` (one-word (1, 4)-block rows).
 
     The whole lookup in one pass, FBGEMM-style: each iteration prefetches the headers of
-    the id ``HEADER_PREFETCH`` places on (into L2), computes the row start of the id
-    ``CODE_PREFETCH`` places on (from headers prefetched earlier) into ``ring`` and
-    prefetches its codes, then takes its own row's start from the ring, reads word and
-    qparams and decodes (``_emit_word_decode``) into a sum held in registers. The ring
-    (``START_RING`` slots) carries starts across the bags of a run; ``prime`` fills it for
-    a run's first bag. Prefetches run across bag boundaries up to ``pf_end``.
+    the id ``HEADER_PREFETCH`` places on (into L2), reads the row header of the id
+    ``CODE_PREFETCH`` places on (start, word, scale, offset; from lines prefetched
+    earlier) into ``ring`` / ``ring_qp`` and prefetches its codes, then takes its own
+    row's header from the ring and decodes it (``_emit_word_decode``) into a sum held in
+    registers: the dependent loads of a lookup (its group's bitmaps, then its start)
+    stay off the decode's critical path. The rings (``START_RING`` slots) carry headers
+    across the bags of a run; ``prime`` fills them for a run's first bag. Prefetches run
+    across bag boundaries up to ``pf_end``.
     Ids must be in range (checked before). ``qparams`` is the qparam array as bytes:
     float16 pairs (4 bytes a row) when ``half``, else float32 pairs (8 bytes).
     """
@@ -477,13 +479,13 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
         weighted: Any,
         half: Any,
         ring: Any,
+        ring_qp: Any,
         prime: Any,
     ) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            (accty, codesty, wordsty, gpty, qty, indty, _, _, _, wty, _, _, ringty, _) = signature.args
-            acc_v, codes_v, words_v, gp_v, q_v, ind_v, lo, hi, pf_end, w_v, weighted, half, ring_v, prime = (
-                args
-            )
+            (accty, codesty, wordsty, gpty, qty, indty, _, _, _, wty, _, _, ringty, rqty, _) = signature.args
+            acc_v, codes_v, words_v, gp_v, q_v, ind_v, lo, hi, pf_end, w_v, weighted, half = args[:12]
+            ring_v, rq_v, prime = args[12:]
             i64 = ir.IntType(64)
             i32 = ir.IntType(32)
             i8p = ir.IntType(8).as_pointer()
@@ -500,6 +502,7 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
             ind_p = data(indty, ind_v)
             w_p = data(wty, w_v)
             ring_p = data(ringty, ring_v)
+            ring_qp = data(rqty, rq_v)
             ring_mask = ir.Constant(i64, START_RING - 1)
             is_half = builder.icmp_unsigned("!=", half, ir.Constant(half.type, 0))
             is_weighted = builder.icmp_unsigned("!=", weighted, ir.Constant(weighted.type, 0))
@@ -519,10 +522,39 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 )
 
             def start_ahead(q: Any) -> None:
-                """Row start of lookup ``q`` into the ring; prefetch its code lines."""
+                """Row start, word, scale and offset of lookup ``q`` into the ring slot
+                ``2 * (q % START_RING)``; prefetch its code lines."""
                 r = builder.load(builder.gep(ind_p, [q]))
                 start = _emit_row_start(builder, words_p, gp_p, r, 4)
-                builder.store(start, builder.gep(ring_p, [builder.and_(q, ring_mask)]))
+                slot = builder.shl(builder.and_(q, ring_mask), ir.Constant(i64, 1))
+                builder.store(start, builder.gep(ring_p, [slot]))
+                word = builder.zext(builder.load(builder.gep(words_p, [r])), i64)
+                builder.store(word, builder.gep(ring_p, [builder.add(slot, ir.Constant(i64, 1))]))
+                qrow = builder.gep(q_p, [builder.mul(r, q_row)])
+                with builder.if_else(is_half) as (then, otherwise):
+                    with then:
+                        hp = builder.bitcast(qrow, ir.IntType(16).as_pointer())
+                        s_h = builder.fpext(builder.bitcast(builder.load(hp, align=1), ir.HalfType()), f32)
+                        o_h = builder.fpext(
+                            builder.bitcast(
+                                builder.load(builder.gep(hp, [ir.Constant(i64, 1)]), align=1), ir.HalfType()
+                            ),
+                            f32,
+                        )
+                        from_half = builder.block
+                    with otherwise:
+                        fp = builder.bitcast(qrow, f32.as_pointer())
+                        s_f = builder.load(fp, align=1)
+                        o_f = builder.load(builder.gep(fp, [ir.Constant(i64, 1)]), align=1)
+                        from_single = builder.block
+                s = builder.phi(f32)
+                s.add_incoming(s_h, from_half)
+                s.add_incoming(s_f, from_single)
+                o = builder.phi(f32)
+                o.add_incoming(o_h, from_half)
+                o.add_incoming(o_f, from_single)
+                builder.store(s, builder.gep(ring_qp, [slot]))
+                builder.store(o, builder.gep(ring_qp, [builder.add(slot, ir.Constant(i64, 1))]))
                 first = start if bits == 8 else builder.lshr(start, ir.Constant(i64, 1))
                 for delta in (0, 63, 127) if bits == 8 else (0, 63):
                     fetch(builder.gep(codes_p, [builder.add(first, ir.Constant(i64, delta))]), 3)
@@ -556,32 +588,11 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 ahead = builder.add(p, ir.Constant(i64, CODE_PREFETCH))
                 with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
                     start_ahead(ahead)
-                r = builder.load(builder.gep(ind_p, [p]))
-                start = builder.load(builder.gep(ring_p, [builder.and_(p, ring_mask)]))
-                word = builder.zext(builder.load(builder.gep(words_p, [r])), i64)
-                qrow = builder.gep(q_p, [builder.mul(r, q_row)])
-                with builder.if_else(is_half) as (then, otherwise):
-                    with then:
-                        hp = builder.bitcast(qrow, ir.IntType(16).as_pointer())
-                        s_h = builder.fpext(builder.bitcast(builder.load(hp, align=1), ir.HalfType()), f32)
-                        o_h = builder.fpext(
-                            builder.bitcast(
-                                builder.load(builder.gep(hp, [ir.Constant(i64, 1)]), align=1), ir.HalfType()
-                            ),
-                            f32,
-                        )
-                        from_half = builder.block
-                    with otherwise:
-                        fp = builder.bitcast(qrow, f32.as_pointer())
-                        s_f = builder.load(fp, align=1)
-                        o_f = builder.load(builder.gep(fp, [ir.Constant(i64, 1)]), align=1)
-                        from_single = builder.block
-                s = builder.phi(f32)
-                s.add_incoming(s_h, from_half)
-                s.add_incoming(s_f, from_single)
-                o = builder.phi(f32)
-                o.add_incoming(o_h, from_half)
-                o.add_incoming(o_f, from_single)
+                slot = builder.shl(builder.and_(p, ring_mask), ir.Constant(i64, 1))
+                start = builder.load(builder.gep(ring_p, [slot]))
+                word = builder.load(builder.gep(ring_p, [builder.add(slot, ir.Constant(i64, 1))]))
+                s = builder.load(builder.gep(ring_qp, [slot]))
+                o = builder.load(builder.gep(ring_qp, [builder.add(slot, ir.Constant(i64, 1))]))
                 with builder.if_else(is_weighted) as (then, otherwise):
                     with then:
                         w_read = builder.load(builder.gep(w_p, [p]))
@@ -610,7 +621,7 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
 
         sig = types.void(
             acc, codes, words, group_ptr, qparams, indices, types.intp, types.intp, types.intp, weights,
-            types.boolean, types.boolean, ring, types.boolean,
+            types.boolean, types.boolean, ring, ring_qp, types.boolean,
         )  # fmt: skip
         return sig, codegen
 
@@ -907,7 +918,8 @@ def block_sparse_bag(
             if bad[run]:
                 continue
             pf_end = offsets[b1]
-            ring = np.empty(START_RING, dtype=np.int64)
+            ring = np.empty(2 * START_RING, dtype=np.int64)
+            ring_qp = np.empty(2 * START_RING, dtype=np.float32)
             for b in range(b0, b1):
                 lo = offsets[b]
                 hi = offsets[b + 1]
@@ -916,18 +928,18 @@ def block_sparse_bag(
                 args = (acc, codes, flat_words, group_ptr, qparam_bytes, indices, lo, hi, pf_end)
                 if bits == 8:
                     if word_bits == 32:
-                        _decode_pass_8x32(*args, per_sample_weights, has_weights, half, ring, prime)
+                        _decode_pass_8x32(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
                     elif word_bits == 16:
-                        _decode_pass_8x16(*args, per_sample_weights, has_weights, half, ring, prime)
+                        _decode_pass_8x16(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
                     else:
-                        _decode_pass_8x8(*args, per_sample_weights, has_weights, half, ring, prime)
+                        _decode_pass_8x8(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
                 else:
                     if word_bits == 32:
-                        _decode_pass_4x32(*args, per_sample_weights, has_weights, half, ring, prime)
+                        _decode_pass_4x32(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
                     elif word_bits == 16:
-                        _decode_pass_4x16(*args, per_sample_weights, has_weights, half, ring, prime)
+                        _decode_pass_4x16(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
                     else:
-                        _decode_pass_4x8(*args, per_sample_weights, has_weights, half, ring, prime)
+                        _decode_pass_4x8(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
                 if mean and hi > lo:
                     count = np.float32(hi - lo)
                     for col in range(dim):
