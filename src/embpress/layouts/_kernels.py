@@ -713,6 +713,34 @@ def vector_decode_supported(bits: int) -> bool:
 
 
 @numba.njit(cache=True, inline="always")
+def _split_bags(bags: int, threads: int) -> tuple[int, int]:
+    """(runs, bags per run): one contiguous run of bags per thread."""
+    runs = max(1, min(bags, threads))
+    return runs, -(-bags // runs)
+
+
+@numba.njit(cache=True, inline="always")
+def _bad_ids(indices: np.ndarray, lo: int, hi: int, rows: int) -> int:
+    """How many of ``indices[lo:hi]`` are outside ``[0, rows)`` (checked before a decode
+    that trusts them)."""
+    bad = 0
+    for p in range(lo, hi):
+        r = indices[p]
+        if r < 0 or r >= rows:
+            bad += 1
+    return bad
+
+
+@numba.njit(cache=True, inline="always")
+def _divide(acc: np.ndarray, count: int) -> None:
+    """``acc /= count`` (a mean bag), for ``count > 0``."""
+    if count > 0:
+        c = np.float32(count)
+        for col in range(acc.shape[0]):
+            acc[col] /= c
+
+
+@numba.njit(cache=True, inline="always")
 def _prefetch_header(
     r: int, rows: int, words: int, flat_words: np.ndarray, group_ptr: np.ndarray, flat_qparams: np.ndarray
 ) -> None:
@@ -896,10 +924,8 @@ def _decode_bag(
                 c += width
     for i in range(n, n_ahead):  # a next bag longer than this one
         _prefetch_code_lines(codes, ahead[np.uint64(i)], bits)
-    if mean and n > 0:
-        count = np.float32(n)
-        for col in range(dim):
-            acc[col] /= count
+    if mean:
+        _divide(acc, n)
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -949,8 +975,7 @@ def block_sparse_bag(
     max_bag = 0
     for b in range(bags):
         max_bag = max(max_bag, offsets[b + 1] - offsets[b])
-    runs = max(1, min(bags, threads))
-    per_run = -(-bags // runs)
+    runs, per_run = _split_bags(bags, threads)
     bad = np.zeros(runs, dtype=np.int64)
     if vector and words == 1:  # one pass per bag, sum in registers (``_block_sparse_pass_intrinsic``)
         for run in numba.prange(runs):
@@ -958,10 +983,7 @@ def block_sparse_bag(
             b1 = min(bags, b0 + per_run)
             if b0 >= b1:
                 continue
-            for p in range(offsets[b0], offsets[b1]):  # the decode trusts the ids
-                r = indices[p]
-                if r < 0 or r >= rows:
-                    bad[run] += 1
+            bad[run] = _bad_ids(indices, offsets[b0], offsets[b1], rows)
             if bad[run]:
                 continue
             pf_end = offsets[b1]
@@ -987,10 +1009,8 @@ def block_sparse_bag(
                         _decode_pass_4x16(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
                     else:
                         _decode_pass_4x8(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
-                if mean and hi > lo:
-                    count = np.float32(hi - lo)
-                    for col in range(dim):
-                        acc[col] /= count
+                if mean:
+                    _divide(acc, hi - lo)
         return int(bad.sum())
     for run in numba.prange(runs):
         b0 = run * per_run
@@ -1047,18 +1067,14 @@ def fused_bag(
     """
     rows = fused.shape[0] // row_bytes
     bags = offsets.shape[0] - 1
-    runs = max(1, min(bags, threads))
-    per_run = -(-bags // runs)
+    runs, per_run = _split_bags(bags, threads)
     bad = np.zeros(runs, dtype=np.int64)
     for run in numba.prange(runs):
         b0 = run * per_run
         b1 = min(bags, b0 + per_run)
         if b0 >= b1:
             continue
-        for p in range(offsets[b0], offsets[b1]):  # the decode trusts the ids
-            r = indices[p]
-            if r < 0 or r >= rows:
-                bad[run] += 1
+        bad[run] = _bad_ids(indices, offsets[b0], offsets[b1], rows)
         if bad[run]:
             continue
         pf_end = offsets[b1]
@@ -1078,10 +1094,8 @@ def fused_bag(
                 _decode_fused_4x8(
                     acc, fused, indices, lo, hi, pf_end, row_bytes, per_sample_weights, has_weights
                 )
-            if mean and hi > lo:
-                count = np.float32(hi - lo)
-                for col in range(dim):
-                    acc[col] /= count
+            if mean:
+                _divide(acc, hi - lo)
     return int(bad.sum())
 
 

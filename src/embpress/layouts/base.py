@@ -27,8 +27,8 @@ __all__ = [
     "FormatError",
     "QuantizedTable",
     "decode_fused",
-    "fbgemm_bag",
     "fused_row_bytes",
+    "fused_rows_bag",
     "make_fused",
 ]
 
@@ -101,7 +101,7 @@ def own_kernel_serves(fused: torch.Tensor, dim: int, bits: int, dtype: torch.dty
     )
 
 
-def fbgemm_bag(
+def fused_rows_bag(
     fused: torch.Tensor,
     dim: int,
     bits: int,

@@ -19,8 +19,8 @@ from .base import (
     base_fields,
     decode_fused,
     expect_tensor,
-    fbgemm_bag,
     fused_row_bytes,
+    fused_rows_bag,
 )
 
 __all__ = ["DenseTable"]
@@ -44,7 +44,7 @@ class DenseTable(QuantizedTable):
     def fast_bag(
         self, indices: torch.Tensor, offsets: torch.Tensor, mode: int, per_sample_weights: torch.Tensor | None
     ) -> torch.Tensor | None:
-        return fbgemm_bag(
+        return fused_rows_bag(
             self.fused,
             self.embedding_dim,
             self.bits,

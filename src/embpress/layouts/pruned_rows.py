@@ -28,8 +28,8 @@ from .base import (
     base_fields,
     decode_fused,
     expect_tensor,
-    fbgemm_bag,
     fused_row_bytes,
+    fused_rows_bag,
     popcount_bytes,
 )
 
@@ -105,7 +105,7 @@ class PrunedRowsTable(QuantizedTable):
     ) -> torch.Tensor | None:
         if self.fused.device.type != "cpu":
             return None
-        return fbgemm_bag(
+        return fused_rows_bag(
             self.fused,
             self.embedding_dim,
             self.bits,
