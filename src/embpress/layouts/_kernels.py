@@ -1,16 +1,21 @@
-"""Numba kernels for lookups that torch has no kernel for (block-sparse bags, row remapping).
+"""Numba kernels for lookups that torch has no kernel for (block-sparse bags, 4-bit fused
+rows on several threads, row remapping).
 
 Compiled on first use and cached on disk; the thread count follows
-``torch.get_num_threads()``. Indices are bounds-checked inside (a kernel returns how many
-were out of range, the caller raises IndexError).
+``torch.get_num_threads()`` (each thread takes a contiguous run of bags). Indices are
+bounds-checked (a kernel returns how many were out of range, the caller raises
+IndexError).
 
 The block-sparse bag is written for the memory system first: a lookup needs its row's
-bitmap group and qparams, then (from them) its codes, two dependent trips to memory. Each
-thread therefore pipelines its bags (headers prefetched two bags ahead, row starts and
-codes one bag ahead, see ``block_sparse_bag``) and decodes a row without branches on its
-bitmap where the CPU has AVX-512 expanding loads (``_emit_word_decode``); elsewhere it
-walks the set bits. Vector steps are written as LLVM IR (numba ``@intrinsic``) because
-numba does not vectorise them on its own.
+header (bitmap group, group pointer, qparams), then from it its codes, two dependent trips
+to memory. For one-word rows a single pass per bag keeps both in flight with prefetch
+streams and a ring of row headers read ahead (``_block_sparse_pass_intrinsic``), and
+decodes a row without branches on its bitmap where the CPU has AVX-512 expanding loads
+(``_emit_word_decode``); other rows are pipelined bag by bag, and CPUs without AVX-512
+walk the set bits. Vector steps are written as LLVM IR (numba ``@intrinsic``) because
+numba does not vectorise them on its own. The IR helpers live in this file with the
+kernels that use them on purpose: numba's disk cache is keyed on the file of the jitted
+function, so an edit to a helper in another file would leave stale compiled kernels.
 """
 
 from __future__ import annotations
