@@ -363,3 +363,71 @@ def test_fused_rows_own_kernel_out_of_range():
                 q(torch.tensor([1, bad, 2]), torch.tensor([0, 2]))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_kernels_compile_without_the_x86_only_byte_permute(monkeypatch):
+    """On a CPU without AVX-512 VBMI the 4-bit decode is emitted as generic IR instead of
+    ``vpermb`` (LLVM cannot compile that intrinsic there, taken or not); here the generic
+    form is compiled afresh and gives the same sums."""
+    import numba
+
+    from embpress.layouts import _kernels
+
+    if not _kernels.vector_decode_supported(4):
+        pytest.skip("this CPU lacks the AVX-512 expanding loads the vector decode compiles to")
+    real = _kernels._host_has
+    monkeypatch.setattr(_kernels, "_host_has", lambda feature: feature != "avx512vbmi" and real(feature))
+    fused_bag = numba.njit(parallel=True)(_kernels.fused_bag.py_func)
+    block_sparse_bag = numba.njit(parallel=True)(_kernels.block_sparse_bag.py_func)
+    weight = torch.randn(40, 128)
+    idx = torch.randint(0, 40, (90,))
+    bounds = torch.arange(0, 91, 9)
+    empty = torch.zeros(0).numpy()
+
+    dense = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(weight, mode="sum"), QuantConfig(bits=4, layout="dense")
+    )
+    out = torch.empty(10, 128)
+    fused = dense.table.fused
+    args = (
+        fused.numpy().reshape(-1),
+        fused.shape[1],
+        128,
+        idx.numpy(),
+        bounds.numpy(),
+        empty,
+        False,
+        False,
+        2,
+    )
+    assert fused_bag(*args, out.numpy()) == 0
+    _close(out, dense._generic(idx, bounds, None))
+
+    mask = block_norm_mask(weight, 0.7, (1, 4))
+    sparse = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(weight, mode="sum"), QuantConfig(bits=4), mask=mask, block_width=4
+    )
+    t = sparse.table
+    out = torch.empty(10, 128)
+    bad = block_sparse_bag(
+        t.codes.numpy(),
+        t.qparams.view(torch.int16).numpy(),
+        t.qparams.view(torch.uint8).numpy().reshape(-1),
+        True,
+        t.block_words.numpy().view("uint32"),
+        t.group_ptr.numpy(),
+        128,
+        4,
+        4,
+        32,
+        idx.numpy(),
+        bounds.numpy(),
+        empty,
+        False,
+        False,
+        True,
+        2,
+        out.numpy(),
+    )
+    assert bad == 0
+    _close(out, sparse._generic(idx, bounds, None))

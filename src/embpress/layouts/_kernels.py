@@ -162,6 +162,17 @@ _add_block4_u8 = _block4_intrinsic(8)
 _add_block4_u4 = _block4_intrinsic(4)
 
 
+@functools.cache
+def _host_has(feature: str) -> bool:
+    """Whether this CPU has ``feature`` (an LLVM name such as ``avx512vbmi``).
+
+    Code generation asks before it emits an x86-only intrinsic: every branch of a kernel is
+    compiled, taken or not, and LLVM cannot compile such an intrinsic for a CPU without
+    the instruction. (Numba's disk cache is keyed on the CPU, so this is safe to cache.)
+    """
+    return bool(llvm_binding.get_host_cpu_features().get(feature, False))
+
+
 def _call(builder: Any, name: str, ret: Any, args: list[Any]) -> Any:
     """Call the LLVM intrinsic ``name`` (declared on first use)."""
     fnty = ir.FunctionType(ret, [a.type for a in args])
@@ -313,8 +324,15 @@ def _emit_word_decode(
         lane_codes = builder.zext(
             builder.bitcast(blocks, ir.VectorType(i8, lanes)), ir.VectorType(i32, lanes)
         )
-    else:
+    elif _host_has("avx512vbmi"):
         lane_codes = _codes_to_lanes(builder, blocks, bits, lanes)
+    else:  # generic IR: split the nibbles, interleave them (low first), widen
+        packed = builder.bitcast(blocks, ir.VectorType(i8, 2 * word_bits))
+        low = builder.and_(packed, ir.Constant(packed.type, [15] * (2 * word_bits)))
+        high = builder.lshr(packed, ir.Constant(packed.type, [4] * (2 * word_bits)))
+        order = [k for i in range(2 * word_bits) for k in (i, 2 * word_bits + i)]
+        interleaved = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(i32, lanes), order))
+        lane_codes = builder.zext(interleaved, ir.VectorType(i32, lanes))
     values = builder.sitofp(lane_codes, vf)  # small non-negative ints: the signed convert is exact
     decoded = _call(
         builder, f"llvm.fma.v{lanes}f32", vf, [values, _splat(builder, s, vf), _splat(builder, o, vf)]
@@ -709,11 +727,10 @@ def vector_decode_supported(bits: int) -> bool:
 
     Elsewhere LLVM would emulate them lane by lane, slower than walking the set bits.
     """
-    features = llvm_binding.get_host_cpu_features()
     if bits == 8:
-        return bool(features.get("avx512f", False))
+        return _host_has("avx512f")
     if bits == 4:
-        return bool(features.get("avx512vbmi2", False))
+        return _host_has("avx512vbmi2")
     return False
 
 
