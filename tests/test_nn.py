@@ -219,11 +219,12 @@ def test_cuda_plain_torch_path(layout):
     mode=st.sampled_from(["sum", "mean"]),
     weighted=st.booleans(),
     scale_dtype=st.sampled_from([torch.float32, torch.float16]),
-    bag_sizes=st.lists(st.integers(0, 12), min_size=1, max_size=20),
+    bag_sizes=st.lists(st.integers(0, 40), min_size=1, max_size=20),
     seed=st.integers(0, 2**16),
+    threads_used=st.sampled_from([1, 2]),
 )
 def test_block_sparse_kernel_both_decodes_match_generic(
-    dim, bits, sparsity, mode, weighted, scale_dtype, bag_sizes, seed
+    dim, bits, sparsity, mode, weighted, scale_dtype, bag_sizes, seed, threads_used
 ):
     """The vector decode (whole bitmap words, where the CPU and shape allow) and the bit
     walk both equal the plain-torch bag over the decoded rows, for every word width (8, 16,
@@ -245,11 +246,16 @@ def test_block_sparse_kernel_both_decodes_match_generic(
     psw = torch.rand(idx.numel(), generator=gen) if weighted and mode == "sum" else None
     expected = q._generic(idx, bounds, psw)
     code = 0 if mode == "sum" else 1
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(block_sparse, "VECTOR_DECODE", True)
-        vector = q.table.fast_bag(idx, bounds, code, psw)
-        patch.setattr(block_sparse, "VECTOR_DECODE", False)
-        walk = q.table.fast_bag(idx, bounds, code, psw)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads_used)  # two: the bags split into two runs, each primed
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(block_sparse, "VECTOR_DECODE", True)
+            vector = q.table.fast_bag(idx, bounds, code, psw)
+            patch.setattr(block_sparse, "VECTOR_DECODE", False)
+            walk = q.table.fast_bag(idx, bounds, code, psw)
+    finally:
+        torch.set_num_threads(threads)
     assert vector is not None and walk is not None
     _close(vector, expected)
     _close(walk, expected)

@@ -1009,8 +1009,9 @@ def block_sparse_bag(
             if bad[run]:
                 continue
             pf_end = offsets[b1]
-            ring = np.empty(2 * START_RING, dtype=np.int64)
-            ring_qp = np.empty(2 * START_RING, dtype=np.float32)
+            # zeroed: a slot read before it is written would decode nothing, not read wild memory
+            ring = np.zeros(2 * START_RING, dtype=np.int64)
+            ring_qp = np.zeros(2 * START_RING, dtype=np.float32)
             for b in range(b0, b1):
                 lo = offsets[b]
                 hi = offsets[b + 1]
