@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -31,6 +32,29 @@ def _bag(layout, bits=8, mode="sum", sparsity=0.6, block=(1, 4), **kwargs):
 
 def _close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _fast_bag_on_and_off(table, switch_module, switch, threads, *args):
+    """``table.fast_bag(*args)`` with the kernel switch on, then off, on ``threads`` threads;
+    both must have served (not None)."""
+    outs = []
+    with _torch_threads(threads), pytest.MonkeyPatch.context() as patch:
+        for on in (True, False):
+            patch.setattr(switch_module, switch, on)
+            outs.append(table.fast_bag(*args))
+    assert outs[0] is not None and outs[1] is not None
+    return outs
+
+
+@contextlib.contextmanager
+def _torch_threads(n):
+    """Run the block with ``torch.set_num_threads(n)`` (the kernels follow it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -246,17 +270,10 @@ def test_block_sparse_kernel_both_decodes_match_generic(
     psw = torch.rand(idx.numel(), generator=gen) if weighted and mode == "sum" else None
     expected = q._generic(idx, bounds, psw)
     code = 0 if mode == "sum" else 1
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads_used)  # two: the bags split into two runs, each primed
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(block_sparse, "VECTOR_DECODE", True)
-            vector = q.table.fast_bag(idx, bounds, code, psw)
-            patch.setattr(block_sparse, "VECTOR_DECODE", False)
-            walk = q.table.fast_bag(idx, bounds, code, psw)
-    finally:
-        torch.set_num_threads(threads)
-    assert vector is not None and walk is not None
+    # two threads: the bags split into two runs, each primed on its own
+    vector, walk = _fast_bag_on_and_off(
+        q.table, block_sparse, "VECTOR_DECODE", threads_used, idx, bounds, code, psw
+    )
     _close(vector, expected)
     _close(walk, expected)
 
@@ -322,16 +339,7 @@ def test_fused_rows_own_kernel_matches_fbgemm_and_generic(layout, dim, mode, wei
     psw = torch.rand(idx.numel(), generator=gen) if weighted and mode == "sum" else None
     code = 0 if mode == "sum" else 1
     expected = q._generic(idx, bounds, psw)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        own = q.table.fast_bag(idx, bounds, code, psw)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(base, "FUSED_KERNEL", False)
-            fbgemm = q.table.fast_bag(idx, bounds, code, psw)
-    finally:
-        torch.set_num_threads(threads)
-    assert own is not None and fbgemm is not None
+    own, fbgemm = _fast_bag_on_and_off(q.table, base, "FUSED_KERNEL", 2, idx, bounds, code, psw)
     _close(own, expected)
     _close(fbgemm, expected)
 
@@ -361,14 +369,10 @@ def test_fused_bag_kernel_counts_bad_ids(dim):
 
 def test_fused_rows_own_kernel_out_of_range():
     q = QuantizedEmbeddingBag.from_float(nn.EmbeddingBag(40, 128), QuantConfig(bits=4, layout="dense"))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with _torch_threads(2):
         for bad in (40, -1):
             with pytest.raises(IndexError, match="out of range"):
                 q(torch.tensor([1, bad, 2]), torch.tensor([0, 2]))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_kernels_compile_without_the_x86_only_byte_permute(monkeypatch):

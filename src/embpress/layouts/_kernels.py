@@ -367,6 +367,22 @@ def _word_decode_intrinsic(bits: int, word_bits: int) -> Any:
     return decode_word
 
 
+def _emit_weight(builder: Any, is_weighted: Any, weights_ptr: Any, p: Any) -> Any:
+    """IR for ``weights[p]`` if ``is_weighted`` (an i1) else 1.0; the array is read only
+    when weighted (it is empty otherwise)."""
+    f32 = ir.FloatType()
+    with builder.if_else(is_weighted) as (then, otherwise):
+        with then:
+            read = builder.load(builder.gep(weights_ptr, [p]))
+            from_read = builder.block
+        with otherwise:
+            from_default = builder.block
+    w = builder.phi(f32)
+    w.add_incoming(read, from_read)
+    w.add_incoming(ir.Constant(f32, 1.0), from_default)
+    return w
+
+
 def _fused_bag_intrinsic(word_bits: int) -> Any:
     """``acc[:4W] = sum over lookups [lo, hi) of their 4-bit fused rows`` (float16 qparams).
 
@@ -437,22 +453,8 @@ def _fused_bag_intrinsic(word_bits: int) -> Any:
                     ),
                     f32,
                 )
-                with builder.if_else(
-                    builder.icmp_unsigned("!=", weighted, ir.Constant(weighted.type, 0))
-                ) as (
-                    then,
-                    otherwise,
-                ):
-                    with then:
-                        w_read = builder.load(
-                            cgutils.get_item_pointer(context, builder, wty, w_arr, [p], wraparound=False)
-                        )
-                        from_read = builder.block
-                    with otherwise:
-                        from_default = builder.block
-                w = builder.phi(f32)
-                w.add_incoming(w_read, from_read)
-                w.add_incoming(ir.Constant(f32, 1.0), from_default)
+                is_weighted = builder.icmp_unsigned("!=", weighted, ir.Constant(weighted.type, 0))
+                w = _emit_weight(builder, is_weighted, w_arr.data, p)
                 s = builder.fmul(s, w)
                 o = builder.fmul(o, w)
                 pos = builder.mul(start, ir.Constant(i64, 2))  # code index of the row (two per byte)
@@ -663,15 +665,7 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 word = builder.load(builder.gep(ring_p, [builder.add(slot, ir.Constant(i64, 1))]))
                 s = builder.load(builder.gep(ring_qp, [slot]))
                 o = builder.load(builder.gep(ring_qp, [builder.add(slot, ir.Constant(i64, 1))]))
-                with builder.if_else(is_weighted) as (then, otherwise):
-                    with then:
-                        w_read = builder.load(builder.gep(w_p, [p]))
-                        from_read = builder.block
-                    with otherwise:
-                        from_default = builder.block
-                w = builder.phi(f32)
-                w.add_incoming(w_read, from_read)
-                w.add_incoming(ir.Constant(f32, 1.0), from_default)
+                w = _emit_weight(builder, is_weighted, w_p, p)
                 decoded = _emit_word_decode(
                     context,
                     builder,
@@ -742,15 +736,20 @@ def _split_bags(bags: int, threads: int) -> tuple[int, int]:
 
 
 @numba.njit(cache=True, inline="always")
-def _bad_ids(indices: np.ndarray, lo: int, hi: int, rows: int) -> int:
-    """How many of ``indices[lo:hi]`` are outside ``[0, rows)`` (checked before a decode
-    that trusts them)."""
+def _checked_run(
+    run: int, per_run: int, bags: int, offsets: np.ndarray, indices: np.ndarray, rows: int
+) -> tuple[int, int, int]:
+    """Bags [b0, b1) of thread run ``run``, and how many of their ids are outside
+    ``[0, rows)`` (checked before a decode that trusts them)."""
+    b0 = run * per_run
+    b1 = min(bags, b0 + per_run)
     bad = 0
-    for p in range(lo, hi):
-        r = indices[p]
-        if r < 0 or r >= rows:
-            bad += 1
-    return bad
+    if b0 < b1:
+        for p in range(offsets[b0], offsets[b1]):
+            r = indices[p]
+            if r < 0 or r >= rows:
+                bad += 1
+    return b0, b1, bad
 
 
 @numba.njit(cache=True, inline="always")
@@ -1001,12 +1000,8 @@ def block_sparse_bag(
     bad = np.zeros(runs, dtype=np.int64)
     if vector and words == 1:  # one pass per bag, sum in registers (``_block_sparse_pass_intrinsic``)
         for run in numba.prange(runs):
-            b0 = run * per_run
-            b1 = min(bags, b0 + per_run)
-            if b0 >= b1:
-                continue
-            bad[run] = _bad_ids(indices, offsets[b0], offsets[b1], rows)
-            if bad[run]:
+            b0, b1, bad[run] = _checked_run(run, per_run, bags, offsets, indices, rows)
+            if bad[run] or b0 >= b1:
                 continue
             pf_end = offsets[b1]
             # zeroed: a slot read before it is written would decode nothing, not read wild memory
@@ -1093,12 +1088,8 @@ def fused_bag(
     runs, per_run = _split_bags(bags, threads)
     bad = np.zeros(runs, dtype=np.int64)
     for run in numba.prange(runs):
-        b0 = run * per_run
-        b1 = min(bags, b0 + per_run)
-        if b0 >= b1:
-            continue
-        bad[run] = _bad_ids(indices, offsets[b0], offsets[b1], rows)
-        if bad[run]:
+        b0, b1, bad[run] = _checked_run(run, per_run, bags, offsets, indices, rows)
+        if bad[run] or b0 >= b1:
             continue
         pf_end = offsets[b1]
         for b in range(b0, b1):
