@@ -264,30 +264,20 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, cmd: str, pl
         lines += ["**Note:** this kernel refused to reset the peak-RSS mark; peaks are upper bounds.", ""]
     rows_out = []
     for r in results:
-        table = r["rows"] * r["dim"] * 4
+        case = [
+            f"{r['rows']:,}",
+            "embpress" if r["impl"] == "ours" else "reference",
+            _block(r["block"][1], r["dim"]),
+            r["bits"],
+            _order(r["sparsify_first"]),
+        ]
         if "seconds" not in r:
-            rows_out.append(
-                [
-                    f"{r['rows']:,}",
-                    "embpress" if r["impl"] == "ours" else "reference",
-                    _block(r["block"][1], r["dim"]),
-                    r["bits"],
-                    _order(r["sparsify_first"]),
-                    r["skipped"],
-                    "",
-                    "",
-                    "",
-                    "",
-                ]
-            )
+            rows_out.append([*case, r["skipped"], "", "", "", ""])
             continue
+        table = r["rows"] * r["dim"] * 4
         rows_out.append(
             [
-                f"{r['rows']:,}",
-                "embpress" if r["impl"] == "ours" else "reference",
-                _block(r["block"][1], r["dim"]),
-                r["bits"],
-                _order(r["sparsify_first"]),
+                *case,
                 f"{common.fmt_seconds(r['seconds'])} (n={len(r['all_seconds'])})",
                 common.fmt_bytes(r["peak"]),
                 f"{r['peak'] / table:.2f}",

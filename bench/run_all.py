@@ -113,8 +113,9 @@ def assemble(
         "",
         "## What these numbers mean",
         "",
-        MEANING.read_text().strip() if MEANING.exists() and not args.quick else
-        "_Prose lives in bench/meaning.md and is included in full runs._",
+        MEANING.read_text().strip()
+        if MEANING.exists() and not args.quick
+        else "_Prose lives in bench/meaning.md and is included in full runs._",
         "",
     ]
     return "\n".join(lines)

@@ -422,7 +422,6 @@ def test_kernels_compile_without_the_x86_only_byte_permute(monkeypatch):
     bad = block_sparse_bag(
         t.codes.numpy(),
         t.qparams.view(torch.int16).numpy(),
-        t.qparams.view(torch.uint8).numpy().reshape(-1),
         True,
         t.block_words.numpy().view("uint32"),
         t.group_ptr.numpy(),

@@ -199,39 +199,6 @@ def _half_to_float_intrinsic(typingctx: Any, raw: Any) -> Any:
 _half_to_float: Any = _half_to_float_intrinsic
 
 
-@intrinsic
-def _kept_before_in_group_intrinsic(typingctx: Any, words: Any, first: Any, before: Any) -> Any:
-    """``sum(popcount(words[first + e]) for e < before)`` over one group of bitmap words.
-
-    One 16-lane load, a lane popcount and a masked horizontal add: no loop whose trip
-    count depends on the row. ``words`` is a 1-D array of uint8/16/32; ``first + GROUP_ROWS``
-    must be within it.
-    """
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        wty = signature.args[0]
-        arr = context.make_array(wty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, wty, arr, [args[1]], wraparound=False)
-        width = wty.dtype.bitwidth
-        i32 = ir.IntType(32)
-        n = GROUP_ROWS
-        vw = ir.VectorType(ir.IntType(width), n)
-        v32 = ir.VectorType(i32, n)
-        vec = builder.load(builder.bitcast(ptr, vw.as_pointer()), align=1)
-        counts = _call(builder, f"llvm.ctpop.v{n}i{width}", vw, [vec])
-        counts = builder.zext(counts, v32) if width < 32 else counts
-        lane = ir.Constant(v32, list(range(n)))
-        earlier = builder.icmp_unsigned("<", lane, _splat(builder, builder.trunc(args[2], i32), v32))
-        kept = builder.select(earlier, counts, ir.Constant(v32, [0] * n))
-        total = _call(builder, f"llvm.vector.reduce.add.v{n}i32", i32, [kept])
-        return builder.zext(total, ir.IntType(64))
-
-    return types.int64(words, types.intp, types.intp), codegen
-
-
-_kept_before_in_group: Any = _kept_before_in_group_intrinsic
-
-
 def _codes_to_lanes(builder: Any, blocks: Any, bits: int, lanes: int) -> Any:
     """<lanes x i32> codes, one per lane, from expanded blocks (4 bytes or 2 bytes each).
 
@@ -480,12 +447,13 @@ def _fused_bag_intrinsic(word_bits: int) -> Any:
     return decode_fused_bag
 
 
-def _emit_row_start(builder: Any, words_ptr: Any, group_ptr: Any, r: Any, width: int) -> Any:
+def _emit_row_start(builder: Any, words_ptr: Any, group_ptr: Any, r: Any, width: Any) -> Any:
     """IR for the code index where row ``r`` of a one-word-per-row block-sparse table starts.
 
-    ``group_ptr[r // G]`` plus ``width`` times the kept blocks of the rows before ``r`` in
-    its group: one masked 16-lane load of the group's bitmap words (only the rows before
-    ``r``, so never past the table's end), a lane popcount and a horizontal add.
+    ``group_ptr[r // G]`` plus ``width`` (an i64 value) times the kept blocks of the rows
+    before ``r`` in its group: one masked 16-lane load of the group's bitmap words (only
+    the rows before ``r``, so never past the table's end), a lane popcount and a
+    horizontal add; no loop whose trip count depends on the row.
     """
     i64 = ir.IntType(64)
     i32 = ir.IntType(32)
@@ -508,7 +476,23 @@ def _emit_row_start(builder: Any, words_ptr: Any, group_ptr: Any, r: Any, width:
     counts = builder.zext(counts, v32) if wty.width < 32 else counts
     kept = builder.zext(_call(builder, f"llvm.vector.reduce.add.v{n}i32", i32, [counts]), i64)
     base = builder.load(builder.gep(group_ptr, [g]))
-    return builder.add(base, builder.mul(kept, ir.Constant(i64, width)))
+    return builder.add(base, builder.mul(kept, width))
+
+
+@intrinsic
+def _row_start_intrinsic(typingctx: Any, words: Any, group_ptr: Any, r: Any, width: Any) -> Any:
+    """``_emit_row_start`` for numba code: ``words`` the 1-D bitmap words (one per row)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        wty, gty, _, _ = signature.args
+        words_ptr = context.make_array(wty)(context, builder, args[0]).data
+        gp_ptr = context.make_array(gty)(context, builder, args[1]).data
+        return _emit_row_start(builder, words_ptr, gp_ptr, args[2], args[3])
+
+    return types.int64(words, group_ptr, types.int64, types.int64), codegen
+
+
+_row_start: Any = _row_start_intrinsic
 
 
 # ids ahead whose row headers (bitmap group, group pointer, qparams) and, half as far,
@@ -597,7 +581,7 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 """Row start, word, scale and offset of lookup ``q`` into the ring slot
                 ``2 * (q % START_RING)``; prefetch its code lines."""
                 r = builder.load(builder.gep(ind_p, [q]))
-                start = _emit_row_start(builder, words_p, gp_p, r, 4)
+                start = _emit_row_start(builder, words_p, gp_p, r, ir.Constant(i64, 4))
                 slot = builder.shl(builder.and_(q, ring_mask), ir.Constant(i64, 1))
                 builder.store(start, builder.gep(ring_p, [slot]))
                 word = builder.zext(builder.load(builder.gep(words_p, [r])), i64)
@@ -819,7 +803,6 @@ def _row_headers(
     there were.
     """
     bad = 0
-    total = flat_words.shape[0]
     flat_qparams = qparam_bits.ravel()
     for i in range(hi - lo):
         p = np.uint64(lo + i)
@@ -834,16 +817,15 @@ def _row_headers(
             scales[0, u] = 0.0
             scales[1, u] = 0.0
             continue
-        g = r // GROUP_ROWS
-        first = g * GROUP_ROWS * words
-        before = (r - g * GROUP_ROWS) * words
-        if words == 1 and first + GROUP_ROWS <= total:
-            kept_before = _kept_before_in_group(flat_words, first, before)
+        if words == 1:
+            c = _row_start(flat_words, group_ptr, r, width)
         else:
+            g = r // GROUP_ROWS
+            first = g * GROUP_ROWS * words
             kept_before = 0
-            for e in range(first, first + before):
+            for e in range(first, first + (r - g * GROUP_ROWS) * words):
                 kept_before += _popcount(int(flat_words[np.uint64(e)]))
-        c = group_ptr[np.uint64(g)] + kept_before * width
+            c = group_ptr[np.uint64(g)] + kept_before * width
         scratch[0, u] = c
         scratch[1, u] = int(flat_words[np.uint64(r * words)])
         ur = np.uint64(r)
@@ -953,7 +935,6 @@ def _decode_bag(
 def block_sparse_bag(
     codes: np.ndarray,
     qparam_bits: np.ndarray,
-    qparam_bytes: np.ndarray,
     half: bool,
     block_words: np.ndarray,
     group_ptr: np.ndarray,
@@ -973,7 +954,7 @@ def block_sparse_bag(
     """``out[b] = sum / mean over the bag of decoded rows`` (kept blocks only).
 
     ``qparam_bits``: [rows, 2] (scale, offset) as raw bits, int16 holding float16 when
-    ``half``, else int32 holding float32; ``qparam_bytes``: the same memory as uint8.
+    ``half``, else int32 holding float32.
     ``block_words``: [rows, words] bitmaps of ``word_bits``-bit unsigned words.
     ``vector``: decode whole bitmap words with expanding loads (needs ``width == 4``,
     ``bits`` 8 or 4 and ``dim == 4 * word_bits * words``); else walk the set bits.
@@ -991,6 +972,7 @@ def block_sparse_bag(
     words = block_words.shape[1]
     flat_words = block_words.ravel()
     flat_qparams = qparam_bits.ravel()
+    qparam_bytes = flat_qparams.view(np.uint8)
     qp32 = np.empty((0, 2), np.float32) if half else qparam_bits.view(np.float32)
     bags = offsets.shape[0] - 1
     max_bag = 0

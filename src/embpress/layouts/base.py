@@ -81,21 +81,21 @@ def decode_fused(rows: torch.Tensor, dim: int, bits: int, dtype: torch.dtype) ->
     return codes.float() * scale + offset
 
 
-def own_kernel_serves(fused: torch.Tensor, dim: int, bits: int, dtype: torch.dtype, threads: int) -> bool:
+def own_kernel_serves(fused: torch.Tensor, dim: int, bits: int, threads: int) -> bool:
     """Whether ``fused_bag`` (embpress's numba kernel) serves these fused rows.
 
     torch's FBGEMM 4-bit bag kernel runs on one thread whatever ``torch.get_num_threads()``
     says (torch 2.13; its 8-bit kernel splits the bags across threads). With several
     threads, 4-bit tables of 32, 64 or 128 columns therefore use embpress's vector kernel,
     which splits them, on CPUs with the AVX-512 instructions it compiles to. On one thread
-    FBGEMM's kernel is the faster one and keeps the work.
+    FBGEMM's kernel is the faster one and keeps the work. (The rows must carry float16
+    qparams, FBGEMM's 4-bit format; ``fused_rows_bag`` checks that first.)
     """
     return (
         FUSED_KERNEL
         and threads > 1
         and bits == 4
         and dim in (32, 64, 128)
-        and dtype == torch.float16
         and fused.is_contiguous()
         and vector_decode_supported(bits)
     )
@@ -119,7 +119,7 @@ def fused_rows_bag(
     if fused.device.type != "cpu" or _FBGEMM_SCALE[bits] != dtype or mode not in (0, 1):
         return None
     threads = torch.get_num_threads()
-    if own_kernel_serves(fused, dim, bits, dtype, threads):
+    if own_kernel_serves(fused, dim, bits, threads):  # float16 qparams: checked above
         out_np = np.empty((offsets.shape[0] - 1, dim), dtype=np.float32)
         psw = (
             per_sample_weights.float().contiguous().numpy()

@@ -116,7 +116,7 @@ class BlockSparseTable(QuantizedTable):
             return None
         half = self.scale_dtype == torch.float16
         qparam_bits = self.qparams.view(torch.int16 if half else torch.int32)
-        out = np.zeros((offsets.shape[0] - 1, self.embedding_dim), dtype=np.float32)
+        out = np.empty((offsets.shape[0] - 1, self.embedding_dim), dtype=np.float32)  # every row written
         psw = (
             per_sample_weights.float().contiguous().numpy()
             if per_sample_weights is not None
@@ -126,7 +126,6 @@ class BlockSparseTable(QuantizedTable):
         bad = block_sparse_bag(
             self.codes.numpy(),
             qparam_bits.numpy(),
-            self.qparams.view(torch.uint8).numpy().reshape(-1),
             half,
             self.block_words.numpy().view(_UNSIGNED[self.block_words.dtype]),
             self.group_ptr.numpy(),
