@@ -138,7 +138,7 @@ def test_compress_equals_python_api(ckpt: Path, bits: int, order: str, block: st
 
 def test_compress_prints_a_table(ckpt: Path) -> None:
     out = ckpt.with_name("out.safetensors")
-    result = _run("compress", ckpt, out, "--sparsity", "0.8", "--bits", "4")
+    result = _run("compress", ckpt, out, "--sparsity", "0.8", "--bits", "4", "--layout", "block_sparse")
     assert result.exit_code == 0, result.stderr
     text = result.stdout
     for word in ("emb_bag", "block_sparse", "0.8000", "total", "ratio", "rel err", "copied 2 other tensor"):
@@ -228,7 +228,7 @@ def test_inspect_embpress_file(ckpt: Path) -> None:
     result = _run("inspect", out, "--json")
     assert result.exit_code == 0, result.stderr
     info = json.loads(result.stdout)
-    assert info["format"] == "embpress" and info["format_version"] == "1"
+    assert info["format"] == "embpress" and info["format_version"] == "2"
     tables = {t["name"]: t for t in info["tables"]}
     assert tables["emb"]["kind"] == tables["emb_bag"]["kind"] == "auto"
     assert tables["emb"]["sparsity"] == 0.8 and tables["emb"]["bits"] == 4
@@ -239,7 +239,7 @@ def test_inspect_embpress_file(ckpt: Path) -> None:
     assert info["other_tensors"] == {"count": 2, "bytes": (24 * 3 + 3) * 4}
 
     text = _run("inspect", out).stdout
-    for word in ("format version 1", "emb_bag", "auto", "block_sparse", "other tensors: 2"):
+    for word in ("format version 2", "emb_bag", "auto", tables["emb"]["layout"], "other tensors: 2"):
         assert word in text, word
 
 

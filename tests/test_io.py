@@ -220,7 +220,7 @@ def _edit_table(path, table, edit):
         (lambda e: e["table"].update(layout="csr"), ["'user'", "layout"]),
         (lambda e: e["table"].update(bits=3), ["'user'", "bits"]),
         (lambda e: e["table"].update(embedding_dim=17), ["'user'"]),
-        (lambda e: e["table"].update(num_codes=1), ["'user'"]),
+        (lambda e: e["table"].update(block_width=0), ["'user'", "block_width"]),
         (lambda e: e.update(kind="Linear"), ["'user'", "kind"]),
         (lambda e: e["module"].update(padding_idx=10**6), ["'user'", "padding_idx"]),
         (lambda e: e["table"].update(scale_dtype="int8"), ["'user'", "scale_dtype"]),
@@ -234,6 +234,75 @@ def test_bad_header_fields_name_the_table(tmp_path, edit, words):
     embpress.save(model, path)
     _edit_table(path, "user", edit)
     _assert_refused(path, *words)
+
+
+def _edit_tensors(path, edit):
+    """Rewrite the file's tensors with ``edit(tensors)`` and fresh checksums (so only the
+    content checks can catch the change)."""
+    tensors = safetensors.torch.load_file(str(path))
+    with safetensors.safe_open(str(path), "pt") as f:
+        metadata = dict(f.metadata())
+    edit(tensors)
+    index = json.loads(metadata["index"])
+    index["crc32"] = {k: embpress.io.crc32(v) for k, v in tensors.items()}
+    metadata["index"] = json.dumps(index)
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def _bump(name, position, delta):
+    def edit(tensors):
+        t = tensors[f"tables.user.{name}"]
+        bumped = t.long()
+        bumped[position] += delta
+        tensors[f"tables.user.{name}"] = bumped.to(t.dtype)
+
+    return edit
+
+
+def _set_record_bytes(position, values):
+    def edit(tensors):
+        records = tensors["tables.user.records"]
+        records[position : position + len(values)] = torch.tensor(values, dtype=torch.uint8)
+
+    return edit
+
+
+def _move_group_start(tensors):
+    """Every record start unchanged, but group 1's offset no longer its first record's."""
+    tensors["tables.user.group_offsets"][1] -= 1
+    offsets = tensors["tables.user.row_offsets"]  # 16 columns at 8 bits: 256 rows a group
+    tensors["tables.user.row_offsets"] = (offsets.int() + (torch.arange(300) >= 256).int()).to(torch.uint16)
+
+
+def _truncate_records(tensors):
+    tensors["tables.user.records"] = tensors["tables.user.records"][:-1].clone()
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (_bump("row_offsets", 5, 1), "do not match the records' bitmaps"),
+        (_bump("row_offsets", 7, 60000), "points past the end"),
+        (_bump("group_offsets", 1, 2), "do not match the records' bitmaps"),
+        (_move_group_start, "does not point at its groups' first records"),
+        (_bump("group_offsets", -1, -1), "does not start at 0 and end at the size"),
+        (_truncate_records, "does not start at 0 and end at the size"),
+        # 16 columns in (1, 4) blocks: one bitmap byte of which bits 4..7 lie past the row
+        (_set_record_bytes(0, [0x10]), "past the row end"),
+        # a block marked kept whose codes the record does not hold: the lengths no longer add up
+        (_set_record_bytes(0, [0x01]), "do not match the records' bitmaps"),
+        # row 0's scale (float32, after its bitmap byte) set to NaN
+        (_set_record_bytes(1, [0x00, 0x00, 0xC0, 0x7F]), "NaN"),
+    ],
+)
+def test_inconsistent_block_sparse_records_are_refused(tmp_path, edit, words):
+    model = _compressed("block_sparse")
+    path = tmp_path / "m.safetensors"
+    embpress.save(model, path)
+    records = safetensors.torch.load_file(str(path))["tables.user.records"]
+    assert int(records[0]) == 0  # the padding row's bitmap: nothing kept (the edits assume it)
+    _edit_tensors(path, edit)
+    _assert_refused(path, "'user'", words)
 
 
 def test_other_architecture_is_refused(tmp_path):

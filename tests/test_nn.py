@@ -381,7 +381,7 @@ def test_kernels_compile_without_the_x86_only_byte_permute(monkeypatch):
     form is compiled afresh and gives the same sums."""
     import numba
 
-    from embpress.layouts import _kernels
+    from embpress.layouts import _kernels, block_sparse
 
     if not _kernels.vector_decode_supported(4):
         pytest.skip("this CPU lacks the AVX-512 expanding loads the vector decode compiles to")
@@ -417,26 +417,8 @@ def test_kernels_compile_without_the_x86_only_byte_permute(monkeypatch):
     sparse = QuantizedEmbeddingBag.from_float(
         nn.EmbeddingBag.from_pretrained(weight, mode="sum"), QuantConfig(bits=4), mask=mask, block_width=4
     )
-    t = sparse.table
-    out = torch.empty(10, 128)
-    bad = block_sparse_bag(
-        t.codes.numpy(),
-        t.qparams.view(torch.int16).numpy(),
-        True,
-        t.block_words.numpy().view("uint32"),
-        t.group_ptr.numpy(),
-        128,
-        4,
-        4,
-        32,
-        idx.numpy(),
-        bounds.numpy(),
-        empty,
-        False,
-        False,
-        True,
-        2,
-        out.numpy(),
-    )
-    assert bad == 0
+    monkeypatch.setattr(block_sparse, "block_sparse_bag", block_sparse_bag)
+    with _torch_threads(2):
+        out = sparse.table.fast_bag(idx, bounds, 0, None)
+    assert out is not None
     _close(out, sparse._generic(idx, bounds, None))

@@ -3,7 +3,7 @@
 The format is written down in docs/format.md. In short: tensors ``tables.<fqn>.<buffer>``
 for each compressed table and ``state.<key>`` for every other entry of the model's
 state_dict; the safetensors metadata holds ``format = "embpress"``,
-``format_version = "1"`` and a JSON ``index`` describing every table (module arguments,
+``format_version = "2"`` and a JSON ``index`` describing every table (module arguments,
 layout fields, aliases) and the CRC-32 of every tensor. Every field is validated before a
 tensor is trusted; the model is changed only after the whole file has been checked.
 """
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "embpress"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 TABLE_PREFIX = "tables."
 STATE_PREFIX = "state."
 

@@ -12,6 +12,7 @@ import numpy as np
 from ._kernels import _popcount
 
 __all__ = [
+    "assemble_records",
     "count_blocks",
     "count_blocks_of_4",
     "count_nonfinite",
@@ -229,3 +230,40 @@ def fake_quantize(w: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: in
         for c in range(cols):
             out[r, c] = np.float32(_code(w[r, c], s, o, levels)) * s + o
     return out
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def assemble_records(
+    records: np.ndarray,
+    starts: np.ndarray,
+    bitmap: np.ndarray,
+    qparams: np.ndarray,
+    codes: np.ndarray,
+    code_start: np.ndarray,
+    row_codes: np.ndarray,
+    bits: int,
+) -> None:
+    """Write each row's block-sparse record at ``records[starts[r]:]`` (zeroed before).
+
+    A record is the row's bitmap bytes, its qparam bytes, then its ``row_codes[r]`` codes
+    (one per byte in ``codes`` from ``code_start[r]``) packed from the next byte: code j
+    at byte j*bits//8, bit (j*bits)%8 (see ``layouts.block_sparse``).
+    """
+    nbit = bitmap.shape[1]
+    nq = qparams.shape[1]
+    per_byte = 8 // bits
+    for r in numba.prange(starts.shape[0] - 1):
+        a = starts[r]
+        for j in range(nbit):
+            records[a + j] = bitmap[r, j]
+        a += nbit
+        for j in range(nq):
+            records[a + j] = qparams[r, j]
+        a += nq
+        c0 = code_start[r]
+        if bits == 8:
+            for j in range(row_codes[r]):
+                records[a + j] = codes[c0 + j]
+        else:
+            for j in range(row_codes[r]):
+                records[a + j // per_byte] |= codes[c0 + j] << ((j % per_byte) * bits)

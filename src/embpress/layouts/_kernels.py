@@ -7,12 +7,13 @@ bounds-checked (a kernel returns how many were out of range, the caller raises
 IndexError).
 
 The block-sparse bag is written for the memory system first: a lookup needs its row's
-header (bitmap group, group pointer, qparams), then from it its codes, two dependent trips
-to memory. For one-word rows a single pass per bag keeps both in flight with prefetch
-streams and a ring of row headers read ahead (``_block_sparse_pass_intrinsic``), and
-decodes a row without branches on its bitmap where the CPU has AVX-512 expanding loads
-(``_emit_word_decode``); other rows are pipelined bag by bag, and CPUs without AVX-512
-walk the set bits. Vector steps are written as LLVM IR (numba ``@intrinsic``) because
+offset, then from it the row's record (bitmap, qparams and codes side by side), two
+dependent trips to memory. A single pass per bag keeps both in flight with prefetch
+streams and a ring of record starts computed ahead (``_block_sparse_pass_intrinsic``),
+and decodes a row without branches on its bitmap where the CPU has AVX-512 expanding
+loads (``_emit_word_decode``); rows of several bitmap words decode word by word, and
+CPUs without AVX-512 walk the set bits (``_decode_bag``). Vector steps are written as
+LLVM IR (numba ``@intrinsic``) because
 numba does not vectorise them on its own. The IR helpers live in this file with the
 kernels that use them on purpose: numba's disk cache is keyed on the file of the jitted
 function, so an edit to a helper in another file would leave stale compiled kernels.
@@ -32,17 +33,12 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 __all__ = [
-    "GROUP_ROWS",
     "block_sparse_bag",
     "fused_bag",
     "remap_rows",
     "set_threads",
     "vector_decode_supported",
 ]
-
-# rows per group pointer of the block-sparse layout: a compile-time constant, so dividing
-# by it is a shift, and one group of bitmap words is one vector load
-GROUP_ROWS = 16
 
 
 def set_threads() -> int:
@@ -101,7 +97,6 @@ def _prefetch_intrinsic(locality: int) -> Any:
 
 
 _prefetch: Any = _prefetch_intrinsic(3)
-_prefetch_l2: Any = _prefetch_intrinsic(2)
 
 
 def _block4_intrinsic(bits: int) -> Any:
@@ -185,20 +180,6 @@ def _splat(builder: Any, x: Any, vty: Any) -> Any:
     return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, vty.count), [0] * vty.count))
 
 
-@intrinsic
-def _half_to_float_intrinsic(typingctx: Any, raw: Any) -> Any:
-    """float16 bits (an int16) -> float32, as the CPU's conversion instruction."""
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        half = builder.bitcast(builder.trunc(args[0], ir.IntType(16)), ir.HalfType())
-        return builder.fpext(half, ir.FloatType())
-
-    return types.float32(raw), codegen
-
-
-_half_to_float: Any = _half_to_float_intrinsic
-
-
 def _codes_to_lanes(builder: Any, blocks: Any, bits: int, lanes: int) -> Any:
     """<lanes x i32> codes, one per lane, from expanded blocks (4 bytes or 2 bytes each).
 
@@ -248,21 +229,10 @@ def _codes_to_lanes(builder: Any, blocks: Any, bits: int, lanes: int) -> Any:
     return pieces[0]
 
 
-def _emit_word_decode(
-    context: Any,
-    builder: Any,
-    codesty: Any,
-    codes: Any,
-    pos: Any,
-    word: Any,
-    s: Any,
-    o: Any,
-    bits: int,
-    word_bits: int,
-) -> Any:
+def _emit_word_decode(builder: Any, cptr: Any, word: Any, s: Any, o: Any, bits: int, word_bits: int) -> Any:
     """IR for the decoded values of one bitmap word's blocks: a <4W x float> vector.
 
-    The kept blocks' codes sit back to back from code index ``pos``; an expanding load
+    The kept blocks' codes sit back to back from the byte ``cptr`` points at; an expanding load
     (``llvm.masked.expandload``: one ``vpexpandd``/``vpexpandw`` per 16/32 blocks on
     AVX-512) spreads them to their block positions, every lane is decoded as
     ``fma(float(code), s, o)`` (one rounding, as FBGEMM's kernels do) and pruned lanes are
@@ -273,12 +243,9 @@ def _emit_word_decode(
     i32 = ir.IntType(32)
     i8 = ir.IntType(8)
     vf = ir.VectorType(ir.FloatType(), lanes)
-    arr = context.make_array(codesty)(context, builder, codes)
     kept = builder.bitcast(
         builder.trunc(word, ir.IntType(word_bits)), ir.VectorType(ir.IntType(1), word_bits)
     )
-    byte = pos if bits == 8 else builder.lshr(pos, ir.Constant(pos.type, 1))
-    cptr = cgutils.get_item_pointer(context, builder, codesty, arr, [byte], wraparound=False)
     block = ir.IntType(32 if bits == 8 else 16)
     vb = ir.VectorType(block, word_bits)
     blocks = _call(
@@ -321,7 +288,10 @@ def _word_decode_intrinsic(bits: int, word_bits: int) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             accty, _, codesty, _, _, _, _ = signature.args
             pos, word, s, o = args[3:]
-            decoded = _emit_word_decode(context, builder, codesty, args[2], pos, word, s, o, bits, word_bits)
+            codes = context.make_array(codesty)(context, builder, args[2])
+            byte = pos if bits == 8 else builder.lshr(pos, ir.Constant(pos.type, 1))
+            cptr = cgutils.get_item_pointer(context, builder, codesty, codes, [byte], wraparound=False)
+            decoded = _emit_word_decode(builder, cptr, word, s, o, bits, word_bits)
             acc_arr = context.make_array(accty)(context, builder, args[0])
             aptr = cgutils.get_item_pointer(context, builder, accty, acc_arr, [args[1]], wraparound=False)
             vptr = builder.bitcast(aptr, ir.VectorType(ir.FloatType(), lanes).as_pointer())
@@ -424,9 +394,8 @@ def _fused_bag_intrinsic(word_bits: int) -> Any:
                 w = _emit_weight(builder, is_weighted, w_arr.data, p)
                 s = builder.fmul(s, w)
                 o = builder.fmul(o, w)
-                pos = builder.mul(start, ir.Constant(i64, 2))  # code index of the row (two per byte)
                 decoded = _emit_word_decode(
-                    context, builder, fusedty, fused_v, pos, all_kept, s, o, bits=4, word_bits=word_bits
+                    builder, builder.gep(base, [start]), all_kept, s, o, bits=4, word_bits=word_bits
                 )
                 builder.store(builder.fadd(builder.load(total), decoded), total)
             aptr = cgutils.get_item_pointer(
@@ -447,75 +416,64 @@ def _fused_bag_intrinsic(word_bits: int) -> Any:
     return decode_fused_bag
 
 
-def _emit_row_start(builder: Any, words_ptr: Any, group_ptr: Any, r: Any, width: Any) -> Any:
-    """IR for the code index where row ``r`` of a one-word-per-row block-sparse table starts.
+def _load_intrinsic(kind: str) -> Any:
+    """Read one little-endian value at byte ``pos`` of a uint8 array, at any alignment.
 
-    ``group_ptr[r // G]`` plus ``width`` (an i64 value) times the kept blocks of the rows
-    before ``r`` in its group: one masked 16-lane load of the group's bitmap words (only
-    the rows before ``r``, so never past the table's end), a lane popcount and a
-    horizontal add; no loop whose trip count depends on the row.
+    ``kind``: "u16" / "u32" (zero-extended to int64), "f16" (widened to float32) or "f32".
+    The block-sparse records hold their bitmap words and qparams at byte offsets that need
+    not be aligned to the value's size.
     """
+    irty = {"u16": ir.IntType(16), "u32": ir.IntType(32), "f16": ir.HalfType(), "f32": ir.FloatType()}[kind]
+    ret = types.int64 if kind[0] == "u" else types.float32
+
+    @intrinsic
+    def load(typingctx: Any, ary: Any, pos: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            aryty = signature.args[0]
+            arr = context.make_array(aryty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [args[1]], wraparound=False)
+            value = builder.load(builder.bitcast(ptr, irty.as_pointer()), align=1)
+            if kind[0] == "u":
+                return builder.zext(value, ir.IntType(64))
+            return builder.fpext(value, ir.FloatType()) if kind == "f16" else value
+
+        return ret(ary, types.intp), codegen
+
+    return load
+
+
+_load_u16: Any = _load_intrinsic("u16")
+_load_u32: Any = _load_intrinsic("u32")
+_load_f16: Any = _load_intrinsic("f16")
+_load_f32: Any = _load_intrinsic("f32")
+
+
+def _emit_record_start(builder: Any, row_offsets: Any, group_offsets: Any, shift: Any, r: Any) -> Any:
+    """IR for the byte where row ``r``'s record starts: ``group_offsets[r >> shift] + row_offsets[r]``."""
     i64 = ir.IntType(64)
-    i32 = ir.IntType(32)
-    n = GROUP_ROWS
-    wty = words_ptr.type.pointee
-    vw = ir.VectorType(wty, n)
-    v32 = ir.VectorType(i32, n)
-    shift = n.bit_length() - 1
-    g = builder.lshr(r, ir.Constant(i64, shift))
-    first = builder.gep(words_ptr, [builder.shl(g, ir.Constant(i64, shift))])
-    before = builder.trunc(builder.and_(r, ir.Constant(i64, n - 1)), i32)
-    earlier = builder.icmp_unsigned("<", ir.Constant(v32, list(range(n))), _splat(builder, before, v32))
-    vec = _call(
-        builder,
-        f"llvm.masked.load.v{n}i{wty.width}.p0",
-        vw,
-        [builder.bitcast(first, vw.as_pointer()), ir.Constant(i32, 1), earlier, ir.Constant(vw, [0] * n)],
-    )
-    counts = _call(builder, f"llvm.ctpop.v{n}i{wty.width}", vw, [vec])
-    counts = builder.zext(counts, v32) if wty.width < 32 else counts
-    kept = builder.zext(_call(builder, f"llvm.vector.reduce.add.v{n}i32", i32, [counts]), i64)
-    base = builder.load(builder.gep(group_ptr, [g]))
-    return builder.add(base, builder.mul(kept, width))
+    base = builder.load(builder.gep(group_offsets, [builder.lshr(r, shift)]))
+    return builder.add(base, builder.zext(builder.load(builder.gep(row_offsets, [r])), i64))
 
 
-@intrinsic
-def _row_start_intrinsic(typingctx: Any, words: Any, group_ptr: Any, r: Any, width: Any) -> Any:
-    """``_emit_row_start`` for numba code: ``words`` the 1-D bitmap words (one per row)."""
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        wty, gty, _, _ = signature.args
-        words_ptr = context.make_array(wty)(context, builder, args[0]).data
-        gp_ptr = context.make_array(gty)(context, builder, args[1]).data
-        return _emit_row_start(builder, words_ptr, gp_ptr, args[2], args[3])
-
-    return types.int64(words, group_ptr, types.int64, types.int64), codegen
-
-
-_row_start: Any = _row_start_intrinsic
-
-
-# ids ahead whose row headers (bitmap group, group pointer, qparams) and, half as far,
-# codes the one-pass block-sparse decode prefetches
+# ids ahead whose row offset (HEADER_PREFETCH) and record (RECORD_PREFETCH) the one-pass
+# block-sparse decode prefetches; the record start is computed RECORD_PREFETCH ids ahead
+# and waits in a ring of START_RING slots
 HEADER_PREFETCH = 48
-CODE_PREFETCH = 24
-START_RING = 32  # a power of two above CODE_PREFETCH
+RECORD_PREFETCH = 24
+START_RING = 32  # a power of two above RECORD_PREFETCH
 
 
 def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
     """``acc[:4W] = sum over lookups [lo, hi) of their rows`` (one-word (1, 4)-block rows).
 
-    The whole lookup in one pass, FBGEMM-style: each iteration prefetches the headers of
-    the id ``HEADER_PREFETCH`` places on, reads the row header of the id
-    ``CODE_PREFETCH`` places on (start, word, scale, offset; from lines prefetched
-    earlier) into ``ring`` / ``ring_qp`` and prefetches its codes, then takes its own
-    row's header from the ring and decodes it (``_emit_word_decode``) into a sum held in
-    registers: the dependent loads of a lookup (its group's bitmaps, then its start)
-    stay off the decode's critical path. The rings (``START_RING`` slots) carry headers
-    across the bags of a run; ``prime`` fills them for a run's first bag. Prefetches run
-    across bag boundaries up to ``pf_end``.
-    Ids must be in range (checked before). ``qparams`` is the qparam array as bytes:
-    float16 pairs (4 bytes a row) when ``half``, else float32 pairs (8 bytes).
+    The whole lookup in one pass, FBGEMM-style. Iteration p prefetches the row offset of
+    the id ``HEADER_PREFETCH`` places on; computes the record start of the id
+    ``RECORD_PREFETCH`` places on (from the line prefetched earlier) into ``ring`` and
+    prefetches its record; then reads its own record (bitmap word, scale, offset, codes:
+    lines prefetched long before) and decodes it (``_emit_word_decode``) into a sum held
+    in registers. The ring carries starts across the bags of a run; ``prime`` fills it
+    for a run's first bag. Prefetches run across bag boundaries up to ``pf_end``. Ids must
+    be in range (checked before). ``half``: the record's qparams are float16, else float32.
     """
     lanes = 4 * word_bits
 
@@ -523,10 +481,10 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
     def decode_pass(
         typingctx: Any,
         acc: Any,
-        codes: Any,
-        words: Any,
-        group_ptr: Any,
-        qparams: Any,
+        records: Any,
+        row_offsets: Any,
+        group_offsets: Any,
+        shift: Any,
         indices: Any,
         lo: Any,
         hi: Any,
@@ -535,13 +493,11 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
         weighted: Any,
         half: Any,
         ring: Any,
-        ring_qp: Any,
         prime: Any,
     ) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            (accty, codesty, wordsty, gpty, qty, indty, _, _, _, wty, _, _, ringty, rqty, _) = signature.args
-            acc_v, codes_v, words_v, gp_v, q_v, ind_v, lo, hi, pf_end, w_v, weighted, half = args[:12]
-            ring_v, rq_v, prime = args[12:]
+            accty, recty, offty, gty, _, indty, _, _, _, wty, _, _, ringty, _ = signature.args
+            acc_v, rec_v, off_v, g_v, shift, ind_v, lo, hi, pf_end, w_v, weighted, half, ring_v, prime = args
             i64 = ir.IntType(64)
             i32 = ir.IntType(32)
             i8p = ir.IntType(8).as_pointer()
@@ -551,57 +507,66 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
             def data(ty: Any, value: Any) -> Any:
                 return context.make_array(ty)(context, builder, value).data
 
-            codes_p = builder.bitcast(data(codesty, codes_v), i8p)
-            words_p = data(wordsty, words_v)
-            gp_p = data(gpty, gp_v)
-            q_p = builder.bitcast(data(qty, q_v), i8p)
+            def const(n: int) -> Any:
+                return ir.Constant(i64, n)
+
+            rec_p = builder.bitcast(data(recty, rec_v), i8p)
+            off_p = data(offty, off_v)
+            g_p = data(gty, g_v)
             ind_p = data(indty, ind_v)
             w_p = data(wty, w_v)
             ring_p = data(ringty, ring_v)
-            ring_qp = data(rqty, rq_v)
-            ring_mask = ir.Constant(i64, START_RING - 1)
+            ring_mask = const(START_RING - 1)
             is_half = builder.icmp_unsigned("!=", half, ir.Constant(half.type, 0))
             is_weighted = builder.icmp_unsigned("!=", weighted, ir.Constant(weighted.type, 0))
-            q_row = builder.select(is_half, ir.Constant(i64, 4), ir.Constant(i64, 8))
+            word_bytes = word_bits // 8
+            header = builder.select(is_half, const(word_bytes + 4), const(word_bytes + 8))
             fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
             prefetch = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
 
-            def fetch(ptr: Any, locality: int) -> None:
-                builder.call(
-                    prefetch,
-                    [
-                        builder.bitcast(ptr, i8p),
-                        ir.Constant(i32, 0),
-                        ir.Constant(i32, locality),
-                        ir.Constant(i32, 1),
-                    ],
-                )
+            def fetch(ptr: Any) -> None:
+                hint = [ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]
+                builder.call(prefetch, [builder.bitcast(ptr, i8p), *hint])
 
             def start_ahead(q: Any) -> None:
-                """Row start, word, scale and offset of lookup ``q`` into the ring slot
-                ``2 * (q % START_RING)``; prefetch its code lines."""
+                """Record start of lookup ``q`` into ring slot ``q % START_RING``; prefetch
+                the lines its decode reads (an expanding load from memory reads a whole
+                vector's span, not only the kept codes: measured, leaving the third line
+                out at 8 bits doubles the time on a table that does not fit in cache)."""
                 r = builder.load(builder.gep(ind_p, [q]))
-                start = _emit_row_start(builder, words_p, gp_p, r, ir.Constant(i64, 4))
-                slot = builder.shl(builder.and_(q, ring_mask), ir.Constant(i64, 1))
-                builder.store(start, builder.gep(ring_p, [slot]))
-                word = builder.zext(builder.load(builder.gep(words_p, [r])), i64)
-                builder.store(word, builder.gep(ring_p, [builder.add(slot, ir.Constant(i64, 1))]))
-                qrow = builder.gep(q_p, [builder.mul(r, q_row)])
+                start = _emit_record_start(builder, off_p, g_p, shift, r)
+                builder.store(start, builder.gep(ring_p, [builder.and_(q, ring_mask)]))
+                for delta in (0, 63, 127) if bits == 8 else (0, 63):
+                    fetch(builder.gep(rec_p, [builder.add(start, const(delta))]))
+
+            with builder.if_then(builder.icmp_unsigned("!=", prime, ir.Constant(prime.type, 0))):
+                end = builder.add(lo, const(RECORD_PREFETCH))
+                primed = builder.sub(builder.select(builder.icmp_signed("<", end, pf_end), end, pf_end), lo)
+                with cgutils.for_range(builder, primed) as first_loop:
+                    start_ahead(builder.add(lo, first_loop.index))
+            total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
+            with cgutils.for_range(builder, builder.sub(hi, lo)) as loop:
+                p = builder.add(lo, loop.index)
+                ahead = builder.add(p, const(HEADER_PREFETCH))
+                with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
+                    fetch(builder.gep(off_p, [builder.load(builder.gep(ind_p, [ahead]))]))
+                ahead = builder.add(p, const(RECORD_PREFETCH))
+                with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
+                    start_ahead(ahead)
+                start = builder.load(builder.gep(ring_p, [builder.and_(p, ring_mask)]))
+                rec = builder.gep(rec_p, [start])
+                word = builder.load(builder.bitcast(rec, ir.IntType(word_bits).as_pointer()), align=1)
+                qp = builder.gep(rec, [const(word_bytes)])
                 with builder.if_else(is_half) as (then, otherwise):
                     with then:
-                        hp = builder.bitcast(qrow, ir.IntType(16).as_pointer())
-                        s_h = builder.fpext(builder.bitcast(builder.load(hp, align=1), ir.HalfType()), f32)
-                        o_h = builder.fpext(
-                            builder.bitcast(
-                                builder.load(builder.gep(hp, [ir.Constant(i64, 1)]), align=1), ir.HalfType()
-                            ),
-                            f32,
-                        )
+                        hp = builder.bitcast(qp, ir.HalfType().as_pointer())
+                        s_h = builder.fpext(builder.load(hp, align=1), f32)
+                        o_h = builder.fpext(builder.load(builder.gep(hp, [const(1)]), align=1), f32)
                         from_half = builder.block
                     with otherwise:
-                        fp = builder.bitcast(qrow, f32.as_pointer())
+                        fp = builder.bitcast(qp, f32.as_pointer())
                         s_f = builder.load(fp, align=1)
-                        o_f = builder.load(builder.gep(fp, [ir.Constant(i64, 1)]), align=1)
+                        o_f = builder.load(builder.gep(fp, [const(1)]), align=1)
                         from_single = builder.block
                 s = builder.phi(f32)
                 s.add_incoming(s_h, from_half)
@@ -609,54 +574,11 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 o = builder.phi(f32)
                 o.add_incoming(o_h, from_half)
                 o.add_incoming(o_f, from_single)
-                builder.store(s, builder.gep(ring_qp, [slot]))
-                builder.store(o, builder.gep(ring_qp, [builder.add(slot, ir.Constant(i64, 1))]))
-                first = start if bits == 8 else builder.lshr(start, ir.Constant(i64, 1))
-                for delta in (0, 63, 127) if bits == 8 else (0, 63):
-                    fetch(builder.gep(codes_p, [builder.add(first, ir.Constant(i64, delta))]), 3)
-
-            # the first bag of a run: the starts its first CODE_PREFETCH lookups would have
-            # got from earlier iterations
-            with builder.if_then(builder.icmp_unsigned("!=", prime, ir.Constant(prime.type, 0))):
-                primed = builder.sub(
-                    builder.select(
-                        builder.icmp_signed("<", builder.add(lo, ir.Constant(i64, CODE_PREFETCH)), pf_end),
-                        builder.add(lo, ir.Constant(i64, CODE_PREFETCH)),
-                        pf_end,
-                    ),
-                    lo,
-                )
-                with cgutils.for_range(builder, primed) as first_loop:
-                    start_ahead(builder.add(lo, first_loop.index))
-            total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
-            with cgutils.for_range(builder, builder.sub(hi, lo)) as loop:
-                p = builder.add(lo, loop.index)
-                ahead = builder.add(p, ir.Constant(i64, HEADER_PREFETCH))
-                with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
-                    r = builder.load(builder.gep(ind_p, [ahead]))
-                    g = builder.lshr(r, ir.Constant(i64, GROUP_ROWS.bit_length() - 1))
-                    fetch(
-                        builder.gep(words_p, [builder.shl(g, ir.Constant(i64, GROUP_ROWS.bit_length() - 1))]),
-                        3,
-                    )
-                    fetch(builder.gep(gp_p, [g]), 3)
-                    fetch(builder.gep(q_p, [builder.mul(r, q_row)]), 3)
-                ahead = builder.add(p, ir.Constant(i64, CODE_PREFETCH))
-                with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
-                    start_ahead(ahead)
-                slot = builder.shl(builder.and_(p, ring_mask), ir.Constant(i64, 1))
-                start = builder.load(builder.gep(ring_p, [slot]))
-                word = builder.load(builder.gep(ring_p, [builder.add(slot, ir.Constant(i64, 1))]))
-                s = builder.load(builder.gep(ring_qp, [slot]))
-                o = builder.load(builder.gep(ring_qp, [builder.add(slot, ir.Constant(i64, 1))]))
                 w = _emit_weight(builder, is_weighted, w_p, p)
                 decoded = _emit_word_decode(
-                    context,
                     builder,
-                    codesty,
-                    codes_v,
-                    start,
-                    word,
+                    builder.gep(rec, [header]),
+                    builder.zext(word, i64),
                     builder.fmul(s, w),
                     builder.fmul(o, w),
                     bits=bits,
@@ -668,8 +590,8 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
             return context.get_dummy_value()
 
         sig = types.void(
-            acc, codes, words, group_ptr, qparams, indices, types.intp, types.intp, types.intp, weights,
-            types.boolean, types.boolean, ring, ring_qp, types.boolean,
+            acc, records, row_offsets, group_offsets, types.int64, indices, types.intp, types.intp,
+            types.intp, weights, types.boolean, types.boolean, ring, types.boolean,
         )  # fmt: skip
         return sig, codegen
 
@@ -746,165 +668,97 @@ def _divide(acc: np.ndarray, count: int) -> None:
 
 
 @numba.njit(cache=True, inline="always")
-def _prefetch_header(
-    r: int, rows: int, words: int, flat_words: np.ndarray, group_ptr: np.ndarray, flat_qparams: np.ndarray
-) -> None:
-    """Prefetch into L2 what ``_row_headers`` reads for row ``r``: bitmap group, pointer, qparams."""
-    if 0 <= r < rows:
-        g = r // GROUP_ROWS
-        _prefetch_l2(flat_words, g * GROUP_ROWS * words)
-        _prefetch_l2(group_ptr, g)
-        _prefetch_l2(flat_qparams, 2 * r)
+def _record_start(row_offsets: np.ndarray, group_offsets: np.ndarray, shift: int, r: int) -> int:
+    """Byte where row ``r``'s record starts (see ``layouts.block_sparse``)."""
+    return group_offsets[np.uint64(r >> shift)] + np.int64(row_offsets[np.uint64(r)])
 
 
 @numba.njit(cache=True, inline="always")
-def _prefetch_code_lines(codes: np.ndarray, start: int, bits: int) -> None:
-    """Prefetch every line the decode of a row starting at code ``start`` may read.
-
-    An expanding load from memory reads a whole vector's span (64 bytes from each of its
-    starts: two at 8 bits), not only the kept codes, so the lines after the row's first
-    byte count too (measured: leaving them out doubles the lookup time on a table that
-    does not fit in cache).
-    """
-    first = start * bits // 8
-    _prefetch(codes, first)
-    _prefetch(codes, first + 63)
-    if bits == 8:
-        _prefetch(codes, first + 127)
+def _read_word(records: np.ndarray, pos: int, word_bits: int) -> int:
+    """The bitmap word of ``word_bits`` bits at byte ``pos``."""
+    if word_bits == 32:
+        return _load_u32(records, pos)
+    if word_bits == 16:
+        return _load_u16(records, pos)
+    return int(records[np.uint64(pos)])
 
 
 @numba.njit(cache=True, inline="always")
-def _row_headers(
-    indices: np.ndarray,
-    lo: int,
-    hi: int,
-    weights: np.ndarray,
-    has_weights: bool,
-    rows: int,
-    words: int,
-    width: int,
-    bits: int,
-    flat_words: np.ndarray,
-    group_ptr: np.ndarray,
-    qparam_bits: np.ndarray,
-    qp32: np.ndarray,
-    half: bool,
-    scratch: np.ndarray,
-    scales: np.ndarray,
-    pf_lo: int,
-    pf_hi: int,
-) -> int:
-    """Code start, first bitmap word, scale and offset of each lookup in [lo, hi).
-
-    Written to ``scratch[0, i]``, ``scratch[1, i]``, ``scales[0, i]``, ``scales[1, i]`` (the
-    weight of a weighted bag folded into scale and offset). Iteration i also prefetches
-    the headers of lookup ``pf_lo + i`` (the bag after), a steady stream rather than a
-    burst. An out-of-range index gets an empty word (it adds nothing). Returns how many
-    there were.
-    """
-    bad = 0
-    flat_qparams = qparam_bits.ravel()
-    for i in range(hi - lo):
-        p = np.uint64(lo + i)
-        u = np.uint64(i)
-        if pf_lo + i < pf_hi:
-            _prefetch_header(indices[np.uint64(pf_lo + i)], rows, words, flat_words, group_ptr, flat_qparams)
-        r = indices[p]
-        if r < 0 or r >= rows:
-            bad += 1
-            scratch[0, u] = 0
-            scratch[1, u] = 0
-            scales[0, u] = 0.0
-            scales[1, u] = 0.0
-            continue
-        if words == 1:
-            c = _row_start(flat_words, group_ptr, r, width)
-        else:
-            g = r // GROUP_ROWS
-            first = g * GROUP_ROWS * words
-            kept_before = 0
-            for e in range(first, first + (r - g * GROUP_ROWS) * words):
-                kept_before += _popcount(int(flat_words[np.uint64(e)]))
-            c = group_ptr[np.uint64(g)] + kept_before * width
-        scratch[0, u] = c
-        scratch[1, u] = int(flat_words[np.uint64(r * words)])
-        ur = np.uint64(r)
-        if half:
-            sc = _half_to_float(qparam_bits[ur, 0])
-            of = _half_to_float(qparam_bits[ur, 1])
-        else:
-            sc = qp32[ur, 0]
-            of = qp32[ur, 1]
-        if has_weights:
-            sc = sc * weights[p]
-            of = of * weights[p]
-        scales[0, u] = sc
-        scales[1, u] = of
-    for extra in range(pf_lo + hi - lo, pf_hi):  # a next bag longer than this one
-        _prefetch_header(indices[np.uint64(extra)], rows, words, flat_words, group_ptr, flat_qparams)
-    return bad
+def _read_qparam(records: np.ndarray, pos: int, half: bool) -> np.float32:
+    """The float16 (``half``) or float32 value at byte ``pos``, as float32."""
+    if half:
+        return _load_f16(records, pos)
+    return _load_f32(records, pos)
 
 
 @numba.njit(cache=True, inline="always")
 def _decode_bag(
-    codes: np.ndarray,
-    block_words: np.ndarray,
+    records: np.ndarray,
+    row_offsets: np.ndarray,
+    group_offsets: np.ndarray,
+    shift: int,
+    words: int,
+    word_bits: int,
+    half: bool,
     dim: int,
     width: int,
     bits: int,
-    word_bits: int,
     indices: np.ndarray,
     lo: int,
     hi: int,
-    rows: int,
-    mean: bool,
+    pf_end: int,
+    weights: np.ndarray,
+    has_weights: bool,
     vector: bool,
-    scratch: np.ndarray,
-    scales: np.ndarray,
     acc: np.ndarray,
-    ahead: np.ndarray,
-    n_ahead: int,
 ) -> None:
-    """``acc = sum / mean over lookups [lo, hi) of their decoded rows`` (kept blocks only).
+    """``acc = sum over lookups [lo, hi) of their decoded rows`` (kept blocks only).
 
     The path for rows of several bitmap words (whole words decoded as vectors) and for
-    CPUs or shapes without the vector decode (the set bits walked). While decoding, it
-    prefetches the codes of the next bag's rows (code starts ``ahead[:n_ahead]``).
+    CPUs or shapes without the vector decode (the set bits walked). Each iteration
+    prefetches the row offset of the id ``HEADER_PREFETCH`` places on and the record of
+    the id ``RECORD_PREFETCH`` places on (up to ``pf_end``). Ids must be in range.
     """
-    words = block_words.shape[1]
-    n = hi - lo
     per_byte = 8 // bits
-    shift = 0 if bits == 8 else (1 if bits == 4 else 2)
+    shift_codes = 0 if bits == 8 else (1 if bits == 4 else 2)
     code_mask = (1 << bits) - 1
+    word_bytes = word_bits // 8
+    qparams_at = words * word_bytes
+    header = qparams_at + (4 if half else 8)
     acc[:] = 0.0
-    for i in range(n):
-        u = np.uint64(i)
-        if i < n_ahead:
-            _prefetch_code_lines(codes, ahead[u], bits)
-        r = indices[np.uint64(lo + i)]
-        if r < 0 or r >= rows:
-            continue
-        c = scratch[0, u]
-        s = scales[0, u]
-        o = scales[1, u]
+    for p in range(lo, hi):
+        if p + HEADER_PREFETCH < pf_end:
+            _prefetch(row_offsets, indices[np.uint64(p + HEADER_PREFETCH)])
+        if p + RECORD_PREFETCH < pf_end:
+            ahead = _record_start(row_offsets, group_offsets, shift, indices[np.uint64(p + RECORD_PREFETCH)])
+            _prefetch(records, ahead)
+            _prefetch(records, ahead + 63)
+            _prefetch(records, ahead + 127)
+        a = _record_start(row_offsets, group_offsets, shift, indices[np.uint64(p)])
+        s = _read_qparam(records, a + qparams_at, half)
+        o = _read_qparam(records, a + qparams_at + (2 if half else 4), half)
+        if has_weights:
+            s = s * weights[np.uint64(p)]
+            o = o * weights[np.uint64(p)]
+        c = (a + header) * per_byte  # code index of the row's first kept code
         for k in range(words):
-            word = int(block_words[np.uint64(r), np.uint64(k)])
+            word = _read_word(records, a + k * word_bytes, word_bits)
             if vector:
                 col = k * word_bits * 4
                 if bits == 8:
                     if word_bits == 32:
-                        _decode_word_8x32(acc, col, codes, c, word, s, o)
+                        _decode_word_8x32(acc, col, records, c, word, s, o)
                     elif word_bits == 16:
-                        _decode_word_8x16(acc, col, codes, c, word, s, o)
+                        _decode_word_8x16(acc, col, records, c, word, s, o)
                     else:
-                        _decode_word_8x8(acc, col, codes, c, word, s, o)
+                        _decode_word_8x8(acc, col, records, c, word, s, o)
                 else:
                     if word_bits == 32:
-                        _decode_word_4x32(acc, col, codes, c, word, s, o)
+                        _decode_word_4x32(acc, col, records, c, word, s, o)
                     elif word_bits == 16:
-                        _decode_word_4x16(acc, col, codes, c, word, s, o)
+                        _decode_word_4x16(acc, col, records, c, word, s, o)
                     else:
-                        _decode_word_4x8(acc, col, codes, c, word, s, o)
+                        _decode_word_4x8(acc, col, records, c, word, s, o)
                 c += _popcount(word) * 4
                 continue
             while word != 0:  # walk the set bits
@@ -913,35 +767,33 @@ def _decode_bag(
                 col0 = blk * width
                 if width == 4 and col0 + 4 <= dim and bits != 2:
                     if bits == 8:
-                        _add_block4_u8(acc, col0, codes, c, s, o)
+                        _add_block4_u8(acc, col0, records, c, s, o)
                     else:
-                        _add_block4_u4(acc, col0, codes, c, s, o)
+                        _add_block4_u4(acc, col0, records, c, s, o)
                 else:
                     for j in range(min(width, dim - col0)):
                         pos = c + j
                         if bits == 8:
-                            code = codes[pos]
+                            code = records[np.uint64(pos)]
                         else:
-                            code = (codes[pos >> shift] >> ((pos & (per_byte - 1)) * bits)) & code_mask
+                            byte = records[np.uint64(pos >> shift_codes)]
+                            code = (byte >> ((pos & (per_byte - 1)) * bits)) & code_mask
                         acc[col0 + j] += np.float32(code) * s + o
                 c += width
-    for i in range(n, n_ahead):  # a next bag longer than this one
-        _prefetch_code_lines(codes, ahead[np.uint64(i)], bits)
-    if mean:
-        _divide(acc, n)
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
 def block_sparse_bag(
-    codes: np.ndarray,
-    qparam_bits: np.ndarray,
+    records: np.ndarray,
+    row_offsets: np.ndarray,
+    group_offsets: np.ndarray,
+    group_shift: int,
+    words: int,
+    word_bits: int,
     half: bool,
-    block_words: np.ndarray,
-    group_ptr: np.ndarray,
     dim: int,
     width: int,
     bits: int,
-    word_bits: int,
     indices: np.ndarray,
     offsets: np.ndarray,
     per_sample_weights: np.ndarray,
@@ -953,94 +805,58 @@ def block_sparse_bag(
 ) -> int:
     """``out[b] = sum / mean over the bag of decoded rows`` (kept blocks only).
 
-    ``qparam_bits``: [rows, 2] (scale, offset) as raw bits, int16 holding float16 when
-    ``half``, else int32 holding float32.
-    ``block_words``: [rows, words] bitmaps of ``word_bits``-bit unsigned words.
+    The table is the block-sparse layout's three arrays (``layouts.block_sparse``): the
+    records as bytes, the uint16 row offsets and the int64 group offsets, with rows of
+    ``words`` bitmap words of ``word_bits`` bits and float16 (``half``) or float32 qparams.
     ``vector``: decode whole bitmap words with expanding loads (needs ``width == 4``,
     ``bits`` 8 or 4 and ``dim == 4 * word_bits * words``); else walk the set bits.
 
-    Each thread takes a contiguous run of bags. One-word rows with the vector decode go
-    through ``_block_sparse_pass_intrinsic`` (one pass per bag, prefetch streams running
-    ``HEADER_PREFETCH`` / ``CODE_PREFETCH`` ids ahead, ids checked before). Other rows are
-    pipelined in two steps: the headers of bag b+1 are read (start, first word, scale,
-    offset) while the headers of bag b+2 are prefetched, then bag b is decoded while the
-    codes of bag b+1 are prefetched; so the dependent loads of a lookup (bitmap -> codes)
-    are in flight long before they are needed. Returns the number of out-of-range
-    indices (their rows add nothing; the caller raises).
+    Each thread takes a contiguous run of bags; its ids are checked first. One-word rows
+    with the vector decode go through ``_block_sparse_pass_intrinsic`` (one pass per bag,
+    the sum in registers), other rows through ``_decode_bag``. Returns the number of
+    out-of-range indices (then nothing is computed: the caller raises).
     """
-    rows = block_words.shape[0]
-    words = block_words.shape[1]
-    flat_words = block_words.ravel()
-    flat_qparams = qparam_bits.ravel()
-    qparam_bytes = flat_qparams.view(np.uint8)
-    qp32 = np.empty((0, 2), np.float32) if half else qparam_bits.view(np.float32)
+    rows = row_offsets.shape[0]
     bags = offsets.shape[0] - 1
-    max_bag = 0
-    for b in range(bags):
-        max_bag = max(max_bag, offsets[b + 1] - offsets[b])
     runs, per_run = _split_bags(bags, threads)
     bad = np.zeros(runs, dtype=np.int64)
-    if vector and words == 1:  # one pass per bag, sum in registers (``_block_sparse_pass_intrinsic``)
-        for run in numba.prange(runs):
-            b0, b1, bad[run] = _checked_run(run, per_run, bags, offsets, indices, rows)
-            if bad[run] or b0 >= b1:
-                continue
-            pf_end = offsets[b1]
-            # zeroed: a slot read before it is written would decode nothing, not read wild memory
-            ring = np.zeros(2 * START_RING, dtype=np.int64)
-            ring_qp = np.zeros(2 * START_RING, dtype=np.float32)
-            for b in range(b0, b1):
-                lo = offsets[b]
-                hi = offsets[b + 1]
-                acc = out[b]  # the sum is stored straight into the output row
-                prime = b == b0
-                args = (acc, codes, flat_words, group_ptr, qparam_bytes, indices, lo, hi, pf_end)
+    one_pass = vector and words == 1
+    for run in numba.prange(runs):
+        b0, b1, bad[run] = _checked_run(run, per_run, bags, offsets, indices, rows)
+        if bad[run] or b0 >= b1:
+            continue
+        pf_end = offsets[b1]
+        # zeroed: a slot read before it is written decodes record 0, not wild memory
+        ring = np.zeros(START_RING, dtype=np.int64)
+        acc = np.empty(dim, dtype=np.float32)  # private: the compiler sees no aliasing
+        for b in range(b0, b1):
+            lo = offsets[b]
+            hi = offsets[b + 1]
+            if one_pass:
+                row = out[b]  # the sum is stored straight into the output row
+                args = (row, records, row_offsets, group_offsets, group_shift, indices, lo, hi, pf_end)
                 if bits == 8:
                     if word_bits == 32:
-                        _decode_pass_8x32(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
+                        _decode_pass_8x32(*args, per_sample_weights, has_weights, half, ring, b == b0)
                     elif word_bits == 16:
-                        _decode_pass_8x16(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
+                        _decode_pass_8x16(*args, per_sample_weights, has_weights, half, ring, b == b0)
                     else:
-                        _decode_pass_8x8(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
+                        _decode_pass_8x8(*args, per_sample_weights, has_weights, half, ring, b == b0)
                 else:
                     if word_bits == 32:
-                        _decode_pass_4x32(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
+                        _decode_pass_4x32(*args, per_sample_weights, has_weights, half, ring, b == b0)
                     elif word_bits == 16:
-                        _decode_pass_4x16(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
+                        _decode_pass_4x16(*args, per_sample_weights, has_weights, half, ring, b == b0)
                     else:
-                        _decode_pass_4x8(*args, per_sample_weights, has_weights, half, ring, ring_qp, prime)
-                if mean:
-                    _divide(acc, hi - lo)
-        return int(bad.sum())
-    for run in numba.prange(runs):
-        b0 = run * per_run
-        b1 = min(bags, b0 + per_run)
-        if b0 >= b1:
-            continue
-        # per-lookup headers of the bag being decoded and of the next one
-        scratch = np.empty((2, 2, max_bag), dtype=np.int64)
-        scales = np.empty((2, 2, max_bag), dtype=np.float32)
-        acc = np.empty(dim, dtype=np.float32)  # private: the compiler sees no aliasing
-        for p in range(offsets[b0], offsets[b0 + 1]):
-            _prefetch_header(indices[p], rows, words, flat_words, group_ptr, flat_qparams)
-        for b in range(b0 - 1, b1):
-            cur = (b - b0) & 1
-            n_ahead = 0
-            if b + 1 < b1:  # headers of bag b+1; its codes are prefetched while bag b decodes
-                pf_lo, pf_hi = (offsets[b + 2], offsets[b + 3]) if b + 2 < b1 else (0, 0)
-                bad[run] += _row_headers(
-                    indices, offsets[b + 1], offsets[b + 2], per_sample_weights, has_weights, rows, words,
-                    width, bits, flat_words, group_ptr, qparam_bits, qp32, half, scratch[1 - cur],
-                    scales[1 - cur], pf_lo, pf_hi,
+                        _decode_pass_4x8(*args, per_sample_weights, has_weights, half, ring, b == b0)
+            else:
+                _decode_bag(
+                    records, row_offsets, group_offsets, group_shift, words, word_bits, half, dim, width,
+                    bits, indices, lo, hi, pf_end, per_sample_weights, has_weights, vector, acc,
                 )  # fmt: skip
-                n_ahead = offsets[b + 2] - offsets[b + 1]
-            if b < b0:
-                continue
-            _decode_bag(
-                codes, block_words, dim, width, bits, word_bits, indices, offsets[b], offsets[b + 1], rows,
-                mean, vector, scratch[cur], scales[cur], acc, scratch[1 - cur, 0], n_ahead,
-            )  # fmt: skip
-            out[b, :] = acc
+                out[b, :] = acc
+            if mean:
+                _divide(out[b], hi - lo)
     return int(bad.sum())
 
 

@@ -1,121 +1,163 @@
-"""Block-sparse layout: only kept (1 x w) blocks' codes are stored, found through bitmaps.
+"""Block-sparse layout: one record per row, holding its bitmap, qparams and kept codes.
 
-Memory layout (N rows, D columns, block width w, nb = ceil(D / w) blocks per row)::
+Memory layout (N rows, D columns, block width w, nb = ceil(D / w) blocks per row; bitmap
+words of W = 8, 16 or 32 bits, the smallest that holds nb bits, else 32; nw = ceil(nb / W)
+words per row; s = bytes of the scale dtype; G rows per group)::
 
-    codes       uint8 [ceil(C * bits / 8)]     codes of kept blocks, row-major, packed as
-                                               one stream (code k at byte k*bits//8, bit
-                                               (k*bits)%8); a kept partial edge block is
-                                               padded to w codes; C = codes in the stream
-    qparams     scale_dtype [N, 2]             per-row (scale, offset), side by side so
-                                               one cache line serves a lookup
-    block_words intW [N, ceil(nb / W)]         bit k % W of word k // W: block k kept;
-                                               W = 8, 16 or 32: the smallest that holds
-                                               nb bits, else 32 (int8 / int16 / int32)
-    group_ptr   int64 [ceil(N / G) + 1]        code index where row G*g starts (G = 16);
-                                               a row's start adds w * popcount of the
-                                               bitmaps of the rows before it in its group
+    records        uint8 [R]               the rows' records back to back; row r's is
+                                           nw bitmap words, little-endian (bit k % W of
+                                             word k // W set: block k kept)
+                                           scale, offset (s bytes each)
+                                           the kept blocks' codes packed from the next
+                                             byte: code j at byte j*bits//8, bit
+                                             (j*bits)%8, padded to a whole byte (a kept
+                                             partial edge block is padded to w codes)
+    row_offsets    uint16 [N]              where row r's record starts, in bytes from
+                                           the start of its group's first record
+    group_offsets  int64 [ceil(N/G) + 1]   where row G*g's record starts; the last is R
 
-Pruned blocks are simply absent, so they decode to exactly 0.0 and the bytes fall with
-sparsity: at 8 bits, 80% of (1, 4) blocks pruned and D = 128 costs
-``0.2 * 128 + 8 + 4 + 0.5`` bytes per row. Sum/mean bags run in a numba kernel on CPU
-(``_kernels.block_sparse_bag``: whole bitmap words decoded with AVX-512 expanding loads
-where the CPU has them and D = 4 * bits-per-word * words, else a walk over the set
-bits); other devices (and max bags) decode rows with plain torch.
+G is the largest power of two up to 256 for which (G - 1) records of the largest size
+still fit a uint16 offset, so it follows from (D, w, bits, s) alone. Row r starts at
+``group_offsets[r // G] + row_offsets[r]``: a lookup reads one offset, then one record
+whose header sits next to its codes (one or two cache lines at 128 columns), with no
+search and no sum over other rows. Pruned blocks are simply absent, so they decode to
+exactly 0.0 and the bytes fall with sparsity: at 8 bits, 80% of (1, 4) blocks pruned and
+D = 128 cost ``0.2 * 128 + 4 + 8 + 2`` bytes per row (codes, bitmap, qparams, offset).
+Sum/mean bags run in a numba kernel on CPU (``_kernels.block_sparse_bag``: whole bitmap
+words decoded with AVX-512 expanding loads where the CPU has them and D = 4 * W * nw,
+else a walk over the set bits); other devices (and max bags) decode rows with plain torch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..quant.packing import packed_length
-from ._kernels import GROUP_ROWS, block_sparse_bag, set_threads, vector_decode_supported
+from ._kernels import block_sparse_bag, set_threads, vector_decode_supported
 from .base import FormatError, QuantizedTable, base_fields, expect_tensor, meta_int, popcount_bytes
 
-__all__ = ["GROUP_ROWS", "BlockSparseTable", "group_pointers", "word_type"]
+__all__ = ["BlockSparseTable", "RecordShape", "record_shape"]
 
 # use the vector decode where the table and the CPU allow it (tests switch it off to check
 # the bit walk against it)
 VECTOR_DECODE = True
+MAX_GROUP_SHIFT = 8  # at most 256 rows per group offset
+
+
+@dataclass(frozen=True)
+class RecordShape:
+    """Where the parts of a row's record sit, for one (D, w, bits, scale dtype)."""
+
+    blocks: int  # nb, blocks per row
+    block_width: int
+    bits: int
+    word_bits: int  # W
+    words: int  # nw
+    scale_bytes: int  # s
+
+    @property
+    def bitmap_bytes(self) -> int:
+        return self.words * self.word_bits // 8
+
+    @property
+    def header(self) -> int:
+        """Bytes before the codes: bitmap words, scale, offset."""
+        return self.bitmap_bytes + 2 * self.scale_bytes
+
+    def code_bytes(self, kept_blocks: int) -> int:
+        """Bytes of the codes of a row with ``kept_blocks`` kept blocks."""
+        return packed_length(kept_blocks * self.block_width, self.bits)
+
+    @property
+    def group_shift(self) -> int:
+        """log2(G): rows per group offset such that every row offset fits a uint16."""
+        largest = self.header + self.code_bytes(self.blocks)
+        shift = 0
+        while shift < MAX_GROUP_SHIFT and ((2 << shift) - 1) * largest <= 0xFFFF:
+            shift += 1
+        return shift
+
+    def groups(self, rows: int) -> int:
+        """Number of group offsets (without the final total)."""
+        return -(-rows // (1 << self.group_shift))
+
+
+def record_shape(dim: int, block_width: int, bits: int, scale_dtype: torch.dtype) -> RecordShape:
+    """The record geometry of a block-sparse table."""
+    nb = -(-dim // block_width)
+    word_bits = 8 if nb <= 8 else (16 if nb <= 16 else 32)
+    scale_bytes = torch.empty((), dtype=scale_dtype).element_size()
+    return RecordShape(nb, block_width, bits, word_bits, -(-nb // word_bits), scale_bytes)
 
 
 class BlockSparseTable(QuantizedTable):
-    """Kept blocks only; see the module docstring for the byte layout."""
+    """Kept blocks only, one record per row; see the module docstring for the byte layout."""
 
     layout = "block_sparse"
-    codes: torch.Tensor
-    qparams: torch.Tensor
-    block_words: torch.Tensor
-    group_ptr: torch.Tensor
+    records: torch.Tensor
+    row_offsets: torch.Tensor
+    group_offsets: torch.Tensor
 
     def __init__(
         self,
-        codes: torch.Tensor,
-        qparams: torch.Tensor,
-        block_words: torch.Tensor,
-        group_ptr: torch.Tensor,
-        num_codes: int,
+        records: torch.Tensor,
+        row_offsets: torch.Tensor,
+        group_offsets: torch.Tensor,
         embedding_dim: int,
         block_width: int,
         bits: int,
+        scale_dtype: torch.dtype,
         num_pruned: int,
     ) -> None:
-        super().__init__(qparams.shape[0], embedding_dim, bits, qparams.dtype, num_pruned)
+        super().__init__(row_offsets.shape[0], embedding_dim, bits, scale_dtype, num_pruned)
         self.block_width = block_width
-        self.num_codes = num_codes
-        self.register_buffer("codes", codes)
-        self.register_buffer("qparams", qparams)
-        self.register_buffer("block_words", block_words)
-        self.register_buffer("group_ptr", group_ptr)
+        self.shape = record_shape(embedding_dim, block_width, bits, scale_dtype)
+        self.register_buffer("records", records)
+        self.register_buffer("row_offsets", row_offsets)
+        self.register_buffer("group_offsets", group_offsets)
 
-    @property
-    def num_blocks(self) -> int:
-        """Blocks per row."""
-        return -(-self.embedding_dim // self.block_width)
+    def _record_starts(self, rows: torch.Tensor) -> torch.Tensor:
+        """Byte where each row's record starts (int64)."""
+        groups = self.group_offsets[rows >> self.shape.group_shift]
+        return groups + self.row_offsets[rows].long()
 
-    def _kept_blocks(self, rows: torch.Tensor) -> torch.Tensor:
-        """Bool [n, nb]: which blocks of each row are kept."""
-        word_bits = self.block_words.element_size() * 8
-        words = self.block_words[rows].long() & ((1 << word_bits) - 1)  # [n, nw]
-        shifts = torch.arange(word_bits, device=rows.device)
-        bits = (words.unsqueeze(-1) >> shifts) & 1
-        return bits.reshape(rows.shape[0], -1)[:, : self.num_blocks].bool()
+    def _bytes_at(self, starts: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        """uint8 [n, count]: bytes ``first .. first+count-1`` of the records at ``starts``."""
+        return self.records[starts.unsqueeze(1) + first + torch.arange(count, device=starts.device)]
 
-    def _row_starts(self, rows: torch.Tensor) -> torch.Tensor:
-        """Code index where each row's kept blocks start."""
-        group = rows // GROUP_ROWS
-        neighbours = (group * GROUP_ROWS).unsqueeze(1) + torch.arange(GROUP_ROWS, device=rows.device)
-        before = neighbours < rows.unsqueeze(1)
-        neighbours = torch.where(before, neighbours, torch.zeros_like(neighbours))
-        counts = self._kept_blocks(neighbours.reshape(-1)).sum(-1).view_as(neighbours)
-        return self.group_ptr[group] + (counts * before).sum(1) * self.block_width
+    def _kept_blocks(self, starts: torch.Tensor) -> torch.Tensor:
+        """Bool [n, nb]: which blocks of the records at ``starts`` are kept."""
+        bitmap = self._bytes_at(starts, 0, self.shape.bitmap_bytes).long()
+        bits = (bitmap.unsqueeze(-1) >> torch.arange(8, device=starts.device)) & 1
+        return bits.reshape(starts.shape[0], -1)[:, : self.shape.blocks].bool()
 
     def decode_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        sh = self.shape
         rows = indices.long()
-        w, nb = self.block_width, self.num_blocks
-        kept = self._kept_blocks(rows)  # [n, nb]
+        starts = self._record_starts(rows)
+        kept = self._kept_blocks(starts)  # [n, nb]
+        qp = self._bytes_at(starts, sh.bitmap_bytes, 2 * sh.scale_bytes).view(self.scale_dtype).float()
+        w = self.block_width
         rank = torch.cumsum(kept.long(), 1) - 1
-        start = self._row_starts(rows)
-        pos = (start.unsqueeze(1) + rank * w).unsqueeze(2) + torch.arange(w, device=rows.device)
-        pos = torch.where(kept.unsqueeze(2), pos, torch.zeros_like(pos))  # [n, nb, w]
-        per_byte = 8 // self.bits
-        empty = self.codes.numel() == 0
-        byte = torch.zeros_like(pos, dtype=torch.uint8) if empty else self.codes[pos // per_byte]
-        code = (byte.long() >> ((pos % per_byte) * self.bits)) & ((1 << self.bits) - 1)
-        qp = self.qparams[rows].float()
-        values = code.float() * qp[:, 0].view(-1, 1, 1) + qp[:, 1].view(-1, 1, 1)
+        code = (rank * w).unsqueeze(2) + torch.arange(w, device=rows.device)  # [n, nb, w]
+        bit = code * self.bits
+        byte = starts.view(-1, 1, 1) + sh.header + bit // 8
+        byte = torch.where(kept.unsqueeze(2), byte, starts.view(-1, 1, 1))  # a pruned block reads nothing
+        value = (self.records[byte].long() >> (bit % 8)) & ((1 << self.bits) - 1)
+        values = value.float() * qp[:, 0].view(-1, 1, 1) + qp[:, 1].view(-1, 1, 1)
         values = torch.where(kept.unsqueeze(2), values, torch.zeros_like(values))
-        return values.reshape(rows.shape[0], nb * w)[:, : self.embedding_dim]
+        return values.reshape(rows.shape[0], sh.blocks * w)[:, : self.embedding_dim]
 
     def fast_bag(
         self, indices: torch.Tensor, offsets: torch.Tensor, mode: int, per_sample_weights: torch.Tensor | None
     ) -> torch.Tensor | None:
-        if self.codes.device.type != "cpu" or mode not in (0, 1):
+        if self.records.device.type != "cpu" or mode not in (0, 1):
             return None
-        half = self.scale_dtype == torch.float16
-        qparam_bits = self.qparams.view(torch.int16 if half else torch.int32)
+        sh = self.shape
         out = np.empty((offsets.shape[0] - 1, self.embedding_dim), dtype=np.float32)  # every row written
         psw = (
             per_sample_weights.float().contiguous().numpy()
@@ -124,15 +166,16 @@ class BlockSparseTable(QuantizedTable):
         )
         threads = set_threads()
         bad = block_sparse_bag(
-            self.codes.numpy(),
-            qparam_bits.numpy(),
-            half,
-            self.block_words.numpy().view(_UNSIGNED[self.block_words.dtype]),
-            self.group_ptr.numpy(),
+            self.records.numpy(),
+            self.row_offsets.numpy(),
+            self.group_offsets.numpy(),
+            sh.group_shift,
+            sh.words,
+            sh.word_bits,
+            self.scale_dtype == torch.float16,
             self.embedding_dim,
             self.block_width,
             self.bits,
-            self.block_words.element_size() * 8,
             indices.long().contiguous().numpy(),
             offsets.long().contiguous().numpy(),
             psw,
@@ -148,61 +191,48 @@ class BlockSparseTable(QuantizedTable):
 
     def _vector_decode(self) -> bool:
         """Whether the kernel decodes whole bitmap words at once (see ``_kernels``)."""
-        word_bits = self.block_words.element_size() * 8
+        sh = self.shape
         return (
             VECTOR_DECODE
             and self.block_width == 4
-            and self.embedding_dim == 4 * word_bits * self.block_words.shape[1]
+            and self.embedding_dim == 4 * sh.word_bits * sh.words
             and vector_decode_supported(self.bits)
         )
 
     def meta(self) -> dict[str, Any]:
-        return {**super().meta(), "block_width": self.block_width, "num_codes": self.num_codes}
+        return {**super().meta(), "block_width": self.block_width}
 
     @classmethod
     def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BlockSparseTable:
         rows, dim, bits, dtype, pruned = base_fields(meta)
         width = meta_int(meta, "block_width", 1, dim)
-        nb = -(-dim // width)
-        num_codes = meta_int(meta, "num_codes", 0, rows * nb * width)
-        codes = expect_tensor(tensors, "codes", torch.uint8, (packed_length(num_codes, bits),))
-        qparams = expect_tensor(tensors, "qparams", dtype, (rows, 2))
-        word_dtype, word_bits = word_type(nb)
-        words = expect_tensor(tensors, "block_words", word_dtype, (rows, -(-nb // word_bits)))
-        groups = -(-rows // GROUP_ROWS)
-        group_ptr = expect_tensor(tensors, "group_ptr", torch.int64, (groups + 1,))
-        if nb % word_bits and bool(
-            ((words[:, -1].long() & ((1 << word_bits) - 1)) >> (nb % word_bits)).any()
-        ):
-            raise FormatError("tensor 'block_words' marks blocks past the row end as kept")
-        table = cls(codes, qparams, words, group_ptr, num_codes, dim, width, bits, pruned)
-        per_row = popcount_bytes(words.contiguous().view(torch.uint8)).sum(1) * width
-        expected = group_pointers(per_row)
-        if not torch.equal(expected, group_ptr) or int(expected[-1]) != num_codes:
-            raise FormatError("tensor 'group_ptr' does not match 'block_words' and 'num_codes'")
+        sh = record_shape(dim, width, bits, dtype)
+        row_offsets = expect_tensor(tensors, "row_offsets", torch.uint16, (rows,))
+        group_offsets = expect_tensor(tensors, "group_offsets", torch.int64, (sh.groups(rows) + 1,))
+        if "records" not in tensors:
+            raise FormatError("tensor 'records' is missing")
+        size = tensors["records"].numel()
+        records = expect_tensor(tensors, "records", torch.uint8, (size,))
+        if int(group_offsets[0]) != 0 or int(group_offsets[-1]) != size:
+            raise FormatError("tensor 'group_offsets' does not start at 0 and end at the size of 'records'")
+        table = cls(records, row_offsets, group_offsets, dim, width, bits, dtype, pruned)
+        starts = table._record_starts(torch.arange(rows))
+        if bool((starts < 0).any()) or bool((starts + sh.header > size).any()):
+            raise FormatError("tensor 'row_offsets' points past the end of 'records'")
+        # each record's length from its bitmap (blocks within the row), then: every record
+        # starts where the one before it ends, and the last one ends the tensor
+        bitmap = table._bytes_at(starts, 0, sh.bitmap_bytes).long()
+        in_row = torch.tensor([(1 << min(8, max(0, sh.blocks - 8 * j))) - 1 for j in range(sh.bitmap_bytes)])
+        kept = popcount_bytes(bitmap & in_row).sum(1)
+        lengths = sh.header + (kept * width * bits + 7) // 8
+        expected = torch.cumsum(lengths, 0) - lengths
+        if not torch.equal(expected, starts) or int(lengths.sum()) != size:
+            raise FormatError("tensors 'row_offsets' / 'group_offsets' do not match the records' bitmaps")
+        if not torch.equal(group_offsets[:-1], expected[:: 1 << sh.group_shift]):
+            raise FormatError("tensor 'group_offsets' does not point at its groups' first records")
+        if bool((bitmap & ~in_row).any()):
+            raise FormatError("tensor 'records' marks blocks past the row end as kept")
+        qparams = table._bytes_at(starts, sh.bitmap_bytes, 2 * sh.scale_bytes).view(dtype)
         if not bool(torch.isfinite(qparams).all()):
-            raise FormatError("tensor 'qparams' holds NaN or Inf")
+            raise FormatError("tensor 'records' holds a NaN or Inf scale or offset")
         return table
-
-
-_UNSIGNED = {torch.int8: np.uint8, torch.int16: np.uint16, torch.int32: np.uint32}
-
-
-def word_type(num_blocks: int) -> tuple[torch.dtype, int]:
-    """(dtype, bits) of the bitmap words for rows of ``num_blocks`` blocks."""
-    if num_blocks <= 8:
-        return torch.int8, 8
-    if num_blocks <= 16:
-        return torch.int16, 16
-    return torch.int32, 32
-
-
-def group_pointers(codes_per_row: torch.Tensor) -> torch.Tensor:
-    """int64 [groups + 1]: code index where each group of GROUP_ROWS rows starts, then the total."""
-    rows = codes_per_row.shape[0]
-    groups = -(-rows // GROUP_ROWS)
-    padded = torch.zeros(groups * GROUP_ROWS, dtype=torch.int64)
-    padded[:rows] = codes_per_row
-    out = torch.zeros(groups + 1, dtype=torch.int64)
-    out[1:] = torch.cumsum(padded.view(groups, GROUP_ROWS).sum(1), 0)
-    return out

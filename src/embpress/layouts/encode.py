@@ -15,9 +15,10 @@ import torch
 
 from .._buffers import empty
 from ..quant.config import QuantConfig
-from ..quant.packing import pack_codes, packed_length
+from ..quant.packing import pack_codes
 from ..quant.rowwise import RowQParams, choose_qparams, search_ranges
 from ._encode_kernels import (
+    assemble_records,
     count_blocks,
     count_blocks_of_4,
     count_nonfinite,
@@ -26,7 +27,7 @@ from ._encode_kernels import (
     kept_minmax,
 )
 from .base import QuantizedTable, fused_row_bytes, make_fused
-from .block_sparse import GROUP_ROWS, BlockSparseTable, group_pointers, word_type
+from .block_sparse import BlockSparseTable, record_shape
 from .dense import DenseTable
 from .pruned_rows import PrunedRowsTable, rank_directory
 
@@ -49,7 +50,7 @@ class MaskStats:
     pruned: int
     kept_rows: int
     block_width: int
-    kept_blocks: int
+    kept_blocks: tuple[int, ...]  # rows with 0, 1, ... nb kept (1 x block_width) blocks
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class _RowStats:
 def _row_stats(mask: np.ndarray | None, rows: int, dim: int, width: int) -> _RowStats:
     """One pass over the mask; ``width`` falls back to 1 where blocks are mixed."""
     nb = -(-dim // width)
-    _, word_bits = word_type(nb)
+    word_bits = record_shape(dim, width, 8, torch.float32).word_bits
     if mask is None:
         bitmap = np.zeros((rows, -(-nb // word_bits)), dtype=np.uint32)
         for k in range(nb):
@@ -85,23 +86,19 @@ def _stats(rs: _RowStats, rows: int, dim: int) -> MaskStats:
         pruned=rows * dim - int(rs.kept.sum()),
         kept_rows=int((rs.kept > 0).sum()),
         block_width=rs.width,
-        kept_blocks=int(rs.blocks.sum()),
+        kept_blocks=tuple(int(n) for n in np.bincount(rs.blocks, minlength=-(-dim // rs.width))),
     )
 
 
 def layout_sizes(stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> dict[str, int]:
     """Bytes each layout would take for a table with these statistics."""
     row_bytes = fused_row_bytes(stats.dim, bits, scale_dtype)
-    size = torch.empty((), dtype=scale_dtype).element_size()
-    nb = -(-stats.dim // stats.block_width)
-    groups = -(-stats.rows // GROUP_ROWS)
+    shape = record_shape(stats.dim, stats.block_width, bits, scale_dtype)
+    records = sum(n * (shape.header + shape.code_bytes(k)) for k, n in enumerate(stats.kept_blocks))
     return {
         "dense": stats.rows * row_bytes,
         "pruned_rows": (stats.kept_rows + 1) * row_bytes + 5 * ((stats.rows + 7) // 8),
-        "block_sparse": packed_length(stats.kept_blocks * stats.block_width, bits)
-        + 2 * size * stats.rows
-        + stats.rows * (word_type(nb)[1] // 8) * -(-nb // word_type(nb)[1])
-        + 8 * (groups + 1),
+        "block_sparse": records + 2 * stats.rows + 8 * (shape.groups(stats.rows) + 1),
     }
 
 
@@ -278,20 +275,39 @@ def encode_table(
             fused, row_bits, rank_directory(row_bits), rows, dim, bits, dtype, stats.pruned
         )
         return table, error
-    return _block_sparse(codes, rs, qp, stats, bits, dtype), error
+    return _block_sparse(out, row_start, rs, qp, stats, bits, dtype), error
 
 
 def _block_sparse(
-    codes: torch.Tensor, rs: _RowStats, qp: RowQParams, stats: MaskStats, bits: int, dtype: torch.dtype
+    codes: np.ndarray,
+    code_start: np.ndarray,
+    rs: _RowStats,
+    qp: RowQParams,
+    stats: MaskStats,
+    bits: int,
+    dtype: torch.dtype,
 ) -> BlockSparseTable:
+    """Pack the kept blocks' codes (one per byte, row by row from ``code_start``) into records."""
+    shape = record_shape(stats.dim, rs.width, bits, dtype)
+    row_codes = rs.blocks * rs.width
+    lengths = shape.header + (row_codes * bits + 7) // 8
+    starts = np.zeros(stats.rows + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    group = 1 << shape.group_shift
+    group_offsets = np.append(starts[:-1:group], starts[-1])
+    row_offsets = (starts[:-1] - np.repeat(group_offsets[:-1], group)[: stats.rows]).astype(np.uint16)
+    word = {8: np.uint8, 16: np.uint16, 32: np.uint32}[shape.word_bits]
+    bitmap = np.ascontiguousarray(rs.bitmap.astype(word)).view(np.uint8)
+    qparams = torch.stack([qp.scale, qp.offset], dim=1).to(dtype).contiguous().view(torch.uint8).numpy()
+    records = np.zeros(int(starts[-1]), dtype=np.uint8)
+    assemble_records(records, starts, bitmap, qparams, codes, code_start, row_codes, bits)
     return BlockSparseTable(
-        pack_codes(codes.unsqueeze(0), bits).reshape(-1),
-        torch.stack([qp.scale, qp.offset], dim=1).to(dtype),
-        torch.from_numpy(rs.bitmap).to(word_type(-(-stats.dim // rs.width))[0]),
-        group_pointers(torch.from_numpy(rs.blocks) * rs.width),
-        int(codes.numel()),
+        torch.from_numpy(records),
+        torch.from_numpy(row_offsets),
+        torch.from_numpy(group_offsets),
         stats.dim,
         rs.width,
         bits,
+        dtype,
         stats.pruned,
     )
