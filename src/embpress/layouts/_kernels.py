@@ -180,17 +180,20 @@ def _splat(builder: Any, x: Any, vty: Any) -> Any:
     return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, vty.count), [0] * vty.count))
 
 
-def _codes_to_lanes(builder: Any, blocks: Any, bits: int, lanes: int) -> Any:
-    """<lanes x i32> codes, one per lane, from expanded blocks (4 bytes or 2 bytes each).
+def _nibbles_to_lanes(builder: Any, blocks: Any, lanes: int) -> Any:
+    """<lanes x i32> 4-bit codes minus 8 from expanded 2-byte blocks (low nibble first),
+    each times 1 (even lanes) or 16 (odd lanes): the caller scales odd lanes by ``s / 16``.
 
-    Each 16-lane piece is one byte permute with zeroing (``vpermb``) that puts the code's
-    byte in its lane's low byte; at 4 bits a per-lane shift and mask then keep its nibble
-    (low nibble first). At 4 bits this is about 20% faster than splitting nibbles and
-    widening with LLVM's generic shuffles (measured on the 1M-row lookup benchmark).
+    Each 16-lane piece is one byte permute (``vpermb``) that puts the code's byte in its
+    lane's low byte, one AND that keeps the lane's nibble where it is (``0x0F`` or
+    ``0xF0``) and clears the rest, and one subtract (8 or 128). At 4 bits this is about
+    20% faster than splitting nibbles and widening with LLVM's generic shuffles (measured
+    on the 1M-row lookup benchmark).
     """
     i8 = ir.IntType(8)
     i32 = ir.IntType(32)
-    nbytes = lanes if bits == 8 else lanes // 2
+    v16 = ir.VectorType(i32, 16)
+    nbytes = lanes // 2
     data = builder.bitcast(blocks, ir.VectorType(i8, nbytes))
     v64 = ir.VectorType(i8, 64)
     sources = []
@@ -205,21 +208,14 @@ def _codes_to_lanes(builder: Any, blocks: Any, bits: int, lanes: int) -> Any:
             )
         )
     pieces = []
-    zero64 = ir.Constant(v64, [0] * 64)
-    low_byte = ir.Constant(ir.VectorType(ir.IntType(1), 64), [k % 4 == 0 for k in range(64)])
+    keep = ir.Constant(v16, [0x0F if j % 2 == 0 else 0xF0 for j in range(16)])
+    centre = ir.Constant(v16, [8 if j % 2 == 0 else 128 for j in range(16)])
     for c in range(lanes // 16):
-        first_byte = 16 * c if bits == 8 else 8 * c
-        src = sources[first_byte // 64]
-        base = first_byte % 64
-        idx = [base + (j if bits == 8 else j // 2) if k == 0 else 0 for j in range(16) for k in range(4)]
+        src = sources[8 * c // 64]
+        base = 8 * c % 64
+        idx = [base + j // 2 if k == 0 else 0 for j in range(16) for k in range(4)]
         permuted = _call(builder, "llvm.x86.avx512.permvar.qi.512", v64, [src, ir.Constant(v64, idx)])
-        spread = builder.bitcast(builder.select(low_byte, permuted, zero64), ir.VectorType(i32, 16))
-        if bits == 4:
-            shifts = ir.Constant(ir.VectorType(i32, 16), [4 * (j % 2) for j in range(16)])
-            spread = builder.and_(
-                builder.lshr(spread, shifts), ir.Constant(ir.VectorType(i32, 16), [15] * 16)
-            )
-        pieces.append(spread)
+        pieces.append(builder.sub(builder.and_(builder.bitcast(permuted, v16), keep), centre))
     while len(pieces) > 1:
         n = pieces[0].type.count
         pieces = [
@@ -229,52 +225,146 @@ def _codes_to_lanes(builder: Any, blocks: Any, bits: int, lanes: int) -> Any:
     return pieces[0]
 
 
-def _emit_word_decode(builder: Any, cptr: Any, word: Any, s: Any, o: Any, bits: int, word_bits: int) -> Any:
-    """IR for the decoded values of one bitmap word's blocks: a <4W x float> vector.
+def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int, fill: int) -> Any:
+    """<W x block>: the kept blocks (set bits of ``word``), read back to back from ``cptr``,
+    at their block positions; pruned blocks hold ``fill``.
 
-    The kept blocks' codes sit back to back from the byte ``cptr`` points at; an expanding load
-    (``llvm.masked.expandload``: one ``vpexpandd``/``vpexpandw`` per 16/32 blocks on
-    AVX-512) spreads them to their block positions, every lane is decoded as
-    ``fma(float(code), s, o)`` (one rounding, as FBGEMM's kernels do) and pruned lanes are
-    set to exactly 0. No branch depends on which blocks are kept. 8-bit blocks are 4 bytes
-    (an i32 lane each); 4-bit blocks are 2 bytes (an i16 lane, low nibble first).
+    Per 512-bit piece: one masked load of just the piece's kept blocks (no byte past them
+    is read, so a row at the end of the table is safe) and one register expand
+    (``vpexpandd``/``vpexpandw``). An expand straight from memory is one instruction, but
+    measured on the benchmark machine (AMD Zen 5) it made a cache-hot lookup about 25%
+    slower.
+    """
+    i64 = ir.IntType(64)
+    per = min(word_bits, 512 // block.width)
+    vty = ir.VectorType(block, per)
+    mty = ir.VectorType(ir.IntType(1), per)
+    bits = builder.zext(builder.trunc(word, ir.IntType(word_bits)), i64)
+    first = builder.bitcast(cptr, block.as_pointer())
+    pieces = []
+    for lo in range(0, word_bits, per):
+        kept = builder.and_(builder.lshr(bits, ir.Constant(i64, lo)), ir.Constant(i64, (1 << per) - 1))
+        count = _call(builder, "llvm.ctpop.i64", i64, [kept])
+        leading = builder.sub(builder.shl(ir.Constant(i64, 1), count), ir.Constant(i64, 1))
+        packed = _call(
+            builder,
+            f"llvm.masked.load.v{per}i{block.width}.p0",
+            vty,
+            [
+                first,
+                ir.Constant(ir.IntType(32), 1),
+                builder.bitcast(builder.trunc(leading, ir.IntType(per)), mty),
+                ir.Constant(vty, [0] * per),
+            ],
+        )
+        pieces.append(
+            _call(
+                builder,
+                f"llvm.x86.avx512.mask.expand.v{per}i{block.width}",
+                vty,
+                [
+                    packed,
+                    ir.Constant(vty, [fill] * per),
+                    builder.bitcast(builder.trunc(kept, ir.IntType(per)), mty),
+                ],
+            )
+        )
+        first = builder.gep(first, [count])
+    while len(pieces) > 1:
+        n = pieces[0].type.count
+        pieces = [
+            builder.shuffle_vector(
+                a, b, ir.Constant(ir.VectorType(ir.IntType(32), 2 * n), list(range(2 * n)))
+            )
+            for a, b in zip(pieces[0::2], pieces[1::2], strict=True)
+        ]
+    return pieces[0]
+
+
+def _emit_centred_codes(
+    builder: Any, cptr: Any, word: Any, s: Any, bits: int, word_bits: int
+) -> tuple[Any, Any]:
+    """IR for the codes of one bitmap word's blocks, centred, as floats; and their scale.
+
+    Returns ``(values, scale)``, two <4W x float> vectors with ``values * scale`` equal to
+    ``(code - z) * s`` in a kept lane and exactly 0 in a pruned one, ``z = 2**(bits-1)``:
+    a row then decodes as ``(code - z) * s + (o + z * s)`` (``_centred_offset``). The kept
+    blocks' codes sit back to back from the byte ``cptr`` points at; an expand
+    (``_emit_expand``) spreads them to their block positions and fills pruned blocks with
+    code z; no branch depends on which blocks are kept. 8-bit blocks are 4 bytes (an i32
+    lane each); 4-bit blocks are 2 bytes (an i16 lane, low nibble first).
+
+    Centring keeps a bag's running sums near the size of its values: a kernel that adds
+    the codes' part and the offsets' part of a bag in separate sums (``_emit_scaled_sum``)
+    would otherwise carry two large sums of opposite sign and lose digits when they meet.
     """
     lanes = 4 * word_bits
     i32 = ir.IntType(32)
     i8 = ir.IntType(8)
+    f32 = ir.FloatType()
+    vf = ir.VectorType(f32, lanes)
+    scale = _splat(builder, s, vf)
+    if bits == 8:  # code - 128 is the code's byte with its top bit flipped, read as signed
+        blocks = _emit_expand(builder, cptr, word, ir.IntType(32), word_bits, 0x80808080)
+        flipped = builder.xor(
+            builder.bitcast(blocks, ir.VectorType(i8, lanes)),
+            ir.Constant(ir.VectorType(i8, lanes), [0x80] * lanes),
+        )
+        lane_codes = builder.sext(flipped, ir.VectorType(i32, lanes))
+    else:
+        blocks = _emit_expand(builder, cptr, word, ir.IntType(16), word_bits, 0x8888)
+        if _host_has("avx512vbmi"):
+            lane_codes = _nibbles_to_lanes(builder, blocks, lanes)
+            # odd lanes hold 16 x (code - 8): scale them by s / 16 (exact, a power of two,
+            # unless s / 16 falls below float32's normal range); one 16-lane product serves
+            # every piece
+            v16 = ir.VectorType(f32, 16)
+            per_lane = builder.fmul(
+                _splat(builder, s, v16), ir.Constant(v16, [1.0 if j % 2 == 0 else 1 / 16 for j in range(16)])
+            )
+            scale = builder.shuffle_vector(
+                per_lane, per_lane, ir.Constant(ir.VectorType(i32, lanes), [j % 16 for j in range(lanes)])
+            )
+        else:  # generic IR: split the nibbles, interleave them (low first), centre, widen
+            packed = builder.bitcast(blocks, ir.VectorType(i8, 2 * word_bits))
+            low = builder.and_(packed, ir.Constant(packed.type, [15] * (2 * word_bits)))
+            high = builder.lshr(packed, ir.Constant(packed.type, [4] * (2 * word_bits)))
+            order = [k for i in range(2 * word_bits) for k in (i, 2 * word_bits + i)]
+            interleaved = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(i32, lanes), order))
+            centred = builder.sub(interleaved, ir.Constant(interleaved.type, [8] * lanes))
+            lane_codes = builder.sext(centred, ir.VectorType(i32, lanes))
+    return builder.sitofp(lane_codes, vf), scale  # small integers: the convert is exact
+
+
+def _centred_offset(builder: Any, s: Any, o: Any, bits: int) -> Any:
+    """IR for ``o + 2**(bits-1) * s`` (one rounding): the offset of centred codes."""
+    f32 = ir.FloatType()
+    return _call(builder, "llvm.fma.f32", f32, [ir.Constant(f32, float(1 << (bits - 1))), s, o])
+
+
+def _emit_word_decode(
+    builder: Any, acc: Any, cptr: Any, word: Any, s: Any, o: Any, bits: int, word_bits: int
+) -> Any:
+    """IR for ``acc`` (a <4W x float> vector) plus the decoded blocks of one bitmap word:
+    each kept lane adds ``fma(float(code - z), s, o + z * s)``, a pruned lane adds nothing
+    (a masked add)."""
+    lanes = 4 * word_bits
     vf = ir.VectorType(ir.FloatType(), lanes)
+    values, scale = _emit_centred_codes(builder, cptr, word, s, bits, word_bits)
+    offset = _splat(builder, _centred_offset(builder, s, o, bits), vf)
+    decoded = _call(builder, f"llvm.fma.v{lanes}f32", vf, [values, scale, offset])
     kept = builder.bitcast(
         builder.trunc(word, ir.IntType(word_bits)), ir.VectorType(ir.IntType(1), word_bits)
     )
-    block = ir.IntType(32 if bits == 8 else 16)
-    vb = ir.VectorType(block, word_bits)
-    blocks = _call(
-        builder,
-        f"llvm.masked.expandload.v{word_bits}i{block.width}",
-        vb,
-        [cptr, kept, ir.Constant(vb, [0] * word_bits)],
-    )
-    if bits == 8:  # LLVM's own widening of the bytes is as fast here
-        lane_codes = builder.zext(
-            builder.bitcast(blocks, ir.VectorType(i8, lanes)), ir.VectorType(i32, lanes)
-        )
-    elif _host_has("avx512vbmi"):
-        lane_codes = _codes_to_lanes(builder, blocks, bits, lanes)
-    else:  # generic IR: split the nibbles, interleave them (low first), widen
-        packed = builder.bitcast(blocks, ir.VectorType(i8, 2 * word_bits))
-        low = builder.and_(packed, ir.Constant(packed.type, [15] * (2 * word_bits)))
-        high = builder.lshr(packed, ir.Constant(packed.type, [4] * (2 * word_bits)))
-        order = [k for i in range(2 * word_bits) for k in (i, 2 * word_bits + i)]
-        interleaved = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(i32, lanes), order))
-        lane_codes = builder.zext(interleaved, ir.VectorType(i32, lanes))
-    values = builder.sitofp(lane_codes, vf)  # small non-negative ints: the signed convert is exact
-    decoded = _call(
-        builder, f"llvm.fma.v{lanes}f32", vf, [values, _splat(builder, s, vf), _splat(builder, o, vf)]
-    )
     lane_kept = builder.shuffle_vector(
-        kept, kept, ir.Constant(ir.VectorType(i32, lanes), [i // 4 for i in range(lanes)])
+        kept, kept, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [i // 4 for i in range(lanes)])
     )
-    return builder.select(lane_kept, decoded, ir.Constant(vf, [0.0] * lanes))
+    return builder.select(lane_kept, builder.fadd(acc, decoded), acc)
+
+
+def _emit_scaled_sum(builder: Any, total: Any, values: Any, scale: Any) -> Any:
+    """IR for ``total + values * scale`` with one rounding per lane (an FMA)."""
+    return _call(builder, f"llvm.fma.v{total.type.count}f32", total.type, [values, scale, total])
 
 
 def _word_decode_intrinsic(bits: int, word_bits: int) -> Any:
@@ -291,11 +381,13 @@ def _word_decode_intrinsic(bits: int, word_bits: int) -> Any:
             codes = context.make_array(codesty)(context, builder, args[2])
             byte = pos if bits == 8 else builder.lshr(pos, ir.Constant(pos.type, 1))
             cptr = cgutils.get_item_pointer(context, builder, codesty, codes, [byte], wraparound=False)
-            decoded = _emit_word_decode(builder, cptr, word, s, o, bits, word_bits)
             acc_arr = context.make_array(accty)(context, builder, args[0])
             aptr = cgutils.get_item_pointer(context, builder, accty, acc_arr, [args[1]], wraparound=False)
             vptr = builder.bitcast(aptr, ir.VectorType(ir.FloatType(), lanes).as_pointer())
-            builder.store(builder.fadd(builder.load(vptr, align=4), decoded), vptr, align=4)
+            summed = _emit_word_decode(
+                builder, builder.load(vptr, align=4), cptr, word, s, o, bits, word_bits
+            )
+            builder.store(summed, vptr, align=4)
             return context.get_dummy_value()
 
         sig = types.void(acc, types.intp, codes, types.intp, types.int64, types.float32, types.float32)
@@ -359,7 +451,10 @@ def _fused_bag_intrinsic(word_bits: int) -> Any:
             base = builder.bitcast(fused_arr.data, i8p)
             fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
             prefetch = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            # the bag's sum of code * scale per lane, and of the rows' offsets (every lane
+            # of a fused row is kept, so one sum serves them all): added at the end
             total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
+            offsets = cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0))
             count = builder.sub(hi, lo)
             all_kept = ir.Constant(i64, (1 << word_bits) - 1)
             with cgutils.for_range(builder, count) as loop:
@@ -394,10 +489,11 @@ def _fused_bag_intrinsic(word_bits: int) -> Any:
                 w = _emit_weight(builder, is_weighted, w_arr.data, p)
                 s = builder.fmul(s, w)
                 o = builder.fmul(o, w)
-                decoded = _emit_word_decode(
-                    builder, builder.gep(base, [start]), all_kept, s, o, bits=4, word_bits=word_bits
-                )
-                builder.store(builder.fadd(builder.load(total), decoded), total)
+                row = builder.gep(base, [start])
+                values, scale = _emit_centred_codes(builder, row, all_kept, s, 4, word_bits)
+                builder.store(_emit_scaled_sum(builder, builder.load(total), values, scale), total)
+                offset = _centred_offset(builder, s, o, 4)
+                builder.store(builder.fadd(builder.load(offsets), offset), offsets)
             aptr = cgutils.get_item_pointer(
                 context,
                 builder,
@@ -405,7 +501,8 @@ def _fused_bag_intrinsic(word_bits: int) -> Any:
                 context.make_array(accty)(context, builder, acc_v),
                 [ir.Constant(i64, 0)],
             )
-            builder.store(builder.load(total), builder.bitcast(aptr, vf.as_pointer()), align=4)
+            summed = builder.fadd(builder.load(total), _splat(builder, builder.load(offsets), vf))
+            builder.store(summed, builder.bitcast(aptr, vf.as_pointer()), align=4)
             return context.get_dummy_value()
 
         sig = types.void(
@@ -458,9 +555,9 @@ def _emit_record_start(builder: Any, row_offsets: Any, group_offsets: Any, shift
 # ids ahead whose row offset (HEADER_PREFETCH) and record (RECORD_PREFETCH) the one-pass
 # block-sparse decode prefetches; the record start is computed RECORD_PREFETCH ids ahead
 # and waits in a ring of START_RING slots
-HEADER_PREFETCH = 48
-RECORD_PREFETCH = 24
-START_RING = 32  # a power of two above RECORD_PREFETCH
+HEADER_PREFETCH = 64
+RECORD_PREFETCH = 32
+START_RING = 64  # a power of two above RECORD_PREFETCH
 
 
 def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
@@ -544,7 +641,11 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 primed = builder.sub(builder.select(builder.icmp_signed("<", end, pf_end), end, pf_end), lo)
                 with cgutils.for_range(builder, primed) as first_loop:
                     start_ahead(builder.add(lo, first_loop.index))
+            # the bag's sum of code * scale per lane, and of the rows' offsets per block
+            # (over the rows that keep it): spread to the block's lanes at the end
+            vblock = ir.VectorType(f32, word_bits)
             total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
+            offsets = cgutils.alloca_once_value(builder, ir.Constant(vblock, [0.0] * word_bits))
             with cgutils.for_range(builder, builder.sub(hi, lo)) as loop:
                 p = builder.add(lo, loop.index)
                 ahead = builder.add(p, const(HEADER_PREFETCH))
@@ -575,18 +676,22 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 o.add_incoming(o_h, from_half)
                 o.add_incoming(o_f, from_single)
                 w = _emit_weight(builder, is_weighted, w_p, p)
-                decoded = _emit_word_decode(
-                    builder,
-                    builder.gep(rec, [header]),
-                    builder.zext(word, i64),
-                    builder.fmul(s, w),
-                    builder.fmul(o, w),
-                    bits=bits,
-                    word_bits=word_bits,
+                s = builder.fmul(s, w)
+                codes = builder.gep(rec, [header])
+                values, scale = _emit_centred_codes(
+                    builder, codes, builder.zext(word, i64), s, bits, word_bits
                 )
-                builder.store(builder.fadd(builder.load(total), decoded), total)
+                builder.store(_emit_scaled_sum(builder, builder.load(total), values, scale), total)
+                # the offset goes to a per-block sum, masked by the bitmap word itself
+                offset = _centred_offset(builder, s, builder.fmul(o, w), bits)
+                kept = builder.bitcast(word, ir.VectorType(ir.IntType(1), word_bits))
+                by_block = builder.load(offsets)
+                added = builder.fadd(by_block, _splat(builder, offset, vblock))
+                builder.store(builder.select(kept, added, by_block), offsets)
             aptr = builder.bitcast(data(accty, acc_v), vf.as_pointer())
-            builder.store(builder.load(total), aptr, align=4)
+            spread = ir.Constant(ir.VectorType(i32, lanes), [k // 4 for k in range(lanes)])
+            by_lane = builder.shuffle_vector(builder.load(offsets), builder.load(offsets), spread)
+            builder.store(builder.fadd(builder.load(total), by_lane), aptr, align=4)
             return context.get_dummy_value()
 
         sig = types.void(
@@ -623,15 +728,14 @@ _decode_word_4x32 = _word_decode_intrinsic(4, 32)
 
 @functools.cache
 def vector_decode_supported(bits: int) -> bool:
-    """Whether this CPU has the expanding loads the vector decode compiles to.
+    """Whether this CPU has the expands and masked loads the vector decode compiles to
+    (AVX-512 F and VL; VBMI2 for 16-bit expands at 4 bits).
 
     Elsewhere LLVM would emulate them lane by lane, slower than walking the set bits.
     """
-    if bits == 8:
-        return _host_has("avx512f")
-    if bits == 4:
-        return _host_has("avx512vbmi2")
-    return False
+    if bits not in (8, 4) or not (_host_has("avx512f") and _host_has("avx512vl")):
+        return False
+    return bits == 8 or _host_has("avx512vbmi2")
 
 
 @numba.njit(cache=True, inline="always")
