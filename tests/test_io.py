@@ -262,7 +262,8 @@ def _bump(name, position, delta):
 def _set_record_bytes(position, values):
     def edit(tensors):
         records = tensors["tables.user.records"]
-        records[position : position + len(values)] = torch.tensor(values, dtype=torch.uint8)
+        first = position % records.numel()  # a negative position counts from the end
+        records[first : first + len(values)] = torch.tensor(values, dtype=torch.uint8)
 
     return edit
 
@@ -285,12 +286,13 @@ def _truncate_records(tensors):
         (_bump("row_offsets", 7, 60000), "points past the end"),
         (_bump("group_offsets", 1, 2), "do not match the records' bitmaps"),
         (_move_group_start, "does not point at its groups' first records"),
-        (_bump("group_offsets", -1, -1), "does not start at 0 and end at the size"),
-        (_truncate_records, "does not start at 0 and end at the size"),
+        (_bump("group_offsets", -1, -1), "does not start at 0 and end 64 bytes before"),
+        (_truncate_records, "does not start at 0 and end 64 bytes before"),
         # 16 columns in (1, 4) blocks: one bitmap byte of which bits 4..7 lie past the row
         (_set_record_bytes(0, [0x10]), "past the row end"),
         # a block marked kept whose codes the record does not hold: the lengths no longer add up
         (_set_record_bytes(0, [0x01]), "do not match the records' bitmaps"),
+        (_set_record_bytes(-1, [1]), "does not end with 64 zero bytes"),
         # row 0's scale (float32, after its bitmap byte) set to NaN
         (_set_record_bytes(1, [0x00, 0x00, 0xC0, 0x7F]), "NaN"),
     ],

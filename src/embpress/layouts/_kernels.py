@@ -159,12 +159,16 @@ _add_block4_u4 = _block4_intrinsic(4)
 
 @functools.cache
 def _host_has(feature: str) -> bool:
-    """Whether this CPU has ``feature`` (an LLVM name such as ``avx512vbmi``).
+    """Whether the CPU numba compiles for has ``feature`` (an LLVM name such as
+    ``avx512vbmi2``); False whenever numba is told to compile for a named CPU
+    (``NUMBA_CPU_NAME``, e.g. a portable cache), whose features are not known here.
 
     Code generation asks before it emits an x86-only intrinsic: every branch of a kernel is
     compiled, taken or not, and LLVM cannot compile such an intrinsic for a CPU without
     the instruction. (Numba's disk cache is keyed on the CPU, so this is safe to cache.)
     """
+    if numba.config.CPU_NAME not in (None, "host"):  # type: ignore[attr-defined]
+        return False
     return bool(llvm_binding.get_host_cpu_features().get(feature, False))
 
 
@@ -180,60 +184,17 @@ def _splat(builder: Any, x: Any, vty: Any) -> Any:
     return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, vty.count), [0] * vty.count))
 
 
-def _nibbles_to_lanes(builder: Any, blocks: Any, lanes: int) -> Any:
-    """<lanes x i32> 4-bit codes minus 8 from expanded 2-byte blocks (low nibble first),
-    each times 1 (even lanes) or 16 (odd lanes): the caller scales odd lanes by ``s / 16``.
-
-    Each 16-lane piece is one byte permute (``vpermb``) that puts the code's byte in its
-    lane's low byte, one AND that keeps the lane's nibble where it is (``0x0F`` or
-    ``0xF0``) and clears the rest, and one subtract (8 or 128). At 4 bits this is about
-    20% faster than splitting nibbles and widening with LLVM's generic shuffles (measured
-    on the 1M-row lookup benchmark).
-    """
-    i8 = ir.IntType(8)
-    i32 = ir.IntType(32)
-    v16 = ir.VectorType(i32, 16)
-    nbytes = lanes // 2
-    data = builder.bitcast(blocks, ir.VectorType(i8, nbytes))
-    v64 = ir.VectorType(i8, 64)
-    sources = []
-    for first in range(0, nbytes, 64):  # 64-byte pieces of the row's bytes
-        if nbytes - first >= 64:
-            order = list(range(first, first + 64))
-        else:
-            order = [first + k if first + k < nbytes else nbytes for k in range(64)]
-        sources.append(
-            builder.shuffle_vector(
-                data, ir.Constant(data.type, [0] * nbytes), ir.Constant(ir.VectorType(i32, 64), order)
-            )
-        )
-    pieces = []
-    keep = ir.Constant(v16, [0x0F if j % 2 == 0 else 0xF0 for j in range(16)])
-    centre = ir.Constant(v16, [8 if j % 2 == 0 else 128 for j in range(16)])
-    for c in range(lanes // 16):
-        src = sources[8 * c // 64]
-        base = 8 * c % 64
-        idx = [base + j // 2 if k == 0 else 0 for j in range(16) for k in range(4)]
-        permuted = _call(builder, "llvm.x86.avx512.permvar.qi.512", v64, [src, ir.Constant(v64, idx)])
-        pieces.append(builder.sub(builder.and_(builder.bitcast(permuted, v16), keep), centre))
-    while len(pieces) > 1:
-        n = pieces[0].type.count
-        pieces = [
-            builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 2 * n), list(range(2 * n))))
-            for a, b in zip(pieces[0::2], pieces[1::2], strict=True)
-        ]
-    return pieces[0]
-
-
 def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int, fill: int) -> Any:
     """<W x block>: the kept blocks (set bits of ``word``), read back to back from ``cptr``,
     at their block positions; pruned blocks hold ``fill``.
 
-    Per 512-bit piece: one masked load of just the piece's kept blocks (no byte past them
-    is read, so a row at the end of the table is safe) and one register expand
-    (``vpexpandd``/``vpexpandw``). An expand straight from memory is one instruction, but
-    measured on the benchmark machine (AMD Zen 5) it made a cache-hot lookup about 25%
-    slower.
+    Per 512-bit piece: one plain vector load and one register expand
+    (``vpexpandd``/``vpexpandw``), which takes only as many leading elements as there are
+    kept blocks. The load reads a whole vector from ``cptr``: the caller guarantees that
+    many bytes (the block-sparse records end with a 64-byte tail for this). Measured on
+    the benchmark machine (AMD Zen 5), an expand straight from memory made a cache-hot
+    lookup about 25% slower, and a load masked to the kept blocks 12% slower (its mask
+    depends on the bitmap).
     """
     i64 = ir.IntType(64)
     per = min(word_bits, 512 // block.width)
@@ -241,35 +202,21 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
     mty = ir.VectorType(ir.IntType(1), per)
     bits = builder.zext(builder.trunc(word, ir.IntType(word_bits)), i64)
     first = builder.bitcast(cptr, block.as_pointer())
+    native = _host_has("avx512vl") and (block.width == 32 or _host_has("avx512vbmi2"))
     pieces = []
     for lo in range(0, word_bits, per):
         kept = builder.and_(builder.lshr(bits, ir.Constant(i64, lo)), ir.Constant(i64, (1 << per) - 1))
-        count = _call(builder, "llvm.ctpop.i64", i64, [kept])
-        leading = builder.sub(builder.shl(ir.Constant(i64, 1), count), ir.Constant(i64, 1))
-        packed = _call(
-            builder,
-            f"llvm.masked.load.v{per}i{block.width}.p0",
-            vty,
-            [
-                first,
-                ir.Constant(ir.IntType(32), 1),
-                builder.bitcast(builder.trunc(leading, ir.IntType(per)), mty),
-                ir.Constant(vty, [0] * per),
-            ],
-        )
-        pieces.append(
-            _call(
-                builder,
-                f"llvm.x86.avx512.mask.expand.v{per}i{block.width}",
-                vty,
-                [
-                    packed,
-                    ir.Constant(vty, [fill] * per),
-                    builder.bitcast(builder.trunc(kept, ir.IntType(per)), mty),
-                ],
-            )
-        )
-        first = builder.gep(first, [count])
+        kept_lanes = builder.bitcast(builder.trunc(kept, ir.IntType(per)), mty)
+        fill_lanes = ir.Constant(vty, [fill] * per)
+        if native:
+            packed = builder.load(builder.bitcast(first, vty.as_pointer()), align=1)
+            name = f"llvm.x86.avx512.mask.expand.v{per}i{block.width}"
+            pieces.append(_call(builder, name, vty, [packed, fill_lanes, kept_lanes]))
+        else:  # generic IR for CPUs without these instructions (compiled there, never run)
+            name = f"llvm.masked.expandload.v{per}i{block.width}"
+            pieces.append(_call(builder, name, vty, [first, kept_lanes, fill_lanes]))
+        if lo + per < word_bits:
+            first = builder.gep(first, [_call(builder, "llvm.ctpop.i64", i64, [kept])])
     while len(pieces) > 1:
         n = pieces[0].type.count
         pieces = [
@@ -281,18 +228,34 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
     return pieces[0]
 
 
-def _emit_centred_codes(
-    builder: Any, cptr: Any, word: Any, s: Any, bits: int, word_bits: int
-) -> tuple[Any, Any]:
-    """IR for the codes of one bitmap word's blocks, centred, as floats; and their scale.
+def _strided_order(bits: int, word_bits: int) -> list[int]:
+    """The lane (column) each position of ``_emit_strided_codes``'s vector decodes.
 
-    Returns ``(values, scale)``, two <4W x float> vectors with ``values * scale`` equal to
-    ``(code - z) * s`` in a kept lane and exactly 0 in a pruned one, ``z = 2**(bits-1)``:
-    a row then decodes as ``(code - z) * s + (o + z * s)`` (``_centred_offset``). The kept
-    blocks' codes sit back to back from the byte ``cptr`` points at; an expand
+    8 bits: for each group of up to 16 blocks, the k-th code of every block (k = 0..3);
+    4 bits: for each pair of blocks (a 32-bit word of 8 codes), the m-th code of every
+    pair (m = 0..7).
+    """
+    if bits == 8:
+        n = min(word_bits, 16)
+        return [4 * (n * g + i) + k for g in range(word_bits // n) for k in range(4) for i in range(n)]
+    return [8 * j + m for m in range(8) for j in range(word_bits // 2)]
+
+
+def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits: int) -> Any:
+    """IR for the codes of one bitmap word's blocks, centred, as <4W x float> in
+    ``_strided_order``: ``code - z`` (``z = 2**(bits-1)``) in a kept lane, exactly 0 in a
+    pruned one. A row then decodes as ``(code - z) * s + (o + z * s)``
+    (``_centred_offset``).
+
+    The kept blocks' codes sit back to back from the byte ``cptr`` points at; an expand
     (``_emit_expand``) spreads them to their block positions and fills pruned blocks with
-    code z; no branch depends on which blocks are kept. 8-bit blocks are 4 bytes (an i32
-    lane each); 4-bit blocks are 2 bytes (an i16 lane, low nibble first).
+    code z. 8-bit blocks are 4 bytes, 4-bit blocks 2 bytes (low nibble first). Every code
+    is then taken out of its 32-bit word with two shifts (``(x << a) >> b``, arithmetic,
+    after flipping the top bit of each code: that reads ``code - z`` as a signed
+    integer), so the k-th code of 16 words fills one vector: no cross-lane shuffle per
+    row, which measured as the bottleneck of the decode. Callers sum rows in this order
+    and restore the columns once per bag (``_emit_unstride``). No branch depends on which
+    blocks are kept.
 
     Centring keeps a bag's running sums near the size of its values: a kernel that adds
     the codes' part and the offsets' part of a bag in separate sums (``_emit_scaled_sum``)
@@ -300,40 +263,57 @@ def _emit_centred_codes(
     """
     lanes = 4 * word_bits
     i32 = ir.IntType(32)
-    i8 = ir.IntType(8)
-    f32 = ir.FloatType()
-    vf = ir.VectorType(f32, lanes)
-    scale = _splat(builder, s, vf)
-    if bits == 8:  # code - 128 is the code's byte with its top bit flipped, read as signed
-        blocks = _emit_expand(builder, cptr, word, ir.IntType(32), word_bits, 0x80808080)
-        flipped = builder.xor(
-            builder.bitcast(blocks, ir.VectorType(i8, lanes)),
-            ir.Constant(ir.VectorType(i8, lanes), [0x80] * lanes),
-        )
-        lane_codes = builder.sext(flipped, ir.VectorType(i32, lanes))
+    if bits == 8:
+        blocks = _emit_expand(builder, cptr, word, i32, word_bits, 0x80808080)
+        flipped = builder.xor(blocks, ir.Constant(blocks.type, [0x80808080] * word_bits))
+        n = min(word_bits, 16)
+        vn = ir.VectorType(i32, n)
+        pieces = []
+        for g in range(word_bits // n):
+            group = flipped
+            if n < word_bits:
+                group = builder.shuffle_vector(
+                    flipped, flipped, ir.Constant(vn, list(range(n * g, n * g + n)))
+                )
+            for k in range(4):
+                top = builder.shl(group, ir.Constant(vn, [24 - 8 * k] * n)) if k < 3 else group
+                pieces.append(builder.ashr(top, ir.Constant(vn, [24] * n)))
     else:
         blocks = _emit_expand(builder, cptr, word, ir.IntType(16), word_bits, 0x8888)
-        if _host_has("avx512vbmi"):
-            lane_codes = _nibbles_to_lanes(builder, blocks, lanes)
-            # odd lanes hold 16 x (code - 8): scale them by s / 16 (exact, a power of two,
-            # unless s / 16 falls below float32's normal range); one 16-lane product serves
-            # every piece
-            v16 = ir.VectorType(f32, 16)
-            per_lane = builder.fmul(
-                _splat(builder, s, v16), ir.Constant(v16, [1.0 if j % 2 == 0 else 1 / 16 for j in range(16)])
-            )
-            scale = builder.shuffle_vector(
-                per_lane, per_lane, ir.Constant(ir.VectorType(i32, lanes), [j % 16 for j in range(lanes)])
-            )
-        else:  # generic IR: split the nibbles, interleave them (low first), centre, widen
-            packed = builder.bitcast(blocks, ir.VectorType(i8, 2 * word_bits))
-            low = builder.and_(packed, ir.Constant(packed.type, [15] * (2 * word_bits)))
-            high = builder.lshr(packed, ir.Constant(packed.type, [4] * (2 * word_bits)))
-            order = [k for i in range(2 * word_bits) for k in (i, 2 * word_bits + i)]
-            interleaved = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(i32, lanes), order))
-            centred = builder.sub(interleaved, ir.Constant(interleaved.type, [8] * lanes))
-            lane_codes = builder.sext(centred, ir.VectorType(i32, lanes))
-    return builder.sitofp(lane_codes, vf), scale  # small integers: the convert is exact
+        n = word_bits // 2
+        vn = ir.VectorType(i32, n)
+        pairs = builder.xor(builder.bitcast(blocks, vn), ir.Constant(vn, [0x88888888] * n))
+        pieces = []
+        for m in range(8):
+            top = builder.shl(pairs, ir.Constant(vn, [28 - 4 * m] * n)) if m < 7 else pairs
+            pieces.append(builder.ashr(top, ir.Constant(vn, [28] * n)))
+    while len(pieces) > 1:
+        n = pieces[0].type.count
+        pieces = [
+            builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 2 * n), list(range(2 * n))))
+            for a, b in zip(pieces[0::2], pieces[1::2], strict=True)
+        ]
+    return builder.sitofp(pieces[0], ir.VectorType(ir.FloatType(), lanes))  # small integers: exact
+
+
+def _emit_unstride(builder: Any, strided: Any, bits: int, word_bits: int) -> Any:
+    """IR for the <4W x float> vector in column order from one in ``_strided_order``."""
+    order = _strided_order(bits, word_bits)
+    position = [0] * len(order)
+    for p, lane in enumerate(order):
+        position[lane] = p
+    return builder.shuffle_vector(
+        strided, strided, ir.Constant(ir.VectorType(ir.IntType(32), len(order)), position)
+    )
+
+
+def _emit_block_spread(builder: Any, by_block: Any, bits: int, word_bits: int) -> Any:
+    """IR for a <4W x float> vector in ``_strided_order`` holding each lane's block's
+    value of ``by_block`` (<W x float>)."""
+    blocks = [lane // 4 for lane in _strided_order(bits, word_bits)]
+    return builder.shuffle_vector(
+        by_block, by_block, ir.Constant(ir.VectorType(ir.IntType(32), len(blocks)), blocks)
+    )
 
 
 def _centred_offset(builder: Any, s: Any, o: Any, bits: int) -> Any:
@@ -350,9 +330,11 @@ def _emit_word_decode(
     (a masked add)."""
     lanes = 4 * word_bits
     vf = ir.VectorType(ir.FloatType(), lanes)
-    values, scale = _emit_centred_codes(builder, cptr, word, s, bits, word_bits)
+    values = _emit_strided_codes(builder, cptr, word, bits, word_bits)
     offset = _splat(builder, _centred_offset(builder, s, o, bits), vf)
-    decoded = _call(builder, f"llvm.fma.v{lanes}f32", vf, [values, scale, offset])
+    decoded = _emit_unstride(
+        builder, _emit_scaled_sum(builder, offset, values, _splat(builder, s, vf)), bits, word_bits
+    )
     kept = builder.bitcast(
         builder.trunc(word, ir.IntType(word_bits)), ir.VectorType(ir.IntType(1), word_bits)
     )
@@ -490,8 +472,10 @@ def _fused_bag_intrinsic(word_bits: int) -> Any:
                 s = builder.fmul(s, w)
                 o = builder.fmul(o, w)
                 row = builder.gep(base, [start])
-                values, scale = _emit_centred_codes(builder, row, all_kept, s, 4, word_bits)
-                builder.store(_emit_scaled_sum(builder, builder.load(total), values, scale), total)
+                values = _emit_strided_codes(builder, row, all_kept, 4, word_bits)
+                builder.store(
+                    _emit_scaled_sum(builder, builder.load(total), values, _splat(builder, s, vf)), total
+                )
                 offset = _centred_offset(builder, s, o, 4)
                 builder.store(builder.fadd(builder.load(offsets), offset), offsets)
             aptr = cgutils.get_item_pointer(
@@ -502,7 +486,9 @@ def _fused_bag_intrinsic(word_bits: int) -> Any:
                 [ir.Constant(i64, 0)],
             )
             summed = builder.fadd(builder.load(total), _splat(builder, builder.load(offsets), vf))
-            builder.store(summed, builder.bitcast(aptr, vf.as_pointer()), align=4)
+            builder.store(
+                _emit_unstride(builder, summed, 4, word_bits), builder.bitcast(aptr, vf.as_pointer()), align=4
+            )
             return context.get_dummy_value()
 
         sig = types.void(
@@ -678,10 +664,10 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 w = _emit_weight(builder, is_weighted, w_p, p)
                 s = builder.fmul(s, w)
                 codes = builder.gep(rec, [header])
-                values, scale = _emit_centred_codes(
-                    builder, codes, builder.zext(word, i64), s, bits, word_bits
+                values = _emit_strided_codes(builder, codes, builder.zext(word, i64), bits, word_bits)
+                builder.store(
+                    _emit_scaled_sum(builder, builder.load(total), values, _splat(builder, s, vf)), total
                 )
-                builder.store(_emit_scaled_sum(builder, builder.load(total), values, scale), total)
                 # the offset goes to a per-block sum, masked by the bitmap word itself
                 offset = _centred_offset(builder, s, builder.fmul(o, w), bits)
                 kept = builder.bitcast(word, ir.VectorType(ir.IntType(1), word_bits))
@@ -689,9 +675,9 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 added = builder.fadd(by_block, _splat(builder, offset, vblock))
                 builder.store(builder.select(kept, added, by_block), offsets)
             aptr = builder.bitcast(data(accty, acc_v), vf.as_pointer())
-            spread = ir.Constant(ir.VectorType(i32, lanes), [k // 4 for k in range(lanes)])
-            by_lane = builder.shuffle_vector(builder.load(offsets), builder.load(offsets), spread)
-            builder.store(builder.fadd(builder.load(total), by_lane), aptr, align=4)
+            by_lane = _emit_block_spread(builder, builder.load(offsets), bits, word_bits)
+            summed = builder.fadd(builder.load(total), by_lane)
+            builder.store(_emit_unstride(builder, summed, bits, word_bits), aptr, align=4)
             return context.get_dummy_value()
 
         sig = types.void(

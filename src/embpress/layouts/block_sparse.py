@@ -4,7 +4,9 @@ Memory layout (N rows, D columns, block width w, nb = ceil(D / w) blocks per row
 words of W = 8, 16 or 32 bits, the smallest that holds nb bits, else 32; nw = ceil(nb / W)
 words per row; s = bytes of the scale dtype; G rows per group)::
 
-    records        uint8 [R]               the rows' records back to back; row r's is
+    records        uint8 [R + 64]          the rows' records back to back, then 64 zero
+                                           bytes (a vector load from any record's codes
+                                           stays inside the tensor); row r's record is
                                            nw bitmap words, little-endian (bit k % W of
                                              word k // W set: block k kept)
                                            scale, offset (s bytes each)
@@ -40,12 +42,13 @@ from ..quant.packing import packed_length
 from ._kernels import block_sparse_bag, set_threads, vector_decode_supported
 from .base import FormatError, QuantizedTable, base_fields, expect_tensor, meta_int, popcount_bytes
 
-__all__ = ["BlockSparseTable", "RecordShape", "record_shape"]
+__all__ = ["RECORD_TAIL", "BlockSparseTable", "RecordShape", "record_shape"]
 
 # use the vector decode where the table and the CPU allow it (tests switch it off to check
 # the bit walk against it)
 VECTOR_DECODE = True
 MAX_GROUP_SHIFT = 8  # at most 256 rows per group offset
+RECORD_TAIL = 64  # zero bytes after the last record: one vector load from anywhere fits
 
 
 @dataclass(frozen=True)
@@ -213,8 +216,14 @@ class BlockSparseTable(QuantizedTable):
             raise FormatError("tensor 'records' is missing")
         size = tensors["records"].numel()
         records = expect_tensor(tensors, "records", torch.uint8, (size,))
-        if int(group_offsets[0]) != 0 or int(group_offsets[-1]) != size:
-            raise FormatError("tensor 'group_offsets' does not start at 0 and end at the size of 'records'")
+        if size < RECORD_TAIL or int(group_offsets[0]) != 0 or int(group_offsets[-1]) != size - RECORD_TAIL:
+            raise FormatError(
+                f"tensor 'group_offsets' does not start at 0 and end {RECORD_TAIL} bytes before "
+                "the end of 'records'"
+            )
+        if bool(records[size - RECORD_TAIL :].any()):
+            raise FormatError(f"tensor 'records' does not end with {RECORD_TAIL} zero bytes")
+        size -= RECORD_TAIL  # the records themselves
         table = cls(records, row_offsets, group_offsets, dim, width, bits, dtype, pruned)
         starts = table._record_starts(torch.arange(rows))
         if bool((starts < 0).any()) or bool((starts + sh.header > size).any()):

@@ -27,7 +27,7 @@ from ._encode_kernels import (
     kept_minmax,
 )
 from .base import QuantizedTable, fused_row_bytes, make_fused
-from .block_sparse import BlockSparseTable, record_shape
+from .block_sparse import RECORD_TAIL, BlockSparseTable, record_shape
 from .dense import DenseTable
 from .pruned_rows import PrunedRowsTable, rank_directory
 
@@ -98,7 +98,7 @@ def layout_sizes(stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> dict[
     return {
         "dense": stats.rows * row_bytes,
         "pruned_rows": (stats.kept_rows + 1) * row_bytes + 5 * ((stats.rows + 7) // 8),
-        "block_sparse": records + 2 * stats.rows + 8 * (shape.groups(stats.rows) + 1),
+        "block_sparse": records + RECORD_TAIL + 2 * stats.rows + 8 * (shape.groups(stats.rows) + 1),
     }
 
 
@@ -299,7 +299,7 @@ def _block_sparse(
     word = {8: np.uint8, 16: np.uint16, 32: np.uint32}[shape.word_bits]
     bitmap = np.ascontiguousarray(rs.bitmap.astype(word)).view(np.uint8)
     qparams = torch.stack([qp.scale, qp.offset], dim=1).to(dtype).contiguous().view(torch.uint8).numpy()
-    records = np.zeros(int(starts[-1]), dtype=np.uint8)
+    records = np.zeros(int(starts[-1]) + RECORD_TAIL, dtype=np.uint8)
     assemble_records(records, starts, bitmap, qparams, codes, code_start, row_codes, bits)
     return BlockSparseTable(
         torch.from_numpy(records),
