@@ -397,11 +397,12 @@ def _emit_weight(builder: Any, is_weighted: Any, weights_ptr: Any, p: Any) -> An
 def _fused_bag_intrinsic(word_bits: int) -> Any:
     """``acc[:4W] = sum over lookups [lo, hi) of their 4-bit fused rows`` (float16 qparams).
 
-    One pass in the style of FBGEMM's kernels: each iteration reads the id, decodes its row
-    (codes then scale and offset, one row is ``row_bytes``) into a sum held in registers,
-    and prefetches the row of the id ``FUSED_PREFETCH`` places further on (across bag
-    boundaries, up to ``pf_end``). Ids must be in range (checked before). ``weights`` is
-    read only when ``weighted``.
+    One pass in the style of FBGEMM's kernels: each iteration reads the id, adds its row
+    (codes then scale and offset, one row is ``row_bytes``) to two sums held in registers
+    (centred codes times scale per lane, ``_emit_strided_codes``; centred offsets, one
+    number: every lane of a fused row is kept), and prefetches the row of the id
+    ``FUSED_PREFETCH`` places further on (across bag boundaries, up to ``pf_end``). Ids
+    must be in range (checked before). ``weights`` is read only when ``weighted``.
     """
     lanes = 4 * word_bits
     code_bytes = lanes // 2
@@ -541,8 +542,8 @@ def _emit_record_start(builder: Any, row_offsets: Any, group_offsets: Any, shift
 # ids ahead whose row offset (HEADER_PREFETCH) and record (RECORD_PREFETCH) the one-pass
 # block-sparse decode prefetches; the record start is computed RECORD_PREFETCH ids ahead
 # and waits in a ring of START_RING slots
-HEADER_PREFETCH = 64
-RECORD_PREFETCH = 32
+HEADER_PREFETCH = 96
+RECORD_PREFETCH = 48
 START_RING = 64  # a power of two above RECORD_PREFETCH
 
 
@@ -553,9 +554,12 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
     the id ``HEADER_PREFETCH`` places on; computes the record start of the id
     ``RECORD_PREFETCH`` places on (from the line prefetched earlier) into ``ring`` and
     prefetches its record; then reads its own record (bitmap word, scale, offset, codes:
-    lines prefetched long before) and decodes it (``_emit_word_decode``) into a sum held
-    in registers. The ring carries starts across the bags of a run; ``prime`` fills it
-    for a run's first bag. Prefetches run across bag boundaries up to ``pf_end``. Ids must
+    lines prefetched long before) and adds it to two sums held in registers: the centred
+    codes times the scale (``_emit_strided_codes``, one FMA per 16 lanes) and the centred
+    offset per block (one add masked by the bitmap word itself: pruned blocks add
+    nothing). The two meet, and the columns are put back in order, once per bag. The
+    ring carries starts across the bags of a run; ``prime`` fills it for a run's first
+    bag. Prefetches run across bag boundaries up to ``pf_end``. Ids must
     be in range (checked before). ``half``: the record's qparams are float16, else float32.
     """
     lanes = 4 * word_bits

@@ -32,6 +32,7 @@ else a walk over the set bits); other devices (and max bags) decode rows with pl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +76,7 @@ class RecordShape:
         """Bytes of the codes of a row with ``kept_blocks`` kept blocks."""
         return packed_length(kept_blocks * self.block_width, self.bits)
 
-    @property
+    @functools.cached_property
     def group_shift(self) -> int:
         """log2(G): rows per group offset such that every row offset fits a uint16."""
         largest = self.header + self.code_bytes(self.blocks)
