@@ -271,8 +271,20 @@ def _set_record_bytes(position, values):
 def _move_group_start(tensors):
     """Every record start unchanged, but group 1's offset no longer its first record's."""
     tensors["tables.user.group_offsets"][1] -= 1
-    offsets = tensors["tables.user.row_offsets"]  # 16 columns at 8 bits: 256 rows a group
-    tensors["tables.user.row_offsets"] = (offsets.int() + (torch.arange(300) >= 256).int()).to(torch.uint16)
+    offsets = tensors["tables.user.row_offsets"]  # 16 columns at 8 bits: 256 rows (128 pairs) a group
+    tensors["tables.user.row_offsets"] = (offsets.int() + (torch.arange(150) >= 128).int()).to(torch.uint16)
+
+
+def _claim_a_block_in_the_last_row(tensors):
+    """Mark a pruned block of the last row kept: its record would need 4 more bytes."""
+    from embpress.layouts.block_sparse import BlockSparseTable
+
+    parts = [tensors[f"tables.user.{name}"] for name in ("records", "row_offsets", "group_offsets")]
+    table = BlockSparseTable(*parts, 300, 16, 4, 8, torch.float32, 0)
+    start = int(table._record_starts(torch.tensor([299]))[0])
+    bitmap = int(parts[0][start])
+    assert bitmap != 0x0F  # a pruned block to claim (the edit assumes it)
+    parts[0][start] = bitmap | (~bitmap & (bitmap + 1))  # its lowest clear bit set
 
 
 def _truncate_records(tensors):
@@ -291,7 +303,7 @@ def _truncate_records(tensors):
         # 16 columns in (1, 4) blocks: one bitmap byte of which bits 4..7 lie past the row
         (_set_record_bytes(0, [0x10]), "past the row end"),
         # a block marked kept whose codes the record does not hold: the lengths no longer add up
-        (_set_record_bytes(0, [0x01]), "do not match the records' bitmaps"),
+        (_claim_a_block_in_the_last_row, "do not match the records' bitmaps"),
         (_set_record_bytes(-1, [1]), "does not end with 64 zero bytes"),
         # row 0's scale (float32, after its bitmap byte) set to NaN
         (_set_record_bytes(1, [0x00, 0x00, 0xC0, 0x7F]), "NaN"),

@@ -532,15 +532,17 @@ _load_f16: Any = _load_intrinsic("f16")
 _load_f32: Any = _load_intrinsic("f32")
 
 
-def _emit_record_start(builder: Any, row_offsets: Any, group_offsets: Any, shift: Any, r: Any) -> Any:
-    """IR for the byte where row ``r``'s record starts: ``group_offsets[r >> shift] + row_offsets[r]``."""
+def _emit_pair_start(builder: Any, row_offsets: Any, group_offsets: Any, shift: Any, r: Any) -> Any:
+    """IR for the byte where the record of row ``r & ~1`` (the even row of ``r``'s pair)
+    starts: ``group_offsets[r >> shift] + row_offsets[r >> 1]``."""
     i64 = ir.IntType(64)
     base = builder.load(builder.gep(group_offsets, [builder.lshr(r, shift)]))
-    return builder.add(base, builder.zext(builder.load(builder.gep(row_offsets, [r])), i64))
+    pair = builder.load(builder.gep(row_offsets, [builder.lshr(r, ir.Constant(i64, 1))]))
+    return builder.add(base, builder.zext(pair, i64))
 
 
 # ids ahead whose row offset (HEADER_PREFETCH) and record (RECORD_PREFETCH) the one-pass
-# block-sparse decode prefetches; the record start is computed RECORD_PREFETCH ids ahead
+# block-sparse decode prefetches; the pair's start is computed RECORD_PREFETCH ids ahead
 # and waits in a ring of START_RING slots
 HEADER_PREFETCH = 96
 RECORD_PREFETCH = 48
@@ -551,10 +553,13 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
     """``acc[:4W] = sum over lookups [lo, hi) of their rows`` (one-word (1, 4)-block rows).
 
     The whole lookup in one pass, FBGEMM-style. Iteration p prefetches the row offset of
-    the id ``HEADER_PREFETCH`` places on; computes the record start of the id
-    ``RECORD_PREFETCH`` places on (from the line prefetched earlier) into ``ring`` and
-    prefetches its record; then reads its own record (bitmap word, scale, offset, codes:
-    lines prefetched long before) and adds it to two sums held in registers: the centred
+    the id ``HEADER_PREFETCH`` places on; computes where the record of the id
+    ``RECORD_PREFETCH`` places on starts, or for an odd row its pair's even record (from
+    the line prefetched earlier), into ``ring`` and prefetches those lines (an odd row's
+    ``skip`` bytes further, the mean record length); then finds its own record (an odd
+    row's starts where its even neighbour's ends, by that one's bitmap word), reads it
+    (bitmap word, scale, offset, codes: lines prefetched long before) and adds it to two
+    sums held in registers: the centred
     codes times the scale (``_emit_strided_codes``, one FMA per 16 lanes) and the centred
     offset per block (one add masked by the bitmap word itself: pruned blocks add
     nothing). The two meet, and the columns are put back in order, once per bag. The
@@ -572,6 +577,7 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
         row_offsets: Any,
         group_offsets: Any,
         shift: Any,
+        skip: Any,
         indices: Any,
         lo: Any,
         hi: Any,
@@ -583,8 +589,9 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
         prime: Any,
     ) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            accty, recty, offty, gty, _, indty, _, _, _, wty, _, _, ringty, _ = signature.args
-            acc_v, rec_v, off_v, g_v, shift, ind_v, lo, hi, pf_end, w_v, weighted, half, ring_v, prime = args
+            accty, recty, offty, gty, _, _, indty, _, _, _, wty, _, _, ringty, _ = signature.args
+            acc_v, rec_v, off_v, g_v, shift, skip, ind_v, lo, hi, pf_end, w_v, weighted, half = args[:13]
+            ring_v, prime = args[13:]
             i64 = ir.IntType(64)
             i32 = ir.IntType(32)
             i8p = ir.IntType(8).as_pointer()
@@ -616,18 +623,24 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 builder.call(prefetch, [builder.bitcast(ptr, i8p), *hint])
 
             def start_ahead(q: Any) -> None:
-                """Record start of lookup ``q`` into ring slot ``q % START_RING``; prefetch
-                the lines its decode reads. The decode's vector loads read 64 bytes from
-                the codes (two of them at 8 bits, the second after the first 16 blocks'
-                codes), not only the kept codes, so their lines count too: at 8 bits the
-                third point covers the second load for up to 8 kept blocks in the first
-                16 (measured on uniform ids: a third line at +127 instead costs 25%, none
+                """Pair start and parity of lookup ``q`` into ring slot ``q % START_RING``
+                (``2 * start + odd``); prefetch the lines its decode reads: the pair's
+                first line, and the record's from where it is expected (an odd row's
+                ``skip`` bytes on). The decode's vector loads read 64 bytes from the codes
+                (two of them at 8 bits, the second after the first 16 blocks' codes),
+                not only the kept codes, so their lines count too: at 8 bits the third
+                point covers the second load for up to 8 kept blocks in the first 16
+                (measured on uniform ids: a third line at +127 instead costs 25%, none
                 doubles the time)."""
                 r = builder.load(builder.gep(ind_p, [q]))
-                start = _emit_record_start(builder, off_p, g_p, shift, r)
-                builder.store(start, builder.gep(ring_p, [builder.and_(q, ring_mask)]))
+                pair = _emit_pair_start(builder, off_p, g_p, shift, r)
+                odd = builder.and_(r, const(1))
+                slot = builder.gep(ring_p, [builder.and_(q, ring_mask)])
+                builder.store(builder.or_(builder.shl(pair, const(1)), odd), slot)
+                fetch(builder.gep(rec_p, [pair]))
+                expected = builder.add(pair, builder.mul(odd, skip))
                 for delta in (0, 63, 111) if bits == 8 else (0, 63):
-                    fetch(builder.gep(rec_p, [builder.add(start, const(delta))]))
+                    fetch(builder.gep(rec_p, [builder.add(expected, const(delta))]))
 
             with builder.if_then(builder.icmp_unsigned("!=", prime, ir.Constant(prime.type, 0))):
                 end = builder.add(lo, const(RECORD_PREFETCH))
@@ -643,13 +656,20 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 p = builder.add(lo, loop.index)
                 ahead = builder.add(p, const(HEADER_PREFETCH))
                 with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
-                    fetch(builder.gep(off_p, [builder.load(builder.gep(ind_p, [ahead]))]))
+                    r_ahead = builder.load(builder.gep(ind_p, [ahead]))
+                    fetch(builder.gep(off_p, [builder.lshr(r_ahead, const(1))]))
                 ahead = builder.add(p, const(RECORD_PREFETCH))
                 with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
                     start_ahead(ahead)
-                start = builder.load(builder.gep(ring_p, [builder.and_(p, ring_mask)]))
+                slot = builder.load(builder.gep(ring_p, [builder.and_(p, ring_mask)]))
+                pair = builder.lshr(slot, const(1))
+                wty = ir.IntType(word_bits)
+                first = builder.load(builder.bitcast(builder.gep(rec_p, [pair]), wty.as_pointer()), align=1)
+                first_kept = builder.zext(_call(builder, f"llvm.ctpop.i{word_bits}", wty, [first]), i64)
+                first_length = builder.add(header, builder.mul(first_kept, const(4 * bits // 8)))
+                start = builder.add(pair, builder.mul(builder.and_(slot, const(1)), first_length))
                 rec = builder.gep(rec_p, [start])
-                word = builder.load(builder.bitcast(rec, ir.IntType(word_bits).as_pointer()), align=1)
+                word = builder.load(builder.bitcast(rec, wty.as_pointer()), align=1)
                 qp = builder.gep(rec, [const(word_bytes)])
                 with builder.if_else(is_half) as (then, otherwise):
                     with then:
@@ -688,8 +708,8 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
             return context.get_dummy_value()
 
         sig = types.void(
-            acc, records, row_offsets, group_offsets, types.int64, indices, types.intp, types.intp,
-            types.intp, weights, types.boolean, types.boolean, ring, types.boolean,
+            acc, records, row_offsets, group_offsets, types.int64, types.int64, indices, types.intp,
+            types.intp, types.intp, weights, types.boolean, types.boolean, ring, types.boolean,
         )  # fmt: skip
         return sig, codegen
 
@@ -765,9 +785,9 @@ def _divide(acc: np.ndarray, count: int) -> None:
 
 
 @numba.njit(cache=True, inline="always")
-def _record_start(row_offsets: np.ndarray, group_offsets: np.ndarray, shift: int, r: int) -> int:
-    """Byte where row ``r``'s record starts (see ``layouts.block_sparse``)."""
-    return group_offsets[np.uint64(r >> shift)] + np.int64(row_offsets[np.uint64(r)])
+def _pair_start(row_offsets: np.ndarray, group_offsets: np.ndarray, shift: int, r: int) -> int:
+    """Byte where the record of row ``r & ~1`` starts (see ``layouts.block_sparse``)."""
+    return group_offsets[np.uint64(r >> shift)] + np.int64(row_offsets[np.uint64(r >> 1)])
 
 
 @numba.njit(cache=True, inline="always")
@@ -789,11 +809,36 @@ def _read_qparam(records: np.ndarray, pos: int, half: bool) -> np.float32:
 
 
 @numba.njit(cache=True, inline="always")
+def _record_start(
+    records: np.ndarray,
+    row_offsets: np.ndarray,
+    group_offsets: np.ndarray,
+    shift: int,
+    r: int,
+    words: int,
+    word_bits: int,
+    header: int,
+    width: int,
+    bits: int,
+) -> int:
+    """Byte where row ``r``'s record starts: its pair's start, plus for an odd row the
+    length of the even row's record (by that record's bitmap)."""
+    start = _pair_start(row_offsets, group_offsets, shift, r)
+    if r & 1:
+        kept = 0
+        for k in range(words):
+            kept += _popcount(_read_word(records, start + k * (word_bits // 8), word_bits))
+        start += header + (kept * width * bits + 7) // 8
+    return start
+
+
+@numba.njit(cache=True, inline="always")
 def _decode_bag(
     records: np.ndarray,
     row_offsets: np.ndarray,
     group_offsets: np.ndarray,
     shift: int,
+    skip: int,
     words: int,
     word_bits: int,
     half: bool,
@@ -825,13 +870,19 @@ def _decode_bag(
     acc[:] = 0.0
     for p in range(lo, hi):
         if p + HEADER_PREFETCH < pf_end:
-            _prefetch(row_offsets, indices[np.uint64(p + HEADER_PREFETCH)])
+            _prefetch(row_offsets, indices[np.uint64(p + HEADER_PREFETCH)] >> 1)
         if p + RECORD_PREFETCH < pf_end:
-            ahead = _record_start(row_offsets, group_offsets, shift, indices[np.uint64(p + RECORD_PREFETCH)])
+            r_ahead = indices[np.uint64(p + RECORD_PREFETCH)]
+            ahead = _pair_start(row_offsets, group_offsets, shift, r_ahead)
+            _prefetch(records, ahead)
+            ahead += (r_ahead & 1) * skip  # where an odd row's record is expected
             _prefetch(records, ahead)
             _prefetch(records, ahead + 63)
             _prefetch(records, ahead + 127)
-        a = _record_start(row_offsets, group_offsets, shift, indices[np.uint64(p)])
+        r = indices[np.uint64(p)]
+        a = _record_start(
+            records, row_offsets, group_offsets, shift, r, words, word_bits, header, width, bits
+        )
         s = _read_qparam(records, a + qparams_at, half)
         o = _read_qparam(records, a + qparams_at + (2 if half else 4), half)
         if has_weights:
@@ -884,7 +935,9 @@ def block_sparse_bag(
     records: np.ndarray,
     row_offsets: np.ndarray,
     group_offsets: np.ndarray,
+    rows: int,
     group_shift: int,
+    skip: int,
     words: int,
     word_bits: int,
     half: bool,
@@ -903,8 +956,10 @@ def block_sparse_bag(
     """``out[b] = sum / mean over the bag of decoded rows`` (kept blocks only).
 
     The table is the block-sparse layout's three arrays (``layouts.block_sparse``): the
-    records as bytes, the uint16 row offsets and the int64 group offsets, with rows of
-    ``words`` bitmap words of ``word_bits`` bits and float16 (``half``) or float32 qparams.
+    records as bytes, the uint16 pair offsets and the int64 group offsets, for ``rows``
+    rows of ``words`` bitmap words of ``word_bits`` bits and float16 (``half``) or float32
+    qparams; ``skip`` is the mean record length (where an odd row's record is expected,
+    for prefetching).
     ``vector``: decode whole bitmap words with expanding loads (needs ``width == 4``,
     ``bits`` 8 or 4 and ``dim == 4 * word_bits * words``); else walk the set bits.
 
@@ -913,7 +968,6 @@ def block_sparse_bag(
     the sum in registers), other rows through ``_decode_bag``. Returns the number of
     out-of-range indices (then nothing is computed: the caller raises).
     """
-    rows = row_offsets.shape[0]
     bags = offsets.shape[0] - 1
     runs, per_run = _split_bags(bags, threads)
     bad = np.zeros(runs, dtype=np.int64)
@@ -931,7 +985,7 @@ def block_sparse_bag(
             hi = offsets[b + 1]
             if one_pass:
                 row = out[b]  # the sum is stored straight into the output row
-                args = (row, records, row_offsets, group_offsets, group_shift, indices, lo, hi, pf_end)
+                args = (row, records, row_offsets, group_offsets, group_shift, skip, indices, lo, hi, pf_end)
                 if bits == 8:
                     if word_bits == 32:
                         _decode_pass_8x32(*args, per_sample_weights, has_weights, half, ring, b == b0)
@@ -948,8 +1002,8 @@ def block_sparse_bag(
                         _decode_pass_4x8(*args, per_sample_weights, has_weights, half, ring, b == b0)
             else:
                 _decode_bag(
-                    records, row_offsets, group_offsets, group_shift, words, word_bits, half, dim, width,
-                    bits, indices, lo, hi, pf_end, per_sample_weights, has_weights, vector, acc,
+                    records, row_offsets, group_offsets, group_shift, skip, words, word_bits, half, dim,
+                    width, bits, indices, lo, hi, pf_end, per_sample_weights, has_weights, vector, acc,
                 )  # fmt: skip
                 out[b, :] = acc
             if mean:

@@ -14,17 +14,21 @@ words per row; s = bytes of the scale dtype; G rows per group)::
                                              byte: code j at byte j*bits//8, bit
                                              (j*bits)%8, padded to a whole byte (a kept
                                              partial edge block is padded to w codes)
-    row_offsets    uint16 [N]              where row r's record starts, in bytes from
-                                           the start of its group's first record
+    row_offsets    uint16 [ceil(N/2)]      where row 2i's record starts, in bytes from
+                                           the start of its group's first record; row
+                                           2i+1's record follows row 2i's
     group_offsets  int64 [ceil(N/G) + 1]   where row G*g's record starts; the last is R
 
-G is the largest power of two up to 256 for which (G - 1) records of the largest size
-still fit a uint16 offset, so it follows from (D, w, bits, s) alone. Row r starts at
-``group_offsets[r // G] + row_offsets[r]``: a lookup reads one offset, then one record
-whose header sits next to its codes (one or two cache lines at 128 columns), with no
-search and no sum over other rows. Pruned blocks are simply absent, so they decode to
-exactly 0.0 and the bytes fall with sparsity: at 8 bits, 80% of (1, 4) blocks pruned and
-D = 128 cost ``0.2 * 128 + 4 + 8 + 2`` bytes per row (codes, bitmap, qparams, offset).
+G is the largest power of two from 2 to 256 for which G - 2 records of the largest size
+still fit a uint16 offset, so it follows from (D, w, bits, s) alone. An even row r starts
+at ``group_offsets[r // G] + row_offsets[r // 2]``, an odd row where its even neighbour's
+record ends (known from that record's bitmap): a lookup reads one offset, then one record
+whose header sits next to its codes (one to three cache lines at 128 columns; an odd
+row's usually shares one with its neighbour's), with no search. One offset per pair of
+rows rather than per row saves a byte a row, which at 4 bits is what keeps the table
+near half the 8-bit one. Pruned blocks are simply absent, so they decode to exactly 0.0
+and the bytes fall with sparsity: at 8 bits, 80% of (1, 4) blocks pruned and D = 128
+cost ``0.2 * 128 + 4 + 8 + 1`` bytes per row (codes, bitmap, qparams, offset).
 Sum/mean bags run in a numba kernel on CPU (``_kernels.block_sparse_bag``: whole bitmap
 words decoded with AVX-512 expanding loads where the CPU has them and D = 4 * W * nw,
 else a walk over the set bits); other devices (and max bags) decode rows with plain torch.
@@ -76,12 +80,16 @@ class RecordShape:
         """Bytes of the codes of a row with ``kept_blocks`` kept blocks."""
         return packed_length(kept_blocks * self.block_width, self.bits)
 
+    def length(self, kept_blocks: torch.Tensor) -> torch.Tensor:
+        """Bytes of the records of rows with ``kept_blocks`` kept blocks (int64 tensor)."""
+        return self.header + (kept_blocks * self.block_width * self.bits + 7) // 8
+
     @functools.cached_property
     def group_shift(self) -> int:
-        """log2(G): rows per group offset such that every row offset fits a uint16."""
+        """log2(G): rows per group offset such that every pair offset fits a uint16."""
         largest = self.header + self.code_bytes(self.blocks)
-        shift = 0
-        while shift < MAX_GROUP_SHIFT and ((2 << shift) - 1) * largest <= 0xFFFF:
+        shift = 1
+        while shift < MAX_GROUP_SHIFT and ((2 << shift) - 2) * largest <= 0xFFFF:
             shift += 1
         return shift
 
@@ -111,27 +119,48 @@ class BlockSparseTable(QuantizedTable):
         records: torch.Tensor,
         row_offsets: torch.Tensor,
         group_offsets: torch.Tensor,
+        num_embeddings: int,
         embedding_dim: int,
         block_width: int,
         bits: int,
         scale_dtype: torch.dtype,
         num_pruned: int,
     ) -> None:
-        super().__init__(row_offsets.shape[0], embedding_dim, bits, scale_dtype, num_pruned)
+        super().__init__(num_embeddings, embedding_dim, bits, scale_dtype, num_pruned)
         self.block_width = block_width
         self.shape = record_shape(embedding_dim, block_width, bits, scale_dtype)
         self.register_buffer("records", records)
         self.register_buffer("row_offsets", row_offsets)
         self.register_buffer("group_offsets", group_offsets)
 
-    def _record_starts(self, rows: torch.Tensor) -> torch.Tensor:
-        """Byte where each row's record starts (int64)."""
+    def _pair_starts(self, rows: torch.Tensor) -> torch.Tensor:
+        """Byte where the record of each row's even pair member starts (int64)."""
         groups = self.group_offsets[rows >> self.shape.group_shift]
-        return groups + self.row_offsets[rows].long()
+        return groups + self.row_offsets[rows >> 1].long()
+
+    def _record_starts(self, rows: torch.Tensor) -> torch.Tensor:
+        """Byte where each row's record starts (int64): an odd row's follows its pair's."""
+        starts = self._pair_starts(rows)
+        odd = (rows & 1).bool()
+        if bool(odd.any()):
+            starts[odd] += self.shape.length(self._kept_count(starts[odd]))
+        return starts
 
     def _bytes_at(self, starts: torch.Tensor, first: int, count: int) -> torch.Tensor:
         """uint8 [n, count]: bytes ``first .. first+count-1`` of the records at ``starts``."""
         return self.records[starts.unsqueeze(1) + first + torch.arange(count, device=starts.device)]
+
+    def _in_row(self, device: torch.device) -> torch.Tensor:
+        """int64 [bitmap bytes]: the bits of each bitmap byte that are blocks of the row."""
+        sh = self.shape
+        return torch.tensor(
+            [(1 << min(8, max(0, sh.blocks - 8 * j))) - 1 for j in range(sh.bitmap_bytes)], device=device
+        )
+
+    def _kept_count(self, starts: torch.Tensor) -> torch.Tensor:
+        """Kept blocks of the records at ``starts`` (bits past the row end not counted)."""
+        bitmap = self._bytes_at(starts, 0, self.shape.bitmap_bytes).long()
+        return popcount_bytes(bitmap & self._in_row(starts.device)).sum(1)
 
     def _kept_blocks(self, starts: torch.Tensor) -> torch.Tensor:
         """Bool [n, nb]: which blocks of the records at ``starts`` are kept."""
@@ -173,7 +202,9 @@ class BlockSparseTable(QuantizedTable):
             self.records.numpy(),
             self.row_offsets.numpy(),
             self.group_offsets.numpy(),
+            self.num_embeddings,
             sh.group_shift,
+            (self.records.numel() - RECORD_TAIL) // self.num_embeddings,
             sh.words,
             sh.word_bits,
             self.scale_dtype == torch.float16,
@@ -211,7 +242,7 @@ class BlockSparseTable(QuantizedTable):
         rows, dim, bits, dtype, pruned = base_fields(meta)
         width = meta_int(meta, "block_width", 1, dim)
         sh = record_shape(dim, width, bits, dtype)
-        row_offsets = expect_tensor(tensors, "row_offsets", torch.uint16, (rows,))
+        row_offsets = expect_tensor(tensors, "row_offsets", torch.uint16, ((rows + 1) // 2,))
         group_offsets = expect_tensor(tensors, "group_offsets", torch.int64, (sh.groups(rows) + 1,))
         if "records" not in tensors:
             raise FormatError("tensor 'records' is missing")
@@ -225,22 +256,26 @@ class BlockSparseTable(QuantizedTable):
         if bool(records[size - RECORD_TAIL :].any()):
             raise FormatError(f"tensor 'records' does not end with {RECORD_TAIL} zero bytes")
         size -= RECORD_TAIL  # the records themselves
-        table = cls(records, row_offsets, group_offsets, dim, width, bits, dtype, pruned)
-        starts = table._record_starts(torch.arange(rows))
+        table = cls(records, row_offsets, group_offsets, rows, dim, width, bits, dtype, pruned)
+        # every record's start: even rows from the offsets, odd rows after their neighbour
+        # (each read only once it is known to lie inside the tensor)
+        starts = table._pair_starts(torch.arange(rows))
+        odd = torch.arange(rows) % 2 == 1
         if bool((starts < 0).any()) or bool((starts + sh.header > size).any()):
             raise FormatError("tensor 'row_offsets' points past the end of 'records'")
-        # each record's length from its bitmap (blocks within the row), then: every record
-        # starts where the one before it ends, and the last one ends the tensor
-        bitmap = table._bytes_at(starts, 0, sh.bitmap_bytes).long()
-        in_row = torch.tensor([(1 << min(8, max(0, sh.blocks - 8 * j))) - 1 for j in range(sh.bitmap_bytes)])
-        kept = popcount_bytes(bitmap & in_row).sum(1)
-        lengths = sh.header + (kept * width * bits + 7) // 8
+        starts[odd] += sh.length(table._kept_count(starts[odd]))
+        if bool((starts + sh.header > size).any()):
+            raise FormatError("tensors 'row_offsets' / 'group_offsets' do not match the records' bitmaps")
+        # then: every record starts where the one before it ends, and the last one ends
+        # the tensor
+        lengths = sh.length(table._kept_count(starts))
         expected = torch.cumsum(lengths, 0) - lengths
         if not torch.equal(expected, starts) or int(lengths.sum()) != size:
             raise FormatError("tensors 'row_offsets' / 'group_offsets' do not match the records' bitmaps")
         if not torch.equal(group_offsets[:-1], expected[:: 1 << sh.group_shift]):
             raise FormatError("tensor 'group_offsets' does not point at its groups' first records")
-        if bool((bitmap & ~in_row).any()):
+        bitmap = table._bytes_at(starts, 0, sh.bitmap_bytes).long()
+        if bool((bitmap & ~table._in_row(bitmap.device)).any()):
             raise FormatError("tensor 'records' marks blocks past the row end as kept")
         qparams = table._bytes_at(starts, sh.bitmap_bytes, 2 * sh.scale_bytes).view(dtype)
         if not bool(torch.isfinite(qparams).all()):

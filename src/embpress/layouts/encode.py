@@ -98,7 +98,10 @@ def layout_sizes(stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> dict[
     return {
         "dense": stats.rows * row_bytes,
         "pruned_rows": (stats.kept_rows + 1) * row_bytes + 5 * ((stats.rows + 7) // 8),
-        "block_sparse": records + RECORD_TAIL + 2 * stats.rows + 8 * (shape.groups(stats.rows) + 1),
+        "block_sparse": records
+        + RECORD_TAIL
+        + 2 * ((stats.rows + 1) // 2)
+        + 8 * (shape.groups(stats.rows) + 1),
     }
 
 
@@ -295,7 +298,9 @@ def _block_sparse(
     np.cumsum(lengths, out=starts[1:])
     group = 1 << shape.group_shift
     group_offsets = np.append(starts[:-1:group], starts[-1])
-    row_offsets = (starts[:-1] - np.repeat(group_offsets[:-1], group)[: stats.rows]).astype(np.uint16)
+    row_offsets = (starts[:-1:2] - np.repeat(group_offsets[:-1], group // 2)[: (stats.rows + 1) // 2]).astype(
+        np.uint16
+    )
     word = {8: np.uint8, 16: np.uint16, 32: np.uint32}[shape.word_bits]
     bitmap = np.ascontiguousarray(rs.bitmap.astype(word)).view(np.uint8)
     qparams = torch.stack([qp.scale, qp.offset], dim=1).to(dtype).contiguous().view(torch.uint8).numpy()
@@ -305,6 +310,7 @@ def _block_sparse(
         torch.from_numpy(records),
         torch.from_numpy(row_offsets),
         torch.from_numpy(group_offsets),
+        stats.rows,
         stats.dim,
         rs.width,
         bits,
