@@ -136,7 +136,8 @@ class BlockSparseTable(QuantizedTable):
     def _pair_starts(self, rows: torch.Tensor) -> torch.Tensor:
         """Byte where the record of each row's even pair member starts (int64)."""
         groups = self.group_offsets[rows >> self.shape.group_shift]
-        return groups + self.row_offsets[rows >> 1].long()
+        # read as int16: torch's uint16 lacks kernels on some devices; the bits are the same
+        return groups + (self.row_offsets.view(torch.int16)[rows >> 1].long() & 0xFFFF)
 
     def _record_starts(self, rows: torch.Tensor) -> torch.Tensor:
         """Byte where each row's record starts (int64): an odd row's follows its pair's."""
