@@ -243,7 +243,8 @@ def assemble_records(
     row_codes: np.ndarray,
     bits: int,
 ) -> None:
-    """Write each row's block-sparse record at ``records[starts[r]:]`` (zeroed before).
+    """Write each row's block-sparse record at ``records[starts[r]:starts[r+1]]`` (every
+    byte of it: the array need not be zeroed).
 
     A record is the row's bitmap bytes, its qparam bytes, then its ``row_codes[r]`` codes
     (one per byte in ``codes`` from ``code_start[r]``) packed from the next byte: code j
@@ -261,9 +262,13 @@ def assemble_records(
             records[a + j] = qparams[r, j]
         a += nq
         c0 = code_start[r]
+        n = row_codes[r]
         if bits == 8:
-            for j in range(row_codes[r]):
+            for j in range(n):
                 records[a + j] = codes[c0 + j]
         else:
-            for j in range(row_codes[r]):
-                records[a + j // per_byte] |= codes[c0 + j] << ((j % per_byte) * bits)
+            for byte in range((n + per_byte - 1) // per_byte):
+                value = 0
+                for k in range(min(per_byte, n - byte * per_byte)):
+                    value |= int(codes[c0 + byte * per_byte + k]) << (k * bits)
+                records[a + byte] = value

@@ -304,7 +304,8 @@ def _block_sparse(
     word = {8: np.uint8, 16: np.uint16, 32: np.uint32}[shape.word_bits]
     bitmap = np.ascontiguousarray(rs.bitmap.astype(word)).view(np.uint8)
     qparams = torch.stack([qp.scale, qp.offset], dim=1).to(dtype).contiguous().view(torch.uint8).numpy()
-    records = np.zeros(int(starts[-1]) + RECORD_TAIL, dtype=np.uint8)
+    records = empty(int(starts[-1]) + RECORD_TAIL, np.uint8)  # every record byte is written
+    records[int(starts[-1]) :] = 0
     assemble_records(records, starts, bitmap, qparams, codes, code_start, row_codes, bits)
     return BlockSparseTable(
         torch.from_numpy(records),
