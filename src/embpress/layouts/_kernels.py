@@ -71,6 +71,13 @@ _popcount = _int64_intrinsic("llvm.ctpop")
 _trailing_zeros = _int64_intrinsic("llvm.cttz")
 
 
+def _item_pointer(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+    """IR pointer to ``ary[idx]`` for an intrinsic called as ``(ary, idx, ...)``."""
+    aryty = signature.args[0]
+    arr = context.make_array(aryty)(context, builder, args[0])
+    return cgutils.get_item_pointer(context, builder, aryty, arr, [args[1]], wraparound=False)
+
+
 def _prefetch_intrinsic(locality: int) -> Any:
     """Hint the CPU to load ``ary[idx]`` into cache (no effect on results).
 
@@ -81,10 +88,9 @@ def _prefetch_intrinsic(locality: int) -> Any:
     @intrinsic
     def prefetch(typingctx: Any, ary: Any, idx: Any) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            aryty = signature.args[0]
-            arr = context.make_array(aryty)(context, builder, args[0])
-            ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [args[1]], wraparound=False)
-            i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+            i8p = builder.bitcast(
+                _item_pointer(context, builder, signature, args), ir.IntType(8).as_pointer()
+            )
             i32 = ir.IntType(32)
             fnty = ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32])
             fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
@@ -513,9 +519,7 @@ def _load_intrinsic(kind: str) -> Any:
     @intrinsic
     def load(typingctx: Any, ary: Any, pos: Any) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            aryty = signature.args[0]
-            arr = context.make_array(aryty)(context, builder, args[0])
-            ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [args[1]], wraparound=False)
+            ptr = _item_pointer(context, builder, signature, args)
             value = builder.load(builder.bitcast(ptr, irty.as_pointer()), align=1)
             if kind[0] == "u":
                 return builder.zext(value, ir.IntType(64))
