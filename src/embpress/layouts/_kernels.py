@@ -9,12 +9,12 @@ IndexError).
 The block-sparse bag is written for the memory system first: a lookup needs its row's
 offset, then from it the row's record (bitmap, qparams and codes side by side), two
 dependent trips to memory. A single pass per bag keeps both in flight with prefetch
-streams and a ring of record starts computed ahead (``_block_sparse_pass_intrinsic``),
-and decodes a row without branches on its bitmap where the CPU has AVX-512 expanding
-loads (``_emit_word_decode``); rows of several bitmap words decode word by word, and
-CPUs without AVX-512 walk the set bits (``_decode_bag``). Vector steps are written as
-LLVM IR (numba ``@intrinsic``) because
-numba does not vectorise them on its own. The IR helpers live in this file with the
+streams and a ring of pair starts computed ahead (``_block_sparse_pass_intrinsic``),
+and decodes a row without branches on its bitmap where the CPU has AVX-512 expands
+(``_emit_expand``, ``_emit_strided_codes``); rows of several bitmap words decode word by
+word, and CPUs without AVX-512 walk the set bits (``_decode_bag``). Vector steps are
+written as LLVM IR (numba ``@intrinsic``) because numba does not vectorise them on its
+own. The IR helpers live in this file with the
 kernels that use them on purpose: numba's disk cache is keyed on the file of the jitted
 function, so an edit to a helper in another file would leave stale compiled kernels.
 """
@@ -194,13 +194,13 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
     """<W x block>: the kept blocks (set bits of ``word``), read back to back from ``cptr``,
     at their block positions; pruned blocks hold ``fill``.
 
-    Per 512-bit piece: one plain vector load and one register expand
-    (``vpexpandd``/``vpexpandw``), which takes only as many leading elements as there are
-    kept blocks. The load reads a whole vector from ``cptr``: the caller guarantees that
-    many bytes (the block-sparse records end with a 64-byte tail for this). Measured on
-    the benchmark machine (AMD Zen 5), an expand straight from memory made a cache-hot
-    lookup about 25% slower, and a load masked to the kept blocks 12% slower (its mask
-    depends on the bitmap).
+    Per 512-bit piece: one plain vector load and the x86 expand (``vpexpandd``/
+    ``vpexpandw``; LLVM may fold the load into it), which takes only as many leading
+    elements as there are kept blocks. The load reads a whole vector from ``cptr``: the
+    caller guarantees that many bytes (the block-sparse records end with a 64-byte tail
+    for this). Measured on the benchmark machine (AMD Zen 5, cache-hot lookups): LLVM's
+    generic ``llvm.masked.expandload`` in its place was about 25% slower, and a load
+    masked to the kept blocks 12% slower (its mask waits for the bitmap).
     """
     i64 = ir.IntType(64)
     per = min(word_bits, 512 // block.width)
@@ -745,7 +745,7 @@ _decode_word_4x32 = _word_decode_intrinsic(4, 32)
 
 @functools.cache
 def vector_decode_supported(bits: int) -> bool:
-    """Whether this CPU has the expands and masked loads the vector decode compiles to
+    """Whether this CPU has the register expands the vector decode compiles to
     (AVX-512 F and VL; VBMI2 for 16-bit expands at 4 bits).
 
     Elsewhere LLVM would emulate them lane by lane, slower than walking the set bits.
@@ -964,7 +964,7 @@ def block_sparse_bag(
     rows of ``words`` bitmap words of ``word_bits`` bits and float16 (``half``) or float32
     qparams; ``skip`` is the mean record length (where an odd row's record is expected,
     for prefetching).
-    ``vector``: decode whole bitmap words with expanding loads (needs ``width == 4``,
+    ``vector``: decode whole bitmap words with vector expands (needs ``width == 4``,
     ``bits`` 8 or 4 and ``dim == 4 * word_bits * words``); else walk the set bits.
 
     Each thread takes a contiguous run of bags; its ids are checked first. One-word rows

@@ -30,7 +30,7 @@ near half the 8-bit one. Pruned blocks are simply absent, so they decode to exac
 and the bytes fall with sparsity: at 8 bits, 80% of (1, 4) blocks pruned and D = 128
 cost ``0.2 * 128 + 4 + 8 + 1`` bytes per row (codes, bitmap, qparams, offset).
 Sum/mean bags run in a numba kernel on CPU (``_kernels.block_sparse_bag``: whole bitmap
-words decoded with AVX-512 expanding loads where the CPU has them and D = 4 * W * nw,
+words decoded with AVX-512 expands where the CPU has them and D = 4 * W * nw,
 else a walk over the set bits); other devices (and max bags) decode rows with plain torch.
 """
 
