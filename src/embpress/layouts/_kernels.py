@@ -178,6 +178,14 @@ def _host_has(feature: str) -> bool:
     return bool(llvm_binding.get_host_cpu_features().get(feature, False))
 
 
+def _has_expands(element_bits: int) -> bool:
+    """Whether the CPU numba compiles for has the AVX-512 register expand of 32-bit (F, VL)
+    or 16-bit (also VBMI2) elements. Not cached: tests that hide features see the change."""
+    if not (_host_has("avx512f") and _host_has("avx512vl")):
+        return False
+    return element_bits == 32 or _host_has("avx512vbmi2")
+
+
 def _call(builder: Any, name: str, ret: Any, args: list[Any]) -> Any:
     """Call the LLVM intrinsic ``name`` (declared on first use)."""
     fnty = ir.FunctionType(ret, [a.type for a in args])
@@ -208,7 +216,7 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
     mty = ir.VectorType(ir.IntType(1), per)
     bits = builder.zext(builder.trunc(word, ir.IntType(word_bits)), i64)
     first = builder.bitcast(cptr, block.as_pointer())
-    native = _host_has("avx512vl") and (block.width == 32 or _host_has("avx512vbmi2"))
+    native = _has_expands(block.width)
     pieces = []
     for lo in range(0, word_bits, per):
         kept = builder.and_(builder.lshr(bits, ir.Constant(i64, lo)), ir.Constant(i64, (1 << per) - 1))
@@ -746,13 +754,11 @@ _decode_word_4x32 = _word_decode_intrinsic(4, 32)
 @functools.cache
 def vector_decode_supported(bits: int) -> bool:
     """Whether this CPU has the register expands the vector decode compiles to
-    (AVX-512 F and VL; VBMI2 for 16-bit expands at 4 bits).
+    (``_has_expands``): 8 and 4 bits only.
 
     Elsewhere LLVM would emulate them lane by lane, slower than walking the set bits.
     """
-    if bits not in (8, 4) or not (_host_has("avx512f") and _host_has("avx512vl")):
-        return False
-    return bits == 8 or _host_has("avx512vbmi2")
+    return bits in (8, 4) and _has_expands(32 if bits == 8 else 16)
 
 
 @numba.njit(cache=True, inline="always")

@@ -43,11 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..quant.packing import packed_length
 from ._kernels import block_sparse_bag, set_threads, vector_decode_supported
 from .base import FormatError, QuantizedTable, base_fields, expect_tensor, meta_int, popcount_bytes
 
-__all__ = ["RECORD_TAIL", "BlockSparseTable", "RecordShape", "record_shape"]
+__all__ = ["RECORD_TAIL", "BlockSparseTable", "RecordShape", "bitmap_word_bits", "record_shape"]
 
 # use the vector decode where the table and the CPU allow it (tests switch it off to check
 # the bit walk against it)
@@ -76,18 +75,15 @@ class RecordShape:
         """Bytes before the codes: bitmap words, scale, offset."""
         return self.bitmap_bytes + 2 * self.scale_bytes
 
-    def code_bytes(self, kept_blocks: int) -> int:
-        """Bytes of the codes of a row with ``kept_blocks`` kept blocks."""
-        return packed_length(kept_blocks * self.block_width, self.bits)
-
-    def length(self, kept_blocks: torch.Tensor) -> torch.Tensor:
-        """Bytes of the records of rows with ``kept_blocks`` kept blocks (int64 tensor)."""
+    def length(self, kept_blocks: Any) -> Any:
+        """Bytes of the record of a row with ``kept_blocks`` kept blocks (an int, or
+        elementwise for an integer tensor or array): header, then the packed codes."""
         return self.header + (kept_blocks * self.block_width * self.bits + 7) // 8
 
     @functools.cached_property
     def group_shift(self) -> int:
         """log2(G): rows per group offset such that every pair offset fits a uint16."""
-        largest = self.header + self.code_bytes(self.blocks)
+        largest = self.length(self.blocks)
         shift = 1
         while shift < MAX_GROUP_SHIFT and ((2 << shift) - 2) * largest <= 0xFFFF:
             shift += 1
@@ -98,10 +94,16 @@ class RecordShape:
         return -(-rows // (1 << self.group_shift))
 
 
+def bitmap_word_bits(blocks: int) -> int:
+    """Bits of the bitmap words of rows of ``blocks`` blocks: the smallest of 8, 16, 32
+    that holds them, else 32."""
+    return 8 if blocks <= 8 else (16 if blocks <= 16 else 32)
+
+
 def record_shape(dim: int, block_width: int, bits: int, scale_dtype: torch.dtype) -> RecordShape:
     """The record geometry of a block-sparse table."""
     nb = -(-dim // block_width)
-    word_bits = 8 if nb <= 8 else (16 if nb <= 16 else 32)
+    word_bits = bitmap_word_bits(nb)
     scale_bytes = torch.empty((), dtype=scale_dtype).element_size()
     return RecordShape(nb, block_width, bits, word_bits, -(-nb // word_bits), scale_bytes)
 
@@ -258,25 +260,25 @@ class BlockSparseTable(QuantizedTable):
             raise FormatError(f"tensor 'records' does not end with {RECORD_TAIL} zero bytes")
         size -= RECORD_TAIL  # the records themselves
         table = cls(records, row_offsets, group_offsets, rows, dim, width, bits, dtype, pruned)
-        # every record's start: even rows from the offsets, odd rows after their neighbour
-        # (each read only once it is known to lie inside the tensor)
-        starts = table._pair_starts(torch.arange(rows))
-        odd = torch.arange(rows) % 2 == 1
-        if bool((starts < 0).any()) or bool((starts + sh.header > size).any()):
+        # every record's start: even rows from the offsets (checked to lie inside the
+        # tensor before anything is read there), odd rows after their neighbour
+        pairs = table._pair_starts(torch.arange(rows))
+        if bool((pairs < 0).any()) or bool((pairs + sh.header > size).any()):
             raise FormatError("tensor 'row_offsets' points past the end of 'records'")
-        starts[odd] += sh.length(table._kept_count(starts[odd]))
+        starts = table._record_starts(torch.arange(rows))
         if bool((starts + sh.header > size).any()):
             raise FormatError("tensors 'row_offsets' / 'group_offsets' do not match the records' bitmaps")
         # then: every record starts where the one before it ends, and the last one ends
         # the tensor
-        lengths = sh.length(table._kept_count(starts))
+        bitmap = table._bytes_at(starts, 0, sh.bitmap_bytes).long()
+        in_row = table._in_row(bitmap.device)
+        lengths = sh.length(popcount_bytes(bitmap & in_row).sum(1))
         expected = torch.cumsum(lengths, 0) - lengths
         if not torch.equal(expected, starts) or int(lengths.sum()) != size:
             raise FormatError("tensors 'row_offsets' / 'group_offsets' do not match the records' bitmaps")
         if not torch.equal(group_offsets[:-1], expected[:: 1 << sh.group_shift]):
             raise FormatError("tensor 'group_offsets' does not point at its groups' first records")
-        bitmap = table._bytes_at(starts, 0, sh.bitmap_bytes).long()
-        if bool((bitmap & ~table._in_row(bitmap.device)).any()):
+        if bool((bitmap & ~in_row).any()):
             raise FormatError("tensor 'records' marks blocks past the row end as kept")
         qparams = table._bytes_at(starts, sh.bitmap_bytes, 2 * sh.scale_bytes).view(dtype)
         if not bool(torch.isfinite(qparams).all()):

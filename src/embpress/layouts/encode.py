@@ -27,7 +27,7 @@ from ._encode_kernels import (
     kept_minmax,
 )
 from .base import QuantizedTable, fused_row_bytes, make_fused
-from .block_sparse import RECORD_TAIL, BlockSparseTable, record_shape
+from .block_sparse import RECORD_TAIL, BlockSparseTable, bitmap_word_bits, record_shape
 from .dense import DenseTable
 from .pruned_rows import PrunedRowsTable, rank_directory
 
@@ -64,7 +64,7 @@ class _RowStats:
 def _row_stats(mask: np.ndarray | None, rows: int, dim: int, width: int) -> _RowStats:
     """One pass over the mask; ``width`` falls back to 1 where blocks are mixed."""
     nb = -(-dim // width)
-    word_bits = record_shape(dim, width, 8, torch.float32).word_bits
+    word_bits = bitmap_word_bits(nb)
     if mask is None:
         bitmap = np.zeros((rows, -(-nb // word_bits)), dtype=np.uint32)
         for k in range(nb):
@@ -94,7 +94,7 @@ def layout_sizes(stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> dict[
     """Bytes each layout would take for a table with these statistics."""
     row_bytes = fused_row_bytes(stats.dim, bits, scale_dtype)
     shape = record_shape(stats.dim, stats.block_width, bits, scale_dtype)
-    records = sum(n * (shape.header + shape.code_bytes(k)) for k, n in enumerate(stats.kept_blocks))
+    records = sum(n * shape.length(k) for k, n in enumerate(stats.kept_blocks))
     return {
         "dense": stats.rows * row_bytes,
         "pruned_rows": (stats.kept_rows + 1) * row_bytes + 5 * ((stats.rows + 7) // 8),
@@ -293,7 +293,7 @@ def _block_sparse(
     """Pack the kept blocks' codes (one per byte, row by row from ``code_start``) into records."""
     shape = record_shape(stats.dim, rs.width, bits, dtype)
     row_codes = rs.blocks * rs.width
-    lengths = shape.header + (row_codes * bits + 7) // 8
+    lengths = shape.length(rs.blocks)
     starts = np.zeros(stats.rows + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
     group = 1 << shape.group_shift
