@@ -192,6 +192,11 @@ def _unchanged(model, snap):
         (lambda m: ptsq(m, DataNormSparsifier, quant=QuantConfig(bits=3)), ValueError),
         (lambda m: ptsq(m, DataNormSparsifier, quant={"bits": 4}), TypeError),
         (lambda m: ptsq("model", DataNormSparsifier), TypeError),
+        (lambda m: ptsq(m, DataNormSparsifier, sparse_block_shape=(2**70, 1)), ValueError),
+        (lambda m: ptsq(m, DataNormSparsifier, sparse_block_shape=(1.5, 4)), ValueError),
+        (lambda m: ptsq(m, DataNormSparsifier, sparsity_level=True), ValueError),
+        (lambda m: ptsq(m, object), TypeError),
+        (lambda m: ptsq(m, type("NoAddData", (), {"step": lambda s: None})), TypeError),
     ],
 )
 def test_bad_input_raises_and_leaves_model_unchanged(ref_model, call, error):
@@ -210,6 +215,34 @@ def test_nonfinite_table_is_named_and_model_unchanged(ref_model):
     _unchanged(ref_model, snap)
     ptsq(ref_model, DataNormSparsifier, sparsity_level=0.5, quant=QuantConfig(nonfinite="zero"))
     assert ref_model.emb_seq[0].dequantize()[3, 1] == 0
+
+
+def test_meta_device_model_is_refused_and_unchanged():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Embedding(10, 4), nn.EmbeddingBag(12, 4))
+    with pytest.raises(ValueError, match=r"table '0' is on the meta device"):
+        ptsq(model, DataNormSparsifier, sparsity_level=0.5)
+    assert type(model[0]) is nn.Embedding and model[0].weight.is_meta
+
+
+def test_sparsifier_without_add_data_names_what_is_missing():
+    class StepOnly:
+        def step(self):
+            pass
+
+    with pytest.raises(TypeError, match=r"StepOnly.*add_data, get_mask"):
+        ptsq(nn.Sequential(nn.Embedding(4, 4)), StepOnly)
+
+
+def test_paths_that_meet_after_dots_become_underscores_get_their_own_masks():
+    """``a.b`` and ``a_b`` were one sparsifier key: the second replaced the first."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.ModuleDict({"b": nn.Embedding(10, 4)}), "a_b": nn.Embedding(12, 4)})
+    floats = {"a.b": model["a"]["b"].weight.detach().clone(), "a_b": model["a_b"].weight.detach().clone()}
+    ptsq(model, DataNormSparsifier, sparsity_level=0.5, sparse_block_shape=(1, 1))
+    for name, module in (("a.b", model["a"]["b"]), ("a_b", model["a_b"])):
+        expected = embpress.sparsify.block_norm_mask(floats[name], 0.5, (1, 1))
+        assert torch.equal(module.dequantize() != 0, expected), name
 
 
 def test_empty_table_is_refused():

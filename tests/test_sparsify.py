@@ -29,7 +29,7 @@ def _our_mask(x, **cfg):
     ours = DataNormSparsifier(**cfg)
     ours.add_data("t", x.clone())
     ours.step()
-    return ours.get_mask("t")
+    return ours.get_mask("t").bool()
 
 
 @pytest.mark.parametrize("shape", [(37, 13), (64, 32), (5, 7), (9, 1)])
@@ -104,6 +104,15 @@ def test_one_dimensional_data_keeps_its_shape():
         dict(sparse_block_shape=(1, 4), zeros_per_block=5),
         dict(zeros_per_block=-1),
         dict(norm="L3"),
+        dict(sparsity_level=True),
+        dict(sparsity_level=float("nan")),
+        dict(sparse_block_shape=(1.5, 4)),
+        dict(sparse_block_shape=(2**70, 1)),
+        dict(sparse_block_shape=(1, 2**31)),
+        dict(sparse_block_shape=(True, 4)),
+        dict(sparse_block_shape=(1, 2, 3)),
+        dict(sparse_block_shape="14"),
+        dict(zeros_per_block=2.0),
     ],
 )
 def test_bad_config_raises_value_error(cfg):
@@ -126,8 +135,8 @@ def test_per_data_config_overrides_defaults():
     s.add_data("a", a)
     s.add_data("b", b, sparsity_level=0.9)
     s.step()
-    assert int((~s.get_mask("a")).sum()) == 50
-    assert int((~s.get_mask("b")).sum()) == 90
+    assert int((s.get_mask("a") == 0).sum()) == 50
+    assert int((s.get_mask("b") == 0).sum()) == 90
     assert s.data_groups["b"]["sparsity_level"] == 0.9
 
 
@@ -140,7 +149,7 @@ def test_get_data_and_squash_mask():
     assert s.get_data("x", return_original=True) is x
     assert torch.equal(s.get_data("x", return_original=False), x * mask)
     s.squash_mask()
-    assert torch.equal(x == 0, ~mask)  # applied in place, as the reference does
+    assert torch.equal(x == 0, mask == 0)  # applied in place, as the reference does
     with pytest.raises(ValueError, match="squashed"):
         s.get_data("x", return_original=True)
 
@@ -196,3 +205,66 @@ def test_disabled_mask_update_keeps_masks():
     s.step()
     assert bool(s.get_mask("x").all())
     assert math.isclose(s.defaults["sparsity_level"], 0.9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_mask_dtype_and_identity_follow_torch(dtype):
+    """Before step a mask is ones of the data's dtype, after step int8, the same object."""
+    x = torch.randn(6, 8).to(dtype)
+    ref, ours = RefSparsifier(sparsity_level=0.5), DataNormSparsifier(sparsity_level=0.5)
+    for s in (ref, ours):
+        s.add_data("t", x.clone())
+    before = [s.get_mask("t") for s in (ref, ours)]
+    assert before[0].dtype == before[1].dtype == dtype
+    assert float(1.0 - before[1].mean()) == 0.0  # arithmetic on the mask works
+    for s in (ref, ours):
+        s.step()
+    after = [s.get_mask("t") for s in (ref, ours)]
+    assert after[1] is before[1]
+    assert after[0].dtype == after[1].dtype == torch.int8
+    assert torch.equal(after[0], after[1])
+
+
+def test_mask_written_in_place_is_what_the_api_sees():
+    """An in-place edit of the int8 mask after step is not hidden by the bool fast path."""
+    x = torch.randn(8, 8)
+    s = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 1))
+    s.add_data("t", x)
+    s.step()
+    assert torch.equal(s.kept_mask("t"), s.get_mask("t") != 0)
+    s.get_mask("t")[0] = 0
+    s.get_mask("t")[1] = 1
+    kept = s.kept_mask("t")
+    assert kept.dtype == torch.bool
+    assert not bool(kept[0].any()) and bool(kept[1].all())
+    assert torch.equal(kept, s.get_mask("t") != 0)
+
+
+def test_starting_mask_takes_no_memory_until_asked_for():
+    x = torch.randn(1000, 64)
+    s = DataNormSparsifier()
+    s.add_data("t", x)
+    assert 0 in s.state["t"]["mask"].stride()
+    mask = s.get_mask("t")
+    mask[0, 0] = 0  # writable: the view was made a tensor of its own
+    assert s.get_mask("t") is mask and float(mask.sum()) == x.numel() - 1
+
+
+def test_block_shape_errors_name_the_block_shape():
+    with pytest.raises(ValueError, match="sparse_block_shape must be two positive integers"):
+        DataNormSparsifier(sparse_block_shape=(1.5, 4))
+    with pytest.raises(ValueError, match="sparse_block_shape"):
+        DataNormSparsifier(sparse_block_shape=(2**70, 1))
+
+
+@pytest.mark.parametrize("level", [-1.0, 2.0, True])
+def test_out_of_range_sparsity_level_is_refused_not_clamped(level):
+    """torch clamps; embpress refuses, at add_data and at step (config changed after)."""
+    s = DataNormSparsifier()
+    with pytest.raises(ValueError, match="sparsity_level"):
+        s.add_data("t", torch.randn(4, 4), sparsity_level=level)
+    assert "t" not in s.data_groups
+    s.add_data("t", torch.randn(4, 4))
+    s.data_groups["t"]["sparsity_level"] = level
+    with pytest.raises(ValueError, match="sparsity_level"):
+        s.step()

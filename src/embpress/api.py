@@ -83,11 +83,44 @@ def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None 
 
 
 def _checked_weight(target: _Target, config: QuantConfig) -> torch.Tensor:
-    return finite_table(target.module.weight, config, f"table {target.name!r}")
+    weight = target.module.weight
+    if weight.is_meta:
+        raise ValueError(
+            f"table {target.name!r} is on the meta device (it holds no values): "
+            "load or initialise its weights before compressing"
+        )
+    if weight.layout != torch.strided:
+        raise ValueError(f"table {target.name!r} is a {weight.layout} tensor; make it dense first")
+    return finite_table(weight, config, f"table {target.name!r}")
+
+
+def _sparsifier_keys(targets: list[_Target]) -> dict[str, str]:
+    """A sparsifier name per table: dots become '_' (torch's sparsifier refuses dots), with a
+    numeric suffix where two paths would meet (``a.b`` and ``a_b``)."""
+    keys: dict[str, str] = {}
+    used: set[str] = set()
+    for t in targets:
+        key = base = t.name.replace(".", "_")
+        n = 1
+        while key in used:
+            key, n = f"{base}_{n}", n + 1
+        used.add(key)
+        keys[t.name] = key
+    return keys
+
+
+def _check_sparsifier_class(cls: Any) -> None:
+    missing = [m for m in ("add_data", "step", "get_mask") if not callable(getattr(cls, m, None))]
+    if missing:
+        raise TypeError(
+            f"data_sparsifier_class {getattr(cls, '__name__', cls)!r} has no {', '.join(missing)}: "
+            "pass a sparsifier class such as embpress.DataNormSparsifier"
+        )
 
 
 def _mask_of(sparsifier: Any, name: str, shape: torch.Size) -> torch.Tensor:
-    mask = sparsifier.get_mask(name)
+    kept_mask = getattr(sparsifier, "kept_mask", None)
+    mask = kept_mask(name) if callable(kept_mask) else sparsifier.get_mask(name)
     if mask.dtype == torch.bool and mask.shape == shape:
         return mask.detach().cpu()
     if mask.numel() != shape.numel():
@@ -133,10 +166,11 @@ def post_training_sparse_quantize(
         raise TypeError(f"quant must be an embpress.QuantConfig, got {type(config).__name__}")
     if _is_plain_embedding(model):
         raise ValueError("model is itself an embedding: use QuantizedEmbedding(Bag).from_float(model)")
+    _check_sparsifier_class(data_sparsifier_class)
     targets = find_embeddings(model, select_embeddings)
     sparsifier = data_sparsifier_class(**sparse_config)
     weights = {t.name: _checked_weight(t, config) for t in targets}
-    keys = {t.name: t.name.replace(".", "_") for t in targets}
+    keys = _sparsifier_keys(targets)
     saved: dict[str, RowQParams] = {}
     originals: dict[str, torch.Tensor] = {}
     for t in targets:

@@ -13,6 +13,7 @@ exact threshold and one to write the mask: memory O(number of elements), small c
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -30,20 +31,48 @@ _NAN_MESSAGE = "data contains NaN: block norms are undefined"
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _validate(
-    sparsity_level: float, sparse_block_shape: tuple[int, int], zeros_per_block: int, norm: str
-) -> tuple[int, int]:
-    if not isinstance(sparsity_level, (int, float)) or not 0.0 <= float(sparsity_level) <= 1.0:
-        raise ValueError(f"sparsity_level must be a number in [0, 1], got {sparsity_level!r}")
+# Largest block side accepted: the kernels index with int32-sized block counts.
+_MAX_BLOCK_SIDE = (1 << 31) - 1
+
+
+def _block_shape(sparse_block_shape: Any) -> tuple[int, int]:
+    """Two positive integers (bools and non-integral numbers refused), each < 2**31."""
+    message = f"sparse_block_shape must be two positive integers, got {sparse_block_shape!r}"
     try:
-        bh, bw = (int(v) for v in sparse_block_shape)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"sparse_block_shape must be two positive integers, got {sparse_block_shape!r}"
-        ) from None
-    if bh < 1 or bw < 1:
-        raise ValueError(f"sparse_block_shape must be two positive integers, got {sparse_block_shape!r}")
-    if not isinstance(zeros_per_block, int) or zeros_per_block < 0:
+        sides = tuple(sparse_block_shape)
+    except TypeError:
+        raise ValueError(message) from None
+    if len(sides) != 2:
+        raise ValueError(message)
+    out = []
+    for side in sides:
+        if isinstance(side, bool):
+            raise ValueError(message)
+        try:
+            value = operator.index(side)
+        except TypeError:
+            raise ValueError(message) from None
+        if not 1 <= value <= _MAX_BLOCK_SIDE:
+            raise ValueError(f"{message} (each side from 1 to {_MAX_BLOCK_SIDE})")
+        out.append(value)
+    return out[0], out[1]
+
+
+def _validate(
+    sparsity_level: Any, sparse_block_shape: Any, zeros_per_block: Any, norm: str
+) -> tuple[int, int]:
+    """The block shape, after checking all four settings.
+
+    Unlike torch's sparsifier, which clamps, a ``sparsity_level`` outside [0, 1] is refused.
+    """
+    if (
+        isinstance(sparsity_level, bool)
+        or not isinstance(sparsity_level, (int, float))
+        or not 0.0 <= float(sparsity_level) <= 1.0
+    ):
+        raise ValueError(f"sparsity_level must be a number in [0, 1], got {sparsity_level!r}")
+    bh, bw = _block_shape(sparse_block_shape)
+    if isinstance(zeros_per_block, bool) or not isinstance(zeros_per_block, int) or zeros_per_block < 0:
         raise ValueError(f"zeros_per_block must be a non-negative integer, got {zeros_per_block!r}")
     if zeros_per_block > bh * bw:
         raise ValueError(
@@ -115,7 +144,7 @@ def block_norm_mask(
     shape = _validate(
         sparsity_level,
         sparse_block_shape,
-        zeros_per_block if zeros_per_block is not None else math.prod(sparse_block_shape),
+        zeros_per_block if zeros_per_block is not None else math.prod(_block_shape(sparse_block_shape)),
         norm,
     )
     zeros = shape[0] * shape[1] if zeros_per_block is None else zeros_per_block
@@ -164,14 +193,23 @@ class DataNormSparsifier(BaseDataSparsifier):
         norm: str = "L1",
     ) -> None:
         if zeros_per_block is None:
-            zeros_per_block = math.prod(sparse_block_shape)
+            zeros_per_block = math.prod(_block_shape(sparse_block_shape))
         _validate(sparsity_level, sparse_block_shape, zeros_per_block, norm)
         self.norm = norm
         super().__init__(
             data_list=data_list,
             sparsity_level=sparsity_level,
-            sparse_block_shape=tuple(sparse_block_shape),
+            sparse_block_shape=sparse_block_shape,
             zeros_per_block=zeros_per_block,
+        )
+
+    def _check_config(self, config: dict[str, Any]) -> None:
+        """Refuse a bad per-data config at ``add_data``, before ``step`` meets it."""
+        _validate(
+            config.get("sparsity_level"),
+            config.get("sparse_block_shape"),
+            config.get("zeros_per_block"),
+            self.norm,
         )
 
     def update_mask(  # type: ignore[override]
@@ -183,7 +221,7 @@ class DataNormSparsifier(BaseDataSparsifier):
         zeros_per_block: int,
         **kwargs: Any,
     ) -> None:
-        """Set the mask of ``name`` to the block-norm mask of ``data``."""
-        self.state[name]["mask"] = block_norm_mask(
-            data, sparsity_level, sparse_block_shape, zeros_per_block, self.norm
+        """Set the mask of ``name`` to the block-norm mask of ``data`` (int8, as torch's)."""
+        self._set_kept(
+            name, block_norm_mask(data, sparsity_level, sparse_block_shape, zeros_per_block, self.norm)
         )
