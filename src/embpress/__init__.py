@@ -10,6 +10,7 @@ from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
 from .quant import QuantConfig
 from .report import TableReport, compression_report
 from .sparsify import BaseDataSparsifier, DataNormSparsifier
+from .usage import Usage, UsageError, record_usage
 
 __version__ = "0.1.0"
 
@@ -21,9 +22,12 @@ __all__ = [
     "QuantizedEmbedding",
     "QuantizedEmbeddingBag",
     "TableReport",
+    "Usage",
+    "UsageError",
     "__version__",
     "compression_report",
     "load",
     "post_training_sparse_quantize",
+    "record_usage",
     "save",
 ]

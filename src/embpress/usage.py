@@ -1,0 +1,219 @@
+"""record_usage: count how often each row of every embedding table is looked up.
+
+``with embpress.record_usage(model) as usage: model(batch) ...`` puts a forward pre-hook on
+every ``nn.Embedding`` / ``nn.EmbeddingBag`` (and embpress's quantized ones) and adds, per
+call, one ``bincount`` of the ids into a float64 count per row. An id adds its
+``|per_sample_weight|`` where the bag has weights, else 1; ``padding_idx`` ids add nothing
+(they add nothing to the output either). The hooks go when the block ends.
+
+``usage.save(path)`` writes one safetensors file (no pickle): a 1-D float64 tensor
+``counts.<module path>`` per table, and metadata ``format = "embpress-usage"``,
+``format_version = "1"``. ``Usage.load`` checks every field before it returns, and
+``usage.check(model)`` that names and row counts match a model's tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
+
+__all__ = ["Usage", "UsageError", "record_usage"]
+
+FORMAT_NAME = "embpress-usage"
+FORMAT_VERSION = "1"
+_PREFIX = "counts."
+_TABLES = (nn.Embedding, nn.EmbeddingBag, QuantizedEmbedding, QuantizedEmbeddingBag)
+_BAGS = (nn.EmbeddingBag, QuantizedEmbeddingBag)
+
+
+class UsageError(ValueError):
+    """A usage file or count that cannot be trusted, or that does not fit the model."""
+
+
+def _check_counts(name: str, counts: torch.Tensor, where: str) -> torch.Tensor:
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 1:
+        raise UsageError(f"{where}table {name!r}: counts must be a 1-D tensor")
+    if not counts.is_floating_point() and counts.dtype not in (torch.int32, torch.int64):
+        raise UsageError(f"{where}table {name!r}: counts have dtype {counts.dtype}, expected a number type")
+    out = counts.detach().to("cpu", torch.float64).contiguous()
+    if not bool(torch.isfinite(out).all()):
+        raise UsageError(f"{where}table {name!r}: counts hold NaN or Inf")
+    if bool((out < 0).any()):
+        raise UsageError(f"{where}table {name!r}: counts are negative")
+    return out
+
+
+class Usage:
+    """Lookups per row of each table (float64, weighted by ``|per_sample_weights|``)."""
+
+    def __init__(self, counts: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.counts: dict[str, torch.Tensor] = {}
+        for name, value in (counts or {}).items():
+            if not isinstance(name, str) or not name:
+                raise UsageError(f"table names must be non-empty strings, got {name!r}")
+            self.counts[name] = _check_counts(name, value, "")
+        self.calls: dict[str, int] = dict.fromkeys(self.counts, 0)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.counts[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.counts
+
+    def __repr__(self) -> str:
+        parts = [f"{n}: {int(c.numel())} rows, {float(c.sum()):.0f} lookups" for n, c in self.counts.items()]
+        return "Usage(" + "; ".join(parts) + ")"
+
+    def seen_fraction(self, name: str) -> float:
+        """Share of the rows of ``name`` looked up at least once."""
+        c = self.counts[name]
+        return float((c > 0).double().mean()) if c.numel() else 0.0
+
+    def check(self, model: nn.Module, names: list[str] | None = None) -> None:
+        """Refuse (UsageError) unless every table of ``model`` named here (all, by default)
+        has counts with its row count, and no counts name a table the model lacks."""
+        tables = {n: m for n, m in model.named_modules() if isinstance(m, _TABLES)}
+        unknown = sorted(set(self.counts) - set(tables))
+        if unknown:
+            raise UsageError(f"usage names tables the model does not have: {', '.join(unknown[:5])}")
+        for name in tables if names is None else names:
+            if name not in self.counts:
+                raise UsageError(f"usage has no counts for table {name!r}")
+            rows = _rows(tables[name])
+            if self.counts[name].numel() != rows:
+                raise UsageError(
+                    f"table {name!r}: usage has {self.counts[name].numel()} rows, the model's table {rows}"
+                )
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the counts as a safetensors file (atomically: temp file, then rename)."""
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tensors = {f"{_PREFIX}{n}": c.contiguous() for n, c in self.counts.items()}
+        try:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME, "format_version": FORMAT_VERSION})
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Usage:
+        """Read a file written by :meth:`save`; every field is checked (UsageError names it)."""
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file")
+        if not p.is_file():
+            raise UsageError(f"{p}: not a regular file")
+        counts: dict[str, torch.Tensor] = {}
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT_NAME:
+                    raise UsageError(f"{p}: not an embpress usage file (no 'format: {FORMAT_NAME}')")
+                if meta.get("format_version") != FORMAT_VERSION:
+                    raise UsageError(f"{p}: unsupported usage format version {meta.get('format_version')!r}")
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    if not key.startswith(_PREFIX) or len(key) == len(_PREFIX):
+                        raise UsageError(f"{p}: unexpected tensor {key!r}")
+                    counts[key[len(_PREFIX) :]] = f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise UsageError(f"{p}: not a readable safetensors file ({type(err).__name__})") from None
+        try:
+            return cls(counts)
+        except UsageError as err:
+            raise UsageError(f"{p}: {err}") from None
+
+
+def _ids_of(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """(ids that reach the table, their weights or None) of one forward call."""
+    ids = args[0] if args else kwargs.get("input")
+    if not isinstance(module, _BAGS):
+        return ids, None
+    offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
+    weights = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+    last = getattr(module, "include_last_offset", False)
+    if isinstance(ids, torch.Tensor) and ids.dim() == 1 and isinstance(offsets, torch.Tensor) and last:
+        end = int(offsets[-1]) if offsets.numel() else ids.numel()  # later ids belong to no bag
+        ids = ids[:end]
+        weights = weights[:end] if isinstance(weights, torch.Tensor) else weights
+    return ids, weights
+
+
+class _Recorder:
+    def __init__(self, usage: Usage, name: str, rows: int, padding_idx: int | None) -> None:
+        self.usage, self.name, self.rows = usage, name, rows
+        self.padding_idx = padding_idx
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids, weights = _ids_of(module, args, kwargs)
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
+            return  # the module itself will refuse it
+        flat = ids.detach().reshape(-1)
+        w = None
+        if isinstance(weights, torch.Tensor) and weights.numel() == flat.numel():
+            w = weights.detach().reshape(-1).abs().to(torch.float64)
+        valid = (flat >= 0) & (flat < self.rows)
+        if self.padding_idx is not None:
+            valid &= flat != self.padding_idx
+        if not bool(valid.all()):  # out-of-range ids raise in the module; padding adds nothing
+            flat = flat[valid]
+            w = None if w is None else w[valid]
+        counts = torch.bincount(flat.cpu(), weights=None if w is None else w.cpu(), minlength=self.rows)
+        self.usage.counts[self.name] += counts.to(torch.float64)
+        self.usage.calls[self.name] += 1
+
+
+def _rows(module: nn.Module) -> int:
+    return int(getattr(module, "num_embeddings"))  # noqa: B009 - typed as Any for mypy
+
+
+def _padding_idx(module: nn.Module) -> int | None:
+    p = getattr(module, "padding_idx", None)
+    if p is None:
+        return None
+    return int(p) % _rows(module) if p < 0 else int(p)
+
+
+@contextlib.contextmanager
+def record_usage(model: nn.Module, usage: Usage | None = None) -> Iterator[Usage]:
+    """Count the rows that each embedding table of ``model`` looks up inside the block.
+
+    Pass ``usage`` to add to earlier counts (for example across several blocks).
+    A table shared at several paths is counted once, under its first path.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    usage = usage if usage is not None else Usage()
+    tables: dict[int, tuple[str, nn.Module]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _TABLES) and id(module) not in tables:
+            tables[id(module)] = (name, module)
+    for name, module in tables.values():
+        rows = _rows(module)
+        if name in usage.counts and usage.counts[name].numel() != rows:
+            raise UsageError(f"table {name!r}: usage has {usage.counts[name].numel()} rows, the model {rows}")
+        usage.counts.setdefault(name, torch.zeros(rows, dtype=torch.float64))
+        usage.calls.setdefault(name, 0)
+    handles = [
+        module.register_forward_pre_hook(
+            _Recorder(usage, name, _rows(module), _padding_idx(module)), with_kwargs=True
+        )
+        for name, module in tables.values()
+    ]
+    try:
+        yield usage
+    finally:
+        for h in handles:
+            h.remove()
+

@@ -1,0 +1,150 @@
+"""record_usage: per-row lookup counts of every table, saved and loaded as safetensors."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import embpress
+from embpress import Usage, UsageError, record_usage
+
+
+class TwoTables(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 4, padding_idx=0)
+        self.bag = nn.EmbeddingBag(30, 4, mode="sum")
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, ids, bag_ids, offsets, weights=None):
+        return self.head(self.emb(ids).sum(1) + self.bag(bag_ids, offsets, per_sample_weights=weights))
+
+
+def _expected(ids, rows, weights=None, skip=None):
+    flat = ids.reshape(-1)
+    ones = torch.ones(flat.numel(), dtype=torch.float64)
+    w = ones if weights is None else weights.reshape(-1).abs().double()
+    out = torch.zeros(rows, dtype=torch.float64)
+    for i, v in zip(flat.tolist(), w.tolist(), strict=True):
+        if i != skip:
+            out[i] += v
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 2**31 - 1), st.booleans())
+def test_counts_equal_a_plain_tally_over_batches(batches, seed, weighted):
+    g = torch.Generator().manual_seed(seed)
+    model = TwoTables()
+    want_emb, want_bag = torch.zeros(20, dtype=torch.float64), torch.zeros(30, dtype=torch.float64)
+    with record_usage(model) as usage:
+        for _ in range(batches):
+            ids = torch.randint(0, 20, (3, 5), generator=g)
+            bag_ids = torch.randint(0, 30, (7,), generator=g)
+            offsets = torch.tensor([0, 3, 5])
+            w = torch.randn(7, generator=g) if weighted else None
+            model(ids, bag_ids, offsets, w)
+            want_emb += _expected(ids, 20, skip=0)
+            want_bag += _expected(bag_ids, 30, w)
+    assert torch.allclose(usage["emb"], want_emb)
+    assert torch.allclose(usage["bag"], want_bag)
+    assert usage.calls["emb"] == usage.calls["bag"] == batches
+
+
+def test_hooks_are_gone_after_the_block_and_counts_accumulate():
+    model = TwoTables()
+    ids, bag_ids, offsets = torch.tensor([[1, 2]]), torch.tensor([3, 3]), torch.tensor([0])
+    with record_usage(model) as usage:
+        model(ids, bag_ids, offsets)
+    model(ids, bag_ids, offsets)  # outside: not counted
+    assert float(usage["bag"][3]) == 2.0
+    with record_usage(model, usage):
+        model(ids, bag_ids, offsets)
+    assert float(usage["bag"][3]) == 4.0
+    assert not model.bag._forward_pre_hooks and not model.emb._forward_pre_hooks
+
+
+def test_include_last_offset_ignores_ids_past_the_last_offset():
+    bag = nn.EmbeddingBag(10, 2, include_last_offset=True)
+    model = nn.ModuleDict({"bag": bag})
+    with record_usage(model) as usage:
+        bag(torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2, 3]))
+    assert usage["bag"].tolist()[:5] == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_quantized_tables_are_counted_too():
+    model = TwoTables()
+    embpress.post_training_sparse_quantize(model, embpress.DataNormSparsifier, sparsity_level=0.5)
+    with record_usage(model) as usage:
+        model(torch.tensor([[5, 5]]), torch.tensor([7]), torch.tensor([0]))
+    assert float(usage["emb"][5]) == 2.0 and float(usage["bag"][7]) == 1.0
+
+
+def test_save_load_round_trip_and_check(tmp_path):
+    model = TwoTables()
+    with record_usage(model) as usage:
+        model(torch.tensor([[1, 2]]), torch.tensor([3]), torch.tensor([0]))
+    path = tmp_path / "usage.safetensors"
+    usage.save(path)
+    back = Usage.load(path)
+    assert set(back.counts) == {"emb", "bag"}
+    for name in back.counts:
+        assert torch.equal(back[name], usage[name])
+    back.check(model)
+    assert back.seen_fraction("bag") == pytest.approx(1 / 30)
+
+
+def _write_raw(path, tensors, metadata):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "counts, match",
+    [
+        ({"counts.emb": torch.tensor([1.0, float("nan")], dtype=torch.float64)}, "NaN"),
+        ({"counts.emb": torch.tensor([1.0, -2.0], dtype=torch.float64)}, "negative"),
+        ({"counts.emb": torch.ones(2, 2, dtype=torch.float64)}, "1-D"),
+        ({"other": torch.ones(2, dtype=torch.float64)}, "unexpected tensor"),
+    ],
+)
+def test_bad_counts_are_refused_naming_the_file(tmp_path, counts, match):
+    path = tmp_path / "u.safetensors"
+    _write_raw(path, counts, {"format": "embpress-usage", "format_version": "1"})
+    with pytest.raises(UsageError, match=match) as info:
+        Usage.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_files_that_are_not_usage_files_are_refused(tmp_path):
+    other = tmp_path / "other.safetensors"
+    _write_raw(other, {"counts.emb": torch.ones(2, dtype=torch.float64)}, {"format": "embpress"})
+    with pytest.raises(UsageError, match="not an embpress usage file"):
+        Usage.load(other)
+    garbage = tmp_path / "garbage.safetensors"
+    header = json.dumps({"x": {"dtype": "F64", "shape": [10**12], "data_offsets": [0, 8 * 10**12]}}).encode()
+    garbage.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(UsageError, match="not a readable safetensors file"):
+        Usage.load(garbage)
+    with pytest.raises(UsageError, match="not a regular file"):
+        Usage.load(tmp_path)
+
+
+def test_usage_that_does_not_match_the_model_is_refused():
+    model = TwoTables()
+    with pytest.raises(UsageError, match="'bag': usage has 5 rows, the model's table 30"):
+        Usage({"emb": torch.zeros(20), "bag": torch.zeros(5)}).check(model)
+    with pytest.raises(UsageError, match="does not have: nope"):
+        Usage({"nope": torch.zeros(3)}).check(model)
+    with pytest.raises(UsageError, match="no counts for table 'bag'"):
+        Usage({"emb": torch.zeros(20)}).check(model)
+    Usage({"emb": torch.zeros(20)}).check(model, names=["emb"])
+    with pytest.raises(UsageError, match="rows"), record_usage(model, Usage({"bag": torch.zeros(5)})):
+        pass
