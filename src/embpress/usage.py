@@ -2,7 +2,8 @@
 
 ``with embpress.record_usage(model) as usage: model(batch) ...`` puts a forward pre-hook on
 every ``nn.Embedding`` / ``nn.EmbeddingBag`` (and embpress's quantized ones) and adds, per
-call, one ``bincount`` of the ids into a float64 count per row. An id adds its
+call, the ids into a float64 count per row (``index_add_``: the cost follows the batch, not
+the table). An id adds its
 ``|per_sample_weight|`` where the bag has weights, else 1; ``padding_idx`` ids add nothing
 (they add nothing to the output either). The hooks go when the block ends.
 
@@ -169,8 +170,10 @@ class _Recorder:
         if not bool(valid.all()):  # out-of-range ids raise in the module; padding adds nothing
             flat = flat[valid]
             w = None if w is None else w[valid]
-        counts = torch.bincount(flat.cpu(), weights=None if w is None else w.cpu(), minlength=self.rows)
-        self.usage.counts[self.name] += counts.to(torch.float64)
+        if w is None:
+            w = torch.ones(flat.numel(), dtype=torch.float64)
+        # O(batch), not O(rows): a small batch on a large table costs little
+        self.usage.counts[self.name].index_add_(0, flat.cpu(), w.cpu())
         self.usage.calls[self.name] += 1
 
 
