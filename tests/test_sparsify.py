@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from embpress import BaseDataSparsifier, DataNormSparsifier
-from embpress.sparsify import block_norm_mask
+from embpress.sparsify import block_norm_mask, streaming_block_norm_mask
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -268,3 +268,52 @@ def test_out_of_range_sparsity_level_is_refused_not_clamped(level):
     s.data_groups["t"]["sparsity_level"] = level
     with pytest.raises(ValueError, match="sparsity_level"):
         s.step()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 24),
+    bh=st.integers(1, 4),
+    bw=st.integers(1, 6),
+    level=st.sampled_from([0.0, 0.1, 0.5, 0.8, 1.0]),
+    zeros=st.integers(0, 24),
+    chunk=st.integers(1, 16),
+    ties=st.booleans(),
+    norm=st.sampled_from(["L1", "L2"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_streaming_mask_equals_the_in_memory_mask(rows, cols, bh, bw, level, zeros, chunk, ties, norm, seed):
+    """Same mask chunk by chunk, for any chunk size, with ties at the threshold too."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g)
+    if ties:  # few distinct values: many equal block norms
+        x = torch.randint(-2, 3, (rows, cols), generator=g).float()
+    zpb = min(zeros, bh * bw)
+    want = block_norm_mask(x, level, (bh, bw), zpb, norm)
+    pieces = list(
+        streaming_block_norm_mask(
+            lambda a, b: x[a:b], (rows, cols), level, (bh, bw), zpb, norm, chunk_rows=chunk
+        )
+    )
+    starts = [s for s, _ in pieces]
+    assert starts == sorted(starts) and starts[0] == 0
+    got = torch.cat([m for _, m in pieces]) if rows > 1 and cols > 1 else pieces[0][1]
+    assert torch.equal(got, want)
+
+
+def test_streaming_mask_reads_only_what_it_is_given_and_refuses_nan():
+    x = torch.randn(64, 8)
+    reads = []
+
+    def read(a, b):
+        reads.append((a, b))
+        return x[a:b]
+
+    list(streaming_block_norm_mask(read, (64, 8), 0.5, (1, 4), chunk_rows=16))
+    assert max(b - a for a, b in reads) == 16
+    x[10, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        list(streaming_block_norm_mask(lambda a, b: x[a:b], (64, 8), 0.5, (1, 4), chunk_rows=16))
+    with pytest.raises(ValueError, match="gave shape"):
+        list(streaming_block_norm_mask(lambda a, b: x[a : b + 1], (63, 8), 0.5, (1, 4), chunk_rows=16))

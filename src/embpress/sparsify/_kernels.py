@@ -11,7 +11,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["block_norms", "expand_block_mask", "kth_smallest_nonnegative"]
+__all__ = [
+    "add_high_histogram",
+    "add_low_histogram",
+    "block_norms",
+    "count_equal",
+    "expand_block_mask",
+    "kth_smallest_nonnegative",
+    "mark_pruned",
+]
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -104,3 +112,36 @@ def expand_block_mask(pruned: np.ndarray, bh: int, bw: int, out: np.ndarray) -> 
             kept = not pruned[br, bc]
             for c in range(bc * bw, min(bc * bw + bw, cols)):
                 out[r, c] = kept
+
+
+@numba.njit(cache=True, nogil=True)
+def add_high_histogram(values: np.ndarray, hist: np.ndarray) -> int:
+    """Add the top 16 bits of non-negative float32s to ``hist`` (65536 bins); return how
+    many are NaN. For non-negative floats the bit pattern orders as the value does."""
+    bits = values.view(np.uint32)
+    nans = 0
+    for v in bits:
+        hist[v >> 16] += 1
+        if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+            nans += 1
+    return nans
+
+
+@numba.njit(cache=True, nogil=True)
+def add_low_histogram(values: np.ndarray, bucket: int, hist: np.ndarray) -> None:
+    """Add the low 16 bits of the float32s whose top 16 bits are ``bucket`` to ``hist``."""
+    bits = values.view(np.uint32)
+    for v in bits:
+        if (v >> 16) == bucket:
+            hist[v & 0xFFFF] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def count_equal(values: np.ndarray, threshold: float) -> int:
+    """How many of ``values`` equal ``threshold``."""
+    t = np.float32(threshold)
+    n = 0
+    for v in values:
+        if v == t:
+            n += 1
+    return n

@@ -14,16 +14,25 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 from .._buffers import empty
-from ._kernels import block_norms, expand_block_mask, kth_smallest_nonnegative, mark_pruned
+from ._kernels import (
+    add_high_histogram,
+    add_low_histogram,
+    block_norms,
+    count_equal,
+    expand_block_mask,
+    kth_smallest_nonnegative,
+    mark_pruned,
+)
 from .base import BaseDataSparsifier
 
-__all__ = ["DataNormSparsifier", "block_norm_mask"]
+__all__ = ["DataNormSparsifier", "block_norm_mask", "streaming_block_norm_mask"]
 
 _NAN_MESSAGE = "data contains NaN: block norms are undefined"
 
@@ -170,6 +179,103 @@ def block_norm_mask(
                 norms = _elementwise_norm(squeezed[rows].float(), norm)
                 mask[rows] |= _smallest_in_block(norms, shape, zeros)
     return mask.reshape(data.shape).to(data.device)
+
+
+def _select_from_histograms(
+    high: np.ndarray, low_of: Callable[[int], np.ndarray], k: int
+) -> tuple[float, int]:
+    """(k-th smallest value, how many are smaller) from a histogram of the top 16 bits and,
+    for the bucket that holds the k-th, one of the low 16 bits (``low_of(bucket)``)."""
+    cum = np.cumsum(high)
+    bucket = int(np.searchsorted(cum, k))
+    below = int(cum[bucket - 1]) if bucket else 0
+    cum_low = np.cumsum(low_of(bucket))
+    low = int(np.searchsorted(cum_low, k - below))
+    below += int(cum_low[low - 1]) if low else 0
+    value = np.array([(bucket << 16) | low], dtype=np.uint32).view(np.float32)[0]
+    return float(value), below
+
+
+def streaming_block_norm_mask(
+    read_rows: Callable[[int, int], torch.Tensor],
+    shape: tuple[int, int],
+    sparsity_level: float,
+    sparse_block_shape: tuple[int, int] = (1, 4),
+    zeros_per_block: int | None = None,
+    norm: str = "L1",
+    chunk_rows: int | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The mask of :func:`block_norm_mask`, row chunk by row chunk, in bounded memory.
+
+    ``read_rows(start, stop)`` returns rows ``start:stop`` of a 2-D table of ``shape`` (a
+    slice of a memory-mapped tensor, say). Yields ``(start, bool mask of those rows)``.
+    The global threshold stays exact without holding every block norm: one pass builds a
+    histogram of the norms' top 16 bits, a second one of the low 16 bits inside the bin of
+    the k-th norm, a third writes the masks (ties at the threshold go to the first blocks
+    in row-major order, as in :func:`block_norm_mask`). Memory: a few chunks plus two
+    65536-bin histograms. The table is read three times (once when nothing is pruned).
+    """
+    height, width = (int(v) for v in shape)
+    bh, bw = _validate(
+        sparsity_level,
+        sparse_block_shape,
+        zeros_per_block if zeros_per_block is not None else math.prod(_block_shape(sparse_block_shape)),
+        norm,
+    )
+    zeros = bh * bw if zeros_per_block is None else zeros_per_block
+    step = chunk_rows if chunk_rows is not None else _chunk_rows(width, bh)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    step = max(bh, step // bh * bh)  # chunks hold whole block rows
+    starts = range(0, height, step)
+
+    def chunk(start: int) -> torch.Tensor:
+        rows = read_rows(start, min(start + step, height))
+        expected = (min(start + step, height) - start, width)
+        if tuple(rows.shape) != expected:
+            raise ValueError(f"read_rows({start}, ...) gave shape {tuple(rows.shape)}, expected {expected}")
+        return rows
+
+    if height <= 1 or width <= 1:  # squeezed to 1-D by the sparsifier: one piece
+        yield 0, block_norm_mask(read_rows(0, height), sparsity_level, (bh, bw), zeros, norm)
+        return
+    num_blocks = -(-height // bh) * -(-width // bw)
+    k = round(float(sparsity_level) * num_blocks)
+    prune_some = sparsity_level > 0 and zeros > 0
+    high = np.zeros(65536, dtype=np.int64)
+    if prune_some or k >= num_blocks:  # the in-memory path refuses NaN in these cases too
+        nans = 0
+        for start in starts:
+            nans += add_high_histogram(_block_norms(chunk(start), (bh, bw), norm).numpy().ravel(), high)
+        if nans:
+            raise ValueError(_NAN_MESSAGE)
+    if not prune_some or k <= 0:
+        for start in starts:
+            yield start, torch.ones(min(step, height - start), width, dtype=torch.bool)
+        return
+
+    def low_of(bucket: int) -> np.ndarray:
+        low = np.zeros(65536, dtype=np.int64)
+        for start in starts:
+            add_low_histogram(_block_norms(chunk(start), (bh, bw), norm).numpy().ravel(), bucket, low)
+        return low
+
+    threshold, smaller = (0.0, k) if k >= num_blocks else _select_from_histograms(high, low_of, k)
+    ties = k - smaller
+    for start in starts:
+        rows = chunk(start)
+        norms = _block_norms(rows, (bh, bw), norm).numpy()
+        if k >= num_blocks:
+            pruned = np.ones(norms.shape, dtype=np.bool_)
+        else:
+            pruned = mark_pruned(norms, threshold, ties)
+            ties -= min(ties, count_equal(norms.ravel(), threshold))
+        mask_np = empty(tuple(rows.shape), np.bool_)
+        expand_block_mask(pruned, bh, bw, mask_np)
+        mask = torch.from_numpy(mask_np)
+        if zeros < bh * bw and not bool(mask.all()):
+            mask |= _smallest_in_block(_elementwise_norm(rows.detach().float(), norm), (bh, bw), zeros)
+        yield start, mask
 
 
 class DataNormSparsifier(BaseDataSparsifier):
