@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import embpress
+import embpress.cli as embpress_cli
 from embpress import DataNormSparsifier, FormatError, QuantConfig, post_training_sparse_quantize
 from embpress.cli import cli, find_tables, looks_like_embedding
 from embpress.demo import DemoSettings, binary_auc, run_demo
@@ -376,6 +381,378 @@ def test_console_script(ckpt: Path) -> None:
     failed = subprocess.run([*EMBPRESS, "inspect", ckpt.with_name("nope.pt")], capture_output=True, text=True)
     assert failed.returncode == 1
     assert failed.stderr.strip() == f"error: {ckpt.with_name('nope.pt')}: no such file"
+
+
+# ------------------------------------------------------------------------------ hostile input
+# Raw text of torch / safetensors / json / numba, or a Python exception class name.
+_RAW = re.compile(
+    r"Traceback|Errno|unable to mmap|Expecting value|line 1 column|deserializ|Unsupported operand"
+    r"|HeaderTooLarge|\b[A-Z][A-Za-z]*(Error|Exception|Interrupt)\b"
+)
+
+
+def _one_error_line(result: Result, *names: str) -> str:
+    """The single non-empty stderr line of a failed run; it names one of ``names``, no raw text."""
+    assert result.exit_code not in (0, None), result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert result.stdout == ""
+    assert lines[0].startswith("error: "), lines[0]
+    assert any(name in lines[0] for name in names), (names, lines[0])
+    assert not _RAW.search(lines[0]), lines[0]
+    return lines[0]
+
+
+def _safetensors_bytes(header: object) -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _huge_safetensors(path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """A sparse file (no disk used) with a valid header claiming a 4 TiB float32 tensor."""
+    rows = (1 << 42) // 4096
+    header: dict[str, object] = {
+        "emb.weight": {"dtype": "F32", "shape": [rows, 1024], "data_offsets": [0, rows * 4096]}
+    }
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    raw = _safetensors_bytes(header)
+    with open(path, "wb") as fh:
+        fh.write(raw)
+        fh.truncate(len(raw) + rows * 4096)
+    return path
+
+
+def _hostile(tmp: Path, case: str, ckpt: Path) -> tuple[list[str | Path], str, str]:
+    """(arguments, the file or option the error must name, a phrase it must hold) of a case."""
+    out = tmp / "out.safetensors"
+    path = tmp / f"{case}.pt"
+    if case == "empty":
+        path.write_bytes(b"")
+        return ["compress", path, out], str(path), "empty"
+    if case == "random":
+        path.write_bytes(bytes(range(256)) * 7)
+        return ["inspect", path], str(path), "not a PyTorch checkpoint"
+    if case == "truncated-safetensors":
+        path = tmp / "t.safetensors"
+        save_file({"emb.weight": torch.randn(64, 8)}, str(path))
+        path.write_bytes(path.read_bytes()[:-100])
+        return ["compress", path, out], str(path), "truncated"
+    if case == "header-not-object":
+        path = tmp / "list.safetensors"
+        path.write_bytes(_safetensors_bytes([1, 2, 3]))
+        return ["inspect", path], str(path), "not a readable safetensors file"
+    if case == "header-bad-entry":
+        path = tmp / "entry.safetensors"
+        path.write_bytes(_safetensors_bytes({"emb.weight": "nope"}))
+        return ["compress", path, out], str(path), "not a readable safetensors file"
+    if case == "pickle-of-object":
+        path.write_bytes(pickle.dumps({"emb.weight": [1.0, 2.0]}))
+        return ["compress", path, out], str(path), "not a PyTorch checkpoint"
+    if case == "not-a-state-dict":
+        torch.save([torch.randn(4, 4)], path)
+        return ["inspect", path], str(path), "not a state_dict"
+    if case == "directory":
+        return ["inspect", tmp], str(tmp), "directory"
+    if case == "missing":
+        return ["compress", path, out], str(path), "no such file"
+    if case == "dev-zero":
+        return ["inspect", "/dev/zero"], "/dev/zero", "not a regular file"
+    if case == "socket":
+        path = tmp / "s.sock"
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.bind(str(path))
+        except OSError:
+            pytest.skip("cannot bind a unix socket here")
+        finally:
+            sock.close()
+        return ["compress", path, out], str(path), "not a regular file"
+    if case == "out-folder-missing":
+        return ["compress", ckpt, tmp / "no" / "out.safetensors"], "out.safetensors", "does not exist"
+    if case == "out-is-in":
+        return ["compress", ckpt, ckpt], "OUT", "is the input file"
+    if case == "out-is-fifo":
+        os.mkfifo(tmp / "pipe")
+        return ["compress", ckpt, tmp / "pipe"], "OUT", "not a regular file"
+    if case == "nested-tensor":
+        nested = torch.nested.nested_tensor([torch.randn(2), torch.randn(3)])
+        torch.save({"emb.weight": torch.randn(4, 4), "nt": nested}, path)
+        return ["inspect", path], str(path), "nested tensor"
+    if case == "quantized-buffer":
+        q = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.quint8)
+        torch.save({"emb.weight": torch.randn(8, 4), "q": q}, path)
+        return ["compress", path, out], str(path), "'q' is a quantized tensor"
+    if case == "sparse-buffer":
+        torch.save({"emb.weight": torch.randn(8, 4), "s": torch.randn(4, 4).to_sparse()}, path)
+        return ["compress", path, out], str(path), "'s' is a sparse tensor"
+    raise AssertionError(case)
+
+
+_HOSTILE = [
+    "empty", "random", "truncated-safetensors", "header-not-object", "header-bad-entry",
+    "pickle-of-object", "not-a-state-dict", "directory", "missing", "dev-zero", "socket",
+    "out-folder-missing", "out-is-in", "out-is-fifo", "nested-tensor", "quantized-buffer", "sparse-buffer",
+]  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:.*quantize_per_tensor:UserWarning")
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+@pytest.mark.parametrize("case", _HOSTILE)
+def test_hostile_inputs_are_one_line(tmp_path: Path, ckpt: Path, case: str) -> None:
+    """Bad input: one 'error:' line naming the file or argument, in our words; files untouched."""
+    before = ckpt.read_bytes()
+    args, name, phrase = _hostile(tmp_path, case, ckpt)
+    line = _one_error_line(_run(*args), name)
+    assert phrase in line, line
+    assert ckpt.read_bytes() == before
+    assert not (tmp_path / "out.safetensors").exists() and _leftovers(tmp_path) == []
+
+
+def test_fifo_input_is_refused_without_hanging(tmp_path: Path) -> None:
+    """A named pipe is never opened (that would block forever): both commands refuse it at once."""
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    runs = [
+        subprocess.Popen([*EMBPRESS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for args in (["inspect", str(fifo)], ["compress", str(fifo), str(tmp_path / "out.safetensors")])
+    ]
+    try:
+        results = [run.communicate(timeout=60) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+            run.wait()
+    for run, (stdout, stderr) in zip(runs, results, strict=True):
+        assert run.returncode == 1 and stdout == ""
+        assert stderr.strip() == (
+            f"error: {fifo}: not a regular file (a named pipe), expected a checkpoint file"
+        )
+
+
+@pytest.mark.parametrize("embpress_header", [False, True])
+@pytest.mark.parametrize("command", ["inspect", "compress"])
+def test_huge_sparse_file_is_refused_before_reading(
+    tmp_path: Path, command: str, embpress_header: bool
+) -> None:
+    """A 4 TiB sparse file with a valid header: a one-line 'too large', never mmap's or MemoryError."""
+    metadata = {"format": "embpress", "format_version": "2", "index": "{}"} if embpress_header else None
+    huge = _huge_safetensors(tmp_path / "huge.safetensors", metadata)
+    args = ["inspect", huge] if command == "inspect" else ["compress", huge, tmp_path / "out.safetensors"]
+    line = _one_error_line(_run(*args), str(huge))
+    assert "too large" in line and "TiB" in line, line
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_out_of_memory_while_reading_is_one_line(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MemoryError or torch's mmap failure while loading IN: one line naming IN."""
+    for error in (MemoryError(), RuntimeError("unable to mmap 1099511627880 bytes from file <x>: (12)")):
+
+        def fail(*args: object, _error: BaseException = error, **kwargs: object) -> None:
+            raise _error
+
+        monkeypatch.setattr(embpress_cli.torch, "load", fail)
+        line = _one_error_line(_run("compress", ckpt, ckpt.with_name("out.safetensors")), str(ckpt))
+        assert "too large" in line, line
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_table_is_made_dense(tmp_path: Path, layout: str) -> None:
+    """A sparse COO/CSR table compresses exactly as its dense form would."""
+    torch.manual_seed(0)
+    table = torch.randn(40, 8) * (torch.rand(40, 8) < 0.5)
+    sparse = table.to_sparse() if layout == "coo" else table.to_sparse_csr()
+    src, dense_src = tmp_path / "sparse.pt", tmp_path / "dense.pt"
+    torch.save({"emb.weight": sparse, "fc.bias": torch.ones(3)}, src)
+    torch.save({"emb.weight": table, "fc.bias": torch.ones(3)}, dense_src)
+    out, dense_out = tmp_path / "sparse.safetensors", tmp_path / "dense.safetensors"
+    assert _run("compress", src, out, "--bits", "4").exit_code == 0
+    assert _run("compress", dense_src, dense_out, "--bits", "4").exit_code == 0
+
+    def model() -> nn.Module:
+        m = nn.Module()
+        m.emb, m.fc = nn.Embedding(40, 8), nn.Module()
+        m.fc.register_buffer("bias", torch.zeros(3))
+        return m
+
+    got, want = embpress.load(model(), out), embpress.load(model(), dense_out)
+    assert torch.equal(got.emb.dequantize(), want.emb.dequantize())
+    assert torch.equal(got.fc.bias, torch.ones(3))
+    info = json.loads(_run("inspect", src, "--json").stdout)
+    assert info["tables"][0]["dtype"] == f"float32 (sparse_{layout})"
+
+
+def test_sparse_table_larger_than_memory_is_refused(tmp_path: Path) -> None:
+    """A sparse table whose dense form could not fit in memory: refused, naming the key."""
+    rows = 1 << 40  # 4 PiB dense
+    index = torch.tensor([[rows - 1], [3]])
+    huge = torch.sparse_coo_tensor(index, torch.tensor([1.0]), (rows, 1024), check_invariants=True)
+    src = tmp_path / "huge_sparse.pt"
+    torch.save({"emb.weight": huge}, src)
+    line = _one_error_line(_run("compress", src, tmp_path / "out.safetensors"), str(src))
+    assert "'emb.weight'" in line and "too large" in line, line
+
+
+def test_torch_load_is_weights_only(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every torch.load of the CLI refuses to unpickle arbitrary objects."""
+    calls: list[dict[str, object]] = []
+    real = torch.load
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(embpress_cli.torch, "load", spy)
+    assert _run("inspect", ckpt).exit_code == 0
+    assert _run("compress", ckpt, ckpt.with_name("out.safetensors")).exit_code == 0
+    assert len(calls) == 2 and all(c.get("weights_only") is True for c in calls)
+
+
+_BIG = "9" * 5000
+_BAD_OPTIONS: list[tuple[list[str], str]] = [
+    (["--block", "99999999999999999999x1"], "--block"),
+    (["--block", "1x99999999999999999999"], "--block"),
+    (["--block", "2147483648x1"], "--block"),
+    (["--block", f"1x{_BIG}"], "--block"),
+    (["--block", "\uff11x\uff14"], "--block"),  # full-width digits
+    (["--block", "-1x4"], "--block"),
+    (["--block", "true"], "--block"),
+    (["--sparsity", "inf"], "--sparsity"),
+    (["--sparsity", "-inf"], "--sparsity"),
+    (["--sparsity", "nan"], "--sparsity"),
+    (["--sparsity", "1e400"], "--sparsity"),
+    (["--sparsity", "-0.5"], "--sparsity"),
+    (["--sparsity", "true"], "--sparsity"),
+    (["--sparsity", _BIG], "--sparsity"),
+    (["--zeros-per-block", _BIG], "--zeros-per-block"),
+    (["--zeros-per-block", "99999999999999999999"], "--zeros-per-block"),
+    (["--zeros-per-block", "-1"], "--zeros-per-block"),
+    (["--zeros-per-block", "true"], "--zeros-per-block"),
+    (["--bits", "true"], "--bits"),
+    (["--bits", "8.0"], "--bits"),
+    (["--tables", ""], "--tables"),
+    (["--tables", " , "], "--tables"),
+]
+
+
+@pytest.mark.parametrize(("options", "name"), _BAD_OPTIONS)
+def test_bad_numbers_are_usage_errors(ckpt: Path, options: list[str], name: str) -> None:
+    """Out-of-range, overflowing, NaN/inf and bool-like option values: exit 2 naming the option."""
+    result = _run("compress", ckpt, ckpt.with_name("out.safetensors"), *options)
+    assert result.exit_code == 2
+    _one_error_line(result, f"'{name}'")
+    assert not ckpt.with_name("out.safetensors").exists()
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1", "1.5", "true"])
+def test_bad_seed_is_a_usage_error(tmp_path: Path, seed: str) -> None:
+    result = _run("demo", "--quick", "--seed", seed, "--out", tmp_path / "demo")
+    assert result.exit_code == 2
+    _one_error_line(result, "'--seed'")
+
+
+def test_negative_zero_sparsity_is_zero(ckpt: Path) -> None:
+    result = _run("compress", ckpt, ckpt.with_name("out.safetensors"), "--sparsity", "-0", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert '"sparsity": -0.0' not in result.stdout
+    assert json.loads(result.stdout)["settings"]["sparsity"] == 0.0
+
+
+class _NumbaLikeError(Exception):
+    """Stands for an error type the CLI does not know (numba's TypingError, a bug...)."""
+
+
+_ESCAPES: list[tuple[BaseException, int, str]] = [
+    (FormatError("the index is broken"), 1, "the index is broken"),
+    (ValueError("bad value"), 1, "bad value"),
+    (TypeError("bad type"), 1, "bad type"),
+    (OSError(errno.ENOSPC, "No space left on device"), 1, "no space left on device"),
+    (PermissionError(errno.EACCES, "Permission denied", "/x/in.pt"), 1, "/x/in.pt: permission denied"),
+    (RuntimeError("something\nspread over\nlines"), 1, "something spread over lines"),
+    (MemoryError(), 1, "not enough memory"),
+    (RecursionError("maximum recursion depth exceeded"), 1, "nested too deeply"),
+    (_NumbaLikeError("Failed in nopython mode pipeline\n...\nlong"), 1, "EMBPRESS_DEBUG=1"),
+    (KeyError("x"), 1, "EMBPRESS_DEBUG=1"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+]
+
+
+@pytest.mark.parametrize(("error", "code", "phrase"), _ESCAPES)
+def test_escaping_errors_are_one_line(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException, code: int, phrase: str
+) -> None:
+    """Whatever the library raises becomes one line naming IN (or the OSError's file)."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.delenv("EMBPRESS_DEBUG", raising=False)
+    for command in ("compress", "inspect"):
+        monkeypatch.setattr(embpress_cli, "find_tables", fail)
+        args = [command, ckpt] + ([ckpt.with_name("out.safetensors")] if command == "compress" else [])
+        result = _run(*args)
+        assert result.exit_code == code
+        name = "/x/in.pt" if isinstance(error, PermissionError) else str(ckpt)
+        line = _one_error_line(result, "interrupted" if code == 130 else name)
+        assert phrase in line, line
+
+
+def test_debug_env_shows_the_traceback(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise _NumbaLikeError("boom")
+
+    monkeypatch.setattr(embpress_cli, "find_tables", fail)
+    monkeypatch.setenv("EMBPRESS_DEBUG", "1")
+    with pytest.raises(_NumbaLikeError, match="boom"):
+        _run("inspect", ckpt)
+
+
+def test_internal_error_outside_a_command_is_one_line(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in option parsing (outside any command body) is still one line and a hint."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise _NumbaLikeError("boom")
+
+    monkeypatch.delenv("EMBPRESS_DEBUG", raising=False)
+    monkeypatch.setattr(embpress_cli._BlockShape, "convert", broken)
+    result = _run("compress", ckpt, ckpt.with_name("out.safetensors"), "--block", "1x4")
+    assert result.exit_code == 1
+    assert "EMBPRESS_DEBUG=1" in _one_error_line(result, "internal error")
+
+
+def _failing_source(failure: str, ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """IN for a compress that fails in the given way (writes fail halfway through, if asked)."""
+    if failure == "bad input":
+        ckpt.with_name("bad.pt").write_bytes(b"junk" * 10)
+        return ckpt.with_name("bad.pt")
+    if failure == "nan table":
+        torch.save({"emb.weight": torch.tensor([[float("nan"), 1.0]])}, ckpt.with_name("nan.pt"))
+        return ckpt.with_name("nan.pt")
+    error = MemoryError() if failure == "out of memory" else OSError(errno.ENOSPC, "No space left on device")
+
+    def half_write(tensors: object, path: str, metadata: object = None) -> None:
+        Path(path).write_bytes(b"half a file")
+        raise error
+
+    monkeypatch.setattr(embpress.io, "save_file", half_write)
+    return ckpt
+
+
+@pytest.mark.parametrize("failure", ["bad input", "nan table", "disk full", "out of memory"])
+def test_failed_compress_keeps_existing_out(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """A compress that fails (bad input, NaN, disk full, out of memory) leaves OUT byte-identical."""
+    out = ckpt.with_name("previous.safetensors")
+    assert _run("compress", ckpt, out).exit_code == 0
+    before = out.read_bytes()
+    src = _failing_source(failure, ckpt, monkeypatch)
+    line = _one_error_line(_run("compress", src, out), str(src), str(out))
+    assert out.read_bytes() == before, line
+    assert _leftovers(ckpt.parent) == []
+    if failure in ("disk full", "out of memory"):
+        assert line.startswith(f"error: {out}: could not write") and "nothing was written" in line, line
 
 
 # ------------------------------------------------------------------------------ demo

@@ -9,8 +9,10 @@ bag, so ``embpress.load`` builds each after the model's own module). The command
 Python API share one code path, and ``embpress.load(model, OUT)`` loads the result into
 the model IN came from.
 
-User errors end in one ``error: ...`` line on stderr and a non-zero exit status
-(2: bad usage, 1: anything else, 130: interrupted), never a traceback.
+User errors end in one ``error: ...`` line on stderr naming the file or option and a
+non-zero exit status (2: bad usage, 1: anything else, 130: interrupted), never a
+traceback; an internal error says so in one line (``EMBPRESS_DEBUG=1`` shows its
+traceback). Only regular files are read, and none larger than this machine's memory.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import fnmatch
 import functools
 import json
 import math
+import os
 import re
+import stat
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,6 +47,7 @@ from rich.table import Table
 from rich.text import Text
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from . import io as eio
@@ -51,6 +56,7 @@ from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
 from .quant.config import LAYOUTS, QuantConfig
 from .report import human_bytes, quantized_modules
 from .sparsify import DataNormSparsifier
+from .sparsify.data_norm import MAX_BLOCK_SIDE
 
 __all__ = [
     "CompressedTable",
@@ -85,11 +91,55 @@ class Interrupted(click.ClickException):
         super().__init__("interrupted; nothing was written")
 
 
-def _one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line, terminal escapes removed."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    text = " ".join(text.split())
-    return text or type(err).__name__
+_MAX_MESSAGE = 400
+_DEBUG_ENV = "EMBPRESS_DEBUG"
+_INTERNAL = f"internal error in embpress; rerun with {_DEBUG_ENV}=1 for the traceback, and please report it"
+
+
+def _one_line(err: BaseException | str) -> str:
+    """``err``'s message on one short line: escapes and control characters removed."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", str(err))
+    text = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", text).split())
+    if len(text) > _MAX_MESSAGE:
+        text = text[: _MAX_MESSAGE - 3] + "..."
+    return text or "unknown error"
+
+
+def _named(text: str, subject: object) -> str:
+    """``text``, prefixed with ``subject`` (a path) unless it already names it."""
+    if subject is None or str(subject) in text:
+        return text
+    return f"{subject}: {text}"
+
+
+def _debug() -> bool:
+    return os.environ.get(_DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("unable to mmap", "Cannot allocate memory", "can't allocate memory")
+    )
+
+
+def _describe(err: Exception, subject: object) -> str:
+    """The one-line message of an error that escaped a command working on ``subject``."""
+    if _out_of_memory(err):
+        return _named("not enough memory (the input is too large for this machine)", subject)
+    if isinstance(err, RecursionError):
+        return _named("nested too deeply to process", subject)
+    if isinstance(err, OSError):
+        if err.strerror:
+            where = err.filename if err.filename is not None else subject
+            return _named(_one_line(err.strerror[:1].lower() + err.strerror[1:]), where)
+        return _named(_one_line(err), subject)
+    if isinstance(err, (ValueError, TypeError, RuntimeError, SafetensorError)):
+        # FormatError is a ValueError: the library's own one-line messages
+        return _named(_one_line(err), subject)
+    return _named(_INTERNAL, subject)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -100,15 +150,17 @@ def _boundary(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        subject = next((kwargs[k] for k in ("src", "file", "out_dir") if kwargs.get(k) is not None), None)
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
             raise Interrupted() from None
-        except click.ClickException:
+        except (click.ClickException, click.Abort, click.exceptions.Exit):  # click's own
             raise
-        except (ValueError, TypeError, OSError, SafetensorError) as err:
-            # FormatError is a ValueError; FileNotFoundError / PermissionError are OSErrors.
-            raise CliError(_one_line(err)) from None
+        except Exception as err:
+            if _debug():
+                raise
+            raise CliError(_describe(err, subject)) from None
 
     return cast(F, wrapper)
 
@@ -141,6 +193,11 @@ class _Group(click.Group):
         except click.Abort:  # Ctrl-C outside a command body (click turns it into Abort)
             click.echo(f"error: {Interrupted().message}", err=True)
             sys.exit(Interrupted.exit_code)
+        except Exception as err:  # a bug outside a command body (commands use _boundary)
+            if _debug():
+                raise
+            click.echo(f"error: {_describe(err, None)}", err=True)
+            sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -156,21 +213,82 @@ def _sniff(path: Path) -> str:
     return "other"
 
 
+def _memory_bytes() -> int | None:
+    """This machine's memory (RAM + swap), or None where the OS does not say."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    swap = 0
+    try:
+        with open("/proc/meminfo") as fh:
+            swap = next((int(line.split()[1]) * 1024 for line in fh if line.startswith("SwapTotal:")), 0)
+    except (OSError, ValueError, IndexError):
+        pass
+    return ram + swap if ram > 0 else None
+
+
+def _check_fits(what: str, nbytes: int) -> None:
+    """Refuse ``what`` (``nbytes`` to hold in memory) when this machine could not hold it."""
+    limit = _memory_bytes()
+    if limit is not None and nbytes > limit:
+        raise CliError(
+            f"{what} is too large: {human_bytes(nbytes)}, more than this machine's memory "
+            f"({human_bytes(limit)})"
+        )
+
+
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
 def _check_readable(path: Path) -> None:
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path}: is a directory, expected a checkpoint file")
+    """IN must be a non-empty regular file that fits in memory; anything else is never opened
+    (a named pipe would block, /dev/zero never ends)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such file") from None
+    except OSError as err:
+        raise CliError(_named(f"cannot read ({_one_line(err.strerror or 'unknown error')})", path)) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise CliError(f"{path}: is a directory, expected a checkpoint file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
+        raise CliError(f"{path}: not a regular file ({kind}), expected a checkpoint file")
+    if info.st_size == 0:
+        raise CliError(f"{path}: the file is empty")
+    _check_fits(str(path), info.st_size)
     with open(path, "rb"):  # PermissionError says why
         pass
+
+
+def _safetensors_cause(err: BaseException) -> str:
+    """Why safetensors could not read a file, in our words."""
+    text = str(err)
+    if _out_of_memory(err):
+        return "too large to map into memory"
+    if "HeaderTooLarge" in text or "too large" in text:
+        return "its header is too large"
+    if any(
+        s in text for s in ("incomplete metadata", "MetadataIncompleteBuffer", "InvalidOffset", "covered")
+    ):
+        return "truncated, or its header's offsets do not match its size"
+    if any(s in text for s in ("JSON", "Header", "header", "utf", "UTF")):
+        return "its header is not a valid safetensors header"
+    return "damaged"
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CliError(f"{path}: not a readable safetensors file ({_one_line(err)})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
+        raise CliError(f"{path}: not a readable safetensors file ({_safetensors_cause(err)})") from None
 
 
 def _torch_load(path: Path, kind: str) -> Any:
@@ -180,15 +298,19 @@ def _torch_load(path: Path, kind: str) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except Exception as err:  # torch raises many types for a bad file; all mean the same here
-        text = _one_line(err)
+        text = str(err)
         if "allowed global" in text or "Unsupported global" in text:
             raise CliError(
                 f"{path}: refused: the checkpoint holds Python objects that a weights-only load does "
                 "not unpickle (save the model's state_dict() instead)"
             ) from None
-        detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
-        why = detail[1] if detail else f"{type(err).__name__}: {text}"
-        raise CliError(f"{path}: not a PyTorch checkpoint or safetensors file ({why[:120]})") from None
+        if _out_of_memory(err):
+            why = "too large to read into memory"
+        elif isinstance(err, RecursionError):
+            why = "nested too deeply"
+        else:
+            why = "damaged, or not written by torch.save" if kind == "zip" else "unrecognized contents"
+        raise CliError(f"{path}: not a PyTorch checkpoint or safetensors file ({why})") from None
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -218,8 +340,9 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     """(state_dict, format) of a ``.pt``/``.pth`` state_dict or a plain ``.safetensors`` file.
 
-    Never unpickles arbitrary objects (``weights_only=True``). An embpress file is refused:
-    its tables are already compressed.
+    Never unpickles arbitrary objects (``weights_only=True``) and reads only a regular file
+    no larger than this machine's memory. An embpress file is refused: its tables are
+    already compressed. Sparse tensors are returned as they are (compress makes sparse tables dense).
     """
     p = Path(path)
     _check_readable(p)
@@ -229,12 +352,16 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
             raise CliError(f"{p}: already an embpress file (see 'embpress inspect {p}')")
         try:
             tensors = load_file(str(p))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CliError(f"{p}: not a readable safetensors file ({_one_line(err)})") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
+            raise CliError(f"{p}: not a readable safetensors file ({_safetensors_cause(err)})") from None
         if not tensors:
             raise CliError(f"{p}: the file holds no tensors")
         return tensors, "safetensors"
-    return _unwrap(_torch_load(p, kind), p), "pytorch"
+    state = _unwrap(_torch_load(p, kind), p)
+    for key, t in state.items():
+        if t.is_nested:
+            raise CliError(f"{p}: tensor {key!r} is a nested tensor, which embpress cannot read")
+    return state, "pytorch"
 
 
 # ------------------------------------------------------------------------------ choosing tables
@@ -507,31 +634,43 @@ def _progress(total_elements: int, enabled: bool) -> Iterator[Callable[[str, int
 
 
 # ------------------------------------------------------------------------------ parameter types
+
+
 class _BlockShape(click.ParamType):
+    """HxW, each side an ASCII integer from 1 to MAX_BLOCK_SIDE."""
+
     name = "HxW"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, tuple):
             return value
-        match = re.fullmatch(r"\s*(\d+)\s*[xX*,]\s*(\d+)\s*", str(value))
-        if match is None or int(match[1]) < 1 or int(match[2]) < 1:
+        match = re.fullmatch(r"\s*([0-9]{1,30})\s*[xX*,]\s*([0-9]{1,30})\s*", str(value))
+        sides = (int(match[1]), int(match[2])) if match else (0, 0)
+        if not all(1 <= side <= MAX_BLOCK_SIDE for side in sides):
+            shown = value if len(str(value)) <= 40 else f"{str(value)[:37]}..."
             self.fail(
-                f"{value!r} is not a block shape: expected HxW with positive integers, e.g. 1x4", param, ctx
+                f"{shown!r} is not a block shape: expected HxW with integers from 1 to {MAX_BLOCK_SIDE}, "
+                "e.g. 1x4",
+                param,
+                ctx,
             )
-        return int(match[1]), int(match[2])
+        return sides
 
 
 class _Fraction(click.ParamType):
     name = "FLOAT"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        shown = value if len(str(value)) <= 40 else f"{str(value)[:37]}..."
         try:
             number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
+        except (TypeError, ValueError, OverflowError):
+            self.fail(f"{shown!r} is not a number", param, ctx)
         if not math.isfinite(number) or not 0.0 <= number <= 1.0:
-            self.fail(f"{value!r} is not in [0, 1]", param, ctx)
-        return number
+            self.fail(f"{shown!r} is not in [0, 1]", param, ctx)
+        return number + 0.0  # -0.0 -> 0.0
 
 
 _EXAMPLES = """\b
@@ -568,9 +707,11 @@ Examples:
 \b
 Tables: '<module>.weight' 2-D float tensors whose module name looks like an
 embedding (emb1, embedding, word_embeddings, embed_tokens, wte, embedding_bags.3,
-anything with 'emb'), or exactly those --tables selects. Everything else is
-copied unchanged. Load OUT with embpress.load(model, OUT): each table becomes a
-QuantizedEmbedding or QuantizedEmbeddingBag after the module the model has there.
+anything with 'emb'), or exactly those --tables selects; a sparse (COO/CSR)
+table is made dense first. Everything else is copied unchanged (a sparse or
+quantized tensor that is not a table is refused). Load OUT with
+embpress.load(model, OUT): each table becomes a QuantizedEmbedding or
+QuantizedEmbeddingBag after the module the model has there.
 """
 
 
@@ -596,7 +737,7 @@ QuantizedEmbedding or QuantizedEmbeddingBag after the module the model has there
 )
 @click.option(
     "--zeros-per-block",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=MAX_BLOCK_SIDE * MAX_BLOCK_SIDE),
     metavar="N",
     default=None,
     help="Entries zeroed inside a pruned block (smallest first) [default: the whole block].",
@@ -667,7 +808,8 @@ def compress(
             f"({block[0] * block[1]} entries)",
             param_hint="'--zeros-per-block'",
         )
-    table_patterns = [p.strip() for spec in patterns for p in spec.split(",") if p.strip()]
+    table_patterns = _split_patterns(patterns)
+    _check_readable(src)
     _check_out(src, dst)
     config = QuantConfig(bits=int(bits), layout=layout, nonfinite=nonfinite)
 
@@ -678,6 +820,7 @@ def compress(
             f"{src}: no embedding table found among {len(state)} tensors "
             "(name them with --tables PATTERN; see 'embpress inspect IN')"
         )
+    state = _dense_tables(state, tables, src)
     total = sum(state[k].numel() for k in tables)
     try:
         with _progress(total, True) as on_table:
@@ -694,8 +837,15 @@ def compress(
             )
     except ValueError as err:
         message = _one_line(err).replace("pass QuantConfig(nonfinite='zero')", "pass --nonfinite zero")
-        raise CliError(message) from None
-    eio.save(root, dst, kind_from_model=True)
+        raise CliError(_named(message, src)) from None
+    try:
+        eio.save(root, dst, kind_from_model=True)  # atomic: OUT is replaced only when complete
+    except (OSError, SafetensorError, RuntimeError, MemoryError) as err:
+        if isinstance(err, OSError) and err.strerror:
+            why = err.strerror[:1].lower() + err.strerror[1:]
+        else:
+            why = "not enough memory" if _out_of_memory(err) else _one_line(err)
+        raise CliError(f"{dst}: could not write ({_one_line(why)}); nothing was written") from None
 
     copied = [k for k in state if k not in set(tables)]
     before = sum(r.bytes_before for r in reports)
@@ -725,14 +875,77 @@ def compress(
 
 
 def _check_out(src: Path, dst: Path) -> None:
-    """OUT must not be IN and must be writable where it is (checked before any work)."""
-    if dst.exists() and dst.is_dir():
+    """OUT must not be IN, nor an existing non-file, and its folder must exist (checked before any work)."""
+    try:
+        info: os.stat_result | None = os.stat(dst)
+    except FileNotFoundError:
+        info = None
+    except OSError as err:
+        raise click.BadParameter(
+            f"{dst}: {_one_line(err.strerror or 'unusable')}", param_hint="'OUT'"
+        ) from None
+    if info is not None and stat.S_ISDIR(info.st_mode):
         raise click.BadParameter(f"{dst} is a directory", param_hint="'OUT'")
-    if src.resolve() == dst.resolve() or (src.exists() and dst.exists() and dst.samefile(src)):
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        raise click.BadParameter(f"{dst} exists and is not a regular file", param_hint="'OUT'")
+    same = info is not None and os.path.samestat(info, os.stat(src))
+    if same or os.path.realpath(src) == os.path.realpath(dst):
         raise click.BadParameter(f"{dst} is the input file; write to another path", param_hint="'OUT'")
-    parent = dst.resolve().parent
+    parent = Path(os.path.realpath(dst)).parent
     if not parent.is_dir():
         raise CliError(f"{dst}: folder {parent} does not exist")
+
+
+def _split_patterns(patterns: Sequence[str]) -> list[str]:
+    """--tables values, repeated or comma-separated; given but all empty is a usage error."""
+    split = [p.strip() for spec in patterns for p in spec.split(",") if p.strip()]
+    if patterns and not split:
+        raise click.BadParameter("the pattern is empty", param_hint="'--tables'")
+    return split
+
+
+def _unstorable(t: torch.Tensor) -> str | None:
+    """Why an embpress (safetensors) file cannot hold ``t`` as it is, or None."""
+    if t.layout != torch.strided:
+        return f"a sparse tensor ({str(t.layout).replace('torch.', '')})"
+    if t.is_quantized:
+        return "a quantized tensor"
+    if t.is_meta:
+        return "on the meta device (it holds no values)"
+    if not _storable_dtype(t.dtype):
+        return f"of dtype {str(t.dtype).replace('torch.', '')}, which safetensors cannot store"
+    return None
+
+
+@functools.cache
+def _storable_dtype(dtype: torch.dtype) -> bool:
+    try:
+        safetensors_save({"t": torch.zeros(1, dtype=dtype)})
+    except Exception:
+        return False
+    return True
+
+
+def _dense_tables(
+    state: Mapping[str, torch.Tensor], tables: Sequence[str], path: object
+) -> dict[str, torch.Tensor]:
+    """``state`` with its sparse (COO/CSR/...) ``tables`` made dense.
+
+    Refuses a table whose dense form is larger than this machine's memory, and any other
+    tensor an embpress file cannot hold (sparse, quantized, meta, or an unstorable dtype).
+    """
+    out = dict(state)
+    dense: dict[int, torch.Tensor] = {}  # tied sparse tables stay tied
+    chosen = set(tables)
+    for key, t in state.items():
+        if key in chosen and t.layout != torch.strided:
+            if id(t) not in dense:
+                _check_fits(f"{path}: sparse table {key!r} made dense", t.numel() * t.element_size())
+                dense[id(t)] = t.to_dense()
+            out[key] = dense[id(t)]
+        elif key not in chosen and (problem := _unstorable(t)) is not None:
+            raise CliError(f"{path}: tensor {key!r} is {problem}, which an embpress file cannot hold")
+    return out
 
 
 def _footed_table(columns: list[tuple[str, str, str]]) -> Table:
@@ -818,8 +1031,8 @@ def inspect(file: Path, patterns: tuple[str, ...], as_json: bool) -> None:
     For a plain checkpoint (.pt/.pth/.safetensors): which tensors 'embpress compress'
     would compress as tables and which it would copy.
     """
+    table_patterns = _split_patterns(patterns)
     _check_readable(file)
-    table_patterns = [p.strip() for spec in patterns for p in spec.split(",") if p.strip()]
     if _sniff(file) == "safetensors" and _safetensors_metadata(file).get("format") == eio.FORMAT_NAME:
         summary = _inspect_embpress(file)
         if as_json:
@@ -833,6 +1046,8 @@ def inspect(file: Path, patterns: tuple[str, ...], as_json: bool) -> None:
     def row(key: str) -> dict[str, Any]:
         t = state[key]
         dtype = str(t.dtype).replace("torch.", "")
+        if t.layout != torch.strided:
+            dtype += f" ({str(t.layout).replace('torch.', '')})"
         return {"key": key, "shape": list(t.shape), "dtype": dtype, "bytes": _tensor_bytes(t)}
 
     summary = {
@@ -967,7 +1182,13 @@ Example:
     show_default=True,
     help="Folder for tradeoff.png.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, model and training.")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=0,
+    show_default=True,
+    help="Seed of data, model and training.",
+)
 @click.option("--quick", is_flag=True, help="Smaller tables, shorter training and sweep (a few seconds).")
 @_boundary
 def demo(out_dir: Path, seed: int, quick: bool) -> None:
