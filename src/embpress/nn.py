@@ -108,6 +108,8 @@ class _QuantizedModule(nn.Module):
         saved_qparams: RowQParams | None,
     ) -> tuple[QuantizedTable, dict[str, float]]:
         config = config if config is not None else QuantConfig()
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"config must be an embpress.QuantConfig or None, got {type(config).__name__}")
         if mask is not None and tuple(mask.shape) != tuple(weight.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}")
         table, error = encode_table(
@@ -218,6 +220,10 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         """Flat int64 indices, bag bounds with a final total, flat weights (nn's checks)."""
         _check_dtype(input)
         if per_sample_weights is not None:
+            if not isinstance(per_sample_weights, torch.Tensor):
+                raise TypeError(
+                    f"per_sample_weights must be a Tensor or None, got {type(per_sample_weights).__name__}"
+                )
             if self.mode != "sum":
                 raise NotImplementedError(
                     "embedding_bag: per_sample_weights was not None. per_sample_weights is only "
@@ -228,7 +234,14 @@ class QuantizedEmbeddingBag(_QuantizedModule):
                     f"per_sample_weights shape {tuple(per_sample_weights.shape)} must match "
                     f"input shape {tuple(input.shape)}"
                 )
-            per_sample_weights = per_sample_weights.reshape(-1)
+            if per_sample_weights.dtype != torch.float32:
+                # nn.EmbeddingBag's error type, the same in every layout (the kernels would
+                # otherwise cast, or refuse, each in its own way)
+                raise RuntimeError(
+                    "per_sample_weights must have dtype torch.float32, the dtype of the "
+                    f"dequantized weight; got {per_sample_weights.dtype}"
+                )
+            per_sample_weights = per_sample_weights.reshape(-1).contiguous()
         if input.dim() == 2:
             if offsets is not None:
                 raise ValueError(
@@ -246,12 +259,13 @@ class QuantizedEmbeddingBag(_QuantizedModule):
             raise ValueError("offsets has to be a 1D Tensor when input is 1D")
         if offsets.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
-        flat = input.long()
-        bounds = offsets.long()
+        # contiguous: torch's FBGEMM bag ops refuse strided ids and offsets
+        flat = input.long().contiguous()
+        bounds = offsets.long().contiguous()
         if not self.include_last_offset:
             bounds = torch.cat([bounds, bounds.new_tensor([flat.numel()])])
-        if bounds.numel() == 0:
-            raise ValueError("offsets must not be empty when include_last_offset=True")
+        if bounds.numel() == 0:  # nn.EmbeddingBag's error type
+            raise RuntimeError("offsets must not be empty when include_last_offset=True")
         if bounds.numel() > 1 and int(bounds[0]) != 0:
             raise RuntimeError(
                 "offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to "

@@ -20,13 +20,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._parallel import parallel_call
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ._kernels import fused_bag, set_threads, vector_decode_supported
 
 __all__ = [
     "FormatError",
     "QuantizedTable",
+    "check_fused_qparams",
     "decode_fused",
+    "fused_qparams",
     "fused_row_bytes",
     "fused_rows_bag",
     "make_fused",
@@ -71,14 +74,39 @@ def make_fused(
     return torch.cat(parts, dim=1).contiguous()
 
 
-def decode_fused(rows: torch.Tensor, dim: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """float32 ``[n, D]`` from fused rows ``[n, row_bytes]`` (plain torch, any device)."""
+def fused_qparams(rows: torch.Tensor, dim: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[n, 2]`` (scale, offset) in ``dtype`` of fused rows ``[n, row_bytes]``.
+
+    The bytes are copied into a fresh buffer before they are viewed as ``dtype``: a row's
+    scale starts at byte ``ceil(D * bits / 8)`` of a ``row_bytes``-long row, which need not
+    be a multiple of the dtype's size, and torch views bytes as floats only at aligned
+    storage offsets (a slice of one row is "contiguous" and would not be copied).
+    """
     packed = packed_length(dim, bits)
     size = torch.empty((), dtype=dtype).element_size()
-    scale = rows[:, packed : packed + size].contiguous().view(dtype).float()
-    offset = rows[:, packed + size : packed + 2 * size].contiguous().view(dtype).float()
-    codes = unpack_codes(rows[:, :packed], bits, dim)
-    return codes.float() * scale + offset
+    raw = torch.empty((rows.shape[0], 2 * size), dtype=torch.uint8, device=rows.device)
+    raw.copy_(rows[:, packed : packed + 2 * size])
+    return raw.view(dtype)
+
+
+def decode_fused(rows: torch.Tensor, dim: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``[n, D]`` from fused rows ``[n, row_bytes]`` (plain torch, any device)."""
+    qparams = fused_qparams(rows, dim, bits, dtype).float()
+    codes = unpack_codes(rows[:, : packed_length(dim, bits)], bits, dim)
+    return codes.float() * qparams[:, :1] + qparams[:, 1:]
+
+
+def check_fused_qparams(
+    fused: torch.Tensor, dim: int, bits: int, dtype: torch.dtype, name: str = "fused", chunk: int = 1 << 20
+) -> None:
+    """FormatError unless every scale and offset of the fused rows is finite (a NaN or Inf
+    one makes every lookup of its row NaN). Vectorised over the qparam columns only, in
+    chunks of rows so the temporary stays small for tables of any size."""
+    for start in range(0, fused.shape[0], chunk):
+        qparams = fused_qparams(fused[start : start + chunk], dim, bits, dtype)
+        if not bool(torch.isfinite(qparams).all()):
+            row = start + int((~torch.isfinite(qparams)).any(1).nonzero()[0, 0])
+            raise FormatError(f"tensor {name!r} holds a NaN or Inf scale or offset (row {row})")
 
 
 def own_kernel_serves(fused: torch.Tensor, dim: int, bits: int, threads: int) -> bool:
@@ -122,11 +150,12 @@ def fused_rows_bag(
     if own_kernel_serves(fused, dim, bits, threads):  # float16 qparams: checked above
         out_np = np.empty((offsets.shape[0] - 1, dim), dtype=np.float32)
         psw = (
-            per_sample_weights.float().contiguous().numpy()
+            per_sample_weights.detach().float().contiguous().numpy()
             if per_sample_weights is not None
             else np.zeros(0, dtype=np.float32)
         )
-        bad = fused_bag(
+        bad = parallel_call(
+            fused_bag,
             fused.numpy().reshape(-1),
             fused.shape[1],
             dim,

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._parallel import parallel_call
 from ._kernels import block_sparse_bag, set_threads, vector_decode_supported
 from .base import FormatError, QuantizedTable, base_fields, expect_tensor, meta_int, popcount_bytes
 
@@ -196,12 +197,13 @@ class BlockSparseTable(QuantizedTable):
         sh = self.shape
         out = np.empty((offsets.shape[0] - 1, self.embedding_dim), dtype=np.float32)  # every row written
         psw = (
-            per_sample_weights.float().contiguous().numpy()
+            per_sample_weights.detach().float().contiguous().numpy()
             if per_sample_weights is not None
             else np.zeros(0, dtype=np.float32)
         )
         threads = set_threads()
-        bad = block_sparse_bag(
+        bad = parallel_call(
+            block_sparse_bag,
             self.records.numpy(),
             self.row_offsets.numpy(),
             self.group_offsets.numpy(),

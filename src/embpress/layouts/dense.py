@@ -17,6 +17,7 @@ import torch
 from .base import (
     QuantizedTable,
     base_fields,
+    check_fused_qparams,
     decode_fused,
     expect_tensor,
     fused_row_bytes,
@@ -59,4 +60,5 @@ class DenseTable(QuantizedTable):
     def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> DenseTable:
         rows, dim, bits, dtype, pruned = base_fields(meta)
         fused = expect_tensor(tensors, "fused", torch.uint8, (rows, fused_row_bytes(dim, bits, dtype)))
+        check_fused_qparams(fused, dim, bits, dtype)
         return cls(fused, dim, bits, dtype, pruned)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .._buffers import empty
+from .._parallel import parallel_call
 from ..quant.config import QuantConfig
 from ..quant.packing import pack_codes
 from ..quant.rowwise import RowQParams, choose_qparams, search_ranges
@@ -71,9 +72,9 @@ def _row_stats(mask: np.ndarray | None, rows: int, dim: int, width: int) -> _Row
             bitmap[:, k // word_bits] |= np.uint32(1 << (k % word_bits))
         return _RowStats(np.full(rows, dim, dtype=np.int64), np.full(rows, nb, dtype=np.int64), bitmap, width)
     if width == 4 and dim % 4 == 0:
-        kept, blocks, mixed, bitmap = count_blocks_of_4(mask.view(np.uint32), word_bits)
+        kept, blocks, mixed, bitmap = parallel_call(count_blocks_of_4, mask.view(np.uint32), word_bits)
     else:
-        kept, blocks, mixed, bitmap = count_blocks(mask, width, word_bits)
+        kept, blocks, mixed, bitmap = parallel_call(count_blocks, mask, width, word_bits)
     if width > 1 and int(mixed.sum()) > 0:
         return _row_stats(mask, rows, dim, 1)
     return _RowStats(kept, blocks, bitmap, width)
@@ -132,7 +133,7 @@ def _qparams(
     dtype = config.resolved_scale_dtype
     if saved is not None and zero_rows is None:
         return saved
-    lo_np, hi_np = kept_minmax(w, _NO_MASK if mask is None else mask, mask is not None)
+    lo_np, hi_np = parallel_call(kept_minmax, w, _NO_MASK if mask is None else mask, mask is not None)
     lo, hi = torch.from_numpy(lo_np), torch.from_numpy(hi_np)
     if config.resolved_range_search and saved is None:
         lo, hi = search_ranges(
@@ -159,7 +160,9 @@ def plain_qparams(w: torch.Tensor, config: QuantConfig) -> RowQParams:
 
 def fake_quantize_table(w: torch.Tensor, qp: RowQParams, bits: int) -> torch.Tensor:
     """``dequantize(quantize(w))`` with the given row parameters."""
-    return torch.from_numpy(fake_quantize(_as_numpy(w), qp.scale.numpy(), qp.offset.numpy(), bits))
+    return torch.from_numpy(
+        parallel_call(fake_quantize, _as_numpy(w), qp.scale.numpy(), qp.offset.numpy(), bits)
+    )
 
 
 def finite_table(w: torch.Tensor, config: QuantConfig, name: str = "table") -> torch.Tensor:
@@ -169,7 +172,7 @@ def finite_table(w: torch.Tensor, config: QuantConfig, name: str = "table") -> t
     if not w.is_floating_point():
         raise TypeError(f"{name} has dtype {w.dtype}, expected a float dtype")
     out = w.detach().to("cpu", torch.float32).contiguous()
-    count = count_nonfinite(out.numpy())
+    count = parallel_call(count_nonfinite, out.numpy())
     if count:
         if config.nonfinite == "raise":
             raise ValueError(
@@ -178,6 +181,41 @@ def finite_table(w: torch.Tensor, config: QuantConfig, name: str = "table") -> t
             )
         out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
     return out
+
+
+MAX_BLOCK_WIDTH = (1 << 31) - 1
+
+
+def checked_block_width(block_width: object) -> int:
+    """``block_width`` as an int in [1, MAX_BLOCK_WIDTH]; ValueError otherwise.
+
+    The width reaches numba kernels (as an int64) and array sizes: a float, a bool or a
+    Python int beyond int64 would fail there with a TypingError or OverflowError.
+    """
+    if isinstance(block_width, bool) or not isinstance(block_width, (int, np.integer)):
+        raise ValueError(f"block_width must be an integer, got {block_width!r}")
+    if not 1 <= int(block_width) <= MAX_BLOCK_WIDTH:
+        raise ValueError(f"block_width must be in [1, {MAX_BLOCK_WIDTH}], got {int(block_width)}")
+    return int(block_width)
+
+
+def _checked_saved(saved: RowQParams, rows: int, dtype: torch.dtype) -> RowQParams:
+    """``saved`` as contiguous float32 CPU tensors of ``rows`` entries; ValueError if they
+    do not belong to this table (the encode kernel reads one entry per row, unchecked)."""
+    if not isinstance(saved, RowQParams):
+        raise TypeError(f"saved_qparams must be a RowQParams, got {type(saved).__name__}")
+    for name in ("scale", "offset"):
+        value = getattr(saved, name)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (rows,):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"saved_qparams.{name} must have shape ({rows},), got {shape}")
+    if saved.dtype != dtype:
+        raise ValueError(f"saved_qparams are for scale dtype {saved.dtype}, the config uses {dtype}")
+    return RowQParams(_as_cpu_float(saved.scale), _as_cpu_float(saved.offset), dtype)
+
+
+def _as_cpu_float(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32).contiguous()
 
 
 def _as_numpy(w: torch.Tensor) -> np.ndarray:
@@ -196,18 +234,26 @@ def encode_table(
 ) -> tuple[QuantizedTable, dict[str, float]]:
     """Quantize float ``w`` [N, D] keeping ``mask`` (True = kept; None = all) into a table.
 
-    ``block_width`` is the width of the sparsifier's blocks, used by the block-sparse
-    layout when the pruned entries fill whole (1 x width) blocks. ``saved_qparams`` are
+    ``block_width`` is the width of the sparsifier's blocks (an int in [1, 2**31 - 1],
+    ValueError otherwise), used by the block-sparse layout when the pruned entries fill
+    whole (1 x width) blocks; a width past the row is the whole row. ``saved_qparams`` are
     the row parameters of an earlier quantization (quantize-first order). Returns the
     table and its error (relative Frobenius, max |error|) against ``reference``
     (default ``w``), measured while encoding. ``checked``: ``w`` already went through
     :func:`finite_table`.
     """
+    block_width = checked_block_width(block_width)
     x = _as_numpy(w) if checked else finite_table(w, config).numpy()
     ref = x if reference is None else _as_numpy(reference)
     rows, dim = x.shape
+    # the kernels index the mask and the reference by the table's shape, unchecked
+    for name, other in (("mask", mask), ("reference", reference)):
+        if other is not None and tuple(other.shape) != (rows, dim):
+            raise ValueError(f"{name} shape {tuple(other.shape)} != table shape {(rows, dim)}")
+    if saved_qparams is not None:
+        saved_qparams = _checked_saved(saved_qparams, rows, config.resolved_scale_dtype)
     m = None if mask is None else mask.to("cpu", torch.bool).contiguous().numpy()
-    rs = _row_stats(m, rows, dim, max(1, min(block_width, dim)))
+    rs = _row_stats(m, rows, dim, min(block_width, dim))
     stats = _stats(rs, rows, dim)
     layout = _choose_layout(stats, config)
     zero_rows = _zero_rows(layout, rs, dim)
@@ -233,7 +279,8 @@ def encode_table(
         out = empty(rows * dim, np.uint8)
     err_sq, ref_sq = np.empty(rows), np.empty(rows)
     max_abs = np.empty(rows, dtype=np.float32)
-    encode_rows(
+    parallel_call(
+        encode_rows,
         x,
         ref,
         _NO_MASK if m is None else m,
@@ -306,7 +353,7 @@ def _block_sparse(
     qparams = torch.stack([qp.scale, qp.offset], dim=1).to(dtype).contiguous().view(torch.uint8).numpy()
     records = empty(int(starts[-1]) + RECORD_TAIL, np.uint8)  # every record byte is written
     records[int(starts[-1]) :] = 0
-    assemble_records(records, starts, bitmap, qparams, codes, code_start, row_codes, bits)
+    parallel_call(assemble_records, records, starts, bitmap, qparams, codes, code_start, row_codes, bits)
     return BlockSparseTable(
         torch.from_numpy(records),
         torch.from_numpy(row_offsets),

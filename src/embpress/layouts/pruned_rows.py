@@ -21,11 +21,13 @@ from typing import Any
 
 import torch
 
+from .._parallel import parallel_call
 from ._kernels import remap_rows
 from .base import (
     FormatError,
     QuantizedTable,
     base_fields,
+    check_fused_qparams,
     decode_fused,
     expect_tensor,
     fused_row_bytes,
@@ -88,7 +90,8 @@ class PrunedRowsTable(QuantizedTable):
     def _remap_checked(self, indices: torch.Tensor) -> torch.Tensor:
         """:meth:`remap` in one numba pass, raising IndexError for out-of-range indices."""
         out = torch.empty(indices.shape[0], dtype=torch.int64)
-        bad = remap_rows(
+        bad = parallel_call(
+            remap_rows,
             indices.long().contiguous().numpy(),
             self.row_bits.numpy(),
             self.row_rank.numpy(),
@@ -130,4 +133,5 @@ class PrunedRowsTable(QuantizedTable):
         fused = expect_tensor(tensors, "fused", torch.uint8, (kept + 1, fused_row_bytes(dim, bits, dtype)))
         if bool(fused[-1].any()):
             raise FormatError("the last row of 'fused' must be the all-zero row")
+        check_fused_qparams(fused, dim, bits, dtype)
         return cls(fused, row_bits, row_rank, rows, dim, bits, dtype, pruned)

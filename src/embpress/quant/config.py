@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["LAYOUTS", "QuantConfig"]
@@ -36,8 +37,14 @@ class QuantConfig:
     nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in (8, 4, 2):
-            raise ValueError(f"bits must be 8, 4 or 2, got {self.bits!r}")
+        # an int (a float 8.0 equals 8 but would reach the numba kernels as a float)
+        if (
+            isinstance(self.bits, bool)
+            or not isinstance(self.bits, (int, np.integer))
+            or self.bits not in (8, 4, 2)
+        ):
+            raise ValueError(f"bits must be 8, 4 or 2 (an int), got {self.bits!r}")
+        object.__setattr__(self, "bits", int(self.bits))  # a numpy int as a plain int (JSON)
         if self.scale_dtype is not None and self.scale_dtype not in _SCALE_DTYPES:
             raise ValueError(
                 f"scale_dtype must be torch.float32, torch.float16 or None, got {self.scale_dtype!r}"

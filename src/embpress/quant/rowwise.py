@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._parallel import parallel_call
 from ._search import greedy_ranges
 
 __all__ = [
@@ -77,7 +78,7 @@ def search_ranges(
     w_np = w.detach().float().contiguous().numpy()
     kept_np = np.ones((1, 1), dtype=np.bool_) if kept is None else kept.contiguous().numpy()
     lo_np, hi_np = lo.numpy().copy(), hi.numpy().copy()
-    greedy_ranges(w_np, kept_np, kept is not None, lo_np, hi_np, bits, 200, 0.16)
+    parallel_call(greedy_ranges, w_np, kept_np, kept is not None, lo_np, hi_np, bits, 200, 0.16)
     return torch.from_numpy(lo_np), torch.from_numpy(hi_np)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .._buffers import empty
+from .._parallel import parallel_call
 from ._kernels import (
     add_high_histogram,
     add_low_histogram,
@@ -41,7 +42,7 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 # Largest block side accepted: the kernels index with int32-sized block counts.
-_MAX_BLOCK_SIDE = (1 << 31) - 1
+MAX_BLOCK_SIDE = (1 << 31) - 1
 
 
 def _block_shape(sparse_block_shape: Any) -> tuple[int, int]:
@@ -61,8 +62,8 @@ def _block_shape(sparse_block_shape: Any) -> tuple[int, int]:
             value = operator.index(side)
         except TypeError:
             raise ValueError(message) from None
-        if not 1 <= value <= _MAX_BLOCK_SIDE:
-            raise ValueError(f"{message} (each side from 1 to {_MAX_BLOCK_SIDE})")
+        if not 1 <= value <= MAX_BLOCK_SIDE:
+            raise ValueError(f"{message} (each side from 1 to {MAX_BLOCK_SIDE})")
         out.append(value)
     return out[0], out[1]
 
@@ -105,7 +106,7 @@ def _block_norms(data: torch.Tensor, shape: tuple[int, int], norm: str) -> torch
     """Mean elementwise norm of each block (partial edge blocks: mean of what is there)."""
     x = data.detach().to("cpu", torch.float32).contiguous().numpy()
     out = empty((-(-x.shape[0] // shape[0]), -(-x.shape[1] // shape[1])), np.float32)
-    block_norms(x, shape[0], shape[1], norm == "L2", out)
+    parallel_call(block_norms, x, shape[0], shape[1], norm == "L2", out)
     return torch.from_numpy(out)
 
 
@@ -122,7 +123,7 @@ def _pruned_blocks(norms: torch.Tensor, sparsity_level: float) -> torch.Tensor:
     if nans:  # a NaN entry makes its block's norm NaN
         raise ValueError(_NAN_MESSAGE)
     # ties at the threshold: the first ones in row-major order
-    return torch.from_numpy(mark_pruned(norms.numpy(), threshold, k - smaller))
+    return torch.from_numpy(parallel_call(mark_pruned, norms.numpy(), threshold, k - smaller))
 
 
 def _smallest_in_block(
@@ -169,7 +170,7 @@ def block_norm_mask(
     pruned = _pruned_blocks(norms, float(sparsity_level))
     bh, bw = shape
     mask_np = empty((height, width), np.bool_)
-    expand_block_mask(pruned.numpy(), bh, bw, mask_np)
+    parallel_call(expand_block_mask, pruned.numpy(), bh, bw, mask_np)
     mask = torch.from_numpy(mask_np)
     if zeros < bh * bw:  # inside a pruned block only its smallest entries go
         step = _chunk_rows(width, bh)
@@ -268,10 +269,10 @@ def streaming_block_norm_mask(
         if k >= num_blocks:
             pruned = np.ones(norms.shape, dtype=np.bool_)
         else:
-            pruned = mark_pruned(norms, threshold, ties)
+            pruned = parallel_call(mark_pruned, norms, threshold, ties)
             ties -= min(ties, count_equal(norms.ravel(), threshold))
         mask_np = empty(tuple(rows.shape), np.bool_)
-        expand_block_mask(pruned, bh, bw, mask_np)
+        parallel_call(expand_block_mask, pruned, bh, bw, mask_np)
         mask = torch.from_numpy(mask_np)
         if zeros < bh * bw and not bool(mask.all()):
             mask |= _smallest_in_block(_elementwise_norm(rows.detach().float(), norm), (bh, bw), zeros)
