@@ -1,0 +1,200 @@
+"""The contract every registered layout meets, run for each entry of ``TABLE_CLASSES``.
+
+A layout gets this coverage by being registered: the same lookups as the float path on
+its dequantized table, exact zeros where pruned, kept entries within half a step of
+their grid, predicted bytes equal to the bytes held, a lossless round trip through its
+tensors and through a file, and a FormatError for every field that does not fit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import embpress
+from embpress import QuantConfig, QuantizedEmbedding, QuantizedEmbeddingBag
+from embpress.layouts import TABLE_CLASSES, FormatError, encode_table, layout_sizes
+from embpress.layouts.encode import _row_stats, _stats
+from embpress.quant import LAYOUTS as CONFIG_LAYOUTS
+
+LAYOUTS = sorted(TABLE_CLASSES)
+
+
+def _mask(kind: str, rows: int, dim: int, width: int, g: torch.Generator) -> torch.Tensor | None:
+    """Masks of the shapes sparsifiers make: none, whole rows, whole (1 x width) blocks, entries."""
+    if kind == "none":
+        return None
+    if kind == "rows":
+        return (torch.rand(rows, 1, generator=g) > 0.4).expand(rows, dim).clone()
+    if kind == "blocks":
+        nb = -(-dim // width)
+        blocks = torch.rand(rows, nb, generator=g) > 0.5
+        return blocks.repeat_interleave(width, dim=1)[:, :dim].contiguous()
+    return torch.rand(rows, dim, generator=g) > 0.5
+
+
+def _encoded(layout, bits, rows, dim, kind, width, seed, scale_dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, dim, generator=g)
+    mask = _mask(kind, rows, dim, width, g)
+    config = QuantConfig(bits=bits, layout=layout, range_search=False, scale_dtype=scale_dtype)
+    table, error = encode_table(w, mask, config, block_width=width)
+    return w, mask, config, table, error
+
+
+_CASES = st.tuples(
+    st.sampled_from(LAYOUTS),
+    st.sampled_from([8, 4, 2]),
+    st.integers(1, 24),
+    st.integers(1, 40),
+    st.sampled_from(["none", "rows", "blocks", "entries"]),
+    st.sampled_from([1, 2, 4, 8]),
+    st.integers(0, 2**31 - 1),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(_CASES)
+def test_exact_zeros_and_kept_entries_on_their_grid(case):
+    layout, bits, rows, dim, kind, width, seed = case
+    w, mask, _, table, error = _encoded(layout, bits, rows, dim, kind, min(width, dim), seed)
+    assert table.layout == layout
+    deq = table.dequantize()
+    assert deq.shape == (rows, dim) and deq.dtype == torch.float32
+    kept = torch.ones_like(w, dtype=torch.bool) if mask is None else mask
+    assert bool((deq[~kept] == 0).all()), "a pruned entry must decode to exactly 0.0"
+    if bool(kept.any()):
+        # half a step of the row's grid. The grid spans the kept range and 0; putting 0
+        # exactly on it (rows that store pruned entries in place) may stretch the step
+        # from range / (2^bits - 1) up to range / (2^bits - 2); float16 scales round.
+        lo = torch.where(kept, w, torch.inf).amin(1).clamp(max=0)
+        hi = torch.where(kept, w, -torch.inf).amax(1).clamp(min=0)
+        step = (hi - lo) / (2**bits - 2)
+        err = (deq - w).abs().masked_fill(~kept, 0)
+        assert bool((err <= step[:, None] * 0.5 * (1 + 2**-9) + 1e-5).all())
+        assert error["max_abs"] >= float(err.max()) - 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(_CASES, st.sampled_from([torch.float32, torch.float16]))
+def test_predicted_bytes_equal_bytes_held(case, scale_dtype):
+    layout, bits, rows, dim, kind, width, seed = case
+    width = min(width, dim)
+    w, mask, config, table, _ = _encoded(layout, bits, rows, dim, kind, width, seed, scale_dtype)
+    m = None if mask is None else mask.numpy()
+    stats = _stats(_row_stats(m, rows, dim, width), rows, dim)
+    predicted = layout_sizes(stats, bits, config.resolved_scale_dtype)
+    assert predicted[layout] == table.nbytes
+    auto_config = QuantConfig(bits=bits, range_search=False, scale_dtype=scale_dtype)
+    auto, _ = encode_table(w, mask, auto_config, block_width=width)
+    assert auto.nbytes == min(predicted.values())
+
+
+@st.composite
+def _bags(draw, rows):
+    sizes = draw(st.lists(st.integers(0, 5), min_size=1, max_size=5))
+    ids = draw(st.lists(st.integers(0, rows - 1), min_size=sum(sizes), max_size=sum(sizes)))
+    offsets = [0]
+    for s in sizes[:-1]:
+        offsets.append(offsets[-1] + s)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_CASES, st.data())
+def test_lookups_equal_the_float_path_on_the_dequantized_table(case, data):
+    layout, bits, rows, dim, kind, width, seed = case
+    w, mask, config, _, _ = _encoded(layout, bits, rows, dim, kind, min(width, dim), seed)
+    ids, offsets = data.draw(_bags(rows))
+    weights = torch.randn(ids.numel(), generator=torch.Generator().manual_seed(seed))
+    padding = data.draw(st.one_of(st.none(), st.integers(0, rows - 1)))
+    for mode in ("sum", "mean", "max"):
+        bag = nn.EmbeddingBag.from_pretrained(w, mode=mode, padding_idx=padding)
+        q = QuantizedEmbeddingBag.from_float(bag, config, mask=mask, block_width=min(width, dim))
+        assert q.layout == layout
+        table = q.dequantize()
+        want = F.embedding_bag(ids, table, offsets, mode=mode, padding_idx=padding)
+        torch.testing.assert_close(q(ids, offsets), want, rtol=1e-5, atol=1e-5)
+        if mode == "sum":
+            want = F.embedding_bag(
+                ids, table, offsets, mode=mode, per_sample_weights=weights, padding_idx=padding
+            )
+            got = q(ids, offsets, per_sample_weights=weights)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    plain = nn.Embedding.from_pretrained(w, padding_idx=padding)
+    emb = QuantizedEmbedding.from_float(plain, config, mask=mask)
+    grid = ids.reshape(1, -1)
+    torch.testing.assert_close(emb(grid), F.embedding(grid, emb.dequantize(), padding_idx=padding))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_round_trip_through_tensors_and_a_file(tmp_path, layout, bits):
+    w, mask, config, table, _ = _encoded(layout, bits, 37, 12, "blocks", 4, 0)
+    again = TABLE_CLASSES[layout].from_tensors(table.meta(), table.tensors())
+    assert torch.equal(again.dequantize(), table.dequantize())
+    assert again.meta() == table.meta()
+    model = nn.Sequential(nn.EmbeddingBag.from_pretrained(w, mode="sum"))
+    model[0] = QuantizedEmbeddingBag.from_float(model[0], config, mask=mask, block_width=4)
+    embpress.save(model, tmp_path / "m.safetensors")
+    fresh = embpress.load(nn.Sequential(nn.EmbeddingBag(37, 12, mode="sum")), tmp_path / "m.safetensors")
+    assert fresh[0].layout == layout
+    assert torch.equal(fresh[0].dequantize(), model[0].dequantize())
+
+
+def _tampered_tensors(tensors):
+    """(what, tensors) pairs, each with one tensor missing, retyped, shortened or added."""
+    for name, t in tensors.items():
+        yield f"{name} missing", {k: v for k, v in tensors.items() if k != name}
+        other = torch.float32 if t.dtype != torch.float32 else torch.int32
+        yield f"{name} as {other}", {**tensors, name: t.view(-1)[: t.numel() // 4 * 4].to(other)}
+        if t.numel() > 1:
+            yield f"{name} shortened", {**tensors, name: t.reshape(-1)[:-1].reshape(-1)}
+    yield "an extra tensor", {**tensors, "extra": torch.zeros(3, dtype=torch.uint8)}
+
+
+def _tampered_meta(meta):
+    """Metadata that no longer fits the tensors. (A block-sparse table one column wider can
+    be a valid table whose extra column is pruned everywhere: the model's shape catches
+    that, so the width is halved here instead.)"""
+    for key in ("num_embeddings", "embedding_dim"):
+        yield f"{key} a string", {**meta, key: str(meta[key])}
+        yield f"{key} 0", {**meta, key: 0}
+    yield "num_embeddings + 1", {**meta, "num_embeddings": meta["num_embeddings"] + 1}
+    yield "num_embeddings - 1", {**meta, "num_embeddings": meta["num_embeddings"] - 1}
+    yield "embedding_dim halved", {**meta, "embedding_dim": meta["embedding_dim"] // 2}
+    yield "bits 3", {**meta, "bits": 3}
+    yield "other bits", {**meta, "bits": 4 if meta["bits"] == 8 else 8}
+    yield "other scale dtype", {
+        **meta,
+        "scale_dtype": "float16" if meta["scale_dtype"] == "float32" else "float32",
+    }
+    yield "unknown scale dtype", {**meta, "scale_dtype": "int8"}
+    yield "negative pruned count", {**meta, "num_pruned": -1}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_field_that_does_not_fit_is_refused(layout):
+    _, _, _, table, _ = _encoded(layout, 4, 40, 16, "blocks", 4, 1)
+    meta, tensors = table.meta(), table.tensors()
+    cls = TABLE_CLASSES[layout]
+    for what, bad in _tampered_tensors(tensors):
+        if what == "an extra tensor":
+            continue  # a layout reads the tensors it knows; io refuses strays in the file
+        with pytest.raises(FormatError):
+            cls.from_tensors(meta, bad)
+            pytest.fail(f"{layout}: {what} was accepted")
+    for what, bad in _tampered_meta(meta):
+        with pytest.raises(FormatError):
+            cls.from_tensors(bad, tensors)
+            pytest.fail(f"{layout}: {what} was accepted")
+
+
+def test_every_layout_the_config_accepts_is_registered_under_its_own_name():
+    assert set(TABLE_CLASSES) == set(CONFIG_LAYOUTS) - {"auto"}
+    for name, cls in TABLE_CLASSES.items():
+        assert cls.layout == name
