@@ -6,6 +6,10 @@ import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import safetensors.torch
@@ -224,6 +228,10 @@ def _edit_table(path, table, edit):
         (lambda e: e.update(kind="Linear"), ["'user'", "kind"]),
         (lambda e: e["module"].update(padding_idx=10**6), ["'user'", "padding_idx"]),
         (lambda e: e["table"].update(scale_dtype="int8"), ["'user'", "scale_dtype"]),
+        # found by tests/test_fuzz.py: unhashable values where a field is looked up in a dict
+        (lambda e: e["table"].update(layout=[]), ["'user'", "'layout'"]),
+        (lambda e: e["table"].update(scale_dtype={}), ["'user'", "'scale_dtype'"]),
+        (lambda e: e.update(table=[]), ["'user'", "table fields"]),
     ],
 )
 def test_bad_header_fields_name_the_table(tmp_path, edit, words):
@@ -370,3 +378,321 @@ def test_kind_from_model_takes_module_arguments_from_the_model(tmp_path):
     assert (loaded.items.mode, loaded.items.padding_idx) == ("max", 3)
     assert isinstance(loaded.user, embpress.QuantizedEmbedding) and loaded.user.padding_idx == 0
     assert torch.equal(loaded.items.dequantize(), model.items.dequantize())
+
+
+# ------------------------------------------------------------------ defects found by fuzzing
+def _set_index(path, text):
+    _rewrite_metadata(path, lambda m: m.update(index=text))
+
+
+@pytest.mark.parametrize("text", ["[" * 1000 + "]" * 1000, '{"a": ' * 5000 + "1" + "}" * 5000, "1" * 5000])
+def test_pathological_index_json_is_a_format_error(tmp_path, text):
+    path = _saved(tmp_path)
+    _set_index(path, text)
+    with pytest.raises(FormatError, match="header index is not valid JSON") as info:
+        embpress.io.read_index(path)
+    assert str(path) in str(info.value)
+    _assert_refused(path, "header index")
+
+
+@pytest.mark.parametrize("depth", [800, 950, 980])
+def test_deeply_nested_field_value_is_a_format_error(tmp_path, depth):
+    """A value nested almost as deep as Python's recursion limit allows: refused whether the
+    JSON parser or a field check sees it first (neither may overflow the stack)."""
+    path = _saved(tmp_path)
+
+    def nest(metadata):
+        index = json.loads(metadata["index"])
+        index["tables"]["user"]["error"] = "@deep@"
+        metadata["index"] = json.dumps(index).replace('"@deep@"', "[" * depth + "]" * depth)
+
+    _rewrite_metadata(path, nest)
+    _assert_refused(path)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "x",
+        [],
+        {"rel_frobenius": 0.1},
+        {"rel_frobenius": "0.1", "max_abs": 0.2},
+        {"rel_frobenius": True, "max_abs": 0.2},
+        {"rel_frobenius": float("nan"), "max_abs": 0.2},
+        {"rel_frobenius": 0.1, "max_abs": float("inf")},
+        {"rel_frobenius": 0.1, "max_abs": -1.0},
+        {"rel_frobenius": 0.1, "max_abs": 10**400},
+        {"rel_frobenius": 0.1, "max_abs": 0.2, "other": 1},
+    ],
+)
+def test_bad_error_field_is_refused(tmp_path, error):
+    path = _saved(tmp_path)
+    _edit_table(path, "user", lambda e: e.update(error=error))
+    with pytest.raises(FormatError, match=r"'user'.*error") as info:
+        embpress.io.read_index(path)  # what `embpress inspect` reads first
+    assert str(path) in str(info.value)
+    _assert_refused(path, "'user'", "error")
+
+
+def test_null_error_field_loads_and_reports_none(tmp_path):
+    path = _saved(tmp_path)
+    _edit_table(path, "user", lambda e: e.update(error=None))
+    loaded = embpress.load(_fresh(), path)
+    reports = {r.name: r for r in embpress.compression_report(loaded)}
+    assert reports["user"].rel_frobenius is None and reports["user"].max_abs_error is None
+    assert reports["items"].rel_frobenius is not None
+
+
+def _module_edit(**changes):
+    return lambda e: e["module"].update(changes)
+
+
+def _drop_module_key(key):
+    return lambda e: e["module"].pop(key)
+
+
+@pytest.mark.parametrize(
+    "table, edit, field",
+    [
+        ("user", _module_edit(max_norm="max"), "max_norm"),
+        ("user", _module_edit(max_norm=0), "max_norm"),
+        ("user", _module_edit(max_norm=-1.0), "max_norm"),
+        ("user", _module_edit(max_norm=float("nan")), "max_norm"),
+        ("user", _module_edit(max_norm=float("inf")), "max_norm"),
+        ("user", _module_edit(max_norm=True), "max_norm"),
+        ("user", _module_edit(max_norm=10**400), "max_norm"),
+        ("user", _module_edit(norm_type="x"), "norm_type"),
+        ("user", _module_edit(norm_type=None), "norm_type"),
+        ("user", _module_edit(norm_type=float("-inf")), "norm_type"),
+        ("user", _module_edit(norm_type=False), "norm_type"),
+        ("user", _module_edit(padding_idx=True), "padding_idx"),
+        ("user", _module_edit(padding_idx=1.0), "padding_idx"),
+        ("user", _module_edit(padding_idx=-1), "padding_idx"),
+        ("user", _module_edit(padding_idx="0"), "padding_idx"),
+        ("user", _module_edit(mode="sum"), "unknown: ['mode']"),
+        ("user", _module_edit(sparse=False), "unknown: ['sparse']"),
+        ("user", _drop_module_key("norm_type"), "missing: ['norm_type']"),
+        ("items", _module_edit(include_last_offset=1e-30, norm_type="x"), "'items'"),
+        ("items", _module_edit(include_last_offset=1e-30), "include_last_offset"),
+        ("items", _module_edit(include_last_offset=1), "include_last_offset"),
+        ("items", _module_edit(include_last_offset="true"), "include_last_offset"),
+        ("items", _module_edit(include_last_offset=None), "include_last_offset"),
+        ("items", _module_edit(mode="MAX"), "mode"),
+        ("items", _module_edit(mode=2), "mode"),
+        ("items", _drop_module_key("mode"), "missing: ['mode']"),
+        ("items", lambda e: e.update(module=[]), "module arguments must be an object"),
+        ("items", lambda e: e.update(extra=1), "entry must hold exactly"),
+    ],
+)
+def test_bad_module_arguments_are_refused(tmp_path, table, edit, field):
+    path = _saved(tmp_path)
+    _edit_table(path, table, edit)
+    _assert_refused(path, f"{table!r}", field)
+
+
+def test_integral_module_numbers_load_as_floats(tmp_path):
+    path = _saved(tmp_path)
+    _edit_table(path, "user", _module_edit(max_norm=1, norm_type=1))
+    loaded = embpress.load(_fresh(), path)
+    assert (loaded.user.max_norm, loaded.user.norm_type) == (1.0, 1.0)
+    assert isinstance(loaded.user.max_norm, float)
+    assert torch.isfinite(loaded(*_inputs())).all()
+
+
+def _raw_header(path):
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def _relabel(path, name, dtype):
+    """Change a tensor's dtype in the safetensors header, keeping its bytes (and CRC)."""
+    header, body = _raw_header(path)
+    header[name]["dtype"] = dtype
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+
+
+@pytest.mark.parametrize(
+    "layout, name, dtype, words",
+    [
+        ("dense", "state.head.weight", "I32", ["'head.weight'", "dtype"]),
+        ("dense", "state.head.bias", "I32", ["'head.bias'", "dtype"]),
+        ("dense", "tables.user.fused", "I8", ["'user'", "'fused'", "dtype"]),
+        ("pruned_rows", "tables.user.row_rank", "F32", ["'user'", "'row_rank'", "dtype"]),
+        ("block_sparse", "tables.items.row_offsets", "I16", ["'items'", "'row_offsets'", "dtype"]),
+        ("block_sparse", "tables.items.group_offsets", "F64", ["'items'", "'group_offsets'", "dtype"]),
+        ("block_sparse", "tables.user.records", "BOOL", ["'user'", "'records'", "dtype"]),
+    ],
+)
+def test_relabelled_tensor_dtype_is_refused(tmp_path, layout, name, dtype, words):
+    path = tmp_path / "m.safetensors"
+    embpress.save(_compressed(layout), path)
+    _relabel(path, name, dtype)
+    _assert_refused(path, *words)
+
+
+class _Narrow(TwoTables):
+    """The same tensors as TwoTables, of other table sizes (a different model)."""
+
+    def __init__(self) -> None:
+        super().__init__(rows=200)
+
+
+def test_load_racing_atomic_saves_sees_one_whole_file(tmp_path, monkeypatch):
+    """Saves of two different models to one path, loads of it meanwhile: each load sees one
+    file version whole (a model, or a clean refusal when it is the other model's)."""
+    from safetensors import safe_open
+
+    def slow_open(*args, **kwargs):  # a slow disk: a reader that opened the file twice
+        time.sleep(0.002)  # would see two versions in about a third of its loads
+        return safe_open(*args, **kwargs)
+
+    monkeypatch.setattr("embpress.io.safe_open", slow_open)
+    torch.manual_seed(0)
+    wide, narrow = TwoTables(), _Narrow()
+    for m in (wide, narrow):
+        ptsq(m, DataNormSparsifier, sparsity_level=0.7, quant=QuantConfig(layout="block_sparse"))
+    inputs = (torch.arange(0, 200, 25), torch.arange(0, 240, 10).reshape(8, 3))
+    expected = {TwoTables: wide(*inputs), _Narrow: narrow(*inputs)}
+    path = tmp_path / "m.safetensors"
+    embpress.save(wide, path)
+    stop, saves = threading.Event(), [0]
+
+    def writer():
+        while not stop.is_set():
+            embpress.save(narrow if saves[0] % 2 else wide, path)
+            saves[0] += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    loaded, refused = 0, 0
+    try:
+        for i in range(60):
+            for mmap in (False, True):
+                build = (TwoTables, _Narrow)[i % 2]
+                try:
+                    model = embpress.load(build(), path, mmap=mmap)
+                except FormatError as err:
+                    assert "the model's table is" in str(err), err
+                    refused += 1
+                    continue
+                assert torch.equal(model(*inputs), expected[build])
+                loaded += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert loaded and refused and saves[0] > 10
+
+
+def _huge_sparse_file(path):
+    """An embpress header claiming a 2**40-byte tensor, the rest a hole (no disk used)."""
+    size = 1 << 40
+    index = {"tables": {}, "crc32": {"state.x": 0}}
+    metadata = {"format": "embpress", "format_version": "2", "index": json.dumps(index)}
+    header = {
+        "__metadata__": metadata,
+        "state.x": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]},
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(8 + len(raw) + size)
+
+
+def test_huge_sparse_file_is_a_format_error(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    _huge_sparse_file(path)
+    index = embpress.io.read_index(path)  # the header alone is fine (nothing is mapped)
+    assert index["crc32"] == {"state.x": 0}
+    with pytest.raises(FormatError, match="more than this machine's memory") as info:
+        embpress.io.read_tensors(path, index, mmap=False)
+    assert str(path) in str(info.value)
+    _assert_refused(path, "memory")
+
+
+def test_huge_sparse_file_that_cannot_be_mapped_is_a_format_error(tmp_path):
+    """mmap=True where the mapping fails (here: an address-space limit in a child)."""
+    path = tmp_path / "huge.safetensors"
+    _huge_sparse_file(path)
+    script = f"""
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (1 << 36, resource.RLIM_INFINITY))
+import embpress.io as eio
+from embpress import FormatError
+try:
+    index = eio.read_index({str(path)!r})
+    eio.read_tensors({str(path)!r}, index, mmap=True)
+except FormatError as err:
+    assert {str(path)!r} in str(err), err
+    print("refused:", err)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "refused:" in done.stdout
+
+
+def test_temp_files_of_killed_saves_are_removed(tmp_path, monkeypatch):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "m.safetensors"
+    stale = tmp_path / f".m.safetensors.{dead.pid}.abcd1234.tmp"
+    live = tmp_path / f".m.safetensors.{os.getpid()}.efgh5678.tmp"  # another save, running
+    other = tmp_path / f".n.safetensors.{dead.pid}.abcd1234.tmp"  # another file's
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    names = []
+
+    def record(tensors, filename, metadata=None):
+        names.append(os.path.basename(filename))
+        safetensors.torch.save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr("embpress.io.save_file", record)
+    embpress.save(_compressed(), path)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert names[0].startswith(f".m.safetensors.{os.getpid()}.") and names[0].endswith(".tmp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.safetensors", live.name, other.name])
+
+
+def test_default_load_survives_the_file_being_truncated(tmp_path):
+    """load reads the file by default: truncating it afterwards (in place) cannot crash a
+    lookup with SIGBUS, as it would under mmap=True (in a child process)."""
+    path = _saved(tmp_path)
+    script = f"""
+import os, torch, embpress
+from tests.test_io import _fresh, _inputs
+model = embpress.load(_fresh(), {str(path)!r})
+os.truncate({str(path)!r}, 100)
+out = model(*_inputs())
+out2 = model.items(torch.arange(350).reshape(-1, 1))
+print("ok", bool(torch.isfinite(out).all() and torch.isfinite(out2).all()))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "ok True" in done.stdout
+
+
+@pytest.mark.parametrize("name", ["tables.user.extra", "tables.nobody.fused", "junk"])
+def test_tensors_of_no_table_are_refused(tmp_path, name):
+    path = _saved(tmp_path)
+    _edit_tensors(path, lambda tensors: tensors.update({name: torch.zeros(3, dtype=torch.uint8)}))
+    _assert_refused(path, "belong to no table", name)
+
+
+def test_save_refuses_what_load_would_refuse_and_drops_a_bad_error_report(tmp_path):
+    path = tmp_path / "m.safetensors"
+    model = _compressed()
+    model.user.max_norm = float("inf")
+    with pytest.raises(FormatError, match=r"'user'.*max_norm"):
+        embpress.save(model, path)
+    assert list(tmp_path.iterdir()) == []
+    model.user.max_norm = None
+    model.user.error = {"rel_frobenius": float("nan"), "max_abs": 1.0}  # a report, not data
+    embpress.save(model, path)
+    loaded = embpress.load(_fresh(), path)
+    assert loaded.user.error is None and loaded.items.error == pytest.approx(model.items.error)

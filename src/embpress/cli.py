@@ -1063,8 +1063,7 @@ def inspect(file: Path, patterns: tuple[str, ...], as_json: bool) -> None:
 
 
 def _inspect_embpress(path: Path) -> dict[str, Any]:
-    index = eio.read_index(path)
-    tensors = eio.read_tensors(path, index)
+    index, tensors = eio.read_file(path, mmap=True)
     tables = []
     for name, entry in index["tables"].items():
         table = eio.build_table(path, name, entry, tensors)

@@ -10,8 +10,13 @@ tensor is trusted; the model is changed only after the whole file has been check
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
+import reprlib
+import stat
 import tempfile
 import zlib
 from pathlib import Path
@@ -24,13 +29,14 @@ from torch import nn
 
 from .layouts import TABLE_CLASSES, FormatError, QuantizedTable
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, module_kwargs
-from .report import quantized_modules
+from .report import human_bytes, quantized_modules
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "build_table",
     "load",
+    "read_file",
     "read_index",
     "read_tensors",
     "save",
@@ -65,15 +71,63 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+_TEMP_SUFFIX = ".tmp"
+_TEMP_TAIL = re.compile(r"(\d+)\.[a-z0-9_]+")  # "<pid>.<mkstemp's random part>"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` may still exist (True when unsure: then its file is kept)."""
+    if pid <= 0 or os.name != "posix":  # kill(0) signals a group; on Windows os.kill terminates
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # not ours to signal (so it exists), or no valid pid
+        return True
+    return True
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Delete the temp files of earlier saves to ``target`` whose process is gone.
+
+    A save killed with SIGKILL (or a power cut) cannot remove its temp file; its name
+    carries the writer's pid, so the next save to the same path can tell it is stale.
+    """
+    prefix = f".{target.name}."
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(_TEMP_SUFFIX)):
+            continue
+        tail = _TEMP_TAIL.fullmatch(name[len(prefix) : -len(_TEMP_SUFFIX)])
+        if tail is not None and not _alive(int(tail.group(1))):
+            with contextlib.suppress(OSError):
+                (target.parent / name).unlink()
+
+
 def write_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], index: dict[str, Any]) -> None:
-    """Write tensors + index atomically: a temp file in the same folder, fsync, rename."""
+    """Write tensors + index atomically: a temp file in the same folder, fsync, rename.
+
+    The temp file is ``.<name>.<pid>.<random>.tmp``; temp files of earlier saves to the
+    same path whose process no longer runs (killed mid-save) are removed first.
+    """
     target = Path(path)
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a directory")
     payload = _unshared(tensors)
     index = {**index, "crc32": {k: crc32(v) for k, v in payload.items()}}
-    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "index": json.dumps(index)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "index": json.dumps(index, allow_nan=False),
+    }
+    _remove_stale_temps(target)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX, dir=target.parent
+    )
     os.close(fd)
     try:
         save_file(payload, tmp, metadata=metadata)
@@ -91,7 +145,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, kind_from_model: boo
     ``kind_from_model`` writes the tables with ``kind: "auto"`` and no module arguments:
     ``load`` then builds each one after the float module it replaces (Embedding or
     EmbeddingBag, its mode, padding_idx, max_norm...). For files made from a bare
-    state_dict, which does not say what kind of module a table belongs to.
+    state_dict, which does not say what kind of module a table belongs to. Every entry is
+    checked as ``load`` will check it (a FormatError here, not a file that cannot be read).
     """
     tables = quantized_modules(model)
     if not tables:
@@ -107,8 +162,10 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, kind_from_model: boo
             "aliases": aliases,
             "module": None if kind_from_model else module_kwargs(qm),
             "table": qm.table.meta(),
-            "error": qm.error,
+            # a report, not needed to decode: left out rather than written unreadable
+            "error": qm.error if _error_problem(qm.error) is None else None,
         }
+        _check_entry(Path(path), name, entries[name])
         for buf, t in qm.table.tensors().items():
             tensors[f"{TABLE_PREFIX}{name}.{buf}"] = t
         prefixes.extend(f"{n}." for n in (name, *aliases))
@@ -123,86 +180,240 @@ def _fail(path: Path, what: str) -> FormatError:
     return FormatError(f"{path}: {what}")
 
 
-def read_index(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The validated header of an embpress file: {"tables": ..., "crc32": ..., "format_version"}."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file")
-    if not p.is_file():
-        raise FormatError(f"{p}: not a regular file")
+def _open_regular(p: Path) -> int:
+    """A read-only descriptor of the regular file at ``p`` (never blocks on a FIFO)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        with safe_open(str(p), framework="pt") as f:
-            metadata = f.metadata() or {}
-            keys = set(f.keys())
-    except (SafetensorError, OSError, ValueError) as err:
-        raise _fail(p, f"not a readable safetensors file ({err})") from None
+        fd = os.open(p, flags)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no such file") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _fail(p, "not a regular file")
+    return fd
+
+
+def _fd_name(fd: int, p: Path) -> str:
+    """A name that opens the file behind ``fd`` itself, not what ``p`` names by now.
+
+    safetensors (and torch, which maps the file for it) open the file by name; through
+    /proc/self/fd every read sees the version the descriptor holds even if a save replaces
+    ``p`` meanwhile. Where there is no /proc, ``p`` (and the race) remains.
+    """
+    name = f"/proc/self/fd/{fd}"
+    return name if os.path.exists(name) else str(p)
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory, where the OS says."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _shown(value: Any) -> str:
+    """A short repr of a value read from a file (bounded in length and nesting depth)."""
+    return reprlib.repr(value)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number (bool excluded; an int too large for a float excluded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+_INDEX_KEYS = {"tables", "crc32"}
+_ENTRY_KEYS = {"kind", "aliases", "module", "table", "error"}
+_ERROR_KEYS = {"rel_frobenius", "max_abs"}
+_MODULE_KEYS = {
+    "Embedding": {"padding_idx", "max_norm", "norm_type"},
+    "EmbeddingBag": {"padding_idx", "max_norm", "norm_type", "mode", "include_last_offset"},
+}
+
+
+def _parse_index(p: Path, metadata: dict[str, str], keys: set[str]) -> dict[str, Any]:
+    """The validated index of a file whose ``__metadata__`` and tensor names are given."""
     if metadata.get("format") != FORMAT_NAME:
         raise _fail(p, "not an embpress file (no 'format: embpress' in its header)")
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
-        raise _fail(p, f"unsupported format version {version!r} (this embpress reads {FORMAT_VERSION!r})")
+        raise _fail(
+            p, f"unsupported format version {_shown(version)} (this embpress reads {FORMAT_VERSION!r})"
+        )
     try:
         index = json.loads(metadata.get("index", ""))
-    except json.JSONDecodeError as err:
+    except RecursionError:
+        raise _fail(p, "header index is not valid JSON (nested too deeply)") from None
+    except ValueError as err:  # JSONDecodeError, or an integer of too many digits
         raise _fail(p, f"header index is not valid JSON ({err})") from None
     if (
         not isinstance(index, dict)
-        or not isinstance(index.get("tables"), dict)
-        or not isinstance(index.get("crc32"), dict)
+        or set(index) != _INDEX_KEYS
+        or not isinstance(index["tables"], dict)
+        or not isinstance(index["crc32"], dict)
     ):
-        raise _fail(p, "header index must hold 'tables' and 'crc32' objects")
+        raise _fail(p, "header index must hold exactly 'tables' and 'crc32' objects")
     if set(index["crc32"]) != keys:
         raise _fail(p, "the tensors in the file do not match the header's list")
+    for key, value in index["crc32"].items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 32:
+            raise _fail(p, f"crc32 of tensor {key!r} must be an integer in [0, 2**32), got {_shown(value)}")
     for name, entry in index["tables"].items():
         _check_entry(p, name, entry)
     index["format_version"] = version
     return index
 
 
+def _error_problem(error: Any) -> str | None:
+    """Why ``error`` is not a valid ``error`` field (None if it is)."""
+    if error is None:
+        return None
+    if not isinstance(error, dict) or set(error) != _ERROR_KEYS:
+        return f"error must be null or an object with exactly {sorted(_ERROR_KEYS)}, got {_shown(error)}"
+    for key in sorted(_ERROR_KEYS):
+        if not _is_number(error[key]) or error[key] < 0:
+            return f"error field {key!r} must be a finite number >= 0, got {_shown(error[key])}"
+    return None
+
+
+def _check_module(where: str, kind: str, module: Any, rows: int) -> str | None:
+    """Why ``module`` is not valid for a table of ``kind`` with ``rows`` rows (None if it is)."""
+    if not isinstance(module, dict):
+        return f"{where}: module arguments must be an object"
+    expected = _MODULE_KEYS[kind]
+    if set(module) != expected:
+        missing, unknown = sorted(expected - set(module)), sorted(set(module) - expected)
+        return f"{where}: module arguments of an {kind} (missing: {missing}, unknown: {unknown})"
+    padding = module["padding_idx"]
+    if padding is not None and (isinstance(padding, bool) or not isinstance(padding, int)):
+        return f"{where}: padding_idx must be an integer or null, got {_shown(padding)}"
+    if padding is not None and not 0 <= padding < rows:
+        return f"{where}: padding_idx {padding} is out of range"
+    max_norm = module["max_norm"]
+    if max_norm is not None and (not _is_number(max_norm) or max_norm <= 0):
+        return f"{where}: max_norm must be a finite number > 0 or null, got {_shown(max_norm)}"
+    if not _is_number(module["norm_type"]):
+        return f"{where}: norm_type must be a finite number, got {_shown(module['norm_type'])}"
+    if kind == "EmbeddingBag":
+        if module["mode"] not in ("sum", "mean", "max"):
+            return f"{where}: mode must be sum, mean or max, got {_shown(module['mode'])}"
+        last = module["include_last_offset"]
+        if not isinstance(last, bool):
+            return f"{where}: include_last_offset must be true or false, got {_shown(last)}"
+    return None
+
+
 def _check_entry(p: Path, name: str, entry: Any) -> None:
+    """One table's index entry, every field checked (the layout's own fields by the layout)."""
     where = f"table {name!r}"
     if not isinstance(entry, dict):
         raise _fail(p, f"{where}: entry must be an object")
-    if entry.get("kind") not in ("Embedding", "EmbeddingBag", "auto"):
-        raise _fail(p, f"{where}: kind must be Embedding, EmbeddingBag or auto, got {entry.get('kind')!r}")
-    if not isinstance(entry.get("aliases"), list) or not all(isinstance(a, str) for a in entry["aliases"]):
+    if set(entry) != _ENTRY_KEYS:
+        raise _fail(p, f"{where}: entry must hold exactly {sorted(_ENTRY_KEYS)}, got {_shown(sorted(entry))}")
+    kind = entry["kind"]
+    if kind not in ("Embedding", "EmbeddingBag", "auto"):
+        raise _fail(p, f"{where}: kind must be Embedding, EmbeddingBag or auto, got {_shown(kind)}")
+    if not isinstance(entry["aliases"], list) or not all(isinstance(a, str) for a in entry["aliases"]):
         raise _fail(p, f"{where}: aliases must be a list of names")
-    table, module = entry.get("table"), entry.get("module")
-    if not isinstance(table, dict) or table.get("layout") not in TABLE_CLASSES:
-        raise _fail(
-            p, f"{where}: unknown layout {table.get('layout') if isinstance(table, dict) else None!r}"
-        )
-    if entry["kind"] == "auto":
-        if module is not None:
+    table = entry["table"]
+    if not isinstance(table, dict):
+        raise _fail(p, f"{where}: table fields must be an object")
+    for key, value in table.items():  # the layouts check the values (no list or object among them)
+        if value is not None and not isinstance(value, (str, int, float)):
+            raise _fail(p, f"{where}: table field {key!r} must be a number or a string")
+    if table.get("layout") not in TABLE_CLASSES:
+        raise _fail(p, f"{where}: unknown layout {_shown(table.get('layout'))}")
+    rows = table.get("num_embeddings")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise _fail(p, f"{where}: num_embeddings must be a positive integer, got {_shown(rows)}")
+    problem = _error_problem(entry["error"])
+    if problem is not None:
+        raise _fail(p, f"{where}: {problem}")
+    if kind == "auto":
+        if entry["module"] is not None:
             raise _fail(p, f"{where}: a table of kind auto takes its module arguments from the model")
         return
-    if not isinstance(module, dict):
-        raise _fail(p, f"{where}: module arguments must be an object")
-    rows = table.get("num_embeddings")
-    if not isinstance(rows, int):
-        raise _fail(p, f"{where}: num_embeddings must be an integer")
-    padding = module.get("padding_idx")
-    if padding is not None and (not isinstance(padding, int) or not 0 <= padding < rows):
-        raise _fail(p, f"{where}: padding_idx {padding!r} is out of range")
-    if entry["kind"] == "EmbeddingBag" and module.get("mode") not in ("sum", "mean", "max"):
-        raise _fail(p, f"{where}: mode must be sum, mean or max")
+    problem = _check_module(where, kind, entry["module"], rows)
+    if problem is not None:
+        raise _fail(p, problem)
 
 
-def read_tensors(
-    p: Path, index: dict[str, Any], mmap: bool = True, verify: bool = True
-) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, each CRC-checked against the index (``verify``)."""
-    out = {}
+def _read(
+    p: Path, *, tensors: bool, mmap: bool, verify: bool, expect: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(validated index, tensors) of ``p``, both from one opened file (see ``_fd_name``).
+
+    ``tensors=False`` reads the header only. ``expect``: the index the caller read
+    before; a file whose index differs now was replaced in between (FormatError).
+    """
+    fd = _open_regular(p)
     try:
-        with safe_open(str(p), framework="pt", backend="mmap" if mmap else "pread") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                t = f.get_tensor(key)
+        name = _fd_name(fd, p)
+        backend = "mmap" if tensors and mmap else "pread"
+        try:
+            handle = safe_open(name, framework="pt", backend=backend)
+        except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
+            detail = str(err).replace(name, str(p))
+            raise _fail(p, f"not a readable safetensors file ({detail})") from None
+        with handle as f:
+            keys = list(f.keys())
+            index = _parse_index(p, dict(f.metadata() or {}), set(keys))
+            if expect is not None and any(index[k] != expect.get(k) for k in _INDEX_KEYS):
+                raise _fail(p, "the file was replaced while it was being read; read it again")
+            if not tensors:
+                return index, {}
+            if not mmap:
+                os.lseek(fd, 0, os.SEEK_SET)
+                header = int.from_bytes(os.read(fd, 8), "little")
+                data, memory = os.fstat(fd).st_size - 8 - header, _memory_bytes()
+                if memory is not None and data > memory:
+                    raise _fail(
+                        p,
+                        f"its tensors take {human_bytes(data)}, more than this machine's memory "
+                        f"({human_bytes(memory)}); load it with mmap=True",
+                    )
+            out = {}
+            for key in keys:
+                try:
+                    t = f.get_tensor(key)
+                except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
+                    detail = str(err).replace(name, str(p))
+                    raise _fail(p, f"could not read tensor {key!r} ({detail})") from None
                 if verify and crc32(t) != index["crc32"][key]:
                     raise _fail(p, f"tensor {key!r} is corrupted (CRC-32 mismatch)")
                 out[key] = t
-    except (SafetensorError, OSError) as err:
-        raise _fail(p, f"could not read tensors ({err})") from None
-    return out
+            return index, out
+    finally:
+        os.close(fd)
+
+
+def read_index(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated header of an embpress file: {"tables": ..., "crc32": ..., "format_version"}."""
+    return _read(Path(path), tensors=False, mmap=False, verify=False)[0]
+
+
+def read_tensors(
+    p: str | os.PathLike[str], index: dict[str, Any], mmap: bool = True, verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, each CRC-checked against the index (``verify``).
+
+    ``index`` is what ``read_index`` returned: if the file was replaced since (a save to
+    the same path), FormatError. ``read_file`` reads both from one opened file.
+    """
+    return _read(Path(p), tensors=True, mmap=mmap, verify=verify, expect=index)[1]
+
+
+def read_file(
+    path: str | os.PathLike[str], *, mmap: bool = False, verify: bool = True
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(validated index, every tensor) of an embpress file, both from one opened file: a
+    save that replaces ``path`` meanwhile cannot mix two versions."""
+    return _read(Path(path), tensors=True, mmap=mmap, verify=verify)
 
 
 def build_table(
@@ -221,16 +432,17 @@ def _module_for(
     p: Path, name: str, entry: dict[str, Any], table: QuantizedTable, target: nn.Module
 ) -> QuantizedEmbedding | QuantizedEmbeddingBag:
     """The quantized module of one entry; kind "auto" copies ``target``'s kind and arguments."""
-    kind, kwargs = entry["kind"], entry["module"]
+    kind, kwargs = entry["kind"], dict(entry["module"] or {})
     if kind == "auto":
         bag = isinstance(target, (nn.EmbeddingBag, QuantizedEmbeddingBag))
         kind = "EmbeddingBag" if bag else "Embedding"
-        keys: tuple[str, ...] = ("padding_idx", "max_norm", "norm_type")
-        if bag:
-            keys = (*keys, "mode", "include_last_offset")
-        kwargs = {k: getattr(target, k) for k in keys}
+        kwargs = {k: getattr(target, k) for k in sorted(_MODULE_KEYS[kind])}
         if kwargs["padding_idx"] is not None and not 0 <= kwargs["padding_idx"] < table.num_embeddings:
             raise _fail(p, f"table {name!r}: the model's padding_idx is out of range")
+    else:  # checked by _check_entry: numbers as floats (as nn's modules hold them)
+        kwargs["norm_type"] = float(kwargs["norm_type"])
+        if kwargs["max_norm"] is not None:
+            kwargs["max_norm"] = float(kwargs["max_norm"])
     module: QuantizedEmbedding | QuantizedEmbeddingBag
     try:
         if kind == "EmbeddingBag":
@@ -239,7 +451,7 @@ def _module_for(
             module = QuantizedEmbedding(table, **kwargs)
     except (TypeError, ValueError) as err:
         raise _fail(p, f"table {name!r}: bad module arguments ({err})") from None
-    module.error = entry.get("error")
+    module.error = entry["error"]
     return module
 
 
@@ -279,28 +491,42 @@ def load(
     model: nn.Module,
     path: str | os.PathLike[str],
     *,
-    mmap: bool = True,
+    mmap: bool = False,
     verify: bool = True,
     device: str | torch.device | None = None,
 ) -> nn.Module:
     """Put the tables (and other tensors) of ``path`` into ``model``; return ``model``.
 
     ``model`` is a freshly built model of the architecture that was saved: its float
-    embeddings are replaced by the compressed ones, its other tensors loaded. ``mmap``
-    maps the file instead of reading it; ``verify`` checks every tensor's CRC-32.
-    Nothing in ``model`` changes unless the whole file is valid for it.
+    embeddings are replaced by the compressed ones, its other tensors loaded. ``verify``
+    checks every tensor's CRC-32. Nothing in ``model`` changes unless the whole file is
+    valid for it. The header and the tensors come from one opened file, so a save that
+    replaces ``path`` meanwhile is seen whole or not at all.
+
+    ``mmap=True`` maps the file instead of reading it (less memory, faster start), but the
+    model then reads the file on every lookup: if the file is truncated or overwritten in
+    place while the model lives, the next lookup dies with SIGBUS (replacing it by rename,
+    as ``save`` does, is safe). The default reads it into memory.
     """
     p = Path(path)
-    index = read_index(p)
-    tensors = read_tensors(p, index, mmap, verify)
+    index, tensors = read_file(p, mmap=mmap, verify=verify)
     places: list[tuple[nn.Module, str, nn.Module]] = []
+    owned: set[str] = set()
     for name, entry in index["tables"].items():
         table = build_table(p, name, entry, tensors)
+        for buf in table.tensors():
+            key = f"{TABLE_PREFIX}{name}.{buf}"
+            if key in owned:
+                raise _fail(p, f"tensor {key!r} belongs to two tables")
+            owned.add(key)
         resolved = [_resolve(model, p, name, place, entry) for place in (name, *entry["aliases"])]
         module = _module_for(p, name, entry, table, resolved[0][2])
         if device is not None:
             module = module.to(device)
         places.extend((parent, attr, module) for parent, attr, _ in resolved)
+    stray = sorted(k for k in tensors if k not in owned and not k.startswith(STATE_PREFIX))
+    if stray:
+        raise _fail(p, f"tensors {stray[:5]} belong to no table")
     state = {k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
     replaced = tuple(
         f"{place}." for name, entry in index["tables"].items() for place in (name, *entry["aliases"])
@@ -318,6 +544,8 @@ def load(
                 p,
                 f"tensor {key!r} has shape {tuple(value.shape)}, the model's is {tuple(expected[key].shape)}",
             )
+        if value.dtype != expected[key].dtype:
+            raise _fail(p, f"tensor {key!r} has dtype {value.dtype}, the model's is {expected[key].dtype}")
     for parent, attr, replacement in places:
         setattr(parent, attr, replacement)
     model.load_state_dict(state, strict=False)
