@@ -1,5 +1,7 @@
 # Set-up is one stamp file: the venv is created once and reused; torch is pinned
-# before the package so that pip takes the local CPU build instead of CUDA wheels.
+# before the package so that pip takes the local CPU build instead of CUDA wheels. The
+# library needs torch, numpy, numba and safetensors; the cli extra adds the command's
+# click and rich and the plots' matplotlib (demo, bench), dev the tools and tests.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,cli]'
 	touch $@
 
 demo: $(STAMP)

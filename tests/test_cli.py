@@ -19,9 +19,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 import embpress
+import embpress.checkpoint as embpress_checkpoint
 import embpress.cli as embpress_cli
 from embpress import DataNormSparsifier, FormatError, QuantConfig, post_training_sparse_quantize
-from embpress.cli import cli, find_tables, looks_like_embedding
+from embpress.checkpoint import find_tables, looks_like_embedding
+from embpress.cli import cli
 from embpress.demo import DemoSettings, binary_auc, run_demo
 
 _SCRIPT = Path(sys.executable).with_name("embpress")
@@ -551,7 +553,7 @@ def test_out_of_memory_while_reading_is_one_line(ckpt: Path, monkeypatch: pytest
         def fail(*args: object, _error: BaseException = error, **kwargs: object) -> None:
             raise _error
 
-        monkeypatch.setattr(embpress_cli.torch, "load", fail)
+        monkeypatch.setattr(embpress_checkpoint.torch, "load", fail)
         line = _one_error_line(_run("compress", ckpt, ckpt.with_name("out.safetensors")), str(ckpt))
         assert "too large" in line, line
 
@@ -603,7 +605,7 @@ def test_torch_load_is_weights_only(ckpt: Path, monkeypatch: pytest.MonkeyPatch)
         calls.append(kwargs)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(embpress_cli.torch, "load", spy)
+    monkeypatch.setattr(embpress_checkpoint.torch, "load", spy)
     assert _run("inspect", ckpt).exit_code == 0
     assert _run("compress", ckpt, ckpt.with_name("out.safetensors")).exit_code == 0
     assert len(calls) == 2 and all(c.get("weights_only") is True for c in calls)
@@ -689,7 +691,7 @@ def test_escaping_errors_are_one_line(
 
     monkeypatch.delenv("EMBPRESS_DEBUG", raising=False)
     for command in ("compress", "inspect"):
-        monkeypatch.setattr(embpress_cli, "find_tables", fail)
+        monkeypatch.setattr(embpress_checkpoint, "find_tables", fail)
         args = [command, ckpt] + ([ckpt.with_name("out.safetensors")] if command == "compress" else [])
         result = _run(*args)
         assert result.exit_code == code
@@ -702,7 +704,7 @@ def test_debug_env_shows_the_traceback(ckpt: Path, monkeypatch: pytest.MonkeyPat
     def fail(*args: object, **kwargs: object) -> None:
         raise _NumbaLikeError("boom")
 
-    monkeypatch.setattr(embpress_cli, "find_tables", fail)
+    monkeypatch.setattr(embpress_checkpoint, "find_tables", fail)
     monkeypatch.setenv("EMBPRESS_DEBUG", "1")
     with pytest.raises(_NumbaLikeError, match="boom"):
         _run("inspect", ckpt)

@@ -1,23 +1,20 @@
 """The ``embpress`` command: compress a checkpoint's embedding tables, inspect files, run the demo.
 
-``compress`` reads a plain PyTorch state_dict (``.pt``/``.pth``, loaded with
-``weights_only=True``) or a ``.safetensors`` file, rebuilds the state_dict as a skeleton
-module (an ``nn.Embedding`` at each table, every other tensor a buffer at its own key),
-runs :func:`embpress.post_training_sparse_quantize` on it and writes it with
-:func:`embpress.save` (tables of kind "auto": a state_dict does not say which table is a
-bag, so ``embpress.load`` builds each after the model's own module). The command and the
-Python API share one code path, and ``embpress.load(model, OUT)`` loads the result into
-the model IN came from.
+A thin layer over the library: it parses arguments, calls :mod:`embpress.checkpoint`
+(``load_checkpoint``, ``find_tables``, ``compress_state_dict``, ``inspect``,
+``inspect_checkpoint``) and renders what they return (:class:`embpress.TableReport` and
+the file reports) as rich tables or JSON. The command and the Python API share one code
+path, and ``embpress.load(model, OUT)`` loads the result into the model IN came from.
 
 User errors end in one ``error: ...`` line on stderr naming the file or option and a
 non-zero exit status (2: bad usage, 1: anything else, 130: interrupted), never a
 traceback; an internal error says so in one line (``EMBPRESS_DEBUG=1`` shows its
-traceback). Only regular files are read, and none larger than this machine's memory.
+traceback). The library's exceptions carry the messages; this module puts them on one
+line. Needs the ``cli`` extra (click, rich; matplotlib for the demo's plot).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import json
 import math
@@ -25,15 +22,12 @@ import os
 import re
 import stat
 import sys
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import click
-import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -45,34 +39,17 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_save
-from torch import nn
+from safetensors import SafetensorError
 
-from . import io as eio
-from .api import post_training_sparse_quantize
-from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
+from . import checkpoint
 from .quant.config import LAYOUTS, QuantConfig
-from .report import human_bytes, quantized_modules
-from .sparsify import DataNormSparsifier
+from .report import CheckpointReport, FileReport, TableReport, TensorInfo, human_bytes
 from .sparsify.data_norm import MAX_BLOCK_SIDE
 
-__all__ = [
-    "CompressedTable",
-    "build_skeleton",
-    "cli",
-    "compress_state_dict",
-    "find_tables",
-    "load_checkpoint",
-    "looks_like_embedding",
-    "main",
-]
+__all__ = ["cli", "main"]
 
 # Total table elements above which compress shows a progress bar (on stderr).
 PROGRESS_MIN_ELEMENTS = 1_000_000
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
-_ZIP_MAGIC = b"PK\x03\x04"
 
 
 # ------------------------------------------------------------------------------ errors
@@ -106,10 +83,11 @@ def _one_line(err: BaseException | str) -> str:
 
 
 def _named(text: str, subject: object) -> str:
-    """``text``, prefixed with ``subject`` (a path) unless it already names it."""
-    if subject is None or str(subject) in text:
-        return text
-    return f"{subject}: {text}"
+    """``text`` on one line, prefixed with ``subject`` (a path) unless it already names it."""
+    line = _one_line(text)
+    if subject is None or (line != "unknown error" and str(subject) in text):
+        return line
+    return _one_line(f"{subject}: {line}")
 
 
 def _debug() -> bool:
@@ -134,11 +112,11 @@ def _describe(err: Exception, subject: object) -> str:
     if isinstance(err, OSError):
         if err.strerror:
             where = err.filename if err.filename is not None else subject
-            return _named(_one_line(err.strerror[:1].lower() + err.strerror[1:]), where)
-        return _named(_one_line(err), subject)
+            return _named(err.strerror[:1].lower() + err.strerror[1:], where)
+        return _named(str(err), subject)
     if isinstance(err, (ValueError, TypeError, RuntimeError, SafetensorError)):
         # FormatError is a ValueError: the library's own one-line messages
-        return _named(_one_line(err), subject)
+        return _named(str(err), subject)
     return _named(_INTERNAL, subject)
 
 
@@ -201,391 +179,6 @@ class _Group(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-# ------------------------------------------------------------------------------ reading
-def _sniff(path: Path) -> str:
-    """'safetensors', 'zip' (torch.save's format) or 'other', from the first bytes."""
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    if head[:4] == _ZIP_MAGIC:
-        return "zip"
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 32:
-        return "safetensors"
-    return "other"
-
-
-def _memory_bytes() -> int | None:
-    """This machine's memory (RAM + swap), or None where the OS does not say."""
-    try:
-        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-    swap = 0
-    try:
-        with open("/proc/meminfo") as fh:
-            swap = next((int(line.split()[1]) * 1024 for line in fh if line.startswith("SwapTotal:")), 0)
-    except (OSError, ValueError, IndexError):
-        pass
-    return ram + swap if ram > 0 else None
-
-
-def _check_fits(what: str, nbytes: int) -> None:
-    """Refuse ``what`` (``nbytes`` to hold in memory) when this machine could not hold it."""
-    limit = _memory_bytes()
-    if limit is not None and nbytes > limit:
-        raise CliError(
-            f"{what} is too large: {human_bytes(nbytes)}, more than this machine's memory "
-            f"({human_bytes(limit)})"
-        )
-
-
-_FILE_KINDS = (
-    (stat.S_ISFIFO, "a named pipe"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _check_readable(path: Path) -> None:
-    """IN must be a non-empty regular file that fits in memory; anything else is never opened
-    (a named pipe would block, /dev/zero never ends)."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise CliError(f"{path}: no such file") from None
-    except OSError as err:
-        raise CliError(_named(f"cannot read ({_one_line(err.strerror or 'unknown error')})", path)) from None
-    if stat.S_ISDIR(info.st_mode):
-        raise CliError(f"{path}: is a directory, expected a checkpoint file")
-    if not stat.S_ISREG(info.st_mode):
-        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
-        raise CliError(f"{path}: not a regular file ({kind}), expected a checkpoint file")
-    if info.st_size == 0:
-        raise CliError(f"{path}: the file is empty")
-    _check_fits(str(path), info.st_size)
-    with open(path, "rb"):  # PermissionError says why
-        pass
-
-
-def _safetensors_cause(err: BaseException) -> str:
-    """Why safetensors could not read a file, in our words."""
-    text = str(err)
-    if _out_of_memory(err):
-        return "too large to map into memory"
-    if "HeaderTooLarge" in text or "too large" in text:
-        return "its header is too large"
-    if any(
-        s in text for s in ("incomplete metadata", "MetadataIncompleteBuffer", "InvalidOffset", "covered")
-    ):
-        return "truncated, or its header's offsets do not match its size"
-    if any(s in text for s in ("JSON", "Header", "header", "utf", "UTF")):
-        return "its header is not a valid safetensors header"
-    return "damaged"
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
-        raise CliError(f"{path}: not a readable safetensors file ({_safetensors_cause(err)})") from None
-
-
-def _torch_load(path: Path, kind: str) -> Any:
-    """``torch.load(weights_only=True)`` with errors said in one line (mmap for zip files)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
-    except Exception as err:  # torch raises many types for a bad file; all mean the same here
-        text = str(err)
-        if "allowed global" in text or "Unsupported global" in text:
-            raise CliError(
-                f"{path}: refused: the checkpoint holds Python objects that a weights-only load does "
-                "not unpickle (save the model's state_dict() instead)"
-            ) from None
-        if _out_of_memory(err):
-            why = "too large to read into memory"
-        elif isinstance(err, RecursionError):
-            why = "nested too deeply"
-        else:
-            why = "damaged, or not written by torch.save" if kind == "zip" else "unrecognized contents"
-        raise CliError(f"{path}: not a PyTorch checkpoint or safetensors file ({why})") from None
-
-
-def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The state_dict in ``obj``: itself, or under 'state_dict' / 'model' / 'model_state_dict'."""
-
-    def is_state(d: Any) -> bool:
-        return (
-            isinstance(d, Mapping)
-            and len(d) > 0
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
-        )
-
-    if is_state(obj):
-        return {k: v.detach() for k, v in obj.items()}
-    if isinstance(obj, Mapping):
-        for key in _WRAPPER_KEYS:
-            if is_state(obj.get(key)):
-                return {k: v.detach() for k, v in obj[key].items()}
-        if not obj:
-            raise CliError(f"{path}: the checkpoint is empty")
-    raise CliError(
-        f"{path}: not a state_dict (expected a dict of tensors, possibly under "
-        f"{' / '.join(repr(k) for k in _WRAPPER_KEYS)}; got {type(obj).__name__})"
-    )
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """(state_dict, format) of a ``.pt``/``.pth`` state_dict or a plain ``.safetensors`` file.
-
-    Never unpickles arbitrary objects (``weights_only=True``) and reads only a regular file
-    no larger than this machine's memory. An embpress file is refused: its tables are
-    already compressed. Sparse tensors are returned as they are (compress makes sparse tables dense).
-    """
-    p = Path(path)
-    _check_readable(p)
-    kind = _sniff(p)
-    if kind == "safetensors" or p.suffix == ".safetensors":
-        if _safetensors_metadata(p).get("format") == eio.FORMAT_NAME:
-            raise CliError(f"{p}: already an embpress file (see 'embpress inspect {p}')")
-        try:
-            tensors = load_file(str(p))
-        except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
-            raise CliError(f"{p}: not a readable safetensors file ({_safetensors_cause(err)})") from None
-        if not tensors:
-            raise CliError(f"{p}: the file holds no tensors")
-        return tensors, "safetensors"
-    state = _unwrap(_torch_load(p, kind), p)
-    for key, t in state.items():
-        if t.is_nested:
-            raise CliError(f"{p}: tensor {key!r} is a nested tensor, which embpress cannot read")
-    return state, "pytorch"
-
-
-# ------------------------------------------------------------------------------ choosing tables
-def looks_like_embedding(module_path: str) -> bool:
-    """Whether a module path names an embedding (``emb1``, ``word_embeddings``, ``wte``, ``tables.3``...).
-
-    The last component decides; a numeric one (a ModuleList index) defers to its parent.
-    """
-    parts = module_path.lower().split(".")
-    last = parts[-1]
-    if last.isdigit() and len(parts) > 1:
-        last = parts[-2]
-    return "emb" in last or last in ("wte", "wpe")
-
-
-def _module_path(key: str) -> str | None:
-    return key[: -len(".weight")] if key.endswith(".weight") and len(key) > len(".weight") else None
-
-
-def _table_problem(state: Mapping[str, torch.Tensor], key: str, path: str) -> str | None:
-    """Why ``key`` cannot be compressed as a table, or None."""
-    t = state[key]
-    if t.dim() != 2:
-        return f"is not a 2-D table (shape {tuple(t.shape)})"
-    if not t.is_floating_point():
-        return f"is not a float table (dtype {str(t.dtype).replace('torch.', '')})"
-    if t.shape[0] == 0 or t.shape[1] == 0:
-        return f"is empty (shape {tuple(t.shape)})"
-    others = [k for k in state if k.startswith(path + ".") and k != key]
-    if others:
-        return f"is not an embedding: its module {path!r} also holds {others[0]!r}"
-    if any(not part for part in path.split(".")):
-        return "has an empty component in its name"
-    return None
-
-
-def find_tables(state: Mapping[str, torch.Tensor], patterns: Sequence[str] = ()) -> list[str]:
-    """The keys of ``state`` compressed as tables, in the order of ``state``.
-
-    Without ``patterns``: every ``<module>.weight`` whose module name looks like an
-    embedding (:func:`looks_like_embedding`) and that is a 2-D float tensor. With
-    ``patterns`` (fnmatch globs on the key or on the module path): exactly the matched
-    ``.weight`` tensors, each of which must be a 2-D float table (ValueError otherwise).
-    """
-    candidates = {k: p for k in state if (p := _module_path(k)) is not None}
-    if not patterns:
-        found = [k for k, p in candidates.items() if looks_like_embedding(p)]
-        return [k for k in found if _table_problem(state, k, candidates[k]) is None]
-    chosen: list[str] = []
-    for pattern in patterns:
-        hits = [
-            k
-            for k, p in candidates.items()
-            if fnmatch.fnmatchcase(k, pattern) or fnmatch.fnmatchcase(p, pattern)
-        ]
-        if not hits:
-            some = ", ".join(list(candidates)[:5]) or "none"
-            raise ValueError(
-                f"--tables {pattern!r} matches no table (tables are '<module>.weight' tensors: {some}"
-                f"{', ...' if len(candidates) > 5 else ''})"
-            )
-        chosen.extend(k for k in hits if k not in chosen)
-    for key in chosen:
-        problem = _table_problem(state, key, candidates[key])
-        if problem is not None:
-            raise ValueError(f"selected tensor {key!r} {problem}")
-    return [k for k in state if k in chosen]
-
-
-# ------------------------------------------------------------------------------ compressing
-def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
-    """Identity of a tensor's data: equal for tied tables (shared storage, same view)."""
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-
-
-def _child(parent: nn.Module, name: str) -> nn.Module:
-    child = parent._modules.get(name)
-    if child is None:
-        child = parent._modules[name] = nn.Module()
-    return child
-
-
-def build_skeleton(
-    state: Mapping[str, torch.Tensor], tables: Sequence[str]
-) -> tuple[nn.Module, dict[str, nn.Module]]:
-    """A module whose ``state_dict()`` has the keys of ``state``; each table an embedding module.
-
-    Table ``a.b.weight`` becomes an ``nn.Embedding`` at ``a.b`` holding the very tensor
-    (no copy; the file records no kind, ``embpress.load`` takes it from the model, which
-    may have an EmbeddingBag there); tied tables (the same
-    storage) share one module, which embpress then saves once with aliases. Every other
-    tensor is a buffer at its own key. Returns (skeleton, table key -> embedding module).
-    """
-    root = nn.Module()
-    modules: dict[str, nn.Module] = {}
-    shared: dict[tuple[Any, ...], str] = {}
-    for key in tables:
-        weight = state[key]
-        first = shared.setdefault(_storage_key(weight), key)
-        if first != key:
-            modules[key] = modules[first]
-            continue
-        rows, dim = weight.shape
-        module = nn.Embedding(rows, dim, _weight=weight)
-        module.requires_grad_(False)
-        modules[key] = module
-    for key in tables:
-        *parents, attr = key[: -len(".weight")].split(".")
-        node = root
-        for name in parents:
-            node = _child(node, name)
-        node._modules[attr] = modules[key]
-    table_set = set(tables)
-    for key, value in state.items():
-        if key in table_set:
-            continue
-        *parents, attr = key.split(".")
-        node = root
-        for name in parents:
-            node = _child(node, name)
-        if isinstance(node, (nn.Embedding, nn.EmbeddingBag)):
-            raise ValueError(f"tensor {key!r} lies inside table {'.'.join(parents)!r}")
-        node._buffers[attr] = value
-    if set(root.state_dict(keep_vars=True)) != set(state):
-        odd = sorted(set(state) ^ set(root.state_dict(keep_vars=True)))[:3]
-        raise ValueError(f"these checkpoint keys cannot be stored as module names: {odd}")
-    return root, modules
-
-
-@dataclass
-class CompressedTable:
-    """One compressed table as the command reports it (bytes before = in the checkpoint's dtype)."""
-
-    name: str
-    aliases: list[str]
-    kind: str
-    mode: str | None
-    rows: int
-    dim: int
-    dtype: str
-    layout: str
-    bits: int
-    sparsity: float
-    bytes_before: int
-    bytes_after: int
-    rel_frobenius: float | None
-    max_abs_error: float | None
-
-    @property
-    def ratio(self) -> float:
-        """Bytes after / bytes before."""
-        return self.bytes_after / self.bytes_before if self.bytes_before else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-able form, ratio included."""
-        return {**asdict(self), "ratio": self.ratio}
-
-
-def compress_state_dict(
-    state: Mapping[str, torch.Tensor],
-    tables: Sequence[str],
-    *,
-    sparsity: float = 0.8,
-    block: tuple[int, int] = (1, 4),
-    zeros_per_block: int | None = None,
-    norm: str = "L1",
-    quant: QuantConfig | None = None,
-    sparsify_first: bool = True,
-    on_table: Callable[[str, int, bool], None] | None = None,
-) -> tuple[nn.Module, list[CompressedTable]]:
-    """Prune and quantize ``tables`` of ``state``; (skeleton ready for embpress.save, reports).
-
-    Each table goes through :func:`post_training_sparse_quantize` on its own (masks are
-    per table in DataNormSparsifier, so this equals one call over all of them), which lets
-    ``on_table(name, elements, done)`` report progress.
-    """
-    root, modules = build_skeleton(state, tables)
-    config = quant if quant is not None else QuantConfig()
-    sparse_config: dict[str, Any] = {"sparsity_level": sparsity, "sparse_block_shape": tuple(block)}
-    if zeros_per_block is not None:
-        sparse_config["zeros_per_block"] = zeros_per_block
-    names = {id(m): k for k, m in reversed(list(modules.items()))}  # first key of each module
-    for module in {id(m): m for m in modules.values()}.values():
-        key = names[id(module)]
-        elements = state[key].numel()
-        if on_table is not None:
-            on_table(key[: -len(".weight")], elements, False)
-        post_training_sparse_quantize(
-            root,
-            DataNormSparsifier,
-            sparsify_first,
-            [module],
-            quant=config,
-            norm=norm,
-            **sparse_config,
-        )
-        if on_table is not None:
-            on_table(key[: -len(".weight")], elements, True)
-    reports = []
-    for name, (found, aliases) in quantized_modules(root).items():
-        qm = cast(QuantizedEmbedding | QuantizedEmbeddingBag, found)
-        weight = state[f"{name}.weight"]
-        error = qm.error or {}
-        reports.append(
-            CompressedTable(
-                name=name,
-                aliases=list(aliases),
-                kind="auto",  # embpress.load builds it after the model's module
-                mode=None,
-                rows=qm.num_embeddings,
-                dim=qm.embedding_dim,
-                dtype=str(weight.dtype).replace("torch.", ""),
-                layout=qm.layout,
-                bits=qm.bits,
-                sparsity=qm.sparsity,
-                bytes_before=weight.numel() * weight.element_size(),
-                bytes_after=qm.nbytes,
-                rel_frobenius=error.get("rel_frobenius"),
-                max_abs_error=error.get("max_abs"),
-            )
-        )
-    return root, reports
-
-
 # ------------------------------------------------------------------------------ output helpers
 def _stdout() -> Console:
     """Rich console on stdout; wide when not a terminal so tables are never squeezed."""
@@ -599,18 +192,23 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def _print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, allow_nan=False, default=str))
 
 
+def _footed_table(columns: list[tuple[str, str, str]]) -> Table:
+    """A rich table with (header, footer, justify) columns."""
+    table = Table(show_footer=True)
+    for head, foot, justify in columns:
+        table.add_column(head, footer=foot, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    return table
+
+
 @contextmanager
-def _progress(total_elements: int, enabled: bool) -> Iterator[Callable[[str, int, bool], None]]:
-    """A per-table progress display on stderr (when the work is large)."""
-    if not enabled or total_elements < PROGRESS_MIN_ELEMENTS:
+def _progress(total_elements: int) -> Iterator[Callable[[str, int, bool], None]]:
+    """A per-table progress display on stderr when the work is large; it starts with the
+    first table, so an input refused before any table starts prints nothing."""
+    if total_elements < PROGRESS_MIN_ELEMENTS:
         yield lambda name, elements, done: None
         return
     progress = Progress(
@@ -625,12 +223,17 @@ def _progress(total_elements: int, enabled: bool) -> Iterator[Callable[[str, int
 
     def update(name: str, elements: int, done: bool) -> None:
         if not done:
+            if not tasks:
+                progress.start()
             tasks[name] = progress.add_task(f"compressing {name}", total=elements)
         else:
             progress.update(tasks[name], completed=elements)
 
-    with progress:
+    try:
         yield update
+    finally:
+        if tasks:
+            progress.stop()
 
 
 # ------------------------------------------------------------------------------ parameter types
@@ -809,22 +412,20 @@ def compress(
             param_hint="'--zeros-per-block'",
         )
     table_patterns = _split_patterns(patterns)
-    _check_readable(src)
+    checkpoint.check_input_file(src)
     _check_out(src, dst)
     config = QuantConfig(bits=int(bits), layout=layout, nonfinite=nonfinite)
 
-    state, _ = load_checkpoint(src)
-    tables = find_tables(state, table_patterns)
+    state, _ = checkpoint.load_checkpoint(src)
+    tables = checkpoint.find_tables(state, table_patterns)
     if not tables:
         raise CliError(
             f"{src}: no embedding table found among {len(state)} tensors "
             "(name them with --tables PATTERN; see 'embpress inspect IN')"
         )
-    state = _dense_tables(state, tables, src)
-    total = sum(state[k].numel() for k in tables)
     try:
-        with _progress(total, True) as on_table:
-            root, reports = compress_state_dict(
+        with _progress(sum(state[k].numel() for k in tables)) as on_table:
+            result = checkpoint.compress_state_dict(
                 state,
                 tables,
                 sparsity=sparsity,
@@ -836,10 +437,10 @@ def compress(
                 on_table=on_table,
             )
     except ValueError as err:
-        message = _one_line(err).replace("pass QuantConfig(nonfinite='zero')", "pass --nonfinite zero")
+        message = str(err).replace("pass QuantConfig(nonfinite='zero')", "pass --nonfinite zero")
         raise CliError(_named(message, src)) from None
     try:
-        eio.save(root, dst, kind_from_model=True)  # atomic: OUT is replaced only when complete
+        result.save(dst)  # atomic: OUT is replaced only when complete
     except (OSError, SafetensorError, RuntimeError, MemoryError) as err:
         if isinstance(err, OSError) and err.strerror:
             why = err.strerror[:1].lower() + err.strerror[1:]
@@ -847,9 +448,7 @@ def compress(
             why = "not enough memory" if _out_of_memory(err) else _one_line(err)
         raise CliError(f"{dst}: could not write ({_one_line(why)}); nothing was written") from None
 
-    copied = [k for k in state if k not in set(tables)]
-    before = sum(r.bytes_before for r in reports)
-    after = sum(r.bytes_after for r in reports)
+    before, after = result.original_nbytes, result.nbytes
     summary = {
         "in": str(src),
         "out": str(dst),
@@ -863,15 +462,37 @@ def compress(
             "layout": layout,
             "nonfinite": nonfinite,
         },
-        "tables": [r.as_dict() for r in reports],
+        "tables": [_compressed_row(r) for r in result.tables],
         "total": {"bytes_before": before, "bytes_after": after, "ratio": after / before if before else 0.0},
-        "copied": {"count": len(copied), "bytes": sum(_tensor_bytes(state[k]) for k in copied)},
+        "copied": {"count": len(result.copied), "bytes": result.copied_nbytes},
         "file_bytes": {"in": src.stat().st_size, "out": dst.stat().st_size},
     }
     if as_json:
         _print_json(summary)
         return
-    _print_compress(summary, reports)
+    _print_compress(summary)
+
+
+def _compressed_row(r: TableReport) -> dict[str, Any]:
+    """One compressed table as compress reports it (bytes before: in the checkpoint's dtype)."""
+    before = r.original_nbytes if r.original_nbytes is not None else r.float_nbytes
+    return {
+        "name": r.name,
+        "aliases": list(r.aliases),
+        "kind": r.kind,
+        "mode": r.mode,
+        "rows": r.rows,
+        "dim": r.dim,
+        "dtype": r.dtype,
+        "layout": r.layout,
+        "bits": r.bits,
+        "sparsity": r.sparsity,
+        "bytes_before": before,
+        "bytes_after": r.nbytes,
+        "rel_frobenius": r.rel_frobenius,
+        "max_abs_error": r.max_abs_error,
+        "ratio": r.nbytes / before if before else 0.0,
+    }
 
 
 def _check_out(src: Path, dst: Path) -> None:
@@ -904,59 +525,7 @@ def _split_patterns(patterns: Sequence[str]) -> list[str]:
     return split
 
 
-def _unstorable(t: torch.Tensor) -> str | None:
-    """Why an embpress (safetensors) file cannot hold ``t`` as it is, or None."""
-    if t.layout != torch.strided:
-        return f"a sparse tensor ({str(t.layout).replace('torch.', '')})"
-    if t.is_quantized:
-        return "a quantized tensor"
-    if t.is_meta:
-        return "on the meta device (it holds no values)"
-    if not _storable_dtype(t.dtype):
-        return f"of dtype {str(t.dtype).replace('torch.', '')}, which safetensors cannot store"
-    return None
-
-
-@functools.cache
-def _storable_dtype(dtype: torch.dtype) -> bool:
-    try:
-        safetensors_save({"t": torch.zeros(1, dtype=dtype)})
-    except Exception:
-        return False
-    return True
-
-
-def _dense_tables(
-    state: Mapping[str, torch.Tensor], tables: Sequence[str], path: object
-) -> dict[str, torch.Tensor]:
-    """``state`` with its sparse (COO/CSR/...) ``tables`` made dense.
-
-    Refuses a table whose dense form is larger than this machine's memory, and any other
-    tensor an embpress file cannot hold (sparse, quantized, meta, or an unstorable dtype).
-    """
-    out = dict(state)
-    dense: dict[int, torch.Tensor] = {}  # tied sparse tables stay tied
-    chosen = set(tables)
-    for key, t in state.items():
-        if key in chosen and t.layout != torch.strided:
-            if id(t) not in dense:
-                _check_fits(f"{path}: sparse table {key!r} made dense", t.numel() * t.element_size())
-                dense[id(t)] = t.to_dense()
-            out[key] = dense[id(t)]
-        elif key not in chosen and (problem := _unstorable(t)) is not None:
-            raise CliError(f"{path}: tensor {key!r} is {problem}, which an embpress file cannot hold")
-    return out
-
-
-def _footed_table(columns: list[tuple[str, str, str]]) -> Table:
-    """A rich table with (header, footer, justify) columns."""
-    table = Table(show_footer=True)
-    for head, foot, justify in columns:
-        table.add_column(head, footer=foot, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    return table
-
-
-def _print_compress(summary: dict[str, Any], reports: list[CompressedTable]) -> None:
+def _print_compress(summary: dict[str, Any]) -> None:
     console = _stdout()
     s = summary["settings"]
     title = (
@@ -979,19 +548,19 @@ def _print_compress(summary: dict[str, Any], reports: list[CompressedTable]) -> 
             ("max |err|", "", "right"),
         ]
     )
-    for r in reports:
-        name = Text(r.name + (f" (= {', '.join(r.aliases)})" if r.aliases else ""))
+    for r in summary["tables"]:
+        name = Text(r["name"] + (f" (= {', '.join(r['aliases'])})" if r["aliases"] else ""))
         table.add_row(
             name,
-            f"{r.rows} x {r.dim}",
-            r.layout,
-            str(r.bits),
-            f"{r.sparsity:.4f}",
-            human_bytes(r.bytes_before),
-            human_bytes(r.bytes_after),
-            f"{r.ratio:.4f}",
-            _fmt(r.rel_frobenius, ".4f"),
-            _fmt(r.max_abs_error, ".4g"),
+            f"{r['rows']} x {r['dim']}",
+            r["layout"],
+            str(r["bits"]),
+            f"{r['sparsity']:.4f}",
+            human_bytes(r["bytes_before"]),
+            human_bytes(r["bytes_after"]),
+            f"{r['ratio']:.4f}",
+            _fmt(r["rel_frobenius"], ".4f"),
+            _fmt(r["max_abs_error"], ".4g"),
         )
     console.print(table)
     copied, files = summary["copied"], summary["file_bytes"]
@@ -1032,71 +601,64 @@ def inspect(file: Path, patterns: tuple[str, ...], as_json: bool) -> None:
     would compress as tables and which it would copy.
     """
     table_patterns = _split_patterns(patterns)
-    _check_readable(file)
-    if _sniff(file) == "safetensors" and _safetensors_metadata(file).get("format") == eio.FORMAT_NAME:
-        summary = _inspect_embpress(file)
+    if checkpoint.is_embpress_file(file):
+        summary = _file_summary(checkpoint.inspect(file))
         if as_json:
             _print_json(summary)
         else:
             _print_inspect_embpress(summary)
         return
-    state, fmt = load_checkpoint(file)
-    tables = set(find_tables(state, table_patterns))
-
-    def row(key: str) -> dict[str, Any]:
-        t = state[key]
-        dtype = str(t.dtype).replace("torch.", "")
-        if t.layout != torch.strided:
-            dtype += f" ({str(t.layout).replace('torch.', '')})"
-        return {"key": key, "shape": list(t.shape), "dtype": dtype, "bytes": _tensor_bytes(t)}
-
-    summary = {
-        "file": str(file),
-        "format": fmt,
-        "tables": [row(k) for k in state if k in tables],
-        "copied": [row(k) for k in state if k not in tables],
-    }
+    plain = _checkpoint_summary(checkpoint.inspect_checkpoint(file, table_patterns))
     if as_json:
-        _print_json(summary)
+        _print_json(plain)
     else:
-        _print_inspect_plain(summary)
+        _print_inspect_plain(plain)
 
 
-def _inspect_embpress(path: Path) -> dict[str, Any]:
-    index, tensors = eio.read_file(path, mmap=True)
-    tables = []
-    for name, entry in index["tables"].items():
-        table = eio.build_table(path, name, entry, tensors)
-        error = entry.get("error") or {}
-        float_bytes = table.num_embeddings * table.embedding_dim * 4
-        tables.append(
-            {
-                "name": name,
-                "aliases": entry["aliases"],
-                "kind": entry["kind"],
-                "mode": (entry["module"] or {}).get("mode"),
-                "rows": table.num_embeddings,
-                "dim": table.embedding_dim,
-                "layout": table.layout,
-                "bits": table.bits,
-                "sparsity": table.sparsity,
-                "bytes": table.nbytes,
-                "float32_bytes": float_bytes,
-                "ratio": table.nbytes / float_bytes,
-                "rel_frobenius": error.get("rel_frobenius"),
-                "max_abs_error": error.get("max_abs"),
-            }
-        )
-    other = [t for k, t in tensors.items() if k.startswith(eio.STATE_PREFIX)]
-    stored, float32 = sum(t["bytes"] for t in tables), sum(t["float32_bytes"] for t in tables)
+def _file_summary(report: FileReport) -> dict[str, Any]:
+    """An embpress file's report as inspect prints it (and its JSON)."""
+    tables = [
+        {
+            "name": t.name,
+            "aliases": list(t.aliases),
+            "kind": t.kind,
+            "mode": t.mode,
+            "rows": t.rows,
+            "dim": t.dim,
+            "layout": t.layout,
+            "bits": t.bits,
+            "sparsity": t.sparsity,
+            "bytes": t.nbytes,
+            "float32_bytes": t.float_nbytes,
+            "ratio": t.ratio,
+            "rel_frobenius": t.rel_frobenius,
+            "max_abs_error": t.max_abs_error,
+        }
+        for t in report.tables
+    ]
     return {
-        "file": str(path),
-        "format": eio.FORMAT_NAME,
-        "format_version": index["format_version"],
-        "file_bytes": path.stat().st_size,
+        "file": report.path,
+        "format": report.format,
+        "format_version": report.format_version,
+        "file_bytes": report.file_bytes,
         "tables": tables,
-        "total": {"bytes": stored, "float32_bytes": float32, "ratio": stored / float32 if float32 else 0.0},
-        "other_tensors": {"count": len(other), "bytes": sum(_tensor_bytes(t) for t in other)},
+        "total": {"bytes": report.nbytes, "float32_bytes": report.float_nbytes, "ratio": report.ratio},
+        "other_tensors": {"count": report.other_tensors, "bytes": report.other_nbytes},
+    }
+
+
+def _checkpoint_summary(report: CheckpointReport) -> dict[str, Any]:
+    """A plain checkpoint's report as inspect prints it (and its JSON)."""
+
+    def row(t: TensorInfo) -> dict[str, Any]:
+        dtype = t.dtype if t.layout == "strided" else f"{t.dtype} ({t.layout})"
+        return {"key": t.key, "shape": list(t.shape), "dtype": dtype, "bytes": t.nbytes}
+
+    return {
+        "file": report.path,
+        "format": report.format,
+        "tables": [row(t) for t in report.tables],
+        "copied": [row(t) for t in report.copied],
     }
 
 
@@ -1201,12 +763,15 @@ def demo(out_dir: Path, seed: int, quick: bool) -> None:
     from .demo import print_results, run_demo
 
     console = _stdout()
-    result = run_demo(out_dir, seed=seed, quick=quick, console=Console(stderr=True))
+    try:
+        result = run_demo(out_dir, seed=seed, quick=quick, console=Console(stderr=True))
+    except ImportError as err:  # matplotlib, for the plot: part of the cli extra
+        raise CliError(_one_line(err)) from None
     print_results(result, console)
 
 
 def main() -> None:
-    """Console entry point (``embpress``)."""
+    """Run the command (the ``embpress`` console script calls this through ``embpress.__main__``)."""
     cli(prog_name="embpress")
 
 

@@ -7,26 +7,32 @@ real logs) and labels from a hidden logistic model over true per-id latent vecto
 the dense features. Each (sparsity, bits) setting compresses a copy of the trained model
 with :func:`embpress.post_training_sparse_quantize` and is scored on held-out data by
 AUC and log loss. Everything is seeded, so a run is reproducible.
+
+Part of the ``cli`` extra: rich (the tables) and matplotlib (the plot) are imported only
+when used, so ``import embpress.demo`` works without them.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from .api import post_training_sparse_quantize
 from .quant import QuantConfig
 from .report import compression_report
 from .sparsify import DataNormSparsifier
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = [
     "ClickModel",
@@ -253,8 +259,13 @@ def run_demo(
     """Train, sweep sparsity x bits, plot to ``out_dir/tradeoff.png``; progress on ``console``.
 
     Runs on one torch thread: the model's ops are too small to gain from more, and on a
-    busy machine a multi-threaded pool can stall for tens of seconds.
+    busy machine a multi-threaded pool can stall for tens of seconds. Needs matplotlib
+    (ImportError, checked before training).
     """
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError(
+            "the demo plots with matplotlib, which is not installed: pip install 'embpress[cli]'"
+        )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -265,11 +276,15 @@ def run_demo(
 
 def _run_demo(out_dir: Path, seed: int, settings: DemoSettings, console: Console | None) -> DemoResult:
     start = time.perf_counter()
-    log = console or Console(stderr=True, quiet=True)
+
+    def log(message: str) -> None:
+        if console is not None:
+            console.print(message)
+
     torch.manual_seed(seed)
     train_data, test_data = make_data(settings, seed)
     model = ClickModel(settings)
-    log.print(
+    log(
         f"training on {len(train_data)} synthetic clicks ({len(settings.table_rows)} tables, "
         f"{settings.epochs} epochs)..."
     )
@@ -279,7 +294,7 @@ def _run_demo(out_dir: Path, seed: int, settings: DemoSettings, console: Console
     float_bytes = model.float_table_bytes
     auc, loss = evaluate(model, test_data)
     baseline = DemoRow(None, None, float_bytes, 1.0, auc, loss)
-    log.print(f"trained in {train_seconds:.1f} s: train loss {train_loss:.4f}, held-out AUC {auc:.4f}")
+    log(f"trained in {train_seconds:.1f} s: train loss {train_loss:.4f}, held-out AUC {auc:.4f}")
     rows = []
     for sparsity in settings.sparsities:
         for bits in settings.bits:
@@ -295,7 +310,7 @@ def _run_demo(out_dir: Path, seed: int, settings: DemoSettings, console: Console
             nbytes = sum(r.nbytes for r in compression_report(compressed))
             auc, loss = evaluate(compressed, test_data)
             rows.append(DemoRow(sparsity, bits, nbytes, nbytes / float_bytes, auc, loss))
-            log.print(f"sparsity {sparsity:g}, {bits} bits: AUC {auc:.4f}")
+            log(f"sparsity {sparsity:g}, {bits} bits: AUC {auc:.4f}")
     result = DemoResult(
         baseline=baseline,
         rows=rows,
@@ -312,6 +327,8 @@ def _run_demo(out_dir: Path, seed: int, settings: DemoSettings, console: Console
 
 def print_results(result: DemoResult, console: Console) -> None:
     """The sweep as a rich table (float32 first), then where the plot is."""
+    from rich.table import Table
+
     shapes = ", ".join(f"{r}x{d}" for r, d in result.table_shapes)
     console.print(
         f"DLRM-style click model, tables {shapes} (rows x dim); block 1x4, sparsify-first; "

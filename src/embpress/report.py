@@ -1,4 +1,9 @@
-"""compression_report: per-table layout, bits, exact sparsity, bytes, ratio and error."""
+"""Reports: what compression did to each table (:class:`TableReport`), and what a file holds.
+
+One table report serves every path: :func:`compression_report` (a model in memory),
+:func:`embpress.compress_state_dict` (a checkpoint's tables) and :func:`embpress.inspect`
+(an embpress file); the command line renders these same objects.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,27 @@ from torch import nn
 
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
 
-__all__ = ["TableReport", "compression_report", "human_bytes", "quantized_modules"]
+__all__ = [
+    "CheckpointReport",
+    "FileReport",
+    "TableReport",
+    "TensorInfo",
+    "compression_report",
+    "human_bytes",
+    "quantized_modules",
+]
 
 
 @dataclass(frozen=True)
 class TableReport:
-    """One compressed table, as a user would compare it with its float32 original."""
+    """One compressed table, as a user would compare it with its float32 original.
+
+    ``kind`` is "Embedding", "EmbeddingBag", or "auto" (a table made from a bare
+    state_dict: ``embpress.load`` builds it after the model's own module). ``aliases``
+    are the other names of a shared (tied) table; ``mode`` is a bag's mode where known.
+    ``dtype`` and ``original_nbytes`` describe the table before compression where it is
+    known (a checkpoint's tables; a model or a file no longer says).
+    """
 
     name: str
     kind: str
@@ -28,6 +48,10 @@ class TableReport:
     float_nbytes: int
     rel_frobenius: float | None
     max_abs_error: float | None
+    aliases: tuple[str, ...] = ()
+    mode: str | None = None
+    dtype: str | None = None
+    original_nbytes: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -36,7 +60,57 @@ class TableReport:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able form, ratio included."""
-        return {**asdict(self), "ratio": self.ratio}
+        return {**asdict(self), "aliases": list(self.aliases), "ratio": self.ratio}
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """An embpress file as :func:`embpress.inspect` read it (every checksum verified)."""
+
+    path: str
+    format: str
+    format_version: str
+    file_bytes: int
+    tables: tuple[TableReport, ...]
+    other_tensors: int
+    other_nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every table as stored."""
+        return sum(t.nbytes for t in self.tables)
+
+    @property
+    def float_nbytes(self) -> int:
+        """Bytes of every table in float32."""
+        return sum(t.float_nbytes for t in self.tables)
+
+    @property
+    def ratio(self) -> float:
+        """Stored / float32 bytes of all tables."""
+        return self.nbytes / self.float_nbytes if self.float_nbytes else 0.0
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint: key, shape, dtype, torch layout ("strided", "sparse_coo"...)."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class CheckpointReport:
+    """A plain checkpoint as :func:`embpress.inspect_checkpoint` read it: the tensors that
+    compress would take as tables and those it would copy unchanged."""
+
+    path: str
+    format: str
+    tables: tuple[TensorInfo, ...]
+    copied: tuple[TensorInfo, ...]
 
 
 def quantized_modules(model: nn.Module) -> dict[str, tuple[nn.Module, list[str]]]:
@@ -54,13 +128,14 @@ def quantized_modules(model: nn.Module) -> dict[str, tuple[nn.Module, list[str]]
 def compression_report(model: nn.Module) -> list[TableReport]:
     """A :class:`TableReport` for each compressed table of ``model`` (shared tables once)."""
     reports = []
-    for name, (found, _) in quantized_modules(model).items():
+    for name, (found, aliases) in quantized_modules(model).items():
         module = cast(QuantizedEmbedding | QuantizedEmbeddingBag, found)
         error = module.error or {}
+        bag = isinstance(module, QuantizedEmbeddingBag)
         reports.append(
             TableReport(
                 name=name,
-                kind="EmbeddingBag" if isinstance(module, QuantizedEmbeddingBag) else "Embedding",
+                kind="EmbeddingBag" if bag else "Embedding",
                 rows=module.num_embeddings,
                 dim=module.embedding_dim,
                 layout=module.layout,
@@ -70,6 +145,8 @@ def compression_report(model: nn.Module) -> list[TableReport]:
                 float_nbytes=module.float_nbytes,
                 rel_frobenius=error.get("rel_frobenius"),
                 max_abs_error=error.get("max_abs"),
+                aliases=tuple(aliases),
+                mode=cast(QuantizedEmbeddingBag, module).mode if bag else None,
             )
         )
     return reports

@@ -1,0 +1,668 @@
+"""Checkpoints on disk: read a state_dict safely, pick its embedding tables, compress them, describe files.
+
+The library behind ``embpress compress`` and ``embpress inspect``; Python code calls the
+same functions. A checkpoint is a plain PyTorch state_dict (``.pt``/``.pth``, read with
+``torch.load(weights_only=True)``, never unpickling arbitrary objects) or a
+``.safetensors`` file. :func:`compress_state_dict` rebuilds the state_dict as a skeleton
+module (an ``nn.Embedding`` at each table, every other tensor a buffer at its own key)
+and runs :func:`embpress.post_training_sparse_quantize` on it; the result is saved with
+tables of kind "auto" (a state_dict does not say which table is a bag, so
+``embpress.load`` builds each after the model's own module).
+
+Only non-empty regular files no larger than this machine's memory are read: a named pipe
+would block, ``/dev/zero`` never ends. Bad input raises ``ValueError`` (``FormatError``
+for a damaged embpress file), ``TypeError`` or ``OSError`` with a one-line message that
+names the file, key or argument.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+import stat
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from . import io as eio
+from .api import post_training_sparse_quantize
+from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
+from .quant.config import QuantConfig
+from .report import CheckpointReport, FileReport, TableReport, TensorInfo, human_bytes, quantized_modules
+from .sparsify import DataNormSparsifier
+
+__all__ = [
+    "CompressedCheckpoint",
+    "build_skeleton",
+    "check_input_file",
+    "compress_checkpoint",
+    "compress_state_dict",
+    "find_tables",
+    "inspect",
+    "inspect_checkpoint",
+    "is_embpress_file",
+    "load_checkpoint",
+    "looks_like_embedding",
+]
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+_ZIP_MAGIC = b"PK\x03\x04"
+_SUFFIX = ".weight"
+
+PathLike = str | os.PathLike[str]
+
+
+# ------------------------------------------------------------------------------ reading
+def _sniff(path: Path) -> str:
+    """'safetensors', 'zip' (torch.save's format) or 'other', from the first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if head[:4] == _ZIP_MAGIC:
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 32:
+        return "safetensors"
+    return "other"
+
+
+def _memory_bytes() -> int | None:
+    """This machine's memory (RAM + swap), or None where the OS does not say."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    swap = 0
+    try:
+        with open("/proc/meminfo") as fh:
+            swap = next((int(line.split()[1]) * 1024 for line in fh if line.startswith("SwapTotal:")), 0)
+    except (OSError, ValueError, IndexError):
+        pass
+    return ram + swap if ram > 0 else None
+
+
+def _check_fits(what: str, nbytes: int) -> None:
+    """Refuse ``what`` (``nbytes`` to hold in memory) when this machine could not hold it."""
+    limit = _memory_bytes()
+    if limit is not None and nbytes > limit:
+        raise ValueError(
+            f"{what} is too large: {human_bytes(nbytes)}, more than this machine's memory "
+            f"({human_bytes(limit)})"
+        )
+
+
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_input_file(path: PathLike) -> None:
+    """Refuse ``path`` unless it is a non-empty regular file that fits in memory.
+
+    Anything else is never opened (a named pipe would block, /dev/zero never ends):
+    FileNotFoundError, IsADirectoryError, PermissionError, or ValueError saying why.
+    """
+    p = Path(path)
+    try:
+        info = os.stat(p)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no such file") from None
+    except OSError as err:
+        raise OSError(f"{p}: cannot read ({err.strerror or 'unknown error'})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(f"{p}: is a directory, expected a checkpoint file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
+        raise ValueError(f"{p}: not a regular file ({kind}), expected a checkpoint file")
+    if info.st_size == 0:
+        raise ValueError(f"{p}: the file is empty")
+    _check_fits(str(p), info.st_size)
+    with open(p, "rb"):  # PermissionError says why
+        pass
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("unable to mmap", "Cannot allocate memory", "can't allocate memory")
+    )
+
+
+def _safetensors_cause(err: BaseException) -> str:
+    """Why safetensors could not read a file, in our words."""
+    text = str(err)
+    if _out_of_memory(err):
+        return "too large to map into memory"
+    if "HeaderTooLarge" in text or "too large" in text:
+        return "its header is too large"
+    if any(
+        s in text for s in ("incomplete metadata", "MetadataIncompleteBuffer", "InvalidOffset", "covered")
+    ):
+        return "truncated, or its header's offsets do not match its size"
+    if any(s in text for s in ("JSON", "Header", "header", "utf", "UTF")):
+        return "its header is not a valid safetensors header"
+    return "damaged"
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({_safetensors_cause(err)})") from None
+
+
+def is_embpress_file(path: PathLike) -> bool:
+    """Whether ``path`` says it is an embpress file (its safetensors header's format).
+
+    Only the header is read; :func:`inspect` validates the rest. A file that starts as a
+    safetensors file but whose header cannot be read raises ValueError.
+    """
+    p = Path(path)
+    check_input_file(p)
+    return _sniff(p) == "safetensors" and _safetensors_metadata(p).get("format") == eio.FORMAT_NAME
+
+
+def _torch_load(path: Path, kind: str) -> Any:
+    """``torch.load(weights_only=True)`` with errors said in one line (mmap for zip files)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
+    except Exception as err:  # torch raises many types for a bad file; all mean the same here
+        text = str(err)
+        if "allowed global" in text or "Unsupported global" in text:
+            raise ValueError(
+                f"{path}: refused: the checkpoint holds Python objects that a weights-only load does "
+                "not unpickle (save the model's state_dict() instead)"
+            ) from None
+        if _out_of_memory(err):
+            why = "too large to read into memory"
+        elif isinstance(err, RecursionError):
+            why = "nested too deeply"
+        else:
+            why = "damaged, or not written by torch.save" if kind == "zip" else "unrecognized contents"
+        raise ValueError(f"{path}: not a PyTorch checkpoint or safetensors file ({why})") from None
+
+
+def _is_state(d: Any) -> bool:
+    return (
+        isinstance(d, Mapping)
+        and len(d) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+    )
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict in ``obj``: itself, or under 'state_dict' / 'model' / 'model_state_dict'."""
+    if _is_state(obj):
+        return {k: v.detach() for k, v in obj.items()}
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if _is_state(obj.get(key)):
+                return {k: v.detach() for k, v in obj[key].items()}
+        if not obj:
+            raise ValueError(f"{path}: the checkpoint is empty")
+    raise ValueError(
+        f"{path}: not a state_dict (expected a dict of tensors, possibly under "
+        f"{' / '.join(repr(k) for k in _WRAPPER_KEYS)}; got {type(obj).__name__})"
+    )
+
+
+def load_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """(state_dict, format) of a ``.pt``/``.pth`` state_dict or a plain ``.safetensors`` file.
+
+    ``format`` is "pytorch" or "safetensors". A ``.pt``/``.pth`` file may hold the
+    state_dict itself or under 'state_dict', 'model' or 'model_state_dict'. Never unpickles
+    arbitrary objects (``weights_only=True``) and reads only a regular file no larger than
+    this machine's memory (see :func:`check_input_file`). An embpress file is refused: its
+    tables are already compressed. Sparse tensors are returned as they are
+    (:func:`compress_state_dict` makes sparse tables dense).
+    """
+    p = Path(path)
+    check_input_file(p)
+    kind = _sniff(p)
+    if kind == "safetensors" or p.suffix == ".safetensors":
+        if _safetensors_metadata(p).get("format") == eio.FORMAT_NAME:
+            raise ValueError(f"{p}: already an embpress file (see 'embpress inspect {p}')")
+        try:
+            tensors = load_file(str(p))
+        except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
+            raise ValueError(f"{p}: not a readable safetensors file ({_safetensors_cause(err)})") from None
+        if not tensors:
+            raise ValueError(f"{p}: the file holds no tensors")
+        return tensors, "safetensors"
+    state = _unwrap(_torch_load(p, kind), p)
+    for key, t in state.items():
+        if t.is_nested:
+            raise ValueError(f"{p}: tensor {key!r} is a nested tensor, which embpress cannot read")
+    return state, "pytorch"
+
+
+# ------------------------------------------------------------------------------ choosing tables
+def looks_like_embedding(module_path: str) -> bool:
+    """Whether a module path names an embedding (``emb1``, ``word_embeddings``, ``wte``, ``tables.3``...).
+
+    The last component decides; a numeric one (a ModuleList index) defers to its parent.
+    """
+    parts = module_path.lower().split(".")
+    last = parts[-1]
+    if last.isdigit() and len(parts) > 1:
+        last = parts[-2]
+    return "emb" in last or last in ("wte", "wpe")
+
+
+def _module_path(key: str) -> str | None:
+    return key[: -len(_SUFFIX)] if key.endswith(_SUFFIX) and len(key) > len(_SUFFIX) else None
+
+
+def _table_problem(state: Mapping[str, torch.Tensor], key: str, path: str) -> str | None:
+    """Why ``key`` cannot be compressed as a table, or None."""
+    t = state[key]
+    if t.dim() != 2:
+        return f"is not a 2-D table (shape {tuple(t.shape)})"
+    if not t.is_floating_point():
+        return f"is not a float table (dtype {_dtype_name(t.dtype)})"
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        return f"is empty (shape {tuple(t.shape)})"
+    others = [k for k in state if k.startswith(path + ".") and k != key]
+    if others:
+        return f"is not an embedding: its module {path!r} also holds {others[0]!r}"
+    if any(not part for part in path.split(".")):
+        return "has an empty component in its name"
+    return None
+
+
+def find_tables(state: Mapping[str, torch.Tensor], patterns: Sequence[str] = ()) -> list[str]:
+    """The keys of ``state`` compressed as tables, in the order of ``state``.
+
+    Without ``patterns``: every ``<module>.weight`` whose module name looks like an
+    embedding (:func:`looks_like_embedding`) and that is a 2-D float tensor. With
+    ``patterns`` (fnmatch globs on the key or on the module path): exactly the matched
+    ``.weight`` tensors, each of which must be a 2-D float table (ValueError otherwise).
+    """
+    if isinstance(patterns, str):
+        raise TypeError(f"patterns must be a list of globs, got the string {patterns!r}")
+    candidates = {k: p for k in state if (p := _module_path(k)) is not None}
+    if not patterns:
+        found = [k for k, p in candidates.items() if looks_like_embedding(p)]
+        return [k for k in found if _table_problem(state, k, candidates[k]) is None]
+    chosen: list[str] = []
+    for pattern in patterns:
+        hits = [
+            k
+            for k, p in candidates.items()
+            if fnmatch.fnmatchcase(k, pattern) or fnmatch.fnmatchcase(p, pattern)
+        ]
+        if not hits:
+            some = ", ".join(list(candidates)[:5]) or "none"
+            raise ValueError(
+                f"--tables {pattern!r} matches no table (tables are '<module>.weight' tensors: {some}"
+                f"{', ...' if len(candidates) > 5 else ''})"
+            )
+        chosen.extend(k for k in hits if k not in chosen)
+    for key in chosen:
+        problem = _table_problem(state, key, candidates[key])
+        if problem is not None:
+            raise ValueError(f"selected tensor {key!r} {problem}")
+    return [k for k in state if k in chosen]
+
+
+# ------------------------------------------------------------------------------ compressing
+def _dtype_name(value: torch.dtype | torch.layout) -> str:
+    """'float32' for torch.float32, 'sparse_coo' for torch.sparse_coo."""
+    return str(value).replace("torch.", "")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """Identity of a tensor's data: equal for tied tables (shared storage, same view)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def _child(parent: nn.Module, name: str) -> nn.Module:
+    child = parent._modules.get(name)
+    if child is None:
+        child = parent._modules[name] = nn.Module()
+    return child
+
+
+def build_skeleton(
+    state: Mapping[str, torch.Tensor], tables: Sequence[str]
+) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """A module whose ``state_dict()`` has the keys of ``state``; each table an embedding module.
+
+    Table ``a.b.weight`` becomes an ``nn.Embedding`` at ``a.b`` holding the very tensor
+    (no copy; the file records no kind, ``embpress.load`` takes it from the model, which
+    may have an EmbeddingBag there); tied tables (the same storage) share one module,
+    which embpress then saves once with aliases. Every other tensor is a buffer at its
+    own key. Returns (skeleton, table key -> embedding module).
+    """
+    root = nn.Module()
+    modules: dict[str, nn.Module] = {}
+    shared: dict[tuple[Any, ...], str] = {}
+    for key in tables:
+        weight = state[key]
+        first = shared.setdefault(_storage_key(weight), key)
+        if first != key:
+            modules[key] = modules[first]
+            continue
+        rows, dim = weight.shape
+        module = nn.Embedding(rows, dim, _weight=weight)
+        module.requires_grad_(False)
+        modules[key] = module
+    for key in tables:
+        *parents, attr = key[: -len(_SUFFIX)].split(".")
+        node = root
+        for name in parents:
+            node = _child(node, name)
+        node._modules[attr] = modules[key]
+    table_set = set(tables)
+    for key, value in state.items():
+        if key in table_set:
+            continue
+        *parents, attr = key.split(".")
+        node = root
+        for name in parents:
+            node = _child(node, name)
+        if isinstance(node, (nn.Embedding, nn.EmbeddingBag)):
+            raise ValueError(f"tensor {key!r} lies inside table {'.'.join(parents)!r}")
+        node._buffers[attr] = value
+    if set(root.state_dict(keep_vars=True)) != set(state):
+        odd = sorted(set(state) ^ set(root.state_dict(keep_vars=True)))[:3]
+        raise ValueError(f"these checkpoint keys cannot be stored as module names: {odd}")
+    return root, modules
+
+
+def _unstorable(t: torch.Tensor) -> str | None:
+    """Why an embpress (safetensors) file cannot hold ``t`` as it is, or None."""
+    if t.layout != torch.strided:
+        return f"a sparse tensor ({_dtype_name(t.layout)})"
+    if t.is_quantized:
+        return "a quantized tensor"
+    if t.is_meta:
+        return "on the meta device (it holds no values)"
+    if not _storable_dtype(t.dtype):
+        return f"of dtype {_dtype_name(t.dtype)}, which safetensors cannot store"
+    return None
+
+
+@functools.cache
+def _storable_dtype(dtype: torch.dtype) -> bool:
+    try:
+        safetensors_save({"t": torch.zeros(1, dtype=dtype)})
+    except Exception:
+        return False
+    return True
+
+
+def _dense_tables(state: Mapping[str, torch.Tensor], tables: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``state`` with its sparse (COO/CSR/...) ``tables`` made dense.
+
+    Refuses a table whose dense form is larger than this machine's memory, and any other
+    tensor an embpress file cannot hold (sparse, quantized, meta, or an unstorable dtype).
+    """
+    out = dict(state)
+    dense: dict[int, torch.Tensor] = {}  # tied sparse tables stay tied
+    chosen = set(tables)
+    for key, t in state.items():
+        if key in chosen and t.layout != torch.strided:
+            if id(t) not in dense:
+                _check_fits(f"sparse table {key!r} made dense", _nbytes(t))
+                dense[id(t)] = t.to_dense()
+            out[key] = dense[id(t)]
+        elif key not in chosen and (problem := _unstorable(t)) is not None:
+            raise ValueError(f"tensor {key!r} is {problem}, which an embpress file cannot hold")
+    return out
+
+
+def _checked_state(state: Any, tables: Sequence[str] | None) -> list[str]:
+    """The table keys to compress (``tables``, or those :func:`find_tables` finds), checked."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict of tensors (a state_dict), got {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise TypeError(f"state must map str keys to tensors; {key!r} maps to {type(value).__name__}")
+    if tables is None:
+        keys = find_tables(state)
+        if not keys:
+            raise ValueError(
+                f"no embedding table found among {len(state)} tensors "
+                "(name them with tables=[...] or find_tables(state, patterns))"
+            )
+        return keys
+    if isinstance(tables, str) or not isinstance(tables, Sequence):
+        raise TypeError(f"tables must be a list of state_dict keys, got {type(tables).__name__}")
+    if not tables:
+        raise ValueError("tables is empty: name at least one '<module>.weight' key")
+    for key in tables:
+        if key not in state:
+            raise ValueError(f"table {key!r} is not a key of the state_dict")
+        path = _module_path(key)
+        problem = "is not a '<module>.weight' tensor" if path is None else _table_problem(state, key, path)
+        if problem is not None:
+            raise ValueError(f"selected tensor {key!r} {problem}")
+    chosen = set(tables)
+    return [k for k in state if k in chosen]  # state's order, as find_tables gives
+
+
+@dataclass
+class CompressedCheckpoint:
+    """What :func:`compress_state_dict` made: a module ready to save, a report per table
+    (kind "auto", shared tables once) and the keys copied unchanged."""
+
+    module: nn.Module
+    tables: list[TableReport]
+    copied: list[str]
+    copied_nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every compressed table."""
+        return sum(t.nbytes for t in self.tables)
+
+    @property
+    def original_nbytes(self) -> int:
+        """Bytes of the same tables in the checkpoint (in their own dtype)."""
+        return sum(t.original_nbytes or 0 for t in self.tables)
+
+    def save(self, path: PathLike) -> None:
+        """Write the embpress file atomically (``path`` is replaced only when complete)."""
+        eio.save(self.module, path, kind_from_model=True)
+
+
+def compress_state_dict(
+    state: Mapping[str, torch.Tensor],
+    tables: Sequence[str] | None = None,
+    *,
+    sparsity: float = 0.8,
+    block: tuple[int, int] = (1, 4),
+    zeros_per_block: int | None = None,
+    norm: str = "L1",
+    quant: QuantConfig | None = None,
+    sparsify_first: bool = True,
+    on_table: Callable[[str, int, bool], None] | None = None,
+) -> CompressedCheckpoint:
+    """Prune and quantize the embedding tables of a state_dict; everything else is copied.
+
+    ``tables``: the keys to compress (``<module>.weight`` 2-D float tensors), or None for
+    those :func:`find_tables` finds by name. Sparse (COO/CSR) tables are made dense; a
+    tensor an embpress file cannot hold (sparse, quantized, meta) is refused. Tied tables
+    (one storage) are compressed once and saved with aliases. The settings are those of
+    :class:`embpress.DataNormSparsifier` (``sparsity``, ``block``, ``zeros_per_block``,
+    ``norm``) and :class:`embpress.QuantConfig` (``quant``). Each table goes through
+    :func:`embpress.post_training_sparse_quantize` on its own (masks are per table, so
+    this equals one call over all of them), which lets ``on_table(name, elements, done)``
+    report progress. ``state`` is not changed.
+    """
+    keys = _checked_state(state, tables)
+    dense = _dense_tables(state, keys)
+    root, modules = build_skeleton(dense, keys)
+    config = quant if quant is not None else QuantConfig()
+    sparse_config: dict[str, Any] = {"sparsity_level": sparsity, "sparse_block_shape": tuple(block)}
+    if zeros_per_block is not None:
+        sparse_config["zeros_per_block"] = zeros_per_block
+    names = {id(m): k for k, m in reversed(list(modules.items()))}  # first key of each module
+    for module in {id(m): m for m in modules.values()}.values():
+        key = names[id(module)]
+        elements = dense[key].numel()
+        if on_table is not None:
+            on_table(key[: -len(_SUFFIX)], elements, False)
+        post_training_sparse_quantize(
+            root,
+            DataNormSparsifier,
+            sparsify_first,
+            [module],
+            quant=config,
+            norm=norm,
+            **sparse_config,
+        )
+        if on_table is not None:
+            on_table(key[: -len(_SUFFIX)], elements, True)
+    reports = []
+    for name, (found, aliases) in quantized_modules(root).items():
+        qm = cast(QuantizedEmbedding | QuantizedEmbeddingBag, found)
+        weight = dense[f"{name}{_SUFFIX}"]
+        error = qm.error or {}
+        reports.append(
+            TableReport(
+                name=name,
+                kind="auto",  # embpress.load builds it after the model's module
+                rows=qm.num_embeddings,
+                dim=qm.embedding_dim,
+                layout=qm.layout,
+                bits=qm.bits,
+                sparsity=qm.sparsity,
+                nbytes=qm.nbytes,
+                float_nbytes=qm.float_nbytes,
+                rel_frobenius=error.get("rel_frobenius"),
+                max_abs_error=error.get("max_abs"),
+                aliases=tuple(aliases),
+                mode=None,
+                dtype=_dtype_name(weight.dtype),
+                original_nbytes=_nbytes(weight),
+            )
+        )
+    chosen = set(keys)
+    copied = [k for k in dense if k not in chosen]
+    return CompressedCheckpoint(root, reports, copied, sum(_nbytes(dense[k]) for k in copied))
+
+
+def compress_checkpoint(
+    src: PathLike,
+    dst: PathLike,
+    patterns: Sequence[str] = (),
+    *,
+    sparsity: float = 0.8,
+    block: tuple[int, int] = (1, 4),
+    zeros_per_block: int | None = None,
+    norm: str = "L1",
+    quant: QuantConfig | None = None,
+    sparsify_first: bool = True,
+    on_table: Callable[[str, int, bool], None] | None = None,
+) -> CompressedCheckpoint:
+    """Compress the embedding tables of checkpoint ``src`` into the embpress file ``dst``.
+
+    What ``embpress compress`` does: :func:`load_checkpoint`, :func:`find_tables` (with
+    ``patterns``: globs on the key or module path), :func:`compress_state_dict`, then an
+    atomic write of ``dst`` (left as it was if anything fails). Load the result with
+    ``embpress.load(model, dst)``.
+    """
+    state, _ = load_checkpoint(src)
+    try:
+        keys = find_tables(state, patterns)
+        if not keys:
+            raise ValueError(
+                f"no embedding table found among {len(state)} tensors (choose them with patterns)"
+            )
+        result = compress_state_dict(
+            state,
+            keys,
+            sparsity=sparsity,
+            block=block,
+            zeros_per_block=zeros_per_block,
+            norm=norm,
+            quant=quant,
+            sparsify_first=sparsify_first,
+            on_table=on_table,
+        )
+    except ValueError as err:
+        raise ValueError(f"{src}: {err}") from err
+    result.save(dst)
+    return result
+
+
+# ------------------------------------------------------------------------------ describing files
+def inspect(path: PathLike) -> FileReport:
+    """Describe the embpress file ``path``: a :class:`TableReport` per table, and the rest.
+
+    Every header field and every tensor's CRC-32 is checked (FormatError if one is wrong);
+    header and tensors come from one opened, memory-mapped file.
+    """
+    p = Path(path)
+    check_input_file(p)
+    index, tensors = eio.read_file(p, mmap=True)
+    tables = []
+    for name, entry in index["tables"].items():
+        table = eio.build_table(p, name, entry, tensors)
+        error = entry.get("error") or {}
+        rows, dim = table.num_embeddings, table.embedding_dim
+        tables.append(
+            TableReport(
+                name=name,
+                kind=entry["kind"],
+                rows=rows,
+                dim=dim,
+                layout=table.layout,
+                bits=table.bits,
+                sparsity=table.sparsity,
+                nbytes=table.nbytes,
+                float_nbytes=rows * dim * 4,
+                rel_frobenius=error.get("rel_frobenius"),
+                max_abs_error=error.get("max_abs"),
+                aliases=tuple(entry["aliases"]),
+                mode=(entry["module"] or {}).get("mode"),
+            )
+        )
+    other = [t for k, t in tensors.items() if k.startswith(eio.STATE_PREFIX)]
+    return FileReport(
+        path=str(p),
+        format=eio.FORMAT_NAME,
+        format_version=index["format_version"],
+        file_bytes=p.stat().st_size,
+        tables=tuple(tables),
+        other_tensors=len(other),
+        other_nbytes=sum(_nbytes(t) for t in other),
+    )
+
+
+def _tensor_info(key: str, t: torch.Tensor) -> TensorInfo:
+    return TensorInfo(key, tuple(t.shape), _dtype_name(t.dtype), _dtype_name(t.layout), _nbytes(t))
+
+
+def inspect_checkpoint(path: PathLike, patterns: Sequence[str] = ()) -> CheckpointReport:
+    """Which tensors of checkpoint ``path`` :func:`compress_checkpoint` would compress as
+    tables (with ``patterns``, as it would take them) and which it would copy unchanged."""
+    state, fmt = load_checkpoint(path)
+    tables = set(find_tables(state, patterns))
+    return CheckpointReport(
+        path=str(Path(path)),
+        format=fmt,
+        tables=tuple(_tensor_info(k, t) for k, t in state.items() if k in tables),
+        copied=tuple(_tensor_info(k, t) for k, t in state.items() if k not in tables),
+    )
