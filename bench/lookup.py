@@ -53,8 +53,6 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable[[Any, Any], Any]
     import torch
     from torch import nn
 
-    import embpress
-
     common.quiet_torch_warnings()
     rows, dim = args.rows, args.dim
     weight = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
@@ -91,28 +89,40 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable[[Any, Any], Any]
     fns["FBGEMM 4-bit"] = fb4
     info["FBGEMM 4-bit"] = {"bytes": int(w4.numel()), "layout": "fused rows"}
 
-    def mask_of(sparsity: float, width: int) -> Any:
+    for name, (module, sparsity) in build_embpress(emb, args.sparsity).items():
+        fns[name] = module
+        info[name] = {"bytes": int(module.nbytes), "layout": module.layout, "sparsity": sparsity}
+    return fns, info
+
+
+def build_embpress(emb: Any, sparsity: float) -> dict[str, tuple[Any, float]]:
+    """The embpress contenders of float32 bag ``emb``: name -> (QuantizedEmbeddingBag, sparsity)."""
+    import embpress
+
+    weight = emb.weight.detach()
+    dim = weight.shape[1]
+
+    def mask_of(width: int) -> Any:
         sp = embpress.DataNormSparsifier(sparsity_level=sparsity, sparse_block_shape=(1, width))
         sp.add_data("t", weight)
         sp.step()
         return sp.get_mask("t")
 
-    masks = {4: mask_of(args.sparsity, 4), dim: mask_of(args.sparsity, dim)}
+    masks = {4: mask_of(4), dim: mask_of(dim)}
     plan = [
         ("dense", None, "dense", 0.0),
-        ("block-sparse", 4, "block_sparse", args.sparsity),
-        ("pruned-rows", dim, "pruned_rows", args.sparsity),
+        ("block-sparse", 4, "block_sparse", sparsity),
+        ("pruned-rows", dim, "pruned_rows", sparsity),
     ]
-    for label, width, layout, sparsity in plan:
+    out: dict[str, tuple[Any, float]] = {}
+    for label, width, layout, level in plan:
         for bits in (8, 4):
             config = embpress.QuantConfig(bits=bits, range_search=False, layout=layout)
             module = embpress.QuantizedEmbeddingBag.from_float(
                 emb, config, mask=None if width is None else masks[width], block_width=width or 1
             )
-            name = f"embpress {label} 8-bit" if bits == 8 else f"embpress {label} 4-bit"
-            fns[name] = module
-            info[name] = {"bytes": int(module.nbytes), "layout": module.layout, "sparsity": sparsity}
-    return fns, info
+            out[f"embpress {label} {bits}-bit"] = (module, level)
+    return out
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,17 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-SECTIONS = ("compress_cost", "size", "lookup", "quality_ml100k")
+SECTIONS = ("compress_cost", "size", "lookup", "deploy", "quality_ml100k")
 TITLES = {
     "compress_cost": "Compression cost (time and peak memory)",
     "size": "Size in memory and on disk",
     "lookup": "Lookup throughput",
+    "deploy": "Op boundary (torch custom ops)",
     "quality_ml100k": "Model quality: DLRM on MovieLens-100k",
 }
 # Seconds a section may take before it is stopped (full run; --quick uses a tenth).
 # The maintainers' reading of a full run, kept apart so that a rerun does not erase it.
 MEANING = common.BENCH / "meaning.md"
-TIMEOUTS = {"compress_cost": 900, "size": 420, "lookup": 300, "quality_ml100k": 240}
+TIMEOUTS = {"compress_cost": 900, "size": 420, "lookup": 300, "deploy": 420, "quality_ml100k": 240}
 
 
 def _shown(path: Path) -> str:

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from embpress import QuantConfig, QuantizedEmbedding, QuantizedEmbeddingBag
+from embpress.layouts import TABLE_CLASSES
+from embpress.ops import bag_bounds
 from embpress.sparsify import block_norm_mask
 
 LAYOUTS = ["dense", "pruned_rows", "block_sparse"]
@@ -220,7 +222,7 @@ def test_fast_kernels_match_generic_path():
                 q, _, _ = _bag(layout, bits, mode)
                 idx = torch.randint(0, ROWS, (400,))
                 offsets = torch.arange(0, 400, 8)
-                flat, bounds, _ = q._bags(idx, offsets, None)
+                flat, bounds = bag_bounds(idx, offsets, False)
                 fast = q.table.fast_bag(flat, bounds, 0 if mode == "sum" else 1, None)
                 assert fast is not None
                 _close(fast, q._generic(flat, bounds, None))
@@ -464,3 +466,38 @@ print("agree")
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "agree"
+
+
+@pytest.mark.parametrize("layout", list(TABLE_CLASSES))
+def test_op_arguments_and_view_rebuild_the_table(layout):
+    """``op_tensors`` lists the buffers ``op_tensor_names`` names (the layouts spell them out
+    for TorchScript), every buffer of the table; the view the ops build from them looks up as
+    the table does (every registered layout)."""
+    q, _, _ = _bag(layout, 4, "sum")
+    table = q.table
+    assert [id(t) for t in table.op_tensors()] == [id(getattr(table, n)) for n in table.op_tensor_names]
+    assert set(table.op_tensor_names) == set(table.tensors())
+    layout_name, rows, dim, bits, dtype_name, layout_args = table.op_fields()
+    assert (layout_name, rows, dim, bits, dtype_name) == (layout, ROWS, DIM, 4, "float16")
+    cls, dtype = TABLE_CLASSES[layout], table.scale_dtype
+    view = cls.from_op_args(table.op_tensors(), rows, dim, bits, dtype, layout_args)
+    ids = torch.randint(0, ROWS, (60,))
+    bounds = torch.arange(0, 61, 6)
+    assert torch.equal(view.decode_rows(ids), table.decode_rows(ids))
+    assert torch.equal(view.fast_bag(ids, bounds, 0, None), table.fast_bag(ids, bounds, 0, None))
+    with pytest.raises(ValueError, match="tensors"):
+        cls.from_op_args(table.op_tensors()[:-1], rows, dim, bits, dtype, layout_args)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_ids_after_the_last_offset_are_in_no_bag(layout, mode):
+    """include_last_offset with offsets[-1] < len(ids): the trailing ids are in no bag in
+    every kernel (fused, and plain torch with padding or max), as in CSR offsets."""
+    table_q, _, _ = _bag(layout, 8, mode, include_last_offset=True)
+    ids = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
+    offsets = torch.tensor([0, 2, 5])  # two bags over ids[:5]; ids[5:] in none
+    expected = F.embedding_bag(ids[:5], table_q.dequantize(), offsets, mode=mode, include_last_offset=True)
+    _close(table_q(ids, offsets), expected)
+    padded = QuantizedEmbeddingBag(table_q.table, mode=mode, include_last_offset=True, padding_idx=7)
+    _close(padded(ids, offsets), expected)  # padding id 7 present: the plain-torch path

@@ -1,53 +1,73 @@
 """QuantizedEmbedding and QuantizedEmbeddingBag: nn.Embedding / nn.EmbeddingBag over a quantized table.
 
 ``forward`` takes what the float modules take and returns what they return on
-``self.dequantize()``. Sum and mean bags use a fused kernel where the layout has one on
-the device (torch's FBGEMM ops, or numba for block-sparse); everything else decodes only
-the distinct rows a batch touches and hands them to ``torch.nn.functional``.
+``self.dequantize()``. It is one custom op (``torch.ops.embpress.embedding_bag`` /
+``embedding``, see ``embpress.ops``), so that ``torch.compile(fullgraph=True)``,
+``torch.export``, ``torch.jit.trace`` and ``torch.jit.script`` see one node; a plain eager
+call runs the op's kernel without the dispatcher round trip (``_runs_eagerly``). In the
+kernel, sum and mean bags use a fused kernel where the layout has one on the device
+(torch's FBGEMM ops, or numba); everything else decodes only the distinct rows a batch
+touches and hands them to ``torch.nn.functional``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .layouts import QuantizedTable, encode_table
 from .quant import QuantConfig, RowQParams
 
 __all__ = ["QuantizedEmbedding", "QuantizedEmbeddingBag"]
 
-_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+def _runs_eagerly(*tensors: torch.Tensor | None) -> bool:
+    """Whether this forward runs plainly: nothing traces it (torch.compile, torch.export,
+    torch.jit.trace, make_fx), no torch function or dispatch mode sees it, no tensor
+    subclass and no gradient is involved.
+
+    The modules then run the op's kernel directly (``ops.embedding_bag_impl``: the same
+    code, the same outputs), without the dispatcher's Python-kernel round trip, which
+    costs more than the whole lookup of a small batch (see BENCHMARKS.md, "Op boundary").
+    Everywhere else they call the op, so graphs hold it and gradients take its formula.
+    """
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._is_tracing()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+    ):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
 
 
-def _check_dtype(indices: torch.Tensor) -> None:
-    if not isinstance(indices, torch.Tensor):
-        raise TypeError(f"indices must be a Tensor, got {type(indices).__name__}")
-    if indices.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
-
-
-def _check_range(indices: torch.Tensor, num_embeddings: int) -> None:
-    """IndexError as nn.Embedding raises it (the fused kernels check inside)."""
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_embeddings):
-        raise IndexError(f"index out of range in self (num_embeddings={num_embeddings})")
-
-
-def _renorm(rows: torch.Tensor, max_norm: float | None, norm_type: float) -> torch.Tensor:
-    """What nn.Embedding's ``max_norm`` does to the rows it returns."""
-    if max_norm is None:
-        return rows
-    norms = torch.linalg.vector_norm(rows, ord=norm_type, dim=-1, keepdim=True)
-    scale = torch.where(norms > max_norm, max_norm / (norms + 1e-7), torch.ones_like(norms))
-    return rows * scale
+def _check_tensor(value: object, name: str, optional: bool = False) -> None:
+    """TypeError for a non-tensor argument (the ops' schema would refuse it less clearly)."""
+    if not isinstance(value, torch.Tensor) and not (optional and value is None):
+        kind = "a Tensor or None" if optional else "a Tensor"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
 
 
 class _QuantizedModule(nn.Module):
     """Shared by both modules: the table, sizes, and the report of how it was made."""
 
-    table: QuantizedTable
+    # TorchScript compiles a scripted module's properties unless they are listed here
+    __jit_unused_properties__: ClassVar[list[str]] = [
+        "num_embeddings",
+        "embedding_dim",
+        "bits",
+        "layout",
+        "sparsity",
+        "nbytes",
+        "float_nbytes",
+    ]
 
     def __init__(self, table: QuantizedTable) -> None:
         super().__init__()
@@ -88,9 +108,6 @@ class _QuantizedModule(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``[num_embeddings, embedding_dim]`` this module computes with."""
         return self.table.dequantize()
-
-    def _lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.table.decode_rows(indices)
 
     def extra_repr(self) -> str:
         ratio = self.nbytes / self.float_nbytes if self.float_nbytes else 0.0
@@ -156,16 +173,25 @@ class QuantizedEmbedding(_QuantizedModule):
         return out
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        _check_dtype(input)
-        flat = input.reshape(-1).long()
-        out = None
-        if self.max_norm is None:
-            bounds = torch.arange(flat.numel() + 1, device=flat.device)
-            out = self.table.fast_bag(flat, bounds, 0, None)
-        if out is None:
-            _check_range(flat, self.num_embeddings)
-            out = _renorm(self._lookup(flat), self.max_norm, self.norm_type)
-        return out.reshape(*input.shape, self.embedding_dim)
+        table = self.table
+        if not torch.jit.is_scripting():
+            _check_tensor(input, "indices")
+            if _runs_eagerly(input):
+                fast = input.device.type == "cpu"  # the op's CPU kernel, else its plain-torch one
+                return ops.embedding_impl(table, input, self.max_norm, self.norm_type, fast)
+        layout, rows, dim, bits, scale_dtype, layout_args = table.op_fields()
+        return torch.ops.embpress.embedding(
+            table.op_tensors(),
+            layout,
+            rows,
+            dim,
+            bits,
+            scale_dtype,
+            layout_args,
+            input,
+            self.max_norm,
+            self.norm_type,
+        )
 
 
 class QuantizedEmbeddingBag(_QuantizedModule):
@@ -181,7 +207,7 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         norm_type: float = 2.0,
     ) -> None:
         super().__init__(table)
-        if mode not in _MODES:
+        if mode not in ops.MODES:
             raise ValueError(f"mode must be 'sum', 'mean' or 'max', got {mode!r}")
         self.mode = mode
         self.padding_idx = padding_idx
@@ -214,103 +240,64 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         out.error = error
         return out
 
-    def _bags(
-        self, input: torch.Tensor, offsets: torch.Tensor | None, per_sample_weights: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Flat int64 indices, bag bounds with a final total, flat weights (nn's checks)."""
-        _check_dtype(input)
-        if per_sample_weights is not None:
-            if not isinstance(per_sample_weights, torch.Tensor):
-                raise TypeError(
-                    f"per_sample_weights must be a Tensor or None, got {type(per_sample_weights).__name__}"
-                )
-            if self.mode != "sum":
-                raise NotImplementedError(
-                    "embedding_bag: per_sample_weights was not None. per_sample_weights is only "
-                    f"supported for mode='sum' (got mode='{self.mode}')"
-                )
-            if per_sample_weights.shape != input.shape:
-                raise ValueError(
-                    f"per_sample_weights shape {tuple(per_sample_weights.shape)} must match "
-                    f"input shape {tuple(input.shape)}"
-                )
-            if per_sample_weights.dtype != torch.float32:
-                # nn.EmbeddingBag's error type, the same in every layout (the kernels would
-                # otherwise cast, or refuse, each in its own way)
-                raise RuntimeError(
-                    "per_sample_weights must have dtype torch.float32, the dtype of the "
-                    f"dequantized weight; got {per_sample_weights.dtype}"
-                )
-            per_sample_weights = per_sample_weights.reshape(-1).contiguous()
-        if input.dim() == 2:
-            if offsets is not None:
-                raise ValueError(
-                    "if input is 2D, then offsets has to be None, as input is "
-                    "treated as a mini-batch of fixed length sequences"
-                )
-            batch, length = input.shape
-            bounds = torch.arange(0, batch * length + 1, max(length, 1), device=input.device)
-            if length == 0:
-                bounds = torch.zeros(batch + 1, dtype=torch.int64, device=input.device)
-            return input.reshape(-1).long(), bounds, per_sample_weights
-        if input.dim() != 1:
-            raise ValueError(f"input has to be 1D or 2D Tensor, but got Tensor of dimension {input.dim()}")
-        if offsets is None or offsets.dim() != 1:
-            raise ValueError("offsets has to be a 1D Tensor when input is 1D")
-        if offsets.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
-        # contiguous: torch's FBGEMM bag ops refuse strided ids and offsets
-        flat = input.long().contiguous()
-        bounds = offsets.long().contiguous()
-        if not self.include_last_offset:
-            bounds = torch.cat([bounds, bounds.new_tensor([flat.numel()])])
-        if bounds.numel() == 0:  # nn.EmbeddingBag's error type
-            raise RuntimeError("offsets must not be empty when include_last_offset=True")
-        if bounds.numel() > 1 and int(bounds[0]) != 0:
-            raise RuntimeError(
-                "offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to "
-                f"start from position 0. However, got {int(bounds[0])}"
-            )
-        if bool((bounds[1:] < bounds[:-1]).any()) or int(bounds[-1]) > flat.numel():
-            raise RuntimeError("offsets must be non-decreasing and within the number of indices")
-        return flat, bounds, per_sample_weights
-
     def forward(
         self,
         input: torch.Tensor,
         offsets: torch.Tensor | None = None,
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        flat, bounds, weights = self._bags(input, offsets, per_sample_weights)
-        mode = _MODES[self.mode]
-        has_padding = self.padding_idx is not None and bool((flat == self.padding_idx).any())
-        if mode != 2 and self.max_norm is None and not has_padding:
-            out = self.table.fast_bag(flat, bounds, mode, weights)
-            if out is not None:
-                return out.to(flat.device)
-        return self._generic(flat, bounds, weights)
+        table = self.table
+        mode = 0 if self.mode == "sum" else (1 if self.mode == "mean" else 2)  # ops.MODES
+        if not torch.jit.is_scripting():
+            _check_tensor(input, "indices")
+            _check_tensor(offsets, "offsets", optional=True)
+            _check_tensor(per_sample_weights, "per_sample_weights", optional=True)
+            if _runs_eagerly(input, offsets, per_sample_weights):
+                return ops.embedding_bag_impl(
+                    table,
+                    input,
+                    offsets,
+                    per_sample_weights,
+                    mode,
+                    self.include_last_offset,
+                    self.padding_idx,
+                    self.max_norm,
+                    self.norm_type,
+                    input.device.type == "cpu",  # the op's CPU kernel, else its plain-torch one
+                )
+        layout, rows, dim, bits, scale_dtype, layout_args = table.op_fields()
+        return torch.ops.embpress.embedding_bag(
+            table.op_tensors(),
+            layout,
+            rows,
+            dim,
+            bits,
+            scale_dtype,
+            layout_args,
+            input,
+            offsets,
+            per_sample_weights,
+            mode,
+            self.include_last_offset,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+        )
 
     def _generic(
         self, flat: torch.Tensor, bounds: torch.Tensor, weights: torch.Tensor | None
     ) -> torch.Tensor:
-        """Decode the distinct rows once, then let torch.nn.functional do the bag."""
-        _check_range(flat, self.num_embeddings)
-        if flat.numel() == 0:
-            return torch.zeros(bounds.numel() - 1, self.embedding_dim, device=flat.device)
-        unique, inverse = torch.unique(flat, return_inverse=True)
-        rows = _renorm(self._lookup(unique), self.max_norm, self.norm_type)
-        padding = None
-        if self.padding_idx is not None:
-            hit = (unique == self.padding_idx).nonzero()
-            padding = int(hit[0, 0]) if hit.numel() else None
-        return F.embedding_bag(
-            inverse,
-            rows,
+        """The plain-torch bag (decoded rows + torch.nn.functional) of flat ids and bounds
+        with a final total: what the fused kernels are tested against."""
+        return ops.generic_bag(
+            self.table,
+            flat,
             bounds,
-            mode=self.mode,
-            per_sample_weights=weights,
-            include_last_offset=True,
-            padding_idx=padding,
+            weights,
+            ops.MODES[self.mode],
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
         )
 
     def extra_repr(self) -> str:

@@ -190,6 +190,11 @@ class QuantizedTable(nn.Module):
     """A quantized table in one storage layout: buffers plus row decoding and bag lookups."""
 
     layout: ClassVar[str] = ""
+    # the buffers the embpress ops take, in this order (see ``op_tensors``)
+    op_tensor_names: ClassVar[tuple[str, ...]] = ()
+    # for TorchScript: properties it must not compile, class attributes it may read
+    __jit_unused_properties__: ClassVar[list[str]] = ["nbytes", "sparsity"]
+    __constants__: ClassVar[list[str]] = ["layout"]
 
     def __init__(
         self, num_embeddings: int, embedding_dim: int, bits: int, scale_dtype: torch.dtype, num_pruned: int
@@ -256,6 +261,66 @@ class QuantizedTable(nn.Module):
     def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QuantizedTable:
         """Rebuild from :meth:`meta` and :meth:`tensors`, checking every field first."""
         raise NotImplementedError
+
+    # --------------------------------------------------------------- the embpress ops
+    def layout_args(self) -> list[int]:
+        """Integers besides the base fields that a lookup needs (e.g. the block width)."""
+        none: list[int] = []  # typed for TorchScript
+        return none
+
+    def op_fields(self) -> tuple[str, int, int, int, str, list[int]]:
+        """The embpress ops' static table arguments: layout, num_embeddings, embedding_dim,
+        bits, scale dtype name and ``layout_args()``."""
+        dtype = "float16" if self.scale_dtype == torch.float16 else "float32"
+        return self.layout, self.num_embeddings, self.embedding_dim, self.bits, dtype, self.layout_args()
+
+    def op_tensors(self) -> list[torch.Tensor]:
+        """The buffers named by ``op_tensor_names``, in order: what the embpress ops take.
+
+        The layouts here spell theirs out, which TorchScript can compile (this loop it
+        cannot); a layout that does not works everywhere but in ``torch.jit.script``.
+        """
+        return [getattr(self, name) for name in self.op_tensor_names]
+
+    @classmethod
+    def from_op_args(
+        cls,
+        tensors: list[torch.Tensor],
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int,
+        scale_dtype: torch.dtype,
+        layout_args: list[int],
+    ) -> QuantizedTable:
+        """A lookup-only view of the table an op was given, built in about a microsecond.
+
+        The embpress ops (``embpress.ops``) get a table as tensors plus fields, once per
+        call; ``nn.Module.__init__`` and ``from_tensors``' validation would cost more than
+        a small lookup. The view has the attributes ``decode_rows`` and ``fast_bag`` read
+        and nothing else (no module state: it is not for ``.to()``, ``state_dict()`` or
+        printing), and it is not validated: the tensors come from a table that was.
+        """
+        if len(tensors) != len(cls.op_tensor_names):
+            raise ValueError(
+                f"layout {cls.layout!r} takes {len(cls.op_tensor_names)} tensors "
+                f"{cls.op_tensor_names}, got {len(tensors)}"
+            )
+        view = cls.__new__(cls)
+        view.__dict__.update(
+            num_embeddings=num_embeddings,
+            embedding_dim=embedding_dim,
+            bits=bits,
+            scale_dtype=scale_dtype,
+            num_pruned=0,
+        )
+        view.__dict__.update(zip(cls.op_tensor_names, tensors, strict=True))
+        view._init_view(layout_args)
+        return view
+
+    def _init_view(self, layout_args: list[int]) -> None:
+        """Set what ``__init__`` derives from ``layout_args`` on a ``from_op_args`` view."""
+        if layout_args:
+            raise ValueError(f"layout {self.layout!r} takes no layout_args, got {layout_args}")
 
     def extra_repr(self) -> str:
         return (

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -101,6 +101,7 @@ def bitmap_word_bits(blocks: int) -> int:
     return 8 if blocks <= 8 else (16 if blocks <= 16 else 32)
 
 
+@functools.lru_cache(maxsize=256)
 def record_shape(dim: int, block_width: int, bits: int, scale_dtype: torch.dtype) -> RecordShape:
     """The record geometry of a block-sparse table."""
     nb = -(-dim // block_width)
@@ -113,9 +114,11 @@ class BlockSparseTable(QuantizedTable):
     """Kept blocks only, one record per row; see the module docstring for the byte layout."""
 
     layout = "block_sparse"
-    records: torch.Tensor
-    row_offsets: torch.Tensor
-    group_offsets: torch.Tensor
+    op_tensor_names = ("records", "row_offsets", "group_offsets")
+    if TYPE_CHECKING:  # buffers; not class annotations, which TorchScript cannot read as strings
+        records: torch.Tensor
+        row_offsets: torch.Tensor
+        group_offsets: torch.Tensor
 
     def __init__(
         self,
@@ -170,7 +173,10 @@ class BlockSparseTable(QuantizedTable):
         """Bool [n, nb]: which blocks of the records at ``starts`` are kept."""
         bitmap = self._bytes_at(starts, 0, self.shape.bitmap_bytes).long()
         bits = (bitmap.unsqueeze(-1) >> torch.arange(8, device=starts.device)) & 1
-        return bits.reshape(starts.shape[0], -1)[:, : self.shape.blocks].bool()
+        return bits.reshape(starts.shape[0], 8 * self.shape.bitmap_bytes)[:, : self.shape.blocks].bool()
+
+    def op_tensors(self) -> list[torch.Tensor]:
+        return [self.records, self.row_offsets, self.group_offsets]
 
     def decode_rows(self, indices: torch.Tensor) -> torch.Tensor:
         sh = self.shape
@@ -241,6 +247,15 @@ class BlockSparseTable(QuantizedTable):
 
     def meta(self) -> dict[str, Any]:
         return {**super().meta(), "block_width": self.block_width}
+
+    def layout_args(self) -> list[int]:
+        return [self.block_width]
+
+    def _init_view(self, layout_args: list[int]) -> None:
+        if len(layout_args) != 1 or not 1 <= layout_args[0] <= self.embedding_dim:
+            raise ValueError(f"layout 'block_sparse' takes layout_args [block_width], got {layout_args}")
+        self.block_width = layout_args[0]
+        self.shape = record_shape(self.embedding_dim, self.block_width, self.bits, self.scale_dtype)
 
     @classmethod
     def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BlockSparseTable:

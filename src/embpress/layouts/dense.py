@@ -10,7 +10,7 @@ Pruned entries are stored in place as the row's zero code (exact 0.0, see
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,13 +31,18 @@ class DenseTable(QuantizedTable):
     """All rows as fused rows: ``fused[i]`` is row ``i``."""
 
     layout = "dense"
-    fused: torch.Tensor
+    op_tensor_names = ("fused",)
+    if TYPE_CHECKING:  # buffers; not class annotations, which TorchScript cannot read as strings
+        fused: torch.Tensor
 
     def __init__(
         self, fused: torch.Tensor, embedding_dim: int, bits: int, scale_dtype: torch.dtype, num_pruned: int
     ) -> None:
         super().__init__(fused.shape[0], embedding_dim, bits, scale_dtype, num_pruned)
         self.register_buffer("fused", fused)
+
+    def op_tensors(self) -> list[torch.Tensor]:
+        return [self.fused]
 
     def decode_rows(self, indices: torch.Tensor) -> torch.Tensor:
         return decode_fused(self.fused[indices], self.embedding_dim, self.bits, self.scale_dtype)

@@ -17,7 +17,7 @@ Partially pruned kept rows store their pruned entries in place as the zero code.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -48,9 +48,12 @@ class PrunedRowsTable(QuantizedTable):
     """Kept rows only, plus a zero row, addressed through ``row_bits`` / ``row_rank``."""
 
     layout = "pruned_rows"
-    fused: torch.Tensor
-    row_bits: torch.Tensor
-    row_rank: torch.Tensor
+    op_tensor_names = ("fused", "row_bits", "row_rank")
+    __jit_unused_properties__: ClassVar[list[str]] = [*QuantizedTable.__jit_unused_properties__, "kept_rows"]
+    if TYPE_CHECKING:  # buffers; not class annotations, which TorchScript cannot read as strings
+        fused: torch.Tensor
+        row_bits: torch.Tensor
+        row_rank: torch.Tensor
 
     def __init__(
         self,
@@ -82,6 +85,9 @@ class PrunedRowsTable(QuantizedTable):
         below = byte & ((1 << bit) - 1)
         rank = self.row_rank[idx >> 3].long() + popcount_bytes(below)
         return torch.where(kept, rank, torch.full_like(rank, self.kept_rows))
+
+    def op_tensors(self) -> list[torch.Tensor]:
+        return [self.fused, self.row_bits, self.row_rank]
 
     def decode_rows(self, indices: torch.Tensor) -> torch.Tensor:
         rows = self.fused[self.remap(indices)]

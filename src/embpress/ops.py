@@ -1,0 +1,455 @@
+"""The lookups of every layout as torch custom ops: ``torch.ops.embpress.embedding_bag`` and
+``torch.ops.embpress.embedding``.
+
+Compiled and exported graphs (``torch.compile(fullgraph=True)``, ``torch.export``,
+``torch.jit.trace``) cannot follow the lookups into numba or through their checks on id
+values; as ops they are one opaque node, with a fake implementation that gives the output
+shape from the input shapes alone (``[bags, D]`` or ``[*input.shape, D]``). A table
+enters an op as its tensors plus static fields, so the tensors stay the program's buffers::
+
+    embpress::embedding_bag(Tensor[] tensors, str layout, int num_embeddings,
+        int embedding_dim, int bits, str scale_dtype, int[] layout_args,
+        Tensor input, Tensor? offsets, Tensor? per_sample_weights, int mode,
+        bool include_last_offset, int? padding_idx, float? max_norm, float norm_type) -> Tensor
+    embpress::embedding(Tensor[] tensors, str layout, int num_embeddings,
+        int embedding_dim, int bits, str scale_dtype, int[] layout_args,
+        Tensor input, float? max_norm, float norm_type) -> Tensor
+
+``layout`` names a class of ``layouts.TABLE_CLASSES``; ``tensors`` and the static fields
+are what the table's ``op_tensors()`` and ``op_fields()`` return, and the kernels rebuild
+a lookup-only view of it with ``from_op_args``, so a layout added to the registry is served
+by both ops. ``scale_dtype`` is "float32" or "float16" (a string: a ``ScalarType``
+argument costs the dispatcher more than the rest of the table together); ``mode`` is
+``SUM`` (0), ``MEAN`` (1) or ``MAX`` (2).
+
+Kernels: on CPU, the layout's fused kernel (``fast_bag``: FBGEMM's or embpress's numba
+ones) where it serves, else the distinct rows decoded and ``torch.nn.functional``; on any
+other device (``CompositeExplicitAutograd``) only the latter, in plain torch ops. Both
+check every input as ``nn.EmbeddingBag`` does (ids in range, offsets non-decreasing from
+0) inside the op, so that no Python code outside it branches on data. The fake
+implementations run the checks that need no data. ``import embpress`` registers the ops;
+a saved program that holds them needs it before ``torch.export.load`` / ``torch.jit.load``.
+
+The ops are for inference; the one gradient they give is ``per_sample_weights``' (the
+tables are codes, the ids integers), with ``nn.EmbeddingBag``'s formula.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .layouts import TABLE_CLASSES, QuantizedTable
+from .layouts.base import DTYPES_BY_NAME
+
+__all__ = [
+    "MAX",
+    "MEAN",
+    "MODES",
+    "SUM",
+    "bag_bounds",
+    "embedding_bag_impl",
+    "embedding_impl",
+    "generic_bag",
+]
+
+SUM, MEAN, MAX = 0, 1, 2
+MODES = {"sum": SUM, "mean": MEAN, "max": MAX}
+_MODE_NAMES = {v: k for k, v in MODES.items()}
+
+_TABLE_ARGS = (
+    "Tensor[] tensors, str layout, int num_embeddings, int embedding_dim, int bits, "
+    "str scale_dtype, int[] layout_args"
+)
+_LIB = torch.library.Library("embpress", "DEF")
+_LIB.define(
+    f"embedding_bag({_TABLE_ARGS}, Tensor input, Tensor? offsets, Tensor? per_sample_weights, "
+    "int mode, bool include_last_offset, int? padding_idx, float? max_norm, float norm_type) -> Tensor"
+)
+_LIB.define(f"embedding({_TABLE_ARGS}, Tensor input, float? max_norm, float norm_type) -> Tensor")
+
+
+# ------------------------------------------------------------------ checks (fake and real)
+def _table_class(layout: str) -> type[QuantizedTable]:
+    cls = TABLE_CLASSES.get(layout)
+    if cls is None:
+        raise ValueError(f"unknown embpress layout {layout!r}; registered: {sorted(TABLE_CLASSES)}")
+    return cls
+
+
+def _check_indices(input: torch.Tensor) -> None:
+    if input.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64, got {input.dtype}")
+
+
+def _check_bag_args(
+    input: torch.Tensor,
+    offsets: torch.Tensor | None,
+    per_sample_weights: torch.Tensor | None,
+    mode: int,
+) -> None:
+    """nn.EmbeddingBag's checks that need no data (dtypes, ranks, shapes), in its order."""
+    _check_indices(input)
+    if mode not in _MODE_NAMES:
+        raise ValueError(f"mode must be 0 (sum), 1 (mean) or 2 (max), got {mode}")
+    if per_sample_weights is not None:
+        if mode != SUM:
+            raise NotImplementedError(
+                "embedding_bag: per_sample_weights was not None. per_sample_weights is only "
+                f"supported for mode='sum' (got mode='{_MODE_NAMES[mode]}')"
+            )
+        if per_sample_weights.shape != input.shape:
+            raise ValueError(
+                f"per_sample_weights shape {tuple(per_sample_weights.shape)} must match "
+                f"input shape {tuple(input.shape)}"
+            )
+        if per_sample_weights.dtype != torch.float32:
+            # nn.EmbeddingBag's error type, the same in every layout (the kernels would
+            # otherwise cast, or refuse, each in its own way)
+            raise RuntimeError(
+                "per_sample_weights must have dtype torch.float32, the dtype of the "
+                f"dequantized weight; got {per_sample_weights.dtype}"
+            )
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError(
+                "if input is 2D, then offsets has to be None, as input is "
+                "treated as a mini-batch of fixed length sequences"
+            )
+        return
+    if input.dim() != 1:
+        raise ValueError(f"input has to be 1D or 2D Tensor, but got Tensor of dimension {input.dim()}")
+    if offsets is None or offsets.dim() != 1:
+        raise ValueError("offsets has to be a 1D Tensor when input is 1D")
+    if offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
+
+
+# ------------------------------------------------------------------ fake implementations
+def _bag_fake(
+    tensors: list[torch.Tensor],
+    layout: str,
+    num_embeddings: int,
+    embedding_dim: int,
+    bits: int,
+    scale_dtype: str,
+    layout_args: list[int],
+    input: torch.Tensor,
+    offsets: torch.Tensor | None,
+    per_sample_weights: torch.Tensor | None,
+    mode: int,
+    include_last_offset: bool,
+    padding_idx: int | None,
+    max_norm: float | None,
+    norm_type: float,
+) -> torch.Tensor:
+    """``[bags, D]`` float32 on the input's device: bags = rows of a 2-D input, else the
+    number of offsets (less one with ``include_last_offset``)."""
+    _table_class(layout)
+    _check_bag_args(input, offsets, per_sample_weights, mode)
+    if input.dim() == 2:
+        bags = input.shape[0]
+    else:
+        bags = cast(torch.Tensor, offsets).shape[0]  # not None: checked above
+        if include_last_offset:
+            torch._check(bags >= 1, lambda: "offsets must not be empty when include_last_offset=True")
+            bags = bags - 1
+    return input.new_empty((bags, embedding_dim), dtype=torch.float32)
+
+
+def _embedding_fake(
+    tensors: list[torch.Tensor],
+    layout: str,
+    num_embeddings: int,
+    embedding_dim: int,
+    bits: int,
+    scale_dtype: str,
+    layout_args: list[int],
+    input: torch.Tensor,
+    max_norm: float | None,
+    norm_type: float,
+) -> torch.Tensor:
+    """``[*input.shape, D]`` float32 on the input's device."""
+    _table_class(layout)
+    _check_indices(input)
+    return input.new_empty((*input.shape, embedding_dim), dtype=torch.float32)
+
+
+torch.library.register_fake("embpress::embedding_bag", _bag_fake, lib=_LIB)
+torch.library.register_fake("embpress::embedding", _embedding_fake, lib=_LIB)
+
+
+# ------------------------------------------------------------------ the lookups
+def _check_range(indices: torch.Tensor, num_embeddings: int) -> None:
+    """IndexError as nn.Embedding raises it (the fused kernels check inside)."""
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_embeddings):
+        raise IndexError(f"index out of range in self (num_embeddings={num_embeddings})")
+
+
+def _renorm(rows: torch.Tensor, max_norm: float | None, norm_type: float) -> torch.Tensor:
+    """What nn.Embedding's ``max_norm`` does to the rows it returns."""
+    if max_norm is None:
+        return rows
+    norms = torch.linalg.vector_norm(rows, ord=norm_type, dim=-1, keepdim=True)
+    scale = torch.where(norms > max_norm, max_norm / (norms + 1e-7), torch.ones_like(norms))
+    return rows * scale
+
+
+def bag_bounds(
+    input: torch.Tensor, offsets: torch.Tensor | None, include_last_offset: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat int64 ids (those in a bag) and bag bounds with a final total, offsets checked
+    as nn.EmbeddingBag checks them (input and offsets already passed ``_check_bag_args``)."""
+    if input.dim() == 2:
+        batch, length = input.shape
+        if length == 0:
+            bounds = torch.zeros(batch + 1, dtype=torch.int64, device=input.device)
+        else:
+            bounds = torch.arange(0, batch * length + 1, length, device=input.device)
+        return input.reshape(-1).long(), bounds
+    # contiguous: torch's FBGEMM bag ops refuse strided ids and offsets
+    flat = input.long().contiguous()
+    total = flat.numel()
+    bounds = cast(torch.Tensor, offsets).long().contiguous()
+    if bounds.device.type == "cpu":
+        # numpy: these checks on a few small tensors cost several times less than in torch
+        given = bounds.numpy()
+        if include_last_offset:
+            values = given
+        else:
+            values = np.empty(given.size + 1, dtype=np.int64)
+            values[:-1] = given
+            values[-1] = total
+            bounds = torch.from_numpy(values)
+    else:
+        if not include_last_offset:
+            bounds = torch.cat([bounds, bounds.new_tensor([total])])
+        values = bounds.cpu().numpy()
+    if values.size == 0:  # nn.EmbeddingBag's error type
+        raise RuntimeError("offsets must not be empty when include_last_offset=True")
+    if values.size > 1 and values[0] != 0:
+        raise RuntimeError(
+            "offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to "
+            f"start from position 0. However, got {int(values[0])}"
+        )
+    if values[-1] > total or bool((values[1:] < values[:-1]).any()):
+        raise RuntimeError("offsets must be non-decreasing and within the number of indices")
+    if values[-1] < total:
+        # include_last_offset with ids after the last offset: they are in no bag (CSR, as
+        # FBGEMM and the docs of nn.EmbeddingBag have it; torch's own CPU kernel would add
+        # them to the last bag, its backward likewise), in every kernel here
+        flat = flat[: int(values[-1])]
+    return flat, bounds
+
+
+def generic_bag(
+    table: QuantizedTable,
+    flat: torch.Tensor,
+    bounds: torch.Tensor,
+    weights: torch.Tensor | None,
+    mode: int,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+) -> torch.Tensor:
+    """Decode the distinct rows once, then let torch.nn.functional do the bag (any device)."""
+    _check_range(flat, table.num_embeddings)
+    if flat.numel() == 0:
+        return torch.zeros(bounds.numel() - 1, table.embedding_dim, device=flat.device)
+    unique, inverse = torch.unique(flat, return_inverse=True)
+    rows = _renorm(table.decode_rows(unique), max_norm, norm_type)
+    padding = None
+    if padding_idx is not None:
+        hit = (unique == padding_idx).nonzero()
+        padding = int(hit[0, 0]) if hit.numel() else None
+    return F.embedding_bag(
+        inverse,
+        rows,
+        bounds,
+        mode=_MODE_NAMES[mode],
+        per_sample_weights=weights,
+        include_last_offset=True,
+        padding_idx=padding,
+    )
+
+
+def embedding_bag_impl(
+    table: QuantizedTable,
+    input: torch.Tensor,
+    offsets: torch.Tensor | None,
+    per_sample_weights: torch.Tensor | None,
+    mode: int,
+    include_last_offset: bool,
+    padding_idx: int | None,
+    max_norm: float | None,
+    norm_type: float,
+    fast: bool = True,
+) -> torch.Tensor:
+    """What ``embpress::embedding_bag`` computes, without the op boundary.
+
+    ``fast``: use the layout's fused kernel where it serves (the CPU kernel of the op);
+    False keeps to plain torch ops (the op's kernel for every other device).
+    """
+    _check_bag_args(input, offsets, per_sample_weights, mode)
+    flat, bounds = bag_bounds(input, offsets, include_last_offset)
+    weights = None
+    if per_sample_weights is not None:
+        weights = per_sample_weights.reshape(-1)[: flat.numel()].contiguous()
+    if fast and mode != MAX and max_norm is None:
+        padded = padding_idx is not None and bool((flat == padding_idx).any())
+        out = None if padded else table.fast_bag(flat, bounds, mode, weights)
+        if out is not None:
+            return out.to(flat.device)
+    return generic_bag(table, flat, bounds, weights, mode, padding_idx, max_norm, norm_type)
+
+
+def embedding_impl(
+    table: QuantizedTable,
+    input: torch.Tensor,
+    max_norm: float | None,
+    norm_type: float,
+    fast: bool = True,
+) -> torch.Tensor:
+    """What ``embpress::embedding`` computes, without the op boundary (``fast`` as in
+    :func:`embedding_bag_impl`)."""
+    _check_indices(input)
+    flat = input.reshape(-1).long()
+    out = None
+    if fast and max_norm is None:
+        # one id per bag: the fused kernels check the ids and decode in one pass
+        bounds = torch.arange(flat.numel() + 1, device=flat.device)
+        out = table.fast_bag(flat, bounds, SUM, None)
+    if out is None:
+        _check_range(flat, table.num_embeddings)
+        out = _renorm(table.decode_rows(flat), max_norm, norm_type)
+    return out.reshape(*input.shape, table.embedding_dim)
+
+
+# ------------------------------------------------------------------ op kernels
+def _view(
+    tensors: list[torch.Tensor],
+    layout: str,
+    num_embeddings: int,
+    embedding_dim: int,
+    bits: int,
+    scale_dtype: str,
+    layout_args: list[int],
+) -> QuantizedTable:
+    dtype = DTYPES_BY_NAME.get(scale_dtype)
+    if dtype is None:
+        raise ValueError(f"scale_dtype must be 'float32' or 'float16', got {scale_dtype!r}")
+    return _table_class(layout).from_op_args(tensors, num_embeddings, embedding_dim, bits, dtype, layout_args)
+
+
+def _bag_kernel(fast: bool) -> Callable[..., torch.Tensor]:
+    def kernel(
+        tensors: list[torch.Tensor],
+        layout: str,
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int,
+        scale_dtype: str,
+        layout_args: list[int],
+        input: torch.Tensor,
+        offsets: torch.Tensor | None,
+        per_sample_weights: torch.Tensor | None,
+        mode: int,
+        include_last_offset: bool,
+        padding_idx: int | None,
+        max_norm: float | None,
+        norm_type: float,
+    ) -> torch.Tensor:
+        table = _view(tensors, layout, num_embeddings, embedding_dim, bits, scale_dtype, layout_args)
+        return embedding_bag_impl(
+            table,
+            input,
+            offsets,
+            per_sample_weights,
+            mode,
+            include_last_offset,
+            padding_idx,
+            max_norm,
+            norm_type,
+            fast,
+        )
+
+    return kernel
+
+
+def _embedding_kernel(fast: bool) -> Callable[..., torch.Tensor]:
+    def kernel(
+        tensors: list[torch.Tensor],
+        layout: str,
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int,
+        scale_dtype: str,
+        layout_args: list[int],
+        input: torch.Tensor,
+        max_norm: float | None,
+        norm_type: float,
+    ) -> torch.Tensor:
+        table = _view(tensors, layout, num_embeddings, embedding_dim, bits, scale_dtype, layout_args)
+        return embedding_impl(table, input, max_norm, norm_type, fast)
+
+    return kernel
+
+
+# CPU: the fused kernels; every other device (CompositeExplicitAutograd is the default
+# for backends without a kernel of their own): plain torch ops.
+_LIB.impl("embedding_bag", _bag_kernel(fast=True), "CPU")
+_LIB.impl("embedding_bag", _bag_kernel(fast=False), "CompositeExplicitAutograd")
+_LIB.impl("embedding", _embedding_kernel(fast=True), "CPU")
+_LIB.impl("embedding", _embedding_kernel(fast=False), "CompositeExplicitAutograd")
+
+
+# ------------------------------------------------------------------ gradient
+# per_sample_weights is the one differentiable input (the tables are codes, the ids
+# integers): d out[bag(i)] / d weights[i] = row(ids[i]) (renormed as the forward renorms),
+# zero for padding ids and for ids after the last bag of include_last_offset.
+def _bag_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    tensors, *table, input, offsets, weights, _mode, last, padding_idx, max_norm, norm_type = inputs
+    # backward mirrors the inputs as torch.library flattens them: one None per tensor of
+    # a list of tensors (an empty list is one), one None for any other argument
+    ctx.no_grads = [
+        [None] * len(x) if isinstance(x, list) and all(isinstance(v, torch.Tensor) for v in x) else None
+        for x in inputs
+    ]
+    ctx.table = (len(tensors), *table)
+    ctx.forms = (last, padding_idx, max_norm, norm_type)
+    ctx.weights_shape = None if weights is None else weights.shape
+    ctx.save_for_backward(*tensors, input, offsets)
+
+
+def _bag_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    count, *table = ctx.table
+    none: list[Any] = list(ctx.no_grads)
+    if ctx.weights_shape is None or not ctx.needs_input_grad[9]:
+        return tuple(none)
+    last, padding_idx, max_norm, norm_type = ctx.forms
+    saved = ctx.saved_tensors
+    tensors, input, offsets = list(saved[:count]), saved[count], saved[count + 1]
+    flat = input.reshape(-1)
+    rows = torch.ops.embpress.embedding.default(tensors, *table, flat, max_norm, norm_type)
+    position = torch.arange(flat.numel(), device=flat.device)
+    if input.dim() == 2:
+        bag = position // max(input.shape[1], 1)
+        inside = torch.ones_like(position, dtype=torch.bool)
+    else:
+        starts = offsets[:-1] if last else offsets
+        bag = (torch.searchsorted(starts, position, right=True) - 1).clamp(min=0)
+        inside = position < offsets[-1] if last else torch.ones_like(position, dtype=torch.bool)
+    if padding_idx is not None:
+        inside = inside & (flat != padding_idx)
+    per_id = (grad.index_select(0, bag) * rows).sum(1) if flat.numel() else rows.sum(1)
+    none[9] = torch.where(inside, per_id, torch.zeros_like(per_id)).reshape(ctx.weights_shape)
+    return tuple(none)
+
+
+torch.library.register_autograd(
+    "embpress::embedding_bag", _bag_backward, setup_context=_bag_setup_context, lib=_LIB
+)

@@ -1,0 +1,384 @@
+"""Deploying compressed models: torch.compile(fullgraph=True), torch.export with a dynamic
+batch, save and load in a fresh process, TorchScript, and torch.library.opcheck of the
+embpress ops.
+
+The model is the issue's: an EmbeddingBag (sum, with per-sample weights), an EmbeddingBag
+(mean, 2-D ids) and an Embedding (padding_idx 0), compressed with embpress in every
+layout at every bit width. Programs are exported and saved once per test process (a
+module fixture); one child process loads all of them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import embpress
+from embpress import ops
+from embpress.layouts import TABLE_CLASSES
+
+LAYOUTS = list(TABLE_CLASSES)  # every registered layout gets the ops
+CASES = [(layout, bits) for layout in LAYOUTS for bits in (8, 4, 2)]
+DIM = 16
+SIZES = (5, 11)  # two batch sizes, neither the one the programs were exported at (4)
+ROWS = {"by_sum": 300, "by_mean": 200, "tokens": 100}
+
+
+class DeployModel(nn.Module):
+    """The issue's model: sum bag, mean bag, token embedding with padding_idx 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_sum = nn.EmbeddingBag(ROWS["by_sum"], DIM, mode="sum")
+        self.by_mean = nn.EmbeddingBag(ROWS["by_mean"], DIM, mode="mean")
+        self.tokens = nn.Embedding(ROWS["tokens"], DIM, padding_idx=0)
+        self.head = nn.Linear(3 * DIM, 4)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        offsets: torch.Tensor,
+        weights: torch.Tensor,
+        ids_2d: torch.Tensor,
+        tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        features = [
+            self.by_sum(ids, offsets, per_sample_weights=weights),
+            self.by_mean(ids_2d),
+            self.tokens(tokens).mean(1),
+        ]
+        return self.head(torch.cat(features, 1))
+
+
+def compressed_model(layout: str, bits: int) -> DeployModel:
+    """The model with every table compressed in ``layout`` (whole-row blocks for pruned
+    rows, so that rows really are dropped; (1, 4) blocks otherwise)."""
+    torch.manual_seed(0)
+    model = DeployModel().eval()
+    embpress.post_training_sparse_quantize(
+        model,
+        embpress.DataNormSparsifier,
+        quant=embpress.QuantConfig(bits=bits, layout=layout),
+        sparsity_level=0.6,
+        sparse_block_shape=(1, DIM) if layout == "pruned_rows" else (1, 4),
+    )
+    for name in ROWS:
+        module = getattr(model, name)
+        assert isinstance(module, (embpress.QuantizedEmbedding, embpress.QuantizedEmbeddingBag))
+        assert module.layout == layout and module.bits == bits
+    return model
+
+
+def batch(size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs for ``size`` samples: bags of 0..6 ids (empty ones too), padded tokens."""
+    gen = torch.Generator().manual_seed(seed * 1000 + size)
+    lengths = torch.randint(0, 7, (size,), generator=gen)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    ids = torch.randint(0, ROWS["by_sum"], (int(lengths.sum()),), generator=gen)
+    weights = torch.rand(ids.shape, generator=gen)
+    ids_2d = torch.randint(0, ROWS["by_mean"], (size, 5), generator=gen)
+    tokens = torch.randint(0, ROWS["tokens"], (size, 7), generator=gen)
+    tokens[:, -2:] = 0  # padding
+    return ids, offsets, weights, ids_2d, tokens
+
+
+def dynamic_shapes() -> dict[str, dict[int, Any]]:
+    b = torch.export.Dim("batch", min=2, max=4096)
+    n = torch.export.Dim("ids", min=2, max=1 << 20)
+    return {"ids": {0: n}, "offsets": {0: b}, "weights": {0: n}, "ids_2d": {0: b}, "tokens": {0: b}}
+
+
+def case_name(layout: str, bits: int) -> str:
+    return f"{layout}-{bits}"
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every case built, exported with a dynamic batch and saved (with its inputs and eager
+    outputs at both sizes, and TorchScript traced and scripted versions)."""
+    root = tmp_path_factory.mktemp("deployed")
+    out: dict[str, Any] = {"root": root, "cases": {}}
+    for layout, bits in CASES:
+        name = case_name(layout, bits)
+        model = compressed_model(layout, bits)
+        with torch.inference_mode():
+            inputs = {size: batch(size) for size in SIZES}
+            eager = {size: model(*inputs[size]) for size in SIZES}
+        program = torch.export.export(model, batch(4, seed=1), dynamic_shapes=dynamic_shapes())
+        torch.export.save(program, root / f"{name}.pt2")
+        torch.jit.trace(model, batch(4, seed=1)).save(str(root / f"{name}.trace.pt"))
+        torch.jit.script(model).save(str(root / f"{name}.script.pt"))
+        torch.save({"inputs": inputs, "eager": eager}, root / f"{name}.expected.pt")
+        out["cases"][name] = {"model": model, "program": program, "inputs": inputs, "eager": eager}
+    return out
+
+
+# ------------------------------------------------------------------ torch.compile
+@pytest.mark.parametrize(("layout", "bits"), CASES)
+def test_compile_fullgraph_gives_the_eager_outputs(layout, bits):
+    """Dynamo captures the whole forward (fullgraph: a graph break raises) and the compiled
+    model gives the eager outputs bit for bit, at two batch sizes, in inference mode."""
+    torch.compiler.reset()
+    model = compressed_model(layout, bits)
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=True)
+    with torch.inference_mode():
+        for size in SIZES:
+            inputs = batch(size)
+            assert torch.equal(compiled(*inputs), model(*inputs))
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_gives_the_eager_outputs():
+    """The default backend too (one case: it compiles C++, which takes a while)."""
+    torch.compiler.reset()
+    model = compressed_model("block_sparse", 4)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with torch.inference_mode():
+        for size in SIZES:
+            inputs = batch(size)
+            torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ torch.export
+@pytest.mark.parametrize(("layout", "bits"), CASES)
+def test_export_with_a_dynamic_batch(deployed, layout, bits):
+    """The exported graph holds one embpress op per table and plain aten ops, no Python
+    callback; the tables are the program's buffers; it runs at other batch sizes."""
+    case = deployed["cases"][case_name(layout, bits)]
+    program, model = case["program"], case["model"]
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    embpress_ops = [t for t in targets if getattr(t, "namespace", None) == "embpress"]
+    assert sorted(str(t) for t in embpress_ops) == [
+        "embpress.embedding.default",
+        "embpress.embedding_bag.default",
+        "embpress.embedding_bag.default",
+    ]
+    others = [t for t in targets if t not in embpress_ops]
+    assert all(getattr(t, "namespace", None) == "aten" for t in others), others
+
+    buffers = program.graph_signature.inputs_to_buffers.values()
+    for name in ROWS:
+        table = getattr(model, name).table
+        for tensor_name in table.op_tensor_names:
+            assert f"{name}.table.{tensor_name}" in buffers
+            assert torch.equal(program.state_dict[f"{name}.table.{tensor_name}"], getattr(table, tensor_name))
+
+    module = program.module()
+    for size in SIZES:
+        assert torch.equal(module(*case["inputs"][size]), case["eager"][size])
+
+
+_LOAD_SCRIPT = """
+import sys
+from pathlib import Path
+
+import torch
+
+import embpress  # registers the embpress ops the programs call
+
+root = Path(sys.argv[1])
+for expected_file in sorted(root.glob("*.expected.pt")):
+    name = expected_file.name.removesuffix(".expected.pt")
+    expected = torch.load(expected_file, weights_only=True)
+    program = torch.export.load(root / f"{name}.pt2").module()
+    traced = torch.jit.load(str(root / f"{name}.trace.pt"))
+    scripted = torch.jit.load(str(root / f"{name}.script.pt"))
+    with torch.inference_mode():
+        for size, inputs in expected["inputs"].items():
+            for kind, runner in (("export", program), ("trace", traced), ("script", scripted)):
+                if not torch.equal(runner(*inputs), expected["eager"][size]):
+                    raise SystemExit(f"{name} {kind} batch {size}: outputs differ from eager")
+    print("ok", name)
+"""
+
+
+def test_saved_programs_reproduce_eager_in_a_fresh_process(deployed):
+    """torch.export.save -> torch.export.load (and TorchScript save -> load) in a fresh
+    process that imports embpress: the eager outputs, bit for bit, at both batch sizes."""
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_SCRIPT, str(deployed["root"])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    assert sorted(result.stdout.splitlines()) == sorted(f"ok {case_name(*case)}" for case in CASES)
+
+
+def test_loading_without_embpress_fails_naming_it(deployed):
+    """Without ``import embpress`` the ops are unknown: torch.export.load fails and its log
+    names the op and says to import it; torch.jit.load fails naming the op."""
+    program = deployed["root"] / f"{case_name('dense', 8)}.pt2"
+    script = deployed["root"] / f"{case_name('dense', 8)}.script.pt"
+    for code in (
+        f"import torch; torch.export.load({str(program)!r})",
+        f"import torch; torch.jit.load({str(script)!r})",
+    ):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0
+        assert "embpress" in result.stderr and "embedding_bag" in result.stderr, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ the ops themselves
+def _table_args(table) -> tuple:
+    return (table.op_tensors(), *table.op_fields())
+
+
+def _op_forms(layout: str) -> list[tuple[Any, tuple]]:
+    """(op, args) for every forward form of both ops, on a small table of ``layout``."""
+    torch.manual_seed(2)
+    weight = torch.randn(40, 12)
+    mask = embpress.sparsify.block_norm_mask(weight, 0.5, (1, 12) if layout == "pruned_rows" else (1, 4))
+    config = embpress.QuantConfig(bits=4, layout=layout)
+    module = nn.Embedding.from_pretrained(weight)
+    table = embpress.QuantizedEmbedding.from_float(module, config, mask=mask, block_width=4).table
+    assert table.layout == layout
+    t = _table_args(table)
+    ids = torch.tensor([3, 0, 7, 7, 39, 1, 0, 22])
+    offsets = torch.tensor([0, 2, 2, 5])
+    last = torch.tensor([0, 2, 2, 5, 8])
+    weights = torch.rand(8)
+    grid = ids.view(2, 4)
+    bag, emb = torch.ops.embpress.embedding_bag.default, torch.ops.embpress.embedding.default
+    forms = []
+    for mode in (ops.SUM, ops.MEAN, ops.MAX):
+        forms += [
+            (bag, (*t, ids, offsets, None, mode, False, None, None, 2.0)),  # 1-D with offsets
+            (bag, (*t, ids.int(), last.int(), None, mode, True, None, None, 2.0)),  # include_last_offset
+            (bag, (*t, grid, None, None, mode, False, None, None, 2.0)),  # 2-D
+            (bag, (*t, ids, offsets, None, mode, False, 0, None, 2.0)),  # padding_idx
+            (bag, (*t, ids, offsets, None, mode, False, None, 0.5, 1.0)),  # max_norm
+        ]
+    forms += [
+        (bag, (*t, ids, offsets, weights, ops.SUM, False, None, None, 2.0)),  # per_sample_weights
+        (bag, (*t, ids, last, weights.clone().requires_grad_(), ops.SUM, True, 0, 0.5, 2.0)),  # + gradient
+        (bag, (*t, grid, None, weights.view(2, 4), ops.SUM, False, 7, None, 2.0)),
+        (bag, (*t, ids[:0], torch.tensor([0, 0]), None, ops.MEAN, False, None, None, 2.0)),  # empty bags
+    ]
+    for shape in [(), (5,), (2, 3), (2, 0, 3), (2, 2, 2)]:
+        forms.append((emb, (*t, torch.randint(0, 40, shape), None, 2.0)))
+    forms.append((emb, (*t, grid.int(), 0.3, 2.0)))  # max_norm
+    return forms
+
+
+def _to_meta(arg: Any) -> Any:
+    if isinstance(arg, list):
+        return [_to_meta(a) for a in arg]
+    return arg.to("meta") if isinstance(arg, torch.Tensor) else arg
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_every_op_and_form(layout):
+    """torch.library.opcheck (schema, fake tensors, AOT dispatch with dynamic shapes) over
+    every forward form of both ops; the fake output shape is the real one."""
+    for op, args in _op_forms(layout):
+        torch.library.opcheck(op, args)
+        real = op(*args)
+        meta_args = [_to_meta(a) for a in args]
+        fake = op(*meta_args)
+        assert fake.device.type == "meta" and fake.shape == real.shape and fake.dtype == real.dtype
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_plain_torch_kernel_matches_the_cpu_kernel(layout):
+    """The kernel registered for every device but CPU (CompositeExplicitAutograd: plain
+    torch ops) gives the CPU kernel's outputs; run here on CPU tensors."""
+    key = torch._C.DispatchKey.CompositeExplicitAutograd
+    for op, args in _op_forms(layout):
+        torch.testing.assert_close(op._op_dk(key, *args), op(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_op_refuses_unknown_layouts_and_bad_arguments():
+    table = compressed_model("block_sparse", 8).by_sum.table
+    t = list(_table_args(table))
+    ids, offsets = torch.tensor([1, 2]), torch.tensor([0])
+    bag = torch.ops.embpress.embedding_bag.default
+    rest = (ids, offsets, None, ops.SUM, False, None, None, 2.0)
+    with pytest.raises(ValueError, match="unknown embpress layout 'csr'"):
+        bag(t[0], "csr", *t[2:], *rest)
+    with pytest.raises(ValueError, match="takes 3 tensors"):
+        bag(t[0][:2], *t[1:], *rest)
+    with pytest.raises(ValueError, match="block_width"):
+        bag(*t[:6], [], *rest)
+    with pytest.raises(ValueError, match="mode"):
+        bag(*t, ids, offsets, None, 3, False, None, None, 2.0)
+    with pytest.raises(IndexError, match="out of range"):
+        bag(*t, torch.tensor([1, 300]), offsets, None, ops.SUM, False, None, None, 2.0)
+    assert TABLE_CLASSES["block_sparse"] is type(table)
+
+
+def test_modules_call_the_op_whenever_something_observes_them():
+    """Plain eager calls run the op's kernel directly; under a dispatch mode (as make_fx,
+    FakeTensorMode and profilers use) the modules call the op itself, with the same outputs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for layout in LAYOUTS:
+        model = compressed_model(layout, 4)
+        inputs = batch(6)
+        plain = model(*inputs)
+        with Record() as record:
+            observed = model(*inputs)
+        assert torch.equal(observed, plain)
+        assert record.ops.count("embpress.embedding_bag.default") == 2
+        assert record.ops.count("embpress.embedding.default") == 1
+
+
+def _reference_bag(table, ids, offsets, weights, last, padding_idx, max_norm):
+    """F.embedding_bag on the dequantized table; ids past the last offset are dropped
+    first (torch's backward gives them a gradient although its forward skips them)."""
+    import torch.nn.functional as F
+
+    used = int(offsets[-1]) if last else ids.numel()
+    out = F.embedding_bag(
+        ids[:used],
+        table.clone(),  # max_norm renormalises the weight in place
+        offsets,
+        mode="sum",
+        per_sample_weights=weights[:used],
+        include_last_offset=last,
+        padding_idx=padding_idx,
+        max_norm=max_norm,
+    )
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_per_sample_weights_get_their_gradient(layout):
+    """The op's autograd formula: d out / d per_sample_weights as nn.EmbeddingBag's on the
+    dequantized table (padding ids 0, renormed rows, ids after the last bag 0)."""
+    torch.manual_seed(3)
+    float_bag = nn.EmbeddingBag(50, 8, mode="sum", padding_idx=3)
+    q = embpress.QuantizedEmbeddingBag.from_float(
+        float_bag, embpress.QuantConfig(bits=4, layout=layout), mask=torch.rand(50, 8) > 0.5
+    )
+    table = q.dequantize()
+    ids = torch.tensor([3, 0, 7, 7, 39, 1, 3, 22])
+    for last, offsets in ((False, torch.tensor([0, 2, 2, 5])), (True, torch.tensor([0, 2, 2, 5, 7]))):
+        for max_norm in (None, 0.5):
+            q.include_last_offset, q.max_norm = last, max_norm
+            weights = torch.rand(8, requires_grad=True)
+            ref_weights = weights.detach().clone().requires_grad_()
+            out = q(ids, offsets, per_sample_weights=weights)
+            ref = _reference_bag(table, ids, offsets, ref_weights, last, 3, max_norm)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            grad = torch.randn_like(ref)
+            (out * grad).sum().backward()
+            (ref * grad).sum().backward()
+            expected = torch.zeros(8)
+            expected[: ref_weights.grad.numel()] = ref_weights.grad
+            torch.testing.assert_close(weights.grad, expected, rtol=1e-5, atol=1e-5)
+            assert weights.grad[0] == 0 and weights.grad[6] == 0  # padding ids
