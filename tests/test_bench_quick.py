@@ -35,13 +35,14 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
         "## Compression cost (time and peak memory)",
         "## Size in memory and on disk",
         "## Lookup throughput",
+        "## Op boundary (torch custom ops)",
         "## Model quality: DLRM on MovieLens-100k",
         "## Targets at a glance",
         "## What these numbers mean",
     ):
         assert heading in md, heading
     assert "This section failed" not in md
-    for script in ("compress_cost", "size", "lookup", "quality_ml100k"):
+    for script in ("compress_cost", "size", "lookup", "deploy", "quality_ml100k"):
         assert f"bench/{script}.py --quick" in md, script
 
     # ratios measured in the same run
@@ -49,6 +50,7 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     assert "How time grows with rows" in md
     assert "×float32" in md and "8-bit vs ref" in md and "8-bit vs FBGEMM" in md  # size
     assert "×ref" in md and "M lookups/s" in md  # lookups
+    assert "op/direct" in md and "module − float32" in md  # op boundary
     assert md.count("**PASS**") + md.count("**FAIL**") >= 5
     for png in ("compress_cost.png", "size.png", "lookup.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
