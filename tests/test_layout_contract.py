@@ -70,12 +70,14 @@ def test_exact_zeros_and_kept_entries_on_their_grid(case):
     if bool(kept.any()):
         # half a step of the row's grid. The grid spans the kept range and 0; putting 0
         # exactly on it (rows that store pruned entries in place) may stretch the step
-        # from range / (2^bits - 1) up to range / (2^bits - 2); float16 scales round.
+        # from range / (2^bits - 1) up to range / (2^bits - 2), and the scale is rounded
+        # up (float16, and so that zero * scale is exact): 2% covers that, while a code
+        # one level off would still be caught.
         lo = torch.where(kept, w, torch.inf).amin(1).clamp(max=0)
         hi = torch.where(kept, w, -torch.inf).amax(1).clamp(min=0)
         step = (hi - lo) / (2**bits - 2)
         err = (deq - w).abs().masked_fill(~kept, 0)
-        assert bool((err <= step[:, None] * 0.5 * (1 + 2**-9) + 1e-5).all())
+        assert bool((err <= step[:, None] * 0.5 * 1.02 + 1e-5).all())
         assert error["max_abs"] >= float(err.max()) - 1e-6
 
 
