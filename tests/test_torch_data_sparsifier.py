@@ -384,21 +384,11 @@ def test_norm_data_sparsifier(impl, kind, norm):
     )
 
 
-class _Model(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb1 = nn.Embedding(100, 3)
-        self.embbag1 = nn.EmbeddingBag(200, 32)
-        self.emb_seq = nn.Sequential(nn.Embedding(150, 3), nn.EmbeddingBag(100, 3))
-        self.linear1 = nn.Linear(32, 32)
-        self.linear2 = nn.Linear(16, 16)
-
-
 @pytest.mark.parametrize("sparsify_first", [True, False])
-def test_post_training_sparse_quantize(sparsify_first):
-    """torch's TestQuantizationUtils, with embpress's modules in place of torch.ao's."""
-    torch.manual_seed(0)
-    model = _Model()
+def test_post_training_sparse_quantize(ref_model, sparsify_first):
+    """torch's TestQuantizationUtils (its model is conftest's ``ref_model``), with
+    embpress's modules in place of torch.ao's."""
+    model = ref_model
     embpress.post_training_sparse_quantize(
         model,
         data_sparsifier_class=embpress.DataNormSparsifier,
