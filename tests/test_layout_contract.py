@@ -17,9 +17,18 @@ from torch import nn
 
 import embpress
 from embpress import QuantConfig, QuantizedEmbedding, QuantizedEmbeddingBag
-from embpress.layouts import TABLE_CLASSES, FormatError, encode_table, layout_sizes
-from embpress.layouts.encode import _row_stats, _stats
-from embpress.quant import LAYOUTS as CONFIG_LAYOUTS
+from embpress.layouts import (
+    TABLE_CLASSES,
+    FormatError,
+    QuantizedTable,
+    encode_table,
+    layout_choices,
+    layout_sizes,
+    register_layout,
+    row_stats,
+)
+from embpress.layouts.base import base_fields, expect_tensor
+from embpress.layouts.stats import flagged_rows
 
 LAYOUTS = sorted(TABLE_CLASSES)
 
@@ -88,8 +97,10 @@ def test_predicted_bytes_equal_bytes_held(case, scale_dtype):
     width = min(width, dim)
     w, mask, config, table, _ = _encoded(layout, bits, rows, dim, kind, width, seed, scale_dtype)
     m = None if mask is None else mask.numpy()
-    stats = _stats(_row_stats(m, rows, dim, width), rows, dim)
-    predicted = layout_sizes(stats, bits, config.resolved_scale_dtype)
+    stats = row_stats(m, rows, dim, width).summary()
+    dtype = config.resolved_scale_dtype
+    predicted = layout_sizes(stats, bits, dtype)
+    assert predicted[layout] == TABLE_CLASSES[layout].predicted_nbytes(stats, bits, dtype)
     assert predicted[layout] == table.nbytes
     auto_config = QuantConfig(bits=bits, range_search=False, scale_dtype=scale_dtype)
     auto, _ = encode_table(w, mask, auto_config, block_width=width)
@@ -197,6 +208,104 @@ def test_every_field_that_does_not_fit_is_refused(layout):
 
 
 def test_every_layout_the_config_accepts_is_registered_under_its_own_name():
-    assert set(TABLE_CLASSES) == set(CONFIG_LAYOUTS) - {"auto"}
+    assert layout_choices() == ("auto", *TABLE_CLASSES)
     for name, cls in TABLE_CLASSES.items():
         assert cls.layout == name
+        assert QuantConfig(layout=name).layout == name
+    with pytest.raises(ValueError, match="layout must be one of auto, dense"):
+        QuantConfig(layout="csr")
+
+
+# ------------------------------------------------------------------ adding a layout
+class _UnpackedTable(QuantizedTable):
+    """One code per byte and float32 qparams per row: a layout of one class, registered by
+    one line, that nothing else in embpress knows about."""
+
+    layout = "unpacked_for_test"
+    op_tensor_names = ("codes", "qparams")
+
+    def __init__(self, codes, qparams, bits, scale_dtype, num_pruned):
+        super().__init__(codes.shape[0], codes.shape[1], bits, scale_dtype, num_pruned)
+        self.register_buffer("codes", codes)
+        self.register_buffer("qparams", qparams)
+
+    @classmethod
+    def predicted_nbytes(cls, stats, bits, scale_dtype):
+        return stats.rows * (stats.dim + 8)
+
+    @classmethod
+    def zero_rows(cls, row_stats):
+        return flagged_rows(row_stats.kept < row_stats.dim)  # pruned entries stored in place
+
+    @classmethod
+    def pack(cls, encoded):
+        qp = encoded.qparams
+        qparams = torch.stack([qp.scale, qp.offset], 1).float()
+        return cls(encoded.code_rows().clone(), qparams, encoded.bits, qp.dtype, encoded.stats.pruned)
+
+    def decode_rows(self, indices):
+        qp = self.qparams[indices]
+        return self.codes[indices].float() * qp[:, :1] + qp[:, 1:]
+
+    @classmethod
+    def from_tensors(cls, meta, tensors):
+        rows, dim, bits, dtype, pruned = base_fields(meta)
+        codes = expect_tensor(tensors, "codes", torch.uint8, (rows, dim))
+        return cls(codes, expect_tensor(tensors, "qparams", torch.float32, (rows, 2)), bits, dtype, pruned)
+
+
+@pytest.fixture
+def unpacked_layout():
+    register_layout(_UnpackedTable)
+    try:
+        yield _UnpackedTable.layout
+    finally:
+        del TABLE_CLASSES[_UnpackedTable.layout]
+
+
+def test_a_registered_class_is_a_whole_layout(unpacked_layout, tmp_path):
+    """The config accepts it, encoding packs it with the predicted bytes, "auto" weighs it,
+    the modules and the embpress ops look it up, and files hold it."""
+    assert layout_choices()[-1] == unpacked_layout
+    w, mask, config, table, _ = _encoded(unpacked_layout, 4, 37, 12, "entries", 1, 3)
+    assert type(table) is _UnpackedTable and table.nbytes == 37 * (12 + 8)
+    deq = table.dequantize()
+    assert bool((deq[~mask] == 0).all())
+    _, _, _, auto, _ = _encoded("auto", 4, 37, 12, "entries", 1, 3)
+    sizes = layout_sizes(row_stats(mask.numpy(), 37, 12, 1).summary(), 4, torch.float16)
+    assert unpacked_layout in sizes and auto.nbytes == min(sizes.values())
+    bag = QuantizedEmbeddingBag.from_float(nn.EmbeddingBag.from_pretrained(w, mode="sum"), config, mask=mask)
+    ids, offsets = torch.tensor([0, 5, 36, 5, 2]), torch.tensor([0, 2])
+    want = F.embedding_bag(ids, deq, offsets, mode="sum")
+    torch.testing.assert_close(bag(ids, offsets), want)
+    fields = bag.table.op_fields()
+    got = torch.ops.embpress.embedding_bag(
+        bag.table.op_tensors(), *fields, ids, offsets, None, 0, False, None, None, 2.0
+    )
+    torch.testing.assert_close(got, want)
+    model = nn.Sequential(bag)
+    embpress.save(model, tmp_path / "m.safetensors")
+    fresh = embpress.load(nn.Sequential(nn.EmbeddingBag(37, 12, mode="sum")), tmp_path / "m.safetensors")
+    assert fresh[0].layout == unpacked_layout and torch.equal(fresh[0].dequantize(), deq)
+
+
+def test_only_registered_layouts_are_accepted():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        QuantConfig(layout=_UnpackedTable.layout)
+    with pytest.raises(TypeError, match="QuantizedTable subclass"):
+        register_layout(dict)
+    with pytest.raises(TypeError, match="does not define zero_rows, pack, from_tensors"):
+
+        class _Partial(QuantizedTable):
+            layout = "partial_for_test"
+
+            @classmethod
+            def predicted_nbytes(cls, stats, bits, scale_dtype):
+                return 0
+
+        register_layout(_Partial)
+    for name in ("", "auto", "dense"):
+        with pytest.raises(ValueError, match=r"auto|already registered"):
+            register_layout(type("_Renamed", (_UnpackedTable,), {"layout": name}))
+    assert register_layout(TABLE_CLASSES["dense"]) is TABLE_CLASSES["dense"]  # again: no change
+    assert list(TABLE_CLASSES) == ["dense", "pruned_rows", "block_sparse"]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from embpress import QuantConfig, QuantizedEmbedding, QuantizedEmbeddingBag
-from embpress.layouts import TABLE_CLASSES
+from embpress.layouts import TABLE_CLASSES, KernelPolicy, kernel_policy
 from embpress.ops import bag_bounds
 from embpress.sparsify import block_norm_mask
 
@@ -39,16 +39,16 @@ def _close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _fast_bag_on_and_off(table, switch_module, switch, threads, *args):
-    """``table.fast_bag(*args)`` with the kernel switch on, then off, on ``threads`` threads;
+def _fast_bag_on_and_off(table, switch, threads, *args):
+    """``table.fast_bag(*args)`` with the ``KernelPolicy`` field ``switch`` on, then off, on
+    ``threads`` threads, the first by argument, the second in a ``kernel_policy`` block;
     both must have served (not None)."""
-    outs = []
-    with _torch_threads(threads), pytest.MonkeyPatch.context() as patch:
-        for on in (True, False):
-            patch.setattr(switch_module, switch, on)
-            outs.append(table.fast_bag(*args))
-    assert outs[0] is not None and outs[1] is not None
-    return outs
+    with _torch_threads(threads):
+        on = table.fast_bag(*args, policy=KernelPolicy(**{switch: True}))
+        with kernel_policy(**{switch: False}):
+            off = table.fast_bag(*args)
+    assert on is not None and off is not None
+    return on, off
 
 
 @contextlib.contextmanager
@@ -258,8 +258,6 @@ def test_block_sparse_kernel_both_decodes_match_generic(
     """The vector decode (whole bitmap words, where the CPU and shape allow) and the bit
     walk both equal the plain-torch bag over the decoded rows, for every word width (8, 16,
     32 bits, and rows of two words), weights, mean, empty bags and repeated ids."""
-    from embpress.layouts import block_sparse
-
     gen = torch.Generator().manual_seed(seed)
     rows = 70  # not a multiple of the 16-row group: the last group is partial
     weight = torch.randn(rows, dim, generator=gen)
@@ -276,9 +274,7 @@ def test_block_sparse_kernel_both_decodes_match_generic(
     expected = q._generic(idx, bounds, psw)
     code = 0 if mode == "sum" else 1
     # two threads: the bags split into two runs, each primed on its own
-    vector, walk = _fast_bag_on_and_off(
-        q.table, block_sparse, "VECTOR_DECODE", threads_used, idx, bounds, code, psw
-    )
+    vector, walk = _fast_bag_on_and_off(q.table, "vector_decode", threads_used, idx, bounds, code, psw)
     _close(vector, expected)
     _close(walk, expected)
 
@@ -327,8 +323,6 @@ def test_block_sparse_vector_decode_out_of_range():
 def test_fused_rows_own_kernel_matches_fbgemm_and_generic(layout, dim, mode, weighted, bag_sizes, seed):
     """4-bit fused rows on several threads (embpress's kernel where it serves, FBGEMM's
     otherwise) give the plain-torch bag over the decoded rows, as FBGEMM's kernel does."""
-    from embpress.layouts import base
-
     gen = torch.Generator().manual_seed(seed)
     rows = 50
     weight = torch.randn(rows, dim, generator=gen)
@@ -344,7 +338,7 @@ def test_fused_rows_own_kernel_matches_fbgemm_and_generic(layout, dim, mode, wei
     psw = torch.rand(idx.numel(), generator=gen) if weighted and mode == "sum" else None
     code = 0 if mode == "sum" else 1
     expected = q._generic(idx, bounds, psw)
-    own, fbgemm = _fast_bag_on_and_off(q.table, base, "FUSED_KERNEL", 2, idx, bounds, code, psw)
+    own, fbgemm = _fast_bag_on_and_off(q.table, "fused_kernel", 2, idx, bounds, code, psw)
     _close(own, expected)
     _close(fbgemm, expected)
 
@@ -501,3 +495,81 @@ def test_ids_after_the_last_offset_are_in_no_bag(layout, mode):
     _close(table_q(ids, offsets), expected)
     padded = QuantizedEmbeddingBag(table_q.table, mode=mode, include_last_offset=True, padding_idx=7)
     _close(padded(ids, offsets), expected)  # padding id 7 present: the plain-torch path
+
+
+def test_kernel_argument_tuples_are_the_kernels_parameters():
+    """Each bag kernel is called as ``kernel(*table, *bags, threads, out)`` (``lookup.run_bags``):
+    its table NamedTuple and ``Bags`` name its parameters in order. The kernels unpack the
+    block-sparse ``RecordShape`` in its field order."""
+    import inspect
+
+    from embpress.layouts import _kernels
+    from embpress.layouts.block_sparse import RecordShape, record_shape
+    from embpress.layouts.lookup import Bags, BlockSparseKernelTable, FusedKernelTable
+
+    kernels = {_kernels.block_sparse_bag: BlockSparseKernelTable, _kernels.fused_bag: FusedKernelTable}
+    for kernel, table in kernels.items():
+        parameters = list(inspect.signature(kernel.py_func).parameters)
+        assert parameters == [*table._fields, *Bags._fields, "threads", "out"]
+    assert RecordShape._fields == (
+        "blocks", "block_width", "bits", "word_bits", "words", "scale_bytes", "bitmap_bytes", "header",
+        "group_shift",
+    )  # fmt: skip
+    shape = record_shape(100, 4, 4, torch.float16)
+    assert shape == RecordShape(25, 4, 4, 32, 1, 2, 4, 8, shape.group_shift)
+    assert shape.length(25) == 8 + 50 and all(type(v) is int for v in shape)
+
+
+def test_kernel_policy_blocks_nest_and_stay_in_their_thread():
+    import threading
+
+    from embpress.layouts import current_kernel_policy, set_default_kernel_policy
+
+    assert current_kernel_policy() == KernelPolicy(fused_kernel=True, vector_decode=True)
+    with kernel_policy(vector_decode=False) as outer:
+        assert current_kernel_policy() is outer and not outer.vector_decode and outer.fused_kernel
+        with kernel_policy(fused_kernel=False):
+            assert current_kernel_policy() == KernelPolicy(fused_kernel=False, vector_decode=False)
+        assert current_kernel_policy() is outer
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(current_kernel_policy()))
+        thread.start()
+        thread.join()
+        assert seen == [KernelPolicy()]  # another thread keeps the default
+    assert current_kernel_policy() == KernelPolicy()
+    previous = set_default_kernel_policy(KernelPolicy(fused_kernel=False))
+    try:
+        assert current_kernel_policy() == KernelPolicy(fused_kernel=False)
+        with kernel_policy(KernelPolicy()):
+            assert current_kernel_policy() == KernelPolicy()
+    finally:
+        set_default_kernel_policy(previous)
+    with pytest.raises(TypeError, match="must be a bool"):
+        KernelPolicy(fused_kernel=1)
+    with pytest.raises(TypeError, match="unexpected keyword"), kernel_policy(vector=False):
+        pass
+
+
+def test_kernel_files_use_no_jitted_helper_from_another_file():
+    """numba's disk cache is keyed on a jitted function's own file, so a kernel that called
+    a jitted helper or intrinsic defined elsewhere would keep running the helper's old code
+    after an edit to it (see ``layouts._kernels``)."""
+    import importlib
+
+    from numba.core.dispatcher import Dispatcher
+
+    for name in (
+        "embpress.layouts._kernels",
+        "embpress.layouts._encode_kernels",
+        "embpress.quant._search",
+        "embpress.sparsify._kernels",
+    ):
+        module = importlib.import_module(name)
+        for attr, value in vars(module).items():
+            if isinstance(value, Dispatcher):
+                defined_in = value.py_func.__module__
+            elif hasattr(value, "_defn"):  # a numba @intrinsic
+                defined_in = value._defn.__module__
+            else:
+                continue
+            assert defined_in == name, f"{name}.{attr} comes from {defined_in}"

@@ -42,7 +42,8 @@ from rich.text import Text
 from safetensors import SafetensorError
 
 from . import checkpoint
-from .quant.config import LAYOUTS, QuantConfig
+from .layouts import layout_choices
+from .quant.config import QuantConfig
 from .report import CheckpointReport, FileReport, TableReport, TensorInfo, human_bytes
 from .sparsify.data_norm import MAX_BLOCK_SIDE
 
@@ -370,7 +371,7 @@ QuantizedEmbeddingBag after the module the model has there.
 )
 @click.option(
     "--layout",
-    type=click.Choice(list(LAYOUTS)),
+    type=click.Choice(layout_choices()),
     default="auto",
     show_default=True,
     help="Storage layout; auto takes the smallest.",

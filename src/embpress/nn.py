@@ -247,7 +247,8 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         table = self.table
-        mode = 0 if self.mode == "sum" else (1 if self.mode == "mean" else 2)  # ops.MODES
+        # ops.MODES[self.mode] as a plain int (layouts.Pooling's values): TorchScript compiles this
+        mode = 0 if self.mode == "sum" else (1 if self.mode == "mean" else 2)
         if not torch.jit.is_scripting():
             _check_tensor(input, "indices")
             _check_tensor(offsets, "offsets", optional=True)

@@ -15,12 +15,12 @@ enters an op as its tensors plus static fields, so the tensors stay the program'
         int embedding_dim, int bits, str scale_dtype, int[] layout_args,
         Tensor input, float? max_norm, float norm_type) -> Tensor
 
-``layout`` names a class of ``layouts.TABLE_CLASSES``; ``tensors`` and the static fields
-are what the table's ``op_tensors()`` and ``op_fields()`` return, and the kernels rebuild
-a lookup-only view of it with ``from_op_args``, so a layout added to the registry is served
-by both ops. ``scale_dtype`` is "float32" or "float16" (a string: a ``ScalarType``
-argument costs the dispatcher more than the rest of the table together); ``mode`` is
-``SUM`` (0), ``MEAN`` (1) or ``MAX`` (2).
+``layout`` names a class of the layout registry (``layouts.TABLE_CLASSES``); ``tensors``
+and the static fields are what the table's ``op_tensors()`` and ``op_fields()`` return,
+and the kernels rebuild a lookup-only view of it with ``from_op_args``, so a layout added
+to the registry is served by both ops. ``scale_dtype`` is "float32" or "float16" (a string: a ``ScalarType``
+argument costs the dispatcher more than the rest of the table together); ``mode`` is a
+``Pooling``: ``SUM`` (0), ``MEAN`` (1) or ``MAX`` (2).
 
 Kernels: on CPU, the layout's fused kernel (``fast_bag``: FBGEMM's or embpress's numba
 ones) where it serves, else the distinct rows decoded and ``torch.nn.functional``; on any
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .layouts import TABLE_CLASSES, QuantizedTable
+from .layouts import Pooling, QuantizedTable, table_class
 from .layouts.base import DTYPES_BY_NAME
 
 __all__ = [
@@ -51,15 +51,16 @@ __all__ = [
     "MEAN",
     "MODES",
     "SUM",
+    "Pooling",
     "bag_bounds",
     "embedding_bag_impl",
     "embedding_impl",
     "generic_bag",
 ]
 
-SUM, MEAN, MAX = 0, 1, 2
-MODES = {"sum": SUM, "mean": MEAN, "max": MAX}
-_MODE_NAMES = {v: k for k, v in MODES.items()}
+SUM, MEAN, MAX = Pooling.SUM, Pooling.MEAN, Pooling.MAX
+MODES = {p.name.lower(): p for p in Pooling}  # nn.EmbeddingBag's mode names
+_MODE_NAMES: dict[int, str] = {int(v): k for k, v in MODES.items()}
 
 _TABLE_ARGS = (
     "Tensor[] tensors, str layout, int num_embeddings, int embedding_dim, int bits, "
@@ -74,13 +75,6 @@ _LIB.define(f"embedding({_TABLE_ARGS}, Tensor input, float? max_norm, float norm
 
 
 # ------------------------------------------------------------------ checks (fake and real)
-def _table_class(layout: str) -> type[QuantizedTable]:
-    cls = TABLE_CLASSES.get(layout)
-    if cls is None:
-        raise ValueError(f"unknown embpress layout {layout!r}; registered: {sorted(TABLE_CLASSES)}")
-    return cls
-
-
 def _check_indices(input: torch.Tensor) -> None:
     if input.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"indices must be int32 or int64, got {input.dtype}")
@@ -149,7 +143,7 @@ def _bag_fake(
 ) -> torch.Tensor:
     """``[bags, D]`` float32 on the input's device: bags = rows of a 2-D input, else the
     number of offsets (less one with ``include_last_offset``)."""
-    _table_class(layout)
+    table_class(layout)
     _check_bag_args(input, offsets, per_sample_weights, mode)
     if input.dim() == 2:
         bags = input.shape[0]
@@ -174,7 +168,7 @@ def _embedding_fake(
     norm_type: float,
 ) -> torch.Tensor:
     """``[*input.shape, D]`` float32 on the input's device."""
-    _table_class(layout)
+    table_class(layout)
     _check_indices(input)
     return input.new_empty((*input.shape, embedding_dim), dtype=torch.float32)
 
@@ -342,7 +336,7 @@ def _view(
     dtype = DTYPES_BY_NAME.get(scale_dtype)
     if dtype is None:
         raise ValueError(f"scale_dtype must be 'float32' or 'float16', got {scale_dtype!r}")
-    return _table_class(layout).from_op_args(tensors, num_embeddings, embedding_dim, bits, dtype, layout_args)
+    return table_class(layout).from_op_args(tensors, num_embeddings, embedding_dim, bits, dtype, layout_args)
 
 
 def _bag_kernel(fast: bool) -> Callable[..., torch.Tensor]:

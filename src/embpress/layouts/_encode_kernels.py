@@ -1,15 +1,15 @@
 """Numba kernels for encoding a table: mask statistics, kept ranges, codes and errors.
 
 One pass each over the table (rows in parallel), so encoding costs a few reads of the
-float table instead of a dozen torch temporaries of its size.
+float table instead of a dozen torch temporaries of its size. These kernels use no helper
+from another file (numba's disk cache is keyed on the jitted function's own file, see
+``_kernels``).
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
-
-from ._kernels import _popcount
 
 __all__ = [
     "assemble_records",
@@ -36,18 +36,16 @@ def count_nonfinite(w: np.ndarray) -> int:
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def count_blocks(
-    mask: np.ndarray, width: int, word_bits: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def count_blocks(mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One pass over the mask. Per row: kept entries, (1 x width) blocks with a kept entry,
-    blocks with kept and pruned entries mixed, and the kept-block bitmap (bit k % W of
-    word k // W, W = ``word_bits``)."""
+    blocks with kept and pruned entries mixed, and the kept-block bitmap (uint32 words: bit
+    k % 32 of word k // 32, see ``stats.RowStats``)."""
     rows, cols = mask.shape
     nb = (cols + width - 1) // width
     kept = np.zeros(rows, dtype=np.int64)
     blocks = np.zeros(rows, dtype=np.int64)
     mixed = np.zeros(rows, dtype=np.int64)
-    bitmap = np.zeros((rows, (nb + word_bits - 1) // word_bits), dtype=np.uint32)
+    bitmap = np.zeros((rows, (nb + 31) // 32), dtype=np.uint32)
     for r in numba.prange(rows):
         k = 0
         b = 0
@@ -61,7 +59,7 @@ def count_blocks(
             k += n
             if n > 0:
                 b += 1
-                bitmap[r, blk // word_bits] |= np.uint32(1 << (blk % word_bits))
+                bitmap[r, blk // 32] |= np.uint32(1 << (blk % 32))
                 if n < c1 - c0:
                     m += 1
         kept[r] = k
@@ -71,26 +69,25 @@ def count_blocks(
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def count_blocks_of_4(
-    mask_words: np.ndarray, word_bits: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def count_blocks_of_4(mask_words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`count_blocks` for (1 x 4) blocks, reading the bool mask as one uint32 per
-    block (a True byte is 0x01, so the popcount of the word is the block's kept count)."""
+    block (a True byte is 0x01, so the top byte of ``word * 0x01010101`` is the block's
+    kept count)."""
     rows, nb = mask_words.shape
     kept = np.zeros(rows, dtype=np.int64)
     blocks = np.zeros(rows, dtype=np.int64)
     mixed = np.zeros(rows, dtype=np.int64)
-    bitmap = np.zeros((rows, (nb + word_bits - 1) // word_bits), dtype=np.uint32)
+    bitmap = np.zeros((rows, (nb + 31) // 32), dtype=np.uint32)
     for r in numba.prange(rows):
         k = 0
         b = 0
         m = 0
         for blk in range(nb):
-            n = _popcount(int(mask_words[r, blk]))
+            n = ((int(mask_words[r, blk]) * 0x01010101) >> 24) & 0xFF
             k += n
             if n > 0:
                 b += 1
-                bitmap[r, blk // word_bits] |= np.uint32(1 << (blk % word_bits))
+                bitmap[r, blk // 32] |= np.uint32(1 << (blk % 32))
                 m += n < 4
         kept[r] = k
         blocks[r] = b
@@ -234,35 +231,35 @@ def fake_quantize(w: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: in
 
 @numba.njit(cache=True, parallel=True, nogil=True)
 def assemble_records(
+    shape: tuple[int, ...],
     records: np.ndarray,
     starts: np.ndarray,
     bitmap: np.ndarray,
     qparams: np.ndarray,
     codes: np.ndarray,
     code_start: np.ndarray,
-    row_codes: np.ndarray,
-    bits: int,
+    kept_blocks: np.ndarray,
 ) -> None:
     """Write each row's block-sparse record at ``records[starts[r]:starts[r+1]]`` (every
     byte of it: the array need not be zeroed).
 
-    A record is the row's bitmap bytes, its qparam bytes, then its ``row_codes[r]`` codes
-    (one per byte in ``codes`` from ``code_start[r]``) packed from the next byte: code j
-    at byte j*bits//8, bit (j*bits)%8 (see ``layouts.block_sparse``).
+    ``shape`` is the table's ``block_sparse.RecordShape`` as a plain tuple. A record is the
+    first ``bitmap_bytes`` bytes of the row's ``bitmap`` (uint8 [rows, >= bitmap_bytes]),
+    its ``2 * scale_bytes`` ``qparams`` bytes, then the codes of its ``kept_blocks[r]``
+    blocks (one per byte in ``codes`` from ``code_start[r]``, ``block_width`` a block)
+    packed from the next byte: code j at byte j*bits//8, bit (j*bits)%8.
     """
-    nbit = bitmap.shape[1]
-    nq = qparams.shape[1]
+    _, width, bits, _, _, scale_bytes, bitmap_bytes, header, _ = shape
     per_byte = 8 // bits
     for r in numba.prange(starts.shape[0] - 1):
         a = starts[r]
-        for j in range(nbit):
+        for j in range(bitmap_bytes):
             records[a + j] = bitmap[r, j]
-        a += nbit
-        for j in range(nq):
-            records[a + j] = qparams[r, j]
-        a += nq
+        for j in range(2 * scale_bytes):
+            records[a + bitmap_bytes + j] = qparams[r, j]
+        a += header
         c0 = code_start[r]
-        n = row_codes[r]
+        n = kept_blocks[r] * width
         if bits == 8:
             for j in range(n):
                 records[a + j] = codes[c0 + j]

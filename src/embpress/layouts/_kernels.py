@@ -4,7 +4,10 @@ rows on several threads, row remapping).
 Compiled on first use and cached on disk; the thread count follows
 ``torch.get_num_threads()`` (each thread takes a contiguous run of bags). Indices are
 bounds-checked (a kernel returns how many were out of range, the caller raises
-IndexError).
+IndexError). The layouts call the bag kernels through one typed boundary,
+``layouts.lookup`` (``run_bags``: the table's arguments as a NamedTuple, the lookups as
+``Bags``); a block-sparse table's geometry arrives as its ``RecordShape``, a plain tuple
+the kernels unpack, so no kernel derives the layout's constants itself.
 
 The block-sparse bag is written for the memory system first: a lookup needs its row's
 offset, then from it the row's record (bitmap, qparams and codes side by side), two
@@ -14,9 +17,18 @@ and decodes a row without branches on its bitmap where the CPU has AVX-512 expan
 (``_emit_expand``, ``_emit_strided_codes``); rows of several bitmap words decode word by
 word, and CPUs without AVX-512 walk the set bits (``_decode_bag``). Vector steps are
 written as LLVM IR (numba ``@intrinsic``) because numba does not vectorise them on its
-own. The IR helpers live in this file with the
-kernels that use them on purpose: numba's disk cache is keyed on the file of the jitted
-function, so an edit to a helper in another file would leave stale compiled kernels.
+own.
+
+The IR emitters and intrinsics stay in this file with the kernels that use them, on
+purpose. numba's disk cache is keyed on the jitted function's own file (its modification
+time and size): an intrinsic's code generation runs only when a kernel is compiled, and
+its output is then frozen into the cached kernel, so a helper edited in another file
+would leave every cached kernel running the old IR, silently. Splitting safely would
+need the cache off (every process then compiles these kernels afresh: about 16 s before
+the first lookup on a 2-core benchmark machine), numba's private cache-locator API, or a
+hash of the helper file pinned here and checked by hand; none is worth a shorter file.
+For the same reason no other kernel file imports a jitted helper or intrinsic from here
+(``tests/test_nn.py`` checks it).
 """
 
 from __future__ import annotations
@@ -577,7 +589,8 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
     nothing). The two meet, and the columns are put back in order, once per bag. The
     ring carries starts across the bags of a run; ``prime`` fills it for a run's first
     bag. Prefetches run across bag boundaries up to ``pf_end``. Ids must
-    be in range (checked before). ``half``: the record's qparams are float16, else float32.
+    be in range (checked before). ``shift``, ``header`` and ``half`` come from the table's
+    ``RecordShape`` (``group_shift``, ``header``, ``scale_bytes == 2``: float16 qparams).
     """
     lanes = 4 * word_bits
 
@@ -590,6 +603,7 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
         group_offsets: Any,
         shift: Any,
         skip: Any,
+        header: Any,
         indices: Any,
         lo: Any,
         hi: Any,
@@ -601,9 +615,9 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
         prime: Any,
     ) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            accty, recty, offty, gty, _, _, indty, _, _, _, wty, _, _, ringty, _ = signature.args
-            acc_v, rec_v, off_v, g_v, shift, skip, ind_v, lo, hi, pf_end, w_v, weighted, half = args[:13]
-            ring_v, prime = args[13:]
+            accty, recty, offty, gty, _, _, _, indty, _, _, _, wty, _, _, ringty, _ = signature.args
+            acc_v, rec_v, off_v, g_v, shift, skip, header, ind_v, lo, hi, pf_end = args[:11]
+            w_v, weighted, half, ring_v, prime = args[11:]
             i64 = ir.IntType(64)
             i32 = ir.IntType(32)
             i8p = ir.IntType(8).as_pointer()
@@ -626,7 +640,6 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
             is_half = builder.icmp_unsigned("!=", half, ir.Constant(half.type, 0))
             is_weighted = builder.icmp_unsigned("!=", weighted, ir.Constant(weighted.type, 0))
             word_bytes = word_bits // 8
-            header = builder.select(is_half, const(word_bytes + 4), const(word_bytes + 8))
             fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
             prefetch = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
 
@@ -720,8 +733,8 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
             return context.get_dummy_value()
 
         sig = types.void(
-            acc, records, row_offsets, group_offsets, types.int64, types.int64, indices, types.intp,
-            types.intp, types.intp, weights, types.boolean, types.boolean, ring, types.boolean,
+            acc, records, row_offsets, group_offsets, types.int64, types.int64, types.int64, indices,
+            types.intp, types.intp, types.intp, weights, types.boolean, types.boolean, ring, types.boolean,
         )  # fmt: skip
         return sig, codegen
 
@@ -823,17 +836,13 @@ def _record_start(
     records: np.ndarray,
     row_offsets: np.ndarray,
     group_offsets: np.ndarray,
-    shift: int,
+    shape: tuple[int, ...],
     r: int,
-    words: int,
-    word_bits: int,
-    header: int,
-    width: int,
-    bits: int,
 ) -> int:
     """Byte where row ``r``'s record starts: its pair's start, plus for an odd row the
-    length of the even row's record (by that record's bitmap)."""
-    start = _pair_start(row_offsets, group_offsets, shift, r)
+    length of the even row's record (``RecordShape.length`` of its bitmap's kept blocks)."""
+    _, width, bits, word_bits, words, _, _, header, group_shift = shape
+    start = _pair_start(row_offsets, group_offsets, group_shift, r)
     if r & 1:
         kept = 0
         for k in range(words):
@@ -847,21 +856,16 @@ def _decode_bag(
     records: np.ndarray,
     row_offsets: np.ndarray,
     group_offsets: np.ndarray,
-    shift: int,
+    shape: tuple[int, ...],
     skip: int,
-    words: int,
-    word_bits: int,
-    half: bool,
     dim: int,
-    width: int,
-    bits: int,
+    vector: bool,
     indices: np.ndarray,
     lo: int,
     hi: int,
     pf_end: int,
     weights: np.ndarray,
-    has_weights: bool,
-    vector: bool,
+    weighted: bool,
     acc: np.ndarray,
 ) -> None:
     """``acc = sum over lookups [lo, hi) of their decoded rows`` (kept blocks only).
@@ -871,31 +875,29 @@ def _decode_bag(
     prefetches the row offset of the id ``HEADER_PREFETCH`` places on and the record of
     the id ``RECORD_PREFETCH`` places on (up to ``pf_end``). Ids must be in range.
     """
+    _, width, bits, word_bits, words, scale_bytes, qparams_at, header, group_shift = shape
+    half = scale_bytes == 2
     per_byte = 8 // bits
     shift_codes = 0 if bits == 8 else (1 if bits == 4 else 2)
     code_mask = (1 << bits) - 1
     word_bytes = word_bits // 8
-    qparams_at = words * word_bytes
-    header = qparams_at + (4 if half else 8)
     acc[:] = 0.0
     for p in range(lo, hi):
         if p + HEADER_PREFETCH < pf_end:
             _prefetch(row_offsets, indices[np.uint64(p + HEADER_PREFETCH)] >> 1)
         if p + RECORD_PREFETCH < pf_end:
             r_ahead = indices[np.uint64(p + RECORD_PREFETCH)]
-            ahead = _pair_start(row_offsets, group_offsets, shift, r_ahead)
+            ahead = _pair_start(row_offsets, group_offsets, group_shift, r_ahead)
             _prefetch(records, ahead)
             ahead += (r_ahead & 1) * skip  # where an odd row's record is expected
             _prefetch(records, ahead)
             _prefetch(records, ahead + 63)
             _prefetch(records, ahead + 127)
         r = indices[np.uint64(p)]
-        a = _record_start(
-            records, row_offsets, group_offsets, shift, r, words, word_bits, header, width, bits
-        )
+        a = _record_start(records, row_offsets, group_offsets, shape, r)
         s = _read_qparam(records, a + qparams_at, half)
-        o = _read_qparam(records, a + qparams_at + (2 if half else 4), half)
-        if has_weights:
+        o = _read_qparam(records, a + qparams_at + scale_bytes, half)
+        if weighted:
             s = s * weights[np.uint64(p)]
             o = o * weights[np.uint64(p)]
         c = (a + header) * per_byte  # code index of the row's first kept code
@@ -945,21 +947,16 @@ def block_sparse_bag(
     records: np.ndarray,
     row_offsets: np.ndarray,
     group_offsets: np.ndarray,
+    shape: tuple[int, ...],
     rows: int,
-    group_shift: int,
-    skip: int,
-    words: int,
-    word_bits: int,
-    half: bool,
     dim: int,
-    width: int,
-    bits: int,
+    skip: int,
+    vector: bool,
     indices: np.ndarray,
     offsets: np.ndarray,
-    per_sample_weights: np.ndarray,
-    has_weights: bool,
+    weights: np.ndarray,
+    weighted: bool,
     mean: bool,
-    vector: bool,
     threads: int,
     out: np.ndarray,
 ) -> int:
@@ -967,17 +964,20 @@ def block_sparse_bag(
 
     The table is the block-sparse layout's three arrays (``layouts.block_sparse``): the
     records as bytes, the uint16 pair offsets and the int64 group offsets, for ``rows``
-    rows of ``words`` bitmap words of ``word_bits`` bits and float16 (``half``) or float32
-    qparams; ``skip`` is the mean record length (where an odd row's record is expected,
-    for prefetching).
-    ``vector``: decode whole bitmap words with vector expands (needs ``width == 4``,
-    ``bits`` 8 or 4 and ``dim == 4 * word_bits * words``); else walk the set bits.
+    rows; ``shape`` is its ``RecordShape`` as a plain tuple (the kernels unpack its fields
+    in their order) and ``skip`` the mean record length (where an odd row's record is
+    expected, for prefetching).
+    ``vector``: decode whole bitmap words with vector expands (needs ``block_width == 4``,
+    ``bits`` 8 or 4 and ``dim == 4 * word_bits * words``); else walk the set bits. The
+    lookups are ``lookup.Bags``' fields, from ``indices`` to ``mean``.
 
     Each thread takes a contiguous run of bags; its ids are checked first. One-word rows
     with the vector decode go through ``_block_sparse_pass_intrinsic`` (one pass per bag,
     the sum in registers), other rows through ``_decode_bag``. Returns the number of
     out-of-range indices (then nothing is computed: the caller raises).
     """
+    _, _, bits, word_bits, words, scale_bytes, _, header, group_shift = shape
+    half = scale_bytes == 2
     bags = offsets.shape[0] - 1
     runs, per_run = _split_bags(bags, threads)
     bad = np.zeros(runs, dtype=np.int64)
@@ -995,25 +995,25 @@ def block_sparse_bag(
             hi = offsets[b + 1]
             if one_pass:
                 row = out[b]  # the sum is stored straight into the output row
-                args = (row, records, row_offsets, group_offsets, group_shift, skip, indices, lo, hi, pf_end)
+                args = (row, records, row_offsets, group_offsets, group_shift, skip, header, indices, lo, hi)
                 if bits == 8:
                     if word_bits == 32:
-                        _decode_pass_8x32(*args, per_sample_weights, has_weights, half, ring, b == b0)
+                        _decode_pass_8x32(*args, pf_end, weights, weighted, half, ring, b == b0)
                     elif word_bits == 16:
-                        _decode_pass_8x16(*args, per_sample_weights, has_weights, half, ring, b == b0)
+                        _decode_pass_8x16(*args, pf_end, weights, weighted, half, ring, b == b0)
                     else:
-                        _decode_pass_8x8(*args, per_sample_weights, has_weights, half, ring, b == b0)
+                        _decode_pass_8x8(*args, pf_end, weights, weighted, half, ring, b == b0)
                 else:
                     if word_bits == 32:
-                        _decode_pass_4x32(*args, per_sample_weights, has_weights, half, ring, b == b0)
+                        _decode_pass_4x32(*args, pf_end, weights, weighted, half, ring, b == b0)
                     elif word_bits == 16:
-                        _decode_pass_4x16(*args, per_sample_weights, has_weights, half, ring, b == b0)
+                        _decode_pass_4x16(*args, pf_end, weights, weighted, half, ring, b == b0)
                     else:
-                        _decode_pass_4x8(*args, per_sample_weights, has_weights, half, ring, b == b0)
+                        _decode_pass_4x8(*args, pf_end, weights, weighted, half, ring, b == b0)
             else:
                 _decode_bag(
-                    records, row_offsets, group_offsets, group_shift, skip, words, word_bits, half, dim,
-                    width, bits, indices, lo, hi, pf_end, per_sample_weights, has_weights, vector, acc,
+                    records, row_offsets, group_offsets, shape, skip, dim, vector, indices, lo, hi,
+                    pf_end, weights, weighted, acc,
                 )  # fmt: skip
                 out[b, :] = acc
             if mean:
@@ -1028,8 +1028,8 @@ def fused_bag(
     dim: int,
     indices: np.ndarray,
     offsets: np.ndarray,
-    per_sample_weights: np.ndarray,
-    has_weights: bool,
+    weights: np.ndarray,
+    weighted: bool,
     mean: bool,
     threads: int,
     out: np.ndarray,
@@ -1039,8 +1039,9 @@ def fused_bag(
     The vector decode of ``block_sparse_bag`` with every block kept, in one pass per bag
     (``_fused_bag_intrinsic``), each thread on a contiguous run of bags. For ``dim`` 32, 64
     or 128 on CPUs with AVX-512: it serves 4-bit tables on several threads, where torch's
-    FBGEMM 4-bit kernel runs on one. ``fused`` is the table flattened to bytes. Returns
-    the number of out-of-range indices (then nothing is computed: the caller raises).
+    FBGEMM 4-bit kernel runs on one. ``fused`` is the table flattened to bytes; the
+    lookups are ``lookup.Bags``' fields, from ``indices`` to ``mean``. Returns the number
+    of out-of-range indices (then nothing is computed: the caller raises).
     """
     rows = fused.shape[0] // row_bytes
     bags = offsets.shape[0] - 1
@@ -1056,17 +1057,11 @@ def fused_bag(
             hi = offsets[b + 1]
             acc = out[b]  # the sum is stored straight into the output row
             if dim == 128:
-                _decode_fused_4x32(
-                    acc, fused, indices, lo, hi, pf_end, row_bytes, per_sample_weights, has_weights
-                )
+                _decode_fused_4x32(acc, fused, indices, lo, hi, pf_end, row_bytes, weights, weighted)
             elif dim == 64:
-                _decode_fused_4x16(
-                    acc, fused, indices, lo, hi, pf_end, row_bytes, per_sample_weights, has_weights
-                )
+                _decode_fused_4x16(acc, fused, indices, lo, hi, pf_end, row_bytes, weights, weighted)
             else:
-                _decode_fused_4x8(
-                    acc, fused, indices, lo, hi, pf_end, row_bytes, per_sample_weights, has_weights
-                )
+                _decode_fused_4x8(acc, fused, indices, lo, hi, pf_end, row_bytes, weights, weighted)
             if mean:
                 _divide(acc, hi - lo)
     return int(bad.sum())

@@ -14,17 +14,21 @@ torch ops.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from .._parallel import parallel_call
 from ..quant.packing import pack_codes, packed_length, unpack_codes
-from ._kernels import fused_bag, set_threads, vector_decode_supported
+from ..quant.rowwise import RowQParams
+from ._kernels import fused_bag, vector_decode_supported
+from .lookup import KERNEL_POOLINGS, Bags, FusedKernelTable, KernelPolicy, Pooling, run_bags
+from .stats import MaskStats, RowStats
 
 __all__ = [
+    "EncodedTable",
     "FormatError",
     "QuantizedTable",
     "check_fused_qparams",
@@ -43,9 +47,7 @@ _FBGEMM_OPS = {
     2: "embedding_bag_2bit_rowwise_offsets",
 }
 _FBGEMM_SCALE = {8: torch.float32, 4: torch.float16, 2: torch.float16}
-# serve 4-bit fused rows with embpress's kernel where ``own_kernel_serves`` says so (tests
-# switch it off to compare both kernels)
-FUSED_KERNEL = True
+_MEAN = Pooling.MEAN
 
 
 class FormatError(ValueError):
@@ -109,18 +111,19 @@ def check_fused_qparams(
             raise FormatError(f"tensor {name!r} holds a NaN or Inf scale or offset (row {row})")
 
 
-def own_kernel_serves(fused: torch.Tensor, dim: int, bits: int, threads: int) -> bool:
+def own_kernel_serves(fused: torch.Tensor, dim: int, bits: int, threads: int, policy: KernelPolicy) -> bool:
     """Whether ``fused_bag`` (embpress's numba kernel) serves these fused rows.
 
     torch's FBGEMM 4-bit bag kernel runs on one thread whatever ``torch.get_num_threads()``
     says (torch 2.13; its 8-bit kernel splits the bags across threads). With several
     threads, 4-bit tables of 32, 64 or 128 columns therefore use embpress's vector kernel,
     which splits them, on CPUs with the AVX-512 instructions it compiles to. On one thread
-    FBGEMM's kernel is the faster one and keeps the work. (The rows must carry float16
-    qparams, FBGEMM's 4-bit format; ``fused_rows_bag`` checks that first.)
+    FBGEMM's kernel is the faster one and keeps the work, as it does wherever ``policy``
+    turns embpress's off. (The rows must carry float16 qparams, FBGEMM's 4-bit format;
+    ``fused_rows_bag`` checks that first.)
     """
     return (
-        FUSED_KERNEL
+        policy.fused_kernel
         and threads > 1
         and bits == 4
         and dim in (32, 64, 128)
@@ -138,38 +141,20 @@ def fused_rows_bag(
     offsets: torch.Tensor,
     mode: int,
     per_sample_weights: torch.Tensor | None,
+    policy: KernelPolicy,
 ) -> torch.Tensor | None:
     """Sum/mean bags over fused rows on CPU; None where no kernel serves (device, dtype).
 
     torch's FBGEMM kernel, or embpress's (``own_kernel_serves``) where FBGEMM would leave
     threads idle.
     """
-    if fused.device.type != "cpu" or _FBGEMM_SCALE[bits] != dtype or mode not in (0, 1):
+    if fused.device.type != "cpu" or _FBGEMM_SCALE[bits] != dtype or mode not in KERNEL_POOLINGS:
         return None
-    threads = torch.get_num_threads()
-    if own_kernel_serves(fused, dim, bits, threads):  # float16 qparams: checked above
-        out_np = np.empty((offsets.shape[0] - 1, dim), dtype=np.float32)
-        psw = (
-            per_sample_weights.detach().float().contiguous().numpy()
-            if per_sample_weights is not None
-            else np.zeros(0, dtype=np.float32)
-        )
-        bad = parallel_call(
-            fused_bag,
-            fused.numpy().reshape(-1),
-            fused.shape[1],
-            dim,
-            indices.long().contiguous().numpy(),
-            offsets.long().contiguous().numpy(),
-            psw,
-            per_sample_weights is not None,
-            mode == 1,
-            set_threads(),
-            out_np,
-        )
-        if bad:
-            raise IndexError(f"index out of range in self (num_embeddings={fused.shape[0]})")
-        return torch.from_numpy(out_np)
+    if own_kernel_serves(fused, dim, bits, torch.get_num_threads(), policy):  # float16: checked above
+        rows, row_bytes = fused.shape
+        table = FusedKernelTable(fused=fused.numpy().reshape(-1), row_bytes=row_bytes, dim=dim)
+        bags = Bags.of(indices, offsets, mode, per_sample_weights)
+        return run_bags(fused_bag, table, bags, rows, dim)
     op = getattr(torch.ops.quantized, _FBGEMM_OPS[bits])
     # The op sums whatever ``mode`` says (seen with torch 2.13), so mean is divided here.
     try:
@@ -180,18 +165,47 @@ def fused_rows_bag(
         raise
     if out.shape[1] != dim:
         out = out[:, :dim]
-    if mode == 1:
+    if mode == _MEAN:
         counts = (offsets[1:] - offsets[:-1]).clamp(min=1).to(out.dtype)
         out = out / counts.unsqueeze(1)
     return out
 
 
+@dataclass(frozen=True)
+class EncodedTable:
+    """What the encoder hands a layout's ``pack``: the codes, the rows' qparams and what
+    the mask said about each row."""
+
+    # uint8, one code per byte: every entry, rows x dim row-major (pruned entries as their
+    # row's zero code); or, for a layout with ``codes_per_block``, the codes of the kept
+    # (1 x row_stats.width) blocks, row after row, an edge block padded with code 0
+    codes: np.ndarray
+    code_start: np.ndarray  # int64 [rows]: where row r's codes start (``codes_per_block``)
+    qparams: RowQParams  # float32 scale / offset per row, exact in ``qparams.dtype``
+    bits: int
+    row_stats: RowStats
+    stats: MaskStats  # ``row_stats.summary()``
+
+    def code_rows(self) -> torch.Tensor:
+        """uint8 ``[rows, dim]``: the codes of a layout without ``codes_per_block``."""
+        return torch.from_numpy(self.codes).view(self.stats.rows, self.stats.dim)
+
+
 class QuantizedTable(nn.Module):
-    """A quantized table in one storage layout: buffers plus row decoding and bag lookups."""
+    """A quantized table in one storage layout, which owns its whole life: predicted bytes
+    and which rows need an exact zero (before encoding), packing the encoder's codes,
+    validating stored tensors (``from_tensors``), decoding rows and fast bag lookups.
+
+    A subclass in its own file, registered in ``layouts/__init__.py``, is all a new
+    layout takes (see docs/architecture.md).
+    """
 
     layout: ClassVar[str] = ""
     # the buffers the embpress ops take, in this order (see ``op_tensors``)
     op_tensor_names: ClassVar[tuple[str, ...]] = ()
+    # what the encoder writes for ``pack`` (``EncodedTable.codes``): False, every entry of
+    # every row, pruned ones as their row's zero code; True, only the kept blocks' codes
+    codes_per_block: ClassVar[bool] = False
     # for TorchScript: properties it must not compile, class attributes it may read
     __jit_unused_properties__: ClassVar[list[str]] = ["nbytes", "sparsity"]
     __constants__: ClassVar[list[str]] = ["layout"]
@@ -206,6 +220,24 @@ class QuantizedTable(nn.Module):
         self.scale_dtype = scale_dtype
         self.num_pruned = num_pruned
 
+    # --------------------------------------------------------------- encoding
+    @classmethod
+    def predicted_nbytes(cls, stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> int:
+        """Exactly the ``nbytes`` of a table with these mask statistics in this layout,
+        known before anything is quantized (how "auto" chooses)."""
+        raise NotImplementedError
+
+    @classmethod
+    def zero_rows(cls, row_stats: RowStats) -> torch.Tensor | None:
+        """Bool per row: the rows that store pruned entries in place, whose grid must hold
+        an exact 0 (``quant.rowwise.choose_qparams``); None where no row does."""
+        raise NotImplementedError
+
+    @classmethod
+    def pack(cls, encoded: EncodedTable) -> QuantizedTable:
+        """The table holding the encoder's codes and qparams in this layout's buffers."""
+        raise NotImplementedError
+
     # --------------------------------------------------------------- lookups
     def decode_rows(self, indices: torch.Tensor) -> torch.Tensor:
         """float32 rows ``[len(indices), D]`` for in-range int64 ``indices``."""
@@ -217,8 +249,11 @@ class QuantizedTable(nn.Module):
         offsets: torch.Tensor,
         mode: int,
         per_sample_weights: torch.Tensor | None,
+        policy: KernelPolicy | None = None,
     ) -> torch.Tensor | None:
-        """Sum (0) / mean (1) of bags given ``offsets`` with a final total; None if no kernel."""
+        """``Pooling.SUM`` / ``MEAN`` of bags given ``offsets`` with a final total, by a fused
+        kernel that checks the ids (IndexError); None where none serves. ``policy``: which
+        of embpress's kernel paths may serve (default: ``lookup.current_kernel_policy()``)."""
         return None
 
     def dequantize(self, chunk_rows: int = 1 << 16) -> torch.Tensor:

@@ -37,58 +37,63 @@ else a walk over the set bits); other devices (and max bags) decode rows with pl
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
+from .._buffers import empty
 from .._parallel import parallel_call
-from ._kernels import block_sparse_bag, set_threads, vector_decode_supported
-from .base import FormatError, QuantizedTable, base_fields, expect_tensor, meta_int, popcount_bytes
+from ._encode_kernels import assemble_records
+from ._kernels import block_sparse_bag, vector_decode_supported
+from .base import (
+    EncodedTable,
+    FormatError,
+    QuantizedTable,
+    base_fields,
+    expect_tensor,
+    meta_int,
+    popcount_bytes,
+)
+from .lookup import (
+    KERNEL_POOLINGS,
+    Bags,
+    BlockSparseKernelTable,
+    KernelPolicy,
+    current_kernel_policy,
+    run_bags,
+)
+from .stats import MaskStats, RowStats
 
 __all__ = ["RECORD_TAIL", "BlockSparseTable", "RecordShape", "bitmap_word_bits", "record_shape"]
 
-# use the vector decode where the table and the CPU allow it (tests switch it off to check
-# the bit walk against it)
-VECTOR_DECODE = True
 MAX_GROUP_SHIFT = 8  # at most 256 rows per group offset
 RECORD_TAIL = 64  # zero bytes after the last record: one vector load from anywhere fits
 
 
-@dataclass(frozen=True)
-class RecordShape:
-    """Where the parts of a row's record sit, for one (D, w, bits, scale dtype)."""
+class RecordShape(NamedTuple):
+    """Where the parts of a row's record sit, for one (D, w, bits, scale dtype).
+
+    Computed once per table (``record_shape``) and read by everything that touches the
+    records: the size prediction, packing (``_encode_kernels.assemble_records``), the
+    validator, the plain-torch decode and the lookup kernels, which take it as a plain
+    tuple and unpack the fields in this order.
+    """
 
     blocks: int  # nb, blocks per row
-    block_width: int
+    block_width: int  # w
     bits: int
     word_bits: int  # W
     words: int  # nw
     scale_bytes: int  # s
-
-    @property
-    def bitmap_bytes(self) -> int:
-        return self.words * self.word_bits // 8
-
-    @property
-    def header(self) -> int:
-        """Bytes before the codes: bitmap words, scale, offset."""
-        return self.bitmap_bytes + 2 * self.scale_bytes
+    bitmap_bytes: int  # nw * W / 8: where the scale starts
+    header: int  # bitmap, scale and offset: where the codes start
+    group_shift: int  # log2(G): every pair offset of a group fits a uint16
 
     def length(self, kept_blocks: Any) -> Any:
         """Bytes of the record of a row with ``kept_blocks`` kept blocks (an int, or
         elementwise for an integer tensor or array): header, then the packed codes."""
         return self.header + (kept_blocks * self.block_width * self.bits + 7) // 8
-
-    @functools.cached_property
-    def group_shift(self) -> int:
-        """log2(G): rows per group offset such that every pair offset fits a uint16."""
-        largest = self.length(self.blocks)
-        shift = 1
-        while shift < MAX_GROUP_SHIFT and ((2 << shift) - 2) * largest <= 0xFFFF:
-            shift += 1
-        return shift
 
     def groups(self, rows: int) -> int:
         """Number of group offsets (without the final total)."""
@@ -101,13 +106,28 @@ def bitmap_word_bits(blocks: int) -> int:
     return 8 if blocks <= 8 else (16 if blocks <= 16 else 32)
 
 
+def _group_shift(largest_record: int) -> int:
+    """log2 of the rows per group offset: the largest power of two from 2 to 256 for which
+    G - 2 records of ``largest_record`` bytes still fit a uint16 offset."""
+    shift = 1
+    while shift < MAX_GROUP_SHIFT and ((2 << shift) - 2) * largest_record <= 0xFFFF:
+        shift += 1
+    return shift
+
+
 @functools.lru_cache(maxsize=256)
 def record_shape(dim: int, block_width: int, bits: int, scale_dtype: torch.dtype) -> RecordShape:
     """The record geometry of a block-sparse table."""
     nb = -(-dim // block_width)
     word_bits = bitmap_word_bits(nb)
+    words = -(-nb // word_bits)
     scale_bytes = torch.empty((), dtype=scale_dtype).element_size()
-    return RecordShape(nb, block_width, bits, word_bits, -(-nb // word_bits), scale_bytes)
+    bitmap_bytes = words * word_bits // 8
+    header = bitmap_bytes + 2 * scale_bytes
+    largest = header + (nb * block_width * bits + 7) // 8
+    return RecordShape(
+        nb, block_width, bits, word_bits, words, scale_bytes, bitmap_bytes, header, _group_shift(largest)
+    )
 
 
 class BlockSparseTable(QuantizedTable):
@@ -115,6 +135,7 @@ class BlockSparseTable(QuantizedTable):
 
     layout = "block_sparse"
     op_tensor_names = ("records", "row_offsets", "group_offsets")
+    codes_per_block = True
     if TYPE_CHECKING:  # buffers; not class annotations, which TorchScript cannot read as strings
         records: torch.Tensor
         row_offsets: torch.Tensor
@@ -134,11 +155,64 @@ class BlockSparseTable(QuantizedTable):
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, bits, scale_dtype, num_pruned)
         self.block_width = block_width
-        self.shape = record_shape(embedding_dim, block_width, bits, scale_dtype)
+        self._set_shape()
         self.register_buffer("records", records)
         self.register_buffer("row_offsets", row_offsets)
         self.register_buffer("group_offsets", group_offsets)
 
+    # --------------------------------------------------------------- encoding
+    @classmethod
+    def predicted_nbytes(cls, stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> int:
+        shape = record_shape(stats.dim, stats.block_width, bits, scale_dtype)
+        records = sum(n * shape.length(k) for k, n in enumerate(stats.kept_blocks))
+        offsets = 2 * ((stats.rows + 1) // 2) + 8 * (shape.groups(stats.rows) + 1)
+        return records + RECORD_TAIL + offsets
+
+    @classmethod
+    def zero_rows(cls, row_stats: RowStats) -> torch.Tensor | None:
+        return None  # pruned blocks are absent, never stored in place
+
+    @classmethod
+    def pack(cls, encoded: EncodedTable) -> BlockSparseTable:
+        """Records from the kept blocks' codes (one per byte, row r's from
+        ``encoded.code_start[r]``), the row bitmaps and the qparams."""
+        rs, stats, qp = encoded.row_stats, encoded.stats, encoded.qparams
+        shape = record_shape(stats.dim, rs.width, encoded.bits, qp.dtype)
+        starts = np.zeros(stats.rows + 1, dtype=np.int64)
+        np.cumsum(shape.length(rs.blocks), out=starts[1:])
+        group = 1 << shape.group_shift
+        group_offsets = np.append(starts[:-1:group], starts[-1])
+        pair_groups = np.repeat(group_offsets[:-1], group // 2)[: (stats.rows + 1) // 2]
+        row_offsets = (starts[:-1:2] - pair_groups).astype(np.uint16)
+        # the kept-block bitmap words' little-endian bytes: block k at bit k % 8 of byte k // 8
+        bitmap = rs.bitmap.view(np.uint8)
+        qparams = torch.stack([qp.scale, qp.offset], dim=1).to(qp.dtype).contiguous().view(torch.uint8)
+        records = empty(int(starts[-1]) + RECORD_TAIL, np.uint8)  # every record byte is written
+        records[int(starts[-1]) :] = 0
+        parallel_call(
+            assemble_records,
+            tuple(shape),
+            records,
+            starts,
+            bitmap,
+            qparams.numpy(),
+            encoded.codes,
+            encoded.code_start,
+            rs.blocks,
+        )
+        return cls(
+            torch.from_numpy(records),
+            torch.from_numpy(row_offsets),
+            torch.from_numpy(group_offsets),
+            stats.rows,
+            stats.dim,
+            rs.width,
+            encoded.bits,
+            qp.dtype,
+            stats.pruned,
+        )
+
+    # --------------------------------------------------------------- lookups
     def _pair_starts(self, rows: torch.Tensor) -> torch.Tensor:
         """Byte where the record of each row's even pair member starts (int64)."""
         groups = self.group_offsets[rows >> self.shape.group_shift]
@@ -196,50 +270,35 @@ class BlockSparseTable(QuantizedTable):
         return values.reshape(rows.shape[0], sh.blocks * w)[:, : self.embedding_dim]
 
     def fast_bag(
-        self, indices: torch.Tensor, offsets: torch.Tensor, mode: int, per_sample_weights: torch.Tensor | None
+        self,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        mode: int,
+        per_sample_weights: torch.Tensor | None,
+        policy: KernelPolicy | None = None,
     ) -> torch.Tensor | None:
-        if self.records.device.type != "cpu" or mode not in (0, 1):
+        records = self.records  # a buffer: each read goes through nn.Module.__getattr__
+        if records.device.type != "cpu" or mode not in KERNEL_POOLINGS:
             return None
-        sh = self.shape
-        out = np.empty((offsets.shape[0] - 1, self.embedding_dim), dtype=np.float32)  # every row written
-        psw = (
-            per_sample_weights.detach().float().contiguous().numpy()
-            if per_sample_weights is not None
-            else np.zeros(0, dtype=np.float32)
+        rows, dim = self.num_embeddings, self.embedding_dim
+        table = BlockSparseKernelTable(
+            records=records.numpy(),
+            row_offsets=self.row_offsets.numpy(),
+            group_offsets=self.group_offsets.numpy(),
+            shape=self._kernel_shape,
+            rows=rows,
+            dim=dim,
+            skip=(records.numel() - RECORD_TAIL) // rows,
+            vector=self._vector_decode(policy),
         )
-        threads = set_threads()
-        bad = parallel_call(
-            block_sparse_bag,
-            self.records.numpy(),
-            self.row_offsets.numpy(),
-            self.group_offsets.numpy(),
-            self.num_embeddings,
-            sh.group_shift,
-            (self.records.numel() - RECORD_TAIL) // self.num_embeddings,
-            sh.words,
-            sh.word_bits,
-            self.scale_dtype == torch.float16,
-            self.embedding_dim,
-            self.block_width,
-            self.bits,
-            indices.long().contiguous().numpy(),
-            offsets.long().contiguous().numpy(),
-            psw,
-            per_sample_weights is not None,
-            mode == 1,
-            self._vector_decode(),
-            threads,
-            out,
-        )
-        if bad:
-            raise IndexError(f"index out of range in self (num_embeddings={self.num_embeddings})")
-        return torch.from_numpy(out)
+        bags = Bags.of(indices, offsets, mode, per_sample_weights)
+        return run_bags(block_sparse_bag, table, bags, rows, dim)
 
-    def _vector_decode(self) -> bool:
+    def _vector_decode(self, policy: KernelPolicy | None = None) -> bool:
         """Whether the kernel decodes whole bitmap words at once (see ``_kernels``)."""
         sh = self.shape
         return (
-            VECTOR_DECODE
+            (policy or current_kernel_policy()).vector_decode
             and self.block_width == 4
             and self.embedding_dim == 4 * sh.word_bits * sh.words
             and vector_decode_supported(self.bits)
@@ -253,9 +312,14 @@ class BlockSparseTable(QuantizedTable):
 
     def _init_view(self, layout_args: list[int]) -> None:
         if len(layout_args) != 1 or not 1 <= layout_args[0] <= self.embedding_dim:
-            raise ValueError(f"layout 'block_sparse' takes layout_args [block_width], got {layout_args}")
+            raise ValueError(f"layout {self.layout!r} takes layout_args [block_width], got {layout_args}")
         self.block_width = layout_args[0]
+        self._set_shape()
+
+    def _set_shape(self) -> None:
+        """The table's ``RecordShape``, and the plain tuple of it the kernels take."""
         self.shape = record_shape(self.embedding_dim, self.block_width, self.bits, self.scale_dtype)
+        self._kernel_shape = tuple(self.shape)
 
     @classmethod
     def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BlockSparseTable:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .base import (
+    EncodedTable,
     QuantizedTable,
     base_fields,
     check_fused_qparams,
@@ -22,7 +23,10 @@ from .base import (
     expect_tensor,
     fused_row_bytes,
     fused_rows_bag,
+    make_fused,
 )
+from .lookup import KernelPolicy, current_kernel_policy
+from .stats import MaskStats, RowStats, flagged_rows
 
 __all__ = ["DenseTable"]
 
@@ -41,6 +45,20 @@ class DenseTable(QuantizedTable):
         super().__init__(fused.shape[0], embedding_dim, bits, scale_dtype, num_pruned)
         self.register_buffer("fused", fused)
 
+    @classmethod
+    def predicted_nbytes(cls, stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> int:
+        return stats.rows * fused_row_bytes(stats.dim, bits, scale_dtype)
+
+    @classmethod
+    def zero_rows(cls, row_stats: RowStats) -> torch.Tensor | None:
+        return flagged_rows(row_stats.kept < row_stats.dim)  # every row with a pruned entry
+
+    @classmethod
+    def pack(cls, encoded: EncodedTable) -> DenseTable:
+        qp, stats = encoded.qparams, encoded.stats
+        fused = make_fused(encoded.code_rows(), qp.scale, qp.offset, encoded.bits, qp.dtype)
+        return cls(fused, stats.dim, encoded.bits, qp.dtype, stats.pruned)
+
     def op_tensors(self) -> list[torch.Tensor]:
         return [self.fused]
 
@@ -48,7 +66,12 @@ class DenseTable(QuantizedTable):
         return decode_fused(self.fused[indices], self.embedding_dim, self.bits, self.scale_dtype)
 
     def fast_bag(
-        self, indices: torch.Tensor, offsets: torch.Tensor, mode: int, per_sample_weights: torch.Tensor | None
+        self,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        mode: int,
+        per_sample_weights: torch.Tensor | None,
+        policy: KernelPolicy | None = None,
     ) -> torch.Tensor | None:
         return fused_rows_bag(
             self.fused,
@@ -59,6 +82,7 @@ class DenseTable(QuantizedTable):
             offsets,
             mode,
             per_sample_weights,
+            policy or current_kernel_policy(),
         )
 
     @classmethod

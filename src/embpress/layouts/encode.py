@@ -1,14 +1,15 @@
 """Float table + mask -> quantized table in the smallest (or the requested) layout.
 
-The data flow of one table: choose the layout from the mask's statistics alone, derive
-which rows must hold an exact zero in place (``quant.rowwise``), compute per-row qparams
-over kept entries, quantize and measure the error in one numba pass, then pack.
+The data flow of one table: count the mask (``stats.row_stats``), choose the layout from
+those counts alone (each registered layout predicts its bytes), ask it which rows must
+hold an exact zero in place (``quant.rowwise``), compute per-row qparams over kept
+entries, quantize and measure the error in one numba pass, then let the layout pack the
+codes. Nothing here knows a layout by name: it reads ``registry.TABLE_CLASSES``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,24 +17,14 @@ import torch
 from .._buffers import empty
 from .._parallel import parallel_call
 from ..quant.config import QuantConfig
-from ..quant.packing import pack_codes
 from ..quant.rowwise import RowQParams, choose_qparams, search_ranges
-from ._encode_kernels import (
-    assemble_records,
-    count_blocks,
-    count_blocks_of_4,
-    count_nonfinite,
-    encode_rows,
-    fake_quantize,
-    kept_minmax,
-)
-from .base import QuantizedTable, fused_row_bytes, make_fused
-from .block_sparse import RECORD_TAIL, BlockSparseTable, bitmap_word_bits, record_shape
-from .dense import DenseTable
-from .pruned_rows import PrunedRowsTable, rank_directory
+from ._encode_kernels import count_nonfinite, encode_rows, fake_quantize, kept_minmax
+from .base import EncodedTable, QuantizedTable
+from .registry import AUTO, TABLE_CLASSES, table_class
+from .stats import MaskStats, row_stats
 
 __all__ = [
-    "MaskStats",
+    "choose_layout",
     "encode_table",
     "fake_quantize_table",
     "finite_table",
@@ -42,85 +33,18 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class MaskStats:
-    """What the layout choice needs to know about a mask."""
-
-    rows: int
-    dim: int
-    pruned: int
-    kept_rows: int
-    block_width: int
-    kept_blocks: tuple[int, ...]  # rows with 0, 1, ... nb kept (1 x block_width) blocks
-
-
-@dataclass(frozen=True)
-class _RowStats:
-    kept: np.ndarray  # kept entries per row
-    blocks: np.ndarray  # kept (1 x width) blocks per row
-    bitmap: np.ndarray  # kept-block bits per row
-    width: int
-
-
-def _row_stats(mask: np.ndarray | None, rows: int, dim: int, width: int) -> _RowStats:
-    """One pass over the mask; ``width`` falls back to 1 where blocks are mixed."""
-    nb = -(-dim // width)
-    word_bits = bitmap_word_bits(nb)
-    if mask is None:
-        bitmap = np.zeros((rows, -(-nb // word_bits)), dtype=np.uint32)
-        for k in range(nb):
-            bitmap[:, k // word_bits] |= np.uint32(1 << (k % word_bits))
-        return _RowStats(np.full(rows, dim, dtype=np.int64), np.full(rows, nb, dtype=np.int64), bitmap, width)
-    if width == 4 and dim % 4 == 0:
-        kept, blocks, mixed, bitmap = parallel_call(count_blocks_of_4, mask.view(np.uint32), word_bits)
-    else:
-        kept, blocks, mixed, bitmap = parallel_call(count_blocks, mask, width, word_bits)
-    if width > 1 and int(mixed.sum()) > 0:
-        return _row_stats(mask, rows, dim, 1)
-    return _RowStats(kept, blocks, bitmap, width)
-
-
-def _stats(rs: _RowStats, rows: int, dim: int) -> MaskStats:
-    return MaskStats(
-        rows=rows,
-        dim=dim,
-        pruned=rows * dim - int(rs.kept.sum()),
-        kept_rows=int((rs.kept > 0).sum()),
-        block_width=rs.width,
-        kept_blocks=tuple(int(n) for n in np.bincount(rs.blocks, minlength=-(-dim // rs.width))),
-    )
-
-
 def layout_sizes(stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> dict[str, int]:
-    """Bytes each layout would take for a table with these statistics."""
-    row_bytes = fused_row_bytes(stats.dim, bits, scale_dtype)
-    shape = record_shape(stats.dim, stats.block_width, bits, scale_dtype)
-    records = sum(n * shape.length(k) for k, n in enumerate(stats.kept_blocks))
-    return {
-        "dense": stats.rows * row_bytes,
-        "pruned_rows": (stats.kept_rows + 1) * row_bytes + 5 * ((stats.rows + 7) // 8),
-        "block_sparse": records
-        + RECORD_TAIL
-        + 2 * ((stats.rows + 1) // 2)
-        + 8 * (shape.groups(stats.rows) + 1),
-    }
+    """Bytes each registered layout would take for a table with these statistics."""
+    return {name: cls.predicted_nbytes(stats, bits, scale_dtype) for name, cls in TABLE_CLASSES.items()}
 
 
-def _choose_layout(stats: MaskStats, config: QuantConfig) -> str:
-    if config.layout != "auto":
-        return config.layout
+def choose_layout(stats: MaskStats, config: QuantConfig) -> type[QuantizedTable]:
+    """The layout ``config`` asks for; for "auto", the one predicting the fewest bytes (the
+    first registered of those that tie)."""
+    if config.layout != AUTO:
+        return table_class(config.layout)
     sizes = layout_sizes(stats, config.bits, config.resolved_scale_dtype)
-    return min(sizes, key=lambda name: (sizes[name], list(sizes).index(name)))
-
-
-def _zero_rows(layout: str, rs: _RowStats, dim: int) -> torch.Tensor | None:
-    """Rows that store pruned entries in place (and so need 0 on their grid)."""
-    if layout == "block_sparse":
-        return None
-    partial = rs.kept < dim
-    if layout == "pruned_rows":
-        partial &= rs.kept > 0
-    return torch.from_numpy(partial) if partial.any() else None
+    return TABLE_CLASSES[min(sizes, key=sizes.__getitem__)]  # min keeps the first of a tie
 
 
 def _qparams(
@@ -253,10 +177,10 @@ def encode_table(
     if saved_qparams is not None:
         saved_qparams = _checked_saved(saved_qparams, rows, config.resolved_scale_dtype)
     m = None if mask is None else mask.to("cpu", torch.bool).contiguous().numpy()
-    rs = _row_stats(m, rows, dim, min(block_width, dim))
-    stats = _stats(rs, rows, dim)
-    layout = _choose_layout(stats, config)
-    zero_rows = _zero_rows(layout, rs, dim)
+    rs = row_stats(m, rows, dim, min(block_width, dim))
+    stats = rs.summary()
+    layout = choose_layout(stats, config)
+    zero_rows = layout.zero_rows(rs)
     bits, dtype = config.bits, config.resolved_scale_dtype
     # the common case (float32 qparams from the kept range) is derived inside the encode
     # kernel, which then reads the table once instead of twice
@@ -270,13 +194,14 @@ def encode_table(
         qp = RowQParams(torch.empty(rows), torch.empty(rows), dtype)
     else:
         qp = _qparams(x, m, config, zero_rows, saved_qparams)
-    width = rs.width if layout == "block_sparse" else dim
-    row_start = np.zeros(rows, dtype=np.int64)
-    if layout == "block_sparse":
-        np.cumsum(rs.blocks[:-1] * width, out=row_start[1:])
-        out = empty(int(rs.blocks.sum()) * width, np.uint8)
+    by_block = layout.codes_per_block
+    width = rs.width if by_block else dim
+    code_start = np.zeros(rows, dtype=np.int64)
+    if by_block:
+        np.cumsum(rs.blocks[:-1] * width, out=code_start[1:])
+        codes = empty(int(rs.blocks.sum()) * width, np.uint8)
     else:
-        out = empty(rows * dim, np.uint8)
+        codes = empty(rows * dim, np.uint8)
     err_sq, ref_sq = np.empty(rows), np.empty(rows)
     max_abs = np.empty(rows, dtype=np.float32)
     parallel_call(
@@ -290,9 +215,9 @@ def encode_table(
         np.zeros(rows, dtype=np.uint8) if derive else qp.zero_codes().numpy(),
         bits,
         width,
-        layout == "block_sparse",
-        row_start,
-        out,
+        by_block,
+        code_start,
+        codes,
         err_sq,
         ref_sq,
         max_abs,
@@ -305,63 +230,4 @@ def encode_table(
         else math.sqrt(float(err_sq.sum())),
         "max_abs": float(max_abs.max()) if rows else 0.0,
     }
-    codes = torch.from_numpy(out)
-    if layout != "block_sparse":
-        codes = codes.view(rows, dim)
-    if layout == "dense":
-        return DenseTable(
-            make_fused(codes, qp.scale, qp.offset, bits, dtype), dim, bits, dtype, stats.pruned
-        ), error
-    if layout == "pruned_rows":
-        kept = torch.from_numpy(rs.kept > 0)
-        fused = torch.cat(
-            [
-                make_fused(codes[kept], qp.scale[kept], qp.offset[kept], bits, dtype),
-                torch.zeros(1, fused_row_bytes(dim, bits, dtype), dtype=torch.uint8),
-            ]
-        )
-        row_bits = pack_codes(kept.to(torch.uint8), 1)
-        table = PrunedRowsTable(
-            fused, row_bits, rank_directory(row_bits), rows, dim, bits, dtype, stats.pruned
-        )
-        return table, error
-    return _block_sparse(out, row_start, rs, qp, stats, bits, dtype), error
-
-
-def _block_sparse(
-    codes: np.ndarray,
-    code_start: np.ndarray,
-    rs: _RowStats,
-    qp: RowQParams,
-    stats: MaskStats,
-    bits: int,
-    dtype: torch.dtype,
-) -> BlockSparseTable:
-    """Pack the kept blocks' codes (one per byte, row by row from ``code_start``) into records."""
-    shape = record_shape(stats.dim, rs.width, bits, dtype)
-    row_codes = rs.blocks * rs.width
-    lengths = shape.length(rs.blocks)
-    starts = np.zeros(stats.rows + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    group = 1 << shape.group_shift
-    group_offsets = np.append(starts[:-1:group], starts[-1])
-    row_offsets = (starts[:-1:2] - np.repeat(group_offsets[:-1], group // 2)[: (stats.rows + 1) // 2]).astype(
-        np.uint16
-    )
-    word = {8: np.uint8, 16: np.uint16, 32: np.uint32}[shape.word_bits]
-    bitmap = np.ascontiguousarray(rs.bitmap.astype(word)).view(np.uint8)
-    qparams = torch.stack([qp.scale, qp.offset], dim=1).to(dtype).contiguous().view(torch.uint8).numpy()
-    records = empty(int(starts[-1]) + RECORD_TAIL, np.uint8)  # every record byte is written
-    records[int(starts[-1]) :] = 0
-    parallel_call(assemble_records, records, starts, bitmap, qparams, codes, code_start, row_codes, bits)
-    return BlockSparseTable(
-        torch.from_numpy(records),
-        torch.from_numpy(row_offsets),
-        torch.from_numpy(group_offsets),
-        stats.rows,
-        stats.dim,
-        rs.width,
-        bits,
-        dtype,
-        stats.pruned,
-    )
+    return layout.pack(EncodedTable(codes, code_start, qp, bits, rs, stats)), error

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .._parallel import parallel_call
+from ..quant.packing import pack_codes
 from ._kernels import remap_rows
 from .base import (
+    EncodedTable,
     FormatError,
     QuantizedTable,
     base_fields,
@@ -32,8 +34,11 @@ from .base import (
     expect_tensor,
     fused_row_bytes,
     fused_rows_bag,
+    make_fused,
     popcount_bytes,
 )
+from .lookup import KernelPolicy, check_ids, current_kernel_policy, int64_ids
+from .stats import MaskStats, RowStats, flagged_rows
 
 __all__ = ["PrunedRowsTable", "rank_directory"]
 
@@ -71,6 +76,31 @@ class PrunedRowsTable(QuantizedTable):
         self.register_buffer("row_bits", row_bits)
         self.register_buffer("row_rank", row_rank)
 
+    @classmethod
+    def predicted_nbytes(cls, stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> int:
+        row_bytes = fused_row_bytes(stats.dim, bits, scale_dtype)
+        return (stats.kept_rows + 1) * row_bytes + 5 * ((stats.rows + 7) // 8)  # + row_bits, row_rank
+
+    @classmethod
+    def zero_rows(cls, row_stats: RowStats) -> torch.Tensor | None:
+        kept = row_stats.kept
+        return flagged_rows((kept > 0) & (kept < row_stats.dim))  # stored rows with a pruned entry
+
+    @classmethod
+    def pack(cls, encoded: EncodedTable) -> PrunedRowsTable:
+        qp, stats, bits = encoded.qparams, encoded.stats, encoded.bits
+        kept = torch.from_numpy(encoded.row_stats.kept > 0)
+        fused = torch.cat(
+            [
+                make_fused(encoded.code_rows()[kept], qp.scale[kept], qp.offset[kept], bits, qp.dtype),
+                torch.zeros(1, fused_row_bytes(stats.dim, bits, qp.dtype), dtype=torch.uint8),
+            ]
+        )
+        row_bits = pack_codes(kept.to(torch.uint8), 1)
+        return cls(
+            fused, row_bits, rank_directory(row_bits), stats.rows, stats.dim, bits, qp.dtype, stats.pruned
+        )
+
     @property
     def kept_rows(self) -> int:
         """Rows stored (the zero row not counted)."""
@@ -93,36 +123,43 @@ class PrunedRowsTable(QuantizedTable):
         rows = self.fused[self.remap(indices)]
         return decode_fused(rows, self.embedding_dim, self.bits, self.scale_dtype)
 
-    def _remap_checked(self, indices: torch.Tensor) -> torch.Tensor:
-        """:meth:`remap` in one numba pass, raising IndexError for out-of-range indices."""
+    def _remap_checked(self, indices: torch.Tensor, zero_row: int) -> torch.Tensor:
+        """:meth:`remap` in one numba pass (``zero_row``: ``kept_rows``), raising IndexError
+        for out-of-range indices."""
         out = torch.empty(indices.shape[0], dtype=torch.int64)
         bad = parallel_call(
             remap_rows,
-            indices.long().contiguous().numpy(),
+            int64_ids(indices),
             self.row_bits.numpy(),
             self.row_rank.numpy(),
             self.num_embeddings,
-            self.kept_rows,
+            zero_row,
             out.numpy(),
         )
-        if bad:
-            raise IndexError(f"index out of range in self (num_embeddings={self.num_embeddings})")
+        check_ids(bad, self.num_embeddings)
         return out
 
     def fast_bag(
-        self, indices: torch.Tensor, offsets: torch.Tensor, mode: int, per_sample_weights: torch.Tensor | None
+        self,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        mode: int,
+        per_sample_weights: torch.Tensor | None,
+        policy: KernelPolicy | None = None,
     ) -> torch.Tensor | None:
-        if self.fused.device.type != "cpu":
+        fused = self.fused  # a buffer: each read goes through nn.Module.__getattr__
+        if fused.device.type != "cpu":
             return None
         return fused_rows_bag(
-            self.fused,
+            fused,
             self.embedding_dim,
             self.bits,
             self.scale_dtype,
-            self._remap_checked(indices),
+            self._remap_checked(indices, fused.shape[0] - 1),
             offsets.long(),
             mode,
             per_sample_weights,
+            policy or current_kernel_policy(),
         )
 
     @classmethod

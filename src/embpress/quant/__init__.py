@@ -1,6 +1,6 @@
 """Row-wise quantization: config, qparams with exact zeros, codes and bit packing."""
 
-from .config import LAYOUTS, QuantConfig
+from .config import QuantConfig
 from .packing import pack_codes, packed_length, unpack_codes
 from .rowwise import (
     RowQParams,
@@ -12,7 +12,6 @@ from .rowwise import (
 )
 
 __all__ = [
-    "LAYOUTS",
     "QuantConfig",
     "RowQParams",
     "choose_qparams",

@@ -7,10 +7,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["LAYOUTS", "QuantConfig"]
+__all__ = ["QuantConfig"]
 
-LAYOUTS = ("auto", "dense", "pruned_rows", "block_sparse")
 _SCALE_DTYPES = (torch.float32, torch.float16)
+
+
+def _layout_choices() -> tuple[str, ...]:
+    """The layout names a config accepts ("auto" first). The registry is imported when a
+    config is checked, not with this module: the layouts, which encode by a config, import
+    this module."""
+    from ..layouts.registry import layout_choices
+
+    return layout_choices()
 
 
 @dataclass(frozen=True)
@@ -25,7 +33,9 @@ class QuantConfig:
         range_search: search each row for the clipping range with the least squared
             error (FBGEMM's greedy search: 200 bins, up to 16% trimmed). ``None`` turns
             it on at 4 and 2 bits, where it pays; at 8 bits plain min/max is as good.
-        layout: ``"auto"`` (smallest), ``"dense"``, ``"pruned_rows"`` or ``"block_sparse"``.
+        layout: ``"auto"`` (the smallest, table by table) or a registered layout's name
+            (``embpress.layouts.layout_choices()``: ``"dense"``, ``"pruned_rows"``,
+            ``"block_sparse"``).
         nonfinite: ``"raise"`` refuses a table with NaN/Inf (the default);
             ``"zero"`` replaces them by 0.0 before compression.
     """
@@ -51,8 +61,9 @@ class QuantConfig:
             )
         if self.range_search not in (None, True, False):
             raise ValueError(f"range_search must be True, False or None, got {self.range_search!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {self.layout!r}")
+        choices = _layout_choices()
+        if not isinstance(self.layout, str) or self.layout not in choices:
+            raise ValueError(f"layout must be one of {', '.join(choices)}; got {self.layout!r}")
         if self.nonfinite not in ("raise", "zero"):
             raise ValueError(f"nonfinite must be 'raise' or 'zero', got {self.nonfinite!r}")
 

@@ -1,0 +1,197 @@
+"""The typed boundary between the layouts and the numba lookup kernels.
+
+A layout's ``fast_bag`` gives a bag kernel two things: the table's arguments as the
+kernel's own NamedTuple (``BlockSparseKernelTable``, ``FusedKernelTable``: geometry and
+arrays, built by keyword) and the lookups as a ``Bags`` (numpy arrays, made in one place by
+``Bags.of``). ``run_bags`` makes the one call: output allocated, threads as torch's,
+launched safely from any Python thread, and the kernel's count of out-of-range ids turned
+into IndexError (``check_ids``). The fields of each NamedTuple are the kernel's parameters
+in order, and ``tests/test_nn.py`` checks that they are.
+
+Which kernel paths may serve is a ``KernelPolicy``: a process default
+(``set_default_kernel_policy``), overridden in a block by ``kernel_policy(...)`` (for the
+current thread or task only) or per call (``fast_bag(..., policy=...)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .._parallel import parallel_call
+from ._kernels import set_threads
+
+__all__ = [
+    "KERNEL_POOLINGS",
+    "Bags",
+    "BlockSparseKernelTable",
+    "FusedKernelTable",
+    "KernelPolicy",
+    "Pooling",
+    "check_ids",
+    "current_kernel_policy",
+    "int64_ids",
+    "kernel_policy",
+    "run_bags",
+    "set_default_kernel_policy",
+]
+
+
+class Pooling(IntEnum):
+    """How a bag combines its rows: the embpress ops' ``mode`` (``nn.EmbeddingBag``'s names)."""
+
+    SUM = 0
+    MEAN = 1
+    MAX = 2
+
+
+# what the bag kernels compute; module constants, as an enum member's lookup on its class
+# costs more than the comparison, on a path whose fixed cost is measured in microseconds
+KERNEL_POOLINGS = (Pooling.SUM, Pooling.MEAN)
+_MEAN = Pooling.MEAN
+# what the kernels get unweighted: empty, never read (and writable, as the weights of a
+# weighted call are: a read-only array would be another numba signature to compile)
+_NO_WEIGHTS = np.zeros(0, dtype=np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPolicy:
+    """Which of embpress's own kernel paths may serve a lookup where they apply.
+
+    fused_kernel: 4-bit fused rows (dense, pruned rows) on several threads go to embpress's
+        numba kernel, which splits the bags across threads (else FBGEMM's, on one thread).
+    vector_decode: block-sparse rows are decoded whole bitmap words at a time with AVX-512
+        expands where the CPU and the shape allow (else the set bits are walked).
+
+    Switching a path off never changes a result beyond float rounding; tests do it to
+    check each path against the other.
+    """
+
+    fused_kernel: bool = True
+    vector_decode: bool = True
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, bool):
+                raise TypeError(f"KernelPolicy.{field.name} must be a bool, got {value!r}")
+
+
+_default_policy = KernelPolicy()
+_policy: ContextVar[KernelPolicy | None] = ContextVar("embpress_kernel_policy", default=None)
+
+
+def current_kernel_policy() -> KernelPolicy:
+    """The policy in force here: the innermost ``kernel_policy`` block, else the default."""
+    return _policy.get() or _default_policy
+
+
+def set_default_kernel_policy(policy: KernelPolicy) -> KernelPolicy:
+    """Make ``policy`` the process default (where no ``kernel_policy`` block is open);
+    returns the one it replaces."""
+    global _default_policy
+    if not isinstance(policy, KernelPolicy):
+        raise TypeError(f"policy must be a KernelPolicy, got {type(policy).__name__}")
+    previous, _default_policy = _default_policy, policy
+    return previous
+
+
+@contextlib.contextmanager
+def kernel_policy(policy: KernelPolicy | None = None, **changes: bool) -> Iterator[KernelPolicy]:
+    """Use ``policy`` (default: the current one) with ``changes`` applied in this block, in
+    this thread or task only; e.g. ``with kernel_policy(vector_decode=False): ...``."""
+    if policy is not None and not isinstance(policy, KernelPolicy):
+        raise TypeError(f"policy must be a KernelPolicy or None, got {type(policy).__name__}")
+    try:
+        chosen = dataclasses.replace(policy or current_kernel_policy(), **changes)
+    except TypeError as err:  # an unknown field
+        raise TypeError(f"kernel_policy: {err}") from None
+    token = _policy.set(chosen)
+    try:
+        yield chosen
+    finally:
+        _policy.reset(token)
+
+
+def int64_ids(ids: torch.Tensor) -> np.ndarray:
+    """Ids as the contiguous int64 numpy array the kernels read (a CPU tensor's own memory
+    where it already is one)."""
+    return ids.long().contiguous().numpy()
+
+
+class Bags(NamedTuple):
+    """Sum or mean bags as every bag kernel takes them (its parameters after the table's)."""
+
+    indices: np.ndarray  # int64 ids (the kernels check their range)
+    offsets: np.ndarray  # int64 bag bounds with a final total
+    weights: np.ndarray  # float32, one per id; empty when unweighted
+    weighted: bool
+    mean: bool
+
+    @classmethod
+    def of(
+        cls,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        mode: int,
+        per_sample_weights: torch.Tensor | None,
+    ) -> Bags:
+        """The bags of CPU tensors: flat ids, bounds with a final total, ``Pooling.SUM`` or
+        ``MEAN``, optional float weights."""
+        if mode not in KERNEL_POOLINGS:
+            raise ValueError(f"the bag kernels sum or average, got mode {mode!r}")
+        if per_sample_weights is None:
+            weights = _NO_WEIGHTS
+        else:
+            weights = per_sample_weights.detach().float().contiguous().numpy()
+        weighted = per_sample_weights is not None
+        return cls(int64_ids(indices), int64_ids(offsets), weights, weighted, mode == _MEAN)
+
+    @property
+    def num_bags(self) -> int:
+        """Number of bags."""
+        return int(self.offsets.shape[0]) - 1
+
+
+class BlockSparseKernelTable(NamedTuple):
+    """``_kernels.block_sparse_bag``'s table arguments (see ``layouts.block_sparse``)."""
+
+    records: np.ndarray  # uint8: the records, then RECORD_TAIL zero bytes
+    row_offsets: np.ndarray  # uint16 pair offsets
+    group_offsets: np.ndarray  # int64 group offsets
+    shape: tuple[int, ...]  # the table's RecordShape as a plain tuple (numba types it fastest)
+    rows: int
+    dim: int
+    skip: int  # mean record length: where an odd row's record is expected (prefetching)
+    vector: bool  # decode whole bitmap words (block width 4, dim == 4 * word_bits * words)
+
+
+class FusedKernelTable(NamedTuple):
+    """``_kernels.fused_bag``'s table arguments: 4-bit fused rows, float16 qparams."""
+
+    fused: np.ndarray  # uint8: the rows back to back
+    row_bytes: int
+    dim: int  # 32, 64 or 128
+
+
+def check_ids(bad: int, num_embeddings: int) -> None:
+    """IndexError, worded as ``nn.Embedding``'s, if a kernel counted out-of-range ids."""
+    if bad:
+        raise IndexError(f"index out of range in self (num_embeddings={num_embeddings})")
+
+
+def run_bags(
+    kernel: Callable[..., int], table: tuple[Any, ...], bags: Bags, num_embeddings: int, dim: int
+) -> torch.Tensor:
+    """float32 ``[bags, dim]`` from ``kernel(*table, *bags, threads, out)``, a parallel bag
+    kernel that writes every output row and returns how many ids were out of range."""
+    out = np.empty((bags.offsets.shape[0] - 1, dim), dtype=np.float32)
+    check_ids(parallel_call(kernel, *table, *bags, set_threads(), out), num_embeddings)
+    return torch.from_numpy(out)
