@@ -154,11 +154,6 @@ class Bags(NamedTuple):
         weighted = per_sample_weights is not None
         return cls(int64_ids(indices), int64_ids(offsets), weights, weighted, mode == _MEAN)
 
-    @property
-    def num_bags(self) -> int:
-        """Number of bags."""
-        return int(self.offsets.shape[0]) - 1
-
 
 class BlockSparseKernelTable(NamedTuple):
     """``_kernels.block_sparse_bag``'s table arguments (see ``layouts.block_sparse``)."""
