@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.embpress-installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup demo test lint bench bench-quick clean
+.PHONY: setup demo test lint bench bench-quick bench-big clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,13 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) bench/run_all.py --quick --out out/bench-quick
+
+# opt-in: a 60M x 128 float32 table (30.7 GB on disk, more than this machine's RAM),
+# compressed by memory map in row chunks; needs about 32 GB free in BIG_TMP
+BIG_TMP ?= out
+bench-big: $(STAMP)
+	mkdir -p $(BIG_TMP)
+	$(PY) bench/stream_memory.py --rows 60M --no-procs --tmp $(BIG_TMP) --out out/bench-big
 
 clean:
 	rm -rf $(VENV) out build dist src/*.egg-info

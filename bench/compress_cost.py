@@ -7,6 +7,14 @@ builds the random ``rows x dim`` float32 input table, resets the kernel's peak-R
 ``VmHWM``. "Peak beyond input" = peak RSS during the call minus RSS just before it, i.e.
 everything the call allocates (the output table included) on top of the input table.
 
+Cold start (``cold_child``): the same compression (0.8, (1,4), sparsify-first, 8 bits)
+timed in a fresh interpreter from before ``import embpress`` (or torch.ao's, for the
+reference) through the first call, then a second call (warm); for embpress also the first
+and a warm block-sparse lookup of the lookup benchmark's step. It runs once per kernel
+path this CPU runs (``EMBPRESS_KERNEL`` set in the child) with numba's disk cache as it
+is (``--quick``: the fastest path only), and (not with ``--quick``) once with an empty
+cache (what the first process after installing pays).
+
 Usage (from the repository root)::
 
     python bench/compress_cost.py                 # 100k, 1M, 4M rows (about 6 minutes on 2 cores)
@@ -79,8 +87,157 @@ def _compress(cfg: dict[str, Any], model: Any) -> Any:
     return model
 
 
+def cold_child(cfg: dict[str, Any]) -> dict[str, Any]:
+    """First and second compression (and, for embpress, lookup) in this fresh process."""
+    import os
+    import tempfile
+
+    if cfg.get("path"):
+        os.environ["EMBPRESS_KERNEL"] = cfg["path"]
+    if cfg.get("empty_cache"):
+        os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="embpress-cold-")
+    t0 = time.perf_counter()
+    import torch
+
+    common.quiet_torch_warnings()
+    torch_import = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    weight = torch.randn(cfg["rows"], cfg["dim"], generator=gen)
+    models = [_model(weight.clone()), _model(weight.clone())]
+    t0 = time.perf_counter()
+    if cfg["impl"] == "ours":
+        import embpress  # noqa: F401  (timed: the import is part of the first call's cost)
+    else:
+        import torch.ao.pruning._experimental.data_sparsifier.quantization_utils
+    lib_import = time.perf_counter() - t0
+    seconds = []
+    for model in models:
+        t0 = time.perf_counter()
+        _compress(cfg, model)
+        seconds.append(time.perf_counter() - t0)
+    out: dict[str, Any] = {
+        "torch_import": torch_import,
+        "import": lib_import,
+        "first": seconds[0],
+        "warm": seconds[1],
+    }
+    if cfg["impl"] == "ours":
+        from embpress.layouts.lookup import kernel_path
+
+        bag = models[0].emb
+        count = 4096 * 40
+        ids = torch.from_numpy(common.uniform_indices(cfg["rows"], count, seed=1))
+        offsets = torch.arange(0, count, 40)
+        lookups = []
+        with torch.inference_mode():
+            for _ in range(3):
+                t0 = time.perf_counter()
+                bag(ids, offsets)
+                lookups.append(time.perf_counter() - t0)
+        out.update(lookup_first=lookups[0], lookup_warm=min(lookups[1:]), path=kernel_path())
+    return out
+
+
+def measure_cold(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The cold-start runs: embpress on each kernel path (cache as it is), embpress with an
+    empty numba cache, the reference."""
+    from embpress.layouts.lookup import kernel_paths
+
+    base = {"rows": args.cold_rows, "dim": args.dim, "sparsity": args.sparsity, "block": [1, 4]}
+    base.update(bits=8, sparsify_first=True, seed=0, cold=True)
+    paths = kernel_paths()[:1] if args.quick else kernel_paths()  # --quick: a smoke test
+    cfgs = [{**base, "impl": "ours", "path": p, "empty_cache": False} for p in paths]
+    if not args.quick:  # a full compile: a minute on a small machine
+        cfgs.append({**base, "impl": "ours", "path": "", "empty_cache": True})
+    cfgs.append({**base, "impl": "ref", "path": "", "empty_cache": False})
+    script = Path(__file__).resolve()
+    results = []
+    for cfg in cfgs:
+        r = common.run_child(script, cfg, timeout=args.timeout)
+        label = f"cold {cfg['impl']} path={cfg['path'] or 'auto'} empty_cache={cfg['empty_cache']}"
+        if "error" in r:
+            print(f"{label}: FAILED {r['error']}", file=sys.stderr, flush=True)
+            results.append({**cfg, "skipped": f"failed: {r['error']}"})
+            continue
+        print(
+            f"{label}: import+first {r['import'] + r['first']:.2f} s, warm {r['warm']:.2f} s", file=sys.stderr
+        )
+        results.append({**cfg, **r})
+    return results
+
+
+def render_cold(cold: list[dict[str, Any]]) -> list[str]:
+    """The cold-start table and its targets."""
+    if not cold:
+        return []
+    rows_out = []
+    for r in cold:
+        who = "embpress" if r["impl"] == "ours" else "reference"
+        cache = "empty" if r["empty_cache"] else "as is"
+        name = [
+            who,
+            r.get("path") or ("auto" if r["impl"] == "ours" else "–"),
+            cache if who == "embpress" else "–",
+        ]
+        if "first" not in r:
+            rows_out.append([*name, r["skipped"], "", "", "", "", ""])
+            continue
+        cold_total = r["import"] + r["first"]
+        lookup = ["–", "–"]
+        if "lookup_first" in r:
+            lookup = [common.fmt_seconds(r["lookup_first"]), common.fmt_seconds(r["lookup_warm"])]
+        rows_out.append(
+            [
+                *name,
+                common.fmt_seconds(r["import"]),
+                common.fmt_seconds(cold_total),
+                common.fmt_seconds(r["warm"]),
+                f"{cold_total - r['warm']:+.2f} s",
+                *lookup,
+            ]
+        )
+    rows = cold[0]["rows"]
+    lines = [
+        "### Cold start",
+        "",
+        f"{rows:,} x {cold[0]['dim']}, 0.8, (1,4), sparsify-first, 8 bits, each in a fresh process: "
+        "*import* of embpress (torch.ao's module for the reference; torch itself is imported first, "
+        "untimed), *cold* = import + first compression, *warm* = a second compression in the same "
+        "process, *extra* = cold − warm; then the first and a warm lookup step (4,096 bags × 40 uniform "
+        "ids). *path*: `EMBPRESS_KERNEL` in the child; *numba cache*: the on-disk kernel cache as "
+        "earlier runs left it, or empty (the first process after installing).",
+        "",
+        common.md_table(
+            ["impl", "path", "numba cache", "import", "cold", "warm", "extra", "first lookup", "warm lookup"],
+            rows_out,
+            "lllrrrrrr",
+        ),
+        "",
+    ]
+    ref = next((r for r in cold if r["impl"] == "ref" and "first" in r), None)
+    lines.append(
+        "**Targets** (issue 12: cold extra at most 0.2 s over warm with the cache in place; "
+        "cold against the reference's cold at least 25x):"
+    )
+    lines.append("")
+    for r in cold:
+        if r["impl"] != "ours" or "first" not in r or r["empty_cache"]:
+            continue
+        cold_total = r["import"] + r["first"]
+        extra = cold_total - r["warm"]
+        lines.append(f"- [{r['path']}] cold extra {extra:.2f} s: **{common.pass_fail(extra <= 0.2)}**")
+        if ref is not None:
+            speedup = (ref["import"] + ref["first"]) / cold_total
+            verdict = common.pass_fail(speedup >= 25)
+            lines.append(f"- [{r['path']}] cold vs reference cold {speedup:.1f}x: **{verdict}**")
+    lines.append("")
+    return lines
+
+
 def child(cfg: dict[str, Any]) -> dict[str, Any]:
     """One measurement (runs in a fresh process)."""
+    if cfg.get("cold"):
+        return cold_child(cfg)
     import torch
 
     common.quiet_torch_warnings()
@@ -214,6 +371,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             flush=True,
         )
         results.append(res)
+    if args.cold_rows:
+        results += measure_cold(args)
     return results
 
 
@@ -237,6 +396,8 @@ def _block(width: int, dim: int) -> str:
 
 
 def render(results: list[dict[str, Any]], args: argparse.Namespace, cmd: str, plot: Path | None) -> str:
+    cold = [r for r in results if r.get("cold")]
+    results = [r for r in results if not r.get("cold")]
     by_key = {key(r): r for r in results}
     lines = [
         "## Compression cost (time and peak memory)",
@@ -405,6 +566,7 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, cmd: str, pl
     if plot is not None:
         lines += [f"![compression time against rows]({common.relpath(plot, args.md_root)})", ""]
     lines += [target_lines(results, args), ""]
+    lines += render_cold(cold)
     return "\n".join(lines)
 
 
@@ -435,6 +597,7 @@ def target_lines(results: list[dict[str, Any]], args: argparse.Namespace) -> str
 
 
 def plot_results(results: list[dict[str, Any]], path: Path, dim: int) -> Path | None:
+    results = [r for r in results if not r.get("cold")]
     plt = common.setup_matplotlib()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=90)
     series: dict[tuple[Any, ...], list[tuple[int, float]]] = {}
@@ -486,11 +649,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--ref-max-rows", type=int, default=2_000_000, help="largest table run with the reference")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
+    p.add_argument(
+        "--cold-rows",
+        type=int,
+        help="rows of the cold-start runs (default 1,000,000; quick 20,000; 0 skips them)",
+    )
     common.add_output_args(p)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rows is None:
         args.rows = [5_000, 20_000] if args.quick else [100_000, 1_000_000, 4_000_000]
+    if args.cold_rows is None:
+        args.cold_rows = 20_000 if args.quick else TARGET_ROWS
     if args.quick:
         args.repeats = min(args.repeats, 1)
         args.target_repeats = 1

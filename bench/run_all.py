@@ -6,9 +6,9 @@ this script stitches the sections together with a description of the machine.
 
 Usage (from the repository root)::
 
-    python bench/run_all.py                       # full: BENCHMARKS.md + bench/results/ (~10 min on 2 cores)
-    python bench/run_all.py --quick               # tiny sizes (about a minute) -> out/bench-quick/
-    python bench/run_all.py --only size lookup    # some sections only
+    python bench/run_all.py                       # full: BENCHMARKS.md + bench/results/ (~15 min on 2 cores)
+    python bench/run_all.py --quick               # tiny sizes (a few minutes) -> out/bench-quick/
+    python bench/run_all.py --only size lookup    # rerun some sections, keep the others' last results
 """
 
 from __future__ import annotations
@@ -24,18 +24,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-SECTIONS = ("compress_cost", "size", "lookup", "deploy", "quality_ml100k")
+SECTIONS = (
+    "compress_cost",
+    "size",
+    "lookup",
+    "deploy",
+    "quality_ml100k",
+    "quality_plan",
+    "usage_overhead",
+    "plan_cost",
+    "stream_memory",
+)
 TITLES = {
     "compress_cost": "Compression cost (time and peak memory)",
     "size": "Size in memory and on disk",
     "lookup": "Lookup throughput",
     "deploy": "Op boundary (torch custom ops)",
     "quality_ml100k": "Model quality: DLRM on MovieLens-100k",
+    "quality_plan": "Quality against bytes: the planner against every uniform setting",
+    "usage_overhead": "Usage recording overhead",
+    "plan_cost": "Planning cost",
+    "stream_memory": "Larger than memory: chunked compression and processes",
 }
-# Seconds a section may take before it is stopped (full run; --quick uses a tenth).
+# Seconds a section may take before it is stopped (full run; --quick uses a quarter).
 # The maintainers' reading of a full run, kept apart so that a rerun does not erase it.
 MEANING = common.BENCH / "meaning.md"
-TIMEOUTS = {"compress_cost": 900, "size": 420, "lookup": 300, "deploy": 420, "quality_ml100k": 240}
+TIMEOUTS = {
+    "compress_cost": 900,
+    "size": 420,
+    "lookup": 300,
+    "deploy": 420,
+    "quality_ml100k": 240,
+    "quality_plan": 900,
+    "usage_overhead": 240,
+    "plan_cost": 420,
+    "stream_memory": 900,
+}
 
 
 def _shown(path: Path) -> str:
@@ -155,11 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out, md_root, target = common.RESULTS, common.REPO, common.REPO / "BENCHMARKS.md"
     out.mkdir(parents=True, exist_ok=True)
-    names = [n for n in SECTIONS if (common.BENCH / f"{n}.py").exists() and (not args.only or n in args.only)]
+    names = [n for n in SECTIONS if (common.BENCH / f"{n}.py").exists()]
     sections: dict[str, str] = {}
     times: dict[str, float] = {}
     load = common.OtherLoad()
     for name in names:
+        kept = out / f"{name}.md"
+        if args.only and name not in args.only:
+            # not rerun: the section as its last run wrote it (it names its own command and date)
+            if kept.exists():
+                head, _, rest = kept.read_text().partition("\n")
+                sections[name] = f"{head}\n\n_Kept from an earlier run (not rerun by this command)._\n{rest}"
+            continue
         sections[name], times[name] = run_section(name, args, out, md_root)
         print(f"== {name}: {times[name]:.0f} s", file=sys.stderr, flush=True)
     target.write_text(assemble(sections, times, args, cmd, load.note("the benchmarks")))

@@ -7,6 +7,7 @@ does the whole run (so that pytest-xdist does not start it twice).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=420,  # five sections on 2 cores that the rest of the suite shares
+        timeout=900,  # nine sections on 2 cores that the rest of the suite shares
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "BENCHMARKS.md").read_text()
@@ -37,12 +38,26 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
         "## Lookup throughput",
         "## Op boundary (torch custom ops)",
         "## Model quality: DLRM on MovieLens-100k",
+        "## Quality against bytes: the planner against every uniform setting",
+        "## Usage recording overhead",
+        "## Planning cost",
+        "## Larger than memory: chunked compression and processes",
         "## Targets at a glance",
         "## What these numbers mean",
     ):
         assert heading in md, heading
     assert "This section failed" not in md
-    for script in ("compress_cost", "size", "lookup", "deploy", "quality_ml100k"):
+    for script in (
+        "compress_cost",
+        "size",
+        "lookup",
+        "deploy",
+        "quality_ml100k",
+        "quality_plan",
+        "usage_overhead",
+        "plan_cost",
+        "stream_memory",
+    ):
         assert f"bench/{script}.py --quick" in md, script
 
     # ratios measured in the same run
@@ -65,6 +80,21 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     else:
         assert "SKIPPED: MovieLens-100k not found" in quality
 
+    # quality against bytes: the language model always, MovieLens when its data is there
+    plan_md = (tmp_path / "quality_plan.md").read_text()
+    assert "Word-level language model" in plan_md and "standard library" in plan_md
+    assert "best uniform that fits" in plan_md and "planner, usage" in plan_md
+    assert "loss at 1/16 <= 1/3 of uniform 2-bit's" in plan_md
+    assert ("MovieLens-100k DLRM" in plan_md) == (ML100K / "ml-100k.inter").is_file()
+    assert "](quality_plan.png)" in plan_md and (tmp_path / "quality_plan.png").stat().st_size > 1000
+    # usage overhead: both timings and their ratio, for the bag (and the DLRM when its data is there)
+    overhead = (tmp_path / "usage_overhead.md").read_text()
+    assert "forward + recording" in overhead and "EmbeddingBag" in overhead and "x |" in overhead
+    # planning cost and chunked compression: figures with their targets, peaks beside outputs
+    assert "applying:" in md and "post_training_sparse_quantize's time for the same bytes" in md
+    stream = (tmp_path / "stream_memory.md").read_text()
+    assert "peak anon" in stream and "GB/s" in stream and "speed-up" in stream
+
 
 def test_quality_script_skips_cleanly_without_data(tmp_path: Path) -> None:
     proc = subprocess.run(
@@ -85,3 +115,47 @@ def test_quality_script_skips_cleanly_without_data(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "SKIPPED: MovieLens-100k not found" in proc.stdout
     assert "SKIPPED" in (tmp_path / "quality_ml100k.md").read_text()
+
+
+@pytest.mark.slow
+def test_quality_plan_runs_the_language_model_without_movielens(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/quality_plan.py",
+            "--quick",
+            "--data",
+            str(tmp_path / "missing"),
+            "--lm-files",
+            "40",
+            "--lm-train",
+            "4000",
+            "--lm-test",
+            "500",
+            "--sparsities",
+            "0",
+            "--bits",
+            "8",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SKIPPED: MovieLens-100k not found" in proc.stdout
+    md = (tmp_path / "quality_plan.md").read_text()
+    assert "SKIPPED: MovieLens-100k not found" in md
+    assert "Word-level language model" in md and "MovieLens-100k DLRM" not in md
+    for frac in (4, 8, 16, 32, 64):  # one row per budget
+        assert f"| 1/{frac} |" in md, frac
+    # every planned model fits its budget, with exactly the bytes the plan predicted
+    data = json.loads((tmp_path / "quality_plan.json").read_text())
+    (lm,) = data["models"]
+    assert len(lm["planner"]) == 10 and len(lm["uniform"]) == 2
+    for run in lm["planner"]:
+        assert run["error"] is None, run["error"]
+        assert run["bytes"] == run["predicted_bytes"] <= run["budget"], run

@@ -231,7 +231,7 @@ def test_progress_stays_off_stdout(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ inspect
 def test_inspect_embpress_file(ckpt: Path) -> None:
     out = ckpt.with_name("model.embp.safetensors")
-    assert _run("compress", ckpt, out, "--bits", "4").exit_code == 0
+    assert _run("compress", ckpt, out, "--bits", "4", "--sparsity", "0.8").exit_code == 0
     result = _run("inspect", out, "--json")
     assert result.exit_code == 0, result.stderr
     info = json.loads(result.stdout)
@@ -360,7 +360,7 @@ def test_help_texts() -> None:
         assert word in top.stdout
     options = {
         "compress": ("--sparsity", "--block", "--zeros-per-block", "--norm", "--bits", "--order",
-                     "--tables", "--layout", "--json", "[default: 0.8]", "1x4", "Examples"),
+                     "--tables", "--layout", "--json", "[default: 0.0]", "1x4", "Examples"),
         "inspect": ("FILE", "--json", "--tables", "Examples"),
         "demo": ("--out", "--seed", "--quick", "out/demo", "Example"),
     }  # fmt: skip

@@ -17,6 +17,7 @@ from .checkpoint import (
 from .io import load, save
 from .layouts import FormatError
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
+from .planner import Plan, PlanError, plan
 from .quant import QuantConfig
 from .report import CheckpointReport, FileReport, TableReport, compression_report
 from .sparsify import BaseDataSparsifier, DataNormSparsifier
@@ -31,6 +32,8 @@ __all__ = [
     "DataNormSparsifier",
     "FileReport",
     "FormatError",
+    "Plan",
+    "PlanError",
     "QuantConfig",
     "QuantizedEmbedding",
     "QuantizedEmbeddingBag",
@@ -47,6 +50,7 @@ __all__ = [
     "load",
     "load_checkpoint",
     "ops",
+    "plan",
     "post_training_sparse_quantize",
     "record_usage",
     "save",

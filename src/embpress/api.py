@@ -16,16 +16,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layouts import encode_table
+from .layouts import QuantizedTable, encode_table
 from .layouts.encode import fake_quantize_table, finite_table, plain_qparams
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
 from .quant import QuantConfig, RowQParams
 
-__all__ = ["find_embeddings", "post_training_sparse_quantize"]
+__all__ = [
+    "Target",
+    "checked_weight",
+    "find_embeddings",
+    "is_plain_embedding",
+    "post_training_sparse_quantize",
+    "quantized_module",
+    "swap_modules",
+]
 
 
 @dataclass
-class _Target:
+class Target:
     """One embedding module and every (parent, attribute) place it sits at."""
 
     name: str
@@ -33,7 +41,7 @@ class _Target:
     places: list[tuple[nn.Module, str]] = field(default_factory=list)
 
 
-def _is_plain_embedding(module: nn.Module) -> bool:
+def is_plain_embedding(module: nn.Module) -> bool:
     """nn.Embedding / nn.EmbeddingBag or a subclass that keeps their forward."""
     for base in (nn.Embedding, nn.EmbeddingBag):
         if isinstance(module, base) and type(module).forward is base.forward:
@@ -41,9 +49,9 @@ def _is_plain_embedding(module: nn.Module) -> bool:
     return False
 
 
-def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None = None) -> list[_Target]:
+def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None = None) -> list[Target]:
     """Embedding modules of ``model`` at any depth (each once, with all its places)."""
-    targets: dict[int, _Target] = {}
+    targets: dict[int, Target] = {}
     skipped: list[str] = []
     seen_places: set[tuple[int, str]] = set()
     for parent_name, parent in model.named_modules(remove_duplicate=False):
@@ -52,8 +60,8 @@ def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None 
                 continue
             seen_places.add((id(parent), attr))
             name = f"{parent_name}.{attr}" if parent_name else attr
-            if _is_plain_embedding(child):
-                targets.setdefault(id(child), _Target(name, child)).places.append((parent, attr))
+            if is_plain_embedding(child):
+                targets.setdefault(id(child), Target(name, child)).places.append((parent, attr))
             elif isinstance(child, (nn.Embedding, nn.EmbeddingBag)) and select_embeddings is None:
                 skipped.append(name)
     if skipped:
@@ -67,14 +75,14 @@ def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None 
         raise TypeError(
             f"select_embeddings must be a list of embedding modules, got {type(select_embeddings).__name__}"
         )
-    chosen: dict[int, _Target] = {}
+    chosen: dict[int, Target] = {}
     for emb in select_embeddings:
         if not isinstance(emb, (nn.Embedding, nn.EmbeddingBag)):
             raise TypeError(
                 "select_embeddings must hold nn.Embedding / nn.EmbeddingBag modules, "
                 f"got {type(emb).__name__}"
             )
-        if not _is_plain_embedding(emb):
+        if not is_plain_embedding(emb):
             raise TypeError(f"{type(emb).__name__} overrides forward; it cannot be replaced safely")
         if id(emb) not in targets:
             raise ValueError(f"select_embeddings holds a {type(emb).__name__} that is not part of the model")
@@ -82,7 +90,7 @@ def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None 
     return list(chosen.values())
 
 
-def _checked_weight(target: _Target, config: QuantConfig) -> torch.Tensor:
+def checked_weight(target: Target, config: QuantConfig) -> torch.Tensor:
     weight = target.module.weight
     if weight.is_meta:
         raise ValueError(
@@ -94,7 +102,7 @@ def _checked_weight(target: _Target, config: QuantConfig) -> torch.Tensor:
     return finite_table(weight, config, f"table {target.name!r}")
 
 
-def _sparsifier_keys(targets: list[_Target]) -> dict[str, str]:
+def _sparsifier_keys(targets: list[Target]) -> dict[str, str]:
     """A sparsifier name per table: dots become '_' (torch's sparsifier refuses dots), with a
     numeric suffix where two paths would meet (``a.b`` and ``a_b``)."""
     keys: dict[str, str] = {}
@@ -164,12 +172,12 @@ def post_training_sparse_quantize(
     config = quant if quant is not None else QuantConfig()
     if not isinstance(config, QuantConfig):
         raise TypeError(f"quant must be an embpress.QuantConfig, got {type(config).__name__}")
-    if _is_plain_embedding(model):
+    if is_plain_embedding(model):
         raise ValueError("model is itself an embedding: use QuantizedEmbedding(Bag).from_float(model)")
     _check_sparsifier_class(data_sparsifier_class)
     targets = find_embeddings(model, select_embeddings)
     sparsifier = data_sparsifier_class(**sparse_config)
-    weights = {t.name: _checked_weight(t, config) for t in targets}
+    weights = {t.name: checked_weight(t, config) for t in targets}
     keys = _sparsifier_keys(targets)
     saved: dict[str, RowQParams] = {}
     originals: dict[str, torch.Tensor] = {}
@@ -197,22 +205,32 @@ def post_training_sparse_quantize(
             )
         except ValueError as err:
             raise ValueError(f"table {t.name!r}: {err}") from err
-        device = t.module.weight.device
-        m: Any = t.module
-        new: QuantizedEmbedding | QuantizedEmbeddingBag
-        if isinstance(m, nn.EmbeddingBag):
-            new = QuantizedEmbeddingBag(
-                table.to(device), m.mode, m.padding_idx, m.include_last_offset, m.max_norm, m.norm_type
-            )
-        else:
-            new = QuantizedEmbedding(table.to(device), m.padding_idx, m.max_norm, m.norm_type)
+        new = quantized_module(t, table)
         new.error = error
         replacements[t.name] = new
+    swap_modules(model, targets, replacements)
+    return model
+
+
+def quantized_module(target: Target, table: QuantizedTable) -> QuantizedEmbedding | QuantizedEmbeddingBag:
+    """The module replacing ``target``, holding ``table`` on the target's device, with its
+    pooling, padding and norm settings."""
+    m: Any = target.module
+    device = m.weight.device
+    if isinstance(m, nn.EmbeddingBag):
+        return QuantizedEmbeddingBag(
+            table.to(device), m.mode, m.padding_idx, m.include_last_offset, m.max_norm, m.norm_type
+        )
+    return QuantizedEmbedding(table.to(device), m.padding_idx, m.max_norm, m.norm_type)
+
+
+def swap_modules(model: nn.Module, targets: list[Target], replacements: dict[str, nn.Module]) -> None:
+    """Put each target's replacement at every place it sits (only once all are built, so a
+    failure leaves the model as it was); warn about float weights still tied elsewhere."""
     for t in targets:
         for parent, attr in t.places:
             setattr(parent, attr, replacements[t.name])
     _warn_tied(model, {id(t.module.weight): t.name for t in targets})
-    return model
 
 
 def _warn_tied(model: nn.Module, weights: dict[int, str]) -> None:

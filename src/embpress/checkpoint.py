@@ -20,10 +20,13 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
+import re
 import stat
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,11 +37,15 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from . import io as eio
+from ._collective import LOCAL, Collective
 from .api import post_training_sparse_quantize
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
+from .planner import DEFAULT_UNSEEN_WEIGHT, Plan, PlanError
+from .planner import plan as make_plan
 from .quant.config import QuantConfig
 from .report import CheckpointReport, FileReport, TableReport, TensorInfo, human_bytes, quantized_modules
 from .sparsify import DataNormSparsifier
+from .usage import Usage
 
 __all__ = [
     "CompressedCheckpoint",
@@ -46,15 +53,27 @@ __all__ = [
     "check_input_file",
     "compress_checkpoint",
     "compress_state_dict",
+    "compressed_checkpoint",
     "find_tables",
     "inspect",
     "inspect_checkpoint",
     "is_embpress_file",
+    "is_safetensors_file",
     "load_checkpoint",
     "looks_like_embedding",
+    "parse_budget",
+    "plan_checkpoint",
+    "plan_state_dict",
+    "resolve_budget",
 ]
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+# Uniform defaults (compress_state_dict, `embpress compress`): 4 bits, no pruning. On the
+# trained models measured (BENCHMARKS.md) 4-bit rows keep quality at about 1/7 of float32
+# bytes, while pruning loses more than fewer bits do at equal bytes.
+DEFAULT_BITS = 4
+# working memory of a chunked compression (``--memory``), besides the output
+DEFAULT_MEMORY = 512 * 2**20
 _ZIP_MAGIC = b"PK\x03\x04"
 _SUFFIX = ".weight"
 
@@ -106,8 +125,9 @@ _FILE_KINDS = (
 )
 
 
-def check_input_file(path: PathLike) -> None:
-    """Refuse ``path`` unless it is a non-empty regular file that fits in memory.
+def check_input_file(path: PathLike, *, fits: bool = True) -> None:
+    """Refuse ``path`` unless it is a non-empty regular file that fits in memory (``fits``;
+    a file read by memory map in chunks need not).
 
     Anything else is never opened (a named pipe would block, /dev/zero never ends):
     FileNotFoundError, IsADirectoryError, PermissionError, or ValueError saying why.
@@ -126,7 +146,8 @@ def check_input_file(path: PathLike) -> None:
         raise ValueError(f"{p}: not a regular file ({kind}), expected a checkpoint file")
     if info.st_size == 0:
         raise ValueError(f"{p}: the file is empty")
-    _check_fits(str(p), info.st_size)
+    if fits:
+        _check_fits(str(p), info.st_size)
     with open(p, "rb"):  # PermissionError says why
         pass
 
@@ -162,6 +183,13 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({_safetensors_cause(err)})") from None
+
+
+def is_safetensors_file(path: PathLike) -> bool:
+    """Whether ``path`` is a plain safetensors checkpoint (checked as an input file first)."""
+    p = Path(path)
+    check_input_file(p, fits=False)
+    return _sniff(p) == "safetensors" or p.suffix == ".safetensors"
 
 
 def is_embpress_file(path: PathLike) -> bool:
@@ -464,12 +492,14 @@ def _checked_state(state: Any, tables: Sequence[str] | None) -> list[str]:
 @dataclass
 class CompressedCheckpoint:
     """What :func:`compress_state_dict` made: a module ready to save, a report per table
-    (kind "auto", shared tables once) and the keys copied unchanged."""
+    (kind "auto", shared tables once), the keys copied unchanged and the plan applied
+    (None for uniform settings)."""
 
     module: nn.Module
     tables: list[TableReport]
     copied: list[str]
     copied_nbytes: int
+    plan: Plan | None = None  # the plan applied, where one was
 
     @property
     def nbytes(self) -> int:
@@ -486,58 +516,240 @@ class CompressedCheckpoint:
         eio.save(self.module, path, kind_from_model=True)
 
 
+# ------------------------------------------------------------------------------ budgets and plans
+_UNITS = {
+    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_BUDGET = re.compile(r"\s*([0-9]{1,30}(?:\.[0-9]{1,30})?)\s*([A-Za-z]{0,3})\s*")
+_SHARE = re.compile(r"\s*([0-9]{1,30})\s*/\s*([0-9]{1,30})\s*")
+
+Budget = int | Fraction
+
+
+def parse_budget(text: str) -> Budget:
+    """A byte budget from text: ``20MB``, ``1.5 GB``, ``512kB`` (decimal units), ``64KiB``,
+    ``2 MiB`` (binary units), ``123456`` or ``123456B`` (bytes) as an int; or ``1/16``, a
+    share of the selected tables' float32 bytes, as a Fraction in (0, 1]. ValueError
+    saying what is accepted otherwise."""
+    if not isinstance(text, str):
+        raise TypeError(f"budget must be a string, got {type(text).__name__}")
+    shown = text if len(text) <= 40 else f"{text[:37]}..."
+    share = _SHARE.fullmatch(text)
+    if share:
+        num, den = int(share[1]), int(share[2])
+        if den == 0 or num == 0 or num > den:
+            raise ValueError(f"{shown!r}: a share of the float32 bytes must be in (0, 1], e.g. 1/16")
+        return Fraction(num, den)
+    match = _BUDGET.fullmatch(text)
+    unit = match[2].lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise ValueError(
+            f"{shown!r} is not a budget: expected bytes with an optional unit (B, kB, MB, GB, KiB, "
+            "MiB, GiB), e.g. 20MB, or a share of the float32 table bytes, e.g. 1/16"
+        )
+    try:
+        value = Decimal(match[1]) * _UNITS[unit]
+    except InvalidOperation:  # pragma: no cover - the pattern admits only decimal numbers
+        raise ValueError(f"{shown!r} is not a number of bytes") from None
+    if value != value.to_integral_value():
+        raise ValueError(f"{shown!r} is not a whole number of bytes")
+    if value < 1:
+        raise ValueError(f"{shown!r}: the budget must be at least 1 byte")
+    return int(value)
+
+
+def resolve_budget(budget: Budget, float32_nbytes: int) -> int:
+    """Bytes of ``budget``: an int as it is, a Fraction as that share of ``float32_nbytes``
+    (rounded down)."""
+    if isinstance(budget, Fraction):
+        if not 0 < budget <= 1:
+            raise ValueError(f"a budget share must be in (0, 1], got {budget}")
+        return max(1, int(budget * float32_nbytes))
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise TypeError(f"budget must be an int (bytes) or a Fraction (share), got {type(budget).__name__}")
+    if budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    return budget
+
+
+def _float32_nbytes(modules: Mapping[str, nn.Module]) -> int:
+    """float32 bytes of the distinct table modules (tied tables once)."""
+    unique = {id(m): m for m in modules.values()}.values()
+    return sum(int(getattr(m, "num_embeddings")) * int(getattr(m, "embedding_dim")) * 4 for m in unique)  # noqa: B009
+
+
+def _usage_for(usage: Usage | None, modules: Mapping[str, nn.Module]) -> Usage | None:
+    """``usage`` restricted to the tables being planned (a usage file recorded on the whole
+    model also counts tables a ``--tables`` selection leaves out)."""
+    if usage is None:
+        return None
+    if not isinstance(usage, Usage):
+        raise TypeError(f"usage must be an embpress.Usage, got {type(usage).__name__}")
+    names = [k[: -len(_SUFFIX)] for k in modules]
+    return Usage({n: usage.counts[n] for n in names if n in usage.counts})
+
+
+def plan_state_dict(
+    state: Mapping[str, torch.Tensor],
+    tables: Sequence[str] | None = None,
+    *,
+    budget: Budget | None = None,
+    max_error: float | None = None,
+    usage: Usage | None = None,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+) -> Plan:
+    """The :func:`embpress.plan` of a state_dict's embedding tables.
+
+    ``tables`` as in :func:`compress_state_dict`; ``budget``: bytes (int) or a share of
+    the tables' float32 bytes (Fraction), covering those tables alone; or ``max_error``.
+    Table names in the plan (and in ``usage``) are the module paths, the keys without
+    ``.weight``.
+    """
+    keys = _checked_state(state, tables)
+    dense = _dense_tables(state, keys)
+    root, modules = build_skeleton(dense, keys)
+    budget_bytes = None if budget is None else resolve_budget(budget, _float32_nbytes(modules))
+    return make_plan(
+        root, budget_bytes, usage=_usage_for(usage, modules), max_error=max_error, unseen_weight=unseen_weight
+    )
+
+
+def plan_checkpoint(
+    src: PathLike,
+    patterns: Sequence[str] = (),
+    *,
+    budget: Budget | None = None,
+    max_error: float | None = None,
+    usage: Usage | None = None,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+) -> Plan:
+    """The plan for checkpoint ``src``'s tables (what ``embpress plan`` prints): as
+    :func:`compress_checkpoint` finds them (``patterns``), see :func:`plan_state_dict`."""
+    state, _ = load_checkpoint(src)
+    try:
+        keys = find_tables(state, patterns)
+        if not keys:
+            raise ValueError(
+                f"no embedding table found among {len(state)} tensors (choose them with patterns)"
+            )
+        return plan_state_dict(
+            state, keys, budget=budget, max_error=max_error, usage=usage, unseen_weight=unseen_weight
+        )
+    except ValueError as err:
+        raise ValueError(f"{src}: {err}") from err
+
+
+def _plan_keys(state: Mapping[str, torch.Tensor], the_plan: Plan) -> list[str]:
+    """The state_dict keys of a plan's tables (each must be there), with the keys of
+    tables tied to them (the same storage), in the state_dict's order."""
+    if not isinstance(the_plan, Plan):
+        raise TypeError(f"plan must be an embpress.Plan, got {type(the_plan).__name__}")
+    storages = set()
+    for t in the_plan.tables:
+        key = f"{t.name}{_SUFFIX}"
+        if key not in state:
+            raise PlanError(f"the plan names table {t.name!r}, but the checkpoint has no tensor {key!r}")
+        if isinstance(state[key], torch.Tensor) and state[key].layout == torch.strided:
+            storages.add(_storage_key(state[key]))
+    named = {f"{t.name}{_SUFFIX}" for t in the_plan.tables}
+    return [
+        k
+        for k, v in state.items()
+        if k in named
+        or (isinstance(v, torch.Tensor) and v.layout == torch.strided and _storage_key(v) in storages)
+    ]
+
+
+# ------------------------------------------------------------------------------ compressing
 def compress_state_dict(
     state: Mapping[str, torch.Tensor],
     tables: Sequence[str] | None = None,
     *,
-    sparsity: float = 0.8,
+    sparsity: float = 0.0,
     block: tuple[int, int] = (1, 4),
     zeros_per_block: int | None = None,
     norm: str = "L1",
     quant: QuantConfig | None = None,
     sparsify_first: bool = True,
     on_table: Callable[[str, int, bool], None] | None = None,
+    plan: Plan | None = None,
+    budget: Budget | None = None,
+    max_error: float | None = None,
+    usage: Usage | None = None,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
 ) -> CompressedCheckpoint:
     """Prune and quantize the embedding tables of a state_dict; everything else is copied.
 
     ``tables``: the keys to compress (``<module>.weight`` 2-D float tensors), or None for
     those :func:`find_tables` finds by name. Sparse (COO/CSR) tables are made dense; a
     tensor an embpress file cannot hold (sparse, quantized, meta) is refused. Tied tables
-    (one storage) are compressed once and saved with aliases. The settings are those of
-    :class:`embpress.DataNormSparsifier` (``sparsity``, ``block``, ``zeros_per_block``,
-    ``norm``) and :class:`embpress.QuantConfig` (``quant``). Each table goes through
+    (one storage) are compressed once and saved with aliases.
+
+    Uniform settings: those of :class:`embpress.DataNormSparsifier` (``sparsity``,
+    ``block``, ``zeros_per_block``, ``norm``) and :class:`embpress.QuantConfig`
+    (``quant``); by default 4 bits and no pruning. Each table goes through
     :func:`embpress.post_training_sparse_quantize` on its own (masks are per table, so
-    this equals one call over all of them), which lets ``on_table(name, elements, done)``
-    report progress. ``state`` is not changed.
+    this equals one call over all of them).
+
+    Planned: with ``budget`` (bytes, or a Fraction of the tables' float32 bytes) or
+    ``max_error``, :func:`plan_state_dict` chooses each row's storage (``usage``,
+    ``unseen_weight`` as there) and the plan is applied; with ``plan``, that plan is
+    applied to its tables (``tables`` must then be None). The uniform settings do not
+    apply then.
+
+    ``on_table(name, elements, done)`` reports progress. ``state`` is not changed.
     """
-    keys = _checked_state(state, tables)
+    planned = plan is not None or budget is not None or max_error is not None
+    if plan is not None and (budget is not None or max_error is not None or tables is not None):
+        raise ValueError("plan= applies a plan made earlier: give no tables, budget or max_error with it")
+    keys = _checked_state(state, tables if plan is None else _plan_keys(state, plan))
     dense = _dense_tables(state, keys)
     root, modules = build_skeleton(dense, keys)
-    config = quant if quant is not None else QuantConfig()
-    sparse_config: dict[str, Any] = {"sparsity_level": sparsity, "sparse_block_shape": tuple(block)}
-    if zeros_per_block is not None:
-        sparse_config["zeros_per_block"] = zeros_per_block
     names = {id(m): k for k, m in reversed(list(modules.items()))}  # first key of each module
-    for module in {id(m): m for m in modules.values()}.values():
-        key = names[id(module)]
-        elements = dense[key].numel()
-        if on_table is not None:
-            on_table(key[: -len(_SUFFIX)], elements, False)
-        post_training_sparse_quantize(
+    if planned:
+        if plan is None:
+            budget_bytes = None if budget is None else resolve_budget(budget, _float32_nbytes(modules))
+            plan = make_plan(
+                root,
+                budget_bytes,
+                usage=_usage_for(usage, modules),
+                max_error=max_error,
+                unseen_weight=unseen_weight,
+            )
+        _apply_plan(root, plan, dense, _usage_for(usage, modules), on_table)
+    else:
+        _compress_uniform(
             root,
-            DataNormSparsifier,
+            modules,
+            names,
+            dense,
+            sparsity,
+            block,
+            zeros_per_block,
+            norm,
+            quant,
             sparsify_first,
-            [module],
-            quant=config,
-            norm=norm,
-            **sparse_config,
+            on_table,
         )
-        if on_table is not None:
-            on_table(key[: -len(_SUFFIX)], elements, True)
+    chosen = set(keys)
+    copied = {k: v for k, v in dense.items() if k not in chosen}
+    return compressed_checkpoint(root, dense, copied, plan)
+
+
+def compressed_checkpoint(
+    root: nn.Module,
+    weights: Mapping[str, torch.Tensor],
+    copied: Mapping[str, torch.Tensor],
+    plan: Plan | None = None,
+) -> CompressedCheckpoint:
+    """The result of compressing the tables of skeleton ``root``: a report per table
+    (``weights``: the original tables by key, for their dtype and bytes; meta tensors will
+    do) and the keys copied unchanged."""
     reports = []
     for name, (found, aliases) in quantized_modules(root).items():
         qm = cast(QuantizedEmbedding | QuantizedEmbeddingBag, found)
-        weight = dense[f"{name}{_SUFFIX}"]
+        weight = weights[f"{name}{_SUFFIX}"]
         error = qm.error or {}
         reports.append(
             TableReport(
@@ -558,9 +770,63 @@ def compress_state_dict(
                 original_nbytes=_nbytes(weight),
             )
         )
-    chosen = set(keys)
-    copied = [k for k in dense if k not in chosen]
-    return CompressedCheckpoint(root, reports, copied, sum(_nbytes(dense[k]) for k in copied))
+    return CompressedCheckpoint(root, reports, list(copied), sum(_nbytes(t) for t in copied.values()), plan)
+
+
+def _apply_plan(
+    root: nn.Module,
+    the_plan: Plan,
+    dense: Mapping[str, torch.Tensor],
+    usage: Usage | None,
+    on_table: Callable[[str, int, bool], None] | None,
+) -> None:
+    """Apply ``the_plan`` to the skeleton one table at a time (for progress; the skeleton is
+    thrown away if one fails, so all-or-nothing per table is enough)."""
+    for table in the_plan.tables:
+        elements = dense[f"{table.name}{_SUFFIX}"].numel()
+        if on_table is not None:
+            on_table(table.name, elements, False)
+        one = Plan(
+            (table,), the_plan.budget_bytes, the_plan.max_error, the_plan.unseen_weight, the_plan.with_usage
+        )
+        one.apply(root, usage)
+        if on_table is not None:
+            on_table(table.name, elements, True)
+
+
+def _compress_uniform(
+    root: nn.Module,
+    modules: Mapping[str, nn.Module],
+    names: Mapping[int, str],
+    dense: Mapping[str, torch.Tensor],
+    sparsity: float,
+    block: tuple[int, int],
+    zeros_per_block: int | None,
+    norm: str,
+    quant: QuantConfig | None,
+    sparsify_first: bool,
+    on_table: Callable[[str, int, bool], None] | None,
+) -> None:
+    config = quant if quant is not None else QuantConfig(bits=DEFAULT_BITS)
+    sparse_config: dict[str, Any] = {"sparsity_level": sparsity, "sparse_block_shape": tuple(block)}
+    if zeros_per_block is not None:
+        sparse_config["zeros_per_block"] = zeros_per_block
+    for module in {id(m): m for m in modules.values()}.values():
+        key = names[id(module)]
+        elements = dense[key].numel()
+        if on_table is not None:
+            on_table(key[: -len(_SUFFIX)], elements, False)
+        post_training_sparse_quantize(
+            root,
+            DataNormSparsifier,
+            sparsify_first,
+            [module],
+            quant=config,
+            norm=norm,
+            **sparse_config,
+        )
+        if on_table is not None:
+            on_table(key[: -len(_SUFFIX)], elements, True)
 
 
 def compress_checkpoint(
@@ -568,28 +834,69 @@ def compress_checkpoint(
     dst: PathLike,
     patterns: Sequence[str] = (),
     *,
-    sparsity: float = 0.8,
+    sparsity: float = 0.0,
     block: tuple[int, int] = (1, 4),
     zeros_per_block: int | None = None,
     norm: str = "L1",
     quant: QuantConfig | None = None,
     sparsify_first: bool = True,
     on_table: Callable[[str, int, bool], None] | None = None,
-) -> CompressedCheckpoint:
+    plan: Plan | None = None,
+    budget: Budget | None = None,
+    max_error: float | None = None,
+    usage: Usage | None = None,
+    unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    memory: int | None = None,
+    collective: Collective | None = None,
+) -> CompressedCheckpoint | None:
     """Compress the embedding tables of checkpoint ``src`` into the embpress file ``dst``.
 
     What ``embpress compress`` does: :func:`load_checkpoint`, :func:`find_tables` (with
-    ``patterns``: globs on the key or module path), :func:`compress_state_dict`, then an
-    atomic write of ``dst`` (left as it was if anything fails). Load the result with
+    ``patterns``: globs on the key or module path; with ``plan``: the plan's tables),
+    :func:`compress_state_dict` (uniform settings, or a plan: see there), then an atomic
+    write of ``dst`` (left as it was if anything fails). Load the result with
     ``embpress.load(model, dst)``.
+
+    A ``.safetensors`` input with uniform settings is read by memory map and compressed
+    in row chunks (``streaming.compress_safetensors``: the same file, in bounded memory;
+    ``memory`` is the working memory in bytes, default ``DEFAULT_MEMORY``), by several
+    processes where ``collective`` has several (rank 0 writes ``dst`` and returns the
+    result, the others None).
     """
+    planned = plan is not None or budget is not None or max_error is not None
+    many = collective is not None and collective.size > 1
+    if many and planned:
+        raise ValueError("several processes compress with uniform settings only (no budget or plan)")
+    if not planned and (many or is_safetensors_file(src)):
+        from .streaming import compress_safetensors, memory_chunk_bytes
+
+        streamed = compress_safetensors(
+            src,
+            patterns,
+            sparsity=sparsity,
+            block=block,
+            zeros_per_block=zeros_per_block,
+            norm=norm,
+            quant=quant if quant is not None else QuantConfig(bits=DEFAULT_BITS),
+            sparsify_first=sparsify_first,
+            chunk_bytes=memory_chunk_bytes(DEFAULT_MEMORY if memory is None else memory),
+            collective=collective if collective is not None else LOCAL,
+            on_table=on_table,
+        )
+        if streamed is not None:
+            streamed.save(dst)
+        return streamed
     state, _ = load_checkpoint(src)
     try:
-        keys = find_tables(state, patterns)
-        if not keys:
-            raise ValueError(
-                f"no embedding table found among {len(state)} tensors (choose them with patterns)"
-            )
+        keys: list[str] | None = None
+        if plan is None:
+            keys = find_tables(state, patterns)
+            if not keys:
+                raise ValueError(
+                    f"no embedding table found among {len(state)} tensors (choose them with patterns)"
+                )
+        elif patterns:
+            raise ValueError("a plan names its tables: give no patterns with it")
         result = compress_state_dict(
             state,
             keys,
@@ -600,6 +907,11 @@ def compress_checkpoint(
             quant=quant,
             sparsify_first=sparsify_first,
             on_table=on_table,
+            plan=plan,
+            budget=budget,
+            max_error=max_error,
+            usage=usage,
+            unseen_weight=unseen_weight,
         )
     except ValueError as err:
         raise ValueError(f"{src}: {err}") from err

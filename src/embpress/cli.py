@@ -43,9 +43,11 @@ from safetensors import SafetensorError
 
 from . import checkpoint
 from .layouts import layout_choices
+from .planner import DEFAULT_UNSEEN_WEIGHT, Plan
 from .quant.config import QuantConfig
 from .report import CheckpointReport, FileReport, TableReport, TensorInfo, human_bytes
 from .sparsify.data_norm import MAX_BLOCK_SIDE
+from .usage import Usage
 
 __all__ = ["cli", "main"]
 
@@ -277,9 +279,56 @@ class _Fraction(click.ParamType):
         return number + 0.0  # -0.0 -> 0.0
 
 
+class _Budget(click.ParamType):
+    """Bytes with a unit (20MB, 64KiB) or a share of the float32 table bytes (1/16)."""
+
+    name = "BUDGET"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return checkpoint.parse_budget(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+class _Bytes(click.ParamType):
+    """A number of bytes with an optional unit: 512MiB, 2GB, 600000000."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int):
+            return value
+        try:
+            parsed = checkpoint.parse_budget(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+        if not isinstance(parsed, int):
+            self.fail(f"{value!r} is not a number of bytes (e.g. 512MiB, 2GB)", param, ctx)
+        return parsed
+
+
+class _NonNegative(click.ParamType):
+    name = "FLOAT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        shown = value if len(str(value)) <= 40 else f"{str(value)[:37]}..."
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            self.fail(f"{shown!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number < 0:
+            self.fail(f"{shown!r} is not a finite number >= 0", param, ctx)
+        return number + 0.0
+
+
 _EXAMPLES = """\b
 Examples:
-  embpress compress model.pt model.embp.safetensors --sparsity 0.8 --bits 4
+  embpress compress model.pt model.embp.safetensors            # 4-bit, no pruning
+  embpress plan model.pt --budget 1/16 --usage usage.safetensors
+  embpress compress model.pt model.embp.safetensors --budget 20MB
   embpress inspect model.embp.safetensors
   embpress demo --out out/demo
 
@@ -294,16 +343,20 @@ In Python, load the result into the model it came from:
 def cli() -> None:
     """Prune and low-bit quantize the embedding tables of trained PyTorch models.
 
-    Tables lose their least important (1 x 4 by default) blocks, which decode to exactly
-    0.0, and keep the rest in 8, 4 or 2-bit row-wise quantization. Files are
-    safetensors with an embpress header; nothing is ever unpickled.
+    By default every row is kept in 4-bit row-wise quantization. With a byte budget,
+    'plan' and 'compress --budget' choose each row's storage (8 to 1 bits, shared
+    codebooks, or pruned) for the least expected error, weighted by recorded usage if
+    given. Uniform pruning (--sparsity) is there too. Files are safetensors with an
+    embpress header; nothing is ever unpickled.
     """
 
 
 # ------------------------------------------------------------------------------ compress
 _COMPRESS_EPILOG = """\b
 Examples:
-  embpress compress dlrm.pt dlrm.embp.safetensors
+  embpress compress dlrm.pt dlrm.embp.safetensors          # 4-bit, no pruning
+  embpress compress dlrm.pt out.safetensors --budget 1/16 --usage usage.safetensors
+  embpress compress dlrm.pt out.safetensors --plan plan.json
   embpress compress model.pt out.safetensors --sparsity 0.9 --bits 4 --block 1x8
   embpress compress model.pt out.safetensors --tables 'sparse_arch.*'
   embpress compress model.safetensors out.safetensors --order quantize-first --json
@@ -327,9 +380,10 @@ QuantizedEmbeddingBag after the module the model has there.
 @click.option(
     "--sparsity",
     type=_Fraction(),
-    default=0.8,
+    default=0.0,
     show_default=True,
-    help="Fraction of each table's blocks pruned (smallest norm first), in [0, 1].",
+    help="Fraction of each table's blocks pruned (smallest norm first), in [0, 1]. At equal bytes "
+    "fewer bits keep more quality than pruning; see --budget.",
 )
 @click.option(
     "--block",
@@ -350,7 +404,7 @@ QuantizedEmbeddingBag after the module the model has there.
 @click.option(
     "--bits",
     type=click.Choice(["8", "4", "2"]),
-    default="8",
+    default=str(checkpoint.DEFAULT_BITS),
     show_default=True,
     help="Bits per kept entry (row-wise scale and offset).",
 )
@@ -383,9 +437,54 @@ QuantizedEmbeddingBag after the module the model has there.
     show_default=True,
     help="A table with NaN/Inf: refuse it, or treat those entries as 0.0.",
 )
+@click.option(
+    "--budget",
+    type=_Budget(),
+    default=None,
+    help="Plan each row's storage for the least expected error within BUDGET bytes of tables: "
+    "20MB, 512kB, 64KiB, 123456B, or a share of their float32 bytes such as 1/16.",
+)
+@click.option(
+    "--max-error",
+    type=_NonNegative(),
+    default=None,
+    help="Instead of --budget: the fewest bytes whose predicted error (expected squared error "
+    "per lookup, summed over tables) is at most this.",
+)
+@click.option(
+    "--usage",
+    "usage_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Rows' lookup counts (usage.save of embpress.record_usage) to weight the plan by.",
+)
+@click.option(
+    "--unseen-weight",
+    type=_Fraction(),
+    default=DEFAULT_UNSEEN_WEIGHT,
+    show_default=True,
+    help="With --usage: share of lookups assumed to fall evenly on all rows, seen or not.",
+)
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Apply a plan saved by 'embpress plan --json FILE' (its tables, as planned).",
+)
+@click.option(
+    "--memory",
+    type=_Bytes(),
+    default="512MiB",
+    show_default=True,
+    help="Working memory of a .safetensors input, which is read by memory map and compressed "
+    "in row chunks (besides the output).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (only JSON on stdout).")
+@click.pass_context
 @_boundary
 def compress(
+    ctx: click.Context,
     src: Path,
     dst: Path,
     sparsity: float,
@@ -397,6 +496,12 @@ def compress(
     patterns: tuple[str, ...],
     layout: str,
     nonfinite: str,
+    budget: checkpoint.Budget | None,
+    max_error: float | None,
+    usage_file: Path | None,
+    unseen_weight: float,
+    plan_file: Path | None,
+    memory: int,
     as_json: bool,
 ) -> None:
     """Compress the embedding tables of checkpoint IN into the embpress file OUT.
@@ -405,7 +510,28 @@ def compress(
     {"model": ...}; loaded with weights_only=True) or a .safetensors file. OUT is one
     .safetensors file holding the compressed tables and every other tensor of IN,
     written atomically.
+
+    With no options every table is stored at 4 bits per entry, no pruning: on the models
+    measured (BENCHMARKS.md) that keeps quality at about 1/7 of the float32 bytes, while
+    pruning loses more than fewer bits at equal bytes. With --budget (or --max-error, or
+    --plan) each row gets its own storage instead, chosen by the planner.
+
+    A .safetensors IN is read by memory map and compressed in row chunks, so a table may
+    be larger than memory (--memory), and torchrun can share the work among processes:
+    torchrun --standalone --nproc-per-node 4 -m embpress compress IN OUT. OUT is the same
+    file, byte for byte, however it was made.
     """
+    planned = budget is not None or max_error is not None or plan_file is not None
+    if planned:
+        _check_planned_options(ctx, budget, max_error, plan_file)
+        _compress_planned(
+            src, dst, patterns, budget, max_error, usage_file, unseen_weight, plan_file, as_json
+        )
+        return
+    for name in ("usage_file", "unseen_weight"):
+        if _given(ctx, name):
+            flag = "--usage" if name == "usage_file" else "--unseen-weight"
+            raise click.BadParameter("only with --budget, --max-error or --plan", param_hint=f"'{flag}'")
     if zeros_per_block is not None and zeros_per_block > block[0] * block[1]:
         raise click.BadParameter(
             f"{zeros_per_block} is larger than the block {block[0]}x{block[1]} "
@@ -413,41 +539,39 @@ def compress(
             param_hint="'--zeros-per-block'",
         )
     table_patterns = _split_patterns(patterns)
-    checkpoint.check_input_file(src)
+    collective = _collective()
+    streamed = collective is not None or checkpoint.is_safetensors_file(src)
+    if not streamed:
+        checkpoint.check_input_file(src)
     _check_out(src, dst)
     config = QuantConfig(bits=int(bits), layout=layout, nonfinite=nonfinite)
-
-    state, _ = checkpoint.load_checkpoint(src)
-    tables = checkpoint.find_tables(state, table_patterns)
-    if not tables:
-        raise CliError(
-            f"{src}: no embedding table found among {len(state)} tensors "
-            "(name them with --tables PATTERN; see 'embpress inspect IN')"
-        )
-    try:
-        with _progress(sum(state[k].numel() for k in tables)) as on_table:
-            result = checkpoint.compress_state_dict(
-                state,
-                tables,
-                sparsity=sparsity,
-                block=block,
-                zeros_per_block=zeros_per_block,
-                norm=norm,
-                quant=config,
-                sparsify_first=order == "sparsify-first",
-                on_table=on_table,
+    settings: dict[str, Any] = {
+        "sparsity": sparsity,
+        "block": block,
+        "zeros_per_block": zeros_per_block,
+        "norm": norm,
+        "quant": config,
+        "sparsify_first": order == "sparsify-first",
+    }
+    if streamed:
+        done = _compress_streamed(src, dst, table_patterns, settings, memory, collective)
+        if done is None:
+            return  # another process than rank 0: rank 0 writes and reports
+        result = done
+    else:
+        state, _ = checkpoint.load_checkpoint(src)
+        tables = checkpoint.find_tables(state, table_patterns)
+        if not tables:
+            raise CliError(
+                f"{src}: no embedding table found among {len(state)} tensors "
+                "(name them with --tables PATTERN; see 'embpress inspect IN')"
             )
-    except ValueError as err:
-        message = str(err).replace("pass QuantConfig(nonfinite='zero')", "pass --nonfinite zero")
-        raise CliError(_named(message, src)) from None
-    try:
-        result.save(dst)  # atomic: OUT is replaced only when complete
-    except (OSError, SafetensorError, RuntimeError, MemoryError) as err:
-        if isinstance(err, OSError) and err.strerror:
-            why = err.strerror[:1].lower() + err.strerror[1:]
-        else:
-            why = "not enough memory" if _out_of_memory(err) else _one_line(err)
-        raise CliError(f"{dst}: could not write ({_one_line(why)}); nothing was written") from None
+        try:
+            with _progress(sum(state[k].numel() for k in tables)) as on_table:
+                result = checkpoint.compress_state_dict(state, tables, on_table=on_table, **settings)
+        except ValueError as err:
+            raise CliError(_named(_in_cli_terms(err), src)) from None
+    _save_result(result, dst)
 
     before, after = result.original_nbytes, result.nbytes
     summary = {
@@ -465,6 +589,238 @@ def compress(
         },
         "tables": [_compressed_row(r) for r in result.tables],
         "total": {"bytes_before": before, "bytes_after": after, "ratio": after / before if before else 0.0},
+        "copied": {"count": len(result.copied), "bytes": result.copied_nbytes},
+        "file_bytes": {"in": src.stat().st_size, "out": dst.stat().st_size},
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    _print_compress(summary)
+
+
+def _in_cli_terms(err: Exception) -> str:
+    return str(err).replace("pass QuantConfig(nonfinite='zero')", "pass --nonfinite zero")
+
+
+def _collective() -> Any:
+    """The processes torchrun started (gloo), or None when this one runs alone."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    from .distributed import from_environment
+
+    try:
+        return from_environment()
+    except (RuntimeError, ValueError) as err:
+        raise CliError(
+            f"rank {os.environ.get('RANK', '?')}: could not join the other processes ({_one_line(err)})"
+        ) from None
+
+
+def _fingerprint(
+    src: Path, dst: Path, patterns: Sequence[str], settings: dict[str, Any], memory: int
+) -> bytes:
+    """What every process must agree on: the options, and IN's size, header and first and
+    last MiB (a different file is refused even where it has the same name)."""
+    size = src.stat().st_size
+    with open(src, "rb") as fh:
+        head = fh.read(1 << 20)
+        fh.seek(max(0, size - (1 << 20)))
+        tail = fh.read(1 << 20)
+    options = json.dumps([str(dst), list(patterns), repr(settings), memory, size])
+    return options.encode() + head + tail
+
+
+def _compress_streamed(
+    src: Path,
+    dst: Path,
+    patterns: Sequence[str],
+    settings: dict[str, Any],
+    memory: int,
+    collective: Any,
+) -> checkpoint.CompressedCheckpoint | None:
+    """compress of a .safetensors IN by memory map, in row chunks; with torchrun, each
+    process its share of the rows (rank 0 gets the result to write, the others None)."""
+    from . import streaming
+    from ._collective import LOCAL
+
+    rank = 0 if collective is None else collective.rank
+    where = "" if collective is None else f"rank {rank}: "
+    try:
+        if collective is not None:
+            from .distributed import check_same
+
+            check_same(
+                collective, "IN, OUT and the options", _fingerprint(src, dst, patterns, settings, memory)
+            )
+        tables = streaming.safetensors_tables(src, patterns)
+        if not tables:
+            raise CliError(
+                f"{src}: no embedding table found "
+                "(name them with --tables PATTERN; see 'embpress inspect IN')"
+            )
+        total = sum(math.prod(shape) for shape in tables.values()) if rank == 0 else 0
+        with _progress(total) as on_table:
+            return streaming.compress_safetensors(
+                src,
+                patterns,
+                chunk_bytes=streaming.memory_chunk_bytes(memory),
+                collective=collective if collective is not None else LOCAL,
+                on_table=on_table,
+                **settings,
+            )
+    except CliError:
+        raise
+    except ValueError as err:
+        raise CliError(where + _named(_in_cli_terms(err), src)) from None
+    except RuntimeError as err:  # torch.distributed: another process failed or went away
+        if collective is None:
+            raise
+        raise CliError(
+            f"{where}stopped: another process failed or left ({_one_line(err)}); {dst} not written"
+        ) from None
+
+
+def _save_result(result: checkpoint.CompressedCheckpoint, dst: Path) -> None:
+    try:
+        result.save(dst)  # atomic: OUT is replaced only when complete
+    except (OSError, SafetensorError, RuntimeError, MemoryError) as err:
+        if isinstance(err, OSError) and err.strerror:
+            why = err.strerror[:1].lower() + err.strerror[1:]
+        else:
+            why = "not enough memory" if _out_of_memory(err) else _one_line(err)
+        raise CliError(f"{dst}: could not write ({_one_line(why)}); nothing was written") from None
+
+
+# the uniform settings of compress, which a plan replaces
+_UNIFORM_OPTIONS = {
+    "sparsity": "--sparsity",
+    "block": "--block",
+    "zeros_per_block": "--zeros-per-block",
+    "norm": "--norm",
+    "bits": "--bits",
+    "order": "--order",
+    "layout": "--layout",
+    "nonfinite": "--nonfinite",
+}
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source != click.core.ParameterSource.DEFAULT
+
+
+def _check_planned_options(
+    ctx: click.Context, budget: object, max_error: object, plan_file: Path | None
+) -> None:
+    goals = [
+        flag
+        for flag, v in (("--budget", budget), ("--max-error", max_error), ("--plan", plan_file))
+        if v is not None
+    ]
+    if len(goals) > 1:
+        raise click.BadParameter(f"give one of --budget, --max-error and --plan, not {' and '.join(goals)}",
+                                 param_hint=f"'{goals[1]}'")  # fmt: skip
+    for name, flag in _UNIFORM_OPTIONS.items():
+        if _given(ctx, name):
+            raise click.BadParameter(
+                f"uniform settings do not combine with {goals[0]}", param_hint=f"'{flag}'"
+            )
+    if plan_file is not None and ctx.params.get("patterns"):
+        raise click.BadParameter("a plan names its own tables", param_hint="'--tables'")
+    if plan_file is not None and _given(ctx, "unseen_weight"):
+        raise click.BadParameter("a plan keeps the value it was made with", param_hint="'--unseen-weight'")
+
+
+def _read_usage(path: Path | None) -> Usage | None:
+    if path is None:
+        return None
+    try:
+        checkpoint.check_input_file(path)
+        return Usage.load(path)
+    except (OSError, ValueError) as err:
+        raise CliError(_describe(err, path)) from None
+
+
+def _read_plan(path: Path | None) -> Plan | None:
+    if path is None:
+        return None
+    try:
+        checkpoint.check_input_file(path)
+        return Plan.load(path)
+    except (OSError, ValueError) as err:
+        raise CliError(_describe(err, path)) from None
+
+
+def _compress_planned(
+    src: Path,
+    dst: Path,
+    patterns: tuple[str, ...],
+    budget: checkpoint.Budget | None,
+    max_error: float | None,
+    usage_file: Path | None,
+    unseen_weight: float,
+    plan_file: Path | None,
+    as_json: bool,
+) -> None:
+    """compress with a plan: made here (--budget / --max-error) or read (--plan)."""
+    table_patterns = _split_patterns(patterns)
+    checkpoint.check_input_file(src)
+    _check_out(src, dst)
+    usage = _read_usage(usage_file)
+    given_plan = _read_plan(plan_file)
+    state, _ = checkpoint.load_checkpoint(src)
+    tables: list[str] | None = None
+    if given_plan is None:
+        tables = checkpoint.find_tables(state, table_patterns)
+        if not tables:
+            raise CliError(
+                f"{src}: no embedding table found among {len(state)} tensors "
+                "(name them with --tables PATTERN; see 'embpress inspect IN')"
+            )
+        elements = sum(state[k].numel() for k in tables)
+    else:
+        elements = sum(t.rows * t.dim for t in given_plan.tables)
+    try:
+        with _progress(elements) as on_table:
+            result = checkpoint.compress_state_dict(
+                state,
+                tables,
+                on_table=on_table,
+                plan=given_plan,
+                budget=budget,
+                max_error=max_error,
+                usage=usage,
+                unseen_weight=unseen_weight,
+            )
+    except ValueError as err:
+        raise CliError(_named(str(err), src)) from None
+    _save_result(result, dst)
+    applied = result.plan
+    assert applied is not None
+    before, after = result.original_nbytes, result.nbytes
+    rows = [_compressed_row(r) for r in result.tables]
+    for row in rows:
+        row["choice"] = applied[row["name"]].summary()
+        row["predicted_error"] = applied[row["name"]].predicted_error
+    summary = {
+        "in": str(src),
+        "out": str(dst),
+        "settings": {
+            "planned": True,
+            "budget_bytes": applied.budget_bytes,
+            "max_error": applied.max_error,
+            "usage": None if usage_file is None else str(usage_file),
+            "unseen_weight": applied.unseen_weight,
+            "plan": None if plan_file is None else str(plan_file),
+        },
+        "tables": rows,
+        "total": {
+            "bytes_before": before,
+            "bytes_after": after,
+            "ratio": after / before if before else 0.0,
+            "predicted_error": applied.predicted_error,
+        },
         "copied": {"count": len(result.copied), "bytes": result.copied_nbytes},
         "file_bytes": {"in": src.stat().st_size, "out": dst.stat().st_size},
     }
@@ -529,10 +885,20 @@ def _split_patterns(patterns: Sequence[str]) -> list[str]:
 def _print_compress(summary: dict[str, Any]) -> None:
     console = _stdout()
     s = summary["settings"]
-    title = (
-        f"{summary['in']} -> {summary['out']}: sparsity {s['sparsity']:g}, block {s['block'][0]}x"
-        f"{s['block'][1]}, {s['bits']} bits, {s['order']}"
-    )
+    if s.get("planned"):
+        goal = (
+            f"budget {human_bytes(s['budget_bytes'])}"
+            if s["budget_bytes"] is not None
+            else f"max error {s['max_error']:.4g}"
+        )
+        how = f"usage {s['usage']}" if s["usage"] else "no usage"
+        source = f"plan {s['plan']}" if s["plan"] else f"planned for {goal}, {how}"
+        title = f"{summary['in']} -> {summary['out']}: {source}"
+    else:
+        title = (
+            f"{summary['in']} -> {summary['out']}: sparsity {s['sparsity']:g}, block {s['block'][0]}x"
+            f"{s['block'][1]}, {s['bits']} bits, {s['order']}"
+        )
     console.print(Text(title))
     total = summary["total"]
     table = _footed_table(
@@ -554,7 +920,7 @@ def _print_compress(summary: dict[str, Any]) -> None:
         table.add_row(
             name,
             f"{r['rows']} x {r['dim']}",
-            r["layout"],
+            Text(r.get("choice", r["layout"])),
             str(r["bits"]),
             f"{r['sparsity']:.4f}",
             human_bytes(r["bytes_before"]),
@@ -573,6 +939,116 @@ def _print_compress(summary: dict[str, Any]) -> None:
     )
 
 
+# ------------------------------------------------------------------------------ plan
+_PLAN_EPILOG = """\b
+Examples:
+  embpress plan model.pt --budget 20MB
+  embpress plan model.pt --budget 1/16 --usage usage.safetensors --json plan.json
+  embpress compress model.pt out.safetensors --plan plan.json
+
+\b
+BUDGET covers the selected tables alone: bytes with a unit (B, kB, MB, GB
+decimal; KiB, MiB, GiB binary) or a share of their float32 bytes (1/16).
+Record usage in Python: with embpress.record_usage(model) as usage: ...;
+usage.save("usage.safetensors").
+"""
+
+
+@cli.command(
+    "plan", epilog=_PLAN_EPILOG, short_help="Choose each row's storage within a byte budget; print the plan."
+)
+@click.argument("src", metavar="IN", type=click.Path(path_type=Path))
+@click.option("--budget", type=_Budget(), default=None, help="Bytes the tables may take (see below).")
+@click.option(
+    "--max-error",
+    type=_NonNegative(),
+    default=None,
+    help="Instead of --budget: the fewest bytes whose predicted error is at most this.",
+)
+@click.option(
+    "--usage",
+    "usage_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Rows' lookup counts (usage.save of embpress.record_usage) to weight rows by.",
+)
+@click.option(
+    "--unseen-weight",
+    type=_Fraction(),
+    default=DEFAULT_UNSEEN_WEIGHT,
+    show_default=True,
+    help="With --usage: share of lookups assumed to fall evenly on all rows, seen or not.",
+)
+@click.option(
+    "--tables",
+    "patterns",
+    multiple=True,
+    metavar="PATTERN",
+    help="Plan only the '.weight' tensors whose key or module path matches this glob "
+    "(repeatable, or comma-separated) [default: tables found by name].",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Also write the plan as JSON to FILE, for 'compress --plan FILE' ('-': print only the JSON).",
+)
+@click.pass_context
+@_boundary
+def plan_command(
+    ctx: click.Context,
+    src: Path,
+    budget: checkpoint.Budget | None,
+    max_error: float | None,
+    usage_file: Path | None,
+    unseen_weight: float,
+    patterns: tuple[str, ...],
+    json_out: Path | None,
+) -> None:
+    """Choose how to store each row of checkpoint IN's tables within a budget; print it.
+
+    For every row the planner weighs 8, 4 and 2-bit row-wise codes, per-row levels,
+    per-column codebooks and pruning, and picks the mix with the least expected error
+    (rows weighted by --usage counts when given, else equally) whose bytes fit BUDGET
+    exactly. Give --budget or --max-error.
+    """
+    if (budget is None) == (max_error is None):
+        raise click.UsageError("give one of --budget and --max-error")
+    if usage_file is None and _given(ctx, "unseen_weight"):
+        raise click.BadParameter("only with --usage", param_hint="'--unseen-weight'")
+    table_patterns = _split_patterns(patterns)
+    checkpoint.check_input_file(src)
+    if json_out is not None and str(json_out) != "-":
+        _check_plan_out(src, json_out)
+    usage = _read_usage(usage_file)
+    made = checkpoint.plan_checkpoint(
+        src, table_patterns, budget=budget, max_error=max_error, usage=usage, unseen_weight=unseen_weight
+    )
+    if json_out is not None and str(json_out) == "-":
+        _print_json(made.to_json())
+        return
+    click.echo(str(made))
+    if json_out is not None:
+        try:
+            made.save(json_out)
+        except OSError as err:
+            why = err.strerror or "unknown error"
+            raise CliError(f"{json_out}: could not write ({_one_line(why[:1].lower() + why[1:])})") from None
+        click.echo(f"wrote {json_out}; apply it with: embpress compress {src} OUT --plan {json_out}")
+
+
+def _check_plan_out(src: Path, out: Path) -> None:
+    """--json FILE must not be IN or a folder, and its folder must exist."""
+    if out.is_dir():
+        raise click.BadParameter(f"{out} is a directory", param_hint="'--json'")
+    if out.exists() and (not out.is_file() or os.path.samefile(out, src)):
+        raise click.BadParameter(f"{out} is not a writable plan file", param_hint="'--json'")
+    if not Path(os.path.realpath(out)).parent.is_dir():
+        raise CliError(f"{out}: folder {Path(os.path.realpath(out)).parent} does not exist")
+
+
 # ------------------------------------------------------------------------------ inspect
 _INSPECT_EPILOG = """\b
 Examples:
@@ -583,7 +1059,7 @@ Examples:
 
 
 @cli.command(epilog=_INSPECT_EPILOG, short_help="Describe an embpress file or a checkpoint's tables.")
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("file", type=click.Path(path_type=Path), required=False)
 @click.option(
     "--tables",
     "patterns",
@@ -591,16 +1067,37 @@ Examples:
     metavar="PATTERN",
     help="For a plain checkpoint: preview this selection, as 'compress --tables' would take it.",
 )
+@click.option(
+    "--system",
+    is_flag=True,
+    help="Describe this machine instead: the lookup kernel path (avx512, avx2 or generic; "
+    "EMBPRESS_KERNEL forces one), the CPU features it needs, versions, threads.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (only JSON on stdout).")
 @_boundary
-def inspect(file: Path, patterns: tuple[str, ...], as_json: bool) -> None:
+def inspect(file: Path | None, patterns: tuple[str, ...], system: bool, as_json: bool) -> None:
     """Describe FILE: an embpress file's tables, or a checkpoint's candidate tables.
 
     For an embpress file: format version, each table's kind, layout, bits, exact
     sparsity, bytes and ratio to float32 (checksums verified), and the other tensors.
     For a plain checkpoint (.pt/.pth/.safetensors): which tensors 'embpress compress'
-    would compress as tables and which it would copy.
+    would compress as tables and which it would copy. With --system (and no FILE): the
+    machine, as the lookup kernels see it.
     """
+    if system:
+        if file is not None or patterns:
+            raise click.UsageError("--system takes no FILE or --tables")
+        from .layouts.lookup import system_info
+
+        info = system_info()
+        if as_json:
+            _print_json(info)
+        else:
+            for key, value in info.items():
+                click.echo(f"{key}: {value}")
+        return
+    if file is None:
+        raise click.UsageError("missing argument FILE (or give --system)")
     table_patterns = _split_patterns(patterns)
     if checkpoint.is_embpress_file(file):
         summary = _file_summary(checkpoint.inspect(file))

@@ -108,6 +108,25 @@ def _remove_stale_temps(target: Path) -> None:
                 (target.parent / name).unlink()
 
 
+def _sort_metadata(fh: Any) -> None:
+    """Rewrite the header of the safetensors file open in ``fh`` with its metadata keys in
+    sorted order, so that equal contents make equal bytes (safetensors writes the metadata
+    map in an order that changes from process to process). The JSON keeps its length, so
+    it is rewritten in place."""
+    fh.seek(0)
+    size = int.from_bytes(fh.read(8), "little")
+    raw = fh.read(size)
+    text = raw.decode("utf-8").rstrip(" ")
+    header = json.loads(text, object_pairs_hook=dict)
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    ordered = {"__metadata__": header.pop("__metadata__"), **header}
+    out = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(out) != len(text.encode("utf-8")):  # not the JSON safetensors writes: leave it
+        return
+    fh.seek(8)
+    fh.write(out)
+
+
 def write_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], index: dict[str, Any]) -> None:
     """Write tensors + index atomically: a temp file in the same folder, fsync, rename.
 
@@ -131,7 +150,8 @@ def write_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], i
     os.close(fd)
     try:
         save_file(payload, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
+        with open(tmp, "r+b") as fh:
+            _sort_metadata(fh)
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
@@ -343,13 +363,56 @@ def _check_entry(p: Path, name: str, entry: Any) -> None:
         raise _fail(p, problem)
 
 
+_SAFETENSORS_DTYPES = {
+    "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "F32": torch.float32,
+}  # fmt: skip
+
+
+class _SliceReader:
+    """Parts of one table's tensors from an open safetensors file (``QuantizedTable.load_rows``)."""
+
+    def __init__(self, p: Path, handle: Any, prefix: str, keys: set[str]) -> None:
+        self.p, self.handle, self.prefix, self.keys = p, handle, prefix, keys
+
+    def _slice(self, name: str) -> Any:
+        key = self.prefix + name
+        if key not in self.keys:
+            raise FormatError(f"tensor {name!r} is missing")
+        return self.handle.get_slice(key)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in self._slice(name).get_shape())
+
+    def __call__(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        view = self._slice(name)
+        if lo >= hi:  # safetensors refuses an empty slice of an empty tensor
+            shape = [0, *self.shape(name)[1:]]
+            return torch.empty(shape, dtype=_SAFETENSORS_DTYPES.get(view.get_dtype(), torch.uint8))
+        try:
+            out: torch.Tensor = view[lo:hi]
+        except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
+            raise _fail(self.p, f"could not read rows {lo}:{hi} of tensor {name!r} ({err})") from None
+        return out
+
+
 def _read(
-    p: Path, *, tensors: bool, mmap: bool, verify: bool, expect: dict[str, Any] | None = None
+    p: Path,
+    *,
+    tensors: bool,
+    mmap: bool,
+    verify: bool,
+    expect: dict[str, Any] | None = None,
+    shards: dict[str, tuple[int, int]] | None = None,
+    built: dict[str, QuantizedTable] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(validated index, tensors) of ``p``, both from one opened file (see ``_fd_name``).
 
     ``tensors=False`` reads the header only. ``expect``: the index the caller read
     before; a file whose index differs now was replaced in between (FormatError).
+    ``shards``: tables read by row range (``QuantizedTable.load_rows``) into ``built``
+    instead of whole; their tensors are not in the result (and, being read in part, not
+    CRC-checked).
     """
     fd = _open_regular(p)
     try:
@@ -367,6 +430,22 @@ def _read(
                 raise _fail(p, "the file was replaced while it was being read; read it again")
             if not tensors:
                 return index, {}
+            skip: set[str] = set()
+            for table, (start, stop) in (shards or {}).items():
+                if table not in index["tables"]:
+                    raise _fail(
+                        p, f"has no table {table!r} to load rows of (tables: {sorted(index['tables'])})"
+                    )
+                prefix = f"{TABLE_PREFIX}{table}."
+                meta = index["tables"][table]["table"]
+                try:
+                    built[table] = TABLE_CLASSES[meta["layout"]].load_rows(  # type: ignore[index]
+                        meta, _SliceReader(p, f, prefix, set(keys)), start, stop
+                    )
+                except FormatError as err:
+                    raise _fail(p, f"table {table!r} rows {start}:{stop}: {err}") from None
+                skip.update(k for k in keys if k.startswith(prefix))
+            keys = [k for k in keys if k not in skip]
             if not mmap:
                 os.lseek(fd, 0, os.SEEK_SET)
                 header = int.from_bytes(os.read(fd, 8), "little")
@@ -487,6 +566,24 @@ def _resolve(
     return parent, attr, current
 
 
+def _checked_shards(shards: Any) -> dict[str, tuple[int, int]] | None:
+    """``shards`` as {table: (start, stop)} with int bounds; TypeError / ValueError otherwise."""
+    if shards is None:
+        return None
+    if not isinstance(shards, dict):
+        raise TypeError(f"shards must be a dict {{table: (start, stop)}}, got {type(shards).__name__}")
+    out = {}
+    for name, bounds in shards.items():
+        try:
+            start, stop = bounds
+        except (TypeError, ValueError):
+            raise ValueError(f"shards[{name!r}] must be (start, stop), got {bounds!r}") from None
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (start, stop)) or not 0 <= start < stop:
+            raise ValueError(f"shards[{name!r}] must be integers 0 <= start < stop, got {bounds!r}")
+        out[str(name)] = (start, stop)
+    return out
+
+
 def load(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -494,6 +591,7 @@ def load(
     mmap: bool = False,
     verify: bool = True,
     device: str | torch.device | None = None,
+    shards: dict[str, tuple[int, int]] | None = None,
 ) -> nn.Module:
     """Put the tables (and other tensors) of ``path`` into ``model``; return ``model``.
 
@@ -507,18 +605,30 @@ def load(
     model then reads the file on every lookup: if the file is truncated or overwritten in
     place while the model lives, the next lookup dies with SIGBUS (replacing it by rename,
     as ``save`` does, is safe). The default reads it into memory.
+
+    ``shards`` loads tables by row range, as row-wise sharding (TorchRec's) places them:
+    ``{"emb": (start, stop)}`` reads only what rows ``start:stop`` of table ``emb`` need,
+    into a model whose module there has ``stop - start`` rows and takes local ids
+    (``id - start``). What is read is validated as a table of those rows, but not
+    CRC-checked (the CRC-32 covers whole tensors).
     """
     p = Path(path)
-    index, tensors = read_file(p, mmap=mmap, verify=verify)
+    ranges = _checked_shards(shards)
+    built: dict[str, QuantizedTable] = {}
+    index, tensors = _read(p, tensors=True, mmap=mmap, verify=verify, shards=ranges, built=built)
     places: list[tuple[nn.Module, str, nn.Module]] = []
     owned: set[str] = set()
     for name, entry in index["tables"].items():
-        table = build_table(p, name, entry, tensors)
-        for buf in table.tensors():
-            key = f"{TABLE_PREFIX}{name}.{buf}"
-            if key in owned:
-                raise _fail(p, f"tensor {key!r} belongs to two tables")
-            owned.add(key)
+        if name in built:
+            table = built[name]
+            entry = {**entry, "table": table.meta()}  # the model holds the shard's rows
+        else:
+            table = build_table(p, name, entry, tensors)
+            for buf in table.tensors():
+                key = f"{TABLE_PREFIX}{name}.{buf}"
+                if key in owned:
+                    raise _fail(p, f"tensor {key!r} belongs to two tables")
+                owned.add(key)
         resolved = [_resolve(model, p, name, place, entry) for place in (name, *entry["aliases"])]
         module = _module_for(p, name, entry, table, resolved[0][2])
         if device is not None:

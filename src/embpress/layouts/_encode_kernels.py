@@ -11,6 +11,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .. import _kernel_cache
+
 __all__ = [
     "assemble_records",
     "count_blocks",
@@ -269,3 +271,15 @@ def assemble_records(
                 for k in range(min(per_byte, n - byte * per_byte)):
                     value |= int(codes[c0 + byte * per_byte + k]) << (k * bits)
                 records[a + byte] = value
+
+
+# several processes may compile into one disk cache at once (see ``_kernel_cache``)
+_kernel_cache.guard(
+    count_nonfinite,
+    count_blocks,
+    count_blocks_of_4,
+    kept_minmax,
+    encode_rows,
+    fake_quantize,
+    assemble_records,
+)

@@ -13,11 +13,18 @@ The block-sparse bag is written for the memory system first: a lookup needs its 
 offset, then from it the row's record (bitmap, qparams and codes side by side), two
 dependent trips to memory. A single pass per bag keeps both in flight with prefetch
 streams and a ring of pair starts computed ahead (``_block_sparse_pass_intrinsic``),
-and decodes a row without branches on its bitmap where the CPU has AVX-512 expands
-(``_emit_expand``, ``_emit_strided_codes``); rows of several bitmap words decode word by
-word, and CPUs without AVX-512 walk the set bits (``_decode_bag``). Vector steps are
-written as LLVM IR (numba ``@intrinsic``) because numba does not vectorise them on its
-own.
+and decodes a row without branches on its bitmap (``_emit_expand``,
+``_emit_strided_codes``); rows of several bitmap words decode word by word, other shapes
+walk the set bits (``_decode_bag``). Vector steps are written as LLVM IR (numba
+``@intrinsic``) because numba does not vectorise them on its own.
+
+Kernel paths: the expand of a bitmap word's kept blocks comes in three flavours
+(``KERNEL_PATHS``): AVX-512 register expands, AVX2 table permutes, and generic IR (no x86
+intrinsic, what ARM runs). A kernel takes its path as a marker array (``PATH_MARKERS``)
+whose dtype makes each path its own specialisation, compiled and cached when first used:
+a process compiles only the path it runs. ``process_path`` picks that path once (the
+fastest the CPU runs, or ``EMBPRESS_KERNEL``); ``lookup.KernelPolicy.path`` overrides it
+per call, block or process, so tests run every path on one machine.
 
 The IR emitters and intrinsics stay in this file with the kernels that use them, on
 purpose. numba's disk cache is keyed on the jitted function's own file (its modification
@@ -34,6 +41,7 @@ For the same reason no other kernel file imports a jitted helper or intrinsic fr
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import numba
@@ -44,9 +52,17 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from .. import _kernel_cache
+
 __all__ = [
+    "KERNEL_ENV",
+    "KERNEL_PATHS",
+    "PATH_MARKERS",
+    "available_paths",
     "block_sparse_bag",
     "fused_bag",
+    "path_compiles",
+    "process_path",
     "remap_rows",
     "set_threads",
     "vector_decode_supported",
@@ -178,15 +194,17 @@ _add_block4_u4 = _block4_intrinsic(4)
 @functools.cache
 def _host_has(feature: str) -> bool:
     """Whether the CPU numba compiles for has ``feature`` (an LLVM name such as
-    ``avx512vbmi2``); False whenever numba is told to compile for a named CPU
-    (``NUMBA_CPU_NAME``, e.g. a portable cache), whose features are not known here.
+    ``avx512vbmi2``). Where numba is told to compile for a named CPU (``NUMBA_CPU_NAME``,
+    e.g. a portable cache or a test that compiles for an older CPU), only the features
+    ``NUMBA_CPU_FEATURES`` switches on (``+avx2``) count.
 
     Code generation asks before it emits an x86-only intrinsic: every branch of a kernel is
     compiled, taken or not, and LLVM cannot compile such an intrinsic for a CPU without
     the instruction. (Numba's disk cache is keyed on the CPU, so this is safe to cache.)
     """
     if numba.config.CPU_NAME not in (None, "host"):  # type: ignore[attr-defined]
-        return False
+        named = str(numba.config.CPU_FEATURES or "").split(",")  # type: ignore[attr-defined]
+        return f"+{feature}" in (f.strip() for f in named)
     return bool(llvm_binding.get_host_cpu_features().get(feature, False))
 
 
@@ -196,6 +214,69 @@ def _has_expands(element_bits: int) -> bool:
     if not (_host_has("avx512f") and _host_has("avx512vl")):
         return False
     return element_bits == 32 or _host_has("avx512vbmi2")
+
+
+# The kernel paths by number (the kernels take them as ``PATH_MARKERS``): which
+# instructions expand a bitmap word's kept blocks. "avx512": the register expands
+# (``vpexpandd``/``vpexpandw``); "avx2": a permutation from a 256-entry table per bitmap
+# byte (``vpermd`` for 32-bit blocks, ``pshufb`` for 16-bit ones); "generic": LLVM's
+# generic vector IR only (prefix popcounts and a gather), what a CPU without x86 vectors
+# (ARM) runs.
+PATH_GENERIC = 0
+PATH_AVX2 = 1
+PATH_AVX512 = 2
+KERNEL_PATHS: dict[str, int] = {"avx512": PATH_AVX512, "avx2": PATH_AVX2, "generic": PATH_GENERIC}
+
+
+def path_compiles(path: int) -> bool:
+    """Whether the CPU numba compiles for can run kernel path ``path`` (a ``KERNEL_PATHS``
+    number). Not cached, as ``_has_expands``."""
+    if path == PATH_AVX512:
+        return _host_has("avx512f") and _host_has("avx512vl")
+    if path == PATH_AVX2:
+        return _host_has("avx2")
+    return path == PATH_GENERIC
+
+
+def available_paths() -> tuple[str, ...]:
+    """The kernel paths this CPU can run, fastest first (the first is the automatic choice)."""
+    return tuple(name for name, number in KERNEL_PATHS.items() if path_compiles(number))
+
+
+KERNEL_ENV = "EMBPRESS_KERNEL"
+
+
+@functools.cache
+def process_path() -> str:
+    """The kernel path of this process, chosen once: ``EMBPRESS_KERNEL`` (avx512, avx2 or
+    generic; unset, empty or "auto": the first of ``available_paths``). ValueError names
+    the variable when it asks for an unknown path or one this CPU cannot run."""
+    forced = os.environ.get(KERNEL_ENV, "").strip().lower()
+    available = available_paths()
+    if forced in ("", "auto"):
+        return available[0]
+    if forced not in KERNEL_PATHS:
+        raise ValueError(f"{KERNEL_ENV}={forced!r}: expected auto or one of {', '.join(KERNEL_PATHS)}")
+    if forced not in available:
+        raise ValueError(
+            f"{KERNEL_ENV}={forced!r}: this CPU cannot run that kernel path (it runs {', '.join(available)})"
+        )
+    return forced
+
+
+# A kernel takes its path as a marker: an empty array whose dtype names the path. Each path
+# is then its own specialisation of a kernel, compiled (and cached on disk) when a process
+# first uses it, and the code generation of an intrinsic sees its path as a constant.
+_PATH_DTYPES = {PATH_GENERIC: np.uint8, PATH_AVX2: np.uint16, PATH_AVX512: np.uint32}
+PATH_MARKERS: dict[int, np.ndarray] = {n: np.zeros(0, dtype=d) for n, d in _PATH_DTYPES.items()}
+
+
+def _path_of(marker: Any) -> int:
+    """The kernel path (``KERNEL_PATHS`` number) that a marker's numba type names."""
+    for number, dtype in _PATH_DTYPES.items():
+        if isinstance(marker, types.Array) and marker.dtype == numba.from_dtype(np.dtype(dtype)):
+            return number
+    raise TypeError(f"a kernel path marker is one of PATH_MARKERS' arrays, got {marker}")
 
 
 def _call(builder: Any, name: str, ret: Any, args: list[Any]) -> Any:
@@ -210,39 +291,29 @@ def _splat(builder: Any, x: Any, vty: Any) -> Any:
     return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, vty.count), [0] * vty.count))
 
 
-def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int, fill: int) -> Any:
+def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int, fill: int, path: int) -> Any:
     """<W x block>: the kept blocks (set bits of ``word``), read back to back from ``cptr``,
-    at their block positions; pruned blocks hold ``fill``.
+    at their block positions; pruned blocks hold ``fill``. ``path``: which instructions
+    do it (``KERNEL_PATHS``).
 
-    Per 512-bit piece: one plain vector load and the x86 expand (``vpexpandd``/
-    ``vpexpandw``; LLVM may fold the load into it), which takes only as many leading
-    elements as there are kept blocks. The load reads a whole vector from ``cptr``: the
-    caller guarantees that many bytes (the block-sparse records end with a 64-byte tail
-    for this). Measured on the benchmark machine (AMD Zen 5, cache-hot lookups): LLVM's
-    generic ``llvm.masked.expandload`` in its place was about 25% slower, and a load
-    masked to the kept blocks 12% slower (its mask waits for the bitmap).
+    AVX-512 (``_emit_register_expand``) where the CPU has the expand of this element
+    width; else AVX2's table permutes (``_emit_table_expand``) on the AVX-512 and AVX2
+    paths; else, and on the generic path, generic IR (``_emit_gather_expand``). Every
+    flavour may read up to 64 bytes past the kept blocks' codes: the caller guarantees
+    them (the block-sparse records end with a 64-byte tail for this).
     """
-    i64 = ir.IntType(64)
-    per = min(word_bits, 512 // block.width)
-    vty = ir.VectorType(block, per)
-    mty = ir.VectorType(ir.IntType(1), per)
-    bits = builder.zext(builder.trunc(word, ir.IntType(word_bits)), i64)
-    first = builder.bitcast(cptr, block.as_pointer())
-    native = _has_expands(block.width)
-    pieces = []
-    for lo in range(0, word_bits, per):
-        kept = builder.and_(builder.lshr(bits, ir.Constant(i64, lo)), ir.Constant(i64, (1 << per) - 1))
-        kept_lanes = builder.bitcast(builder.trunc(kept, ir.IntType(per)), mty)
-        fill_lanes = ir.Constant(vty, [fill] * per)
-        if native:
-            packed = builder.load(builder.bitcast(first, vty.as_pointer()), align=1)
-            name = f"llvm.x86.avx512.mask.expand.v{per}i{block.width}"
-            pieces.append(_call(builder, name, vty, [packed, fill_lanes, kept_lanes]))
-        else:  # generic IR for CPUs without these instructions (compiled there, never run)
-            name = f"llvm.masked.expandload.v{per}i{block.width}"
-            pieces.append(_call(builder, name, vty, [first, kept_lanes, fill_lanes]))
-        if lo + per < word_bits:
-            first = builder.gep(first, [_call(builder, "llvm.ctpop.i64", i64, [kept])])
+    if isinstance(word, ir.Constant) and word.constant & ((1 << word_bits) - 1) == (1 << word_bits) - 1:
+        vty = ir.VectorType(block, word_bits)  # every block kept: a plain load
+        return builder.load(builder.bitcast(cptr, vty.as_pointer()), align=1)
+    if path == PATH_AVX512 and _has_expands(block.width):
+        return _emit_register_expand(builder, cptr, word, block, word_bits, fill)
+    if path in (PATH_AVX512, PATH_AVX2) and _host_has("avx2"):
+        return _emit_table_expand(builder, cptr, word, block, word_bits, fill)
+    return _emit_gather_expand(builder, cptr, word, block, word_bits, fill)
+
+
+def _concat(builder: Any, pieces: list[Any]) -> Any:
+    """IR for the vectors ``pieces`` (a power of two of them, one type) end to end."""
     while len(pieces) > 1:
         n = pieces[0].type.count
         pieces = [
@@ -252,6 +323,129 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
             for a, b in zip(pieces[0::2], pieces[1::2], strict=True)
         ]
     return pieces[0]
+
+
+def _lane_bits(builder: Any, bits: Any, lanes: int) -> Any:
+    """<lanes x i1>: bit i of the integer ``bits`` (at least ``lanes`` wide) in lane i."""
+    return builder.bitcast(builder.trunc(bits, ir.IntType(lanes)), ir.VectorType(ir.IntType(1), lanes))
+
+
+def _emit_register_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int, fill: int) -> Any:
+    """``_emit_expand`` with AVX-512's register expands.
+
+    Per 512-bit piece: one plain vector load and the x86 expand (``vpexpandd``/
+    ``vpexpandw``; LLVM may fold the load into it), which takes only as many leading
+    elements as there are kept blocks. Measured on the benchmark machine (AMD Zen 5,
+    cache-hot lookups): LLVM's generic ``llvm.masked.expandload`` in its place was about
+    25% slower, and a load masked to the kept blocks 12% slower (its mask waits for the
+    bitmap).
+    """
+    i64 = ir.IntType(64)
+    per = min(word_bits, 512 // block.width)
+    vty = ir.VectorType(block, per)
+    bits = builder.zext(builder.trunc(word, ir.IntType(word_bits)), i64)
+    first = builder.bitcast(cptr, block.as_pointer())
+    pieces = []
+    for lo in range(0, word_bits, per):
+        kept = builder.and_(builder.lshr(bits, ir.Constant(i64, lo)), ir.Constant(i64, (1 << per) - 1))
+        fill_lanes = ir.Constant(vty, [fill] * per)
+        packed = builder.load(builder.bitcast(first, vty.as_pointer()), align=1)
+        name = f"llvm.x86.avx512.mask.expand.v{per}i{block.width}"
+        pieces.append(_call(builder, name, vty, [packed, fill_lanes, _lane_bits(builder, kept, per)]))
+        if lo + per < word_bits:
+            first = builder.gep(first, [_call(builder, "llvm.ctpop.i64", i64, [kept])])
+    return _concat(builder, pieces)
+
+
+def _expand_table(module: Any, block_bytes: int) -> Any:
+    """The 256-entry permutation table of ``_emit_table_expand`` in ``module`` (one global
+    per module, made on first use): entry m holds, per lane j of 8 blocks, where block j's
+    value sits among the kept blocks of bitmap byte m. 4-byte blocks: <8 x i8> lane
+    numbers for ``vpermd``; 2-byte blocks: <16 x i8> byte numbers for ``pshufb`` (a
+    pruned block's bytes have the top bit set: ``pshufb`` writes zero there)."""
+    name = f"embpress.expand_table.{block_bytes}"
+    if name in module.globals:
+        return module.globals[name]
+    i8 = ir.IntType(8)
+    entries = []
+    for m in range(256):
+        rank, lanes = 0, []
+        for j in range(8):
+            if (m >> j) & 1:
+                lanes += [rank] if block_bytes == 4 else [2 * rank, 2 * rank + 1]
+                rank += 1
+            else:
+                lanes += [0] if block_bytes == 4 else [0x80, 0x80]
+        entries.append(ir.Constant(ir.VectorType(i8, len(lanes)), lanes))
+    table_ty = ir.ArrayType(entries[0].type, 256)
+    table = ir.GlobalVariable(module, table_ty, name)
+    table.linkage = "internal"
+    table.global_constant = True
+    table.initializer = ir.Constant(table_ty, entries)
+    return table
+
+
+def _emit_table_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int, fill: int) -> Any:
+    """``_emit_expand`` with AVX2: per 8 blocks (one bitmap byte), one unaligned load of the
+    next 8 blocks' worth of bytes, a permute by the byte's entry of ``_expand_table``
+    (``vpermd`` of 32-bit blocks, ``pshufb`` of 16-bit ones) and a blend that puts
+    ``fill`` in the pruned lanes; the next byte's blocks start after this byte's kept
+    ones (a popcount)."""
+    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    block_bytes = block.width // 8
+    table = _expand_table(builder.module, block_bytes)
+    bits = builder.zext(builder.trunc(word, ir.IntType(word_bits)), i64)
+    first = builder.bitcast(cptr, i8.as_pointer())
+    v8 = ir.VectorType(block, 8)
+    pieces = []
+    for lo in range(0, word_bits, 8):
+        byte = builder.and_(builder.lshr(bits, ir.Constant(i64, lo)), ir.Constant(i64, 255))
+        entry = builder.load(builder.gep(table, [ir.Constant(i64, 0), byte]), align=8)
+        if block_bytes == 4:
+            packed = builder.load(builder.bitcast(first, v8.as_pointer()), align=1)
+            lanes = builder.zext(entry, ir.VectorType(i32, 8))
+            moved = _call(builder, "llvm.x86.avx2.permd", v8, [packed, lanes])
+        else:
+            v16 = ir.VectorType(i8, 16)
+            packed = builder.load(builder.bitcast(first, v16.as_pointer()), align=1)
+            moved = builder.bitcast(_call(builder, "llvm.x86.ssse3.pshuf.b.128", v16, [packed, entry]), v8)
+        pieces.append(builder.select(_lane_bits(builder, byte, 8), moved, ir.Constant(v8, [fill] * 8)))
+        if lo + 8 < word_bits:
+            kept = _call(builder, "llvm.ctpop.i64", i64, [byte])
+            first = builder.gep(first, [builder.mul(kept, ir.Constant(i64, block_bytes))])
+    return _concat(builder, pieces)
+
+
+def _emit_gather_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int, fill: int) -> Any:
+    """``_emit_expand`` in generic IR: lane j reads the block whose rank among the kept ones
+    is the popcount of the bits below j (``llvm.ctpop`` of a vector), all lanes in one
+    ``llvm.masked.gather`` of 32-bit values with every lane on (x86 compiles it to
+    ``vpgatherdd``, ARM to loads), then a blend puts ``fill`` in the pruned lanes. Blocks
+    narrower than 32 bits are read as the low bits of a 32-bit value at their byte
+    (little-endian; there is no 16-bit gather). A pruned lane reads the next kept block or
+    at most one block (and 32 bits) past the last one."""
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    vw = ir.VectorType(i32, word_bits)
+    bits = builder.trunc(word, ir.IntType(word_bits))
+    below = ir.Constant(vw, [(1 << j) - 1 for j in range(word_bits)])
+    spread = _splat(builder, builder.zext(bits, i32), vw)
+    ranks = _call(builder, f"llvm.ctpop.v{word_bits}i32", vw, [builder.and_(spread, below)])
+    base = builder.ptrtoint(cptr, i64)
+    vi64 = ir.VectorType(i64, word_bits)
+    addresses = builder.add(
+        _splat(builder, base, vi64),
+        builder.mul(builder.zext(ranks, vi64), _splat(builder, ir.Constant(i64, block.width // 8), vi64)),
+    )
+    pointers = builder.inttoptr(addresses, ir.VectorType(i32.as_pointer(), word_bits))
+    every = ir.Constant(ir.VectorType(ir.IntType(1), word_bits), [1] * word_bits)
+    name = f"llvm.masked.gather.v{word_bits}i32.v{word_bits}p0"
+    gathered = _call(builder, name, vw, [pointers, ir.Constant(i32, 1), every, ir.Constant(vw, ir.Undefined)])
+    vty = ir.VectorType(block, word_bits)
+    if block.width < 32:
+        gathered = builder.trunc(gathered, vty)
+    return builder.select(
+        _lane_bits(builder, bits, word_bits), gathered, ir.Constant(vty, [fill] * word_bits)
+    )
 
 
 def _strided_order(bits: int, word_bits: int) -> list[int]:
@@ -267,7 +461,7 @@ def _strided_order(bits: int, word_bits: int) -> list[int]:
     return [8 * j + m for m in range(8) for j in range(word_bits // 2)]
 
 
-def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits: int) -> Any:
+def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits: int, path: int) -> Any:
     """IR for the codes of one bitmap word's blocks, centred, as <4W x float> in
     ``_strided_order``: ``code - z`` (``z = 2**(bits-1)``) in a kept lane, exactly 0 in a
     pruned one. A row then decodes as ``(code - z) * s + (o + z * s)``
@@ -290,7 +484,7 @@ def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits
     lanes = 4 * word_bits
     i32 = ir.IntType(32)
     if bits == 8:
-        blocks = _emit_expand(builder, cptr, word, i32, word_bits, 0x80808080)
+        blocks = _emit_expand(builder, cptr, word, i32, word_bits, 0x80808080, path)
         flipped = builder.xor(blocks, ir.Constant(blocks.type, [0x80808080] * word_bits))
         n = min(word_bits, 16)
         vn = ir.VectorType(i32, n)
@@ -305,7 +499,7 @@ def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits
                 top = builder.shl(group, ir.Constant(vn, [24 - 8 * k] * n)) if k < 3 else group
                 pieces.append(builder.ashr(top, ir.Constant(vn, [24] * n)))
     else:
-        blocks = _emit_expand(builder, cptr, word, ir.IntType(16), word_bits, 0x8888)
+        blocks = _emit_expand(builder, cptr, word, ir.IntType(16), word_bits, 0x8888, path)
         n = word_bits // 2
         vn = ir.VectorType(i32, n)
         pairs = builder.xor(builder.bitcast(blocks, vn), ir.Constant(vn, [0x88888888] * n))
@@ -349,14 +543,14 @@ def _centred_offset(builder: Any, s: Any, o: Any, bits: int) -> Any:
 
 
 def _emit_word_decode(
-    builder: Any, acc: Any, cptr: Any, word: Any, s: Any, o: Any, bits: int, word_bits: int
+    builder: Any, acc: Any, cptr: Any, word: Any, s: Any, o: Any, bits: int, word_bits: int, path: int
 ) -> Any:
     """IR for ``acc`` (a <4W x float> vector) plus the decoded blocks of one bitmap word:
     each kept lane adds ``fma(float(code - z), s, o + z * s)``, a pruned lane adds nothing
     (a masked add)."""
     lanes = 4 * word_bits
     vf = ir.VectorType(ir.FloatType(), lanes)
-    values = _emit_strided_codes(builder, cptr, word, bits, word_bits)
+    values = _emit_strided_codes(builder, cptr, word, bits, word_bits, path)
     offset = _splat(builder, _centred_offset(builder, s, o, bits), vf)
     decoded = _emit_unstride(
         builder, _emit_scaled_sum(builder, offset, values, _splat(builder, s, vf)), bits, word_bits
@@ -381,24 +575,27 @@ def _word_decode_intrinsic(bits: int, word_bits: int) -> Any:
 
     @intrinsic
     def decode_word(
-        typingctx: Any, acc: Any, col: Any, codes: Any, pos: Any, word: Any, s: Any, o: Any
+        typingctx: Any, acc: Any, col: Any, codes: Any, pos: Any, word: Any, s: Any, o: Any, path: Any
     ) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            accty, _, codesty, _, _, _, _ = signature.args
-            pos, word, s, o = args[3:]
+            accty, _, codesty, _, _, _, _, _ = signature.args
+            pos, word, s, o = args[3:7]
             codes = context.make_array(codesty)(context, builder, args[2])
             byte = pos if bits == 8 else builder.lshr(pos, ir.Constant(pos.type, 1))
             cptr = cgutils.get_item_pointer(context, builder, codesty, codes, [byte], wraparound=False)
             acc_arr = context.make_array(accty)(context, builder, args[0])
             aptr = cgutils.get_item_pointer(context, builder, accty, acc_arr, [args[1]], wraparound=False)
             vptr = builder.bitcast(aptr, ir.VectorType(ir.FloatType(), lanes).as_pointer())
+
+            chosen = _path_of(signature.args[-1])
             summed = _emit_word_decode(
-                builder, builder.load(vptr, align=4), cptr, word, s, o, bits, word_bits
+                builder, builder.load(vptr, align=4), cptr, word, s, o, bits, word_bits, chosen
             )
             builder.store(summed, vptr, align=4)
             return context.get_dummy_value()
 
-        sig = types.void(acc, types.intp, codes, types.intp, types.int64, types.float32, types.float32)
+        _path_of(path)  # a marker, or a typing error here
+        sig = types.void(acc, types.intp, codes, types.intp, types.int64, types.float32, types.float32, path)
         return sig, codegen
 
     return decode_word
@@ -499,7 +696,8 @@ def _fused_bag_intrinsic(word_bits: int) -> Any:
                 s = builder.fmul(s, w)
                 o = builder.fmul(o, w)
                 row = builder.gep(base, [start])
-                values = _emit_strided_codes(builder, row, all_kept, 4, word_bits)
+                # every block kept: a plain load on every path
+                values = _emit_strided_codes(builder, row, all_kept, 4, word_bits, PATH_GENERIC)
                 builder.store(
                     _emit_scaled_sum(builder, builder.load(total), values, _splat(builder, s, vf)), total
                 )
@@ -613,11 +811,12 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
         half: Any,
         ring: Any,
         prime: Any,
+        path: Any,
     ) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            accty, recty, offty, gty, _, _, _, indty, _, _, _, wty, _, _, ringty, _ = signature.args
+            accty, recty, offty, gty, _, _, _, indty, _, _, _, wty, _, _, ringty, _, _ = signature.args
             acc_v, rec_v, off_v, g_v, shift, skip, header, ind_v, lo, hi, pf_end = args[:11]
-            w_v, weighted, half, ring_v, prime = args[11:]
+            w_v, weighted, half, ring_v, prime, _ = args[11:]
             i64 = ir.IntType(64)
             i32 = ir.IntType(32)
             i8p = ir.IntType(8).as_pointer()
@@ -672,70 +871,81 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 primed = builder.sub(builder.select(builder.icmp_signed("<", end, pf_end), end, pf_end), lo)
                 with cgutils.for_range(builder, primed) as first_loop:
                     start_ahead(builder.add(lo, first_loop.index))
-            # the bag's sum of code * scale per lane, and of the rows' offsets per block
-            # (over the rows that keep it): spread to the block's lanes at the end
-            vblock = ir.VectorType(f32, word_bits)
-            total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
-            offsets = cgutils.alloca_once_value(builder, ir.Constant(vblock, [0.0] * word_bits))
-            with cgutils.for_range(builder, builder.sub(hi, lo)) as loop:
-                p = builder.add(lo, loop.index)
-                ahead = builder.add(p, const(HEADER_PREFETCH))
-                with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
-                    r_ahead = builder.load(builder.gep(ind_p, [ahead]))
-                    fetch(builder.gep(off_p, [builder.lshr(r_ahead, const(1))]))
-                ahead = builder.add(p, const(RECORD_PREFETCH))
-                with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
-                    start_ahead(ahead)
-                slot = builder.load(builder.gep(ring_p, [builder.and_(p, ring_mask)]))
-                pair = builder.lshr(slot, const(1))
-                wty = ir.IntType(word_bits)
-                first = builder.load(builder.bitcast(builder.gep(rec_p, [pair]), wty.as_pointer()), align=1)
-                first_kept = builder.zext(_call(builder, f"llvm.ctpop.i{word_bits}", wty, [first]), i64)
-                first_length = builder.add(header, builder.mul(first_kept, const(4 * bits // 8)))
-                start = builder.add(pair, builder.mul(builder.and_(slot, const(1)), first_length))
-                rec = builder.gep(rec_p, [start])
-                word = builder.load(builder.bitcast(rec, wty.as_pointer()), align=1)
-                qp = builder.gep(rec, [const(word_bytes)])
-                with builder.if_else(is_half) as (then, otherwise):
-                    with then:
-                        hp = builder.bitcast(qp, ir.HalfType().as_pointer())
-                        s_h = builder.fpext(builder.load(hp, align=1), f32)
-                        o_h = builder.fpext(builder.load(builder.gep(hp, [const(1)]), align=1), f32)
-                        from_half = builder.block
-                    with otherwise:
-                        fp = builder.bitcast(qp, f32.as_pointer())
-                        s_f = builder.load(fp, align=1)
-                        o_f = builder.load(builder.gep(fp, [const(1)]), align=1)
-                        from_single = builder.block
-                s = builder.phi(f32)
-                s.add_incoming(s_h, from_half)
-                s.add_incoming(s_f, from_single)
-                o = builder.phi(f32)
-                o.add_incoming(o_h, from_half)
-                o.add_incoming(o_f, from_single)
-                w = _emit_weight(builder, is_weighted, w_p, p)
-                s = builder.fmul(s, w)
-                codes = builder.gep(rec, [header])
-                values = _emit_strided_codes(builder, codes, builder.zext(word, i64), bits, word_bits)
-                builder.store(
-                    _emit_scaled_sum(builder, builder.load(total), values, _splat(builder, s, vf)), total
-                )
-                # the offset goes to a per-block sum, masked by the bitmap word itself
-                offset = _centred_offset(builder, s, builder.fmul(o, w), bits)
-                kept = builder.bitcast(word, ir.VectorType(ir.IntType(1), word_bits))
-                by_block = builder.load(offsets)
-                added = builder.fadd(by_block, _splat(builder, offset, vblock))
-                builder.store(builder.select(kept, added, by_block), offsets)
-            aptr = builder.bitcast(data(accty, acc_v), vf.as_pointer())
-            by_lane = _emit_block_spread(builder, builder.load(offsets), bits, word_bits)
-            summed = builder.fadd(builder.load(total), by_lane)
-            builder.store(_emit_unstride(builder, summed, bits, word_bits), aptr, align=4)
+
+            def body(chosen: int) -> None:
+                """The bag's pass with the expands of kernel path ``chosen``."""
+                # the bag's sum of code * scale per lane, and of the rows' offsets per block
+                # (over the rows that keep it): spread to the block's lanes at the end
+                vblock = ir.VectorType(f32, word_bits)
+                total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
+                offsets = cgutils.alloca_once_value(builder, ir.Constant(vblock, [0.0] * word_bits))
+                with cgutils.for_range(builder, builder.sub(hi, lo)) as loop:
+                    p = builder.add(lo, loop.index)
+                    ahead = builder.add(p, const(HEADER_PREFETCH))
+                    with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
+                        r_ahead = builder.load(builder.gep(ind_p, [ahead]))
+                        fetch(builder.gep(off_p, [builder.lshr(r_ahead, const(1))]))
+                    ahead = builder.add(p, const(RECORD_PREFETCH))
+                    with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
+                        start_ahead(ahead)
+                    slot = builder.load(builder.gep(ring_p, [builder.and_(p, ring_mask)]))
+                    pair = builder.lshr(slot, const(1))
+                    wty = ir.IntType(word_bits)
+                    first = builder.load(
+                        builder.bitcast(builder.gep(rec_p, [pair]), wty.as_pointer()), align=1
+                    )
+                    first_kept = builder.zext(_call(builder, f"llvm.ctpop.i{word_bits}", wty, [first]), i64)
+                    first_length = builder.add(header, builder.mul(first_kept, const(4 * bits // 8)))
+                    start = builder.add(pair, builder.mul(builder.and_(slot, const(1)), first_length))
+                    rec = builder.gep(rec_p, [start])
+                    word = builder.load(builder.bitcast(rec, wty.as_pointer()), align=1)
+                    qp = builder.gep(rec, [const(word_bytes)])
+                    with builder.if_else(is_half) as (then, otherwise):
+                        with then:
+                            hp = builder.bitcast(qp, ir.HalfType().as_pointer())
+                            s_h = builder.fpext(builder.load(hp, align=1), f32)
+                            o_h = builder.fpext(builder.load(builder.gep(hp, [const(1)]), align=1), f32)
+                            from_half = builder.block
+                        with otherwise:
+                            fp = builder.bitcast(qp, f32.as_pointer())
+                            s_f = builder.load(fp, align=1)
+                            o_f = builder.load(builder.gep(fp, [const(1)]), align=1)
+                            from_single = builder.block
+                    s = builder.phi(f32)
+                    s.add_incoming(s_h, from_half)
+                    s.add_incoming(s_f, from_single)
+                    o = builder.phi(f32)
+                    o.add_incoming(o_h, from_half)
+                    o.add_incoming(o_f, from_single)
+                    w = _emit_weight(builder, is_weighted, w_p, p)
+                    s = builder.fmul(s, w)
+                    codes = builder.gep(rec, [header])
+                    values = _emit_strided_codes(
+                        builder, codes, builder.zext(word, i64), bits, word_bits, chosen
+                    )
+                    builder.store(
+                        _emit_scaled_sum(builder, builder.load(total), values, _splat(builder, s, vf)), total
+                    )
+                    # the offset goes to a per-block sum, masked by the bitmap word itself
+                    offset = _centred_offset(builder, s, builder.fmul(o, w), bits)
+                    kept = builder.bitcast(word, ir.VectorType(ir.IntType(1), word_bits))
+                    by_block = builder.load(offsets)
+                    added = builder.fadd(by_block, _splat(builder, offset, vblock))
+                    builder.store(builder.select(kept, added, by_block), offsets)
+                aptr = builder.bitcast(data(accty, acc_v), vf.as_pointer())
+                by_lane = _emit_block_spread(builder, builder.load(offsets), bits, word_bits)
+                summed = builder.fadd(builder.load(total), by_lane)
+                builder.store(_emit_unstride(builder, summed, bits, word_bits), aptr, align=4)
+
+            body(_path_of(signature.args[-1]))
             return context.get_dummy_value()
 
         sig = types.void(
             acc, records, row_offsets, group_offsets, types.int64, types.int64, types.int64, indices,
             types.intp, types.intp, types.intp, weights, types.boolean, types.boolean, ring, types.boolean,
+            path,
         )  # fmt: skip
+        _path_of(path)  # a marker, or a typing error here
         return sig, codegen
 
     return decode_pass
@@ -764,14 +974,10 @@ _decode_word_4x16 = _word_decode_intrinsic(4, 16)
 _decode_word_4x32 = _word_decode_intrinsic(4, 32)
 
 
-@functools.cache
 def vector_decode_supported(bits: int) -> bool:
-    """Whether this CPU has the register expands the vector decode compiles to
-    (``_has_expands``): 8 and 4 bits only.
-
-    Elsewhere LLVM would emulate them lane by lane, slower than walking the set bits.
-    """
-    return bits in (8, 4) and _has_expands(32 if bits == 8 else 16)
+    """Whether block-sparse rows of ``bits`` can be decoded whole bitmap words at a time
+    (8 and 4 bits; every kernel path has an expand for them)."""
+    return bits in (8, 4)
 
 
 @numba.njit(cache=True, inline="always")
@@ -860,6 +1066,7 @@ def _decode_bag(
     skip: int,
     dim: int,
     vector: bool,
+    path: int,
     indices: np.ndarray,
     lo: int,
     hi: int,
@@ -907,18 +1114,18 @@ def _decode_bag(
                 col = k * word_bits * 4
                 if bits == 8:
                     if word_bits == 32:
-                        _decode_word_8x32(acc, col, records, c, word, s, o)
+                        _decode_word_8x32(acc, col, records, c, word, s, o, path)
                     elif word_bits == 16:
-                        _decode_word_8x16(acc, col, records, c, word, s, o)
+                        _decode_word_8x16(acc, col, records, c, word, s, o, path)
                     else:
-                        _decode_word_8x8(acc, col, records, c, word, s, o)
+                        _decode_word_8x8(acc, col, records, c, word, s, o, path)
                 else:
                     if word_bits == 32:
-                        _decode_word_4x32(acc, col, records, c, word, s, o)
+                        _decode_word_4x32(acc, col, records, c, word, s, o, path)
                     elif word_bits == 16:
-                        _decode_word_4x16(acc, col, records, c, word, s, o)
+                        _decode_word_4x16(acc, col, records, c, word, s, o, path)
                     else:
-                        _decode_word_4x8(acc, col, records, c, word, s, o)
+                        _decode_word_4x8(acc, col, records, c, word, s, o, path)
                 c += _popcount(word) * 4
                 continue
             while word != 0:  # walk the set bits
@@ -952,6 +1159,7 @@ def block_sparse_bag(
     dim: int,
     skip: int,
     vector: bool,
+    path: int,
     indices: np.ndarray,
     offsets: np.ndarray,
     weights: np.ndarray,
@@ -968,8 +1176,9 @@ def block_sparse_bag(
     in their order) and ``skip`` the mean record length (where an odd row's record is
     expected, for prefetching).
     ``vector``: decode whole bitmap words with vector expands (needs ``block_width == 4``,
-    ``bits`` 8 or 4 and ``dim == 4 * word_bits * words``); else walk the set bits. The
-    lookups are ``lookup.Bags``' fields, from ``indices`` to ``mean``.
+    ``bits`` 8 or 4 and ``dim == 4 * word_bits * words``); else walk the set bits.
+    ``path``: the expands' kernel path, one of ``PATH_MARKERS``. The lookups are
+    ``lookup.Bags``' fields, from ``indices`` to ``mean``.
 
     Each thread takes a contiguous run of bags; its ids are checked first. One-word rows
     with the vector decode go through ``_block_sparse_pass_intrinsic`` (one pass per bag,
@@ -998,22 +1207,22 @@ def block_sparse_bag(
                 args = (row, records, row_offsets, group_offsets, group_shift, skip, header, indices, lo, hi)
                 if bits == 8:
                     if word_bits == 32:
-                        _decode_pass_8x32(*args, pf_end, weights, weighted, half, ring, b == b0)
+                        _decode_pass_8x32(*args, pf_end, weights, weighted, half, ring, b == b0, path)
                     elif word_bits == 16:
-                        _decode_pass_8x16(*args, pf_end, weights, weighted, half, ring, b == b0)
+                        _decode_pass_8x16(*args, pf_end, weights, weighted, half, ring, b == b0, path)
                     else:
-                        _decode_pass_8x8(*args, pf_end, weights, weighted, half, ring, b == b0)
+                        _decode_pass_8x8(*args, pf_end, weights, weighted, half, ring, b == b0, path)
                 else:
                     if word_bits == 32:
-                        _decode_pass_4x32(*args, pf_end, weights, weighted, half, ring, b == b0)
+                        _decode_pass_4x32(*args, pf_end, weights, weighted, half, ring, b == b0, path)
                     elif word_bits == 16:
-                        _decode_pass_4x16(*args, pf_end, weights, weighted, half, ring, b == b0)
+                        _decode_pass_4x16(*args, pf_end, weights, weighted, half, ring, b == b0, path)
                     else:
-                        _decode_pass_4x8(*args, pf_end, weights, weighted, half, ring, b == b0)
+                        _decode_pass_4x8(*args, pf_end, weights, weighted, half, ring, b == b0, path)
             else:
                 _decode_bag(
-                    records, row_offsets, group_offsets, shape, skip, dim, vector, indices, lo, hi,
-                    pf_end, weights, weighted, acc,
+                    records, row_offsets, group_offsets, shape, skip, dim, vector, path, indices, lo,
+                    hi, pf_end, weights, weighted, acc,
                 )  # fmt: skip
                 out[b, :] = acc
             if mean:
@@ -1038,7 +1247,8 @@ def fused_bag(
 
     The vector decode of ``block_sparse_bag`` with every block kept, in one pass per bag
     (``_fused_bag_intrinsic``), each thread on a contiguous run of bags. For ``dim`` 32, 64
-    or 128 on CPUs with AVX-512: it serves 4-bit tables on several threads, where torch's
+    or 128 on any CPU (every block is kept, so the decode needs no expand and no x86
+    intrinsic: one code for every kernel path): it serves 4-bit tables on several threads, where torch's
     FBGEMM 4-bit kernel runs on one. ``fused`` is the table flattened to bytes; the
     lookups are ``lookup.Bags``' fields, from ``indices`` to ``mean``. Returns the number
     of out-of-range indices (then nothing is computed: the caller raises).
@@ -1094,3 +1304,7 @@ def remap_rows(
         else:
             out[i] = zero_row
     return bad
+
+
+# several processes may compile into one disk cache at once (see ``_kernel_cache``)
+_kernel_cache.guard(block_sparse_bag, fused_bag, remap_rows)

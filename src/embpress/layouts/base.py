@@ -14,8 +14,9 @@ torch ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -23,20 +24,26 @@ from torch import nn
 
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..quant.rowwise import RowQParams
-from ._kernels import fused_bag, vector_decode_supported
+from ._kernels import fused_bag
 from .lookup import KERNEL_POOLINGS, Bags, FusedKernelTable, KernelPolicy, Pooling, run_bags
 from .stats import MaskStats, RowStats
 
 __all__ = [
+    "ROW_CHUNK_ALIGN",
     "EncodedTable",
     "FormatError",
     "QuantizedTable",
+    "RowReader",
+    "cat_rows",
     "check_fused_qparams",
+    "check_parts",
     "decode_fused",
     "fused_qparams",
     "fused_row_bytes",
     "fused_rows_bag",
     "make_fused",
+    "read_checked",
+    "shard_meta",
 ]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
@@ -117,18 +124,13 @@ def own_kernel_serves(fused: torch.Tensor, dim: int, bits: int, threads: int, po
     torch's FBGEMM 4-bit bag kernel runs on one thread whatever ``torch.get_num_threads()``
     says (torch 2.13; its 8-bit kernel splits the bags across threads). With several
     threads, 4-bit tables of 32, 64 or 128 columns therefore use embpress's vector kernel,
-    which splits them, on CPUs with the AVX-512 instructions it compiles to. On one thread
-    FBGEMM's kernel is the faster one and keeps the work, as it does wherever ``policy``
-    turns embpress's off. (The rows must carry float16 qparams, FBGEMM's 4-bit format;
-    ``fused_rows_bag`` checks that first.)
+    which splits them (generic vector IR, no x86 intrinsic: it serves on every kernel path
+    and CPU). On one thread FBGEMM's kernel is the faster one and keeps the work, as it
+    does wherever ``policy`` turns embpress's off. (The rows must carry float16 qparams,
+    FBGEMM's 4-bit format; ``fused_rows_bag`` checks that first.)
     """
     return (
-        policy.fused_kernel
-        and threads > 1
-        and bits == 4
-        and dim in (32, 64, 128)
-        and fused.is_contiguous()
-        and vector_decode_supported(bits)
+        policy.fused_kernel and threads > 1 and bits == 4 and dim in (32, 64, 128) and fused.is_contiguous()
     )
 
 
@@ -206,6 +208,9 @@ class QuantizedTable(nn.Module):
     # what the encoder writes for ``pack`` (``EncodedTable.codes``): False, every entry of
     # every row, pruned ones as their row's zero code; True, only the kept blocks' codes
     codes_per_block: ClassVar[bool] = False
+    # whether "auto" weighs this layout for a uniform config (False for a layout that only
+    # pays off when something plans it row by row)
+    in_auto: ClassVar[bool] = True
     # for TorchScript: properties it must not compile, class attributes it may read
     __jit_unused_properties__: ClassVar[list[str]] = ["nbytes", "sparsity"]
     __constants__: ClassVar[list[str]] = ["layout"]
@@ -237,6 +242,27 @@ class QuantizedTable(nn.Module):
     def pack(cls, encoded: EncodedTable) -> QuantizedTable:
         """The table holding the encoder's codes and qparams in this layout's buffers."""
         raise NotImplementedError
+
+    @classmethod
+    def concat_rows(cls, parts: Sequence[QuantizedTable], consume: bool = False) -> QuantizedTable:
+        """One table of the rows of ``parts``, in order: byte for byte what encoding all the
+        rows at once gives (how row chunks and ranks are joined; see ``streaming.py``).
+
+        The parts are tables of this layout with the same geometry, every one but the last
+        a multiple of ``ROW_CHUNK_ALIGN`` rows (ValueError otherwise, ``check_parts``).
+        ``consume``: the parts' buffers may be emptied as they are copied (``cat_rows``).
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def load_rows(cls, meta: dict[str, Any], read: RowReader, start: int, stop: int) -> QuantizedTable:
+        """The table of rows ``start:stop`` of a stored table, reading only what those rows
+        need (row-wise sharding): ``read(name, lo, hi)`` gives ``tensor[lo:hi]`` along the
+        first dimension of the stored tensor ``name`` and ``read.shape(name)`` its shape.
+        What is read is validated as a table of its own (``from_tensors``); ``num_pruned``
+        of the shard is the table's in proportion to its rows.
+        """
+        raise NotImplementedError(f"layout {cls.layout!r} cannot load a row range")
 
     # --------------------------------------------------------------- lookups
     def decode_rows(self, indices: torch.Tensor) -> torch.Tensor:
@@ -407,3 +433,87 @@ POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.in
 def popcount_bytes(x: torch.Tensor) -> torch.Tensor:
     """Set bits of each uint8 (int64 result), by table lookup (works on every device)."""
     return POPCOUNT8.to(x.device)[x.long()]
+
+
+# Row chunks joined by ``concat_rows`` hold a multiple of this many rows (all but the last):
+# a multiple of every layout's own row grouping (pruned rows: 8 per bitmap byte;
+# block-sparse: at most 256 rows per group offset).
+ROW_CHUNK_ALIGN = 256
+
+
+def cat_rows(
+    parts: Sequence[QuantizedTable],
+    name: str,
+    piece: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    extra: int = 0,
+    consume: bool = False,
+) -> torch.Tensor:
+    """``torch.cat`` of ``piece(buffer)`` of every part, with ``extra`` more rows left
+    zero at the end; ``consume`` empties each part's buffer once it is copied, so that the
+    parts and the result are not both held whole (how ``concat_rows`` joins row chunks)."""
+    first = getattr(parts[0], name)
+    total = sum(int(piece(getattr(p, name)).shape[0]) for p in parts)
+    # uninitialised: its pages are taken only as they are written, while the parts go
+    out = torch.empty((total + extra, *first.shape[1:]), dtype=first.dtype)
+    out[total:] = 0
+    at = 0
+    for part in parts:
+        chunk = piece(getattr(part, name))
+        out[at : at + chunk.shape[0]] = chunk
+        at += int(chunk.shape[0])
+        if consume:
+            setattr(part, name, chunk.new_empty((0, *chunk.shape[1:])))
+        del chunk
+    return out
+
+
+def check_parts(cls: type[QuantizedTable], parts: Sequence[QuantizedTable], *fields: str) -> None:
+    """ValueError unless ``parts`` are one or more ``cls`` tables agreeing on the base
+    fields and ``fields``, all but the last a multiple of ``ROW_CHUNK_ALIGN`` rows."""
+    if not parts:
+        raise ValueError("concat_rows needs at least one part")
+    first = parts[0]
+    names = ("embedding_dim", "bits", "scale_dtype", *fields)
+    for i, part in enumerate(parts):
+        if type(part) is not cls:
+            raise ValueError(f"part {i} is a {type(part).__name__}, expected {cls.__name__}")
+        for name in names:
+            if getattr(part, name) != getattr(first, name):
+                got, want = getattr(part, name), getattr(first, name)
+                raise ValueError(f"part {i} has {name} {got!r}, part 0 {want!r}")
+        if i < len(parts) - 1 and part.num_embeddings % ROW_CHUNK_ALIGN:
+            raise ValueError(
+                f"part {i} has {part.num_embeddings} rows; every part but the last needs a multiple "
+                f"of {ROW_CHUNK_ALIGN}"
+            )
+
+
+class RowReader(Protocol):
+    """Reads parts of a stored table's tensors (see ``QuantizedTable.load_rows``)."""
+
+    def __call__(self, name: str, lo: int, hi: int) -> torch.Tensor: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+
+def shard_meta(meta: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """``meta`` of rows ``start:stop`` of a table (FormatError for a range outside it)."""
+    rows = meta_int(meta, "num_embeddings", 1)
+    dim = meta_int(meta, "embedding_dim", 1, 1 << 24)
+    pruned = meta_int(meta, "num_pruned", 0, rows * dim)
+    if not 0 <= start < stop <= rows:
+        raise FormatError(f"row range {start}:{stop} is not a non-empty range of the table's {rows} rows")
+    return {
+        **meta,
+        "num_embeddings": stop - start,
+        "num_pruned": min(pruned * (stop - start) // rows, (stop - start) * dim),
+    }
+
+
+def read_checked(read: RowReader, name: str, lo: int, hi: int) -> torch.Tensor:
+    """``read(name, lo, hi)`` after checking the range lies inside the stored tensor (the
+    range comes from offsets in the file, which are not trusted before they are checked)."""
+    shape = read.shape(name)
+    if not shape or not 0 <= lo <= hi <= shape[0]:
+        raise FormatError(f"tensor {name!r} (shape {tuple(shape)}) has no rows {lo}:{hi}")
+    return read(name, lo, hi)

@@ -30,13 +30,15 @@ near half the 8-bit one. Pruned blocks are simply absent, so they decode to exac
 and the bytes fall with sparsity: at 8 bits, 80% of (1, 4) blocks pruned and D = 128
 cost ``0.2 * 128 + 4 + 8 + 1`` bytes per row (codes, bitmap, qparams, offset).
 Sum/mean bags run in a numba kernel on CPU (``_kernels.block_sparse_bag``: whole bitmap
-words decoded with AVX-512 expands where the CPU has them and D = 4 * W * nw,
-else a walk over the set bits); other devices (and max bags) decode rows with plain torch.
+words decoded at once where D = 4 * W * nw, with the expands of the kernel path, AVX-512,
+AVX2 or generic; else a walk over the set bits); other devices (and max bags) decode rows
+with plain torch.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -50,10 +52,15 @@ from .base import (
     EncodedTable,
     FormatError,
     QuantizedTable,
+    RowReader,
     base_fields,
+    cat_rows,
+    check_parts,
     expect_tensor,
     meta_int,
     popcount_bytes,
+    read_checked,
+    shard_meta,
 )
 from .lookup import (
     KERNEL_POOLINGS,
@@ -61,6 +68,7 @@ from .lookup import (
     BlockSparseKernelTable,
     KernelPolicy,
     current_kernel_policy,
+    kernel_path_marker,
     run_bags,
 )
 from .stats import MaskStats, RowStats
@@ -113,6 +121,13 @@ def _group_shift(largest_record: int) -> int:
     while shift < MAX_GROUP_SHIFT and ((2 << shift) - 2) * largest_record <= 0xFFFF:
         shift += 1
     return shift
+
+
+def _in_row_bits(sh: RecordShape, device: torch.device | None = None) -> torch.Tensor:
+    """int64 [bitmap bytes]: the bits of each bitmap byte that are blocks of the row."""
+    return torch.tensor(
+        [(1 << min(8, max(0, sh.blocks - 8 * j))) - 1 for j in range(sh.bitmap_bytes)], device=device
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -212,6 +227,81 @@ class BlockSparseTable(QuantizedTable):
             stats.pruned,
         )
 
+    @classmethod
+    def concat_rows(cls, parts: Sequence[QuantizedTable], consume: bool = False) -> BlockSparseTable:
+        """Records back to back (one zero tail), pair offsets as they are (each part but the
+        last holds whole groups), group offsets moved by the records before them."""
+        check_parts(cls, parts, "block_width")
+        tables = [p for p in parts if isinstance(p, BlockSparseTable)]
+        first, rows = tables[0], sum(t.num_embeddings for t in tables)
+        pruned = sum(t.num_pruned for t in tables)
+        groups, base = [], 0
+        for t in tables:
+            groups.append(t.group_offsets[:-1] + base)
+            base += int(t.group_offsets[-1])
+        groups.append(torch.tensor([base], dtype=torch.int64))
+        row_offsets = torch.cat([t.row_offsets for t in tables])
+        records = cat_rows(tables, "records", lambda r: r[:-RECORD_TAIL], extra=RECORD_TAIL, consume=consume)
+        return cls(
+            records,
+            row_offsets,
+            torch.cat(groups),
+            rows,
+            first.embedding_dim,
+            first.block_width,
+            first.bits,
+            first.scale_dtype,
+            pruned,
+        )
+
+    @classmethod
+    def load_rows(cls, meta: dict[str, Any], read: RowReader, start: int, stop: int) -> BlockSparseTable:
+        """The records of rows ``start:stop`` (found from the pair and group offsets around
+        them and the bitmaps of the records), with offsets rebuilt for those rows alone."""
+        shard = shard_meta(meta, start, stop)
+        rows, dim, bits, dtype, _ = base_fields(meta)
+        sh = record_shape(dim, meta_int(meta, "block_width", 1, dim), bits, dtype)
+        shift, group = sh.group_shift, 1 << sh.group_shift
+        first, end = start & ~1, min((stop + 1) & ~1, rows)  # whole pairs around the range
+
+        def pair_starts(lo: int, hi: int) -> torch.Tensor:  # where pairs lo//2 .. hi//2 start
+            pairs = read_checked(read, "row_offsets", lo >> 1, (hi + 1) >> 1).view(torch.int16).long()
+            groups = read_checked(read, "group_offsets", lo >> shift, ((hi - 1) >> shift) + 1)
+            return groups[(torch.arange(lo, hi, 2) >> shift) - (lo >> shift)] + (pairs & 0xFFFF)
+
+        even_starts = pair_starts(first, end)
+        # the region ends where the next pair starts, or at the end of the records
+        if end < rows:
+            size = int(pair_starts(end, end + 1)[0])
+        else:
+            size = int(read_checked(read, "group_offsets", sh.groups(rows), sh.groups(rows) + 1)[0])
+        base = int(even_starts[0])
+        if not 0 <= base <= size or bool((even_starts > size).any()) or bool((even_starts < base).any()):
+            raise FormatError("tensors 'row_offsets' / 'group_offsets' point outside 'records'")
+        region = read_checked(read, "records", base, size)
+        in_row = _in_row_bits(sh)
+
+        def lengths(at: torch.Tensor) -> torch.Tensor:
+            if bool((at + sh.header > region.shape[0]).any()):
+                raise FormatError("tensors 'row_offsets' / 'group_offsets' do not match the records' bitmaps")
+            bitmap = region[at.unsqueeze(1) + torch.arange(sh.bitmap_bytes)].long()
+            return sh.length(popcount_bytes(bitmap & in_row).sum(1))
+
+        rel = even_starts - base
+        starts = torch.stack([rel, rel + lengths(rel)], dim=1).reshape(-1)[start - first : stop - first]
+        s0, last = int(starts[0]), int(starts[-1]) + int(lengths(starts[-1:])[0])
+        if last > region.shape[0]:
+            raise FormatError("tensors 'row_offsets' / 'group_offsets' do not match the records' bitmaps")
+        starts = starts - s0
+        group_offsets = torch.cat([starts[::group], torch.tensor([last - s0])])
+        pair_groups = group_offsets[:-1].repeat_interleave(group // 2)[: (stop - start + 1) // 2]
+        tensors = {
+            "records": torch.cat([region[s0:last], torch.zeros(RECORD_TAIL, dtype=torch.uint8)]),
+            "row_offsets": (starts[::2] - pair_groups).to(torch.int32).to(torch.uint16),
+            "group_offsets": group_offsets,
+        }
+        return cls.from_tensors(shard, tensors)
+
     # --------------------------------------------------------------- lookups
     def _pair_starts(self, rows: torch.Tensor) -> torch.Tensor:
         """Byte where the record of each row's even pair member starts (int64)."""
@@ -233,10 +323,7 @@ class BlockSparseTable(QuantizedTable):
 
     def _in_row(self, device: torch.device) -> torch.Tensor:
         """int64 [bitmap bytes]: the bits of each bitmap byte that are blocks of the row."""
-        sh = self.shape
-        return torch.tensor(
-            [(1 << min(8, max(0, sh.blocks - 8 * j))) - 1 for j in range(sh.bitmap_bytes)], device=device
-        )
+        return _in_row_bits(self.shape, device)
 
     def _kept_count(self, starts: torch.Tensor) -> torch.Tensor:
         """Kept blocks of the records at ``starts`` (bits past the row end not counted)."""
@@ -281,6 +368,7 @@ class BlockSparseTable(QuantizedTable):
         if records.device.type != "cpu" or mode not in KERNEL_POOLINGS:
             return None
         rows, dim = self.num_embeddings, self.embedding_dim
+        policy = policy or current_kernel_policy()
         table = BlockSparseKernelTable(
             records=records.numpy(),
             row_offsets=self.row_offsets.numpy(),
@@ -290,6 +378,7 @@ class BlockSparseTable(QuantizedTable):
             dim=dim,
             skip=(records.numel() - RECORD_TAIL) // rows,
             vector=self._vector_decode(policy),
+            path=kernel_path_marker(policy),
         )
         bags = Bags.of(indices, offsets, mode, per_sample_weights)
         return run_bags(block_sparse_bag, table, bags, rows, dim)

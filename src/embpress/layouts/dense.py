@@ -10,6 +10,7 @@ Pruned entries are stored in place as the row's zero code (exact 0.0, see
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,13 +18,18 @@ import torch
 from .base import (
     EncodedTable,
     QuantizedTable,
+    RowReader,
     base_fields,
+    cat_rows,
     check_fused_qparams,
+    check_parts,
     decode_fused,
     expect_tensor,
     fused_row_bytes,
     fused_rows_bag,
     make_fused,
+    read_checked,
+    shard_meta,
 )
 from .lookup import KernelPolicy, current_kernel_policy
 from .stats import MaskStats, RowStats, flagged_rows
@@ -58,6 +64,19 @@ class DenseTable(QuantizedTable):
         qp, stats = encoded.qparams, encoded.stats
         fused = make_fused(encoded.code_rows(), qp.scale, qp.offset, encoded.bits, qp.dtype)
         return cls(fused, stats.dim, encoded.bits, qp.dtype, stats.pruned)
+
+    @classmethod
+    def concat_rows(cls, parts: Sequence[QuantizedTable], consume: bool = False) -> DenseTable:
+        check_parts(cls, parts)
+        tables = [p for p in parts if isinstance(p, DenseTable)]
+        first, pruned = tables[0], sum(t.num_pruned for t in tables)
+        fused = cat_rows(tables, "fused", consume=consume)
+        return cls(fused, first.embedding_dim, first.bits, first.scale_dtype, pruned)
+
+    @classmethod
+    def load_rows(cls, meta: dict[str, Any], read: RowReader, start: int, stop: int) -> DenseTable:
+        shard = shard_meta(meta, start, stop)
+        return cls.from_tensors(shard, {"fused": read_checked(read, "fused", start, stop)})
 
     def op_tensors(self) -> list[torch.Tensor]:
         return [self.fused]

@@ -10,6 +10,7 @@ codes. Nothing here knows a layout by name: it reads ``registry.TABLE_CLASSES``.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +25,10 @@ from .registry import AUTO, TABLE_CLASSES, table_class
 from .stats import MaskStats, row_stats
 
 __all__ = [
+    "ERROR_BLOCK_ROWS",
+    "ErrorSums",
     "choose_layout",
+    "encode_part",
     "encode_table",
     "fake_quantize_table",
     "finite_table",
@@ -39,11 +43,15 @@ def layout_sizes(stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> dict[
 
 
 def choose_layout(stats: MaskStats, config: QuantConfig) -> type[QuantizedTable]:
-    """The layout ``config`` asks for; for "auto", the one predicting the fewest bytes (the
-    first registered of those that tie)."""
+    """The layout ``config`` asks for; for "auto", the one predicting the fewest bytes among
+    those that take part in "auto" (``in_auto``; the first registered of those that tie)."""
     if config.layout != AUTO:
         return table_class(config.layout)
-    sizes = layout_sizes(stats, config.bits, config.resolved_scale_dtype)
+    sizes = {
+        name: size
+        for name, size in layout_sizes(stats, config.bits, config.resolved_scale_dtype).items()
+        if TABLE_CLASSES[name].in_auto
+    }
     return TABLE_CLASSES[min(sizes, key=sizes.__getitem__)]  # min keeps the first of a tie
 
 
@@ -146,6 +154,44 @@ def _as_numpy(w: torch.Tensor) -> np.ndarray:
     return w.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
+ERROR_BLOCK_ROWS = 256  # rows per partial error sum: a divisor of every row chunk's size
+
+
+class ErrorSums(NamedTuple):
+    """A table's error as partial sums per ``ERROR_BLOCK_ROWS`` rows, so that a table
+    encoded in row chunks (or by several processes) reports exactly the same figures as
+    one encoded at once: the partials are the same numbers, added up the same way."""
+
+    err_sq: np.ndarray  # float64 per block of rows: squared errors against the reference
+    ref_sq: np.ndarray  # float64 per block of rows: the reference's squares
+    max_abs: float  # largest |error|
+
+    @classmethod
+    def of_rows(cls, err_sq: np.ndarray, ref_sq: np.ndarray, max_abs: np.ndarray) -> ErrorSums:
+        """The partial sums of per-row figures."""
+        starts = np.arange(0, err_sq.shape[0], ERROR_BLOCK_ROWS)
+        if not starts.size:
+            return cls(np.zeros(0), np.zeros(0), 0.0)
+        return cls(np.add.reduceat(err_sq, starts), np.add.reduceat(ref_sq, starts), float(max_abs.max()))
+
+    def __add__(self, other: object) -> ErrorSums:
+        """The partials of the rows of ``self`` followed by those of ``other``."""
+        if not isinstance(other, ErrorSums):
+            return NotImplemented
+        return ErrorSums(
+            np.concatenate([self.err_sq, other.err_sq]),
+            np.concatenate([self.ref_sq, other.ref_sq]),
+            max(self.max_abs, other.max_abs),
+        )
+
+    def summary(self) -> dict[str, float]:
+        """Relative Frobenius error (absolute for an all-zero reference) and max |error|;
+        the partials are added with ``math.fsum`` (exact, whatever their grouping)."""
+        err, ref = math.fsum(self.err_sq), math.fsum(self.ref_sq)
+        rel = math.sqrt(err / ref) if ref > 0 else math.sqrt(err)
+        return {"rel_frobenius": rel, "max_abs": self.max_abs}
+
+
 def encode_table(
     w: torch.Tensor,
     mask: torch.Tensor | None,
@@ -166,6 +212,35 @@ def encode_table(
     (default ``w``), measured while encoding. ``checked``: ``w`` already went through
     :func:`finite_table`.
     """
+    table, sums = encode_part(
+        w,
+        mask,
+        config,
+        block_width=block_width,
+        saved_qparams=saved_qparams,
+        reference=reference,
+        checked=checked,
+    )
+    return table, sums.summary()
+
+
+def encode_part(
+    w: torch.Tensor,
+    mask: torch.Tensor | None,
+    config: QuantConfig,
+    *,
+    block_width: int = 1,
+    saved_qparams: RowQParams | None = None,
+    reference: torch.Tensor | None = None,
+    checked: bool = False,
+    fixed_width: bool = False,
+) -> tuple[QuantizedTable, ErrorSums]:
+    """:func:`encode_table` with the error as sums, for tables encoded in row chunks.
+
+    ``fixed_width``: count the mask in (1 x ``block_width``) blocks as given (the caller
+    checked that no block mixes kept and pruned entries anywhere in the table), so every
+    chunk of one table agrees on it.
+    """
     block_width = checked_block_width(block_width)
     x = _as_numpy(w) if checked else finite_table(w, config).numpy()
     ref = x if reference is None else _as_numpy(reference)
@@ -178,6 +253,8 @@ def encode_table(
         saved_qparams = _checked_saved(saved_qparams, rows, config.resolved_scale_dtype)
     m = None if mask is None else mask.to("cpu", torch.bool).contiguous().numpy()
     rs = row_stats(m, rows, dim, min(block_width, dim))
+    if fixed_width and rs.width != min(block_width, dim):
+        raise ValueError(f"the mask mixes kept and pruned entries in (1 x {block_width}) blocks")
     stats = rs.summary()
     layout = choose_layout(stats, config)
     zero_rows = layout.zero_rows(rs)
@@ -223,11 +300,5 @@ def encode_table(
         max_abs,
         derive,
     )
-    total_ref = float(ref_sq.sum())
-    error = {
-        "rel_frobenius": math.sqrt(float(err_sq.sum()) / total_ref)
-        if total_ref > 0
-        else math.sqrt(float(err_sq.sum())),
-        "max_abs": float(max_abs.max()) if rows else 0.0,
-    }
-    return layout.pack(EncodedTable(codes, code_start, qp, bits, rs, stats)), error
+    sums = ErrorSums.of_rows(err_sq, ref_sq, max_abs)
+    return layout.pack(EncodedTable(codes, code_start, qp, bits, rs, stats)), sums

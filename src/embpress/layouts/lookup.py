@@ -10,13 +10,17 @@ in order, and ``tests/test_nn.py`` checks that they are.
 
 Which kernel paths may serve is a ``KernelPolicy``: a process default
 (``set_default_kernel_policy``), overridden in a block by ``kernel_policy(...)`` (for the
-current thread or task only) or per call (``fast_bag(..., policy=...)``).
+current thread or task only) or per call (``fast_bag(..., policy=...)``). Its ``path``
+picks the instruction set of the block-sparse decode ("avx512", "avx2", "generic"; None:
+the process's, chosen once from the CPU or forced by ``EMBPRESS_KERNEL``, see
+``kernel_path``); ``system_info`` says which path runs and why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from enum import IntEnum
@@ -26,7 +30,8 @@ import numpy as np
 import torch
 
 from .._parallel import parallel_call
-from ._kernels import set_threads
+from . import _kernels
+from ._kernels import KERNEL_ENV, KERNEL_PATHS, available_paths, process_path, set_threads
 
 __all__ = [
     "KERNEL_POOLINGS",
@@ -38,9 +43,14 @@ __all__ = [
     "check_ids",
     "current_kernel_policy",
     "int64_ids",
+    "kernel_path",
+    "kernel_path_marker",
+    "kernel_path_number",
+    "kernel_paths",
     "kernel_policy",
     "run_bags",
     "set_default_kernel_policy",
+    "system_info",
 ]
 
 
@@ -67,21 +77,42 @@ class KernelPolicy:
 
     fused_kernel: 4-bit fused rows (dense, pruned rows) on several threads go to embpress's
         numba kernel, which splits the bags across threads (else FBGEMM's, on one thread).
-    vector_decode: block-sparse rows are decoded whole bitmap words at a time with AVX-512
-        expands where the CPU and the shape allow (else the set bits are walked).
+    vector_decode: block-sparse rows are decoded whole bitmap words at a time where the
+        shape allows (else the set bits are walked).
+    path: the instructions of that decode: "avx512" (register expands), "avx2" (table
+        permutes), "generic" (no x86 intrinsic: what ARM runs); None, the process's path
+        (``kernel_path``). A path this CPU cannot run is refused (ValueError).
 
-    Switching a path off never changes a result beyond float rounding; tests do it to
-    check each path against the other.
+    Switching a path never changes a result beyond float rounding; tests do it to check
+    each path against the others.
     """
 
     fused_kernel: bool = True
     vector_decode: bool = True
+    path: str | None = None
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not isinstance(value, bool):
+            if field.name == "path":
+                _check_path(value)
+            elif not isinstance(value, bool):
                 raise TypeError(f"KernelPolicy.{field.name} must be a bool, got {value!r}")
+
+
+def _check_path(path: object) -> None:
+    """TypeError / ValueError unless ``path`` is None or a kernel path this CPU runs."""
+    if path is None:
+        return
+    if not isinstance(path, str):
+        raise TypeError(f"KernelPolicy.path must be a str or None, got {path!r}")
+    if path not in KERNEL_PATHS:
+        raise ValueError(f"KernelPolicy.path must be one of {', '.join(KERNEL_PATHS)} or None, got {path!r}")
+    if not _kernels.path_compiles(KERNEL_PATHS[path]):
+        raise ValueError(
+            f"KernelPolicy.path={path!r}: this CPU cannot run that kernel path "
+            f"(it runs {', '.join(available_paths())})"
+        )
 
 
 _default_policy = KernelPolicy()
@@ -104,20 +135,83 @@ def set_default_kernel_policy(policy: KernelPolicy) -> KernelPolicy:
 
 
 @contextlib.contextmanager
-def kernel_policy(policy: KernelPolicy | None = None, **changes: bool) -> Iterator[KernelPolicy]:
+def kernel_policy(policy: KernelPolicy | None = None, **changes: bool | str | None) -> Iterator[KernelPolicy]:
     """Use ``policy`` (default: the current one) with ``changes`` applied in this block, in
-    this thread or task only; e.g. ``with kernel_policy(vector_decode=False): ...``."""
+    this thread or task only; e.g. ``with kernel_policy(vector_decode=False): ...`` or
+    ``kernel_policy(path="generic")``."""
     if policy is not None and not isinstance(policy, KernelPolicy):
         raise TypeError(f"policy must be a KernelPolicy or None, got {type(policy).__name__}")
     try:
-        chosen = dataclasses.replace(policy or current_kernel_policy(), **changes)
-    except TypeError as err:  # an unknown field
+        chosen = dataclasses.replace(policy or current_kernel_policy(), **changes)  # type: ignore[arg-type]
+    except TypeError as err:  # an unknown field or a wrong type
         raise TypeError(f"kernel_policy: {err}") from None
     token = _policy.set(chosen)
     try:
         yield chosen
     finally:
         _policy.reset(token)
+
+
+def kernel_paths() -> tuple[str, ...]:
+    """The kernel paths this CPU runs, fastest first: what ``KernelPolicy.path`` accepts."""
+    return available_paths()
+
+
+def kernel_path(policy: KernelPolicy | None = None) -> str:
+    """The kernel path a lookup under ``policy`` (default: the current one) runs: its
+    ``path``, else the process's (``EMBPRESS_KERNEL`` if set, else the fastest this CPU
+    runs; ValueError names the variable if it asks for an unknown or unavailable path)."""
+    return (policy or current_kernel_policy()).path or process_path()
+
+
+def kernel_path_number(policy: KernelPolicy | None = None) -> int:
+    """``kernel_path(policy)`` as its number (``_kernels.KERNEL_PATHS``)."""
+    return KERNEL_PATHS[kernel_path(policy)]
+
+
+def kernel_path_marker(policy: KernelPolicy | None = None) -> np.ndarray:
+    """``kernel_path(policy)`` as the kernels take it (``_kernels.PATH_MARKERS``: an empty
+    array whose dtype selects the kernel's compiled specialisation)."""
+    return _kernels.PATH_MARKERS[KERNEL_PATHS[kernel_path(policy)]]
+
+
+# the CPU features the kernel paths use (LLVM names), reported by ``system_info``
+_FEATURES = ("avx512f", "avx512vl", "avx512bw", "avx512vbmi2", "avx2", "fma", "f16c", "bmi2", "neon")
+
+
+def system_info() -> dict[str, Any]:
+    """What the lookup kernels run on, as JSON-able values: the kernel path of the current
+    policy and where it came from, the paths this CPU runs, the CPU and the features the
+    paths need, numba / llvmlite / LLVM / torch versions and thread counts. For
+    ``embpress inspect --system`` and the benchmarks' headers."""
+    import llvmlite
+    import numba
+    from llvmlite import binding as llvm_binding
+
+    policy = current_kernel_policy()
+    forced = os.environ.get(KERNEL_ENV, "")
+    path = kernel_path(policy)
+    source = "policy" if policy.path else (f"{KERNEL_ENV}={forced}" if forced.strip() else "cpu")
+    host = llvm_binding.get_host_cpu_features()
+    try:
+        layer: str | None = str(numba.threading_layer())
+    except ValueError:  # no parallel kernel has run yet
+        layer = None
+    return {
+        "kernel_path": path,
+        "kernel_path_source": source,
+        "available_paths": list(available_paths()),
+        "cpu": llvm_binding.get_host_cpu_name(),
+        "cpu_features": {name: bool(host.get(name, False)) for name in _FEATURES},
+        "numba_cpu_name": numba.config.CPU_NAME,  # type: ignore[attr-defined]
+        "numba": numba.__version__,
+        "llvmlite": llvmlite.__version__,
+        "llvm": ".".join(str(v) for v in llvm_binding.llvm_version_info),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numba_threads": int(numba.config.NUMBA_NUM_THREADS),  # type: ignore[attr-defined]
+        "numba_threading_layer": layer,
+    }
 
 
 def int64_ids(ids: torch.Tensor) -> np.ndarray:
@@ -166,6 +260,7 @@ class BlockSparseKernelTable(NamedTuple):
     dim: int
     skip: int  # mean record length: where an odd row's record is expected (prefetching)
     vector: bool  # decode whole bitmap words (block width 4, dim == 4 * word_bits * words)
+    path: np.ndarray  # the kernel path's marker (``kernel_path_marker``)
 
 
 class FusedKernelTable(NamedTuple):

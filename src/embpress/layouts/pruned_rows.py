@@ -17,6 +17,7 @@ Partially pruned kept rows store their pruned entries in place as the zero code.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -28,14 +29,19 @@ from .base import (
     EncodedTable,
     FormatError,
     QuantizedTable,
+    RowReader,
     base_fields,
+    cat_rows,
     check_fused_qparams,
+    check_parts,
     decode_fused,
     expect_tensor,
     fused_row_bytes,
     fused_rows_bag,
     make_fused,
     popcount_bytes,
+    read_checked,
+    shard_meta,
 )
 from .lookup import KernelPolicy, check_ids, current_kernel_policy, int64_ids
 from .stats import MaskStats, RowStats, flagged_rows
@@ -99,6 +105,50 @@ class PrunedRowsTable(QuantizedTable):
         row_bits = pack_codes(kept.to(torch.uint8), 1)
         return cls(
             fused, row_bits, rank_directory(row_bits), stats.rows, stats.dim, bits, qp.dtype, stats.pruned
+        )
+
+    @classmethod
+    def concat_rows(cls, parts: Sequence[QuantizedTable], consume: bool = False) -> PrunedRowsTable:
+        """Kept rows in order then one zero row; the row bitmaps joined (each part but the
+        last a whole number of bytes) and their rank directory recounted."""
+        check_parts(cls, parts)
+        tables = [p for p in parts if isinstance(p, PrunedRowsTable)]
+        first = tables[0]
+        rows, row_bits = sum(t.num_embeddings for t in tables), torch.cat([t.row_bits for t in tables])
+        pruned = sum(t.num_pruned for t in tables)
+        fused = cat_rows(tables, "fused", lambda f: f[:-1], extra=1, consume=consume)  # + the zero row
+        return cls(
+            fused,
+            row_bits,
+            rank_directory(row_bits),
+            rows,
+            first.embedding_dim,
+            first.bits,
+            first.scale_dtype,
+            pruned,
+        )
+
+    @classmethod
+    def load_rows(cls, meta: dict[str, Any], read: RowReader, start: int, stop: int) -> PrunedRowsTable:
+        """The bitmap bytes and ranks over ``start:stop``, the kept rows between the first
+        and last of them, and the zero row."""
+        shard = shard_meta(meta, start, stop)
+        lo, hi = start >> 3, (stop + 7) >> 3
+        bits = read_checked(read, "row_bits", lo, hi)
+        ranks = read_checked(read, "row_rank", lo, hi)
+        flags = ((bits.long().unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)
+        first = int(ranks[0]) + int(flags[: start - 8 * lo].sum())
+        flags = flags[start - 8 * lo : stop - 8 * lo]
+        kept = int(flags.sum())
+        total = read.shape("fused")[0] - 1
+        if not 0 <= first <= first + kept <= total:
+            raise FormatError("tensor 'row_rank' points past the stored rows")
+        fused = torch.cat(
+            [read_checked(read, "fused", first, first + kept), read_checked(read, "fused", total, total + 1)]
+        )
+        row_bits = pack_codes(flags.to(torch.uint8), 1)
+        return cls.from_tensors(
+            shard, {"fused": fused, "row_bits": row_bits, "row_rank": rank_directory(row_bits)}
         )
 
     @property

@@ -16,7 +16,7 @@ import torch
 from .._parallel import parallel_call
 from ._encode_kernels import count_blocks, count_blocks_of_4
 
-__all__ = ["BITMAP_WORD_BITS", "MaskStats", "RowStats", "flagged_rows", "row_stats"]
+__all__ = ["BITMAP_WORD_BITS", "MaskStats", "RowStats", "flagged_rows", "merge_stats", "row_stats"]
 
 BITMAP_WORD_BITS = 32  # RowStats.bitmap's words: uint32, bit k % 32 of word k // 32 is block k
 
@@ -79,6 +79,30 @@ def row_stats(mask: np.ndarray | None, rows: int, dim: int, width: int) -> RowSt
     if width > 1 and int(mixed.sum()) > 0:
         return row_stats(mask, rows, dim, 1)
     return RowStats(dim, width, kept, blocks, bitmap)
+
+
+def merge_stats(parts: list[MaskStats]) -> MaskStats:
+    """The statistics of a table from those of its row chunks (same dim and block width)."""
+    if not parts:
+        raise ValueError("merge_stats needs at least one part")
+    first = parts[0]
+    for part in parts:
+        if (part.dim, part.block_width) != (first.dim, first.block_width):
+            raise ValueError(
+                f"row chunks of one table differ: dim/block width {(part.dim, part.block_width)} "
+                f"!= {(first.dim, first.block_width)}"
+            )
+    kept_blocks = np.zeros(max(len(p.kept_blocks) for p in parts), dtype=np.int64)
+    for part in parts:
+        kept_blocks[: len(part.kept_blocks)] += part.kept_blocks
+    return MaskStats(
+        rows=sum(p.rows for p in parts),
+        dim=first.dim,
+        pruned=sum(p.pruned for p in parts),
+        kept_rows=sum(p.kept_rows for p in parts),
+        block_width=first.block_width,
+        kept_blocks=tuple(int(n) for n in kept_blocks),
+    )
 
 
 def flagged_rows(flags: np.ndarray) -> torch.Tensor | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .. import _kernel_cache
+
 
 @numba.njit(cache=True, nogil=True, fastmath=True)  # a reduction: let it vectorize
 def _loss(values: np.ndarray, count: int, lo: float, hi: float, levels: int) -> float:
@@ -71,3 +73,7 @@ def greedy_ranges(
                 best, best_min, best_max = cur, cur_min, cur_max
         lo[r] = best_min
         hi[r] = best_max
+
+
+# several processes may compile into one disk cache at once (see ``_kernel_cache``)
+_kernel_cache.guard_module(globals())

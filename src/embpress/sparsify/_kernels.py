@@ -11,6 +11,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .. import _kernel_cache
+
 __all__ = [
     "add_high_histogram",
     "add_low_histogram",
@@ -145,3 +147,7 @@ def count_equal(values: np.ndarray, threshold: float) -> int:
         if v == t:
             n += 1
     return n
+
+
+# several processes may compile into one disk cache at once (see ``_kernel_cache``)
+_kernel_cache.guard_module(globals())

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .._buffers import empty
+from .._collective import LOCAL, Collective
 from .._parallel import parallel_call
 from ._kernels import (
     add_high_histogram,
@@ -33,7 +34,7 @@ from ._kernels import (
 )
 from .base import BaseDataSparsifier
 
-__all__ = ["DataNormSparsifier", "block_norm_mask", "streaming_block_norm_mask"]
+__all__ = ["DataNormSparsifier", "StreamingMask", "block_norm_mask", "streaming_block_norm_mask"]
 
 _NAN_MESSAGE = "data contains NaN: block norms are undefined"
 
@@ -205,78 +206,166 @@ def streaming_block_norm_mask(
     zeros_per_block: int | None = None,
     norm: str = "L1",
     chunk_rows: int | None = None,
+    *,
+    row_range: tuple[int, int] | None = None,
+    collective: Collective = LOCAL,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """The mask of :func:`block_norm_mask`, row chunk by row chunk, in bounded memory.
 
     ``read_rows(start, stop)`` returns rows ``start:stop`` of a 2-D table of ``shape`` (a
     slice of a memory-mapped tensor, say). Yields ``(start, bool mask of those rows)``.
-    The global threshold stays exact without holding every block norm: one pass builds a
-    histogram of the norms' top 16 bits, a second one of the low 16 bits inside the bin of
-    the k-th norm, a third writes the masks (ties at the threshold go to the first blocks
-    in row-major order, as in :func:`block_norm_mask`). Memory: a few chunks plus two
-    65536-bin histograms. The table is read three times (once when nothing is pruned).
+    See :class:`StreamingMask`, which this runs once (to go over the masks several times,
+    use it directly: the threshold is then found once).
     """
-    height, width = (int(v) for v in shape)
-    bh, bw = _validate(
+    mask = StreamingMask(
+        read_rows,
+        shape,
         sparsity_level,
         sparse_block_shape,
-        zeros_per_block if zeros_per_block is not None else math.prod(_block_shape(sparse_block_shape)),
+        zeros_per_block,
         norm,
+        chunk_rows,
+        row_range=row_range,
+        collective=collective,
     )
-    zeros = bh * bw if zeros_per_block is None else zeros_per_block
-    step = chunk_rows if chunk_rows is not None else _chunk_rows(width, bh)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-    step = max(bh, step // bh * bh)  # chunks hold whole block rows
-    starts = range(0, height, step)
+    yield from mask.chunks()
 
-    def chunk(start: int) -> torch.Tensor:
-        rows = read_rows(start, min(start + step, height))
-        expected = (min(start + step, height) - start, width)
-        if tuple(rows.shape) != expected:
-            raise ValueError(f"read_rows({start}, ...) gave shape {tuple(rows.shape)}, expected {expected}")
+
+class StreamingMask:
+    """The mask of :func:`block_norm_mask` of a table read in row chunks, in bounded memory.
+
+    The global threshold stays exact without holding every block norm: one pass builds a
+    histogram of the norms' top 16 bits, a second one of the low 16 bits inside the bin of
+    the k-th norm (both when the object is made); then each :meth:`chunks` pass writes the
+    masks (ties at the threshold go to the first blocks in row-major order, as in
+    :func:`block_norm_mask`). Memory: a few chunks plus two 65536-bin histograms.
+
+    Several processes can share the work: each reads only its ``row_range`` (start a
+    multiple of the block height; the ranges of all processes, in rank order, tile the
+    table) and ``collective`` sums the histograms, so every process finds the same
+    threshold; one more pass counts the ties each holds, which go to the lowest ranks
+    first. The masks together are the one-process mask.
+    """
+
+    def __init__(
+        self,
+        read_rows: Callable[[int, int], torch.Tensor],
+        shape: tuple[int, int],
+        sparsity_level: float,
+        sparse_block_shape: tuple[int, int] = (1, 4),
+        zeros_per_block: int | None = None,
+        norm: str = "L1",
+        chunk_rows: int | None = None,
+        *,
+        row_range: tuple[int, int] | None = None,
+        collective: Collective = LOCAL,
+    ) -> None:
+        height, width = (int(v) for v in shape)
+        bh, bw = _validate(
+            sparsity_level,
+            sparse_block_shape,
+            zeros_per_block if zeros_per_block is not None else math.prod(_block_shape(sparse_block_shape)),
+            norm,
+        )
+        self.zeros = bh * bw if zeros_per_block is None else zeros_per_block
+        step = chunk_rows if chunk_rows is not None else _chunk_rows(width, bh)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        self.step = max(bh, step // bh * bh)  # chunks hold whole block rows
+        lo, hi = (0, height) if row_range is None else (int(row_range[0]), int(row_range[1]))
+        if not 0 <= lo <= hi <= height or (lo % bh and lo != height) or (hi % bh and hi != height):
+            raise ValueError(
+                f"row_range {(lo, hi)} must lie in [0, {height}] and start and end on a block row "
+                f"(multiples of {bh}, or the end of the table)"
+            )
+        self.read_rows, self.height, self.width = read_rows, height, width
+        self.lo, self.hi, self.block, self.norm = lo, hi, (bh, bw), norm
+        self.sparsity_level = sparsity_level
+        self.starts = range(lo, hi, self.step)
+        # what the passes decide: "squeezed" (1-D data, one piece), "keep", "prune all" or
+        # "threshold" (with self.threshold and this process's self.ties)
+        self.threshold, self.ties = 0.0, 0
+        if height <= 1 or width <= 1:  # squeezed to 1-D by the sparsifier: one piece
+            self.how = "squeezed"
+            return
+        num_blocks = -(-height // bh) * -(-width // bw)
+        k = round(float(sparsity_level) * num_blocks)
+        prune_some = sparsity_level > 0 and self.zeros > 0
+        high = np.zeros(65536, dtype=np.int64)
+        if prune_some or k >= num_blocks:  # the in-memory path refuses NaN in these cases too
+            nans = np.zeros(1, dtype=np.int64)
+            for start in self.starts:
+                nans[0] += add_high_histogram(self._norms(start).ravel(), high)
+            counts = collective.sum(np.append(high, nans))
+            high, nans = counts[:-1], counts[-1:]
+            if int(nans[0]):
+                raise ValueError(_NAN_MESSAGE)
+        if not prune_some or k <= 0:
+            self.how = "keep"
+            return
+        if k >= num_blocks:
+            self.how = "prune all"
+            return
+
+        def low_of(bucket: int) -> np.ndarray:
+            low = np.zeros(65536, dtype=np.int64)
+            for start in self.starts:
+                add_low_histogram(self._norms(start).ravel(), bucket, low)
+            return collective.sum(low)
+
+        self.how = "threshold"
+        self.threshold, smaller = _select_from_histograms(high, low_of, k)
+        ties = k - smaller
+        if collective.size > 1:  # this process's share of the ties
+            equal = sum(count_equal(self._norms(start).ravel(), self.threshold) for start in self.starts)
+            ties = max(0, min(equal, ties - collective.before(equal)))
+        self.ties = ties
+
+    def _chunk(self, start: int) -> torch.Tensor:
+        stop = min(start + self.step, self.hi)
+        rows = self.read_rows(start, stop)
+        if tuple(rows.shape) != (stop - start, self.width):
+            raise ValueError(
+                f"read_rows({start}, ...) gave shape {tuple(rows.shape)}, "
+                f"expected {(stop - start, self.width)}"
+            )
         return rows
 
-    if height <= 1 or width <= 1:  # squeezed to 1-D by the sparsifier: one piece
-        yield 0, block_norm_mask(read_rows(0, height), sparsity_level, (bh, bw), zeros, norm)
-        return
-    num_blocks = -(-height // bh) * -(-width // bw)
-    k = round(float(sparsity_level) * num_blocks)
-    prune_some = sparsity_level > 0 and zeros > 0
-    high = np.zeros(65536, dtype=np.int64)
-    if prune_some or k >= num_blocks:  # the in-memory path refuses NaN in these cases too
-        nans = 0
-        for start in starts:
-            nans += add_high_histogram(_block_norms(chunk(start), (bh, bw), norm).numpy().ravel(), high)
-        if nans:
-            raise ValueError(_NAN_MESSAGE)
-    if not prune_some or k <= 0:
-        for start in starts:
-            yield start, torch.ones(min(step, height - start), width, dtype=torch.bool)
-        return
+    def _norms(self, start: int, rows: torch.Tensor | None = None) -> np.ndarray:
+        chunk = self._chunk(start) if rows is None else rows
+        return _block_norms(chunk, self.block, self.norm).numpy()
 
-    def low_of(bucket: int) -> np.ndarray:
-        low = np.zeros(65536, dtype=np.int64)
-        for start in starts:
-            add_low_histogram(_block_norms(chunk(start), (bh, bw), norm).numpy().ravel(), bucket, low)
-        return low
-
-    threshold, smaller = (0.0, k) if k >= num_blocks else _select_from_histograms(high, low_of, k)
-    ties = k - smaller
-    for start in starts:
-        rows = chunk(start)
-        norms = _block_norms(rows, (bh, bw), norm).numpy()
-        if k >= num_blocks:
-            pruned = np.ones(norms.shape, dtype=np.bool_)
-        else:
-            pruned = parallel_call(mark_pruned, norms, threshold, ties)
-            ties -= min(ties, count_equal(norms.ravel(), threshold))
-        mask_np = empty(tuple(rows.shape), np.bool_)
-        parallel_call(expand_block_mask, pruned, bh, bw, mask_np)
-        mask = torch.from_numpy(mask_np)
-        if zeros < bh * bw and not bool(mask.all()):
-            mask |= _smallest_in_block(_elementwise_norm(rows.detach().float(), norm), (bh, bw), zeros)
-        yield start, mask
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, bool mask of the rows from start)`` over this process's rows; one read
+        of them per call."""
+        if self.how == "squeezed":
+            if self.lo < self.hi:
+                whole = self.read_rows(0, self.height)
+                mask = block_norm_mask(whole, self.sparsity_level, self.block, self.zeros, self.norm)
+                yield self.lo, mask[self.lo : self.hi]
+            return
+        if self.how == "keep":
+            for start in self.starts:
+                yield start, torch.ones(min(self.step, self.hi - start), self.width, dtype=torch.bool)
+            return
+        bh, bw = self.block
+        ties = self.ties
+        for start in self.starts:
+            rows = self._chunk(start)
+            norms = self._norms(start, rows)
+            if self.how == "prune all":
+                pruned = np.ones(norms.shape, dtype=np.bool_)
+            else:
+                pruned = parallel_call(mark_pruned, norms, self.threshold, ties)
+                ties -= min(ties, count_equal(norms.ravel(), self.threshold))
+            mask_np = empty(tuple(rows.shape), np.bool_)
+            parallel_call(expand_block_mask, pruned, bh, bw, mask_np)
+            mask = torch.from_numpy(mask_np)
+            if self.zeros < bh * bw and not bool(mask.all()):
+                mask |= _smallest_in_block(
+                    _elementwise_norm(rows.detach().float(), self.norm), self.block, self.zeros
+                )
+            yield start, mask
 
 
 class DataNormSparsifier(BaseDataSparsifier):

@@ -1,0 +1,626 @@
+"""Numba bag kernel of the mixed layout (``layouts.mixed``).
+
+A lookup finds its row's class in the packed 2-bit class ids (read as int64 words, 32
+rows each), its slot in the class from the rank directory (per-class counts before each
+256-row block and, within it, before each 64-row sub-block) plus a popcount of the
+sub-block's earlier ids of that class (at most two words), and decodes the
+row with its class's codec. Each bag is done in two passes: first every id's class and
+payload position, grouped by class (the rank lookups of a bag are independent, so their
+cache misses overlap; each row's bytes are prefetched, and the rank entries of ids further
+on), then the decode and sum, one decoder call per class. The first pass of the next bag
+runs before the second of this one, so its rows arrive while this bag is decoded.
+
+The helpers (popcount, prefetch, unaligned float loads) are defined here, not imported: numba's disk cache is
+keyed on the jitted function's own file (see ``layouts._kernels``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from .. import _kernel_cache
+
+__all__ = ["mixed_bag"]
+
+PRUNED, ROWWISE, LEVELS, COLBOOK = 0, 1, 2, 3  # codecs.KINDS' order
+_M55 = np.int64(0x5555555555555555)
+MAX_BAG_SCRATCH = 256  # ids whose positions are computed ahead, at most, per pass
+DIR_AHEAD = 24  # ids ahead (across bags) whose class-id word and rank entries are prefetched
+# code width -> accumulator: 8 bits (1 code a byte) 0, 4 bits 1, 2 bits 2, 1 bit 3
+_WIDTH_SLOT = np.array([0, 3, 2, 0, 1, 0, 0, 0, 0], dtype=np.int64)
+
+
+@intrinsic
+def _popcount_intrinsic(typingctx: Any, x: Any) -> Any:
+    """Set bits of an int64 (one instruction where the CPU has it)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
+        return builder.call(fn, [args[0]])
+
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def _prefetch_intrinsic(typingctx: Any, ary: Any, idx: Any) -> Any:
+    """Hint the CPU to load ``ary[idx]`` into cache (no effect on results)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        aryty = signature.args[0]
+        arr = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [args[1]], wraparound=False)
+        i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [i8p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(ary, types.intp), codegen
+
+
+# called from the kernels only (typed here as such: numba supplies the typing context)
+_popcount: Any = _popcount_intrinsic
+_prefetch: Any = _prefetch_intrinsic
+
+
+def _load_intrinsic(kind: str) -> Any:
+    """``ary[idx:idx + n]``'s bytes read as one little-endian float16 (``kind`` "f16",
+    widened to float32: one conversion instruction where the CPU has F16C) or float32
+    ("f32"), at any alignment."""
+    width, ir_type = (16, ir.HalfType()) if kind == "f16" else (32, ir.FloatType())
+
+    @intrinsic
+    def load(typingctx: Any, ary: Any, idx: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            aryty = signature.args[0]
+            arr = context.make_array(aryty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [args[1]], wraparound=False)
+            raw = builder.load(builder.bitcast(ptr, ir.IntType(width).as_pointer()), align=1)
+            value = builder.bitcast(raw, ir_type)
+            return builder.fpext(value, ir.FloatType()) if kind == "f16" else value
+
+        return types.float32(ary, types.intp), codegen
+
+    return load
+
+
+_f16: Any = _load_intrinsic("f16")
+_f32: Any = _load_intrinsic("f32")
+
+
+@numba.njit(cache=True, inline="always")
+def _locate(words: np.ndarray, rank: np.ndarray, sub: np.ndarray, r: int) -> tuple[int, int]:
+    """(class, slot in the class) of row ``r``, without branches: the block's count, the
+    sub-block's, the sub-block's first word when ``r`` is in its second, and the ids below
+    ``r`` in its own word."""
+    word = words[np.uint64(r >> 5)]
+    sh = (r & 31) << 1
+    c = (word >> sh) & 3
+    pat = c * _M55  # the class id in every 2-bit field
+    slot = np.int64(rank[np.uint64(((r >> 8) << 2) + c)]) + np.int64(sub[np.uint64(((r >> 6) << 2) + c)])
+    y = words[np.uint64((r >> 6) << 1)] ^ pat
+    slot += _popcount(~(y | (y >> 1)) & _M55 & -((r >> 5) & 1))
+    y = word ^ pat
+    slot += _popcount(~(y | (y >> 1)) & _M55 & ((np.int64(1) << sh) - 1))
+    return c, slot
+
+
+@numba.njit(cache=True, inline="always")
+def _split_pos(j: int, dim: int, per: int) -> int:
+    """Where value j of a row sits in an accumulator of codes ``per`` a byte: split by the
+    code's place in its byte (``t * n + q`` for j = q * per + t, n = dim // per full
+    bytes), the values of a last partial byte at their own place."""
+    n = dim // per
+    if j >= n * per:
+        return j
+    return (j % per) * n + j // per
+
+
+# The decoders of one class's rows of a bag, one compiled function per codec and width
+# (the width a constant: the loops unroll and vectorise), not inlined into the kernel,
+# where LLVM vectorises them worse; called once per class and bag, so the call costs little.
+# Each adds the rows at payload bytes ``pos[k0:k0 + cnt]`` (weights ``wts[k0:k0 + cnt]``)
+# into ``acc[off:off + dim]`` in the split order of its width (``_split_pos``), reading
+# each code byte once for all the codes it holds.
+
+
+def _rowwise_adder(bits: int) -> Any:
+    per = 8 // bits
+    mask = (1 << bits) - 1
+
+    @numba.njit(cache=True, inline="never", boundscheck=False)
+    def add(
+        acc: np.ndarray,
+        off: int,
+        payload: np.ndarray,
+        pos: np.ndarray,
+        k0: int,
+        cnt: int,
+        wts: np.ndarray,
+        weighted: bool,
+        dim: int,
+        pa: int,
+        half: bool,
+    ) -> Any:
+        """``+= code * s``; returns the rows' summed offsets ``o`` (every value of a row
+        has the same one: the caller adds the sum once)."""
+        n = np.uint64(dim // per)
+        o_sum = np.float32(0.0)
+        for k in range(k0, k0 + cnt):
+            at = pos[k]
+            q = at + pa
+            if half:
+                s = _f16(payload, q)
+                o = _f16(payload, q + 2)
+            else:
+                s = _f32(payload, q)
+                o = _f32(payload, q + 4)
+            if weighted:
+                s = s * wts[k]
+                o = o * wts[k]
+            o_sum += o
+            a = np.uint64(at)
+            base = np.uint64(off)
+            for i in range(n):
+                byte = np.int32(payload[a + i])
+                for t in range(per):
+                    code = (byte >> np.int32(t * bits)) & np.int32(mask)
+                    acc[base + np.uint64(t) * n + i] += np.float32(code) * s
+            for j in range(n * per, dim):
+                code = (np.int32(payload[a + np.uint64(j // per)]) >> ((j % per) * bits)) & mask
+                acc[np.uint64(off + j)] += np.float32(code) * s
+        return o_sum
+
+    return add
+
+
+def _levels_adder(bits: int) -> Any:
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    four = bits == 2
+
+    @numba.njit(cache=True, inline="never", boundscheck=False)
+    def add(
+        acc: np.ndarray,
+        off: int,
+        payload: np.ndarray,
+        pos: np.ndarray,
+        k0: int,
+        cnt: int,
+        wts: np.ndarray,
+        weighted: bool,
+        dim: int,
+        pa: int,
+    ) -> None:
+        """``+= lev[code]`` (2**bits <= 4 float16 levels after the codes)."""
+        n = np.uint64(dim // per)
+        for k in range(k0, k0 + cnt):
+            at = pos[k]
+            q = at + pa
+            w = wts[k] if weighted else np.float32(1.0)
+            l0 = _f16(payload, q)
+            l1 = _f16(payload, q + 2)
+            l2 = _f16(payload, q + 4) if four else np.float32(0.0)
+            l3 = _f16(payload, q + 6) if four else np.float32(0.0)
+            if weighted:
+                l0 = l0 * w
+                l1 = l1 * w
+                l2 = l2 * w
+                l3 = l3 * w
+            a = np.uint64(at)
+            base = np.uint64(off)
+            for i in range(n):
+                byte = np.int32(payload[a + i])
+                for t in range(per):
+                    code = (byte >> np.int32(t * bits)) & np.int32(mask)
+                    low = l1 if code & 1 else l0
+                    high = l3 if code & 1 else l2
+                    acc[base + np.uint64(t) * n + i] += high if code & 2 else low
+            for j in range(n * per, dim):
+                code = (np.int32(payload[a + np.uint64(j // per)]) >> ((j % per) * bits)) & mask
+                low = l1 if code & 1 else l0
+                high = l3 if code & 1 else l2
+                acc[np.uint64(off + j)] += high if code & 2 else low
+
+    return add
+
+
+def _colbook_adder(bits: int) -> Any:
+    per = 8 // bits
+    mask = (1 << bits) - 1
+
+    @numba.njit(cache=True, inline="never", boundscheck=False)
+    def add(
+        acc: np.ndarray,
+        off: int,
+        payload: np.ndarray,
+        pos: np.ndarray,
+        k0: int,
+        cnt: int,
+        wts: np.ndarray,
+        weighted: bool,
+        dim: int,
+        sb: np.ndarray,
+        bb: int,
+    ) -> None:
+        """``+= w * book[code]``; ``sb[bb + level * dim + p]``: the book's level for split
+        position p."""
+        n = np.uint64(dim // per)
+        d = np.uint64(dim)
+        b0 = np.uint64(bb)
+        for k in range(k0, k0 + cnt):
+            at = pos[k]
+            w = wts[k] if weighted else np.float32(1.0)
+            a = np.uint64(at)
+            into = np.uint64(off)
+            for i in range(n):
+                byte = np.int32(payload[a + i])
+                for t in range(per):
+                    code = (byte >> np.int32(t * bits)) & np.int32(mask)
+                    p = np.uint64(t) * n + i
+                    if bits == 4:  # 16 levels: a gather
+                        acc[into + p] += sb[b0 + np.uint64(code) * d + p] * w
+                    else:  # 2 or 4 levels: contiguous loads and selects, which vectorise
+                        v0 = sb[b0 + p]
+                        v1 = sb[b0 + d + p]
+                        low = v1 if code & 1 else v0
+                        if bits == 2:
+                            v2 = sb[b0 + np.uint64(2) * d + p]
+                            v3 = sb[b0 + np.uint64(3) * d + p]
+                            high = v3 if code & 1 else v2
+                            low = high if code & 2 else low
+                        acc[into + p] += low * w
+            for j in range(n * per, dim):
+                tail = (np.int32(payload[a + np.uint64(j // per)]) >> ((j % per) * bits)) & mask
+                acc[np.uint64(off + j)] += sb[np.uint64(bb + tail * dim + j)] * w
+
+    return add
+
+
+_ROWWISE8, _ROWWISE4, _ROWWISE2 = (_rowwise_adder(b) for b in (8, 4, 2))
+_LEVELS2, _LEVELS1 = (_levels_adder(b) for b in (2, 1))
+_COLBOOK4, _COLBOOK2, _COLBOOK1 = (_colbook_adder(b) for b in (4, 2, 1))
+
+
+@numba.njit(cache=True, inline="always", boundscheck=False)
+def _add_class(
+    acc: np.ndarray,
+    o_sum: np.ndarray,
+    payload: np.ndarray,
+    sb: np.ndarray,
+    pos: np.ndarray,
+    k0: int,
+    cnt: int,
+    wts: np.ndarray,
+    weighted: bool,
+    kind: int,
+    nb: int,
+    pa: int,
+    bb: int,
+    half: bool,
+    dim: int,
+) -> None:
+    """Add a bag's ``cnt`` rows of one class (codec ``kind``, ``nb`` bits) into the
+    accumulator of its width; a rowwise class's offsets go to ``o_sum`` of that width."""
+    u = _WIDTH_SLOT[nb]
+    a = u * dim
+    if kind == ROWWISE:
+        if nb == 8:
+            o_sum[u] += _ROWWISE8(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, half)
+        elif nb == 4:
+            o_sum[u] += _ROWWISE4(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, half)
+        else:
+            o_sum[u] += _ROWWISE2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, half)
+    elif kind == LEVELS:
+        if nb == 2:
+            _LEVELS2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa)
+        else:
+            _LEVELS1(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa)
+    elif nb == 4:
+        _COLBOOK4(acc, a, payload, pos, k0, cnt, wts, weighted, dim, sb, bb)
+    elif nb == 2:
+        _COLBOOK2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, sb, bb)
+    else:
+        _COLBOOK1(acc, a, payload, pos, k0, cnt, wts, weighted, dim, sb, bb)
+
+
+@numba.njit(cache=True, inline="always", boundscheck=False)
+def _gather(
+    words: np.ndarray,
+    rank: np.ndarray,
+    sub: np.ndarray,
+    payload: np.ndarray,
+    kinds: np.ndarray,
+    base: np.ndarray,
+    row_bytes: np.ndarray,
+    indices: np.ndarray,
+    weights: np.ndarray,
+    weighted: bool,
+    lo: int,
+    hi: int,
+    pf_end: int,
+    pos: np.ndarray,
+    wts: np.ndarray,
+    cnt: np.ndarray,
+    s0: int,
+) -> None:
+    """Pass 1 over ids ``[lo, hi)`` (at most ``MAX_BAG_SCRATCH``): the payload position and
+    weight of each kept id, by class, into set ``s0`` (0 or 4) of ``pos`` / ``wts`` /
+    ``cnt``; each row is prefetched, and the rank entries of the id ``DIR_AHEAD`` on."""
+    for c in range(4):
+        cnt[s0 + c] = 0
+    for p in range(lo, hi):
+        if p + DIR_AHEAD < pf_end:
+            r_ahead = indices[p + DIR_AHEAD]
+            _prefetch(words, r_ahead >> 5)
+            _prefetch(rank, (r_ahead >> 8) << 2)
+            _prefetch(sub, (r_ahead >> 6) << 2)
+        c, slot = _locate(words, rank, sub, indices[p])
+        if kinds[c] == PRUNED:
+            continue
+        at = base[c] + slot * row_bytes[c]
+        k = (s0 + c) * MAX_BAG_SCRATCH + cnt[s0 + c]
+        pos[k] = at
+        if weighted:
+            wts[k] = weights[p]
+        cnt[s0 + c] += 1
+        _prefetch(payload, at)  # one prefetch per cache line the row touches
+        for line in range((at | 63) + 1, at + row_bytes[c], 64):
+            _prefetch(payload, line)
+
+
+@numba.njit(cache=True, inline="always", boundscheck=False)
+def _add_set(
+    acc: np.ndarray,
+    o_sum: np.ndarray,
+    payload: np.ndarray,
+    sb: np.ndarray,
+    pos: np.ndarray,
+    wts: np.ndarray,
+    cnt: np.ndarray,
+    s0: int,
+    weighted: bool,
+    kinds: np.ndarray,
+    bits: np.ndarray,
+    param_at: np.ndarray,
+    book_base: np.ndarray,
+    half: bool,
+    dim: int,
+) -> None:
+    """Pass 2: add the rows of set ``s0`` (``_gather``), a class at a time."""
+    for c in range(4):
+        if cnt[s0 + c]:
+            _add_class(
+                acc,
+                o_sum,
+                payload,
+                sb,
+                pos,
+                (s0 + c) * MAX_BAG_SCRATCH,
+                cnt[s0 + c],
+                wts,
+                weighted,
+                kinds[c],
+                bits[c],
+                param_at[c],
+                book_base[c],
+                half,
+                dim,
+            )
+
+
+@numba.njit(cache=True, parallel=True, nogil=True, boundscheck=False)
+def mixed_bag(
+    words: np.ndarray,
+    rank: np.ndarray,
+    sub: np.ndarray,
+    payload: np.ndarray,
+    books: np.ndarray,
+    kinds: np.ndarray,
+    bits: np.ndarray,
+    base: np.ndarray,
+    row_bytes: np.ndarray,
+    param_at: np.ndarray,
+    book_base: np.ndarray,
+    half: bool,
+    rows: int,
+    dim: int,
+    indices: np.ndarray,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    weighted: bool,
+    mean: bool,
+    threads: int,
+    out: np.ndarray,
+) -> int:
+    """``out[b]`` = sum / mean over bag b of its decoded rows (pruned rows add 0).
+
+    The table (``layouts.mixed``): ``words``, the class ids as int64 words; ``rank``, the
+    flattened rank directory and its sub-block counts; ``payload`` and ``books``; per class: kind, bits, first
+    payload byte, bytes per row, where its parameters start in a row, first book value.
+    ``half``: rowwise scales are float16 (else float32). The lookups are
+    ``lookup.Bags``' fields, from ``indices`` to ``mean``. Each thread takes a contiguous
+    run of bags; its ids are checked first. A bag's ids are sorted by class (their payload
+    positions and weights, rows prefetched), then each class's rows are added by its
+    codec's decoder in one call. A bag is summed in one accumulator per code width, each
+    in the split order of its width (``_split_pos``: the decode loops then read and write
+    contiguously, which vectorises), put back in order once per bag with the width's
+    summed rowwise offsets. Returns the number of out-of-range ids (then nothing is
+    computed: the caller raises).
+    """
+    bags = offsets.shape[0] - 1
+    runs = max(1, min(bags, threads))
+    per_run = -(-bags // runs)
+    bad = np.zeros(runs, dtype=np.int64)
+    for run in numba.prange(runs):
+        b0 = run * per_run
+        b1 = min(bags, b0 + per_run)
+        if b0 >= b1:
+            continue
+        n_bad = 0
+        for p in range(offsets[b0], offsets[b1]):
+            if indices[p] < 0 or indices[p] >= rows:
+                n_bad += 1
+        bad[run] = n_bad
+        if n_bad:
+            continue
+        # which accumulators (by code width: 8, 4, 2, 1 bits) the classes use, and the
+        # colbooks' levels in split order
+        used = np.zeros(4, dtype=np.bool_)
+        sb = np.empty(books.shape[0], dtype=np.float32)
+        for c in range(4):
+            if kinds[c] == PRUNED:
+                continue
+            used[_WIDTH_SLOT[bits[c]]] = True
+            if kinds[c] == COLBOOK:
+                k = 1 << bits[c]
+                per = 8 // bits[c]
+                for j in range(dim):
+                    p_ = _split_pos(j, dim, per)
+                    for t in range(k):
+                        sb[book_base[c] + t * dim + p_] = books[book_base[c] + j * k + t]
+        # per class: payload positions and weights of the chunk's ids of that class
+        # (two sets: the bag being decoded and the next one)
+        pos = np.empty(8 * MAX_BAG_SCRATCH, dtype=np.int64)
+        wts = np.ones(8 * MAX_BAG_SCRATCH, dtype=np.float32)
+        cnt = np.zeros(8, dtype=np.int64)
+        ready = False  # whether set (b & 1) holds bag b already
+        acc = np.zeros(4 * dim, dtype=np.float32)  # one accumulator per code width
+        o_sum = np.zeros(4, dtype=np.float32)  # summed rowwise offsets per code width
+        pf_end = offsets[b1]
+        for b in range(b0, b1):
+            for u in range(4):
+                o_sum[u] = 0.0
+                if used[u]:
+                    acc[u * dim : (u + 1) * dim] = 0.0
+            lo = offsets[b]
+            hi = offsets[b + 1]
+            cur = b & 1
+            if hi - lo <= MAX_BAG_SCRATCH:
+                if not ready:
+                    _gather(
+                        words,
+                        rank,
+                        sub,
+                        payload,
+                        kinds,
+                        base,
+                        row_bytes,
+                        indices,
+                        weights,
+                        weighted,
+                        lo,
+                        hi,
+                        pf_end,
+                        pos,
+                        wts,
+                        cnt,
+                        4 * cur,
+                    )
+                # the next bag's rows are located and prefetched before this one is decoded
+                ready = b + 1 < b1 and offsets[b + 2] - hi <= MAX_BAG_SCRATCH
+                if ready:
+                    _gather(
+                        words,
+                        rank,
+                        sub,
+                        payload,
+                        kinds,
+                        base,
+                        row_bytes,
+                        indices,
+                        weights,
+                        weighted,
+                        hi,
+                        offsets[b + 2],
+                        pf_end,
+                        pos,
+                        wts,
+                        cnt,
+                        4 - 4 * cur,
+                    )
+                _add_set(
+                    acc,
+                    o_sum,
+                    payload,
+                    sb,
+                    pos,
+                    wts,
+                    cnt,
+                    4 * cur,
+                    weighted,
+                    kinds,
+                    bits,
+                    param_at,
+                    book_base,
+                    half,
+                    dim,
+                )
+            else:
+                for c_lo in range(lo, hi, MAX_BAG_SCRATCH):
+                    c_hi = min(c_lo + MAX_BAG_SCRATCH, hi)
+                    _gather(
+                        words,
+                        rank,
+                        sub,
+                        payload,
+                        kinds,
+                        base,
+                        row_bytes,
+                        indices,
+                        weights,
+                        weighted,
+                        c_lo,
+                        c_hi,
+                        pf_end,
+                        pos,
+                        wts,
+                        cnt,
+                        4 * cur,
+                    )
+                    _add_set(
+                        acc,
+                        o_sum,
+                        payload,
+                        sb,
+                        pos,
+                        wts,
+                        cnt,
+                        4 * cur,
+                        weighted,
+                        kinds,
+                        bits,
+                        param_at,
+                        book_base,
+                        half,
+                        dim,
+                    )
+            row = out[b]
+            row[:] = 0.0
+            for u in range(4):
+                if not used[u]:
+                    continue
+                per = 1 << u
+                n = dim // per
+                o = o_sum[u]
+                for t in range(per):
+                    for q in range(n):
+                        row[np.uint64(q * per + t)] += acc[np.uint64(u * dim + t * n + q)] + o
+                for j in range(n * per, dim):
+                    row[np.uint64(j)] += acc[np.uint64(u * dim + j)] + o
+            if mean and offsets[b + 1] > offsets[b]:
+                cnt_b = np.float32(offsets[b + 1] - offsets[b])
+                for j in range(dim):
+                    row[j] /= cnt_b
+    return int(bad.sum())
+
+
+# several processes may compile into one disk cache at once (see ``_kernel_cache``)
+_kernel_cache.guard_module(globals())

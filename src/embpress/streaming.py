@@ -1,0 +1,405 @@
+"""Compress one table in row chunks, in bounded memory, byte for byte as in memory.
+
+``compress_table`` does for one table what ``post_training_sparse_quantize`` does with
+``DataNormSparsifier`` (same arguments, both orders) while holding only a few row chunks
+of floats at a time, so the table may be a memory-mapped tensor, a tensor in a
+safetensors file, or any ``read_rows(start, stop)``. Everything that is not row-local is
+settled over the whole table first: the pruning threshold (``StreamingMask``,
+exact through histograms), whether the blocks are whole (else entries are counted one by
+one, as in memory) and the layout ("auto" from the summed mask statistics). Then each
+chunk is encoded alone and the layout joins the parts (``concat_rows``). Memory: about
+``chunk_rows`` rows of floats a few times over, plus the output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ._collective import LOCAL, Collective
+from .io import FORMAT_NAME
+from .layouts.base import ROW_CHUNK_ALIGN, QuantizedTable
+from .layouts.encode import (
+    ERROR_BLOCK_ROWS,
+    ErrorSums,
+    choose_layout,
+    encode_part,
+    fake_quantize_table,
+    finite_table,
+    plain_qparams,
+)
+from .layouts.registry import table_class
+from .layouts.stats import MaskStats, row_stats
+from .quant import QuantConfig
+from .sparsify.data_norm import StreamingMask, _block_shape
+
+if TYPE_CHECKING:
+    from .checkpoint import CompressedCheckpoint
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "chunk_rows_for",
+    "compress_safetensors",
+    "compress_table",
+    "memory_chunk_bytes",
+    "open_safetensors",
+    "safetensors_rows",
+    "safetensors_tables",
+    "tensor_rows",
+]
+
+DEFAULT_CHUNK_BYTES = 32 << 20  # float32 bytes of one row chunk
+
+ReadRows = Callable[[int, int], torch.Tensor]
+
+
+def tensor_rows(table: torch.Tensor) -> ReadRows:
+    """``read_rows`` over a 2-D tensor (a memory-mapped one is read chunk by chunk)."""
+    return lambda start, stop: table[start:stop]
+
+
+def open_safetensors(path: str | os.PathLike[str]) -> Any:
+    """``safetensors.safe_open`` of ``path`` (memory-mapped), with a one-line ValueError
+    naming the file when it cannot be read or mapped."""
+    from safetensors import SafetensorError, safe_open
+
+    from .checkpoint import _safetensors_cause
+    from .report import human_bytes
+
+    p = Path(path)
+    try:
+        return safe_open(str(p), framework="pt")
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
+        cause = _safetensors_cause(err)
+        if cause.startswith("too large"):
+            raise ValueError(f"{p}: too large to map into memory ({human_bytes(p.stat().st_size)})") from None
+        raise ValueError(f"{p}: not a readable safetensors file ({cause})") from None
+
+
+def _plain_checkpoint(p: Path) -> Any:
+    """The open safetensors file ``p``, refused if it is an embpress file already."""
+    handle = open_safetensors(p)
+    if (handle.metadata() or {}).get("format") == FORMAT_NAME:
+        raise ValueError(f"{p}: already an embpress file (see 'embpress inspect {p}')")
+    return handle
+
+
+def safetensors_rows(path: str | Path, name: str) -> tuple[ReadRows, tuple[int, int]]:
+    """``read_rows`` over tensor ``name`` of a safetensors file, read by memory map one
+    slice at a time, and its shape. KeyError / ValueError for a missing or non-2-D tensor."""
+    handle = open_safetensors(path)
+    if name not in handle.keys():  # noqa: SIM118 (safe_open has no __contains__)
+        raise KeyError(f"{path}: no tensor {name!r}")
+    view = handle.get_slice(name)
+    shape = tuple(int(n) for n in view.get_shape())
+    if len(shape) != 2:
+        raise ValueError(f"{path}: tensor {name!r} has shape {shape}, expected 2-D")
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        rows: torch.Tensor = view[start:stop]
+        return rows
+
+    read.handle = handle  # type: ignore[attr-defined]  # keeps the file open while read lives
+    return read, (shape[0], shape[1])
+
+
+def memory_chunk_bytes(memory: int) -> int:
+    """float32 bytes of a row chunk for a working memory of ``memory`` bytes: a chunk is
+    held a few times over (the floats, their quantized copy, codes, mask, norms)."""
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 16 * 2**20:
+        raise ValueError(f"memory must be at least 16 MiB (in bytes), got {memory!r}")
+    return memory // 8
+
+
+def chunk_rows_for(dim: int, block_height: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk: about ``chunk_bytes`` of float32, a multiple of ``ROW_CHUNK_ALIGN``
+    (how the layouts join parts) and of the sparsifier's block height."""
+    step = ROW_CHUNK_ALIGN * block_height // math.gcd(ROW_CHUNK_ALIGN, block_height)
+    return max(step, chunk_bytes // (4 * max(dim, 1)) // step * step)
+
+
+def compress_table(
+    source: torch.Tensor | ReadRows,
+    config: QuantConfig | None = None,
+    *,
+    shape: tuple[int, int] | None = None,
+    sparsify_first: bool = True,
+    sparsity_level: float = 0.0,
+    sparse_block_shape: tuple[int, int] = (1, 4),
+    zeros_per_block: int | None = None,
+    norm: str = "L1",
+    chunk_rows: int | None = None,
+    name: str = "table",
+    row_range: tuple[int, int] | None = None,
+    collective: Collective = LOCAL,
+) -> tuple[QuantizedTable | None, dict[str, float]]:
+    """One table compressed chunk by chunk: the table and its error summary.
+
+    ``source`` is a 2-D float tensor (memory-mapped, say) or ``read_rows(start, stop)``
+    with ``shape`` given. The other arguments are those of
+    ``post_training_sparse_quantize(model, DataNormSparsifier, sparsify_first, quant=config,
+    sparsity_level=..., ...)``, whose result for this table is what comes back, byte for
+    byte. ``chunk_rows``: rows per chunk, a positive multiple of ``ROW_CHUNK_ALIGN`` and
+    of the block height (default: ``chunk_rows_for``).
+
+    Several processes share a table with ``row_range`` (each its own rows; the ranges in
+    rank order tile the table, every boundary a multiple of ``chunk_rows``) and a
+    ``collective`` (``distributed.TorchCollective``): each gets the table of its rows, and
+    ``concat_rows`` of those in rank order is the one-process table (None for an empty
+    range); the error summary is the whole table's.
+    """
+    config = config if config is not None else QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be an embpress.QuantConfig, got {type(config).__name__}")
+    if isinstance(source, torch.Tensor):
+        if source.dim() != 2:
+            raise ValueError(f"{name} is not 2-D (shape {tuple(source.shape)})")
+        read_raw, shape = tensor_rows(source), (int(source.shape[0]), int(source.shape[1]))
+    elif callable(source):
+        if shape is None:
+            raise ValueError("shape is needed with a read_rows function")
+        read_raw = source
+    else:
+        raise TypeError(f"source must be a tensor or a read_rows function, got {type(source).__name__}")
+    rows, dim = (int(n) for n in shape)
+    if rows < 1 or dim < 1:
+        raise ValueError(f"{name} is empty (shape {(rows, dim)})")
+    block_height, block_width = _block_shape(sparse_block_shape)
+    step = chunk_rows if chunk_rows is not None else chunk_rows_for(dim, block_height)
+    align = ROW_CHUNK_ALIGN * block_height // math.gcd(ROW_CHUNK_ALIGN, block_height)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1 or step % align:
+        raise ValueError(f"chunk_rows must be a positive multiple of {align}, got {chunk_rows!r}")
+
+    def floats(start: int, stop: int) -> torch.Tensor:
+        got = read_raw(start, stop)
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != (stop - start, dim):
+            found = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise ValueError(f"{name}: rows {start}:{stop} read as {found}, expected {(stop - start, dim)}")
+        return finite_table(got, config, f"{name} rows {start}:{stop}")
+
+    def pruned_on(start: int, stop: int) -> torch.Tensor:
+        """What the sparsifier sees: the floats, or their row-wise quantization (quantize-first)."""
+        x = floats(start, stop)
+        return x if sparsify_first else fake_quantize_table(x, plain_qparams(x, config), config.bits)
+
+    lo, hi = (0, rows) if row_range is None else (int(row_range[0]), int(row_range[1]))
+    if not 0 <= lo <= hi <= rows or (lo % step and lo != rows) or (hi % step and hi != rows):
+        raise ValueError(
+            f"row_range {(lo, hi)} must lie in [0, {rows}] with both ends multiples of chunk_rows "
+            f"({step}) or the end of the table"
+        )
+
+    masks = StreamingMask(
+        pruned_on,
+        (rows, dim),
+        sparsity_level,
+        sparse_block_shape,
+        zeros_per_block,
+        norm,
+        step,
+        row_range=(lo, hi),
+        collective=collective,
+    ).chunks  # the threshold is found once; each call is one more pass over the rows
+
+    width = min(max(1, block_width), dim)
+    # pass 1: the mask's statistics over the whole table decide block width and layout
+    totals, mixed = _count(masks(), dim, width)
+    if int(collective.sum(np.array([mixed], dtype=np.int64))[0]):
+        width = 1  # a block mixes kept and pruned entries somewhere: count entries
+        totals, _ = _count(masks(), dim, width)
+    layout = choose_layout(_stats_of(collective.sum(totals), dim, width), config)
+    fixed = replace(config, layout=layout.layout)
+    # pass 2: encode chunk by chunk, join
+    parts: list[QuantizedTable] = []
+    sums = ErrorSums(np.zeros(0), np.zeros(0), 0.0)
+    for start, mask in masks():
+        stop = start + mask.shape[0]
+        x = floats(start, stop)
+        saved = None if sparsify_first else plain_qparams(x, config)
+        w = x if saved is None else fake_quantize_table(x, saved, config.bits)
+        part, part_sums = encode_part(
+            w,
+            mask,
+            fixed,
+            block_width=width,
+            saved_qparams=saved,
+            reference=None if saved is None else x,
+            checked=True,
+            fixed_width=True,
+        )
+        parts.append(part)
+        sums = sums + part_sums
+    error = _whole_table_error(sums, lo, rows, collective)
+    if not parts:
+        return None, error
+    # the parts are emptied as they are copied: the output is held once, not twice
+    table = parts[0] if len(parts) == 1 else table_class(layout.layout).concat_rows(parts, consume=True)
+    return table, error
+
+
+def _whole_table_error(sums: ErrorSums, lo: int, rows: int, collective: Collective) -> dict[str, float]:
+    """The error summary of the whole table from this process's partial sums (rows from
+    ``lo``): every process places its partials in a table-wide array of zeros, and one sum
+    over the processes assembles them exactly (x + 0 == x)."""
+    if collective.size == 1:
+        return sums.summary()
+    blocks = -(-rows // ERROR_BLOCK_ROWS)
+    both = np.zeros((2, blocks))
+    first = lo // ERROR_BLOCK_ROWS
+    both[0, first : first + sums.err_sq.shape[0]] = sums.err_sq
+    both[1, first : first + sums.ref_sq.shape[0]] = sums.ref_sq
+    both = collective.sum(both)
+    return ErrorSums(both[0], both[1], collective.max(sums.max_abs)).summary()
+
+
+def _count(masks: Iterator[tuple[int, torch.Tensor]], dim: int, width: int) -> tuple[np.ndarray, int]:
+    """Mask statistics of the chunks as one int64 vector (rows, pruned, kept rows, then rows
+    with 0..nb kept blocks), which adds up over chunks and processes; and how many chunks
+    had a (1 x ``width``) block mixing kept and pruned entries."""
+    nb = -(-dim // width)
+    totals = np.zeros(4 + nb, dtype=np.int64)
+    mixed = 0
+    for _, mask in masks:
+        counted = row_stats(mask.numpy(), mask.shape[0], dim, width)
+        if counted.width != width:
+            mixed += 1
+            continue
+        stats = counted.summary()
+        totals[:3] += (stats.rows, stats.pruned, stats.kept_rows)
+        totals[3 : 3 + len(stats.kept_blocks)] += stats.kept_blocks
+    return totals, mixed
+
+
+def _stats_of(totals: np.ndarray, dim: int, width: int) -> MaskStats:
+    """The ``MaskStats`` of a table from its summed ``_count`` vector (as ``RowStats.summary``
+    gives them: the histogram ends at the largest count present, at least nb entries)."""
+    hist = [int(n) for n in totals[3:]]
+    while len(hist) > -(-dim // width) and hist[-1] == 0:
+        hist.pop()
+    return MaskStats(int(totals[0]), dim, int(totals[1]), int(totals[2]), width, tuple(hist))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _lazy_state(path: Path, handle: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of an open safetensors file as a meta tensor (shape and dtype only), in
+    the order of their data, as ``safetensors.torch.load_file`` returns them."""
+    out = {}
+    for key in handle.offset_keys():
+        view = handle.get_slice(key)
+        dtype = _ST_DTYPES.get(view.get_dtype())
+        shape = tuple(int(n) for n in view.get_shape())
+        out[key] = torch.empty(shape, dtype=dtype or torch.uint8, device="meta")
+        if dtype is None:  # kept as it is, never a table
+            out[key] = torch.empty(0, dtype=torch.uint8, device="meta")
+    return out
+
+
+def safetensors_tables(
+    src: str | os.PathLike[str], patterns: Sequence[str] = ()
+) -> dict[str, tuple[int, ...]]:
+    """The tables ``compress_safetensors`` would compress (``checkpoint.find_tables`` on the
+    file's header alone) and their shapes."""
+    from . import checkpoint as ckpt
+
+    p = Path(src)
+    ckpt.check_input_file(p, fits=False)
+    lazy = _lazy_state(p, _plain_checkpoint(p))
+    return {k: tuple(lazy[k].shape) for k in ckpt.find_tables(lazy, patterns)}
+
+
+def compress_safetensors(
+    src: str | os.PathLike[str],
+    patterns: Sequence[str] = (),
+    *,
+    sparsity: float = 0.0,
+    block: tuple[int, int] = (1, 4),
+    zeros_per_block: int | None = None,
+    norm: str = "L1",
+    quant: QuantConfig | None = None,
+    sparsify_first: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    collective: Collective = LOCAL,
+    on_table: Callable[[str, int, bool], None] | None = None,
+) -> CompressedCheckpoint | None:
+    """``checkpoint.compress_state_dict`` for a ``.safetensors`` file of any size: each
+    table is read by memory map and compressed in row chunks (``compress_table``), the
+    other tensors are copied; saved, the result is byte for byte the in-memory one.
+
+    With a ``collective`` of several processes (``distributed.TorchCollective``) every
+    process reads its share of each table's rows and rank 0 joins the parts; rank 0
+    returns the result (to save), the others None.
+    """
+    from . import checkpoint as ckpt
+    from .distributed import gather_table, row_ranges
+    from .nn import QuantizedEmbedding
+
+    p = Path(src)
+    ckpt.check_input_file(p, fits=False)
+    handle = _plain_checkpoint(p)
+    config = quant if quant is not None else QuantConfig()
+    lazy = _lazy_state(p, handle)
+    if not lazy:
+        raise ValueError(f"{p}: the file holds no tensors")
+    try:
+        keys = ckpt.find_tables(lazy, patterns)
+        if not keys:
+            raise ValueError(
+                f"no embedding table found among {len(lazy)} tensors (choose them with patterns)"
+            )
+        chosen = set(keys)
+        # the skeleton: other tensors read whole, each table a placeholder of its shape
+        state = {k: handle.get_tensor(k) for k in lazy if k not in chosen}
+        for key in keys:
+            state[key] = torch.empty(1, dtype=lazy[key].dtype).expand(lazy[key].shape)
+        root, modules = ckpt.build_skeleton(state, keys)
+        sparse: dict[str, Any] = {"sparsity_level": sparsity, "sparse_block_shape": tuple(block)}
+        bh = _block_shape(block)[0]
+        for key in keys:
+            read, (rows, dim) = safetensors_rows(p, key)
+            name = key[: -len(".weight")]
+            if on_table is not None:
+                on_table(name, rows * dim, False)
+            step = chunk_rows_for(dim, bh, chunk_bytes)
+            row_range = row_ranges(rows, collective.size, step)[collective.rank]
+            part, error = compress_table(
+                read,
+                config,
+                shape=(rows, dim),
+                sparsify_first=sparsify_first,
+                zeros_per_block=zeros_per_block,
+                norm=norm,
+                chunk_rows=step,
+                name=f"table {name!r}",
+                row_range=row_range,
+                collective=collective,
+                **sparse,
+            )
+            table = gather_table(part) if collective.size > 1 else part
+            if table is not None:
+                module = QuantizedEmbedding(table)
+                module.error = error
+                *parents, attr = name.split(".")
+                node = root.get_submodule(".".join(parents)) if parents else root
+                node._modules[attr] = module
+                modules[key] = module
+            if on_table is not None:
+                on_table(name, rows * dim, True)
+    except ValueError as err:
+        raise ValueError(f"{p}: {err}") from err
+    if collective.rank != 0:
+        return None
+    return ckpt.compressed_checkpoint(root, lazy, {k: v for k, v in state.items() if k not in chosen})

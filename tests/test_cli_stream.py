@@ -1,0 +1,133 @@
+"""`embpress compress` on a .safetensors input: read by memory map in row chunks, alone or
+shared among torchrun's processes; the file is byte for byte the in-memory one, and a
+failed or inconsistent run writes nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import embpress
+from embpress.cli import cli
+
+ARGS = ["--sparsity", "0.5", "--bits", "8"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "in.safetensors"
+    save_file(
+        {
+            "user_emb.weight": torch.randn(70_000, 16, generator=g),  # several chunks at --memory 16MiB
+            "item_emb.weight": torch.randn(3007, 24, generator=g).half(),
+            "mlp.0.weight": torch.randn(8, 40, generator=g),
+            "step": torch.tensor(3),
+        },
+        str(path),
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def in_memory(checkpoint, tmp_path_factory) -> bytes:
+    """The file the in-memory path writes (what every other way must write too)."""
+    out = tmp_path_factory.mktemp("mem") / "out.safetensors"
+    result = embpress.compress_state_dict(
+        load_file(str(checkpoint)), sparsity=0.5, quant=embpress.QuantConfig(bits=8)
+    )
+    result.save(out)
+    return out.read_bytes()
+
+
+def test_streamed_file_is_the_in_memory_file(checkpoint, in_memory, tmp_path) -> None:
+    out = tmp_path / "out.safetensors"
+    got = CliRunner().invoke(cli, ["compress", str(checkpoint), str(out), *ARGS, "--memory", "16MiB"])
+    assert got.exit_code == 0, got.output
+    assert out.read_bytes() == in_memory
+
+
+def test_memory_option_is_checked(checkpoint, tmp_path) -> None:
+    got = CliRunner().invoke(cli, ["compress", str(checkpoint), str(tmp_path / "o"), "--memory", "1/2"])
+    assert got.exit_code == 2 and "not a number of bytes" in got.output
+    got = CliRunner().invoke(cli, ["compress", str(checkpoint), str(tmp_path / "o"), "--memory", "1MB"])
+    assert got.exit_code != 0 and "at least 16 MiB" in got.output
+    assert not (tmp_path / "o").exists()
+
+
+def torchrun(nproc: int, checkpoint: Path, out: Path, hook: str | None = None, tmp: Path | None = None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if hook is not None and tmp is not None:  # code every process runs at start-up
+        (tmp / "sitecustomize.py").write_text(textwrap.dedent(hook))
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command += ["-m", "embpress", "compress", str(checkpoint), str(out), *ARGS]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_writes_the_one_process_file(checkpoint, in_memory, tmp_path, nproc) -> None:
+    out = tmp_path / "out.safetensors"
+    done = torchrun(nproc, checkpoint, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_bytes() == in_memory
+
+
+KILL_RANK_1 = """
+    import os, signal
+    if os.environ.get("RANK") == "1":
+        import embpress.distributed as d
+        def die(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        d.gather_table = die
+"""
+
+
+def test_killed_rank_writes_nothing(checkpoint, tmp_path) -> None:
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"the previous OUT")
+    done = torchrun(2, checkpoint, out, KILL_RANK_1, tmp_path)
+    assert done.returncode != 0
+    assert out.read_bytes() == b"the previous OUT"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.safetensors")]  # no temp file
+    log = done.stdout + done.stderr
+    assert "rank" in log and ("SIGKILL" in log or "-9" in log), log[-3000:]
+
+
+OTHER_BITS_ON_RANK_1 = """
+    import os, sys
+    if os.environ.get("RANK") == "1":
+        sys.argv = [a if a != "8" else "4" for a in sys.argv]
+"""
+
+
+def test_processes_that_disagree_stop_before_work(checkpoint, tmp_path) -> None:
+    out = tmp_path / "out.safetensors"
+    done = torchrun(2, checkpoint, out, OTHER_BITS_ON_RANK_1, tmp_path)
+    assert done.returncode != 0
+    assert not out.exists()
+    assert "processes disagree on IN, OUT and the options: rank(s) 1 differ from rank 0" in done.stderr
+
+
+def test_inspect_system_says_which_kernel_path_runs() -> None:
+    env = {**os.environ, "EMBPRESS_KERNEL": "generic"}
+    done = subprocess.run(
+        [sys.executable, "-m", "embpress", "inspect", "--system", "--json"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    import json
+
+    info = json.loads(done.stdout)
+    assert info["kernel_path"] == "generic" and info["kernel_path_source"] == "EMBPRESS_KERNEL=generic"
+    assert "generic" in info["available_paths"]
+    got = CliRunner().invoke(cli, ["inspect", "--system", "x.pt"])
+    assert got.exit_code == 2 and "--system takes no FILE" in got.output

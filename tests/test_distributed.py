@@ -1,0 +1,93 @@
+"""Several processes (torch.distributed, gloo) compress one table: the joined table is byte
+for byte the one-process table, for any number of processes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import embpress
+from embpress.distributed import TorchCollective, gather_table, row_ranges
+from embpress.streaming import compress_table
+
+CASES = [
+    # rows, dim, bits, layout, sparsify_first, sparsity, block
+    (1500, 16, 8, "auto", True, 0.8, (1, 4)),
+    (1300, 12, 4, "block_sparse", False, 0.5, (1, 4)),
+    (1100, 8, 2, "pruned_rows", True, 0.6, (1, 8)),
+    (900, 10, 8, "dense", True, 0.3, (2, 4)),
+    (700, 16, 4, "auto", True, 0.5, (1, 3)),  # blocks mixing kept and pruned entries: width 1
+    (200, 6, 8, "auto", True, 0.5, (1, 2)),  # fewer chunks than processes
+]
+
+
+def table(rows: int, dim: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, dim, generator=g) * torch.rand(rows, 1, generator=g)
+    w[::5] = w[3]  # many equal block norms: ties at the threshold cross process boundaries
+    return w
+
+
+def _worker(rank: int, size: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        collective = TorchCollective()
+        results = []
+        for i, (rows, dim, bits, layout, first, sparsity, block) in enumerate(CASES):
+            w = table(rows, dim, i)
+            config = embpress.QuantConfig(bits=bits, layout=layout)
+            sparse = {"sparsity_level": sparsity, "sparse_block_shape": block}
+            step = 256 * (2 if block[0] == 2 else 1)
+            lo, hi = row_ranges(rows, size, step)[rank]
+            part, error = compress_table(
+                w,
+                config,
+                sparsify_first=first,
+                chunk_rows=step,
+                row_range=(lo, hi),
+                collective=collective,
+                **sparse,
+            )
+            whole = gather_table(part)
+            if rank == 0:
+                alone, alone_error = compress_table(
+                    w, config, sparsify_first=first, chunk_rows=step, **sparse
+                )
+                same = type(whole) is type(alone) and whole.meta() == alone.meta()
+                ta, tb = whole.tensors(), alone.tensors()
+                same = same and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+                exact = error == alone_error  # the whole table's error, bit for bit
+                results.append({"case": i, "same": same, "error_same": exact, "layout": whole.layout})
+        if rank == 0:
+            Path(out).write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_processes_make_the_one_process_table(tmp_path, size) -> None:
+    out = tmp_path / "result.json"
+    mp.start_processes(
+        _worker, args=(size, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=size, start_method="spawn"
+    )
+    results = json.loads(out.read_text())
+    assert len(results) == len(CASES)
+    assert all(r["same"] for r in results), results
+    assert all(r["error_same"] for r in results), results
+
+
+def test_row_ranges_tile_the_table() -> None:
+    for rows in (1, 255, 256, 1000, 4097):
+        for size in (1, 2, 3, 5):
+            ranges = row_ranges(rows, size, 256)
+            assert len(ranges) == size and ranges[0][0] == 0 and ranges[-1][1] == rows
+            for (a, b), (c, _) in itertools.pairwise(ranges):
+                assert b == c and a <= b and (b % 256 == 0 or b == rows)
+    with pytest.raises(ValueError):
+        row_ranges(10, 0, 256)

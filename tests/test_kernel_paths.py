@@ -1,0 +1,359 @@
+"""Every kernel path (avx512, avx2, generic) this CPU runs, forced one by one, against the
+plain-torch decoder (``decode_rows`` + ``torch.nn.functional.embedding_bag``).
+
+The paths differ only in how a bitmap word's kept blocks are moved to their columns (an
+exact data movement), so they agree with each other bit for bit. The set-bit walk does
+the decoder's arithmetic (``code * scale + offset`` then a sum in id order) and matches it
+bit for bit on unweighted bags; the whole-word decode sums centred codes with FMAs and
+matches it to float rounding.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from embpress import QuantConfig, QuantizedEmbeddingBag
+from embpress.layouts import _kernels
+from embpress.layouts.lookup import (
+    KernelPolicy,
+    kernel_path,
+    kernel_path_number,
+    kernel_paths,
+    kernel_policy,
+    system_info,
+)
+from embpress.sparsify import block_norm_mask
+
+PATHS = ["avx512", "avx2", "generic"]
+
+
+def _runs(path: str) -> None:
+    """Skip unless this CPU runs kernel ``path`` (the generic path runs everywhere)."""
+    if path not in kernel_paths():
+        pytest.skip(f"this CPU cannot run the {path} kernel path")
+
+
+def _torch_bags(table, idx, bounds, mode, psw):
+    """The plain-torch reference: every row decoded, then ``F.embedding_bag``."""
+    return F.embedding_bag(
+        idx, table.dequantize(), bounds, mode=mode, per_sample_weights=psw, include_last_offset=True
+    )
+
+
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return before
+
+
+def _bags_on(table, path, vector, threads, idx, bounds, code, psw):
+    before = _threads(threads)
+    try:
+        out = table.fast_bag(idx, bounds, code, psw, policy=KernelPolicy(path=path, vector_decode=vector))
+    finally:
+        torch.set_num_threads(before)
+    assert out is not None
+    return out
+
+
+def _lookups(gen, rows, bag_sizes, weighted):
+    idx = torch.randint(0, rows, (sum(bag_sizes),), generator=gen)
+    bounds = torch.tensor([0, *itertools.accumulate(bag_sizes)])
+    psw = torch.rand(idx.numel(), generator=gen) if weighted else None
+    return idx, bounds, psw
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dim=st.sampled_from([32, 64, 128, 256, 36, 20]),
+    bits=st.sampled_from([8, 4, 2]),
+    width=st.sampled_from([4, 1, 3, 8]),
+    sparsity=st.sampled_from([0.0, 0.5, 0.8, 0.97]),
+    mode=st.sampled_from(["sum", "mean"]),
+    weighted=st.booleans(),
+    scale_dtype=st.sampled_from([torch.float32, torch.float16]),
+    bag_sizes=st.lists(st.integers(0, 30), min_size=1, max_size=16),
+    seed=st.integers(0, 2**16),
+    threads=st.sampled_from([1, 2]),
+)
+def test_block_sparse_paths_match_the_torch_decoder(
+    dim, bits, width, sparsity, mode, weighted, scale_dtype, bag_sizes, seed, threads
+):
+    """Block-sparse bags on every path this CPU runs, whole-word decode and set-bit walk:
+    the paths agree bit for bit; the walk equals the torch decoder bit for bit on
+    unweighted bags; everything equals it to float rounding."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = 70  # a partial last group of rows
+    weight = torch.randn(rows, dim, generator=gen)
+    weight[3] = 0.0  # every block pruned
+    mask = block_norm_mask(weight, sparsity, (1, width))
+    config = QuantConfig(bits=bits, layout="block_sparse", scale_dtype=scale_dtype)
+    q = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(weight, mode=mode), config, mask=mask, block_width=width
+    )
+    weighted = weighted and mode == "sum"
+    idx, bounds, psw = _lookups(gen, rows, bag_sizes, weighted)
+    expected = _torch_bags(q.table, idx, bounds, mode, psw)
+    code = 0 if mode == "sum" else 1
+    for vector in (True, False):
+        outs = {p: _bags_on(q.table, p, vector, threads, idx, bounds, code, psw) for p in kernel_paths()}
+        first = next(iter(outs.values()))
+        for path, out in outs.items():
+            assert torch.equal(out, first), (path, vector)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            if not vector and not weighted:
+                assert torch.equal(out, expected), path
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dim", [32, 64, 128, 256])
+def test_each_path_serves_the_whole_word_decode(path, bits, dim):
+    """(1, 4) blocks with D = 4 * W * words take the whole-word decode on every path, and
+    its sums (weighted, mean, empty bags, repeated ids) equal the torch decoder's."""
+    _runs(path)
+    gen = torch.Generator().manual_seed(dim + bits)
+    weight = torch.randn(90, dim, generator=gen)
+    mask = block_norm_mask(weight, 0.8, (1, 4))
+    q = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(weight), QuantConfig(bits=bits), mask=mask, block_width=4
+    )
+    assert q.table.layout == "block_sparse"
+    policy = KernelPolicy(path=path)
+    assert q.table._vector_decode(policy)
+    idx, bounds, psw = _lookups(gen, 90, [0, 5, 40, 1, 0, 33, 90], True)
+    idx[:20] = 7  # a hot row
+    for mode, weights in (("sum", None), ("sum", psw), ("mean", None)):
+        code = 0 if mode == "sum" else 1
+        expected = _torch_bags(q.table, idx, bounds, mode, weights)
+        for threads in (1, 2):
+            out = _bags_on(q.table, path, True, threads, idx, bounds, code, weights)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", ["dense", "pruned_rows"])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_fused_rows_on_each_path_match_the_torch_decoder(path, layout, bits):
+    """Dense and pruned-row bags (FBGEMM's kernels, embpress's 4-bit kernel on several
+    threads) under each path equal the torch decoder."""
+    _runs(path)
+    gen = torch.Generator().manual_seed(bits)
+    dim = 64
+    weight = torch.randn(60, dim, generator=gen)
+    mask = block_norm_mask(weight, 0.5, (1, dim)) if layout == "pruned_rows" else None
+    q = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(weight),
+        QuantConfig(bits=bits, layout=layout),
+        mask=mask,
+        block_width=dim,
+    )
+    assert q.table.layout == layout
+    idx, bounds, psw = _lookups(gen, 60, [3, 0, 17, 8, 40], True)
+    for mode, weights in (("sum", None), ("sum", psw), ("mean", None)):
+        code = 0 if mode == "sum" else 1
+        expected = _torch_bags(q.table, idx, bounds, mode, weights)
+        for threads in (1, 2):
+            out = _bags_on(q.table, path, True, threads, idx, bounds, code, weights)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_each_path_refuses_out_of_range_ids(path):
+    _runs(path)
+    weight = torch.randn(40, 128)
+    mask = block_norm_mask(weight, 0.8, (1, 4))
+    q = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(weight), QuantConfig(bits=8), mask=mask, block_width=4
+    )
+    with kernel_policy(path=path):
+        for bad in (40, -1):
+            with pytest.raises(IndexError, match="out of range"):
+                q(torch.tensor([1, bad, 2]), torch.tensor([0, 2]))
+
+
+def test_the_policy_names_the_path_and_refuses_bad_ones():
+    assert kernel_paths()[-1] == "generic" and set(kernel_paths()) <= set(PATHS)
+    assert KernelPolicy().path is None
+    for path in kernel_paths():
+        with kernel_policy(path=path):
+            assert kernel_path() == path
+            assert kernel_path_number() == _kernels.KERNEL_PATHS[path]
+    with pytest.raises(ValueError, match=r"KernelPolicy\.path must be one of"):
+        KernelPolicy(path="sse2")
+    with pytest.raises(TypeError, match=r"KernelPolicy\.path must be a str"):
+        KernelPolicy(path=2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be one of"), kernel_policy(path="neon"):
+        pass
+
+
+def test_a_path_the_cpu_lacks_is_never_chosen_and_cannot_be_forced(monkeypatch):
+    """With AVX-512 (then AVX2 too) hidden, the automatic choice falls to the next path,
+    and forcing a hidden one raises a clear ValueError (by policy or by environment)."""
+    host = _kernels._host_has
+    try:
+        monkeypatch.delenv(_kernels.KERNEL_ENV, raising=False)
+        monkeypatch.setattr(_kernels, "_host_has", lambda f: not f.startswith("avx512") and host(f))
+        _kernels.process_path.cache_clear()
+        assert "avx512" not in kernel_paths()
+        assert kernel_path() == kernel_paths()[0] != "avx512"
+        with pytest.raises(ValueError, match="cannot run that kernel path"):
+            KernelPolicy(path="avx512")
+        monkeypatch.setenv(_kernels.KERNEL_ENV, "avx512")
+        _kernels.process_path.cache_clear()
+        with pytest.raises(ValueError, match=r"EMBPRESS_KERNEL='avx512'.*cannot run"):
+            kernel_path()
+        monkeypatch.setattr(_kernels, "_host_has", lambda f: False)
+        monkeypatch.setenv(_kernels.KERNEL_ENV, "auto")
+        _kernels.process_path.cache_clear()
+        assert kernel_paths() == ("generic",) and kernel_path() == "generic"
+    finally:
+        _kernels.process_path.cache_clear()
+
+
+def test_the_environment_forces_the_process_path(monkeypatch):
+    try:
+        for path in kernel_paths():
+            monkeypatch.setenv(_kernels.KERNEL_ENV, f" {path.upper()} ")
+            _kernels.process_path.cache_clear()
+            assert kernel_path() == path
+            info = system_info()
+            assert info["kernel_path"] == path and info["kernel_path_source"].startswith("EMBPRESS_KERNEL")
+            with kernel_policy(path="generic"):  # a policy's path overrides the process's
+                assert kernel_path() == "generic" and system_info()["kernel_path_source"] == "policy"
+        monkeypatch.setenv(_kernels.KERNEL_ENV, "fastest")
+        _kernels.process_path.cache_clear()
+        with pytest.raises(ValueError, match=r"EMBPRESS_KERNEL='fastest': expected auto or one of"):
+            kernel_path()
+        weight = torch.randn(10, 32)
+        q = QuantizedEmbeddingBag.from_float(
+            nn.EmbeddingBag.from_pretrained(weight),
+            QuantConfig(bits=8),
+            mask=block_norm_mask(weight, 0.5, (1, 4)),
+            block_width=4,
+        )
+        with pytest.raises(ValueError, match="EMBPRESS_KERNEL"):
+            q(torch.tensor([1, 2]), torch.tensor([0]))
+    finally:
+        _kernels.process_path.cache_clear()
+
+
+def test_system_info_says_what_runs():
+    info = system_info()
+    assert info["kernel_path"] == kernel_path() and info["available_paths"] == list(kernel_paths())
+    assert info["kernel_path_source"] in ("cpu", "policy") or info["kernel_path_source"].startswith(
+        "EMBPRESS_KERNEL"
+    )
+    for key in ("cpu", "numba", "llvmlite", "llvm", "torch"):
+        assert isinstance(info[key], str) and info[key]
+    assert info["torch_threads"] >= 1 and info["numba_threads"] >= 1
+    assert all(isinstance(v, bool) for v in info["cpu_features"].values())
+    assert info["cpu_features"]["avx2"] == ("avx2" in kernel_paths())
+
+
+def test_avx512_path_without_vbmi2_expands_16_bit_blocks_with_avx2(monkeypatch):
+    """On an AVX-512 CPU without VBMI2 (Skylake-X, Cascade Lake: no 16-bit expand), the
+    AVX-512 path decodes 4-bit rows with AVX2's table permutes (8-bit rows keep the 32-bit
+    expand); compiled afresh for such a CPU, it matches the torch decoder."""
+    import numba
+
+    from embpress.layouts import block_sparse
+
+    _runs("avx512")
+    host = _kernels._host_has
+    monkeypatch.setattr(_kernels, "_host_has", lambda f: f != "avx512vbmi2" and host(f))
+    assert _kernels._has_expands(32) and not _kernels._has_expands(16)
+    fresh = numba.njit(parallel=True)(_kernels.block_sparse_bag.py_func)
+    monkeypatch.setattr(block_sparse, "block_sparse_bag", fresh)
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(60, 128, generator=gen)
+    idx, bounds, psw = _lookups(gen, 60, [7, 0, 30, 12], True)
+    for bits in (4, 8):
+        q = QuantizedEmbeddingBag.from_float(
+            nn.EmbeddingBag.from_pretrained(weight),
+            QuantConfig(bits=bits),
+            mask=block_norm_mask(weight, 0.7, (1, 4)),
+            block_width=4,
+        )
+        out = _bags_on(q.table, "avx512", True, 2, idx, bounds, 0, psw)
+        torch.testing.assert_close(out, _torch_bags(q.table, idx, bounds, "sum", psw), rtol=1e-5, atol=1e-5)
+
+
+_TWO_PROCESSES = """
+import sys
+import torch
+from torch import nn
+from embpress import QuantConfig, QuantizedEmbeddingBag
+from embpress.layouts.lookup import KernelPolicy
+from embpress.sparsify import block_norm_mask
+
+torch.manual_seed(0)
+weight = torch.randn(50, 64)
+q = QuantizedEmbeddingBag.from_float(
+    nn.EmbeddingBag.from_pretrained(weight), QuantConfig(bits=8), mask=block_norm_mask(weight, 0.7, (1, 4)),
+    block_width=4,
+)
+idx = torch.randint(0, 50, (100,))
+bounds = torch.arange(0, 101, 10)
+out = q.table.fast_bag(idx, bounds, 0, None, policy=KernelPolicy(path=sys.argv[1]))
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_share_an_empty_kernel_cache(tmp_path):
+    """Two fresh processes compile into one empty numba cache at once (each writes its
+    cache files whole, under names of its own, then renames them), and a third process
+    then loads what they left: all three give the same sums."""
+    import os
+    import subprocess
+    import sys
+
+    path = kernel_paths()[0]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-c", _TWO_PROCESSES, path]
+    procs = [subprocess.Popen([*cmd, str(tmp_path / f"{i}.pt")], env=env) for i in range(2)]
+    assert [p.wait(timeout=900) for p in procs] == [0, 0]
+    subprocess.run([*cmd, str(tmp_path / "2.pt")], env=env, check=True, timeout=900)
+    outs = [torch.load(tmp_path / f"{i}.pt", weights_only=True) for i in range(3)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert any((tmp_path / "cache").rglob("*.nbc"))
+
+
+@pytest.mark.slow
+def test_generic_path_has_no_x86_vector_intrinsic_and_avx2_no_avx512(monkeypatch):
+    """The LLVM IR of the block-sparse kernel compiled afresh for the generic path names no
+    x86 vector intrinsic (what an ARM CPU compiles); the AVX2 path's names AVX2/SSSE3
+    permutes and nothing of AVX-512."""
+    import re
+
+    import numba
+
+    from embpress.layouts import block_sparse
+
+    _runs("avx2")
+    fresh = numba.njit(parallel=True)(_kernels.block_sparse_bag.py_func)  # uncached: inspectable
+    monkeypatch.setattr(block_sparse, "block_sparse_bag", fresh)
+    weight = torch.randn(50, 128)
+    q = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(weight),
+        QuantConfig(bits=8),
+        mask=block_norm_mask(weight, 0.7, (1, 4)),
+        block_width=4,
+    )
+    found = {}
+    for path in ("generic", "avx2"):
+        q.table.fast_bag(torch.tensor([1, 2]), torch.tensor([0, 2]), 0, None, policy=KernelPolicy(path=path))
+        marker = numba.typeof(_kernels.PATH_MARKERS[_kernels.KERNEL_PATHS[path]])
+        (sig,) = [s for s in fresh.signatures if s[8] == marker]
+        found[path] = set(re.findall(r"llvm\.x86\.(?:avx|sse|ssse3)[\w.]*", fresh.inspect_llvm(sig)))
+    assert found["generic"] == set()
+    assert {"llvm.x86.avx2.permd", "llvm.x86.ssse3.pshuf.b.128"} <= found["avx2"]
+    assert not any("avx512" in name for name in found["avx2"])

@@ -1,0 +1,422 @@
+"""embpress.plan: budgets met exactly, the predicted bytes and errors are the real ones, usage
+weighs rows, plans round-trip through JSON, and bad input is refused with the model unchanged."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import embpress
+from embpress import Plan, PlanError, Usage, UsageError, plan
+from embpress.layouts.mixed import MixedTable
+from embpress.planner import MAX_CODECS, row_weights
+from embpress.quant.codecs import Codec
+
+
+class Model(nn.Module):
+    """Two tables of different shapes (one a bag) and a linear layer."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        self.emb = nn.Embedding(400, 16)
+        self.bag = nn.EmbeddingBag(240, 8, mode="mean")
+        self.fc = nn.Linear(24, 1)
+        with torch.no_grad():  # trained-like: row scales differ, heavy tails within rows
+            for t in (self.emb, self.bag):
+                r, d = t.weight.shape
+                scale = torch.rand(r, 1, generator=g) * 2 + 0.05
+                t.weight.copy_(torch.distributions.StudentT(3.0).sample((r, d)) * scale * 0.3)
+
+    def forward(self, ids: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.emb(ids), self.bag(bags)], 1))
+
+
+def _float_bytes(model: nn.Module) -> int:
+    return sum(
+        m.weight.numel() * 4 for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+    )
+
+
+def _tables_nbytes(model: nn.Module) -> int:
+    return sum(
+        m.nbytes
+        for m in model.modules()
+        if isinstance(m, embpress.QuantizedEmbedding | embpress.QuantizedEmbeddingBag)
+    )
+
+
+def _skewed_usage(model: Model, seed: int = 0) -> Usage:
+    g = torch.Generator().manual_seed(seed)
+    ids = (torch.rand(4000, generator=g) ** 4 * 200).long()  # rows 200.. never seen
+    bags = (torch.rand(500, 3, generator=g) ** 3 * 240).long()
+    with embpress.record_usage(model) as usage:
+        model(ids[:500], bags)
+        model.emb(ids)
+    return usage
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------ budgets
+@pytest.mark.parametrize("share", [1 / 3, 1 / 8, 1 / 16, 1 / 32, 1 / 64])
+def test_budget_met_exactly_and_apply_matches(share: float) -> None:
+    model = Model()
+    budget = int(_float_bytes(model) * share)
+    p = plan(model, budget)
+    assert p.predicted_bytes <= budget
+    assert p.predicted_bytes >= 0.97 * budget  # the leftover bytes are spent
+    for t in p.tables:
+        assert 1 <= len(t.codecs) <= MAX_CODECS
+        assert t.predicted_bytes == MixedTable.predicted_size(t.rows, t.dim, t.class_rows, t.codecs)
+    fc = model.fc.weight.clone()
+    p.apply(model)
+    assert isinstance(model.emb, embpress.QuantizedEmbedding)
+    assert isinstance(model.bag, embpress.QuantizedEmbeddingBag) and model.bag.mode == "mean"
+    assert model.emb.layout == model.bag.layout == "mixed"
+    assert _tables_nbytes(model) == p.predicted_bytes
+    assert model.emb.nbytes == p["emb"].predicted_bytes and model.bag.nbytes == p["bag"].predicted_bytes
+    assert torch.equal(model.fc.weight, fc)
+
+
+def test_more_bytes_less_error() -> None:
+    model = Model()
+    f32 = _float_bytes(model)
+    errors = [plan(model, f32 // k).predicted_error for k in (4, 8, 16, 32, 64)]
+    assert errors == sorted(errors)
+    assert len(set(errors)) == len(errors)
+
+
+def test_predicted_error_is_the_real_error() -> None:
+    """Without shared codebooks (refitted on the class at build) the prediction is exact:
+    the usage-weighted squared error of the rows the model decodes."""
+    model = Model()
+    usage = _skewed_usage(model)
+    original = _state(model)
+    p = plan(
+        model,
+        _float_bytes(model) // 12,
+        usage=usage,
+        codecs=["rowwise8", "rowwise4", "rowwise2", "levels2", "levels1"],
+    )
+    p.apply(model)
+    for t in p.tables:
+        w = row_weights(t.rows, usage.counts[t.name], p.unseen_weight)
+        decoded = getattr(model, t.name).dequantize().double()
+        real = float((w * ((decoded - original[f"{t.name}.weight"].double()) ** 2).sum(1).numpy()).sum())
+        assert t.predicted_error == pytest.approx(real, rel=1e-6)
+        assert t.reference_error == pytest.approx(
+            float((w * (original[f"{t.name}.weight"].double() ** 2).sum(1).numpy()).sum())
+        )
+
+
+def test_beats_every_uniform_codec_at_its_own_size() -> None:
+    """Storing every row with one codec is a plan the planner could pick, so at that
+    codec's bytes it is at least as good."""
+    model = Model()
+    for name in ("rowwise4", "rowwise2", "levels1", "colbook1"):
+        codec = Codec.parse(name)
+        budget = 0
+        uniform = 0.0
+        for t in (model.emb, model.bag):
+            r, d = t.weight.shape
+            budget += MixedTable.predicted_size(r, d, [r], [codec])
+            from embpress.quant.codecs import row_errors
+
+            uniform += float(row_errors(t.weight.detach().numpy(), codec).mean())
+        p = plan(model, budget)
+        assert p.predicted_bytes <= budget
+        assert p.predicted_error <= uniform * (1 + 1e-9), name
+
+
+def test_rows_beyond_float16_avoid_float16_codecs() -> None:
+    model = Model()
+    with torch.no_grad():
+        model.emb.weight[7] = 1e6  # rowwise / levels keep float16 parameters: this row cannot use them
+    p = plan(model, _float_bytes(model) // 4)
+    t = p["emb"]
+    assert t.codecs[int(t.assignment[7])].kind in ("pruned", "colbook")
+    p.apply(model)
+    assert _tables_nbytes(model) == p.predicted_bytes
+
+
+def test_budget_below_the_smallest_size_says_it() -> None:
+    model = Model()
+    smallest = sum(
+        MixedTable.predicted_size(
+            m.weight.shape[0], m.weight.shape[1], [m.weight.shape[0]], [Codec.parse("pruned")]
+        )
+        for m in (model.emb, model.bag)
+    )
+    with pytest.raises(PlanError, match=f"smallest possible size of these tables, {smallest} bytes"):
+        plan(model, smallest - 1)
+    p = plan(model, smallest)
+    assert p.predicted_bytes == smallest
+    assert all(t.summary() == "pruned 100%" for t in p.tables)
+
+
+def test_max_error_gives_the_fewest_bytes() -> None:
+    model = Model()
+    f32 = _float_bytes(model)
+    target = plan(model, f32 // 16).predicted_error
+    p = plan(model, max_error=target)
+    assert p.predicted_error <= target
+    assert p.predicted_bytes <= f32 // 16 * 1.02
+    assert p.budget_bytes is None and p.max_error == target
+    looser = plan(model, max_error=target * 4)
+    assert looser.predicted_bytes < p.predicted_bytes
+    with pytest.raises(PlanError, match="below the smallest predicted error"):
+        plan(model, max_error=0.0)
+    copy_model = copy.deepcopy(model)
+    p.apply(copy_model)
+    assert _tables_nbytes(copy_model) == p.predicted_bytes
+
+
+# ------------------------------------------------------------------------------ usage
+def test_row_weights() -> None:
+    assert np.allclose(row_weights(4, None, 0.3), 0.25)
+    w = row_weights(4, torch.tensor([9.0, 1.0, 0.0, 0.0]), 0.2)  # square roots: 3 and 1
+    assert np.allclose(w, [0.8 * 0.75 + 0.05, 0.8 * 0.25 + 0.05, 0.05, 0.05])
+    assert w.sum() == pytest.approx(1.0)
+    assert np.allclose(row_weights(3, np.zeros(3), 0.0), 1 / 3)  # nothing counted: uniform
+    # without usage: the squared norms (the data-free proxy), mixed the same way
+    w = row_weights(4, None, 0.2, np.array([6.0, 2.0, 0.0, 0.0]))
+    assert np.allclose(w, [0.8 * 0.75 + 0.05, 0.8 * 0.25 + 0.05, 0.05, 0.05])
+    assert np.allclose(row_weights(2, None, 0.5, np.zeros(2)), 0.5)
+    with pytest.raises(PlanError, match="norms"):
+        row_weights(2, None, 0.1, np.array([1.0, -1.0]))
+    for bad, match in (
+        (np.array([1.0, np.nan, 0]), "NaN"),
+        (np.array([1.0, -1, 0]), "negative"),
+        (np.ones(2), "3 entries"),
+    ):
+        with pytest.raises(PlanError, match=match):
+            row_weights(3, bad, 0.1)
+
+
+def test_usage_gives_hot_rows_more_bytes_and_prunes_unseen_rows() -> None:
+    model = Model()
+    usage = _skewed_usage(model)
+    counts = usage.counts["emb"].numpy()
+    p = plan(model, _float_bytes(model) // 16, usage=usage, unseen_weight=0.0)
+    t = p["emb"]
+    row_bytes = np.array([c.row_bytes(t.dim) for c in t.codecs])[t.assignment]
+    hot = counts >= np.quantile(counts[counts > 0], 0.75)
+    assert row_bytes[hot].mean() > row_bytes[counts == 0].mean()
+    assert (row_bytes[counts == 0] == 0).all()  # weight 0: pruning them costs nothing
+    with_prior = plan(model, _float_bytes(model) // 16, usage=usage, unseen_weight=0.3)
+    assert (
+        np.array([c.row_bytes(t.dim) for c in with_prior["emb"].codecs])[with_prior["emb"].assignment][
+            counts == 0
+        ]
+        > 0
+    ).any()
+    assert with_prior.with_usage and "usage-weighted" in str(with_prior)
+
+
+def test_usage_that_does_not_match_is_refused() -> None:
+    model = Model()
+    good = _skewed_usage(model)
+    cases: list[tuple[Usage, str]] = [
+        (Usage({"emb": good.counts["emb"]}), "no counts for table 'bag'"),
+        (Usage({**good.counts, "other": torch.ones(3)}), "does not have: other"),
+        (Usage({"emb": torch.ones(399), "bag": good.counts["bag"]}), "399 rows"),
+    ]
+    for usage, match in cases:
+        with pytest.raises(UsageError, match=match):
+            plan(model, 10_000, usage=usage)
+    for bad, match in ((float("nan"), "NaN"), (-1.0, "negative")):
+        usage = Usage({k: v.clone() for k, v in good.counts.items()})
+        usage.counts["emb"][3] = bad  # changed after the checks of Usage itself
+        with pytest.raises(ValueError, match=match):
+            plan(model, 10_000, usage=usage)
+    with pytest.raises(UsageError, match="negative"):
+        Usage({"emb": -torch.ones(400)})
+
+
+# ------------------------------------------------------------------------------ selection, sharing
+def test_select_embeddings_plans_those_alone() -> None:
+    model = Model()
+    bag_state = model.bag.weight.clone()
+    budget = 400 * 16 * 4 // 8
+    p = plan(model, budget, select_embeddings=[model.emb])
+    assert [t.name for t in p.tables] == ["emb"] and p.predicted_bytes <= budget
+    p.apply(model)
+    assert isinstance(model.emb, embpress.QuantizedEmbedding)
+    assert type(model.bag) is nn.EmbeddingBag and torch.equal(model.bag.weight, bag_state)
+    with pytest.raises(TypeError, match="select_embeddings"):
+        plan(Model(), budget, select_embeddings=[nn.Linear(2, 2)])  # type: ignore[list-item]
+
+
+def test_shared_table_stays_shared_and_forward_matches() -> None:
+    torch.manual_seed(0)
+    shared = nn.Embedding(300, 8)
+    model = nn.Module()
+    model.a = shared
+    model.b = nn.Sequential(shared)
+    p = plan(model, 300 * 8 * 4 // 10)
+    assert [t.name for t in p.tables] == ["a"]
+    p.apply(model)
+    assert model.a is model.b[0]
+    ids = torch.randint(0, 300, (50,))
+    assert torch.equal(model.a(ids), torch.nn.functional.embedding(ids, model.a.dequantize()))
+
+
+# ------------------------------------------------------------------------------ JSON
+def test_json_round_trip_builds_the_same_tables(tmp_path: Path) -> None:
+    model = Model()
+    usage = _skewed_usage(model)
+    p = plan(model, _float_bytes(model) // 16, usage=usage)
+    path = tmp_path / "plan.json"
+    p.save(path)
+    q = Plan.load(path)
+    assert str(q) == str(p) and q.to_json() == p.to_json()
+    for a, b in zip(p.tables, q.tables, strict=True):
+        assert np.array_equal(a.assignment, b.assignment) and a.codecs == b.codecs
+    m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
+    p.apply(m1, usage)
+    q.apply(m2, usage)
+    assert torch.equal(m1.emb.dequantize(), m2.emb.dequantize())
+    assert torch.equal(m1.bag.dequantize(), m2.bag.dequantize())
+    text = path.read_text()
+    assert len(text) < 2000  # the assignment is packed: 2 bits a row
+
+
+def _tampered(obj: dict[str, Any], change: str) -> dict[str, Any]:
+    bad = json.loads(json.dumps(obj))
+    t = bad["tables"][0]
+    if change == "format":
+        bad["format"] = "something-else"
+    elif change == "version":
+        bad["format_version"] = 99
+    elif change == "total":
+        bad["predicted_bytes"] += 1
+    elif change == "bytes":
+        t["predicted_bytes"] += 1
+    elif change == "class_rows":
+        t["class_rows"][0] += 1
+    elif change == "base64":
+        t["assignment"]["data"] = "@@not base64@@"
+    elif change == "length":
+        t["assignment"]["data"] = t["assignment"]["data"][:-4]
+    elif change == "codec":
+        t["codecs"][0] = "rowwise3"
+    elif change == "extra":
+        t["comment"] = "hi"
+    elif change == "missing":
+        del t["dim"]
+    elif change == "rows":
+        t["rows"] = True
+    elif change == "error":
+        t["predicted_error"] = -1.0
+    elif change == "budget":
+        bad["budget_bytes"] = bad["predicted_bytes"] - 1
+    elif change == "tables":
+        bad["tables"] = []
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ("format", "not an embpress plan"),
+        ("version", "format_version 99"),
+        ("total", r"plan.predicted_bytes"),
+        ("bytes", r"tables\[0\] \('emb'\).predicted_bytes"),
+        ("class_rows", "class_rows"),
+        ("base64", "not valid base64"),
+        ("length", "rows need"),
+        ("codec", "unknown codec 'rowwise3'"),
+        ("extra", "unknown field 'comment'"),
+        ("missing", "missing field 'dim'"),
+        ("rows", r"\.rows: must be an integer"),
+        ("error", "predicted_error"),
+        ("budget", "over the budget"),
+        ("tables", "non-empty list"),
+    ],
+)
+def test_tampered_plan_is_refused(tmp_path: Path, change: str, match: str) -> None:
+    p = plan(Model(), 3000)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(_tampered(p.to_json(), change)))
+    with pytest.raises(PlanError, match=match):
+        Plan.load(path)
+
+
+def test_plan_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        Plan.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PlanError, match="not a JSON file"):
+        Plan.load(tmp_path / "bad.json")
+    with pytest.raises(PlanError, match="not a regular file"):
+        Plan.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------ applying
+def test_apply_refuses_a_model_that_does_not_match() -> None:
+    p = plan(Model(), 3000)
+    other = nn.ModuleDict({"emb": nn.Embedding(401, 16), "bag": nn.EmbeddingBag(240, 8)})
+    before = _state(other)
+    with pytest.raises(PlanError, match="the plan is for 400 x 16, the model's table is 401 x 16"):
+        p.apply(other)
+    missing = nn.ModuleDict({"emb": nn.Embedding(400, 16)})
+    with pytest.raises(PlanError, match="'bag', which the model does not have"):
+        p.apply(missing)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    assert type(other["emb"]) is nn.Embedding
+
+
+def test_apply_is_atomic() -> None:
+    model = Model()
+    p = plan(model, 3000)
+    with torch.no_grad():
+        model.bag.weight[5, 2] = float("nan")  # the second table fails after the first is built
+    with pytest.raises(ValueError, match="NaN"):
+        p.apply(model)
+    assert type(model.emb) is nn.Embedding and type(model.bag) is nn.EmbeddingBag
+
+
+def test_bad_arguments() -> None:
+    model = Model()
+    cases: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({}, ValueError, "exactly one of budget_bytes and max_error"),
+        ({"budget_bytes": 100, "max_error": 1.0}, ValueError, "exactly one"),
+        ({"budget_bytes": 0}, ValueError, "budget_bytes must be positive"),
+        ({"budget_bytes": 10.5}, TypeError, "budget_bytes must be an int"),
+        ({"budget_bytes": True}, TypeError, "budget_bytes must be an int"),
+        ({"max_error": float("nan")}, ValueError, "max_error must be a finite"),
+        ({"budget_bytes": 5000, "unseen_weight": 1.5}, ValueError, "unseen_weight"),
+        ({"budget_bytes": 5000, "usage": {"emb": 1}}, TypeError, "usage must be an embpress.Usage"),
+        ({"budget_bytes": 5000, "codecs": ["rowwise5"]}, ValueError, "unknown codec"),
+    ]
+    for kwargs, kind, match in cases:
+        with pytest.raises(kind, match=match):
+            plan(model, **kwargs)
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        plan("model", 100)  # type: ignore[arg-type]
+    with pytest.raises(PlanError, match=r"no nn\.Embedding"):
+        plan(nn.Linear(3, 3), 100)
+    with pytest.raises(ValueError, match="itself an embedding"):
+        plan(nn.Embedding(10, 4), 100)
+
+
+def test_str_is_a_table() -> None:
+    p = plan(Model(), _float_bytes(Model()) // 16)
+    text = str(p)
+    lines = text.splitlines()
+    assert lines[0].startswith("plan: 2 table(s)") and "budget" in lines[0] and "uniform rows" in lines[0]
+    assert lines[1].split()[:2] == ["table", "rows"]
+    assert any(line.startswith("emb ") for line in lines) and lines[-1].startswith("total")
+    assert "%" in p["emb"].summary() and " / " in p["emb"].summary()
+    assert repr(p).startswith("Plan(2 tables")

@@ -1,0 +1,140 @@
+"""Loading one row range of a table (row-wise sharding): the shard holds exactly those rows,
+answers lookups for them with local ids, and only what they need is read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import embpress
+from embpress import io as eio
+from embpress.layouts import TABLE_CLASSES
+
+# layouts that a uniform config can produce (the contract suite builds the others)
+LAYOUTS = [name for name, cls in TABLE_CLASSES.items() if cls.in_auto]
+
+
+class Model(nn.Module):
+    def __init__(self, rows: int, dim: int) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(rows, dim, mode="sum")
+        self.other = nn.Embedding(7, 3)
+        self.head = nn.Linear(dim, 1)
+
+
+def saved_model(tmp_path, layout: str, rows: int, dim: int, bits: int, seed: int):
+    torch.manual_seed(seed)
+    model = Model(rows, dim)
+    with torch.no_grad():
+        model.emb.weight[::5] = 0.0
+    block = (1, 4) if layout != "pruned_rows" else (1, dim)
+    embpress.post_training_sparse_quantize(
+        model,
+        embpress.DataNormSparsifier,
+        True,
+        [model.emb],
+        quant=embpress.QuantConfig(bits=bits, layout=layout),
+        sparsity_level=0.6,
+        sparse_block_shape=block,
+    )
+    path = tmp_path / f"{layout}-{rows}-{dim}-{bits}-{seed}.safetensors"
+    embpress.save(model, path)
+    return model, path
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    layout=st.sampled_from(LAYOUTS),
+    rows=st.integers(1, 700),
+    dim=st.sampled_from([4, 8, 12, 128]),
+    bits=st.sampled_from([8, 4, 2]),
+    bounds=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+    seed=st.integers(0, 1000),
+)
+def test_shard_is_the_rows_of_the_table(tmp_path_factory, layout, rows, dim, bits, bounds, seed) -> None:
+    full, path = saved_model(tmp_path_factory.mktemp("s"), layout, rows, dim, bits, seed)
+    a, b = sorted(int(x * rows) for x in bounds)
+    start, stop = min(a, rows - 1), max(b, min(a, rows - 1) + 1)
+    shard = embpress.load(Model(stop - start, dim), path, shards={"emb": (start, stop)})
+    assert shard.emb.layout == full.emb.layout and shard.emb.num_embeddings == stop - start
+    assert torch.equal(shard.emb.table.dequantize(), full.emb.table.dequantize()[start:stop])
+    ids = torch.randint(0, stop - start, (50,), generator=torch.Generator().manual_seed(seed))
+    offsets = torch.arange(0, 50, 5)
+    assert torch.equal(shard.emb(ids, offsets), full.emb(ids + start, offsets))
+    assert torch.equal(shard.other.weight, full.other.weight)  # the rest of the model as saved
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_only_what_the_rows_need_is_read(tmp_path, monkeypatch, layout) -> None:
+    full, path = saved_model(tmp_path, layout, 4096, 64, 8, 0)
+    read: list[tuple[str, int, int]] = []
+    original = eio._SliceReader.__call__
+
+    def spy(self, name, lo, hi):
+        read.append((name, lo, hi))
+        return original(self, name, lo, hi)
+
+    monkeypatch.setattr(eio._SliceReader, "__call__", spy)
+    embpress.load(Model(300, 64), path, shards={"emb": (1000, 1300)})
+    stored = {k: v for k, v in full.emb.table.tensors().items()}
+    for name, lo, hi in read:
+        assert hi - lo <= max(400, stored[name].shape[0] * 400 // 4096 + 64), (name, lo, hi)
+
+
+def test_bad_shards_refused(tmp_path) -> None:
+    _, path = saved_model(tmp_path, "dense", 100, 8, 8, 0)
+    with pytest.raises(ValueError, match="start < stop"):
+        embpress.load(Model(10, 8), path, shards={"emb": (10, 10)})
+    with pytest.raises(ValueError, match=r"\(start, stop\)"):
+        embpress.load(Model(10, 8), path, shards={"emb": 10})
+    with pytest.raises(TypeError, match="dict"):
+        embpress.load(Model(10, 8), path, shards=[("emb", (0, 10))])
+    with pytest.raises(embpress.FormatError, match="no table 'nope'"):
+        embpress.load(Model(10, 8), path, shards={"nope": (0, 10)})
+    with pytest.raises(embpress.FormatError, match="row range 90:110"):
+        embpress.load(Model(20, 8), path, shards={"emb": (90, 110)})
+    model = Model(10, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(embpress.FormatError, match="10 x 8"):  # the model's module is not the shard's size
+        embpress.load(model, path, shards={"emb": (0, 20)})
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    rows=st.integers(1, 900),
+    dim=st.sampled_from([4, 16, 33]),
+    codecs=st.sampled_from(
+        [
+            ("rowwise8", "pruned"),
+            ("colbook2", "levels1", "rowwise4", "pruned"),
+            ("colbook1",),
+            ("levels2", "rowwise2"),
+        ]
+    ),
+    bounds=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+    seed=st.integers(0, 1000),
+)
+def test_mixed_shard_is_the_rows_of_the_table(tmp_path_factory, rows, dim, codecs, bounds, seed) -> None:
+    from embpress.layouts.mixed import MixedTable
+    from embpress.quant.codecs import Codec
+
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, dim, generator=g)
+    assignment = torch.randint(0, len(codecs), (rows,), generator=g).numpy()
+    table = MixedTable.build(weight, assignment, [Codec.parse(c) for c in codecs])
+    full = Model(rows, dim)
+    full.emb = embpress.QuantizedEmbeddingBag(table, mode="sum")
+    path = tmp_path_factory.mktemp("m") / "mixed.safetensors"
+    embpress.save(full, path)
+    a, b = sorted(int(x * rows) for x in bounds)
+    start, stop = min(a, rows - 1), max(b, min(a, rows - 1) + 1)
+    shard = embpress.load(Model(stop - start, dim), path, shards={"emb": (start, stop)})
+    assert shard.emb.layout == "mixed"
+    assert torch.equal(shard.emb.table.dequantize(), table.dequantize()[start:stop])
+    ids = torch.randint(0, stop - start, (40,), generator=g)
+    offsets = torch.arange(0, 40, 4)
+    assert torch.equal(shard.emb(ids, offsets), full.emb(ids + start, offsets))

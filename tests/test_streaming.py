@@ -1,0 +1,153 @@
+"""Chunked compression (``embpress.streaming``): byte for byte the in-memory result, reading
+no more than a chunk at a time; and ``concat_rows`` of every registered layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import embpress
+from embpress.layouts import TABLE_CLASSES, encode_table
+from embpress.layouts.base import ROW_CHUNK_ALIGN
+from embpress.streaming import chunk_rows_for, compress_table, safetensors_rows
+
+LAYOUTS = ("auto", *TABLE_CLASSES)
+
+
+def in_memory(w: torch.Tensor, config: embpress.QuantConfig, sparsify_first: bool, **sparse: object):
+    """The table ``post_training_sparse_quantize`` makes of ``w`` (the contract)."""
+    model = nn.Module()
+    model.emb = nn.Embedding.from_pretrained(w.clone())
+    embpress.post_training_sparse_quantize(
+        model, embpress.DataNormSparsifier, sparsify_first, quant=config, **sparse
+    )
+    return model.emb.table, model.emb.error
+
+
+def assert_same_table(a, b) -> None:
+    assert type(a) is type(b)
+    assert a.meta() == b.meta()
+    ta, tb = a.tensors(), b.tensors()
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+
+
+def table(rows: int, dim: int, seed: int) -> torch.Tensor:
+    """A table with ties (repeated rows), zero rows and a spread of row norms."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, dim, generator=g) * torch.rand(rows, 1, generator=g) * 3
+    w[::7] = 0.0
+    w[1::11] = w[rows // 2].clone()
+    return w
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    rows=st.integers(1, 900),
+    dim=st.sampled_from([1, 3, 8, 16, 33]),
+    layout=st.sampled_from(LAYOUTS),
+    bits=st.sampled_from([8, 4, 2]),
+    sparsify_first=st.booleans(),
+    sparsity=st.sampled_from([0.0, 0.3, 0.8, 1.0]),
+    block=st.sampled_from([(1, 1), (1, 4), (1, 16), (2, 4)]),
+    chunks=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_equals_in_memory(
+    rows, dim, layout, bits, sparsify_first, sparsity, block, chunks, seed
+) -> None:
+    w = table(rows, dim, seed)
+    config = embpress.QuantConfig(bits=bits, layout=layout)
+    sparse = {"sparsity_level": sparsity, "sparse_block_shape": block}
+    expected, expected_error = in_memory(w, config, sparsify_first, **sparse)
+    step = ROW_CHUNK_ALIGN * chunks * (2 if block[0] == 2 else 1)
+    got, error = compress_table(w, config, sparsify_first=sparsify_first, chunk_rows=step, **sparse)
+    assert_same_table(expected, got)
+    assert error == expected_error  # the same partial sums, added exactly
+
+
+def test_reads_one_chunk_at_a_time() -> None:
+    """Bounded memory: no read asks for more than ``chunk_rows`` rows."""
+    w = table(3000, 16, 1)
+    widest = []
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        widest.append(stop - start)
+        return w[start:stop]
+
+    got, _ = compress_table(
+        read, embpress.QuantConfig(bits=4), shape=(3000, 16), sparsity_level=0.5, chunk_rows=512
+    )
+    assert max(widest) <= 512 and len(widest) > 6
+    assert_same_table(in_memory(w, embpress.QuantConfig(bits=4), True, sparsity_level=0.5)[0], got)
+
+
+def test_safetensors_source_is_read_by_slices(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    w = table(1300, 24, 2)
+    path = tmp_path / "t.safetensors"
+    save_file({"emb.weight": w.contiguous()}, str(path))
+    read, shape = safetensors_rows(path, "emb.weight")
+    assert shape == (1300, 24)
+    config = embpress.QuantConfig(bits=8, layout="block_sparse")
+    got, _ = compress_table(
+        read, config, shape=shape, sparsity_level=0.8, sparse_block_shape=(1, 4), chunk_rows=256
+    )
+    assert_same_table(in_memory(w, config, True, sparsity_level=0.8, sparse_block_shape=(1, 4))[0], got)
+    with pytest.raises(KeyError, match="no tensor 'nope'"):
+        safetensors_rows(path, "nope")
+
+
+def test_chunk_rows_default_is_aligned() -> None:
+    for dim, height in [(1, 1), (128, 1), (7, 3), (100_000, 2)]:
+        step = chunk_rows_for(dim, height)
+        assert step > 0 and step % ROW_CHUNK_ALIGN == 0 and step % height == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"chunk_rows": 100}, "multiple of 256"),
+        ({"chunk_rows": 256, "sparse_block_shape": (3, 4)}, "multiple of 768"),
+        ({"chunk_rows": True}, "multiple of 256"),
+    ],
+)
+def test_bad_chunk_rows_refused(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        compress_table(table(300, 8, 0), **kwargs)
+
+
+def test_bad_reads_and_values_refused() -> None:
+    w = table(600, 8, 0)
+    with pytest.raises(ValueError, match="shape is needed"):
+        compress_table(lambda a, b: w[a:b])
+    with pytest.raises(ValueError, match=r"rows 0:256 read as \(255, 8\)"):
+        compress_table(lambda a, b: w[a : b - 1], shape=(600, 8), chunk_rows=256)
+    bad = w.clone()
+    bad[400, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        compress_table(bad, chunk_rows=256, sparsity_level=0.5)
+    with pytest.raises(TypeError, match="QuantConfig"):
+        compress_table(w, config="8")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("layout", list(TABLE_CLASSES))
+def test_concat_rows_checks_its_parts(layout) -> None:
+    cls = TABLE_CLASSES[layout]
+    w = table(700, 16, 3)
+    mask = torch.rand(700, 16, generator=torch.Generator().manual_seed(0)) > 0.5
+    config = embpress.QuantConfig(bits=4, layout=layout)
+    a, _ = encode_table(w[:300], mask[:300], config)
+    b, _ = encode_table(w[300:], mask[300:], config)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        cls.concat_rows([a, b])
+    c, _ = encode_table(w[:256], mask[:256], embpress.QuantConfig(bits=8, layout=layout))
+    with pytest.raises(ValueError, match="bits"):
+        cls.concat_rows([c, b])
+    with pytest.raises(ValueError, match="at least one"):
+        cls.concat_rows([])
