@@ -3,7 +3,9 @@
 numba's workqueue threading layer (its fallback where neither OpenMP nor TBB loads) is not
 thread-safe: two Python threads launching parallel kernels at once abort the process.
 Every ``parallel=True`` kernel of embpress (sparsify, quant, layouts) is called through
-:func:`parallel_call`, which serialises launches under that layer alone.
+:func:`parallel_call`, which serialises launches under that layer alone. Under the OpenMP
+layer a launch also sets the OpenMP thread count that torch shares (a model set to one
+thread would run on all of them afterwards), so torch's count is put back after each one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numba
+import torch
 
 __all__ = ["parallel_call"]
 
@@ -39,7 +42,12 @@ def parallel_call(kernel: Callable[..., Any], *args: Any) -> Any:
     still runs on all of numba's threads); under OpenMP and TBB, which are thread-safe,
     this is a plain call. Every parallel kernel of embpress is called through here.
     """
-    if _serialise_launches():
-        with _LAUNCH_LOCK:
-            return kernel(*args)
-    return kernel(*args)
+    threads = torch.get_num_threads()
+    try:
+        if _serialise_launches():
+            with _LAUNCH_LOCK:
+                return kernel(*args)
+        return kernel(*args)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)

@@ -372,6 +372,24 @@ QuantizedEmbeddingBag after the module the model has there.
 """
 
 
+def _usage_options(fn: F) -> F:
+    """The planner's --usage and --unseen-weight (plan, compress)."""
+    fn = click.option(
+        "--unseen-weight",
+        type=_Fraction(),
+        default=DEFAULT_UNSEEN_WEIGHT,
+        show_default=True,
+        help="With --usage: share of lookups assumed to fall evenly on all rows, seen or not.",
+    )(fn)
+    return click.option(
+        "--usage",
+        "usage_file",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Rows' lookup counts (usage.save of embpress.record_usage) to weight the plan by.",
+    )(fn)
+
+
 @cli.command(
     epilog=_COMPRESS_EPILOG, short_help="Compress a checkpoint's embedding tables into an embpress file."
 )
@@ -451,20 +469,7 @@ QuantizedEmbeddingBag after the module the model has there.
     help="Instead of --budget: the fewest bytes whose predicted error (expected squared error "
     "per lookup, summed over tables) is at most this.",
 )
-@click.option(
-    "--usage",
-    "usage_file",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Rows' lookup counts (usage.save of embpress.record_usage) to weight the plan by.",
-)
-@click.option(
-    "--unseen-weight",
-    type=_Fraction(),
-    default=DEFAULT_UNSEEN_WEIGHT,
-    show_default=True,
-    help="With --usage: share of lookups assumed to fall evenly on all rows, seen or not.",
-)
+@_usage_options
 @click.option(
     "--plan",
     "plan_file",
@@ -965,20 +970,7 @@ usage.save("usage.safetensors").
     default=None,
     help="Instead of --budget: the fewest bytes whose predicted error is at most this.",
 )
-@click.option(
-    "--usage",
-    "usage_file",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Rows' lookup counts (usage.save of embpress.record_usage) to weight rows by.",
-)
-@click.option(
-    "--unseen-weight",
-    type=_Fraction(),
-    default=DEFAULT_UNSEEN_WEIGHT,
-    show_default=True,
-    help="With --usage: share of lookups assumed to fall evenly on all rows, seen or not.",
-)
+@_usage_options
 @click.option(
     "--tables",
     "patterns",
@@ -1011,8 +1003,8 @@ def plan_command(
 
     For every row the planner weighs 8, 4 and 2-bit row-wise codes, per-row levels,
     per-column codebooks and pruning, and picks the mix with the least expected error
-    (rows weighted by --usage counts when given, else equally) whose bytes fit BUDGET
-    exactly. Give --budget or --max-error.
+    (rows weighted by the square roots of the --usage counts when given, else by their
+    squared norms) whose bytes fit BUDGET exactly. Give --budget or --max-error.
     """
     if (budget is None) == (max_error is None):
         raise click.UsageError("give one of --budget and --max-error")

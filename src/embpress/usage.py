@@ -206,7 +206,8 @@ def record_usage(model: nn.Module, usage: Usage | None = None) -> Iterator[Usage
         rows = _rows(module)
         if name in usage.counts and usage.counts[name].numel() != rows:
             raise UsageError(f"table {name!r}: usage has {usage.counts[name].numel()} rows, the model {rows}")
-        usage.counts.setdefault(name, torch.zeros(rows, dtype=torch.float64))
+        if name not in usage.counts:  # (setdefault would allocate the zeros every time)
+            usage.counts[name] = torch.zeros(rows, dtype=torch.float64)
         usage.calls.setdefault(name, 0)
     handles = [
         module.register_forward_pre_hook(
