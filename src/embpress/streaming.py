@@ -75,7 +75,9 @@ def open_safetensors(path: str | os.PathLike[str]) -> Any:
 
     p = Path(path)
     try:
-        return safe_open(str(p), framework="pt")
+        # pread, not a mapping: torch maps copy-on-write, which the kernel refuses for a
+        # file larger than memory; each slice is read when asked for
+        return safe_open(str(p), framework="pt", backend="pread")
     except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
         cause = _safetensors_cause(err)
         if cause.startswith("too large"):
@@ -321,6 +323,27 @@ def safetensors_tables(
     return {k: tuple(lazy[k].shape) for k in ckpt.find_tables(lazy, patterns)}
 
 
+def _check_output_fits(p: Path, shapes: list[tuple[int, ...]], config: QuantConfig) -> None:
+    """ValueError unless the compressed tables, which are held in memory until written,
+    fit in this machine's memory: bounded by every row stored whole at the config's bits
+    (what "auto" never exceeds) plus a record header per row."""
+    from .checkpoint import _memory_bytes
+    from .layouts.base import fused_row_bytes
+    from .report import human_bytes
+
+    memory = _memory_bytes()
+    tables = sum(rows * dim * 4 for rows, dim in shapes)
+    bound = sum(
+        rows * (fused_row_bytes(dim, config.bits, config.resolved_scale_dtype) + 16) for rows, dim in shapes
+    )
+    if memory is not None and bound > memory:
+        raise ValueError(
+            f"{p}: too large: its tables ({human_bytes(tables)} as float32) could take up to "
+            f"{human_bytes(bound)} compressed, held in memory until written, more than this "
+            f"machine's memory ({human_bytes(memory)})"
+        )
+
+
 def compress_safetensors(
     src: str | os.PathLike[str],
     patterns: Sequence[str] = (),
@@ -360,6 +383,7 @@ def compress_safetensors(
             raise ValueError(
                 f"no embedding table found among {len(lazy)} tensors (choose them with patterns)"
             )
+        _check_output_fits(p, [tuple(lazy[k].shape) for k in keys], config)
         chosen = set(keys)
         # the skeleton: other tensors read whole, each table a placeholder of its shape
         state = {k: handle.get_tensor(k) for k in lazy if k not in chosen}
