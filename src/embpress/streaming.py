@@ -75,9 +75,9 @@ def open_safetensors(path: str | os.PathLike[str]) -> Any:
 
     p = Path(path)
     try:
-        # pread, not a mapping: torch maps copy-on-write, which the kernel refuses for a
-        # file larger than memory; each slice is read when asked for
-        return safe_open(str(p), framework="pt", backend="pread")
+        # mapped (safetensors' pread backend reads a whole tensor for every slice); torch
+        # maps copy-on-write, which the kernel refuses for a file larger than RAM + swap
+        return safe_open(str(p), framework="pt")
     except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
         cause = _safetensors_cause(err)
         if cause.startswith("too large"):
