@@ -521,8 +521,8 @@ def compress(
     pruning loses more than fewer bits at equal bytes. With --budget (or --max-error, or
     --plan) each row gets its own storage instead, chosen by the planner.
 
-    A .safetensors IN is read by memory map and compressed in row chunks, so a table may
-    be larger than memory (--memory), and torchrun can share the work among processes:
+    A .safetensors IN is read by memory map and compressed in row chunks, in bounded
+    working memory (--memory), and torchrun can share the work among processes:
     torchrun --standalone --nproc-per-node 4 -m embpress compress IN OUT. OUT is the same
     file, byte for byte, however it was made.
     """
