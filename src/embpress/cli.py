@@ -737,24 +737,27 @@ def _check_planned_options(
         raise click.BadParameter("a plan keeps the value it was made with", param_hint="'--unseen-weight'")
 
 
-def _read_usage(path: Path | None) -> Usage | None:
+T = TypeVar("T")
+
+
+def _read_input(path: Path | None, load: Callable[[Path], T]) -> T | None:
+    """``load(path)`` of an input file given by an option (None when not given); its
+    errors as one line naming the file."""
     if path is None:
         return None
     try:
         checkpoint.check_input_file(path)
-        return Usage.load(path)
+        return load(path)
     except (OSError, ValueError) as err:
         raise CliError(_describe(err, path)) from None
+
+
+def _read_usage(path: Path | None) -> Usage | None:
+    return _read_input(path, Usage.load)
 
 
 def _read_plan(path: Path | None) -> Plan | None:
-    if path is None:
-        return None
-    try:
-        checkpoint.check_input_file(path)
-        return Plan.load(path)
-    except (OSError, ValueError) as err:
-        raise CliError(_describe(err, path)) from None
+    return _read_input(path, Plan.load)
 
 
 def _compress_planned(
