@@ -5,14 +5,14 @@ Each input is a float32 table of N x 128 written here as a .safetensors file chu
 chunk (never whole in memory; N(0, 1) rows, seed 0) next to the output, in a temporary
 folder (``--tmp``). ``embpress compress IN OUT --sparsity 0.8 --block 1x4 --bits 8`` runs
 in a child process whose anonymous memory (``RssAnon`` of /proc/<pid>/status: not the
-memory-mapped input, which the kernel can drop and reread) is sampled every 5 ms; the
+input's page cache, which the kernel can drop and reread) is sampled every 5 ms; the
 peak is reported beside the output bytes. Throughput: input GB per second of wall time,
 command start to exit (process start and imports included).
 
 Usage (from the repository root)::
 
-    python bench/stream_memory.py                      # 0.5 GB and 1.5 GB, then 1/2/4 processes
-    python bench/stream_memory.py --rows 1M 3M 16M     # add an 8 GB table
+    python bench/stream_memory.py                      # 0.5, 1.5, 2 and 8 GB, then 1/2/4 processes
+    python bench/stream_memory.py --rows 1M 3M         # 0.5 and 1.5 GB only
     python bench/stream_memory.py --rows 60M --no-procs   # larger than this machine's RAM
     python bench/stream_memory.py --quick --out out/bench-quick
 """
@@ -162,9 +162,10 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, png: Path |
         "",
         common.machine_markdown(),
         "",
-        f"`embpress compress IN OUT {' '.join(data['options'])}` on a float32 .safetensors table (read by "
-        "memory map in row chunks, default `--memory 512MiB`); peak anonymous memory (RssAnon, sampled "
-        "every 5 ms) of the process, which holds the output whole before writing it.",
+        f"`embpress compress IN OUT {' '.join(data['options'])}` on a float32 .safetensors table (read "
+        "in row chunks with pread, default `--memory 512MiB`); peak anonymous memory (RssAnon, sampled "
+        "every 5 ms) of the process, which holds the output (its chunks' tables, unjoined) until it "
+        "writes them.",
         "",
         common.md_table(
             [
@@ -203,7 +204,9 @@ def no_plot(data: Any, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--rows", nargs="+", default=["1M", "3M"], help="table rows (k, M, G suffixes)")
+    p.add_argument(
+        "--rows", nargs="+", default=["1M", "3M", "4M", "16M"], help="table rows (k, M, G suffixes)"
+    )
     p.add_argument("--procs", nargs="+", type=int, default=[1, 2, 4])
     p.add_argument("--no-procs", action="store_true", help="skip the torchrun runs")
     p.add_argument("--tmp", type=Path, default=None, help="folder for the temporary input and output")

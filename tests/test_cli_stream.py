@@ -73,21 +73,32 @@ def torchrun(nproc: int, checkpoint: Path, out: Path, hook: str | None = None, t
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
+NO_GATHERING = """
+    import embpress.distributed as d
+    def gather(*args, **kwargs):
+        raise AssertionError("a part was gathered")
+    d.gather_table = gather
+"""
+
+
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_torchrun_writes_the_one_process_file(checkpoint, in_memory, tmp_path, nproc) -> None:
+    """Each process writes its own rows into the one file; no part travels to rank 0."""
     out = tmp_path / "out.safetensors"
-    done = torchrun(nproc, checkpoint, out)
+    out.write_bytes(b"the previous OUT")
+    done = torchrun(nproc, checkpoint, out, NO_GATHERING, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert out.read_bytes() == in_memory
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.safetensors")]
 
 
 KILL_RANK_1 = """
     import os, signal
     if os.environ.get("RANK") == "1":
-        import embpress.distributed as d
+        import embpress.assemble as a
         def die(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
-        d.gather_table = die
+        a._write_pieces = die  # once rank 0 has made its temp file
 """
 
 

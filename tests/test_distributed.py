@@ -11,8 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 import embpress
+from embpress import io as eio
+from embpress.assemble import write_parts
 from embpress.distributed import TorchCollective, gather_table, row_ranges
 from embpress.streaming import compress_table
 
@@ -39,6 +42,7 @@ def _worker(rank: int, size: int, init: str, out: str) -> None:
     try:
         collective = TorchCollective()
         results = []
+        held, reference = [], nn.Module()
         for i, (rows, dim, bits, layout, first, sparsity, block) in enumerate(CASES):
             w = table(rows, dim, i)
             config = embpress.QuantConfig(bits=bits, layout=layout)
@@ -55,6 +59,7 @@ def _worker(rank: int, size: int, init: str, out: str) -> None:
                 **sparse,
             )
             whole = gather_table(part)
+            held.append((f"t{i}", [] if part is None else [part], error))
             if rank == 0:
                 alone, alone_error = compress_table(
                     w, config, sparsify_first=first, chunk_rows=step, **sparse
@@ -64,7 +69,18 @@ def _worker(rank: int, size: int, init: str, out: str) -> None:
                 same = same and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
                 exact = error == alone_error  # the whole table's error, bit for bit
                 results.append({"case": i, "same": same, "error_same": exact, "layout": whole.layout})
+                module = embpress.QuantizedEmbedding(alone)
+                module.error = alone_error
+                setattr(reference, f"t{i}", module)
+        # every layout, some processes without rows: written in place, the file io.save writes
+        joined = write_parts(
+            Path(out).with_name("parts.safetensors"), held, {"step": torch.tensor(3)}, collective
+        )
         if rank == 0:
+            reference.register_buffer("step", torch.tensor(3))
+            eio.save(reference, Path(out).with_name("one.safetensors"), kind_from_model=True)
+            tables = [reference.get_submodule(f"t{i}").table for i in range(len(CASES))]
+            results.append({"metas": [meta for meta, _ in joined] == [t.meta() for t in tables]})
             Path(out).write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
@@ -72,11 +88,15 @@ def _worker(rank: int, size: int, init: str, out: str) -> None:
 
 @pytest.mark.parametrize("size", [2, 3])
 def test_processes_make_the_one_process_table(tmp_path, size) -> None:
+    """Gathered, the parts are the one-process table; written in place (``write_parts``),
+    the file is byte for byte the one ``io.save`` writes of the one-process tables."""
     out = tmp_path / "result.json"
     mp.start_processes(
         _worker, args=(size, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=size, start_method="spawn"
     )
     results = json.loads(out.read_text())
+    assert results.pop() == {"metas": True}
+    assert (tmp_path / "parts.safetensors").read_bytes() == (tmp_path / "one.safetensors").read_bytes()
     assert len(results) == len(CASES)
     assert all(r["same"] for r in results), results
     assert all(r["error_same"] for r in results), results

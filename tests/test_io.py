@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -14,9 +15,12 @@ import time
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import embpress
+import embpress.io as eio
 from embpress import DataNormSparsifier, FormatError, QuantConfig
 from embpress import post_training_sparse_quantize as ptsq
 
@@ -696,3 +700,40 @@ def test_save_refuses_what_load_would_refuse_and_drops_a_bad_error_report(tmp_pa
     embpress.save(model, path)
     loaded = embpress.load(_fresh(), path)
     assert loaded.user.error is None and loaded.items.error == pytest.approx(model.items.error)
+
+
+_SPEC_DTYPES = [
+    torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+    torch.float32, torch.float64, torch.bool, torch.int8,
+]  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12),
+        st.tuples(st.sampled_from(_SPEC_DTYPES), st.lists(st.integers(0, 5), max_size=3)),
+        min_size=1,
+        max_size=8,
+    ),
+    st.dictionaries(st.text(min_size=1, max_size=5), st.text(max_size=20), max_size=3),
+)
+def test_safetensors_layout_is_what_write_file_writes(tmp_path_factory, specs, index) -> None:
+    """The header and data offsets computed from dtypes and shapes alone are byte for byte
+    those of ``write_file`` (what lets processes write one file in pieces)."""
+    tensors = {
+        name: (torch.arange(math.prod(shape)) % 7).to(dtype).reshape(shape)
+        for name, (dtype, shape) in specs.items()
+    }
+    path = tmp_path_factory.mktemp("h") / "f.safetensors"
+    eio.write_file(path, tensors, index)
+    raw = path.read_bytes()
+    crcs = {k: eio.crc32(v) for k, v in tensors.items()}
+    head, starts = eio.safetensors_layout(
+        {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()},
+        eio.file_metadata({**index, "crc32": crcs}),
+    )
+    assert raw[: len(head)] == head
+    for name, t in tensors.items():
+        data = raw[starts[name] : starts[name] + t.numel() * t.element_size()]
+        assert data == t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), name

@@ -10,6 +10,8 @@ same checks on its genuinely mixed tables.)
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,10 +188,13 @@ def _tampered_meta(meta):
     yield "embedding_dim halved", {**meta, "embedding_dim": meta["embedding_dim"] // 2}
     yield "bits 3", {**meta, "bits": 3}
     yield "other bits", {**meta, "bits": 4 if meta["bits"] == 8 else 8}
-    yield "other scale dtype", {
-        **meta,
-        "scale_dtype": "float16" if meta["scale_dtype"] == "float32" else "float32",
-    }
+    yield (
+        "other scale dtype",
+        {
+            **meta,
+            "scale_dtype": "float16" if meta["scale_dtype"] == "float32" else "float32",
+        },
+    )
     yield "unknown scale dtype", {**meta, "scale_dtype": "int8"}
     yield "negative pruned count", {**meta, "num_pruned": -1}
 
@@ -313,3 +318,81 @@ def test_only_registered_layouts_are_accepted():
             register_layout(type("_Renamed", (_UnpackedTable,), {"layout": name}))
     assert register_layout(TABLE_CLASSES["dense"]) is TABLE_CLASSES["dense"]  # again: no change
     assert list(TABLE_CLASSES) == ["dense", "pruned_rows", "block_sparse", "mixed"]
+
+
+def _assembled(parts):
+    """The joined buffers built from every part's pieces alone (as processes write them
+    into one file), each element written exactly once, and the joined meta."""
+    import json
+
+    summaries = [json.loads(json.dumps(p.part_summary())) for p in parts]  # what travels
+    meta, specs = type(parts[0]).joined_layout(summaries)
+    out = {n: torch.zeros(shape, dtype=dtype) for n, (dtype, shape) in specs.items()}
+    writes = {n: torch.zeros(shape[0], dtype=torch.int64) for n, (_, shape) in specs.items()}
+    for i, part in enumerate(parts):
+        for piece in part.join_pieces(i, summaries):
+            stop = piece.start + piece.data.shape[0]
+            assert 0 <= piece.start <= stop <= out[piece.name].shape[0], piece.name
+            assert piece.data.dtype == out[piece.name].dtype, piece.name
+            out[piece.name][piece.start : stop] = piece.data
+            writes[piece.name][piece.start : stop] += 1
+    for name, count in writes.items():
+        assert bool((count == 1).all()), f"{name}: elements written {sorted(set(count.tolist()))} times"
+    return meta, out
+
+
+def _assert_joined_in_place(parts) -> None:
+    joined = type(parts[0]).concat_rows(parts)
+    meta, buffers = _assembled(parts)
+    assert meta == joined.meta()
+    want = joined.tensors()
+    assert list(buffers) == list(want)
+    for name, t in want.items():
+        assert buffers[name].dtype == t.dtype and torch.equal(buffers[name], t), name
+
+
+@settings(max_examples=60, deadline=None)
+@given(_CASES, st.integers(1, 4), st.data())
+def test_parts_joined_in_place_are_the_concatenated_table(case, nparts, data):
+    """Every layout: each part's pieces, placed from the parts' summaries alone, tile the
+    joined buffers exactly and equal ``concat_rows`` (how torchrun's processes write one
+    file without gathering)."""
+    layout, bits, _, dim, kind, width, seed = case
+    rows = data.draw(st.integers(1, 256 * nparts + 40))
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, rows // 256)), max_size=nparts - 1))))
+    bounds = [0, *(256 * c for c in cuts if 256 * c < rows), rows]
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, dim, generator=g)
+    mask = _mask(kind, rows, dim, width, g)
+    config = QuantConfig(bits=bits, layout=layout, range_search=False)
+    parts = [
+        encode_table(w[a:b], None if mask is None else mask[a:b], config, block_width=width)[0]
+        for a, b in itertools.pairwise(bounds)
+    ]
+    _assert_joined_in_place(parts)
+
+
+def test_genuinely_mixed_parts_joined_in_place() -> None:
+    """Several codecs (column books shared by the parts, as a table's shards share them)."""
+    import numpy as np
+
+    from embpress.layouts.mixed import MixedTable
+    from embpress.quant.codecs import Codec
+
+    g = torch.Generator().manual_seed(3)
+    rows, dim = 1000, 12
+    codecs = [Codec.parse(c) for c in ("colbook2", "levels1", "rowwise4", "pruned")]
+    ids = np.asarray(torch.randint(0, len(codecs), (rows,), generator=g).numpy())
+    table = MixedTable.build(torch.randn(rows, dim, generator=g), ids, codecs)
+    tensors = table.tensors()
+
+    class Reader:
+        def __call__(self, name, lo, hi):
+            return tensors[name][lo:hi]
+
+        def shape(self, name):
+            return tuple(tensors[name].shape)
+
+    bounds = [(0, 256), (256, 768), (768, 1000)]
+    parts = [MixedTable.load_rows(table.meta(), Reader(), a, b) for a, b in bounds]
+    _assert_joined_in_place(parts)

@@ -3,6 +3,9 @@ no more than a chunk at a time; and ``concat_rows`` of every registered layout."
 
 from __future__ import annotations
 
+import json
+import struct
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,7 +15,7 @@ from torch import nn
 import embpress
 from embpress.layouts import TABLE_CLASSES, encode_table
 from embpress.layouts.base import ROW_CHUNK_ALIGN
-from embpress.streaming import chunk_rows_for, compress_table, safetensors_rows
+from embpress.streaming import SafetensorsFile, chunk_rows_for, compress_table, safetensors_rows
 
 LAYOUTS = ("auto", *TABLE_CLASSES)
 
@@ -101,6 +104,67 @@ def test_safetensors_source_is_read_by_slices(tmp_path) -> None:
     assert_same_table(in_memory(w, config, True, sparsity_level=0.8, sparse_block_shape=(1, 4))[0], got)
     with pytest.raises(KeyError, match="no tensor 'nope'"):
         safetensors_rows(path, "nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_safetensors_file_reads_row_ranges_of_any_dtype(tmp_path, dtype) -> None:
+    """Rows read by pread equal safetensors' own tensors, in every dtype (bfloat16, which
+    numpy cannot hold, included), for whole tensors, scalars and empty ranges."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {
+        "a.weight": torch.randn(37, 5, generator=g).to(dtype),
+        "b.bias": torch.randn(3, generator=g).to(dtype),
+        "c.scalar": torch.tensor(7, dtype=torch.int64),
+        "d.emb.weight": torch.randn(300, 11, generator=g).to(dtype),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"k": "v"})
+    f = SafetensorsFile(path)
+    want = load_file(str(path))
+    assert list(f) == list(want) and f.metadata() == {"k": "v"} and "a.weight" in f and "z" not in f
+    for name, t in want.items():
+        assert f.dtype(name) == t.dtype and f.shape(name) == tuple(t.shape)
+        got = f.tensor(name)
+        assert got.dtype == t.dtype and torch.equal(got, t), name
+    big = want["d.emb.weight"]
+    for lo, hi in [(0, 0), (0, 1), (17, 256), (299, 300), (0, 300)]:
+        assert torch.equal(f.rows("d.emb.weight", lo, hi), big[lo:hi])
+
+
+def test_safetensors_file_beyond_memory_is_read_without_mapping_it_whole(tmp_path) -> None:
+    """A (sparse) file far larger than RAM + swap: safetensors' torch backend cannot map it,
+    but its rows are read, a slice at a time, after a validated header."""
+    rows, dim = (1 << 42) // 4096, 1024  # 4 TiB of float32, then a small tensor
+    tail = torch.arange(6, dtype=torch.float32)
+    table_bytes = rows * dim * 4
+    header = {
+        "emb.weight": {"dtype": "F32", "shape": [rows, dim], "data_offsets": [0, table_bytes]},
+        "z.tail": {"dtype": "F32", "shape": [6], "data_offsets": [table_bytes, table_bytes + 24]},
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)) + text)
+        fh.truncate(8 + len(text) + table_bytes)
+        fh.seek(0, 2)
+        fh.write(tail.numpy().tobytes())
+    f = SafetensorsFile(path)
+    assert f.shape("emb.weight") == (rows, dim)
+    assert torch.equal(f.tensor("z.tail"), tail)  # data after 4 TiB of table, at its offset
+    last = f.rows("emb.weight", rows - 3, rows)
+    assert last.shape == (3, dim) and not last.any()
+    read, shape = safetensors_rows(path, "emb.weight")
+    assert shape == (rows, dim) and read(5, 9).shape == (4, dim)
+
+
+def test_safetensors_file_refuses_damaged_headers(tmp_path) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ValueError, match=r"bad\.safetensors: not a readable safetensors file"):
+        SafetensorsFile(path)
 
 
 def test_chunk_rows_default_is_aligned() -> None:

@@ -127,7 +127,7 @@ _FILE_KINDS = (
 
 def check_input_file(path: PathLike, *, fits: bool = True) -> None:
     """Refuse ``path`` unless it is a non-empty regular file that fits in memory (``fits``;
-    a file read by memory map in chunks need not).
+    a file read in chunks need not).
 
     Anything else is never opened (a named pipe would block, /dev/zero never ends):
     FileNotFoundError, IsADirectoryError, PermissionError, or ValueError saying why.
@@ -179,7 +179,8 @@ def _safetensors_cause(err: BaseException) -> str:
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
     try:
-        with safe_open(str(path), framework="pt") as f:
+        # numpy: a read-only map, which works for a file beyond RAM + swap (torch's does not)
+        with safe_open(str(path), framework="numpy") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({_safetensors_cause(err)})") from None
@@ -500,6 +501,8 @@ class CompressedCheckpoint:
     copied: list[str]
     copied_nbytes: int
     plan: Plan | None = None  # the plan applied, where one was
+    # the file several processes wrote in place (then ``module`` holds no table)
+    written: Path | None = None
 
     @property
     def nbytes(self) -> int:
@@ -513,6 +516,8 @@ class CompressedCheckpoint:
 
     def save(self, path: PathLike) -> None:
         """Write the embpress file atomically (``path`` is replaced only when complete)."""
+        if self.written is not None:
+            raise ValueError(f"the tables were written to {self.written} by several processes, not held here")
         eio.save(self.module, path, kind_from_model=True)
 
 
@@ -773,6 +778,39 @@ def compressed_checkpoint(
     return CompressedCheckpoint(root, reports, list(copied), sum(_nbytes(t) for t in copied.values()), plan)
 
 
+def written_checkpoint(
+    path: PathLike,
+    weights: Mapping[str, torch.Tensor],
+    tables: Sequence[tuple[str, dict[str, Any], int, dict[str, float]]],
+    copied: Mapping[str, torch.Tensor],
+) -> CompressedCheckpoint:
+    """The report of a file that several processes wrote in place (``distributed.write_parts``):
+    ``tables`` gives each table's name, joined meta, bytes and error; no table is held."""
+    reports = []
+    for name, meta, nbytes, error in tables:
+        weight = weights[f"{name}{_SUFFIX}"]
+        rows, dim = int(meta["num_embeddings"]), int(meta["embedding_dim"])
+        reports.append(
+            TableReport(
+                name=name,
+                kind="auto",
+                rows=rows,
+                dim=dim,
+                layout=str(meta["layout"]),
+                bits=int(meta["bits"]),
+                sparsity=int(meta["num_pruned"]) / (rows * dim),
+                nbytes=nbytes,
+                float_nbytes=rows * dim * 4,
+                rel_frobenius=error.get("rel_frobenius"),
+                max_abs_error=error.get("max_abs"),
+                dtype=_dtype_name(weight.dtype),
+                original_nbytes=_nbytes(weight),
+            )
+        )
+    total = sum(_nbytes(t) for t in copied.values())
+    return CompressedCheckpoint(nn.Module(), reports, list(copied), total, written=Path(path))
+
+
 def _apply_plan(
     root: nn.Module,
     the_plan: Plan,
@@ -857,11 +895,12 @@ def compress_checkpoint(
     write of ``dst`` (left as it was if anything fails). Load the result with
     ``embpress.load(model, dst)``.
 
-    A ``.safetensors`` input with uniform settings is read by memory map and compressed
-    in row chunks (``streaming.compress_safetensors``: the same file, in bounded memory;
-    ``memory`` is the working memory in bytes, default ``DEFAULT_MEMORY``), by several
-    processes where ``collective`` has several (rank 0 writes ``dst`` and returns the
-    result, the others None).
+    A ``.safetensors`` input with uniform settings is read and compressed in row chunks
+    (``streaming.compress_safetensors``: the same file, in bounded memory; ``memory`` is
+    the working memory in bytes, default ``DEFAULT_MEMORY``), by several
+    processes where ``collective`` has several (each writes its own rows of ``dst``,
+    which must be on a filesystem they all share; rank 0 returns the report, the others
+    None).
     """
     planned = plan is not None or budget is not None or max_error is not None
     many = collective is not None and collective.size > 1
@@ -882,9 +921,8 @@ def compress_checkpoint(
             chunk_bytes=memory_chunk_bytes(DEFAULT_MEMORY if memory is None else memory),
             collective=collective if collective is not None else LOCAL,
             on_table=on_table,
+            out=dst,
         )
-        if streamed is not None:
-            streamed.save(dst)
         return streamed
     state, _ = load_checkpoint(src)
     try:

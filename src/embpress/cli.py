@@ -482,8 +482,8 @@ def _usage_options(fn: F) -> F:
     type=_Bytes(),
     default="512MiB",
     show_default=True,
-    help="Working memory of a .safetensors input, which is read by memory map and compressed "
-    "in row chunks (besides the output).",
+    help="Working memory of a .safetensors input, which is read and compressed in row "
+    "chunks (besides the output).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (only JSON on stdout).")
 @click.pass_context
@@ -521,8 +521,9 @@ def compress(
     pruning loses more than fewer bits at equal bytes. With --budget (or --max-error, or
     --plan) each row gets its own storage instead, chosen by the planner.
 
-    A .safetensors IN is read by memory map and compressed in row chunks, in bounded
-    working memory (--memory), and torchrun can share the work among processes:
+    A .safetensors IN is read and compressed in row chunks, in bounded working memory
+    (--memory), even when larger than RAM; torchrun can share the work among processes,
+    each writing its rows into OUT (on a filesystem they all share):
     torchrun --standalone --nproc-per-node 4 -m embpress compress IN OUT. OUT is the same
     file, byte for byte, however it was made.
     """
@@ -562,7 +563,7 @@ def compress(
         done = _compress_streamed(src, dst, table_patterns, settings, memory, collective)
         if done is None:
             return  # another process than rank 0: rank 0 writes and reports
-        result = done
+        result = done  # OUT is written
     else:
         state, _ = checkpoint.load_checkpoint(src)
         tables = checkpoint.find_tables(state, table_patterns)
@@ -576,7 +577,7 @@ def compress(
                 result = checkpoint.compress_state_dict(state, tables, on_table=on_table, **settings)
         except ValueError as err:
             raise CliError(_named(_in_cli_terms(err), src)) from None
-    _save_result(result, dst)
+        _save_result(result, dst)
 
     before, after = result.original_nbytes, result.nbytes
     summary = {
@@ -643,8 +644,9 @@ def _compress_streamed(
     memory: int,
     collective: Any,
 ) -> checkpoint.CompressedCheckpoint | None:
-    """compress of a .safetensors IN by memory map, in row chunks; with torchrun, each
-    process its share of the rows (rank 0 gets the result to write, the others None)."""
+    """compress of a .safetensors IN in row chunks, written into OUT chunk by chunk
+    (unjoined); with torchrun, each process its share of the rows (rank 0 gets the
+    report, the others None)."""
     from . import streaming
     from ._collective import LOCAL
 
@@ -671,10 +673,14 @@ def _compress_streamed(
                 chunk_bytes=streaming.memory_chunk_bytes(memory),
                 collective=collective if collective is not None else LOCAL,
                 on_table=on_table,
+                out=dst,
                 **settings,
             )
     except CliError:
         raise
+    except OSError as err:  # writing OUT (in place, by every process)
+        why = err.strerror[:1].lower() + err.strerror[1:] if err.strerror else _one_line(err)
+        raise CliError(f"{where}{dst}: could not write ({_one_line(why)}); nothing was written") from None
     except ValueError as err:
         raise CliError(where + _named(_in_cli_terms(err), src)) from None
     except RuntimeError as err:  # torch.distributed: another process failed or went away

@@ -21,20 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .layouts.base import FormatError, QuantizedTable
+from .layouts.base import BUFFER_DTYPES, FormatError, QuantizedTable
 from .layouts.registry import table_class
 
 __all__ = ["TorchCollective", "check_same", "from_environment", "gather_table", "row_ranges"]
 
-_DTYPES = {
-    "uint8": torch.uint8,
-    "int16": torch.int16,
-    "uint16": torch.uint16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
+_DTYPES = BUFFER_DTYPES
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 

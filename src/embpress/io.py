@@ -127,6 +127,60 @@ def _sort_metadata(fh: Any) -> None:
     fh.write(out)
 
 
+def file_metadata(index: dict[str, Any]) -> dict[str, str]:
+    """The safetensors metadata of an embpress file whose ``index`` (with its crc32) is given."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "index": json.dumps(index, allow_nan=False),
+    }
+
+
+# safetensors' names of torch dtypes, and the order of its Dtype enum: it writes tensors
+# by dtype, from the last of these to the first, then by name
+_ST_NAMES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+    torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
+}  # fmt: skip
+_ST_ORDER = {dtype: i for i, dtype in enumerate(_ST_NAMES)}
+
+Spec = tuple[torch.dtype, tuple[int, ...]]
+
+
+def safetensors_layout(specs: dict[str, Spec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """What ``write_file`` writes before the data of tensors of these dtypes and shapes
+    (safetensors' header, metadata keys sorted), and where each tensor's data starts in
+    the file: how processes that each hold a piece of the tensors write one file."""
+    order = sorted(specs, key=lambda n: (-_ST_ORDER[specs[n][0]], n))
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    at, starts = 0, {}
+    for name in order:
+        dtype, shape = specs[name]
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [at, at + size]}
+        starts[name] = at
+        at += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    head = len(text).to_bytes(8, "little") + text
+    return head, {name: len(head) + at for name, at in starts.items()}
+
+
+def temp_file_for(target: Path) -> str:
+    """A new empty temp file beside ``target`` (``.<name>.<pid>.<random>.tmp``), after
+    removing the temp files of earlier saves to ``target`` whose process is gone."""
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a directory")
+    _remove_stale_temps(target)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX, dir=target.parent
+    )
+    os.close(fd)
+    return tmp
+
+
 def write_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], index: dict[str, Any]) -> None:
     """Write tensors + index atomically: a temp file in the same folder, fsync, rename.
 
@@ -134,20 +188,9 @@ def write_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], i
     same path whose process no longer runs (killed mid-save) are removed first.
     """
     target = Path(path)
-    if target.is_dir():
-        raise IsADirectoryError(f"{target} is a directory")
     payload = _unshared(tensors)
-    index = {**index, "crc32": {k: crc32(v) for k, v in payload.items()}}
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "index": json.dumps(index, allow_nan=False),
-    }
-    _remove_stale_temps(target)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX, dir=target.parent
-    )
-    os.close(fd)
+    metadata = file_metadata({**index, "crc32": {k: crc32(v) for k, v in payload.items()}})
+    tmp = temp_file_for(target)
     try:
         save_file(payload, tmp, metadata=metadata)
         with open(tmp, "r+b") as fh:
@@ -157,6 +200,24 @@ def write_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], i
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def table_entry(meta: dict[str, Any], error: Any, aliases: list[str], module: Any = None) -> dict[str, Any]:
+    """The index entry of one table: built after the model's module (``kind: "auto"``)
+    when ``module`` is None, else after the quantized ``module``'s kind and arguments."""
+    if module is None:
+        kind = "auto"
+    else:
+        kind = "EmbeddingBag" if isinstance(module, QuantizedEmbeddingBag) else "Embedding"
+    entry = {
+        "kind": kind,
+        "aliases": aliases,
+        "module": None if module is None else module_kwargs(module),
+        "table": meta,
+        # a report, not needed to decode: left out rather than written unreadable
+        "error": error if _error_problem(error) is None else None,
+    }
+    return entry
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, kind_from_model: bool = False) -> None:
@@ -176,16 +237,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, kind_from_model: boo
     prefixes: list[str] = []
     for name, (module, aliases) in tables.items():
         qm: Any = module
-        kind = "EmbeddingBag" if isinstance(qm, QuantizedEmbeddingBag) else "Embedding"
-        entries[name] = {
-            "kind": "auto" if kind_from_model else kind,
-            "aliases": aliases,
-            "module": None if kind_from_model else module_kwargs(qm),
-            "table": qm.table.meta(),
-            # a report, not needed to decode: left out rather than written unreadable
-            "error": qm.error if _error_problem(qm.error) is None else None,
-        }
-        _check_entry(Path(path), name, entries[name])
+        entries[name] = table_entry(qm.table.meta(), qm.error, aliases, None if kind_from_model else qm)
+        check_entry(Path(path), name, entries[name])
         for buf, t in qm.table.tensors().items():
             tensors[f"{TABLE_PREFIX}{name}.{buf}"] = t
         prefixes.extend(f"{n}." for n in (name, *aliases))
@@ -284,7 +337,7 @@ def _parse_index(p: Path, metadata: dict[str, str], keys: set[str]) -> dict[str,
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 32:
             raise _fail(p, f"crc32 of tensor {key!r} must be an integer in [0, 2**32), got {_shown(value)}")
     for name, entry in index["tables"].items():
-        _check_entry(p, name, entry)
+        check_entry(p, name, entry)
     index["format_version"] = version
     return index
 
@@ -328,7 +381,7 @@ def _check_module(where: str, kind: str, module: Any, rows: int) -> str | None:
     return None
 
 
-def _check_entry(p: Path, name: str, entry: Any) -> None:
+def check_entry(p: Path, name: str, entry: Any) -> None:
     """One table's index entry, every field checked (the layout's own fields by the layout)."""
     where = f"table {name!r}"
     if not isinstance(entry, dict):

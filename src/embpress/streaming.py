@@ -13,8 +13,10 @@ chunk is encoded alone and the layout joins the parts (``concat_rows``). Memory:
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +37,6 @@ from .layouts.encode import (
     finite_table,
     plain_qparams,
 )
-from .layouts.registry import table_class
 from .layouts.stats import MaskStats, row_stats
 from .quant import QuantConfig
 from .sparsify.data_norm import StreamingMask, _block_shape
@@ -45,11 +46,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "SafetensorsFile",
     "chunk_rows_for",
     "compress_safetensors",
     "compress_table",
+    "compress_table_parts",
     "memory_chunk_bytes",
-    "open_safetensors",
     "safetensors_rows",
     "safetensors_tables",
     "tensor_rows",
@@ -65,50 +67,112 @@ def tensor_rows(table: torch.Tensor) -> ReadRows:
     return lambda start, stop: table[start:stop]
 
 
-def open_safetensors(path: str | os.PathLike[str]) -> Any:
-    """``safetensors.safe_open`` of ``path`` (memory-mapped), with a one-line ValueError
-    naming the file when it cannot be read or mapped."""
-    from safetensors import SafetensorError, safe_open
+class SafetensorsFile:
+    """A safetensors file read a row range at a time, whatever its size.
 
-    from .checkpoint import _safetensors_cause
-    from .report import human_bytes
+    ``safetensors.safe_open`` validates the header (dtypes, shapes, offsets that tile the
+    data exactly) and maps the file read-only, which works beyond RAM + swap (its torch
+    backend maps copy-on-write, which the kernel refuses for such a file, and its numpy
+    backend has no bfloat16). Rows are then read with ``pread`` at the validated offsets
+    straight into the tensor returned, so only the rows asked for are read, in any dtype.
+    """
 
-    p = Path(path)
-    try:
-        # mapped (safetensors' pread backend reads a whole tensor for every slice); torch
-        # maps copy-on-write, which the kernel refuses for a file larger than RAM + swap
-        return safe_open(str(p), framework="pt")
-    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
-        cause = _safetensors_cause(err)
-        if cause.startswith("too large"):
-            raise ValueError(f"{p}: too large to map into memory ({human_bytes(p.stat().st_size)})") from None
-        raise ValueError(f"{p}: not a readable safetensors file ({cause})") from None
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Open and validate ``path``; ValueError naming the file if it cannot be read."""
+        from safetensors import SafetensorError, safe_open
+
+        from .checkpoint import _safetensors_cause
+        from .report import human_bytes
+
+        self.path = p = Path(path)
+        try:
+            handle = safe_open(str(p), framework="numpy")
+            with open(p, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+        except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
+            cause = _safetensors_cause(err)
+            if cause.startswith("too large"):
+                size = human_bytes(p.stat().st_size)
+                raise ValueError(f"{p}: too large to map into memory ({size})") from None
+            raise ValueError(f"{p}: not a readable safetensors file ({cause})") from None
+        self._metadata = dict(handle.metadata() or {})
+        self._keys: list[str] = list(handle.offset_keys())
+        self._entries: dict[str, tuple[torch.dtype | None, tuple[int, ...], int]] = {}
+        for key in self._keys:  # offsets as validated by safe_open, from the data's start
+            entry = header[key]
+            shape = tuple(int(n) for n in entry["shape"])
+            start = 8 + length + int(entry["data_offsets"][0])
+            self._entries[key] = (_ST_DTYPES.get(entry["dtype"]), shape, start)
+        self._fd = os.open(p, os.O_RDONLY)
+        del handle  # the mapping is not used: reads go through the descriptor
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def __iter__(self) -> Iterator[str]:
+        """Tensor names in the order of their data."""
+        return iter(self._keys)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The tensor's torch dtype, None for one torch cannot hold (kept as it is)."""
+        return self._entries[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (along the first dimension) of tensor ``name``, read now."""
+        dtype, shape, offset = self._entries[name]
+        if dtype is None:
+            raise ValueError(f"{self.path}: tensor {name!r} has a dtype torch cannot hold")
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        view, done, at = out.numpy().data, 0, offset + start * row_bytes
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], at + done)
+            if got <= 0:
+                raise ValueError(f"{self.path}: truncated while reading tensor {name!r}")
+            done += got
+        return out.view(dtype).view(stop - start, *shape[1:])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The whole tensor ``name``."""
+        shape = self.shape(name)
+        if not shape:
+            return self.rows(name, 0, 1).reshape(())
+        return self.rows(name, 0, shape[0])
 
 
-def _plain_checkpoint(p: Path) -> Any:
+def _plain_checkpoint(p: Path) -> SafetensorsFile:
     """The open safetensors file ``p``, refused if it is an embpress file already."""
-    handle = open_safetensors(p)
-    if (handle.metadata() or {}).get("format") == FORMAT_NAME:
+    handle = SafetensorsFile(p)
+    if handle.metadata().get("format") == FORMAT_NAME:
         raise ValueError(f"{p}: already an embpress file (see 'embpress inspect {p}')")
     return handle
 
 
 def safetensors_rows(path: str | Path, name: str) -> tuple[ReadRows, tuple[int, int]]:
-    """``read_rows`` over tensor ``name`` of a safetensors file, read by memory map one
-    slice at a time, and its shape. KeyError / ValueError for a missing or non-2-D tensor."""
-    handle = open_safetensors(path)
-    if name not in handle.keys():  # noqa: SIM118 (safe_open has no __contains__)
+    """``read_rows`` over tensor ``name`` of a safetensors file, read one slice at a time,
+    and its shape. KeyError / ValueError for a missing or non-2-D tensor."""
+    handle = SafetensorsFile(path)
+    if name not in handle:
         raise KeyError(f"{path}: no tensor {name!r}")
-    view = handle.get_slice(name)
-    shape = tuple(int(n) for n in view.get_shape())
-    if len(shape) != 2:
+    shape = handle.shape(name)
+    if len(shape) != 2 or handle.dtype(name) is None:
         raise ValueError(f"{path}: tensor {name!r} has shape {shape}, expected 2-D")
 
     def read(start: int, stop: int) -> torch.Tensor:
-        rows: torch.Tensor = view[start:stop]
-        return rows
+        return handle.rows(name, start, stop)
 
-    read.handle = handle  # type: ignore[attr-defined]  # keeps the file open while read lives
     return read, (shape[0], shape[1])
 
 
@@ -130,6 +194,32 @@ def chunk_rows_for(dim: int, block_height: int = 1, chunk_bytes: int = DEFAULT_C
 def compress_table(
     source: torch.Tensor | ReadRows,
     config: QuantConfig | None = None,
+    **options: Any,
+) -> tuple[QuantizedTable | None, dict[str, float]]:
+    """One table compressed chunk by chunk: the table and its error summary.
+
+    ``source`` is a 2-D float tensor (memory-mapped, say) or ``read_rows(start, stop)``
+    with ``shape`` given. The other arguments are those of
+    ``post_training_sparse_quantize(model, DataNormSparsifier, sparsify_first, quant=config,
+    sparsity_level=..., ...)``, whose result for this table is what comes back, byte for
+    byte; see ``compress_table_parts`` for all of them. The chunks' tables are joined
+    (``concat_rows``); None for an empty ``row_range``.
+    """
+    parts, error = compress_table_parts(source, config, **options)
+    return _joined(parts), error
+
+
+def _joined(parts: list[QuantizedTable]) -> QuantizedTable | None:
+    """``concat_rows`` of ``parts`` (None for none), emptying each as it is copied, so that
+    the output is held once, not twice."""
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+    return type(parts[0]).concat_rows(parts, consume=True)
+
+
+def compress_table_parts(
+    source: torch.Tensor | ReadRows,
+    config: QuantConfig | None = None,
     *,
     shape: tuple[int, int] | None = None,
     sparsify_first: bool = True,
@@ -141,21 +231,23 @@ def compress_table(
     name: str = "table",
     row_range: tuple[int, int] | None = None,
     collective: Collective = LOCAL,
-) -> tuple[QuantizedTable | None, dict[str, float]]:
-    """One table compressed chunk by chunk: the table and its error summary.
+) -> tuple[list[QuantizedTable], dict[str, float]]:
+    """One table compressed chunk by chunk: the table of each chunk, in row order, and
+    the whole table's error summary. ``concat_rows`` of the chunks' tables is what
+    ``post_training_sparse_quantize`` makes of the table, byte for byte
+    (``compress_table``); ``assemble.write_parts`` writes them to a file unjoined.
 
     ``source`` is a 2-D float tensor (memory-mapped, say) or ``read_rows(start, stop)``
-    with ``shape`` given. The other arguments are those of
-    ``post_training_sparse_quantize(model, DataNormSparsifier, sparsify_first, quant=config,
-    sparsity_level=..., ...)``, whose result for this table is what comes back, byte for
-    byte. ``chunk_rows``: rows per chunk, a positive multiple of ``ROW_CHUNK_ALIGN`` and
-    of the block height (default: ``chunk_rows_for``).
+    with ``shape`` given. ``sparsify_first``, ``sparsity_level``, ``sparse_block_shape``,
+    ``zeros_per_block`` and ``norm`` are the settings of ``post_training_sparse_quantize``
+    with ``DataNormSparsifier``. ``chunk_rows``: rows per chunk, a positive multiple of
+    ``ROW_CHUNK_ALIGN`` and of the block height (default: ``chunk_rows_for``).
 
     Several processes share a table with ``row_range`` (each its own rows; the ranges in
     rank order tile the table, every boundary a multiple of ``chunk_rows``) and a
-    ``collective`` (``distributed.TorchCollective``): each gets the table of its rows, and
-    ``concat_rows`` of those in rank order is the one-process table (None for an empty
-    range); the error summary is the whole table's.
+    ``collective`` (``distributed.TorchCollective``): each gets the chunks of its rows
+    (none for an empty range), those of all processes in rank order being the table's;
+    the error summary is the whole table's.
     """
     config = config if config is not None else QuantConfig()
     if not isinstance(config, QuantConfig):
@@ -238,12 +330,29 @@ def compress_table(
         )
         parts.append(part)
         sums = sums + part_sums
-    error = _whole_table_error(sums, lo, rows, collective)
-    if not parts:
-        return None, error
-    # the parts are emptied as they are copied: the output is held once, not twice
-    table = parts[0] if len(parts) == 1 else table_class(layout.layout).concat_rows(parts, consume=True)
-    return table, error
+        _return_free_memory()
+    return parts, _whole_table_error(sums, lo, rows, collective)
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+        return trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def _return_free_memory() -> None:
+    """Hand freed heap pages back to the system (glibc's ``malloc_trim``). Each chunk's
+    part stays in memory among the chunk's freed working buffers, which glibc would keep
+    otherwise: resident memory then grew with the number of chunks, not the output."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def _whole_table_error(sums: ErrorSums, lo: int, rows: int, collective: Collective) -> dict[str, float]:
@@ -296,14 +405,12 @@ _ST_DTYPES = {
 }  # fmt: skip
 
 
-def _lazy_state(path: Path, handle: Any) -> dict[str, torch.Tensor]:
+def _lazy_state(path: Path, handle: SafetensorsFile) -> dict[str, torch.Tensor]:
     """Every tensor of an open safetensors file as a meta tensor (shape and dtype only), in
     the order of their data, as ``safetensors.torch.load_file`` returns them."""
     out = {}
-    for key in handle.offset_keys():
-        view = handle.get_slice(key)
-        dtype = _ST_DTYPES.get(view.get_dtype())
-        shape = tuple(int(n) for n in view.get_shape())
+    for key in handle:
+        dtype, shape = handle.dtype(key), handle.shape(key)
         out[key] = torch.empty(shape, dtype=dtype or torch.uint8, device="meta")
         if dtype is None:  # kept as it is, never a table
             out[key] = torch.empty(0, dtype=torch.uint8, device="meta")
@@ -357,16 +464,21 @@ def compress_safetensors(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     collective: Collective = LOCAL,
     on_table: Callable[[str, int, bool], None] | None = None,
+    out: str | os.PathLike[str] | None = None,
 ) -> CompressedCheckpoint | None:
     """``checkpoint.compress_state_dict`` for a ``.safetensors`` file of any size: each
-    table is read by memory map and compressed in row chunks (``compress_table``), the
-    other tensors are copied; saved, the result is byte for byte the in-memory one.
+    table is read a row chunk at a time and compressed (``compress_table``), the other
+    tensors are copied; saved, the result is byte for byte the in-memory one.
 
     With a ``collective`` of several processes (``distributed.TorchCollective``) every
-    process reads its share of each table's rows and rank 0 joins the parts; rank 0
-    returns the result (to save), the others None.
+    process reads and compresses its share of each table's rows. Given ``out``, the file
+    is written there: by this process alone, or with several processes by each writing
+    its own rows into one file (``distributed.write_parts``; ``out`` on a filesystem they
+    all share), and the result is its report. Without ``out``, rank 0 gathers the parts
+    and returns the result to save. Rank 0 returns the result, the others None.
     """
     from . import checkpoint as ckpt
+    from .assemble import write_parts
     from .distributed import gather_table, row_ranges
     from .nn import QuantizedEmbedding
 
@@ -386,12 +498,13 @@ def compress_safetensors(
         _check_output_fits(p, [tuple(lazy[k].shape) for k in keys], config)
         chosen = set(keys)
         # the skeleton: other tensors read whole, each table a placeholder of its shape
-        state = {k: handle.get_tensor(k) for k in lazy if k not in chosen}
+        state = {k: handle.tensor(k) for k in lazy if k not in chosen}
         for key in keys:
             state[key] = torch.empty(1, dtype=lazy[key].dtype).expand(lazy[key].shape)
         root, modules = ckpt.build_skeleton(state, keys)
         sparse: dict[str, Any] = {"sparsity_level": sparsity, "sparse_block_shape": tuple(block)}
         bh = _block_shape(block)[0]
+        held: list[tuple[str, list[QuantizedTable], dict[str, float]]] = []
         for key in keys:
             read, (rows, dim) = safetensors_rows(p, key)
             name = key[: -len(".weight")]
@@ -399,7 +512,7 @@ def compress_safetensors(
                 on_table(name, rows * dim, False)
             step = chunk_rows_for(dim, bh, chunk_bytes)
             row_range = row_ranges(rows, collective.size, step)[collective.rank]
-            part, error = compress_table(
+            parts, error = compress_table_parts(
                 read,
                 config,
                 shape=(rows, dim),
@@ -412,7 +525,18 @@ def compress_safetensors(
                 collective=collective,
                 **sparse,
             )
-            table = gather_table(part) if collective.size > 1 else part
+            if out is not None:  # written unjoined, by each process
+                held.append((name, parts, error))
+                table = None
+            else:
+                part = (
+                    parts[0]
+                    if len(parts) == 1
+                    else type(parts[0]).concat_rows(parts, consume=True)
+                    if parts
+                    else None
+                )
+                table = gather_table(part) if collective.size > 1 else part
             if table is not None:
                 module = QuantizedEmbedding(table)
                 module.error = error
@@ -422,8 +546,21 @@ def compress_safetensors(
                 modules[key] = module
             if on_table is not None:
                 on_table(name, rows * dim, True)
+        copied = {k: v for k, v in state.items() if k not in chosen}
+        if out is not None:
+            prefixes = tuple(f"{name}." for name, _, _ in held)
+            # the other tensors as io.save writes them: the model's state_dict, in order
+            rest = {k: v for k, v in root.state_dict().items() if not k.startswith(prefixes)}
+            joined = write_parts(out, held, rest, collective)
+            if collective.rank != 0:
+                return None
+            done = [
+                (name, meta, sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values()), error)
+                for (name, _, error), (meta, specs) in zip(held, joined, strict=True)
+            ]
+            return ckpt.written_checkpoint(out, lazy, done, copied)
     except ValueError as err:
         raise ValueError(f"{p}: {err}") from err
     if collective.rank != 0:
         return None
-    return ckpt.compressed_checkpoint(root, lazy, {k: v for k, v in state.items() if k not in chosen})
+    return ckpt.compressed_checkpoint(root, lazy, copied)

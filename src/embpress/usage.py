@@ -220,4 +220,3 @@ def record_usage(model: nn.Module, usage: Usage | None = None) -> Iterator[Usage
     finally:
         for h in handles:
             h.remove()
-

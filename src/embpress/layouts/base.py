@@ -29,9 +29,11 @@ from .lookup import KERNEL_POOLINGS, Bags, FusedKernelTable, KernelPolicy, Pooli
 from .stats import MaskStats, RowStats
 
 __all__ = [
+    "BUFFER_DTYPES",
     "ROW_CHUNK_ALIGN",
     "EncodedTable",
     "FormatError",
+    "Piece",
     "QuantizedTable",
     "RowReader",
     "cat_rows",
@@ -47,6 +49,17 @@ __all__ = [
 ]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
+# every dtype a layout's buffers use, by name (how parts describe their buffers)
+BUFFER_DTYPES = {
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "uint16": torch.uint16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+_BUFFER_NAMES = {v: k for k, v in BUFFER_DTYPES.items()}
 DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
 _FBGEMM_OPS = {
     8: "embedding_bag_byte_rowwise_offsets",
@@ -254,6 +267,29 @@ class QuantizedTable(nn.Module):
         """
         raise NotImplementedError
 
+    # The same join without meeting: each process holds one part and writes its pieces of
+    # the joined buffers where they go (``distributed.write_parts``). The parts exchange
+    # only their summaries; the pieces of all parts tile every joined buffer exactly, and
+    # the joined buffers are those of ``concat_rows`` (the layout contract checks both).
+    def part_summary(self) -> dict[str, Any]:
+        """What the other parts need to place theirs (JSON): meta, and each buffer's dtype
+        name and shape."""
+        return {
+            "meta": self.meta(),
+            "buffers": {n: [_BUFFER_NAMES[t.dtype], list(t.shape)] for n, t in self.tensors().items()},
+        }
+
+    @classmethod
+    def joined_layout(cls, summaries: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Spec]]:
+        """The meta and the buffers' (dtype, shape) of ``concat_rows`` of parts with these
+        summaries, in ``tensors()`` order."""
+        raise NotImplementedError(f"layout {cls.layout!r} cannot be joined in place")
+
+    def join_pieces(self, index: int, summaries: Sequence[dict[str, Any]]) -> list[Piece]:
+        """This part's pieces of the joined buffers; ``index``: its place among the parts
+        whose ``summaries`` are given."""
+        raise NotImplementedError(f"layout {type(self).layout!r} cannot be joined in place")
+
     @classmethod
     def load_rows(cls, meta: dict[str, Any], read: RowReader, start: int, stop: int) -> QuantizedTable:
         """The table of rows ``start:stop`` of a stored table, reading only what those rows
@@ -439,6 +475,37 @@ def popcount_bytes(x: torch.Tensor) -> torch.Tensor:
 # a multiple of every layout's own row grouping (pruned rows: 8 per bitmap byte;
 # block-sparse: at most 256 rows per group offset).
 ROW_CHUNK_ALIGN = 256
+
+
+Spec = tuple[torch.dtype, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``start : start + len(data)`` (first dimension) of joined buffer ``name``."""
+
+    name: str
+    start: int
+    data: torch.Tensor
+
+
+def summed_meta(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The first part's meta with the rows and pruned entries of all parts."""
+    meta = dict(summaries[0]["meta"])
+    meta["num_embeddings"] = sum(int(s["meta"]["num_embeddings"]) for s in summaries)
+    meta["num_pruned"] = sum(int(s["meta"]["num_pruned"]) for s in summaries)
+    return meta
+
+
+def buffer_spec(summary: dict[str, Any], name: str, rows: int) -> Spec:
+    """Buffer ``name`` of a part, as a joined buffer of ``rows`` rows."""
+    dtype, shape = summary["buffers"][name]
+    return BUFFER_DTYPES[dtype], (rows, *(int(n) for n in shape[1:]))
+
+
+def buffer_rows(summary: dict[str, Any], name: str) -> int:
+    """Rows (first dimension) of a part's buffer ``name``."""
+    return int(summary["buffers"][name][1][0])
 
 
 def cat_rows(

@@ -51,9 +51,13 @@ from ._kernels import block_sparse_bag, vector_decode_supported
 from .base import (
     EncodedTable,
     FormatError,
+    Piece,
     QuantizedTable,
     RowReader,
+    Spec,
     base_fields,
+    buffer_rows,
+    buffer_spec,
     cat_rows,
     check_parts,
     expect_tensor,
@@ -61,6 +65,7 @@ from .base import (
     popcount_bytes,
     read_checked,
     shard_meta,
+    summed_meta,
 )
 from .lookup import (
     KERNEL_POOLINGS,
@@ -253,6 +258,40 @@ class BlockSparseTable(QuantizedTable):
             first.scale_dtype,
             pruned,
         )
+
+    def part_summary(self) -> dict[str, Any]:
+        return {**super().part_summary(), "records_end": int(self.group_offsets[-1])}
+
+    @classmethod
+    def joined_layout(cls, summaries: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Spec]]:
+        records = sum(buffer_rows(s, "records") - RECORD_TAIL for s in summaries) + RECORD_TAIL
+        pairs = sum(buffer_rows(s, "row_offsets") for s in summaries)
+        groups = sum(buffer_rows(s, "group_offsets") - 1 for s in summaries) + 1
+        first = summaries[0]
+        return summed_meta(summaries), {
+            "records": buffer_spec(first, "records", records),
+            "row_offsets": buffer_spec(first, "row_offsets", pairs),
+            "group_offsets": buffer_spec(first, "group_offsets", groups),
+        }
+
+    def join_pieces(self, index: int, summaries: Sequence[dict[str, Any]]) -> list[Piece]:
+        """Records after those before (the last part adds the zero tail), pair offsets as
+        they are, group offsets moved by the records before (the last adds the total)."""
+        before = summaries[:index]
+        at = sum(buffer_rows(s, "records") - RECORD_TAIL for s in before)
+        base = sum(int(s["records_end"]) for s in before)
+        groups = sum(buffer_rows(s, "group_offsets") - 1 for s in before)
+        own = int(self.records.shape[0]) - RECORD_TAIL
+        pieces = [
+            Piece("records", at, self.records[:own]),
+            Piece("row_offsets", sum(buffer_rows(s, "row_offsets") for s in before), self.row_offsets),
+            Piece("group_offsets", groups, self.group_offsets[:-1] + base),
+        ]
+        if index == len(summaries) - 1:
+            pieces.append(Piece("records", at + own, torch.zeros_like(self.records[own:])))
+            end = int(self.group_offsets.shape[0]) - 1
+            pieces.append(Piece("group_offsets", groups + end, self.group_offsets[-1:] + base))
+        return pieces
 
     @classmethod
     def load_rows(cls, meta: dict[str, Any], read: RowReader, start: int, stop: int) -> BlockSparseTable:

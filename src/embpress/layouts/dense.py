@@ -17,9 +17,13 @@ import torch
 
 from .base import (
     EncodedTable,
+    Piece,
     QuantizedTable,
     RowReader,
+    Spec,
     base_fields,
+    buffer_rows,
+    buffer_spec,
     cat_rows,
     check_fused_qparams,
     check_parts,
@@ -30,6 +34,7 @@ from .base import (
     make_fused,
     read_checked,
     shard_meta,
+    summed_meta,
 )
 from .lookup import KernelPolicy, current_kernel_policy
 from .stats import MaskStats, RowStats, flagged_rows
@@ -72,6 +77,14 @@ class DenseTable(QuantizedTable):
         first, pruned = tables[0], sum(t.num_pruned for t in tables)
         fused = cat_rows(tables, "fused", consume=consume)
         return cls(fused, first.embedding_dim, first.bits, first.scale_dtype, pruned)
+
+    @classmethod
+    def joined_layout(cls, summaries: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Spec]]:
+        rows = sum(buffer_rows(s, "fused") for s in summaries)
+        return summed_meta(summaries), {"fused": buffer_spec(summaries[0], "fused", rows)}
+
+    def join_pieces(self, index: int, summaries: Sequence[dict[str, Any]]) -> list[Piece]:
+        return [Piece("fused", sum(buffer_rows(s, "fused") for s in summaries[:index]), self.fused)]
 
     @classmethod
     def load_rows(cls, meta: dict[str, Any], read: RowReader, start: int, stop: int) -> DenseTable:

@@ -46,8 +46,12 @@ from .base import (
     DTYPES_BY_NAME,
     EncodedTable,
     FormatError,
+    Piece,
     QuantizedTable,
     RowReader,
+    Spec,
+    buffer_rows,
+    buffer_spec,
     check_fused_qparams,
     check_parts,
     decode_fused,
@@ -56,6 +60,7 @@ from .base import (
     meta_int,
     read_checked,
     shard_meta,
+    summed_meta,
 )
 from .lookup import KERNEL_POOLINGS, Bags, KernelPolicy, run_bags
 from .stats import MaskStats, RowStats, flagged_rows
@@ -534,6 +539,51 @@ class MixedTable(QuantizedTable):
             first.scale_dtype,
             pruned,
         )
+
+    def part_summary(self) -> dict[str, Any]:
+        return {**super().part_summary(), "class_rows": list(self.class_rows)}
+
+    @classmethod
+    def joined_layout(cls, summaries: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Spec]]:
+        first = summaries[0]
+        blocks = sum(buffer_rows(s, "class_sub") for s in summaries)
+        sizes = {
+            "class_ids": sum(buffer_rows(s, "class_ids") for s in summaries),
+            "class_rank": blocks + 1,
+            "class_sub": blocks,
+            "payload": sum(buffer_rows(s, "payload") for s in summaries),
+            "colbooks": buffer_rows(first, "colbooks"),
+        }
+        return summed_meta(summaries), {n: buffer_spec(first, n, sizes[n]) for n in first["buffers"]}
+
+    def join_pieces(self, index: int, summaries: Sequence[dict[str, Any]]) -> list[Piece]:
+        """Class ids and sub-block counts as they are; the directory moved by each class's
+        rows before; each class's rows after that class's rows in the parts before, in
+        the joined payload's run of that class. The first part writes the column books."""
+        before = summaries[:index]
+        totals = [sum(int(s["class_rows"][c]) for s in summaries) for c in range(len(self.codecs))]
+        prior = [sum(int(s["class_rows"][c]) for s in before) for c in range(len(self.codecs))]
+        shift = torch.tensor(prior + [0] * (MAX_CLASSES - len(prior)), dtype=self.class_rank.dtype)
+        blocks = sum(buffer_rows(s, "class_sub") for s in before)
+        pieces = [
+            Piece("class_ids", sum(buffer_rows(s, "class_ids") for s in before), self.class_ids),
+            Piece("class_rank", blocks, self.class_rank[:-1] + shift),
+            Piece("class_sub", blocks, self.class_sub),
+        ]
+        if index == len(summaries) - 1:
+            pieces.append(
+                Piece("class_rank", blocks + int(self.class_sub.shape[0]), self.class_rank[-1:] + shift)
+            )
+        if index == 0:
+            pieces.append(Piece("colbooks", 0, self.colbooks))
+        start = 0
+        for c, rb in enumerate(self.row_bytes):
+            n = self.class_rows[c] * rb
+            pieces.append(
+                Piece("payload", start + prior[c] * rb, self.payload[self.base[c] : self.base[c] + n])
+            )
+            start += totals[c] * rb
+        return pieces
 
     @classmethod
     def load_rows(cls, meta: dict[str, Any], read: RowReader, start: int, stop: int) -> MixedTable:

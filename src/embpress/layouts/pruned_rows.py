@@ -28,9 +28,13 @@ from ._kernels import remap_rows
 from .base import (
     EncodedTable,
     FormatError,
+    Piece,
     QuantizedTable,
     RowReader,
+    Spec,
     base_fields,
+    buffer_rows,
+    buffer_spec,
     cat_rows,
     check_fused_qparams,
     check_parts,
@@ -42,6 +46,7 @@ from .base import (
     popcount_bytes,
     read_checked,
     shard_meta,
+    summed_meta,
 )
 from .lookup import KernelPolicy, check_ids, current_kernel_policy, int64_ids
 from .stats import MaskStats, RowStats, flagged_rows
@@ -127,6 +132,32 @@ class PrunedRowsTable(QuantizedTable):
             first.scale_dtype,
             pruned,
         )
+
+    @classmethod
+    def joined_layout(cls, summaries: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Spec]]:
+        kept = sum(buffer_rows(s, "fused") - 1 for s in summaries)
+        nbits = sum(buffer_rows(s, "row_bits") for s in summaries)
+        first = summaries[0]
+        return summed_meta(summaries), {
+            "fused": buffer_spec(first, "fused", kept + 1),
+            "row_bits": buffer_spec(first, "row_bits", nbits),
+            "row_rank": buffer_spec(first, "row_rank", nbits),
+        }
+
+    def join_pieces(self, index: int, summaries: Sequence[dict[str, Any]]) -> list[Piece]:
+        """Kept rows after those of the parts before (the last part adds the zero row);
+        bitmap bytes as they are; ranks moved by the kept rows before."""
+        kept = sum(buffer_rows(s, "fused") - 1 for s in summaries[:index])
+        at = sum(buffer_rows(s, "row_bits") for s in summaries[:index])
+        own = int(self.fused.shape[0]) - 1
+        pieces = [
+            Piece("fused", kept, self.fused[:own]),
+            Piece("row_bits", at, self.row_bits),
+            Piece("row_rank", at, self.row_rank + kept),
+        ]
+        if index == len(summaries) - 1:
+            pieces.append(Piece("fused", kept + own, torch.zeros_like(self.fused[own:])))
+        return pieces
 
     @classmethod
     def load_rows(cls, meta: dict[str, Any], read: RowReader, start: int, stop: int) -> PrunedRowsTable:
