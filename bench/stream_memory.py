@@ -181,6 +181,7 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, png: Path |
             rows,
         ),
     ]
+    md += target_lines(data)
     if data["procs"]:
         one = data["procs"][0]["wall_s"]
         prow = [
@@ -196,6 +197,28 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, png: Path |
             common.md_table(["processes", "wall", "GB/s", "speed-up", "peak anon (all)"], prow),
         ]
     return "\n".join(md) + "\n"
+
+
+def target_lines(data: dict[str, Any]) -> list[str]:
+    """PASS/FAIL of issue 15's memory targets: peak beyond the output at most about 600 MB
+    at every size; 3M rows within 64 MiB of 1M rows' peak plus the output's growth."""
+    mib, sizes = 2**20, {r["rows"]: r for r in data["sizes"]}
+    if not sizes:
+        return []
+    worst = max(r["peak_anon_bytes"] - r["out_bytes"] for r in sizes.values())
+    out = [
+        "",
+        f"- peak anon beyond the output at most {worst / mib:.0f} MiB at every size (target: about "
+        f"600 MB): **{common.pass_fail(worst <= 600e6)}**",
+    ]
+    if 1_000_000 in sizes and 3_000_000 in sizes:
+        a, b = sizes[1_000_000], sizes[3_000_000]
+        delta = (b["peak_anon_bytes"] - a["peak_anon_bytes"]) - (b["out_bytes"] - a["out_bytes"])
+        out.append(
+            f"- 3M x {data['dim']} against 1M x {data['dim']}: {delta / mib:+.1f} MiB beyond the output's "
+            f"growth (target: within 64 MB): **{common.pass_fail(abs(delta) <= 64e6)}**"
+        )
+    return out
 
 
 def no_plot(data: Any, path: Path) -> None:

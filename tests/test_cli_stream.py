@@ -113,6 +113,27 @@ def test_killed_rank_writes_nothing(checkpoint, tmp_path) -> None:
     assert "rank" in log and ("SIGKILL" in log or "-9" in log), log[-3000:]
 
 
+ANOTHER_HOST_FOR_RANK_1 = """
+    import os
+    if os.environ.get("RANK") == "1":
+        import embpress.assemble as a
+        write = a._write_pieces
+        a._write_pieces = lambda tmp, pieces: write(tmp + ".on-another-host", pieces)
+"""
+
+
+def test_out_not_shared_by_every_process_writes_nothing(checkpoint, tmp_path) -> None:
+    """A process that cannot see rank 0's temp file (OUT not on a shared filesystem): every
+    process stops, that one says why, and neither OUT nor a temp file is left."""
+    out = tmp_path / "out.safetensors"
+    done = torchrun(2, checkpoint, out, ANOTHER_HOST_FOR_RANK_1, tmp_path)
+    assert done.returncode != 0
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.safetensors")]
+    assert "rank 1: " in done.stderr and "must be on a filesystem every process shares" in done.stderr
+    assert "another process could not write its part" in done.stderr  # rank 0's line
+
+
 OTHER_BITS_ON_RANK_1 = """
     import os, sys
     if os.environ.get("RANK") == "1":

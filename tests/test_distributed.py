@@ -102,6 +102,47 @@ def test_processes_make_the_one_process_table(tmp_path, size) -> None:
     assert all(r["error_same"] for r in results), results
 
 
+def _worker_beside_nccl(rank: int, size: int, init: str, out: str) -> None:
+    """A default group of another backend (NCCL on GPU hosts; its name stood in for here):
+    the collective makes its own gloo group and the table is still the one-process one."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        real = dist.get_backend
+        dist.get_backend = lambda group=None: "nccl" if group is None else real(group)
+        collective = TorchCollective()
+        dist.get_backend = real
+        w = table(1300, 12, 7)
+        config = embpress.QuantConfig(bits=4)
+        lo, hi = row_ranges(1300, size, 256)[rank]
+        part, error = compress_table(
+            w, config, chunk_rows=256, row_range=(lo, hi), collective=collective, sparsity_level=0.6
+        )
+        whole = gather_table(part, group=collective.group)
+        if rank == 0:
+            alone, alone_error = compress_table(w, config, chunk_rows=256, sparsity_level=0.6)
+            same = whole.meta() == alone.meta() and all(
+                torch.equal(a, b)
+                for a, b in zip(whole.tensors().values(), alone.tensors().values(), strict=True)
+            )
+            own = collective.group is not None and dist.get_backend(collective.group) == "gloo"
+            Path(out).write_text(
+                json.dumps({"same": same, "error_same": error == alone_error, "own_gloo_group": own})
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_default_group_of_another_backend_gets_a_gloo_group(tmp_path) -> None:
+    out = tmp_path / "result.json"
+    mp.start_processes(
+        _worker_beside_nccl,
+        args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)),
+        nprocs=2,
+        start_method="spawn",
+    )
+    assert json.loads(out.read_text()) == {"same": True, "error_same": True, "own_gloo_group": True}
+
+
 def test_row_ranges_tile_the_table() -> None:
     for rows in (1, 255, 256, 1000, 4097):
         for size in (1, 2, 3, 5):

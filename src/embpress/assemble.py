@@ -14,6 +14,7 @@ temp file on a filesystem they all share.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -144,7 +145,13 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 def _write_pieces(tmp: str, pieces: list[tuple[int, Piece]]) -> None:
     """This process's pieces into the pre-sized file ``tmp``, each at its byte offset."""
-    fd = os.open(tmp, os.O_WRONLY)
+    try:
+        fd = os.open(tmp, os.O_WRONLY)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            errno.ENOENT,
+            "rank 0's temp file is not visible here: OUT must be on a filesystem every process shares",
+        ) from None
     try:
         for offset, piece in pieces:
             _pwrite_all(fd, _raw(piece.data), offset)

@@ -32,11 +32,21 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 class TorchCollective:
     """The reductions ``streaming.compress_table`` needs, over a ``torch.distributed`` group
-    (the default one unless given); the process group must be initialised."""
+    (the default one unless given); the process group must be initialised.
+
+    What travels is small and on the CPU (histograms, counts, sizes, JSON), so it goes
+    through gloo: where ``group`` has another backend (NCCL, on GPU hosts), a gloo group of
+    the same processes is made for it, as TorchRec does for its CPU-side metadata. Every
+    process of the default group must then construct a TorchCollective (``new_group`` is
+    collective).
+    """
 
     def __init__(self, group: Any = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised (call init_process_group first)")
+        if str(dist.get_backend(group)).lower() != "gloo":
+            ranks = dist.get_process_group_ranks(group) if group is not None else None
+            group = dist.new_group(ranks, backend="gloo")
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
