@@ -102,7 +102,7 @@ KILL_RANK_1 = """
 """
 
 
-def test_killed_rank_writes_nothing(checkpoint, tmp_path) -> None:
+def test_killed_rank_writes_nothing_and_a_rerun_succeeds(checkpoint, in_memory, tmp_path) -> None:
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"the previous OUT")
     done = torchrun(2, checkpoint, out, KILL_RANK_1, tmp_path)
@@ -111,6 +111,10 @@ def test_killed_rank_writes_nothing(checkpoint, tmp_path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.safetensors")]  # no temp file
     log = done.stdout + done.stderr
     assert "rank" in log and ("SIGKILL" in log or "-9" in log), log[-3000:]
+    (tmp_path / "sitecustomize.py").unlink()
+    again = torchrun(2, checkpoint, out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert out.read_bytes() == in_memory
 
 
 ANOTHER_HOST_FOR_RANK_1 = """
