@@ -163,7 +163,8 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, png: Path |
         common.machine_markdown(),
         "",
         f"`embpress compress IN OUT {' '.join(data['options'])}` on a float32 .safetensors table (read "
-        "in row chunks with pread, default `--memory 512MiB`); peak anonymous memory (RssAnon, sampled "
+        "in row chunks: mapped, or with pread beyond RAM + swap; default `--memory 512MiB`); peak anonymous "
+        "memory (RssAnon, sampled "
         "every 5 ms) of the process, which holds the output (its chunks' tables, unjoined) until it "
         "writes them.",
         "",

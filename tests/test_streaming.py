@@ -106,10 +106,12 @@ def test_safetensors_source_is_read_by_slices(tmp_path) -> None:
         safetensors_rows(path, "nope")
 
 
+@pytest.mark.parametrize("mapped", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_safetensors_file_reads_row_ranges_of_any_dtype(tmp_path, dtype) -> None:
-    """Rows read by pread equal safetensors' own tensors, in every dtype (bfloat16, which
-    numpy cannot hold, included), for whole tensors, scalars and empty ranges."""
+def test_safetensors_file_reads_row_ranges_of_any_dtype(tmp_path, dtype, mapped) -> None:
+    """Rows (views of a private mapping, or read by pread) equal safetensors' own tensors,
+    in every dtype (bfloat16, which numpy cannot hold, included), for whole tensors,
+    scalars and empty ranges; writing into them leaves the file as it was."""
     from safetensors.torch import load_file, save_file
 
     g = torch.Generator().manual_seed(5)
@@ -121,7 +123,7 @@ def test_safetensors_file_reads_row_ranges_of_any_dtype(tmp_path, dtype) -> None
     }
     path = tmp_path / "t.safetensors"
     save_file(tensors, str(path), metadata={"k": "v"})
-    f = SafetensorsFile(path)
+    f = SafetensorsFile(path, mapped=mapped)
     want = load_file(str(path))
     assert list(f) == list(want) and f.metadata() == {"k": "v"} and "a.weight" in f and "z" not in f
     for name, t in want.items():
@@ -131,6 +133,10 @@ def test_safetensors_file_reads_row_ranges_of_any_dtype(tmp_path, dtype) -> None
     big = want["d.emb.weight"]
     for lo, hi in [(0, 0), (0, 1), (17, 256), (299, 300), (0, 300)]:
         assert torch.equal(f.rows("d.emb.weight", lo, hi), big[lo:hi])
+    before = path.read_bytes()
+    f.rows("d.emb.weight", 3, 9).fill_(42)  # a private write: it never reaches the file
+    assert path.read_bytes() == before
+    assert torch.equal(SafetensorsFile(path, mapped=mapped).rows("d.emb.weight", 0, 300), big)
 
 
 def test_safetensors_file_beyond_memory_is_read_without_mapping_it_whole(tmp_path) -> None:

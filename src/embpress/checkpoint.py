@@ -784,7 +784,7 @@ def written_checkpoint(
     tables: Sequence[tuple[str, dict[str, Any], int, dict[str, float]]],
     copied: Mapping[str, torch.Tensor],
 ) -> CompressedCheckpoint:
-    """The report of a file that several processes wrote in place (``distributed.write_parts``):
+    """The report of a file that several processes wrote in place (``assemble.write_parts``):
     ``tables`` gives each table's name, joined meta, bytes and error; no table is held."""
     reports = []
     for name, meta, nbytes, error in tables:

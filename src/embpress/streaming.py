@@ -71,13 +71,14 @@ class SafetensorsFile:
     """A safetensors file read a row range at a time, whatever its size.
 
     ``safetensors.safe_open`` validates the header (dtypes, shapes, offsets that tile the
-    data exactly) and maps the file read-only, which works beyond RAM + swap (its torch
-    backend maps copy-on-write, which the kernel refuses for such a file, and its numpy
-    backend has no bfloat16). Rows are then read with ``pread`` at the validated offsets
-    straight into the tensor returned, so only the rows asked for are read, in any dtype.
+    data exactly); its numpy backend maps the file read-only, which works beyond RAM +
+    swap. Rows are then taken at the validated offsets, in any dtype (bfloat16 included,
+    which numpy lacks): as views of a copy-on-write mapping of the file (no copy; writes
+    stay private), or, where the kernel refuses that mapping (a file beyond RAM + swap)
+    or ``mapped`` is False, read with ``pread`` into a new tensor.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, mapped: bool = True) -> None:
         """Open and validate ``path``; ValueError naming the file if it cannot be read."""
         from safetensors import SafetensorError, safe_open
 
@@ -105,7 +106,14 @@ class SafetensorsFile:
             start = 8 + length + int(entry["data_offsets"][0])
             self._entries[key] = (_ST_DTYPES.get(entry["dtype"]), shape, start)
         self._fd = os.open(p, os.O_RDONLY)
-        del handle  # the mapping is not used: reads go through the descriptor
+        del handle  # validated; its read-only mapping gives numpy arrays, not tensors
+        self._map: Any = None  # torch.UntypedStorage of the whole file
+        if mapped:
+            try:
+                nbytes = os.fstat(self._fd).st_size
+                self._map = torch.UntypedStorage.from_file(str(p), shared=False, nbytes=nbytes)
+            except (RuntimeError, MemoryError, OSError):  # beyond RAM + swap: pread
+                self._map = None
 
     def __del__(self) -> None:
         fd = getattr(self, "_fd", None)
@@ -130,13 +138,20 @@ class SafetensorsFile:
         return self._entries[name][1]
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` (along the first dimension) of tensor ``name``, read now."""
+        """Rows ``start:stop`` (along the first dimension) of tensor ``name``. A view of the
+        private mapping where there is one: writing into it never reaches the file, but
+        later reads of those rows through this object return what was written."""
         dtype, shape, offset = self._entries[name]
         if dtype is None:
             raise ValueError(f"{self.path}: tensor {name!r} has a dtype torch cannot hold")
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        at = offset + start * row_bytes
+        if self._map is not None and at % dtype.itemsize == 0:
+            n = (stop - start) * row_bytes
+            out = torch.empty(0, dtype=torch.uint8).set_(self._map, at, (n,), (1,))
+            return out.view(dtype).view(stop - start, *shape[1:])
         out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
-        view, done, at = out.numpy().data, 0, offset + start * row_bytes
+        view, done = out.numpy().data, 0
         while done < len(view):
             got = os.preadv(self._fd, [view[done:]], at + done)
             if got <= 0:
@@ -473,7 +488,7 @@ def compress_safetensors(
     With a ``collective`` of several processes (``distributed.TorchCollective``) every
     process reads and compresses its share of each table's rows. Given ``out``, the file
     is written there: by this process alone, or with several processes by each writing
-    its own rows into one file (``distributed.write_parts``; ``out`` on a filesystem they
+    its own rows into one file (``assemble.write_parts``; ``out`` on a filesystem they
     all share), and the result is its report. Without ``out``, rank 0 gathers the parts
     and returns the result to save. Rank 0 returns the result, the others None.
     """
@@ -529,13 +544,7 @@ def compress_safetensors(
                 held.append((name, parts, error))
                 table = None
             else:
-                part = (
-                    parts[0]
-                    if len(parts) == 1
-                    else type(parts[0]).concat_rows(parts, consume=True)
-                    if parts
-                    else None
-                )
+                part = _joined(parts)
                 table = gather_table(part) if collective.size > 1 else part
             if table is not None:
                 module = QuantizedEmbedding(table)

@@ -268,7 +268,7 @@ class QuantizedTable(nn.Module):
         raise NotImplementedError
 
     # The same join without meeting: each process holds one part and writes its pieces of
-    # the joined buffers where they go (``distributed.write_parts``). The parts exchange
+    # the joined buffers where they go (``assemble.write_parts``). The parts exchange
     # only their summaries; the pieces of all parts tile every joined buffer exactly, and
     # the joined buffers are those of ``concat_rows`` (the layout contract checks both).
     def part_summary(self) -> dict[str, Any]:
