@@ -209,7 +209,17 @@ def chunk_rows_for(dim: int, block_height: int = 1, chunk_bytes: int = DEFAULT_C
 def compress_table(
     source: torch.Tensor | ReadRows,
     config: QuantConfig | None = None,
-    **options: Any,
+    *,
+    shape: tuple[int, int] | None = None,
+    sparsify_first: bool = True,
+    sparsity_level: float = 0.0,
+    sparse_block_shape: tuple[int, int] = (1, 4),
+    zeros_per_block: int | None = None,
+    norm: str = "L1",
+    chunk_rows: int | None = None,
+    name: str = "table",
+    row_range: tuple[int, int] | None = None,
+    collective: Collective = LOCAL,
 ) -> tuple[QuantizedTable | None, dict[str, float]]:
     """One table compressed chunk by chunk: the table and its error summary.
 
@@ -217,10 +227,23 @@ def compress_table(
     with ``shape`` given. The other arguments are those of
     ``post_training_sparse_quantize(model, DataNormSparsifier, sparsify_first, quant=config,
     sparsity_level=..., ...)``, whose result for this table is what comes back, byte for
-    byte; see ``compress_table_parts`` for all of them. The chunks' tables are joined
-    (``concat_rows``); None for an empty ``row_range``.
+    byte; ``compress_table_parts`` says what the others mean. The chunks' tables are
+    joined (``concat_rows``); None for an empty ``row_range``.
     """
-    parts, error = compress_table_parts(source, config, **options)
+    parts, error = compress_table_parts(
+        source,
+        config,
+        shape=shape,
+        sparsify_first=sparsify_first,
+        sparsity_level=sparsity_level,
+        sparse_block_shape=sparse_block_shape,
+        zeros_per_block=zeros_per_block,
+        norm=norm,
+        chunk_rows=chunk_rows,
+        name=name,
+        row_range=row_range,
+        collective=collective,
+    )
     return _joined(parts), error
 
 
