@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -42,6 +42,8 @@ from .quant import QuantConfig
 from .sparsify.data_norm import StreamingMask, _block_shape
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from .checkpoint import CompressedCheckpoint
 
 __all__ = [
@@ -206,20 +208,25 @@ def chunk_rows_for(dim: int, block_height: int = 1, chunk_bytes: int = DEFAULT_C
     return max(step, chunk_bytes // (4 * max(dim, 1)) // step * step)
 
 
+class ChunkOptions(TypedDict, total=False):
+    """The keyword arguments of ``compress_table_parts`` (see there)."""
+
+    shape: tuple[int, int] | None
+    sparsify_first: bool
+    sparsity_level: float
+    sparse_block_shape: tuple[int, int]
+    zeros_per_block: int | None
+    norm: str
+    chunk_rows: int | None
+    name: str
+    row_range: tuple[int, int] | None
+    collective: Collective
+
+
 def compress_table(
     source: torch.Tensor | ReadRows,
     config: QuantConfig | None = None,
-    *,
-    shape: tuple[int, int] | None = None,
-    sparsify_first: bool = True,
-    sparsity_level: float = 0.0,
-    sparse_block_shape: tuple[int, int] = (1, 4),
-    zeros_per_block: int | None = None,
-    norm: str = "L1",
-    chunk_rows: int | None = None,
-    name: str = "table",
-    row_range: tuple[int, int] | None = None,
-    collective: Collective = LOCAL,
+    **options: Unpack[ChunkOptions],
 ) -> tuple[QuantizedTable | None, dict[str, float]]:
     """One table compressed chunk by chunk: the table and its error summary.
 
@@ -230,20 +237,7 @@ def compress_table(
     byte; ``compress_table_parts`` says what the others mean. The chunks' tables are
     joined (``concat_rows``); None for an empty ``row_range``.
     """
-    parts, error = compress_table_parts(
-        source,
-        config,
-        shape=shape,
-        sparsify_first=sparsify_first,
-        sparsity_level=sparsity_level,
-        sparse_block_shape=sparse_block_shape,
-        zeros_per_block=zeros_per_block,
-        norm=norm,
-        chunk_rows=chunk_rows,
-        name=name,
-        row_range=row_range,
-        collective=collective,
-    )
+    parts, error = compress_table_parts(source, config, **options)
     return _joined(parts), error
 
 
