@@ -63,13 +63,15 @@ def test_memory_option_is_checked(checkpoint, tmp_path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-def torchrun(nproc: int, checkpoint: Path, out: Path, hook: str | None = None, tmp: Path | None = None):
+def torchrun(
+    nproc: int, checkpoint: Path, out: Path, hook: str | None = None, tmp: Path | None = None, extra=()
+):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if hook is not None and tmp is not None:  # code every process runs at start-up
         (tmp / "sitecustomize.py").write_text(textwrap.dedent(hook))
         env["PYTHONPATH"] = os.pathsep.join([str(tmp), env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    command += ["-m", "embpress", "compress", str(checkpoint), str(out), *ARGS]
+    command += ["-m", "embpress", "compress", str(checkpoint), str(out), *ARGS, *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -90,6 +92,22 @@ def test_torchrun_writes_the_one_process_file(checkpoint, in_memory, tmp_path, n
     assert done.returncode == 0, done.stderr[-3000:]
     assert out.read_bytes() == in_memory
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.safetensors")]
+
+
+NO_WRITING_IN_PLACE = """
+    import embpress.assemble as a
+    def write(*args, **kwargs):
+        raise AssertionError("a part was written in place")
+    a._write_pieces = write
+"""
+
+
+def test_torchrun_gather_writes_the_one_process_file(checkpoint, in_memory, tmp_path) -> None:
+    """--gather (no filesystem shared by the hosts): the parts travel to rank 0, which writes OUT."""
+    out = tmp_path / "out.safetensors"
+    done = torchrun(2, checkpoint, out, NO_WRITING_IN_PLACE, tmp_path, extra=["--gather"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_bytes() == in_memory
 
 
 KILL_RANK_1 = """

@@ -485,6 +485,13 @@ def _usage_options(fn: F) -> F:
     help="Working memory of a .safetensors input, which is read and compressed in row "
     "chunks (besides the output).",
 )
+@click.option(
+    "--gather",
+    is_flag=True,
+    help="Under torchrun: send every process's rows to rank 0, which writes OUT (hosts without "
+    "a filesystem they all share; rank 0 then holds the whole output). Default: each process "
+    "writes its own rows into OUT.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (only JSON on stdout).")
 @click.pass_context
 @_boundary
@@ -507,6 +514,7 @@ def compress(
     unseen_weight: float,
     plan_file: Path | None,
     memory: int,
+    gather: bool,
     as_json: bool,
 ) -> None:
     """Compress the embedding tables of checkpoint IN into the embpress file OUT.
@@ -560,10 +568,12 @@ def compress(
         "sparsify_first": order == "sparsify-first",
     }
     if streamed:
-        done = _compress_streamed(src, dst, table_patterns, settings, memory, collective)
+        done = _compress_streamed(src, dst, table_patterns, settings, memory, collective, gather)
         if done is None:
             return  # another process than rank 0: rank 0 writes and reports
-        result = done  # OUT is written
+        result = done
+        if result.written is None:  # gathered: rank 0 holds the tables
+            _save_result(result, dst)
     else:
         state, _ = checkpoint.load_checkpoint(src)
         tables = checkpoint.find_tables(state, table_patterns)
@@ -623,7 +633,7 @@ def _collective() -> Any:
 
 
 def _fingerprint(
-    src: Path, dst: Path, patterns: Sequence[str], settings: dict[str, Any], memory: int
+    src: Path, dst: Path, patterns: Sequence[str], settings: dict[str, Any], memory: int, gather: bool
 ) -> bytes:
     """What every process must agree on: the options, and IN's size, header and first and
     last MiB (a different file is refused even where it has the same name)."""
@@ -632,7 +642,7 @@ def _fingerprint(
         head = fh.read(1 << 20)
         fh.seek(max(0, size - (1 << 20)))
         tail = fh.read(1 << 20)
-    options = json.dumps([str(dst), list(patterns), repr(settings), memory, size])
+    options = json.dumps([str(dst), list(patterns), repr(settings), memory, gather, size])
     return options.encode() + head + tail
 
 
@@ -643,10 +653,12 @@ def _compress_streamed(
     settings: dict[str, Any],
     memory: int,
     collective: Any,
+    gather: bool = False,
 ) -> checkpoint.CompressedCheckpoint | None:
     """compress of a .safetensors IN in row chunks, written into OUT chunk by chunk
     (unjoined); with torchrun, each process its share of the rows (rank 0 gets the
-    report, the others None)."""
+    report, the others None), or, with ``gather`` and several processes, the parts
+    gathered on rank 0, which gets the result to write."""
     from . import streaming
     from ._collective import LOCAL
 
@@ -657,7 +669,9 @@ def _compress_streamed(
             from .distributed import check_same
 
             check_same(
-                collective, "IN, OUT and the options", _fingerprint(src, dst, patterns, settings, memory)
+                collective,
+                "IN, OUT and the options",
+                _fingerprint(src, dst, patterns, settings, memory, gather),
             )
         tables = streaming.safetensors_tables(src, patterns)
         if not tables:
@@ -673,7 +687,7 @@ def _compress_streamed(
                 chunk_bytes=streaming.memory_chunk_bytes(memory),
                 collective=collective if collective is not None else LOCAL,
                 on_table=on_table,
-                out=dst,
+                out=None if gather and collective is not None else dst,
                 **settings,
             )
     except CliError:
