@@ -501,7 +501,8 @@ class CompressedCheckpoint:
     copied: list[str]
     copied_nbytes: int
     plan: Plan | None = None  # the plan applied, where one was
-    # the file several processes wrote in place (then ``module`` holds no table)
+    # the file the tables were written to chunk by chunk, by one process or several
+    # (then ``module`` holds no table)
     written: Path | None = None
 
     @property
@@ -517,7 +518,7 @@ class CompressedCheckpoint:
     def save(self, path: PathLike) -> None:
         """Write the embpress file atomically (``path`` is replaced only when complete)."""
         if self.written is not None:
-            raise ValueError(f"the tables were written to {self.written} by several processes, not held here")
+            raise ValueError(f"the tables were written to {self.written} chunk by chunk; none is held here")
         eio.save(self.module, path, kind_from_model=True)
 
 
@@ -784,8 +785,9 @@ def written_checkpoint(
     tables: Sequence[tuple[str, dict[str, Any], int, dict[str, float]]],
     copied: Mapping[str, torch.Tensor],
 ) -> CompressedCheckpoint:
-    """The report of a file that several processes wrote in place (``assemble.write_parts``):
-    ``tables`` gives each table's name, joined meta, bytes and error; no table is held."""
+    """The report of a file written chunk by chunk (``assemble.write_parts``), by one
+    process or several: ``tables`` gives each table's name, joined meta, bytes and error;
+    no table is held."""
     reports = []
     for name, meta, nbytes, error in tables:
         weight = weights[f"{name}{_SUFFIX}"]

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .layouts import TABLE_CLASSES, FormatError, QuantizedTable
+from .layouts.base import Spec
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, module_kwargs
 from .report import human_bytes, quantized_modules
 
@@ -145,8 +146,6 @@ _ST_NAMES = {
     torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
 }  # fmt: skip
 _ST_ORDER = {dtype: i for i, dtype in enumerate(_ST_NAMES)}
-
-Spec = tuple[torch.dtype, tuple[int, ...]]
 
 
 def safetensors_layout(specs: dict[str, Spec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
