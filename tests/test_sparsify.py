@@ -317,3 +317,44 @@ def test_streaming_mask_reads_only_what_it_is_given_and_refuses_nan():
         list(streaming_block_norm_mask(lambda a, b: x[a:b], (64, 8), 0.5, (1, 4), chunk_rows=16))
     with pytest.raises(ValueError, match="gave shape"):
         list(streaming_block_norm_mask(lambda a, b: x[a : b + 1], (63, 8), 0.5, (1, 4), chunk_rows=16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 300),
+    quads=st.integers(1, 40),
+    square=st.booleans(),
+    specials=st.lists(
+        st.sampled_from([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -3e38]), max_size=6
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_the_1x4_kernels_are_the_general_ones_bit_for_bit(rows, quads, square, specials, seed) -> None:
+    """The (1, 4) block norms and mask expansion (constant block width) equal the general
+    kernels bit for bit, special values included."""
+    import numpy as np
+
+    from embpress._parallel import parallel_call
+    from embpress.sparsify._kernels import (
+        block_norms,
+        block_norms_1x4,
+        expand_block_mask,
+        expand_block_mask_1x4,
+    )
+
+    g = torch.Generator().manual_seed(seed)
+    x = (
+        torch.randn(rows, 4 * quads, generator=g) * 10 ** torch.randint(-3, 4, (rows, 1), generator=g)
+    ).numpy()
+    flat = x.reshape(-1)
+    for i, v in enumerate(specials):
+        flat[(i * 7919) % flat.size] = v
+    want, got = (np.empty((rows, quads), np.float32) for _ in range(2))
+    parallel_call(block_norms, x, 1, 4, square, want)
+    parallel_call(block_norms_1x4, x, square, got)
+    assert np.array_equal(want.view(np.uint32), got.view(np.uint32))
+    pruned = torch.rand(rows, quads, generator=g).numpy() < 0.5
+    want_mask, got_mask = (np.empty((rows, 4 * quads), np.bool_) for _ in range(2))
+    parallel_call(expand_block_mask, pruned, 1, 4, want_mask)
+    parallel_call(expand_block_mask_1x4, pruned, got_mask)
+    assert np.array_equal(want_mask, got_mask)

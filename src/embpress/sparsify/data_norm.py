@@ -26,11 +26,11 @@ from .._parallel import parallel_call
 from ._kernels import (
     add_high_histogram,
     add_low_histogram,
-    block_norms,
     count_equal,
-    expand_block_mask,
+    expand_mask,
     kth_smallest_nonnegative,
     mark_pruned,
+    norms_of_blocks,
 )
 from .base import BaseDataSparsifier
 
@@ -107,7 +107,7 @@ def _block_norms(data: torch.Tensor, shape: tuple[int, int], norm: str) -> torch
     """Mean elementwise norm of each block (partial edge blocks: mean of what is there)."""
     x = data.detach().to("cpu", torch.float32).contiguous().numpy()
     out = empty((-(-x.shape[0] // shape[0]), -(-x.shape[1] // shape[1])), np.float32)
-    parallel_call(block_norms, x, shape[0], shape[1], norm == "L2", out)
+    norms_of_blocks(x, shape[0], shape[1], norm == "L2", out)
     return torch.from_numpy(out)
 
 
@@ -171,7 +171,7 @@ def block_norm_mask(
     pruned = _pruned_blocks(norms, float(sparsity_level))
     bh, bw = shape
     mask_np = empty((height, width), np.bool_)
-    parallel_call(expand_block_mask, pruned.numpy(), bh, bw, mask_np)
+    expand_mask(pruned.numpy(), bh, bw, mask_np)
     mask = torch.from_numpy(mask_np)
     if zeros < bh * bw:  # inside a pruned block only its smallest entries go
         step = _chunk_rows(width, bh)
@@ -359,7 +359,7 @@ class StreamingMask:
                 pruned = parallel_call(mark_pruned, norms, self.threshold, ties)
                 ties -= min(ties, count_equal(norms.ravel(), self.threshold))
             mask_np = empty(tuple(rows.shape), np.bool_)
-            parallel_call(expand_block_mask, pruned, bh, bw, mask_np)
+            expand_mask(pruned, bh, bw, mask_np)
             mask = torch.from_numpy(mask_np)
             if self.zeros < bh * bw and not bool(mask.all()):
                 mask |= _smallest_in_block(
