@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from embpress._finite import count_nonfinite
 from embpress._parallel import parallel_call
-from embpress.layouts._encode_kernels import count_nonfinite
 
 
 @pytest.mark.parametrize("threads", [1, 2])

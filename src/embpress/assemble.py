@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ._collective import Collective
+from .io import raw_bytes as _raw
 from .layouts.base import Piece, QuantizedTable, Spec
 from .layouts.registry import table_class
 
@@ -95,12 +96,6 @@ def _pass_value(value: int, src: int, dst: int, collective: Collective) -> int:
     else:
         dist.recv(t, src, group=_group(collective))
     return int(t[0])
-
-
-def _raw(t: torch.Tensor) -> memoryview:
-    """The bytes of ``t`` (C order), without a copy where it is contiguous."""
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
 def _chained_crc32(

@@ -743,6 +743,38 @@ def compress_state_dict(
     return compressed_checkpoint(root, dense, copied, plan)
 
 
+def _table_report(
+    name: str,
+    meta: Mapping[str, Any],
+    nbytes: int,
+    error: Mapping[str, float] | None,
+    weight: torch.Tensor,
+    aliases: Sequence[str] = (),
+) -> TableReport:
+    """The report of one compressed table of a checkpoint, from its layout's ``meta``
+    (kind "auto": ``embpress.load`` builds it after the model's module); ``weight``: the
+    original table (a meta tensor will do), for its dtype and bytes."""
+    error = error or {}
+    rows, dim = int(meta["num_embeddings"]), int(meta["embedding_dim"])
+    return TableReport(
+        name=name,
+        kind="auto",
+        rows=rows,
+        dim=dim,
+        layout=str(meta["layout"]),
+        bits=int(meta["bits"]),
+        sparsity=int(meta["num_pruned"]) / (rows * dim) if rows * dim else 0.0,
+        nbytes=nbytes,
+        float_nbytes=rows * dim * 4,
+        rel_frobenius=error.get("rel_frobenius"),
+        max_abs_error=error.get("max_abs"),
+        aliases=tuple(aliases),
+        mode=None,
+        dtype=_dtype_name(weight.dtype),
+        original_nbytes=_nbytes(weight),
+    )
+
+
 def compressed_checkpoint(
     root: nn.Module,
     weights: Mapping[str, torch.Tensor],
@@ -755,27 +787,8 @@ def compressed_checkpoint(
     reports = []
     for name, (found, aliases) in quantized_modules(root).items():
         qm = cast(QuantizedEmbedding | QuantizedEmbeddingBag, found)
-        weight = weights[f"{name}{_SUFFIX}"]
-        error = qm.error or {}
-        reports.append(
-            TableReport(
-                name=name,
-                kind="auto",  # embpress.load builds it after the model's module
-                rows=qm.num_embeddings,
-                dim=qm.embedding_dim,
-                layout=qm.layout,
-                bits=qm.bits,
-                sparsity=qm.sparsity,
-                nbytes=qm.nbytes,
-                float_nbytes=qm.float_nbytes,
-                rel_frobenius=error.get("rel_frobenius"),
-                max_abs_error=error.get("max_abs"),
-                aliases=tuple(aliases),
-                mode=None,
-                dtype=_dtype_name(weight.dtype),
-                original_nbytes=_nbytes(weight),
-            )
-        )
+        meta = qm.table.meta()
+        reports.append(_table_report(name, meta, qm.nbytes, qm.error, weights[f"{name}{_SUFFIX}"], aliases))
     return CompressedCheckpoint(root, reports, list(copied), sum(_nbytes(t) for t in copied.values()), plan)
 
 
@@ -788,27 +801,10 @@ def written_checkpoint(
     """The report of a file written chunk by chunk (``assemble.write_parts``), by one
     process or several: ``tables`` gives each table's name, joined meta, bytes and error;
     no table is held."""
-    reports = []
-    for name, meta, nbytes, error in tables:
-        weight = weights[f"{name}{_SUFFIX}"]
-        rows, dim = int(meta["num_embeddings"]), int(meta["embedding_dim"])
-        reports.append(
-            TableReport(
-                name=name,
-                kind="auto",
-                rows=rows,
-                dim=dim,
-                layout=str(meta["layout"]),
-                bits=int(meta["bits"]),
-                sparsity=int(meta["num_pruned"]) / (rows * dim),
-                nbytes=nbytes,
-                float_nbytes=rows * dim * 4,
-                rel_frobenius=error.get("rel_frobenius"),
-                max_abs_error=error.get("max_abs"),
-                dtype=_dtype_name(weight.dtype),
-                original_nbytes=_nbytes(weight),
-            )
-        )
+    reports = [
+        _table_report(name, meta, nbytes, error, weights[f"{name}{_SUFFIX}"])
+        for name, meta, nbytes, error in tables
+    ]
     total = sum(_nbytes(t) for t in copied.values())
     return CompressedCheckpoint(nn.Module(), reports, list(copied), total, written=Path(path))
 

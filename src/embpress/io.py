@@ -50,10 +50,15 @@ TABLE_PREFIX = "tables."
 STATE_PREFIX = "state."
 
 
+def raw_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes (C order), without a copy where it is a contiguous CPU tensor."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
+
+
 def crc32(t: torch.Tensor) -> int:
     """CRC-32 of a tensor's bytes (C order)."""
-    flat = t.detach().contiguous().reshape(-1).cpu()
-    return zlib.crc32(flat.view(torch.uint8).numpy().data) if flat.numel() else 0
+    return zlib.crc32(raw_bytes(t))
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -137,15 +142,16 @@ def file_metadata(index: dict[str, Any]) -> dict[str, str]:
     }
 
 
-# safetensors' names of torch dtypes, and the order of its Dtype enum: it writes tensors
-# by dtype, from the last of these to the first, then by name
-_ST_NAMES = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
-    torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
-    torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
-    torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
+# safetensors' dtype names, in the order of its Dtype enum: it writes tensors by dtype,
+# from the last of these to the first, then by name
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
 }  # fmt: skip
-_ST_ORDER = {dtype: i for i, dtype in enumerate(_ST_NAMES)}
+_ST_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+_ST_ORDER = {dtype: i for i, dtype in enumerate(SAFETENSORS_DTYPES.values())}
 
 
 def safetensors_layout(specs: dict[str, Spec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ._collective import LOCAL, Collective
-from .io import FORMAT_NAME
+from .io import FORMAT_NAME, SAFETENSORS_DTYPES
 from .layouts.base import ROW_CHUNK_ALIGN, QuantizedTable
 from .layouts.encode import (
     ERROR_BLOCK_ROWS,
@@ -106,7 +106,7 @@ class SafetensorsFile:
             entry = header[key]
             shape = tuple(int(n) for n in entry["shape"])
             start = 8 + length + int(entry["data_offsets"][0])
-            self._entries[key] = (_ST_DTYPES.get(entry["dtype"]), shape, start)
+            self._entries[key] = (SAFETENSORS_DTYPES.get(entry["dtype"]), shape, start)
         self._fd = os.open(p, os.O_RDONLY)
         del handle  # validated; its read-only mapping gives numpy arrays, not tensors
         self._map: Any = None  # torch.UntypedStorage of the whole file
@@ -430,11 +430,6 @@ def _stats_of(totals: np.ndarray, dim: int, width: int) -> MaskStats:
 
 
 # ------------------------------------------------------------------------------ checkpoints
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
 
 
 def _lazy_state(path: Path, handle: SafetensorsFile) -> dict[str, torch.Tensor]:

@@ -17,24 +17,10 @@ __all__ = [
     "assemble_records",
     "count_blocks",
     "count_blocks_of_4",
-    "count_nonfinite",
     "encode_rows",
     "fake_quantize",
     "kept_minmax",
 ]
-
-
-@numba.njit(cache=True, parallel=True, nogil=True)
-def count_nonfinite(w: np.ndarray) -> int:
-    """Number of NaN / Inf entries."""
-    total = 0
-    for r in numba.prange(w.shape[0]):
-        n = 0
-        for c in range(w.shape[1]):
-            if not np.isfinite(w[r, c]):
-                n += 1
-        total += n
-    return total
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -275,7 +261,6 @@ def assemble_records(
 
 # several processes may compile into one disk cache at once (see ``_kernel_cache``)
 _kernel_cache.guard(
-    count_nonfinite,
     count_blocks,
     count_blocks_of_4,
     kept_minmax,

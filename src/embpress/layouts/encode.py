@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from .._buffers import empty
+from .._finite import count_nonfinite
 from .._parallel import parallel_call
 from ..quant.config import QuantConfig
 from ..quant.rowwise import RowQParams, choose_qparams, search_ranges
-from ._encode_kernels import count_nonfinite, encode_rows, fake_quantize, kept_minmax
+from ._encode_kernels import encode_rows, fake_quantize, kept_minmax
 from .base import EncodedTable, QuantizedTable
 from .registry import AUTO, TABLE_CLASSES, table_class
 from .stats import MaskStats, row_stats

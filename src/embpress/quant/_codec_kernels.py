@@ -22,7 +22,6 @@ from .. import _kernel_cache
 __all__ = [
     "colbook_codes",
     "colbook_fit",
-    "count_nonfinite",
     "levels_codes",
     "levels_fit",
     "row_sqnorm",
@@ -52,19 +51,6 @@ def _pack(codes: np.ndarray, dim: int, bits: int, out: np.ndarray, i: int) -> No
         for j in range(full * per_byte, dim):
             byte |= codes[j] << ((j - full * per_byte) * bits)
         out[i, full] = byte
-
-
-@numba.njit(cache=True, parallel=True, nogil=True)
-def count_nonfinite(x: np.ndarray) -> int:
-    """Number of NaN / Inf entries of a 2-D array."""
-    total = 0
-    for r in numba.prange(x.shape[0]):
-        n = 0
-        for c in range(x.shape[1]):
-            if not np.isfinite(x[r, c]):
-                n += 1
-        total += n
-    return total
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)

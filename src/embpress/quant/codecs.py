@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._finite import count_nonfinite
 from .._parallel import parallel_call
 from ._codec_kernels import (
     colbook_codes,
     colbook_fit,
-    count_nonfinite,
     levels_codes,
     levels_fit,
     row_sqnorm,
