@@ -8,7 +8,8 @@ same revision twice) shows the noise floor of that machine.
 
 Cells: lookups (1M x 128, 4096 bags of 40 ids, Zipf and uniform, 1 and all threads;
 float32, FBGEMM 8-bit and each embpress layout at 8 and 4 bits, block-sparse and pruned
-rows at sparsity 0.8) and compression (``post_training_sparse_quantize`` of 1M x 128 at
+rows at sparsity 0.8, and the planner's mixed table at 1/8 of float32's bytes, as in
+``lookup.py``) and compression (``post_training_sparse_quantize`` of 1M x 128 at
 sparsity 0.8, blocks (1,4) and (1,128), 8 and 4 bits, both orders). Workers use only the
 public API, so any two revisions compare.
 
@@ -37,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
+import lookup
 
 ROWS, DIM, BAGS, POOLING, SPARSITY = 1_000_000, 128, 4096, 40, 0.8
 
@@ -72,6 +74,7 @@ def _contenders(weight: Any) -> dict[str, Any]:
             out[f"embpress {label} {bits}-bit"] = embpress.QuantizedEmbeddingBag.from_float(
                 emb, config, mask=mask, block_width=width or 1
             )
+    out[lookup.PLANNED] = lookup.build_planned(weight, BAGS * POOLING)
     return out
 
 
@@ -142,11 +145,12 @@ def source_tree(rev: str) -> Iterator[Path]:
             )
 
 
-def _cells(what: str) -> list[dict[str, Any]]:
+def _cells(what: str, only: str | None = None) -> list[dict[str, Any]]:
     if what == "lookup":
         names = ["float32", "FBGEMM 8-bit"] + [
             f"embpress {k} {b}-bit" for k in ("dense", "block-sparse", "pruned-rows") for b in (8, 4)
         ]
+        names = [n for n in [*names, lookup.PLANNED] if only is None or only in n]
         return [
             {"op": "lookup", "name": n, "threads": t, "dist": d, "steps": 9}
             for t in (1, 0)
@@ -168,7 +172,9 @@ def _label(cell: dict[str, Any]) -> str:
     return f"compress (1,{cell['width']}) {cell['bits']}-bit {order}"
 
 
-def compare(before: Path, after: Path, what: str, rounds: int) -> list[dict[str, Any]]:
+def compare(
+    before: Path, after: Path, what: str, rounds: int, only: str | None = None
+) -> list[dict[str, Any]]:
     """Per cell: median before/after seconds and the median after/before ratio with quartiles."""
     procs = {}
     for tag, tree in (("before", before), ("after", after)):
@@ -188,7 +194,7 @@ def compare(before: Path, after: Path, what: str, rounds: int) -> list[dict[str,
         proc.stdin.flush()  # type: ignore[union-attr]
         return statistics.median(json.loads(proc.stdout.readline()))  # type: ignore[union-attr]
 
-    cells = _cells(what)
+    cells = _cells(what, only)
     seen: dict[str, dict[str, list[float]]] = {}
     for rnd in range(rounds):
         for i, cell in enumerate(cells):
@@ -244,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--what", choices=("lookup", "compress", "both"), default="both")
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--out", type=Path, default=None, help="write ab.md and ab.json there")
+    p.add_argument("--only", default=None, help="lookups: time only the contenders whose name contains this")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -251,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with source_tree(args.before) as before, source_tree(args.after) as after:
         for what in ("lookup", "compress") if args.what == "both" else (args.what,):
-            results += compare(before, after, what, args.rounds)
+            results += compare(before, after, what, args.rounds, args.only)
     text = render(results, command, args.before, args.after)
     print(text)
     if args.out is not None:

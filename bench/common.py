@@ -275,11 +275,15 @@ def uniform_indices(num_rows: int, count: int, seed: int = 0) -> np.ndarray:
     return rng.integers(0, num_rows, size=count, dtype=np.int64)
 
 
-def zipf_indices(num_rows: int, count: int, exponent: float = 1.05, seed: int = 0) -> np.ndarray:
+def zipf_indices(
+    num_rows: int, count: int, exponent: float = 1.05, seed: int = 0, hot_seed: int = 0
+) -> np.ndarray:
     """``count`` int64 ids with P(rank k) ~ 1 / k**exponent over ``num_rows`` ids.
 
-    Ranks are mapped to ids by a fixed random permutation, so the hot rows are spread
-    over the table (as hashed ids are) instead of sitting in its first pages.
+    Ranks are mapped to ids by a random permutation drawn from ``hot_seed`` alone, so the
+    hot rows are spread over the table (as hashed ids are) instead of sitting in its first
+    pages, and samples of other ``seed`` s hit the same hot rows (usage recorded on one
+    sample describes another, as training traffic describes serving traffic).
     """
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, num_rows + 1, dtype=np.float64) ** exponent
@@ -287,7 +291,7 @@ def zipf_indices(num_rows: int, count: int, exponent: float = 1.05, seed: int = 
     cdf /= cdf[-1]
     ranks = np.searchsorted(cdf, rng.random(count), side="right")
     ranks = np.minimum(ranks, num_rows - 1)
-    perm = rng.permutation(num_rows)
+    perm = np.random.default_rng(hot_seed).permutation(num_rows)
     return perm[ranks].astype(np.int64)
 
 

@@ -225,6 +225,29 @@ def test_built_tables_hold_their_predicted_bytes_and_decode_as_documented(codecs
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dim", [16, 37, 64, 128, 136, 256])
+@pytest.mark.parametrize(
+    "names", [MIXES[0], MIXES[1], ("colbook4", "rowwise4"), ("colbook1", "rowwise8")], ids="/".join
+)
+def test_bag_kernels_vector_chunks_at_every_width(names, dim):
+    """Rows wide enough for the kernels' vector steps (16 code bytes of every row of a bag
+    at a time, a partial chunk value by value after them): one-id bags are the decoded
+    rows bit for bit; longer, weighted and mean bags equal torch's on the decoded table."""
+    _, _, _, table = _table(names, rows=300, dim=dim, seed=dim)
+    ref = _reference_decode(table.meta(), table.tensors())
+    g = torch.Generator().manual_seed(dim)
+    ids = torch.randint(0, 300, (400,), generator=g)
+    assert torch.equal(table.fast_bag(ids, torch.arange(401), 0, None), ref[ids])
+    bounds = torch.tensor([0, 1, 40, 40, 341, 400])  # one bag longer than a gather pass (256 ids)
+    weights = torch.randn(400, generator=g)
+    for mode, psw in ((0, None), (1, None), (0, weights)):
+        got = table.fast_bag(ids, bounds, mode, psw)
+        want = F.embedding_bag(
+            ids, ref, bounds[:-1], mode="sum" if mode == 0 else "mean", per_sample_weights=psw
+        )
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)  # 300-id sums: rounding order
+
+
 def test_bags_count_out_of_range_ids():
     _, _, _, table = _table(MIXES[0])
     for bad in (700, -1):

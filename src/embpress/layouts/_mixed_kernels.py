@@ -10,8 +10,9 @@ cache misses overlap; each row's bytes are prefetched, and the rank entries of i
 on), then the decode and sum, one decoder call per class. The first pass of the next bag
 runs before the second of this one, so its rows arrive while this bag is decoded.
 
-The helpers (popcount, prefetch, unaligned float loads) are defined here, not imported: numba's disk cache is
-keyed on the jitted function's own file (see ``layouts._kernels``).
+The helpers (popcount, prefetch, unaligned float loads, the vector steps) are defined
+here, not imported: numba's disk cache is keyed on the jitted function's own file (see
+``layouts._kernels``).
 """
 
 from __future__ import annotations
@@ -128,12 +129,103 @@ def _split_pos(j: int, dim: int, per: int) -> int:
 # where LLVM vectorises them worse; called once per class and bag, so the call costs little.
 # Each adds the rows at payload bytes ``pos[k0:k0 + cnt]`` (weights ``wts[k0:k0 + cnt]``)
 # into ``acc[off:off + dim]`` in the split order of its width (``_split_pos``), reading
-# each code byte once for all the codes it holds.
+# each code byte once for all the codes it holds. The rowwise and colbook decoders take
+# 16 code bytes of every row of the class at a time with the sums in vector registers
+# (LLVM IR intrinsics below: numba's own vectorisation keeps ``acc`` in memory, a load
+# and a store per value and row); the levels decoders are plain loops.
+
+
+CHUNK = 16  # code bytes a vector step of the rowwise and colbook adders reads from each row
+
+
+def _rowwise_chunk_intrinsic(bits: int) -> Any:
+    """``acc[off + t * n + i + l] += code(t, l) * scl[k]`` for every row k in ``[k0, k0 +
+    cnt)`` (payload bytes from ``pos[k]``), every ``t < 8 // bits`` and lane ``l <
+    CHUNK``, where code(t, l) is the t-th ``bits``-bit code of the row's byte ``i + l``:
+    ``CHUNK`` code bytes of each row added in vector registers. Each accumulator slice is
+    loaded once, takes the rows in order and is stored once, so every lane does the same
+    float operations in the same order as a scalar ``acc[p] += float32(code) * s`` loop."""
+    per = 8 // bits
+    mask = (1 << bits) - 1
+
+    @intrinsic
+    def add_chunk(
+        typingctx: Any,
+        acc: Any,
+        off: Any,
+        n: Any,
+        payload: Any,
+        pos: Any,
+        scl: Any,
+        k0: Any,
+        cnt: Any,
+        i: Any,
+    ) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            accty, _, _, payty, posty, sclty, _, _, _ = signature.args
+            acc_v, off, n, pay_v, pos_v, scl_v, k0, cnt, i = args
+            i32 = ir.IntType(32)
+            f32 = ir.FloatType()
+            vi8, vi32, vf = (
+                ir.VectorType(ir.IntType(8), CHUNK),
+                ir.VectorType(i32, CHUNK),
+                ir.VectorType(f32, CHUNK),
+            )
+            acc_a = context.make_array(accty)(context, builder, acc_v)
+            pay_a = context.make_array(payty)(context, builder, pay_v)
+            pos_a = context.make_array(posty)(context, builder, pos_v)
+            scl_a = context.make_array(sclty)(context, builder, scl_v)
+
+            def item(aryty: Any, arr: Any, index: Any) -> Any:
+                return cgutils.get_item_pointer(context, builder, aryty, arr, [index], wraparound=False)
+
+            slices = [
+                builder.bitcast(
+                    item(accty, acc_a, builder.add(builder.add(off, builder.mul(n, n.type(t))), i)),
+                    vf.as_pointer(),
+                )
+                for t in range(per)
+            ]
+            sums = [cgutils.alloca_once_value(builder, builder.load(ptr, align=4)) for ptr in slices]
+            with cgutils.for_range(builder, cnt) as loop:
+                k = builder.add(k0, loop.index)
+                at = builder.load(item(posty, pos_a, k))
+                s = builder.load(item(sclty, scl_a, k))
+                splat_s = builder.insert_element(ir.Constant(vf, ir.Undefined), s, i32(0))
+                splat_s = builder.shuffle_vector(
+                    splat_s, ir.Constant(vf, ir.Undefined), ir.Constant(vi32, [0] * CHUNK)
+                )
+                raw = builder.load(
+                    builder.bitcast(item(payty, pay_a, builder.add(at, i)), vi8.as_pointer()), align=1
+                )
+                codes = builder.zext(raw, vi32)
+                for t in range(per):
+                    code = codes
+                    if t:
+                        code = builder.lshr(code, ir.Constant(vi32, [t * bits] * CHUNK))
+                    if per > 1:
+                        code = builder.and_(code, ir.Constant(vi32, [mask] * CHUNK))
+                    value = builder.fmul(builder.sitofp(code, vf), splat_s)
+                    builder.store(builder.fadd(builder.load(sums[t]), value), sums[t])
+            for t in range(per):
+                builder.store(builder.load(sums[t]), slices[t], align=4)
+            return context.get_dummy_value()
+
+        sig = types.void(acc, types.intp, types.intp, payload, pos, scl, types.intp, types.intp, types.intp)
+        return sig, codegen
+
+    return add_chunk
+
+
+_CHUNK8: Any = _rowwise_chunk_intrinsic(8)
+_CHUNK4: Any = _rowwise_chunk_intrinsic(4)
+_CHUNK2: Any = _rowwise_chunk_intrinsic(2)
 
 
 def _rowwise_adder(bits: int) -> Any:
     per = 8 // bits
     mask = (1 << bits) - 1
+    chunk = _CHUNK8 if bits == 8 else _CHUNK4 if bits == 4 else _CHUNK2
 
     @numba.njit(cache=True, inline="never", boundscheck=False)
     def add(
@@ -148,14 +240,16 @@ def _rowwise_adder(bits: int) -> Any:
         dim: int,
         pa: int,
         half: bool,
+        scl: np.ndarray,
     ) -> Any:
         """``+= code * s``; returns the rows' summed offsets ``o`` (every value of a row
-        has the same one: the caller adds the sum once)."""
-        n = np.uint64(dim // per)
+        has the same one: the caller adds the sum once). The rows' scales (weighted) go to
+        ``scl[k0:k0 + cnt]``; the codes are added ``CHUNK`` bytes of every row at a time in
+        registers (``_rowwise_chunk_intrinsic``), a last partial chunk value by value."""
+        n = dim // per
         o_sum = np.float32(0.0)
         for k in range(k0, k0 + cnt):
-            at = pos[k]
-            q = at + pa
+            q = pos[k] + pa
             if half:
                 s = _f16(payload, q)
                 o = _f16(payload, q + 2)
@@ -165,14 +259,22 @@ def _rowwise_adder(bits: int) -> Any:
             if weighted:
                 s = s * wts[k]
                 o = o * wts[k]
+            scl[k] = s
             o_sum += o
-            a = np.uint64(at)
+        full = n - n % CHUNK
+        for i in range(0, full, CHUNK):
+            chunk(acc, off, n, payload, pos, scl, k0, cnt, i)
+        if full == n and n * per == dim:
+            return o_sum
+        for k in range(k0, k0 + cnt):
+            s = scl[k]
+            a = np.uint64(pos[k])
             base = np.uint64(off)
-            for i in range(n):
-                byte = np.int32(payload[a + i])
+            for i in range(full, n):
+                byte = np.int32(payload[a + np.uint64(i)])
                 for t in range(per):
                     code = (byte >> np.int32(t * bits)) & np.int32(mask)
-                    acc[base + np.uint64(t) * n + i] += np.float32(code) * s
+                    acc[base + np.uint64(t * n + i)] += np.float32(code) * s
             for j in range(n * per, dim):
                 code = (np.int32(payload[a + np.uint64(j // per)]) >> ((j % per) * bits)) & mask
                 acc[np.uint64(off + j)] += np.float32(code) * s
@@ -232,9 +334,134 @@ def _levels_adder(bits: int) -> Any:
     return add
 
 
+def _book_chunk_intrinsic(bits: int) -> Any:
+    """``acc[off + t * n + i + l] += book(t, l, code(t, l)) * scl[k]`` for every row k in
+    ``[k0, k0 + cnt)`` (payload bytes from ``pos[k]``), every ``t < 8 // bits`` and lane
+    ``l < CHUNK``: code(t, l) is the t-th ``bits``-bit code of the row's byte ``i + l``
+    and book(t, l, v) = ``sb[bb + v * dim + t * n + i + l]``, level v of that split
+    position. The levels of a chunk are loaded once for all the rows and each code picks
+    its level by a tree of vector selects on its bits (no gather); as in
+    ``_rowwise_chunk_intrinsic`` each accumulator slice takes the rows in order, so every
+    lane computes what a scalar ``acc[p] += sb[...] * w`` loop computes. Split positions
+    are taken a few at a time, so the levels held stay within 16 vectors."""
+    per = 8 // bits
+    levels = 1 << bits
+    group = max(1, min(per, 16 // levels))  # split positions per pass over the rows
+
+    @intrinsic
+    def add_chunk(
+        typingctx: Any,
+        acc: Any,
+        off: Any,
+        n: Any,
+        payload: Any,
+        pos: Any,
+        scl: Any,
+        k0: Any,
+        cnt: Any,
+        i: Any,
+        sb: Any,
+        bb: Any,
+        dim: Any,
+    ) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            accty, _, _, payty, posty, sclty, _, _, _, sbty, _, _ = signature.args
+            acc_v, off, n, pay_v, pos_v, scl_v, k0, cnt, i, sb_v, bb, dim = args
+            i32 = ir.IntType(32)
+            f32 = ir.FloatType()
+            vi8, vi32, vf = (
+                ir.VectorType(ir.IntType(8), CHUNK),
+                ir.VectorType(i32, CHUNK),
+                ir.VectorType(f32, CHUNK),
+            )
+            acc_a = context.make_array(accty)(context, builder, acc_v)
+            pay_a = context.make_array(payty)(context, builder, pay_v)
+            pos_a = context.make_array(posty)(context, builder, pos_v)
+            scl_a = context.make_array(sclty)(context, builder, scl_v)
+            sb_a = context.make_array(sbty)(context, builder, sb_v)
+
+            def item(aryty: Any, arr: Any, index: Any) -> Any:
+                return cgutils.get_item_pointer(context, builder, aryty, arr, [index], wraparound=False)
+
+            def vec_at(aryty: Any, arr: Any, index: Any) -> Any:
+                return builder.bitcast(item(aryty, arr, index), vf.as_pointer())
+
+            for t0 in range(0, per, group):
+                ts = range(t0, min(per, t0 + group))
+                split = {t: builder.add(builder.mul(n, n.type(t)), i) for t in ts}
+                slices = {t: vec_at(accty, acc_a, builder.add(off, split[t])) for t in ts}
+                sums = {t: cgutils.alloca_once_value(builder, builder.load(slices[t], align=4)) for t in ts}
+                book = {
+                    t: [
+                        builder.load(
+                            vec_at(
+                                sbty,
+                                sb_a,
+                                builder.add(builder.add(bb, builder.mul(dim, dim.type(v))), split[t]),
+                            ),
+                            align=4,
+                        )
+                        for v in range(levels)
+                    ]
+                    for t in ts
+                }
+                with cgutils.for_range(builder, cnt) as loop:
+                    k = builder.add(k0, loop.index)
+                    at = builder.load(item(posty, pos_a, k))
+                    w = builder.load(item(sclty, scl_a, k))
+                    splat_w = builder.insert_element(ir.Constant(vf, ir.Undefined), w, i32(0))
+                    splat_w = builder.shuffle_vector(
+                        splat_w, ir.Constant(vf, ir.Undefined), ir.Constant(vi32, [0] * CHUNK)
+                    )
+                    raw = builder.load(
+                        builder.bitcast(item(payty, pay_a, builder.add(at, i)), vi8.as_pointer()), align=1
+                    )
+                    codes = builder.zext(raw, vi32)
+                    for t in ts:
+                        code = codes
+                        if t:
+                            code = builder.lshr(code, ir.Constant(vi32, [t * bits] * CHUNK))
+                        picks = book[t]
+                        for b in range(bits):  # halve the candidates by bit b of the code
+                            bit = builder.and_(code, ir.Constant(vi32, [1 << b] * CHUNK))
+                            on = builder.icmp_unsigned("!=", bit, ir.Constant(vi32, [0] * CHUNK))
+                            picks = [
+                                builder.select(on, picks[m + 1], picks[m]) for m in range(0, len(picks), 2)
+                            ]
+                        value = builder.fmul(picks[0], splat_w)
+                        builder.store(builder.fadd(builder.load(sums[t]), value), sums[t])
+                for t in ts:
+                    builder.store(builder.load(sums[t]), slices[t], align=4)
+            return context.get_dummy_value()
+
+        sig = types.void(
+            acc,
+            types.intp,
+            types.intp,
+            payload,
+            pos,
+            scl,
+            types.intp,
+            types.intp,
+            types.intp,
+            sb,
+            types.intp,
+            types.intp,
+        )
+        return sig, codegen
+
+    return add_chunk
+
+
+_BOOK4: Any = _book_chunk_intrinsic(4)
+_BOOK2: Any = _book_chunk_intrinsic(2)
+_BOOK1: Any = _book_chunk_intrinsic(1)
+
+
 def _colbook_adder(bits: int) -> Any:
     per = 8 // bits
     mask = (1 << bits) - 1
+    chunk = _BOOK4 if bits == 4 else _BOOK2 if bits == 2 else _BOOK1
 
     @numba.njit(cache=True, inline="never", boundscheck=False)
     def add(
@@ -249,34 +476,32 @@ def _colbook_adder(bits: int) -> Any:
         dim: int,
         sb: np.ndarray,
         bb: int,
+        scl: np.ndarray,
     ) -> None:
         """``+= w * book[code]``; ``sb[bb + level * dim + p]``: the book's level for split
-        position p."""
-        n = np.uint64(dim // per)
+        position p. ``CHUNK`` code bytes of every row at a time in registers
+        (``_book_chunk_intrinsic``; the rows' weights go to ``scl[k0:k0 + cnt]``), a last
+        partial chunk value by value."""
+        n = dim // per
+        for k in range(k0, k0 + cnt):
+            scl[k] = wts[k] if weighted else np.float32(1.0)
+        full = n - n % CHUNK
+        for i in range(0, full, CHUNK):
+            chunk(acc, off, n, payload, pos, scl, k0, cnt, i, sb, bb, dim)
+        if full == n and n * per == dim:
+            return
         d = np.uint64(dim)
         b0 = np.uint64(bb)
         for k in range(k0, k0 + cnt):
-            at = pos[k]
-            w = wts[k] if weighted else np.float32(1.0)
-            a = np.uint64(at)
+            w = scl[k]
+            a = np.uint64(pos[k])
             into = np.uint64(off)
-            for i in range(n):
-                byte = np.int32(payload[a + i])
+            for i in range(full, n):
+                byte = np.int32(payload[a + np.uint64(i)])
                 for t in range(per):
                     code = (byte >> np.int32(t * bits)) & np.int32(mask)
-                    p = np.uint64(t) * n + i
-                    if bits == 4:  # 16 levels: a gather
-                        acc[into + p] += sb[b0 + np.uint64(code) * d + p] * w
-                    else:  # 2 or 4 levels: contiguous loads and selects, which vectorise
-                        v0 = sb[b0 + p]
-                        v1 = sb[b0 + d + p]
-                        low = v1 if code & 1 else v0
-                        if bits == 2:
-                            v2 = sb[b0 + np.uint64(2) * d + p]
-                            v3 = sb[b0 + np.uint64(3) * d + p]
-                            high = v3 if code & 1 else v2
-                            low = high if code & 2 else low
-                        acc[into + p] += low * w
+                    p = np.uint64(t * n + i)
+                    acc[into + p] += sb[b0 + np.uint64(code) * d + p] * w
             for j in range(n * per, dim):
                 tail = (np.int32(payload[a + np.uint64(j // per)]) >> ((j % per) * bits)) & mask
                 acc[np.uint64(off + j)] += sb[np.uint64(bb + tail * dim + j)] * w
@@ -299,6 +524,7 @@ def _add_class(
     k0: int,
     cnt: int,
     wts: np.ndarray,
+    scl: np.ndarray,
     weighted: bool,
     kind: int,
     nb: int,
@@ -313,22 +539,22 @@ def _add_class(
     a = u * dim
     if kind == ROWWISE:
         if nb == 8:
-            o_sum[u] += _ROWWISE8(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, half)
+            o_sum[u] += _ROWWISE8(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, half, scl)
         elif nb == 4:
-            o_sum[u] += _ROWWISE4(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, half)
+            o_sum[u] += _ROWWISE4(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, half, scl)
         else:
-            o_sum[u] += _ROWWISE2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, half)
+            o_sum[u] += _ROWWISE2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, half, scl)
     elif kind == LEVELS:
         if nb == 2:
             _LEVELS2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa)
         else:
             _LEVELS1(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa)
     elif nb == 4:
-        _COLBOOK4(acc, a, payload, pos, k0, cnt, wts, weighted, dim, sb, bb)
+        _COLBOOK4(acc, a, payload, pos, k0, cnt, wts, weighted, dim, sb, bb, scl)
     elif nb == 2:
-        _COLBOOK2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, sb, bb)
+        _COLBOOK2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, sb, bb, scl)
     else:
-        _COLBOOK1(acc, a, payload, pos, k0, cnt, wts, weighted, dim, sb, bb)
+        _COLBOOK1(acc, a, payload, pos, k0, cnt, wts, weighted, dim, sb, bb, scl)
 
 
 @numba.njit(cache=True, inline="always", boundscheck=False)
@@ -384,6 +610,7 @@ def _add_set(
     sb: np.ndarray,
     pos: np.ndarray,
     wts: np.ndarray,
+    scl: np.ndarray,
     cnt: np.ndarray,
     s0: int,
     weighted: bool,
@@ -406,6 +633,7 @@ def _add_set(
                 (s0 + c) * MAX_BAG_SCRATCH,
                 cnt[s0 + c],
                 wts,
+                scl,
                 weighted,
                 kinds[c],
                 bits[c],
@@ -490,6 +718,7 @@ def mixed_bag(
         # (two sets: the bag being decoded and the next one)
         pos = np.empty(8 * MAX_BAG_SCRATCH, dtype=np.int64)
         wts = np.ones(8 * MAX_BAG_SCRATCH, dtype=np.float32)
+        scl = np.empty(8 * MAX_BAG_SCRATCH, dtype=np.float32)  # rowwise rows' scales
         cnt = np.zeros(8, dtype=np.int64)
         ready = False  # whether set (b & 1) holds bag b already
         acc = np.zeros(4 * dim, dtype=np.float32)  # one accumulator per code width
@@ -553,6 +782,7 @@ def mixed_bag(
                     sb,
                     pos,
                     wts,
+                    scl,
                     cnt,
                     4 * cur,
                     weighted,
@@ -592,6 +822,7 @@ def mixed_bag(
                         sb,
                         pos,
                         wts,
+                        scl,
                         cnt,
                         4 * cur,
                         weighted,
