@@ -227,7 +227,7 @@ def test_built_tables_hold_their_predicted_bytes_and_decode_as_documented(codecs
 
 @pytest.mark.parametrize("dim", [16, 37, 64, 128, 136, 256])
 @pytest.mark.parametrize(
-    "names", [MIXES[0], MIXES[1], ("colbook4", "rowwise4"), ("colbook1", "rowwise8")], ids="/".join
+    "names", [MIXES[0], MIXES[1], ("colbook4", "rowwise4"), ("colbook1", "rowwise8"), ("levels1", "levels2")], ids="/".join
 )
 def test_bag_kernels_vector_chunks_at_every_width(names, dim):
     """Rows wide enough for the kernels' vector steps (16 code bytes of every row of a bag

@@ -132,10 +132,10 @@ def _split_pos(j: int, dim: int, per: int) -> int:
 # each code byte once for all the codes it holds. The rowwise and colbook decoders take
 # 16 code bytes of every row of the class at a time with the sums in vector registers
 # (LLVM IR intrinsics below: numba's own vectorisation keeps ``acc`` in memory, a load
-# and a store per value and row); the levels decoders are plain loops.
+# and a store per value and row).
 
 
-CHUNK = 16  # code bytes a vector step of the rowwise and colbook adders reads from each row
+CHUNK = 16  # code bytes a vector step of the adders reads from each row
 
 
 def _rowwise_chunk_intrinsic(bits: int) -> Any:
@@ -283,10 +283,106 @@ def _rowwise_adder(bits: int) -> Any:
     return add
 
 
+def _levels_chunk_intrinsic(bits: int) -> Any:
+    """``acc[off + t * n + i + l] += lev(k, code(t, l)) * scl[k]`` for every row k in
+    ``[k0, k0 + cnt)``, every ``t < 8 // bits`` and lane ``l < CHUNK``: code(t, l) as in
+    ``_rowwise_chunk_intrinsic``, lev(k, v) the row's float16 level v (at payload byte
+    ``pos[k] + pa + 2 * v``) times its weight, picked by a tree of vector selects. Every
+    lane computes what the scalar loop of ``_levels_adder`` computes (``scl`` is 1.0 for
+    unweighted rows, and ``x * 1.0 == x``)."""
+    per = 8 // bits
+    levels = 1 << bits
+
+    @intrinsic
+    def add_chunk(
+        typingctx: Any,
+        acc: Any,
+        off: Any,
+        n: Any,
+        payload: Any,
+        pos: Any,
+        scl: Any,
+        k0: Any,
+        cnt: Any,
+        i: Any,
+        pa: Any,
+    ) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            accty, _, _, payty, posty, sclty, _, _, _, _ = signature.args
+            acc_v, off, n, pay_v, pos_v, scl_v, k0, cnt, i, pa = args
+            i32 = ir.IntType(32)
+            f32 = ir.FloatType()
+            vi8, vi32 = ir.VectorType(ir.IntType(8), CHUNK), ir.VectorType(i32, CHUNK)
+            vf = ir.VectorType(f32, CHUNK)
+            acc_a = context.make_array(accty)(context, builder, acc_v)
+            pay_a = context.make_array(payty)(context, builder, pay_v)
+            pos_a = context.make_array(posty)(context, builder, pos_v)
+            scl_a = context.make_array(sclty)(context, builder, scl_v)
+
+            def item(aryty: Any, arr: Any, index: Any) -> Any:
+                return cgutils.get_item_pointer(context, builder, aryty, arr, [index], wraparound=False)
+
+            def splat(x: Any) -> Any:
+                one = builder.insert_element(ir.Constant(vf, ir.Undefined), x, i32(0))
+                return builder.shuffle_vector(
+                    one, ir.Constant(vf, ir.Undefined), ir.Constant(vi32, [0] * CHUNK)
+                )
+
+            slices = [
+                builder.bitcast(
+                    item(accty, acc_a, builder.add(builder.add(off, builder.mul(n, n.type(t))), i)),
+                    vf.as_pointer(),
+                )
+                for t in range(per)
+            ]
+            sums = [cgutils.alloca_once_value(builder, builder.load(ptr, align=4)) for ptr in slices]
+            with cgutils.for_range(builder, cnt) as loop:
+                k = builder.add(k0, loop.index)
+                at = builder.load(item(posty, pos_a, k))
+                w = builder.load(item(sclty, scl_a, k))
+                q = builder.add(at, pa)
+                lev = []
+                for v in range(levels):
+                    ptr = builder.bitcast(
+                        item(payty, pay_a, builder.add(q, q.type(2 * v))), ir.IntType(16).as_pointer()
+                    )
+                    half = builder.bitcast(builder.load(ptr, align=1), ir.HalfType())
+                    lev.append(splat(builder.fmul(builder.fpext(half, f32), w)))
+                raw = builder.load(
+                    builder.bitcast(item(payty, pay_a, builder.add(at, i)), vi8.as_pointer()), align=1
+                )
+                codes = builder.zext(raw, vi32)
+                for t in range(per):
+                    code = codes
+                    if t:
+                        code = builder.lshr(code, ir.Constant(vi32, [t * bits] * CHUNK))
+                    picks = lev
+                    for b in range(bits):
+                        bit = builder.and_(code, ir.Constant(vi32, [1 << b] * CHUNK))
+                        on = builder.icmp_unsigned("!=", bit, ir.Constant(vi32, [0] * CHUNK))
+                        picks = [builder.select(on, picks[m + 1], picks[m]) for m in range(0, len(picks), 2)]
+                    builder.store(builder.fadd(builder.load(sums[t]), picks[0]), sums[t])
+            for t in range(per):
+                builder.store(builder.load(sums[t]), slices[t], align=4)
+            return context.get_dummy_value()
+
+        sig = types.void(
+            acc, types.intp, types.intp, payload, pos, scl, types.intp, types.intp, types.intp, types.intp
+        )
+        return sig, codegen
+
+    return add_chunk
+
+
+_LEVCHUNK2: Any = _levels_chunk_intrinsic(2)
+_LEVCHUNK1: Any = _levels_chunk_intrinsic(1)
+
+
 def _levels_adder(bits: int) -> Any:
     per = 8 // bits
     mask = (1 << bits) - 1
     four = bits == 2
+    chunk = _LEVCHUNK2 if bits == 2 else _LEVCHUNK1
 
     @numba.njit(cache=True, inline="never", boundscheck=False)
     def add(
@@ -300,13 +396,23 @@ def _levels_adder(bits: int) -> Any:
         weighted: bool,
         dim: int,
         pa: int,
+        scl: np.ndarray,
     ) -> None:
-        """``+= lev[code]`` (2**bits <= 4 float16 levels after the codes)."""
-        n = np.uint64(dim // per)
+        """``+= lev[code]`` (2**bits <= 4 float16 levels after the codes), ``CHUNK`` code
+        bytes of every row at a time in registers (``_levels_chunk_intrinsic``; the rows'
+        weights go to ``scl[k0:k0 + cnt]``), a last partial chunk value by value."""
+        n = dim // per
+        for k in range(k0, k0 + cnt):
+            scl[k] = wts[k] if weighted else np.float32(1.0)
+        full = n - n % CHUNK
+        for i in range(0, full, CHUNK):
+            chunk(acc, off, n, payload, pos, scl, k0, cnt, i, pa)
+        if full == n and n * per == dim:
+            return
         for k in range(k0, k0 + cnt):
             at = pos[k]
             q = at + pa
-            w = wts[k] if weighted else np.float32(1.0)
+            w = scl[k]
             l0 = _f16(payload, q)
             l1 = _f16(payload, q + 2)
             l2 = _f16(payload, q + 4) if four else np.float32(0.0)
@@ -318,13 +424,13 @@ def _levels_adder(bits: int) -> Any:
                 l3 = l3 * w
             a = np.uint64(at)
             base = np.uint64(off)
-            for i in range(n):
-                byte = np.int32(payload[a + i])
+            for i in range(full, n):
+                byte = np.int32(payload[a + np.uint64(i)])
                 for t in range(per):
                     code = (byte >> np.int32(t * bits)) & np.int32(mask)
                     low = l1 if code & 1 else l0
                     high = l3 if code & 1 else l2
-                    acc[base + np.uint64(t) * n + i] += high if code & 2 else low
+                    acc[base + np.uint64(t * n + i)] += high if code & 2 else low
             for j in range(n * per, dim):
                 code = (np.int32(payload[a + np.uint64(j // per)]) >> ((j % per) * bits)) & mask
                 low = l1 if code & 1 else l0
@@ -546,9 +652,9 @@ def _add_class(
             o_sum[u] += _ROWWISE2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, half, scl)
     elif kind == LEVELS:
         if nb == 2:
-            _LEVELS2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa)
+            _LEVELS2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, scl)
         else:
-            _LEVELS1(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa)
+            _LEVELS1(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, scl)
     elif nb == 4:
         _COLBOOK4(acc, a, payload, pos, k0, cnt, wts, weighted, dim, sb, bb, scl)
     elif nb == 2:
