@@ -225,10 +225,11 @@ def test_built_tables_hold_their_predicted_bytes_and_decode_as_documented(codecs
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+CHUNK_MIXES = [MIXES[0], MIXES[1], ("colbook4", "rowwise4"), ("colbook1", "rowwise8"), ("levels1", "levels2")]
+
+
 @pytest.mark.parametrize("dim", [16, 37, 64, 128, 136, 256])
-@pytest.mark.parametrize(
-    "names", [MIXES[0], MIXES[1], ("colbook4", "rowwise4"), ("colbook1", "rowwise8"), ("levels1", "levels2")], ids="/".join
-)
+@pytest.mark.parametrize("names", CHUNK_MIXES, ids="/".join)
 def test_bag_kernels_vector_chunks_at_every_width(names, dim):
     """Rows wide enough for the kernels' vector steps (16 code bytes of every row of a bag
     at a time, a partial chunk value by value after them): one-id bags are the decoded

@@ -138,11 +138,11 @@ def _split_pos(j: int, dim: int, per: int) -> int:
 CHUNK = 16  # code bytes a vector step of the adders reads from each row
 
 
-def _rowwise_chunk_intrinsic(bits: int) -> Any:
+def _rowwise_chunk_intrinsic(bits: int, width: int = CHUNK) -> Any:
     """``acc[off + t * n + i + l] += code(t, l) * scl[k]`` for every row k in ``[k0, k0 +
     cnt)`` (payload bytes from ``pos[k]``), every ``t < 8 // bits`` and lane ``l <
-    CHUNK``, where code(t, l) is the t-th ``bits``-bit code of the row's byte ``i + l``:
-    ``CHUNK`` code bytes of each row added in vector registers. Each accumulator slice is
+    width``, where code(t, l) is the t-th ``bits``-bit code of the row's byte ``i + l``:
+    ``width`` code bytes of each row added in vector registers. Each accumulator slice is
     loaded once, takes the rows in order and is stored once, so every lane does the same
     float operations in the same order as a scalar ``acc[p] += float32(code) * s`` loop."""
     per = 8 // bits
@@ -167,9 +167,9 @@ def _rowwise_chunk_intrinsic(bits: int) -> Any:
             i32 = ir.IntType(32)
             f32 = ir.FloatType()
             vi8, vi32, vf = (
-                ir.VectorType(ir.IntType(8), CHUNK),
-                ir.VectorType(i32, CHUNK),
-                ir.VectorType(f32, CHUNK),
+                ir.VectorType(ir.IntType(8), width),
+                ir.VectorType(i32, width),
+                ir.VectorType(f32, width),
             )
             acc_a = context.make_array(accty)(context, builder, acc_v)
             pay_a = context.make_array(payty)(context, builder, pay_v)
@@ -193,7 +193,7 @@ def _rowwise_chunk_intrinsic(bits: int) -> Any:
                 s = builder.load(item(sclty, scl_a, k))
                 splat_s = builder.insert_element(ir.Constant(vf, ir.Undefined), s, i32(0))
                 splat_s = builder.shuffle_vector(
-                    splat_s, ir.Constant(vf, ir.Undefined), ir.Constant(vi32, [0] * CHUNK)
+                    splat_s, ir.Constant(vf, ir.Undefined), ir.Constant(vi32, [0] * width)
                 )
                 raw = builder.load(
                     builder.bitcast(item(payty, pay_a, builder.add(at, i)), vi8.as_pointer()), align=1
@@ -202,9 +202,9 @@ def _rowwise_chunk_intrinsic(bits: int) -> Any:
                 for t in range(per):
                     code = codes
                     if t:
-                        code = builder.lshr(code, ir.Constant(vi32, [t * bits] * CHUNK))
+                        code = builder.lshr(code, ir.Constant(vi32, [t * bits] * width))
                     if per > 1:
-                        code = builder.and_(code, ir.Constant(vi32, [mask] * CHUNK))
+                        code = builder.and_(code, ir.Constant(vi32, [mask] * width))
                     value = builder.fmul(builder.sitofp(code, vf), splat_s)
                     builder.store(builder.fadd(builder.load(sums[t]), value), sums[t])
             for t in range(per):
@@ -220,12 +220,17 @@ def _rowwise_chunk_intrinsic(bits: int) -> Any:
 _CHUNK8: Any = _rowwise_chunk_intrinsic(8)
 _CHUNK4: Any = _rowwise_chunk_intrinsic(4)
 _CHUNK2: Any = _rowwise_chunk_intrinsic(2)
+# wider steps (64 values of a row per step: fewer loads of each row's position and scale)
+_WIDE8: Any = _rowwise_chunk_intrinsic(8, 64)
+_WIDE4: Any = _rowwise_chunk_intrinsic(4, 32)
 
 
 def _rowwise_adder(bits: int) -> Any:
     per = 8 // bits
     mask = (1 << bits) - 1
     chunk = _CHUNK8 if bits == 8 else _CHUNK4 if bits == 4 else _CHUNK2
+    wide = _WIDE8 if bits == 8 else _WIDE4 if bits == 4 else _CHUNK2
+    step = 64 // per
 
     @numba.njit(cache=True, inline="never", boundscheck=False)
     def add(
@@ -261,8 +266,11 @@ def _rowwise_adder(bits: int) -> Any:
                 o = o * wts[k]
             scl[k] = s
             o_sum += o
+        wide_end = n - n % step
+        for i in range(0, wide_end, step):
+            wide(acc, off, n, payload, pos, scl, k0, cnt, i)
         full = n - n % CHUNK
-        for i in range(0, full, CHUNK):
+        for i in range(wide_end, full, CHUNK):
             chunk(acc, off, n, payload, pos, scl, k0, cnt, i)
         if full == n and n * per == dim:
             return o_sum
@@ -703,8 +711,14 @@ def _gather(
         if weighted:
             wts[k] = weights[p]
         cnt[s0 + c] += 1
-        _prefetch(payload, at)  # one prefetch per cache line the row touches
-        for line in range((at | 63) + 1, at + row_bytes[c], 64):
+        # every cache line the row touches: its first and last byte and every 64th between
+        # (a fixed four for rows up to 192 bytes, so no branch depends on the row's alignment)
+        last = at + row_bytes[c] - 1
+        _prefetch(payload, at)
+        _prefetch(payload, min(at + 64, last))
+        _prefetch(payload, min(at + 128, last))
+        _prefetch(payload, last)
+        for line in range(at + 192, last, 64):
             _prefetch(payload, line)
 
 
