@@ -231,7 +231,7 @@ CHUNK_MIXES = [MIXES[0], MIXES[1], ("colbook4", "rowwise4"), ("colbook1", "rowwi
 @pytest.mark.parametrize("dim", [16, 37, 64, 128, 136, 256])
 @pytest.mark.parametrize("names", CHUNK_MIXES, ids="/".join)
 def test_bag_kernels_vector_chunks_at_every_width(names, dim):
-    """Rows wide enough for the kernels' vector steps (16 code bytes of every row of a bag
+    """Rows wide enough for the kernels' vector steps (16 to 64 code bytes of every row of a bag
     at a time, a partial chunk value by value after them): one-id bags are the decoded
     rows bit for bit; longer, weighted and mean bags equal torch's on the decoded table."""
     _, _, _, table = _table(names, rows=300, dim=dim, seed=dim)
