@@ -129,10 +129,10 @@ def _split_pos(j: int, dim: int, per: int) -> int:
 # where LLVM vectorises them worse; called once per class and bag, so the call costs little.
 # Each adds the rows at payload bytes ``pos[k0:k0 + cnt]`` (weights ``wts[k0:k0 + cnt]``)
 # into ``acc[off:off + dim]`` in the split order of its width (``_split_pos``), reading
-# each code byte once for all the codes it holds. The rowwise and colbook decoders take
-# 16 code bytes of every row of the class at a time with the sums in vector registers
-# (LLVM IR intrinsics below: numba's own vectorisation keeps ``acc`` in memory, a load
-# and a store per value and row).
+# each code byte once for all the codes it holds. They take a run of code bytes of every
+# row of the class at a time (16; 64 values for 8- and 4-bit rowwise rows) with the sums
+# in vector registers (LLVM IR intrinsics below: numba's own vectorisation keeps ``acc``
+# in memory, a load and a store per value and row).
 
 
 CHUNK = 16  # code bytes a vector step of the adders reads from each row
@@ -249,8 +249,9 @@ def _rowwise_adder(bits: int) -> Any:
     ) -> Any:
         """``+= code * s``; returns the rows' summed offsets ``o`` (every value of a row
         has the same one: the caller adds the sum once). The rows' scales (weighted) go to
-        ``scl[k0:k0 + cnt]``; the codes are added ``CHUNK`` bytes of every row at a time in
-        registers (``_rowwise_chunk_intrinsic``), a last partial chunk value by value."""
+        ``scl[k0:k0 + cnt]``; the codes are added 64 values (then ``CHUNK`` bytes) of every
+        row at a time in registers (``_rowwise_chunk_intrinsic``), a last partial chunk
+        value by value."""
         n = dim // per
         o_sum = np.float32(0.0)
         for k in range(k0, k0 + cnt):
