@@ -138,15 +138,86 @@ def _split_pos(j: int, dim: int, per: int) -> int:
 CHUNK = 16  # code bytes a vector step of the adders reads from each row
 
 
-def _rowwise_chunk_intrinsic(bits: int, width: int = CHUNK) -> Any:
-    """``acc[off + t * n + i + l] += code(t, l) * scl[k]`` for every row k in ``[k0, k0 +
+class _Emit:
+    """IR helpers of the adders' vector steps, for one intrinsic's code generation: array
+    items by index, splats, byte runs widened to codes, sums held in registers."""
+
+    def __init__(self, context: Any, builder: Any, lanes: int) -> None:
+        self.context, self.builder, self.lanes = context, builder, lanes
+        self.i32 = ir.IntType(32)
+        self.vi32 = ir.VectorType(self.i32, lanes)
+        self.vf = ir.VectorType(ir.FloatType(), lanes)
+
+    def items(self, aryty: Any, value: Any) -> Any:
+        """``index -> pointer to ary[index]`` for the numba array ``value`` of type ``aryty``."""
+        arr = self.context.make_array(aryty)(self.context, self.builder, value)
+        return lambda index: cgutils.get_item_pointer(
+            self.context, self.builder, aryty, arr, [index], wraparound=False
+        )
+
+    def floats(self, ptr: Any) -> Any:
+        """``ptr`` (to a float32 item) as a pointer to ``lanes`` floats."""
+        return self.builder.bitcast(ptr, self.vf.as_pointer())
+
+    def splat(self, x: Any) -> Any:
+        vf = self.vf
+        one = self.builder.insert_element(ir.Constant(vf, ir.Undefined), x, self.i32(0))
+        return self.builder.shuffle_vector(one, ir.Constant(vf, ir.Undefined), self.consts(0))
+
+    def consts(self, value: int) -> Any:
+        return ir.Constant(self.vi32, [value] * self.lanes)
+
+    def codes(self, byte_ptr: Any) -> Any:
+        """``lanes`` bytes from ``byte_ptr`` (any alignment) as int32 lanes."""
+        vi8 = ir.VectorType(ir.IntType(8), self.lanes)
+        raw = self.builder.load(self.builder.bitcast(byte_ptr, vi8.as_pointer()), align=1)
+        return self.builder.zext(raw, self.vi32)
+
+    def code(self, codes: Any, t: int, bits: int) -> Any:
+        """The t-th ``bits``-bit code of each byte lane (its bits above ``bits`` left set
+        where ``bits`` is 8 or the code is the byte's top one)."""
+        if t:
+            codes = self.builder.lshr(codes, self.consts(t * bits))
+        if (t + 1) * bits < 8:
+            codes = self.builder.and_(codes, self.consts((1 << bits) - 1))
+        return codes
+
+    def pick(self, code: Any, candidates: list[Any], bits: int) -> Any:
+        """Per lane, ``candidates[code]``: a tree of selects on the code's ``bits`` bits."""
+        for b in range(bits):
+            on = self.builder.icmp_unsigned(
+                "!=", self.builder.and_(code, self.consts(1 << b)), self.consts(0)
+            )
+            candidates = [
+                self.builder.select(on, candidates[m + 1], candidates[m])
+                for m in range(0, len(candidates), 2)
+            ]
+        return candidates[0]
+
+    def open_sums(self, ptrs: list[Any]) -> list[Any]:
+        """Sums held in registers, starting from the accumulator slices at ``ptrs``."""
+        return [cgutils.alloca_once_value(self.builder, self.builder.load(p, align=4)) for p in ptrs]
+
+    def add(self, total: Any, value: Any) -> None:
+        self.builder.store(self.builder.fadd(self.builder.load(total), value), total)
+
+    def close_sums(self, sums: list[Any], ptrs: list[Any]) -> None:
+        for total, ptr in zip(sums, ptrs, strict=True):
+            self.builder.store(self.builder.load(total), ptr, align=4)
+
+
+def _row_chunk_intrinsic(bits: int, levels: bool, width: int = CHUNK) -> Any:
+    """``acc[off + t * n + i + l] += value(k, code(t, l))`` for every row k in ``[k0, k0 +
     cnt)`` (payload bytes from ``pos[k]``), every ``t < 8 // bits`` and lane ``l <
     width``, where code(t, l) is the t-th ``bits``-bit code of the row's byte ``i + l``:
-    ``width`` code bytes of each row added in vector registers. Each accumulator slice is
-    loaded once, takes the rows in order and is stored once, so every lane does the same
-    float operations in the same order as a scalar ``acc[p] += float32(code) * s`` loop."""
+    ``width`` code bytes of each row added in vector registers. Rowwise rows (``levels``
+    False): value = ``float32(code) * scl[k]``. Levels rows: value = the row's float16
+    level ``code`` (at payload byte ``pos[k] + pa + 2 * code``) times ``scl[k]``, picked
+    by a tree of vector selects. Each accumulator slice is loaded once, takes the rows in
+    order and is stored once, so every lane does the float operations of the scalar loops
+    of ``_rowwise_adder`` / ``_levels_adder`` in their order (``scl`` is 1.0 for
+    unweighted levels rows, and ``x * 1.0 == x``)."""
     per = 8 // bits
-    mask = (1 << bits) - 1
 
     @intrinsic
     def add_chunk(
@@ -160,69 +231,62 @@ def _rowwise_chunk_intrinsic(bits: int, width: int = CHUNK) -> Any:
         k0: Any,
         cnt: Any,
         i: Any,
+        pa: Any,
     ) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            accty, _, _, payty, posty, sclty, _, _, _ = signature.args
-            acc_v, off, n, pay_v, pos_v, scl_v, k0, cnt, i = args
-            i32 = ir.IntType(32)
-            f32 = ir.FloatType()
-            vi8, vi32, vf = (
-                ir.VectorType(ir.IntType(8), width),
-                ir.VectorType(i32, width),
-                ir.VectorType(f32, width),
+            accty, _, _, payty, posty, sclty, _, _, _, _ = signature.args
+            acc_v, off, n, pay_v, pos_v, scl_v, k0, cnt, i, pa = args
+            e = _Emit(context, builder, width)
+            acc_at, pay_at, pos_at, scl_at = (
+                e.items(accty, acc_v),
+                e.items(payty, pay_v),
+                e.items(posty, pos_v),
+                e.items(sclty, scl_v),
             )
-            acc_a = context.make_array(accty)(context, builder, acc_v)
-            pay_a = context.make_array(payty)(context, builder, pay_v)
-            pos_a = context.make_array(posty)(context, builder, pos_v)
-            scl_a = context.make_array(sclty)(context, builder, scl_v)
-
-            def item(aryty: Any, arr: Any, index: Any) -> Any:
-                return cgutils.get_item_pointer(context, builder, aryty, arr, [index], wraparound=False)
-
             slices = [
-                builder.bitcast(
-                    item(accty, acc_a, builder.add(builder.add(off, builder.mul(n, n.type(t))), i)),
-                    vf.as_pointer(),
-                )
+                e.floats(acc_at(builder.add(builder.add(off, builder.mul(n, n.type(t))), i)))
                 for t in range(per)
             ]
-            sums = [cgutils.alloca_once_value(builder, builder.load(ptr, align=4)) for ptr in slices]
+            sums = e.open_sums(slices)
             with cgutils.for_range(builder, cnt) as loop:
                 k = builder.add(k0, loop.index)
-                at = builder.load(item(posty, pos_a, k))
-                s = builder.load(item(sclty, scl_a, k))
-                splat_s = builder.insert_element(ir.Constant(vf, ir.Undefined), s, i32(0))
-                splat_s = builder.shuffle_vector(
-                    splat_s, ir.Constant(vf, ir.Undefined), ir.Constant(vi32, [0] * width)
-                )
-                raw = builder.load(
-                    builder.bitcast(item(payty, pay_a, builder.add(at, i)), vi8.as_pointer()), align=1
-                )
-                codes = builder.zext(raw, vi32)
-                for t in range(per):
-                    code = codes
-                    if t:
-                        code = builder.lshr(code, ir.Constant(vi32, [t * bits] * width))
-                    if per > 1:
-                        code = builder.and_(code, ir.Constant(vi32, [mask] * width))
-                    value = builder.fmul(builder.sitofp(code, vf), splat_s)
-                    builder.store(builder.fadd(builder.load(sums[t]), value), sums[t])
-            for t in range(per):
-                builder.store(builder.load(sums[t]), slices[t], align=4)
+                at = builder.load(pos_at(k))
+                w = builder.load(scl_at(k))
+                codes = e.codes(pay_at(builder.add(at, i)))
+                if levels:
+                    q = builder.add(at, pa)
+                    lev = []
+                    for v in range(1 << bits):
+                        ptr = builder.bitcast(
+                            pay_at(builder.add(q, q.type(2 * v))), ir.IntType(16).as_pointer()
+                        )
+                        half = builder.bitcast(builder.load(ptr, align=1), ir.HalfType())
+                        lev.append(e.splat(builder.fmul(builder.fpext(half, ir.FloatType()), w)))
+                    for t in range(per):
+                        e.add(sums[t], e.pick(e.code(codes, t, bits), lev, bits))
+                else:
+                    s = e.splat(w)
+                    for t in range(per):
+                        e.add(sums[t], builder.fmul(builder.sitofp(e.code(codes, t, bits), e.vf), s))
+            e.close_sums(sums, slices)
             return context.get_dummy_value()
 
-        sig = types.void(acc, types.intp, types.intp, payload, pos, scl, types.intp, types.intp, types.intp)
+        sig = types.void(
+            acc, types.intp, types.intp, payload, pos, scl, types.intp, types.intp, types.intp, types.intp
+        )
         return sig, codegen
 
     return add_chunk
 
 
-_CHUNK8: Any = _rowwise_chunk_intrinsic(8)
-_CHUNK4: Any = _rowwise_chunk_intrinsic(4)
-_CHUNK2: Any = _rowwise_chunk_intrinsic(2)
+_CHUNK8: Any = _row_chunk_intrinsic(8, False)
+_CHUNK4: Any = _row_chunk_intrinsic(4, False)
+_CHUNK2: Any = _row_chunk_intrinsic(2, False)
 # wider steps (64 values of a row per step: fewer loads of each row's position and scale)
-_WIDE8: Any = _rowwise_chunk_intrinsic(8, 64)
-_WIDE4: Any = _rowwise_chunk_intrinsic(4, 32)
+_WIDE8: Any = _row_chunk_intrinsic(8, False, 64)
+_WIDE4: Any = _row_chunk_intrinsic(4, False, 32)
+_LEVCHUNK2: Any = _row_chunk_intrinsic(2, True)
+_LEVCHUNK1: Any = _row_chunk_intrinsic(1, True)
 
 
 def _rowwise_adder(bits: int) -> Any:
@@ -250,7 +314,7 @@ def _rowwise_adder(bits: int) -> Any:
         """``+= code * s``; returns the rows' summed offsets ``o`` (every value of a row
         has the same one: the caller adds the sum once). The rows' scales (weighted) go to
         ``scl[k0:k0 + cnt]``; the codes are added 64 values (then ``CHUNK`` bytes) of every
-        row at a time in registers (``_rowwise_chunk_intrinsic``), a last partial chunk
+        row at a time in registers (``_row_chunk_intrinsic``), a last partial chunk
         value by value."""
         n = dim // per
         o_sum = np.float32(0.0)
@@ -269,10 +333,10 @@ def _rowwise_adder(bits: int) -> Any:
             o_sum += o
         wide_end = n - n % step
         for i in range(0, wide_end, step):
-            wide(acc, off, n, payload, pos, scl, k0, cnt, i)
+            wide(acc, off, n, payload, pos, scl, k0, cnt, i, pa)
         full = n - n % CHUNK
         for i in range(wide_end, full, CHUNK):
-            chunk(acc, off, n, payload, pos, scl, k0, cnt, i)
+            chunk(acc, off, n, payload, pos, scl, k0, cnt, i, pa)
         if full == n and n * per == dim:
             return o_sum
         for k in range(k0, k0 + cnt):
@@ -290,101 +354,6 @@ def _rowwise_adder(bits: int) -> Any:
         return o_sum
 
     return add
-
-
-def _levels_chunk_intrinsic(bits: int) -> Any:
-    """``acc[off + t * n + i + l] += lev(k, code(t, l)) * scl[k]`` for every row k in
-    ``[k0, k0 + cnt)``, every ``t < 8 // bits`` and lane ``l < CHUNK``: code(t, l) as in
-    ``_rowwise_chunk_intrinsic``, lev(k, v) the row's float16 level v (at payload byte
-    ``pos[k] + pa + 2 * v``) times its weight, picked by a tree of vector selects. Every
-    lane computes what the scalar loop of ``_levels_adder`` computes (``scl`` is 1.0 for
-    unweighted rows, and ``x * 1.0 == x``)."""
-    per = 8 // bits
-    levels = 1 << bits
-
-    @intrinsic
-    def add_chunk(
-        typingctx: Any,
-        acc: Any,
-        off: Any,
-        n: Any,
-        payload: Any,
-        pos: Any,
-        scl: Any,
-        k0: Any,
-        cnt: Any,
-        i: Any,
-        pa: Any,
-    ) -> Any:
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            accty, _, _, payty, posty, sclty, _, _, _, _ = signature.args
-            acc_v, off, n, pay_v, pos_v, scl_v, k0, cnt, i, pa = args
-            i32 = ir.IntType(32)
-            f32 = ir.FloatType()
-            vi8, vi32 = ir.VectorType(ir.IntType(8), CHUNK), ir.VectorType(i32, CHUNK)
-            vf = ir.VectorType(f32, CHUNK)
-            acc_a = context.make_array(accty)(context, builder, acc_v)
-            pay_a = context.make_array(payty)(context, builder, pay_v)
-            pos_a = context.make_array(posty)(context, builder, pos_v)
-            scl_a = context.make_array(sclty)(context, builder, scl_v)
-
-            def item(aryty: Any, arr: Any, index: Any) -> Any:
-                return cgutils.get_item_pointer(context, builder, aryty, arr, [index], wraparound=False)
-
-            def splat(x: Any) -> Any:
-                one = builder.insert_element(ir.Constant(vf, ir.Undefined), x, i32(0))
-                return builder.shuffle_vector(
-                    one, ir.Constant(vf, ir.Undefined), ir.Constant(vi32, [0] * CHUNK)
-                )
-
-            slices = [
-                builder.bitcast(
-                    item(accty, acc_a, builder.add(builder.add(off, builder.mul(n, n.type(t))), i)),
-                    vf.as_pointer(),
-                )
-                for t in range(per)
-            ]
-            sums = [cgutils.alloca_once_value(builder, builder.load(ptr, align=4)) for ptr in slices]
-            with cgutils.for_range(builder, cnt) as loop:
-                k = builder.add(k0, loop.index)
-                at = builder.load(item(posty, pos_a, k))
-                w = builder.load(item(sclty, scl_a, k))
-                q = builder.add(at, pa)
-                lev = []
-                for v in range(levels):
-                    ptr = builder.bitcast(
-                        item(payty, pay_a, builder.add(q, q.type(2 * v))), ir.IntType(16).as_pointer()
-                    )
-                    half = builder.bitcast(builder.load(ptr, align=1), ir.HalfType())
-                    lev.append(splat(builder.fmul(builder.fpext(half, f32), w)))
-                raw = builder.load(
-                    builder.bitcast(item(payty, pay_a, builder.add(at, i)), vi8.as_pointer()), align=1
-                )
-                codes = builder.zext(raw, vi32)
-                for t in range(per):
-                    code = codes
-                    if t:
-                        code = builder.lshr(code, ir.Constant(vi32, [t * bits] * CHUNK))
-                    picks = lev
-                    for b in range(bits):
-                        bit = builder.and_(code, ir.Constant(vi32, [1 << b] * CHUNK))
-                        on = builder.icmp_unsigned("!=", bit, ir.Constant(vi32, [0] * CHUNK))
-                        picks = [builder.select(on, picks[m + 1], picks[m]) for m in range(0, len(picks), 2)]
-                    builder.store(builder.fadd(builder.load(sums[t]), picks[0]), sums[t])
-            for t in range(per):
-                builder.store(builder.load(sums[t]), slices[t], align=4)
-            return context.get_dummy_value()
-
-        sig = types.void(
-            acc, types.intp, types.intp, payload, pos, scl, types.intp, types.intp, types.intp, types.intp
-        )
-        return sig, codegen
-
-    return add_chunk
-
-
-_LEVCHUNK2: Any = _levels_chunk_intrinsic(2)
-_LEVCHUNK1: Any = _levels_chunk_intrinsic(1)
 
 
 def _levels_adder(bits: int) -> Any:
@@ -408,7 +377,7 @@ def _levels_adder(bits: int) -> Any:
         scl: np.ndarray,
     ) -> None:
         """``+= lev[code]`` (2**bits <= 4 float16 levels after the codes), ``CHUNK`` code
-        bytes of every row at a time in registers (``_levels_chunk_intrinsic``; the rows'
+        bytes of every row at a time in registers (``_row_chunk_intrinsic``; the rows'
         weights go to ``scl[k0:k0 + cnt]``), a last partial chunk value by value."""
         n = dim // per
         for k in range(k0, k0 + cnt):
@@ -456,7 +425,7 @@ def _book_chunk_intrinsic(bits: int) -> Any:
     and book(t, l, v) = ``sb[bb + v * dim + t * n + i + l]``, level v of that split
     position. The levels of a chunk are loaded once for all the rows and each code picks
     its level by a tree of vector selects on its bits (no gather); as in
-    ``_rowwise_chunk_intrinsic`` each accumulator slice takes the rows in order, so every
+    ``_row_chunk_intrinsic`` each accumulator slice takes the rows in order, so every
     lane computes what a scalar ``acc[p] += sb[...] * w`` loop computes. Split positions
     are taken a few at a time, so the levels held stay within 16 vectors."""
     per = 8 // bits
@@ -482,71 +451,37 @@ def _book_chunk_intrinsic(bits: int) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             accty, _, _, payty, posty, sclty, _, _, _, sbty, _, _ = signature.args
             acc_v, off, n, pay_v, pos_v, scl_v, k0, cnt, i, sb_v, bb, dim = args
-            i32 = ir.IntType(32)
-            f32 = ir.FloatType()
-            vi8, vi32, vf = (
-                ir.VectorType(ir.IntType(8), CHUNK),
-                ir.VectorType(i32, CHUNK),
-                ir.VectorType(f32, CHUNK),
+            e = _Emit(context, builder, CHUNK)
+            acc_at, pay_at, pos_at, scl_at, sb_at = (
+                e.items(accty, acc_v),
+                e.items(payty, pay_v),
+                e.items(posty, pos_v),
+                e.items(sclty, scl_v),
+                e.items(sbty, sb_v),
             )
-            acc_a = context.make_array(accty)(context, builder, acc_v)
-            pay_a = context.make_array(payty)(context, builder, pay_v)
-            pos_a = context.make_array(posty)(context, builder, pos_v)
-            scl_a = context.make_array(sclty)(context, builder, scl_v)
-            sb_a = context.make_array(sbty)(context, builder, sb_v)
-
-            def item(aryty: Any, arr: Any, index: Any) -> Any:
-                return cgutils.get_item_pointer(context, builder, aryty, arr, [index], wraparound=False)
-
-            def vec_at(aryty: Any, arr: Any, index: Any) -> Any:
-                return builder.bitcast(item(aryty, arr, index), vf.as_pointer())
-
             for t0 in range(0, per, group):
                 ts = range(t0, min(per, t0 + group))
-                split = {t: builder.add(builder.mul(n, n.type(t)), i) for t in ts}
-                slices = {t: vec_at(accty, acc_a, builder.add(off, split[t])) for t in ts}
-                sums = {t: cgutils.alloca_once_value(builder, builder.load(slices[t], align=4)) for t in ts}
-                book = {
-                    t: [
+                split = [builder.add(builder.mul(n, n.type(t)), i) for t in ts]
+                slices = [e.floats(acc_at(builder.add(off, p))) for p in split]
+                sums = e.open_sums(slices)
+                book = [
+                    [
                         builder.load(
-                            vec_at(
-                                sbty,
-                                sb_a,
-                                builder.add(builder.add(bb, builder.mul(dim, dim.type(v))), split[t]),
-                            ),
+                            e.floats(sb_at(builder.add(builder.add(bb, builder.mul(dim, dim.type(v))), p))),
                             align=4,
                         )
                         for v in range(levels)
                     ]
-                    for t in ts
-                }
+                    for p in split
+                ]
                 with cgutils.for_range(builder, cnt) as loop:
                     k = builder.add(k0, loop.index)
-                    at = builder.load(item(posty, pos_a, k))
-                    w = builder.load(item(sclty, scl_a, k))
-                    splat_w = builder.insert_element(ir.Constant(vf, ir.Undefined), w, i32(0))
-                    splat_w = builder.shuffle_vector(
-                        splat_w, ir.Constant(vf, ir.Undefined), ir.Constant(vi32, [0] * CHUNK)
-                    )
-                    raw = builder.load(
-                        builder.bitcast(item(payty, pay_a, builder.add(at, i)), vi8.as_pointer()), align=1
-                    )
-                    codes = builder.zext(raw, vi32)
-                    for t in ts:
-                        code = codes
-                        if t:
-                            code = builder.lshr(code, ir.Constant(vi32, [t * bits] * CHUNK))
-                        picks = book[t]
-                        for b in range(bits):  # halve the candidates by bit b of the code
-                            bit = builder.and_(code, ir.Constant(vi32, [1 << b] * CHUNK))
-                            on = builder.icmp_unsigned("!=", bit, ir.Constant(vi32, [0] * CHUNK))
-                            picks = [
-                                builder.select(on, picks[m + 1], picks[m]) for m in range(0, len(picks), 2)
-                            ]
-                        value = builder.fmul(picks[0], splat_w)
-                        builder.store(builder.fadd(builder.load(sums[t]), value), sums[t])
-                for t in ts:
-                    builder.store(builder.load(sums[t]), slices[t], align=4)
+                    at = builder.load(pos_at(k))
+                    w = e.splat(builder.load(scl_at(k)))
+                    codes = e.codes(pay_at(builder.add(at, i)))
+                    for g, t in enumerate(ts):
+                        e.add(sums[g], builder.fmul(e.pick(e.code(codes, t, bits), book[g], bits), w))
+                e.close_sums(sums, slices)
             return context.get_dummy_value()
 
         sig = types.void(
