@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import functools
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -203,6 +204,27 @@ def round_robin(
     return {name: common.Timing(tuple(v)) for name, v in times.items()}
 
 
+def in_rounds(
+    calls: dict[str, Callable[[], Any]], args: argparse.Namespace
+) -> dict[str, list[common.Timing]]:
+    """Each call timed on its own (``common.timeit``: warm-up, then its steps back to back),
+    one after another, in ``args.rounds`` rounds with the order shuffled after the first:
+    one timing per call and round. Reporting the median over rounds keeps one slow phase
+    of a shared machine from deciding a contender's figure, while each timing still sees
+    the steady state of its own table."""
+    order = list(calls)
+    shuffle = random.Random(1).shuffle
+    out: dict[str, list[common.Timing]] = {name: [] for name in calls}
+    for rnd in range(args.rounds):
+        if rnd:
+            shuffle(order)
+        for name in order:
+            out[name].append(
+                common.timeit(calls[name], warmup=args.warmup, repeats=args.repeats, min_time=args.min_time)
+            )
+    return out
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -238,22 +260,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 calls = {name: functools.partial(fn, ids, offsets) for name, fn in fns.items()}
                 if args.interleave:
                     timings = round_robin(calls, args.warmup, args.repeats, args.min_time)
+                    figures = {name: [timing] for name, timing in timings.items()}
                 else:
-                    timings = {
-                        name: common.timeit(
-                            call, warmup=args.warmup, repeats=args.repeats, min_time=args.min_time
-                        )
-                        for name, call in calls.items()
-                    }
-                for name, timing in timings.items():
+                    figures = in_rounds(calls, args)
+                for name, runs in figures.items():
+                    per_run = [run.best if args.stat == "best" else run.median for run in runs]
+                    seconds = statistics.median(per_run)
                     results.append(
                         {
                             "name": name,
                             "threads": t,
                             "dist": dist,
-                            "seconds": (seconds := timing.best if args.stat == "best" else timing.median),
-                            "n": len(timing.seconds),
-                            "spread": timing.spread,
+                            "seconds": seconds,
+                            "n": sum(len(run.seconds) for run in runs),
+                            "rounds": len(runs),
+                            "spread": (max(per_run) - min(per_run)) / seconds
+                            if len(runs) > 1
+                            else runs[0].spread,
                             "lookups_per_s": count / seconds,
                         }
                     )
@@ -267,6 +290,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "system": system,
         "stat": args.stat,
         "interleave": args.interleave,
+        "rounds": 1 if args.interleave else args.rounds,
         "paths": list(args.paths),
         "rows": args.rows,
         "dim": args.dim,
@@ -292,6 +316,15 @@ def system_line(system: dict[str, Any]) -> str:
     )
 
 
+def rounds_note(rounds: int) -> str:
+    if rounds <= 1:
+        return ""
+    return (
+        f", contender after contender, in {rounds} rounds (the order shuffled after the first); "
+        "the figure is the median of the rounds' figures"
+    )
+
+
 def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path | None) -> str:
     info = data["info"]
     res = {(r["name"], r["threads"], r["dist"]): r for r in data["results"]}
@@ -310,7 +343,8 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path 
         f"*uniform* ({data['hot_top1pct']['uniform'] * 100:.0f}%). {stat} step time over at least "
         f"{args.repeats} timed steps{f' and {args.min_time:g} s' if args.min_time > 0 else ''} after "
         f"{args.warmup} warm-up steps"
-        f"{' (contenders in turn, one step each per round, shuffled)' if data.get('interleave') else ''}; "
+        f"{' (contenders in turn, one step each per round, shuffled)' if data.get('interleave') else ''}"
+        f"{rounds_note(data.get('rounds', 1))}; "
         f"M lookups/s = ids summed per second / 10^6; *×float32* and *×ref* are ratios of throughput "
         f"against `nn.EmbeddingBag` float32 and the reference's quantized EmbeddingBag in the same run "
         f"(same thread count, same ids). *all* = torch's default of {data['all_threads']} threads. "
@@ -442,12 +476,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, help="timed steps at least (default 15; quick 5)")
     p.add_argument("--min-time", type=float, help="timed seconds at least per contender (default 0.5)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds of timing every contender one after another (default 3; quick 1): "
+        "the figure is the median over rounds",
+    )
     common.add_output_args(p)
     args = p.parse_args(argv)
     args.rows = args.rows or (20_000 if args.quick else 1_000_000)
     args.bags = args.bags or (512 if args.quick else 4096)
     args.repeats = args.repeats or (5 if args.quick else 15)
     args.min_time = args.min_time if args.min_time is not None else (0.0 if args.quick else 0.5)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.quick:
         args.warmup = min(args.warmup, 2)
     common.finish_output_args(args)
