@@ -179,29 +179,29 @@ def write_parts(
     every = [json.loads(b) for b in _all_gather_bytes(json.dumps(ours).encode(), collective)]
     joined: list[tuple[dict[str, Any], dict[str, Spec]]] = []
     mine: dict[str, list[Piece]] = {}
-    rows: dict[str, int] = {}
+    specs_of: dict[str, Spec] = {}  # every joined buffer by its key in the file
     for t, (name, parts, _) in enumerate(tables):
         summaries = [s for r in range(collective.size) for s in every[r][t]]
         if not summaries:
             raise ValueError(f"no process holds rows of table {name!r}")
         meta, specs = table_class(summaries[0]["meta"].get("layout")).joined_layout(summaries)
         joined.append((meta, specs))
-        rows.update({f"{eio.TABLE_PREFIX}{name}.{b}": shape[0] for b, (_, shape) in specs.items()})
+        specs_of.update({f"{eio.TABLE_PREFIX}{name}.{b}": spec for b, spec in specs.items()})
         first = sum(len(every[r][t]) for r in range(me))  # this process's first part, in all
         for i, part in enumerate(parts):
             for piece in part.join_pieces(first + i, summaries):
                 mine.setdefault(f"{eio.TABLE_PREFIX}{name}.{piece.name}", []).append(piece)
     placed_mine = {k: [[p.start, int(p.data.shape[0])] for p in ps] for k, ps in mine.items()}
     placed = [json.loads(b) for b in _all_gather_bytes(json.dumps(placed_mine).encode(), collective)]
-    crcs = _chained_crc32(rows, mine, placed, collective)
+    crcs = _chained_crc32({k: shape[0] for k, (_, shape) in specs_of.items()}, mine, placed, collective)
 
     # rank 0 lays out the file and writes all but the parts; the others learn where
     # their pieces go, or that rank 0 could not start (then every process stops)
     tmp, plan, failure = "", b"", None
     if me == 0:
         try:
-            tmp, starts = _start_file(target, tables, joined, state, crcs)
-            plan = json.dumps({"tmp": tmp, "starts": {k: starts[k] for k in rows}}).encode()
+            tmp, starts = _start_file(target, tables, joined, specs_of, state, crcs)
+            plan = json.dumps({"tmp": tmp, "starts": {k: starts[k] for k in specs_of}}).encode()
         except Exception as err:  # the others are told first
             failure = err
     try:
@@ -211,11 +211,6 @@ def write_parts(
         if got is None:
             raise RuntimeError(f"rank 0 could not start writing {target}")
         tmp, starts = got["tmp"], got["starts"]
-        specs_of = {
-            f"{eio.TABLE_PREFIX}{name}.{b}": spec
-            for (name, _, _), (_, specs) in zip(tables, joined, strict=True)
-            for b, spec in specs.items()
-        }
         at: list[tuple[int, Piece]] = []
         for key, pieces in mine.items():
             dtype, shape = specs_of[key]
@@ -252,19 +247,20 @@ def _start_file(
     target: Path,
     tables: Sequence[HeldTable],
     joined: list[tuple[dict[str, Any], dict[str, Spec]]],
+    table_specs: dict[str, Spec],
     state: dict[str, torch.Tensor],
     crcs: dict[str, int],
 ) -> tuple[str, dict[str, int]]:
     """Rank 0: the temp file beside ``target``, sized whole, holding the header (the index
-    with every CRC) and ``state``; and where each tensor's data starts."""
+    with every CRC) and ``state``; and where each tensor's data starts. ``table_specs``:
+    the tables' joined buffers by their keys in the file."""
     from . import io as eio
 
-    specs_all: dict[str, Spec] = {}
     entries = {}
-    for (name, _, error), (meta, specs) in zip(tables, joined, strict=True):
+    for (name, _, error), (meta, _) in zip(tables, joined, strict=True):
         entries[name] = eio.table_entry(meta, error, [], None)
         eio.check_entry(target, name, entries[name])
-        specs_all.update({f"{eio.TABLE_PREFIX}{name}.{b}": spec for b, spec in specs.items()})
+    specs_all = dict(table_specs)
     copied = {f"{eio.STATE_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in state.items()}
     specs_all.update({k: (v.dtype, tuple(v.shape)) for k, v in copied.items()})
     crcs = {**crcs, **{k: eio.crc32(v) for k, v in copied.items()}}

@@ -5,8 +5,9 @@ Each process takes a contiguous range of rows (``row_ranges``), and ``compress_t
 norms, the mask statistics and the error sums are all-reduced, so every process finds the
 same threshold and layout without gathering any norm. ``gather_table`` then hands every
 part to one process, which joins them in rank order (``concat_rows``): byte for byte the
-table one process makes. Parts travel as a JSON header plus raw tensor bytes, never as
-pickles, and each is validated (``from_tensors``) before it is joined.
+table one process makes. Parts travel as a JSON header (the part's ``part_summary``: meta,
+each buffer's dtype and shape) plus raw tensor bytes, never as pickles, and each is
+validated (``from_tensors``) before it is joined.
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ from .layouts.base import BUFFER_DTYPES, FormatError, QuantizedTable
 from .layouts.registry import table_class
 
 __all__ = ["TorchCollective", "check_same", "from_environment", "gather_table", "row_ranges"]
-
-_DTYPES = BUFFER_DTYPES
-_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class TorchCollective:
@@ -101,11 +99,7 @@ def _send_table(table: QuantizedTable | None, dst: int, group: Any) -> None:
         _send_bytes(json.dumps({"empty": True}).encode(), dst, group)
         return
     tensors = {name: t.detach().cpu().contiguous() for name, t in table.tensors().items()}
-    header = {
-        "meta": table.meta(),
-        "tensors": [[name, _NAMES[t.dtype], list(t.shape)] for name, t in tensors.items()],
-    }
-    _send_bytes(json.dumps(header).encode(), dst, group)
+    _send_bytes(json.dumps(table.part_summary()).encode(), dst, group)
     for t in tensors.values():
         if t.numel():
             dist.send(t.view(-1).view(torch.uint8), dst, group=group)
@@ -116,8 +110,8 @@ def _recv_table(src: int, group: Any) -> QuantizedTable | None:
     if header.get("empty"):
         return None
     tensors = {}
-    for name, dtype_name, shape in header["tensors"]:
-        dtype = _DTYPES.get(dtype_name)
+    for name, (dtype_name, shape) in header["buffers"].items():
+        dtype = BUFFER_DTYPES.get(dtype_name)
         if dtype is None or not all(isinstance(n, int) and n >= 0 for n in shape):
             raise FormatError(f"rank {src} sent tensor {name!r} as {dtype_name} {shape}")
         t = torch.empty(shape, dtype=dtype)

@@ -17,6 +17,7 @@ here, not imported: numba's disk cache is keyed on the jitted function's own fil
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numba
@@ -139,14 +140,21 @@ CHUNK = 16  # code bytes a vector step of the adders reads from each row
 
 
 class _Emit:
-    """IR helpers of the adders' vector steps, for one intrinsic's code generation: array
-    items by index, splats, byte runs widened to codes, sums held in registers."""
+    """IR helpers of the adders' vector steps, for one intrinsic's code generation. Every
+    step takes the same first arguments, ``(acc, off, n, payload, pos, scl, k0, cnt, i)``:
+    it adds a value per lane to ``acc[off + t * n + i : ... + lanes]`` (split position t)
+    for every row k in ``[k0, k0 + cnt)``, whose code bytes start at ``pos[k] + i`` and
+    whose scale or weight is ``scl[k]``."""
 
-    def __init__(self, context: Any, builder: Any, lanes: int) -> None:
+    def __init__(self, context: Any, builder: Any, lanes: int, types_: Any, args: Any) -> None:
         self.context, self.builder, self.lanes = context, builder, lanes
         self.i32 = ir.IntType(32)
         self.vi32 = ir.VectorType(self.i32, lanes)
         self.vf = ir.VectorType(ir.FloatType(), lanes)
+        accty, _, _, payty, posty, sclty, _, _, _ = types_
+        acc, self.off, self.n, pay, pos, scl, self.k0, self.cnt, self.i = args
+        self.acc_at, self.pay_at = self.items(accty, acc), self.items(payty, pay)
+        self.pos_at, self.scl_at = self.items(posty, pos), self.items(sclty, scl)
 
     def items(self, aryty: Any, value: Any) -> Any:
         """``index -> pointer to ary[index]`` for the numba array ``value`` of type ``aryty``."""
@@ -159,6 +167,10 @@ class _Emit:
         """``ptr`` (to a float32 item) as a pointer to ``lanes`` floats."""
         return self.builder.bitcast(ptr, self.vf.as_pointer())
 
+    def split(self, t: int) -> Any:
+        """Where split position t of this step starts in a row: ``t * n + i``."""
+        return self.builder.add(self.builder.mul(self.n, self.n.type(t)), self.i)
+
     def splat(self, x: Any) -> Any:
         vf = self.vf
         one = self.builder.insert_element(ir.Constant(vf, ir.Undefined), x, self.i32(0))
@@ -166,12 +178,6 @@ class _Emit:
 
     def consts(self, value: int) -> Any:
         return ir.Constant(self.vi32, [value] * self.lanes)
-
-    def codes(self, byte_ptr: Any) -> Any:
-        """``lanes`` bytes from ``byte_ptr`` (any alignment) as int32 lanes."""
-        vi8 = ir.VectorType(ir.IntType(8), self.lanes)
-        raw = self.builder.load(self.builder.bitcast(byte_ptr, vi8.as_pointer()), align=1)
-        return self.builder.zext(raw, self.vi32)
 
     def code(self, codes: Any, t: int, bits: int) -> Any:
         """The t-th ``bits``-bit code of each byte lane (its bits above ``bits`` left set
@@ -194,29 +200,37 @@ class _Emit:
             ]
         return candidates[0]
 
-    def open_sums(self, ptrs: list[Any]) -> list[Any]:
-        """Sums held in registers, starting from the accumulator slices at ``ptrs``."""
-        return [cgutils.alloca_once_value(self.builder, self.builder.load(p, align=4)) for p in ptrs]
-
-    def add(self, total: Any, value: Any) -> None:
-        self.builder.store(self.builder.fadd(self.builder.load(total), value), total)
-
-    def close_sums(self, sums: list[Any], ptrs: list[Any]) -> None:
-        for total, ptr in zip(sums, ptrs, strict=True):
-            self.builder.store(self.builder.load(total), ptr, align=4)
+    def add_rows(self, ts: Sequence[int], values: Callable[[Any, Any, Any], list[Any]]) -> None:
+        """For every row in order, ``values(at, w, codes)`` (one vector per split position
+        of ``ts``; ``at`` = ``pos[k]``, ``w`` = ``scl[k]``, ``codes``: the row's ``lanes``
+        code bytes from ``i`` as int32 lanes) added to those accumulator slices, which are
+        held in registers: loaded once before the rows and stored once after."""
+        builder = self.builder
+        slices = [self.floats(self.acc_at(builder.add(self.off, self.split(t)))) for t in ts]
+        sums = [cgutils.alloca_once_value(builder, builder.load(p, align=4)) for p in slices]
+        vi8 = ir.VectorType(ir.IntType(8), self.lanes)
+        with cgutils.for_range(builder, self.cnt) as loop:
+            k = builder.add(self.k0, loop.index)
+            at = builder.load(self.pos_at(k))
+            raw = builder.bitcast(self.pay_at(builder.add(at, self.i)), vi8.as_pointer())
+            codes = builder.zext(builder.load(raw, align=1), self.vi32)
+            for total, value in zip(sums, values(at, builder.load(self.scl_at(k)), codes), strict=True):
+                builder.store(builder.fadd(builder.load(total), value), total)
+        for total, ptr in zip(sums, slices, strict=True):
+            builder.store(builder.load(total), ptr, align=4)
 
 
 def _row_chunk_intrinsic(bits: int, levels: bool, width: int = CHUNK) -> Any:
     """``acc[off + t * n + i + l] += value(k, code(t, l))`` for every row k in ``[k0, k0 +
     cnt)`` (payload bytes from ``pos[k]``), every ``t < 8 // bits`` and lane ``l <
     width``, where code(t, l) is the t-th ``bits``-bit code of the row's byte ``i + l``:
-    ``width`` code bytes of each row added in vector registers. Rowwise rows (``levels``
-    False): value = ``float32(code) * scl[k]``. Levels rows: value = the row's float16
-    level ``code`` (at payload byte ``pos[k] + pa + 2 * code``) times ``scl[k]``, picked
-    by a tree of vector selects. Each accumulator slice is loaded once, takes the rows in
-    order and is stored once, so every lane does the float operations of the scalar loops
-    of ``_rowwise_adder`` / ``_levels_adder`` in their order (``scl`` is 1.0 for
-    unweighted levels rows, and ``x * 1.0 == x``)."""
+    ``width`` code bytes of each row added in vector registers (``_Emit.add_rows``).
+    Rowwise rows (``levels`` False): value = ``float32(code) * scl[k]``. Levels rows:
+    value = the row's float16 level ``code`` (at payload byte ``pos[k] + pa + 2 * code``)
+    times ``scl[k]``, picked by a tree of vector selects. Each accumulator slice is loaded
+    once, takes the rows in order and is stored once, so every lane does the float
+    operations of the scalar loops of ``_rowwise_adder`` / ``_levels_adder`` in their
+    order (``scl`` is 1.0 for unweighted levels rows, and ``x * 1.0 == x``)."""
     per = 8 // bits
 
     @intrinsic
@@ -234,41 +248,24 @@ def _row_chunk_intrinsic(bits: int, levels: bool, width: int = CHUNK) -> Any:
         pa: Any,
     ) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            accty, _, _, payty, posty, sclty, _, _, _, _ = signature.args
-            acc_v, off, n, pay_v, pos_v, scl_v, k0, cnt, i, pa = args
-            e = _Emit(context, builder, width)
-            acc_at, pay_at, pos_at, scl_at = (
-                e.items(accty, acc_v),
-                e.items(payty, pay_v),
-                e.items(posty, pos_v),
-                e.items(sclty, scl_v),
-            )
-            slices = [
-                e.floats(acc_at(builder.add(builder.add(off, builder.mul(n, n.type(t))), i)))
-                for t in range(per)
-            ]
-            sums = e.open_sums(slices)
-            with cgutils.for_range(builder, cnt) as loop:
-                k = builder.add(k0, loop.index)
-                at = builder.load(pos_at(k))
-                w = builder.load(scl_at(k))
-                codes = e.codes(pay_at(builder.add(at, i)))
-                if levels:
-                    q = builder.add(at, pa)
-                    lev = []
-                    for v in range(1 << bits):
-                        ptr = builder.bitcast(
-                            pay_at(builder.add(q, q.type(2 * v))), ir.IntType(16).as_pointer()
-                        )
-                        half = builder.bitcast(builder.load(ptr, align=1), ir.HalfType())
-                        lev.append(e.splat(builder.fmul(builder.fpext(half, ir.FloatType()), w)))
-                    for t in range(per):
-                        e.add(sums[t], e.pick(e.code(codes, t, bits), lev, bits))
-                else:
+            e = _Emit(context, builder, width, signature.args[:9], args[:9])
+            pa = args[9]
+
+            def values(at: Any, w: Any, codes: Any) -> list[Any]:
+                if not levels:
                     s = e.splat(w)
-                    for t in range(per):
-                        e.add(sums[t], builder.fmul(builder.sitofp(e.code(codes, t, bits), e.vf), s))
-            e.close_sums(sums, slices)
+                    return [builder.fmul(builder.sitofp(e.code(codes, t, bits), e.vf), s) for t in range(per)]
+                q = builder.add(at, pa)
+                lev = []
+                for v in range(1 << bits):
+                    ptr = builder.bitcast(
+                        e.pay_at(builder.add(q, q.type(2 * v))), ir.IntType(16).as_pointer()
+                    )
+                    half = builder.bitcast(builder.load(ptr, align=1), ir.HalfType())
+                    lev.append(e.splat(builder.fmul(builder.fpext(half, ir.FloatType()), w)))
+                return [e.pick(e.code(codes, t, bits), lev, bits) for t in range(per)]
+
+            e.add_rows(range(per), values)
             return context.get_dummy_value()
 
         sig = types.void(
@@ -425,9 +422,10 @@ def _book_chunk_intrinsic(bits: int) -> Any:
     and book(t, l, v) = ``sb[bb + v * dim + t * n + i + l]``, level v of that split
     position. The levels of a chunk are loaded once for all the rows and each code picks
     its level by a tree of vector selects on its bits (no gather); as in
-    ``_row_chunk_intrinsic`` each accumulator slice takes the rows in order, so every
-    lane computes what a scalar ``acc[p] += sb[...] * w`` loop computes. Split positions
-    are taken a few at a time, so the levels held stay within 16 vectors."""
+    ``_row_chunk_intrinsic`` (``_Emit.add_rows``) each accumulator slice takes the rows
+    in order, so every lane computes what a scalar ``acc[p] += sb[...] * w`` loop
+    computes. Split positions are taken a few at a time, so the levels held stay within
+    16 vectors."""
     per = 8 // bits
     levels = 1 << bits
     group = max(1, min(per, 16 // levels))  # split positions per pass over the rows
@@ -449,39 +447,34 @@ def _book_chunk_intrinsic(bits: int) -> Any:
         dim: Any,
     ) -> Any:
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            accty, _, _, payty, posty, sclty, _, _, _, sbty, _, _ = signature.args
-            acc_v, off, n, pay_v, pos_v, scl_v, k0, cnt, i, sb_v, bb, dim = args
-            e = _Emit(context, builder, CHUNK)
-            acc_at, pay_at, pos_at, scl_at, sb_at = (
-                e.items(accty, acc_v),
-                e.items(payty, pay_v),
-                e.items(posty, pos_v),
-                e.items(sclty, scl_v),
-                e.items(sbty, sb_v),
-            )
+            e = _Emit(context, builder, CHUNK, signature.args[:9], args[:9])
+            sb_at = e.items(signature.args[9], args[9])
+            bb, dim = args[10], args[11]
             for t0 in range(0, per, group):
                 ts = range(t0, min(per, t0 + group))
-                split = [builder.add(builder.mul(n, n.type(t)), i) for t in ts]
-                slices = [e.floats(acc_at(builder.add(off, p))) for p in split]
-                sums = e.open_sums(slices)
-                book = [
+                book = [  # the chunk's levels of each split position, for all the rows
                     [
                         builder.load(
-                            e.floats(sb_at(builder.add(builder.add(bb, builder.mul(dim, dim.type(v))), p))),
+                            e.floats(
+                                sb_at(builder.add(builder.add(bb, builder.mul(dim, dim.type(v))), e.split(t)))
+                            ),
                             align=4,
                         )
                         for v in range(levels)
                     ]
-                    for p in split
+                    for t in ts
                 ]
-                with cgutils.for_range(builder, cnt) as loop:
-                    k = builder.add(k0, loop.index)
-                    at = builder.load(pos_at(k))
-                    w = e.splat(builder.load(scl_at(k)))
-                    codes = e.codes(pay_at(builder.add(at, i)))
-                    for g, t in enumerate(ts):
-                        e.add(sums[g], builder.fmul(e.pick(e.code(codes, t, bits), book[g], bits), w))
-                e.close_sums(sums, slices)
+
+                def values(
+                    at: Any, w: Any, codes: Any, ts: range = ts, book: list[list[Any]] = book
+                ) -> list[Any]:
+                    ws = e.splat(w)
+                    return [
+                        builder.fmul(e.pick(e.code(codes, t, bits), book[g], bits), ws)
+                        for g, t in enumerate(ts)
+                    ]
+
+                e.add_rows(ts, values)
             return context.get_dummy_value()
 
         sig = types.void(
