@@ -76,10 +76,16 @@ def torchrun(
 
 
 NO_GATHERING = """
+    import atexit, os, pathlib
+    import torch.distributed as dist
     import embpress.distributed as d
     def gather(*args, **kwargs):
         raise AssertionError("a part was gathered")
     d.gather_table = gather
+    def left():  # runs after the CLI's own exit handlers (registered first, so called last)
+        if not dist.is_initialized():
+            (pathlib.Path(__file__).parent / ("left-" + os.environ["RANK"])).touch()
+    atexit.register(left)
 """
 
 
@@ -91,6 +97,9 @@ def test_torchrun_writes_the_one_process_file(checkpoint, in_memory, tmp_path, n
     done = torchrun(nproc, checkpoint, out, NO_GATHERING, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert out.read_bytes() == in_memory
+    # each process destroyed its gloo group before exit (one left to the interpreter's
+    # teardown can abort the process: "terminate called without an active exception")
+    assert sorted(p.name for p in tmp_path.glob("left-*")) == [f"left-{r}" for r in range(nproc)]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.safetensors")]
 
 

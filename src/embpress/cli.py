@@ -554,6 +554,10 @@ def compress(
         )
     table_patterns = _split_patterns(patterns)
     collective = _collective()
+    if collective is not None:
+        from .distributed import leave
+
+        ctx.call_on_close(lambda: leave(collective))  # on success and on error alike
     streamed = collective is not None or checkpoint.is_safetensors_file(src)
     if not streamed:
         checkpoint.check_input_file(src)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .layouts.base import BUFFER_DTYPES, FormatError, QuantizedTable
 from .layouts.registry import table_class
 
-__all__ = ["TorchCollective", "check_same", "from_environment", "gather_table", "row_ranges"]
+__all__ = ["TorchCollective", "check_same", "from_environment", "gather_table", "leave", "row_ranges"]
 
 
 class TorchCollective:
@@ -46,6 +46,7 @@ class TorchCollective:
             ranks = dist.get_process_group_ranks(group) if group is not None else None
             group = dist.new_group(ranks, backend="gloo")
         self.group = group
+        self.made_group = False  # whether from_environment initialised the default group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
 
@@ -141,9 +142,21 @@ def from_environment(timeout_s: float = 300.0) -> TorchCollective | None:
     size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if size <= 1:
         return None
-    if not dist.is_initialized():
+    made = not dist.is_initialized()
+    if made:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return TorchCollective()
+    collective = TorchCollective()
+    collective.made_group = made
+    return collective
+
+
+def leave(collective: TorchCollective | None) -> None:
+    """Destroy the process group ``from_environment`` made (one it found is the caller's).
+
+    A gloo group left to the interpreter's exit can abort the process ("terminate called
+    without an active exception") when its worker threads outlive the interpreter."""
+    if collective is not None and collective.made_group and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_same(collective: TorchCollective, what: str, fingerprint: bytes) -> None:
