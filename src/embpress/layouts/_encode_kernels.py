@@ -8,8 +8,13 @@ from another file (numba's disk cache is keyed on the jitted function's own file
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from .. import _kernel_cache
 
@@ -60,41 +65,84 @@ def count_blocks(mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, 
 def count_blocks_of_4(mask_words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """:func:`count_blocks` for (1 x 4) blocks, reading the bool mask as one uint32 per
     block (a True byte is 0x01, so the top byte of ``word * 0x01010101`` is the block's
-    kept count)."""
+    kept count). Branch-free; each bitmap word is built in a register."""
     rows, nb = mask_words.shape
+    words = (nb + 31) // 32
     kept = np.zeros(rows, dtype=np.int64)
     blocks = np.zeros(rows, dtype=np.int64)
     mixed = np.zeros(rows, dtype=np.int64)
-    bitmap = np.zeros((rows, (nb + 31) // 32), dtype=np.uint32)
+    bitmap = np.zeros((rows, words), dtype=np.uint32)
     for r in numba.prange(rows):
-        k = 0
-        b = 0
-        m = 0
-        for blk in range(nb):
-            n = ((int(mask_words[r, blk]) * 0x01010101) >> 24) & 0xFF
-            k += n
-            if n > 0:
-                b += 1
-                bitmap[r, blk // 32] |= np.uint32(1 << (blk % 32))
-                m += n < 4
+        k = np.int64(0)
+        b = np.int64(0)
+        m = np.int64(0)
+        for wd in range(words):
+            word = np.int64(0)
+            lo = wd * 32
+            for blk in range(lo, min(nb, lo + 32)):
+                n = ((np.int64(mask_words[r, blk]) * 0x01010101) >> 24) & 0xFF
+                on = np.int64(n > 0)
+                k += n
+                b += on
+                m += on & np.int64(n < 4)
+                word |= on << (blk - lo)
+            bitmap[r, wd] = word
         kept[r] = k
         blocks[r] = b
         mixed[r] = m
     return kept, blocks, mixed, bitmap
 
 
+@intrinsic
+def _bits_intrinsic(typingctx: Any, x: Any) -> Any:
+    """The bits of a float32 as an int32 (no instruction: a reinterpretation)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _float_intrinsic(typingctx: Any, x: Any) -> Any:
+    """The float32 whose bits are an int32 (the inverse of ``_bits``)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+# called from the kernels only (typed here as such: numba supplies the typing context)
+_bits: Any = _bits_intrinsic
+_float: Any = _float_intrinsic
+_KEY_LOW, _KEY_HIGH = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
+
+
 @numba.njit(cache=True, inline="always")
-def _row_minmax(w: np.ndarray, mask: np.ndarray, use_mask: bool, r: int) -> tuple[float, float]:
-    a = np.float32(np.inf)
-    z = np.float32(-np.inf)
+def _row_minmax(w: np.ndarray, mask: np.ndarray, use_mask: bool, r: int) -> tuple[np.float32, np.float32]:
+    """Min and max of row ``r`` over its kept entries (0, 0 where none is kept).
+
+    Compared as integers: a finite float's bits, negatives' magnitude bits flipped, order
+    as the floats do (-0.0 below 0.0), and integer min/max loops vectorise where float
+    ones do not without reassociating."""
+    lo = _KEY_LOW
+    hi = _KEY_HIGH
     for c in range(w.shape[1]):
-        if (not use_mask) or mask[r, c]:
-            v = w[r, c]
-            a = min(a, v)
-            z = max(z, v)
-    if a > z:  # nothing kept
-        return 0.0, 0.0
-    return float(a), float(z)
+        i = _bits(w[r, c])
+        key = np.int32(i ^ ((i >> 31) & 0x7FFFFFFF))
+        keep = (not use_mask) or mask[r, c]
+        kl = key if keep else _KEY_LOW
+        kh = key if keep else _KEY_HIGH
+        if kl < lo:
+            lo = kl
+        if kh > hi:
+            hi = kh
+    if lo > hi:  # nothing kept
+        return np.float32(0.0), np.float32(0.0)
+    a = _float(np.int32(lo ^ ((lo >> 31) & 0x7FFFFFFF)))
+    z = _float(np.int32(hi ^ ((hi >> 31) & 0x7FFFFFFF)))
+    return a, z
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -120,6 +168,9 @@ def _code(x: np.float32, s: np.float32, o: np.float32, levels: int) -> int:
     if q > levels:
         return levels
     return int(q)
+
+
+ROWS_PER_TASK = 64  # rows one thread encodes with one set of scratch rows
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -152,55 +203,86 @@ def encode_rows(
     starting at ``row_start[r]`` (edge blocks padded with code 0; blocks are wholly kept
     or wholly pruned); else ``out`` is ``rows * cols`` codes, row-major, and pruned
     entries get the row's ``zero_code``.
+
+    Each row is worked in per-thread scratch rows by loops without a branch or a float
+    reduction, which the compiler vectorises: codes and errors, then the kept blocks
+    packed, then the sums. A row's sums have a fixed order on every CPU: the halves of a
+    zero-padded power-of-two row folded onto each other down to 8 lanes, then a tree.
     """
     rows, cols = w.shape
     levels = (1 << bits) - 1
-    for r in numba.prange(rows):
-        if derive_qparams:
-            a, z = _row_minmax(w, mask, use_mask, r)
-            offset[r] = a
-            step = np.float32((float(z) - float(a)) / levels)
-            if step == 0 and z > a:  # below float32's resolution: the smallest step
-                step = np.float32(2.0**-149)
-            scale[r] = step
-        s = scale[r]
-        o = offset[r]
-        inv_ok = s != 0
-        e2 = np.float32(0.0)  # one row's sums fit float32; the table's are float64
-        r2 = np.float32(0.0)
-        mx = np.float32(0.0)
-        pos = row_start[r] if block_stream else r * cols
-        for c0 in range(0, cols, width):
-            c1 = min(c0 + width, cols)
-            if block_stream and use_mask and not mask[r, c0]:  # a pruned block: only errors
-                for c in range(c0, c1):
-                    x = ref[r, c]
-                    e2 += x * x
-                    r2 += x * x
-                    mx = max(mx, abs(x))
-                continue
-            for c in range(c0, c1):
+    top = np.float32(levels)
+    nb = (cols + width - 1) // width
+    span = 8  # the padded row the sums fold: a power of two
+    while span < cols:
+        span *= 2
+    whole = 4 * ((nb * width + 3) // 4)  # whole blocks, rounded up to uint32 words
+    for task in numba.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        codes = np.zeros(whole, dtype=np.uint8)
+        packed = np.zeros(whole, dtype=np.uint8)
+        codes4 = codes.view(np.uint32)
+        packed4 = packed.view(np.uint32)
+        e2 = np.zeros(span, dtype=np.float32)
+        r2 = np.zeros(span, dtype=np.float32)
+        err = np.zeros(cols, dtype=np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            if derive_qparams:
+                a, z = _row_minmax(w, mask, use_mask, r)
+                offset[r] = a
+                step = np.float32((np.float64(z) - np.float64(a)) / levels)
+                if step == 0 and z > a:  # below float32's resolution: the smallest step
+                    step = np.float32(2.0**-149)
+                scale[r] = step
+            s = scale[r]
+            o = offset[r]
+            divisor = s if s != 0 else np.float32(1.0)  # scale 0: every code 0
+            live = np.float32(1.0) if s != 0 else np.float32(0.0)
+            base = r * cols
+            zc = zero_code[r]
+            for c in range(cols):
                 x = ref[r, c]
-                r2 += x * x
-                if block_stream or (not use_mask) or mask[r, c]:
-                    q = 0
-                    if inv_ok:
-                        t = np.rint((w[r, c] - o) / s)
-                        q = 0 if t < 0 else (levels if t > levels else int(t))
-                    d = (np.float32(q) * s + o) - x
-                    out[pos + c - c0 if block_stream else pos + c] = q
+                t = min(max(np.rint((w[r, c] - o) / divisor) * live, np.float32(0.0)), top)
+                kept = (not use_mask) or mask[r, c]
+                d = (t * s + o) - x if kept else -x
+                e2[c] = d * d
+                r2[c] = x * x
+                err[c] = abs(d)
+                if block_stream:
+                    codes[c] = np.uint8(t)
                 else:
-                    d = -x
-                    out[pos + c] = zero_code[r]
-                e2 += d * d
-                mx = max(mx, abs(d))
-            if block_stream:
-                for j in range(c1 - c0, width):
-                    out[pos + j] = 0
-                pos += width
-        err_sq[r] = float(e2)
-        ref_sq[r] = float(r2)
-        max_abs[r] = mx
+                    out[base + c] = np.uint8(t) if kept else zc
+            if block_stream:  # kept blocks packed without a branch, then one copy
+                n = nb
+                if not use_mask:
+                    packed[: nb * width] = codes[: nb * width]
+                elif width == 4:
+                    n = 0
+                    for b in range(nb):
+                        packed4[n] = codes4[b]
+                        n += np.int64(mask[r, 4 * b])
+                else:
+                    n = 0
+                    for b in range(nb):
+                        for j in range(width):
+                            packed[n * width + j] = codes[b * width + j]
+                        n += np.int64(mask[r, b * width])
+                start = row_start[r]
+                for j in range(n * width):
+                    out[start + j] = packed[j]
+            h = span // 2
+            while h >= 8:
+                for i in range(h):
+                    e2[i] += e2[i + h]
+                    r2[i] += r2[i + h]
+                h //= 2
+            err_sq[r] = float(((e2[0] + e2[1]) + (e2[2] + e2[3])) + ((e2[4] + e2[5]) + (e2[6] + e2[7])))
+            ref_sq[r] = float(((r2[0] + r2[1]) + (r2[2] + r2[3])) + ((r2[4] + r2[5]) + (r2[6] + r2[7])))
+            m = np.int32(0)  # |d| compared as bits: non-negative floats order as integers
+            for c in range(cols):
+                v = _bits(err[c])
+                if v > m:
+                    m = v
+            max_abs[r] = _float(m)
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
