@@ -170,7 +170,12 @@ def block_norm_mask(
     norms = _block_norms(squeezed, shape, norm)
     pruned = _pruned_blocks(norms, float(sparsity_level))
     bh, bw = shape
-    mask_np = empty((height, width), np.bool_)
+    spent = norms.numpy()
+    if spent.nbytes == height * width:  # (1 x 4) blocks: the norms' memory takes the mask
+        mask_np = spent.reshape(-1).view(np.bool_).reshape(height, width)
+    else:
+        mask_np = empty((height, width), np.bool_)
+    del norms, spent
     expand_mask(pruned.numpy(), bh, bw, mask_np)
     mask = torch.from_numpy(mask_np)
     if zeros < bh * bw:  # inside a pruned block only its smallest entries go
