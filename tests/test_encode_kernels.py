@@ -8,7 +8,13 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embpress.layouts._encode_kernels import count_blocks, count_blocks_of_4, encode_rows, kept_minmax
+from embpress.layouts._encode_kernels import (
+    count_blocks,
+    count_blocks_of_4,
+    encode_rows,
+    fake_quantize,
+    kept_minmax,
+)
 
 
 def _fold_sum(values: np.ndarray) -> np.float32:
@@ -126,3 +132,23 @@ def test_counts_of_4_wide_blocks_are_the_general_counts(rows, blocks, p, seed):
     mask = np.random.default_rng(seed).random((rows, 4 * blocks)) < p
     for got, want in zip(count_blocks_of_4(mask.view(np.uint32)), count_blocks(mask, 4), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(0, 20), cols=st.integers(1, 40), bits=st.sampled_from([8, 4, 2]),
+    seed=st.integers(0, 2**31 - 1),
+)  # fmt: skip
+def test_fake_quantize_is_dequantize_of_quantize(rows, cols, bits, seed):
+    """Codes round half to even and clamp to [0, levels]; a zero scale gives code 0 (the
+    row's offset); ranges narrower than the row clip it."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    lo = (w.min(1, initial=0) * rng.uniform(0.5, 1.0, rows)).astype(np.float32)
+    scale = ((w.max(1, initial=0) - lo) * rng.uniform(0.5, 1.0, rows) / (2**bits - 1)).astype(np.float32)
+    scale[::3] = 0
+    levels = 2**bits - 1
+    safe = np.where(scale == 0, 1, scale)[:, None]
+    codes = np.where(scale[:, None] == 0, 0, np.clip(np.rint((w - lo[:, None]) / safe), 0, levels))
+    want = codes.astype(np.float32) * scale[:, None] + lo[:, None]
+    np.testing.assert_array_equal(fake_quantize(w, scale, lo, bits), want)

@@ -158,18 +158,6 @@ def kept_minmax(w: np.ndarray, mask: np.ndarray, use_mask: bool) -> tuple[np.nda
     return lo, hi
 
 
-@numba.njit(cache=True, inline="always")
-def _code(x: np.float32, s: np.float32, o: np.float32, levels: int) -> int:
-    if s == 0:
-        return 0
-    q = np.rint((x - o) / s)
-    if q < 0:
-        return 0
-    if q > levels:
-        return levels
-    return int(q)
-
-
 ROWS_PER_TASK = 64  # rows one thread encodes with one set of scratch rows
 
 
@@ -289,13 +277,15 @@ def encode_rows(
 def fake_quantize(w: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: int) -> np.ndarray:
     """``dequantize(quantize(w))`` row-wise, in float32."""
     rows, cols = w.shape
-    levels = (1 << bits) - 1
+    top = np.float32((1 << bits) - 1)
     out = np.empty((rows, cols), dtype=np.float32)
     for r in numba.prange(rows):
         s = scale[r]
         o = offset[r]
-        for c in range(cols):
-            out[r, c] = np.float32(_code(w[r, c], s, o, levels)) * s + o
+        divisor = s if s != 0 else np.float32(1.0)  # scale 0: t * s is 0, the offset stays
+        for c in range(cols):  # branch-free: vectorised
+            t = min(max(np.rint((w[r, c] - o) / divisor), np.float32(0.0)), top)
+            out[r, c] = t * s + o
     return out
 
 
