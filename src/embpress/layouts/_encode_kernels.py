@@ -241,22 +241,22 @@ def encode_rows(
                     out[base + c] = np.uint8(t) if kept else zc
             if block_stream:  # kept blocks packed without a branch, then one copy
                 n = nb
-                if not use_mask:
-                    packed[: nb * width] = codes[: nb * width]
-                elif width == 4:
+                kept_codes = codes  # no mask: every block is kept
+                if use_mask:
                     n = 0
-                    for b in range(nb):
-                        packed4[n] = codes4[b]
-                        n += np.int64(mask[r, 4 * b])
-                else:
-                    n = 0
-                    for b in range(nb):
-                        for j in range(width):
-                            packed[n * width + j] = codes[b * width + j]
-                        n += np.int64(mask[r, b * width])
+                    kept_codes = packed
+                    if width == 4:
+                        for b in range(nb):
+                            packed4[n] = codes4[b]
+                            n += np.int64(mask[r, 4 * b])
+                    else:
+                        for b in range(nb):
+                            for j in range(width):
+                                packed[n * width + j] = codes[b * width + j]
+                            n += np.int64(mask[r, b * width])
                 start = row_start[r]
                 for j in range(n * width):
-                    out[start + j] = packed[j]
+                    out[start + j] = kept_codes[j]
             h = span // 2
             while h >= 8:
                 for i in range(h):

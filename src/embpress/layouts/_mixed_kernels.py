@@ -156,6 +156,12 @@ class _Emit:
         self.acc_at, self.pay_at = self.items(accty, acc), self.items(payty, pay)
         self.pos_at, self.scl_at = self.items(posty, pos), self.items(sclty, scl)
 
+    @staticmethod
+    def signature(acc: Any, payload: Any, pos: Any, scl: Any, *more: Any) -> Any:
+        """A step's numba signature: the common first arguments, then ``more``."""
+        intp = types.intp
+        return types.void(acc, intp, intp, payload, pos, scl, intp, intp, intp, *more)
+
     def items(self, aryty: Any, value: Any) -> Any:
         """``index -> pointer to ary[index]`` for the numba array ``value`` of type ``aryty``."""
         arr = self.context.make_array(aryty)(self.context, self.builder, value)
@@ -268,10 +274,7 @@ def _row_chunk_intrinsic(bits: int, levels: bool, width: int = CHUNK) -> Any:
             e.add_rows(range(per), values)
             return context.get_dummy_value()
 
-        sig = types.void(
-            acc, types.intp, types.intp, payload, pos, scl, types.intp, types.intp, types.intp, types.intp
-        )
-        return sig, codegen
+        return _Emit.signature(acc, payload, pos, scl, types.intp), codegen
 
     return add_chunk
 
@@ -477,21 +480,7 @@ def _book_chunk_intrinsic(bits: int) -> Any:
                 e.add_rows(ts, values)
             return context.get_dummy_value()
 
-        sig = types.void(
-            acc,
-            types.intp,
-            types.intp,
-            payload,
-            pos,
-            scl,
-            types.intp,
-            types.intp,
-            types.intp,
-            sb,
-            types.intp,
-            types.intp,
-        )
-        return sig, codegen
+        return _Emit.signature(acc, payload, pos, scl, sb, types.intp, types.intp), codegen
 
     return add_chunk
 

@@ -15,26 +15,11 @@ from .. import _kernel_cache
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)  # reductions: let them vectorize
-def _loss(values: np.ndarray, weight: np.ndarray, n: int, lo: float, hi: float, levels: int) -> float:
-    """Squared error of ``values[:n]`` quantized on [lo, hi] (``weight`` 0 on padding)."""
-    scale = np.float32((hi - lo) / levels)
-    inv = np.float32(1.0 / scale) if scale > 0 else np.float32(0.0)
-    lo32 = np.float32(lo)
-    top = np.float32(levels)
-    total = np.float32(0.0)
-    for j in range(n):
-        x = values[j]
-        q = min(max(np.floor((x - lo32) * inv + np.float32(0.5)), np.float32(0.0)), top)
-        d = x - (q * scale + lo32)
-        total += d * d * weight[j]
-    return float(total)
-
-
-@numba.njit(cache=True, nogil=True, fastmath=True)
 def _loss_pair(
     values: np.ndarray, weight: np.ndarray, n: int, lo: float, hi: float, step: float, levels: int
 ) -> tuple[float, float]:
-    """``_loss`` on [lo + step, hi] and on [lo, hi - step], in one pass over the values."""
+    """Squared error of ``values[:n]`` (``weight`` 0 on padding) quantized on [lo + step,
+    hi] and on [lo, hi - step], in one pass over the values."""
     sa = np.float32((hi - (lo + step)) / levels)
     sb = np.float32(((hi - step) - lo) / levels)
     ia = np.float32(1.0 / sa) if sa > 0 else np.float32(0.0)
@@ -93,7 +78,7 @@ def greedy_ranges(
                 weight[j] = 1.0 if j < count else 0.0
             step = (xmax - xmin) / nbins
             cur_min, cur_max = xmin, xmax
-            best = _loss(values, weight, n, xmin, xmax, levels)
+            best = _loss_pair(values, weight, n, xmin, xmax, 0.0, levels)[0]  # [xmin, xmax]
             best_min, best_max = xmin, xmax
             while cur_min + min_bins * step < cur_max:
                 loss_l, loss_r = _loss_pair(values, weight, n, cur_min, cur_max, step, levels)
