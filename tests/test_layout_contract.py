@@ -151,6 +151,51 @@ def test_lookups_equal_the_float_path_on_the_dequantized_table(case, data):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_lookups_follow_the_buffers_written_in_place_or_replaced(layout):
+    """A table's kernels keep their arguments between lookups (``kernel_args``): writing
+    its buffers in place (``load_state_dict``), replacing them, moving the table or
+    forcing another kernel path must show in the very next lookup."""
+    from embpress.layouts.lookup import current_kernel_policy, kernel_path_marker, kernel_paths, kernel_policy
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 32, generator=g)
+    mask = _mask("blocks", 300, 32, 4, g)
+    config = QuantConfig(bits=8, layout=layout, range_search=False)
+
+    def table_of(weight):
+        return QuantizedEmbeddingBag.from_float(
+            nn.EmbeddingBag.from_pretrained(weight, mode="sum"), config, mask=mask, block_width=4
+        ).table
+
+    table, other, third = table_of(w), table_of(3 * w + 1), table_of(-w)
+    ids = torch.randint(0, 300, (200,), generator=g)
+    bounds = torch.arange(0, 201, 10)
+
+    def bags(t):
+        out = t.fast_bag(ids, bounds, 0, None)
+        return F.embedding_bag(ids, t.dequantize(), bounds[:-1], mode="sum") if out is None else out
+
+    before = bags(table)
+    torch.testing.assert_close(before, F.embedding_bag(ids, table.dequantize(), bounds[:-1], mode="sum"))
+    table.load_state_dict(other.state_dict())
+    after = bags(table)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, bags(other))
+    for name, buffer in third.named_buffers():
+        setattr(table, name, buffer.clone())
+    assert torch.equal(bags(table), bags(third))
+    table.to(torch.float32)  # ``_apply``: integer buffers are kept, the arguments dropped
+    assert torch.equal(bags(table), bags(third))
+    for path in kernel_paths():
+        with kernel_policy(path=path):
+            assert torch.equal(bags(table), bags(third))
+            # the arguments the lookup just used are the forced path's, not a cached other's
+            kept = table.kernel_args(current_kernel_policy(), lambda: None)
+            if hasattr(kept, "path"):
+                assert kept.path.dtype == kernel_path_marker().dtype
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_round_trip_through_tensors_and_a_file(tmp_path, layout, bits):
     w, mask, config, table, _ = _encoded(layout, bits, 37, 12, "blocks", 4, 0)

@@ -580,3 +580,33 @@ def test_kernel_files_use_no_jitted_helper_from_another_file():
             else:
                 continue
             assert defined_in == name, f"{name}.{attr} comes from {defined_in}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(-3, 12), max_size=8),
+    st.integers(0, 10),
+    st.booleans(),
+)
+def test_bag_offsets_are_refused_exactly_where_the_rules_say(given_offsets, total, include_last):
+    """``ops.bag_bounds`` (a compiled check) against the rules stated plainly, as
+    nn.EmbeddingBag has them: bounds with a final total; a first given offset other than 0,
+    a bound below the one before it, or the last above the number of ids is a RuntimeError
+    naming it."""
+    ids = torch.zeros(total, dtype=torch.long)
+    values = given_offsets if include_last else [*given_offsets, total]
+    if not values:
+        want = "must not be empty"
+    elif given_offsets and given_offsets[0] != 0:
+        want = "has to be 0"
+    elif values[-1] > total or any(b < a for a, b in itertools.pairwise(values)):
+        want = "non-decreasing"
+    else:
+        want = None
+    offsets = torch.tensor(given_offsets, dtype=torch.long)
+    if want is None:
+        flat, bounds = bag_bounds(ids, offsets, include_last)
+        assert bounds.tolist() == values and flat.numel() == values[-1]
+    else:
+        with pytest.raises(RuntimeError, match=want):
+            bag_bounds(ids, offsets, include_last)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .layouts import Pooling, QuantizedTable, table_class
+from .layouts._kernels import offsets_status
 from .layouts.base import DTYPES_BY_NAME
 
 __all__ = [
@@ -209,8 +210,7 @@ def bag_bounds(
     flat = input.long().contiguous()
     total = flat.numel()
     bounds = cast(torch.Tensor, offsets).long().contiguous()
-    if bounds.device.type == "cpu":
-        # numpy: these checks on a few small tensors cost several times less than in torch
+    if bounds.is_cpu:
         given = bounds.numpy()
         if include_last_offset:
             values = given
@@ -225,12 +225,13 @@ def bag_bounds(
         values = bounds.cpu().numpy()
     if values.size == 0:  # nn.EmbeddingBag's error type
         raise RuntimeError("offsets must not be empty when include_last_offset=True")
-    if values.size > 1 and values[0] != 0:
+    status = offsets_status(values, total, include_last_offset)
+    if status == 1:
         raise RuntimeError(
             "offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to "
             f"start from position 0. However, got {int(values[0])}"
         )
-    if values[-1] > total or bool((values[1:] < values[:-1]).any()):
+    if status:
         raise RuntimeError("offsets must be non-decreasing and within the number of indices")
     if values[-1] < total:
         # include_last_offset with ids after the last offset: they are in no bag (CSR, as

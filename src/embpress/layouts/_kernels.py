@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from typing import Any
 
 import numba
@@ -61,6 +62,7 @@ __all__ = [
     "available_paths",
     "block_sparse_bag",
     "fused_bag",
+    "offsets_status",
     "path_compiles",
     "process_path",
     "remap_rows",
@@ -69,11 +71,18 @@ __all__ = [
 ]
 
 
+_THREADS_SET = threading.local()  # the count set_threads last gave numba in this thread
+
+
 def set_threads() -> int:
-    """Use as many numba threads as torch uses (within numba's pool); return that count."""
+    """Use as many numba threads as torch uses (within numba's pool); return that count.
+    numba's count is per thread; it is set only when torch's has changed since this
+    thread last set it (setting it costs a small batch's lookup more than its kernel)."""
     pool = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     threads = max(1, min(torch.get_num_threads(), pool))
-    numba.set_num_threads(threads)
+    if getattr(_THREADS_SET, "count", 0) != threads:
+        numba.set_num_threads(threads)
+        _THREADS_SET.count = threads
     return threads
 
 
@@ -1306,5 +1315,23 @@ def remap_rows(
     return bad
 
 
+@numba.njit(cache=True, nogil=True)
+def offsets_status(values: np.ndarray, total: int, include_last: bool) -> int:
+    """What is wrong with int64 bag bounds ``values`` over ``total`` ids (the given
+    offsets, then ``total`` unless ``include_last``), in ``nn.EmbeddingBag``'s order of
+    checks: 1, offsets were given and the first is not 0; 2, a bound below the one before
+    it or the last above ``total``; 0, nothing. (One compiled pass: numpy's comparisons
+    cost a small batch's lookup more than its kernel.)"""
+    n = values.shape[0]
+    if n > (0 if include_last else 1) and values[0] != 0:
+        return 1
+    for i in range(1, n):
+        if values[i] < values[i - 1]:
+            return 2
+    if n and values[n - 1] > total:
+        return 2
+    return 0
+
+
 # several processes may compile into one disk cache at once (see ``_kernel_cache``)
-_kernel_cache.guard(block_sparse_bag, fused_bag, remap_rows)
+_kernel_cache.guard(block_sparse_bag, fused_bag, remap_rows, offsets_status)

@@ -14,9 +14,11 @@ torch ops.
 
 from __future__ import annotations
 
+import operator
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from torch import nn
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..quant.rowwise import RowQParams
 from ._kernels import fused_bag
-from .lookup import KERNEL_POOLINGS, Bags, FusedKernelTable, KernelPolicy, Pooling, run_bags
+from .lookup import KERNEL_POOLINGS, Bags, FusedKernelTable, KernelPolicy, Pooling, kernel_path, run_bags
 from .stats import MaskStats, RowStats
 
 __all__ = [
@@ -47,6 +49,11 @@ __all__ = [
     "read_checked",
     "shard_meta",
 ]
+
+_T = TypeVar("_T")
+# per table: the policy, the buffers and the kernel arguments of its last fast lookup
+# (``QuantizedTable.kernel_args``); outside the module, so copies and pickles skip it
+_KERNEL_ARGS: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
 # every dtype a layout's buffers use, by name (how parts describe their buffers)
@@ -317,6 +324,35 @@ class QuantizedTable(nn.Module):
         kernel that checks the ids (IndexError); None where none serves. ``policy``: which
         of embpress's kernel paths may serve (default: ``lookup.current_kernel_policy()``)."""
         return None
+
+    def kernel_args(self, policy: KernelPolicy, build: Callable[[], _T]) -> _T:
+        """``build()``, a layout's kernel arguments (numpy views of its buffers and what
+        derives from them), made once per policy and set of buffers rather than at every
+        lookup, where it would cost a small batch more than its kernel (the key is the
+        policy and the path it resolves to, which a test may change). In-place writes
+        (``load_state_dict``) keep the buffers, which the views show; ``_apply`` (``.to()``,
+        ``.half()``...) drops the arguments, and a buffer replaced otherwise makes the next
+        lookup build them again."""
+        held = self.__dict__.get("_buffers")
+        if held is None:  # an op's view of tensors (``ops._view``): made for one call
+            return build()
+        key = (policy, kernel_path(policy))
+        buffers = tuple(held.values())
+        hit = _KERNEL_ARGS.get(self)
+        if (
+            hit is not None
+            and hit[0] == key
+            and len(hit[1]) == len(buffers)
+            and all(map(operator.is_, hit[1], buffers))
+        ):
+            return hit[2]
+        value = build()
+        _KERNEL_ARGS[self] = (key, buffers, value)
+        return value
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        _KERNEL_ARGS.pop(self, None)
+        return super()._apply(fn, recurse)
 
     def dequantize(self, chunk_rows: int = 1 << 16) -> torch.Tensor:
         """The whole table as float32 ``[num_embeddings, embedding_dim]``."""

@@ -408,19 +408,24 @@ class BlockSparseTable(QuantizedTable):
             return None
         rows, dim = self.num_embeddings, self.embedding_dim
         policy = policy or current_kernel_policy()
-        table = BlockSparseKernelTable(
+        table = self.kernel_args(policy, lambda: self._kernel_table(policy))
+        bags = Bags.of(indices, offsets, mode, per_sample_weights)
+        return run_bags(block_sparse_bag, table, bags, rows, dim)
+
+    def _kernel_table(self, policy: KernelPolicy) -> BlockSparseKernelTable:
+        """The kernel's view of the table (CPU buffers) under ``policy``."""
+        records, rows = self.records, self.num_embeddings
+        return BlockSparseKernelTable(
             records=records.numpy(),
             row_offsets=self.row_offsets.numpy(),
             group_offsets=self.group_offsets.numpy(),
             shape=self._kernel_shape,
             rows=rows,
-            dim=dim,
+            dim=self.embedding_dim,
             skip=(records.numel() - RECORD_TAIL) // rows,
             vector=self._vector_decode(policy),
             path=kernel_path_marker(policy),
         )
-        bags = Bags.of(indices, offsets, mode, per_sample_weights)
-        return run_bags(block_sparse_bag, table, bags, rows, dim)
 
     def _vector_decode(self, policy: KernelPolicy | None = None) -> bool:
         """Whether the kernel decodes whole bitmap words at once (see ``_kernels``)."""

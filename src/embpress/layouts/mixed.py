@@ -62,7 +62,7 @@ from .base import (
     shard_meta,
     summed_meta,
 )
-from .lookup import KERNEL_POOLINGS, Bags, KernelPolicy, run_bags
+from .lookup import KERNEL_POOLINGS, Bags, KernelPolicy, current_kernel_policy, run_bags
 from .stats import MaskStats, RowStats, flagged_rows
 
 __all__ = ["BLOCK_ROWS", "MixedKernelTable", "MixedTable"]
@@ -434,8 +434,9 @@ class MixedTable(QuantizedTable):
     ) -> torch.Tensor | None:
         if self.payload.device.type != "cpu" or mode not in KERNEL_POOLINGS:
             return None
+        table = self.kernel_args(policy or current_kernel_policy(), self.kernel_table)
         bags = Bags.of(indices, offsets, mode, per_sample_weights)
-        return run_bags(mixed_bag, self.kernel_table(), bags, self.num_embeddings, self.embedding_dim)
+        return run_bags(mixed_bag, table, bags, self.num_embeddings, self.embedding_dim)
 
     # ------------------------------------------------------------------ files
     @classmethod
