@@ -11,6 +11,7 @@ matches it to float rounding.
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,6 +257,11 @@ def test_system_info_says_what_runs():
     assert info["torch_threads"] >= 1 and info["numba_threads"] >= 1
     assert all(isinstance(v, bool) for v in info["cpu_features"].values())
     assert info["cpu_features"]["avx2"] == ("avx2" in kernel_paths())
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists():  # the bracketed mode of "always [madvise] never"
+        assert f"[{info['transparent_huge_pages']}]" in thp.read_text()
+    else:
+        assert info["transparent_huge_pages"] is None
 
 
 def test_avx512_path_without_vbmi2_expands_16_bit_blocks_with_avx2(monkeypatch):

@@ -11,6 +11,7 @@ same checks on its genuinely mixed tables.)
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -441,3 +442,49 @@ def test_genuinely_mixed_parts_joined_in_place() -> None:
     bounds = [(0, 256), (256, 768), (768, 1000)]
     parts = [MixedTable.load_rows(table.meta(), Reader(), a, b) for a, b in bounds]
     _assert_joined_in_place(parts)
+
+
+def _thp_eligible(tensor: torch.Tensor) -> bool:
+    """Whether the memory of ``tensor`` lies in a mapping Linux may back with huge pages
+    (``THPeligible: 1`` in /proc/self/smaps for the mapping that holds its first byte)."""
+    address, eligible = tensor.data_ptr(), False
+    inside = False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "THPeligible:":
+                eligible = line.split()[1] == "1"
+    return eligible
+
+
+def _huge_pages_here() -> bool:
+    from embpress import _buffers
+
+    return _buffers._huge_pages_on()
+
+
+@pytest.mark.skipif(not _huge_pages_here(), reason="no transparent huge pages on this system")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_large_tables_are_held_in_huge_pages(tmp_path, layout):
+    """A table's large buffers, encoded or loaded, lie in memory advised for transparent
+    huge pages (its lookups then miss the TLB less; BENCHMARKS.md, "Lookup throughput")."""
+    w = torch.randn(80_000, 128, generator=torch.Generator().manual_seed(0))
+    q = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(w, mode="sum"), QuantConfig(bits=8, layout=layout, range_search=False)
+    )
+    model = nn.Module()
+    model.emb = q
+    embpress.save(model, tmp_path / "m.safetensors")
+    fresh = nn.Module()
+    fresh.emb = nn.EmbeddingBag(80_000, 128, mode="sum")
+    loaded = embpress.load(fresh, tmp_path / "m.safetensors")
+    for table in (q.table, loaded.emb.table):
+        big = [b for b in table.buffers() if b.numel() * b.element_size() >= 8 << 20]
+        assert big, "the test table should have a buffer of 8 MB or more"
+        assert all(_thp_eligible(b) for b in big)
+    plain = torch.empty(8 << 20, dtype=torch.uint8)  # torch's own allocation: not advised
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    assert not _thp_eligible(plain) or "[always]" in mode

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ._buffers import on_huge_pages
 from .layouts import TABLE_CLASSES, FormatError, QuantizedTable
 from .layouts.base import Spec
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, module_kwargs
@@ -523,7 +524,7 @@ def _read(
                     raise _fail(p, f"could not read tensor {key!r} ({detail})") from None
                 if verify and crc32(t) != index["crc32"][key]:
                     raise _fail(p, f"tensor {key!r} is corrupted (CRC-32 mismatch)")
-                out[key] = t
+                out[key] = t if mmap else on_huge_pages(t)  # a mapped file stays mapped
             return index, out
     finally:
         os.close(fd)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._buffers import empty, empty_tensor
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..quant.rowwise import RowQParams
 from ._kernels import fused_bag
@@ -92,15 +93,29 @@ def fused_row_bytes(dim: int, bits: int, scale_dtype: torch.dtype) -> int:
 
 
 def make_fused(
-    codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int, dtype: torch.dtype
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype,
+    zero_rows: int = 0,
 ) -> torch.Tensor:
-    """Fused rows ``[rows, row_bytes]`` from uint8 codes ``[rows, D]`` and per-row qparams."""
+    """Fused rows ``[rows + zero_rows, row_bytes]`` from uint8 codes ``[rows, D]`` and
+    per-row qparams, then ``zero_rows`` rows of zero bytes (on CPU in huge pages, see
+    ``_buffers``)."""
     parts = [
         pack_codes(codes, bits),
         scale.to(dtype).reshape(-1, 1).view(torch.uint8),
         offset.to(dtype).reshape(-1, 1).view(torch.uint8),
     ]
-    return torch.cat(parts, dim=1).contiguous()
+    rows, row_bytes = parts[0].shape[0], sum(p.shape[1] for p in parts)
+    if codes.device.type == "cpu":
+        out = torch.from_numpy(empty((rows + zero_rows, row_bytes), np.uint8))
+    else:
+        out = torch.empty((rows + zero_rows, row_bytes), dtype=torch.uint8, device=codes.device)
+    torch.cat(parts, dim=1, out=out[:rows])
+    out[rows:] = 0
+    return out
 
 
 def fused_qparams(rows: torch.Tensor, dim: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
@@ -557,7 +572,7 @@ def cat_rows(
     first = getattr(parts[0], name)
     total = sum(int(piece(getattr(p, name)).shape[0]) for p in parts)
     # uninitialised: its pages are taken only as they are written, while the parts go
-    out = torch.empty((total + extra, *first.shape[1:]), dtype=first.dtype)
+    out = empty_tensor((total + extra, *first.shape[1:]), first.dtype, populate=False)
     out[total:] = 0
     at = 0
     for part in parts:

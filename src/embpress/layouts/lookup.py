@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .._buffers import huge_pages_mode
 from .._parallel import parallel_call
 from . import _kernels
 from ._kernels import KERNEL_ENV, KERNEL_PATHS, available_paths, process_path, set_threads
@@ -211,6 +212,8 @@ def system_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "numba_threads": int(numba.config.NUMBA_NUM_THREADS),  # type: ignore[attr-defined]
         "numba_threading_layer": layer,
+        # tables of 8 MB and more are advised for huge pages (``_buffers``): used unless "never"
+        "transparent_huge_pages": huge_pages_mode(),
     }
 
 

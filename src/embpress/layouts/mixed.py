@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from .._buffers import empty
+from .._buffers import empty, empty_tensor
 from ..quant.codecs import Codec, checked_codecs, encode_rows
 from ..quant.packing import packed_length, unpack_codes
 from ._mixed_kernels import mixed_bag
@@ -516,7 +516,7 @@ class MixedTable(QuantizedTable):
                 raise ValueError(f"part {i} has other column books than part 0 (fitted on other rows)")
         rows = sum(t.num_embeddings for t in tables)
         ids = torch.cat([_unpack_ids(t.class_ids)[: t.num_embeddings] for t in tables]).numpy()
-        payload = torch.empty(sum(int(t.payload.shape[0]) for t in tables), dtype=torch.uint8)
+        payload = empty_tensor((sum(int(t.payload.shape[0]) for t in tables),), torch.uint8, populate=False)
         at = 0
         for c in range(len(first.codecs)):  # class by class, each class's rows in part order
             for t in tables:

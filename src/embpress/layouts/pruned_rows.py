@@ -101,12 +101,8 @@ class PrunedRowsTable(QuantizedTable):
     def pack(cls, encoded: EncodedTable) -> PrunedRowsTable:
         qp, stats, bits = encoded.qparams, encoded.stats, encoded.bits
         kept = torch.from_numpy(encoded.row_stats.kept > 0)
-        fused = torch.cat(
-            [
-                make_fused(encoded.code_rows()[kept], qp.scale[kept], qp.offset[kept], bits, qp.dtype),
-                torch.zeros(1, fused_row_bytes(stats.dim, bits, qp.dtype), dtype=torch.uint8),
-            ]
-        )
+        codes = encoded.code_rows()[kept]
+        fused = make_fused(codes, qp.scale[kept], qp.offset[kept], bits, qp.dtype, zero_rows=1)
         row_bits = pack_codes(kept.to(torch.uint8), 1)
         return cls(
             fused, row_bits, rank_directory(row_bits), stats.rows, stats.dim, bits, qp.dtype, stats.pruned
