@@ -446,13 +446,15 @@ class BlockSparseTable(QuantizedTable):
     def _init_view(self, layout_args: list[int]) -> None:
         if len(layout_args) != 1 or not 1 <= layout_args[0] <= self.embedding_dim:
             raise ValueError(f"layout {self.layout!r} takes layout_args [block_width], got {layout_args}")
-        self.block_width = layout_args[0]
+        self.__dict__["block_width"] = layout_args[0]  # plain, as ``from_op_args`` sets fields
         self._set_shape()
 
     def _set_shape(self) -> None:
-        """The table's ``RecordShape``, and the plain tuple of it the kernels take."""
-        self.shape = record_shape(self.embedding_dim, self.block_width, self.bits, self.scale_dtype)
-        self._kernel_shape = tuple(self.shape)
+        """The table's ``RecordShape``, and the plain tuple of it the kernels take (plain
+        attributes, set without ``nn.Module.__setattr__``'s checks: an op makes a view per
+        call)."""
+        shape = record_shape(self.embedding_dim, self.block_width, self.bits, self.scale_dtype)
+        self.__dict__.update(shape=shape, _kernel_shape=tuple(shape))
 
     @classmethod
     def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BlockSparseTable:
