@@ -6,8 +6,8 @@ share of compressing a 1M-row table (measured on the benchmark machine: 0.27 s f
 table on 4 kB pages misses the TLB on most rows: on 2 MB pages the same FBGEMM kernel
 ran 1.5x as fast on the benchmark table. So a big buffer is mapped on its own, advised
 for transparent huge pages (``MADV_HUGEPAGE``, which Linux honours unless THP is off
-altogether) and faulted in at once (``MADV_POPULATE_WRITE``, else ``MAP_POPULATE``
-without the advice); small ones and other platforms use ``np.empty``.
+altogether) and faulted in at once (``MADV_POPULATE_WRITE``; ``MAP_POPULATE`` where
+there are no huge pages); small ones and other platforms use ``np.empty``.
 """
 
 from __future__ import annotations
@@ -54,14 +54,15 @@ def _mapped(nbytes: int, populate: bool) -> mmap.mmap:
     anonymous = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
     if _huge_pages_on():
         region = mmap.mmap(-1, nbytes, flags=anonymous)
-        with contextlib.suppress(OSError):  # not honoured here: plain pages
-            region.madvise(mmap.MADV_HUGEPAGE)
         try:
-            if populate:
-                region.madvise(_MADV_POPULATE_WRITE)
-            return region
-        except OSError:  # an older kernel: fault it in the old way
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # not honoured here: plain pages, faulted in the old way below
             region.close()
+        else:
+            if populate:  # before Linux 5.14 it is faulted in 2 MB at a time as it is written
+                with contextlib.suppress(OSError):
+                    region.madvise(_MADV_POPULATE_WRITE)
+            return region
     flags = anonymous | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
     return mmap.mmap(-1, nbytes, flags=flags)
 

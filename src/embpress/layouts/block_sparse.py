@@ -160,6 +160,10 @@ class BlockSparseTable(QuantizedTable):
         records: torch.Tensor
         row_offsets: torch.Tensor
         group_offsets: torch.Tensor
+        # plain attributes set in ``__dict__`` (``_set_shape``, ``_init_view``)
+        block_width: int
+        shape: RecordShape
+        _kernel_shape: tuple[int, ...]
 
     def __init__(
         self,
