@@ -491,6 +491,40 @@ def test_op_arguments_and_view_rebuild_the_table(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_op_given_a_tables_own_buffers_uses_that_table(layout):
+    """The ops find the live table whose own buffers they are given (``owner_of``) and use
+    it, kept kernel arguments and all, also after ``.to()`` or a buffer replaced; copies of
+    the buffers, other fields or stale buffers get a view, and every answer is the table's."""
+    q, _, _ = _bag(layout, 4, "sum")
+    table = q.table
+    fields = table.op_fields()
+    cls, dtype, args = TABLE_CLASSES[layout], table.scale_dtype, fields[5]
+    own = table.op_tensors()
+    assert cls.owner_of(own, ROWS, DIM, 4, dtype, args) is table
+    assert cls.owner_of([t.clone() for t in own], ROWS, DIM, 4, dtype, args) is None
+    assert cls.owner_of(own, ROWS, DIM, 8, dtype, args) is None
+    assert cls.owner_of([*own, own[0]], ROWS, DIM, 4, dtype, args) is None
+    ids = torch.randint(0, ROWS, (60,))
+    offsets = torch.arange(0, 60, 6)
+
+    def op(tensors):
+        return torch.ops.embpress.embedding_bag(
+            tensors, *fields, ids, offsets, None, 0, False, None, None, 2.0
+        )
+
+    want = q(ids, offsets)
+    assert torch.equal(op(own), want) and torch.equal(op([t.clone() for t in own]), want)
+    table.to(torch.float32)  # ``_apply``: the table is found from its buffers as they are now
+    assert cls.owner_of(table.op_tensors(), ROWS, DIM, 4, dtype, args) is table
+    name = table.op_tensor_names[0]
+    old = table.op_tensors()
+    setattr(table, name, getattr(table, name).clone())  # a replaced buffer: the table's own now
+    assert cls.owner_of(table.op_tensors(), ROWS, DIM, 4, dtype, args) is table
+    assert cls.owner_of(old, ROWS, DIM, 4, dtype, args) is None
+    assert torch.equal(op(table.op_tensors()), q(ids, offsets))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 def test_ids_after_the_last_offset_are_in_no_bag(layout, mode):
     """include_last_offset with offsets[-1] < len(ids): the trailing ids are in no bag in

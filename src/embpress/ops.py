@@ -337,7 +337,11 @@ def _view(
     dtype = DTYPES_BY_NAME.get(scale_dtype)
     if dtype is None:
         raise ValueError(f"scale_dtype must be 'float32' or 'float16', got {scale_dtype!r}")
-    return table_class(layout).from_op_args(tensors, num_embeddings, embedding_dim, bits, dtype, layout_args)
+    cls = table_class(layout)
+    owner = cls.owner_of(tensors, num_embeddings, embedding_dim, bits, dtype, layout_args)
+    if owner is not None:  # a module's own table: its kernel arguments are kept
+        return owner
+    return cls.from_op_args(tensors, num_embeddings, embedding_dim, bits, dtype, layout_args)
 
 
 def _bag_kernel(fast: bool) -> Callable[..., torch.Tensor]:

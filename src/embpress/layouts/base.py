@@ -55,6 +55,8 @@ _T = TypeVar("_T")
 # per table: the policy, the buffers and the kernel arguments of its last fast lookup
 # (``QuantizedTable.kernel_args``); outside the module, so copies and pickles skip it
 _KERNEL_ARGS: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
+# each table by the id of its first op tensor (``QuantizedTable.owner_of``)
+_OWNERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
 # every dtype a layout's buffers use, by name (how parts describe their buffers)
@@ -367,7 +369,51 @@ class QuantizedTable(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         _KERNEL_ARGS.pop(self, None)
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._own_op_tensors()
+        return out
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        if self.op_tensor_names and name == self.op_tensor_names[0]:
+            self._own_op_tensors()
+
+    def _own_op_tensors(self) -> None:
+        """Let ``owner_of`` find this table from its first op tensor."""
+        first = self._buffers.get(self.op_tensor_names[0]) if self.op_tensor_names else None
+        if first is not None:
+            _OWNERS[id(first)] = self
+
+    @classmethod
+    def owner_of(
+        cls,
+        tensors: Sequence[torch.Tensor],
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int,
+        scale_dtype: torch.dtype,
+        layout_args: Sequence[int],
+    ) -> QuantizedTable | None:
+        """The live table of this layout whose own buffers ``tensors`` are (the very
+        objects, in ``op_tensor_names`` order) and whose fields these are, else None.
+
+        An op given a module's table (what compiled and exported graphs pass) then uses
+        the table itself, with its kernel arguments kept between calls (``kernel_args``),
+        instead of a view made for the call (``from_op_args``)."""
+        table = _OWNERS.get(id(tensors[0])) if tensors else None
+        if (
+            table is None
+            or type(table) is not cls
+            or len(tensors) != len(cls.op_tensor_names)
+            or (table.num_embeddings, table.embedding_dim, table.bits, table.scale_dtype)
+            != (num_embeddings, embedding_dim, bits, scale_dtype)
+            or list(table.layout_args()) != list(layout_args)
+        ):
+            return None
+        held = table._buffers
+        if any(held.get(n) is not t for n, t in zip(cls.op_tensor_names, tensors, strict=True)):
+            return None
+        return table
 
     def dequantize(self, chunk_rows: int = 1 << 16) -> torch.Tensor:
         """The whole table as float32 ``[num_embeddings, embedding_dim]``."""
