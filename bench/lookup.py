@@ -101,8 +101,8 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable[[Any, Any], Any]
     info["FBGEMM 8-bit"] = {"bytes": int(w8.numel()), "layout": "fused rows"}
     # the same float32 table and FBGEMM kernel on huge pages, as embpress keeps its tables
     # (``embpress._buffers``): what the page size alone gives them
-    w8h = on_huge_pages(w8.clone())
-    fns[F32_HUGE] = nn.EmbeddingBag.from_pretrained(on_huge_pages(weight.clone()), mode="sum")
+    w8h = on_huge_pages(w8)  # a copy (the same tensor where the system has no huge pages)
+    fns[F32_HUGE] = nn.EmbeddingBag.from_pretrained(on_huge_pages(weight), mode="sum")
     info[F32_HUGE] = {"bytes": rows * dim * 4, "layout": "float32"}
 
     def fb8h(idx: Any, off: Any) -> Any:

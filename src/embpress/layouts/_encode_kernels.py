@@ -120,17 +120,22 @@ _KEY_LOW, _KEY_HIGH = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
 
 
 @numba.njit(cache=True, inline="always")
+def _order_key(i: np.int32) -> np.int32:
+    """A float's bits as an integer that orders as the float does (finite floats; -0.0
+    below 0.0): negatives' magnitude bits flipped. Its own inverse."""
+    return np.int32(i ^ ((i >> 31) & 0x7FFFFFFF))
+
+
+@numba.njit(cache=True, inline="always")
 def _row_minmax(w: np.ndarray, mask: np.ndarray, use_mask: bool, r: int) -> tuple[np.float32, np.float32]:
     """Min and max of row ``r`` over its kept entries (0, 0 where none is kept).
 
-    Compared as integers: a finite float's bits, negatives' magnitude bits flipped, order
-    as the floats do (-0.0 below 0.0), and integer min/max loops vectorise where float
-    ones do not without reassociating."""
+    Compared as integer keys (``_order_key``): integer min/max loops vectorise where
+    float ones do not without reassociating."""
     lo = _KEY_LOW
     hi = _KEY_HIGH
     for c in range(w.shape[1]):
-        i = _bits(w[r, c])
-        key = np.int32(i ^ ((i >> 31) & 0x7FFFFFFF))
+        key = _order_key(_bits(w[r, c]))
         keep = (not use_mask) or mask[r, c]
         kl = key if keep else _KEY_LOW
         kh = key if keep else _KEY_HIGH
@@ -140,9 +145,7 @@ def _row_minmax(w: np.ndarray, mask: np.ndarray, use_mask: bool, r: int) -> tupl
             hi = kh
     if lo > hi:  # nothing kept
         return np.float32(0.0), np.float32(0.0)
-    a = _float(np.int32(lo ^ ((lo >> 31) & 0x7FFFFFFF)))
-    z = _float(np.int32(hi ^ ((hi >> 31) & 0x7FFFFFFF)))
-    return a, z
+    return _float(_order_key(lo)), _float(_order_key(hi))
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)

@@ -76,6 +76,7 @@ def greedy_ranges(
             n = (count + LANES - 1) // LANES * LANES
             for j in range(n):
                 weight[j] = 1.0 if j < count else 0.0
+            values[count:n] = 0.0  # the padding: not an earlier row's values
             step = (xmax - xmin) / nbins
             cur_min, cur_max = xmin, xmax
             best = _loss_pair(values, weight, n, xmin, xmax, 0.0, levels)[0]  # [xmin, xmax]

@@ -171,7 +171,7 @@ def block_norm_mask(
     pruned = _pruned_blocks(norms, float(sparsity_level))
     bh, bw = shape
     spent = norms.numpy()
-    if spent.nbytes == height * width:  # (1 x 4) blocks: the norms' memory takes the mask
+    if spent.nbytes == height * width:  # blocks of 4 entries: the norms' memory takes the mask
         mask_np = spent.reshape(-1).view(np.bool_).reshape(height, width)
     else:
         mask_np = empty((height, width), np.bool_)
