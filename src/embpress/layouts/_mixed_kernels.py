@@ -288,6 +288,66 @@ _WIDE4: Any = _row_chunk_intrinsic(4, False, 32)
 _LEVCHUNK2: Any = _row_chunk_intrinsic(2, True)
 _LEVCHUNK1: Any = _row_chunk_intrinsic(1, True)
 
+MERGE_STEP = 16  # split positions per code of a vector step of the bag merge
+
+
+def _merge_intrinsic(per: int) -> Any:
+    """``row[q * per + t] += acc[a + t * n + q] + o`` for ``q`` in ``[q0, q0 + MERGE_STEP)``
+    and every ``t < per``: a bag's accumulator of codes ``per`` a byte put back in row
+    order (``_split_pos``'s inverse), ``MERGE_STEP * per`` values in vector registers: a
+    load per split position, one shuffle that interleaves them, one add into the row.
+    Each value takes the float operations of the scalar loop, in its order."""
+    step = MERGE_STEP
+
+    @intrinsic
+    def merge(typingctx: Any, row: Any, acc: Any, a: Any, n: Any, o: Any, q0: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            rowty, accty = signature.args[0], signature.args[1]
+            row_arr = context.make_array(rowty)(context, builder, args[0])
+            acc_arr = context.make_array(accty)(context, builder, args[1])
+            a_, n_, o_, q0_ = args[2], args[3], args[4], args[5]
+            vf = ir.VectorType(ir.FloatType(), step)
+            i32 = ir.IntType(32)
+            one = builder.insert_element(ir.Constant(vf, ir.Undefined), o_, i32(0))
+            splat = builder.shuffle_vector(one, ir.Constant(vf, ir.Undefined), ir.Constant(ir.VectorType(i32, step), [0] * step))
+            pieces = []
+            for t in range(per):
+                at = builder.add(builder.add(a_, builder.mul(n_, n_.type(t))), q0_)
+                ptr = cgutils.get_item_pointer(context, builder, accty, acc_arr, [at], wraparound=False)
+                v = builder.load(builder.bitcast(ptr, vf.as_pointer()), align=4)
+                pieces.append(builder.fadd(v, splat))
+            whole = _concat(builder, pieces)  # split position t's values at t * step + q
+            width = step * per
+            interleaved = builder.shuffle_vector(
+                whole,
+                ir.Constant(whole.type, ir.Undefined),
+                ir.Constant(ir.VectorType(i32, width), [t * step + q for q in range(step) for t in range(per)]),
+            )
+            start = builder.mul(q0_, q0_.type(per))
+            ptr = cgutils.get_item_pointer(context, builder, rowty, row_arr, [start], wraparound=False)
+            wide = builder.bitcast(ptr, ir.VectorType(ir.FloatType(), width).as_pointer())
+            builder.store(builder.fadd(builder.load(wide, align=4), interleaved), wide, align=4)
+            return context.get_dummy_value()
+
+        return types.void(row, acc, types.intp, types.intp, types.float32, types.intp), codegen
+
+    return merge
+
+
+def _concat(builder: Any, pieces: list[Any]) -> Any:
+    """The vectors ``pieces`` (a power of two of them, one type) end to end."""
+    while len(pieces) > 1:
+        count = pieces[0].type.count
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), 2 * count), list(range(2 * count)))
+        pieces = [builder.shuffle_vector(x, y, mask) for x, y in zip(pieces[0::2], pieces[1::2], strict=True)]
+    return pieces[0]
+
+
+_MERGE1: Any = _merge_intrinsic(1)
+_MERGE2: Any = _merge_intrinsic(2)
+_MERGE4: Any = _merge_intrinsic(4)
+_MERGE8: Any = _merge_intrinsic(8)
+
 
 def _rowwise_adder(bits: int) -> Any:
     per = 8 // bits
@@ -611,33 +671,40 @@ def _gather(
 ) -> None:
     """Pass 1 over ids ``[lo, hi)`` (at most ``MAX_BAG_SCRATCH``): the payload position and
     weight of each kept id, by class, into set ``s0`` (0 or 4) of ``pos`` / ``wts`` /
-    ``cnt``; each row is prefetched, and the rank entries of the id ``DIR_AHEAD`` on."""
-    for c in range(4):
-        cnt[s0 + c] = 0
-    for p in range(lo, hi):
-        if p + DIR_AHEAD < pf_end:
-            r_ahead = indices[p + DIR_AHEAD]
+    ``cnt``; each row is prefetched, and the rank entries of the id ``DIR_AHEAD`` on. The
+    counts are kept in one register while the ids are read (16 bits a class), so no id
+    waits for the previous one's count to go through memory."""
+    counts = np.uint64(0)
+    scratch = np.uint64(MAX_BAG_SCRATCH)
+    first = np.uint64(s0)
+    for p in range(np.uint64(lo), np.uint64(hi)):
+        if p + np.uint64(DIR_AHEAD) < np.uint64(pf_end):
+            r_ahead = indices[p + np.uint64(DIR_AHEAD)]
             _prefetch(words, r_ahead >> 5)
             _prefetch(rank, (r_ahead >> 8) << 2)
             _prefetch(sub, (r_ahead >> 6) << 2)
         c, slot = _locate(words, rank, sub, indices[p])
-        if kinds[c] == PRUNED:
+        uc = np.uint64(c)
+        if kinds[uc] == PRUNED:
             continue
-        at = base[c] + slot * row_bytes[c]
-        k = (s0 + c) * MAX_BAG_SCRATCH + cnt[s0 + c]
+        at = base[uc] + slot * row_bytes[uc]
+        field = uc << np.uint64(4)
+        k = (first + uc) * scratch + ((counts >> field) & np.uint64(0xFFFF))
+        counts += np.uint64(1) << field
         pos[k] = at
         if weighted:
             wts[k] = weights[p]
-        cnt[s0 + c] += 1
         # every cache line the row touches: its first and last byte and every 64th between
         # (a fixed four for rows up to 192 bytes, so no branch depends on the row's alignment)
-        last = at + row_bytes[c] - 1
+        last = at + row_bytes[uc] - 1
         _prefetch(payload, at)
         _prefetch(payload, min(at + 64, last))
         _prefetch(payload, min(at + 128, last))
         _prefetch(payload, last)
         for line in range(at + 192, last, 64):
             _prefetch(payload, line)
+    for c in range(4):
+        cnt[s0 + c] = np.int64((counts >> np.uint64(16 * c)) & np.uint64(0xFFFF))
 
 
 @numba.njit(cache=True, inline="always", boundscheck=False)
@@ -680,6 +747,35 @@ def _add_set(
                 half,
                 dim,
             )
+
+
+@numba.njit(cache=True, inline="always", boundscheck=False)
+def _merge_bag(row: np.ndarray, acc: np.ndarray, o_sum: np.ndarray, used: np.ndarray, dim: int) -> None:
+    """``row += `` each used width's accumulator in row order, plus its summed offsets:
+    ``MERGE_STEP`` split positions at a time in vector registers (``_merge_intrinsic``),
+    the rest value by value, the same float operations either way."""
+    for u in range(4):
+        if not used[u]:
+            continue
+        per = 1 << u
+        n = dim // per
+        o = o_sum[u]
+        a = u * dim
+        q_end = n - n % MERGE_STEP
+        for q0 in range(0, q_end, MERGE_STEP):
+            if u == 0:
+                _MERGE1(row, acc, a, n, o, q0)
+            elif u == 1:
+                _MERGE2(row, acc, a, n, o, q0)
+            elif u == 2:
+                _MERGE4(row, acc, a, n, o, q0)
+            else:
+                _MERGE8(row, acc, a, n, o, q0)
+        for t in range(per):
+            for q in range(q_end, n):
+                row[np.uint64(q * per + t)] += acc[np.uint64(a + t * n + q)] + o
+        for j in range(n * per, dim):
+            row[np.uint64(j)] += acc[np.uint64(a + j)] + o
 
 
 @numba.njit(cache=True, parallel=True, nogil=True, boundscheck=False)
@@ -873,17 +969,7 @@ def mixed_bag(
                     )
             row = out[b]
             row[:] = 0.0
-            for u in range(4):
-                if not used[u]:
-                    continue
-                per = 1 << u
-                n = dim // per
-                o = o_sum[u]
-                for t in range(per):
-                    for q in range(n):
-                        row[np.uint64(q * per + t)] += acc[np.uint64(u * dim + t * n + q)] + o
-                for j in range(n * per, dim):
-                    row[np.uint64(j)] += acc[np.uint64(u * dim + j)] + o
+            _merge_bag(row, acc, o_sum, used, dim)
             if mean and offsets[b + 1] > offsets[b]:
                 cnt_b = np.float32(offsets[b + 1] - offsets[b])
                 for j in range(dim):
