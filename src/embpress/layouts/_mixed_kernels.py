@@ -7,8 +7,9 @@ sub-block's earlier ids of that class (at most two words), and decodes the
 row with its class's codec. Each bag is done in two passes: first every id's class and
 payload position, grouped by class (the rank lookups of a bag are independent, so their
 cache misses overlap; each row's bytes are prefetched, and the rank entries of ids further
-on), then the decode and sum, one decoder call per class. The first pass of the next bag
-runs before the second of this one, so its rows arrive while this bag is decoded.
+on), then the decode and sum, one decoder call per class into an accumulator per code
+width, put back in row order in vector steps (``_merge_bag``). The first pass of the next
+bag runs before the second of this one, so its rows arrive while this bag is decoded.
 
 The helpers (popcount, prefetch, unaligned float loads, the vector steps) are defined
 here, not imported: numba's disk cache is keyed on the jitted function's own file (see
@@ -309,7 +310,8 @@ def _merge_intrinsic(per: int) -> Any:
             vf = ir.VectorType(ir.FloatType(), step)
             i32 = ir.IntType(32)
             one = builder.insert_element(ir.Constant(vf, ir.Undefined), o_, i32(0))
-            splat = builder.shuffle_vector(one, ir.Constant(vf, ir.Undefined), ir.Constant(ir.VectorType(i32, step), [0] * step))
+            zeros = ir.Constant(ir.VectorType(i32, step), [0] * step)
+            splat = builder.shuffle_vector(one, ir.Constant(vf, ir.Undefined), zeros)
             pieces = []
             for t in range(per):
                 at = builder.add(builder.add(a_, builder.mul(n_, n_.type(t))), q0_)
@@ -318,10 +320,9 @@ def _merge_intrinsic(per: int) -> Any:
                 pieces.append(builder.fadd(v, splat))
             whole = _concat(builder, pieces)  # split position t's values at t * step + q
             width = step * per
+            order = [t * step + q for q in range(step) for t in range(per)]
             interleaved = builder.shuffle_vector(
-                whole,
-                ir.Constant(whole.type, ir.Undefined),
-                ir.Constant(ir.VectorType(i32, width), [t * step + q for q in range(step) for t in range(per)]),
+                whole, ir.Constant(whole.type, ir.Undefined), ir.Constant(ir.VectorType(i32, width), order)
             )
             start = builder.mul(q0_, q0_.type(per))
             ptr = cgutils.get_item_pointer(context, builder, rowty, row_arr, [start], wraparound=False)
@@ -813,7 +814,7 @@ def mixed_bag(
     positions and weights, rows prefetched), then each class's rows are added by its
     codec's decoder in one call. A bag is summed in one accumulator per code width, each
     in the split order of its width (``_split_pos``: the decode loops then read and write
-    contiguously, which vectorises), put back in order once per bag with the width's
+    contiguously, which vectorises), put back in order once per bag (``_merge_bag``) with the width's
     summed rowwise offsets. Returns the number of out-of-range ids (then nothing is
     computed: the caller raises).
     """
