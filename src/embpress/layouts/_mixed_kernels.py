@@ -302,6 +302,9 @@ def _merge_intrinsic(per: int) -> Any:
 
     @intrinsic
     def merge(typingctx: Any, row: Any, acc: Any, a: Any, n: Any, o: Any, q0: Any) -> Any:
+        if row.layout != "C" or acc.layout != "C":
+            return None  # the vector loads and stores assume contiguous values: no typing
+
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             rowty, accty = signature.args[0], signature.args[1]
             row_arr = context.make_array(rowty)(context, builder, args[0])
