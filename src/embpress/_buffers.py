@@ -80,7 +80,7 @@ def empty(shape: int | tuple[int, ...], dtype: Any, populate: bool = True) -> np
 
 def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype, populate: bool = True) -> torch.Tensor:
     """:func:`empty` as a CPU tensor of any dtype."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     return torch.from_numpy(empty(nbytes, np.uint8, populate)).view(dtype).view(shape)
 
 

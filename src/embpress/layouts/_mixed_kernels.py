@@ -140,6 +140,14 @@ def _split_pos(j: int, dim: int, per: int) -> int:
 CHUNK = 16  # code bytes a vector step of the adders reads from each row
 
 
+def _splat(builder: Any, x: Any, lanes: int) -> Any:
+    """The float ``x`` in every one of ``lanes`` lanes."""
+    vf = ir.VectorType(ir.FloatType(), lanes)
+    one = builder.insert_element(ir.Constant(vf, ir.Undefined), x, ir.IntType(32)(0))
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+    return builder.shuffle_vector(one, ir.Constant(vf, ir.Undefined), zeros)
+
+
 class _Emit:
     """IR helpers of the adders' vector steps, for one intrinsic's code generation. Every
     step takes the same first arguments, ``(acc, off, n, payload, pos, scl, k0, cnt, i)``:
@@ -179,9 +187,7 @@ class _Emit:
         return self.builder.add(self.builder.mul(self.n, self.n.type(t)), self.i)
 
     def splat(self, x: Any) -> Any:
-        vf = self.vf
-        one = self.builder.insert_element(ir.Constant(vf, ir.Undefined), x, self.i32(0))
-        return self.builder.shuffle_vector(one, ir.Constant(vf, ir.Undefined), self.consts(0))
+        return _splat(self.builder, x, self.lanes)
 
     def consts(self, value: int) -> Any:
         return ir.Constant(self.vi32, [value] * self.lanes)
@@ -312,9 +318,7 @@ def _merge_intrinsic(per: int) -> Any:
             a_, n_, o_, q0_ = args[2], args[3], args[4], args[5]
             vf = ir.VectorType(ir.FloatType(), step)
             i32 = ir.IntType(32)
-            one = builder.insert_element(ir.Constant(vf, ir.Undefined), o_, i32(0))
-            zeros = ir.Constant(ir.VectorType(i32, step), [0] * step)
-            splat = builder.shuffle_vector(one, ir.Constant(vf, ir.Undefined), zeros)
+            splat = _splat(builder, o_, step)
             pieces = []
             for t in range(per):
                 at = builder.add(builder.add(a_, builder.mul(n_, n_.type(t))), q0_)
