@@ -370,8 +370,10 @@ def _expand_table(module: Any, block_bytes: int) -> Any:
     """The 256-entry permutation table of ``_emit_table_expand`` in ``module`` (one global
     per module, made on first use): entry m holds, per lane j of 8 blocks, where block j's
     value sits among the kept blocks of bitmap byte m. 4-byte blocks: <8 x i8> lane
-    numbers for ``vpermd``; 2-byte blocks: <16 x i8> byte numbers for ``pshufb`` (a
-    pruned block's bytes have the top bit set: ``pshufb`` writes zero there)."""
+    numbers for ``vpermd``; 2-byte blocks: <16 x i8> byte numbers for ``pshufb``. A
+    pruned block's entries are 0x80: the top bit marks it (``pshufb`` writes zero there,
+    ``vpermd`` reads only the low three bits), so the blend that fills pruned lanes takes
+    its mask from the entry, in vector registers."""
     name = f"embpress.expand_table.{block_bytes}"
     if name in module.globals:
         return module.globals[name]
@@ -384,7 +386,7 @@ def _expand_table(module: Any, block_bytes: int) -> Any:
                 lanes += [rank] if block_bytes == 4 else [2 * rank, 2 * rank + 1]
                 rank += 1
             else:
-                lanes += [0] if block_bytes == 4 else [0x80, 0x80]
+                lanes += [0x80] if block_bytes == 4 else [0x80, 0x80]
         entries.append(ir.Constant(ir.VectorType(i8, len(lanes)), lanes))
     table_ty = ir.ArrayType(entries[0].type, 256)
     table = ir.GlobalVariable(module, table_ty, name)
@@ -398,8 +400,9 @@ def _emit_table_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits
     """``_emit_expand`` with AVX2: per 8 blocks (one bitmap byte), one unaligned load of the
     next 8 blocks' worth of bytes, a permute by the byte's entry of ``_expand_table``
     (``vpermd`` of 32-bit blocks, ``pshufb`` of 16-bit ones) and a blend that puts
-    ``fill`` in the pruned lanes; the next byte's blocks start after this byte's kept
-    ones (a popcount)."""
+    ``fill`` in the pruned lanes (marked by the entry's top bits, so the mask is made in
+    vector registers, not moved over from the bitmap byte in a general one); the next
+    byte's blocks start after this byte's kept ones (a popcount)."""
     i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
     block_bytes = block.width // 8
     table = _expand_table(builder.module, block_bytes)
@@ -412,13 +415,15 @@ def _emit_table_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits
         entry = builder.load(builder.gep(table, [ir.Constant(i64, 0), byte]), align=8)
         if block_bytes == 4:
             packed = builder.load(builder.bitcast(first, v8.as_pointer()), align=1)
-            lanes = builder.zext(entry, ir.VectorType(i32, 8))
+            lanes = builder.sext(entry, ir.VectorType(i32, 8))
             moved = _call(builder, "llvm.x86.avx2.permd", v8, [packed, lanes])
         else:
             v16 = ir.VectorType(i8, 16)
             packed = builder.load(builder.bitcast(first, v16.as_pointer()), align=1)
             moved = builder.bitcast(_call(builder, "llvm.x86.ssse3.pshuf.b.128", v16, [packed, entry]), v8)
-        pieces.append(builder.select(_lane_bits(builder, byte, 8), moved, ir.Constant(v8, [fill] * 8)))
+            lanes = builder.bitcast(entry, v8)  # a pruned lane's two bytes are 0x80 0x80
+        pruned = builder.icmp_signed("<", lanes, ir.Constant(lanes.type, [0] * 8))
+        pieces.append(builder.select(pruned, ir.Constant(v8, [fill] * 8), moved))
         if lo + 8 < word_bits:
             kept = _call(builder, "llvm.ctpop.i64", i64, [byte])
             first = builder.gep(first, [builder.mul(kept, ir.Constant(i64, block_bytes))])
