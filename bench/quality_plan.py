@@ -19,7 +19,10 @@ For each model: the float32 model; every uniform setting of ``post_training_spar
 (sparsity x block x bits x order, as ``quality_ml100k.py`` sweeps); the planner at budgets of
 1/4, 1/8, 1/16, 1/32 and 1/64 of the float32 table bytes, once without usage and once with
 usage recorded (``embpress.record_usage``) on the training split. Quality is measured on the
-test split. Bytes are the ``nbytes`` of the compressed tables.
+test split. Bytes are the ``nbytes`` of the compressed tables. Each planned model is also
+compared with the best uniform setting at its budget on the same test examples: the standard
+error of the difference (a bootstrap for AUC, per-position for cross-entropy) says whether the
+test set can tell them apart.
 
 Usage (from the repository root)::
 
@@ -70,6 +73,9 @@ class Task:
 
     ``evaluate(model)`` returns metrics; ``metric`` names the one compared, ``higher`` says
     whether more is better. ``tables`` are attribute names of the embedding modules.
+    ``outputs(model)`` returns the model's per-example test outputs and ``paired_se(a, b)``
+    the standard error of the metric's difference between two models from such outputs
+    (the same test examples, so most of the sampling noise cancels).
     """
 
     key: str
@@ -82,6 +88,8 @@ class Task:
     tables: tuple[str, ...]
     usage: Any
     dim: int
+    outputs: Callable[[Any], Any]
+    paired_se: Callable[[Any, Any], float]
     info: dict[str, Any] = field(default_factory=dict)
 
     def table_bytes(self, model: Any) -> int:
@@ -134,6 +142,14 @@ def movielens_task(args: argparse.Namespace) -> Task | str:
         f"{', '.join(f'{x:.3f}' for x in losses)}). Usage: one forward pass over the training ratings; "
         "share of rows seen: " + ", ".join(f"{t} {seen[t]:.2f}" for t in tables) + ". Quality: test AUC."
     )
+
+    def outputs(m: Any) -> Any:
+        with torch.inference_mode():
+            return m(test_set).double().numpy()
+
+    def paired_se(a: Any, b: Any) -> float:
+        return auc_difference_se(a, b, test_set.label.numpy(), args.seed)
+
     return Task(
         key="ml100k",
         title="MovieLens-100k DLRM",
@@ -145,8 +161,39 @@ def movielens_task(args: argparse.Namespace) -> Task | str:
         tables=tables,
         usage=usage,
         dim=ml_dim,
+        outputs=outputs,
+        paired_se=paired_se,
         info={"train_seconds": train_s, "seen_fraction": seen},
     )
+
+
+BOOTSTRAP = 400  # resamples of the test set behind an AUC difference's standard error
+
+
+def auc_difference_se(a: Any, b: Any, labels: Any, seed: int) -> float:
+    """Standard error of AUC(a) - AUC(b), two models' scores on the same test examples:
+    the spread of that difference over ``BOOTSTRAP`` resamples of the examples (the same
+    resample for both models)."""
+    import numpy as np
+    import torch
+
+    gen = np.random.default_rng(seed)
+    n = len(labels)
+    diffs = []
+    for _ in range(BOOTSTRAP):
+        pick = torch.from_numpy(gen.integers(0, n, n))
+        y = torch.from_numpy(labels)[pick]
+        diffs.append(ml.auc(torch.from_numpy(a)[pick], y) - ml.auc(torch.from_numpy(b)[pick], y))
+    return float(np.std(diffs, ddof=1))
+
+
+def mean_difference_se(a: Any, b: Any) -> float:
+    """Standard error of mean(a) - mean(b), per-example values of two models on the same
+    test examples (paired)."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
 # ------------------------------------------------------------------------------ language model
@@ -269,6 +316,15 @@ def lm_task(args: argparse.Namespace) -> Task:
         ce = total / len(y_test)
         return {"ce": ce, "ppl": math.exp(ce), "top1": hits / len(y_test)}
 
+    def outputs(m: Any) -> Any:
+        """Cross-entropy of each test position (nats)."""
+        with torch.inference_mode():
+            parts = []
+            for s in range(0, len(y_test), 4096):
+                x, y = x_test[s : s + 4096], y_test[s : s + 4096]
+                parts.append(-m.out(m.hidden(m.tok(x).flatten(1)), y).output.double())
+            return torch.cat(parts).numpy()
+
     unk = float((y_test == 0).double().mean())
     tail = sum(losses[-20:]) / max(1, len(losses[-20:]))
     train_words, test_words = sum(map(len, train_docs)), sum(map(len, test_docs))
@@ -296,11 +352,16 @@ def lm_task(args: argparse.Namespace) -> Task:
         tables=("tok",),
         usage=usage,
         dim=LM_DIM,
+        outputs=outputs,
+        paired_se=mean_difference_se,
         info={"vocab": len(vocab), "train_seconds": train_s, "read_seconds": read_s, "files": nfiles},
     )
 
 
 # ------------------------------------------------------------------------------ measuring
+OUTPUTS = "_outputs"  # a run's per-example test outputs, while the section measures
+
+
 def uniform_sweep(task: Task, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every setting of post_training_sparse_quantize, each on a copy of the model."""
     import embpress
@@ -322,6 +383,7 @@ def uniform_sweep(task: Task, args: argparse.Namespace) -> list[dict[str, Any]]:
             m.eval()
             keep_threads(args.threads)
             row.update(task.evaluate(m), bytes=task.table_bytes(m), error=None)
+            row[OUTPUTS] = task.outputs(m)
         except Exception as exc:  # a failure is a result too
             row.update(bytes=0, error=f"{type(exc).__name__}: {exc}")
         runs.append(row)
@@ -371,6 +433,7 @@ def planner_runs(task: Task, float_bytes: int, threads: int) -> list[dict[str, A
                 choice={t.name: t.summary() for t in p.tables},
                 error=None,
             )
+            row[OUTPUTS] = task.outputs(m)
         except Exception as exc:
             row.update(bytes=0, error=f"{type(exc).__name__}: {exc}")
         runs.append(row)
@@ -387,7 +450,7 @@ def measure_task(task: Task, args: argparse.Namespace) -> dict[str, Any]:
     planner = planner_runs(task, float_bytes, args.threads)
     t2 = time.perf_counter()
     print(f"{task.key}: sweep {t1 - t0:.0f} s, planner {t2 - t1:.0f} s", file=sys.stderr, flush=True)
-    return {
+    model = {
         "key": task.key,
         "title": task.title,
         "description": task.description,
@@ -400,6 +463,15 @@ def measure_task(task: Task, args: argparse.Namespace) -> dict[str, Any]:
         "sweep_seconds": t1 - t0,
         "planner_seconds": t2 - t1,
     }
+    # each planned model against the best uniform setting at its budget, on the same test
+    # examples: the standard error of that difference (the per-example outputs stay here)
+    for r in planner:
+        u = best_uniform(model, r["budget"])
+        if OUTPUTS in r and u is not None and OUTPUTS in u:
+            r["se_vs_uniform"] = task.paired_se(r[OUTPUTS], u[OUTPUTS])
+    for r in (*uniform, *planner):
+        r.pop(OUTPUTS, None)
+    return model
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -440,10 +512,14 @@ def _ok(r: dict[str, Any] | None) -> bool:
     return r is not None and not r["error"]
 
 
-def _shortfall(frac: int, margin: float, beats_float: float, from_float: float) -> str:
-    """One budget where the planner fell short of the best uniform setting, and where both
-    stand against float32 (a uniform setting can score above the float model itself)."""
+def _shortfall(frac: int, margin: float, beats_float: float, from_float: float, se: float | None) -> str:
+    """One budget where the planner fell short of the best uniform setting, how that compares
+    with the standard error of the difference (``se``, from the same test examples), and
+    where both stand against float32 (a uniform setting can score above the float model
+    itself)."""
     text = f"1/{frac} (by {margin:.2g}"
+    if se is not None and se > 0:
+        text += f", {margin / se:.1f} standard errors of the difference ({se:.2g})"
     if beats_float > 0:
         side = "below" if from_float > 0 else "above"
         text += (
@@ -464,6 +540,7 @@ def targets(model: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
         margins: dict[int, float] = {}
         beats_float: dict[int, float] = {}
         from_float: dict[int, float] = {}
+        ses: dict[int, float | None] = {}
         for frac in FRACTIONS:
             p = _planner(model, frac, with_usage)
             u = best_uniform(model, model["float"]["bytes"] // frac)
@@ -482,6 +559,7 @@ def targets(model: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
             # compressed model's luck against the float model, which says so
             beats_float[frac] = loss_of(higher, base, u[key])  # > 0: uniform above float32
             from_float[frac] = loss_of(higher, p[key], base)  # > 0: the planner below float32
+            ses[frac] = p.get("se_vs_uniform")
         missing = [f for f, ok in results if ok is None]
         bad = [f for f, ok in results if ok is False]
         verdict = None if missing else not bad
@@ -489,7 +567,8 @@ def targets(model: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
             "planner not run: " + ", ".join(f"1/{f}" for f in missing)
             if missing
             else (
-                "short at " + ", ".join(_shortfall(f, margins[f], beats_float[f], from_float[f]) for f in bad)
+                "short at "
+                + ", ".join(_shortfall(f, margins[f], beats_float[f], from_float[f], ses[f]) for f in bad)
                 if bad
                 else "every budget"
             )
@@ -637,7 +716,10 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path 
         "`embpress.plan(model, budget, usage=...)` then `plan.apply`, at 1/4 ... 1/64 of the float32 "
         "table bytes, without usage and with usage recorded by `embpress.record_usage` on the training "
         f"split. The best uniform setting is the best one whose bytes fit the budget. {args.threads} torch "
-        "thread(s).",
+        "thread(s). Where the planner falls short of it, the shortfall is also given in standard errors of "
+        "the difference between the two models on the same test examples (AUC: the spread over "
+        f"{BOOTSTRAP} bootstrap resamples of the test set; cross-entropy: of the per-position "
+        "difference): below about 2 the test set cannot tell the two apart.",
         "",
     ]
     if data.get("skipped"):

@@ -159,3 +159,33 @@ def test_quality_plan_runs_the_language_model_without_movielens(tmp_path: Path) 
     for run in lm["planner"]:
         assert run["error"] is None, run["error"]
         assert run["bytes"] == run["predicted_bytes"] <= run["budget"], run
+    # each planned model against the best uniform setting that fits its budget (2-bit rows
+    # fit 1/4 and 1/8 here, nothing fits below): the standard error of their difference
+    for run in lm["planner"]:
+        if run["fraction"] <= 8:
+            assert run["se_vs_uniform"] > 0, run
+        else:
+            assert "se_vs_uniform" not in run, run
+
+
+def test_paired_standard_errors_of_the_quality_comparison() -> None:
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import quality_plan
+
+    gen = np.random.default_rng(0)
+    a = gen.normal(size=2000)
+    # per-example losses: the standard error of the mean paired difference
+    b = a + gen.normal(scale=0.5, size=2000)
+    d = a - b
+    assert quality_plan.mean_difference_se(a, b) == pytest.approx(d.std(ddof=1) / np.sqrt(2000))
+    assert quality_plan.mean_difference_se(a, a) == 0.0
+    shifted = quality_plan.mean_difference_se(a + 3.0, b + 3.0)
+    assert shifted == pytest.approx(quality_plan.mean_difference_se(a, b))
+    # AUC: the same model twice has no spread; two models that disagree more spread more
+    labels = (a + gen.normal(size=2000) > 0).astype(np.float32)
+    assert quality_plan.auc_difference_se(a, a, labels, seed=0) == 0.0
+    near = quality_plan.auc_difference_se(a, a + gen.normal(scale=0.1, size=2000), labels, seed=0)
+    far = quality_plan.auc_difference_se(a, a + gen.normal(scale=2.0, size=2000), labels, seed=0)
+    assert 0.0 < near < far < 0.1
