@@ -50,6 +50,9 @@ import common
 
 NAME = "lookup"
 SCRIPT = "bench/lookup.py"
+# the same measurement as an AVX2-only CPU runs it (``lookup_avx2cpu.py`` starts it)
+EMULATED_NAME = "lookup_avx2cpu"
+EMULATED_SCRIPT = "bench/lookup_avx2cpu.py"
 # (contender, what it is compared with, the ratio it must reach), checked on every path
 TARGETS = (
     ("embpress dense 8-bit", "FBGEMM 8-bit", 0.95),
@@ -113,7 +116,12 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable[[Any, Any], Any]
     fns["FBGEMM 4-bit"] = fb4
     info["FBGEMM 4-bit"] = {"bytes": int(w4.numel()), "layout": "fused rows"}
 
+    if args.emulated_avx2:  # the huge-page baselines stand beside the host's section only
+        for name in (F32_HUGE, FB8_HUGE):
+            del fns[name], info[name]
     for name, (module, sparsity) in build_embpress(emb, args.sparsity).items():
+        if args.emulated_avx2 and args.quick and "block-sparse" not in name:
+            continue  # a quick emulated run compiles its kernels afresh: block-sparse alone
         for path in args.paths:
             fns[f"{name} [{path}]"] = on_path(module, path)
             info[f"{name} [{path}]"] = {
@@ -122,6 +130,8 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable[[Any, Any], Any]
                 "sparsity": sparsity,
                 "path": path,
             }
+    if args.emulated_avx2 and args.quick:
+        return fns, info
     mixed = build_planned(weight, args.bags * args.pooling)
     fns[PLANNED] = mixed
     info[PLANNED] = {"bytes": int(mixed.nbytes), "layout": mixed.layout, "sparsity": mixed.sparsity}
@@ -319,16 +329,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "info": info,
         "results": results,
         "numpy": np.__version__,
+        "emulated_avx2": args.emulated_avx2,
     }
 
 
 def system_line(system: dict[str, Any]) -> str:
     """One line on what the lookup kernels run on (``embpress.layouts.lookup.system_info``)."""
     features = ", ".join(k for k, v in system["cpu_features"].items() if v) or "none of note"
+    target = system.get("numba_cpu_name")
+    compiled = (
+        f"; kernels compiled for {target} ({system.get('numba_cpu_features') or 'its own features'})"
+        if target not in (None, "host")
+        else ""
+    )
     return (
         f"Kernel paths this CPU runs: {', '.join(system['available_paths'])} (the process's: "
         f"{system['kernel_path']}, from {system['kernel_path_source']}); LLVM CPU {system['cpu']} "
-        f"({features}); numba {system['numba']}, llvmlite {system['llvmlite']}, LLVM {system['llvm']}, "
+        f"({features}){compiled}; numba {system['numba']}, llvmlite {system['llvmlite']}, "
+        f"LLVM {system['llvm']}, "
         f"{system['torch_threads']} torch / {system['numba_threads']} numba threads "
         f"({system['numba_threading_layer'] or 'threading layer not started'}); transparent huge "
         f"pages: {system.get('transparent_huge_pages') or 'none'}."
@@ -368,11 +386,26 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path 
     threads = sorted({r["threads"] for r in data["results"]})
     dists = ["zipf", "uniform"]
     stat = "Fastest" if data.get("stat") == "best" else "Median"
+    emulated = bool(data.get("emulated_avx2"))
     lines = [
-        "## Lookup throughput",
+        "## Lookup throughput on an AVX2-only CPU (emulated)" if emulated else "## Lookup throughput",
         "",
         f"Command: `{cmd}`",
         "",
+    ]
+    if emulated:
+        lines += [
+            "The lookup section's measurement as a CPU without AVX-512 runs it, on this machine: "
+            "numba compiles embpress's kernels for Haswell (AVX2, FMA, F16C, BMI2; no AVX-512), "
+            "torch's own kernels are held to AVX2 (`ATEN_CPU_CAPABILITY=avx2`) and FBGEMM's too "
+            "(`FBGEMM_ENABLE_INSTRUCTIONS=AVX2`). The lookup section's *avx2* and *generic* rows "
+            "force only the expand instructions and compile the rest for this CPU (AVX-512 "
+            "registers); here every instruction is one an AVX2 CPU has. Memory, caches and clock "
+            "are this machine's: the figures show what the instruction set costs, not a "
+            "particular AVX2 CPU. No huge-page baselines.",
+            "",
+        ]
+    lines += [
         f"A random normal {data['rows']:,} x {data['dim']} table; one step = {data['bags']:,} bags × "
         f"{data['pooling']} ids ({data['bags'] * data['pooling']:,} lookups), sum mode. Ids: *zipf* "
         f"(exponent 1.05; the 1% hottest rows get {data['hot_top1pct']['zipf'] * 100:.0f}% of lookups) or "
@@ -440,18 +473,26 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path 
     lines += [
         "**Targets** (issue 12, on every kernel path: block-sparse at 0.8, (1,4), 8/4-bit at least "
         "1.2x float32; dense 8/4-bit at least 0.95x FBGEMM of the same bits; every thread count and "
-        "id distribution):",
+        "id distribution"
+        + (
+            "; the issue reads them on the paths of the machine that runs the benchmarks, so here "
+            "they are set beside the figures, not counted among the targets"
+            if emulated
+            else ""
+        )
+        + "):",
         "",
     ]
     for name, against, target in TARGETS:
         for path in data["paths"]:
             for t in threads:
                 for d in dists:
+                    if (f"{name} [{path}]", t, d) not in res:
+                        continue  # not measured in this run
                     x = ratio(res[(f"{name} [{path}]", t, d)], res[(against, t, d)])
-                    verdict = common.pass_fail(x >= target)
                     lines.append(
                         f"- {name} [{path}], {'1 thread' if t == 1 else f'{t} threads'}, {d}: "
-                        f"{x:.2f}x {against} (target {target:g}x): **{verdict}**"
+                        f"{x:.2f}x {against} (target {target:g}x): {_verdict(x >= target, emulated)}"
                     )
     if F32_HUGE in data["info"]:
         lines += [
@@ -484,9 +525,16 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path 
                 x = ratio(res[(PLANNED, t, d)], res[("float32", t, d)])
                 lines.append(
                     f"- {PLANNED}, {'1 thread' if t == 1 else f'{t} threads'}, {d}: {x:.2f}x float32 "
-                    f"(target 1x): **{common.pass_fail(x >= 1.0)}**"
+                    f"(target 1x): {_verdict(x >= 1.0, emulated)}"
                 )
     return "\n".join(lines) + "\n"
+
+
+def _verdict(ok: bool, emulated: bool) -> str:
+    """PASS / FAIL in bold (a target line), or in words where the run is emulated."""
+    if emulated:
+        return "meets it" if ok else "below it"
+    return f"**{common.pass_fail(ok)}**"
 
 
 def plot_lookups(data: dict[str, Any], path: Path) -> Path:
@@ -504,7 +552,10 @@ def plot_lookups(data: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([n.replace("embpress ", "ep ") for n in names], rotation=35, ha="right", fontsize=7)
     ax.set_ylabel("M lookups/s")
-    ax.set_title(f"{data['bags']} bags x {data['pooling']} ids, {data['rows']:,} x {data['dim']} table")
+    ax.set_title(
+        f"{data['bags']} bags x {data['pooling']} ids, {data['rows']:,} x {data['dim']} table"
+        + (", emulated AVX2-only CPU" if data.get("emulated_avx2") else "")
+    )
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     return common.save_figure(fig, path)
@@ -542,6 +593,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="rounds of timing every contender one after another (default 15; quick 1): "
         "the figure is the median over rounds, a ratio the median of the rounds' ratios",
     )
+    # set by lookup_avx2cpu.py, which starts this script on an emulated AVX2-only CPU
+    p.add_argument("--emulated-avx2", action="store_true", help=argparse.SUPPRESS)
     common.add_output_args(p)
     args = p.parse_args(argv)
     args.rows = args.rows or (20_000 if args.quick else 1_000_000)
@@ -554,6 +607,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.warmup = min(args.warmup, 2)
     common.finish_output_args(args)
+    if args.emulated_avx2 and args.quick and not args.paths:
+        args.paths = "avx2"  # what a quick emulated run has time to compile
     from embpress.layouts.lookup import kernel_paths
 
     available = kernel_paths()
@@ -567,6 +622,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.emulated_avx2:
+        shown = [a for a in argv if a != "--emulated-avx2"]
+        cmd = common.command_line(EMULATED_SCRIPT, shown)
+        return common.run_section(EMULATED_NAME, cmd, args, measure, plot_lookups, render)
     cmd = common.command_line(SCRIPT, argv)
     return common.run_section(NAME, cmd, args, measure, plot_lookups, render)
 

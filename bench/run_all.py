@@ -28,6 +28,7 @@ SECTIONS = (
     "compress_cost",
     "size",
     "lookup",
+    "lookup_avx2cpu",
     "deploy",
     "quality_ml100k",
     "quality_plan",
@@ -39,6 +40,7 @@ TITLES = {
     "compress_cost": "Compression cost (time and peak memory)",
     "size": "Size in memory and on disk",
     "lookup": "Lookup throughput",
+    "lookup_avx2cpu": "Lookup throughput on an AVX2-only CPU (emulated)",
     "deploy": "Op boundary (torch custom ops)",
     "quality_ml100k": "Model quality: DLRM on MovieLens-100k",
     "quality_plan": "Quality against bytes: the planner against every uniform setting",
@@ -53,6 +55,7 @@ TIMEOUTS = {
     "compress_cost": 900,
     "size": 420,
     "lookup": 300,
+    "lookup_avx2cpu": 900,  # a first run compiles the kernels for the emulated CPU
     "deploy": 420,
     "quality_ml100k": 240,
     "quality_plan": 900,

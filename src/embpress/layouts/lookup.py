@@ -204,7 +204,9 @@ def system_info() -> dict[str, Any]:
         "available_paths": list(available_paths()),
         "cpu": llvm_binding.get_host_cpu_name(),
         "cpu_features": {name: bool(host.get(name, False)) for name in _FEATURES},
+        # the CPU numba compiles for when told one (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES), else None
         "numba_cpu_name": numba.config.CPU_NAME,  # type: ignore[attr-defined]
+        "numba_cpu_features": numba.config.CPU_FEATURES or None,  # type: ignore[attr-defined]
         "numba": numba.__version__,
         "llvmlite": llvmlite.__version__,
         "llvm": ".".join(str(v) for v in llvm_binding.llvm_version_info),
