@@ -102,26 +102,24 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable[[Any, Any], Any]
 
     fns["FBGEMM 8-bit"] = fb8
     info["FBGEMM 8-bit"] = {"bytes": int(w8.numel()), "layout": "fused rows"}
-    # the same float32 table and FBGEMM kernel on huge pages, as embpress keeps its tables
-    # (``embpress._buffers``): what the page size alone gives them
-    w8h = on_huge_pages(w8)  # a copy (the same tensor where the system has no huge pages)
-    fns[F32_HUGE] = nn.EmbeddingBag.from_pretrained(on_huge_pages(weight), mode="sum")
-    info[F32_HUGE] = {"bytes": rows * dim * 4, "layout": "float32"}
+    if not args.emulated_avx2:  # the huge-page baselines stand beside the host's section only
+        # the same float32 table and FBGEMM kernel on huge pages, as embpress keeps its
+        # tables (``embpress._buffers``): what the page size alone gives them
+        w8h = on_huge_pages(w8)  # a copy (the same tensor where the system has no huge pages)
+        fns[F32_HUGE] = nn.EmbeddingBag.from_pretrained(on_huge_pages(weight), mode="sum")
+        info[F32_HUGE] = {"bytes": rows * dim * 4, "layout": "float32"}
 
-    def fb8h(idx: Any, off: Any) -> Any:
-        return ops.embedding_bag_byte_rowwise_offsets(w8h, idx, off, False, 0, False, None, None, False)
+        def fb8h(idx: Any, off: Any) -> Any:
+            return ops.embedding_bag_byte_rowwise_offsets(w8h, idx, off, False, 0, False, None, None, False)
 
-    fns[FB8_HUGE] = fb8h
-    info[FB8_HUGE] = {"bytes": int(w8h.numel()), "layout": "fused rows"}
+        fns[FB8_HUGE] = fb8h
+        info[FB8_HUGE] = {"bytes": int(w8h.numel()), "layout": "fused rows"}
     fns["FBGEMM 4-bit"] = fb4
     info["FBGEMM 4-bit"] = {"bytes": int(w4.numel()), "layout": "fused rows"}
 
-    if args.emulated_avx2:  # the huge-page baselines stand beside the host's section only
-        for name in (F32_HUGE, FB8_HUGE):
-            del fns[name], info[name]
-    for name, (module, sparsity) in build_embpress(emb, args.sparsity).items():
-        if args.emulated_avx2 and args.quick and "block-sparse" not in name:
-            continue  # a quick emulated run compiles its kernels afresh: block-sparse alone
+    # a quick emulated run compiles its kernels afresh: block-sparse alone
+    layouts = ("block-sparse",) if args.emulated_avx2 and args.quick else LAYOUTS
+    for name, (module, sparsity) in build_embpress(emb, args.sparsity, layouts).items():
         for path in args.paths:
             fns[f"{name} [{path}]"] = on_path(module, path)
             info[f"{name} [{path}]"] = {
@@ -174,8 +172,14 @@ def on_path(module: Any, path: str) -> Callable[[Any, Any], Any]:
     return fn
 
 
-def build_embpress(emb: Any, sparsity: float) -> dict[str, tuple[Any, float]]:
-    """The embpress contenders of float32 bag ``emb``: name -> (QuantizedEmbeddingBag, sparsity)."""
+LAYOUTS = ("dense", "block-sparse", "pruned-rows")  # the embpress contenders' labels
+
+
+def build_embpress(
+    emb: Any, sparsity: float, layouts: tuple[str, ...] = LAYOUTS
+) -> dict[str, tuple[Any, float]]:
+    """The embpress contenders of float32 bag ``emb`` in ``layouts`` (``LAYOUTS`` labels):
+    name -> (QuantizedEmbeddingBag, sparsity)."""
     import embpress
 
     weight = emb.weight.detach()
@@ -187,12 +191,16 @@ def build_embpress(emb: Any, sparsity: float) -> dict[str, tuple[Any, float]]:
         sp.step()
         return sp.get_mask("t")
 
-    masks = {4: mask_of(4), dim: mask_of(dim)}
     plan = [
-        ("dense", None, "dense", 0.0),
-        ("block-sparse", 4, "block_sparse", sparsity),
-        ("pruned-rows", dim, "pruned_rows", sparsity),
+        (label, width, layout, level)
+        for label, width, layout, level in (
+            ("dense", None, "dense", 0.0),
+            ("block-sparse", 4, "block_sparse", sparsity),
+            ("pruned-rows", dim, "pruned_rows", sparsity),
+        )
+        if label in layouts
     ]
+    masks = {width: mask_of(width) for _, width, _, _ in plan if width is not None}
     out: dict[str, tuple[Any, float]] = {}
     for label, width, layout, level in plan:
         for bits in (8, 4):

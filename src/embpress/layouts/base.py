@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._buffers import empty, empty_tensor
+from .._buffers import empty_tensor
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..quant.rowwise import RowQParams
 from ._kernels import fused_bag
@@ -112,7 +112,7 @@ def make_fused(
     ]
     rows, row_bytes = parts[0].shape[0], sum(p.shape[1] for p in parts)
     if codes.device.type == "cpu":
-        out = torch.from_numpy(empty((rows + zero_rows, row_bytes), np.uint8))
+        out = empty_tensor((rows + zero_rows, row_bytes), torch.uint8)
     else:
         out = torch.empty((rows + zero_rows, row_bytes), dtype=torch.uint8, device=codes.device)
     torch.cat(parts, dim=1, out=out[:rows])
