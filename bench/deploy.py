@@ -45,8 +45,8 @@ LIMIT = 1.03  # the op boundary may add at most 3% to the lookup step
 SMALL_BAGS, SMALL_POOLING = 32, 10
 LARGE_HEADERS = ["contender", "threads", "ids", "direct", "op", "op/direct (quartiles)", "op share"]
 LARGE_HEADERS += ["module", "module/direct (quartiles)", "module share"]
-SMALL_HEADERS = ["contender", "threads", "direct", "op", "op − direct", "module", "exported"]
-SMALL_HEADERS += ["module − float32", "module / float32"]
+SMALL_HEADERS = ["contender", "threads", "direct", "op", "op − direct", "op − direct, grad mode"]
+SMALL_HEADERS += ["module", "exported", "module − float32", "module / float32"]
 
 
 def interleaved(
@@ -170,6 +170,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 row = {"name": name, "kind": kind or "float32", "threads": t, "s": statistics.median(values)}
                 small.append(row)
         torch.set_num_threads(all_threads)
+    # the op outside inference mode (grad mode on, nothing requiring a gradient): what a
+    # compiled graph or an exported program called without torch.inference_mode pays,
+    # its autograd kernel included; against the direct call in the same run
+    for t in sorted({1, all_threads}):
+        torch.set_num_threads(t)
+        fns = {}
+        for name, module in contenders.items():
+            for kind in ("direct", "op"):
+                fns[f"{name}|{kind}, grad mode"] = variants(module, small_ids, small_offsets)[kind]
+        per = interleaved(fns, args.rounds, args.small_steps, args.warmup)
+        for key, values in per.items():
+            name, _, kind = key.partition("|")
+            small.append({"name": name, "kind": kind, "threads": t, "s": statistics.median(values)})
+    torch.set_num_threads(all_threads)
     return {
         "rows": args.rows,
         "dim": args.dim,
@@ -247,17 +261,22 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path 
         "",
         f"### Small batches ({SMALL_BAGS} bags × {SMALL_POOLING} ids): time per call",
         "",
-        "Medians over the rounds. *exported* = `torch.export.export(module, args).module()` called "
-        "like the module (the program's own Python wrapper included). *module − float32* is the fixed "
-        "cost embpress adds to `nn.EmbeddingBag`'s call on the same table.",
+        "Medians over the rounds. The calls run in `torch.inference_mode()`, which skips autograd, "
+        "except those of *op − direct, grad mode*, timed in another run outside it (grad mode on, "
+        "nothing requiring a gradient): what a compiled graph or an exported program called without "
+        "`inference_mode` pays, the op's autograd kernel included. *exported* = "
+        "`torch.export.export(module, args).module()` called like the module (the program's own "
+        "Python wrapper included). *module − float32* is the fixed cost embpress adds to "
+        "`nn.EmbeddingBag`'s call on the same table.",
         "",
     ]
     small_rows = []
     for t in threads:
         f32 = calls[("float32", "float32", t)]
-        small_rows.append(["float32 nn.EmbeddingBag", t, common.fmt_seconds(f32), *[""] * 6])
+        small_rows.append(["float32 nn.EmbeddingBag", t, common.fmt_seconds(f32), *[""] * 7])
         for name in names:
-            got = {kind: calls[(name, kind, t)] for kind in ("direct", "op", "module", "exported")}
+            kinds = ("direct", "op", "module", "exported", "direct, grad mode", "op, grad mode")
+            got = {kind: calls[(name, kind, t)] for kind in kinds}
             small_rows.append(
                 [
                     name,
@@ -265,6 +284,7 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path 
                     common.fmt_seconds(got["direct"]),
                     common.fmt_seconds(got["op"]),
                     f"{(got['op'] - got['direct']) * us:+.1f} µs",
+                    f"{(got['op, grad mode'] - got['direct, grad mode']) * us:+.1f} µs",
                     common.fmt_seconds(got["module"]),
                     common.fmt_seconds(got["exported"]),
                     f"{(got['module'] - f32) * us:+.1f} µs",
@@ -272,7 +292,7 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path 
                 ]
             )
     lines += [
-        common.md_table(SMALL_HEADERS, small_rows, "lrrrrrrrr"),
+        common.md_table(SMALL_HEADERS, small_rows, "lrrrrrrrrr"),
         "",
         f"**Targets** (the boundary adds at most {LIMIT - 1:.0%} to the lookup step, measured on the "
         "step: the median over contenders, thread counts and ids of the per-cell ratios; *module* is "

@@ -293,6 +293,44 @@ def test_plain_torch_kernel_matches_the_cpu_kernel(layout):
         torch.testing.assert_close(op._op_dk(key, *args), op(*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bag_op_outside_inference_mode_is_still_seen_by_traces_and_modes(layout):
+    """The bag op's autograd kernel calls the CPU kernel itself when nothing needs a
+    gradient and nothing lies between it and the CPU kernel; a trace or a dispatch mode
+    must still see the op, and the outputs match inference mode's."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[Any] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    bag = torch.ops.embpress.embedding_bag.default
+    for op, args in _op_forms(layout):
+        if op is not bag:
+            continue
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        with torch.inference_mode():
+            expected = op(*args)
+        assert torch.equal(op(*args), expected)  # grad mode on: the autograd kernel runs
+        with Seen() as seen:
+            out = op(*args)
+        assert bag in seen.ops and torch.equal(out, expected)
+        graph = make_fx(lambda *a: op(*a), tracing_mode="real")(*args)
+        assert any(node.target is bag for node in graph.graph.nodes)
+        weights = args[9]
+        if weights is not None:  # a weight that wants a gradient gets one, except under no_grad
+            wanting = (*args[:9], weights.clone().requires_grad_(), *args[10:])
+            assert op(*wanting).grad_fn is not None
+            with torch.no_grad():
+                assert op(*wanting).grad_fn is None
+
+
 def test_op_refuses_unknown_layouts_and_bad_arguments():
     table = compressed_model("block_sparse", 8).by_sum.table
     t = list(_table_args(table))

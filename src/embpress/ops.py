@@ -400,7 +400,8 @@ def _embedding_kernel(fast: bool) -> Callable[..., torch.Tensor]:
 
 # CPU: the fused kernels; every other device (CompositeExplicitAutograd is the default
 # for backends without a kernel of their own): plain torch ops.
-_LIB.impl("embedding_bag", _bag_kernel(fast=True), "CPU")
+_cpu_bag = _bag_kernel(fast=True)
+_LIB.impl("embedding_bag", _cpu_bag, "CPU")
 _LIB.impl("embedding_bag", _bag_kernel(fast=False), "CompositeExplicitAutograd")
 _LIB.impl("embedding", _embedding_kernel(fast=True), "CPU")
 _LIB.impl("embedding", _embedding_kernel(fast=False), "CompositeExplicitAutograd")
@@ -410,45 +411,68 @@ _LIB.impl("embedding", _embedding_kernel(fast=False), "CompositeExplicitAutograd
 # per_sample_weights is the one differentiable input (the tables are codes, the ids
 # integers): d out[bag(i)] / d weights[i] = row(ids[i]) (renormed as the forward renorms),
 # zero for padding ids and for ids after the last bag of include_last_offset.
-def _bag_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    tensors, *table, input, offsets, weights, _mode, last, padding_idx, max_norm, norm_type = inputs
-    # backward mirrors the inputs as torch.library flattens them: one None per tensor of
-    # a list of tensors (an empty list is one), one None for any other argument
-    ctx.no_grads = [
-        [None] * len(x) if isinstance(x, list) and all(isinstance(v, torch.Tensor) for v in x) else None
-        for x in inputs
-    ]
-    ctx.table = (len(tensors), *table)
-    ctx.forms = (last, padding_idx, max_norm, norm_type)
-    ctx.weights_shape = None if weights is None else weights.shape
-    ctx.save_for_backward(*tensors, input, offsets)
+_WEIGHTS = 9  # per_sample_weights' place among the op's arguments
+_BELOW_AUTOGRAD = torch._C._after_autograd_keyset
+_CPU = torch._C.DispatchKey.CPU
+_BAG_OP = torch.ops.embpress.embedding_bag.default
 
 
-def _bag_backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-    count, *table = ctx.table
-    none: list[Any] = list(ctx.no_grads)
-    if ctx.weights_shape is None or not ctx.needs_input_grad[9]:
+class _BagWithGradient(torch.autograd.Function):
+    """The op where ``per_sample_weights`` needs a gradient: the kernel below autograd,
+    and the formula above as its backward."""
+
+    @staticmethod
+    def forward(ctx: Any, below: Any, *args: Any) -> torch.Tensor:
+        with torch._C._AutoDispatchBelowAutograd():
+            out = _BAG_OP.redispatch(below, *args)
+        tensors, *table, input, offsets, weights, _mode, last, padding_idx, max_norm, norm_type = args
+        ctx.table = (len(tensors), *table)
+        ctx.forms = (last, padding_idx, max_norm, norm_type)
+        ctx.args = len(args)
+        ctx.weights_shape = weights.shape
+        ctx.save_for_backward(*tensors, input, offsets)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        none: list[Any] = [None] * (1 + ctx.args)  # the key set, then the op's arguments
+        if not ctx.needs_input_grad[1 + _WEIGHTS]:
+            return tuple(none)
+        count, *table = ctx.table
+        last, padding_idx, max_norm, norm_type = ctx.forms
+        saved = ctx.saved_tensors
+        tensors, input, offsets = list(saved[:count]), saved[count], saved[count + 1]
+        flat = input.reshape(-1)
+        rows = torch.ops.embpress.embedding.default(tensors, *table, flat, max_norm, norm_type)
+        position = torch.arange(flat.numel(), device=flat.device)
+        if input.dim() == 2:
+            bag = position // max(input.shape[1], 1)
+            inside = torch.ones_like(position, dtype=torch.bool)
+        else:
+            starts = offsets[:-1] if last else offsets
+            bag = (torch.searchsorted(starts, position, right=True) - 1).clamp(min=0)
+            inside = position < offsets[-1] if last else torch.ones_like(position, dtype=torch.bool)
+        if padding_idx is not None:
+            inside = inside & (flat != padding_idx)
+        per_id = (grad.index_select(0, bag) * rows).sum(1) if flat.numel() else rows.sum(1)
+        none[1 + _WEIGHTS] = torch.where(inside, per_id, torch.zeros_like(per_id)).reshape(ctx.weights_shape)
         return tuple(none)
-    last, padding_idx, max_norm, norm_type = ctx.forms
-    saved = ctx.saved_tensors
-    tensors, input, offsets = list(saved[:count]), saved[count], saved[count + 1]
-    flat = input.reshape(-1)
-    rows = torch.ops.embpress.embedding.default(tensors, *table, flat, max_norm, norm_type)
-    position = torch.arange(flat.numel(), device=flat.device)
-    if input.dim() == 2:
-        bag = position // max(input.shape[1], 1)
-        inside = torch.ones_like(position, dtype=torch.bool)
-    else:
-        starts = offsets[:-1] if last else offsets
-        bag = (torch.searchsorted(starts, position, right=True) - 1).clamp(min=0)
-        inside = position < offsets[-1] if last else torch.ones_like(position, dtype=torch.bool)
-    if padding_idx is not None:
-        inside = inside & (flat != padding_idx)
-    per_id = (grad.index_select(0, bag) * rows).sum(1) if flat.numel() else rows.sum(1)
-    none[9] = torch.where(inside, per_id, torch.zeros_like(per_id)).reshape(ctx.weights_shape)
-    return tuple(none)
 
 
-torch.library.register_autograd(
-    "embpress::embedding_bag", _bag_backward, setup_context=_bag_setup_context, lib=_LIB
-)
+def _bag_autograd(keyset: Any, *args: Any) -> torch.Tensor:
+    """The op's autograd kernel. With a gradient to give, ``_BagWithGradient``; without
+    one, what lies below autograd: when that is the CPU kernel (plain CPU tensors, nothing
+    tracing, no mode or subclass) it is called here, since a redispatch from Python parses
+    every argument a second time (about as long again as the rest of the op's boundary);
+    anything else (a trace, a mode, fake tensors, another device) gets the redispatch."""
+    below = keyset & _BELOW_AUTOGRAD
+    weights = args[_WEIGHTS]
+    if weights is not None and weights.requires_grad and torch.is_grad_enabled():
+        return cast(torch.Tensor, _BagWithGradient.apply(below, *args))
+    with torch._C._AutoDispatchBelowAutograd():
+        if below.highestPriorityTypeId() == _CPU:
+            return _cpu_bag(*args)
+        return _BAG_OP.redispatch(below, *args)
+
+
+_LIB.impl("embedding_bag", _bag_autograd, "Autograd", with_keyset=True)
