@@ -321,7 +321,7 @@ def test_bag_op_outside_inference_mode_is_still_seen_by_traces_and_modes(layout)
         with Seen() as seen:
             out = op(*args)
         assert bag in seen.ops and torch.equal(out, expected)
-        graph = make_fx(lambda *a: op(*a), tracing_mode="real")(*args)
+        graph = make_fx(lambda *a: bag(*a), tracing_mode="real")(*args)
         assert any(node.target is bag for node in graph.graph.nodes)
         weights = args[9]
         if weights is not None:  # a weight that wants a gradient gets one, except under no_grad
