@@ -214,6 +214,8 @@ def test_user_errors_are_one_line(ckpt: Path, usage_file: Path, tmp_path: Path) 
     broken_plan.write_text('{"format": "embpress-plan"')
     not_usage = tmp_path / "notusage.safetensors"
     not_usage.write_bytes(b"garbage")
+    extra_table = tmp_path / "extra.safetensors"  # counts a table the checkpoint lacks
+    embpress.Usage({**embpress.Usage.load(usage_file).counts, "other": torch.ones(3)}).save(extra_table)
     cases: list[tuple[list[str | Path], int, tuple[str, ...]]] = [
         (["plan", ckpt, "--budget", "10"], 1, ("smallest possible size", "bytes")),
         (["plan", ckpt], 2, ("--budget",)),
@@ -223,6 +225,8 @@ def test_user_errors_are_one_line(ckpt: Path, usage_file: Path, tmp_path: Path) 
         (["plan", ckpt, "--budget", "1/8", "--usage", wrong_rows], 1, ("599 rows",)),
         (["plan", ckpt, "--budget", "1/8", "--usage", tmp_path / "none.safetensors"], 1, ("no such file",)),
         (["plan", ckpt, "--budget", "1/8", "--usage", not_usage], 1, ("notusage.safetensors",)),
+        (["plan", ckpt, "--budget", "1/8", "--usage", extra_table], 1, ("does not have: other",)),
+        (["compress", ckpt, out, "--budget", "1/8", "--usage", extra_table], 1, ("does not have: other",)),
         (["plan", ckpt, "--budget", "1/8", "--unseen-weight", "0.5"], 2, ("--unseen-weight",)),
         (["plan", ckpt, "--budget", "1/8", "--json", tmp_path], 2, ("--json", "directory")),
         (["compress", ckpt, out, "--budget", "1/8", "--bits", "2"], 2, ("--bits", "do not combine")),

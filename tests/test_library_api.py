@@ -306,3 +306,7 @@ def test_load_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
     torch.save({"emb.weight": torch.randn(2, 2), "x": nn.Linear(2, 2)}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="refused: the checkpoint holds Python objects"):
         embpress.load_checkpoint(tmp_path / "evil.pt")
+    # a global torch blocks outright (its message says "unsupported GLOBAL"), never run
+    torch.save({"emb.weight": torch.randn(2, 2), "run": os.system}, tmp_path / "system.pt")
+    with pytest.raises(ValueError, match="refused: the checkpoint holds Python objects"):
+        embpress.load_checkpoint(tmp_path / "system.pt")

@@ -323,6 +323,8 @@ def _tampered(obj: dict[str, Any], change: str) -> dict[str, Any]:
         bad["budget_bytes"] = bad["predicted_bytes"] - 1
     elif change == "tables":
         bad["tables"] = []
+    elif change == "huge":
+        bad["budget_bytes"] = 10**400
     return bad
 
 
@@ -343,6 +345,7 @@ def _tampered(obj: dict[str, Any], change: str) -> dict[str, Any]:
         ("error", "predicted_error"),
         ("budget", "over the budget"),
         ("tables", "non-empty list"),
+        ("huge", r"budget_bytes: must be at most 2\*\*63 - 1, got a 401-digit number"),
     ],
 )
 def test_tampered_plan_is_refused(tmp_path: Path, change: str, match: str) -> None:

@@ -212,7 +212,7 @@ def _torch_load(path: Path, kind: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except Exception as err:  # torch raises many types for a bad file; all mean the same here
         text = str(err)
-        if "allowed global" in text or "Unsupported global" in text:
+        if "allowed global" in text or "unsupported global" in text.lower():
             raise ValueError(
                 f"{path}: refused: the checkpoint holds Python objects that a weights-only load does "
                 "not unpickle (save the model's state_dict() instead)"
@@ -585,13 +585,20 @@ def _float32_nbytes(modules: Mapping[str, nn.Module]) -> int:
     return sum(int(getattr(m, "num_embeddings")) * int(getattr(m, "embedding_dim")) * 4 for m in unique)  # noqa: B009
 
 
-def _usage_for(usage: Usage | None, modules: Mapping[str, nn.Module]) -> Usage | None:
+def _usage_for(
+    usage: Usage | None, modules: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor]
+) -> Usage | None:
     """``usage`` restricted to the tables being planned (a usage file recorded on the whole
-    model also counts tables a ``--tables`` selection leaves out)."""
+    model also counts tables a ``--tables`` selection leaves out). ValueError when it counts
+    a table the checkpoint does not have (``<name>.weight``, a 2-D tensor), as
+    :func:`embpress.plan` refuses one that the model does not have."""
     if usage is None:
         return None
     if not isinstance(usage, Usage):
         raise TypeError(f"usage must be an embpress.Usage, got {type(usage).__name__}")
+    unknown = [n for n in usage.counts if getattr(state.get(n + _SUFFIX), "ndim", None) != 2]
+    if unknown:
+        raise ValueError(f"usage names tables the checkpoint does not have: {', '.join(sorted(unknown))}")
     names = [k[: -len(_SUFFIX)] for k in modules]
     return Usage({n: usage.counts[n] for n in names if n in usage.counts})
 
@@ -617,7 +624,11 @@ def plan_state_dict(
     root, modules = build_skeleton(dense, keys)
     budget_bytes = None if budget is None else resolve_budget(budget, _float32_nbytes(modules))
     return make_plan(
-        root, budget_bytes, usage=_usage_for(usage, modules), max_error=max_error, unseen_weight=unseen_weight
+        root,
+        budget_bytes,
+        usage=_usage_for(usage, modules, state),
+        max_error=max_error,
+        unseen_weight=unseen_weight,
     )
 
 
@@ -719,11 +730,11 @@ def compress_state_dict(
             plan = make_plan(
                 root,
                 budget_bytes,
-                usage=_usage_for(usage, modules),
+                usage=_usage_for(usage, modules, state),
                 max_error=max_error,
                 unseen_weight=unseen_weight,
             )
-        _apply_plan(root, plan, dense, _usage_for(usage, modules), on_table)
+        _apply_plan(root, plan, dense, _usage_for(usage, modules, state), on_table)
     else:
         _compress_uniform(
             root,

@@ -591,6 +591,8 @@ def _check_goal(budget_bytes: Any, max_error: Any) -> tuple[int | None, float | 
             raise TypeError(f"budget_bytes must be an int, got {type(budget_bytes).__name__}")
         if budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be positive, got {budget_bytes}")
+        if budget_bytes > _MAX_INT:
+            raise ValueError(f"budget_bytes must be at most 2**63 - 1, got {budget_bytes}")
         return int(budget_bytes), None
     if isinstance(max_error, bool) or not isinstance(max_error, (int, float, np.floating)):
         raise TypeError(f"max_error must be a number, got {type(max_error).__name__}")
@@ -968,11 +970,16 @@ def _exact_keys(obj: dict[str, Any], expected: set[str], where: str) -> None:
         raise PlanError(f"{where}: unknown field {extra[0]!r}")
 
 
+_MAX_INT = 2**63 - 1  # every count and size of a plan is an int64 (bytes, rows, positions)
+
+
 def _positive_int(value: Any, where: str, zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise PlanError(f"{where}: must be an integer, got {value!r}")
     if value < 0 or (value == 0 and not zero):
         raise PlanError(f"{where}: must be {'>= 0' if zero else 'positive'}, got {value}")
+    if value > _MAX_INT:
+        raise PlanError(f"{where}: must be at most 2**63 - 1, got a {len(str(value))}-digit number")
     return value
 
 

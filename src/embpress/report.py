@@ -156,6 +156,8 @@ def human_bytes(n: float) -> str:
     """1536 -> '1.50 KiB' (binary units)."""
     if n < 1024:
         return f"{int(n)} B"
-    units = ("KiB", "MiB", "GiB", "TiB")
+    units = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
     power = min(int(math.log(n, 1024)), len(units))
+    if n >= 1024 ** (len(units) + 4):  # beyond what a float division takes: whole EiB
+        return f"{int(n) // 1024**power} {units[power - 1]}"
     return f"{n / 1024**power:.2f} {units[power - 1]}"
