@@ -420,3 +420,20 @@ def test_per_sample_weights_get_their_gradient(layout):
             expected[: ref_weights.grad.numel()] = ref_weights.grad
             torch.testing.assert_close(weights.grad, expected, rtol=1e-5, atol=1e-5)
             assert weights.grad[0] == 0 and weights.grad[6] == 0  # padding ids
+
+
+def test_gradient_skips_ids_after_the_last_bag():
+    """With include_last_offset, ids after the last offset belong to no bag: the forward
+    does not look them up (nor range-check them, as torch), and neither does the gradient,
+    which is 0 there."""
+    q = embpress.QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag(50, 8, mode="sum"), embpress.QuantConfig(bits=4, layout="dense")
+    )
+    q.include_last_offset = True
+    ids = torch.tensor([1, 2, 4, 50])  # 50 is out of range, after the last offset (3)
+    weights = torch.rand(4, requires_grad=True)
+    out = q(ids, torch.tensor([0, 2, 3]), per_sample_weights=weights)
+    out.sum().backward()
+    rows = q.dequantize()
+    expected = torch.stack([rows[1].sum(), rows[2].sum(), rows[4].sum(), torch.tensor(0.0)])
+    torch.testing.assert_close(weights.grad, expected)

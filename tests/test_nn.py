@@ -644,3 +644,24 @@ def test_bag_offsets_are_refused_exactly_where_the_rules_say(given_offsets, tota
     else:
         with pytest.raises(RuntimeError, match=want):
             bag_bounds(ids, offsets, include_last)
+
+
+@pytest.mark.parametrize("cls", [QuantizedEmbedding, QuantizedEmbeddingBag])
+def test_constructor_takes_padding_idx_as_torch_does(cls):
+    """A negative padding_idx counts from the end (row 49 of 50 for -1), as nn.Embedding /
+    nn.EmbeddingBag keep it; one outside [-rows, rows) is refused."""
+    table = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag(50, 8, mode="sum"), QuantConfig(bits=8, layout="dense")
+    ).table
+    assert cls(table, padding_idx=-1).padding_idx == nn.Embedding(50, 8, padding_idx=-1).padding_idx == 49
+    assert cls(table, padding_idx=0).padding_idx == 0
+    for bad in (50, -51):
+        with pytest.raises(ValueError, match="padding_idx must be within num_embeddings"):
+            cls(table, padding_idx=bad)
+    with pytest.raises(TypeError, match="padding_idx must be an int"):
+        cls(table, padding_idx=1.0)
+    if cls is QuantizedEmbeddingBag:  # row 49 is padding: the bag leaves it out
+        bag = cls(table, mode="sum", padding_idx=-1)
+        ref = nn.EmbeddingBag.from_pretrained(table.dequantize(), mode="sum", padding_idx=-1)
+        ids, offsets = torch.tensor([1, 49, 49, 2]), torch.tensor([0, 2])
+        torch.testing.assert_close(bag(ids, offsets), ref(ids, offsets))

@@ -74,6 +74,18 @@ class _QuantizedModule(nn.Module):
         self.table = table
         self.error: dict[str, float] | None = None
 
+    def _padding(self, padding_idx: int | None) -> int | None:
+        """``padding_idx`` as torch's modules keep it: a negative one counted from the end,
+        ValueError outside ``[-num_embeddings, num_embeddings)``."""
+        if padding_idx is None:
+            return None
+        if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+            raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+        rows = self.table.num_embeddings
+        if not -rows <= padding_idx < rows:
+            raise ValueError(f"padding_idx must be within num_embeddings ({rows}), got {padding_idx}")
+        return padding_idx + rows if padding_idx < 0 else padding_idx
+
     @property
     def num_embeddings(self) -> int:
         return self.table.num_embeddings
@@ -150,7 +162,7 @@ class QuantizedEmbedding(_QuantizedModule):
         norm_type: float = 2.0,
     ) -> None:
         super().__init__(table)
-        self.padding_idx = padding_idx
+        self.padding_idx = self._padding(padding_idx)
         self.max_norm = max_norm
         self.norm_type = norm_type
 
@@ -210,7 +222,7 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         if mode not in ops.MODES:
             raise ValueError(f"mode must be 'sum', 'mean' or 'max', got {mode!r}")
         self.mode = mode
-        self.padding_idx = padding_idx
+        self.padding_idx = self._padding(padding_idx)
         self.include_last_offset = include_last_offset
         self.max_norm = max_norm
         self.norm_type = norm_type

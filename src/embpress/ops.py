@@ -443,7 +443,6 @@ class _BagWithGradient(torch.autograd.Function):
         saved = ctx.saved_tensors
         tensors, input, offsets = list(saved[:count]), saved[count], saved[count + 1]
         flat = input.reshape(-1)
-        rows = torch.ops.embpress.embedding.default(tensors, *table, flat, max_norm, norm_type)
         position = torch.arange(flat.numel(), device=flat.device)
         if input.dim() == 2:
             bag = position // max(input.shape[1], 1)
@@ -452,6 +451,9 @@ class _BagWithGradient(torch.autograd.Function):
             starts = offsets[:-1] if last else offsets
             bag = (torch.searchsorted(starts, position, right=True) - 1).clamp(min=0)
             inside = position < offsets[-1] if last else torch.ones_like(position, dtype=torch.bool)
+        # ids after the last bag were never range-checked (the forward skips them): row 0 in their place
+        looked_up = torch.where(inside, flat, torch.zeros_like(flat))
+        rows = torch.ops.embpress.embedding.default(tensors, *table, looked_up, max_norm, norm_type)
         if padding_idx is not None:
             inside = inside & (flat != padding_idx)
         per_id = (grad.index_select(0, bag) * rows).sum(1) if flat.numel() else rows.sum(1)
