@@ -25,3 +25,31 @@ def test_torch_thread_count_survives_a_launch(threads: int) -> None:
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_forked_child_of_an_openmp_parent_gets_a_clear_error() -> None:
+    """GNU OpenMP does not survive a fork: numba stops a child that launches a kernel after
+    its parent did. embpress raises RuntimeError in that child instead (and under the
+    fork-safe layers, workqueue and TBB, the child's launch just works)."""
+    import os
+
+    import numba
+
+    from embpress import _parallel
+
+    x = np.zeros((4096, 8), np.float32)
+    x[1, 1] = np.inf
+    assert parallel_call(count_nonfinite, x) == 1  # the parent's threads have started
+    pid = os.fork()
+    if pid == 0:  # the child: report by exit status only
+        code = 3
+        try:
+            code = 0 if parallel_call(count_nonfinite, x) == 1 else 4
+        except RuntimeError as err:
+            code = 7 if str(err) == _parallel.FORK_ERROR else 5
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), f"the child was stopped by signal {os.WTERMSIG(status)}"
+    expected = 7 if numba.threading_layer() == "omp" else 0
+    assert os.WEXITSTATUS(status) == expected
