@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -655,6 +656,7 @@ def test_constructor_takes_padding_idx_as_torch_does(cls):
     ).table
     assert cls(table, padding_idx=-1).padding_idx == nn.Embedding(50, 8, padding_idx=-1).padding_idx == 49
     assert cls(table, padding_idx=0).padding_idx == 0
+    assert cls(table, padding_idx=np.int64(-2)).padding_idx == 48  # a NumPy integer, as torch takes
     for bad in (50, -51):
         with pytest.raises(ValueError, match="padding_idx must be within num_embeddings"):
             cls(table, padding_idx=bad)

@@ -27,7 +27,7 @@ __all__ = ["parallel_call"]
 
 _LAUNCH_LOCK = threading.Lock()
 _omp_started = False  # whether this process has started numba's OpenMP threads
-_forked_after_omp = False  # whether this process was forked from one that had
+_forked_after_omp = False  # whether this process was forked from one that had started them
 FORK_ERROR = (
     "embpress: this process was forked from one that had run embpress's parallel kernels on "
     "numba's OpenMP threading layer, which cannot run again in a forked child. Start worker "

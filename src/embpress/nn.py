@@ -12,6 +12,7 @@ touches and hands them to ``torch.nn.functional``.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, ClassVar
 
 import torch
@@ -79,8 +80,13 @@ class _QuantizedModule(nn.Module):
         ValueError outside ``[-num_embeddings, num_embeddings)``."""
         if padding_idx is None:
             return None
-        if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+        try:  # an int or a NumPy integer, as torch's modules take
+            index = operator.index(padding_idx)
+        except TypeError:
+            index = None
+        if index is None or isinstance(padding_idx, bool):
             raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+        padding_idx = index
         rows = self.table.num_embeddings
         if not -rows <= padding_idx < rows:
             raise ValueError(f"padding_idx must be within num_embeddings ({rows}), got {padding_idx}")
