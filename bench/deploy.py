@@ -177,8 +177,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(t)
         fns = {}
         for name, module in contenders.items():
-            for kind in ("direct", "op"):
-                fns[f"{name}|{kind}, grad mode"] = variants(module, small_ids, small_offsets)[kind]
+            ways = variants(module, small_ids, small_offsets)
+            fns.update({f"{name}|{kind}, grad mode": ways[kind] for kind in ("direct", "op")})
         per = interleaved(fns, args.rounds, args.small_steps, args.warmup)
         for key, values in per.items():
             name, _, kind = key.partition("|")

@@ -45,20 +45,18 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @functools.cache
-def _layer() -> str:
-    """numba's threading layer: ``numba.get_num_threads`` starts its thread pool, which
-    settles the layer (the configured one, or the first of TBB, OpenMP and workqueue that
-    loads), so it is known before the first launch and never changes afterwards."""
-    numba.get_num_threads()
-    return str(numba.threading_layer())
-
-
 def _serialise_launches() -> bool:
-    """Whether parallel kernels must be launched one at a time (the workqueue layer)."""
+    """Whether parallel kernels must be launched one at a time (the workqueue layer).
+
+    ``numba.get_num_threads`` starts numba's thread pool, which settles the layer (the
+    configured one, or the first of TBB, OpenMP and workqueue that loads), so the answer is
+    known before the first launch and never changes afterwards.
+    """
     global _omp_started
-    layer = _layer()
-    _omp_started = _omp_started or layer == "omp"
-    return layer == "workqueue"
+    numba.get_num_threads()
+    layer = numba.threading_layer()
+    _omp_started = layer == "omp"
+    return bool(layer == "workqueue")
 
 
 def parallel_call(kernel: Callable[..., Any], *args: Any) -> Any:

@@ -574,9 +574,7 @@ def _module_for(
     if kind == "auto":
         bag = isinstance(target, (nn.EmbeddingBag, QuantizedEmbeddingBag))
         kind = "EmbeddingBag" if bag else "Embedding"
-        kwargs = {k: getattr(target, k) for k in sorted(_MODULE_KEYS[kind])}
-        if kwargs["padding_idx"] is not None and not 0 <= kwargs["padding_idx"] < table.num_embeddings:
-            raise _fail(p, f"table {name!r}: the model's padding_idx is out of range")
+        kwargs = {k: getattr(target, k) for k in sorted(_MODULE_KEYS[kind])}  # the constructor checks them
     else:  # checked by _check_entry: numbers as floats (as nn's modules hold them)
         kwargs["norm_type"] = float(kwargs["norm_type"])
         if kwargs["max_norm"] is not None:
