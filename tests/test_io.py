@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import struct
 import subprocess
 import sys
@@ -658,6 +659,20 @@ def test_temp_files_of_killed_saves_are_removed(tmp_path, monkeypatch):
     assert not stale.exists() and live.exists() and other.exists()
     assert names[0].startswith(f".m.safetensors.{os.getpid()}.") and names[0].endswith(".tmp")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.safetensors", live.name, other.name])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_file_mode_follows_the_umask(tmp_path, umask):
+    """The file is created as open() and torch.save create theirs, 0o666 less the umask,
+    not private whatever the umask (mkstemp's 0o600)."""
+    path = tmp_path / "m.safetensors"
+    old = os.umask(umask)
+    try:
+        embpress.save(_compressed(), path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
 def test_default_load_survives_the_file_being_truncated(tmp_path):

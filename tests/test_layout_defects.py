@@ -302,6 +302,28 @@ def test_bad_bag_inputs_raise_one_clear_error_in_every_layout(layout, mode, ids,
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("extra", [{}, {"max_norm": 1.0}, {"padding_idx": 3}, {"weighted": True}])
+def test_ids_with_no_bag_give_no_rows_on_every_path(layout, mode, extra):
+    """Empty offsets with ids: no bag, so a (0, dim) result (nn.EmbeddingBag's in sum and
+    mean mode; torch 2.13 crashes in max mode), whichever kernel runs: the fused ones, or
+    decode + torch.nn.functional (max_norm, padding_idx), not an offsets error there."""
+    extra = dict(extra)
+    weighted = extra.pop("weighted", False)
+    if weighted and mode != "sum":
+        pytest.skip("per_sample_weights are for sum mode")
+    q = _bag_module(layout, mode=mode, **extra)
+    ids = torch.tensor([1, 2, 3])
+    empty = torch.tensor([], dtype=torch.int64)
+    kwargs = {"per_sample_weights": torch.ones(3)} if weighted else {}
+    out = q(ids, empty, **kwargs)
+    assert out.shape == (0, q.embedding_dim)
+    if mode != "max" and not weighted:
+        ref = nn.EmbeddingBag.from_pretrained(q.dequantize(), mode=mode)
+        assert ref(ids, empty).shape == out.shape
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 def test_empty_and_edge_inputs_match_nn(layout, mode):
     q = _bag_module(layout, mode=mode)
     ref = nn.EmbeddingBag.from_pretrained(q.dequantize(), mode=mode)

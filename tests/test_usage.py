@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -98,6 +100,22 @@ def test_save_load_round_trip_and_check(tmp_path):
         assert torch.equal(back[name], usage[name])
     back.check(model)
     assert back.seen_fraction("bag") == pytest.approx(1 / 30)
+
+
+def test_saved_usage_file_mode_follows_the_umask(tmp_path):
+    """As open() creates files (safetensors' save_file alone leaves them 0o600); no temp
+    file is left beside it."""
+    model = TwoTables()
+    with record_usage(model) as usage:
+        model(torch.tensor([[1, 2]]), torch.tensor([3]), torch.tensor([0]))
+    path = tmp_path / "usage.safetensors"
+    old = os.umask(0o022)
+    try:
+        usage.save(path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["usage.safetensors"]
 
 
 def _write_raw(path, tensors, metadata):

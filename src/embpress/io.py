@@ -16,6 +16,7 @@ import math
 import os
 import re
 import reprlib
+import secrets
 import stat
 import tempfile
 import zlib
@@ -79,7 +80,7 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 _TEMP_SUFFIX = ".tmp"
-_TEMP_TAIL = re.compile(r"(\d+)\.[a-z0-9_]+")  # "<pid>.<mkstemp's random part>"
+_TEMP_TAIL = re.compile(r"(\d+)\.[a-z0-9_]+")  # "<pid>.<random part>"
 
 
 def _alive(pid: int) -> bool:
@@ -176,15 +177,32 @@ def safetensors_layout(specs: dict[str, Spec], metadata: dict[str, str]) -> tupl
 
 def temp_file_for(target: Path) -> str:
     """A new empty temp file beside ``target`` (``.<name>.<pid>.<random>.tmp``), after
-    removing the temp files of earlier saves to ``target`` whose process is gone."""
+    removing the temp files of earlier saves to ``target`` whose process is gone.
+
+    Created with mode 0o666 less the umask, as ``open`` (and ``torch.save``) create
+    files: the renamed file is readable by whom the user's umask allows (``mkstemp``'s
+    0o600 would make every output private)."""
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a directory")
     _remove_stale_temps(target)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX, dir=target.parent
-    )
-    os.close(fd)
-    return tmp
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(tempfile.TMP_MAX):
+        tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(6)}{_TEMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return str(tmp)
+    raise FileExistsError(f"no free temporary file name beside {target}")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], tmp: str, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file`` into ``tmp``, a file made by :func:`temp_file_for`, which
+    keeps the mode it was created with (``save_file`` leaves every file it writes 0o600)."""
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
+    save_file(tensors, tmp, metadata=metadata)
+    os.chmod(tmp, mode)
 
 
 def write_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], index: dict[str, Any]) -> None:
@@ -198,7 +216,7 @@ def write_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], i
     metadata = file_metadata({**index, "crc32": {k: crc32(v) for k, v in payload.items()}})
     tmp = temp_file_for(target)
     try:
-        save_file(payload, tmp, metadata=metadata)
+        save_safetensors(payload, tmp, metadata)
         with open(tmp, "r+b") as fh:
             _sort_metadata(fh)
             os.fsync(fh.fileno())

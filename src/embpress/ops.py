@@ -233,6 +233,8 @@ def bag_bounds(
         )
     if status:
         raise RuntimeError("offsets must be non-decreasing and within the number of indices")
+    if values.size == 1:  # no bag (empty offsets): no id is in one, the output is (0, dim)
+        return flat[:0], bounds.new_zeros(1)
     if values[-1] < total:
         # include_last_offset with ids after the last offset: they are in no bag (CSR, as
         # FBGEMM and the docs of nn.EmbeddingBag have it; torch's own CPU kernel would add

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from .io import save_safetensors, temp_file_for
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
 
 __all__ = ["Usage", "UsageError", "record_usage"]
@@ -100,13 +100,13 @@ class Usage:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the counts as a safetensors file (atomically: temp file, then rename)."""
         target = Path(path)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         tensors = {f"{_PREFIX}{n}": c.contiguous() for n, c in self.counts.items()}
+        tmp = temp_file_for(target)
         try:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME, "format_version": FORMAT_VERSION})
+            save_safetensors(tensors, tmp, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION})
             os.replace(tmp, target)
         finally:
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Usage:
