@@ -295,11 +295,15 @@ def _parse(path: Path) -> tuple[dict[str, Any], bytearray]:
     return json.loads(data[8 : 8 + n]), bytearray(data[8 + n :])
 
 
-def _serialize(header: dict[str, Any], body: bytes, nests: dict[str, tuple[int, str]]) -> bytes:
+def _serialize(
+    header: dict[str, Any], body: bytes, nests: dict[str, tuple[int, str]], resign: bool = True
+) -> bytes:
     index_text = json.dumps(header["__metadata__"]["index_obj"])
     for token, (depth, inner) in nests.items():  # deep nesting, spliced in as text
         index_text = index_text.replace(json.dumps(token), "[" * depth + inner + "]" * depth, 1)
     meta = {k: v for k, v in header["__metadata__"].items() if k != "index_obj"}
+    if resign and "index_crc32" in meta:  # the index's checksum made to match the mutated index
+        meta["index_crc32"] = str(zlib.crc32(index_text.encode("utf-8")))
     out = {**header, "__metadata__": {**meta, "index": index_text}}
     raw = json.dumps(out).encode()
     raw += b" " * (-len(raw) % 8)
@@ -450,7 +454,10 @@ def _mutated(data: Any, base: Path, out: Path) -> list[str]:
             key = data.draw(st.sampled_from(["format", "format_version"]))
             metadata[key] = data.draw(st.sampled_from(["embpress", "2", "1", "3", ""]))
             done.append(f"metadata {key}={metadata[key]}")
-    raw = _serialize(header, bytes(body), nests)
+    resign = bool(data.draw(st.integers(0, 9), label="index crc"))  # mostly: reach the field checks
+    if not resign:
+        done.append("index_crc32 left as it was")
+    raw = _serialize(header, bytes(body), nests, resign)
     end = data.draw(st.sampled_from(["keep"] * 6 + ["truncate", "extend"]), label="end")
     if end == "truncate":
         cut = data.draw(st.integers(0, len(raw) - 1), label="cut")

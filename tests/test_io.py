@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import pytest
 import safetensors.torch
@@ -194,11 +195,15 @@ def test_not_a_safetensors_file(tmp_path):
     _assert_refused(path, "safetensors")
 
 
-def _rewrite_metadata(path, edit):
+def _rewrite_metadata(path, edit, resign=True):
+    """Edit the file's metadata; ``resign``: with the index's CRC-32 made to match the
+    edited index (so that the field checks behind it are what the test reaches)."""
     tensors = safetensors.torch.load_file(str(path))
     with safetensors.safe_open(str(path), "pt") as f:
         metadata = dict(f.metadata())
     edit(metadata)
+    if resign and "index_crc32" in metadata:
+        metadata["index_crc32"] = str(eio.index_crc32(metadata["index"]))
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
 
 
@@ -259,6 +264,7 @@ def _edit_tensors(path, edit):
     index = json.loads(metadata["index"])
     index["crc32"] = {k: embpress.io.crc32(v) for k, v in tensors.items()}
     metadata["index"] = json.dumps(index)
+    metadata["index_crc32"] = str(eio.index_crc32(metadata["index"]))
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
 
 
@@ -360,6 +366,7 @@ def test_inconsistent_index_structures_are_refused(tmp_path):
     index = json.loads(metadata["index"])
     index["crc32"]["tables.user.row_rank"] = embpress.io.crc32(tensors["tables.user.row_rank"])
     metadata["index"] = json.dumps(index)
+    metadata["index_crc32"] = str(eio.index_crc32(metadata["index"]))
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
     _assert_refused(path, "'user'", "row_rank")
 
@@ -752,3 +759,41 @@ def test_safetensors_layout_is_what_write_file_writes(tmp_path_factory, specs, i
     for name, t in tensors.items():
         data = raw[starts[name] : starts[name] + t.numel() * t.element_size()]
         assert data == t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), name
+
+
+@pytest.mark.slow
+def test_every_single_bit_flip_in_the_header_is_refused_or_harmless(tmp_path):
+    """The header (safetensors' JSON with the index) is covered too: flipping any one bit
+    of it gives a FormatError, or a file that loads exactly as the original (a flip the
+    JSON does not see). Without ``index_crc32``, flips in fields such as ``padding_idx``,
+    ``num_pruned`` or ``error`` loaded silently."""
+    path = _saved(tmp_path)
+    data = path.read_bytes()
+    size = 8 + int.from_bytes(data[:8], "little")
+    original = _fresh()
+    embpress.load(original, path)
+    want = original.state_dict()
+    flipped = tmp_path / "flipped.safetensors"
+    outcomes = Counter()
+    for bit in range(8 * size):
+        if bit < 64 and bit // 8 >= 3:  # the header length's high bytes: a 2**24+ byte header
+            continue
+        raw = bytearray(data)
+        raw[bit // 8] ^= 1 << (bit % 8)
+        flipped.write_bytes(bytes(raw))
+        model = _fresh()
+        try:
+            embpress.load(model, flipped)
+        except FormatError:
+            outcomes["refused"] += 1
+            continue
+        got = model.state_dict()
+        assert got.keys() == want.keys(), bit
+        for key, value in want.items():
+            assert torch.equal(got[key], value), (bit, key)
+        assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()], bit
+        for a, b in zip(model.modules(), original.modules(), strict=True):
+            if isinstance(a, (embpress.QuantizedEmbedding, embpress.QuantizedEmbeddingBag)):
+                assert a.extra_repr() == b.extra_repr(), bit
+        outcomes["same"] += 1
+    assert outcomes["refused"] > 0.95 * sum(outcomes.values()), outcomes

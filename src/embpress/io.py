@@ -3,9 +3,10 @@
 The format is written down in docs/format.md. In short: tensors ``tables.<fqn>.<buffer>``
 for each compressed table and ``state.<key>`` for every other entry of the model's
 state_dict; the safetensors metadata holds ``format = "embpress"``,
-``format_version = "2"`` and a JSON ``index`` describing every table (module arguments,
-layout fields, aliases) and the CRC-32 of every tensor. Every field is validated before a
-tensor is trusted; the model is changed only after the whole file has been checked.
+``format_version = "2"``, a JSON ``index`` describing every table (module arguments,
+layout fields, aliases) and the CRC-32 of every tensor, and ``index_crc32``, the index's
+own CRC-32. Every field is validated before a tensor is trusted; the model is changed only
+after the whole file has been checked.
 """
 
 from __future__ import annotations
@@ -136,12 +137,20 @@ def _sort_metadata(fh: Any) -> None:
 
 
 def file_metadata(index: dict[str, Any]) -> dict[str, str]:
-    """The safetensors metadata of an embpress file whose ``index`` (with its crc32) is given."""
+    """The safetensors metadata of an embpress file whose ``index`` (with its crc32) is given,
+    with the CRC-32 of the index text itself (the tensors' CRC-32s do not cover it)."""
+    text = json.dumps(index, allow_nan=False)
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "index": json.dumps(index, allow_nan=False),
+        "index": text,
+        "index_crc32": str(index_crc32(text)),
     }
+
+
+def index_crc32(text: str) -> int:
+    """The CRC-32 of the index's UTF-8 text, as the ``index_crc32`` metadata key holds it."""
+    return zlib.crc32(text.encode("utf-8"))
 
 
 # safetensors' dtype names, in the order of its Dtype enum: it writes tensors by dtype,
@@ -324,6 +333,8 @@ def _is_number(value: Any) -> bool:
         return False
 
 
+# the metadata of a file: without index_crc32 (written before it existed), or with it
+_METADATA_KEYS = ({"format", "format_version", "index"}, {"format", "format_version", "index", "index_crc32"})
 _INDEX_KEYS = {"tables", "crc32"}
 _ENTRY_KEYS = {"kind", "aliases", "module", "table", "error"}
 _ERROR_KEYS = {"rel_frobenius", "max_abs"}
@@ -342,8 +353,18 @@ def _parse_index(p: Path, metadata: dict[str, str], keys: set[str]) -> dict[str,
         raise _fail(
             p, f"unsupported format version {_shown(version)} (this embpress reads {FORMAT_VERSION!r})"
         )
+    if set(metadata) not in _METADATA_KEYS:
+        unknown = sorted(set(metadata) - _METADATA_KEYS[-1])
+        what = f"unknown key(s) {_shown(unknown)}" if unknown else "no 'index'"
+        raise _fail(p, f"header metadata has {what} (expected {sorted(_METADATA_KEYS[-1])})")
+    if "index_crc32" in metadata:  # files of embpress 0.1.0 before it was written have none
+        stored = metadata["index_crc32"]
+        if not (stored.isascii() and stored.isdigit() and len(stored) <= 10 and int(stored) < 1 << 32):
+            raise _fail(p, f"index_crc32 must be an integer in [0, 2**32), got {_shown(stored)}")
+        if int(stored) != index_crc32(metadata["index"]):
+            raise _fail(p, "header index is corrupted (its CRC-32 does not match index_crc32)")
     try:
-        index = json.loads(metadata.get("index", ""))
+        index = json.loads(metadata["index"])
     except RecursionError:
         raise _fail(p, "header index is not valid JSON (nested too deeply)") from None
     except ValueError as err:  # JSONDecodeError, or an integer of too many digits
