@@ -99,6 +99,22 @@ def test_parse_budget_refuses(text: str) -> None:
         parse_budget(text)
 
 
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("0", "the size must be at least 1 byte"),
+        ("1/2", "'1/2' is not a size"),
+        ("abc", "'abc' is not a size"),
+    ],
+)
+def test_memory_option_errors_speak_of_a_size_not_a_budget(tmp_path: Path, value: str, words: str) -> None:
+    """--memory takes bytes only; its errors say so, without the budget's wording."""
+    result = _run("compress", tmp_path / "in.pt", tmp_path / "out.safetensors", "--memory", value)
+    assert result.exit_code != 0
+    assert words in result.output and "budget" not in result.output and "share" not in result.output
+    assert "--memory" in result.output
+
+
 def test_resolve_budget() -> None:
     assert resolve_budget(Fraction(1, 16), 1600) == 100
     assert resolve_budget(Fraction(1, 3), 100) == 33  # rounded down: never over

@@ -62,6 +62,7 @@ __all__ = [
     "load_checkpoint",
     "looks_like_embedding",
     "parse_budget",
+    "parse_bytes",
     "plan_checkpoint",
     "plan_state_dict",
     "resolve_budget",
@@ -535,24 +536,33 @@ Budget = int | Fraction
 
 def parse_budget(text: str) -> Budget:
     """A byte budget from text: ``20MB``, ``1.5 GB``, ``512kB`` (decimal units), ``64KiB``,
-    ``2 MiB`` (binary units), ``123456`` or ``123456B`` (bytes) as an int; or ``1/16``, a
-    share of the selected tables' float32 bytes, as a Fraction in (0, 1]. ValueError
-    saying what is accepted otherwise."""
+    ``2 MiB`` (binary units), ``123456`` or ``123456B`` (bytes) as an int (see
+    :func:`parse_bytes`); or ``1/16``, a share of the selected tables' float32 bytes, as a
+    Fraction in (0, 1]. ValueError saying what is accepted otherwise."""
     if not isinstance(text, str):
         raise TypeError(f"budget must be a string, got {type(text).__name__}")
-    shown = text if len(text) <= 40 else f"{text[:37]}..."
     share = _SHARE.fullmatch(text)
     if share:
         num, den = int(share[1]), int(share[2])
         if den == 0 or num == 0 or num > den:
+            shown = _shown_text(text)
             raise ValueError(f"{shown!r}: a share of the float32 bytes must be in (0, 1], e.g. 1/16")
         return Fraction(num, den)
+    return parse_bytes(text, "budget", ", or a share of the float32 table bytes, e.g. 1/16")
+
+
+def parse_bytes(text: str, what: str = "size", alternative: str = "") -> int:
+    """A whole number of bytes, at least 1, from text: a decimal number with an optional
+    unit (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB; the case of a unit's letters does not
+    matter). ValueError naming ``what`` otherwise (``alternative``: what else the caller
+    takes, for the message)."""
+    shown = _shown_text(text)
     match = _BUDGET.fullmatch(text)
     unit = match[2].lower() if match else ""
     if not match or unit not in _UNITS:
         raise ValueError(
-            f"{shown!r} is not a budget: expected bytes with an optional unit (B, kB, MB, GB, KiB, "
-            "MiB, GiB), e.g. 20MB, or a share of the float32 table bytes, e.g. 1/16"
+            f"{shown!r} is not a {what}: expected bytes with an optional unit (B, kB, MB, GB, KiB, "
+            f"MiB, GiB), e.g. 20MB{alternative}"
         )
     try:
         value = Decimal(match[1]) * _UNITS[unit]
@@ -561,8 +571,12 @@ def parse_budget(text: str) -> Budget:
     if value != value.to_integral_value():
         raise ValueError(f"{shown!r} is not a whole number of bytes")
     if value < 1:
-        raise ValueError(f"{shown!r}: the budget must be at least 1 byte")
+        raise ValueError(f"{shown!r}: the {what} must be at least 1 byte")
     return int(value)
+
+
+def _shown_text(text: str) -> str:
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def resolve_budget(budget: Budget, float32_nbytes: int) -> int:

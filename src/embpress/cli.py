@@ -302,12 +302,9 @@ class _Bytes(click.ParamType):
         if isinstance(value, int):
             return value
         try:
-            parsed = checkpoint.parse_budget(str(value))
+            return checkpoint.parse_bytes(str(value), "size")
         except ValueError as err:
             self.fail(str(err), param, ctx)
-        if not isinstance(parsed, int):
-            self.fail(f"{value!r} is not a number of bytes (e.g. 512MiB, 2GB)", param, ctx)
-        return parsed
 
 
 class _NonNegative(click.ParamType):
