@@ -357,7 +357,7 @@ def _parse_index(p: Path, metadata: dict[str, str], keys: set[str]) -> dict[str,
         unknown = sorted(set(metadata) - _METADATA_KEYS[-1])
         what = f"unknown key(s) {_shown(unknown)}" if unknown else "no 'index'"
         raise _fail(p, f"header metadata has {what} (expected {sorted(_METADATA_KEYS[-1])})")
-    if "index_crc32" in metadata:  # files of embpress 0.1.0 before it was written have none
+    if "index_crc32" in metadata:  # absent from files written before it was: read unchecked
         stored = metadata["index_crc32"]
         if not (stored.isascii() and stored.isdigit() and len(stored) <= 10 and int(stored) < 1 << 32):
             raise _fail(p, f"index_crc32 must be an integer in [0, 2**32), got {_shown(stored)}")
