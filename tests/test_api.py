@@ -323,3 +323,50 @@ def test_tied_weights_are_reported():
         ptsq(model, DataNormSparsifier, sparsity_level=0.5)
     assert isinstance(model.wte, QuantizedEmbedding)
     assert isinstance(model.lm_head.weight, nn.Parameter)  # the head still computes in float
+
+
+class _TiedModules(nn.Module):
+    """Separate modules over one Parameter, as Hugging Face T5 ties its token tables."""
+
+    def __init__(self, bag_mode: str | None = None) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(60, 8)
+        self.encoder = nn.Embedding(60, 8)
+        self.decoder = nn.Embedding(60, 8) if bag_mode is None else nn.EmbeddingBag(60, 8, mode=bag_mode)
+        self.encoder.weight = self.decoder.weight = self.shared.weight
+
+
+def test_modules_sharing_one_weight_become_one_compressed_module(tmp_path):
+    """Compressed once (not once per module), the places share the result, the report and
+    the file hold one table with aliases, and a fresh tied model loads it back."""
+    model = _TiedModules()
+    ids = torch.tensor([[1, 5, 59]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no tied-weight warning: no float user is left
+        ptsq(model, DataNormSparsifier, sparsity_level=0.5)
+    assert isinstance(model.shared, QuantizedEmbedding)
+    assert model.shared is model.encoder is model.decoder
+    report = embpress.compression_report(model)
+    assert [(r.name, r.aliases) for r in report] == [("shared", ("encoder", "decoder"))]
+    path = tmp_path / "tied.safetensors"
+    embpress.save(model, path)
+    fresh = embpress.load(_TiedModules(), path)
+    assert fresh.shared is fresh.encoder is fresh.decoder
+    assert torch.equal(fresh.decoder(ids), model.shared(ids))
+
+
+def test_modules_sharing_one_weight_with_other_arguments_are_compressed_apart():
+    model = _TiedModules(bag_mode="sum")
+    with pytest.warns(UserWarning, match="differing in kind or arguments are compressed apart"):
+        ptsq(model, DataNormSparsifier, sparsity_level=0.5)
+    assert model.shared is model.encoder and isinstance(model.decoder, QuantizedEmbeddingBag)
+    ids = torch.tensor([[1, 5, 59]])
+    torch.testing.assert_close(model.decoder(ids)[0], model.shared(ids)[0].sum(0))
+
+
+def test_select_embeddings_joins_only_the_selected_tied_modules():
+    model = _TiedModules()
+    with pytest.warns(UserWarning, match=r"shared \(also (de|en)coder.weight\)"):
+        ptsq(model, DataNormSparsifier, select_embeddings=[model.shared], sparsity_level=0.5)
+    assert isinstance(model.shared, QuantizedEmbedding)
+    assert type(model.encoder) is nn.Embedding and type(model.decoder) is nn.Embedding

@@ -272,6 +272,30 @@ def test_shared_table_stays_shared_and_forward_matches() -> None:
     assert torch.equal(model.a(ids), torch.nn.functional.embedding(ids, model.a.dequantize()))
 
 
+def test_modules_sharing_one_weight_are_planned_as_one_table_with_their_usage_summed() -> None:
+    """Separate modules over one Parameter (tied token tables) are one table in the plan;
+    its usage is the sum of theirs (the same plan as one module looked up that often)."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(300, 8))
+    tied = nn.Module()
+    tied.enc, tied.dec = nn.Embedding(300, 8), nn.Embedding(300, 8)
+    tied.enc.weight = tied.dec.weight = weight
+    one = nn.Module()
+    one.enc = nn.Embedding(300, 8)
+    one.enc.weight = nn.Parameter(weight.detach().clone())
+    enc_counts = torch.zeros(300, dtype=torch.float64)
+    dec_counts = torch.zeros(300, dtype=torch.float64)
+    enc_counts[:40] = 50.0
+    dec_counts[200:260] = 30.0
+    budget = 300 * 8 * 4 // 12
+    p = plan(tied, budget, usage=Usage({"enc": enc_counts, "dec": dec_counts}))
+    q = plan(one, budget, usage=Usage({"enc": enc_counts + dec_counts}))
+    assert [t.name for t in p.tables] == ["enc"]
+    assert np.array_equal(p.tables[0].assignment, q.tables[0].assignment)
+    p.apply(tied)
+    assert tied.enc is tied.dec and tied.enc.nbytes == p.predicted_bytes
+
+
 # ------------------------------------------------------------------------------ JSON
 def test_json_round_trip_builds_the_same_tables(tmp_path: Path) -> None:
     model = Model()

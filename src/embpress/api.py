@@ -34,11 +34,15 @@ __all__ = [
 
 @dataclass
 class Target:
-    """One embedding module and every (parent, attribute) place it sits at."""
+    """One embedding table: its module, every (parent, attribute) place it sits at, and the
+    names of the modules there (more than one where several modules of one kind and the
+    same arguments share one weight, as tied encoder and decoder token tables do: they
+    become one compressed module)."""
 
     name: str
     module: Any
     places: list[tuple[nn.Module, str]] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
 
 
 def is_plain_embedding(module: nn.Module) -> bool:
@@ -61,7 +65,8 @@ def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None 
             seen_places.add((id(parent), attr))
             name = f"{parent_name}.{attr}" if parent_name else attr
             if is_plain_embedding(child):
-                targets.setdefault(id(child), Target(name, child)).places.append((parent, attr))
+                target = targets.setdefault(id(child), Target(name, child, names=[name]))
+                target.places.append((parent, attr))
             elif isinstance(child, (nn.Embedding, nn.EmbeddingBag)) and select_embeddings is None:
                 skipped.append(name)
     if skipped:
@@ -70,7 +75,7 @@ def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None 
             stacklevel=3,
         )
     if select_embeddings is None:
-        return list(targets.values())
+        return _tied_as_one(list(targets.values()))
     if not isinstance(select_embeddings, list):
         raise TypeError(
             f"select_embeddings must be a list of embedding modules, got {type(select_embeddings).__name__}"
@@ -87,7 +92,45 @@ def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None 
         if id(emb) not in targets:
             raise ValueError(f"select_embeddings holds a {type(emb).__name__} that is not part of the model")
         chosen[id(emb)] = targets[id(emb)]
-    return list(chosen.values())
+    return _tied_as_one(list(chosen.values()))
+
+
+def _arguments(module: nn.Module) -> tuple[Any, ...]:
+    """What a compressed module keeps of a float one besides its weight: its kind and
+    arguments."""
+    m: Any = module
+    if isinstance(m, nn.EmbeddingBag):
+        return ("EmbeddingBag", m.padding_idx, m.max_norm, m.norm_type, m.mode, m.include_last_offset)
+    return ("Embedding", m.padding_idx, m.max_norm, m.norm_type)
+
+
+def _tied_as_one(targets: list[Target]) -> list[Target]:
+    """Join targets whose modules share one weight and have the same kind and arguments
+    into one (the first's name; every place and name), so that the weight is compressed
+    once and its places share one compressed module. Modules that share a weight but
+    differ in kind or arguments stay apart: each gets its own table, and a warning says so."""
+    out: list[Target] = []
+    first: dict[tuple[int, tuple[Any, ...]], Target] = {}
+    kinds: dict[int, list[str]] = {}
+    for t in targets:
+        weight = t.module.weight
+        key = (id(weight), _arguments(t.module))
+        kinds.setdefault(id(weight), [])
+        if key in first:
+            first[key].places.extend(t.places)
+            first[key].names.extend(t.names)
+            continue
+        first[key] = t
+        kinds[id(weight)].append(t.name)
+        out.append(t)
+    apart = [names for names in kinds.values() if len(names) > 1]
+    if apart:
+        warnings.warn(
+            "modules sharing one weight but differing in kind or arguments are compressed "
+            "apart (one table each): " + "; ".join(", ".join(names) for names in apart),
+            stacklevel=4,
+        )
+    return out
 
 
 def checked_weight(target: Target, config: QuantConfig) -> torch.Tensor:
@@ -230,14 +273,17 @@ def swap_modules(model: nn.Module, targets: list[Target], replacements: dict[str
     for t in targets:
         for parent, attr in t.places:
             setattr(parent, attr, replacements[t.name])
-    _warn_tied(model, {id(t.module.weight): t.name for t in targets})
+    weights: dict[int, list[str]] = {}
+    for t in targets:
+        weights.setdefault(id(t.module.weight), []).append(t.name)
+    _warn_tied(model, weights)
 
 
-def _warn_tied(model: nn.Module, weights: dict[int, str]) -> None:
+def _warn_tied(model: nn.Module, weights: dict[int, list[str]]) -> None:
     """Say when a compressed table's float weight still lives on in another module (tied
     input/output embeddings): that module keeps computing with it and its bytes stay."""
     tied = sorted(
-        f"{weights[id(p)]} (also {name})"
+        f"{', '.join(weights[id(p)])} (also {name})"
         for name, p in model.named_parameters(remove_duplicate=False)
         if id(p) in weights
     )

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
 import os
@@ -442,12 +443,12 @@ class Plan:
                     f"{shape[0]} x {shape[1]}"
                 )
         if usage is not None:
-            _check_usage(usage, model, [tp.name for tp in self.tables])
+            _check_usage(usage, model, [n for tp in self.tables for n in targets[tp.name].names])
         replacements: dict[str, nn.Module] = {}
         for tp in self.tables:
             target = targets[tp.name]
             weight = checked_weight(target, QuantConfig())
-            counts = usage.counts[tp.name] if usage is not None else None
+            counts = _counts_of(usage, target)
             # the weights the codebooks were fitted with at planning
             norms = squared_norms(weight) if counts is None else None
             weights = row_weights(tp.rows, counts, self.unseen_weight, norms)
@@ -555,11 +556,8 @@ def plan(
     if not targets:
         raise PlanError("the model has no nn.Embedding / nn.EmbeddingBag table to plan")
     if usage is not None:
-        _check_usage(usage, model, [t.name for t in targets])
-    costs = [
-        _table_costs(t, candidates, usage.counts[t.name] if usage is not None else None, float(unseen_weight))
-        for t in targets
-    ]
+        _check_usage(usage, model, [n for t in targets for n in t.names])
+    costs = [_table_costs(t, candidates, _counts_of(usage, t), float(unseen_weight)) for t in targets]
     if budget is not None:
         smallest = sum(_all_pruned_size(c) for c in costs)
         if budget < smallest:
@@ -618,6 +616,13 @@ def _candidate_codecs(codecs: Sequence[Codec | str] | None) -> list[Codec]:
     if not any(c.kind == "pruned" for c in unique):
         unique.append(Codec.parse("pruned"))  # a table can always be made smaller by pruning
     return unique
+
+
+def _counts_of(usage: Usage | None, target: Target) -> torch.Tensor | None:
+    """The lookups per row of a table: the sum over the modules that share it."""
+    if usage is None:
+        return None
+    return functools.reduce(torch.add, (usage.counts[n] for n in target.names))
 
 
 def _check_usage(usage: Usage, model: nn.Module, names: list[str]) -> None:
