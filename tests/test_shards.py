@@ -67,6 +67,26 @@ def test_shard_is_the_rows_of_the_table(tmp_path_factory, layout, rows, dim, bit
     assert torch.equal(shard.other.weight, full.other.weight)  # the rest of the model as saved
 
 
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+def test_shard_counts_padding_idx_from_its_first_row(tmp_path, mode) -> None:
+    """A shard's padding row is the file's padding_idx in local ids, or none where the
+    shard does not hold it: its bags leave out the same row as the whole table's."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.emb = nn.EmbeddingBag(200, 8, mode=mode, padding_idx=120)
+    embpress.post_training_sparse_quantize(model, embpress.DataNormSparsifier, sparsity_level=0.5)
+    path = tmp_path / "p.safetensors"
+    embpress.save(model, path)
+    for start, stop, local in [(100, 150, 20), (0, 50, None), (150, 200, None), (120, 121, 0)]:
+        shell = nn.Module()
+        shell.emb = nn.EmbeddingBag(stop - start, 8, mode=mode)
+        shard = embpress.load(shell, path, shards={"emb": (start, stop)})
+        assert shard.emb.padding_idx == local
+        ids = torch.arange(stop - start).repeat(2)
+        offsets = torch.tensor([0, stop - start])
+        assert torch.equal(shard.emb(ids, offsets), model.emb(ids + start, offsets))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_only_what_the_rows_need_is_read(tmp_path, monkeypatch, layout) -> None:
     full, path = saved_model(tmp_path, layout, 4096, 64, 8, 0)

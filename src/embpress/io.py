@@ -157,9 +157,11 @@ def index_crc32(text: str) -> int:
 # from the last of these to the first, then by name
 SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
-    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
-    "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "I16": torch.int16,
+    "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
+    "U32": torch.uint32, "F32": torch.float32, "C64": torch.complex64, "F64": torch.float64,
+    "I64": torch.int64, "U64": torch.uint64,
 }  # fmt: skip
 _ST_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _ST_ORDER = {dtype: i for i, dtype in enumerate(SAFETENSORS_DTYPES.values())}
@@ -630,6 +632,15 @@ def _module_for(
     return module
 
 
+def _shard_module(module: dict[str, Any] | None, start: int, stop: int) -> dict[str, Any] | None:
+    """A table's module arguments for its rows ``start:stop`` alone: ``padding_idx`` counted
+    from ``start``, or none where the padding row is not among them."""
+    if module is None or module.get("padding_idx") is None:
+        return module
+    index = module["padding_idx"]
+    return {**module, "padding_idx": index - start if start <= index < stop else None}
+
+
 def _resolve(
     model: nn.Module, p: Path, table: str, name: str, entry: dict[str, Any]
 ) -> tuple[nn.Module, str, nn.Module]:
@@ -717,7 +728,9 @@ def load(
     for name, entry in index["tables"].items():
         if name in built:
             table = built[name]
-            entry = {**entry, "table": table.meta()}  # the model holds the shard's rows
+            # the model holds the shard's rows, whose ids start at 0
+            start, stop = (ranges or {})[name]
+            entry = {**entry, "table": table.meta(), "module": _shard_module(entry["module"], start, stop)}
         else:
             table = build_table(p, name, entry, tensors)
             for buf in table.tensors():
