@@ -197,6 +197,36 @@ def test_lookups_follow_the_buffers_written_in_place_or_replaced(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "float"])
+def test_model_dtype_casts_keep_every_buffer_dtype(tmp_path, layout, cast):
+    """``model.half()`` / ``.bfloat16()`` / ``.double()`` / ``.float()`` leave a table's
+    stored buffers as they are (float ones included: a mixed table's column books), so
+    its lookups and its file are unchanged."""
+    if layout == "mixed":  # with every kind of codec, column books included
+        from embpress.layouts.mixed import MixedTable
+        from embpress.quant.codecs import Codec
+
+        g = torch.Generator().manual_seed(1)
+        codecs = [Codec.parse(c) for c in ("pruned", "rowwise8", "levels2", "colbook4")]
+        ids = torch.randint(0, len(codecs), (60,), generator=g).numpy()
+        table = MixedTable.build(torch.randn(60, 12, generator=g), ids, codecs)
+    else:
+        table = _encoded(layout, 4, 60, 12, "blocks", 4, 1)[3]
+    module = QuantizedEmbeddingBag(table, mode="sum")
+    dtypes = {name: b.dtype for name, b in module.named_buffers()}
+    assert any(d.is_floating_point for d in dtypes.values()) == (layout == "mixed")
+    ids, offsets = torch.tensor([0, 5, 59, 7, 7]), torch.tensor([0, 2])
+    before, weight = module(ids, offsets), module.dequantize()
+    getattr(module, cast)()
+    assert {name: b.dtype for name, b in module.named_buffers()} == dtypes
+    assert torch.equal(module.dequantize(), weight)
+    assert torch.equal(module(ids, offsets).float(), before)
+    embpress.save(nn.Sequential(module), tmp_path / "m.safetensors")
+    fresh = embpress.load(nn.Sequential(nn.EmbeddingBag(60, 12, mode="sum")), tmp_path / "m.safetensors")
+    assert torch.equal(fresh[0].dequantize(), weight)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_round_trip_through_tensors_and_a_file(tmp_path, layout, bits):
     w, mask, config, table, _ = _encoded(layout, bits, 37, 12, "blocks", 4, 0)

@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+# the integer dtype of each float width, for moving a float buffer without re-typing it
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # per table: the policy, the buffers and the kernel arguments of its last fast lookup
 # (``QuantizedTable.kernel_args``); outside the module, so copies and pickles skip it
 _KERNEL_ARGS: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
@@ -368,8 +370,19 @@ class QuantizedTable(nn.Module):
         return value
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``fn`` on every buffer, each keeping its dtype: a stored table's dtypes are part of
+        its format, so ``model.half()`` or ``.double()`` must not re-type a float buffer (a
+        mixed table's column books), while moves between devices still apply. A float
+        buffer goes through ``fn`` viewed as integers of its width (which the dtype casts
+        of ``Module.to`` / ``half`` / ``double`` leave alone) and is viewed back."""
         _KERNEL_ARGS.pop(self, None)
-        out = super()._apply(fn, recurse)
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point():
+                return fn(t)
+            return fn(t.view(_SAME_WIDTH_INT[t.element_size()])).view(t.dtype)
+
+        out = super()._apply(keep_dtype, recurse)
         self._own_op_tensors()
         return out
 
