@@ -57,7 +57,7 @@ def test_streamed_file_is_the_in_memory_file(checkpoint, in_memory, tmp_path) ->
 
 def test_memory_option_is_checked(checkpoint, tmp_path) -> None:
     got = CliRunner().invoke(cli, ["compress", str(checkpoint), str(tmp_path / "o"), "--memory", "1/2"])
-    assert got.exit_code == 2 and "not a number of bytes" in got.output
+    assert got.exit_code == 2 and "is not a size" in got.output
     got = CliRunner().invoke(cli, ["compress", str(checkpoint), str(tmp_path / "o"), "--memory", "1MB"])
     assert got.exit_code != 0 and "at least 16 MiB" in got.output
     assert not (tmp_path / "o").exists()
@@ -194,3 +194,16 @@ def test_inspect_system_says_which_kernel_path_runs() -> None:
     assert "generic" in info["available_paths"]
     got = CliRunner().invoke(cli, ["inspect", "--system", "x.pt"])
     assert got.exit_code == 2 and "--system takes no FILE" in got.output
+
+
+def test_torchrun_with_a_pt_input_says_it_needs_a_safetensors_one(tmp_path) -> None:
+    """Several processes read IN in row chunks, which a torch.save checkpoint cannot be:
+    said so, rather than that its (safetensors) header is too large."""
+    src = tmp_path / "in.pt"
+    torch.save({"user_emb.weight": torch.randn(3000, 16)}, src)
+    out = tmp_path / "out.safetensors"
+    done = torchrun(2, src, out)
+    assert done.returncode != 0
+    assert not out.exists()
+    assert "in.pt: not a safetensors file" in done.stderr and "several processes" in done.stderr
+    assert "header is too large" not in done.stderr

@@ -152,3 +152,61 @@ def test_row_ranges_tile_the_table() -> None:
                 assert b == c and a <= b and (b % 256 == 0 or b == rows)
     with pytest.raises(ValueError):
         row_ranges(10, 0, 256)
+
+
+def _worker_sub_group(rank: int, size: int, init: str, d: str) -> None:
+    """Ranks 1 and 2 share a table over their own group (group ranks 0 and 1), rank 0 does
+    other work: the parts are gathered over that group, on its rank 0 (global rank 1), and
+    written in place by both."""
+    import datetime
+
+    from embpress.streaming import compress_safetensors
+
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=30)
+    )
+    try:
+        sub = dist.new_group([1, 2], backend="gloo")
+        if rank != 0:
+            collective = TorchCollective(sub)
+            result = compress_safetensors(
+                Path(d) / "in.safetensors",
+                quant=embpress.QuantConfig(bits=4),
+                sparsity=0.5,
+                chunk_bytes=1,
+                collective=collective,
+            )
+            assert (result is None) == (rank == 2)
+            if result is not None:
+                result.save(Path(d) / "gathered.safetensors")
+            # and written in place by both (the header from group rank 0, the CRCs passed on)
+            compress_safetensors(
+                Path(d) / "in.safetensors",
+                quant=embpress.QuantConfig(bits=4),
+                sparsity=0.5,
+                chunk_bytes=1,
+                collective=collective,
+                out=Path(d) / "in_place.safetensors",
+            )
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathering_goes_over_the_collective_s_group(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    w = {"emb.weight": table(1000, 8, 9), "head.weight": torch.randn(2, 2)}
+    save_file(w, str(tmp_path / "in.safetensors"))
+    mp.start_processes(
+        _worker_sub_group,
+        args=(3, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)),
+        nprocs=3,
+        start_method="spawn",
+    )
+    embpress.compress_state_dict(w, sparsity=0.5, quant=embpress.QuantConfig(bits=4)).save(
+        tmp_path / "one.safetensors"
+    )
+    one = (tmp_path / "one.safetensors").read_bytes()
+    assert (tmp_path / "gathered.safetensors").read_bytes() == one
+    assert (tmp_path / "in_place.safetensors").read_bytes() == one

@@ -358,3 +358,13 @@ def test_the_1x4_kernels_are_the_general_ones_bit_for_bit(rows, quads, square, s
     parallel_call(expand_block_mask, pruned, 1, 4, want_mask)
     parallel_call(expand_block_mask_1x4, pruned, got_mask)
     assert np.array_equal(want_mask, got_mask)
+
+
+def test_streaming_mask_of_part_of_the_rows_needs_a_collective():
+    """One process reading part of the rows would take their norms for the whole table's
+    (every row of a low half pruned): refused; the whole range is the in-memory mask."""
+    x = torch.randn(64, 8)
+    with pytest.raises(ValueError, match=r"row_range \(0, 32\) covers part of the table's 64 rows"):
+        list(streaming_block_norm_mask(lambda a, b: x[a:b], (64, 8), 0.5, (1, 4), row_range=(0, 32)))
+    whole = list(streaming_block_norm_mask(lambda a, b: x[a:b], (64, 8), 0.5, (1, 4), row_range=(0, 64)))
+    assert torch.equal(torch.cat([m for _, m in whole]), block_norm_mask(x, 0.5, (1, 4)))

@@ -221,3 +221,104 @@ def test_concat_rows_checks_its_parts(layout) -> None:
         cls.concat_rows([c, b])
     with pytest.raises(ValueError, match="at least one"):
         cls.concat_rows([])
+
+
+def test_row_range_without_a_collective_refused() -> None:
+    """One process, part of the rows: the threshold would be that part's alone (every row
+    pruned at sparsity 0.5), so it is refused; the whole range still works."""
+    w = table(1024, 16, 4)
+    config = embpress.QuantConfig(bits=8)
+    with pytest.raises(ValueError, match=r"row_range \(0, 512\) covers part of the 1024 rows.*collective"):
+        compress_table(w, config, sparsity_level=0.5, chunk_rows=256, row_range=(0, 512))
+    with pytest.raises(ValueError, match=r"row_range \(512, 1024\) covers part"):
+        compress_table(w, config, sparsity_level=0.5, chunk_rows=256, row_range=(512, 1024))
+    got, _ = compress_table(w, config, sparsity_level=0.5, chunk_rows=256, row_range=(0, 1024))
+    assert_same_table(in_memory(w, config, True, sparsity_level=0.5)[0], got)
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_safetensors_rows_outside_the_tensor_refused(tmp_path, mapped) -> None:
+    """A range past the tensor (the next tensor's bytes), before it (the header's) or
+    reversed is refused, naming the range and the tensor's rows."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "t.safetensors"
+    save_file({"a_emb.weight": torch.zeros(4, 2), "b_emb.weight": torch.full((4, 2), 7.0)}, str(path))
+    f = SafetensorsFile(path, mapped=mapped)
+    for lo, hi in [(2, 6), (-2, 1), (3, 2), (4, 5)]:
+        said = rf"rows {lo}:{hi} are not a row range of tensor 'a_emb\.weight' \(4 rows\)"
+        with pytest.raises(ValueError, match=said):
+            f.rows("a_emb.weight", lo, hi)
+    read, _ = safetensors_rows(path, "a_emb.weight")
+    with pytest.raises(ValueError, match=r"t\.safetensors: rows 2:6 are not a row range"):
+        read(2, 6)
+    assert torch.equal(f.rows("a_emb.weight", 4, 4), torch.zeros(0, 2))
+
+
+def _checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    w = {"emb.weight": table(600, 8, 6), "head.weight": torch.randn(2, 3)}
+    src = tmp_path / "in.safetensors"
+    save_file(w, str(src))
+    return src, w
+
+
+def test_compress_safetensors_defaults_are_compress_state_dict_s(tmp_path) -> None:
+    """quant=None is DEFAULT_BITS (4) bits, as in memory: the same file, byte for byte."""
+    from embpress.streaming import compress_safetensors
+
+    src, w = _checkpoint(tmp_path)
+    compress_safetensors(src, out=tmp_path / "stream.safetensors")
+    embpress.compress_state_dict(w).save(tmp_path / "mem.safetensors")
+    assert embpress.inspect(tmp_path / "stream.safetensors").tables[0].bits == 4
+    assert (tmp_path / "stream.safetensors").read_bytes() == (tmp_path / "mem.safetensors").read_bytes()
+
+
+def test_quant_of_another_type_refused_on_every_path(tmp_path) -> None:
+    from embpress.streaming import compress_safetensors
+
+    src, w = _checkpoint(tmp_path)
+    torch.save(w, tmp_path / "in.pt")
+    out = tmp_path / "out.safetensors"
+    for path in (src, tmp_path / "in.pt"):
+        with pytest.raises(TypeError, match=r"quant must be an embpress\.QuantConfig, got int"):
+            embpress.compress_checkpoint(path, out, quant=8)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"quant must be an embpress\.QuantConfig, got str"):
+        compress_safetensors(src, quant="8", out=out)  # type: ignore[arg-type]
+    assert not out.exists()
+
+
+def test_errors_of_the_file_name_it_once(tmp_path) -> None:
+    """A tensor torch cannot hold (FP4, which safetensors accepts) is refused with the
+    file named once, not again by compress_safetensors."""
+    from embpress.streaming import compress_safetensors
+
+    emb = table(300, 8, 7)
+    header = {
+        "emb.weight": {"dtype": "F32", "shape": [300, 8], "data_offsets": [0, 9600]},
+        "packed": {"dtype": "F4", "shape": [4, 2], "data_offsets": [9600, 9604]},
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    src = tmp_path / "in.safetensors"
+    src.write_bytes(struct.pack("<Q", len(text)) + text + emb.numpy().tobytes() + bytes(4))
+    with pytest.raises(ValueError, match="tensor 'packed' has a dtype torch cannot hold") as caught:
+        compress_safetensors(src, out=tmp_path / "out.safetensors")
+    assert str(caught.value).count("in.safetensors") == 1, caught.value
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float8_e8m0fnu, torch.float8_e4m3fnuz])
+def test_other_tensors_of_every_safetensors_dtype_are_copied(tmp_path, dtype) -> None:
+    """A .safetensors checkpoint holding a non-table tensor of a dtype safetensors writes
+    (rotary frequencies in complex64, say) compresses as the same state dict in memory."""
+    from safetensors.torch import save_file
+
+    from embpress.streaming import compress_safetensors
+
+    w = {"emb.weight": table(300, 8, 1), "freqs": torch.arange(6).to(dtype)}
+    save_file(w, str(tmp_path / "in.safetensors"))
+    compress_safetensors(tmp_path / "in.safetensors", out=tmp_path / "stream.safetensors")
+    embpress.compress_state_dict(w).save(tmp_path / "mem.safetensors")
+    assert (tmp_path / "stream.safetensors").read_bytes() == (tmp_path / "mem.safetensors").read_bytes()

@@ -63,14 +63,17 @@ def _broadcast_bytes(data: bytes, collective: Collective) -> bytes:
         return data
     import torch.distributed as dist
 
+    from .distributed import global_rank
+
     group = _group(collective)
+    first = global_rank(group, 0)  # torch names the source by its rank in the default group
     n = torch.tensor([len(data)], dtype=torch.int64)
-    dist.broadcast(n, 0, group=group)
+    dist.broadcast(n, first, group=group)
     buf = torch.empty(int(n[0]), dtype=torch.uint8)
     if collective.rank == 0 and data:
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     if int(n[0]):
-        dist.broadcast(buf, 0, group=group)
+        dist.broadcast(buf, first, group=group)
     return buf.numpy().tobytes()
 
 
@@ -90,11 +93,14 @@ def _pass_value(value: int, src: int, dst: int, collective: Collective) -> int:
         return value
     import torch.distributed as dist
 
+    from .distributed import global_rank
+
+    group = _group(collective)
     t = torch.tensor([value], dtype=torch.int64)
-    if collective.rank == src:
-        dist.send(t, dst, group=_group(collective))
+    if collective.rank == src:  # send / recv name the peer by its rank in the default group
+        dist.send(t, global_rank(group, dst), group=group)
     else:
-        dist.recv(t, src, group=_group(collective))
+        dist.recv(t, global_rank(group, src), group=group)
     return int(t[0])
 
 

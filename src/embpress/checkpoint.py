@@ -925,6 +925,8 @@ def compress_checkpoint(
     which must be on a filesystem they all share; rank 0 returns the report, the others
     None).
     """
+    if quant is not None and not isinstance(quant, QuantConfig):  # on every path, before reading
+        raise TypeError(f"quant must be an embpress.QuantConfig, got {type(quant).__name__}")
     planned = plan is not None or budget is not None or max_error is not None
     many = collective is not None and collective.size > 1
     if many and planned:

@@ -123,13 +123,20 @@ def _recv_table(src: int, group: Any) -> QuantizedTable | None:
     return table_class(meta.get("layout")).from_tensors(meta, tensors)
 
 
+def global_rank(group: Any, rank: int) -> int:
+    """The default group's rank of ``group``'s process ``rank``: what ``send`` / ``recv``
+    take as peer, whatever group they are given."""
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
 def gather_table(part: QuantizedTable | None, dst: int = 0, group: Any = None) -> QuantizedTable | None:
-    """Every process's part of one table, joined in rank order on ``dst`` (None elsewhere)."""
+    """Every process's part of one table, joined in rank order on ``dst`` (None elsewhere);
+    ``dst`` and the order are ranks within ``group`` (default: the default group)."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     if rank != dst:
-        _send_table(part, dst, group)
+        _send_table(part, global_rank(group, dst), group)
         return None
-    parts = [part if r == dst else _recv_table(r, group) for r in range(size)]
+    parts = [part if r == dst else _recv_table(global_rank(group, r), group) for r in range(size)]
     present = [p for p in parts if p is not None]
     if not present:
         raise ValueError("no process holds rows of this table")

@@ -142,10 +142,16 @@ class SafetensorsFile:
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` (along the first dimension) of tensor ``name``. A view of the
         private mapping where there is one: writing into it never reaches the file, but
-        later reads of those rows through this object return what was written."""
+        later reads of those rows through this object return what was written. ValueError
+        for a range outside the tensor (it would read other tensors' bytes, or the header)."""
         dtype, shape, offset = self._entries[name]
         if dtype is None:
             raise ValueError(f"{self.path}: tensor {name!r} has a dtype torch cannot hold")
+        held = shape[0] if shape else 1  # a scalar is read as one row
+        if not 0 <= start <= stop <= held:
+            raise ValueError(
+                f"{self.path}: rows {start}:{stop} are not a row range of tensor {name!r} ({held} rows)"
+            )
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         at = offset + start * row_bytes
         if self._map is not None and at % dtype.itemsize == 0:
@@ -170,7 +176,17 @@ class SafetensorsFile:
 
 
 def _plain_checkpoint(p: Path) -> SafetensorsFile:
-    """The open safetensors file ``p``, refused if it is an embpress file already."""
+    """The open safetensors file ``p``, refused if it is an embpress file already, or not a
+    safetensors file (a torch.save checkpoint, say: only a .safetensors input is read in row
+    chunks, which is how several processes share one)."""
+    from .checkpoint import is_safetensors_file
+
+    if not is_safetensors_file(p):
+        raise ValueError(
+            f"{p}: not a safetensors file: only a .safetensors checkpoint is read in row chunks, "
+            "and so shared by several processes (torchrun); compress it in one process, which "
+            "reads it whole"
+        )
     handle = SafetensorsFile(p)
     if handle.metadata().get("format") == FORMAT_NAME:
         raise ValueError(f"{p}: already an embpress file (see 'embpress inspect {p}')")
@@ -320,6 +336,13 @@ def compress_table_parts(
         raise ValueError(
             f"row_range {(lo, hi)} must lie in [0, {rows}] with both ends multiples of chunk_rows "
             f"({step}) or the end of the table"
+        )
+    if collective.size == 1 and (lo, hi) != (0, rows):
+        # the threshold, layout and error are settled over the rows the processes hold:
+        # alone, this process would take its range for the whole table
+        raise ValueError(
+            f"row_range {(lo, hi)} covers part of the {rows} rows of {name}, but no collective "
+            "shares the others: give the collective of the processes that hold them, or no row_range"
         )
 
     masks = StreamingMask(
@@ -503,16 +526,20 @@ def compress_safetensors(
     its own rows into one file (``assemble.write_parts``; ``out`` on a filesystem they
     all share), and the result is its report. Without ``out``, rank 0 gathers the parts
     and returns the result to save. Rank 0 returns the result, the others None.
+
+    ``quant`` defaults to ``checkpoint.DEFAULT_BITS`` bits, as in ``compress_state_dict``.
     """
     from . import checkpoint as ckpt
     from .assemble import write_parts
     from .distributed import gather_table, row_ranges
     from .nn import QuantizedEmbedding
 
+    config = quant if quant is not None else QuantConfig(bits=ckpt.DEFAULT_BITS)
+    if not isinstance(config, QuantConfig):  # before anything reads config's fields
+        raise TypeError(f"quant must be an embpress.QuantConfig, got {type(config).__name__}")
     p = Path(src)
     ckpt.check_input_file(p, fits=False)
     handle = _plain_checkpoint(p)
-    config = quant if quant is not None else QuantConfig()
     lazy = _lazy_state(p, handle)
     if not lazy:
         raise ValueError(f"{p}: the file holds no tensors")
@@ -557,7 +584,9 @@ def compress_safetensors(
                 table = None
             else:
                 part = _joined(parts)
-                table = gather_table(part) if collective.size > 1 else part
+                # over the collective's own group (a sub-group), not the default one
+                group = getattr(collective, "group", None)
+                table = gather_table(part, group=group) if collective.size > 1 else part
             if table is not None:
                 module = QuantizedEmbedding(table)
                 module.error = error
@@ -581,6 +610,8 @@ def compress_safetensors(
             ]
             return ckpt.written_checkpoint(out, lazy, done, copied)
     except ValueError as err:
+        if str(err).startswith(f"{p}: "):  # named already (SafetensorsFile's own errors)
+            raise
         raise ValueError(f"{p}: {err}") from err
     if collective.rank != 0:
         return None

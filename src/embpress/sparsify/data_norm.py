@@ -283,6 +283,12 @@ class StreamingMask:
                 f"row_range {(lo, hi)} must lie in [0, {height}] and start and end on a block row "
                 f"(multiples of {bh}, or the end of the table)"
             )
+        if collective.size == 1 and (lo, hi) != (0, height):
+            # alone, this process would take its rows' norms for the whole table's
+            raise ValueError(
+                f"row_range {(lo, hi)} covers part of the table's {height} rows, but no collective "
+                "shares the others: give the collective of the processes that hold them, or no row_range"
+            )
         self.read_rows, self.height, self.width = read_rows, height, width
         self.lo, self.hi, self.block, self.norm = lo, hi, (bh, bw), norm
         self.sparsity_level = sparsity_level
