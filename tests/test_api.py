@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import embpress
 from embpress import DataNormSparsifier, QuantConfig, QuantizedEmbedding, QuantizedEmbeddingBag
@@ -370,3 +371,54 @@ def test_select_embeddings_joins_only_the_selected_tied_modules():
         ptsq(model, DataNormSparsifier, select_embeddings=[model.shared], sparsity_level=0.5)
     assert isinstance(model.shared, QuantizedEmbedding)
     assert type(model.encoder) is nn.Embedding and type(model.decoder) is nn.Embedding
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_half_or_double_model_keeps_its_dtype(tmp_path, dtype):
+    """The compressed modules return their float weight's dtype (as the module they
+    replace did), take per_sample_weights of that dtype, follow later casts of the model,
+    and a model of that dtype loads the file with it; the stored codes are the same."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.emb, model.bag = nn.Embedding(40, 8), nn.EmbeddingBag(40, 8, mode="sum")
+    model.to(dtype)
+    ptsq(model, DataNormSparsifier, sparsity_level=0.5)
+    ids, offsets = torch.tensor([1, 4, 39, 7]), torch.tensor([0, 2])
+    weights = torch.tensor([0.5, 1.0, 2.0, -1.0], dtype=dtype)
+    assert model.emb.output_dtype == model.bag.output_dtype == dtype
+    assert model.emb(ids).dtype == dtype
+    table = model.bag.dequantize()
+    expect = F.embedding_bag(ids, table, offsets, mode="sum", per_sample_weights=weights.float())
+    got = model.bag(ids, offsets, per_sample_weights=weights)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, expect.to(dtype), rtol=1e-5, atol=1e-5)
+    assert f"output_dtype={dtype}" in repr(model.emb)
+    path = tmp_path / "m.safetensors"
+    embpress.save(model, path)
+    shell = nn.Module()
+    shell.emb, shell.bag = nn.Embedding(40, 8), nn.EmbeddingBag(40, 8, mode="sum")
+    fresh = embpress.load(shell.to(dtype), path)
+    assert torch.equal(fresh.emb(ids), model.emb(ids))
+    model.float()
+    assert model.emb(ids).dtype == torch.float32 and model.bag.table.dequantize().dtype == torch.float32
+    exported = torch.export.export(model.emb.to(dtype), (ids,))
+    assert exported.module()(ids).dtype == dtype
+
+
+def test_output_dtype_must_be_a_float_dtype_the_modules_return():
+    table = QuantizedEmbedding.from_float(nn.Embedding(10, 4)).table
+    with pytest.raises(TypeError, match="output_dtype"):
+        QuantizedEmbedding(table, output_dtype=torch.int32)
+    with pytest.raises(TypeError, match="output_dtype"):
+        QuantizedEmbeddingBag(table, output_dtype="float16")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("sparsify_first", [True, False])
+def test_an_encoding_error_names_its_table_in_either_order(sparsify_first):
+    model = nn.ModuleDict({"user": nn.Embedding(30, 8), "item": nn.Embedding(20, 8)})
+    with torch.no_grad():
+        model["item"].weight[3] *= 1e6  # beyond float16 scales at 4 bits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^table 'item': .*float16"):
+        ptsq(model, DataNormSparsifier, sparsify_first, quant=QuantConfig(bits=4), sparsity_level=0.5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -442,7 +442,7 @@ def test_str_is_a_table() -> None:
     p = plan(Model(), _float_bytes(Model()) // 16)
     text = str(p)
     lines = text.splitlines()
-    assert lines[0].startswith("plan: 2 table(s)") and "budget" in lines[0] and "uniform rows" in lines[0]
+    assert lines[0].startswith("plan: 2 table(s)") and "budget" in lines[0] and "squared norm" in lines[0]
     assert lines[1].split()[:2] == ["table", "rows"]
     assert any(line.startswith("emb ") for line in lines) and lines[-1].startswith("total")
     assert "%" in p["emb"].summary() and " / " in p["emb"].summary()

@@ -166,3 +166,21 @@ def test_usage_that_does_not_match_the_model_is_refused():
     Usage({"emb": torch.zeros(20)}).check(model, names=["emb"])
     with pytest.raises(UsageError, match="rows"), record_usage(model, Usage({"bag": torch.zeros(5)})):
         pass
+
+
+def test_counts_recorded_in_inference_mode_can_be_added_to_outside_it():
+    """Counts are normal tensors whatever the mode they were made in: a later block
+    outside torch.inference_mode() adds to them (an inference tensor refuses in-place
+    updates there, from inside the model's forward)."""
+    model = nn.Sequential(nn.Embedding(10, 4))
+    ids = torch.tensor([1, 2, 3])
+    with torch.inference_mode(), record_usage(model) as usage:
+        model(ids)
+    with torch.no_grad(), record_usage(model, usage):
+        model(ids)
+    assert usage["0"].tolist() == [0, 2, 2, 2, 0, 0, 0, 0, 0, 0]
+    with torch.inference_mode():
+        given = Usage({"0": torch.ones(10, dtype=torch.float64)})
+    with record_usage(model, given):
+        model(ids)
+    assert float(given["0"].sum()) == 13.0

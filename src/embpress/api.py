@@ -18,7 +18,7 @@ from torch import nn
 
 from .layouts import QuantizedTable, encode_table
 from .layouts.encode import fake_quantize_table, finite_table, plain_qparams
-from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
+from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, output_dtype_of
 from .quant import QuantConfig, RowQParams
 
 __all__ = [
@@ -227,7 +227,10 @@ def post_training_sparse_quantize(
     for t in targets:
         w = weights[t.name]
         if not sparsify_first:
-            saved[t.name] = plain_qparams(w, config)
+            try:
+                saved[t.name] = plain_qparams(w, config)
+            except ValueError as err:
+                raise ValueError(f"table {t.name!r}: {err}") from err
             originals[t.name] = w
             w = weights[t.name] = fake_quantize_table(w, saved[t.name], config.bits)
         sparsifier.add_data(name=keys[t.name], data=w)
@@ -257,14 +260,20 @@ def post_training_sparse_quantize(
 
 def quantized_module(target: Target, table: QuantizedTable) -> QuantizedEmbedding | QuantizedEmbeddingBag:
     """The module replacing ``target``, holding ``table`` on the target's device, with its
-    pooling, padding and norm settings."""
+    pooling, padding and norm settings, returning its weight's dtype."""
     m: Any = target.module
-    device = m.weight.device
+    device, dtype = m.weight.device, output_dtype_of(m)
     if isinstance(m, nn.EmbeddingBag):
         return QuantizedEmbeddingBag(
-            table.to(device), m.mode, m.padding_idx, m.include_last_offset, m.max_norm, m.norm_type
+            table.to(device),
+            m.mode,
+            m.padding_idx,
+            m.include_last_offset,
+            m.max_norm,
+            m.norm_type,
+            output_dtype=dtype,
         )
-    return QuantizedEmbedding(table.to(device), m.padding_idx, m.max_norm, m.norm_type)
+    return QuantizedEmbedding(table.to(device), m.padding_idx, m.max_norm, m.norm_type, output_dtype=dtype)
 
 
 def swap_modules(model: nn.Module, targets: list[Target], replacements: dict[str, nn.Module]) -> None:

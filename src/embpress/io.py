@@ -32,7 +32,7 @@ from torch import nn
 from ._buffers import on_huge_pages
 from .layouts import TABLE_CLASSES, FormatError, QuantizedTable
 from .layouts.base import Spec
-from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, module_kwargs
+from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, module_kwargs, output_dtype_of
 from .report import human_bytes, quantized_modules
 
 __all__ = [
@@ -610,7 +610,8 @@ def build_table(
 def _module_for(
     p: Path, name: str, entry: dict[str, Any], table: QuantizedTable, target: nn.Module
 ) -> QuantizedEmbedding | QuantizedEmbeddingBag:
-    """The quantized module of one entry; kind "auto" copies ``target``'s kind and arguments."""
+    """The quantized module of one entry; kind "auto" copies ``target``'s kind and arguments.
+    It returns ``target``'s dtype (a float module's weight dtype)."""
     kind, kwargs = entry["kind"], dict(entry["module"] or {})
     if kind == "auto":
         bag = isinstance(target, (nn.EmbeddingBag, QuantizedEmbeddingBag))
@@ -621,6 +622,7 @@ def _module_for(
         if kwargs["max_norm"] is not None:
             kwargs["max_norm"] = float(kwargs["max_norm"])
     module: QuantizedEmbedding | QuantizedEmbeddingBag
+    kwargs["output_dtype"] = output_dtype_of(target)  # what the model's module returns: not stored
     try:
         if kind == "EmbeddingBag":
             module = QuantizedEmbeddingBag(table, **kwargs)

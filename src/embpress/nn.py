@@ -22,7 +22,7 @@ from . import ops
 from .layouts import QuantizedTable, encode_table
 from .quant import QuantConfig, RowQParams
 
-__all__ = ["QuantizedEmbedding", "QuantizedEmbeddingBag"]
+__all__ = ["OUTPUT_DTYPES", "QuantizedEmbedding", "QuantizedEmbeddingBag", "output_dtype_of"]
 
 
 def _runs_eagerly(*tensors: torch.Tensor | None) -> bool:
@@ -56,6 +56,27 @@ def _check_tensor(value: object, name: str, optional: bool = False) -> None:
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
 
 
+# the dtypes a module can return, as a float module's weight may have them
+OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _output_dtype(dtype: object) -> torch.dtype:
+    """``dtype`` if the modules can return it; TypeError otherwise."""
+    if not isinstance(dtype, torch.dtype) or dtype not in OUTPUT_DTYPES:
+        raise TypeError(f"output_dtype must be one of {', '.join(map(str, OUTPUT_DTYPES))}, got {dtype!r}")
+    return dtype
+
+
+def output_dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype a module replacing ``module`` returns: its weight's (or its own output
+    dtype), float32 where that is not a float dtype the modules can return."""
+    dtype = getattr(module, "output_dtype", None)
+    weight = getattr(module, "weight", None)
+    if dtype is None and isinstance(weight, torch.Tensor):
+        dtype = weight.dtype
+    return dtype if dtype in OUTPUT_DTYPES else torch.float32
+
+
 class _QuantizedModule(nn.Module):
     """Shared by both modules: the table, sizes, and the report of how it was made."""
 
@@ -70,10 +91,20 @@ class _QuantizedModule(nn.Module):
         "float_nbytes",
     ]
 
-    def __init__(self, table: QuantizedTable) -> None:
+    def __init__(self, table: QuantizedTable, output_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.table = table
         self.error: dict[str, float] | None = None
+        self.output_dtype = _output_dtype(output_dtype)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``model.half()``, ``.to(torch.bfloat16)``... set the dtype of the outputs, as they
+        set a float module's weight (the table's own buffers keep theirs): the dtype is
+        what ``fn`` makes of an empty float tensor of the current one."""
+        probe = fn(torch.empty(0, dtype=self.output_dtype))
+        if isinstance(probe, torch.Tensor) and probe.dtype in OUTPUT_DTYPES:
+            self.output_dtype = probe.dtype
+        return super()._apply(fn, recurse)
 
     def _padding(self, padding_idx: int | None) -> int | None:
         """``padding_idx`` as torch's modules keep it: a negative one counted from the end,
@@ -129,10 +160,15 @@ class _QuantizedModule(nn.Module):
 
     def extra_repr(self) -> str:
         ratio = self.nbytes / self.float_nbytes if self.float_nbytes else 0.0
+        out = "" if self.output_dtype == torch.float32 else f", output_dtype={self.output_dtype}"
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, layout={self.layout}, "
-            f"sparsity={self.sparsity:.3f}, nbytes={self.nbytes}, ratio_to_float32={ratio:.4f}"
+            f"sparsity={self.sparsity:.3f}, nbytes={self.nbytes}, ratio_to_float32={ratio:.4f}{out}"
         )
+
+    def _cast(self, out: torch.Tensor) -> torch.Tensor:
+        """The lookup (float32) in the module's output dtype."""
+        return out if self.output_dtype == torch.float32 else out.to(self.output_dtype)
 
     @staticmethod
     def _encode(
@@ -166,8 +202,10 @@ class QuantizedEmbedding(_QuantizedModule):
         padding_idx: int | None = None,
         max_norm: float | None = None,
         norm_type: float = 2.0,
+        *,
+        output_dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__(table)
+        super().__init__(table, output_dtype)
         self.padding_idx = self._padding(padding_idx)
         self.max_norm = max_norm
         self.norm_type = norm_type
@@ -186,7 +224,9 @@ class QuantizedEmbedding(_QuantizedModule):
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"expected nn.Embedding, got {type(module).__name__}")
         table, error = cls._encode(module.weight, config, mask, block_width, saved_qparams)
-        out = cls(table, module.padding_idx, module.max_norm, module.norm_type)
+        out = cls(
+            table, module.padding_idx, module.max_norm, module.norm_type, output_dtype=output_dtype_of(module)
+        )
         out.error = error
         return out
 
@@ -196,9 +236,9 @@ class QuantizedEmbedding(_QuantizedModule):
             _check_tensor(input, "indices")
             if _runs_eagerly(input):
                 fast = input.device.type == "cpu"  # the op's CPU kernel, else its plain-torch one
-                return ops.embedding_impl(table, input, self.max_norm, self.norm_type, fast)
+                return self._cast(ops.embedding_impl(table, input, self.max_norm, self.norm_type, fast))
         layout, rows, dim, bits, scale_dtype, layout_args = table.op_fields()
-        return torch.ops.embpress.embedding(
+        out = torch.ops.embpress.embedding(
             table.op_tensors(),
             layout,
             rows,
@@ -210,6 +250,7 @@ class QuantizedEmbedding(_QuantizedModule):
             self.max_norm,
             self.norm_type,
         )
+        return self._cast(out)
 
 
 class QuantizedEmbeddingBag(_QuantizedModule):
@@ -223,8 +264,10 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         include_last_offset: bool = False,
         max_norm: float | None = None,
         norm_type: float = 2.0,
+        *,
+        output_dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__(table)
+        super().__init__(table, output_dtype)
         if mode not in ops.MODES:
             raise ValueError(f"mode must be 'sum', 'mean' or 'max', got {mode!r}")
         self.mode = mode
@@ -254,6 +297,7 @@ class QuantizedEmbeddingBag(_QuantizedModule):
             module.include_last_offset,
             module.max_norm,
             module.norm_type,
+            output_dtype=output_dtype_of(module),
         )
         out.error = error
         return out
@@ -271,8 +315,12 @@ class QuantizedEmbeddingBag(_QuantizedModule):
             _check_tensor(input, "indices")
             _check_tensor(offsets, "offsets", optional=True)
             _check_tensor(per_sample_weights, "per_sample_weights", optional=True)
+        if per_sample_weights is not None and per_sample_weights.dtype == self.output_dtype:
+            per_sample_weights = per_sample_weights.float()  # the weight's dtype, as nn's take them
+        # TorchScript leaves out a block guarded by is_scripting() alone (not one merged with `and`)
+        if not torch.jit.is_scripting():  # noqa: SIM102
             if _runs_eagerly(input, offsets, per_sample_weights):
-                return ops.embedding_bag_impl(
+                out = ops.embedding_bag_impl(
                     table,
                     input,
                     offsets,
@@ -284,8 +332,9 @@ class QuantizedEmbeddingBag(_QuantizedModule):
                     self.norm_type,
                     input.device.type == "cpu",  # the op's CPU kernel, else its plain-torch one
                 )
+                return self._cast(out)
         layout, rows, dim, bits, scale_dtype, layout_args = table.op_fields()
-        return torch.ops.embpress.embedding_bag(
+        out = torch.ops.embpress.embedding_bag(
             table.op_tensors(),
             layout,
             rows,
@@ -302,6 +351,7 @@ class QuantizedEmbeddingBag(_QuantizedModule):
             self.max_norm,
             self.norm_type,
         )
+        return self._cast(out)
 
     def _generic(
         self, flat: torch.Tensor, bounds: torch.Tensor, weights: torch.Tensor | None

@@ -318,7 +318,7 @@ class Plan:
         weights = (
             f"usage-weighted rows (unseen share {self.unseen_weight:g})"
             if self.with_usage
-            else "uniform rows"
+            else "rows weighted by squared norm (no usage)"
         )
         title = (
             f"plan: {len(self.tables)} table(s), {human_bytes(self.predicted_bytes)} "
@@ -533,7 +533,7 @@ def plan(
         budget_bytes: bytes all selected tables may take together (their ``nbytes`` after
             :meth:`Plan.apply` is at most this, and exactly the plan's predicted bytes).
         usage: lookups per row (:func:`embpress.record_usage`); it must cover every
-            selected table with its row count. Without it every row weighs the same.
+            selected table with its row count. Without it a row weighs its squared norm.
         select_embeddings: plan only these modules (the budget covers them alone).
         max_error: instead of a budget, the fewest bytes whose predicted error (summed
             over tables) is at most this.

@@ -47,6 +47,9 @@ def _check_counts(name: str, counts: torch.Tensor, where: str) -> torch.Tensor:
     if not counts.is_floating_point() and counts.dtype not in (torch.int32, torch.int64):
         raise UsageError(f"{where}table {name!r}: counts have dtype {counts.dtype}, expected a number type")
     out = counts.detach().to("cpu", torch.float64).contiguous()
+    if out.is_inference():  # made in torch.inference_mode(): a copy that can be added to outside it
+        with torch.inference_mode(False):
+            out = out.clone()
     if not bool(torch.isfinite(out).all()):
         raise UsageError(f"{where}table {name!r}: counts hold NaN or Inf")
     if bool((out < 0).any()):
@@ -207,7 +210,9 @@ def record_usage(model: nn.Module, usage: Usage | None = None) -> Iterator[Usage
         if name in usage.counts and usage.counts[name].numel() != rows:
             raise UsageError(f"table {name!r}: usage has {usage.counts[name].numel()} rows, the model {rows}")
         if name not in usage.counts:  # (setdefault would allocate the zeros every time)
-            usage.counts[name] = torch.zeros(rows, dtype=torch.float64)
+            # a normal tensor even inside torch.inference_mode(): later blocks outside it add to it
+            with torch.inference_mode(False):
+                usage.counts[name] = torch.zeros(rows, dtype=torch.float64)
         usage.calls.setdefault(name, 0)
     handles = [
         module.register_forward_pre_hook(
