@@ -199,10 +199,34 @@ def test_tied_tables_are_stored_once(tmp_path: Path) -> None:
     assert model.enc.embed_tokens is model.dec.embed_tokens
 
 
+def test_tied_token_tables_of_an_encoder_decoder_checkpoint_are_one_table(tmp_path: Path) -> None:
+    """T5's state dict: ``shared`` and the encoder's and decoder's token tables are one
+    tensor; all three are the one compressed table (no float copy of it is kept), and a
+    model whose three modules share one weight loads it with the three still tied."""
+    w = torch.randn(300, 16)
+    head = torch.randn(300, 16)
+    state = {"shared.weight": w, "encoder.embed_tokens.weight": w, "decoder.embed_tokens.weight": w}
+    result = embpress.compress_state_dict({**state, "lm_head.weight": head})
+    assert [(t.name, t.aliases) for t in result.tables] == [
+        ("shared", ("encoder.embed_tokens", "decoder.embed_tokens"))
+    ]
+    assert result.copied == ["lm_head.weight"]
+    out = tmp_path / "t5.safetensors"
+    result.save(out)
+    model = nn.Module()
+    model.shared, model.lm_head = nn.Embedding(300, 16), nn.Linear(16, 300, bias=False)
+    model.encoder, model.decoder = nn.Module(), nn.Module()
+    model.encoder.embed_tokens, model.decoder.embed_tokens = nn.Embedding(300, 16), nn.Embedding(300, 16)
+    model.encoder.embed_tokens.weight = model.decoder.embed_tokens.weight = model.shared.weight
+    embpress.load(model, out)
+    assert model.shared is model.encoder.embed_tokens is model.decoder.embed_tokens
+    assert torch.equal(model.lm_head.weight, head)
+
+
 def test_select_tables_and_name_heuristic() -> None:
     for name in ("emb", "emb1", "embedding", "embeddings", "bert.embeddings.word_embeddings", "embed_tokens"):
         assert looks_like_embedding(name), name
-    for name in ("transformer.wte", "sparse.embedding_bags.3", "tok_emb"):
+    for name in ("transformer.wte", "sparse.embedding_bags.3", "tok_emb", "shared", "model.shared"):
         assert looks_like_embedding(name), name
     for name in ("fc", "layers.3", "lm_head", "encoder.layer.0.attention"):
         assert not looks_like_embedding(name), name

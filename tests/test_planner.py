@@ -447,3 +447,34 @@ def test_str_is_a_table() -> None:
     assert any(line.startswith("emb ") for line in lines) and lines[-1].startswith("total")
     assert "%" in p["emb"].summary() and " / " in p["emb"].summary()
     assert repr(p).startswith("Plan(2 tables")
+
+
+def test_usage_of_a_table_counts_under_any_of_its_paths() -> None:
+    """A module at two paths is one table: usage recorded under either path (or both,
+    summed) plans it; a checkpoint's tied tables (T5's shared and token tables) take the
+    usage recorded on the model's three modules, summed."""
+    from embpress.checkpoint import plan_state_dict
+
+    torch.manual_seed(0)
+    shared = nn.Embedding(300, 8)
+    model = nn.Module()
+    model.a, model.b = shared, nn.Sequential(shared)
+    counts = torch.zeros(300, dtype=torch.float64)
+    counts[:30] = 100.0
+    budget = 300 * 8 * 4 // 12
+    by_first = plan(model, budget, usage=Usage({"a": counts}))
+    by_alias = plan(model, budget, usage=Usage({"b.0": counts}))
+    split = plan(model, budget, usage=Usage({"a": counts / 2, "b.0": counts / 2}))
+    for p in (by_alias, split):
+        assert np.array_equal(p.tables[0].assignment, by_first.tables[0].assignment)
+    with pytest.raises(UsageError, match="no counts for table 'a'"):
+        plan(model, budget, usage=Usage({}))
+    w = torch.randn(300, 8)
+    state = {"shared.weight": w, "encoder.embed_tokens.weight": w, "decoder.embed_tokens.weight": w}
+    three = Usage(
+        {"shared": counts * 0, "encoder.embed_tokens": counts / 4, "decoder.embed_tokens": counts * 0.75}
+    )
+    tied = plan_state_dict(state, budget=budget, usage=three)
+    one = plan_state_dict({"shared.weight": w}, budget=budget, usage=Usage({"shared": counts}))
+    assert [t.name for t in tied.tables] == ["shared"]
+    assert np.array_equal(tied.tables[0].assignment, one.tables[0].assignment)

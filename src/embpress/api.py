@@ -35,9 +35,9 @@ __all__ = [
 @dataclass
 class Target:
     """One embedding table: its module, every (parent, attribute) place it sits at, and the
-    names of the modules there (more than one where several modules of one kind and the
-    same arguments share one weight, as tied encoder and decoder token tables do: they
-    become one compressed module)."""
+    path of each place (a module shared at several places, and several modules of one kind
+    and the same arguments that share one weight, as tied encoder and decoder token tables
+    do: they become one compressed module)."""
 
     name: str
     module: Any
@@ -65,8 +65,9 @@ def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None 
             seen_places.add((id(parent), attr))
             name = f"{parent_name}.{attr}" if parent_name else attr
             if is_plain_embedding(child):
-                target = targets.setdefault(id(child), Target(name, child, names=[name]))
+                target = targets.setdefault(id(child), Target(name, child))
                 target.places.append((parent, attr))
+                target.names.append(name)
             elif isinstance(child, (nn.Embedding, nn.EmbeddingBag)) and select_embeddings is None:
                 skipped.append(name)
     if skipped:

@@ -283,7 +283,9 @@ def load_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], str]:
 
 # ------------------------------------------------------------------------------ choosing tables
 def looks_like_embedding(module_path: str) -> bool:
-    """Whether a module path names an embedding (``emb1``, ``word_embeddings``, ``wte``, ``tables.3``...).
+    """Whether a module path names an embedding (``emb1``, ``word_embeddings``, ``wte``,
+    ``tables.3``..., and ``shared``, the token table of Hugging Face's encoder-decoder
+    models: T5, BART, Pegasus, M2M100, whose safetensors files hold it alone).
 
     The last component decides; a numeric one (a ModuleList index) defers to its parent.
     """
@@ -291,7 +293,7 @@ def looks_like_embedding(module_path: str) -> bool:
     last = parts[-1]
     if last.isdigit() and len(parts) > 1:
         last = parts[-2]
-    return "emb" in last or last in ("wte", "wpe")
+    return "emb" in last or last in ("wte", "wpe", "shared")
 
 
 def _module_path(key: str) -> str | None:

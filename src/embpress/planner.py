@@ -61,7 +61,7 @@ from .layouts.mixed import MixedTable
 from .quant import QuantConfig
 from .quant.codecs import CODECS, Codec, encode_rows
 from .report import human_bytes
-from .usage import Usage
+from .usage import Usage, UsageError
 
 __all__ = ["DEFAULT_UNSEEN_WEIGHT", "MAX_CODECS", "Plan", "PlanError", "TablePlan", "plan", "row_weights"]
 
@@ -443,7 +443,7 @@ class Plan:
                     f"{shape[0]} x {shape[1]}"
                 )
         if usage is not None:
-            _check_usage(usage, model, [n for tp in self.tables for n in targets[tp.name].names])
+            _check_usage(usage, model, [targets[tp.name] for tp in self.tables])
         replacements: dict[str, nn.Module] = {}
         for tp in self.tables:
             target = targets[tp.name]
@@ -556,7 +556,7 @@ def plan(
     if not targets:
         raise PlanError("the model has no nn.Embedding / nn.EmbeddingBag table to plan")
     if usage is not None:
-        _check_usage(usage, model, [n for t in targets for n in t.names])
+        _check_usage(usage, model, targets)
     costs = [_table_costs(t, candidates, _counts_of(usage, t), float(unseen_weight)) for t in targets]
     if budget is not None:
         smallest = sum(_all_pruned_size(c) for c in costs)
@@ -619,16 +619,21 @@ def _candidate_codecs(codecs: Sequence[Codec | str] | None) -> list[Codec]:
 
 
 def _counts_of(usage: Usage | None, target: Target) -> torch.Tensor | None:
-    """The lookups per row of a table: the sum over the modules that share it."""
+    """The lookups per row of a table: the sum of the counts under its paths (a module
+    shared at several places, modules sharing one weight)."""
     if usage is None:
         return None
-    return functools.reduce(torch.add, (usage.counts[n] for n in target.names))
+    return functools.reduce(torch.add, (usage.counts[n] for n in target.names if n in usage.counts))
 
 
-def _check_usage(usage: Usage, model: nn.Module, names: list[str]) -> None:
-    """Usage must name only the model's tables and cover ``names`` with their row counts."""
-    usage.check(model, names)
-    for name in names:
+def _check_usage(usage: Usage, model: nn.Module, targets: Sequence[Target]) -> None:
+    """Usage must name only the model's tables, with their row counts, and count every
+    target under one of its paths at least."""
+    usage.check(model, [])
+    for t in targets:
+        if not any(n in usage.counts for n in t.names):
+            raise UsageError(f"usage has no counts for table {t.name!r}")
+    for name in (n for t in targets for n in t.names if n in usage.counts):
         counts = usage.counts[name]
         if not isinstance(counts, torch.Tensor) or counts.dim() != 1:
             raise PlanError(f"usage for table {name!r}: counts must be a 1-D tensor")

@@ -85,19 +85,25 @@ class Usage:
 
     def check(self, model: nn.Module, names: list[str] | None = None) -> None:
         """Refuse (UsageError) unless every table of ``model`` named here (all, by default)
-        has counts with its row count, and no counts name a table the model lacks."""
-        tables = {n: m for n, m in model.named_modules() if isinstance(m, _TABLES)}
+        has counts, every count has its table's row count, and no counts name a table the
+        model lacks. A module at several paths is one table: counts under any of its paths
+        are its counts."""
+        tables = {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, _TABLES)}
         unknown = sorted(set(self.counts) - set(tables))
         if unknown:
             raise UsageError(f"usage names tables the model does not have: {', '.join(unknown[:5])}")
-        for name in tables if names is None else names:
-            if name not in self.counts:
-                raise UsageError(f"usage has no counts for table {name!r}")
+        for name, counts in self.counts.items():
             rows = _rows(tables[name])
-            if self.counts[name].numel() != rows:
-                raise UsageError(
-                    f"table {name!r}: usage has {self.counts[name].numel()} rows, the model's table {rows}"
-                )
+            if counts.numel() != rows:
+                raise UsageError(f"table {name!r}: usage has {counts.numel()} rows, the model's table {rows}")
+        paths: dict[int, list[str]] = {}
+        for n, m in tables.items():
+            paths.setdefault(id(m), []).append(n)
+        for name in dict.fromkeys(n[0] for n in paths.values()) if names is None else names:
+            if name not in tables:
+                raise UsageError(f"the model has no table {name!r}")
+            if not any(n in self.counts for n in paths[id(tables[name])]):
+                raise UsageError(f"usage has no counts for table {name!r}")
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> None:
