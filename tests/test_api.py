@@ -422,3 +422,41 @@ def test_an_encoding_error_names_its_table_in_either_order(sparsify_first):
     with pytest.raises(ValueError, match=r"^table 'item': .*float16"):
         ptsq(model, DataNormSparsifier, sparsify_first, quant=QuantConfig(bits=4), sparsity_level=0.5)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class _ScaledWordEmbedding(nn.Embedding):
+    """Hugging Face's ScaledWordEmbedding, as BART and M2M100 write it."""
+
+    def __init__(self, rows: int, dim: int, embed_scale: float) -> None:
+        super().__init__(rows, dim)
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: torch.Tensor):
+        return super().forward(input_ids) * self.embed_scale
+
+
+class _AlmostScaled(_ScaledWordEmbedding):
+    def forward(self, input_ids: torch.Tensor):
+        return super().forward(input_ids) * self.embed_scale + 1.0
+
+
+def test_only_a_forward_that_scales_the_lookup_is_replaced():
+    """A ScaledWordEmbedding becomes a compressed module with its scale; a subclass with any
+    other forward is left alone with a warning (it cannot be stood in for)."""
+    from embpress.nn import embedding_scale
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.scaled, model.other = _ScaledWordEmbedding(30, 8, 4.0), _AlmostScaled(30, 8, 4.0)
+    assert embedding_scale(model.scaled) == 4.0 and embedding_scale(model.other) is None
+    assert embedding_scale(nn.Embedding(3, 2)) == 1.0
+    ids = torch.tensor([[0, 5, 29]])
+    with pytest.warns(UserWarning, match="own forward.*other"):
+        ptsq(model, DataNormSparsifier, sparsity_level=0.5)
+    assert isinstance(model.scaled, QuantizedEmbedding) and type(model.other) is _AlmostScaled
+    assert model.scaled.output_scale == 4.0 and "output_scale=4" in repr(model.scaled)
+    torch.testing.assert_close(model.scaled(ids), F.embedding(ids, model.scaled.dequantize()) * 4.0)
+    with pytest.raises(TypeError, match="overrides forward"):
+        QuantizedEmbedding.from_float(_AlmostScaled(30, 8, 4.0))
+    with pytest.raises(ValueError, match="output_scale must be finite"):
+        QuantizedEmbedding(model.scaled.table, output_scale=float("inf"))

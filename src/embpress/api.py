@@ -18,7 +18,7 @@ from torch import nn
 
 from .layouts import QuantizedTable, encode_table
 from .layouts.encode import fake_quantize_table, finite_table, plain_qparams
-from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, output_dtype_of
+from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, embedding_scale, output_dtype_of
 from .quant import QuantConfig, RowQParams
 
 __all__ = [
@@ -46,11 +46,10 @@ class Target:
 
 
 def is_plain_embedding(module: nn.Module) -> bool:
-    """nn.Embedding / nn.EmbeddingBag or a subclass that keeps their forward."""
-    for base in (nn.Embedding, nn.EmbeddingBag):
-        if isinstance(module, base) and type(module).forward is base.forward:
-            return True
-    return False
+    """nn.Embedding / nn.EmbeddingBag, a subclass that keeps their forward, or one that only
+    scales its lookup (Hugging Face's ScaledWordEmbedding): what a compressed module can
+    replace (``nn.embedding_scale``)."""
+    return embedding_scale(module) is not None
 
 
 def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None = None) -> list[Target]:
@@ -102,7 +101,7 @@ def _arguments(module: nn.Module) -> tuple[Any, ...]:
     m: Any = module
     if isinstance(m, nn.EmbeddingBag):
         return ("EmbeddingBag", m.padding_idx, m.max_norm, m.norm_type, m.mode, m.include_last_offset)
-    return ("Embedding", m.padding_idx, m.max_norm, m.norm_type)
+    return ("Embedding", m.padding_idx, m.max_norm, m.norm_type, embedding_scale(m))
 
 
 def _tied_as_one(targets: list[Target]) -> list[Target]:
@@ -261,9 +260,9 @@ def post_training_sparse_quantize(
 
 def quantized_module(target: Target, table: QuantizedTable) -> QuantizedEmbedding | QuantizedEmbeddingBag:
     """The module replacing ``target``, holding ``table`` on the target's device, with its
-    pooling, padding and norm settings, returning its weight's dtype."""
+    pooling, padding and norm settings, returning its weight's dtype, scaled as it scales."""
     m: Any = target.module
-    device, dtype = m.weight.device, output_dtype_of(m)
+    device, dtype, scale = m.weight.device, output_dtype_of(m), embedding_scale(m)
     if isinstance(m, nn.EmbeddingBag):
         return QuantizedEmbeddingBag(
             table.to(device),
@@ -274,7 +273,14 @@ def quantized_module(target: Target, table: QuantizedTable) -> QuantizedEmbeddin
             m.norm_type,
             output_dtype=dtype,
         )
-    return QuantizedEmbedding(table.to(device), m.padding_idx, m.max_norm, m.norm_type, output_dtype=dtype)
+    return QuantizedEmbedding(
+        table.to(device),
+        m.padding_idx,
+        m.max_norm,
+        m.norm_type,
+        output_dtype=dtype,
+        output_scale=1.0 if scale is None else scale,
+    )
 
 
 def swap_modules(model: nn.Module, targets: list[Target], replacements: dict[str, nn.Module]) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 from ._buffers import on_huge_pages
 from .layouts import TABLE_CLASSES, FormatError, QuantizedTable
 from .layouts.base import Spec
-from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, module_kwargs, output_dtype_of
+from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, embedding_scale, module_kwargs, output_dtype_of
 from .report import human_bytes, quantized_modules
 
 __all__ = [
@@ -607,6 +607,9 @@ def build_table(
         raise _fail(p, f"table {name!r}: {err}") from None
 
 
+_QUANTIZED = (QuantizedEmbedding, QuantizedEmbeddingBag)
+
+
 def _module_for(
     p: Path, name: str, entry: dict[str, Any], table: QuantizedTable, target: nn.Module
 ) -> QuantizedEmbedding | QuantizedEmbeddingBag:
@@ -622,7 +625,10 @@ def _module_for(
         if kwargs["max_norm"] is not None:
             kwargs["max_norm"] = float(kwargs["max_norm"])
     module: QuantizedEmbedding | QuantizedEmbeddingBag
-    kwargs["output_dtype"] = output_dtype_of(target)  # what the model's module returns: not stored
+    # what the model's module returns, not stored: its dtype, and its scale (a ScaledWordEmbedding's)
+    kwargs["output_dtype"] = output_dtype_of(target)
+    scale = target.output_scale if isinstance(target, _QUANTIZED) else embedding_scale(target)
+    kwargs["output_scale"] = 1.0 if scale is None else scale
     try:
         if kind == "EmbeddingBag":
             module = QuantizedEmbeddingBag(table, **kwargs)
@@ -664,6 +670,13 @@ def _resolve(
         found = type(current).__name__ if current is not None else "nothing"
         expected = "an embedding" if entry["kind"] == "auto" else entry["kind"]
         raise _fail(p, f"table {table!r}: the model has {found} at {name!r}, expected {expected}")
+    quantized = isinstance(current, (QuantizedEmbedding, QuantizedEmbeddingBag))
+    if not quantized and embedding_scale(current) is None:
+        raise _fail(
+            p,
+            f"table {table!r}: the model's {type(current).__name__} at {name!r} has its own forward, "
+            "which a compressed table cannot stand in for",
+        )
     rows, dim = getattr(current, "num_embeddings", None), getattr(current, "embedding_dim", None)
     meta = entry["table"]
     if (rows, dim) != (meta.get("num_embeddings"), meta.get("embedding_dim")):

@@ -12,8 +12,12 @@ touches and hands them to ``torch.nn.functional``.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 import operator
-from typing import Any, ClassVar
+import re
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -22,7 +26,13 @@ from . import ops
 from .layouts import QuantizedTable, encode_table
 from .quant import QuantConfig, RowQParams
 
-__all__ = ["OUTPUT_DTYPES", "QuantizedEmbedding", "QuantizedEmbeddingBag", "output_dtype_of"]
+__all__ = [
+    "OUTPUT_DTYPES",
+    "QuantizedEmbedding",
+    "QuantizedEmbeddingBag",
+    "embedding_scale",
+    "output_dtype_of",
+]
 
 
 def _runs_eagerly(*tensors: torch.Tensor | None) -> bool:
@@ -77,6 +87,58 @@ def output_dtype_of(module: nn.Module) -> torch.dtype:
     return dtype if dtype in OUTPUT_DTYPES else torch.float32
 
 
+# the forward of Hugging Face's ScaledWordEmbedding modules (BART, mBART, M2M100, Gemma 3...):
+# nn.Embedding's lookup times ``embed_scale``, the only subclasses with their own forward
+# that a compressed module replaces (with ``output_scale``)
+_SCALED_SIGNATURE = re.compile(r"def forward\(self, input_ids(: [\w.]+)?\)( -> [\w.]+)?:")
+_SCALED_RETURNS = {
+    "return super().forward(input_ids) * self.embed_scale": False,
+    "return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)": True,
+}
+
+
+@functools.cache
+def _scaled_forward(cls: type) -> bool | None:
+    """For an nn.Embedding subclass whose forward is exactly a ScaledWordEmbedding's: whether
+    it casts the scale to the weight's dtype first; else None (read from its source)."""
+    try:
+        source = inspect.getsource(cls.forward)  # type: ignore[attr-defined]
+    except (OSError, TypeError):
+        return None
+    lines = [line.strip() for line in source.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if len(lines) != 2 or not _SCALED_SIGNATURE.fullmatch(lines[0]):
+        return None
+    return _SCALED_RETURNS.get(lines[1])
+
+
+def embedding_scale(module: nn.Module) -> float | None:
+    """What a compressed module replacing ``module`` multiplies its lookups by: 1.0 for
+    nn.Embedding / nn.EmbeddingBag (or a subclass that keeps their forward), the scale of a
+    Hugging Face ScaledWordEmbedding (as its forward applies it); None for any other
+    subclass with its own forward, which a compressed module cannot stand in for."""
+    for base in (nn.Embedding, nn.EmbeddingBag):
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return 1.0
+    if not isinstance(module, nn.Embedding):
+        return None
+    to_weight_dtype = _scaled_forward(cast(type, type(module)))  # (mypy: classes hash)
+    scale: Any = getattr(module, "embed_scale", None)
+    if to_weight_dtype is None or scale is None:
+        return None
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            return None
+        scale = scale.to(module.weight.dtype) if to_weight_dtype else scale
+    elif to_weight_dtype:
+        return None
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 class _QuantizedModule(nn.Module):
     """Shared by both modules: the table, sizes, and the report of how it was made."""
 
@@ -91,11 +153,18 @@ class _QuantizedModule(nn.Module):
         "float_nbytes",
     ]
 
-    def __init__(self, table: QuantizedTable, output_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, table: QuantizedTable, output_dtype: torch.dtype = torch.float32, output_scale: float = 1.0
+    ) -> None:
         super().__init__()
         self.table = table
         self.error: dict[str, float] | None = None
         self.output_dtype = _output_dtype(output_dtype)
+        if isinstance(output_scale, bool) or not isinstance(output_scale, (int, float)):
+            raise TypeError(f"output_scale must be a number, got {type(output_scale).__name__}")
+        if not math.isfinite(output_scale):
+            raise ValueError(f"output_scale must be finite, got {output_scale}")
+        self.output_scale = float(output_scale)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         """``model.half()``, ``.to(torch.bfloat16)``... set the dtype of the outputs, as they
@@ -161,14 +230,18 @@ class _QuantizedModule(nn.Module):
     def extra_repr(self) -> str:
         ratio = self.nbytes / self.float_nbytes if self.float_nbytes else 0.0
         out = "" if self.output_dtype == torch.float32 else f", output_dtype={self.output_dtype}"
+        out += "" if self.output_scale == 1.0 else f", output_scale={self.output_scale:g}"
         return (
             f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, layout={self.layout}, "
             f"sparsity={self.sparsity:.3f}, nbytes={self.nbytes}, ratio_to_float32={ratio:.4f}{out}"
         )
 
     def _cast(self, out: torch.Tensor) -> torch.Tensor:
-        """The lookup (float32) in the module's output dtype."""
-        return out if self.output_dtype == torch.float32 else out.to(self.output_dtype)
+        """The lookup (float32) in the module's output dtype, times its output scale (as a
+        ScaledWordEmbedding scales its lookup in its weight's dtype)."""
+        if self.output_dtype != torch.float32:
+            out = out.to(self.output_dtype)
+        return out if self.output_scale == 1.0 else out * self.output_scale
 
     @staticmethod
     def _encode(
@@ -204,8 +277,9 @@ class QuantizedEmbedding(_QuantizedModule):
         norm_type: float = 2.0,
         *,
         output_dtype: torch.dtype = torch.float32,
+        output_scale: float = 1.0,
     ) -> None:
-        super().__init__(table, output_dtype)
+        super().__init__(table, output_dtype, output_scale)
         self.padding_idx = self._padding(padding_idx)
         self.max_norm = max_norm
         self.norm_type = norm_type
@@ -223,9 +297,17 @@ class QuantizedEmbedding(_QuantizedModule):
         """Quantize ``module`` (entries where ``mask`` is False are pruned to exact 0.0)."""
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"expected nn.Embedding, got {type(module).__name__}")
+        scale = embedding_scale(module)
+        if scale is None:
+            raise TypeError(f"{type(module).__name__} overrides forward; it cannot be replaced safely")
         table, error = cls._encode(module.weight, config, mask, block_width, saved_qparams)
         out = cls(
-            table, module.padding_idx, module.max_norm, module.norm_type, output_dtype=output_dtype_of(module)
+            table,
+            module.padding_idx,
+            module.max_norm,
+            module.norm_type,
+            output_dtype=output_dtype_of(module),
+            output_scale=scale,
         )
         out.error = error
         return out
@@ -266,8 +348,9 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         norm_type: float = 2.0,
         *,
         output_dtype: torch.dtype = torch.float32,
+        output_scale: float = 1.0,
     ) -> None:
-        super().__init__(table, output_dtype)
+        super().__init__(table, output_dtype, output_scale)
         if mode not in ops.MODES:
             raise ValueError(f"mode must be 'sum', 'mean' or 'max', got {mode!r}")
         self.mode = mode
