@@ -795,3 +795,61 @@ def test_every_single_bit_flip_in_the_header_is_refused_or_harmless(tmp_path):
                 assert a.extra_repr() == b.extra_repr(), bit
         outcomes["same"] += 1
     assert outcomes["refused"] > 0.95 * sum(outcomes.values()), outcomes
+
+
+class _TiedLM(nn.Module):
+    """A language model's tables as Hugging Face ties them: token table and head share
+    one weight; ``tied_tables`` adds encoder / decoder token modules on it too (T5)."""
+
+    def __init__(self, tied_tables: bool = False, head: bool = True) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(50, 8)
+        self.pos_emb = nn.Embedding(10, 8)
+        if tied_tables:
+            self.encoder, self.decoder = nn.Embedding(50, 8), nn.Embedding(50, 8)
+            self.encoder.weight = self.decoder.weight = self.shared.weight
+        if head:
+            self.lm_head = nn.Linear(8, 50, bias=False)
+            self.lm_head.weight = self.shared.weight
+
+
+def test_a_checkpoint_table_tied_to_a_head_stays_float_and_is_written_once(tmp_path):
+    """Found by name, the token table is tied to the head: left float with a warning (the
+    head keeps computing with it); the copied pair is written once, not twice, and a tied
+    model loads it back tied."""
+    torch.manual_seed(0)
+    state = _TiedLM().state_dict()
+    with pytest.warns(UserWarning, match=r"left float.*shared\.weight \(tied to lm_head\.weight\)"):
+        result = embpress.compress_state_dict(state)
+    assert [t.name for t in result.tables] == ["pos_emb"]
+    out = tmp_path / "lm.safetensors"
+    result.save(out)
+    with safetensors.safe_open(str(out), "pt") as f:
+        held = [k for k in f.keys() if k.startswith("state.")]  # noqa: SIM118 (not a dict)
+    assert held == ["state.shared.weight"]  # lm_head.weight is the same tensor
+    model = embpress.load(_TiedLM(), out)
+    assert model.lm_head.weight is model.shared.weight
+    assert torch.equal(model.shared.weight, state["shared.weight"])
+    named = embpress.compress_state_dict(state, tables=["shared.weight"])  # asked for: compressed
+    assert [t.name for t in named.tables] == ["shared"]
+    assert sorted(named.copied) == ["lm_head.weight", "pos_emb.weight"]
+
+
+def test_load_ties_modules_that_share_a_compressed_weight_and_refuses_a_tied_head(tmp_path):
+    """A file naming a token table once (as Hugging Face's safetensors files do): the
+    model's other embedding modules on that weight take the same compressed module; a head
+    tied to it has no float weight left to load, which is refused, the model unchanged."""
+    torch.manual_seed(0)
+    source = _TiedLM(tied_tables=True, head=False)
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith(("encoder.", "decoder."))}
+    out = tmp_path / "t5.safetensors"
+    embpress.compress_state_dict(state).save(out)
+    model = embpress.load(_TiedLM(tied_tables=True, head=False), out)
+    assert model.shared is model.encoder is model.decoder
+    assert isinstance(model.shared, embpress.QuantizedEmbedding)
+    headed = _TiedLM(tied_tables=True, head=True)
+    before = {k: v.clone() for k, v in headed.state_dict().items()}
+    with pytest.raises(FormatError, match=r"'lm_head\.weight' is tied to the weight of a table"):
+        embpress.load(headed, out)
+    assert type(headed.shared) is nn.Embedding
+    assert all(torch.equal(v, before[k]) for k, v in headed.state_dict().items())

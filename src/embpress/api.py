@@ -18,7 +18,7 @@ from torch import nn
 
 from .layouts import QuantizedTable, encode_table
 from .layouts.encode import fake_quantize_table, finite_table, plain_qparams
-from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, embedding_scale, output_dtype_of
+from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, embedding_scale, module_arguments, output_dtype_of
 from .quant import QuantConfig, RowQParams
 
 __all__ = [
@@ -95,15 +95,6 @@ def find_embeddings(model: nn.Module, select_embeddings: list[nn.Module] | None 
     return _tied_as_one(list(chosen.values()))
 
 
-def _arguments(module: nn.Module) -> tuple[Any, ...]:
-    """What a compressed module keeps of a float one besides its weight: its kind and
-    arguments."""
-    m: Any = module
-    if isinstance(m, nn.EmbeddingBag):
-        return ("EmbeddingBag", m.padding_idx, m.max_norm, m.norm_type, m.mode, m.include_last_offset)
-    return ("Embedding", m.padding_idx, m.max_norm, m.norm_type, embedding_scale(m))
-
-
 def _tied_as_one(targets: list[Target]) -> list[Target]:
     """Join targets whose modules share one weight and have the same kind and arguments
     into one (the first's name; every place and name), so that the weight is compressed
@@ -114,7 +105,7 @@ def _tied_as_one(targets: list[Target]) -> list[Target]:
     kinds: dict[int, list[str]] = {}
     for t in targets:
         weight = t.module.weight
-        key = (id(weight), _arguments(t.module))
+        key = (id(weight), module_arguments(t.module))
         kinds.setdefault(id(weight), [])
         if key in first:
             first[key].places.extend(t.places)

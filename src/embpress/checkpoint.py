@@ -17,6 +17,7 @@ names the file, key or argument.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import os
@@ -317,11 +318,44 @@ def _table_problem(state: Mapping[str, torch.Tensor], key: str, path: str) -> st
     return None
 
 
+def _tied_keys(state: Mapping[str, torch.Tensor]) -> dict[tuple[Any, ...], list[str]]:
+    """The keys of each tensor held under several keys (tied weights), by storage."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+            groups.setdefault(_storage_key(value), []).append(key)
+    return {k: keys for k, keys in groups.items() if len(keys) > 1}
+
+
+def _untied_from_others(state: Mapping[str, torch.Tensor], found: list[str]) -> list[str]:
+    """``found`` without the tables tied to a tensor that is not one of them (a language
+    model's output head, ``lm_head.weight``, tied to its token table): that tensor stays
+    float, so compressing the table would add its codes beside the float copy and untie
+    the two. A warning names them; naming the table in ``patterns`` compresses it anyway."""
+    chosen = set(found)
+    left: list[str] = []
+    for keys in _tied_keys(state).values():
+        others = [k for k in keys if k not in chosen]
+        if others and len(others) < len(keys):
+            tables = [k for k in keys if k in chosen]
+            chosen -= set(tables)
+            left.append(f"{', '.join(tables)} (tied to {', '.join(others)})")
+    if left:
+        warnings.warn(
+            "left float, tied to a tensor that is not an embedding table (an output head, "
+            "which keeps computing with it): " + "; ".join(left) + "; select them with "
+            "--tables / tables= to compress them anyway",
+            stacklevel=3,
+        )
+    return [k for k in found if k in chosen]
+
+
 def find_tables(state: Mapping[str, torch.Tensor], patterns: Sequence[str] = ()) -> list[str]:
     """The keys of ``state`` compressed as tables, in the order of ``state``.
 
     Without ``patterns``: every ``<module>.weight`` whose module name looks like an
-    embedding (:func:`looks_like_embedding`) and that is a 2-D float tensor. With
+    embedding (:func:`looks_like_embedding`) and that is a 2-D float tensor, except
+    those tied to another kind of tensor (an output head: they stay float). With
     ``patterns`` (fnmatch globs on the key or on the module path): exactly the matched
     ``.weight`` tensors, each of which must be a 2-D float table (ValueError otherwise).
     """
@@ -330,7 +364,8 @@ def find_tables(state: Mapping[str, torch.Tensor], patterns: Sequence[str] = ())
     candidates = {k: p for k in state if (p := _module_path(k)) is not None}
     if not patterns:
         found = [k for k, p in candidates.items() if looks_like_embedding(p)]
-        return [k for k in found if _table_problem(state, k, candidates[k]) is None]
+        found = [k for k in found if _table_problem(state, k, candidates[k]) is None]
+        return _untied_from_others(state, found)
     chosen: list[str] = []
     for pattern in patterns:
         hits = [
@@ -674,8 +709,9 @@ def plan_checkpoint(
 
 
 def _plan_keys(state: Mapping[str, torch.Tensor], the_plan: Plan) -> list[str]:
-    """The state_dict keys of a plan's tables (each must be there), with the keys of
-    tables tied to them (the same storage), in the state_dict's order."""
+    """The state_dict keys of a plan's tables (each must be there), with the keys of the
+    embedding tables tied to them (the same storage; not an output head's), in the
+    state_dict's order."""
     if not isinstance(the_plan, Plan):
         raise TypeError(f"plan must be an embpress.Plan, got {type(the_plan).__name__}")
     storages = set()
@@ -686,12 +722,19 @@ def _plan_keys(state: Mapping[str, torch.Tensor], the_plan: Plan) -> list[str]:
         if isinstance(state[key], torch.Tensor) and state[key].layout == torch.strided:
             storages.add(_storage_key(state[key]))
     named = {f"{t.name}{_SUFFIX}" for t in the_plan.tables}
-    return [
-        k
-        for k, v in state.items()
-        if k in named
-        or (isinstance(v, torch.Tensor) and v.layout == torch.strided and _storage_key(v) in storages)
-    ]
+
+    def tied_table(k: str, v: Any) -> bool:  # an embedding table tied to a planned one
+        path = _module_path(k)
+        return (
+            isinstance(v, torch.Tensor)
+            and v.layout == torch.strided
+            and _storage_key(v) in storages
+            and path is not None
+            and looks_like_embedding(path)
+            and _table_problem(state, k, path) is None
+        )
+
+    return [k for k, v in state.items() if k in named or tied_table(k, v)]
 
 
 # ------------------------------------------------------------------------------ compressing
@@ -1037,9 +1080,13 @@ def inspect_checkpoint(path: PathLike, patterns: Sequence[str] = ()) -> Checkpoi
     tables (with ``patterns``, as it would take them) and which it would copy unchanged."""
     state, fmt = load_checkpoint(path)
     tables = set(find_tables(state, patterns))
+    first = {}
+    for keys in _tied_keys(state).values():
+        first.update({k: keys[0] for k in keys[1:]})
+    infos = {k: dataclasses.replace(_tensor_info(k, t), tied_to=first.get(k)) for k, t in state.items()}
     return CheckpointReport(
         path=str(Path(path)),
         format=fmt,
-        tables=tuple(_tensor_info(k, t) for k, t in state.items() if k in tables),
-        copied=tuple(_tensor_info(k, t) for k, t in state.items() if k not in tables),
+        tables=tuple(info for k, info in infos.items() if k in tables),
+        copied=tuple(info for k, info in infos.items() if k not in tables),
     )

@@ -22,6 +22,7 @@ import os
 import re
 import stat
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,6 +160,8 @@ class _Group(click.Group):
     ) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        shown = warnings.showwarning
+        warnings.showwarning = _show_warning  # the library's warnings as one line each
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as err:
@@ -179,7 +182,13 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {_describe(err, None)}", err=True)
             sys.exit(1)
+        finally:
+            warnings.showwarning = shown
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    click.echo(f"warning: {_one_line(Exception(str(message)))}", err=True)
 
 
 # ------------------------------------------------------------------------------ output helpers
@@ -1166,7 +1175,7 @@ def _checkpoint_summary(report: CheckpointReport) -> dict[str, Any]:
 
     def row(t: TensorInfo) -> dict[str, Any]:
         dtype = t.dtype if t.layout == "strided" else f"{t.dtype} ({t.layout})"
-        return {"key": t.key, "shape": list(t.shape), "dtype": dtype, "bytes": t.nbytes}
+        return {"key": t.key, "shape": list(t.shape), "dtype": dtype, "bytes": t.nbytes, "tied_to": t.tied_to}
 
     return {
         "file": report.path,
@@ -1225,7 +1234,7 @@ def _print_inspect_plain(summary: dict[str, Any]) -> None:
         ("copied", "copied unchanged"),
     ):
         rows = summary[part]
-        size = human_bytes(sum(r["bytes"] for r in rows))
+        size = human_bytes(sum(r["bytes"] for r in rows if r["tied_to"] is None))  # tied data once
         console.print(Text(f"{summary['file']} ({summary['format']}): {len(rows)} tensor(s) {title}, {size}"))
         if not rows:
             continue
@@ -1234,7 +1243,8 @@ def _print_inspect_plain(summary: dict[str, Any]) -> None:
             table.add_column(head, justify=justify, no_wrap=True)  # type: ignore[arg-type]
         for r in rows:
             shape = " x ".join(str(s) for s in r["shape"]) or "scalar"
-            table.add_row(Text(r["key"]), shape, r["dtype"], human_bytes(r["bytes"]))
+            size = human_bytes(r["bytes"]) if r["tied_to"] is None else f"= {r['tied_to']}"
+            table.add_row(Text(r["key"]), shape, r["dtype"], Text(size))
         console.print(table)
     if not summary["tables"]:
         console.print(Text("no embedding table found by name; choose them with --tables PATTERN"))

@@ -32,7 +32,14 @@ from torch import nn
 from ._buffers import on_huge_pages
 from .layouts import TABLE_CLASSES, FormatError, QuantizedTable
 from .layouts.base import Spec
-from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, embedding_scale, module_kwargs, output_dtype_of
+from .nn import (
+    QuantizedEmbedding,
+    QuantizedEmbeddingBag,
+    embedding_scale,
+    module_arguments,
+    module_kwargs,
+    output_dtype_of,
+)
 from .report import human_bytes, quantized_modules
 
 __all__ = [
@@ -277,10 +284,23 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, kind_from_model: boo
         for buf, t in qm.table.tensors().items():
             tensors[f"{TABLE_PREFIX}{name}.{buf}"] = t
         prefixes.extend(f"{n}." for n in (name, *aliases))
+    written: set[tuple[Any, ...]] = set()
     for key, value in model.state_dict().items():
-        if not any(key.startswith(p) for p in prefixes):
-            tensors[f"{STATE_PREFIX}{key}"] = value
+        if any(key.startswith(p) for p in prefixes):
+            continue
+        view = _view_key(value)
+        if view in written:  # a tied weight: once, under its first key (load ties it again)
+            continue
+        written.add(view)
+        tensors[f"{STATE_PREFIX}{key}"] = value
     write_file(path, tensors, {"tables": entries})
+
+
+def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """Equal for two tensors that are one tensor's data (tied weights)."""
+    if t.layout != torch.strided or t.device.type == "meta":
+        return (id(t),)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -688,6 +708,63 @@ def _resolve(
     return parent, attr, current
 
 
+def _tied_to_loaded(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
+    """Keys of ``model`` that the file leaves out because they are tied to a key it holds
+    (one Parameter under several names: it is loaded through that key)."""
+    keys: dict[int, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        keys.setdefault(id(v), []).append(k)
+    return {k for group in keys.values() if any(g in state for g in group) for k in group}
+
+
+def _retied(
+    p: Path,
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    places: list[tuple[nn.Module, str, nn.Module]],
+    replaced: tuple[str, ...],
+) -> tuple[list[tuple[nn.Module, str, nn.Module]], tuple[str, ...]]:
+    """``places`` and ``replaced`` with the model's other embedding modules that share a
+    replaced module's weight (tied token tables a file names once, as Hugging Face's
+    safetensors files do) and have its kind and arguments: they take the same compressed
+    module. Any other tensor of the model tied to a compressed table's weight (an output
+    head) has no float weight left to load: FormatError."""
+    weights: dict[int, tuple[nn.Module, nn.Module]] = {}
+    for holder, name, new in places:
+        current = holder._modules.get(name)
+        weight = getattr(current, "weight", None)
+        if current is not None and isinstance(weight, torch.Tensor) and not isinstance(current, _QUANTIZED):
+            weights[id(weight)] = (current, new)
+    if not weights:
+        return places, replaced
+    extra: list[tuple[nn.Module, str, nn.Module]] = []
+    more: list[str] = []
+    for key, value in model.state_dict(keep_vars=True).items():
+        hit = weights.get(id(value))
+        if hit is None or key.startswith(replaced) or key in state:
+            continue
+        current, new = hit
+        path = key[: -len(".weight")] if key.endswith(".weight") else ""
+        parent_name, _, attr = path.rpartition(".")
+        parent: nn.Module | None = model.get_submodule(parent_name) if path else None
+        module: nn.Module | None = None if parent is None else parent._modules.get(attr)
+        if (
+            parent is None
+            or module is None
+            or embedding_scale(module) is None
+            or module_arguments(module) != module_arguments(current)
+        ):
+            raise _fail(
+                p,
+                f"the model's {key!r} is tied to the weight of a table the file holds compressed, "
+                "so it has no float weight to load (an output head: compress the checkpoint without "
+                "that table, or untie it in the model)",
+            )
+        extra.append((parent, attr, new))
+        more.append(f"{path}.")
+    return places + extra, (*replaced, *more)
+
+
 def _checked_shards(shards: Any) -> dict[str, tuple[int, int]] | None:
     """``shards`` as {table: (start, stop)} with int bounds; TypeError / ValueError otherwise."""
     if shards is None:
@@ -765,8 +842,9 @@ def load(
     replaced = tuple(
         f"{place}." for name, entry in index["tables"].items() for place in (name, *entry["aliases"])
     )
+    places, replaced = _retied(p, model, state, places, replaced)
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(replaced)}
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - _tied_to_loaded(model, state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise _fail(

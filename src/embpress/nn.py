@@ -31,6 +31,7 @@ __all__ = [
     "QuantizedEmbedding",
     "QuantizedEmbeddingBag",
     "embedding_scale",
+    "module_arguments",
     "output_dtype_of",
 ]
 
@@ -137,6 +138,15 @@ def embedding_scale(module: nn.Module) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
+
+
+def module_arguments(module: nn.Module) -> tuple[Any, ...]:
+    """What a compressed module keeps of a float embedding module besides its weight: its
+    kind and arguments (modules sharing one weight with equal ones become one module)."""
+    m: Any = module
+    if isinstance(m, nn.EmbeddingBag):
+        return ("EmbeddingBag", m.padding_idx, m.max_norm, m.norm_type, m.mode, m.include_last_offset)
+    return ("Embedding", m.padding_idx, m.max_norm, m.norm_type, embedding_scale(m))
 
 
 class _QuantizedModule(nn.Module):

@@ -93,13 +93,15 @@ class FileReport:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor of a checkpoint: key, shape, dtype, torch layout ("strided", "sparse_coo"...)."""
+    """One tensor of a checkpoint: key, shape, dtype, torch layout ("strided", "sparse_coo"...);
+    ``tied_to``: the earlier key holding the same data (tied weights), whose bytes these are."""
 
     key: str
     shape: tuple[int, ...]
     dtype: str
     layout: str
     nbytes: int
+    tied_to: str | None = None
 
 
 @dataclass(frozen=True)

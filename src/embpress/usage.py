@@ -138,7 +138,8 @@ class Usage:
                         raise UsageError(f"{p}: unexpected tensor {key!r}")
                     counts[key[len(_PREFIX) :]] = f.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as err:
-            raise UsageError(f"{p}: not a readable safetensors file ({type(err).__name__})") from None
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UsageError(f"{p}: not a readable safetensors file ({detail})") from None
         try:
             return cls(counts)
         except UsageError as err:
