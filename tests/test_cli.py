@@ -822,3 +822,16 @@ def test_binary_auc_matches_pair_counting() -> None:
     expected = float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
     assert binary_auc(scores, labels) == pytest.approx(expected, abs=1e-12)
     assert binary_auc(torch.tensor([0.1, 0.9]), torch.tensor([0.0, 1.0])) == 1.0
+
+
+def test_library_warnings_are_one_warning_line(tmp_path: Path) -> None:
+    """A token table tied to an output head is left float: the command says so in one
+    'warning:' line (not Python's file:line: UserWarning form) and still succeeds."""
+    w = torch.randn(50, 8)
+    state = {"wte.weight": w, "lm_head.weight": w, "pos_emb.weight": torch.randn(10, 8)}
+    torch.save(state, tmp_path / "lm.pt")
+    result = _run("compress", tmp_path / "lm.pt", tmp_path / "out.safetensors")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "left float" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "UserWarning" not in result.output
+    assert "wte.weight (tied to lm_head.weight)" in lines[0]
