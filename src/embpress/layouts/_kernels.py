@@ -77,12 +77,20 @@ _THREADS_SET = threading.local()  # the count set_threads last gave numba in thi
 def set_threads() -> int:
     """Use as many numba threads as torch uses (within numba's pool); return that count.
     numba's count is per thread; it is set only when torch's has changed since this
-    thread last set it (setting it costs a small batch's lookup more than its kernel)."""
+    thread last set it (setting it costs a small batch's lookup more than its kernel).
+
+    The first call may start numba's OpenMP pool, which sets the OpenMP thread count of
+    the libgomp torch shares: torch's own count is put back, or a process pinned to one
+    thread (``torch.set_num_threads(1)``, as forked workers must be) would run on all
+    of them from its first lookup on."""
     pool = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
-    threads = max(1, min(torch.get_num_threads(), pool))
+    wanted = torch.get_num_threads()
+    threads = max(1, min(wanted, pool))
     if getattr(_THREADS_SET, "count", 0) != threads:
         numba.set_num_threads(threads)
         _THREADS_SET.count = threads
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
     return threads
 
 
