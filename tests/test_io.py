@@ -853,3 +853,18 @@ def test_load_ties_modules_that_share_a_compressed_weight_and_refuses_a_tied_hea
         embpress.load(headed, out)
     assert type(headed.shared) is nn.Embedding
     assert all(torch.equal(v, before[k]) for k, v in headed.state_dict().items())
+
+
+def test_distinct_empty_tensors_are_each_written(tmp_path):
+    """Tied tensors are written once, but two empty buffers are not tied, whatever their
+    (shared, meaningless) address: both are in the file and the model loads."""
+    model = _compressed()
+    model.register_buffer("a", torch.zeros(0, 3))
+    model.register_buffer("b", torch.zeros(0, 3))
+    path = tmp_path / "m.safetensors"
+    embpress.save(model, path)
+    fresh = _fresh()
+    fresh.register_buffer("a", torch.zeros(0, 3))
+    fresh.register_buffer("b", torch.zeros(0, 3))
+    embpress.load(fresh, path)
+    assert fresh.a.shape == fresh.b.shape == (0, 3)

@@ -322,8 +322,8 @@ def _tied_keys(state: Mapping[str, torch.Tensor]) -> dict[tuple[Any, ...], list[
     """The keys of each tensor held under several keys (tied weights), by storage."""
     groups: dict[tuple[Any, ...], list[str]] = {}
     for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.layout == torch.strided:
-            groups.setdefault(_storage_key(value), []).append(key)
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided and value.numel():
+            groups.setdefault(_storage_key(value), []).append(key)  # (empty ones share nothing)
     return {k: keys for k, keys in groups.items() if len(keys) > 1}
 
 

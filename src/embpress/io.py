@@ -297,8 +297,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, kind_from_model: boo
 
 
 def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
-    """Equal for two tensors that are one tensor's data (tied weights)."""
-    if t.layout != torch.strided or t.device.type == "meta":
+    """Equal for two tensors that are one tensor's data (tied weights); distinct for any
+    tensor without data to share (empty, meta, not strided), whose address says nothing."""
+    if t.layout != torch.strided or t.device.type == "meta" or t.numel() == 0:
         return (id(t),)
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
