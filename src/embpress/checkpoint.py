@@ -322,8 +322,8 @@ def _tied_keys(state: Mapping[str, torch.Tensor]) -> dict[tuple[Any, ...], list[
     """The keys of each tensor held under several keys (tied weights), by storage."""
     groups: dict[tuple[Any, ...], list[str]] = {}
     for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.layout == torch.strided and value.numel():
-            groups.setdefault(_storage_key(value), []).append(key)  # (empty ones share nothing)
+        if isinstance(value, torch.Tensor):
+            groups.setdefault(eio.view_key(value), []).append(key)
     return {k: keys for k, keys in groups.items() if len(keys) > 1}
 
 
@@ -397,11 +397,6 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
-    """Identity of a tensor's data: equal for tied tables (shared storage, same view)."""
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-
-
 def _child(parent: nn.Module, name: str) -> nn.Module:
     child = parent._modules.get(name)
     if child is None:
@@ -425,7 +420,7 @@ def build_skeleton(
     shared: dict[tuple[Any, ...], str] = {}
     for key in tables:
         weight = state[key]
-        first = shared.setdefault(_storage_key(weight), key)
+        first = shared.setdefault(eio.view_key(weight), key)
         if first != key:
             modules[key] = modules[first]
             continue
@@ -719,16 +714,15 @@ def _plan_keys(state: Mapping[str, torch.Tensor], the_plan: Plan) -> list[str]:
         key = f"{t.name}{_SUFFIX}"
         if key not in state:
             raise PlanError(f"the plan names table {t.name!r}, but the checkpoint has no tensor {key!r}")
-        if isinstance(state[key], torch.Tensor) and state[key].layout == torch.strided:
-            storages.add(_storage_key(state[key]))
+        if isinstance(state[key], torch.Tensor):
+            storages.add(eio.view_key(state[key]))
     named = {f"{t.name}{_SUFFIX}" for t in the_plan.tables}
 
     def tied_table(k: str, v: Any) -> bool:  # an embedding table tied to a planned one
         path = _module_path(k)
         return (
             isinstance(v, torch.Tensor)
-            and v.layout == torch.strided
-            and _storage_key(v) in storages
+            and eio.view_key(v) in storages
             and path is not None
             and looks_like_embedding(path)
             and _table_problem(state, k, path) is None

@@ -288,7 +288,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, kind_from_model: boo
     for key, value in model.state_dict().items():
         if any(key.startswith(p) for p in prefixes):
             continue
-        view = _view_key(value)
+        view = view_key(value)
         if view in written:  # a tied weight: once, under its first key (load ties it again)
             continue
         written.add(view)
@@ -296,7 +296,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, kind_from_model: boo
     write_file(path, tensors, {"tables": entries})
 
 
-def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
+def view_key(t: torch.Tensor) -> tuple[Any, ...]:
     """Equal for two tensors that are one tensor's data (tied weights); distinct for any
     tensor without data to share (empty, meta, not strided), whose address says nothing."""
     if t.layout != torch.strided or t.device.type == "meta" or t.numel() == 0:
@@ -691,8 +691,7 @@ def _resolve(
         found = type(current).__name__ if current is not None else "nothing"
         expected = "an embedding" if entry["kind"] == "auto" else entry["kind"]
         raise _fail(p, f"table {table!r}: the model has {found} at {name!r}, expected {expected}")
-    quantized = isinstance(current, (QuantizedEmbedding, QuantizedEmbeddingBag))
-    if not quantized and embedding_scale(current) is None:
+    if not isinstance(current, _QUANTIZED) and embedding_scale(current) is None:
         raise _fail(
             p,
             f"table {table!r}: the model's {type(current).__name__} at {name!r} has its own forward, "
@@ -709,11 +708,12 @@ def _resolve(
     return parent, attr, current
 
 
-def _tied_to_loaded(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
-    """Keys of ``model`` that the file leaves out because they are tied to a key it holds
-    (one Parameter under several names: it is loaded through that key)."""
+def _tied_to_loaded(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> set[str]:
+    """Keys of the model (``params``: its state_dict with its Parameters themselves) that the
+    file leaves out because they are tied to a key it holds (one Parameter under several
+    names: it is loaded through that key)."""
     keys: dict[int, list[str]] = {}
-    for k, v in model.state_dict(keep_vars=True).items():
+    for k, v in params.items():
         keys.setdefault(id(v), []).append(k)
     return {k for group in keys.values() if any(g in state for g in group) for k in group}
 
@@ -721,6 +721,7 @@ def _tied_to_loaded(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str
 def _retied(
     p: Path,
     model: nn.Module,
+    params: dict[str, torch.Tensor],
     state: dict[str, torch.Tensor],
     places: list[tuple[nn.Module, str, nn.Module]],
     replaced: tuple[str, ...],
@@ -740,7 +741,7 @@ def _retied(
         return places, replaced
     extra: list[tuple[nn.Module, str, nn.Module]] = []
     more: list[str] = []
-    for key, value in model.state_dict(keep_vars=True).items():
+    for key, value in params.items():
         hit = weights.get(id(value))
         if hit is None or key.startswith(replaced) or key in state:
             continue
@@ -843,9 +844,10 @@ def load(
     replaced = tuple(
         f"{place}." for name, entry in index["tables"].items() for place in (name, *entry["aliases"])
     )
-    places, replaced = _retied(p, model, state, places, replaced)
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(replaced)}
-    missing = sorted(set(expected) - set(state) - _tied_to_loaded(model, state))
+    params = model.state_dict(keep_vars=True)  # Parameters themselves: tied ones are one object
+    places, replaced = _retied(p, model, params, state, places, replaced)
+    expected = {k: v for k, v in params.items() if not k.startswith(replaced)}
+    missing = sorted(set(expected) - set(state) - _tied_to_loaded(params, state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise _fail(
