@@ -152,6 +152,68 @@ def cold_child(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def serve_child(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A server's start in this fresh process: the table loaded from its file, then the
+    lookup step (4,096 bags × 40 uniform ids) three times. embpress: ``import embpress``
+    and ``embpress.load`` into a skeleton on the meta device; float32: ``torch.load``
+    (``weights_only=True``) of its state into ``nn.EmbeddingBag.from_pretrained``."""
+    import os
+
+    if cfg.get("path"):
+        os.environ["EMBPRESS_KERNEL"] = cfg["path"]
+    import torch
+    from torch import nn
+
+    common.quiet_torch_warnings()
+    t0 = time.perf_counter()
+    if cfg["impl"] == "serve":
+        import embpress
+
+        lib_import = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            model = _model(torch.empty(cfg["rows"], cfg["dim"]))
+        embpress.load(model, cfg["file"])
+        bag = model.emb
+    else:
+        lib_import = 0.0
+        state = torch.load(cfg["file"], weights_only=True)
+        bag = nn.EmbeddingBag.from_pretrained(state["weight"], mode="sum")
+    load = time.perf_counter() - t0
+    count = 4096 * 40
+    ids = torch.from_numpy(common.uniform_indices(cfg["rows"], count, seed=1))
+    offsets = torch.arange(0, count, 40)
+    lookups = []
+    with torch.inference_mode():
+        for _ in range(4):
+            t0 = time.perf_counter()
+            bag(ids, offsets)
+            lookups.append(time.perf_counter() - t0)
+    out = {"import": lib_import, "load": load, "lookup_first": lookups[0], "lookup_warm": min(lookups[1:])}
+    if cfg["impl"] == "serve":
+        from embpress.layouts.lookup import kernel_path
+
+        out["path"] = kernel_path()
+    return out
+
+
+def serve_files(cfg: dict[str, Any], where: Path) -> dict[str, str]:
+    """The cold-start table saved for ``serve_child``: float32 (``torch.save``) and
+    compressed with the cold-start settings (``embpress.save``)."""
+    import torch
+
+    import embpress
+
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    weight = torch.randn(cfg["rows"], cfg["dim"], generator=gen)
+    files = {"float": str(where / "float32.pt"), "serve": str(where / "table.safetensors")}
+    torch.save({"weight": weight}, files["float"])
+    model = _model(weight)
+    _compress({**cfg, "impl": "ours"}, model)
+    embpress.save(model, files["serve"])
+    return files
+
+
 def measure_cold(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The cold-start runs: embpress on each kernel path (cache as it is), embpress with an
     empty numba cache, the reference."""
@@ -193,6 +255,36 @@ def measure_cold(args: argparse.Namespace) -> list[dict[str, Any]]:
         runs.setdefault((cfg["impl"], cfg["path"], cfg["empty_cache"]), []).append({**cfg, **r})
     for group in runs.values():
         results.append(median_run(group))
+    results += measure_serve(args, base, paths, repeats)
+    return results
+
+
+def measure_serve(
+    args: argparse.Namespace, base: dict[str, Any], paths: list[str], repeats: int
+) -> list[dict[str, Any]]:
+    """Fresh processes that load the table from its file and look it up (``serve_child``):
+    embpress on each kernel path, float32."""
+    import tempfile
+
+    script = Path(__file__).resolve()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="embpress-serve-") as where:
+        files = serve_files(base, Path(where))
+        cfgs = [{**base, "impl": "serve", "path": p, "file": files["serve"]} for p in paths]
+        cfgs.append({**base, "impl": "serve_float", "path": "", "file": files["float"]})
+        for cfg in cfgs:
+            runs = []
+            for _ in range(repeats):
+                r = common.run_child(script, cfg, timeout=args.timeout)
+                if "error" in r:
+                    print(f"serve {cfg['impl']} {cfg['path']}: FAILED {r['error']}", file=sys.stderr)
+                    continue
+                runs.append({**cfg, **r, "serve": True})
+            if runs:  # the run with the median time to the first result
+                runs.sort(key=lambda r: r["import"] + r["load"] + r["lookup_first"])
+                results.append({**runs[len(runs) // 2], "runs": len(runs)})
+            else:
+                results.append({**cfg, "serve": True, "skipped": "failed"})
     return results
 
 
@@ -206,10 +298,62 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**done[len(done) // 2], "runs": len(done)}
 
 
+def render_serve(serve: list[dict[str, Any]]) -> list[str]:
+    """The table of first lookups after loading, and the cold-start target read on them."""
+    rows_out = []
+    for r in serve:
+        who = "embpress" if r["impl"] == "serve" else "float32"
+        name = [who, r.get("path") or "–", str(r.get("runs", 0))]
+        if "load" not in r:
+            rows_out.append([*name, r.get("skipped", "failed"), "", "", "", "", ""])
+            continue
+        ready = r["import"] + r["load"] + r["lookup_first"]
+        rows_out.append(
+            [
+                *name,
+                common.fmt_seconds(r["import"]) if r["impl"] == "serve" else "–",
+                common.fmt_seconds(r["load"]),
+                common.fmt_seconds(r["lookup_first"]),
+                common.fmt_seconds(r["lookup_warm"]),
+                common.fmt_seconds(ready),
+                f"{r['import'] + r['lookup_first'] - r['lookup_warm']:+.2f} s",
+            ]
+        )
+    lines = [
+        "### First lookup after loading (a server's start)",
+        "",
+        "The same table, compressed as above and saved (`embpress.save`), in a fresh process "
+        "with torch imported (untimed): *import* of embpress, *load* (`embpress.load` into a "
+        "skeleton on the meta device; float32: `torch.load(weights_only=True)` of its state into "
+        "`nn.EmbeddingBag.from_pretrained`), then the lookup step four times (*first*, and the "
+        "fastest of the other three, *warm*). *ready* = import + load + first lookup; *extra* = "
+        "import + first − warm lookup: what the process's first lookup costs beyond a warm one. "
+        "*runs*: fresh processes; the one with the median *ready* is shown.",
+        "",
+        common.md_table(
+            ["table", "path", "runs", "import", "load", "first lookup", "warm lookup", "ready", "extra"],
+            rows_out,
+            "llrrrrrrr",
+        ),
+        "",
+        "**Targets** (issue 12: a first lookup at most 0.2 s over a warm one, import included):",
+        "",
+    ]
+    for r in serve:
+        if r["impl"] == "serve" and "load" in r:
+            extra = r["import"] + r["lookup_first"] - r["lookup_warm"]
+            verdict = common.pass_fail(extra <= 0.2)
+            lines.append(f"- [{r['path']}] first lookup extra {extra:.2f} s: **{verdict}**")
+    lines.append("")
+    return lines
+
+
 def render_cold(cold: list[dict[str, Any]]) -> list[str]:
     """The cold-start table and its targets."""
+    serve = [r for r in cold if r.get("serve")]
+    cold = [r for r in cold if not r.get("serve")]
     if not cold:
-        return []
+        return render_serve(serve) if serve else []
     rows_out = []
     floor = next((r for r in cold if r["impl"] == "floor"), None)
     cold = [r for r in cold if r["impl"] != "floor"]
@@ -297,11 +441,13 @@ def render_cold(cold: list[dict[str, Any]]) -> list[str]:
             verdict = common.pass_fail(speedup >= 25)
             lines.append(f"- [{r['path']}] cold vs reference cold {speedup:.1f}x: **{verdict}**")
     lines.append("")
-    return lines
+    return lines + (render_serve(serve) if serve else [])
 
 
 def child(cfg: dict[str, Any]) -> dict[str, Any]:
     """One measurement (runs in a fresh process)."""
+    if cfg.get("cold") and cfg["impl"] in ("serve", "serve_float"):
+        return serve_child(cfg)
     if cfg.get("cold"):
         return cold_child(cfg)
     import torch

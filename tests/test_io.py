@@ -868,3 +868,28 @@ def test_distinct_empty_tensors_are_each_written(tmp_path):
     fresh.register_buffer("b", torch.zeros(0, 3))
     embpress.load(fresh, path)
     assert fresh.a.shape == fresh.b.shape == (0, 3)
+
+
+@pytest.mark.parametrize("layout", ["dense", "pruned_rows", "block_sparse"])
+def test_large_tensors_read_straight_into_buffers_match_safetensors(tmp_path, monkeypatch, layout):
+    """Tensors that belong on huge pages are read from the file into their buffer at the
+    offsets safetensors validated (here every tensor, forced): the same tensors as
+    safetensors reads, the same model, and a read that ends early is a FormatError."""
+    model = _compressed(layout)
+    path = tmp_path / "m.safetensors"
+    embpress.save(model, path)
+    _, expected = eio.read_file(path)
+    monkeypatch.setattr(eio, "wants_huge_pages", lambda nbytes: True)
+    calls = []
+    read_span = eio._read_span
+    monkeypatch.setattr(eio, "_read_span", lambda *a: calls.append(a) or read_span(*a))
+    _, got = eio.read_file(path)
+    assert len(calls) == len(expected) and got.keys() == expected.keys()
+    for key, t in expected.items():
+        assert got[key].dtype == t.dtype and torch.equal(got[key], t), key
+    loaded = embpress.load(_fresh(), path)
+    assert torch.equal(loaded(*_inputs()), model(*_inputs()))
+    monkeypatch.setattr(eio.os, "preadv", lambda fd, bufs, at: 0)
+    with pytest.raises(FormatError, match=r"could not read tensor .*ends before"):
+        eio.read_file(path)
+    assert torch.equal(loaded(*_inputs()), model(*_inputs()))

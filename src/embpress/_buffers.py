@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["empty", "empty_tensor", "huge_pages_mode", "on_huge_pages"]
+__all__ = ["empty", "empty_tensor", "huge_pages_mode", "on_huge_pages", "wants_huge_pages"]
 
 _POPULATE_FROM = 8 << 20
 _MADV_POPULATE_WRITE = 23  # Linux 5.14; Python's mmap module names it from 3.13 on
@@ -84,11 +84,16 @@ def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype, populate: bool = Tr
     return torch.from_numpy(empty(nbytes, np.uint8, populate)).view(dtype).view(shape)
 
 
+def wants_huge_pages(nbytes: int) -> bool:
+    """Whether a CPU tensor of ``nbytes`` belongs on huge pages (:func:`on_huge_pages`)."""
+    return nbytes >= _POPULATE_FROM and _huge_pages_on()
+
+
 def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
     """A large CPU tensor copied into a buffer from :func:`empty` (where this system has
     huge pages; a table's lookups then miss the TLB less), else ``tensor`` itself."""
     nbytes = tensor.numel() * tensor.element_size()
-    if tensor.device.type != "cpu" or nbytes < _POPULATE_FROM or not _huge_pages_on():
+    if tensor.device.type != "cpu" or not wants_huge_pages(nbytes):
         return tensor
     out = empty_tensor(tuple(tensor.shape), tensor.dtype)
     out.copy_(tensor)

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ._buffers import on_huge_pages
+from ._buffers import empty_tensor, on_huge_pages, wants_huge_pages
 from .layouts import TABLE_CLASSES, FormatError, QuantizedTable
 from .layouts.base import Spec
 from .nn import (
@@ -517,6 +517,44 @@ class _SliceReader:
         return out
 
 
+def _huge_spans(
+    fd: int, header: int, handle: Any, keys: list[str]
+) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+    """(dtype, shape, file offset) of each tensor that belongs on huge pages, so that it is
+    read straight into them (one copy, not two). The offsets come from the header that
+    ``handle`` (``safe_open`` on the same open file) validated; dtype and shape must
+    agree with what it read."""
+    spans = {}
+    entries = json.loads(os.pread(fd, header, 8))
+    for key in keys:
+        view = handle.get_slice(key)
+        dtype, shape = _SAFETENSORS_DTYPES.get(view.get_dtype()), tuple(int(n) for n in view.get_shape())
+        entry = entries.get(key)
+        if (
+            dtype is None
+            or not isinstance(entry, dict)
+            or entry.get("dtype") != view.get_dtype()
+            or tuple(entry.get("shape", ())) != shape
+        ):
+            continue
+        if wants_huge_pages(math.prod(shape) * dtype.itemsize):
+            spans[key] = (dtype, shape, 8 + header + int(entry["data_offsets"][0]))
+    return spans
+
+
+def _read_span(fd: int, dtype: torch.dtype, shape: tuple[int, ...], start: int) -> torch.Tensor:
+    """The tensor stored at file offset ``start``, read into a buffer on huge pages."""
+    out = empty_tensor(shape, dtype)
+    view = out.reshape(-1).view(torch.uint8).numpy().data
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], start + done)
+        if n <= 0:
+            raise OSError("the file ends before the tensor's last byte")
+        done += n
+    return out
+
+
 def _read(
     p: Path,
     *,
@@ -567,9 +605,9 @@ def _read(
                     raise _fail(p, f"table {table!r} rows {start}:{stop}: {err}") from None
                 skip.update(k for k in keys if k.startswith(prefix))
             keys = [k for k in keys if k not in skip]
+            spans: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
             if not mmap:
-                os.lseek(fd, 0, os.SEEK_SET)
-                header = int.from_bytes(os.read(fd, 8), "little")
+                header = int.from_bytes(os.pread(fd, 8, 0), "little")
                 data, memory = os.fstat(fd).st_size - 8 - header, _memory_bytes()
                 if memory is not None and data > memory:
                     raise _fail(
@@ -577,16 +615,17 @@ def _read(
                         f"its tensors take {human_bytes(data)}, more than this machine's memory "
                         f"({human_bytes(memory)}); load it with mmap=True",
                     )
+                spans = _huge_spans(fd, header, f, keys)
             out = {}
             for key in keys:
                 try:
-                    t = f.get_tensor(key)
+                    t = _read_span(fd, *spans[key]) if key in spans else f.get_tensor(key)
                 except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
                     detail = str(err).replace(name, str(p))
                     raise _fail(p, f"could not read tensor {key!r} ({detail})") from None
                 if verify and crc32(t) != index["crc32"][key]:
                     raise _fail(p, f"tensor {key!r} is corrupted (CRC-32 mismatch)")
-                out[key] = t if mmap else on_huge_pages(t)  # a mapped file stays mapped
+                out[key] = t if mmap or key in spans else on_huge_pages(t)  # a mapped file stays mapped
             return index, out
     finally:
         os.close(fd)

@@ -361,8 +361,11 @@ class BlockSparseTable(QuantizedTable):
         return starts
 
     def _bytes_at(self, starts: torch.Tensor, first: int, count: int) -> torch.Tensor:
-        """uint8 [n, count]: bytes ``first .. first+count-1`` of the records at ``starts``."""
-        return self.records[starts.unsqueeze(1) + first + torch.arange(count, device=starts.device)]
+        """uint8 [n, count]: bytes ``first .. first+count-1`` of the records at ``starts``
+        (as rows of a sliding-window view: one index per record, not one per byte)."""
+        if count > self.records.numel():  # no window fits (then no record does either)
+            return self.records[starts.unsqueeze(1) + first + torch.arange(count, device=starts.device)]
+        return self.records.unfold(0, count, 1)[starts + first]
 
     def _in_row(self, device: torch.device) -> torch.Tensor:
         """int64 [bitmap bytes]: the bits of each bitmap byte that are blocks of the row."""
@@ -480,25 +483,30 @@ class BlockSparseTable(QuantizedTable):
             raise FormatError(f"tensor 'records' does not end with {RECORD_TAIL} zero bytes")
         size -= RECORD_TAIL  # the records themselves
         table = cls(records, row_offsets, group_offsets, rows, dim, width, bits, dtype, pruned)
-        # every record's start: even rows from the offsets (checked to lie inside the
-        # tensor before anything is read there), odd rows after their neighbour
-        pairs = table._pair_starts(torch.arange(rows))
-        if bool((pairs < 0).any()) or bool((pairs + sh.header > size).any()):
+        # every record's start: each pair's even row from the offsets (checked to lie
+        # inside the tensor before anything is read there), its odd row after it
+        even = table._pair_starts(torch.arange(0, rows, 2))
+        if bool((even < 0).any()) or bool((even + sh.header > size).any()):
             raise FormatError("tensor 'row_offsets' points past the end of 'records'")
-        starts = table._record_starts(torch.arange(rows))
-        if bool((starts + sh.header > size).any()):
+        in_row = table._in_row(even.device)
+        even_bitmap = table._bytes_at(even, 0, sh.bitmap_bytes).long()
+        even_lengths = sh.length(popcount_bytes(even_bitmap & in_row).sum(1))
+        odd = even[: rows // 2] + even_lengths[: rows // 2]
+        if bool((odd + sh.header > size).any()):
             raise FormatError("tensors 'row_offsets' / 'group_offsets' do not match the records' bitmaps")
+        odd_bitmap = table._bytes_at(odd, 0, sh.bitmap_bytes).long()
+        starts = torch.empty(rows, dtype=torch.int64)
+        lengths = torch.empty(rows, dtype=torch.int64)
+        starts[0::2], starts[1::2] = even, odd
+        lengths[0::2], lengths[1::2] = even_lengths, sh.length(popcount_bytes(odd_bitmap & in_row).sum(1))
         # then: every record starts where the one before it ends, and the last one ends
         # the tensor
-        bitmap = table._bytes_at(starts, 0, sh.bitmap_bytes).long()
-        in_row = table._in_row(bitmap.device)
-        lengths = sh.length(popcount_bytes(bitmap & in_row).sum(1))
         expected = torch.cumsum(lengths, 0) - lengths
         if not torch.equal(expected, starts) or int(lengths.sum()) != size:
             raise FormatError("tensors 'row_offsets' / 'group_offsets' do not match the records' bitmaps")
         if not torch.equal(group_offsets[:-1], expected[:: 1 << sh.group_shift]):
             raise FormatError("tensor 'group_offsets' does not point at its groups' first records")
-        if bool((bitmap & ~in_row).any()):
+        if bool((even_bitmap & ~in_row).any()) or bool((odd_bitmap & ~in_row).any()):
             raise FormatError("tensor 'records' marks blocks past the row end as kept")
         qparams = table._bytes_at(starts, sh.bitmap_bytes, 2 * sh.scale_bytes).view(dtype)
         if not bool(torch.isfinite(qparams).all()):
