@@ -478,6 +478,9 @@ def _hostile(tmp: Path, case: str, ckpt: Path) -> tuple[list[str | Path], str, s
     if case == "not-a-state-dict":
         torch.save([torch.randn(4, 4)], path)
         return ["inspect", path], str(path), "not a state_dict"
+    if case == "state-dict-with-a-number":
+        torch.save({"emb.weight": torch.randn(4, 4), "epoch": 3}, path)
+        return ["compress", path, out], str(path), "entry 'epoch' is int, not a tensor"
     if case == "directory":
         return ["inspect", tmp], str(tmp), "directory"
     if case == "missing":
@@ -517,7 +520,8 @@ def _hostile(tmp: Path, case: str, ckpt: Path) -> tuple[list[str | Path], str, s
 
 _HOSTILE = [
     "empty", "random", "truncated-safetensors", "header-not-object", "header-bad-entry",
-    "pickle-of-object", "not-a-state-dict", "directory", "missing", "dev-zero", "socket",
+    "pickle-of-object", "not-a-state-dict", "state-dict-with-a-number", "directory", "missing",
+    "dev-zero", "socket",
     "out-folder-missing", "out-is-in", "out-is-fifo", "nested-tensor", "quantized-buffer", "sparse-buffer",
 ]  # fmt: skip
 

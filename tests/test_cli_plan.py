@@ -253,6 +253,15 @@ def test_user_errors_are_one_line(ckpt: Path, usage_file: Path, tmp_path: Path) 
         (["compress", ckpt, out, "--plan", broken_plan], 1, ("broken.json", "not a JSON file")),
         (["compress", ckpt, out, "--plan", other_plan, "--tables", "emb"], 2, ("--tables",)),
         (["compress", ckpt, out, "--budget", "1"], 1, ("smallest possible size",)),
+        (["compress", ckpt, out, "--budget", "1/8", "--memory", "1GiB"], 2, ("--memory", "uniform settings")),
+        (["compress", ckpt, out, "--plan", other_plan, "--gather"], 2, ("--gather", "uniform settings")),
+        (
+            ["plan", ckpt, "--budget", "1/8", "--usage", tmp_path],
+            1,
+            ("is a directory, expected a usage file",),
+        ),
+        (["compress", ckpt, out, "--plan", tmp_path], 1, ("is a directory, expected a plan JSON file",)),
+        (["compress", ckpt, out, "--budget", "1/8", "--usage", tmp_path], 1, ("expected a usage file",)),
     ]
     before = ckpt.read_bytes()
     for args, code, words in cases:
@@ -278,3 +287,61 @@ def test_help_texts() -> None:
     text = " ".join(_run("compress", "--help").stdout.split())
     for word in ("--budget", "--plan", "--usage", "4 bits per entry", "[default: 4]"):
         assert word in text, word
+
+
+def test_planned_compress_refuses_several_processes(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun (WORLD_SIZE > 1) a planned compress is refused, as the library refuses
+    it, before anything is read or written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "out.safetensors"
+    for goal in (["--budget", "1/8"], ["--max-error", "1.0"]):
+        _one_error(_run("compress", ckpt, out, *goal), 1, goal[0], "several processes", "uniform settings")
+    assert not out.exists()
+
+
+def test_a_plan_made_with_usage_is_applied_with_the_same_usage(
+    ckpt: Path, usage_file: Path, tmp_path: Path
+) -> None:
+    """plan --usage U, then compress --plan needs --usage U (and then writes what
+    compress --budget --usage U writes); without it, or with other counts, one error line;
+    a plan made without usage takes no --usage."""
+    plan_path = tmp_path / "plan.json"
+    made = _run("plan", ckpt, "--budget", "1/16", "--usage", usage_file, "--json", plan_path)
+    assert made.exit_code == 0, made.stderr
+    assert f"--plan {plan_path} --usage {usage_file}" in " ".join(made.stdout.split())
+    other = tmp_path / "other.safetensors"
+    counts = embpress.Usage.load(usage_file).counts
+    counts["emb"][5] += 1.0
+    embpress.Usage(counts).save(other)
+    out = tmp_path / "out.safetensors"
+    _one_error(_run("compress", ckpt, out, "--plan", plan_path), 1, str(plan_path), "pass the same --usage")
+    _one_error(
+        _run("compress", ckpt, out, "--plan", plan_path, "--usage", other),
+        1,
+        "table 'emb'",
+        "not the one the plan was made with",
+        "--usage",
+    )
+    assert not out.exists()
+    no_usage = tmp_path / "no_usage.json"
+    assert _run("plan", ckpt, "--budget", "1/16", "--json", no_usage).exit_code == 0
+    _one_error(
+        _run("compress", ckpt, out, "--plan", no_usage, "--usage", usage_file), 2, "--usage", "without usage"
+    )
+
+    applied = _run("compress", ckpt, out, "--plan", plan_path, "--usage", usage_file)
+    assert applied.exit_code == 0, applied.stderr
+    direct = tmp_path / "direct.safetensors"
+    assert _run("compress", ckpt, direct, "--budget", "1/16", "--usage", usage_file).exit_code == 0
+    a, b = embpress.load(Model(), out), embpress.load(Model(), direct)
+    assert torch.equal(a.emb.dequantize(), b.emb.dequantize())
+    assert torch.equal(a.emb_bag.dequantize(), b.emb_bag.dequantize())
+
+
+def test_plan_help_promises_at_most_the_budget() -> None:
+    """The plan's bytes are at most BUDGET (a few bytes may be left), not exactly BUDGET."""
+    text = " ".join(_run("plan", "--help").stdout.split())
+    assert "at most BUDGET" in text and "exactly BUDGET" not in text and "fit BUDGET exactly" not in text

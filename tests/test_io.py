@@ -893,3 +893,19 @@ def test_large_tensors_read_straight_into_buffers_match_safetensors(tmp_path, mo
     with pytest.raises(FormatError, match=r"could not read tensor .*ends before"):
         eio.read_file(path)
     assert torch.equal(loaded(*_inputs()), model(*_inputs()))
+
+
+@pytest.mark.parametrize("norm_type", [math.inf, -math.inf])
+def test_infinite_norm_type_is_saved_as_a_string_and_loads_back(tmp_path, norm_type):
+    """torch takes ``norm_type=inf`` (the max norm); JSON has no infinity, so the file
+    holds "inf" / "-inf", and the loaded module renormalises as the saved one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8, max_norm=0.5, norm_type=norm_type))
+    ptsq(model, DataNormSparsifier, sparsity_level=0.5, sparse_block_shape=(1, 4))
+    path = tmp_path / "m.safetensors"
+    embpress.save(model, path)
+    assert eio.read_index(path)["tables"]["0"]["module"]["norm_type"] == str(norm_type)
+    loaded = embpress.load(nn.Sequential(nn.Embedding(50, 8)), path)
+    ids = torch.arange(50)
+    assert loaded[0].norm_type == norm_type
+    assert torch.equal(loaded[0](ids), model[0](ids))

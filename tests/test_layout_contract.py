@@ -520,3 +520,49 @@ def test_large_tables_are_held_in_huge_pages(tmp_path, layout):
     plain = torch.empty(8 << 20, dtype=torch.uint8)  # torch's own allocation: not advised
     mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     assert not _thp_eligible(plain) or "[always]" in mode
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_load_state_dict_takes_a_whole_valid_table_of_the_same_fields_or_nothing(tmp_path, layout):
+    """``load_state_dict`` writes every buffer or none: a state of a table with other fields
+    (bits, scale dtype) or other buffer shapes is refused and leaves the table as it was
+    (torch's own copy takes each buffer whose shape matches, and would decode garbage);
+    the state carries the fields as a tensor, so it stays all tensors and survives
+    ``torch.save`` / ``torch.load(weights_only=True)``."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 32, generator=g)
+
+    def table_of(bits, level, scale_dtype=torch.float16):
+        mask = _mask("blocks", 300, 32, 4, torch.Generator().manual_seed(int(level * 100)))
+        config = QuantConfig(bits=bits, layout=layout, range_search=False, scale_dtype=scale_dtype)
+        return encode_table(w, mask, config, block_width=4)[0]
+
+    table = table_of(8, 0.5)
+    state = table.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    torch.save(state, tmp_path / "s.pt")
+    again = table_of(8, 0.5)
+    again.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(again.buffers(), table.buffers(), strict=True))
+    before = {k: v.clone() for k, v in table.state_dict().items()}
+    ids = torch.randint(0, 300, (64,), generator=g)
+    looked = table.decode_rows(ids)
+    for other in (table_of(4, 0.5), table_of(8, 0.5, torch.float32), table_of(8, 0.9)):
+        if {**other.meta(), "num_pruned": 0} == {**table.meta(), "num_pruned": 0} and all(
+            a.shape == b.shape for a, b in zip(other.buffers(), table.buffers(), strict=True)
+        ):  # the same fields and shapes (dense at another sparsity): taken, with its num_pruned
+            table.load_state_dict(other.state_dict())
+            assert table.num_pruned == other.num_pruned
+            assert torch.equal(table.decode_rows(ids), other.decode_rows(ids))
+            table.load_state_dict(before)
+            assert table.meta() == table_of(8, 0.5).meta()
+            continue
+        with pytest.raises(RuntimeError, match=r"stored as|size mismatch"):
+            table.load_state_dict(other.state_dict())
+        after = table.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert torch.equal(table.decode_rows(ids), looked)
+    # a state saved without the fields (``_extra_state``) is checked against the table's own
+    old = {k: v for k, v in table_of(8, 0.5).state_dict().items() if k != "_extra_state"}
+    table.load_state_dict(old)
+    assert torch.equal(table.decode_rows(ids), looked)

@@ -393,3 +393,36 @@ def test_ops_views_and_compile_serve_mixed_tables():
     grid = ids.view(4, 2)
     with torch.inference_mode():
         assert torch.equal(compiled(ids, offsets, grid), forward(ids, offsets, grid))
+
+
+def test_load_state_dict_of_other_class_rows_takes_their_geometry():
+    """Two tables with the same codecs and buffer shapes but other rows in each class (7
+    rows of 24 bytes against 12 of 14): after ``load_state_dict`` lookups use the loaded
+    table's class offsets, not the ones derived from the buffers before."""
+    codecs = [P("pruned"), P("rowwise8"), P("rowwise4")]
+    w = torch.randn(700, 20, generator=torch.Generator().manual_seed(1))
+    a, b = np.zeros(700, dtype=np.int64), np.zeros(700, dtype=np.int64)
+    a[::100] = 1
+    b[5:65:5] = 2
+    table, other = MixedTable.build(w, a, codecs), MixedTable.build(w * 2, b, codecs)
+    assert [t.shape for t in table.buffers()] == [t.shape for t in other.buffers()]
+    table.load_state_dict(other.state_dict())
+    ids = torch.arange(700)
+    assert table.class_rows == other.class_rows and table.num_pruned == other.num_pruned
+    assert torch.equal(table.decode_rows(ids), other.decode_rows(ids))
+    bounds = torch.arange(0, 701, 7)
+    assert torch.equal(table.fast_bag(ids, bounds, 0, None), other.fast_bag(ids, bounds, 0, None))
+
+
+def test_plain_torch_slots_in_chunks_equal_the_whole_table(monkeypatch):
+    """The plain-torch path (max pooling, padding_idx, other devices) finds each id's slot
+    from the block and sub-block counts a chunk of ids at a time: any chunking gives the
+    rows ``dequantize`` gives, across blocks and sub-blocks."""
+    import embpress.layouts.mixed as mixed
+
+    _, _, _, table = _table(("pruned", "rowwise8", "levels2", "colbook2"), rows=1500)
+    ids = torch.randint(0, 1500, (500,), generator=torch.Generator().manual_seed(2))
+    whole = table.dequantize()[ids]
+    for chunk in (1, 7, 1 << 16):
+        monkeypatch.setattr(mixed, "_SLOT_CHUNK", chunk)
+        assert torch.equal(table.decode_rows(ids), whole)

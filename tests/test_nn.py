@@ -670,3 +670,41 @@ def test_constructor_takes_padding_idx_as_torch_does(cls):
         ref = nn.EmbeddingBag.from_pretrained(table.dequantize(), mode="sum", padding_idx=-1)
         ids, offsets = torch.tensor([1, 49, 49, 2]), torch.tensor([0, 2])
         torch.testing.assert_close(bag(ids, offsets), ref(ids, offsets))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_meta_modules_give_meta_outputs_of_nn_shapes(layout):
+    """On the meta device (shape inference, fake initialisation) the modules return meta
+    outputs of nn's shapes, as nn.Embedding(Bag) does, instead of reading ids."""
+    q, ref, _ = _bag(layout, padding_idx=0)
+    emb = QuantizedEmbedding.from_float(
+        nn.Embedding.from_pretrained(ref.weight.detach().clone()), QuantConfig(bits=8, layout=layout)
+    )
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]], device="meta")
+    for module, args in (
+        (q, (ids.reshape(-1), torch.tensor([0, 4], device="meta"))),
+        (q, (ids,)),
+        (emb, (ids,)),
+    ):
+        expected = (ref if module is q else nn.Embedding(ROWS, DIM)).to("meta")(*args)
+        out = module.to("meta")(*args)
+        assert out.is_meta and out.shape == expected.shape and out.dtype == expected.dtype
+
+
+def test_an_invalid_mode_set_later_is_refused_as_nn_refuses_it():
+    q, ref, _ = _bag("dense")
+    ids, offsets = torch.tensor([1, 2, 3]), torch.tensor([0])
+    for module in (q, ref):
+        module.mode = "Sum"
+        with pytest.raises(ValueError, match="mode has to be one of sum, mean or max"):
+            module(ids, offsets)
+
+
+def test_repr_shows_the_float_modules_arguments_as_nn_does():
+    q, ref, _ = _bag("dense", padding_idx=3, max_norm=1.5, norm_type=1.0, include_last_offset=True)
+    text = repr(q)
+    for part in ("padding_idx=3", "max_norm=1.5", "norm_type=1.0"):
+        assert part in text and part in repr(ref)
+    assert "include_last_offset=True" in text  # nn's repr leaves it out; it changes the bags
+    plain = repr(_bag("dense")[0])
+    assert "padding_idx" not in plain and "max_norm" not in plain and "include_last_offset" not in plain

@@ -109,7 +109,7 @@ def test_predicted_error_is_the_real_error() -> None:
         usage=usage,
         codecs=["rowwise8", "rowwise4", "rowwise2", "levels2", "levels1"],
     )
-    p.apply(model)
+    p.apply(model, usage)
     for t in p.tables:
         w = row_weights(t.rows, usage.counts[t.name], p.unseen_weight)
         decoded = getattr(model, t.name).dequantize().double()
@@ -148,6 +148,70 @@ def test_rows_beyond_float16_avoid_float16_codecs() -> None:
     assert t.codecs[int(t.assignment[7])].kind in ("pruned", "colbook")
     p.apply(model)
     assert _tables_nbytes(model) == p.predicted_bytes
+
+
+def _wide_scales() -> nn.Module:
+    """Two tables whose values differ in scale by 1e5 (weighted row errors by ~1e12)."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.small = nn.Embedding(20000, 16)
+    model.big = nn.Embedding(100, 16)
+    with torch.no_grad():
+        model.small.weight.copy_(torch.randn(20000, 16) * 1e-5)
+        model.big.weight.copy_(torch.randn(100, 16))
+    return model
+
+
+def test_budget_is_spent_when_row_errors_span_many_orders_of_magnitude() -> None:
+    """The multiplier's search goes below 1e-12 of the largest row error when it must: a
+    table 1e5 smaller in scale gets the bytes, and one outlier row does not leave the rest
+    of its table on the cheapest codec."""
+    model = _wide_scales()
+    budget = _float_bytes(model) // 8
+    p = plan(model, budget)
+    assert 0.97 * budget <= p.predicted_bytes <= budget
+    assert p["small"].class_rows[list(p["small"].codecs).index(Codec.parse("pruned"))] < 20000 // 10
+    # max_error from the other side: about the same bytes, not every row at its best codec
+    q = plan(model, max_error=p.predicted_error)
+    assert q.predicted_error <= p.predicted_error and q.predicted_bytes <= 1.02 * budget
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.t = nn.Embedding(20000, 16)
+    with torch.no_grad():
+        model.t.weight.copy_(torch.randn(20000, 16))
+        model.t.weight[7] = 1000.0
+    p = plan(model, 160_000)
+    assert p.predicted_bytes >= 0.97 * 160_000
+    # a hand-made plan within the budget: levels1, and 16000 rows at rowwise2
+    from embpress.planner import squared_norms
+    from embpress.quant.codecs import row_errors
+
+    w = model.t.weight.detach()
+    weights = row_weights(20000, None, p.unseen_weight, squared_norms(w))
+    low = row_errors(w.numpy(), Codec.parse("levels1"), weights) * weights
+    gain = low - row_errors(w.numpy(), Codec.parse("rowwise2"), weights) * weights
+    up = np.argsort(-gain)[:16000]
+    codecs = [Codec.parse("levels1"), Codec.parse("rowwise2")]
+    assert MixedTable.predicted_size(20000, 16, [4000, 16000], codecs) <= 160_000
+    assert p.predicted_error < float(low.sum() - gain[up].sum())
+
+
+def test_fill_moves_rows_of_a_table_held_in_one_codec() -> None:
+    """Rows that all cost the same switch codec at one multiplier together; the bytes the
+    search leaves go to rows moved into another codec of the table's set, not only into
+    codecs the table already uses."""
+    torch.manual_seed(0)
+    base = torch.randn(16)
+    model = nn.Module()
+    model.t = nn.Embedding(2000, 16)
+    with torch.no_grad():  # permutations of one row: the same error under every codec
+        model.t.weight.copy_(torch.stack([base[torch.randperm(16)] for _ in range(2000)]))
+    codecs = ["rowwise8", "rowwise4", "rowwise2", "levels2", "levels1"]
+    for budget in (14_000, 16_000, 20_000, 30_000):
+        p = plan(model, budget, codecs=codecs)
+        assert 0.97 * budget <= p.predicted_bytes <= budget, (budget, p["t"].summary())
+        assert len(p["t"].codecs) >= 2
 
 
 def test_budget_below_the_smallest_size_says_it() -> None:
@@ -292,7 +356,7 @@ def test_modules_sharing_one_weight_are_planned_as_one_table_with_their_usage_su
     q = plan(one, budget, usage=Usage({"enc": enc_counts + dec_counts}))
     assert [t.name for t in p.tables] == ["enc"]
     assert np.array_equal(p.tables[0].assignment, q.tables[0].assignment)
-    p.apply(tied)
+    p.apply(tied, Usage({"enc": enc_counts, "dec": dec_counts}))
     assert tied.enc is tied.dec and tied.enc.nbytes == p.predicted_bytes
 
 
@@ -349,6 +413,12 @@ def _tampered(obj: dict[str, Any], change: str) -> dict[str, Any]:
         bad["tables"] = []
     elif change == "huge":
         bad["budget_bytes"] = 10**400
+    elif change == "version_float":
+        bad["format_version"] = 1.0
+    elif change == "class_rows_float":
+        t["class_rows"] = [float(n) for n in t["class_rows"]]
+    elif change == "class_rows_bool":
+        t["class_rows"] = [True, *t["class_rows"][1:]]
     return bad
 
 
@@ -370,6 +440,9 @@ def _tampered(obj: dict[str, Any], change: str) -> dict[str, Any]:
         ("budget", "over the budget"),
         ("tables", "non-empty list"),
         ("huge", r"budget_bytes: must be at most 2\*\*63 - 1, got a 401-digit number"),
+        ("version_float", "format_version 1.0 is not supported"),
+        ("class_rows_float", "class_rows: must be a list of integers"),
+        ("class_rows_bool", "class_rows: must be a list of integers"),
     ],
 )
 def test_tampered_plan_is_refused(tmp_path: Path, change: str, match: str) -> None:
@@ -391,6 +464,32 @@ def test_plan_file_errors(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ applying
+def test_apply_needs_the_usage_the_plan_was_made_with() -> None:
+    """A plan's shared codebooks are fitted with the weights it was made with: a plan made
+    with usage is refused without it or with other counts, one made without usage is
+    refused with it (the model unchanged); so is the checkpoint's application of it."""
+    from embpress.checkpoint import compress_state_dict
+
+    model = Model()
+    usage = _skewed_usage(model)
+    p = plan(model, _float_bytes(model) // 16, usage=usage)
+    other = Usage({k: v.clone() for k, v in usage.counts.items()})
+    other.counts["emb"][3] += 1.0
+    cases: list[tuple[Plan, Usage | None, str]] = [
+        (p, None, "made with usage: pass the usage it was made with"),
+        (p, other, "table 'emb': the usage given is not the one the plan was made with"),
+        (plan(model, _float_bytes(model) // 16), usage, "made without usage"),
+    ]
+    for the_plan, given, match in cases:
+        with pytest.raises(PlanError, match=match):
+            the_plan.apply(model, given)
+        assert type(model.emb) is nn.Embedding and type(model.bag) is nn.EmbeddingBag
+        with pytest.raises(PlanError, match=match):
+            compress_state_dict(model.state_dict(), plan=the_plan, usage=given)
+    p.apply(model, usage)
+    assert _tables_nbytes(model) == p.predicted_bytes
+
+
 def test_apply_refuses_a_model_that_does_not_match() -> None:
     p = plan(Model(), 3000)
     other = nn.ModuleDict({"emb": nn.Embedding(401, 16), "bag": nn.EmbeddingBag(240, 8)})

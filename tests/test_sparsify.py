@@ -5,17 +5,22 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from embpress import BaseDataSparsifier, DataNormSparsifier
 from embpress.sparsify import block_norm_mask, streaming_block_norm_mask
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
+    from torch.ao.pruning._experimental.data_sparsifier import BaseDataSparsifier as RefBase
     from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as RefSparsifier
+
+BOTH = pytest.mark.parametrize("norm_cls", [RefSparsifier, DataNormSparsifier], ids=["torch", "embpress"])
 
 
 def _ref_mask(x, **cfg):
@@ -149,7 +154,7 @@ def test_get_data_and_squash_mask():
     assert s.get_data("x", return_original=True) is x
     assert torch.equal(s.get_data("x", return_original=False), x * mask)
     s.squash_mask()
-    assert torch.equal(x == 0, mask == 0)  # applied in place, as the reference does
+    assert torch.equal(x == 0, mask == 0)  # the data object holds the masked values, as torch's
     with pytest.raises(ValueError, match="squashed"):
         s.get_data("x", return_original=True)
 
@@ -207,16 +212,19 @@ def test_disabled_mask_update_keeps_masks():
     assert math.isclose(s.defaults["sparsity_level"], 0.9)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_mask_dtype_and_identity_follow_torch(dtype):
-    """Before step a mask is ones of the data's dtype, after step int8, the same object."""
+    """Before step a mask is ones (torch: of the data's dtype; here int8, one byte an entry),
+    after step int8 in both, the same object throughout."""
     x = torch.randn(6, 8).to(dtype)
     ref, ours = RefSparsifier(sparsity_level=0.5), DataNormSparsifier(sparsity_level=0.5)
     for s in (ref, ours):
         s.add_data("t", x.clone())
     before = [s.get_mask("t") for s in (ref, ours)]
-    assert before[0].dtype == before[1].dtype == dtype
-    assert float(1.0 - before[1].mean()) == 0.0  # arithmetic on the mask works
+    assert before[0].dtype == dtype and before[1].dtype == torch.int8
+    assert torch.equal(before[1].to(dtype), before[0])
+    assert (before[1] * x).dtype == dtype  # the mask keeps the data's dtype
+    assert float(1.0 - before[1].float().mean()) == 0.0 and int((1 - before[1]).sum()) == 0
     for s in (ref, ours):
         s.step()
     after = [s.get_mask("t") for s in (ref, ours)]
@@ -240,14 +248,29 @@ def test_mask_written_in_place_is_what_the_api_sees():
     assert torch.equal(kept, s.get_mask("t") != 0)
 
 
-def test_starting_mask_takes_no_memory_until_asked_for():
+def test_starting_mask_is_one_byte_an_entry_and_needs_no_copy():
     x = torch.randn(1000, 64)
     s = DataNormSparsifier()
     s.add_data("t", x)
-    assert 0 in s.state["t"]["mask"].stride()
-    mask = s.get_mask("t")
-    mask[0, 0] = 0  # writable: the view was made a tensor of its own
-    assert s.get_mask("t") is mask and float(mask.sum()) == x.numel() - 1
+    mask = s.state["t"]["mask"]
+    assert mask is s.get_mask("t") and mask.element_size() == 1 and 0 not in mask.stride()
+    kept = s.kept_mask("t")  # the bool view of the same memory, no copy
+    assert kept.dtype == torch.bool and kept.data_ptr() == mask.data_ptr() and bool(kept.all())
+    mask[0, 0] = 0  # writable, and seen by kept_mask
+    assert s.get_mask("t") is mask and int(mask.sum()) == x.numel() - 1
+    assert not bool(s.kept_mask("t")[0, 0]) and int(s.kept_mask("t").sum()) == x.numel() - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64])
+def test_starting_mask_keeps_any_data_dtype(dtype):
+    """Where int8 would change the data's dtype in ``mask * data`` the mask has the data's."""
+    x = torch.ones(4, 4, dtype=dtype)
+    s = DataNormSparsifier()
+    s.add_data("t", x)
+    assert s.get_data("t", return_original=False).dtype == dtype
+    assert bool(s.kept_mask("t").all())
+    s.squash_mask()
+    assert x.dtype == dtype and bool((x == 1).all())
 
 
 def test_block_shape_errors_name_the_block_shape():
@@ -332,8 +355,6 @@ def test_streaming_mask_reads_only_what_it_is_given_and_refuses_nan():
 def test_the_1x4_kernels_are_the_general_ones_bit_for_bit(rows, quads, square, specials, seed) -> None:
     """The (1, 4) block norms and mask expansion (constant block width) equal the general
     kernels bit for bit, special values included."""
-    import numpy as np
-
     from embpress._parallel import parallel_call
     from embpress.sparsify._kernels import (
         block_norms,
@@ -368,3 +389,167 @@ def test_streaming_mask_of_part_of_the_rows_needs_a_collective():
         list(streaming_block_norm_mask(lambda a, b: x[a:b], (64, 8), 0.5, (1, 4), row_range=(0, 32)))
     whole = list(streaming_block_norm_mask(lambda a, b: x[a:b], (64, 8), 0.5, (1, 4), row_range=(0, 64)))
     assert torch.equal(torch.cat([m for _, m in whole]), block_norm_mask(x, 0.5, (1, 4)))
+
+
+# ---------------------------------------------------------------- squash and state, as torch's
+
+
+@BOTH
+def test_squash_gives_the_data_new_memory_and_leaves_its_aliases(norm_cls):
+    """The registered object (the embedding's Parameter) sees the pruned values; a view
+    of its old memory and a state_dict taken before squash keep the original ones."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(8, 8)
+    weight, original = emb.weight, emb.weight.detach().clone()
+    view = emb.weight.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = norm_cls(sparsity_level=0.5)
+        s.add_data("e", emb)
+        s.step()
+        saved = s.state_dict()["_container"]["parametrizations.e.original"]
+        s.squash_mask()
+    assert emb.weight is weight and s.get_data("e", return_original=False) is weight
+    assert int((weight == 0).sum()) == 32
+    assert torch.equal(weight, original * (weight != 0))
+    assert torch.equal(view, original) and torch.equal(saved, original)
+
+
+@BOTH
+def test_squashing_a_loaded_sparsifier_leaves_the_first_one_and_the_model(norm_cls):
+    torch.manual_seed(0)
+    emb = nn.Embedding(8, 8)
+    original = emb.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = norm_cls(sparsity_level=0.5)
+        a.add_data("e", emb)
+        a.step()
+        b = norm_cls(sparsity_level=0.5)
+        b.load_state_dict(a.state_dict())
+        b.squash_mask()
+        assert int((b.get_data("e", return_original=False) == 0).sum()) == 32
+        assert torch.equal(emb.weight, original) and torch.equal(a.get_data("e"), original)
+        assert b.get_mask("e") is not a.get_mask("e")
+
+
+def test_squash_refuses_a_mask_that_changes_the_dtype_before_changing_anything():
+    """torch's squash fails in ``set_`` (RuntimeError); embpress checks every name first."""
+
+    class FloatMask(BaseDataSparsifier):
+        def update_mask(self, name, data, **kwargs):
+            self.get_mask(name).data = torch.ones(data.shape)
+
+    x, y = torch.randn(4, 4), torch.randn(4, 4).bfloat16()
+    s = FloatMask()
+    s.add_data("x", x)
+    s.add_data("y", y)
+    s.step()
+    with pytest.raises(RuntimeError, match="dtype"):
+        s.squash_mask()
+    assert s.get_data("x", return_original=True) is x  # nothing squashed
+
+
+@pytest.mark.parametrize("base", [RefBase, BaseDataSparsifier], ids=["torch", "embpress"])
+def test_state_mask_is_a_normal_tensor_and_the_one_get_mask_returns(base):
+    class FirstRow(base):  # type: ignore[misc, valid-type]
+        def update_mask(self, name, data, **kwargs):
+            self.state[name]["mask"][0] = 0  # in place, through state
+
+    s = FirstRow()
+    s.add_data("x", torch.randn(3, 4))
+    mask = s.state["x"]["mask"]
+    assert mask is s.get_mask("x")
+    s.step()
+    assert s.get_mask("x") is mask
+    assert mask.tolist() == [[0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+# ---------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(sparsity_level=np.float32(0.5)),
+        dict(sparsity_level=np.float64(0.3)),
+        dict(zeros_per_block=np.int64(2)),
+        dict(sparsity_level=np.float32(0.1), sparse_block_shape=(1, 4)),  # 0.1f * 5 blocks = 0.5
+    ],
+    ids=str,
+)
+def test_numpy_scalars_are_taken_as_torch_takes_them(cfg):
+    x = torch.randn(5, 4)
+    assert torch.equal(_our_mask(x, **cfg), _ref_mask(x, **cfg))
+    level, zeros = cfg.get("sparsity_level", 0.5), cfg.get("zeros_per_block")
+    whole = torch.cat(
+        [m for _, m in streaming_block_norm_mask(lambda a, b: x[a:b], (5, 4), level, (1, 4), zeros)]
+    )
+    assert torch.equal(whole, block_norm_mask(x, level, (1, 4), zeros))
+
+
+@pytest.mark.parametrize("cfg", [dict(sparsity_level=np.bool_(True)), dict(zeros_per_block=np.float64(2.0))])
+def test_numpy_bools_and_non_integral_zeros_are_refused(cfg):
+    with pytest.raises(ValueError):
+        DataNormSparsifier(**cfg)
+
+
+def test_norm_is_per_sparsifier():
+    """torch's DataNormSparsifier ignores a ``norm`` given to add_data; embpress refuses a
+    different one (its docstring says so) and takes the same one."""
+    assert "All four" not in (DataNormSparsifier.__doc__ or "")
+    s = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 2))
+    for bad in ("L2", "bogus"):
+        with pytest.raises(ValueError, match="norm is set per sparsifier"):
+            s.add_data("x", torch.randn(2, 4), norm=bad)
+    assert "x" not in s.data_groups
+    s.add_data("x", torch.tensor([[3.0, 0.0, 1.6, 1.6]]), norm="L1")
+    s.step()
+    assert s.get_mask("x").tolist() == [[0, 0, 1, 1]]
+
+
+# ---------------------------------------------------------------- smaller API points
+
+
+def test_add_data_returns_the_masked_data_as_torch():
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    got = []
+    for cls in (RefSparsifier, DataNormSparsifier):
+        s = cls(sparsity_level=0.5)
+        assert torch.equal(s.add_data("x", x.clone()), x)
+        s.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got.append(s.add_data("x", y.clone()))  # replacing, the mask reused
+    assert int((got[1] == 0).sum()) == 16 and torch.equal(got[0], got[1])
+
+
+@BOTH
+def test_prepare_is_not_implemented(norm_cls):
+    with pytest.raises(NotImplementedError):
+        norm_cls().prepare(nn.Linear(2, 2), None)
+
+
+def test_repr_is_torch_s():
+    for populate in (False, True):
+        texts = []
+        for cls in (RefSparsifier, DataNormSparsifier):
+            s = cls(sparsity_level=0.5)
+            if populate:
+                s.add_data("a", torch.randn(4, 4))
+                s.add_data("b", torch.randn(4, 4), sparsity_level=0.25)
+            texts.append(repr(s))
+        assert texts[0] == texts[1]
+
+
+@BOTH
+@pytest.mark.parametrize(
+    "mask", [torch.ones(4, 4), torch.ones(3, 4, dtype=torch.bfloat16)], ids=["float32-mask", "bad-shape"]
+)
+def test_a_mask_that_changes_dtype_or_shape_is_refused_at_add_data(norm_cls, mask):
+    weight = nn.Embedding(4, 4).to(torch.bfloat16)
+    s = norm_cls()
+    # torch: ValueError (dtype) or AssertionError (shape); embpress: ValueError
+    with pytest.raises(ValueError if norm_cls is DataNormSparsifier else (ValueError, AssertionError)):
+        s.add_data("e", weight, mask=mask)
+    s.add_data("e", weight, mask=torch.ones(4, 4, dtype=torch.int8))  # int8 keeps bfloat16

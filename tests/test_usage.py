@@ -184,3 +184,15 @@ def test_counts_recorded_in_inference_mode_can_be_added_to_outside_it():
     with record_usage(model, given):
         model(ids)
     assert float(given["0"].sum()) == 13.0
+
+
+def test_a_refused_usage_is_left_as_it_was():
+    """record_usage checks every table before it adds zero counts for any: a usage refused
+    for one table gains no counts for the others."""
+    model = TwoTables()  # emb first, then bag
+    given = Usage({"bag": torch.ones(29)})
+    with pytest.raises(UsageError, match="'bag': usage has 29 rows"), record_usage(model, given):
+        pass
+    assert list(given.counts) == ["bag"] and given.calls == {"bag": 0}
+    with pytest.raises(TypeError, match=r"usage must be an embpress\.Usage"), record_usage(model, {}):  # type: ignore[arg-type]
+        pass

@@ -188,6 +188,19 @@ def table_error(
 
 
 @njit(cache=True)
+def smallest_positive(err: np.ndarray, allowed: np.ndarray) -> float:
+    """The smallest finite ``err[c, r] > 0`` over the allowed codecs (inf when none)."""
+    out = np.inf
+    for c in range(err.shape[0]):
+        if allowed[c]:
+            for r in range(err.shape[1]):
+                v = err[c, r]
+                if 0.0 < v < out:
+                    out = v
+    return out
+
+
+@njit(cache=True)
 def count_codes(choice: np.ndarray, codecs: int) -> np.ndarray:
     """Rows per codec (``np.bincount`` without its passes and conversions)."""
     out = np.zeros(codecs, dtype=np.int64)

@@ -127,9 +127,9 @@ _FILE_KINDS = (
 )
 
 
-def check_input_file(path: PathLike, *, fits: bool = True) -> None:
+def check_input_file(path: PathLike, *, fits: bool = True, expected: str = "a checkpoint file") -> None:
     """Refuse ``path`` unless it is a non-empty regular file that fits in memory (``fits``;
-    a file read in chunks need not).
+    a file read in chunks need not). ``expected``: what the file should be, for the messages.
 
     Anything else is never opened (a named pipe would block, /dev/zero never ends):
     FileNotFoundError, IsADirectoryError, PermissionError, or ValueError saying why.
@@ -142,10 +142,10 @@ def check_input_file(path: PathLike, *, fits: bool = True) -> None:
     except OSError as err:
         raise OSError(f"{p}: cannot read ({err.strerror or 'unknown error'})") from None
     if stat.S_ISDIR(info.st_mode):
-        raise IsADirectoryError(f"{p}: is a directory, expected a checkpoint file")
+        raise IsADirectoryError(f"{p}: is a directory, expected {expected}")
     if not stat.S_ISREG(info.st_mode):
         kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
-        raise ValueError(f"{p}: not a regular file ({kind}), expected a checkpoint file")
+        raise ValueError(f"{p}: not a regular file ({kind}), expected {expected}")
     if info.st_size == 0:
         raise ValueError(f"{p}: the file is empty")
     if fits:
@@ -240,16 +240,28 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The state_dict in ``obj``: itself, or under 'state_dict' / 'model' / 'model_state_dict'."""
     if _is_state(obj):
         return {k: v.detach() for k, v in obj.items()}
+    expected = f"expected a dict of tensors, possibly under {' / '.join(repr(k) for k in _WRAPPER_KEYS)}"
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:
             if _is_state(obj.get(key)):
                 return {k: v.detach() for k, v in obj[key].items()}
         if not obj:
             raise ValueError(f"{path}: the checkpoint is empty")
-    raise ValueError(
-        f"{path}: not a state_dict (expected a dict of tensors, possibly under "
-        f"{' / '.join(repr(k) for k in _WRAPPER_KEYS)}; got {type(obj).__name__})"
-    )
+        # name the first entry that is not a tensor: of the wrapped dict if there is one
+        inner = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping) and obj[k]), None)
+        state, under = (obj, "") if inner is None else (obj[inner], f" (under {inner!r})")
+        for k, v in state.items():
+            if not isinstance(k, str):
+                raise ValueError(
+                    f"{path}: not a state_dict: key {k!r}{under} is {type(k).__name__}, not a string "
+                    f"({expected})"
+                )
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(
+                    f"{path}: not a state_dict: entry {k!r}{under} is {type(v).__name__}, not a tensor "
+                    f"({expected}; drop the other entries)"
+                )
+    raise ValueError(f"{path}: not a state_dict ({expected}; got {type(obj).__name__})")
 
 
 def load_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], str]:
@@ -765,8 +777,8 @@ def compress_state_dict(
     Planned: with ``budget`` (bytes, or a Fraction of the tables' float32 bytes) or
     ``max_error``, :func:`plan_state_dict` chooses each row's storage (``usage``,
     ``unseen_weight`` as there) and the plan is applied; with ``plan``, that plan is
-    applied to its tables (``tables`` must then be None). The uniform settings do not
-    apply then.
+    applied to its tables (``tables`` must then be None; ``usage``: the one it was made
+    with, if any, see :meth:`Plan.apply`). The uniform settings do not apply then.
 
     ``on_table(name, elements, done)`` reports progress. ``state`` is not changed.
     """

@@ -481,7 +481,8 @@ def _usage_options(fn: F) -> F:
     "plan_file",
     type=click.Path(path_type=Path),
     default=None,
-    help="Apply a plan saved by 'embpress plan --json FILE' (its tables, as planned).",
+    help="Apply a plan saved by 'embpress plan --json FILE' (its tables, as planned; with the "
+    "same --usage if it was made with one).",
 )
 @click.option(
     "--memory",
@@ -625,12 +626,20 @@ def compress(
 
 
 def _in_cli_terms(err: Exception) -> str:
-    return str(err).replace("pass QuantConfig(nonfinite='zero')", "pass --nonfinite zero")
+    text = str(err).replace("pass QuantConfig(nonfinite='zero')", "pass --nonfinite zero")
+    return text.replace(
+        "pass the usage the plan was made with", "pass the --usage file the plan was made with"
+    )
+
+
+def _world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE; 1 when unset)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def _collective() -> Any:
     """The processes torchrun started (gloo), or None when this one runs alone."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if _world_size() <= 1:
         return None
     from .distributed import from_environment
 
@@ -726,6 +735,10 @@ def _save_result(result: checkpoint.CompressedCheckpoint, dst: Path) -> None:
         raise CliError(f"{dst}: could not write ({_one_line(why)}); nothing was written") from None
 
 
+# options of compress's row-chunk path (uniform settings only): a planned compress reads IN
+# whole, in one process
+_STREAMED_OPTIONS = {"memory": "--memory", "gather": "--gather"}
+
 # the uniform settings of compress, which a plan replaces
 _UNIFORM_OPTIONS = {
     "sparsity": "--sparsity",
@@ -761,6 +774,18 @@ def _check_planned_options(
             raise click.BadParameter(
                 f"uniform settings do not combine with {goals[0]}", param_hint=f"'{flag}'"
             )
+    for name, flag in _STREAMED_OPTIONS.items():
+        if _given(ctx, name):
+            raise click.BadParameter(
+                f"only with uniform settings, not with {goals[0]} (a planned compress reads IN "
+                "whole, in one process)",
+                param_hint=f"'{flag}'",
+            )
+    if _world_size() > 1:
+        raise CliError(
+            f"{goals[0]}: several processes (torchrun, WORLD_SIZE={_world_size()}) compress with "
+            "uniform settings only; run a planned compress as one process"
+        )
     if plan_file is not None and ctx.params.get("patterns"):
         raise click.BadParameter("a plan names its own tables", param_hint="'--tables'")
     if plan_file is not None and _given(ctx, "unseen_weight"):
@@ -770,24 +795,24 @@ def _check_planned_options(
 T = TypeVar("T")
 
 
-def _read_input(path: Path | None, load: Callable[[Path], T]) -> T | None:
+def _read_input(path: Path | None, load: Callable[[Path], T], expected: str) -> T | None:
     """``load(path)`` of an input file given by an option (None when not given); its
-    errors as one line naming the file."""
+    errors as one line naming the file (``expected``: what it should be)."""
     if path is None:
         return None
     try:
-        checkpoint.check_input_file(path)
+        checkpoint.check_input_file(path, expected=expected)
         return load(path)
     except (OSError, ValueError) as err:
         raise CliError(_describe(err, path)) from None
 
 
 def _read_usage(path: Path | None) -> Usage | None:
-    return _read_input(path, Usage.load)
+    return _read_input(path, Usage.load, "a usage file (usage.save of embpress.record_usage)")
 
 
 def _read_plan(path: Path | None) -> Plan | None:
-    return _read_input(path, Plan.load)
+    return _read_input(path, Plan.load, "a plan JSON file ('embpress plan --json FILE')")
 
 
 def _compress_planned(
@@ -807,6 +832,12 @@ def _compress_planned(
     _check_out(src, dst)
     usage = _read_usage(usage_file)
     given_plan = _read_plan(plan_file)
+    if given_plan is not None and given_plan.with_usage and usage is None:
+        raise CliError(
+            f"{plan_file}: the plan was made with usage: pass the same --usage FILE it was made with"
+        )
+    if given_plan is not None and not given_plan.with_usage and usage is not None:
+        raise click.BadParameter(f"{plan_file} was made without usage", param_hint="'--usage'")
     state, _ = checkpoint.load_checkpoint(src)
     tables: list[str] | None = None
     if given_plan is None:
@@ -832,7 +863,7 @@ def _compress_planned(
                 unseen_weight=unseen_weight,
             )
     except ValueError as err:
-        raise CliError(_named(str(err), src)) from None
+        raise CliError(_named(_in_cli_terms(err), src)) from None
     _save_result(result, dst)
     applied = result.plan
     assert applied is not None
@@ -982,7 +1013,7 @@ _PLAN_EPILOG = """\b
 Examples:
   embpress plan model.pt --budget 20MB
   embpress plan model.pt --budget 1/16 --usage usage.safetensors --json plan.json
-  embpress compress model.pt out.safetensors --plan plan.json
+  embpress compress model.pt out.safetensors --plan plan.json --usage usage.safetensors
 
 \b
 BUDGET covers the selected tables alone: bytes with a unit (B, kB, MB, GB
@@ -1037,7 +1068,8 @@ def plan_command(
     For every row the planner weighs 8, 4 and 2-bit row-wise codes, per-row levels,
     per-column codebooks and pruning, and picks the mix with the least expected error
     (rows weighted by the square roots of the --usage counts when given, else by their
-    squared norms) whose bytes fit BUDGET exactly. Give --budget or --max-error.
+    squared norms) whose bytes are at most BUDGET (compress --plan then writes tables of
+    exactly the planned bytes). Give --budget or --max-error.
     """
     if (budget is None) == (max_error is None):
         raise click.UsageError("give one of --budget and --max-error")
@@ -1061,7 +1093,10 @@ def plan_command(
         except OSError as err:
             why = err.strerror or "unknown error"
             raise CliError(f"{json_out}: could not write ({_one_line(why[:1].lower() + why[1:])})") from None
-        click.echo(f"wrote {json_out}; apply it with: embpress compress {src} OUT --plan {json_out}")
+        with_usage = "" if usage_file is None else f" --usage {usage_file}"
+        click.echo(
+            f"wrote {json_out}; apply it with: embpress compress {src} OUT --plan {json_out}{with_usage}"
+        )
 
 
 def _check_plan_out(src: Path, out: Path) -> None:

@@ -438,8 +438,10 @@ def _check_module(where: str, kind: str, module: Any, rows: int) -> str | None:
     max_norm = module["max_norm"]
     if max_norm is not None and (not _is_number(max_norm) or max_norm <= 0):
         return f"{where}: max_norm must be a finite number > 0 or null, got {_shown(max_norm)}"
-    if not _is_number(module["norm_type"]):
-        return f"{where}: norm_type must be a finite number, got {_shown(module['norm_type'])}"
+    if not _is_number(module["norm_type"]) and module["norm_type"] not in ("inf", "-inf"):
+        return (
+            f'{where}: norm_type must be a finite number, "inf" or "-inf", got {_shown(module["norm_type"])}'
+        )
     if kind == "EmbeddingBag":
         if module["mode"] not in ("sum", "mean", "max"):
             return f"{where}: mode must be sum, mean or max, got {_shown(module['mode'])}"

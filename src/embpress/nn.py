@@ -55,7 +55,8 @@ def _runs_eagerly(*tensors: torch.Tensor | None) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+        # a meta tensor takes the op, whose fake kernel gives the output's shape
+        if t is not None and (type(t) is not torch.Tensor or t.is_meta or (grad and t.requires_grad)):
             return False
     return True
 
@@ -241,8 +242,12 @@ class _QuantizedModule(nn.Module):
         ratio = self.nbytes / self.float_nbytes if self.float_nbytes else 0.0
         out = "" if self.output_dtype == torch.float32 else f", output_dtype={self.output_dtype}"
         out += "" if self.output_scale == 1.0 else f", output_scale={self.output_scale:g}"
+        # the float module's arguments where they differ from its defaults, as nn's repr shows them
+        args = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        args += "" if self.max_norm is None else f", max_norm={self.max_norm}"
+        args += "" if self.norm_type == 2.0 else f", norm_type={self.norm_type}"
         return (
-            f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, layout={self.layout}, "
+            f"{self.num_embeddings}, {self.embedding_dim}{args}, bits={self.bits}, layout={self.layout}, "
             f"sparsity={self.sparsity:.3f}, nbytes={self.nbytes}, ratio_to_float32={ratio:.4f}{out}"
         )
 
@@ -402,6 +407,8 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         table = self.table
+        if self.mode != "sum" and self.mode != "mean" and self.mode != "max":  # as nn.EmbeddingBag
+            raise ValueError(f"mode has to be one of sum, mean or max, got {self.mode}")
         # ops.MODES[self.mode] as a plain int (layouts.Pooling's values): TorchScript compiles this
         mode = 0 if self.mode == "sum" else (1 if self.mode == "mean" else 2)
         if not torch.jit.is_scripting():
@@ -463,7 +470,8 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, mode={self.mode!r}"
+        last = ", include_last_offset=True" if self.include_last_offset else ""
+        return f"{super().extra_repr()}, mode={self.mode!r}{last}"
 
 
 def module_kwargs(module: _QuantizedModule) -> dict[str, Any]:
@@ -471,4 +479,7 @@ def module_kwargs(module: _QuantizedModule) -> dict[str, Any]:
     keys: tuple[str, ...] = ("padding_idx", "max_norm", "norm_type")
     if isinstance(module, QuantizedEmbeddingBag):
         keys = (*keys, "mode", "include_last_offset")
-    return {k: getattr(module, k) for k in keys}
+    out = {k: getattr(module, k) for k in keys}
+    if math.isinf(out["norm_type"]):  # JSON has no infinity: the file holds "inf" / "-inf"
+        out["norm_type"] = str(float(out["norm_type"]))
+    return out

@@ -22,8 +22,10 @@ fit the budget (fixed bytes, such as the id map and shared codebooks, counted ex
 ``MixedTable.predicted_size``; the first, coarse search leaves the shared codebooks out,
 whose bytes would make the size jump). A table keeps at most four codecs, pruning always
 among them: the one whose removal costs least, net of its shared bytes, is dropped until
-four are left and every codebook pays for itself. The bytes the bisection leaves are then
-spent greedily (largest error drop per byte first). The plan's predicted bytes are exactly the
+four are left and every codebook pays for itself. The bisection spans every scale of the
+rows' errors (tables whose values differ by 1e5 differ by 1e10 and more in error). The bytes
+it leaves are then spent greedily (largest error drop per byte first), on moves into any
+codec of the table's set that adds no shared bytes. The plan's predicted bytes are exactly the
 ``nbytes`` of the tables ``apply`` builds. With ``max_error=`` instead of a budget it is the
 same search from the other side: the fewest bytes whose predicted error stays within it.
 """
@@ -36,6 +38,7 @@ import functools
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,7 @@ from ._plan_kernels import (
     count_codes,
     drop_cost,
     drop_cost_serial,
+    smallest_positive,
     table_error,
     take_greedy,
 )
@@ -73,11 +77,14 @@ MAX_CODECS = 4
 # float32 bytes) 0 to 0.1 score alike and 0.3 worse; a little keeps unseen rows from zero weight.
 DEFAULT_UNSEEN_WEIGHT = 0.03
 _ASSIGNMENT_ENCODING = "base64-2bit-le"  # four ids per byte, the first in the low bits
+_PRUNED = Codec("pruned", 0)
 _BISECT_STEPS = 64
 _BISECT_RATIO = 1.05  # stop once lam is known this closely; the greedy fill does the rest
 _FILL_PASSES = 8
 _PARALLEL_ROWS = 1 << 16  # below this a table's kernels run on one thread (a launch costs more)
-_BISECT_RANGE = 1e-12  # the smallest multiplier tried, relative to one that prunes every row
+# the smallest multiplier tried first, relative to one that prunes every row (below it only
+# when it fits: _lam_floor)
+_BISECT_RANGE = 1e-12
 
 
 class PlanError(ValueError):
@@ -222,7 +229,9 @@ class TablePlan:
                             f"the table has {len(codecs)}")  # fmt: skip
         class_rows = obj["class_rows"]
         counts = [int(n) for n in np.bincount(assignment, minlength=len(codecs))]
-        if class_rows != counts or any(isinstance(n, bool) for n in class_rows):
+        if not isinstance(class_rows, list) or not all(_is_int(n) for n in class_rows):
+            raise PlanError(f"{where}.class_rows: must be a list of integers, got {class_rows!r}")
+        if class_rows != counts:
             raise PlanError(f"{where}.class_rows: {class_rows!r} does not match the assignment ({counts})")
         predicted = _positive_int(obj["predicted_bytes"], f"{where}.predicted_bytes", zero=True)
         size = MixedTable.predicted_size(rows, dim, counts, codecs)
@@ -348,7 +357,7 @@ class Plan:
         if obj.get("format") != FORMAT_NAME:
             raise PlanError(f"{where}: not an embpress plan (no 'format': {FORMAT_NAME!r})")
         version = obj.get("format_version")
-        if version != FORMAT_VERSION or isinstance(version, bool):
+        if not _is_int(version) or version != FORMAT_VERSION:
             raise PlanError(
                 f"{where}: format_version {version!r} is not supported (expected {FORMAT_VERSION})"
             )
@@ -421,13 +430,25 @@ class Plan:
         Each planned table becomes a ``QuantizedEmbedding(Bag)`` holding a ``mixed`` table
         of exactly ``predicted_bytes``; other modules are left alone. The model must have
         every planned table with its shape (checked before anything is built), and nothing
-        changes unless every table is built. ``usage`` (optional) weights the rows when the
-        shared per-column codebooks are fitted, as at planning; the bytes do not depend on it.
+        changes unless every table is built. ``usage`` weights the rows when the shared
+        per-column codebooks are fitted, as at planning: a plan made with usage needs the
+        same usage (checked against each table's ``reference_error``), one made without
+        takes none (PlanError otherwise), so the tables are the planned ones.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if usage is not None and not isinstance(usage, Usage):
             raise TypeError(f"usage must be an embpress.Usage, got {type(usage).__name__}")
+        if self.with_usage and usage is None:
+            raise PlanError(
+                "the plan was made with usage: pass the usage it was made with (its shared "
+                "codebooks are fitted with the rows' usage weights)"
+            )
+        if not self.with_usage and usage is not None:
+            raise PlanError(
+                "the plan was made without usage: apply it without usage (its shared codebooks "
+                "are fitted with the rows' squared-norm weights)"
+            )
         targets = {t.name: t for t in find_embeddings(model)}
         for tp in self.tables:
             target = targets.get(tp.name)
@@ -452,6 +473,8 @@ class Plan:
             # the weights the codebooks were fitted with at planning
             norms = squared_norms(weight) if counts is None else None
             weights = row_weights(tp.rows, counts, self.unseen_weight, norms)
+            if self.with_usage:
+                _check_reference(tp, weight, weights)
             try:
                 table = MixedTable.build(weight, tp.assignment, tp.codecs, weights)
             except ValueError as err:
@@ -465,6 +488,25 @@ class Plan:
             replacements[tp.name] = new
         swap_modules(model, [targets[tp.name] for tp in self.tables], replacements)
         return model
+
+
+def _reference_error(weight: torch.Tensor, weights: np.ndarray) -> float:
+    """The weighted error of pruning every row, summed as planning sums it."""
+    err = encode_rows(weight.numpy(), None, _PRUNED, None, weights)[0]
+    err *= weights
+    return float(err.sum())
+
+
+def _check_reference(tp: TablePlan, weight: torch.Tensor, weights: np.ndarray) -> None:
+    """Refuse usage (or a table) other than the plan's: the weighted squared norm of the
+    table, a cheap fingerprint of both, must be the plan's ``reference_error``."""
+    got = _reference_error(weight, weights)
+    if not math.isclose(got, tp.reference_error, rel_tol=1e-9, abs_tol=0.0):
+        raise PlanError(
+            f"table {tp.name!r}: the usage given is not the one the plan was made with (or the "
+            f"table's values differ): its usage-weighted squared norm is {got:.9g}, the plan's "
+            f"{tp.reference_error:.9g}; pass the usage the plan was made with"
+        )
 
 
 # ------------------------------------------------------------------------------ planning
@@ -687,29 +729,58 @@ def _lam_max(costs: list[_Costs]) -> float:
     return max(float(c.err[_pruned_index(c)].max(initial=0.0)) for c in costs) * 2.0 + 1e-300
 
 
+def _lam_floor(costs: list[_Costs], lo: float) -> float:
+    """A multiplier below ``lo`` at which every row's choice is within the smallest positive
+    error of the problem of its best allowed codec (``err + lam * bytes`` is minimised, so
+    a row gives up at most ``lam * max bytes``); ``lo`` when there is none below it. The
+    fixed range below the pruning multiplier misses tables whose errors are 1e12 smaller."""
+    smallest = min(smallest_positive(c.err, c.allowed) for c in costs)
+    widest = max(int(c.row_bytes.max(initial=0)) for c in costs)
+    if not math.isfinite(smallest) or widest <= 0:
+        return lo
+    return min(lo, max(smallest / widest / 2, sys.float_info.min))
+
+
+def _geomean(lo: float, hi: float) -> float:
+    product = lo * hi
+    if product >= sys.float_info.min:
+        return math.sqrt(product)
+    return math.sqrt(lo) * math.sqrt(hi)  # the product would underflow
+
+
 def _bisect(costs: list[_Costs], fits: Any, ratio: float = _BISECT_RATIO, around: float = 0.0) -> float:
     """The smallest multiplier whose choice ``fits(bytes, error)`` (assumed monotone in it:
     more bytes, less error as the multiplier falls), to within ``ratio``; rows are left at
-    that choice. ``around``: a guess, searched near first."""
+    that choice. ``around``: a guess, searched near first. The search starts between the
+    pruning multiplier and ``_BISECT_RANGE`` times it, and goes below only if that fits."""
     if fits(*_evaluate(costs, 0.0)):
         return 0.0
     top = _lam_max(costs)
     lo, hi = top * _BISECT_RANGE, top
     lo_fails = False
     if around > 0:
-        near_lo, near_hi = max(around / 4, lo), min(around * 4, hi)
+        base = lo if around >= lo else _lam_floor(costs, lo)
+        near_lo, near_hi = max(around / 4, base), min(around * 4, hi)
         if fits(*_evaluate(costs, near_hi)):
             hi = near_hi
             if fits(*_evaluate(costs, near_lo)):
                 hi = near_lo
             else:
                 lo, lo_fails = near_lo, True
-    if not lo_fails and fits(*_evaluate(costs, lo)):
-        return lo
+    if not lo_fails:
+        if lo >= hi:
+            lo = _lam_floor(costs, hi)
+        if fits(*_evaluate(costs, lo)):
+            floor = _lam_floor(costs, lo)
+            if floor >= lo:
+                return lo
+            lo, hi = floor, lo
+            if fits(*_evaluate(costs, lo)):
+                return lo
     for _ in range(_BISECT_STEPS):
         if hi <= lo * ratio:
             break
-        mid = math.sqrt(lo * hi)
+        mid = _geomean(lo, hi)
         if fits(*_evaluate(costs, mid)):
             hi = mid
         else:
@@ -726,12 +797,15 @@ def _bisect_largest(costs: list[_Costs], max_error: float) -> float:
         return hi
     lo = hi * _BISECT_RANGE
     if _evaluate(costs, lo)[1] > max_error:
-        _evaluate(costs, 0.0)
-        return 0.0
+        floor = _lam_floor(costs, lo)
+        if floor >= lo or _evaluate(costs, floor)[1] > max_error:
+            _evaluate(costs, 0.0)
+            return 0.0
+        lo, hi = floor, lo
     for _ in range(_BISECT_STEPS):
         if hi <= lo * _BISECT_RATIO:
             break
-        mid = math.sqrt(lo * hi)
+        mid = _geomean(lo, hi)
         if _evaluate(costs, mid)[1] <= max_error:
             lo = mid
         else:
@@ -789,13 +863,16 @@ def _ensure_pruned(costs: list[_Costs]) -> None:
 
 def _moves(costs: list[_Costs], upward: bool) -> list[tuple[_Costs, np.ndarray, np.ndarray, np.ndarray]]:
     """Per table: rows with a move, their target codec, ratio and byte change (within the
-    codecs the table already uses, so its fixed bytes do not grow)."""
+    table's allowed codecs, at most MAX_CODECS: any it uses, and those it does not use whose
+    class shares no bytes, so its fixed bytes do not grow; a table all in one codec can
+    still move)."""
     out = []
     for c in costs:
-        used = (c.counts() > 0) & c.allowed
+        shares = np.array([k.shared_bytes(c.dim) > 0 for k in c.codecs], dtype=np.bool_)
+        usable = c.allowed & ((c.counts() > 0) | ~shares)
         target = np.empty(c.rows, dtype=np.int8)
         ratio = np.empty(c.rows, dtype=np.float64)
-        parallel_call(best_moves, c.err, c.row_bytes, used, c.choice, upward, target, ratio)
+        parallel_call(best_moves, c.err, c.row_bytes, usable, c.choice, upward, target, ratio)
         rows = np.flatnonzero(target >= 0)
         out.append((c, rows, target[rows], ratio[rows]))
     return out
@@ -983,8 +1060,13 @@ def _exact_keys(obj: dict[str, Any], expected: set[str], where: str) -> None:
 _MAX_INT = 2**63 - 1  # every count and size of a plan is an int64 (bytes, rows, positions)
 
 
+def _is_int(value: Any) -> bool:
+    """A JSON integer: an int, not a bool, not a float of an integral value."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int(value: Any, where: str, zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise PlanError(f"{where}: must be an integer, got {value!r}")
     if value < 0 or (value == 0 and not zero):
         raise PlanError(f"{where}: must be {'>= 0' if zero else 'positive'}, got {value}")

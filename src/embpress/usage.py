@@ -207,15 +207,19 @@ def record_usage(model: nn.Module, usage: Usage | None = None) -> Iterator[Usage
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if usage is not None and not isinstance(usage, Usage):
+        raise TypeError(f"usage must be an embpress.Usage, got {type(usage).__name__}")
     usage = usage if usage is not None else Usage()
     tables: dict[int, tuple[str, nn.Module]] = {}
     for name, module in model.named_modules():
         if isinstance(module, _TABLES) and id(module) not in tables:
             tables[id(module)] = (name, module)
-    for name, module in tables.values():
+    for name, module in tables.values():  # every check first: a refused usage stays as it was
         rows = _rows(module)
         if name in usage.counts and usage.counts[name].numel() != rows:
             raise UsageError(f"table {name!r}: usage has {usage.counts[name].numel()} rows, the model {rows}")
+    for name, module in tables.values():
+        rows = _rows(module)
         if name not in usage.counts:  # (setdefault would allocate the zeros every time)
             # a normal tensor even inside torch.inference_mode(): later blocks outside it add to it
             with torch.inference_mode(False):

@@ -14,6 +14,7 @@ torch ops.
 
 from __future__ import annotations
 
+import json
 import operator
 import weakref
 from collections.abc import Callable, Sequence
@@ -80,6 +81,24 @@ _FBGEMM_OPS = {
 }
 _FBGEMM_SCALE = {8: torch.float32, 4: torch.float16, 2: torch.float16}
 _MEAN = Pooling.MEAN
+
+
+def _fields_of(extra: Any) -> Any:
+    """A table's fields from its state_dict entry (``get_extra_state``), None if unreadable."""
+    if not isinstance(extra, torch.Tensor) or extra.dtype != torch.uint8 or extra.dim() != 1:
+        return None
+    try:
+        return json.loads(bytes(extra.cpu().numpy()).decode())
+    except (ValueError, RecursionError):
+        return None
+
+
+def _fields_text(fields: Any) -> str:
+    """A table's fields (``meta``), briefly, for an error message."""
+    if not isinstance(fields, dict):
+        return "unreadable fields"
+    shown = {k: v for k, v in fields.items() if k not in ("num_embeddings", "embedding_dim", "num_pruned")}
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
 class FormatError(ValueError):
@@ -385,6 +404,91 @@ class QuantizedTable(nn.Module):
         out = super()._apply(keep_dtype, recurse)
         self._own_op_tensors()
         return out
+
+    # --------------------------------------------------------------- state_dict
+    def get_extra_state(self) -> torch.Tensor:
+        """The table's fields (``meta``) as JSON in a uint8 tensor, which ``state_dict()``
+        carries beside the buffers (the same buffers mean another table under other
+        fields: bits, codecs...); a tensor, so that a state_dict stays all tensors for
+        safetensors and other tensor-only writers."""
+        return torch.frombuffer(
+            bytearray(json.dumps(self.meta(), sort_keys=True).encode()), dtype=torch.uint8
+        )
+
+    def set_extra_state(self, state: Any) -> None:
+        """Nothing: ``_load_from_state_dict`` checks the fields against this table's."""
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Every buffer at once, or none: the state must hold a valid table (``from_tensors``)
+        with this table's fields and buffer shapes. torch's own copy would take each
+        buffer whose shape matches even when another does not, and a table stored
+        otherwise under the same shapes, leaving lookups to read past the buffers or
+        decode garbage. A state without fields (saved before they were kept) is checked
+        against this table's; ``num_pruned`` is taken from the state's."""
+        names = list(self._buffers)
+        extra = prefix + "_extra_state"
+        if strict:
+            for key in state_dict:
+                if (
+                    key.startswith(prefix)
+                    and key != extra
+                    and key[len(prefix) :].split(".", 1)[0] not in names
+                ):
+                    unexpected_keys.append(key)
+        missing = [prefix + n for n in names if prefix + n not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            return
+        own, where = self.meta(), prefix.rstrip(".") or "table"
+        fields = _fields_of(state_dict[extra]) if extra in state_dict else own
+        if not isinstance(fields, dict) or {**fields, "num_pruned": 0} != {**own, "num_pruned": 0}:
+            error_msgs.append(
+                f"{where}: the state holds a table stored as {_fields_text(fields)}; this module's "
+                f"is {_fields_text(own)} (load the file with embpress.load, or build the module "
+                "from that table)"
+            )
+            return
+        incoming: dict[str, torch.Tensor] = {}
+        for name in names:
+            value, mine = state_dict[prefix + name], self._buffers[name]
+            if not isinstance(value, torch.Tensor) or mine is None:
+                error_msgs.append(f"{where}: {prefix + name} is not a tensor")
+                return
+            if value.shape != mine.shape or value.dtype != mine.dtype:
+                error_msgs.append(
+                    f"size mismatch for {prefix + name}: copying a {value.dtype} buffer of shape "
+                    f"{tuple(value.shape)} from checkpoint, the {mine.dtype} buffer in the current "
+                    f"model has shape {tuple(mine.shape)}."
+                )
+                return
+            incoming[name] = value.detach()
+        try:
+            type(self).from_tensors(
+                {**own, "num_pruned": fields.get("num_pruned", own["num_pruned"])},
+                {n: t.to("cpu") for n, t in incoming.items()},
+            )
+        except (FormatError, ValueError, TypeError) as err:
+            error_msgs.append(f"{where}: the state's buffers are not a valid table ({err})")
+            return
+        with torch.no_grad():
+            for name, value in incoming.items():
+                self._buffers[name].copy_(value)  # type: ignore[union-attr]
+        self.num_pruned = int(fields.get("num_pruned", own["num_pruned"]))
+        _KERNEL_ARGS.pop(self, None)
+        self._buffers_loaded()
+
+    def _buffers_loaded(self) -> None:
+        """Recompute whatever a layout derives from its buffers' values, after
+        ``load_state_dict`` wrote new ones in place (nothing by default)."""
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         super().register_buffer(name, tensor, persistent)

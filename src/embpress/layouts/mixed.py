@@ -72,6 +72,7 @@ SUB_BLOCKS = 4  # sub-blocks of 64 rows per block, each with per-class counts fr
 MAX_CLASSES = 4
 MAX_ROWS = (1 << 31) - 1  # the rank directory is int32
 _PRUNED = Codec("pruned", 0)
+_SLOT_CHUNK = 1 << 16  # ids whose slots ``_classes_and_slots`` finds at a time
 _SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
 
 
@@ -196,6 +197,9 @@ class MixedTable(QuantizedTable):
             arr(self.book_base),
         )
         self._args = [v for c, b in zip(codecs, self.base, strict=True) for v in (c.kind_id, c.bits, b)]
+
+    def _buffers_loaded(self) -> None:
+        self._set_geometry(self.codecs, [int(n) for n in self.class_rank[-1].tolist()])
 
     @property
     def class_rows(self) -> tuple[int, ...]:
@@ -352,14 +356,24 @@ class MixedTable(QuantizedTable):
 
     # ------------------------------------------------------------------ lookups
     def _classes_and_slots(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class, slot within the class) of in-range row ``indices`` (plain torch)."""
+        """(class, slot within the class) of in-range row ``indices`` (plain torch): the
+        block's and sub-block's counts plus the ids of the same class before the row in its
+        sub-block, a chunk of ids at a time (the sub-block's ids are 64 bytes per id)."""
         idx = indices.long()
         cls = ((self.class_ids[idx >> 2].long() >> ((idx & 3) * 2)) & 3).long()
-        block = idx >> 8
-        ids = _unpack_ids(self.class_ids.reshape(-1, BLOCK_ROWS // 4)[block]).reshape(-1, BLOCK_ROWS)
-        before = torch.arange(BLOCK_ROWS, device=idx.device) < (idx & (BLOCK_ROWS - 1)).unsqueeze(1)
-        same = (ids.long() == cls.unsqueeze(1)) & before
-        return cls, self.class_rank[block, cls].long() + same.sum(1)
+        slots = torch.empty_like(idx)
+        sub_rows = BLOCK_ROWS // SUB_BLOCKS
+        by_sub = self.class_ids.reshape(-1, sub_rows // 4)
+        lanes = torch.arange(sub_rows, device=idx.device)
+        for lo in range(0, idx.shape[0], _SLOT_CHUNK):
+            r, c = idx[lo : lo + _SLOT_CHUNK], cls[lo : lo + _SLOT_CHUNK]
+            ids = _unpack_ids(by_sub[r >> 6]).reshape(-1, sub_rows)
+            same = (ids == c.unsqueeze(1).to(torch.uint8)) & (lanes < (r & (sub_rows - 1)).unsqueeze(1))
+            block, sub = r >> 8, (r >> 6) & (SUB_BLOCKS - 1)
+            slots[lo : lo + _SLOT_CHUNK] = (
+                self.class_rank[block, c].long() + self.class_sub[block, sub, c].long() + same.sum(1)
+            )
+        return cls, slots
 
     def _decode_class(self, c: int, slots: torch.Tensor) -> torch.Tensor:
         """float32 rows ``[len(slots), D]`` of class ``c`` at ``slots`` (plain torch)."""

@@ -6,10 +6,12 @@ Same contract as torch's experimental ``BaseDataSparsifier``
 squash_mask, state_dict / load_state_dict, an overridable ``update_mask``), without
 parametrizations and without importing torch.ao.
 
-Masks behave as torch's: ``get_mask`` returns a writable tensor (1 = kept) of the data's
-dtype until a subclass sets another (torch's DataNormSparsifier sets int8), so in-place
-edits and arithmetic on it work. Until it is first asked for, the starting all-ones mask
-is a broadcast view that takes no memory.
+Masks behave as torch's: ``self.state[name]["mask"]`` is the mask, a normal writable
+tensor (1 = kept), the object ``get_mask`` returns, kept when a subclass sets new values
+through ``mask.data`` (torch's DataNormSparsifier sets int8). One difference, for memory:
+the starting all-ones mask is int8 (one byte an entry, the dtype DataNormSparsifier's
+masks have after ``step``), not the data's dtype; it still keeps the data's dtype in
+``mask * data`` (data whose dtype int8 would change get a mask of their own dtype).
 """
 
 from __future__ import annotations
@@ -28,15 +30,6 @@ __all__ = ["BaseDataSparsifier"]
 _EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 
 
-def _all_kept(weight: torch.Tensor) -> torch.Tensor:
-    """torch's starting mask, ``ones_like(weight)``, as a broadcast view (no memory yet)."""
-    return torch.ones((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
-
-
-def _is_broadcast_view(mask: torch.Tensor) -> bool:
-    return mask.numel() > 1 and 0 in mask.stride()
-
-
 def _extract_weight(data: Any) -> torch.Tensor:
     """Return the tensor behind ``data`` (a tensor, a Parameter or an embedding module)."""
     if isinstance(data, _EMBEDDING_TYPES):
@@ -47,6 +40,26 @@ def _extract_weight(data: Any) -> torch.Tensor:
         f"data of type {type(data).__name__} is not supported: pass a torch.Tensor, "
         "nn.Parameter, nn.Embedding or nn.EmbeddingBag"
     )
+
+
+def _check_mask(mask: Any, weight: torch.Tensor) -> None:
+    """Refuse a mask that ``mask * weight`` would give another dtype or shape, as torch's
+    parametrization does when the data is added (not only at ``squash_mask``)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    dtype = torch.result_type(mask, weight)
+    if dtype != weight.dtype:
+        raise ValueError(
+            f"a mask of dtype {mask.dtype} would change the data's dtype {weight.dtype} to {dtype}"
+        )
+    try:
+        shape = torch.broadcast_shapes(mask.shape, weight.shape)
+    except RuntimeError:
+        shape = None
+    if shape != weight.shape:
+        raise ValueError(
+            f"a mask of shape {tuple(mask.shape)} does not fit data of shape {tuple(weight.shape)}"
+        )
 
 
 class BaseDataSparsifier(abc.ABC):
@@ -69,6 +82,10 @@ class BaseDataSparsifier(abc.ABC):
             for name, data in data_list:
                 self.add_data(name, data, **self.defaults)
 
+    def prepare(self, model: Any, config: Any) -> None:
+        """Not for data sparsifiers (torch's raises the same): use ``add_data``."""
+        raise NotImplementedError("this function is undefined for this class")
+
     # ------------------------------------------------------------------ data
     @staticmethod
     def _extract_weight(data: Any) -> torch.Tensor:
@@ -82,7 +99,8 @@ class BaseDataSparsifier(abc.ABC):
         """Register ``data`` under ``name`` with an all-ones mask (or reuse the old one).
 
         Replacing existing data keeps its config (updated by ``config``) and, with
-        ``reuse_mask``, its mask, which then requires the same shape.
+        ``reuse_mask``, its mask, which then requires the same shape. Returns the masked
+        data, ``mask * data`` as torch's does (the data itself while its mask is new, all ones).
         """
         weight = _extract_weight(data)
         replacing = name in self.data_groups
@@ -105,15 +123,33 @@ class BaseDataSparsifier(abc.ABC):
                         f"as the previous one: {tuple(weight.shape)} != {tuple(old.shape)}"
                     )
                 mask, kept = self.state[name]["mask"], self._kept.get(name)
+        if mask is not None:
+            _check_mask(mask, weight)
+        if replacing:
             self._delete_data(name)
+        fresh = mask is None
         if mask is None:
-            mask = _all_kept(weight)
+            mask, kept = self._all_kept(weight)
         self._data[name] = weight
         self.state[name]["mask"] = mask
         if kept is not None:
             self._kept[name] = kept
         self.data_groups[name] = local_args
-        return weight
+        return weight if fresh else mask * weight
+
+    @staticmethod
+    def _all_kept(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, int] | None]:
+        """The starting mask (int8 ones, an int8 view of a bool tensor, so that
+        ``kept_mask`` needs no copy; the data's dtype where int8 would change it)."""
+        try:
+            own = torch.promote_types(torch.int8, weight.dtype) != weight.dtype
+        except RuntimeError:  # dtypes without promotion rules (float8)
+            own = True
+        if own:
+            return torch.ones_like(weight, memory_format=torch.contiguous_format), None
+        kept = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+        mask = kept.view(torch.int8)
+        return mask, (kept, mask._version)
 
     def get_data(self, name: str, return_original: bool = True) -> torch.Tensor:
         """The data as added (``return_original``) or with the mask applied."""
@@ -129,12 +165,10 @@ class BaseDataSparsifier(abc.ABC):
         return self.state[name]["mask"] * data
 
     def get_mask(self, name: str) -> torch.Tensor:
-        """The current mask of ``name`` (1 = kept), writable in place as torch's."""
+        """The current mask of ``name`` (1 = kept): ``self.state[name]["mask"]`` itself."""
         if name not in self.state:
             raise ValueError(f"data with name {name!r} does not exist")
         mask: torch.Tensor = self.state[name]["mask"]
-        if _is_broadcast_view(mask):
-            mask = self.state[name]["mask"] = mask.clone()
         return mask
 
     def _set_kept(self, name: str, kept: torch.Tensor) -> None:
@@ -146,7 +180,7 @@ class BaseDataSparsifier(abc.ABC):
 
     def kept_mask(self, name: str) -> torch.Tensor:
         """The mask of ``name`` as bool (True = kept), without a copy where it can."""
-        mask = self.state[name]["mask"] if name in self.state else self.get_mask(name)
+        mask = self.get_mask(name)
         cached = self._kept.get(name)
         if cached is not None:
             kept, version = cached
@@ -183,27 +217,50 @@ class BaseDataSparsifier(abc.ABC):
         names: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Apply the mask to the data in place (``leave_parametrized``) and forget the original."""
-        for name in list(self.data_groups) if names is None else names:
-            if name in self._squashed:
-                continue
-            if leave_parametrized:
+        """Forget the original data of ``names`` (default: all), leaving the data masked
+        (``leave_parametrized``) or as it is.
+
+        As torch's: the data object gets new memory holding ``mask * data`` (``set_``), so
+        it sees the pruned values while other tensors sharing its old memory (views, a
+        ``state_dict`` taken before) keep the original ones. That takes one more copy of
+        each table, one table at a time.
+        """
+        names = list(self.data_groups) if names is None else list(names)
+        for name in names:
+            if name not in self.data_groups:
+                raise ValueError(f"data with name {name!r} does not exist")
+        pending = [name for name in names if name not in self._squashed]
+        if leave_parametrized:  # check every name before changing any
+            for name in pending:
                 data, mask = self._data[name], self.state[name]["mask"]
+                dtype = torch.result_type(mask, data)
+                if dtype != data.dtype:
+                    raise RuntimeError(
+                        f"cannot squash the mask of {name!r}: its dtype {mask.dtype} would change "
+                        f"the data's dtype {data.dtype} to {dtype}"
+                    )
+        for name in pending:
+            if leave_parametrized:
+                data = self._data[name]
                 with torch.no_grad():
-                    if torch.result_type(data, mask) == data.dtype:
-                        data.mul_(mask)
-                    else:  # e.g. integer data, float mask: torch keeps the product's dtype
-                        data.set_(mask * data)
+                    data.set_(self.state[name]["mask"] * data)
             self._squashed.add(name)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """``state`` (masks as sparse COO), ``data_groups`` and the data (``_container``)."""
-        state = {name: {**st, "mask": st["mask"].to_sparse_coo()} for name, st in self.state.items()}
+        """``state`` (masks as sparse COO), ``data_groups`` and the data (``_container``,
+        detached tensors sharing the data's memory, as a module's ``state_dict``)."""
+        state = {
+            name: {
+                **{k: copy.deepcopy(v) for k, v in st.items() if k != "mask"},
+                "mask": st["mask"].to_sparse_coo(),
+            }
+            for name, st in self.state.items()
+        }
         container: dict[str, torch.Tensor] = {}
         for name, data in self._data.items():
             key = name if name in self._squashed else f"parametrizations.{name}.original"
-            container[key] = data
+            container[key] = data.detach()
         return {
             "state": state,
             "data_groups": copy.deepcopy(dict(self.data_groups)),
@@ -211,17 +268,13 @@ class BaseDataSparsifier(abc.ABC):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
-        """Restore from ``state_dict``; ``strict`` first forgets every data held now."""
+        """Restore from a copy of ``state_dict`` (as torch's, which deep-copies it);
+        ``strict`` first forgets every data held now."""
         for key in ("state", "data_groups", "_container"):
             if key not in state_dict:
                 raise KeyError(f"sparsifier state_dict has no {key!r} entry")
-        if strict:
-            self.state = defaultdict(dict)
-            self.data_groups = defaultdict(dict)
-            self._data = {}
-            self._squashed = set()
-            self._kept = {}
         container = state_dict["_container"]
+        loaded: list[tuple[str, dict[str, Any], dict[str, Any], torch.Tensor, bool]] = []
         for name, st in state_dict["state"].items():
             if name not in state_dict["data_groups"]:
                 raise RuntimeError(f"Error loading {name}: no data group")
@@ -232,20 +285,34 @@ class BaseDataSparsifier(abc.ABC):
                 data, squashed = container[name], True
             else:
                 raise RuntimeError(f"Error loading {name}: no data in _container")
-            self._data[name] = data
+            loaded.append((name, st, state_dict["data_groups"][name], data, squashed))
+        if strict:
+            self.state = defaultdict(dict)
+            self.data_groups = defaultdict(dict)
+            self._data = {}
+            self._squashed = set()
+            self._kept = {}
+        for name, st, group, data, squashed in loaded:
+            self._data[name] = copy.deepcopy(data)
             self._kept.pop(name, None)
-            self.state[name] = {**st, "mask": st["mask"].to_dense()}
-            self.data_groups[name] = copy.deepcopy(state_dict["data_groups"][name])
+            state = {k: copy.deepcopy(v) for k, v in st.items() if k != "mask"}
+            if "mask" in st:
+                mask = st["mask"]
+                state["mask"] = mask.to_dense() if mask.is_sparse else mask.clone()
+            else:
+                state["mask"], kept = self._all_kept(self._data[name])
+                if kept is not None:
+                    self._kept[name] = kept
+            self.state[name] = state
+            self.data_groups[name] = copy.deepcopy(group)
             if squashed:
                 self._squashed.add(name)
             else:
                 self._squashed.discard(name)
 
     def __repr__(self) -> str:
-        lines = [self.__class__.__name__ + " ("]
+        text = self.__class__.__name__ + " ("
         for name, args in self.data_groups.items():
-            lines.append("\tData Group")
-            lines.append(f"\t    name: {name}")
-            lines.extend(f"\t    {k}: {args[k]}" for k in sorted(args))
-        lines.append(")")
-        return "\n".join(lines)
+            text += f"\n\tData Group\n\t    name: {name}\n"
+            text += "".join(f"\t    {k}: {args[k]}\n" for k in sorted(args) if k != "data")
+        return text + ")"

@@ -13,6 +13,7 @@ exact threshold and one to write the mask: memory O(number of elements), small c
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -74,18 +75,24 @@ def _validate(
 ) -> tuple[int, int]:
     """The block shape, after checking all four settings.
 
-    Unlike torch's sparsifier, which clamps, a ``sparsity_level`` outside [0, 1] is refused.
+    Any real number (NumPy scalars too, as torch takes them) is a ``sparsity_level`` and
+    any integer a ``zeros_per_block``, bools not. Unlike torch's sparsifier, which clamps,
+    a ``sparsity_level`` outside [0, 1] is refused.
     """
     if (
         isinstance(sparsity_level, bool)
-        or not isinstance(sparsity_level, (int, float))
+        or not isinstance(sparsity_level, numbers.Real)
         or not 0.0 <= float(sparsity_level) <= 1.0
     ):
         raise ValueError(f"sparsity_level must be a number in [0, 1], got {sparsity_level!r}")
     bh, bw = _block_shape(sparse_block_shape)
-    if isinstance(zeros_per_block, bool) or not isinstance(zeros_per_block, int) or zeros_per_block < 0:
+    if (
+        isinstance(zeros_per_block, bool)
+        or not isinstance(zeros_per_block, numbers.Integral)
+        or operator.index(zeros_per_block) < 0
+    ):
         raise ValueError(f"zeros_per_block must be a non-negative integer, got {zeros_per_block!r}")
-    if zeros_per_block > bh * bw:
+    if operator.index(zeros_per_block) > bh * bw:
         raise ValueError(
             f"zeros_per_block={zeros_per_block} is larger than the block {bh}x{bw} ({bh * bw} elements)"
         )
@@ -111,10 +118,16 @@ def _block_norms(data: torch.Tensor, shape: tuple[int, int], norm: str) -> torch
     return torch.from_numpy(out)
 
 
-def _pruned_blocks(norms: torch.Tensor, sparsity_level: float) -> torch.Tensor:
+def _blocks_to_prune(sparsity_level: Any, num_blocks: int) -> int:
+    """``round(sparsity_level * num_blocks)`` in the level's own type, as the reference
+    (a float32 level multiplies in float32)."""
+    return int(round(sparsity_level * num_blocks))  # noqa: RUF046 - may be a NumPy integer
+
+
+def _pruned_blocks(norms: torch.Tensor, sparsity_level: Any) -> torch.Tensor:
     """Bool [block rows, block cols]: True where the block is among the k smallest norms."""
     num_blocks = norms.numel()
-    k = round(sparsity_level * num_blocks)  # Python rounding, as the reference
+    k = _blocks_to_prune(sparsity_level, num_blocks)
     if k <= 0 or k >= num_blocks:
         if bool(torch.isnan(norms).any()):
             raise ValueError(_NAN_MESSAGE)
@@ -158,7 +171,7 @@ def block_norm_mask(
         zeros_per_block if zeros_per_block is not None else math.prod(_block_shape(sparse_block_shape)),
         norm,
     )
-    zeros = shape[0] * shape[1] if zeros_per_block is None else zeros_per_block
+    zeros = shape[0] * shape[1] if zeros_per_block is None else operator.index(zeros_per_block)
     squeezed = data.detach().squeeze()
     if squeezed.dim() > 2:
         raise ValueError(f"only 2-D data is supported, got shape {tuple(data.shape)}")
@@ -168,7 +181,7 @@ def block_norm_mask(
     if sparsity_level <= 0 or zeros == 0 or squeezed.numel() == 0:
         return torch.ones(data.shape, dtype=torch.bool, device=data.device)
     norms = _block_norms(squeezed, shape, norm)
-    pruned = _pruned_blocks(norms, float(sparsity_level))
+    pruned = _pruned_blocks(norms, sparsity_level)
     bh, bw = shape
     spent = norms.numpy()
     if spent.nbytes == height * width:  # blocks of 4 entries: the norms' memory takes the mask
@@ -272,7 +285,7 @@ class StreamingMask:
             zeros_per_block if zeros_per_block is not None else math.prod(_block_shape(sparse_block_shape)),
             norm,
         )
-        self.zeros = bh * bw if zeros_per_block is None else zeros_per_block
+        self.zeros = bh * bw if zeros_per_block is None else operator.index(zeros_per_block)
         step = chunk_rows if chunk_rows is not None else _chunk_rows(width, bh)
         if isinstance(step, bool) or not isinstance(step, int) or step < 1:
             raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
@@ -300,7 +313,7 @@ class StreamingMask:
             self.how = "squeezed"
             return
         num_blocks = -(-height // bh) * -(-width // bw)
-        k = round(float(sparsity_level) * num_blocks)
+        k = _blocks_to_prune(sparsity_level, num_blocks)
         prune_some = sparsity_level > 0 and self.zeros > 0
         high = np.zeros(65536, dtype=np.int64)
         if prune_some or k >= num_blocks:  # the in-memory path refuses NaN in these cases too
@@ -388,7 +401,9 @@ class DataNormSparsifier(BaseDataSparsifier):
         zeros_per_block: zeros inside a removed block (default: the whole block); the
             smallest-norm elements of the block are the ones zeroed.
         norm: ``"L1"`` (absolute value) or ``"L2"`` (square).
-    All four may be overridden per data in ``add_data``.
+    The first three may be overridden per data in ``add_data``. ``norm`` is one for the
+    whole sparsifier (torch's also reads it only from the constructor, and ignores one
+    given to ``add_data``): ``add_data`` refuses a different ``norm`` rather than ignore it.
     """
 
     def __init__(
@@ -412,6 +427,11 @@ class DataNormSparsifier(BaseDataSparsifier):
 
     def _check_config(self, config: dict[str, Any]) -> None:
         """Refuse a bad per-data config at ``add_data``, before ``step`` meets it."""
+        if "norm" in config and config["norm"] != self.norm:
+            raise ValueError(
+                f"norm is set per sparsifier, not per data: this one uses norm={self.norm!r}, "
+                f"add_data got norm={config['norm']!r} (make a DataNormSparsifier with that norm)"
+            )
         _validate(
             config.get("sparsity_level"),
             config.get("sparse_block_shape"),
