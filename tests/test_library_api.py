@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,19 @@ def test_compress_checkpoint_writes_what_the_command_writes(tmp_path: Path) -> N
     rows = json.loads(done.stdout)["tables"]
     assert [r["bytes_after"] for r in rows] == [t.nbytes for t in result.tables]
     assert result.copied == ["fc.weight", "fc.bias"] and result.copied_nbytes == (72 + 3) * 4
+
+
+def test_planned_compress_checkpoint_refuses_a_memory_bound(tmp_path: Path) -> None:
+    """``memory`` bounds the row-chunk path of uniform settings; a plan reads the input
+    whole, so a memory bound with a budget is refused (as the command refuses it), not
+    ignored, and nothing is written."""
+    src = tmp_path / "model.pt"
+    torch.save(_state(), src)
+    with pytest.raises(ValueError, match="memory bounds the row-chunk path"):
+        embpress.compress_checkpoint(
+            src, tmp_path / "out.safetensors", budget=Fraction(1, 16), memory=1 << 30
+        )
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_compress_state_dict_reports_and_round_trip(tmp_path: Path) -> None:

@@ -982,6 +982,10 @@ def compress_checkpoint(
     many = collective is not None and collective.size > 1
     if many and planned:
         raise ValueError("several processes compress with uniform settings only (no budget or plan)")
+    if planned and memory is not None:  # the row-chunk path's bound: a plan reads SRC whole
+        raise ValueError(
+            "memory bounds the row-chunk path of uniform settings; a planned compress reads SRC whole"
+        )
     if not planned and (many or is_safetensors_file(src)):
         from .streaming import compress_safetensors, memory_chunk_bytes
 
