@@ -317,6 +317,8 @@ def _truncate_records(tensors):
         (_bump("row_offsets", 7, 60000), "points past the end"),
         (_bump("group_offsets", 1, 2), "do not match the records' bitmaps"),
         (_move_group_start, "does not point at its groups' first records"),
+        # a value whose sum with a row offset would overflow int64 (it raised IndexError)
+        (_bump("group_offsets", 1, 2**63 - 1 - 200_000), "points outside 'records'"),
         (_bump("group_offsets", -1, -1), "does not start at 0 and end 64 bytes before"),
         (_truncate_records, "does not start at 0 and end 64 bytes before"),
         # 16 columns in (1, 4) blocks: one bitmap byte of which bits 4..7 lie past the row
@@ -909,3 +911,19 @@ def test_infinite_norm_type_is_saved_as_a_string_and_loads_back(tmp_path, norm_t
     ids = torch.arange(50)
     assert loaded[0].norm_type == norm_type
     assert torch.equal(loaded[0](ids), model[0](ids))
+
+
+def test_a_header_changed_while_the_file_is_read_is_a_format_error(tmp_path, monkeypatch):
+    """The offsets of tensors read straight into huge pages come from the header read a
+    second time; a file rewritten in place between the two reads is a FormatError, not a
+    raw JSON or key error."""
+    path = _saved(tmp_path)
+    monkeypatch.setattr(eio, "wants_huge_pages", lambda nbytes: True)
+
+    def rewritten(*args):
+        path.write_bytes(b"\0" * 64)  # in place, as `cp new old` does
+        return None
+
+    monkeypatch.setattr(eio, "_memory_bytes", rewritten)
+    with pytest.raises(FormatError, match="changed while it was being read"):
+        eio.read_file(path)

@@ -566,3 +566,31 @@ def test_load_state_dict_takes_a_whole_valid_table_of_the_same_fields_or_nothing
     old = {k: v for k, v in table_of(8, 0.5).state_dict().items() if k != "_extra_state"}
     table.load_state_dict(old)
     assert torch.equal(table.decode_rows(ids), looked)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_load_state_dict_assigns_and_runs_pre_hooks_as_torch(layout):
+    """``assign=True`` makes the state's tensors the table's buffers (a model built on the
+    meta device then lives on the state's), and a table's load_state_dict pre-hooks run,
+    as ``Module._load_from_state_dict`` does them."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(200, 16, mode="sum"))
+    embpress.post_training_sparse_quantize(
+        model,
+        embpress.DataNormSparsifier,
+        quant=QuantConfig(layout=layout),
+        sparsity_level=0.5,
+        sparse_block_shape=(1, 4),
+    )
+    state = model.state_dict()
+    skeleton = copy.deepcopy(model).to("meta")
+    calls = []
+    skeleton[0].table._register_load_state_dict_pre_hook(lambda *args: calls.append(args[1]))
+    skeleton.load_state_dict(state, assign=True)
+    assert calls == ["0.table."]
+    for name, buffer in skeleton[0].table.named_buffers():
+        assert buffer is state[f"0.table.{name}"]
+    ids, offsets = torch.randint(0, 200, (30,)), torch.arange(0, 30, 5)
+    assert torch.equal(skeleton[0](ids, offsets), model[0](ids, offsets))

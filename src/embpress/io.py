@@ -520,27 +520,35 @@ class _SliceReader:
 
 
 def _huge_spans(
-    fd: int, header: int, handle: Any, keys: list[str]
+    p: Path, fd: int, header: int, handle: Any, keys: list[str]
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
     """(dtype, shape, file offset) of each tensor that belongs on huge pages, so that it is
-    read straight into them (one copy, not two). The offsets come from the header that
-    ``handle`` (``safe_open`` on the same open file) validated; dtype and shape must
-    agree with what it read."""
-    spans = {}
-    entries = json.loads(os.pread(fd, header, 8))
+    read straight into them (one copy, not two). Dtypes and shapes are what ``handle``
+    (``safe_open`` on the same open file) validated; the offsets come from the header read
+    again, which must agree with them (else the file changed meanwhile: FormatError)."""
+    wanted = {}
     for key in keys:
         view = handle.get_slice(key)
         dtype, shape = _SAFETENSORS_DTYPES.get(view.get_dtype()), tuple(int(n) for n in view.get_shape())
-        entry = entries.get(key)
-        if (
-            dtype is None
-            or not isinstance(entry, dict)
-            or entry.get("dtype") != view.get_dtype()
-            or tuple(entry.get("shape", ())) != shape
-        ):
-            continue
-        if wants_huge_pages(math.prod(shape) * dtype.itemsize):
-            spans[key] = (dtype, shape, 8 + header + int(entry["data_offsets"][0]))
+        if dtype is not None and wants_huge_pages(math.prod(shape) * dtype.itemsize):
+            wanted[key] = (view.get_dtype(), dtype, shape)
+    if not wanted:
+        return {}
+    spans = {}
+    try:
+        entries = json.loads(os.pread(fd, header, 8))
+        for key, (name, dtype, shape) in wanted.items():
+            entry = entries[key]
+            first, last = (int(v) for v in entry["data_offsets"])
+            if (
+                entry["dtype"] != name
+                or tuple(entry["shape"]) != shape
+                or last - first != math.prod(shape) * dtype.itemsize
+            ):
+                raise ValueError(key)
+            spans[key] = (dtype, shape, 8 + header + first)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, OSError):
+        raise _fail(p, "the file changed while it was being read; read it again") from None
     return spans
 
 
@@ -617,7 +625,7 @@ def _read(
                         f"its tensors take {human_bytes(data)}, more than this machine's memory "
                         f"({human_bytes(memory)}); load it with mmap=True",
                     )
-                spans = _huge_spans(fd, header, f, keys)
+                spans = _huge_spans(p, fd, header, f, keys)
             out = {}
             for key in keys:
                 try:

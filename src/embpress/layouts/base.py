@@ -433,7 +433,10 @@ class QuantizedTable(nn.Module):
         buffer whose shape matches even when another does not, and a table stored
         otherwise under the same shapes, leaving lookups to read past the buffers or
         decode garbage. A state without fields (saved before they were kept) is checked
-        against this table's; ``num_pruned`` is taken from the state's."""
+        against this table's; ``num_pruned`` is taken from the state's. ``assign=True``
+        makes the state's tensors the buffers, as torch does."""
+        for hook in self._load_state_dict_pre_hooks.values():  # as Module._load_from_state_dict
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         names = list(self._buffers)
         extra = prefix + "_extra_state"
         if strict:
@@ -470,18 +473,23 @@ class QuantizedTable(nn.Module):
                     f"model has shape {tuple(mine.shape)}."
                 )
                 return
-            incoming[name] = value.detach()
+            incoming[name] = value
         try:
             type(self).from_tensors(
                 {**own, "num_pruned": fields.get("num_pruned", own["num_pruned"])},
-                {n: t.to("cpu") for n, t in incoming.items()},
+                {n: t.detach().to("cpu") for n, t in incoming.items()},
             )
-        except (FormatError, ValueError, TypeError) as err:
+        except (FormatError, ValueError, TypeError, IndexError, RuntimeError) as err:
             error_msgs.append(f"{where}: the state's buffers are not a valid table ({err})")
             return
-        with torch.no_grad():
+        if local_metadata.get("assign_to_params_buffers", False):
             for name, value in incoming.items():
-                self._buffers[name].copy_(value)  # type: ignore[union-attr]
+                self._buffers[name] = value
+            self._own_op_tensors()
+        else:
+            with torch.no_grad():
+                for name, value in incoming.items():
+                    self._buffers[name].copy_(value)  # type: ignore[union-attr]
         self.num_pruned = int(fields.get("num_pruned", own["num_pruned"]))
         _KERNEL_ARGS.pop(self, None)
         self._buffers_loaded()

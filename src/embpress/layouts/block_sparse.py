@@ -479,6 +479,8 @@ class BlockSparseTable(QuantizedTable):
                 f"tensor 'group_offsets' does not start at 0 and end {RECORD_TAIL} bytes before "
                 "the end of 'records'"
             )
+        if bool((group_offsets < 0).any()) or bool((group_offsets > size).any()):  # no sum below overflows
+            raise FormatError("tensor 'group_offsets' points outside 'records'")
         if bool(records[size - RECORD_TAIL :].any()):
             raise FormatError(f"tensor 'records' does not end with {RECORD_TAIL} zero bytes")
         size -= RECORD_TAIL  # the records themselves
