@@ -132,3 +132,23 @@ def test_gemma3_scaled_embedding_in_bfloat16():
     torch.testing.assert_close(out, want)  # float32 lookups may differ in the last bit
     with torch.no_grad():
         assert model(ids).logits.dtype == torch.bfloat16
+
+
+def test_generate_keeps_its_tokens_and_resizing_says_what_to_do():
+    """A compressed GPT-2 generates the float model's tokens (8 bits, nothing pruned, greedy),
+    and resizing its embeddings, which reads a float ``weight``, says what to do instead."""
+    cfg = transformers.GPT2Config(vocab_size=500, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(3, 100, (1, 8))
+    before = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        embpress.post_training_sparse_quantize(
+            model, embpress.DataNormSparsifier, sparsity_level=0.0, quant=embpress.QuantConfig(bits=8)
+        )
+        after = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert torch.equal(after, before)
+    with pytest.raises(AttributeError, match=r"compressed table, not a float 'weight'.*before compressing"):
+        model.resize_token_embeddings(508)
+    assert not hasattr(model.transformer.wte, "weight")

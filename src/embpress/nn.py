@@ -177,6 +177,16 @@ class _QuantizedModule(nn.Module):
             raise ValueError(f"output_scale must be finite, got {output_scale}")
         self.output_scale = float(output_scale)
 
+    def __getattr__(self, name: str) -> Any:
+        """nn.Module's lookup of buffers and submodules; ``weight`` (which code written for
+        nn's modules reads: resizing or tying embeddings) is refused with what to do."""
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__} holds a compressed table, not a float 'weight': "
+                ".dequantize() gives its float rows; resize or tie embeddings before compressing"
+            )
+        return super().__getattr__(name)
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         """``model.half()``, ``.to(torch.bfloat16)``... set the dtype of the outputs, as they
         set a float module's weight (the table's own buffers keep theirs): the dtype is
