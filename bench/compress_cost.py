@@ -89,6 +89,22 @@ def _compress(cfg: dict[str, Any], model: Any) -> Any:
     return model
 
 
+def _lookup_steps(bag: Any, rows: int, steps: int) -> list[float]:
+    """Seconds of ``steps`` lookup steps of ``bag`` (4,096 bags × 40 uniform ids, sum)."""
+    import torch
+
+    count = 4096 * 40
+    ids = torch.from_numpy(common.uniform_indices(rows, count, seed=1))
+    offsets = torch.arange(0, count, 40)
+    seconds = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            bag(ids, offsets)
+            seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
 def cold_child(cfg: dict[str, Any]) -> dict[str, Any]:
     """First and second compression (and, for embpress, lookup) in this fresh process."""
     import os
@@ -138,16 +154,7 @@ def cold_child(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["impl"] == "ours":
         from embpress.layouts.lookup import kernel_path
 
-        bag = models[0].emb
-        count = 4096 * 40
-        ids = torch.from_numpy(common.uniform_indices(cfg["rows"], count, seed=1))
-        offsets = torch.arange(0, count, 40)
-        lookups = []
-        with torch.inference_mode():
-            for _ in range(3):
-                t0 = time.perf_counter()
-                bag(ids, offsets)
-                lookups.append(time.perf_counter() - t0)
+        lookups = _lookup_steps(models[0].emb, cfg["rows"], 3)
         out.update(lookup_first=lookups[0], lookup_warm=min(lookups[1:]), path=kernel_path())
     return out
 
@@ -180,15 +187,7 @@ def serve_child(cfg: dict[str, Any]) -> dict[str, Any]:
         state = torch.load(cfg["file"], weights_only=True)
         bag = nn.EmbeddingBag.from_pretrained(state["weight"], mode="sum")
     load = time.perf_counter() - t0
-    count = 4096 * 40
-    ids = torch.from_numpy(common.uniform_indices(cfg["rows"], count, seed=1))
-    offsets = torch.arange(0, count, 40)
-    lookups = []
-    with torch.inference_mode():
-        for _ in range(4):
-            t0 = time.perf_counter()
-            bag(ids, offsets)
-            lookups.append(time.perf_counter() - t0)
+    lookups = _lookup_steps(bag, cfg["rows"], 4)
     out = {"import": lib_import, "load": load, "lookup_first": lookups[0], "lookup_warm": min(lookups[1:])}
     if cfg["impl"] == "serve":
         from embpress.layouts.lookup import kernel_path
