@@ -345,3 +345,27 @@ def test_plan_help_promises_at_most_the_budget() -> None:
     """The plan's bytes are at most BUDGET (a few bytes may be left), not exactly BUDGET."""
     text = " ".join(_run("plan", "--help").stdout.split())
     assert "at most BUDGET" in text and "exactly BUDGET" not in text and "fit BUDGET exactly" not in text
+
+
+def test_the_printed_apply_command_runs_as_pasted(ckpt: Path, usage_file: Path, tmp_path: Path) -> None:
+    """plan --json prints the command that applies the plan, each path quoted for the shell:
+    paths with spaces included, it runs as printed (OUT replaced) and writes what compress
+    --budget --usage writes."""
+    import shlex
+
+    spaced = tmp_path / "a dir"
+    spaced.mkdir()
+    src, usage, plan_path = spaced / "my model.pt", spaced / "u s.safetensors", spaced / "p p.json"
+    src.write_bytes(ckpt.read_bytes())
+    usage.write_bytes(usage_file.read_bytes())
+    made = _run("plan", src, "--budget", "1/16", "--usage", usage, "--json", plan_path)
+    assert made.exit_code == 0, made.stderr
+    line = next(x for x in made.stdout.splitlines() if "apply it with: " in x)
+    words = shlex.split(line.split("apply it with: ", 1)[1])
+    assert words[:2] == ["embpress", "compress"] and words.count("OUT") == 1
+    out = tmp_path / "out file.safetensors"
+    applied = _run(*[str(out) if w == "OUT" else w for w in words[1:]])
+    assert applied.exit_code == 0, applied.stderr
+    direct = tmp_path / "direct.safetensors"
+    assert _run("compress", src, direct, "--budget", "1/16", "--usage", usage).exit_code == 0
+    assert out.read_bytes() == direct.read_bytes()

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shlex
 import stat
 import sys
 import warnings
@@ -1093,10 +1094,11 @@ def plan_command(
         except OSError as err:
             why = err.strerror or "unknown error"
             raise CliError(f"{json_out}: could not write ({_one_line(why[:1].lower() + why[1:])})") from None
-        with_usage = "" if usage_file is None else f" --usage {usage_file}"
-        click.echo(
-            f"wrote {json_out}; apply it with: embpress compress {src} OUT --plan {json_out}{with_usage}"
-        )
+        # quoted for the shell, so that the command runs as pasted
+        words = ["embpress", "compress", str(src), "OUT", "--plan", str(json_out)]
+        words += [] if usage_file is None else ["--usage", str(usage_file)]
+        apply = " ".join(shlex.quote(w) for w in words)
+        click.echo(f"wrote {json_out}; apply it with: {apply}")
 
 
 def _check_plan_out(src: Path, out: Path) -> None:
