@@ -490,11 +490,19 @@ class Plan:
         return model
 
 
+def _weighted_errors(values: np.ndarray, codec: Codec, weights: np.ndarray) -> np.ndarray:
+    """Each row's squared error under ``codec`` times its weight (``row_errors`` without its
+    checks again); inf where the codec cannot hold the row (float16 parameters)."""
+    err = encode_rows(values, None, codec, None, weights)[0]
+    infeasible = ~np.isfinite(err)
+    err *= weights
+    err[infeasible] = np.inf  # also where the row's weight is 0
+    return err
+
+
 def _reference_error(weight: torch.Tensor, weights: np.ndarray) -> float:
     """The weighted error of pruning every row, summed as planning sums it."""
-    err = encode_rows(weight.numpy(), None, _PRUNED, None, weights)[0]
-    err *= weights
-    return float(err.sum())
+    return float(_weighted_errors(weight.numpy(), _PRUNED, weights).sum())
 
 
 def _check_reference(tp: TablePlan, weight: torch.Tensor, weights: np.ndarray) -> None:
@@ -692,10 +700,7 @@ def _table_costs(target: Target, codecs: list[Codec], counts: torch.Tensor | Non
     values = weight.numpy()
     err = np.empty((len(codecs), rows), dtype=np.float64)
     for i, codec in enumerate(codecs):
-        err[i] = encode_rows(values, None, codec, None, w)[0]  # row_errors, without its checks again
-        infeasible = ~np.isfinite(err[i])  # rows a float16 codec cannot hold
-        err[i] *= w
-        err[i][infeasible] = np.inf  # also where the row's weight is 0
+        err[i] = _weighted_errors(values, codec, w)
     pruned = next(i for i, c in enumerate(codecs) if c.kind == "pruned")
     return _Costs(
         name=target.name,

@@ -474,10 +474,10 @@ class QuantizedTable(nn.Module):
                 )
                 return
             incoming[name] = value
+        pruned = fields.get("num_pruned", own["num_pruned"])
         try:
             type(self).from_tensors(
-                {**own, "num_pruned": fields.get("num_pruned", own["num_pruned"])},
-                {n: t.detach().to("cpu") for n, t in incoming.items()},
+                {**own, "num_pruned": pruned}, {n: t.detach().to("cpu") for n, t in incoming.items()}
             )
         except (FormatError, ValueError, TypeError, IndexError, RuntimeError) as err:
             error_msgs.append(f"{where}: the state's buffers are not a valid table ({err})")
@@ -490,7 +490,7 @@ class QuantizedTable(nn.Module):
             with torch.no_grad():
                 for name, value in incoming.items():
                     self._buffers[name].copy_(value)  # type: ignore[union-attr]
-        self.num_pruned = int(fields.get("num_pruned", own["num_pruned"]))
+        self.num_pruned = int(pruned)
         _KERNEL_ARGS.pop(self, None)
         self._buffers_loaded()
 

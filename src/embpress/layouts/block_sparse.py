@@ -491,16 +491,20 @@ class BlockSparseTable(QuantizedTable):
         if bool((even < 0).any()) or bool((even + sh.header > size).any()):
             raise FormatError("tensor 'row_offsets' points past the end of 'records'")
         in_row = table._in_row(even.device)
-        even_bitmap = table._bytes_at(even, 0, sh.bitmap_bytes).long()
-        even_lengths = sh.length(popcount_bytes(even_bitmap & in_row).sum(1))
+
+        def bitmaps_and_lengths(at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            bitmap = table._bytes_at(at, 0, sh.bitmap_bytes).long()
+            return bitmap, sh.length(popcount_bytes(bitmap & in_row).sum(1))
+
+        even_bitmap, even_lengths = bitmaps_and_lengths(even)
         odd = even[: rows // 2] + even_lengths[: rows // 2]
         if bool((odd + sh.header > size).any()):
             raise FormatError("tensors 'row_offsets' / 'group_offsets' do not match the records' bitmaps")
-        odd_bitmap = table._bytes_at(odd, 0, sh.bitmap_bytes).long()
+        odd_bitmap, odd_lengths = bitmaps_and_lengths(odd)
         starts = torch.empty(rows, dtype=torch.int64)
         lengths = torch.empty(rows, dtype=torch.int64)
         starts[0::2], starts[1::2] = even, odd
-        lengths[0::2], lengths[1::2] = even_lengths, sh.length(popcount_bytes(odd_bitmap & in_row).sum(1))
+        lengths[0::2], lengths[1::2] = even_lengths, odd_lengths
         # then: every record starts where the one before it ends, and the last one ends
         # the tensor
         expected = torch.cumsum(lengths, 0) - lengths
