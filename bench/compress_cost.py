@@ -105,6 +105,9 @@ def _lookup_steps(bag: Any, rows: int, steps: int) -> list[float]:
     return seconds
 
 
+MEMFLOOR_BYTES = 512 << 20  # the memory floor's write: as much as the float32 table
+
+
 def cold_child(cfg: dict[str, Any]) -> dict[str, Any]:
     """First and second compression (and, for embpress, lookup) in this fresh process."""
     import os
@@ -121,10 +124,22 @@ def cold_child(cfg: dict[str, Any]) -> dict[str, Any]:
 
         one(1)
         return {"import": t1 - t0, "first": time.perf_counter() - t1}
+    if cfg["impl"] == "memfloor":  # a fresh process's first write of new memory, then again
+        import numpy as np
+        import torch  # imported first, untimed, as for the others
+
+        seconds = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            block = np.ones(MEMFLOOR_BYTES, dtype=np.uint8)
+            seconds.append(time.perf_counter() - t0)
+            del block
+        return {"first": seconds[0], "again": seconds[1]}
     if cfg.get("path"):
         os.environ["EMBPRESS_KERNEL"] = cfg["path"]
-    if cfg.get("empty_cache"):
+    if cfg.get("empty_cache"):  # numba's cache and the kernels compiled ahead of time
         os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="embpress-cold-")
+        os.environ["EMBPRESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="embpress-cold-")
     t0 = time.perf_counter()
     import torch
 
@@ -156,6 +171,7 @@ def cold_child(cfg: dict[str, Any]) -> dict[str, Any]:
 
         lookups = _lookup_steps(models[0].emb, cfg["rows"], 3)
         out.update(lookup_first=lookups[0], lookup_warm=min(lookups[1:]), path=kernel_path())
+        out["numba"] = "numba" in sys.modules  # loaded: some kernel ran under numba
     return out
 
 
@@ -193,6 +209,7 @@ def serve_child(cfg: dict[str, Any]) -> dict[str, Any]:
         from embpress.layouts.lookup import kernel_path
 
         out["path"] = kernel_path()
+        out["numba"] = "numba" in sys.modules
     return out
 
 
@@ -239,6 +256,10 @@ def measure_cold(args: argparse.Namespace) -> list[dict[str, Any]]:
         r = common.run_child(script, floor, timeout=args.timeout)
     if "error" not in r:
         results.append({**floor, **r})
+    memfloor = {**base, "impl": "memfloor", "path": "", "empty_cache": False}
+    r = common.run_child(script, memfloor, timeout=args.timeout)
+    if "error" not in r:
+        results.append({**memfloor, **r})
     runs: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
     for cfg in cfgs:
         r = common.run_child(script, cfg, timeout=args.timeout)
@@ -303,6 +324,7 @@ def render_serve(serve: list[dict[str, Any]]) -> list[str]:
     for r in serve:
         who = "embpress" if r["impl"] == "serve" else "float32"
         name = [who, r.get("path") or "–", str(r.get("runs", 0))]
+        name.append(("yes" if r["numba"] else "no") if "numba" in r else "–")
         if "load" not in r:
             rows_out.append([*name, r.get("skipped", "failed"), "", "", "", "", ""])
             continue
@@ -327,12 +349,24 @@ def render_serve(serve: list[dict[str, Any]]) -> list[str]:
         "`nn.EmbeddingBag.from_pretrained`), then the lookup step four times (*first*, and the "
         "fastest of the other three, *warm*). *ready* = import + load + first lookup; *extra* = "
         "import + first − warm lookup: what the process's first lookup costs beyond a warm one. "
-        "*runs*: fresh processes; the one with the median *ready* is shown.",
+        "*runs*: fresh processes; the one with the median *ready* is shown. *numba*: whether the "
+        "process imported numba.",
         "",
         common.md_table(
-            ["table", "path", "runs", "import", "load", "first lookup", "warm lookup", "ready", "extra"],
+            [
+                "table",
+                "path",
+                "runs",
+                "numba",
+                "import",
+                "load",
+                "first lookup",
+                "warm lookup",
+                "ready",
+                "extra",
+            ],
             rows_out,
-            "llrrrrrrr",
+            "llrlrrrrrr",
         ),
         "",
         "**Targets** (issue 12: a first lookup at most 0.2 s over a warm one, import included):",
@@ -355,7 +389,8 @@ def render_cold(cold: list[dict[str, Any]]) -> list[str]:
         return render_serve(serve) if serve else []
     rows_out = []
     floor = next((r for r in cold if r["impl"] == "floor"), None)
-    cold = [r for r in cold if r["impl"] != "floor"]
+    memfloor = next((r for r in cold if r["impl"] == "memfloor"), None)
+    cold = [r for r in cold if r["impl"] not in ("floor", "memfloor")]
     for r in cold:
         who = "embpress" if r["impl"] == "ours" else "reference"
         cache = "empty" if r["empty_cache"] else "as is"
@@ -365,6 +400,7 @@ def render_cold(cold: list[dict[str, Any]]) -> list[str]:
             cache if who == "embpress" else "–",
         ]
         name.append(str(r.get("runs", 1)))
+        name.append(("yes" if r["numba"] else "no") if "numba" in r else "–")
         if "first" not in r:
             rows_out.append([*name, r["skipped"], "", "", "", "", ""])
             continue
@@ -391,17 +427,20 @@ def render_cold(cold: list[dict[str, Any]]) -> list[str]:
         f"untimed), *cold* = import + first compression, *warm* = the median of {COLD_WARM_CALLS} more "
         "compressions in the same process (one for the reference), *extra* = cold − warm; then the "
         "first and a warm lookup step (4,096 bags × 40 uniform ids). *path*: `EMBPRESS_KERNEL` in "
-        "the child; *numba cache*: the on-disk kernel cache as "
-        "earlier runs left it, or empty (the first process after installing). The package's Python "
-        "bytecode is compiled before the runs, as `pip install` leaves it. *runs*: fresh processes "
-        "of that row; the one with the median extra is shown.",
+        "the child; *kernel caches*: numba's on-disk cache and the kernels compiled ahead of time "
+        "(`EMBPRESS_CACHE_DIR`) as earlier runs left them, or both empty (the first process after "
+        "installing). The package's Python bytecode is compiled before the runs, as `pip install` "
+        "leaves it. *runs*: fresh processes of that row; the one with the median extra is shown. "
+        "*numba*: whether the child imported numba (it does only to compile a kernel, or to run "
+        "one that has no compiled form).",
         "",
         common.md_table(
             [
                 "impl",
                 "path",
-                "numba cache",
+                "kernel caches",
                 "runs",
+                "numba",
                 "import",
                 "cold",
                 "warm",
@@ -410,7 +449,7 @@ def render_cold(cold: list[dict[str, Any]]) -> list[str]:
                 "warm lookup",
             ],
             rows_out,
-            "lllrrrrrrr",
+            "lllrlrrrrrr",
         ),
         "",
     ]
@@ -420,7 +459,16 @@ def render_cold(cold: list[dict[str, Any]]) -> list[str]:
             f"{common.fmt_seconds(floor['import'])}, then the first call of a one-line kernel "
             f"already cached on disk {common.fmt_seconds(floor['first'])} (numba sets up its "
             f"compiler target), {common.fmt_seconds(floor['import'] + floor['first'])} in all "
-            "(`bench/_numba_floor.py`): any numba program pays it before its first kernel runs.",
+            "(`bench/_numba_floor.py`): any numba program pays it before its first kernel runs "
+            "(embpress's compiled kernels do not load numba).",
+            "",
+        ]
+    if memfloor is not None:
+        lines += [
+            f"A fresh process's first write of {MEMFLOOR_BYTES >> 20} MB of new memory (numpy, torch "
+            f"imported) took {common.fmt_seconds(memfloor['first'])}, the same write again "
+            f"{common.fmt_seconds(memfloor['again'])}: a first compression pays such page faults "
+            "on every buffer it makes, the warm ones reuse memory the process has freed.",
             "",
         ]
     ref = next((r for r in cold if r["impl"] == "ref" and "first" in r), None)

@@ -154,6 +154,7 @@ def test_shared_module_is_compressed_once_and_stays_shared():
 
 
 def test_nested_containers_and_error_report():
+    torch.manual_seed(0)  # the edge blocks' share of what is pruned varies with the weights
     model = nn.ModuleDict(
         {
             "towers": nn.ModuleList([nn.Sequential(nn.EmbeddingBag(40, 4, mode="max")) for _ in range(2)]),

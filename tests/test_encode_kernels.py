@@ -130,8 +130,17 @@ def test_counts_of_4_wide_blocks_are_the_general_counts(rows, blocks, p, seed):
     """Per row: kept entries, blocks with a kept entry, mixed blocks, the bitmap (past one
     32-block word, with blocks that mix kept and pruned entries)."""
     mask = np.random.default_rng(seed).random((rows, 4 * blocks)) < p
-    for got, want in zip(count_blocks_of_4(mask.view(np.uint32)), count_blocks(mask, 4), strict=True):
-        np.testing.assert_array_equal(got, want)
+
+    def outputs():
+        counts = [np.full(rows, -1, dtype=np.int64) for _ in range(3)]
+        return [*counts, np.zeros((rows, -(-blocks // 32)), dtype=np.uint32)]
+
+    got, want = outputs(), outputs()
+    got[3][:] = 0xFFFFFFFF  # every word is written, whatever it held
+    count_blocks_of_4(mask.view(np.uint32), *got)
+    count_blocks(mask, 4, *want)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
 
 
 @settings(max_examples=60, deadline=None)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from embpress import QuantConfig, QuantizedEmbeddingBag
-from embpress.layouts import _kernels
+from embpress.layouts import _kernels, _paths
 from embpress.layouts.lookup import (
     KernelPolicy,
     kernel_path,
@@ -198,10 +198,10 @@ def test_the_policy_names_the_path_and_refuses_bad_ones():
 def test_a_path_the_cpu_lacks_is_never_chosen_and_cannot_be_forced(monkeypatch):
     """With AVX-512 (then AVX2 too) hidden, the automatic choice falls to the next path,
     and forcing a hidden one raises a clear ValueError (by policy or by environment)."""
-    host = _kernels._host_has
+    host = _paths._host_has
     try:
         monkeypatch.delenv(_kernels.KERNEL_ENV, raising=False)
-        monkeypatch.setattr(_kernels, "_host_has", lambda f: not f.startswith("avx512") and host(f))
+        monkeypatch.setattr(_paths, "_host_has", lambda f: not f.startswith("avx512") and host(f))
         _kernels.process_path.cache_clear()
         assert "avx512" not in kernel_paths()
         assert kernel_path() == kernel_paths()[0] != "avx512"
@@ -211,7 +211,7 @@ def test_a_path_the_cpu_lacks_is_never_chosen_and_cannot_be_forced(monkeypatch):
         _kernels.process_path.cache_clear()
         with pytest.raises(ValueError, match=r"EMBPRESS_KERNEL='avx512'.*cannot run"):
             kernel_path()
-        monkeypatch.setattr(_kernels, "_host_has", lambda f: False)
+        monkeypatch.setattr(_paths, "_host_has", lambda f: False)
         monkeypatch.setenv(_kernels.KERNEL_ENV, "auto")
         _kernels.process_path.cache_clear()
         assert kernel_paths() == ("generic",) and kernel_path() == "generic"
@@ -273,11 +273,12 @@ def test_avx512_path_without_vbmi2_expands_16_bit_blocks_with_avx2(monkeypatch):
     from embpress.layouts import block_sparse
 
     _runs("avx512")
-    host = _kernels._host_has
-    monkeypatch.setattr(_kernels, "_host_has", lambda f: f != "avx512vbmi2" and host(f))
-    assert _kernels._has_expands(32) and not _kernels._has_expands(16)
+    host = _paths._host_has
+    monkeypatch.setattr(_paths, "_host_has", lambda f: f != "avx512vbmi2" and host(f))
+    assert _paths._has_expands(32) and not _paths._has_expands(16)
     fresh = numba.njit(parallel=True)(_kernels.block_sparse_bag.py_func)
     monkeypatch.setattr(block_sparse, "block_sparse_bag", fresh)
+    monkeypatch.setattr(block_sparse, "block_sparse_run", None)  # numba's kernel, not a compiled one
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(60, 128, generator=gen)
     idx, bounds, psw = _lookups(gen, 60, [7, 0, 30, 12], True)
@@ -323,7 +324,8 @@ def test_two_processes_share_an_empty_kernel_cache(tmp_path):
     import sys
 
     path = kernel_paths()[0]
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    # numba's own cache: the kernels compiled ahead of time (tests/test_aot.py) stay out
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "EMBPRESS_AOT": "0"}
     cmd = [sys.executable, "-c", _TWO_PROCESSES, path]
     procs = [subprocess.Popen([*cmd, str(tmp_path / f"{i}.pt")], env=env) for i in range(2)]
     assert [p.wait(timeout=900) for p in procs] == [0, 0]
@@ -347,6 +349,7 @@ def test_generic_path_has_no_x86_vector_intrinsic_and_avx2_no_avx512(monkeypatch
     _runs("avx2")
     fresh = numba.njit(parallel=True)(_kernels.block_sparse_bag.py_func)  # uncached: inspectable
     monkeypatch.setattr(block_sparse, "block_sparse_bag", fresh)
+    monkeypatch.setattr(block_sparse, "block_sparse_run", None)  # numba's kernel, not a compiled one
     weight = torch.randn(50, 128)
     q = QuantizedEmbeddingBag.from_float(
         nn.EmbeddingBag.from_pretrained(weight),

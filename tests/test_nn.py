@@ -381,11 +381,11 @@ def test_generic_ir_of_the_vector_decode_gives_the_same_sums(monkeypatch):
     afresh here and run through the vector paths: it gives the same sums."""
     import numba
 
-    from embpress.layouts import _kernels, block_sparse
+    from embpress.layouts import _kernels, _paths, block_sparse
 
     if not _kernels.vector_decode_supported(4):
         pytest.skip("this CPU lacks the AVX-512 expands the vector decode compiles to")
-    monkeypatch.setattr(_kernels, "_host_has", lambda feature: False)
+    monkeypatch.setattr(_paths, "_host_has", lambda feature: False)
     fused_bag = numba.njit(parallel=True)(_kernels.fused_bag.py_func)
     block_sparse_bag = numba.njit(parallel=True)(_kernels.block_sparse_bag.py_func)
     weight = torch.randn(40, 128)
@@ -417,6 +417,7 @@ def test_generic_ir_of_the_vector_decode_gives_the_same_sums(monkeypatch):
         nn.EmbeddingBag.from_pretrained(weight, mode="sum"), QuantConfig(bits=4), mask=mask, block_width=4
     )
     monkeypatch.setattr(block_sparse, "block_sparse_bag", block_sparse_bag)
+    monkeypatch.setattr(block_sparse, "block_sparse_run", None)  # numba's kernel, not a compiled one
     with _torch_threads(2):
         out = sparse.table.fast_bag(idx, bounds, 0, None)
     assert out is not None

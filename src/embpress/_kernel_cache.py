@@ -23,11 +23,11 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["guard", "guard_module"]
+__all__ = ["guard", "guard_module", "locked"]
 
 
 @contextlib.contextmanager
-def _locked(index_path: str) -> Iterator[None]:
+def locked(index_path: str) -> Iterator[None]:
     """Hold an exclusive lock on ``<index_path>.lock`` (made if missing) in the block."""
     if fcntl is None:
         yield
@@ -50,11 +50,11 @@ class _Guarded:
     _cache_file: Any
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:
-        with _locked(self._cache_file._index_path):
+        with locked(self._cache_file._index_path):
             return super().load_overload(sig, target_context)  # type: ignore[misc]
 
     def save_overload(self, sig: Any, data: Any) -> None:
-        with _locked(self._cache_file._index_path):
+        with locked(self._cache_file._index_path):
             super().save_overload(sig, data)  # type: ignore[misc]
 
 

@@ -20,7 +20,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import numba
 import torch
 
 __all__ = ["parallel_call"]
@@ -53,6 +52,8 @@ def _serialise_launches() -> bool:
     known before the first launch and never changes afterwards.
     """
     global _omp_started
+    import numba
+
     numba.get_num_threads()
     layer = numba.threading_layer()
     _omp_started = layer == "omp"
@@ -64,10 +65,12 @@ def parallel_call(kernel: Callable[..., Any], *args: Any) -> Any:
 
     Under the workqueue layer the launches of every caller go through one lock (each one
     still runs on all of numba's threads); under OpenMP and TBB, which are thread-safe,
-    this is a plain call. Every parallel kernel of embpress is called through here.
+    this is a plain call. Every parallel kernel of embpress is called through here, as
+    a dispatcher or as an ``_aot.KernelRef`` (whose module, and numba, load on first use).
     """
     if _forked_after_omp:
         raise RuntimeError(FORK_ERROR)
+    kernel = getattr(kernel, "numba", kernel)  # an ``_aot.KernelRef``: its dispatcher
     threads = torch.get_num_threads()
     try:
         if _serialise_launches():
@@ -77,3 +80,63 @@ def parallel_call(kernel: Callable[..., Any], *args: Any) -> Any:
     finally:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+
+
+_pool: Any = None
+_pool_lock = threading.Lock()
+
+
+def thread_pool() -> Any:
+    """The process's pool of Python threads for kernels compiled ahead of time (``_aot``:
+    ctypes releases the GIL while one runs), made on first use."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            workers = max(1, (os.cpu_count() or 1) - 1)  # the caller's thread runs a part too
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embpress")
+        return _pool
+
+
+def _after_fork_reset_pool() -> None:
+    global _pool
+    _pool = None  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_after_fork_reset_pool)
+
+
+def split_call(
+    compiled: Callable[..., Any], count: int, part: Callable[[int, int], tuple[Any, ...]], minimum: int = 1
+) -> int:
+    """Run ``compiled(*part(lo, hi))`` over ``[0, count)`` in contiguous parts, one per
+    thread (torch's count; fewer, so that each part has at least ``minimum`` items): the
+    first part on this thread, the others on :func:`thread_pool`. Returns the sum of the
+    parts' results (None counts 0), for kernels that count what they refuse."""
+    parts = max(1, min(torch.get_num_threads(), count // max(1, minimum)))
+    if parts == 1:
+        return int(compiled(*part(0, count)) or 0)
+    size = -(-count // parts)
+    pool = thread_pool()
+    futures = [pool.submit(compiled, *part(lo, min(count, lo + size))) for lo in range(size, count, size)]
+    total = int(compiled(*part(0, size)) or 0)
+    return total + sum(int(f.result() or 0) for f in futures)
+
+
+def rows_call(kernel: Any, *args: Any, rows: tuple[int, ...], minimum: int = 256) -> Any:
+    """``kernel(*args)`` for a kernel (an ``_aot.KernelRef``) whose work is independent
+    per row of the arguments at positions ``rows`` (their first axis, one length): from
+    a library compiled ahead of time where it can be, those arguments split into row
+    ranges across threads (:func:`split_call`; the int results summed); else numba's
+    parallel kernel through :func:`parallel_call`."""
+    compiled = kernel.compiled(args)
+    if compiled is None:
+        return parallel_call(kernel, *args)
+    count = args[rows[0]].shape[0]
+
+    def part(lo: int, hi: int) -> tuple[Any, ...]:
+        return tuple(a[lo:hi] if i in rows else a for i, a in enumerate(args))
+
+    total = split_call(compiled, count, part, minimum)
+    return None if kernel.returns == "none" else total

@@ -43,9 +43,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._aot import KernelRef
 from .layouts import Pooling, QuantizedTable, table_class
-from .layouts._kernels import offsets_status
 from .layouts.base import DTYPES_BY_NAME
+
+# numba kernels, loaded (with numba) on first use (see ``_aot``)
+offsets_status = KernelRef("embpress.layouts._kernels", "offsets_status", returns="int64")
 
 __all__ = [
     "MAX",
@@ -225,7 +228,7 @@ def bag_bounds(
         values = bounds.cpu().numpy()
     if values.size == 0:  # nn.EmbeddingBag's error type
         raise RuntimeError("offsets must not be empty when include_last_offset=True")
-    status = offsets_status(values, total, include_last_offset)
+    status = offsets_status.run(values, total, include_last_offset)
     if status == 1:
         raise RuntimeError(
             "offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to "

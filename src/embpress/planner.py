@@ -48,24 +48,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._aot import KernelRef
 from ._parallel import parallel_call
-from ._plan_kernels import (
-    best_moves,
-    choose_rows,
-    choose_rows_serial,
-    count_codes,
-    drop_cost,
-    drop_cost_serial,
-    smallest_positive,
-    table_error,
-    take_greedy,
-)
 from .api import Target, checked_weight, find_embeddings, is_plain_embedding, quantized_module, swap_modules
 from .layouts.mixed import MixedTable
 from .quant import QuantConfig
 from .quant.codecs import CODECS, Codec, encode_rows
 from .report import human_bytes
 from .usage import Usage, UsageError
+
+# numba kernels, loaded (with numba) on first use (see ``_aot``)
+best_moves = KernelRef("embpress._plan_kernels", "best_moves")
+choose_rows = KernelRef("embpress._plan_kernels", "choose_rows")
+choose_rows_serial = KernelRef("embpress._plan_kernels", "choose_rows_serial")
+count_codes = KernelRef("embpress._plan_kernels", "count_codes")
+drop_cost = KernelRef("embpress._plan_kernels", "drop_cost")
+drop_cost_serial = KernelRef("embpress._plan_kernels", "drop_cost_serial")
+smallest_positive = KernelRef("embpress._plan_kernels", "smallest_positive")
+table_error = KernelRef("embpress._plan_kernels", "table_error")
+take_greedy = KernelRef("embpress._plan_kernels", "take_greedy")
 
 __all__ = ["DEFAULT_UNSEEN_WEIGHT", "MAX_CODECS", "Plan", "PlanError", "TablePlan", "plan", "row_weights"]
 

@@ -23,22 +23,22 @@ __all__ = [
     "count_blocks",
     "count_blocks_of_4",
     "encode_rows",
+    "encode_rows_run",
     "fake_quantize",
     "kept_minmax",
 ]
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def count_blocks(mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def count_blocks(
+    mask: np.ndarray, width: int, kept: np.ndarray, blocks: np.ndarray, mixed: np.ndarray, bitmap: np.ndarray
+) -> None:
     """One pass over the mask. Per row: kept entries, (1 x width) blocks with a kept entry,
-    blocks with kept and pruned entries mixed, and the kept-block bitmap (uint32 words: bit
-    k % 32 of word k // 32, see ``stats.RowStats``)."""
+    blocks with kept and pruned entries mixed (int64 each), and the kept-block bitmap
+    (zeroed uint32 words: bit k % 32 of word k // 32, see ``stats.RowStats``), into the
+    caller's arrays (each row's own: row ranges may run on several threads)."""
     rows, cols = mask.shape
     nb = (cols + width - 1) // width
-    kept = np.zeros(rows, dtype=np.int64)
-    blocks = np.zeros(rows, dtype=np.int64)
-    mixed = np.zeros(rows, dtype=np.int64)
-    bitmap = np.zeros((rows, (nb + 31) // 32), dtype=np.uint32)
     for r in numba.prange(rows):
         k = 0
         b = 0
@@ -58,20 +58,18 @@ def count_blocks(mask: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, 
         kept[r] = k
         blocks[r] = b
         mixed[r] = m
-    return kept, blocks, mixed, bitmap
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def count_blocks_of_4(mask_words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def count_blocks_of_4(
+    mask_words: np.ndarray, kept: np.ndarray, blocks: np.ndarray, mixed: np.ndarray, bitmap: np.ndarray
+) -> None:
     """:func:`count_blocks` for (1 x 4) blocks, reading the bool mask as one uint32 per
     block (a True byte is 0x01, so the top byte of ``word * 0x01010101`` is the block's
-    kept count). Branch-free; each bitmap word is built in a register."""
+    kept count). Branch-free; each bitmap word is built in a register (every word of
+    ``bitmap`` is written)."""
     rows, nb = mask_words.shape
     words = (nb + 31) // 32
-    kept = np.zeros(rows, dtype=np.int64)
-    blocks = np.zeros(rows, dtype=np.int64)
-    mixed = np.zeros(rows, dtype=np.int64)
-    bitmap = np.zeros((rows, words), dtype=np.uint32)
     for r in numba.prange(rows):
         k = np.int64(0)
         b = np.int64(0)
@@ -90,7 +88,6 @@ def count_blocks_of_4(mask_words: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
         kept[r] = k
         blocks[r] = b
         mixed[r] = m
-    return kept, blocks, mixed, bitmap
 
 
 @intrinsic
@@ -164,6 +161,113 @@ def kept_minmax(w: np.ndarray, mask: np.ndarray, use_mask: bool) -> tuple[np.nda
 ROWS_PER_TASK = 64  # rows one thread encodes with one set of scratch rows
 
 
+@numba.njit(cache=True, inline="always")
+def _encode_range(
+    w: np.ndarray,
+    ref: np.ndarray,
+    mask: np.ndarray,
+    use_mask: bool,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    zero_code: np.ndarray,
+    bits: int,
+    width: int,
+    block_stream: bool,
+    row_start: np.ndarray,
+    out: np.ndarray,
+    err_sq: np.ndarray,
+    ref_sq: np.ndarray,
+    max_abs: np.ndarray,
+    derive_qparams: bool,
+    r0: int,
+    r1: int,
+    codes: np.ndarray,
+    packed: np.ndarray,
+    e2: np.ndarray,
+    r2: np.ndarray,
+    err: np.ndarray,
+) -> None:
+    """Rows [r0, r1) of ``encode_rows`` with the caller's scratch rows: ``codes`` and
+    ``packed`` (uint8, the whole blocks rounded up to uint32 words), ``e2`` and ``r2``
+    (float32, the padded power-of-two row the sums fold) and ``err`` (float32, a row)."""
+    cols = w.shape[1]
+    levels = (1 << bits) - 1
+    top = np.float32(levels)
+    nb = (cols + width - 1) // width
+    span = e2.shape[0]
+    codes4 = codes.view(np.uint32)
+    packed4 = packed.view(np.uint32)
+    for r in range(r0, r1):
+        if derive_qparams:
+            a, z = _row_minmax(w, mask, use_mask, r)
+            offset[r] = a
+            step = np.float32((np.float64(z) - np.float64(a)) / levels)
+            if step == 0 and z > a:  # below float32's resolution: the smallest step
+                step = np.float32(2.0**-149)
+            scale[r] = step
+        s = scale[r]
+        o = offset[r]
+        divisor = s if s != 0 else np.float32(1.0)  # scale 0: every code 0
+        live = np.float32(1.0) if s != 0 else np.float32(0.0)
+        base = r * cols
+        zc = zero_code[r]
+        for c in range(cols):
+            x = ref[r, c]
+            t = min(max(np.rint((w[r, c] - o) / divisor) * live, np.float32(0.0)), top)
+            kept = (not use_mask) or mask[r, c]
+            d = (t * s + o) - x if kept else -x
+            e2[c] = d * d
+            r2[c] = x * x
+            err[c] = abs(d)
+            if block_stream:
+                codes[c] = np.uint8(t)
+            else:
+                out[base + c] = np.uint8(t) if kept else zc
+        if block_stream:  # kept blocks packed without a branch, then one copy
+            n = nb
+            kept_codes = codes  # no mask: every block is kept
+            if use_mask:
+                n = 0
+                kept_codes = packed
+                if width == 4:
+                    for b in range(nb):
+                        packed4[n] = codes4[b]
+                        n += np.int64(mask[r, 4 * b])
+                else:
+                    for b in range(nb):
+                        for j in range(width):
+                            packed[n * width + j] = codes[b * width + j]
+                        n += np.int64(mask[r, b * width])
+            start = row_start[r]
+            for j in range(n * width):
+                out[start + j] = kept_codes[j]
+        h = span // 2
+        while h >= 8:
+            for i in range(h):
+                e2[i] += e2[i + h]
+                r2[i] += r2[i + h]
+            h //= 2
+        err_sq[r] = float(((e2[0] + e2[1]) + (e2[2] + e2[3])) + ((e2[4] + e2[5]) + (e2[6] + e2[7])))
+        ref_sq[r] = float(((r2[0] + r2[1]) + (r2[2] + r2[3])) + ((r2[4] + r2[5]) + (r2[6] + r2[7])))
+        m = np.int32(0)  # |d| compared as bits: non-negative floats order as integers
+        for c in range(cols):
+            v = _bits(err[c])
+            if v > m:
+                m = v
+        max_abs[r] = _float(m)
+
+
+@numba.njit(cache=True, inline="always")
+def scratch_sizes(cols: int, width: int) -> tuple[int, int]:
+    """(bytes of ``codes``/``packed``, floats of ``e2``/``r2``) of ``encode_rows``' scratch
+    (``layouts.encode`` sizes ``encode_rows_run``'s the same way: a test compares)."""
+    nb = (cols + width - 1) // width
+    span = 8  # the padded row the sums fold: a power of two
+    while span < cols:
+        span *= 2
+    return 4 * ((nb * width + 3) // 4), span
+
+
 @numba.njit(cache=True, parallel=True, nogil=True)
 def encode_rows(
     w: np.ndarray,
@@ -201,79 +305,53 @@ def encode_rows(
     zero-padded power-of-two row folded onto each other down to 8 lanes, then a tree.
     """
     rows, cols = w.shape
-    levels = (1 << bits) - 1
-    top = np.float32(levels)
-    nb = (cols + width - 1) // width
-    span = 8  # the padded row the sums fold: a power of two
-    while span < cols:
-        span *= 2
-    whole = 4 * ((nb * width + 3) // 4)  # whole blocks, rounded up to uint32 words
+    whole, span = scratch_sizes(cols, width)
     for task in numba.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         codes = np.zeros(whole, dtype=np.uint8)
         packed = np.zeros(whole, dtype=np.uint8)
-        codes4 = codes.view(np.uint32)
-        packed4 = packed.view(np.uint32)
         e2 = np.zeros(span, dtype=np.float32)
         r2 = np.zeros(span, dtype=np.float32)
         err = np.zeros(cols, dtype=np.float32)
-        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            if derive_qparams:
-                a, z = _row_minmax(w, mask, use_mask, r)
-                offset[r] = a
-                step = np.float32((np.float64(z) - np.float64(a)) / levels)
-                if step == 0 and z > a:  # below float32's resolution: the smallest step
-                    step = np.float32(2.0**-149)
-                scale[r] = step
-            s = scale[r]
-            o = offset[r]
-            divisor = s if s != 0 else np.float32(1.0)  # scale 0: every code 0
-            live = np.float32(1.0) if s != 0 else np.float32(0.0)
-            base = r * cols
-            zc = zero_code[r]
-            for c in range(cols):
-                x = ref[r, c]
-                t = min(max(np.rint((w[r, c] - o) / divisor) * live, np.float32(0.0)), top)
-                kept = (not use_mask) or mask[r, c]
-                d = (t * s + o) - x if kept else -x
-                e2[c] = d * d
-                r2[c] = x * x
-                err[c] = abs(d)
-                if block_stream:
-                    codes[c] = np.uint8(t)
-                else:
-                    out[base + c] = np.uint8(t) if kept else zc
-            if block_stream:  # kept blocks packed without a branch, then one copy
-                n = nb
-                kept_codes = codes  # no mask: every block is kept
-                if use_mask:
-                    n = 0
-                    kept_codes = packed
-                    if width == 4:
-                        for b in range(nb):
-                            packed4[n] = codes4[b]
-                            n += np.int64(mask[r, 4 * b])
-                    else:
-                        for b in range(nb):
-                            for j in range(width):
-                                packed[n * width + j] = codes[b * width + j]
-                            n += np.int64(mask[r, b * width])
-                start = row_start[r]
-                for j in range(n * width):
-                    out[start + j] = kept_codes[j]
-            h = span // 2
-            while h >= 8:
-                for i in range(h):
-                    e2[i] += e2[i + h]
-                    r2[i] += r2[i + h]
-                h //= 2
-            err_sq[r] = float(((e2[0] + e2[1]) + (e2[2] + e2[3])) + ((e2[4] + e2[5]) + (e2[6] + e2[7])))
-            ref_sq[r] = float(((r2[0] + r2[1]) + (r2[2] + r2[3])) + ((r2[4] + r2[5]) + (r2[6] + r2[7])))
-            m = np.int32(0)  # |d| compared as bits: non-negative floats order as integers
-            for c in range(cols):
-                v = _bits(err[c])
-                if v > m:
-                    m = v
-            max_abs[r] = _float(m)
+        _encode_range(
+            w, ref, mask, use_mask, scale, offset, zero_code, bits, width, block_stream, row_start, out,
+            err_sq, ref_sq, max_abs, derive_qparams, task * ROWS_PER_TASK,
+            min(rows, (task + 1) * ROWS_PER_TASK), codes, packed, e2, r2, err,
+        )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True)
+def encode_rows_run(
+    w: np.ndarray,
+    ref: np.ndarray,
+    mask: np.ndarray,
+    use_mask: bool,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    zero_code: np.ndarray,
+    bits: int,
+    width: int,
+    block_stream: bool,
+    row_start: np.ndarray,
+    out: np.ndarray,
+    err_sq: np.ndarray,
+    ref_sq: np.ndarray,
+    max_abs: np.ndarray,
+    derive_qparams: bool,
+    r0: int,
+    r1: int,
+    codes: np.ndarray,
+    packed: np.ndarray,
+    e2: np.ndarray,
+    r2: np.ndarray,
+    err: np.ndarray,
+) -> None:
+    """Rows [r0, r1) of ``encode_rows`` on one thread, with the caller's zeroed scratch
+    (sizes from ``scratch_sizes``; ``err``: a row): nothing here allocates or raises, so
+    it compiles ahead of time (``_aot``) and callers split the rows across threads."""
+    _encode_range(
+        w, ref, mask, use_mask, scale, offset, zero_code, bits, width, block_stream, row_start, out,
+        err_sq, ref_sq, max_abs, derive_qparams, r0, r1, codes, packed, e2, r2, err,
+    )  # fmt: skip
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -340,6 +418,7 @@ _kernel_cache.guard(
     count_blocks_of_4,
     kept_minmax,
     encode_rows,
+    encode_rows_run,
     fake_quantize,
     assemble_records,
 )

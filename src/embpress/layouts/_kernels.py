@@ -40,20 +40,32 @@ For the same reason no other kernel file imports a jitted helper or intrinsic fr
 
 from __future__ import annotations
 
-import functools
-import os
 import threading
 from typing import Any
 
 import numba
 import numpy as np
 import torch
-from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .. import _kernel_cache
+from . import _paths
+from ._paths import (
+    _PATH_DTYPES,
+    KERNEL_ENV,
+    KERNEL_PATHS,
+    PATH_AVX2,
+    PATH_AVX512,
+    PATH_GENERIC,
+    PATH_MARKERS,
+    START_RING,
+    available_paths,
+    path_compiles,
+    process_path,
+    vector_decode_supported,
+)
 
 __all__ = [
     "KERNEL_ENV",
@@ -61,7 +73,9 @@ __all__ = [
     "PATH_MARKERS",
     "available_paths",
     "block_sparse_bag",
+    "block_sparse_run",
     "fused_bag",
+    "fused_run",
     "offsets_status",
     "path_compiles",
     "process_path",
@@ -208,86 +222,6 @@ _add_block4_u8 = _block4_intrinsic(8)
 _add_block4_u4 = _block4_intrinsic(4)
 
 
-@functools.cache
-def _host_has(feature: str) -> bool:
-    """Whether the CPU numba compiles for has ``feature`` (an LLVM name such as
-    ``avx512vbmi2``). Where numba is told to compile for a named CPU (``NUMBA_CPU_NAME``,
-    e.g. a portable cache or a test that compiles for an older CPU), only the features
-    ``NUMBA_CPU_FEATURES`` switches on (``+avx2``) count.
-
-    Code generation asks before it emits an x86-only intrinsic: every branch of a kernel is
-    compiled, taken or not, and LLVM cannot compile such an intrinsic for a CPU without
-    the instruction. (Numba's disk cache is keyed on the CPU, so this is safe to cache.)
-    """
-    if numba.config.CPU_NAME not in (None, "host"):  # type: ignore[attr-defined]
-        named = str(numba.config.CPU_FEATURES or "").split(",")  # type: ignore[attr-defined]
-        return f"+{feature}" in (f.strip() for f in named)
-    return bool(llvm_binding.get_host_cpu_features().get(feature, False))
-
-
-def _has_expands(element_bits: int) -> bool:
-    """Whether the CPU numba compiles for has the AVX-512 register expand of 32-bit (F, VL)
-    or 16-bit (also VBMI2) elements. Not cached: tests that hide features see the change."""
-    if not (_host_has("avx512f") and _host_has("avx512vl")):
-        return False
-    return element_bits == 32 or _host_has("avx512vbmi2")
-
-
-# The kernel paths by number (the kernels take them as ``PATH_MARKERS``): which
-# instructions expand a bitmap word's kept blocks. "avx512": the register expands
-# (``vpexpandd``/``vpexpandw``); "avx2": a permutation from a 256-entry table per bitmap
-# byte (``vpermd`` for 32-bit blocks, ``pshufb`` for 16-bit ones); "generic": LLVM's
-# generic vector IR only (prefix popcounts and a gather), what a CPU without x86 vectors
-# (ARM) runs.
-PATH_GENERIC = 0
-PATH_AVX2 = 1
-PATH_AVX512 = 2
-KERNEL_PATHS: dict[str, int] = {"avx512": PATH_AVX512, "avx2": PATH_AVX2, "generic": PATH_GENERIC}
-
-
-def path_compiles(path: int) -> bool:
-    """Whether the CPU numba compiles for can run kernel path ``path`` (a ``KERNEL_PATHS``
-    number). Not cached, as ``_has_expands``."""
-    if path == PATH_AVX512:
-        return _host_has("avx512f") and _host_has("avx512vl")
-    if path == PATH_AVX2:
-        return _host_has("avx2")
-    return path == PATH_GENERIC
-
-
-def available_paths() -> tuple[str, ...]:
-    """The kernel paths this CPU can run, fastest first (the first is the automatic choice)."""
-    return tuple(name for name, number in KERNEL_PATHS.items() if path_compiles(number))
-
-
-KERNEL_ENV = "EMBPRESS_KERNEL"
-
-
-@functools.cache
-def process_path() -> str:
-    """The kernel path of this process, chosen once: ``EMBPRESS_KERNEL`` (avx512, avx2 or
-    generic; unset, empty or "auto": the first of ``available_paths``). ValueError names
-    the variable when it asks for an unknown path or one this CPU cannot run."""
-    forced = os.environ.get(KERNEL_ENV, "").strip().lower()
-    available = available_paths()
-    if forced in ("", "auto"):
-        return available[0]
-    if forced not in KERNEL_PATHS:
-        raise ValueError(f"{KERNEL_ENV}={forced!r}: expected auto or one of {', '.join(KERNEL_PATHS)}")
-    if forced not in available:
-        raise ValueError(
-            f"{KERNEL_ENV}={forced!r}: this CPU cannot run that kernel path (it runs {', '.join(available)})"
-        )
-    return forced
-
-
-# A kernel takes its path as a marker: an empty array whose dtype names the path. Each path
-# is then its own specialisation of a kernel, compiled (and cached on disk) when a process
-# first uses it, and the code generation of an intrinsic sees its path as a constant.
-_PATH_DTYPES = {PATH_GENERIC: np.uint8, PATH_AVX2: np.uint16, PATH_AVX512: np.uint32}
-PATH_MARKERS: dict[int, np.ndarray] = {n: np.zeros(0, dtype=d) for n, d in _PATH_DTYPES.items()}
-
-
 def _path_of(marker: Any) -> int:
     """The kernel path (``KERNEL_PATHS`` number) that a marker's numba type names."""
     for number, dtype in _PATH_DTYPES.items():
@@ -322,9 +256,9 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
     if isinstance(word, ir.Constant) and word.constant & ((1 << word_bits) - 1) == (1 << word_bits) - 1:
         vty = ir.VectorType(block, word_bits)  # every block kept: a plain load
         return builder.load(builder.bitcast(cptr, vty.as_pointer()), align=1)
-    if path == PATH_AVX512 and _has_expands(block.width):
+    if path == PATH_AVX512 and _paths._has_expands(block.width):
         return _emit_register_expand(builder, cptr, word, block, word_bits, fill)
-    if path in (PATH_AVX512, PATH_AVX2) and _host_has("avx2"):
+    if path in (PATH_AVX512, PATH_AVX2) and _paths._host_has("avx2"):
         return _emit_table_expand(builder, cptr, word, block, word_bits, fill)
     return _emit_gather_expand(builder, cptr, word, block, word_bits, fill)
 
@@ -790,7 +724,7 @@ def _emit_pair_start(builder: Any, row_offsets: Any, group_offsets: Any, shift: 
 # and waits in a ring of START_RING slots
 HEADER_PREFETCH = 96
 RECORD_PREFETCH = 48
-START_RING = 64  # a power of two above RECORD_PREFETCH
+# (START_RING, from ``_paths``: callers of ``block_sparse_run`` allocate the ring)
 
 
 def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
@@ -996,34 +930,11 @@ _decode_word_4x16 = _word_decode_intrinsic(4, 16)
 _decode_word_4x32 = _word_decode_intrinsic(4, 32)
 
 
-def vector_decode_supported(bits: int) -> bool:
-    """Whether block-sparse rows of ``bits`` can be decoded whole bitmap words at a time
-    (8 and 4 bits; every kernel path has an expand for them)."""
-    return bits in (8, 4)
-
-
 @numba.njit(cache=True, inline="always")
 def _split_bags(bags: int, threads: int) -> tuple[int, int]:
     """(runs, bags per run): one contiguous run of bags per thread."""
     runs = max(1, min(bags, threads))
     return runs, -(-bags // runs)
-
-
-@numba.njit(cache=True, inline="always")
-def _checked_run(
-    run: int, per_run: int, bags: int, offsets: np.ndarray, indices: np.ndarray, rows: int
-) -> tuple[int, int, int]:
-    """Bags [b0, b1) of thread run ``run``, and how many of their ids are outside
-    ``[0, rows)`` (checked before a decode that trusts them)."""
-    b0 = run * per_run
-    b1 = min(bags, b0 + per_run)
-    bad = 0
-    if b0 < b1:
-        for p in range(offsets[b0], offsets[b1]):
-            r = indices[p]
-            if r < 0 or r >= rows:
-                bad += 1
-    return b0, b1, bad
 
 
 @numba.njit(cache=True, inline="always")
@@ -1171,6 +1082,78 @@ def _decode_bag(
                 c += width
 
 
+@numba.njit(cache=True, inline="always")
+def _count_bad(offsets: np.ndarray, indices: np.ndarray, b0: int, b1: int, rows: int) -> int:
+    """How many ids of bags [b0, b1) are outside ``[0, rows)``."""
+    bad = 0
+    if b0 < b1:
+        for p in range(offsets[b0], offsets[b1]):
+            r = indices[p]
+            if r < 0 or r >= rows:
+                bad += 1
+    return bad
+
+
+@numba.njit(cache=True, inline="always")
+def _block_sparse_bags(
+    records: np.ndarray,
+    row_offsets: np.ndarray,
+    group_offsets: np.ndarray,
+    shape: tuple[int, ...],
+    dim: int,
+    skip: int,
+    vector: bool,
+    path: int,
+    indices: np.ndarray,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    weighted: bool,
+    mean: bool,
+    b0: int,
+    b1: int,
+    ring: np.ndarray,
+    acc: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Bags [b0, b1) of ``block_sparse_bag`` (ids checked before) with the caller's
+    scratch: ``ring`` (int64, ``START_RING``; zeroed, so that a slot read before it is
+    written decodes record 0, not wild memory) and ``acc`` (float32, ``dim``; private,
+    so the compiler sees no aliasing)."""
+    _, _, bits, word_bits, words, scale_bytes, _, header, group_shift = shape
+    half = scale_bytes == 2
+    one_pass = vector and words == 1
+    pf_end = offsets[b1]
+    for b in range(b0, b1):
+        lo = offsets[b]
+        hi = offsets[b + 1]
+        if one_pass:
+            row = out[b]  # the sum is stored straight into the output row
+            args = (row, records, row_offsets, group_offsets, group_shift, skip, header, indices, lo, hi)
+            if bits == 8:
+                if word_bits == 32:
+                    _decode_pass_8x32(*args, pf_end, weights, weighted, half, ring, b == b0, path)
+                elif word_bits == 16:
+                    _decode_pass_8x16(*args, pf_end, weights, weighted, half, ring, b == b0, path)
+                else:
+                    _decode_pass_8x8(*args, pf_end, weights, weighted, half, ring, b == b0, path)
+            else:
+                if word_bits == 32:
+                    _decode_pass_4x32(*args, pf_end, weights, weighted, half, ring, b == b0, path)
+                elif word_bits == 16:
+                    _decode_pass_4x16(*args, pf_end, weights, weighted, half, ring, b == b0, path)
+                else:
+                    _decode_pass_4x8(*args, pf_end, weights, weighted, half, ring, b == b0, path)
+        else:
+            _decode_bag(
+                records, row_offsets, group_offsets, shape, skip, dim, vector, path, indices, lo,
+                hi, pf_end, weights, weighted, acc,
+            )  # fmt: skip
+            for col in range(dim):  # a loop, not a slice copy: nothing here may allocate
+                out[b, col] = acc[col]
+        if mean:
+            _divide(out[b], hi - lo)
+
+
 @numba.njit(cache=True, parallel=True, nogil=True)
 def block_sparse_bag(
     records: np.ndarray,
@@ -1207,49 +1190,88 @@ def block_sparse_bag(
     the sum in registers), other rows through ``_decode_bag``. Returns the number of
     out-of-range indices (then nothing is computed: the caller raises).
     """
-    _, _, bits, word_bits, words, scale_bytes, _, header, group_shift = shape
-    half = scale_bytes == 2
     bags = offsets.shape[0] - 1
     runs, per_run = _split_bags(bags, threads)
     bad = np.zeros(runs, dtype=np.int64)
-    one_pass = vector and words == 1
     for run in numba.prange(runs):
-        b0, b1, bad[run] = _checked_run(run, per_run, bags, offsets, indices, rows)
+        b0 = run * per_run
+        b1 = min(bags, b0 + per_run)
+        bad[run] = _count_bad(offsets, indices, b0, b1, rows)
         if bad[run] or b0 >= b1:
             continue
-        pf_end = offsets[b1]
-        # zeroed: a slot read before it is written decodes record 0, not wild memory
         ring = np.zeros(START_RING, dtype=np.int64)
-        acc = np.empty(dim, dtype=np.float32)  # private: the compiler sees no aliasing
-        for b in range(b0, b1):
-            lo = offsets[b]
-            hi = offsets[b + 1]
-            if one_pass:
-                row = out[b]  # the sum is stored straight into the output row
-                args = (row, records, row_offsets, group_offsets, group_shift, skip, header, indices, lo, hi)
-                if bits == 8:
-                    if word_bits == 32:
-                        _decode_pass_8x32(*args, pf_end, weights, weighted, half, ring, b == b0, path)
-                    elif word_bits == 16:
-                        _decode_pass_8x16(*args, pf_end, weights, weighted, half, ring, b == b0, path)
-                    else:
-                        _decode_pass_8x8(*args, pf_end, weights, weighted, half, ring, b == b0, path)
-                else:
-                    if word_bits == 32:
-                        _decode_pass_4x32(*args, pf_end, weights, weighted, half, ring, b == b0, path)
-                    elif word_bits == 16:
-                        _decode_pass_4x16(*args, pf_end, weights, weighted, half, ring, b == b0, path)
-                    else:
-                        _decode_pass_4x8(*args, pf_end, weights, weighted, half, ring, b == b0, path)
-            else:
-                _decode_bag(
-                    records, row_offsets, group_offsets, shape, skip, dim, vector, path, indices, lo,
-                    hi, pf_end, weights, weighted, acc,
-                )  # fmt: skip
-                out[b, :] = acc
-            if mean:
-                _divide(out[b], hi - lo)
+        acc = np.empty(dim, dtype=np.float32)
+        _block_sparse_bags(
+            records, row_offsets, group_offsets, shape, dim, skip, vector, path, indices, offsets,
+            weights, weighted, mean, b0, b1, ring, acc, out,
+        )  # fmt: skip
     return int(bad.sum())
+
+
+@numba.njit(cache=True, nogil=True)
+def block_sparse_run(
+    records: np.ndarray,
+    row_offsets: np.ndarray,
+    group_offsets: np.ndarray,
+    shape: tuple[int, ...],
+    rows: int,
+    dim: int,
+    skip: int,
+    vector: bool,
+    path: int,
+    indices: np.ndarray,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    weighted: bool,
+    mean: bool,
+    b0: int,
+    b1: int,
+    ring: np.ndarray,
+    acc: np.ndarray,
+    out: np.ndarray,
+) -> int:
+    """One thread's run of ``block_sparse_bag``: bags [b0, b1) into ``out``'s rows, with
+    the caller's scratch (``ring``: START_RING zeroed int64; ``acc``: ``dim`` float32).
+    Nothing here allocates or raises, so it compiles ahead of time (``_aot``); the caller
+    splits the bags across its threads. Returns the run's out-of-range ids (then nothing
+    is computed)."""
+    bad = _count_bad(offsets, indices, b0, b1, rows)
+    if bad == 0 and b0 < b1:
+        _block_sparse_bags(
+            records, row_offsets, group_offsets, shape, dim, skip, vector, path, indices, offsets,
+            weights, weighted, mean, b0, b1, ring, acc, out,
+        )  # fmt: skip
+    return bad
+
+
+@numba.njit(cache=True, inline="always")
+def _fused_bags(
+    fused: np.ndarray,
+    row_bytes: int,
+    dim: int,
+    indices: np.ndarray,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    weighted: bool,
+    mean: bool,
+    b0: int,
+    b1: int,
+    out: np.ndarray,
+) -> None:
+    """Bags [b0, b1) of ``fused_bag`` (ids checked before)."""
+    pf_end = offsets[b1]
+    for b in range(b0, b1):
+        lo = offsets[b]
+        hi = offsets[b + 1]
+        acc = out[b]  # the sum is stored straight into the output row
+        if dim == 128:
+            _decode_fused_4x32(acc, fused, indices, lo, hi, pf_end, row_bytes, weights, weighted)
+        elif dim == 64:
+            _decode_fused_4x16(acc, fused, indices, lo, hi, pf_end, row_bytes, weights, weighted)
+        else:
+            _decode_fused_4x8(acc, fused, indices, lo, hi, pf_end, row_bytes, weights, weighted)
+        if mean:
+            _divide(acc, hi - lo)
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -1280,23 +1302,38 @@ def fused_bag(
     runs, per_run = _split_bags(bags, threads)
     bad = np.zeros(runs, dtype=np.int64)
     for run in numba.prange(runs):
-        b0, b1, bad[run] = _checked_run(run, per_run, bags, offsets, indices, rows)
+        b0 = run * per_run
+        b1 = min(bags, b0 + per_run)
+        bad[run] = _count_bad(offsets, indices, b0, b1, rows)
         if bad[run] or b0 >= b1:
             continue
-        pf_end = offsets[b1]
-        for b in range(b0, b1):
-            lo = offsets[b]
-            hi = offsets[b + 1]
-            acc = out[b]  # the sum is stored straight into the output row
-            if dim == 128:
-                _decode_fused_4x32(acc, fused, indices, lo, hi, pf_end, row_bytes, weights, weighted)
-            elif dim == 64:
-                _decode_fused_4x16(acc, fused, indices, lo, hi, pf_end, row_bytes, weights, weighted)
-            else:
-                _decode_fused_4x8(acc, fused, indices, lo, hi, pf_end, row_bytes, weights, weighted)
-            if mean:
-                _divide(acc, hi - lo)
+        _fused_bags(fused, row_bytes, dim, indices, offsets, weights, weighted, mean, b0, b1, out)
     return int(bad.sum())
+
+
+@numba.njit(cache=True, nogil=True)
+def fused_run(
+    fused: np.ndarray,
+    row_bytes: int,
+    dim: int,
+    indices: np.ndarray,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    weighted: bool,
+    mean: bool,
+    b0: int,
+    b1: int,
+    ring: np.ndarray,
+    acc: np.ndarray,
+    out: np.ndarray,
+) -> int:
+    """One thread's run of ``fused_bag`` (bags [b0, b1)), as ``block_sparse_run`` (the
+    scratch arrays are not used: every run kernel takes the same arguments)."""
+    rows = fused.shape[0] // row_bytes
+    bad = _count_bad(offsets, indices, b0, b1, rows)
+    if bad == 0 and b0 < b1:
+        _fused_bags(fused, row_bytes, dim, indices, offsets, weights, weighted, mean, b0, b1, out)
+    return bad
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -1347,4 +1384,4 @@ def offsets_status(values: np.ndarray, total: int, include_last: bool) -> int:
 
 
 # several processes may compile into one disk cache at once (see ``_kernel_cache``)
-_kernel_cache.guard(block_sparse_bag, fused_bag, remap_rows, offsets_status)
+_kernel_cache.guard(block_sparse_bag, block_sparse_run, fused_bag, fused_run, remap_rows, offsets_status)

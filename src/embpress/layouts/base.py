@@ -25,12 +25,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._aot import KernelRef
 from .._buffers import empty_tensor
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..quant.rowwise import RowQParams
-from ._kernels import fused_bag
 from .lookup import KERNEL_POOLINGS, Bags, FusedKernelTable, KernelPolicy, Pooling, kernel_path, run_bags
 from .stats import MaskStats, RowStats
+
+# numba kernels, loaded (with numba) on first use (see ``_aot``)
+fused_bag = KernelRef("embpress.layouts._kernels", "fused_bag")
+fused_run = KernelRef("embpress.layouts._kernels", "fused_run", returns="int64")
 
 __all__ = [
     "BUFFER_DTYPES",
@@ -214,7 +218,7 @@ def fused_rows_bag(
         rows, row_bytes = fused.shape
         table = FusedKernelTable(fused=fused.numpy().reshape(-1), row_bytes=row_bytes, dim=dim)
         bags = Bags.of(indices, offsets, mode, per_sample_weights)
-        return run_bags(fused_bag, table, bags, rows, dim)
+        return run_bags(fused_bag, table, bags, rows, dim, run=fused_run)
     op = getattr(torch.ops.quantized, _FBGEMM_OPS[bits])
     # The op sums whatever ``mode`` says (seen with torch 2.13), so mean is divided here.
     try:

@@ -44,10 +44,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
+from .._aot import KernelRef
 from .._buffers import empty
-from .._parallel import parallel_call
-from ._encode_kernels import assemble_records
-from ._kernels import block_sparse_bag, vector_decode_supported
+from .._parallel import parallel_call, split_call
+from ._paths import vector_decode_supported
 from .base import (
     EncodedTable,
     FormatError,
@@ -77,6 +77,11 @@ from .lookup import (
     run_bags,
 )
 from .stats import MaskStats, RowStats
+
+# numba kernels, loaded (with numba) on first use (see ``_aot``)
+assemble_records = KernelRef("embpress.layouts._encode_kernels", "assemble_records", returns="none")
+block_sparse_bag = KernelRef("embpress.layouts._kernels", "block_sparse_bag")
+block_sparse_run = KernelRef("embpress.layouts._kernels", "block_sparse_run", returns="int64")
 
 __all__ = ["RECORD_TAIL", "BlockSparseTable", "RecordShape", "bitmap_word_bits", "record_shape"]
 
@@ -150,6 +155,32 @@ def record_shape(dim: int, block_width: int, bits: int, scale_dtype: torch.dtype
     )
 
 
+def _assemble(
+    shape: tuple[int, ...],
+    records: np.ndarray,
+    starts: np.ndarray,
+    bitmap: np.ndarray,
+    qparams: np.ndarray,
+    encoded: EncodedTable,
+) -> None:
+    """``assemble_records``: compiled ahead of time where it can be, row ranges on several
+    threads (each writes its own rows' records); else numba's parallel kernel."""
+    rs = encoded.row_stats
+    args = (shape, records, starts, bitmap, qparams, encoded.codes, encoded.code_start, rs.blocks)
+    compiled = assemble_records.compiled(args)
+    if compiled is None:
+        parallel_call(assemble_records, *args)
+        return
+
+    def part(lo: int, hi: int) -> tuple[Any, ...]:
+        return (
+            shape, records, starts[lo : hi + 1], bitmap[lo:hi], qparams[lo:hi], encoded.codes,
+            encoded.code_start[lo:hi], rs.blocks[lo:hi],
+        )  # fmt: skip
+
+    split_call(compiled, starts.shape[0] - 1, part, minimum=1024)
+
+
 class BlockSparseTable(QuantizedTable):
     """Kept blocks only, one record per row; see the module docstring for the byte layout."""
 
@@ -213,17 +244,7 @@ class BlockSparseTable(QuantizedTable):
         qparams = torch.stack([qp.scale, qp.offset], dim=1).to(qp.dtype).contiguous().view(torch.uint8)
         records = empty(int(starts[-1]) + RECORD_TAIL, np.uint8)  # every record byte is written
         records[int(starts[-1]) :] = 0
-        parallel_call(
-            assemble_records,
-            tuple(shape),
-            records,
-            starts,
-            bitmap,
-            qparams.numpy(),
-            encoded.codes,
-            encoded.code_start,
-            rs.blocks,
-        )
+        _assemble(tuple(shape), records, starts, bitmap, qparams.numpy(), encoded)
         return cls(
             torch.from_numpy(records),
             torch.from_numpy(row_offsets),
@@ -417,7 +438,7 @@ class BlockSparseTable(QuantizedTable):
         policy = policy or current_kernel_policy()
         table = self.kernel_args(policy, lambda: self._kernel_table(policy))
         bags = Bags.of(indices, offsets, mode, per_sample_weights)
-        return run_bags(block_sparse_bag, table, bags, rows, dim)
+        return run_bags(block_sparse_bag, table, bags, rows, dim, run=block_sparse_run)
 
     def _kernel_table(self, policy: KernelPolicy) -> BlockSparseKernelTable:
         """The kernel's view of the table (CPU buffers) under ``policy``."""

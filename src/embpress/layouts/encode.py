@@ -10,20 +10,26 @@ codes. Nothing here knows a layout by name: it reads ``registry.TABLE_CLASSES``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from .._aot import KernelRef
 from .._buffers import empty
-from .._finite import count_nonfinite
-from .._parallel import parallel_call
+from .._parallel import parallel_call, rows_call, split_call
 from ..quant.config import QuantConfig
 from ..quant.rowwise import RowQParams, choose_qparams, search_ranges
-from ._encode_kernels import encode_rows, fake_quantize, kept_minmax
 from .base import EncodedTable, QuantizedTable
 from .registry import AUTO, TABLE_CLASSES, table_class
 from .stats import MaskStats, row_stats
+
+# numba kernels, loaded (with numba) on first use (see ``_aot``)
+count_nonfinite = KernelRef("embpress._finite", "count_nonfinite", returns="int64")
+encode_rows = KernelRef("embpress.layouts._encode_kernels", "encode_rows")
+encode_rows_run = KernelRef("embpress.layouts._encode_kernels", "encode_rows_run", returns="none")
+fake_quantize = KernelRef("embpress.layouts._encode_kernels", "fake_quantize")
+kept_minmax = KernelRef("embpress.layouts._encode_kernels", "kept_minmax")
 
 __all__ = [
     "ERROR_BLOCK_ROWS",
@@ -98,6 +104,32 @@ def fake_quantize_table(w: torch.Tensor, qp: RowQParams, bits: int) -> torch.Ten
     )
 
 
+def encode_scratch_sizes(cols: int, width: int) -> tuple[int, int]:
+    """(bytes of the code rows, floats of the folded sum rows) of one thread's scratch in
+    ``encode_rows_run`` (as ``_encode_kernels.scratch_sizes``)."""
+    nb = -(-cols // width)
+    span = 8  # the padded row the sums fold: a power of two
+    while span < cols:
+        span *= 2
+    return 4 * ((nb * width + 3) // 4), span
+
+
+def _encode(args: tuple[Any, ...], rows: int, cols: int, width: int) -> None:
+    """``encode_rows(*args)``: compiled ahead of time where it can be, row ranges on
+    several threads with scratch rows of their own; else numba's parallel kernel."""
+    whole, span = encode_scratch_sizes(cols, width)
+
+    def part(r0: int, r1: int) -> tuple[Any, ...]:
+        scratch = (np.zeros(whole, np.uint8), np.zeros(whole, np.uint8), np.zeros(span, np.float32))
+        return (*args, r0, r1, *scratch, np.zeros(span, np.float32), np.zeros(cols, np.float32))
+
+    compiled = encode_rows_run.compiled(part(0, 0))
+    if compiled is None:
+        parallel_call(encode_rows, *args)
+    else:
+        split_call(compiled, rows, part, minimum=256)
+
+
 def finite_table(w: torch.Tensor, config: QuantConfig, name: str = "table") -> torch.Tensor:
     """``w`` as contiguous float32 on CPU; NaN/Inf refused (or zeroed, per ``config.nonfinite``)."""
     if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
@@ -105,7 +137,7 @@ def finite_table(w: torch.Tensor, config: QuantConfig, name: str = "table") -> t
     if not w.is_floating_point():
         raise TypeError(f"{name} has dtype {w.dtype}, expected a float dtype")
     out = w.detach().to("cpu", torch.float32).contiguous()
-    count = parallel_call(count_nonfinite, out.numpy())
+    count = rows_call(count_nonfinite, out.numpy(), rows=(0,))
     if count:
         if config.nonfinite == "raise":
             raise ValueError(
@@ -282,8 +314,7 @@ def encode_part(
         codes = empty(rows * dim, np.uint8)
     err_sq, ref_sq = np.empty(rows), np.empty(rows)
     max_abs = np.empty(rows, dtype=np.float32)
-    parallel_call(
-        encode_rows,
+    args = (
         x,
         ref,
         _NO_MASK if m is None else m,
@@ -301,5 +332,6 @@ def encode_part(
         max_abs,
         derive,
     )
+    _encode(args, rows, dim, width)
     sums = ErrorSums.of_rows(err_sq, ref_sq, max_abs)
     return layout.pack(EncodedTable(codes, code_start, qp, bits, rs, stats)), sums

@@ -29,10 +29,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .. import _aot
 from .._buffers import huge_pages_mode
-from .._parallel import parallel_call
-from . import _kernels
-from ._kernels import KERNEL_ENV, KERNEL_PATHS, available_paths, process_path, set_threads
+from .._parallel import parallel_call, split_call
+from . import _paths
+from ._paths import KERNEL_ENV, KERNEL_PATHS, START_RING, available_paths, process_path
 
 __all__ = [
     "KERNEL_POOLINGS",
@@ -109,7 +110,7 @@ def _check_path(path: object) -> None:
         raise TypeError(f"KernelPolicy.path must be a str or None, got {path!r}")
     if path not in KERNEL_PATHS:
         raise ValueError(f"KernelPolicy.path must be one of {', '.join(KERNEL_PATHS)} or None, got {path!r}")
-    if not _kernels.path_compiles(KERNEL_PATHS[path]):
+    if not _paths.path_compiles(KERNEL_PATHS[path]):
         raise ValueError(
             f"KernelPolicy.path={path!r}: this CPU cannot run that kernel path "
             f"(it runs {', '.join(available_paths())})"
@@ -171,9 +172,9 @@ def kernel_path_number(policy: KernelPolicy | None = None) -> int:
 
 
 def kernel_path_marker(policy: KernelPolicy | None = None) -> np.ndarray:
-    """``kernel_path(policy)`` as the kernels take it (``_kernels.PATH_MARKERS``: an empty
+    """``kernel_path(policy)`` as the kernels take it (``_paths.PATH_MARKERS``: an empty
     array whose dtype selects the kernel's compiled specialisation)."""
-    return _kernels.PATH_MARKERS[KERNEL_PATHS[kernel_path(policy)]]
+    return _paths.PATH_MARKERS[KERNEL_PATHS[kernel_path(policy)]]
 
 
 # the CPU features the kernel paths use (LLVM names), reported by ``system_info``
@@ -216,6 +217,8 @@ def system_info() -> dict[str, Any]:
         "numba_threading_layer": layer,
         # tables of 8 MB and more are advised for huge pages (``_buffers``): used unless "never"
         "transparent_huge_pages": huge_pages_mode(),
+        # kernels compiled ahead of time (``_aot``): where kept, which ran, why any did not
+        "compiled_kernels": _aot.status(),
     }
 
 
@@ -283,10 +286,59 @@ def check_ids(bad: int, num_embeddings: int) -> None:
 
 
 def run_bags(
-    kernel: Callable[..., int], table: tuple[Any, ...], bags: Bags, num_embeddings: int, dim: int
+    kernel: Callable[..., int] | _aot.KernelRef,
+    table: tuple[Any, ...],
+    bags: Bags,
+    num_embeddings: int,
+    dim: int,
+    run: _aot.KernelRef | None = None,
 ) -> torch.Tensor:
     """float32 ``[bags, dim]`` from ``kernel(*table, *bags, threads, out)``, a parallel bag
-    kernel that writes every output row and returns how many ids were out of range."""
-    out = np.empty((bags.offsets.shape[0] - 1, dim), dtype=np.float32)
+    kernel that writes every output row and returns how many ids were out of range.
+
+    ``run``: the same computation for one thread's bags, ``run(*table, *bags, b0, b1,
+    ring, acc, out)`` (ring: ``START_RING`` zeroed int64, acc: ``dim`` float32 scratch).
+    Where it is compiled ahead of time (``_aot``), it serves instead of ``kernel``, the
+    bags split across torch's thread count on Python threads; numba is then not needed.
+    """
+    count = bags.offsets.shape[0] - 1
+    out = np.empty((count, dim), dtype=np.float32)
+    if run is not None:
+        ring = np.zeros(START_RING, dtype=np.int64)
+        acc = np.empty(dim, dtype=np.float32)
+        compiled = run.compiled((*table, *bags, 0, 0, ring, acc, out))
+        if compiled is not None:
+            check_ids(_split_runs(compiled, table, bags, count, ring, acc, out), num_embeddings)
+            return torch.from_numpy(out)
+    from ._kernels import set_threads
+
     check_ids(parallel_call(kernel, *table, *bags, set_threads(), out), num_embeddings)
     return torch.from_numpy(out)
+
+
+# below this many ids a batch runs on the calling thread alone (handing a run to another
+# thread costs more than it saves)
+_IDS_PER_THREAD = 2048
+
+
+def _split_runs(
+    compiled: Callable[..., int],
+    table: tuple[Any, ...],
+    bags: Bags,
+    count: int,
+    ring: np.ndarray,
+    acc: np.ndarray,
+    out: np.ndarray,
+) -> int:
+    """Run a compiled run kernel over bags [0, count) in contiguous runs, one per thread
+    (torch's count, fewer for small batches; each run with scratch of its own); returns
+    the out-of-range ids of all runs."""
+    ids = int(bags.offsets[-1]) if count else 0
+    per_bag = max(1, ids // max(1, count))
+
+    def part(b0: int, b1: int) -> tuple[Any, ...]:
+        if b0 == 0:  # the first part runs on this thread, with the scratch made already
+            return (*table, *bags, b0, b1, ring, acc, out)
+        return (*table, *bags, b0, b1, np.zeros_like(ring), np.empty_like(acc), out)
+
+    return split_call(compiled, count, part, minimum=max(1, _IDS_PER_THREAD // per_bag))

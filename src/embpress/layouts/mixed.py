@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
+from .._aot import KernelRef
 from .._buffers import empty, empty_tensor
 from ..quant.codecs import Codec, checked_codecs, encode_rows
 from ..quant.packing import packed_length, unpack_codes
-from ._mixed_kernels import mixed_bag
 from .base import (
     DTYPES_BY_NAME,
     EncodedTable,
@@ -64,6 +64,9 @@ from .base import (
 )
 from .lookup import KERNEL_POOLINGS, Bags, KernelPolicy, current_kernel_policy, run_bags
 from .stats import MaskStats, RowStats, flagged_rows
+
+# numba kernels, loaded (with numba) on first use (see ``_aot``)
+mixed_bag = KernelRef("embpress.layouts._mixed_kernels", "mixed_bag")
 
 __all__ = ["BLOCK_ROWS", "MixedKernelTable", "MixedTable"]
 

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .._aot import KernelRef
 from .._parallel import parallel_call
 from ..quant.packing import pack_codes
-from ._kernels import remap_rows
 from .base import (
     EncodedTable,
     FormatError,
@@ -50,6 +50,9 @@ from .base import (
 )
 from .lookup import KernelPolicy, check_ids, current_kernel_policy, int64_ids
 from .stats import MaskStats, RowStats, flagged_rows
+
+# numba kernels, loaded (with numba) on first use (see ``_aot``)
+remap_rows = KernelRef("embpress.layouts._kernels", "remap_rows")
 
 __all__ = ["PrunedRowsTable", "rank_directory"]
 

@@ -13,8 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._parallel import parallel_call
-from ._encode_kernels import count_blocks, count_blocks_of_4
+from .._aot import KernelRef
+from .._parallel import rows_call
+
+# numba kernels, loaded (with numba) on first use (see ``_aot``)
+count_blocks = KernelRef("embpress.layouts._encode_kernels", "count_blocks", returns="none")
+count_blocks_of_4 = KernelRef("embpress.layouts._encode_kernels", "count_blocks_of_4", returns="none")
 
 __all__ = ["BITMAP_WORD_BITS", "MaskStats", "RowStats", "flagged_rows", "merge_stats", "row_stats"]
 
@@ -72,10 +76,12 @@ def row_stats(mask: np.ndarray | None, rows: int, dim: int, width: int) -> RowSt
             bitmap[:, k // BITMAP_WORD_BITS] |= np.uint32(1 << (k % BITMAP_WORD_BITS))
         kept = np.full(rows, dim, dtype=np.int64)
         return RowStats(dim, width, kept, np.full(rows, nb, dtype=np.int64), bitmap)
+    kept, blocks, mixed = (np.empty(rows, dtype=np.int64) for _ in range(3))
+    bitmap = np.zeros((rows, -(-nb // BITMAP_WORD_BITS)), dtype=np.uint32)
     if width == 4 and dim % 4 == 0:
-        kept, blocks, mixed, bitmap = parallel_call(count_blocks_of_4, mask.view(np.uint32))
+        rows_call(count_blocks_of_4, mask.view(np.uint32), kept, blocks, mixed, bitmap, rows=(0, 1, 2, 3, 4))
     else:
-        kept, blocks, mixed, bitmap = parallel_call(count_blocks, mask, width)
+        rows_call(count_blocks, mask, width, kept, blocks, mixed, bitmap, rows=(0, 2, 3, 4, 5))
     if width > 1 and int(mixed.sum()) > 0:
         return row_stats(mask, rows, dim, 1)
     return RowStats(dim, width, kept, blocks, bitmap)

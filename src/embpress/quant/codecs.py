@@ -28,17 +28,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._finite import count_nonfinite
-from .._parallel import parallel_call
-from ._codec_kernels import (
-    colbook_codes,
-    colbook_fit,
-    levels_codes,
-    levels_fit,
-    row_sqnorm,
-    rowwise_codes,
-)
+from .._aot import KernelRef
+from .._parallel import parallel_call, rows_call
 from .packing import packed_length
+
+# numba kernels, loaded (with numba) on first use (see ``_aot``)
+count_nonfinite = KernelRef("embpress._finite", "count_nonfinite", returns="int64")
+colbook_codes = KernelRef("embpress.quant._codec_kernels", "colbook_codes")
+colbook_fit = KernelRef("embpress.quant._codec_kernels", "colbook_fit")
+levels_codes = KernelRef("embpress.quant._codec_kernels", "levels_codes")
+levels_fit = KernelRef("embpress.quant._codec_kernels", "levels_fit")
+row_sqnorm = KernelRef("embpress.quant._codec_kernels", "row_sqnorm")
+rowwise_codes = KernelRef("embpress.quant._codec_kernels", "rowwise_codes")
 
 __all__ = [
     "CODECS",
@@ -127,7 +128,7 @@ def _checked_table(weight: np.ndarray | torch.Tensor) -> np.ndarray:
     if not np.issubdtype(weight.dtype, np.floating):
         raise TypeError(f"weight must be a float array, got dtype {weight.dtype}")
     x = np.ascontiguousarray(weight, dtype=np.float32)
-    if parallel_call(count_nonfinite, x):
+    if rows_call(count_nonfinite, x, rows=(0,)):
         raise ValueError("weight holds NaN or Inf values")
     return x
 

@@ -23,8 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._aot import KernelRef
 from .._parallel import parallel_call
-from ._search import greedy_ranges
+
+# numba kernels, loaded (with numba) on first use (see ``_aot``)
+greedy_ranges = KernelRef("embpress.quant._search", "greedy_ranges")
 
 __all__ = [
     "RowQParams",

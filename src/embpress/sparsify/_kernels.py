@@ -12,7 +12,6 @@ import numba
 import numpy as np
 
 from .. import _kernel_cache
-from .._parallel import parallel_call
 
 __all__ = [
     "add_high_histogram",
@@ -22,10 +21,8 @@ __all__ = [
     "count_equal",
     "expand_block_mask",
     "expand_block_mask_1x4",
-    "expand_mask",
     "kth_smallest_nonnegative",
     "mark_pruned",
-    "norms_of_blocks",
 ]
 
 
@@ -67,16 +64,18 @@ def block_norms_1x4(x: np.ndarray, square: bool, out: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def kth_smallest_nonnegative(values: np.ndarray, k: int) -> tuple[float, int, int]:
-    """(k-th smallest value (1-based), how many values are smaller, how many are NaN) of
-    non-negative float32s.
+def kth_smallest_nonnegative(
+    values: np.ndarray, k: int, high: np.ndarray, low: np.ndarray, result: np.ndarray
+) -> None:
+    """``result`` = (bit pattern of the k-th smallest value (1-based), how many values are
+    smaller, how many are NaN) of non-negative float32s; ``high`` and ``low`` are zeroed
+    int64 scratch of 65536 bins each (the caller's: nothing here allocates).
 
     Radix select on the float bit patterns (monotonic for non-negative floats): two
     histogram passes, no sort and no copy. NaN (exponent all ones, mantissa not 0) sorts
     above +inf in this order; it is counted so that the caller can refuse it.
     """
     bits = values.view(np.uint32)
-    high = np.zeros(65536, dtype=np.int64)
     for v in bits:
         high[v >> 16] += 1
     nans = 0
@@ -93,7 +92,6 @@ def kth_smallest_nonnegative(values: np.ndarray, k: int) -> tuple[float, int, in
         if below + high[bucket] >= k:
             break
         below += high[bucket]
-    low = np.zeros(65536, dtype=np.int64)
     for v in bits:
         if (v >> 16) == bucket:
             low[v & 0xFFFF] += 1
@@ -104,25 +102,24 @@ def kth_smallest_nonnegative(values: np.ndarray, k: int) -> tuple[float, int, in
             break
         rest -= low[lo_bits]
         below += low[lo_bits]
-    value = np.array([np.uint32((bucket << 16) | lo_bits)]).view(np.float32)[0]
-    return float(value), below, nans
+    result[0] = (bucket << 16) | lo_bits
+    result[1] = below
+    result[2] = nans
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def mark_pruned(norms: np.ndarray, threshold: float, ties: int) -> np.ndarray:
-    """Blocks with norm < threshold, plus the first ``ties`` equal to it (row-major)."""
-    flat = norms.ravel()
-    out = np.empty(flat.shape[0], dtype=np.bool_)
+def mark_pruned(norms: np.ndarray, threshold: float, ties: int, out: np.ndarray) -> None:
+    """``out`` = blocks with norm < threshold, plus the first ``ties`` equal to it (both
+    flat, in row-major order)."""
     t = np.float32(threshold)
-    for i in numba.prange(flat.shape[0]):
-        out[i] = flat[i] < t
-    for i in range(flat.shape[0]):  # ties are few; stop at the last one needed
+    for i in numba.prange(norms.shape[0]):
+        out[i] = norms[i] < t
+    for i in range(norms.shape[0]):  # ties are few; stop at the last one needed
         if ties == 0:
             break
-        if flat[i] == t:
+        if norms[i] == t:
             out[i] = True
             ties -= 1
-    return out.reshape(norms.shape)
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
@@ -151,24 +148,6 @@ def expand_block_mask_1x4(pruned: np.ndarray, out: np.ndarray) -> None:
             out[r, c + 1] = kept
             out[r, c + 2] = kept
             out[r, c + 3] = kept
-
-
-def expand_mask(pruned: np.ndarray, bh: int, bw: int, out: np.ndarray) -> None:
-    """``out`` = element mask of a table from its pruned-block flags (the (1, 4) case by
-    its own kernel)."""
-    if (bh, bw) == (1, 4) and out.shape[1] % 4 == 0:
-        parallel_call(expand_block_mask_1x4, pruned, out)
-    else:
-        parallel_call(expand_block_mask, pruned, bh, bw, out)
-
-
-def norms_of_blocks(x: np.ndarray, bh: int, bw: int, square: bool, out: np.ndarray) -> None:
-    """``out`` = mean of ``|x|`` (or ``x*x``) over each (bh x bw) block (the (1, 4) case by
-    its own kernel)."""
-    if (bh, bw) == (1, 4) and x.shape[1] % 4 == 0:
-        parallel_call(block_norms_1x4, x, square, out)
-    else:
-        parallel_call(block_norms, x, bh, bw, square, out)
 
 
 @numba.njit(cache=True, nogil=True)

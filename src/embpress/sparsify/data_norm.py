@@ -21,19 +21,67 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._aot import KernelRef
 from .._buffers import empty
 from .._collective import LOCAL, Collective
-from .._parallel import parallel_call
-from ._kernels import (
-    add_high_histogram,
-    add_low_histogram,
-    count_equal,
-    expand_mask,
-    kth_smallest_nonnegative,
-    mark_pruned,
-    norms_of_blocks,
-)
+from .._parallel import parallel_call, rows_call
 from .base import BaseDataSparsifier
+
+# numba kernels (``sparsify._kernels``), loaded with numba on first use; those with a
+# return type may run compiled ahead of time instead (see ``_aot``)
+_KERNELS = "embpress.sparsify._kernels"
+add_high_histogram = KernelRef(_KERNELS, "add_high_histogram", returns="int64")
+add_low_histogram = KernelRef(_KERNELS, "add_low_histogram", returns="none")
+count_equal = KernelRef(_KERNELS, "count_equal", returns="int64")
+_kth_kernel = KernelRef(_KERNELS, "kth_smallest_nonnegative", returns="none")
+_mark_kernel = KernelRef(_KERNELS, "mark_pruned", returns="none")
+_block_norms_kernel = KernelRef(_KERNELS, "block_norms")
+_block_norms_1x4_kernel = KernelRef(_KERNELS, "block_norms_1x4", returns="none")
+_expand_kernel = KernelRef(_KERNELS, "expand_block_mask")
+_expand_1x4_kernel = KernelRef(_KERNELS, "expand_block_mask_1x4", returns="none")
+
+
+def norms_of_blocks(x: np.ndarray, bh: int, bw: int, square: bool, out: np.ndarray) -> None:
+    """``out`` = mean of ``|x|`` (or ``x*x``) over each (bh x bw) block (the (1, 4) case by
+    its own kernel, row ranges on several threads)."""
+    if (bh, bw) == (1, 4) and x.shape[1] % 4 == 0:
+        rows_call(_block_norms_1x4_kernel, x, square, out, rows=(0, 2))
+    else:
+        parallel_call(_block_norms_kernel, x, bh, bw, square, out)
+
+
+def expand_mask(pruned: np.ndarray, bh: int, bw: int, out: np.ndarray) -> None:
+    """``out`` = element mask of a table from its pruned-block flags (the (1, 4) case by
+    its own kernel, row ranges on several threads)."""
+    if (bh, bw) == (1, 4) and out.shape[1] % 4 == 0:
+        rows_call(_expand_1x4_kernel, pruned, out, rows=(0, 1))
+    else:
+        parallel_call(_expand_kernel, pruned, bh, bw, out)
+
+
+def kth_smallest_nonnegative(values: np.ndarray, k: int) -> tuple[float, int, int]:
+    """(k-th smallest value (1-based), how many values are smaller, how many are NaN) of
+    non-negative float32s (one radix select: two histogram passes, no sort)."""
+    high = np.zeros(65536, dtype=np.int64)
+    low = np.zeros(65536, dtype=np.int64)
+    result = np.zeros(3, dtype=np.int64)
+    _kth_kernel.run(values, k, high, low, result)
+    value = np.array([result[0]], dtype=np.uint32).view(np.float32)[0]
+    return float(value), int(result[1]), int(result[2])
+
+
+def mark_pruned(norms: np.ndarray, threshold: float, ties: int) -> np.ndarray:
+    """Bool of ``norms``' shape: blocks with norm < threshold, plus the first ``ties``
+    equal to it in row-major order."""
+    flat = np.ascontiguousarray(norms).reshape(-1)
+    out = np.empty(flat.shape[0], dtype=np.bool_)
+    compiled = _mark_kernel.compiled((flat, threshold, ties, out))
+    if compiled is not None:
+        compiled(flat, threshold, ties, out)
+    else:
+        parallel_call(_mark_kernel, flat, threshold, ties, out)
+    return out.reshape(norms.shape)
+
 
 __all__ = ["DataNormSparsifier", "StreamingMask", "block_norm_mask", "streaming_block_norm_mask"]
 
@@ -137,7 +185,7 @@ def _pruned_blocks(norms: torch.Tensor, sparsity_level: Any) -> torch.Tensor:
     if nans:  # a NaN entry makes its block's norm NaN
         raise ValueError(_NAN_MESSAGE)
     # ties at the threshold: the first ones in row-major order
-    return torch.from_numpy(parallel_call(mark_pruned, norms.numpy(), threshold, k - smaller))
+    return torch.from_numpy(mark_pruned(norms.numpy(), threshold, k - smaller))
 
 
 def _smallest_in_block(
@@ -319,7 +367,7 @@ class StreamingMask:
         if prune_some or k >= num_blocks:  # the in-memory path refuses NaN in these cases too
             nans = np.zeros(1, dtype=np.int64)
             for start in self.starts:
-                nans[0] += add_high_histogram(self._norms(start).ravel(), high)
+                nans[0] += add_high_histogram.run(self._norms(start).ravel(), high)
             counts = collective.sum(np.append(high, nans))
             high, nans = counts[:-1], counts[-1:]
             if int(nans[0]):
@@ -334,14 +382,14 @@ class StreamingMask:
         def low_of(bucket: int) -> np.ndarray:
             low = np.zeros(65536, dtype=np.int64)
             for start in self.starts:
-                add_low_histogram(self._norms(start).ravel(), bucket, low)
+                add_low_histogram.run(self._norms(start).ravel(), bucket, low)
             return collective.sum(low)
 
         self.how = "threshold"
         self.threshold, smaller = _select_from_histograms(high, low_of, k)
         ties = k - smaller
         if collective.size > 1:  # this process's share of the ties
-            equal = sum(count_equal(self._norms(start).ravel(), self.threshold) for start in self.starts)
+            equal = sum(count_equal.run(self._norms(start).ravel(), self.threshold) for start in self.starts)
             ties = max(0, min(equal, ties - collective.before(equal)))
         self.ties = ties
 
@@ -380,8 +428,8 @@ class StreamingMask:
             if self.how == "prune all":
                 pruned = np.ones(norms.shape, dtype=np.bool_)
             else:
-                pruned = parallel_call(mark_pruned, norms, self.threshold, ties)
-                ties -= min(ties, count_equal(norms.ravel(), self.threshold))
+                pruned = mark_pruned(norms, self.threshold, ties)
+                ties -= min(ties, count_equal.run(norms.ravel(), self.threshold))
             mask_np = empty(tuple(rows.shape), np.bool_)
             expand_mask(pruned, bh, bw, mask_np)
             mask = torch.from_numpy(mask_np)

@@ -1,0 +1,257 @@
+"""Kernels compiled ahead of time: numba's machine code kept as a shared library per CPU,
+loaded by later processes through ctypes, without importing numba.
+
+numba's own disk cache still needs numba in the process: its import and compiler set-up
+cost about half a second before the first kernel runs, most of a fresh process's first
+lookup. A kernel made for this (a :class:`KernelRef` with a ``returns`` type: it neither
+allocates nor raises, and takes C-contiguous arrays, ints, bools, floats and int tuples)
+is compiled once per CPU, argument types and source: numba compiles it serially inside a
+C-callable wrapper (``_aot_build``), the LLVM module is emitted as position-independent
+object code and linked by the system C compiler into ``<cache>/kernels/<key>.so``. A
+later process finds the file by its key and calls it through ctypes, which releases the
+GIL (callers split work across Python threads for parallelism).
+
+The key hashes the package's source, numba's and llvmlite's versions, the CPU numba
+compiles for and the Python version: an edit, an upgrade or another CPU never loads stale
+code. A build holds a lock beside its file and writes under a temporary name renamed into
+place, so two processes never read a partial file and build a kernel once between them.
+Where anything fails (no C compiler, a read-only cache, a symbol the loader cannot bind),
+the kernel runs under numba as before, and :func:`status` says why.
+
+``EMBPRESS_AOT=0`` turns it off; ``EMBPRESS_CACHE_DIR`` moves the cache (default
+``$XDG_CACHE_HOME/embpress``, else ``~/.cache/embpress``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib
+import json
+import os
+import platform
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["AOT_ENV", "CACHE_ENV", "KernelRef", "cache_dir", "enabled", "status"]
+
+AOT_ENV = "EMBPRESS_AOT"
+CACHE_ENV = "EMBPRESS_CACHE_DIR"
+
+# the C type of each argument kind: an array is its data pointer and then its shape
+_C_INT = ctypes.c_int64
+_C_PTR = ctypes.c_void_p
+_C_FLOAT = ctypes.c_double
+_RETURNS = {"int64": ctypes.c_int64, "none": None}
+
+
+def enabled() -> bool:
+    """Whether kernels may run from compiled libraries (``EMBPRESS_AOT`` is not 0)."""
+    return os.environ.get(AOT_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernels are kept: ``EMBPRESS_CACHE_DIR``, else the user's cache."""
+    given = os.environ.get(CACHE_ENV, "").strip()
+    if given:
+        return Path(given) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    return Path(base) / "embpress" / "kernels"
+
+
+def arg_spec(value: Any) -> str | None:
+    """The kind of one kernel argument as the key and the wrapper see it, or None where
+    it has no ahead-of-time form (numba then runs the kernel): ``a<ndim><dtype>`` for a
+    C-contiguous array, ``b`` bool, ``i`` int64, ``f`` float64, ``t<n>`` a tuple of ints.
+    Scalars of other widths (numpy int32, float32) are refused: numba would type them
+    otherwise than the wrapper, and the arithmetic could differ."""
+    if isinstance(value, np.ndarray):
+        if not value.flags.c_contiguous or value.ndim > 9 or value.dtype.hasobject:
+            return None
+        return f"a{value.ndim}{value.dtype.str}"
+    if isinstance(value, (bool, np.bool_)):
+        return "b"
+    if isinstance(value, int) or (isinstance(value, np.integer) and value.dtype == np.int64):
+        return "i"
+    if isinstance(value, float) or (isinstance(value, np.floating) and value.dtype == np.float64):
+        return "f"
+    if isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return f"t{len(value)}"
+    return None
+
+
+def c_argtypes(specs: Sequence[str]) -> list[Any]:
+    """The ctypes argument list of a wrapper taking arguments of these kinds."""
+    out: list[Any] = []
+    for spec in specs:
+        if spec[0] == "a":
+            out += [_C_PTR] + [_C_INT] * int(spec[1])
+        elif spec[0] == "t":
+            out += [_C_INT] * int(spec[1:])
+        else:
+            out.append(_C_FLOAT if spec == "f" else _C_INT)
+    return out
+
+
+def _flatten(specs: Sequence[str], args: Sequence[Any]) -> list[Any]:
+    out: list[Any] = []
+    for spec, value in zip(specs, args, strict=True):
+        kind = spec[0]
+        if kind == "a":
+            out.append(value.ctypes.data)
+            out.extend(value.shape)
+        elif kind == "t":
+            out.extend(value)
+        elif kind == "f":
+            out.append(float(value))
+        else:
+            out.append(int(value))
+    return out
+
+
+@functools.cache
+def _source_hash() -> str:
+    """A hash of every source file of the package (any edit gives new keys)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@functools.cache
+def _toolchain() -> dict[str, Any]:
+    """What the compiled code depends on beyond the source: numba's and llvmlite's versions,
+    the CPU numba compiles for (a named one, else the host's name and features) and Python."""
+    from importlib.metadata import version
+
+    from .layouts._paths import cpuinfo, numba_cpu
+
+    name, features = numba_cpu()
+    info = cpuinfo()
+    if name in (None, "host") and info is not None:
+        name, features = "host", info[0]
+    elif name in (None, "host"):
+        from llvmlite import binding as llvm_binding
+
+        name = llvm_binding.get_host_cpu_name()
+        features = llvm_binding.get_host_cpu_features().flatten()
+    return {
+        "numba": version("numba"),
+        "llvmlite": version("llvmlite"),
+        "cpu": [name, features],
+        "python": sys.version,
+        "machine": platform.machine(),
+    }
+
+
+def kernel_key(module: str, name: str, specs: Sequence[str], returns: str) -> str:
+    """The file name (without ``.so``) of a kernel compiled for these argument kinds."""
+    what = [module, name, list(specs), returns, _source_hash(), _toolchain()]
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+    return f"{name}-{digest}"
+
+
+_LOCK = threading.Lock()
+_loaded: dict[tuple[str, str, tuple[str, ...]], Callable[..., Any] | None] = {}
+_failures: dict[str, str] = {}  # kernel name -> why it runs under numba
+_used: set[str] = set()  # kernel names that ran from a compiled library
+
+
+class KernelRef:
+    """A numba kernel named by module and attribute, imported (with numba) only when
+    numba must run it; with ``returns`` ("int64" or "none") the kernel may also run from
+    a library compiled ahead of time (:meth:`compiled`).
+
+    Calling the reference runs the numba kernel; ``numba`` is the dispatcher itself (for
+    ``_parallel.parallel_call``)."""
+
+    def __init__(self, module: str, name: str, returns: str | None = None) -> None:
+        if returns is not None and returns not in _RETURNS:
+            raise ValueError(f"returns must be one of {', '.join(_RETURNS)} or None, got {returns!r}")
+        self.module = module
+        self.name = name
+        self.returns = returns
+
+    def __repr__(self) -> str:
+        return f"KernelRef({self.module}.{self.name})"
+
+    @functools.cached_property
+    def numba(self) -> Any:
+        """The numba dispatcher (importing its module, and numba, on first use)."""
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.numba(*args)
+
+    def run(self, *args: Any) -> Any:
+        """The kernel on ``args``: compiled ahead of time where it can be, else numba's."""
+        compiled = self.compiled(args)
+        return compiled(*args) if compiled is not None else self.numba(*args)
+
+    def compiled(self, args: Sequence[Any]) -> Callable[..., Any] | None:
+        """The kernel compiled ahead of time for arguments like ``args`` (loaded, or built
+        and cached first), as a function of the same arguments; None where it cannot be
+        (then numba runs it)."""
+        if self.returns is None or not enabled():
+            return None
+        specs: list[str] = []
+        for value in args:
+            spec = arg_spec(value)
+            if spec is None:
+                return None
+            specs.append(spec)
+        entry = (self.module, self.name, tuple(specs))
+        try:
+            return _loaded[entry]
+        except KeyError:
+            pass
+        with _LOCK:
+            if entry not in _loaded:
+                _loaded[entry] = self._load(specs)
+        return _loaded[entry]
+
+    def _load(self, specs: list[str]) -> Callable[..., Any] | None:
+        returns = self.returns or "none"
+        try:
+            key = kernel_key(self.module, self.name, specs, returns)
+            path = cache_dir() / f"{key}.so"
+            if not path.exists():
+                from . import _aot_build
+
+                _aot_build.build(self.module, self.name, specs, returns, path)
+            library = ctypes.CDLL(str(path))
+        except Exception as err:  # any failure: numba runs the kernel, status() says why
+            _failures[self.name] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            return None
+        function = library.embpress_kernel
+        function.argtypes = c_argtypes(specs)
+        function.restype = _RETURNS[returns]
+        frozen = tuple(specs)
+        name = self.name
+
+        def call(*args: Any) -> Any:
+            return function(*_flatten(frozen, args))
+
+        call.library = library  # type: ignore[attr-defined]  # keeps it loaded
+        _failures.pop(name, None)
+        _used.add(name)
+        return call
+
+
+def status() -> dict[str, Any]:
+    """Whether kernels run from compiled libraries, where those are kept, which kernels
+    ran so in this process, and why any runs under numba instead (JSON-able)."""
+    return {
+        "enabled": enabled(),
+        "cache_dir": str(cache_dir()),
+        "compiled_kernels_used": sorted(_used),
+        "numba_fallbacks": dict(sorted(_failures.items())),
+    }

@@ -1,0 +1,160 @@
+"""Build one kernel ahead of time (see ``_aot``): numba compiles it serially inside a
+C-callable wrapper, the wrapper's LLVM module is emitted as position-independent object
+code for the CPU numba compiles for, and the C compiler links it with a few stand-ins for
+numba's helper symbols into a shared library.
+
+The stand-ins: a compiled wrapper names numba's error helpers (taking the GIL, raising)
+and its reference-count release, on paths that kernels made for this never take (they
+neither allocate nor raise); the stand-ins let the loader bind those names and set a
+RuntimeError should one run. A kernel that allocates names numba's allocator too, which
+has no stand-in: the library then fails to load here, before it is put in the cache, and
+numba keeps running that kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._kernel_cache import locked
+
+__all__ = ["CC_ENV", "build", "compiler"]
+
+CC_ENV = "CC"
+ENTRY = "embpress_kernel"  # the exported name of the wrapper in every library
+
+_STANDINS = r"""
+#include <stdlib.h>
+typedef struct _object PyObject;
+extern PyObject *PyExc_RuntimeError;
+extern int PyGILState_Ensure(void);
+extern void PyGILState_Release(int);
+extern void PyErr_SetString(PyObject *, const char *);
+static const char MESSAGE[] = "embpress: a kernel compiled ahead of time raised";
+void numba_gil_ensure(int *state) { *state = PyGILState_Ensure(); }
+void numba_gil_release(int *state) { PyGILState_Release(*state); }
+void numba_do_raise(void *excinfo) { (void)excinfo; PyErr_SetString(PyExc_RuntimeError, MESSAGE); }
+void *numba_unpickle(const char *data, int size, const char *hashed) {
+    (void)data; (void)size; (void)hashed;
+    PyErr_SetString(PyExc_RuntimeError, MESSAGE);
+    return NULL;
+}
+void *numba_runtime_build_excinfo_struct(void *a, void *b) { (void)a; (void)b; return NULL; }
+void NRT_Free(void *p) { free(p); }
+void NRT_MemInfo_call_dtor(void *meminfo) { (void)meminfo; }
+"""
+
+
+def compiler() -> str | None:
+    """The C compiler that links the libraries: ``$CC``, else cc, gcc or clang on PATH."""
+    given = os.environ.get(CC_ENV, "").strip()
+    if given:
+        return shutil.which(given)
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _wrapper_source(specs: Sequence[str], returns: str) -> tuple[str, list[str]]:
+    """Python source of a wrapper taking C arguments (an array as a pointer and its
+    shape) and calling ``kernel``; and the names of its parameters in order."""
+    params: list[str] = []
+    call: list[str] = []
+    for i, spec in enumerate(specs):
+        kind = spec[0]
+        if kind == "a":
+            ndim = int(spec[1])
+            dims = [f"a{i}_{d}" for d in range(ndim)]
+            params += [f"a{i}", *dims]
+            call.append(f"carray(a{i}, ({', '.join(dims)}{',' if ndim == 1 else ''}))")
+        elif kind == "t":
+            items = [f"t{i}_{d}" for d in range(int(spec[1:]))]
+            params += items
+            call.append(f"({', '.join(items)}{',' if len(items) == 1 else ''})")
+        elif kind == "b":
+            params.append(f"b{i}")
+            call.append(f"b{i} != 0")
+        else:
+            params.append(f"x{i}")
+            call.append(f"x{i}")
+    body = f"kernel({', '.join(call)})"
+    source = f"def wrapper({', '.join(params)}):\n    {'return ' if returns != 'none' else ''}{body}\n"
+    return source, params
+
+
+def build(module: str, name: str, specs: Sequence[str], returns: str, target: Path) -> None:
+    """Compile ``module.name`` for arguments of kinds ``specs`` (``_aot.arg_spec``) into
+    the shared library ``target``. Raises on any failure, leaving ``target`` as it was."""
+    import numba
+    from llvmlite import binding as llvm
+    from numba import types
+
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH to link compiled kernels")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with locked(str(target)):
+        if target.exists():  # another process built it while this one waited
+            return
+        kernel = getattr(importlib.import_module(module), name)
+        dropped = ("parallel", "cache", "nopython")
+        options = {k: v for k, v in kernel.targetoptions.items() if k not in dropped}
+        serial = numba.njit(**options)(kernel.py_func)
+        source, params = _wrapper_source(specs, returns)
+        namespace: dict[str, Any] = {"kernel": serial, "carray": numba.carray}
+        exec(compile(source, f"<embpress wrapper of {name}>", "exec"), namespace)
+        arg_types: list[Any] = []
+        for spec in specs:
+            if spec[0] == "a":
+                dtype = numba.from_dtype(np.dtype(spec[2:]))
+                arg_types += [types.CPointer(dtype)] + [types.int64] * int(spec[1])
+            elif spec[0] == "t":
+                arg_types += [types.int64] * int(spec[1:])
+            else:
+                arg_types.append(types.float64 if spec == "f" else types.int64)
+        result = types.int64 if returns == "int64" else types.void
+        if len(arg_types) != len(params):  # pragma: no cover - the two loops above agree
+            raise RuntimeError("wrapper parameters and C types disagree")
+        wrapped: Any = numba.cfunc(result(*arg_types))(namespace["wrapper"])
+        library = wrapped._library
+        llvm_module = llvm.parse_assembly(str(library._final_module))
+        llvm_module.get_function(wrapped.native_name).name = ENTRY
+        codegen = library.codegen
+        machine = llvm.Target.from_triple(llvm_module.triple).create_target_machine(
+            cpu=codegen._get_host_cpu_name(),
+            features=codegen._tm_features,
+            opt=3,
+            reloc="pic",
+            codemodel="default",
+        )
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as work:
+            obj = Path(work) / "kernel.o"
+            obj.write_bytes(machine.emit_object(llvm_module))
+            standins = Path(work) / "standins.c"
+            standins.write_text(_STANDINS)
+            linked = Path(work) / "kernel.so"
+            done = subprocess.run(
+                [cc, "-shared", "-fPIC", "-O2", "-o", str(linked), str(obj), str(standins)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"{cc} could not link a compiled kernel: {done.stderr.strip()[:500]}")
+            import ctypes
+
+            ctypes.CDLL(str(linked))  # every symbol binds (RTLD_NOW), or this raises OSError
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(linked, 0o755)
+            os.replace(linked, target)

@@ -1,0 +1,338 @@
+"""Kernels compiled ahead of time (``embpress._aot``): the same sums as numba's kernels,
+bit for bit, on every kernel path; a fresh process that finds them in the cache looks
+up without importing numba; the cache is keyed on what the code depends on, safe under
+two processes at once, and anything that fails falls back to numba with the reason kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from embpress import QuantConfig, QuantizedEmbeddingBag, _aot
+from embpress.layouts import _kernels, lookup
+from embpress.layouts.lookup import Bags, KernelPolicy, kernel_paths
+from embpress.sparsify import block_norm_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def _env(**values: str | None):
+    before = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _table(gen, rows, dim, bits, width, sparsity, layout="block_sparse"):
+    weight = torch.randn(rows, dim, generator=gen)
+    mask = block_norm_mask(weight, sparsity, (1, width)) if sparsity else None
+    config = QuantConfig(bits=bits, layout=layout)
+    return QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(weight), config, mask=mask, block_width=width
+    ).table
+
+
+def _bags(gen, rows, sizes, weighted):
+    idx = torch.randint(0, rows, (sum(sizes),), generator=gen)
+    bounds = torch.tensor([0, *itertools.accumulate(sizes)])
+    psw = torch.rand(idx.numel(), generator=gen) if weighted else None
+    return idx, bounds, psw
+
+
+def _both(table, path, threads, idx, bounds, mode, psw):
+    """The table's bags compiled ahead of time, then under numba (``EMBPRESS_AOT=0``)."""
+    policy = KernelPolicy(path=path)
+    with _threads(threads):
+        used = set(_aot.status()["compiled_kernels_used"])
+        ahead = table.fast_bag(idx, bounds, mode, psw, policy=policy)
+        with _env(EMBPRESS_AOT="0"):
+            under_numba = table.fast_bag(idx, bounds, mode, psw, policy=policy)
+    assert ahead is not None and under_numba is not None
+    return ahead, under_numba, set(_aot.status()["compiled_kernels_used"]) - used
+
+
+@pytest.fixture(autouse=True)
+def _split_small_batches(monkeypatch):
+    """Hand every bag run to its own thread, however small the batch (the tests' batches
+    are small; the split is what they check)."""
+    monkeypatch.setattr(lookup, "_IDS_PER_THREAD", 1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    path=st.sampled_from(["avx512", "avx2", "generic"]),
+    dim=st.sampled_from([32, 64, 128, 256, 36]),
+    bits=st.sampled_from([8, 4, 2]),
+    width=st.sampled_from([4, 1, 3]),
+    sparsity=st.sampled_from([0.0, 0.5, 0.8]),
+    mode=st.sampled_from([0, 1]),
+    weighted=st.booleans(),
+    threads=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_block_sparse_bags_compiled_ahead_equal_numbas_bit_for_bit(
+    path, dim, bits, width, sparsity, mode, weighted, threads, seed
+):
+    if path not in kernel_paths():
+        return
+    gen = torch.Generator().manual_seed(seed)
+    table = _table(gen, 70, dim, bits, width, sparsity)
+    idx, bounds, psw = _bags(gen, 70, [5, 0, 17, 1, 9, 30, 2], weighted)
+    assert table.layout == "block_sparse"
+    ahead, under_numba, _ = _both(table, path, threads, idx, bounds, mode, psw)
+    assert torch.equal(ahead, under_numba)
+    assert "block_sparse_run" in _aot.status()["compiled_kernels_used"]
+
+
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_4bit_bags_compiled_ahead_equal_numbas(dim, threads):
+    gen = torch.Generator().manual_seed(dim + threads)
+    table = _table(gen, 50, dim, 4, 4, 0.0, layout="dense")
+    idx, bounds, psw = _bags(gen, 50, [9, 3, 0, 21, 4], True)
+    for mode, weights in ((0, None), (1, None), (0, psw)):
+        ahead, under_numba, _ = _both(table, None, max(threads, 2), idx, bounds, mode, weights)
+        assert torch.equal(ahead, under_numba)
+    assert "fused_run" in _aot.status()["compiled_kernels_used"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_out_of_range_ids_raise_from_compiled_runs(threads):
+    gen = torch.Generator().manual_seed(3)
+    table = _table(gen, 40, 128, 8, 4, 0.8)
+    idx, bounds, _ = _bags(gen, 40, [6, 6, 6, 6], False)
+    for bad in (40, -1):
+        wrong = idx.clone()
+        wrong[-2] = bad  # in the last run: another thread's
+        with _threads(threads), pytest.raises(IndexError, match="index out of range"):
+            table.fast_bag(wrong, bounds, 0, None)
+
+
+def test_run_kernels_take_the_tables_fields_then_the_bags_then_a_run():
+    """The run kernels' parameters are what ``lookup.run_bags`` passes, in order."""
+    import inspect
+
+    from embpress.layouts.lookup import BlockSparseKernelTable, FusedKernelTable
+
+    for kernel, table in (
+        (_kernels.block_sparse_run, BlockSparseKernelTable),
+        (_kernels.fused_run, FusedKernelTable),
+    ):
+        parameters = list(inspect.signature(kernel.py_func).parameters)
+        assert parameters == [*table._fields, *Bags._fields, "b0", "b1", "ring", "acc", "out"]
+
+
+def test_offsets_check_compiled_ahead_matches_numba_on_any_input():
+    ref = _aot.KernelRef("embpress.layouts._kernels", "offsets_status", returns="int64")
+    rng = np.random.default_rng(0)
+    cases = [np.array([], np.int64), np.array([0], np.int64), np.array([1, 2], np.int64)]
+    cases += [np.sort(rng.integers(0, 50, size=n)).astype(np.int64) for n in range(1, 12)]
+    cases += [rng.integers(-3, 50, size=8).astype(np.int64) for _ in range(20)]
+    for values in cases:
+        for total in (0, 10, 49, 60):
+            for last in (False, True):
+                compiled = ref.compiled((values, total, last))
+                assert compiled is not None
+                assert compiled(values, total, last) == ref.numba(values, total, last)
+    strided = np.arange(20, dtype=np.int64)[::2]  # not contiguous: numba runs it
+    assert ref.compiled((strided, 40, False)) is None
+    assert ref.run(strided, 40, False) == ref.numba(strided, 40, False) == 0
+    assert ref.compiled((np.arange(3, dtype=np.int32), 40, False)) is not None  # its own build
+    assert ref.compiled((np.arange(3), np.int32(40), False)) is None  # numba types it int32
+
+
+def test_the_key_changes_with_the_source_the_cpu_and_the_argument_kinds(monkeypatch):
+    key = _aot.kernel_key("m", "k", ["a1<i8", "i"], "int64")
+    assert _aot.kernel_key("m", "k", ["a1<i8", "b"], "int64") != key
+    assert _aot.kernel_key("m", "k", ["a1<i8", "i"], "none") != key
+    monkeypatch.setattr(_aot, "_source_hash", lambda: "edited")
+    assert _aot.kernel_key("m", "k", ["a1<i8", "i"], "int64") != key
+    monkeypatch.undo()
+    toolchain = dict(_aot._toolchain())
+    toolchain["cpu"] = ["another", "+avx2"]
+    monkeypatch.setattr(_aot, "_toolchain", lambda: toolchain)
+    assert _aot.kernel_key("m", "k", ["a1<i8", "i"], "int64") != key
+
+
+def _fresh(monkeypatch, cache: Path) -> None:
+    """This process forgets the libraries it loaded, and keeps new ones in ``cache``."""
+    monkeypatch.setattr(_aot, "_loaded", {})
+    monkeypatch.setattr(_aot, "_failures", {})
+    monkeypatch.setenv(_aot.CACHE_ENV, str(cache))
+
+
+def test_without_a_compiler_numba_runs_the_kernel_and_status_says_why(monkeypatch, tmp_path):
+    _fresh(monkeypatch, tmp_path)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    gen = torch.Generator().manual_seed(1)
+    table = _table(gen, 30, 64, 8, 4, 0.5)
+    idx, bounds, _ = _bags(gen, 30, [4, 4], False)
+    out = table.fast_bag(idx, bounds, 0, None)
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv(_aot.AOT_ENV, "0")
+    assert torch.equal(out, table.fast_bag(idx, bounds, 0, None))
+    assert "C compiler" in _aot.status()["numba_fallbacks"]["block_sparse_run"]
+    assert not list((tmp_path / "kernels").glob("*.so"))
+
+
+def test_a_damaged_library_in_the_cache_is_not_loaded(monkeypatch, tmp_path):
+    _fresh(monkeypatch, tmp_path)
+    args = (np.array([0, 2, 5], np.int64), 5, True)
+    ref = _aot.KernelRef("embpress.layouts._kernels", "offsets_status", returns="int64")
+    path = _aot.cache_dir() / (_aot.kernel_key(ref.module, ref.name, ["a1<i8", "i", "b"], "int64") + ".so")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x7fELF not really")
+    assert ref.compiled(args) is None
+    assert ref.run(*args) == 0
+    assert "OSError" in _aot.status()["numba_fallbacks"]["offsets_status"]
+
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from embpress import _aot
+    ref = _aot.KernelRef("embpress.layouts._kernels", "offsets_status", returns="int64")
+    values = np.array([0, 3, 2], np.int64)
+    compiled = ref.compiled((values, 5, True))
+    status = compiled(values, 5, True) if compiled else None
+    failures = _aot.status()["numba_fallbacks"]
+    print(json.dumps({"compiled": compiled is not None, "status": status, "failures": failures}))
+    """
+)
+
+
+def test_two_processes_building_one_kernel_at_once_both_get_it(tmp_path):
+    env = {**os.environ, _aot.CACHE_ENV: str(tmp_path)}
+    children = [
+        subprocess.Popen([sys.executable, "-c", _CHILD], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [json.loads(child.communicate(timeout=300)[0]) for child in children]
+    assert all(r == {"compiled": True, "status": 2, "failures": {}} for r in results), results
+    assert len(list((tmp_path / "kernels").glob("offsets_status-*.so"))) == 1
+    assert not list((tmp_path / "kernels").glob(".build-*"))  # no build left behind
+
+
+def test_a_fresh_process_looks_up_without_importing_numba(tmp_path):
+    """Once the kernels are in the cache, ``import embpress``, ``load`` and a lookup of a
+    block-sparse table (on two threads) run without numba, and give the same sums."""
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(300, 128, generator=gen)
+    model = nn.Sequential(nn.EmbeddingBag.from_pretrained(weight, mode="sum"))
+    import embpress
+
+    embpress.post_training_sparse_quantize(
+        model,
+        embpress.DataNormSparsifier,
+        quant=QuantConfig(bits=8),
+        sparsity_level=0.8,
+        sparse_block_shape=(1, 4),
+    )
+    file = tmp_path / "m.safetensors"
+    embpress.save(model, file)
+    idx = torch.randint(0, 300, (5000,), generator=gen)
+    bounds = torch.arange(0, 5000, 50)
+    expected = model[0](idx, bounds)
+    torch.save({"idx": idx, "bounds": bounds}, tmp_path / "ids.pt")
+    child = textwrap.dedent(
+        f"""
+        import sys, torch
+        from torch import nn
+        import embpress
+        torch.set_num_threads(2)
+        with torch.device("meta"):
+            model = nn.Sequential(nn.EmbeddingBag(300, 128, mode="sum"))
+        embpress.load(model, {str(file)!r})
+        ids = torch.load({str(tmp_path / "ids.pt")!r}, weights_only=True)
+        torch.save(model[0](ids["idx"], ids["bounds"]), {str(tmp_path / "out.pt")!r})
+        print("numba" in sys.modules, "llvmlite" in sys.modules)
+        """
+    )
+    for _ in range(2):  # the first child may build what this process has not
+        done = subprocess.run(
+            [sys.executable, "-c", child], capture_output=True, text=True, timeout=300, check=True
+        )
+    assert done.stdout.split() == ["False", "False"], done.stdout + done.stderr
+    assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True), expected)
+
+
+def test_import_loads_neither_numba_nor_llvmlite():
+    code = "import sys, embpress; print('numba' in sys.modules, 'llvmlite' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize(
+    "bits, block, sparsify_first",
+    [(8, (1, 4), True), (4, (1, 4), False), (8, (2, 3), True), (2, (1, 1), True)],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compression_compiled_ahead_equals_numbas_bit_for_bit(bits, block, sparsify_first, threads):
+    """The whole compression (mask, row stats, codes, records) with the kernels compiled
+    ahead of time, rows split across threads, gives numba's table byte for byte."""
+    import embpress
+
+    gen = torch.Generator().manual_seed(bits + threads)
+    weight = torch.randn(2600, 64, generator=gen)  # enough rows for every kernel to split
+    weight[::7] = weight[::7].round()  # ties at the threshold
+    tables = []
+    for aot in ("1", "0"):
+        model = nn.Sequential(nn.EmbeddingBag.from_pretrained(weight.clone(), mode="sum"))
+        with _env(EMBPRESS_AOT=aot), _threads(threads):
+            embpress.post_training_sparse_quantize(
+                model, embpress.DataNormSparsifier, sparsify_first, quant=QuantConfig(bits=bits),
+                sparsity_level=0.7, sparse_block_shape=block,
+            )  # fmt: skip
+        tables.append(model[0].table)
+    ahead, under_numba = tables
+    assert ahead.layout == under_numba.layout
+    for name, tensor in ahead.tensors().items():
+        assert torch.equal(tensor, under_numba.tensors()[name]), name
+    assert {"encode_rows_run", "count_nonfinite"} <= set(_aot.status()["compiled_kernels_used"])
+
+
+def test_encode_scratch_sizes_agree_with_the_kernels():
+    from embpress.layouts import _encode_kernels
+    from embpress.layouts.encode import encode_scratch_sizes
+
+    for cols in (1, 3, 7, 8, 9, 64, 100, 128, 129, 1000):
+        for width in (1, 3, 4, 8, cols):
+            assert encode_scratch_sizes(cols, width) == _encode_kernels.scratch_sizes.py_func(cols, width)
