@@ -336,3 +336,45 @@ def test_encode_scratch_sizes_agree_with_the_kernels():
     for cols in (1, 3, 7, 8, 9, 64, 100, 128, 129, 1000):
         for width in (1, 3, 4, 8, cols):
             assert encode_scratch_sizes(cols, width) == _encode_kernels.scratch_sizes.py_func(cols, width)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_pruned_row_remap_compiled_ahead_equals_numbas(monkeypatch, threads):
+    from embpress.layouts import pruned_rows
+
+    monkeypatch.setattr(pruned_rows, "_IDS_PER_THREAD", 1)
+    gen = torch.Generator().manual_seed(threads)
+    weight = torch.randn(200, 16, generator=gen)
+    weight[::3] = 0  # whole rows pruned
+    table = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(weight), QuantConfig(bits=8, layout="pruned_rows"), mask=weight != 0
+    ).table
+    idx, bounds, psw = _bags(gen, 200, [40, 3, 0, 77], True)
+    with _threads(threads):
+        ahead = table.fast_bag(idx, bounds, 0, psw)
+        with _env(EMBPRESS_AOT="0"):
+            under_numba = table.fast_bag(idx, bounds, 0, psw)
+        assert torch.equal(ahead, under_numba)
+        wrong = idx.clone()
+        wrong[-1] = 200
+        with pytest.raises(IndexError, match="index out of range"):
+            table.fast_bag(wrong, bounds, 0, None)
+    assert "remap_rows" in _aot.status()["compiled_kernels_used"]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_threshold_split_across_threads_gives_the_same_mask(monkeypatch, threads):
+    """The k-th smallest block norm (histograms per thread, summed) and the marks (ties:
+    the first ones in row-major order) do not depend on how the values are split."""
+    from embpress.sparsify import data_norm
+
+    gen = torch.Generator().manual_seed(threads)
+    weight = torch.randn(300, 16, generator=gen).round(decimals=1)  # many ties
+    whole = block_norm_mask(weight, 0.6, (1, 4))
+    monkeypatch.setattr(data_norm, "_VALUES_PER_THREAD", 7)
+    with _threads(threads):
+        split = block_norm_mask(weight, 0.6, (1, 4))
+        with _env(EMBPRESS_AOT="0"):
+            under_numba = block_norm_mask(weight, 0.6, (1, 4))
+    assert torch.equal(split, whole) and torch.equal(split, under_numba)
+    assert int((~split).sum()) == round(0.6 * 300 * 4) * 4

@@ -247,11 +247,15 @@ class KernelRef:
 
 
 def status() -> dict[str, Any]:
-    """Whether kernels run from compiled libraries, where those are kept, which kernels
-    ran so in this process, and why any runs under numba instead (JSON-able)."""
+    """Whether kernels run from compiled libraries, where those are kept, the C compiler
+    that links them, which kernels ran so in this process, and why any runs under numba
+    instead (JSON-able)."""
+    from ._aot_build import compiler
+
     return {
         "enabled": enabled(),
         "cache_dir": str(cache_dir()),
+        "c_compiler": compiler(),
         "compiled_kernels_used": sorted(_used),
         "numba_fallbacks": dict(sorted(_failures.items())),
     }

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .._aot import KernelRef
-from .._parallel import parallel_call
+from .._parallel import rows_call
 from ..quant.packing import pack_codes
 from .base import (
     EncodedTable,
@@ -52,7 +52,8 @@ from .lookup import KernelPolicy, check_ids, current_kernel_policy, int64_ids
 from .stats import MaskStats, RowStats, flagged_rows
 
 # numba kernels, loaded (with numba) on first use (see ``_aot``)
-remap_rows = KernelRef("embpress.layouts._kernels", "remap_rows")
+remap_rows = KernelRef("embpress.layouts._kernels", "remap_rows", returns="int64")
+_IDS_PER_THREAD = 16384  # ids one thread remaps at least (fewer: one thread)
 
 __all__ = ["PrunedRowsTable", "rank_directory"]
 
@@ -204,18 +205,13 @@ class PrunedRowsTable(QuantizedTable):
         return decode_fused(rows, self.embedding_dim, self.bits, self.scale_dtype)
 
     def _remap_checked(self, indices: torch.Tensor, zero_row: int) -> torch.Tensor:
-        """:meth:`remap` in one numba pass (``zero_row``: ``kept_rows``), raising IndexError
-        for out-of-range indices."""
+        """:meth:`remap` in one compiled pass (``zero_row``: ``kept_rows``; the ids split
+        across threads), raising IndexError for out-of-range indices."""
         out = torch.empty(indices.shape[0], dtype=torch.int64)
-        bad = parallel_call(
-            remap_rows,
-            int64_ids(indices),
-            self.row_bits.numpy(),
-            self.row_rank.numpy(),
-            self.num_embeddings,
-            zero_row,
-            out.numpy(),
-        )
+        ids = int64_ids(indices)
+        row_bits, row_rank = self.row_bits.numpy(), self.row_rank.numpy()
+        args = (ids, row_bits, row_rank, self.num_embeddings, zero_row, out.numpy())
+        bad = rows_call(remap_rows, *args, rows=(0, 5), minimum=_IDS_PER_THREAD)
         check_ids(bad, self.num_embeddings)
         return out
 

@@ -1,4 +1,5 @@
-"""Numba kernels for DataNormSparsifier: block norms, exact k-th smallest, mask expansion.
+"""Numba kernels for DataNormSparsifier: block norms, the histograms of the exact k-th
+smallest, marking and expanding the pruned blocks.
 
 Each is one pass over its input (the table is read once for the norms), so a
 1M x 128 table is masked in a fraction of a second with O(elements) memory.
@@ -21,8 +22,8 @@ __all__ = [
     "count_equal",
     "expand_block_mask",
     "expand_block_mask_1x4",
-    "kth_smallest_nonnegative",
-    "mark_pruned",
+    "mark_below",
+    "mark_ties",
 ]
 
 
@@ -63,58 +64,20 @@ def block_norms_1x4(x: np.ndarray, square: bool, out: np.ndarray) -> None:
             out[r, bc] = acc / np.float32(4.0)
 
 
-@numba.njit(cache=True, nogil=True)
-def kth_smallest_nonnegative(
-    values: np.ndarray, k: int, high: np.ndarray, low: np.ndarray, result: np.ndarray
-) -> None:
-    """``result`` = (bit pattern of the k-th smallest value (1-based), how many values are
-    smaller, how many are NaN) of non-negative float32s; ``high`` and ``low`` are zeroed
-    int64 scratch of 65536 bins each (the caller's: nothing here allocates).
-
-    Radix select on the float bit patterns (monotonic for non-negative floats): two
-    histogram passes, no sort and no copy. NaN (exponent all ones, mantissa not 0) sorts
-    above +inf in this order; it is counted so that the caller can refuse it.
-    """
-    bits = values.view(np.uint32)
-    for v in bits:
-        high[v >> 16] += 1
-    nans = 0
-    for bucket in range(0x7F80, 65536):
-        nans += high[bucket]
-    inf_bits = np.uint32(0x7F800000)
-    if high[0x7F80] > 0:  # +inf shares the first of those buckets: take it back out
-        for v in bits:
-            if v == inf_bits:
-                nans -= 1
-    below = 0
-    bucket = 0
-    for bucket in range(65536):
-        if below + high[bucket] >= k:
-            break
-        below += high[bucket]
-    for v in bits:
-        if (v >> 16) == bucket:
-            low[v & 0xFFFF] += 1
-    rest = k - below
-    lo_bits = 0
-    for lo_bits in range(65536):
-        if low[lo_bits] >= rest:
-            break
-        rest -= low[lo_bits]
-        below += low[lo_bits]
-    result[0] = (bucket << 16) | lo_bits
-    result[1] = below
-    result[2] = nans
-
-
 @numba.njit(cache=True, parallel=True, nogil=True)
-def mark_pruned(norms: np.ndarray, threshold: float, ties: int, out: np.ndarray) -> None:
-    """``out`` = blocks with norm < threshold, plus the first ``ties`` equal to it (both
-    flat, in row-major order)."""
+def mark_below(norms: np.ndarray, threshold: float, out: np.ndarray) -> None:
+    """``out`` = ``norms < threshold`` (flat; float32 compare), each entry on its own."""
     t = np.float32(threshold)
     for i in numba.prange(norms.shape[0]):
         out[i] = norms[i] < t
-    for i in range(norms.shape[0]):  # ties are few; stop at the last one needed
+
+
+@numba.njit(cache=True, nogil=True)
+def mark_ties(norms: np.ndarray, threshold: float, ties: int, out: np.ndarray) -> None:
+    """Set ``out`` at the first ``ties`` entries of ``norms`` equal to ``threshold`` (flat,
+    in order; ties are few: the scan stops at the last one needed)."""
+    t = np.float32(threshold)
+    for i in range(norms.shape[0]):
         if ties == 0:
             break
         if norms[i] == t:

@@ -24,7 +24,7 @@ import torch
 from .._aot import KernelRef
 from .._buffers import empty
 from .._collective import LOCAL, Collective
-from .._parallel import parallel_call, rows_call
+from .._parallel import parallel_call, rows_call, split_call
 from .base import BaseDataSparsifier
 
 # numba kernels (``sparsify._kernels``), loaded with numba on first use; those with a
@@ -33,8 +33,8 @@ _KERNELS = "embpress.sparsify._kernels"
 add_high_histogram = KernelRef(_KERNELS, "add_high_histogram", returns="int64")
 add_low_histogram = KernelRef(_KERNELS, "add_low_histogram", returns="none")
 count_equal = KernelRef(_KERNELS, "count_equal", returns="int64")
-_kth_kernel = KernelRef(_KERNELS, "kth_smallest_nonnegative", returns="none")
-_mark_kernel = KernelRef(_KERNELS, "mark_pruned", returns="none")
+_mark_below = KernelRef(_KERNELS, "mark_below", returns="none")
+_mark_ties = KernelRef(_KERNELS, "mark_ties", returns="none")
 _block_norms_kernel = KernelRef(_KERNELS, "block_norms")
 _block_norms_1x4_kernel = KernelRef(_KERNELS, "block_norms_1x4", returns="none")
 _expand_kernel = KernelRef(_KERNELS, "expand_block_mask")
@@ -59,15 +59,39 @@ def expand_mask(pruned: np.ndarray, bh: int, bw: int, out: np.ndarray) -> None:
         parallel_call(_expand_kernel, pruned, bh, bw, out)
 
 
+# block norms one thread takes at least in the threshold's passes (fewer: one thread)
+_VALUES_PER_THREAD = 1 << 20
+
+
+def _histogram(kernel: KernelRef, values: np.ndarray, *before: Any) -> tuple[np.ndarray, int]:
+    """``kernel(values, *before, hist)`` into a zeroed 65536-bin histogram, the values split
+    across threads where the kernel runs compiled (a histogram per part, then summed);
+    returns the histogram and the sum of the kernel's results."""
+    parts: list[np.ndarray] = []
+
+    def part(lo: int, hi: int) -> tuple[Any, ...]:
+        parts.append(np.zeros(65536, dtype=np.int64))
+        return (values[lo:hi], *before, parts[-1])
+
+    compiled = kernel.compiled(part(0, 0))
+    parts.clear()
+    if compiled is None:
+        hist = np.zeros(65536, dtype=np.int64)
+        return hist, int(kernel(values, *before, hist) or 0)
+    total = split_call(compiled, values.shape[0], part, minimum=_VALUES_PER_THREAD)
+    return np.sum(parts, axis=0), total
+
+
 def kth_smallest_nonnegative(values: np.ndarray, k: int) -> tuple[float, int, int]:
     """(k-th smallest value (1-based), how many values are smaller, how many are NaN) of
-    non-negative float32s (one radix select: two histogram passes, no sort)."""
-    high = np.zeros(65536, dtype=np.int64)
-    low = np.zeros(65536, dtype=np.int64)
-    result = np.zeros(3, dtype=np.int64)
-    _kth_kernel.run(values, k, high, low, result)
-    value = np.array([result[0]], dtype=np.uint32).view(np.float32)[0]
-    return float(value), int(result[1]), int(result[2])
+    non-negative float32s: a radix select on the float bit patterns (which order as the
+    values do), a histogram of the top 16 bits, then one of the low 16 bits within the
+    bucket holding the k-th; no sort and no copy."""
+    high, nans = _histogram(add_high_histogram, values)
+    threshold, below = _select_from_histograms(
+        high, lambda bucket: _histogram(add_low_histogram, values, bucket)[0], k
+    )
+    return threshold, below, nans
 
 
 def mark_pruned(norms: np.ndarray, threshold: float, ties: int) -> np.ndarray:
@@ -75,11 +99,9 @@ def mark_pruned(norms: np.ndarray, threshold: float, ties: int) -> np.ndarray:
     equal to it in row-major order."""
     flat = np.ascontiguousarray(norms).reshape(-1)
     out = np.empty(flat.shape[0], dtype=np.bool_)
-    compiled = _mark_kernel.compiled((flat, threshold, ties, out))
-    if compiled is not None:
-        compiled(flat, threshold, ties, out)
-    else:
-        parallel_call(_mark_kernel, flat, threshold, ties, out)
+    rows_call(_mark_below, flat, threshold, out, rows=(0, 2), minimum=_VALUES_PER_THREAD)
+    if ties:
+        _mark_ties.run(flat, threshold, ties, out)
     return out.reshape(norms.shape)
 
 
