@@ -183,6 +183,11 @@ def test_the_key_changes_with_the_source_the_cpu_and_the_argument_kinds(monkeypa
     monkeypatch.setattr(_aot, "_source_hash", lambda: "edited")
     assert _aot.kernel_key("m", "k", ["a1<i8", "i"], "int64") != key
     monkeypatch.undo()
+    _aot._toolchain.cache_clear()
+    monkeypatch.setenv("NUMBA_OPT", "1")  # numba's code settings
+    assert _aot.kernel_key("m", "k", ["a1<i8", "i"], "int64") != key
+    monkeypatch.undo()
+    _aot._toolchain.cache_clear()
     toolchain = dict(_aot._toolchain())
     toolchain["cpu"] = ["another", "+avx2"]
     monkeypatch.setattr(_aot, "_toolchain", lambda: toolchain)
@@ -193,6 +198,7 @@ def _fresh(monkeypatch, cache: Path) -> None:
     """This process forgets the libraries it loaded, and keeps new ones in ``cache``."""
     monkeypatch.setattr(_aot, "_loaded", {})
     monkeypatch.setattr(_aot, "_failures", {})
+    monkeypatch.setattr(_aot, "_touched", set())
     monkeypatch.setenv(_aot.CACHE_ENV, str(cache))
 
 
@@ -207,19 +213,84 @@ def test_without_a_compiler_numba_runs_the_kernel_and_status_says_why(monkeypatc
     monkeypatch.setenv(_aot.AOT_ENV, "0")
     assert torch.equal(out, table.fast_bag(idx, bounds, 0, None))
     assert "C compiler" in _aot.status()["numba_fallbacks"]["block_sparse_run"]
-    assert not list((tmp_path / "kernels").glob("*.so"))
+    assert not list((tmp_path / "kernels").rglob("*.so"))
 
 
-def test_a_damaged_library_in_the_cache_is_not_loaded(monkeypatch, tmp_path):
+def _offsets_library(ref):
+    return _aot.version_dir() / (_aot.kernel_key(ref.module, ref.name, ["a1<i8", "i", "b"], "int64") + ".so")
+
+
+def test_a_damaged_library_in_the_cache_is_built_again(monkeypatch, tmp_path):
     _fresh(monkeypatch, tmp_path)
     args = (np.array([0, 2, 5], np.int64), 5, True)
     ref = _aot.KernelRef("embpress.layouts._kernels", "offsets_status", returns="int64")
-    path = _aot.cache_dir() / (_aot.kernel_key(ref.module, ref.name, ["a1<i8", "i", "b"], "int64") + ".so")
-    path.parent.mkdir(parents=True)
+    path = _offsets_library(ref)
+    path.parent.mkdir(parents=True, mode=0o700)
     path.write_bytes(b"\x7fELF not really")
+    compiled = ref.compiled(args)
+    assert compiled is not None and compiled(*args) == 0
+    assert path.read_bytes()[:4] == b"\x7fELF" and len(path.read_bytes()) > 1000
+    assert "offsets_status" not in _aot.status()["numba_fallbacks"]
+
+
+def test_a_library_others_may_write_is_not_loaded(monkeypatch, tmp_path):
+    _fresh(monkeypatch, tmp_path)
+    args = (np.array([0, 2, 5], np.int64), 5, True)
+    ref = _aot.KernelRef("embpress.layouts._kernels", "offsets_status", returns="int64")
+    assert ref.compiled(args) is not None  # built and loaded
+    os.chmod(_offsets_library(ref), 0o777)
+    _fresh(monkeypatch, tmp_path)
     assert ref.compiled(args) is None
-    assert ref.run(*args) == 0
-    assert "OSError" in _aot.status()["numba_fallbacks"]["offsets_status"]
+    assert ref.run(*args) == 0  # numba's
+    assert "writable by others" in _aot.status()["numba_fallbacks"]["offsets_status"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the C wrapper's print
+def test_a_compiled_kernel_that_raises_gives_numbas_exception():
+    """Arguments no caller passes (a block width of 0) make the kernel raise: the compiled
+    call reruns it under numba, whose exception reaches the caller (not a value computed
+    half-way)."""
+    ref = _aot.KernelRef("embpress.layouts._encode_kernels", "count_blocks", returns="none")
+    mask = np.ones((3, 8), dtype=np.bool_)
+    outs = [np.zeros(3, np.int64) for _ in range(3)] + [np.zeros((3, 1), np.uint32)]
+    compiled = ref.compiled((mask, 4, *outs))
+    assert compiled is not None
+    compiled(mask, 4, *outs)
+    assert outs[0].tolist() == [8, 8, 8]
+    with pytest.raises(ZeroDivisionError):
+        compiled(mask, 0, *outs)
+
+
+def test_arguments_without_a_faithful_compiled_form_go_to_numba():
+    values = np.arange(4, dtype=np.int64)
+    assert _aot.arg_spec(values) == "a1<i8"
+    values.flags.writeable = False
+    assert _aot.arg_spec(values) is None
+    assert (
+        _aot.arg_spec(2**63 - 1) == "i"
+        and _aot.arg_spec(2**63) is None
+        and _aot.arg_spec(-(2**63) - 1) is None
+    )
+    assert _aot.arg_spec((1, 2**64)) is None and _aot.arg_spec((1, 2)) == "t2"
+    assert _aot.arg_spec(np.float32(1.0)) is None and _aot.arg_spec(np.int32(1)) is None
+
+
+def test_runs_go_on_this_thread_once_the_pool_refuses_work(monkeypatch):
+    """At interpreter exit the pool takes no new work: the split runs every part here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from embpress import _parallel
+
+    closed = ThreadPoolExecutor(max_workers=1)
+    closed.shutdown()
+    monkeypatch.setattr(_parallel, "thread_pool", lambda: closed)
+    gen = torch.Generator().manual_seed(4)
+    table = _table(gen, 60, 128, 8, 4, 0.8)
+    idx, bounds, _ = _bags(gen, 60, [7, 7, 7, 7, 7], False)
+    with _threads(3):
+        split = table.fast_bag(idx, bounds, 0, None)
+    monkeypatch.undo()
+    assert torch.equal(split, table.fast_bag(idx, bounds, 0, None))
 
 
 _CHILD = textwrap.dedent(
@@ -245,8 +316,8 @@ def test_two_processes_building_one_kernel_at_once_both_get_it(tmp_path):
     ]
     results = [json.loads(child.communicate(timeout=300)[0]) for child in children]
     assert all(r == {"compiled": True, "status": 2, "failures": {}} for r in results), results
-    assert len(list((tmp_path / "kernels").glob("offsets_status-*.so"))) == 1
-    assert not list((tmp_path / "kernels").glob(".build-*"))  # no build left behind
+    assert len(list((tmp_path / "kernels").rglob("offsets_status-*.so"))) == 1
+    assert not list((tmp_path / "kernels").rglob(".build-*"))  # no build left behind
 
 
 def test_a_fresh_process_looks_up_without_importing_numba(tmp_path):

@@ -7,16 +7,23 @@ lookup. A kernel made for this (a :class:`KernelRef` with a ``returns`` type: it
 allocates nor raises, and takes C-contiguous arrays, ints, bools, floats and int tuples)
 is compiled once per CPU, argument types and source: numba compiles it serially inside a
 C-callable wrapper (``_aot_build``), the LLVM module is emitted as position-independent
-object code and linked by the system C compiler into ``<cache>/kernels/<key>.so``. A
-later process finds the file by its key and calls it through ctypes, which releases the
-GIL (callers split work across Python threads for parallelism).
+object code and linked by the system C compiler into
+``<cache>/kernels/<version>/<key>.so``. A later process finds the file by its key and
+calls it through ctypes, which releases the GIL (callers split work across Python
+threads for parallelism).
 
-The key hashes the package's source, numba's and llvmlite's versions, the CPU numba
-compiles for and the Python version: an edit, an upgrade or another CPU never loads stale
-code. A build holds a lock beside its file and writes under a temporary name renamed into
-place, so two processes never read a partial file and build a kernel once between them.
-Where anything fails (no C compiler, a read-only cache, a symbol the loader cannot bind),
-the kernel runs under numba as before, and :func:`status` says why.
+The version hashes the package's source, numba's and llvmlite's versions and the code
+settings numba reads from ``NUMBA_*`` variables, the CPU numba compiles for and the
+Python version; the key adds the kernel and its argument kinds: an edit, an upgrade or
+another CPU never loads stale code. A version directory no process has used for 30 days
+is removed by the next build. A build holds a lock beside its file and writes under a
+temporary name renamed into place, so two processes never read a partial file and build
+a kernel once between them; a file that does not load is rebuilt over. Only files and
+directories that belong to the user and that no one else may write are loaded. Where
+anything fails (no C compiler, a read-only cache, a symbol the loader cannot bind), the
+kernel runs under numba as before, and :func:`status` says why. Should a compiled kernel
+raise (arguments its callers never pass), it is rerun under numba, which raises its own
+exception.
 
 ``EMBPRESS_AOT=0`` turns it off; ``EMBPRESS_CACHE_DIR`` moves the cache (default
 ``$XDG_CACHE_HOME/embpress``, else ``~/.cache/embpress``).
@@ -24,6 +31,7 @@ the kernel runs under numba as before, and :func:`status` says why.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -49,6 +57,7 @@ _C_INT = ctypes.c_int64
 _C_PTR = ctypes.c_void_p
 _C_FLOAT = ctypes.c_double
 _RETURNS = {"int64": ctypes.c_int64, "none": None}
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def enabled() -> bool:
@@ -69,19 +78,25 @@ def arg_spec(value: Any) -> str | None:
     """The kind of one kernel argument as the key and the wrapper see it, or None where
     it has no ahead-of-time form (numba then runs the kernel): ``a<ndim><dtype>`` for a
     C-contiguous array, ``b`` bool, ``i`` int64, ``f`` float64, ``t<n>`` a tuple of ints.
-    Scalars of other widths (numpy int32, float32) are refused: numba would type them
-    otherwise than the wrapper, and the arithmetic could differ."""
+    Refused: scalars of other widths (numpy int32, float32; numba would type them
+    otherwise than the wrapper, and the arithmetic could differ), ints outside int64, and
+    read-only arrays."""
     if isinstance(value, np.ndarray):
-        if not value.flags.c_contiguous or value.ndim > 9 or value.dtype.hasobject:
-            return None
+        flags = value.flags
+        if not (flags.c_contiguous and flags.writeable) or value.ndim > 9 or value.dtype.hasobject:
+            return None  # numba types a read-only array otherwise, and refuses writes to it
         return f"a{value.ndim}{value.dtype.str}"
     if isinstance(value, (bool, np.bool_)):
         return "b"
-    if isinstance(value, int) or (isinstance(value, np.integer) and value.dtype == np.int64):
+    if isinstance(value, np.integer) and value.dtype == np.int64:
         return "i"
+    if isinstance(value, int):
+        return "i" if _INT64_MIN <= value <= _INT64_MAX else None
     if isinstance(value, float) or (isinstance(value, np.floating) and value.dtype == np.float64):
         return "f"
-    if isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if isinstance(value, tuple) and all(
+        isinstance(v, int) and not isinstance(v, bool) and _INT64_MIN <= v <= _INT64_MAX for v in value
+    ):
         return f"t{len(value)}"
     return None
 
@@ -147,22 +162,100 @@ def _toolchain() -> dict[str, Any]:
         "numba": version("numba"),
         "llvmlite": version("llvmlite"),
         "cpu": [name, features],
+        "numba_settings": _numba_settings(),
         "python": sys.version,
         "machine": platform.machine(),
     }
 
 
+# numba's settings that change the code it generates (beyond the CPU's name and features)
+_CODE_SETTINGS = ("CPU_FEATURES", "OPT", "BOUNDSCHECK", "FASTMATH", "DEBUGINFO_DEFAULT")
+
+
+def _numba_settings() -> dict[str, str]:
+    """numba's code-generation settings, as the ``NUMBA_*`` variables numba reads them
+    from (the same in a process that has loaded numba and one that has not)."""
+    return {k: os.environ.get(f"NUMBA_{k}", "").strip() for k in _CODE_SETTINGS}
+
+
 def kernel_key(module: str, name: str, specs: Sequence[str], returns: str) -> str:
-    """The file name (without ``.so``) of a kernel compiled for these argument kinds."""
+    """The file name (without ``.so``) of a kernel compiled for these argument kinds, in
+    this version of the code (``version_dir``)."""
     what = [module, name, list(specs), returns, _source_hash(), _toolchain()]
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
     return f"{name}-{digest}"
+
+
+@functools.cache
+def _version() -> str:
+    what = [_source_hash(), _toolchain()]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def version_dir() -> Path:
+    """The cache's directory for this version of the code (the package's source and the
+    toolchain): each version's libraries apart, so that old versions can be pruned."""
+    return cache_dir() / _version()
+
+
+# a version directory no process has used for this long is removed (by the next build)
+_PRUNE_AFTER_S = 30 * 24 * 3600
+
+
+def _prune(keep: Path) -> None:
+    """Remove the cache's version directories (and abandoned build folders) that no
+    process has used in ``_PRUNE_AFTER_S``; errors are ignored (another process may be
+    pruning too)."""
+    import shutil
+    import time
+
+    limit = time.time() - _PRUNE_AFTER_S
+    for entry in keep.parent.iterdir():
+        try:
+            if entry != keep and entry.is_dir() and entry.stat().st_mtime < limit:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def _check_trusted(path: Path) -> None:
+    """PermissionError unless ``path`` and its directory belong to this user and no one
+    else may write them: a library found there runs in this process."""
+    if not hasattr(os, "getuid"):
+        return
+    for where in (path.parent, path):
+        info = where.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise PermissionError(f"{where} is not owned by this user or is writable by others: not loaded")
 
 
 _LOCK = threading.Lock()
 _loaded: dict[tuple[str, str, tuple[str, ...]], Callable[..., Any] | None] = {}
 _failures: dict[str, str] = {}  # kernel name -> why it runs under numba
 _used: set[str] = set()  # kernel names that ran from a compiled library
+_numba_loaded: set[str] = set()  # kernel names whose numba dispatcher was loaded
+_touched: set[Path] = set()  # version directories marked as used by this process
+
+
+def _after_fork_in_child() -> None:
+    global _LOCK
+    _LOCK = threading.Lock()  # a fork during another thread's build leaves it held
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _open(path: Path, specs: Sequence[str], returns: str) -> Any:
+    """The library's entry point, typed for ``specs`` (OSError / AttributeError where the
+    file cannot be loaded or lacks it)."""
+    _check_trusted(path)
+    library = ctypes.CDLL(str(path))
+    function = library.embpress_kernel
+    function.argtypes = c_argtypes(specs)
+    function.restype = _RETURNS[returns]
+    raised = library.embpress_raised
+    raised.argtypes, raised.restype = [], ctypes.c_int
+    return library, function, raised
 
 
 class KernelRef:
@@ -186,6 +279,7 @@ class KernelRef:
     @functools.cached_property
     def numba(self) -> Any:
         """The numba dispatcher (importing its module, and numba, on first use)."""
+        _numba_loaded.add(self.name)
         return getattr(importlib.import_module(self.module), self.name)
 
     def __call__(self, *args: Any) -> Any:
@@ -221,35 +315,45 @@ class KernelRef:
     def _load(self, specs: list[str]) -> Callable[..., Any] | None:
         returns = self.returns or "none"
         try:
-            key = kernel_key(self.module, self.name, specs, returns)
-            path = cache_dir() / f"{key}.so"
-            if not path.exists():
-                from . import _aot_build
+            where = version_dir()
+            path = where / f"{kernel_key(self.module, self.name, specs, returns)}.so"
+            try:
+                library, function, raised = _open(path, specs, returns)
+            except (OSError, AttributeError) as err:
+                if isinstance(err, PermissionError):
+                    raise
+                from . import _aot_build  # missing or damaged: (re)built, under a lock
 
-                _aot_build.build(self.module, self.name, specs, returns, path)
-            library = ctypes.CDLL(str(path))
+                _aot_build.build(self.module, self.name, specs, returns, path, replace=path.exists())
+                library, function, raised = _open(path, specs, returns)
+                _prune(where)
+            if where not in _touched:  # marks the version as in use (see _prune)
+                _touched.add(where)
+                with contextlib.suppress(OSError):
+                    os.utime(where)
         except Exception as err:  # any failure: numba runs the kernel, status() says why
             _failures[self.name] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             return None
-        function = library.embpress_kernel
-        function.argtypes = c_argtypes(specs)
-        function.restype = _RETURNS[returns]
         frozen = tuple(specs)
-        name = self.name
+        ref = self  # numba loads only if a kernel raised
 
         def call(*args: Any) -> Any:
-            return function(*_flatten(frozen, args))
+            result = function(*_flatten(frozen, args))
+            if raised():  # the kernel raised: numba's run says what (its own exception)
+                return ref.numba(*args)
+            return result
 
         call.library = library  # type: ignore[attr-defined]  # keeps it loaded
-        _failures.pop(name, None)
-        _used.add(name)
+        _failures.pop(self.name, None)
+        _used.add(self.name)
         return call
 
 
 def status() -> dict[str, Any]:
     """Whether kernels run from compiled libraries, where those are kept, the C compiler
-    that links them, which kernels ran so in this process, and why any runs under numba
-    instead (JSON-able)."""
+    that links them, which kernels ran so in this process, which numba kernels it loaded
+    (kernels with no compiled form, arguments that have none, or fallbacks), and why any
+    compiled kernel runs under numba instead (JSON-able)."""
     from ._aot_build import compiler
 
     return {
@@ -257,5 +361,6 @@ def status() -> dict[str, Any]:
         "cache_dir": str(cache_dir()),
         "c_compiler": compiler(),
         "compiled_kernels_used": sorted(_used),
+        "numba_kernels_loaded": sorted(_numba_loaded),
         "numba_fallbacks": dict(sorted(_failures.items())),
     }

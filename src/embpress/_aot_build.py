@@ -4,11 +4,13 @@ code for the CPU numba compiles for, and the C compiler links it with a few stan
 numba's helper symbols into a shared library.
 
 The stand-ins: a compiled wrapper names numba's error helpers (taking the GIL, raising)
-and its reference-count release, on paths that kernels made for this never take (they
-neither allocate nor raise); the stand-ins let the loader bind those names and set a
-RuntimeError should one run. A kernel that allocates names numba's allocator too, which
-has no stand-in: the library then fails to load here, before it is put in the cache, and
-numba keeps running that kernel.
+and its reference-count release, on paths that kernels made for this do not take with
+valid arguments (they neither allocate nor raise). The stand-ins let the loader bind
+those names; a raise sets a per-thread flag (``embpress_raised``, read and cleared after
+each call) and the caller reruns the kernel under numba, which raises its own exception
+(the C wrapper can only print one). A kernel that allocates names numba's allocator too,
+which has no stand-in: the library then fails to load here, before it is put in the
+cache, and numba keeps running that kernel.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -39,12 +42,19 @@ extern PyObject *PyExc_RuntimeError;
 extern int PyGILState_Ensure(void);
 extern void PyGILState_Release(int);
 extern void PyErr_SetString(PyObject *, const char *);
-static const char MESSAGE[] = "embpress: a kernel compiled ahead of time raised";
+static const char MESSAGE[] = "embpress: a kernel compiled ahead of time raised (rerun under numba)";
+static __thread int raised;
+int embpress_raised(void) { int was = raised; raised = 0; return was; }
 void numba_gil_ensure(int *state) { *state = PyGILState_Ensure(); }
 void numba_gil_release(int *state) { PyGILState_Release(*state); }
-void numba_do_raise(void *excinfo) { (void)excinfo; PyErr_SetString(PyExc_RuntimeError, MESSAGE); }
+void numba_do_raise(void *excinfo) {
+    (void)excinfo;
+    raised = 1;
+    PyErr_SetString(PyExc_RuntimeError, MESSAGE);
+}
 void *numba_unpickle(const char *data, int size, const char *hashed) {
     (void)data; (void)size; (void)hashed;
+    raised = 1;
     PyErr_SetString(PyExc_RuntimeError, MESSAGE);
     return NULL;
 }
@@ -54,15 +64,17 @@ void NRT_MemInfo_call_dtor(void *meminfo) { (void)meminfo; }
 """
 
 
-def compiler() -> str | None:
-    """The C compiler that links the libraries: ``$CC``, else cc, gcc or clang on PATH."""
-    given = os.environ.get(CC_ENV, "").strip()
+def compiler() -> list[str] | None:
+    """The command of the C compiler that links the libraries: ``$CC`` (with its own
+    arguments, e.g. ``ccache gcc``), else cc, gcc or clang on PATH; None if none is found."""
+    given = shlex.split(os.environ.get(CC_ENV, ""))
     if given:
-        return shutil.which(given)
+        found = shutil.which(given[0])
+        return [found, *given[1:]] if found else None
     for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
 
 
@@ -93,20 +105,36 @@ def _wrapper_source(specs: Sequence[str], returns: str) -> tuple[str, list[str]]
     return source, params
 
 
-def build(module: str, name: str, specs: Sequence[str], returns: str, target: Path) -> None:
+def _loads(path: Path) -> bool:
+    """Whether the library at ``path`` loads and has the entry point."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(str(path)).embpress_kernel  # noqa: B018  (the lookup is the check)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def build(
+    module: str, name: str, specs: Sequence[str], returns: str, target: Path, replace: bool = False
+) -> None:
     """Compile ``module.name`` for arguments of kinds ``specs`` (``_aot.arg_spec``) into
-    the shared library ``target``. Raises on any failure, leaving ``target`` as it was."""
+    the shared library ``target`` (``replace``: over a file there that does not load).
+    Raises on any failure, leaving ``target`` as it was."""
     import numba
     from llvmlite import binding as llvm
     from numba import types
 
     cc = compiler()
     if cc is None:
-        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH to link compiled kernels")
-    target.parent.mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("no C compiler ($CC, cc, gcc or clang) on PATH to link compiled kernels")
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not os.access(target.parent, os.W_OK):
+        raise PermissionError(f"cannot write compiled kernels into {target.parent}")
     with locked(str(target)):
-        if target.exists():  # another process built it while this one waited
-            return
+        if target.exists() and (not replace or _loads(target)):
+            return  # built (or mended) by another process while this one waited
         kernel = getattr(importlib.import_module(module), name)
         dropped = ("parallel", "cache", "nopython")
         options = {k: v for k, v in kernel.targetoptions.items() if k not in dropped}
@@ -145,13 +173,13 @@ def build(module: str, name: str, specs: Sequence[str], returns: str, target: Pa
             standins.write_text(_STANDINS)
             linked = Path(work) / "kernel.so"
             done = subprocess.run(
-                [cc, "-shared", "-fPIC", "-O2", "-o", str(linked), str(obj), str(standins)],
+                [*cc, "-shared", "-fPIC", "-O2", "-o", str(linked), str(obj), str(standins)],
                 capture_output=True,
                 text=True,
                 check=False,
             )
             if done.returncode != 0:
-                raise RuntimeError(f"{cc} could not link a compiled kernel: {done.stderr.strip()[:500]}")
+                raise RuntimeError(f"{cc[0]} could not link a compiled kernel: {done.stderr.strip()[:500]}")
             import ctypes
 
             ctypes.CDLL(str(linked))  # every symbol binds (RTLD_NOW), or this raises OSError

@@ -100,8 +100,9 @@ def thread_pool() -> Any:
 
 
 def _after_fork_reset_pool() -> None:
-    global _pool
+    global _pool, _pool_lock
     _pool = None  # a forked child has none of the parent's threads
+    _pool_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_reset_pool)
@@ -119,8 +120,15 @@ def split_call(
         return int(compiled(*part(0, count)) or 0)
     size = -(-count // parts)
     pool = thread_pool()
-    futures = [pool.submit(compiled, *part(lo, min(count, lo + size))) for lo in range(size, count, size)]
-    total = int(compiled(*part(0, size)) or 0)
+    futures = []
+    here = [part(0, size)]  # parts this thread runs: the first, and any the pool refuses
+    for lo in range(size, count, size):
+        args = part(lo, min(count, lo + size))
+        try:
+            futures.append(pool.submit(compiled, *args))
+        except RuntimeError:  # the interpreter is shutting down: no new work for the pool
+            here.append(args)
+    total = sum(int(compiled(*args) or 0) for args in here)
     return total + sum(int(f.result() or 0) for f in futures)
 
 
