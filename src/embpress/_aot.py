@@ -230,7 +230,7 @@ def _check_trusted(path: Path) -> None:
 
 
 _LOCK = threading.Lock()
-_loaded: dict[tuple[str, str, tuple[str, ...]], Callable[..., Any] | None] = {}
+_loaded: dict[tuple[str, str, tuple[str, ...]], Compiled | None] = {}
 _failures: dict[str, str] = {}  # kernel name -> why it runs under numba
 _used: set[str] = set()  # kernel names that ran from a compiled library
 _numba_loaded: set[str] = set()  # kernel names whose numba dispatcher was loaded
@@ -290,7 +290,7 @@ class KernelRef:
         compiled = self.compiled(args)
         return compiled(*args) if compiled is not None else self.numba(*args)
 
-    def compiled(self, args: Sequence[Any]) -> Callable[..., Any] | None:
+    def compiled(self, args: Sequence[Any]) -> Compiled | None:
         """The kernel compiled ahead of time for arguments like ``args`` (loaded, or built
         and cached first), as a function of the same arguments; None where it cannot be
         (then numba runs it)."""
@@ -312,7 +312,7 @@ class KernelRef:
                 _loaded[entry] = self._load(specs)
         return _loaded[entry]
 
-    def _load(self, specs: list[str]) -> Callable[..., Any] | None:
+    def _load(self, specs: list[str]) -> Compiled | None:
         returns = self.returns or "none"
         try:
             where = version_dir()
@@ -334,19 +334,72 @@ class KernelRef:
         except Exception as err:  # any failure: numba runs the kernel, status() says why
             _failures[self.name] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             return None
-        frozen = tuple(specs)
-        ref = self  # numba loads only if a kernel raised
-
-        def call(*args: Any) -> Any:
-            result = function(*_flatten(frozen, args))
-            if raised():  # the kernel raised: numba's run says what (its own exception)
-                return ref.numba(*args)
-            return result
-
-        call.library = library  # type: ignore[attr-defined]  # keeps it loaded
         _failures.pop(self.name, None)
         _used.add(self.name)
-        return call
+        return Compiled(self, library, function, raised, tuple(specs))
+
+
+def _run(function: Any, raised: Any, flat: Sequence[Any], ref: KernelRef, args: Sequence[Any]) -> Any:
+    """Call a compiled kernel on its converted arguments; where it raised (a flag of this
+    thread), run it again under numba, which raises its own exception."""
+    result = function(*flat)
+    if raised():
+        return ref.numba(*args)
+    return result
+
+
+class Compiled:
+    """A kernel compiled ahead of time for arguments of kinds ``specs``: called with the
+    same arguments as the numba kernel. A kernel that raised is rerun under numba, whose
+    exception the caller gets (the C wrapper can only print one)."""
+
+    def __init__(
+        self, ref: KernelRef, library: Any, function: Any, raised: Any, specs: tuple[str, ...]
+    ) -> None:
+        self.ref = ref
+        self.library = library  # keeps it loaded
+        self.function = function
+        self.raised = raised
+        self.specs = specs
+
+    def __call__(self, *args: Any) -> Any:
+        return self.prepare(*args)()
+
+    def prepare(self, *args: Any) -> Callable[[], Any]:
+        """The call on ``args`` with its arguments converted here, to run later (on
+        another thread: only the C call and the raise check are left to it)."""
+        flat = _flatten(self.specs, args)
+        return functools.partial(_run, self.function, self.raised, flat, self.ref, args)
+
+    def bind(self, prefix: Sequence[Any]) -> Bound:
+        """This kernel with its leading arguments fixed (converted for C once: a table's
+        arrays and fields, called again and again with new lookups)."""
+        return Bound(self, tuple(prefix))
+
+
+class Bound:
+    """A :class:`Compiled` kernel with its leading arguments converted once; called with
+    the rest. Arguments of other kinds than those it was compiled for go to
+    ``KernelRef.run`` (their own library, or numba)."""
+
+    def __init__(self, compiled: Compiled, prefix: tuple[Any, ...]) -> None:
+        self.compiled = compiled
+        self.prefix = prefix  # keeps the arrays the pointers below point into alive
+        self.flat_prefix = tuple(_flatten(compiled.specs[: len(prefix)], prefix))
+        self.rest_specs = compiled.specs[len(prefix) :]
+
+    def __call__(self, *rest: Any) -> Any:
+        return self.prepare(*rest)()
+
+    def prepare(self, *rest: Any) -> Callable[[], Any]:
+        """As :meth:`Compiled.prepare`, with the rest of the arguments."""
+        compiled = self.compiled
+        if tuple(map(arg_spec, rest)) != self.rest_specs:
+            return functools.partial(compiled.ref.run, *self.prefix, *rest)
+        flat = [*self.flat_prefix, *_flatten(self.rest_specs, rest)]
+        return functools.partial(
+            _run, compiled.function, compiled.raised, flat, compiled.ref, (*self.prefix, *rest)
+        )
 
 
 def status() -> dict[str, Any]:

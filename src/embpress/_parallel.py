@@ -114,21 +114,27 @@ def split_call(
     """Run ``compiled(*part(lo, hi))`` over ``[0, count)`` in contiguous parts, one per
     thread (torch's count; fewer, so that each part has at least ``minimum`` items): the
     first part on this thread, the others on :func:`thread_pool`. Returns the sum of the
-    parts' results (None counts 0), for kernels that count what they refuse."""
+    parts' results (None counts 0), for kernels that count what they refuse. A compiled
+    kernel's arguments are all converted here (``prepare``), so the pool's threads only
+    make the C calls."""
     parts = max(1, min(torch.get_num_threads(), count // max(1, minimum)))
     if parts == 1:
         return int(compiled(*part(0, count)) or 0)
     size = -(-count // parts)
+    prepare = getattr(compiled, "prepare", None)
+    calls = []
+    for lo in range(0, count, size):
+        args = part(lo, min(count, lo + size))
+        calls.append(prepare(*args) if prepare is not None else functools.partial(compiled, *args))
     pool = thread_pool()
     futures = []
-    here = [part(0, size)]  # parts this thread runs: the first, and any the pool refuses
-    for lo in range(size, count, size):
-        args = part(lo, min(count, lo + size))
+    here = [calls[0]]  # calls this thread makes: the first, and any the pool refuses
+    for call in calls[1:]:
         try:
-            futures.append(pool.submit(compiled, *args))
+            futures.append(pool.submit(call))
         except RuntimeError:  # the interpreter is shutting down: no new work for the pool
-            here.append(args)
-    total = sum(int(compiled(*args) or 0) for args in here)
+            here.append(call)
+    total = sum(int(call() or 0) for call in here)
     return total + sum(int(f.result() or 0) for f in futures)
 
 

@@ -438,7 +438,7 @@ class BlockSparseTable(QuantizedTable):
         policy = policy or current_kernel_policy()
         table = self.kernel_args(policy, lambda: self._kernel_table(policy))
         bags = Bags.of(indices, offsets, mode, per_sample_weights)
-        return run_bags(block_sparse_bag, table, bags, rows, dim, run=block_sparse_run)
+        return run_bags(block_sparse_bag, table, bags, rows, dim, run=block_sparse_run, owner=self)
 
     def _kernel_table(self, policy: KernelPolicy) -> BlockSparseKernelTable:
         """The kernel's view of the table (CPU buffers) under ``policy``."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from enum import IntEnum
@@ -292,6 +293,7 @@ def run_bags(
     num_embeddings: int,
     dim: int,
     run: _aot.KernelRef | None = None,
+    owner: Any = None,
 ) -> torch.Tensor:
     """float32 ``[bags, dim]`` from ``kernel(*table, *bags, threads, out)``, a parallel bag
     kernel that writes every output row and returns how many ids were out of range.
@@ -300,15 +302,17 @@ def run_bags(
     ring, acc, out)`` (ring: ``START_RING`` zeroed int64, acc: ``dim`` float32 scratch).
     Where it is compiled ahead of time (``_aot``), it serves instead of ``kernel``, the
     bags split across torch's thread count on Python threads; numba is then not needed.
+    ``owner``: the table the arguments are of; the compiled kernel bound to them (table
+    arguments converted for C once) is kept with it while they stay the same.
     """
     count = bags.offsets.shape[0] - 1
     out = np.empty((count, dim), dtype=np.float32)
-    if run is not None:
+    if run is not None and _aot.enabled():
         ring = np.zeros(START_RING, dtype=np.int64)
         acc = np.empty(dim, dtype=np.float32)
-        compiled = run.compiled((*table, *bags, 0, 0, ring, acc, out))
-        if compiled is not None:
-            check_ids(_split_runs(compiled, table, bags, count, ring, acc, out), num_embeddings)
+        bound = _bound(run, table, (*bags, 0, 0, ring, acc, out), owner)
+        if bound is not None:
+            check_ids(_split_runs(bound, bags, count, ring, acc, out), num_embeddings)
             return torch.from_numpy(out)
     from ._kernels import set_threads
 
@@ -321,16 +325,37 @@ def run_bags(
 _IDS_PER_THREAD = 2048
 
 
+# run kernels bound to a table's arguments (converted for C once), by the table that owns
+# them; an entry lasts while the table does, and serves while its arguments are the same
+_BOUND: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], _aot.KernelRef, _aot.Bound | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _bound(
+    run: _aot.KernelRef, table: tuple[Any, ...], rest: tuple[Any, ...], owner: Any
+) -> _aot.Bound | None:
+    """``run`` compiled and bound to ``table`` (None where it has no compiled form)."""
+    entry = None if owner is None else _BOUND.get(owner)
+    if entry is not None and entry[0] is table and entry[1] is run:
+        return entry[2]
+    compiled = run.compiled((*table, *rest))
+    bound = None if compiled is None else compiled.bind(table)
+    if owner is not None:
+        _BOUND[owner] = (table, run, bound)
+    return bound
+
+
 def _split_runs(
     compiled: Callable[..., int],
-    table: tuple[Any, ...],
     bags: Bags,
     count: int,
     ring: np.ndarray,
     acc: np.ndarray,
     out: np.ndarray,
 ) -> int:
-    """Run a compiled run kernel over bags [0, count) in contiguous runs, one per thread
+    """Run a compiled run kernel (bound to its table) over bags [0, count) in contiguous
+    runs, one per thread
     (torch's count, fewer for small batches; each run with scratch of its own); returns
     the out-of-range ids of all runs."""
     ids = int(bags.offsets[-1]) if count else 0
@@ -338,7 +363,7 @@ def _split_runs(
 
     def part(b0: int, b1: int) -> tuple[Any, ...]:
         if b0 == 0:  # the first part runs on this thread, with the scratch made already
-            return (*table, *bags, b0, b1, ring, acc, out)
-        return (*table, *bags, b0, b1, np.zeros_like(ring), np.empty_like(acc), out)
+            return (*bags, b0, b1, ring, acc, out)
+        return (*bags, b0, b1, np.zeros_like(ring), np.empty_like(acc), out)
 
     return split_call(compiled, count, part, minimum=max(1, _IDS_PER_THREAD // per_bag))
