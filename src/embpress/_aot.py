@@ -391,10 +391,12 @@ class Bound:
     def __call__(self, *rest: Any) -> Any:
         return self.prepare(*rest)()
 
-    def prepare(self, *rest: Any) -> Callable[[], Any]:
-        """As :meth:`Compiled.prepare`, with the rest of the arguments."""
+    def prepare(self, *rest: Any, kinds_checked: bool = False) -> Callable[[], Any]:
+        """As :meth:`Compiled.prepare`, with the rest of the arguments. ``kinds_checked``:
+        the caller made them of the kinds this was bound with (arrays it allocated or made
+        contiguous itself), so they are not checked again."""
         compiled = self.compiled
-        if tuple(map(arg_spec, rest)) != self.rest_specs:
+        if not kinds_checked and tuple(map(arg_spec, rest)) != self.rest_specs:
             return functools.partial(compiled.ref.run, *self.prefix, *rest)
         flat = [*self.flat_prefix, *_flatten(self.rest_specs, rest)]
         return functools.partial(

@@ -36,6 +36,7 @@ tables are codes, the ids integers), with ``nn.EmbeddingBag``'s formula.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -197,6 +198,20 @@ def _renorm(rows: torch.Tensor, max_norm: float | None, norm_type: float) -> tor
     return rows * scale
 
 
+def _offsets_status(values: np.ndarray, total: int, include_last: bool) -> int:
+    """``_kernels.offsets_status``: in Python for a small batch's few bounds (a call into
+    a compiled kernel costs more there), else compiled."""
+    if values.shape[0] > 64:
+        return int(offsets_status.run(values, total, include_last))
+    v = values.tolist()
+    n = len(v)
+    if n > (0 if include_last else 1) and v[0] != 0:
+        return 1
+    if any(b < a for a, b in itertools.pairwise(v)):
+        return 2
+    return 2 if n and v[-1] > total else 0
+
+
 def bag_bounds(
     input: torch.Tensor, offsets: torch.Tensor | None, include_last_offset: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +243,7 @@ def bag_bounds(
         values = bounds.cpu().numpy()
     if values.size == 0:  # nn.EmbeddingBag's error type
         raise RuntimeError("offsets must not be empty when include_last_offset=True")
-    status = offsets_status.run(values, total, include_last_offset)
+    status = _offsets_status(values, total, include_last_offset)
     if status == 1:
         raise RuntimeError(
             "offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import weakref
 from collections.abc import Callable, Iterator
@@ -347,7 +348,7 @@ def _bound(
 
 
 def _split_runs(
-    compiled: Callable[..., int],
+    compiled: _aot.Bound,
     bags: Bags,
     count: int,
     ring: np.ndarray,
@@ -366,4 +367,17 @@ def _split_runs(
             return (*bags, b0, b1, ring, acc, out)
         return (*bags, b0, b1, np.zeros_like(ring), np.empty_like(acc), out)
 
-    return split_call(compiled, count, part, minimum=max(1, _IDS_PER_THREAD // per_bag))
+    # the bags' arrays are int64 / float32 and contiguous (``Bags.of``), the rest made
+    # here: of the kinds the kernel was bound with, so its calls skip the check
+    call = functools.partial(compiled.prepare, kinds_checked=True)
+    return split_call(_Prepared(call), count, part, minimum=max(1, _IDS_PER_THREAD // per_bag))
+
+
+class _Prepared:
+    """A bound kernel whose ``prepare`` skips the argument check (see ``_split_runs``)."""
+
+    def __init__(self, prepare: Callable[..., Callable[[], Any]]) -> None:
+        self.prepare = prepare
+
+    def __call__(self, *args: Any) -> Any:
+        return self.prepare(*args)()
