@@ -839,3 +839,26 @@ def test_library_warnings_are_one_warning_line(tmp_path: Path) -> None:
     lines = [line for line in result.output.splitlines() if "left float" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "UserWarning" not in result.output
     assert "wte.weight (tied to lm_head.weight)" in lines[0]
+
+
+def test_sigterm_under_torchrun_ends_through_clean_up(tmp_path):
+    """torchrun stops the other ranks with SIGTERM when one fails: a rank then leaves
+    through Python's clean-up (its finally blocks remove the temp file beside OUT)."""
+    import signal
+    import subprocess
+    import sys
+
+    marker = tmp_path / "cleaned"
+    code = (
+        "import os, signal, pathlib\n"
+        "from embpress import cli\n"
+        "cli._exit_on_sigterm()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    signal.pause()\n"
+        "finally:\n"
+        f"    pathlib.Path({str(marker)!r}).write_text('yes')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert marker.read_text() == "yes"

@@ -21,8 +21,10 @@ import math
 import os
 import re
 import shlex
+import signal
 import stat
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -638,12 +640,24 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM end this process through Python's clean-up (the temp file beside OUT
+    removed) rather than at once: torchrun stops the other ranks with it when one fails."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def _collective() -> Any:
     """The processes torchrun started (gloo), or None when this one runs alone."""
     if _world_size() <= 1:
         return None
     from .distributed import from_environment
 
+    _exit_on_sigterm()
     try:
         return from_environment()
     except (RuntimeError, ValueError) as err:
