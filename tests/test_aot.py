@@ -276,21 +276,130 @@ def test_arguments_without_a_faithful_compiled_form_go_to_numba():
 
 
 def test_runs_go_on_this_thread_once_the_pool_refuses_work(monkeypatch):
-    """At interpreter exit the pool takes no new work: the split runs every part here."""
+    """At interpreter exit the Python pool takes no new work: a split over rows runs every
+    part here (the compression's kernels; lookups split in C)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from embpress import _parallel
+    from embpress import _finite, _parallel
 
     closed = ThreadPoolExecutor(max_workers=1)
     closed.shutdown()
     monkeypatch.setattr(_parallel, "thread_pool", lambda: closed)
-    gen = torch.Generator().manual_seed(4)
-    table = _table(gen, 60, 128, 8, 4, 0.8)
-    idx, bounds, _ = _bags(gen, 60, [7, 7, 7, 7, 7], False)
+    values = np.ones((900, 8), dtype=np.float32)
+    values[[3, 450, 899], [0, 5, 7]] = np.nan
+    ref = _aot.KernelRef("embpress._finite", "count_nonfinite", returns="int64")
     with _threads(3):
-        split = table.fast_bag(idx, bounds, 0, None)
-    monkeypatch.undo()
-    assert torch.equal(split, table.fast_bag(idx, bounds, 0, None))
+        assert _parallel.rows_call(ref, values, rows=(0,), minimum=1) == 3
+    assert _finite.count_nonfinite(values) == 3
+
+
+# a kernel over a range of items, for the split's own tests: out[i] = 10 // values[i]
+_RANGED = textwrap.dedent(
+    """
+    import numba
+
+    @numba.njit(nogil=True)
+    def ranged(values, lo, hi, scratch, out):
+        for i in range(lo, hi):
+            scratch[0] += 1  # this thread's own row: counts the items it took
+            out[i] = 10 // values[i]
+        return hi - lo
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def ranged(tmp_path_factory):
+    """``ranged`` compiled ahead of time (in a cache of the tests' own) and bound to
+    nothing; and its KernelRef."""
+    where = tmp_path_factory.mktemp("ranged")
+    (where / "embpress_test_ranged.py").write_text(_RANGED)
+    sys.path.insert(0, str(where))
+    try:
+        with _env(**{_aot.CACHE_ENV: str(where / "cache")}):
+            ref = _aot.KernelRef("embpress_test_ranged", "ranged", returns="int64")
+            sample = (np.ones(1, np.int64), 0, 1, np.zeros(1, np.int64), np.zeros(1, np.int64))
+            compiled = ref.compiled(sample)
+        assert compiled is not None, _aot.status()["numba_fallbacks"]
+        yield compiled.bind(()), ref
+    finally:
+        sys.path.remove(str(where))
+
+
+def _split_ranged(bound, values, threads, chunk):
+    count = values.shape[0]
+    scratch = lookup._per_thread(max(1, threads), 1, np.int64)
+    out = np.zeros(count, np.int64)
+    total = bound.split((values, 0, 0, scratch[0], out), (1, 2), count, threads, chunk, {3: scratch})
+    return total, out, scratch[:, 0].copy()
+
+
+@settings(max_examples=40, deadline=None)
+@given(count=st.integers(0, 300), threads=st.integers(1, 6), chunk=st.integers(1, 400))
+def test_a_split_in_c_covers_every_item_once_on_any_threads_and_chunks(ranged, count, threads, chunk):
+    bound, _ = ranged
+    values = np.arange(1, count + 1, dtype=np.int64)
+    total, out, taken = _split_ranged(bound, values, threads, chunk)
+    assert total == count  # the chunks' results summed
+    assert out.tolist() == (10 // values).tolist()
+    assert taken.sum() == count and (taken[threads:] == 0).all()  # each thread wrote its own row
+
+
+def test_a_split_from_several_python_threads_at_once_gives_each_its_own_result(ranged):
+    """A split started while another runs goes serially on its caller's thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bound, _ = ranged
+    inputs = [np.arange(1, 5000 + k, dtype=np.int64) for k in range(8)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda v: _split_ranged(bound, v, 3, 17), inputs))
+    for values, (total, out, _) in zip(inputs, results, strict=True):
+        assert total == values.shape[0] and out.tolist() == (10 // values).tolist()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the C wrapper's print
+def test_a_kernel_that_raises_in_a_split_gives_numbas_exception(ranged):
+    bound, _ = ranged
+    values = np.arange(1, 101, dtype=np.int64)
+    values[77] = 0  # in a chunk another thread may take
+    with pytest.raises(ZeroDivisionError):
+        _split_ranged(bound, values, 3, 5)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_split_runs_in_a_child_forked_after_its_threads_started(ranged):
+    bound, _ = ranged
+    values = np.arange(1, 1001, dtype=np.int64)
+    assert _split_ranged(bound, values, 3, 7)[0] == 1000  # the library's threads started
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: none of the parent's threads
+        ok = False
+        with contextlib.suppress(BaseException):
+            total, out, taken = _split_ranged(bound, values, 3, 7)
+            ok = total == 1000 and out.tolist() == (10 // values).tolist() and taken.sum() == 1000
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert answer == b"1"
+
+
+def test_scratch_rows_of_different_threads_never_share_a_line():
+    for threads, length, dtype in (
+        (1, 1, np.int64),
+        (3, 64, np.int64),
+        (4, 36, np.float32),
+        (5, 3, np.float32),
+    ):
+        rows = lookup._per_thread(threads, length, dtype)
+        assert rows.shape == (threads, length) and not rows.any()
+        starts = [rows[t].ctypes.data for t in range(threads)]
+        assert all(start % lookup._LINE == 0 for start in starts)
+        assert all(b - a >= length * rows.itemsize for a, b in itertools.pairwise(starts))
+        assert rows.strides[0] % lookup._LINE == 0 and rows[0].flags.c_contiguous
 
 
 _CHILD = textwrap.dedent(

@@ -31,14 +31,17 @@ exception.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import functools
 import hashlib
 import importlib
+import itertools
 import json
 import os
 import platform
+import struct
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -52,11 +55,8 @@ __all__ = ["AOT_ENV", "CACHE_ENV", "KernelRef", "cache_dir", "enabled", "status"
 AOT_ENV = "EMBPRESS_AOT"
 CACHE_ENV = "EMBPRESS_CACHE_DIR"
 
-# the C type of each argument kind: an array is its data pointer and then its shape
-_C_INT = ctypes.c_int64
-_C_PTR = ctypes.c_void_p
-_C_FLOAT = ctypes.c_double
-_RETURNS = {"int64": ctypes.c_int64, "none": None}
+_RETURNS = ("int64", "none")
+_FLOAT_BITS_OF, _FLOAT_BITS = struct.Struct("<d"), struct.Struct("<q")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -101,21 +101,17 @@ def arg_spec(value: Any) -> str | None:
     return None
 
 
-def c_argtypes(specs: Sequence[str]) -> list[Any]:
-    """The ctypes argument list of a wrapper taking arguments of these kinds."""
-    out: list[Any] = []
-    for spec in specs:
-        if spec[0] == "a":
-            out += [_C_PTR] + [_C_INT] * int(spec[1])
-        elif spec[0] == "t":
-            out += [_C_INT] * int(spec[1:])
-        else:
-            out.append(_C_FLOAT if spec == "f" else _C_INT)
-    return out
+def slot_count(spec: str) -> int:
+    """How many int64 slots an argument of this kind takes in an argument block: an array
+    its address and its shape, a tuple its items, anything else one."""
+    kind = spec[0]
+    return 1 + int(spec[1]) if kind == "a" else int(spec[1:]) if kind == "t" else 1
 
 
-def _flatten(specs: Sequence[str], args: Sequence[Any]) -> list[Any]:
-    out: list[Any] = []
+def pack(specs: Sequence[str], args: Sequence[Any]) -> list[int]:
+    """The argument block of ``args`` (of kinds ``specs``) as the library's
+    ``embpress_call`` reads it (``_aot_build``): int64 slots, a float as its IEEE bits."""
+    out: list[int] = []
     for spec, value in zip(specs, args, strict=True):
         kind = spec[0]
         if kind == "a":
@@ -124,7 +120,7 @@ def _flatten(specs: Sequence[str], args: Sequence[Any]) -> list[Any]:
         elif kind == "t":
             out.extend(value)
         elif kind == "f":
-            out.append(float(value))
+            out.append(_FLOAT_BITS.unpack(_FLOAT_BITS_OF.pack(float(value)))[0])
         else:
             out.append(int(value))
     return out
@@ -245,17 +241,16 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _open(path: Path, specs: Sequence[str], returns: str) -> Any:
-    """The library's entry point, typed for ``specs`` (OSError / AttributeError where the
-    file cannot be loaded or lacks it)."""
+def _open(path: Path) -> Any:
+    """The library and its two entry points, typed (``_aot_build`` describes them;
+    OSError / AttributeError where the file cannot be loaded or lacks them)."""
     _check_trusted(path)
     library = ctypes.CDLL(str(path))
-    function = library.embpress_kernel
-    function.argtypes = c_argtypes(specs)
-    function.restype = _RETURNS[returns]
-    raised = library.embpress_raised
-    raised.argtypes, raised.restype = [], ctypes.c_int
-    return library, function, raised
+    call = library.embpress_call
+    call.argtypes, call.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int64
+    split = library.embpress_split
+    split.argtypes, split.restype = [ctypes.c_int64] * 8, ctypes.c_int64
+    return library, call, split
 
 
 class KernelRef:
@@ -318,14 +313,14 @@ class KernelRef:
             where = version_dir()
             path = where / f"{kernel_key(self.module, self.name, specs, returns)}.so"
             try:
-                library, function, raised = _open(path, specs, returns)
+                library, call, split = _open(path)
             except (OSError, AttributeError) as err:
                 if isinstance(err, PermissionError):
                     raise
                 from . import _aot_build  # missing or damaged: (re)built, under a lock
 
                 _aot_build.build(self.module, self.name, specs, returns, path, replace=path.exists())
-                library, function, raised = _open(path, specs, returns)
+                library, call, split = _open(path)
                 _prune(where)
             if where not in _touched:  # marks the version as in use (see _prune)
                 _touched.add(where)
@@ -336,16 +331,19 @@ class KernelRef:
             return None
         _failures.pop(self.name, None)
         _used.add(self.name)
-        return Compiled(self, library, function, raised, tuple(specs))
+        return Compiled(self, library, call, split, tuple(specs))
 
 
-def _run(function: Any, raised: Any, flat: Sequence[Any], ref: KernelRef, args: Sequence[Any]) -> Any:
-    """Call a compiled kernel on its converted arguments; where it raised (a flag of this
-    thread), run it again under numba, which raises its own exception."""
-    result = function(*flat)
-    if raised():
-        return ref.numba(*args)
-    return result
+def _run(compiled: Compiled, flat: Sequence[int], args: Sequence[Any]) -> Any:
+    """Call a compiled kernel on its argument block; where it raised, run it again under
+    numba, which raises its own exception."""
+    block = array.array("q", flat)
+    block.append(0)  # the raise flag
+    address = block.buffer_info()[0]
+    result = compiled.call(address, address + 8 * len(flat))
+    if block[-1]:
+        return compiled.ref.numba(*args)
+    return None if compiled.ref.returns == "none" else result
 
 
 class Compiled:
@@ -353,55 +351,77 @@ class Compiled:
     same arguments as the numba kernel. A kernel that raised is rerun under numba, whose
     exception the caller gets (the C wrapper can only print one)."""
 
-    def __init__(
-        self, ref: KernelRef, library: Any, function: Any, raised: Any, specs: tuple[str, ...]
-    ) -> None:
+    def __init__(self, ref: KernelRef, library: Any, call: Any, split: Any, specs: tuple[str, ...]) -> None:
         self.ref = ref
         self.library = library  # keeps it loaded
-        self.function = function
-        self.raised = raised
+        self.call = call
+        self.split = split
         self.specs = specs
+        # each argument's first slot in the argument block
+        self.slots = tuple(itertools.accumulate((slot_count(s) for s in specs[:-1]), initial=0))
 
     def __call__(self, *args: Any) -> Any:
         return self.prepare(*args)()
 
     def prepare(self, *args: Any) -> Callable[[], Any]:
-        """The call on ``args`` with its arguments converted here, to run later (on
+        """The call on ``args`` with its argument block made here, to run later (on
         another thread: only the C call and the raise check are left to it)."""
-        flat = _flatten(self.specs, args)
-        return functools.partial(_run, self.function, self.raised, flat, self.ref, args)
+        return functools.partial(_run, self, pack(self.specs, args), args)
 
     def bind(self, prefix: Sequence[Any]) -> Bound:
-        """This kernel with its leading arguments fixed (converted for C once: a table's
-        arrays and fields, called again and again with new lookups)."""
+        """This kernel with its leading arguments fixed (packed once: a table's arrays
+        and fields, called again and again with new lookups)."""
         return Bound(self, tuple(prefix))
 
 
 class Bound:
-    """A :class:`Compiled` kernel with its leading arguments converted once; called with
-    the rest. Arguments of other kinds than those it was compiled for go to
-    ``KernelRef.run`` (their own library, or numba)."""
+    """A :class:`Compiled` kernel with its leading arguments packed once; run with the
+    rest over a range of items split across threads (:meth:`split`)."""
 
     def __init__(self, compiled: Compiled, prefix: tuple[Any, ...]) -> None:
         self.compiled = compiled
-        self.prefix = prefix  # keeps the arrays the pointers below point into alive
-        self.flat_prefix = tuple(_flatten(compiled.specs[: len(prefix)], prefix))
+        self.prefix = prefix  # keeps the arrays the addresses below point into alive
+        self.flat_prefix = pack(compiled.specs[: len(prefix)], prefix)
         self.rest_specs = compiled.specs[len(prefix) :]
 
-    def __call__(self, *rest: Any) -> Any:
-        return self.prepare(*rest)()
+    def split(
+        self,
+        rest: Sequence[Any],
+        bounds: tuple[int, int],
+        count: int,
+        threads: int,
+        chunk: int,
+        scratch: dict[int, Any],
+    ) -> Any:
+        """The kernel over items ``[0, count)`` in chunks of ``chunk`` handed to
+        ``threads`` threads in C (the library's ``embpress_split``), with ``rest`` after
+        the bound arguments: ``rest[bounds[0]]`` and ``rest[bounds[1]]`` are replaced by
+        each chunk's bounds; ``scratch`` maps a position of ``rest`` to an array with a
+        row per thread (``rest`` holds its row 0), each thread using its own row.
 
-    def prepare(self, *rest: Any, kinds_checked: bool = False) -> Callable[[], Any]:
-        """As :meth:`Compiled.prepare`, with the rest of the arguments. ``kinds_checked``:
-        the caller made them of the kinds this was bound with (arrays it allocated or made
-        contiguous itself), so they are not checked again."""
+        ``rest`` must be of the kinds this was bound with (the caller made its arrays:
+        they are not checked again). Returns the sum of the chunks' results (None for a
+        kernel that returns nothing); a kernel that raised is rerun under numba on the
+        whole range, which raises its own exception."""
         compiled = self.compiled
-        if not kinds_checked and tuple(map(arg_spec, rest)) != self.rest_specs:
-            return functools.partial(compiled.ref.run, *self.prefix, *rest)
-        flat = [*self.flat_prefix, *_flatten(self.rest_specs, rest)]
-        return functools.partial(
-            _run, compiled.function, compiled.raised, flat, compiled.ref, (*self.prefix, *rest)
-        )
+        first = len(self.prefix)
+        flat = [*self.flat_prefix, *pack(self.rest_specs, rest)]
+        stride = len(flat) + 1  # each thread's block, then a slot (row 0's: the raise flag)
+        threads = max(1, threads)
+        block = array.array("q", [*flat, 0] * threads)
+        for position, rows in scratch.items():
+            slot = compiled.slots[first + position]
+            base, step = rows.ctypes.data, rows.strides[0]
+            for t in range(1, threads):
+                block[t * stride + slot] = base + t * step
+        address = block.buffer_info()[0]
+        lo, hi = (compiled.slots[first + p] for p in bounds)
+        result = compiled.split(address, stride, threads, lo, hi, count, chunk, address + 8 * (stride - 1))
+        if block[stride - 1]:
+            full = list(rest)
+            full[bounds[0]], full[bounds[1]] = 0, count
+            return compiled.ref.numba(*self.prefix, *full)
+        return None if compiled.ref.returns == "none" else result
 
 
 def status() -> dict[str, Any]:

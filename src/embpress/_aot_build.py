@@ -44,7 +44,6 @@ extern void PyGILState_Release(int);
 extern void PyErr_SetString(PyObject *, const char *);
 static const char MESSAGE[] = "embpress: a kernel compiled ahead of time raised (rerun under numba)";
 static __thread int raised;
-int embpress_raised(void) { int was = raised; raised = 0; return was; }
 void numba_gil_ensure(int *state) { *state = PyGILState_Ensure(); }
 void numba_gil_release(int *state) { PyGILState_Release(*state); }
 void numba_do_raise(void *excinfo) {
@@ -62,6 +61,174 @@ void *numba_runtime_build_excinfo_struct(void *a, void *b) { (void)a; (void)b; r
 void NRT_Free(void *p) { free(p); }
 void NRT_MemInfo_call_dtor(void *meminfo) { (void)meminfo; }
 """
+
+# The library's interface to Python (one C file with the stand-ins and the packed call):
+#
+#   int64_t embpress_call(const int64_t *argv, int64_t *raised)
+#       the kernel on one argument block (``_aot.pack``: an array is its address and then
+#       its shape, an int or bool one slot, a float its IEEE bits); sets *raised to 1 if
+#       the kernel raised, and returns its result (0 for a kernel returning nothing).
+#   int64_t embpress_split(int64_t *argvs, int64_t nargs, int64_t threads,
+#                          int64_t lo_slot, int64_t hi_slot, int64_t count, int64_t chunk,
+#                          int64_t *raised)
+#       the kernel over items [0, count) in chunks of ``chunk`` on ``threads`` threads:
+#       thread t takes the block ``argvs + t * nargs`` (its own scratch) and writes each
+#       chunk's bounds into its slots ``lo_slot`` and ``hi_slot``; chunks are handed out
+#       as threads ask for them. Returns the sum of the calls' results. The calling thread
+#       takes part; the others are the library's own pool, started on first use. A call
+#       made while another thread's is running runs serially on the calling thread.
+_POOL = r"""
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct {
+    int64_t *argvs;
+    int64_t nargs, threads, lo_slot, hi_slot, count, chunk;
+    int64_t next, total, raised, pending; /* updated with __atomic builtins */
+} job_t;
+
+#define MAX_WORKERS 255
+static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER; /* one parallel job at a time */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t done_cv = PTHREAD_COND_INITIALIZER;
+static job_t *current;
+static int64_t generation;
+static int workers;
+static int fork_handler;
+
+static void work(job_t *job, int64_t *argv) {
+    for (;;) {
+        int64_t lo = __atomic_fetch_add(&job->next, job->chunk, __ATOMIC_RELAXED);
+        if (lo >= job->count) break;
+        int64_t hi = job->count - lo > job->chunk ? lo + job->chunk : job->count;
+        argv[job->lo_slot] = lo;
+        argv[job->hi_slot] = hi;
+        int64_t was = 0;
+        int64_t result = embpress_call(argv, &was);
+        if (was) __atomic_store_n(&job->raised, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&job->total, result, __ATOMIC_RELAXED);
+    }
+}
+
+static void *worker(void *arg) {
+    int64_t index = (int64_t)(intptr_t)arg, seen = 0;
+    pthread_mutex_lock(&pool_mu);
+    for (;;) {
+        while (generation == seen) pthread_cond_wait(&pool_cv, &pool_mu);
+        seen = generation;
+        job_t *job = current;
+        if (job == NULL || index >= job->threads) continue;
+        pthread_mutex_unlock(&pool_mu);
+        work(job, job->argvs + index * job->nargs);
+        pthread_mutex_lock(&pool_mu);
+        if (--job->pending == 0) pthread_cond_signal(&done_cv);
+    }
+    return NULL;
+}
+
+static void after_fork_in_child(void) {
+    /* the child has none of the parent's threads: start afresh */
+    pthread_mutex_init(&job_lock, NULL);
+    pthread_mutex_init(&pool_mu, NULL);
+    pthread_cond_init(&pool_cv, NULL);
+    pthread_cond_init(&done_cv, NULL);
+    current = NULL;
+    generation = 0;
+    workers = 0;
+}
+
+/* the pool's size raised to ``wanted`` workers where it can be (under pool_mu); returns
+   how many of them a job may use: ``wanted``, or fewer where threads could not start */
+static int grow(int wanted) {
+    if (!fork_handler) {
+        pthread_atfork(NULL, NULL, after_fork_in_child);
+        fork_handler = 1;
+    }
+    while (workers < wanted) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&thread, &attr, worker, (void *)(intptr_t)(workers + 1));
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        workers++;
+    }
+    return workers < wanted ? workers : wanted;
+}
+
+int64_t embpress_split(int64_t *argvs, int64_t nargs, int64_t threads, int64_t lo_slot,
+                       int64_t hi_slot, int64_t count, int64_t chunk, int64_t *raised_out) {
+    job_t job;
+    memset(&job, 0, sizeof job);
+    job.argvs = argvs;
+    job.nargs = nargs;
+    job.lo_slot = lo_slot;
+    job.hi_slot = hi_slot;
+    job.count = count;
+    job.chunk = chunk > 0 ? chunk : 1;
+    if (threads > MAX_WORKERS + 1) threads = MAX_WORKERS + 1;
+    if (threads > 1 && pthread_mutex_trylock(&job_lock) == 0) {
+        pthread_mutex_lock(&pool_mu);
+        int helpers = grow((int)threads - 1);
+        job.threads = helpers + 1;
+        job.pending = helpers;
+        current = &job;
+        generation++;
+        pthread_cond_broadcast(&pool_cv);
+        pthread_mutex_unlock(&pool_mu);
+        work(&job, argvs);
+        pthread_mutex_lock(&pool_mu);
+        while (job.pending > 0) pthread_cond_wait(&done_cv, &pool_mu);
+        current = NULL;
+        pthread_mutex_unlock(&pool_mu);
+        pthread_mutex_unlock(&job_lock);
+    } else {
+        job.threads = 1;
+        work(&job, argvs);
+    }
+    *raised_out = job.raised;
+    return job.total;
+}
+"""
+
+
+def _packed_source(specs: Sequence[str], returns: str) -> str:
+    """C source of ``embpress_call``: the kernel's C arguments read from one block."""
+    params: list[str] = []
+    values: list[str] = []
+    floats: list[str] = []
+    slot = 0
+    for spec in specs:
+        kind = spec[0]
+        width = 1 + int(spec[1]) if kind == "a" else int(spec[1:]) if kind == "t" else 1
+        for k in range(width):
+            if kind == "a" and k == 0:
+                params.append("void *")
+                values.append(f"(void *)a[{slot}]")
+            elif kind == "f":
+                params.append("double")
+                floats.append(f"    double f{slot};\n    memcpy(&f{slot}, a + {slot}, sizeof f{slot});\n")
+                values.append(f"f{slot}")
+            else:
+                params.append("int64_t")
+                values.append(f"a[{slot}]")
+            slot += 1
+    result = "int64_t" if returns == "int64" else "void"
+    call = f"{ENTRY}({', '.join(values)})"
+    body = f"    int64_t r = {call};\n" if returns == "int64" else f"    {call};\n    int64_t r = 0;\n"
+    return (
+        "#include <stdint.h>\n#include <string.h>\n"
+        f"extern {result} {ENTRY}({', '.join(params) or 'void'});\n"
+        "int64_t embpress_call(const int64_t *a, int64_t *raised_out) {\n"
+        + "".join(floats)
+        + body
+        + "    if (raised) { raised = 0; *raised_out = 1; }\n    return r;\n}\n"
+    )
 
 
 def compiler() -> list[str] | None:
@@ -110,7 +277,7 @@ def _loads(path: Path) -> bool:
     import ctypes
 
     try:
-        ctypes.CDLL(str(path)).embpress_kernel  # noqa: B018  (the lookup is the check)
+        ctypes.CDLL(str(path)).embpress_split  # noqa: B018  (the lookup is the check)
     except (OSError, AttributeError):
         return False
     return True
@@ -169,11 +336,11 @@ def build(
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as work:
             obj = Path(work) / "kernel.o"
             obj.write_bytes(machine.emit_object(llvm_module))
-            standins = Path(work) / "standins.c"
-            standins.write_text(_STANDINS)
+            standins = Path(work) / "call.c"
+            standins.write_text(_STANDINS + _packed_source(specs, returns) + _POOL)
             linked = Path(work) / "kernel.so"
             done = subprocess.run(
-                [*cc, "-shared", "-fPIC", "-O2", "-o", str(linked), str(obj), str(standins)],
+                [*cc, "-shared", "-fPIC", "-O2", "-pthread", "-o", str(linked), str(obj), str(standins)],
                 capture_output=True,
                 text=True,
                 check=False,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import weakref
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ import torch
 
 from .. import _aot
 from .._buffers import huge_pages_mode
-from .._parallel import parallel_call, split_call
+from .._parallel import parallel_call
 from . import _paths
 from ._paths import KERNEL_ENV, KERNEL_PATHS, START_RING, available_paths, process_path
 
@@ -301,19 +300,24 @@ def run_bags(
 
     ``run``: the same computation for one thread's bags, ``run(*table, *bags, b0, b1,
     ring, acc, out)`` (ring: ``START_RING`` zeroed int64, acc: ``dim`` float32 scratch).
-    Where it is compiled ahead of time (``_aot``), it serves instead of ``kernel``, the
-    bags split across torch's thread count on Python threads; numba is then not needed.
-    ``owner``: the table the arguments are of; the compiled kernel bound to them (table
-    arguments converted for C once) is kept with it while they stay the same.
+    Where it is compiled ahead of time (``_aot``), it serves instead of ``kernel``, its
+    bags handed in chunks to torch's thread count of threads in C (``Bound.split``);
+    numba is then not needed. ``owner``: the table the arguments are of; the compiled
+    kernel bound to them (table arguments packed once) is kept with it while they stay
+    the same.
     """
     count = bags.offsets.shape[0] - 1
     out = np.empty((count, dim), dtype=np.float32)
     if run is not None and _aot.enabled():
-        ring = np.zeros(START_RING, dtype=np.int64)
-        acc = np.empty(dim, dtype=np.float32)
-        bound = _bound(run, table, (*bags, 0, 0, ring, acc, out), owner)
+        threads, chunk = _threads_and_chunk(bags, count)
+        rings = _per_thread(threads, START_RING, np.int64)
+        accs = _per_thread(threads, dim, np.float32)
+        rest = (*bags, 0, count, rings[0], accs[0], out)
+        bound = _bound(run, table, rest, owner)
         if bound is not None:
-            check_ids(_split_runs(bound, bags, count, ring, acc, out), num_embeddings)
+            at = len(bags)  # where the run's own arguments start in ``rest``
+            bad = bound.split(rest, (at, at + 1), count, threads, chunk, {at + 2: rings, at + 3: accs})
+            check_ids(bad, num_embeddings)
             return torch.from_numpy(out)
     from ._kernels import set_threads
 
@@ -324,10 +328,37 @@ def run_bags(
 # below this many ids a batch runs on the calling thread alone (handing a run to another
 # thread costs more than it saves)
 _IDS_PER_THREAD = 2048
+# a compiled run kernel's bags go to its threads in chunks, about this many per thread, so
+# that a thread that finishes early takes more (Zipf ids make some bags slower)
+_CHUNKS_PER_THREAD = 8
 
 
-# run kernels bound to a table's arguments (converted for C once), by the table that owns
-# them; an entry lasts while the table does, and serves while its arguments are the same
+# scratch rows of different threads never share a cache line pair (the adjacent-line
+# prefetcher fetches 128 bytes): a line two cores write in turn slows them both
+_LINE = 128
+
+
+def _per_thread(threads: int, length: int, dtype: type) -> np.ndarray:
+    """Zeroed scratch, a row of ``length`` items per thread, each row on lines of its own."""
+    itemsize = np.dtype(dtype).itemsize
+    row = -(-length * itemsize // _LINE) * _LINE // itemsize
+    raw: np.ndarray = np.zeros(threads * row + _LINE // itemsize, dtype=dtype)
+    shift = (-raw.ctypes.data % _LINE) // itemsize
+    return raw[shift : shift + threads * row].reshape(threads, row)[:, :length]
+
+
+def _threads_and_chunk(bags: Bags, count: int) -> tuple[int, int]:
+    """How many threads a compiled run kernel uses on these bags (torch's count, fewer
+    for small batches), and how many bags each of its chunks takes."""
+    ids = int(bags.offsets[-1]) if count else 0
+    threads = max(1, min(torch.get_num_threads(), ids // _IDS_PER_THREAD))
+    if threads == 1:
+        return 1, max(1, count)
+    return threads, max(1, -(-count // (threads * _CHUNKS_PER_THREAD)))
+
+
+# run kernels bound to a table's arguments (packed once), by the table that owns them; an
+# entry lasts while the table does, and serves while its arguments are the same
 _BOUND: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], _aot.KernelRef, _aot.Bound | None]] = (
     weakref.WeakKeyDictionary()
 )
@@ -345,39 +376,3 @@ def _bound(
     if owner is not None:
         _BOUND[owner] = (table, run, bound)
     return bound
-
-
-def _split_runs(
-    compiled: _aot.Bound,
-    bags: Bags,
-    count: int,
-    ring: np.ndarray,
-    acc: np.ndarray,
-    out: np.ndarray,
-) -> int:
-    """Run a compiled run kernel (bound to its table) over bags [0, count) in contiguous
-    runs, one per thread
-    (torch's count, fewer for small batches; each run with scratch of its own); returns
-    the out-of-range ids of all runs."""
-    ids = int(bags.offsets[-1]) if count else 0
-    per_bag = max(1, ids // max(1, count))
-
-    def part(b0: int, b1: int) -> tuple[Any, ...]:
-        if b0 == 0:  # the first part runs on this thread, with the scratch made already
-            return (*bags, b0, b1, ring, acc, out)
-        return (*bags, b0, b1, np.zeros_like(ring), np.empty_like(acc), out)
-
-    # the bags' arrays are int64 / float32 and contiguous (``Bags.of``), the rest made
-    # here: of the kinds the kernel was bound with, so its calls skip the check
-    call = functools.partial(compiled.prepare, kinds_checked=True)
-    return split_call(_Prepared(call), count, part, minimum=max(1, _IDS_PER_THREAD // per_bag))
-
-
-class _Prepared:
-    """A bound kernel whose ``prepare`` skips the argument check (see ``_split_runs``)."""
-
-    def __init__(self, prepare: Callable[..., Callable[[], Any]]) -> None:
-        self.prepare = prepare
-
-    def __call__(self, *args: Any) -> Any:
-        return self.prepare(*args)()
