@@ -387,6 +387,25 @@ def test_a_split_runs_in_a_child_forked_after_its_threads_started(ranged):
     assert answer == b"1"
 
 
+def test_an_arrays_address_is_numpys_for_every_kind_of_array():
+    arrays = [np.arange(10, dtype=np.int64), np.zeros((3, 4), np.float32), np.zeros(0, np.float32)]
+    arrays.append(np.zeros((8, 8), np.uint8)[2])  # a row: its own start, not the base's
+    fixed = np.ones(5, np.int32)
+    fixed.flags.writeable = False  # no writable buffer: numpy's answer
+    for a in [*arrays, fixed]:
+        assert _aot.address(a) == a.ctypes.data
+    assert _aot.pack(["a2<f4", "i", "f", "t2", "b"], [arrays[1], 7, -2.5, (4, 5), True]) == [
+        arrays[1].ctypes.data,
+        3,
+        4,
+        7,
+        int(np.float64(-2.5).view(np.int64)),
+        4,
+        5,
+        1,
+    ]
+
+
 def test_scratch_rows_of_different_threads_never_share_a_line():
     for threads, length, dtype in (
         (1, 1, np.int64),

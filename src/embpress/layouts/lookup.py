@@ -310,14 +310,18 @@ def run_bags(
     out = np.empty((count, dim), dtype=np.float32)
     if run is not None and _aot.enabled():
         threads, chunk = _threads_and_chunk(bags, count)
-        rings = _per_thread(threads, START_RING, np.int64)
-        accs = _per_thread(threads, dim, np.float32)
-        rest = (*bags, 0, count, rings[0], accs[0], out)
+        at = len(bags)  # where the run's own arguments start in ``rest``
+        if threads == 1:
+            scratch: dict[int, np.ndarray] = {}
+            rest = (*bags, 0, count, np.zeros(START_RING, np.int64), np.empty(dim, np.float32), out)
+        else:
+            rings = _per_thread(threads, START_RING, np.int64)
+            accs = _per_thread(threads, dim, np.float32)
+            scratch = {at + 2: rings, at + 3: accs}
+            rest = (*bags, 0, count, rings[0], accs[0], out)
         bound = _bound(run, table, rest, owner)
         if bound is not None:
-            at = len(bags)  # where the run's own arguments start in ``rest``
-            bad = bound.split(rest, (at, at + 1), count, threads, chunk, {at + 2: rings, at + 3: accs})
-            check_ids(bad, num_embeddings)
+            check_ids(bound.split(rest, (at, at + 1), count, threads, chunk, scratch), num_embeddings)
             return torch.from_numpy(out)
     from ._kernels import set_threads
 
