@@ -266,6 +266,67 @@ def test_starting_mask_is_one_byte_an_entry_and_needs_no_copy():
     assert not bool(s.kept_mask("t")[0, 0]) and int(s.kept_mask("t").sum()) == x.numel() - 1
 
 
+def _seen_during_step(monkeypatch, s, fail=False):
+    """The size of mask "t" while ``s.step()`` computes its new one (``fail``: which then
+    raises)."""
+    from embpress.sparsify import data_norm
+
+    seen = []
+
+    def spy(data, *args):
+        seen.append(s.get_mask("t").numel())
+        if fail:
+            raise MemoryError("no room for the norms")
+        return block_norm_mask(data, *args)
+
+    monkeypatch.setattr(data_norm, "block_norm_mask", spy)
+    if fail:
+        with pytest.raises(MemoryError):
+            s.step()
+    else:
+        s.step()
+    monkeypatch.undo()
+    return seen[0]
+
+
+def test_the_starting_mask_is_freed_while_the_first_mask_is_computed(monkeypatch):
+    """Its memory then serves the new mask (a large table's peak falls by the mask's size);
+    the object stays the one the API returned, and holds the new mask afterwards."""
+    x = torch.randn(64, 16)
+    s = DataNormSparsifier(sparsity_level=0.5)
+    s.add_data("t", x)
+    mask = s.get_mask("t")
+    assert _seen_during_step(monkeypatch, s) == 0
+    assert s.get_mask("t") is mask and mask.shape == x.shape and mask.dtype == torch.int8
+    assert torch.equal(mask.bool(), block_norm_mask(x, 0.5)) and torch.equal(s.kept_mask("t"), mask.bool())
+    assert _seen_during_step(monkeypatch, s) == x.numel()  # a computed mask is never freed
+
+
+def test_a_failed_first_mask_leaves_the_starting_mask_as_it_was(monkeypatch):
+    x = torch.randn(64, 16)
+    s = DataNormSparsifier(sparsity_level=0.5)
+    s.add_data("t", x)
+    mask = s.get_mask("t")
+    assert _seen_during_step(monkeypatch, s, fail=True) == 0
+    assert s.get_mask("t") is mask and mask.shape == x.shape and mask.dtype == torch.int8
+    assert bool((mask == 1).all()) and bool(s.kept_mask("t").all())
+    assert s.kept_mask("t").data_ptr() == mask.data_ptr()
+    assert _seen_during_step(monkeypatch, s) == 0  # still the untouched starting mask
+    assert torch.equal(mask.bool(), block_norm_mask(x, 0.5))
+
+
+def test_a_starting_mask_written_by_the_user_is_kept_while_the_first_is_computed(monkeypatch):
+    x = torch.randn(64, 16)
+    s = DataNormSparsifier(sparsity_level=0.5)
+    s.add_data("t", x)
+    s.get_mask("t")[0, 0] = 0  # in place: no longer the mask add_data made
+    assert _seen_during_step(monkeypatch, s) == x.numel()
+    held = DataNormSparsifier(sparsity_level=0.5)
+    held.add_data("t", x)
+    held.state["t"]["mask"] = torch.ones(64, 16, dtype=torch.int8)  # replaced by the user
+    assert _seen_during_step(monkeypatch, held) == x.numel()
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64])
 def test_starting_mask_keeps_any_data_dtype(dtype):
     """Where int8 would change the data's dtype in ``mask * data`` the mask has the data's."""

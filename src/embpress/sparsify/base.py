@@ -77,6 +77,8 @@ class BaseDataSparsifier(abc.ABC):
         self._squashed: set[str] = set()
         # name -> (bool mask, version of the public mask) while that mask is its int8 view
         self._kept: dict[str, tuple[torch.Tensor, int]] = {}
+        # name -> (version, address) of the all-ones mask ``add_data`` made, while untouched
+        self._all_ones: dict[str, tuple[int, int]] = {}
         self.enable_mask_update = True
         if data_list is not None:
             for name, data in data_list:
@@ -134,6 +136,8 @@ class BaseDataSparsifier(abc.ABC):
         self.state[name]["mask"] = mask
         if kept is not None:
             self._kept[name] = kept
+            if fresh:
+                self._all_ones[name] = (mask._version, mask.data_ptr())
         self.data_groups[name] = local_args
         return weight if fresh else mask * weight
 
@@ -178,6 +182,35 @@ class BaseDataSparsifier(abc.ABC):
         mask.data = kept.view(torch.int8)
         self._kept[name] = (kept, mask._version)
 
+    def _release_all_ones(self, name: str) -> tuple[tuple[int, ...], torch.device] | None:
+        """Free ``name``'s mask while its new one is computed, where it is still the
+        all-ones mask ``add_data`` made (untouched since): a large table's new mask then
+        takes that memory instead of as much more. Returns its shape and device, to put it
+        back with :meth:`_restore_all_ones` should the computation fail; else None (the
+        mask stays as it is)."""
+        mark = self._all_ones.pop(name, None)
+        mask = self.state[name].get("mask")
+        cached = self._kept.get(name)
+        if (
+            mark is None
+            or not isinstance(mask, torch.Tensor)
+            or cached is None
+            or mark != (mask._version, mask.data_ptr())
+            or cached[0].data_ptr() != mask.data_ptr()
+        ):
+            return None
+        shape, device = tuple(mask.shape), mask.device
+        del self._kept[name]
+        mask.data = torch.empty(0, dtype=torch.int8, device=device)  # the same object, its memory freed
+        return shape, device
+
+    def _restore_all_ones(self, name: str, released: tuple[tuple[int, ...], torch.device]) -> None:
+        """Put back the all-ones mask :meth:`_release_all_ones` freed."""
+        shape, device = released
+        self._set_kept(name, torch.ones(shape, dtype=torch.bool, device=device))
+        mask = self.state[name]["mask"]
+        self._all_ones[name] = (mask._version, mask.data_ptr())
+
     def kept_mask(self, name: str) -> torch.Tensor:
         """The mask of ``name`` as bool (True = kept), without a copy where it can."""
         mask = self.get_mask(name)
@@ -193,6 +226,7 @@ class BaseDataSparsifier(abc.ABC):
     def _delete_data(self, name: str) -> None:
         self._data.pop(name, None)
         self._kept.pop(name, None)
+        self._all_ones.pop(name, None)
         self.state.pop(name, None)
         self.data_groups.pop(name, None)
         self._squashed.discard(name)
@@ -292,9 +326,11 @@ class BaseDataSparsifier(abc.ABC):
             self._data = {}
             self._squashed = set()
             self._kept = {}
+            self._all_ones = {}
         for name, st, group, data, squashed in loaded:
             self._data[name] = copy.deepcopy(data)
             self._kept.pop(name, None)
+            self._all_ones.pop(name, None)
             state = {k: copy.deepcopy(v) for k, v in st.items() if k != "mask"}
             if "mask" in st:
                 mask = st["mask"]

@@ -518,7 +518,14 @@ class DataNormSparsifier(BaseDataSparsifier):
         zeros_per_block: int,
         **kwargs: Any,
     ) -> None:
-        """Set the mask of ``name`` to the block-norm mask of ``data`` (int8, as torch's)."""
-        self._set_kept(
-            name, block_norm_mask(data, sparsity_level, sparse_block_shape, zeros_per_block, self.norm)
-        )
+        """Set the mask of ``name`` to the block-norm mask of ``data`` (int8, as torch's).
+        A mask still all ones from ``add_data`` is freed first (the new one does not read
+        it), and put back if this fails."""
+        released = self._release_all_ones(name)
+        try:
+            kept = block_norm_mask(data, sparsity_level, sparse_block_shape, zeros_per_block, self.norm)
+        except BaseException:
+            if released is not None:
+                self._restore_all_ones(name, released)
+            raise
+        self._set_kept(name, kept)
