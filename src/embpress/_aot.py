@@ -9,8 +9,10 @@ is compiled once per CPU, argument types and source: numba compiles it serially 
 C-callable wrapper (``_aot_build``), the LLVM module is emitted as position-independent
 object code and linked by the system C compiler into
 ``<cache>/kernels/<version>/<key>.so``. A later process finds the file by its key and
-calls it through ctypes, which releases the GIL (callers split work across Python
-threads for parallelism).
+calls it through ctypes with one packed block of arguments (:func:`pack`); ctypes
+releases the GIL. A kernel over a range of items (the lookups' runs of bags) can also be
+split across the library's own threads in C (:meth:`Bound.split`); the compression's
+kernels are split over rows on Python threads (``_parallel.rows_call``).
 
 The version hashes the package's source, numba's and llvmlite's versions and the code
 settings numba reads from ``NUMBA_*`` variables, the CPU numba compiles for and the

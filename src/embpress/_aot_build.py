@@ -1,14 +1,16 @@
 """Build one kernel ahead of time (see ``_aot``): numba compiles it serially inside a
 C-callable wrapper, the wrapper's LLVM module is emitted as position-independent object
-code for the CPU numba compiles for, and the C compiler links it with a few stand-ins for
-numba's helper symbols into a shared library.
+code for the CPU numba compiles for, and the C compiler links it with one C file into a
+shared library: the library's interface to Python (``embpress_call``, the kernel on one
+packed argument block; ``embpress_split``, the kernel over chunks of a range on a pool of
+threads; both described at ``_POOL``) and a few stand-ins for numba's helper symbols.
 
 The stand-ins: a compiled wrapper names numba's error helpers (taking the GIL, raising)
 and its reference-count release, on paths that kernels made for this do not take with
 valid arguments (they neither allocate nor raise). The stand-ins let the loader bind
-those names; a raise sets a per-thread flag (``embpress_raised``, read and cleared after
-each call) and the caller reruns the kernel under numba, which raises its own exception
-(the C wrapper can only print one). A kernel that allocates names numba's allocator too,
+those names; a raise sets a per-thread flag, which ``embpress_call`` reports in its
+``raised`` slot, and the caller reruns the kernel under numba, which raises its own
+exception (the C wrapper can only print one). A kernel that allocates names numba's allocator too,
 which has no stand-in: the library then fails to load here, before it is put in the
 cache, and numba keeps running that kernel.
 """

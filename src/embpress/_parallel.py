@@ -87,8 +87,9 @@ _pool_lock = threading.Lock()
 
 
 def thread_pool() -> Any:
-    """The process's pool of Python threads for kernels compiled ahead of time (``_aot``:
-    ctypes releases the GIL while one runs), made on first use."""
+    """The process's pool of Python threads for the compression's kernels compiled ahead
+    of time (``_aot``: ctypes releases the GIL while one runs), made on first use. Lookups
+    split their bags in C instead (``_aot.Bound.split``)."""
     global _pool
     with _pool_lock:
         if _pool is None:
