@@ -7,6 +7,7 @@ import itertools
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from embpress import QuantConfig, QuantizedEmbedding, QuantizedEmbeddingBag
-from embpress.layouts import TABLE_CLASSES, KernelPolicy, kernel_policy
+from embpress.layouts import TABLE_CLASSES, KernelPolicy, kernel_policy, lookup
 from embpress.ops import bag_bounds
 from embpress.sparsify import block_norm_mask
 
@@ -339,9 +340,29 @@ def test_fused_rows_own_kernel_matches_fbgemm_and_generic(layout, dim, mode, wei
     psw = torch.rand(idx.numel(), generator=gen) if weighted and mode == "sum" else None
     code = 0 if mode == "sum" else 1
     expected = q._generic(idx, bounds, psw)
-    own, fbgemm = _fast_bag_on_and_off(q.table, "fused_kernel", 2, idx, bounds, code, psw)
+    with mock.patch.object(lookup, "_IDS_PER_THREAD", 1):  # every batch splits
+        own, fbgemm = _fast_bag_on_and_off(q.table, "fused_kernel", 2, idx, bounds, code, psw)
     _close(own, expected)
     _close(fbgemm, expected)
+
+
+def test_a_batch_too_small_to_split_stays_with_fbgemms_4bit_kernel(monkeypatch):
+    """On several threads, embpress's 4-bit kernel takes only batches it splits (on one
+    thread FBGEMM's is faster); the sums are the same either way."""
+    from embpress.layouts import base
+
+    q = QuantizedEmbeddingBag.from_float(nn.EmbeddingBag(60, 64), QuantConfig(bits=4, layout="dense"))
+    small = torch.randint(0, 60, (2 * lookup._IDS_PER_THREAD - 1,))
+    large = torch.randint(0, 60, (2 * lookup._IDS_PER_THREAD,))
+    calls = []
+    real = base.run_bags
+    monkeypatch.setattr(base, "run_bags", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with _torch_threads(2):
+        for idx in (small, large):
+            offsets = torch.arange(0, idx.numel(), 8)
+            bounds = torch.cat([offsets, torch.tensor([idx.numel()])])
+            assert torch.allclose(q(idx, offsets), q._generic(idx, bounds, None), atol=1e-4)
+            assert len(calls) == (idx is large)
 
 
 @pytest.mark.parametrize("dim", [32, 64, 128])
