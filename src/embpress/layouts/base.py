@@ -29,8 +29,16 @@ from .._aot import KernelRef
 from .._buffers import empty_tensor
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..quant.rowwise import RowQParams
-from . import lookup as _lookup
-from .lookup import KERNEL_POOLINGS, Bags, FusedKernelTable, KernelPolicy, Pooling, kernel_path, run_bags
+from .lookup import (
+    KERNEL_POOLINGS,
+    Bags,
+    FusedKernelTable,
+    KernelPolicy,
+    Pooling,
+    kernel_path,
+    run_bags,
+    run_threads,
+)
 from .stats import MaskStats, RowStats
 
 # numba kernels, loaded (with numba) on first use (see ``_aot``)
@@ -181,9 +189,7 @@ def check_fused_qparams(
             raise FormatError(f"tensor {name!r} holds a NaN or Inf scale or offset (row {row})")
 
 
-def own_kernel_serves(
-    fused: torch.Tensor, dim: int, bits: int, threads: int, policy: KernelPolicy, ids: int
-) -> bool:
+def own_kernel_serves(fused: torch.Tensor, dim: int, bits: int, threads: int, policy: KernelPolicy) -> bool:
     """Whether ``fused_bag`` (embpress's numba kernel) serves these fused rows.
 
     torch's FBGEMM 4-bit bag kernel runs on one thread whatever ``torch.get_num_threads()``
@@ -191,17 +197,13 @@ def own_kernel_serves(
     threads, 4-bit tables of 32, 64 or 128 columns therefore use embpress's vector kernel,
     which splits them (generic vector IR, no x86 intrinsic: it serves on every kernel path
     and CPU). On one thread FBGEMM's kernel is the faster one and keeps the work, as it
-    does wherever ``policy`` turns embpress's off, and for batches of too few ``ids`` to
-    split (``lookup.run_bags`` would run them on one thread). (The rows must carry float16
-    qparams, FBGEMM's 4-bit format; ``fused_rows_bag`` checks that first.)
+    does wherever ``policy`` turns embpress's off. ``threads``: those ``run_bags`` would
+    split the batch across (``lookup.run_threads``), one for a batch too small to split.
+    (The rows must carry float16 qparams, FBGEMM's 4-bit format; ``fused_rows_bag``
+    checks that first.)
     """
     return (
-        policy.fused_kernel
-        and threads > 1
-        and ids >= 2 * _lookup._IDS_PER_THREAD
-        and bits == 4
-        and dim in (32, 64, 128)
-        and fused.is_contiguous()
+        policy.fused_kernel and threads > 1 and bits == 4 and dim in (32, 64, 128) and fused.is_contiguous()
     )
 
 
@@ -223,8 +225,7 @@ def fused_rows_bag(
     """
     if fused.device.type != "cpu" or _FBGEMM_SCALE[bits] != dtype or mode not in KERNEL_POOLINGS:
         return None
-    threads = torch.get_num_threads()
-    if own_kernel_serves(fused, dim, bits, threads, policy, indices.numel()):  # float16: checked above
+    if own_kernel_serves(fused, dim, bits, run_threads(indices.numel()), policy):  # float16: checked above
         rows, row_bytes = fused.shape
         table = FusedKernelTable(fused=fused.numpy().reshape(-1), row_bytes=row_bytes, dim=dim)
         bags = Bags.of(indices, offsets, mode, per_sample_weights)

@@ -52,6 +52,7 @@ __all__ = [
     "kernel_paths",
     "kernel_policy",
     "run_bags",
+    "run_threads",
     "set_default_kernel_policy",
     "system_info",
 ]
@@ -351,11 +352,16 @@ def _per_thread(threads: int, length: int, dtype: type) -> np.ndarray:
     return raw[shift : shift + threads * row].reshape(threads, row)[:, :length]
 
 
+def run_threads(ids: int) -> int:
+    """How many threads ``run_bags`` splits a batch of ``ids`` ids across when its run
+    kernel is compiled: torch's count, fewer so that each has ``_IDS_PER_THREAD`` ids."""
+    return max(1, min(torch.get_num_threads(), ids // _IDS_PER_THREAD))
+
+
 def _threads_and_chunk(bags: Bags, count: int) -> tuple[int, int]:
-    """How many threads a compiled run kernel uses on these bags (torch's count, fewer
-    for small batches), and how many bags each of its chunks takes."""
-    ids = int(bags.offsets[-1]) if count else 0
-    threads = max(1, min(torch.get_num_threads(), ids // _IDS_PER_THREAD))
+    """How many threads a compiled run kernel uses on these bags (``run_threads``), and
+    how many bags each of its chunks takes."""
+    threads = run_threads(int(bags.offsets[-1]) if count else 0)
     if threads == 1:
         return 1, max(1, count)
     return threads, max(1, -(-count // (threads * _CHUNKS_PER_THREAD)))
