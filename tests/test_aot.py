@@ -26,6 +26,7 @@ from embpress import QuantConfig, QuantizedEmbeddingBag, _aot
 from embpress.layouts import _kernels, lookup
 from embpress.layouts.lookup import Bags, KernelPolicy, kernel_paths
 from embpress.sparsify import block_norm_mask
+from tests.conftest import torch_threads as _torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,16 +49,6 @@ def _env(**values: str | None):
                 os.environ[k] = v
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _table(gen, rows, dim, bits, width, sparsity, layout="block_sparse"):
     weight = torch.randn(rows, dim, generator=gen)
     mask = block_norm_mask(weight, sparsity, (1, width)) if sparsity else None
@@ -77,7 +68,7 @@ def _bags(gen, rows, sizes, weighted):
 def _both(table, path, threads, idx, bounds, mode, psw):
     """The table's bags compiled ahead of time, then under numba (``EMBPRESS_AOT=0``)."""
     policy = KernelPolicy(path=path)
-    with _threads(threads):
+    with _torch_threads(threads):
         used = set(_aot.status()["compiled_kernels_used"])
         ahead = table.fast_bag(idx, bounds, mode, psw, policy=policy)
         with _env(EMBPRESS_AOT="0"):
@@ -139,7 +130,7 @@ def test_out_of_range_ids_raise_from_compiled_runs(threads):
     for bad in (40, -1):
         wrong = idx.clone()
         wrong[-2] = bad  # in the last run: another thread's
-        with _threads(threads), pytest.raises(IndexError, match="index out of range"):
+        with _torch_threads(threads), pytest.raises(IndexError, match="index out of range"):
             table.fast_bag(wrong, bounds, 0, None)
 
 
@@ -288,7 +279,7 @@ def test_runs_go_on_this_thread_once_the_pool_refuses_work(monkeypatch):
     values = np.ones((900, 8), dtype=np.float32)
     values[[3, 450, 899], [0, 5, 7]] = np.nan
     ref = _aot.KernelRef("embpress._finite", "count_nonfinite", returns="int64")
-    with _threads(3):
+    with _torch_threads(3):
         assert _parallel.rows_call(ref, values, rows=(0,), minimum=1) == 3
     assert _finite.count_nonfinite(values) == 3
 
@@ -515,7 +506,7 @@ def test_compression_compiled_ahead_equals_numbas_bit_for_bit(bits, block, spars
     tables = []
     for aot in ("1", "0"):
         model = nn.Sequential(nn.EmbeddingBag.from_pretrained(weight.clone(), mode="sum"))
-        with _env(EMBPRESS_AOT=aot), _threads(threads):
+        with _env(EMBPRESS_AOT=aot), _torch_threads(threads):
             embpress.post_training_sparse_quantize(
                 model, embpress.DataNormSparsifier, sparsify_first, quant=QuantConfig(bits=bits),
                 sparsity_level=0.7, sparse_block_shape=block,
@@ -549,7 +540,7 @@ def test_pruned_row_remap_compiled_ahead_equals_numbas(monkeypatch, threads):
         nn.EmbeddingBag.from_pretrained(weight), QuantConfig(bits=8, layout="pruned_rows"), mask=weight != 0
     ).table
     idx, bounds, psw = _bags(gen, 200, [40, 3, 0, 77], True)
-    with _threads(threads):
+    with _torch_threads(threads):
         ahead = table.fast_bag(idx, bounds, 0, psw)
         with _env(EMBPRESS_AOT="0"):
             under_numba = table.fast_bag(idx, bounds, 0, psw)
@@ -571,7 +562,7 @@ def test_the_threshold_split_across_threads_gives_the_same_mask(monkeypatch, thr
     weight = torch.randn(300, 16, generator=gen).round(decimals=1)  # many ties
     whole = block_norm_mask(weight, 0.6, (1, 4))
     monkeypatch.setattr(data_norm, "_VALUES_PER_THREAD", 7)
-    with _threads(threads):
+    with _torch_threads(threads):
         split = block_norm_mask(weight, 0.6, (1, 4))
         with _env(EMBPRESS_AOT="0"):
             under_numba = block_norm_mask(weight, 0.6, (1, 4))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import subprocess
@@ -21,6 +20,7 @@ from embpress import QuantConfig, QuantizedEmbedding, QuantizedEmbeddingBag
 from embpress.layouts import TABLE_CLASSES, KernelPolicy, kernel_policy, lookup
 from embpress.ops import bag_bounds
 from embpress.sparsify import block_norm_mask
+from tests.conftest import torch_threads as _torch_threads
 
 LAYOUTS = ["dense", "pruned_rows", "block_sparse"]
 ROWS, DIM = 300, 20
@@ -51,17 +51,6 @@ def _fast_bag_on_and_off(table, switch, threads, *args):
             off = table.fast_bag(*args)
     assert on is not None and off is not None
     return on, off
-
-
-@contextlib.contextmanager
-def _torch_threads(n):
-    """Run the block with ``torch.set_num_threads(n)`` (the kernels follow it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
