@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ._aot import _open, slot_count
 from ._kernel_cache import locked
 
 __all__ = ["CC_ENV", "build", "compiler"]
@@ -207,8 +208,7 @@ def _packed_source(specs: Sequence[str], returns: str) -> str:
     slot = 0
     for spec in specs:
         kind = spec[0]
-        width = 1 + int(spec[1]) if kind == "a" else int(spec[1:]) if kind == "t" else 1
-        for k in range(width):
+        for k in range(slot_count(spec)):
             if kind == "a" and k == 0:
                 params.append("void *")
                 values.append(f"(void *)a[{slot}]")
@@ -275,11 +275,9 @@ def _wrapper_source(specs: Sequence[str], returns: str) -> tuple[str, list[str]]
 
 
 def _loads(path: Path) -> bool:
-    """Whether the library at ``path`` loads and has the entry point."""
-    import ctypes
-
+    """Whether the library at ``path`` loads as ``_aot`` opens it (both entry points)."""
     try:
-        ctypes.CDLL(str(path)).embpress_split  # noqa: B018  (the lookup is the check)
+        _open(path)
     except (OSError, AttributeError):
         return False
     return True
