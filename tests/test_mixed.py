@@ -228,18 +228,19 @@ def test_built_tables_hold_their_predicted_bytes_and_decode_as_documented(codecs
 CHUNK_MIXES = [MIXES[0], MIXES[1], ("colbook4", "rowwise4"), ("colbook1", "rowwise8"), ("levels1", "levels2")]
 
 
-@pytest.mark.parametrize("dim", [16, 37, 64, 128, 136, 256])
+@pytest.mark.parametrize("dim", [5, 16, 37, 64, 80, 128, 136, 208, 256])
 @pytest.mark.parametrize("names", CHUNK_MIXES, ids="/".join)
 def test_bag_kernels_vector_chunks_at_every_width(names, dim):
-    """Rows wide enough for the kernels' vector steps (16 to 64 code bytes of every row of a bag
-    at a time, a partial chunk value by value after them): one-id bags are the decoded
-    rows bit for bit; longer, weighted and mean bags equal torch's on the decoded table."""
+    """Every split of a row into the kernel's walks (128, 64 and 16 values at a time, the
+    last ``dim % 16`` values id by id): one-id bags are the decoded rows bit for bit;
+    longer, empty, weighted and mean bags, and bags shorter than the walk's look-ahead,
+    equal torch's on the decoded table."""
     _, _, _, table = _table(names, rows=300, dim=dim, seed=dim)
     ref = _reference_decode(table.meta(), table.tensors())
     g = torch.Generator().manual_seed(dim)
     ids = torch.randint(0, 300, (400,), generator=g)
     assert torch.equal(table.fast_bag(ids, torch.arange(401), 0, None), ref[ids])
-    bounds = torch.tensor([0, 1, 40, 40, 341, 400])  # one bag longer than a gather pass (256 ids)
+    bounds = torch.tensor([0, 1, 3, 40, 40, 341, 400])
     weights = torch.randn(400, generator=g)
     for mode, psw in ((0, None), (1, None), (0, weights)):
         got = table.fast_bag(ids, bounds, mode, psw)

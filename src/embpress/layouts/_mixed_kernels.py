@@ -3,22 +3,20 @@
 A lookup finds its row's class in the packed 2-bit class ids (read as int64 words, 32
 rows each), its slot in the class from the rank directory (per-class counts before each
 256-row block and, within it, before each 64-row sub-block) plus a popcount of the
-sub-block's earlier ids of that class (at most two words), and decodes the
-row with its class's codec. Each bag is done in two passes: first every id's class and
-payload position, grouped by class (the rank lookups of a bag are independent, so their
-cache misses overlap; each row's bytes are prefetched, and the rank entries of ids further
-on), then the decode and sum, one decoder call per class into an accumulator per code
-width, put back in row order in vector steps (``_merge_bag``). The first pass of the next
-bag runs before the second of this one, so its rows arrive while this bag is decoded.
+sub-block's earlier ids of that class (at most two words), and decodes the row with its
+class's codec. A thread's bags are summed in one walk over their ids (``_walk_intrinsic``,
+LLVM IR): each id is located a fixed number of ids before it is added, so its row is
+prefetched by then, and each row is decoded by a switch on its class straight into the
+bag's sums, held in vector registers (up to 128 values of a row per walk).
 
-The helpers (popcount, prefetch, unaligned float loads, the vector steps) are defined
-here, not imported: numba's disk cache is keyed on the jitted function's own file (see
+The helpers (popcount, unaligned float loads, the IR of the walk) are defined here, not
+imported: numba's disk cache is keyed on the jitted function's own file (see
 ``layouts._kernels``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numba
@@ -33,10 +31,9 @@ __all__ = ["mixed_bag"]
 
 PRUNED, ROWWISE, LEVELS, COLBOOK = 0, 1, 2, 3  # codecs.KINDS' order
 _M55 = np.int64(0x5555555555555555)
-MAX_BAG_SCRATCH = 256  # ids whose positions are computed ahead, at most, per pass
-DIR_AHEAD = 24  # ids ahead (across bags) whose class-id word and rank entries are prefetched
-# code width -> accumulator: 8 bits (1 code a byte) 0, 4 bits 1, 2 bits 2, 1 bit 3
-_WIDTH_SLOT = np.array([0, 3, 2, 0, 1, 0, 0, 0, 0], dtype=np.int64)
+AHEAD = 16  # ids ahead (across bags) that a walk locates and whose rows it prefetches
+GATHER_BITS = 4  # column books this wide are read by a gather (a select tree takes 15 selects)
+RING = 32  # located ids a walk holds (a power of two, above AHEAD)
 
 
 @intrinsic
@@ -50,27 +47,8 @@ def _popcount_intrinsic(typingctx: Any, x: Any) -> Any:
     return types.int64(types.int64), codegen
 
 
-@intrinsic
-def _prefetch_intrinsic(typingctx: Any, ary: Any, idx: Any) -> Any:
-    """Hint the CPU to load ``ary[idx]`` into cache (no effect on results)."""
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        aryty = signature.args[0]
-        arr = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, arr, [args[1]], wraparound=False)
-        i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [i8p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.void(ary, types.intp), codegen
-
-
 # called from the kernels only (typed here as such: numba supplies the typing context)
 _popcount: Any = _popcount_intrinsic
-_prefetch: Any = _prefetch_intrinsic
 
 
 def _load_intrinsic(kind: str) -> Any:
@@ -115,675 +93,401 @@ def _locate(words: np.ndarray, rank: np.ndarray, sub: np.ndarray, r: int) -> tup
     return c, slot
 
 
-@numba.njit(cache=True, inline="always")
-def _split_pos(j: int, dim: int, per: int) -> int:
-    """Where value j of a row sits in an accumulator of codes ``per`` a byte: split by the
-    code's place in its byte (``t * n + q`` for j = q * per + t, n = dim // per full
-    bytes), the values of a last partial byte at their own place."""
-    n = dim // per
-    if j >= n * per:
-        return j
-    return (j % per) * n + j // per
-
-
-# The decoders of one class's rows of a bag, one compiled function per codec and width
-# (the width a constant: the loops unroll and vectorise), not inlined into the kernel,
-# where LLVM vectorises them worse; called once per class and bag, so the call costs little.
-# Each adds the rows at payload bytes ``pos[k0:k0 + cnt]`` (weights ``wts[k0:k0 + cnt]``)
-# into ``acc[off:off + dim]`` in the split order of its width (``_split_pos``), reading
-# each code byte once for all the codes it holds. They take a run of code bytes of every
-# row of the class at a time (16; 64 values for 8- and 4-bit rowwise rows) with the sums
-# in vector registers (LLVM IR intrinsics below: numba's own vectorisation keeps ``acc``
-# in memory, a load and a store per value and row).
-
-
-CHUNK = 16  # code bytes a vector step of the adders reads from each row
+VARIANTS = (
+    (ROWWISE, 8),
+    (ROWWISE, 4),
+    (ROWWISE, 2),
+    (LEVELS, 2),
+    (LEVELS, 1),
+    (COLBOOK, 4),
+    (COLBOOK, 2),
+    (COLBOOK, 1),
+)
+WIDTHS = (128, 64, 16)  # values of a row a walk adds at a time: the widest that fits what is left
+STEP = WIDTHS[-1]  # the last dim % STEP values are added in scalar code (``_add_tail``)
 
 
 def _splat(builder: Any, x: Any, lanes: int) -> Any:
-    """The float ``x`` in every one of ``lanes`` lanes."""
-    vf = ir.VectorType(ir.FloatType(), lanes)
-    one = builder.insert_element(ir.Constant(vf, ir.Undefined), x, ir.IntType(32)(0))
+    """The scalar ``x`` in every one of ``lanes`` lanes."""
+    vx = ir.VectorType(x.type, lanes)
+    one = builder.insert_element(ir.Constant(vx, ir.Undefined), x, ir.IntType(32)(0))
     zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-    return builder.shuffle_vector(one, ir.Constant(vf, ir.Undefined), zeros)
+    return builder.shuffle_vector(one, ir.Constant(vx, ir.Undefined), zeros)
 
 
-class _Emit:
-    """IR helpers of the adders' vector steps, for one intrinsic's code generation. Every
-    step takes the same first arguments, ``(acc, off, n, payload, pos, scl, k0, cnt, i)``:
-    it adds a value per lane to ``acc[off + t * n + i : ... + lanes]`` (split position t)
-    for every row k in ``[k0, k0 + cnt)``, whose code bytes start at ``pos[k] + i`` and
-    whose scale or weight is ``scl[k]``."""
+class _Walk:
+    """IR helpers of one walk's code generation: array data pointers by argument name,
+    constants, loads at any alignment."""
 
-    def __init__(self, context: Any, builder: Any, lanes: int, types_: Any, args: Any) -> None:
-        self.context, self.builder, self.lanes = context, builder, lanes
-        self.i32 = ir.IntType(32)
-        self.vi32 = ir.VectorType(self.i32, lanes)
-        self.vf = ir.VectorType(ir.FloatType(), lanes)
-        accty, _, _, payty, posty, sclty, _, _, _ = types_
-        acc, self.off, self.n, pay, pos, scl, self.k0, self.cnt, self.i = args
-        self.acc_at, self.pay_at = self.items(accty, acc), self.items(payty, pay)
-        self.pos_at, self.scl_at = self.items(posty, pos), self.items(sclty, scl)
+    def __init__(
+        self, context: Any, builder: Any, names: Sequence[str], tys: Sequence[Any], args: Sequence[Any]
+    ) -> None:
+        self.builder = builder
+        self.arg = dict(zip(names, args, strict=True))
+        self.ptr = {
+            name: context.make_array(ty)(context, builder, value).data
+            for name, ty, value in zip(names, tys, args, strict=True)
+            if isinstance(ty, types.Array)
+        }
+        self.i64, self.i32, self.f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()] + [self.i32] * 3)
+        self._prefetch = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
 
-    @staticmethod
-    def signature(acc: Any, payload: Any, pos: Any, scl: Any, *more: Any) -> Any:
-        """A step's numba signature: the common first arguments, then ``more``."""
-        intp = types.intp
-        return types.void(acc, intp, intp, payload, pos, scl, intp, intp, intp, *more)
+    def int(self, value: int) -> Any:
+        return ir.Constant(self.i64, value)
 
-    def items(self, aryty: Any, value: Any) -> Any:
-        """``index -> pointer to ary[index]`` for the numba array ``value`` of type ``aryty``."""
-        arr = self.context.make_array(aryty)(self.context, self.builder, value)
-        return lambda index: cgutils.get_item_pointer(
-            self.context, self.builder, aryty, arr, [index], wraparound=False
-        )
+    def item(self, name: str, index: Any) -> Any:
+        """``name[index]`` as stored (an array argument)."""
+        return self.builder.load(self.builder.gep(self.ptr[name], [index]))
 
-    def floats(self, ptr: Any) -> Any:
-        """``ptr`` (to a float32 item) as a pointer to ``lanes`` floats."""
-        return self.builder.bitcast(ptr, self.vf.as_pointer())
+    def flag(self, name: str) -> Any:
+        value = self.arg[name]
+        return self.builder.icmp_unsigned("!=", value, ir.Constant(value.type, 0))
 
-    def split(self, t: int) -> Any:
-        """Where split position t of this step starts in a row: ``t * n + i``."""
-        return self.builder.add(self.builder.mul(self.n, self.n.type(t)), self.i)
+    def load_at(self, ptr: Any, ty: Any) -> Any:
+        return self.builder.load(self.builder.bitcast(ptr, ty.as_pointer()), align=1)
 
-    def splat(self, x: Any) -> Any:
-        return _splat(self.builder, x, self.lanes)
+    def byte(self, at: Any) -> Any:
+        """Pointer to payload byte ``at``."""
+        return self.builder.gep(self.ptr["payload"], [at])
 
-    def consts(self, value: int) -> Any:
-        return ir.Constant(self.vi32, [value] * self.lanes)
+    def f16(self, at: Any) -> Any:
+        """The float16 at payload byte ``at``, as float32."""
+        half = self.builder.bitcast(self.load_at(self.byte(at), ir.IntType(16)), ir.HalfType())
+        return self.builder.fpext(half, self.f32)
 
-    def code(self, codes: Any, t: int, bits: int) -> Any:
-        """The t-th ``bits``-bit code of each byte lane (its bits above ``bits`` left set
-        where ``bits`` is 8 or the code is the byte's top one)."""
-        if t:
-            codes = self.builder.lshr(codes, self.consts(t * bits))
-        if (t + 1) * bits < 8:
-            codes = self.builder.and_(codes, self.consts((1 << bits) - 1))
-        return codes
+    def prefetch(self, at: Any) -> Any:
+        self.builder.call(self._prefetch, [self.byte(at), self.i32(0), self.i32(3), self.i32(1)])
 
-    def pick(self, code: Any, candidates: list[Any], bits: int) -> Any:
-        """Per lane, ``candidates[code]``: a tree of selects on the code's ``bits`` bits."""
-        for b in range(bits):
-            on = self.builder.icmp_unsigned(
-                "!=", self.builder.and_(code, self.consts(1 << b)), self.consts(0)
-            )
-            candidates = [
-                self.builder.select(on, candidates[m + 1], candidates[m])
-                for m in range(0, len(candidates), 2)
-            ]
-        return candidates[0]
+    def popcount(self, x: Any) -> Any:
+        fn = self.builder.module.declare_intrinsic("llvm.ctpop", [self.i64])
+        return self.builder.call(fn, [x])
 
-    def add_rows(self, ts: Sequence[int], values: Callable[[Any, Any, Any], list[Any]]) -> None:
-        """For every row in order, ``values(at, w, codes)`` (one vector per split position
-        of ``ts``; ``at`` = ``pos[k]``, ``w`` = ``scl[k]``, ``codes``: the row's ``lanes``
-        code bytes from ``i`` as int32 lanes) added to those accumulator slices, which are
-        held in registers: loaded once before the rows and stored once after."""
-        builder = self.builder
-        slices = [self.floats(self.acc_at(builder.add(self.off, self.split(t)))) for t in ts]
-        sums = [cgutils.alloca_once_value(builder, builder.load(p, align=4)) for p in slices]
-        vi8 = ir.VectorType(ir.IntType(8), self.lanes)
-        with cgutils.for_range(builder, self.cnt) as loop:
-            k = builder.add(self.k0, loop.index)
-            at = builder.load(self.pos_at(k))
-            raw = builder.bitcast(self.pay_at(builder.add(at, self.i)), vi8.as_pointer())
-            codes = builder.zext(builder.load(raw, align=1), self.vi32)
-            for total, value in zip(sums, values(at, builder.load(self.scl_at(k)), codes), strict=True):
-                builder.store(builder.fadd(builder.load(total), value), total)
-        for total, ptr in zip(sums, slices, strict=True):
-            builder.store(builder.load(total), ptr, align=4)
+    def locate(self, r: Any) -> tuple[Any, Any]:
+        """(class, slot in its class) of row ``r``: ``_locate`` in IR."""
+        b, i64 = self.builder, self.int
+        word = self.item("words", b.lshr(r, i64(5)))
+        sh = b.shl(b.and_(r, i64(31)), i64(1))
+        c = b.and_(b.lshr(word, sh), i64(3))
+        pat = b.mul(c, i64(int(_M55)))
+        block_rank = self.item("rank", b.add(b.shl(b.lshr(r, i64(8)), i64(2)), c))
+        sub_rank = self.item("sub", b.add(b.shl(b.lshr(r, i64(6)), i64(2)), c))
+        slot = b.add(b.sext(block_rank, self.i64), b.zext(sub_rank, self.i64))
+
+        def same(y: Any) -> Any:  # the 2-bit fields of y that are 0 (class c's rows), as their low bits
+            return b.and_(b.not_(b.or_(y, b.lshr(y, i64(1)))), i64(int(_M55)))
+
+        first = b.xor(self.item("words", b.shl(b.lshr(r, i64(6)), i64(1))), pat)
+        in_second = b.sub(i64(0), b.and_(b.lshr(r, i64(5)), i64(1)))
+        slot = b.add(slot, self.popcount(b.and_(same(first), in_second)))
+        below = b.sub(b.shl(i64(1), sh), i64(1))
+        return c, b.add(slot, self.popcount(b.and_(same(b.xor(word, pat)), below)))
 
 
-def _row_chunk_intrinsic(bits: int, levels: bool, width: int = CHUNK) -> Any:
-    """``acc[off + t * n + i + l] += value(k, code(t, l))`` for every row k in ``[k0, k0 +
-    cnt)`` (payload bytes from ``pos[k]``), every ``t < 8 // bits`` and lane ``l <
-    width``, where code(t, l) is the t-th ``bits``-bit code of the row's byte ``i + l``:
-    ``width`` code bytes of each row added in vector registers (``_Emit.add_rows``).
-    Rowwise rows (``levels`` False): value = ``float32(code) * scl[k]``. Levels rows:
-    value = the row's float16 level ``code`` (at payload byte ``pos[k] + pa + 2 * code``)
-    times ``scl[k]``, picked by a tree of vector selects. Each accumulator slice is loaded
-    once, takes the rows in order and is stored once, so every lane does the float
-    operations of the scalar loops of ``_rowwise_adder`` / ``_levels_adder`` in their
-    order (``scl`` is 1.0 for unweighted levels rows, and ``x * 1.0 == x``)."""
-    per = 8 // bits
+_WALK_ARGS = (
+    "out",
+    "b0",
+    "b1",
+    "j0",
+    "indices",
+    "offsets",
+    "weights",
+    "weighted",
+    "words",
+    "rank",
+    "sub",
+    "payload",
+    "sb",
+    "variant",
+    "base",
+    "row_bytes",
+    "param_at",
+    "book_base",
+    "half",
+    "dim",
+    "ring",
+)
+
+
+def _walk_intrinsic(width: int) -> Any:
+    """``out[b, j0:j0 + width] = `` the sum over bag b's ids of their rows' values there,
+    for every bag b in ``[b0, b1)``, in one walk over the run's ids (the arguments are
+    ``_WALK_ARGS``: the table as ``mixed_bag`` takes it, with ``variant`` each class's
+    index in ``VARIANTS``, -1 for pruned, and ``sb`` the column books level-major,
+    ``sb[book_base[c] + level * dim + j]``; ``ring``: ``RING`` int64 of scratch).
+
+    Each id is located ``AHEAD`` ids before it is added (``_Walk.locate``: class and
+    payload position, kept in ``ring`` as ``pos * 4 + class``), and its row prefetched
+    then. Its class then picks its codec's decoder by a switch: the codes of the
+    ``width`` values are read in one load, spread to one code per lane (each byte
+    repeated for the codes it holds, then a shift and a mask per lane) and turned into
+    values: ``code * scale`` (rowwise; the offsets, one per row, summed apart and added
+    to every value once, at the end of the bag), or a level picked by a tree of vector
+    selects on the code's bits (levels: the row's own float16 levels; colbook: the
+    class's book, or a gather from it for books of ``2**GATHER_BITS`` levels). Each
+    lane does the float operations of ``_add_tail``'s scalar loop, in its order, and a
+    bag's ``width`` sums stay in vector registers."""
 
     @intrinsic
-    def add_chunk(
+    def walk(
         typingctx: Any,
-        acc: Any,
-        off: Any,
-        n: Any,
+        out: Any,
+        b0: Any,
+        b1: Any,
+        j0: Any,
+        indices: Any,
+        offsets: Any,
+        weights: Any,
+        weighted: Any,
+        words: Any,
+        rank: Any,
+        sub: Any,
         payload: Any,
-        pos: Any,
-        scl: Any,
-        k0: Any,
-        cnt: Any,
-        i: Any,
-        pa: Any,
+        sb: Any,
+        variant: Any,
+        base: Any,
+        row_bytes: Any,
+        param_at: Any,
+        book_base: Any,
+        half: Any,
+        dim: Any,
+        ring: Any,
     ) -> Any:
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            e = _Emit(context, builder, width, signature.args[:9], args[:9])
-            pa = args[9]
-
-            def values(at: Any, w: Any, codes: Any) -> list[Any]:
-                if not levels:
-                    s = e.splat(w)
-                    return [builder.fmul(builder.sitofp(e.code(codes, t, bits), e.vf), s) for t in range(per)]
-                q = builder.add(at, pa)
-                lev = []
-                for v in range(1 << bits):
-                    ptr = builder.bitcast(
-                        e.pay_at(builder.add(q, q.type(2 * v))), ir.IntType(16).as_pointer()
-                    )
-                    half = builder.bitcast(builder.load(ptr, align=1), ir.HalfType())
-                    lev.append(e.splat(builder.fmul(builder.fpext(half, ir.FloatType()), w)))
-                return [e.pick(e.code(codes, t, bits), lev, bits) for t in range(per)]
-
-            e.add_rows(range(per), values)
-            return context.get_dummy_value()
-
-        return _Emit.signature(acc, payload, pos, scl, types.intp), codegen
-
-    return add_chunk
-
-
-_CHUNK8: Any = _row_chunk_intrinsic(8, False)
-_CHUNK4: Any = _row_chunk_intrinsic(4, False)
-_CHUNK2: Any = _row_chunk_intrinsic(2, False)
-# wider steps (64 values of a row per step: fewer loads of each row's position and scale)
-_WIDE8: Any = _row_chunk_intrinsic(8, False, 64)
-_WIDE4: Any = _row_chunk_intrinsic(4, False, 32)
-_LEVCHUNK2: Any = _row_chunk_intrinsic(2, True)
-_LEVCHUNK1: Any = _row_chunk_intrinsic(1, True)
-
-MERGE_STEP = 16  # split positions per code of a vector step of the bag merge
-
-
-def _merge_intrinsic(per: int) -> Any:
-    """``row[q * per + t] += acc[a + t * n + q] + o`` for ``q`` in ``[q0, q0 + MERGE_STEP)``
-    and every ``t < per``: a bag's accumulator of codes ``per`` a byte put back in row
-    order (``_split_pos``'s inverse), ``MERGE_STEP * per`` values in vector registers: a
-    load per split position, one shuffle that interleaves them, one add into the row.
-    Each value takes the float operations of the scalar loop, in its order."""
-    step = MERGE_STEP
-
-    @intrinsic
-    def merge(typingctx: Any, row: Any, acc: Any, a: Any, n: Any, o: Any, q0: Any) -> Any:
-        if row.layout != "C" or acc.layout != "C":
+        tys: tuple[Any, ...] = (out, b0, b1, j0, indices, offsets, weights, weighted, words, rank, sub)
+        tys = (*tys, payload, sb, variant, base, row_bytes, param_at, book_base, half, dim, ring)
+        if out.layout != "C" or sb.layout != "C":
             return None  # the vector loads and stores assume contiguous values: no typing
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            rowty, accty = signature.args[0], signature.args[1]
-            row_arr = context.make_array(rowty)(context, builder, args[0])
-            acc_arr = context.make_array(accty)(context, builder, args[1])
-            a_, n_, o_, q0_ = args[2], args[3], args[4], args[5]
-            vf = ir.VectorType(ir.FloatType(), step)
-            i32 = ir.IntType(32)
-            splat = _splat(builder, o_, step)
-            pieces = []
-            for t in range(per):
-                at = builder.add(builder.add(a_, builder.mul(n_, n_.type(t))), q0_)
-                ptr = cgutils.get_item_pointer(context, builder, accty, acc_arr, [at], wraparound=False)
-                v = builder.load(builder.bitcast(ptr, vf.as_pointer()), align=4)
-                pieces.append(builder.fadd(v, splat))
-            whole = _concat(builder, pieces)  # split position t's values at t * step + q
-            width = step * per
-            order = [t * step + q for q in range(step) for t in range(per)]
-            interleaved = builder.shuffle_vector(
-                whole, ir.Constant(whole.type, ir.Undefined), ir.Constant(ir.VectorType(i32, width), order)
-            )
-            start = builder.mul(q0_, q0_.type(per))
-            ptr = cgutils.get_item_pointer(context, builder, rowty, row_arr, [start], wraparound=False)
-            wide = builder.bitcast(ptr, ir.VectorType(ir.FloatType(), width).as_pointer())
-            builder.store(builder.fadd(builder.load(wide, align=4), interleaved), wide, align=4)
+            w_ = _Walk(context, builder, _WALK_ARGS, signature.args, args)
+            b, i64 = builder, w_.int
+            f32, i32, i8 = w_.f32, w_.i32, ir.IntType(8)
+            vf, vi32 = ir.VectorType(f32, width), ir.VectorType(i32, width)
+            arg = w_.arg
+            dim, j0 = arg["dim"], arg["j0"]
+            is_half, is_weighted = w_.flag("half"), w_.flag("weighted")
+            p_end = w_.item("offsets", arg["b1"])
+            ring_mask = i64(RING - 1)
+
+            def locate_ahead(q: Any) -> None:
+                """Id ``q``'s class and payload position into the ring; its row prefetched."""
+                c, slot = w_.locate(w_.item("indices", q))
+                rb = w_.item("row_bytes", c)
+                at = b.add(w_.item("base", c), b.mul(slot, rb))
+                b.store(b.or_(b.shl(at, i64(2)), c), b.gep(w_.ptr["ring"], [b.and_(q, ring_mask)]))
+                last = b.add(at, b.sub(rb, i64(1)))
+                for delta in (0, 64, 128):  # a fixed four lines, so no branch depends on where the row starts
+                    line = b.add(at, i64(delta))
+                    w_.prefetch(b.select(b.icmp_signed("<", line, last), line, last))
+                w_.prefetch(last)
+
+            p_start = w_.item("offsets", arg["b0"])
+            lead = b.sub(p_end, p_start)
+            lead = b.select(b.icmp_signed("<", lead, i64(AHEAD)), lead, i64(AHEAD))
+            with cgutils.for_range(builder, lead) as first:
+                locate_ahead(b.add(p_start, first.index))
+
+            total = cgutils.alloca_once(builder, vf)
+            offsets = cgutils.alloca_once(builder, f32)
+
+            def codes_of(at: Any, bits: int) -> Any:
+                """The row's codes of values [j0, j0 + width), one per int32 lane."""
+                first = b.lshr(b.mul(j0, i64(bits)), i64(3))
+                raw = w_.load_at(w_.byte(b.add(at, first)), ir.VectorType(i8, width * bits // 8))
+                if bits == 8:
+                    return b.zext(raw, vi32)
+                spread = b.shuffle_vector(
+                    raw,
+                    ir.Constant(raw.type, ir.Undefined),
+                    ir.Constant(vi32, [lane * bits // 8 for lane in range(width)]),
+                )
+                shifted = b.lshr(
+                    b.zext(spread, vi32), ir.Constant(vi32, [lane * bits % 8 for lane in range(width)])
+                )
+                return b.and_(shifted, ir.Constant(vi32, [(1 << bits) - 1] * width))
+
+            def pick(code: Any, candidates: list[Any], bits: int) -> Any:
+                """Per lane, ``candidates[code]``: a tree of selects on the code's bits."""
+                for bit in range(bits):
+                    on = b.icmp_unsigned(
+                        "!=",
+                        b.and_(code, ir.Constant(vi32, [1 << bit] * width)),
+                        ir.Constant(vi32, [0] * width),
+                    )
+                    candidates = [
+                        b.select(on, candidates[m + 1], candidates[m]) for m in range(0, len(candidates), 2)
+                    ]
+                return candidates[0]
+
+            def value_of(kind: int, bits: int, c: Any, at: Any, w: Any) -> Any:
+                """The row's values [j0, j0 + width) (weighted); a rowwise row's offset
+                (weighted) is added to ``offsets``."""
+                code = codes_of(at, bits)
+                if kind == COLBOOK and bits >= GATHER_BITS:  # sb[bb + code * dim + j0 + lane]
+                    start = b.ptrtoint(b.gep(w_.ptr["sb"], [b.add(w_.item("book_base", c), j0)]), w_.i64)
+                    lane = b.add(
+                        b.mul(code, _splat(b, b.trunc(dim, i32), width)),
+                        ir.Constant(vi32, list(range(width))),
+                    )
+                    vi64 = ir.VectorType(w_.i64, width)
+                    at4 = b.add(
+                        _splat(b, start, width), b.shl(b.zext(lane, vi64), ir.Constant(vi64, [2] * width))
+                    )
+                    ptrs = b.inttoptr(at4, ir.VectorType(f32.as_pointer(), width))
+                    every = ir.Constant(ir.VectorType(ir.IntType(1), width), [1] * width)
+                    gty = ir.FunctionType(vf, [ptrs.type, i32, every.type, vf])
+                    gather = cgutils.get_or_insert_function(
+                        b.module, gty, f"llvm.masked.gather.v{width}f32.v{width}p0"
+                    )
+                    found = b.call(gather, [ptrs, i32(4), every, ir.Constant(vf, ir.Undefined)])
+                    return b.fmul(found, _splat(b, w, width))
+                if kind == COLBOOK:
+                    bb = b.add(w_.item("book_base", c), j0)
+                    found = [
+                        b.load(
+                            b.bitcast(b.gep(w_.ptr["sb"], [b.add(bb, b.mul(dim, i64(v)))]), vf.as_pointer()),
+                            align=4,
+                        )
+                        for v in range(1 << bits)
+                    ]
+                    return b.fmul(pick(code, found, bits), _splat(b, w, width))
+                q = b.add(at, w_.item("param_at", c))
+                if kind == LEVELS:
+                    found = [
+                        _splat(b, b.fmul(w_.f16(b.add(q, i64(2 * v))), w), width) for v in range(1 << bits)
+                    ]
+                    return pick(code, found, bits)
+                with b.if_else(is_half) as (then, otherwise):
+                    with then:
+                        s16, o16 = w_.f16(q), w_.f16(b.add(q, i64(2)))
+                        from_half = b.block
+                    with otherwise:
+                        s32 = w_.load_at(w_.byte(q), f32)
+                        o32 = w_.load_at(w_.byte(b.add(q, i64(4))), f32)
+                        from_full = b.block
+                s, o = b.phi(f32), b.phi(f32)
+                s.add_incoming(s16, from_half)
+                s.add_incoming(s32, from_full)
+                o.add_incoming(o16, from_half)
+                o.add_incoming(o32, from_full)
+                s, o = b.fmul(s, w), b.fmul(o, w)
+                b.store(b.fadd(b.load(offsets), o), offsets)
+                return b.fmul(b.sitofp(code, vf), _splat(b, s, width))
+
+            with cgutils.for_range(builder, b.sub(arg["b1"], arg["b0"])) as bags:
+                bag = b.add(arg["b0"], bags.index)
+                lo, hi = w_.item("offsets", bag), w_.item("offsets", b.add(bag, i64(1)))
+                b.store(ir.Constant(vf, [0.0] * width), total)
+                b.store(ir.Constant(f32, 0.0), offsets)
+                with cgutils.for_range(builder, b.sub(hi, lo)) as ids:
+                    p = b.add(lo, ids.index)
+                    q = b.add(p, i64(AHEAD))
+                    with b.if_then(b.icmp_signed("<", q, p_end)):
+                        locate_ahead(q)
+                    e = b.load(b.gep(w_.ptr["ring"], [b.and_(p, ring_mask)]))
+                    c, at = b.and_(e, i64(3)), b.ashr(e, i64(2))
+                    with b.if_else(is_weighted) as (then, otherwise):
+                        with then:
+                            read = w_.item("weights", p)
+                            from_read = b.block
+                        with otherwise:
+                            from_one = b.block
+                    w = b.phi(f32)
+                    w.add_incoming(read, from_read)
+                    w.add_incoming(ir.Constant(f32, 1.0), from_one)
+                    done = b.append_basic_block("id_done")
+                    switch = b.switch(w_.item("variant", c), done)
+                    for index, (kind, bits) in enumerate(VARIANTS):
+                        block = b.append_basic_block(f"variant{index}")
+                        switch.add_case(i64(index), block)
+                        b.position_at_end(block)
+                        b.store(b.fadd(b.load(total), value_of(kind, bits, c, at, w)), total)
+                        b.branch(done)
+                    b.position_at_end(done)
+                start = b.add(b.mul(bag, dim), j0)
+                into = b.bitcast(b.gep(w_.ptr["out"], [start]), vf.as_pointer())
+                b.store(b.fadd(b.load(total), _splat(b, b.load(offsets), width)), into, align=4)
             return context.get_dummy_value()
 
-        return types.void(row, acc, types.intp, types.intp, types.float32, types.intp), codegen
+        return types.void(*tys), codegen
 
-    return merge
-
-
-def _concat(builder: Any, pieces: list[Any]) -> Any:
-    """The vectors ``pieces`` (a power of two of them, one type) end to end."""
-    while len(pieces) > 1:
-        count = pieces[0].type.count
-        mask = ir.Constant(ir.VectorType(ir.IntType(32), 2 * count), list(range(2 * count)))
-        pieces = [builder.shuffle_vector(x, y, mask) for x, y in zip(pieces[0::2], pieces[1::2], strict=True)]
-    return pieces[0]
+    return walk
 
 
-_MERGE1: Any = _merge_intrinsic(1)
-_MERGE2: Any = _merge_intrinsic(2)
-_MERGE4: Any = _merge_intrinsic(4)
-_MERGE8: Any = _merge_intrinsic(8)
+_WALKS: tuple[Any, ...] = tuple(_walk_intrinsic(width) for width in WIDTHS)
+_WALK128, _WALK64, _WALK16 = _WALKS
 
 
-def _rowwise_adder(bits: int) -> Any:
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    chunk = _CHUNK8 if bits == 8 else _CHUNK4 if bits == 4 else _CHUNK2
-    wide = _WIDE8 if bits == 8 else _WIDE4 if bits == 4 else _CHUNK2
-    step = 64 // per
+@numba.njit(cache=True, inline="always")
+def _variant(kind: int, nb: int) -> int:
+    """The index of codec (kind, nb bits) in ``VARIANTS``; -1 for pruned."""
+    if kind == ROWWISE:
+        return 0 if nb == 8 else 1 if nb == 4 else 2
+    if kind == LEVELS:
+        return 3 if nb == 2 else 4
+    if kind == COLBOOK:
+        return 5 if nb == 4 else 6 if nb == 2 else 7
+    return -1
 
-    @numba.njit(cache=True, inline="never", boundscheck=False)
-    def add(
-        acc: np.ndarray,
-        off: int,
-        payload: np.ndarray,
-        pos: np.ndarray,
-        k0: int,
-        cnt: int,
-        wts: np.ndarray,
-        weighted: bool,
-        dim: int,
-        pa: int,
-        half: bool,
-        scl: np.ndarray,
-    ) -> Any:
-        """``+= code * s``; returns the rows' summed offsets ``o`` (every value of a row
-        has the same one: the caller adds the sum once). The rows' scales (weighted) go to
-        ``scl[k0:k0 + cnt]``; the codes are added 64 values (then ``CHUNK`` bytes) of every
-        row at a time in registers (``_row_chunk_intrinsic``), a last partial chunk
-        value by value."""
-        n = dim // per
-        o_sum = np.float32(0.0)
-        for k in range(k0, k0 + cnt):
-            q = pos[k] + pa
+
+@numba.njit(cache=True, inline="always", boundscheck=False)
+def _add_tail(
+    row: np.ndarray,
+    j_lo: int,
+    words: np.ndarray,
+    rank: np.ndarray,
+    sub: np.ndarray,
+    payload: np.ndarray,
+    sb: np.ndarray,
+    kinds: np.ndarray,
+    bits: np.ndarray,
+    base: np.ndarray,
+    row_bytes: np.ndarray,
+    param_at: np.ndarray,
+    book_base: np.ndarray,
+    half: bool,
+    dim: int,
+    indices: np.ndarray,
+    weights: np.ndarray,
+    weighted: bool,
+    lo: int,
+    hi: int,
+    tail: np.ndarray,
+) -> None:
+    """``row[j_lo:dim] =`` the sum of ids ``[lo, hi)``'s values there, value by value (the
+    last ``dim % STEP`` values of a row): what each lane of a walk computes."""
+    tail[:] = 0.0
+    o_sum = np.float32(0.0)
+    for p in range(lo, hi):
+        c, slot = _locate(words, rank, sub, indices[p])
+        kind = kinds[c]
+        if kind == PRUNED:
+            continue
+        at = base[c] + slot * row_bytes[c]
+        w = weights[p] if weighted else np.float32(1.0)
+        nb = bits[c]
+        mask = (1 << nb) - 1
+        q = at + param_at[c]
+        s = np.float32(0.0)
+        if kind == ROWWISE:
             if half:
                 s = _f16(payload, q)
                 o = _f16(payload, q + 2)
             else:
                 s = _f32(payload, q)
                 o = _f32(payload, q + 4)
-            if weighted:
-                s = s * wts[k]
-                o = o * wts[k]
-            scl[k] = s
-            o_sum += o
-        wide_end = n - n % step
-        for i in range(0, wide_end, step):
-            wide(acc, off, n, payload, pos, scl, k0, cnt, i, pa)
-        full = n - n % CHUNK
-        for i in range(wide_end, full, CHUNK):
-            chunk(acc, off, n, payload, pos, scl, k0, cnt, i, pa)
-        if full == n and n * per == dim:
-            return o_sum
-        for k in range(k0, k0 + cnt):
-            s = scl[k]
-            a = np.uint64(pos[k])
-            base = np.uint64(off)
-            for i in range(full, n):
-                byte = np.int32(payload[a + np.uint64(i)])
-                for t in range(per):
-                    code = (byte >> np.int32(t * bits)) & np.int32(mask)
-                    acc[base + np.uint64(t * n + i)] += np.float32(code) * s
-            for j in range(n * per, dim):
-                code = (np.int32(payload[a + np.uint64(j // per)]) >> ((j % per) * bits)) & mask
-                acc[np.uint64(off + j)] += np.float32(code) * s
-        return o_sum
-
-    return add
-
-
-def _levels_adder(bits: int) -> Any:
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    four = bits == 2
-    chunk = _LEVCHUNK2 if bits == 2 else _LEVCHUNK1
-
-    @numba.njit(cache=True, inline="never", boundscheck=False)
-    def add(
-        acc: np.ndarray,
-        off: int,
-        payload: np.ndarray,
-        pos: np.ndarray,
-        k0: int,
-        cnt: int,
-        wts: np.ndarray,
-        weighted: bool,
-        dim: int,
-        pa: int,
-        scl: np.ndarray,
-    ) -> None:
-        """``+= lev[code]`` (2**bits <= 4 float16 levels after the codes), ``CHUNK`` code
-        bytes of every row at a time in registers (``_row_chunk_intrinsic``; the rows'
-        weights go to ``scl[k0:k0 + cnt]``), a last partial chunk value by value."""
-        n = dim // per
-        for k in range(k0, k0 + cnt):
-            scl[k] = wts[k] if weighted else np.float32(1.0)
-        full = n - n % CHUNK
-        for i in range(0, full, CHUNK):
-            chunk(acc, off, n, payload, pos, scl, k0, cnt, i, pa)
-        if full == n and n * per == dim:
-            return
-        for k in range(k0, k0 + cnt):
-            at = pos[k]
-            q = at + pa
-            w = scl[k]
-            l0 = _f16(payload, q)
-            l1 = _f16(payload, q + 2)
-            l2 = _f16(payload, q + 4) if four else np.float32(0.0)
-            l3 = _f16(payload, q + 6) if four else np.float32(0.0)
-            if weighted:
-                l0 = l0 * w
-                l1 = l1 * w
-                l2 = l2 * w
-                l3 = l3 * w
-            a = np.uint64(at)
-            base = np.uint64(off)
-            for i in range(full, n):
-                byte = np.int32(payload[a + np.uint64(i)])
-                for t in range(per):
-                    code = (byte >> np.int32(t * bits)) & np.int32(mask)
-                    low = l1 if code & 1 else l0
-                    high = l3 if code & 1 else l2
-                    acc[base + np.uint64(t * n + i)] += high if code & 2 else low
-            for j in range(n * per, dim):
-                code = (np.int32(payload[a + np.uint64(j // per)]) >> ((j % per) * bits)) & mask
-                low = l1 if code & 1 else l0
-                high = l3 if code & 1 else l2
-                acc[np.uint64(off + j)] += high if code & 2 else low
-
-    return add
-
-
-def _book_chunk_intrinsic(bits: int) -> Any:
-    """``acc[off + t * n + i + l] += book(t, l, code(t, l)) * scl[k]`` for every row k in
-    ``[k0, k0 + cnt)`` (payload bytes from ``pos[k]``), every ``t < 8 // bits`` and lane
-    ``l < CHUNK``: code(t, l) is the t-th ``bits``-bit code of the row's byte ``i + l``
-    and book(t, l, v) = ``sb[bb + v * dim + t * n + i + l]``, level v of that split
-    position. The levels of a chunk are loaded once for all the rows and each code picks
-    its level by a tree of vector selects on its bits (no gather); as in
-    ``_row_chunk_intrinsic`` (``_Emit.add_rows``) each accumulator slice takes the rows
-    in order, so every lane computes what a scalar ``acc[p] += sb[...] * w`` loop
-    computes. Split positions are taken a few at a time, so the levels held stay within
-    16 vectors."""
-    per = 8 // bits
-    levels = 1 << bits
-    group = max(1, min(per, 16 // levels))  # split positions per pass over the rows
-
-    @intrinsic
-    def add_chunk(
-        typingctx: Any,
-        acc: Any,
-        off: Any,
-        n: Any,
-        payload: Any,
-        pos: Any,
-        scl: Any,
-        k0: Any,
-        cnt: Any,
-        i: Any,
-        sb: Any,
-        bb: Any,
-        dim: Any,
-    ) -> Any:
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            e = _Emit(context, builder, CHUNK, signature.args[:9], args[:9])
-            sb_at = e.items(signature.args[9], args[9])
-            bb, dim = args[10], args[11]
-            for t0 in range(0, per, group):
-                ts = range(t0, min(per, t0 + group))
-                book = [  # the chunk's levels of each split position, for all the rows
-                    [
-                        builder.load(
-                            e.floats(
-                                sb_at(builder.add(builder.add(bb, builder.mul(dim, dim.type(v))), e.split(t)))
-                            ),
-                            align=4,
-                        )
-                        for v in range(levels)
-                    ]
-                    for t in ts
-                ]
-
-                def values(
-                    at: Any, w: Any, codes: Any, ts: range = ts, book: list[list[Any]] = book
-                ) -> list[Any]:
-                    ws = e.splat(w)
-                    return [
-                        builder.fmul(e.pick(e.code(codes, t, bits), book[g], bits), ws)
-                        for g, t in enumerate(ts)
-                    ]
-
-                e.add_rows(ts, values)
-            return context.get_dummy_value()
-
-        return _Emit.signature(acc, payload, pos, scl, sb, types.intp, types.intp), codegen
-
-    return add_chunk
-
-
-_BOOK4: Any = _book_chunk_intrinsic(4)
-_BOOK2: Any = _book_chunk_intrinsic(2)
-_BOOK1: Any = _book_chunk_intrinsic(1)
-
-
-def _colbook_adder(bits: int) -> Any:
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    chunk = _BOOK4 if bits == 4 else _BOOK2 if bits == 2 else _BOOK1
-
-    @numba.njit(cache=True, inline="never", boundscheck=False)
-    def add(
-        acc: np.ndarray,
-        off: int,
-        payload: np.ndarray,
-        pos: np.ndarray,
-        k0: int,
-        cnt: int,
-        wts: np.ndarray,
-        weighted: bool,
-        dim: int,
-        sb: np.ndarray,
-        bb: int,
-        scl: np.ndarray,
-    ) -> None:
-        """``+= w * book[code]``; ``sb[bb + level * dim + p]``: the book's level for split
-        position p. ``CHUNK`` code bytes of every row at a time in registers
-        (``_book_chunk_intrinsic``; the rows' weights go to ``scl[k0:k0 + cnt]``), a last
-        partial chunk value by value."""
-        n = dim // per
-        for k in range(k0, k0 + cnt):
-            scl[k] = wts[k] if weighted else np.float32(1.0)
-        full = n - n % CHUNK
-        for i in range(0, full, CHUNK):
-            chunk(acc, off, n, payload, pos, scl, k0, cnt, i, sb, bb, dim)
-        if full == n and n * per == dim:
-            return
-        d = np.uint64(dim)
-        b0 = np.uint64(bb)
-        for k in range(k0, k0 + cnt):
-            w = scl[k]
-            a = np.uint64(pos[k])
-            into = np.uint64(off)
-            for i in range(full, n):
-                byte = np.int32(payload[a + np.uint64(i)])
-                for t in range(per):
-                    code = (byte >> np.int32(t * bits)) & np.int32(mask)
-                    p = np.uint64(t * n + i)
-                    acc[into + p] += sb[b0 + np.uint64(code) * d + p] * w
-            for j in range(n * per, dim):
-                tail = (np.int32(payload[a + np.uint64(j // per)]) >> ((j % per) * bits)) & mask
-                acc[np.uint64(off + j)] += sb[np.uint64(bb + tail * dim + j)] * w
-
-    return add
-
-
-_ROWWISE8, _ROWWISE4, _ROWWISE2 = (_rowwise_adder(b) for b in (8, 4, 2))
-_LEVELS2, _LEVELS1 = (_levels_adder(b) for b in (2, 1))
-_COLBOOK4, _COLBOOK2, _COLBOOK1 = (_colbook_adder(b) for b in (4, 2, 1))
-
-
-@numba.njit(cache=True, inline="always", boundscheck=False)
-def _add_class(
-    acc: np.ndarray,
-    o_sum: np.ndarray,
-    payload: np.ndarray,
-    sb: np.ndarray,
-    pos: np.ndarray,
-    k0: int,
-    cnt: int,
-    wts: np.ndarray,
-    scl: np.ndarray,
-    weighted: bool,
-    kind: int,
-    nb: int,
-    pa: int,
-    bb: int,
-    half: bool,
-    dim: int,
-) -> None:
-    """Add a bag's ``cnt`` rows of one class (codec ``kind``, ``nb`` bits) into the
-    accumulator of its width; a rowwise class's offsets go to ``o_sum`` of that width."""
-    u = _WIDTH_SLOT[nb]
-    a = u * dim
-    if kind == ROWWISE:
-        if nb == 8:
-            o_sum[u] += _ROWWISE8(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, half, scl)
-        elif nb == 4:
-            o_sum[u] += _ROWWISE4(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, half, scl)
-        else:
-            o_sum[u] += _ROWWISE2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, half, scl)
-    elif kind == LEVELS:
-        if nb == 2:
-            _LEVELS2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, scl)
-        else:
-            _LEVELS1(acc, a, payload, pos, k0, cnt, wts, weighted, dim, pa, scl)
-    elif nb == 4:
-        _COLBOOK4(acc, a, payload, pos, k0, cnt, wts, weighted, dim, sb, bb, scl)
-    elif nb == 2:
-        _COLBOOK2(acc, a, payload, pos, k0, cnt, wts, weighted, dim, sb, bb, scl)
-    else:
-        _COLBOOK1(acc, a, payload, pos, k0, cnt, wts, weighted, dim, sb, bb, scl)
-
-
-@numba.njit(cache=True, inline="always", boundscheck=False)
-def _gather(
-    words: np.ndarray,
-    rank: np.ndarray,
-    sub: np.ndarray,
-    payload: np.ndarray,
-    kinds: np.ndarray,
-    base: np.ndarray,
-    row_bytes: np.ndarray,
-    indices: np.ndarray,
-    weights: np.ndarray,
-    weighted: bool,
-    lo: int,
-    hi: int,
-    pf_end: int,
-    pos: np.ndarray,
-    wts: np.ndarray,
-    cnt: np.ndarray,
-    s0: int,
-) -> None:
-    """Pass 1 over ids ``[lo, hi)`` (at most ``MAX_BAG_SCRATCH``): the payload position and
-    weight of each kept id, by class, into set ``s0`` (0 or 4) of ``pos`` / ``wts`` /
-    ``cnt``; each row is prefetched, and the rank entries of the id ``DIR_AHEAD`` on. The
-    counts are kept in one register while the ids are read (16 bits a class), so no id
-    waits for the previous one's count to go through memory."""
-    counts = np.uint64(0)
-    scratch = np.uint64(MAX_BAG_SCRATCH)
-    first = np.uint64(s0)
-    for p in range(np.uint64(lo), np.uint64(hi)):
-        if p + np.uint64(DIR_AHEAD) < np.uint64(pf_end):
-            r_ahead = indices[p + np.uint64(DIR_AHEAD)]
-            _prefetch(words, r_ahead >> 5)
-            _prefetch(rank, (r_ahead >> 8) << 2)
-            _prefetch(sub, (r_ahead >> 6) << 2)
-        c, slot = _locate(words, rank, sub, indices[p])
-        uc = np.uint64(c)
-        if kinds[uc] == PRUNED:
-            continue
-        at = base[uc] + slot * row_bytes[uc]
-        field = uc << np.uint64(4)
-        k = (first + uc) * scratch + ((counts >> field) & np.uint64(0xFFFF))
-        counts += np.uint64(1) << field
-        pos[k] = at
-        if weighted:
-            wts[k] = weights[p]
-        # every cache line the row touches: its first and last byte and every 64th between
-        # (a fixed four for rows up to 192 bytes, so no branch depends on the row's alignment)
-        last = at + row_bytes[uc] - 1
-        _prefetch(payload, at)
-        _prefetch(payload, min(at + 64, last))
-        _prefetch(payload, min(at + 128, last))
-        _prefetch(payload, last)
-        for line in range(at + 192, last, 64):
-            _prefetch(payload, line)
-    for c in range(4):
-        cnt[s0 + c] = np.int64((counts >> np.uint64(16 * c)) & np.uint64(0xFFFF))
-
-
-@numba.njit(cache=True, inline="always", boundscheck=False)
-def _add_set(
-    acc: np.ndarray,
-    o_sum: np.ndarray,
-    payload: np.ndarray,
-    sb: np.ndarray,
-    pos: np.ndarray,
-    wts: np.ndarray,
-    scl: np.ndarray,
-    cnt: np.ndarray,
-    s0: int,
-    weighted: bool,
-    kinds: np.ndarray,
-    bits: np.ndarray,
-    param_at: np.ndarray,
-    book_base: np.ndarray,
-    half: bool,
-    dim: int,
-) -> None:
-    """Pass 2: add the rows of set ``s0`` (``_gather``), a class at a time."""
-    for c in range(4):
-        if cnt[s0 + c]:
-            _add_class(
-                acc,
-                o_sum,
-                payload,
-                sb,
-                pos,
-                (s0 + c) * MAX_BAG_SCRATCH,
-                cnt[s0 + c],
-                wts,
-                scl,
-                weighted,
-                kinds[c],
-                bits[c],
-                param_at[c],
-                book_base[c],
-                half,
-                dim,
-            )
-
-
-@numba.njit(cache=True, inline="always", boundscheck=False)
-def _merge_bag(row: np.ndarray, acc: np.ndarray, o_sum: np.ndarray, used: np.ndarray, dim: int) -> None:
-    """``row += `` each used width's accumulator in row order, plus its summed offsets:
-    ``MERGE_STEP`` split positions at a time in vector registers (``_merge_intrinsic``),
-    the rest value by value, the same float operations either way."""
-    for u in range(4):
-        if not used[u]:
-            continue
-        per = 1 << u
-        n = dim // per
-        o = o_sum[u]
-        a = u * dim
-        q_end = n - n % MERGE_STEP
-        for q0 in range(0, q_end, MERGE_STEP):
-            if u == 0:
-                _MERGE1(row, acc, a, n, o, q0)
-            elif u == 1:
-                _MERGE2(row, acc, a, n, o, q0)
-            elif u == 2:
-                _MERGE4(row, acc, a, n, o, q0)
+            s = s * w
+            o_sum += o * w
+        for j in range(j_lo, dim):
+            code = (np.int64(payload[np.uint64(at + ((j * nb) >> 3))]) >> ((j * nb) & 7)) & mask
+            if kind == ROWWISE:
+                tail[j - j_lo] += np.float32(code) * s
+            elif kind == LEVELS:
+                tail[j - j_lo] += _f16(payload, q + 2 * code) * w
             else:
-                _MERGE8(row, acc, a, n, o, q0)
-        for t in range(per):
-            for q in range(q_end, n):
-                row[np.uint64(q * per + t)] += acc[np.uint64(a + t * n + q)] + o
-        for j in range(n * per, dim):
-            row[np.uint64(j)] += acc[np.uint64(a + j)] + o
+                tail[j - j_lo] += sb[np.uint64(book_base[c] + code * dim + j)] * w
+    for j in range(j_lo, dim):
+        row[j] = tail[j - j_lo] + o_sum
 
 
 @numba.njit(cache=True, parallel=True, nogil=True, boundscheck=False)
@@ -817,13 +521,10 @@ def mixed_bag(
     payload byte, bytes per row, where its parameters start in a row, first book value.
     ``half``: rowwise scales are float16 (else float32). The lookups are
     ``lookup.Bags``' fields, from ``indices`` to ``mean``. Each thread takes a contiguous
-    run of bags; its ids are checked first. A bag's ids are sorted by class (their payload
-    positions and weights, rows prefetched), then each class's rows are added by its
-    codec's decoder in one call. A bag is summed in one accumulator per code width, each
-    in the split order of its width (``_split_pos``: the decode loops then read and write
-    contiguously, which vectorises), put back in order once per bag (``_merge_bag``) with the width's
-    summed rowwise offsets. Returns the number of out-of-range ids (then nothing is
-    computed: the caller raises).
+    run of bags; its ids are checked first. Each run is summed in walks over its ids
+    (``_walk_intrinsic``), one per ``WIDTHS`` slice of the row, the last ``dim % STEP``
+    values id by id (``_add_tail``). Returns the number of out-of-range ids (then
+    nothing is computed: the caller raises).
     """
     bags = offsets.shape[0] - 1
     runs = max(1, min(bags, threads))
@@ -841,145 +542,126 @@ def mixed_bag(
         bad[run] = n_bad
         if n_bad:
             continue
-        # which accumulators (by code width: 8, 4, 2, 1 bits) the classes use, and the
-        # colbooks' levels in split order
-        used = np.zeros(4, dtype=np.bool_)
+        # each class's decoder, and the column books level-major (sb[bb + level * dim + j])
+        variant = np.empty(4, dtype=np.int64)
         sb = np.empty(books.shape[0], dtype=np.float32)
         for c in range(4):
-            if kinds[c] == PRUNED:
-                continue
-            used[_WIDTH_SLOT[bits[c]]] = True
+            variant[c] = _variant(kinds[c], bits[c])
             if kinds[c] == COLBOOK:
                 k = 1 << bits[c]
-                per = 8 // bits[c]
                 for j in range(dim):
-                    p_ = _split_pos(j, dim, per)
                     for t in range(k):
-                        sb[book_base[c] + t * dim + p_] = books[book_base[c] + j * k + t]
-        # per class: payload positions and weights of the chunk's ids of that class
-        # (two sets: the bag being decoded and the next one)
-        pos = np.empty(8 * MAX_BAG_SCRATCH, dtype=np.int64)
-        wts = np.ones(8 * MAX_BAG_SCRATCH, dtype=np.float32)
-        scl = np.empty(8 * MAX_BAG_SCRATCH, dtype=np.float32)  # rowwise rows' scales
-        cnt = np.zeros(8, dtype=np.int64)
-        ready = False  # whether set (b & 1) holds bag b already
-        acc = np.zeros(4 * dim, dtype=np.float32)  # one accumulator per code width
-        o_sum = np.zeros(4, dtype=np.float32)  # summed rowwise offsets per code width
-        pf_end = offsets[b1]
-        for b in range(b0, b1):
-            for u in range(4):
-                o_sum[u] = 0.0
-                if used[u]:
-                    acc[u * dim : (u + 1) * dim] = 0.0
-            lo = offsets[b]
-            hi = offsets[b + 1]
-            cur = b & 1
-            if hi - lo <= MAX_BAG_SCRATCH:
-                if not ready:
-                    _gather(
-                        words,
-                        rank,
-                        sub,
-                        payload,
-                        kinds,
-                        base,
-                        row_bytes,
-                        indices,
-                        weights,
-                        weighted,
-                        lo,
-                        hi,
-                        pf_end,
-                        pos,
-                        wts,
-                        cnt,
-                        4 * cur,
-                    )
-                # the next bag's rows are located and prefetched before this one is decoded
-                ready = b + 1 < b1 and offsets[b + 2] - hi <= MAX_BAG_SCRATCH
-                if ready:
-                    _gather(
-                        words,
-                        rank,
-                        sub,
-                        payload,
-                        kinds,
-                        base,
-                        row_bytes,
-                        indices,
-                        weights,
-                        weighted,
-                        hi,
-                        offsets[b + 2],
-                        pf_end,
-                        pos,
-                        wts,
-                        cnt,
-                        4 - 4 * cur,
-                    )
-                _add_set(
-                    acc,
-                    o_sum,
+                        sb[book_base[c] + t * dim + j] = books[book_base[c] + j * k + t]
+        ring = np.empty(RING, dtype=np.int64)
+        j0 = 0
+        while j0 + STEP <= dim:
+            left = dim - j0
+            if left >= 128:
+                _WALK128(
+                    out,
+                    b0,
+                    b1,
+                    j0,
+                    indices,
+                    offsets,
+                    weights,
+                    weighted,
+                    words,
+                    rank,
+                    sub,
                     payload,
                     sb,
-                    pos,
-                    wts,
-                    scl,
-                    cnt,
-                    4 * cur,
-                    weighted,
-                    kinds,
-                    bits,
+                    variant,
+                    base,
+                    row_bytes,
                     param_at,
                     book_base,
                     half,
                     dim,
+                    ring,
                 )
+                j0 += 128
+            elif left >= 64:
+                _WALK64(
+                    out,
+                    b0,
+                    b1,
+                    j0,
+                    indices,
+                    offsets,
+                    weights,
+                    weighted,
+                    words,
+                    rank,
+                    sub,
+                    payload,
+                    sb,
+                    variant,
+                    base,
+                    row_bytes,
+                    param_at,
+                    book_base,
+                    half,
+                    dim,
+                    ring,
+                )
+                j0 += 64
             else:
-                for c_lo in range(lo, hi, MAX_BAG_SCRATCH):
-                    c_hi = min(c_lo + MAX_BAG_SCRATCH, hi)
-                    _gather(
-                        words,
-                        rank,
-                        sub,
-                        payload,
-                        kinds,
-                        base,
-                        row_bytes,
-                        indices,
-                        weights,
-                        weighted,
-                        c_lo,
-                        c_hi,
-                        pf_end,
-                        pos,
-                        wts,
-                        cnt,
-                        4 * cur,
-                    )
-                    _add_set(
-                        acc,
-                        o_sum,
-                        payload,
-                        sb,
-                        pos,
-                        wts,
-                        scl,
-                        cnt,
-                        4 * cur,
-                        weighted,
-                        kinds,
-                        bits,
-                        param_at,
-                        book_base,
-                        half,
-                        dim,
-                    )
+                _WALK16(
+                    out,
+                    b0,
+                    b1,
+                    j0,
+                    indices,
+                    offsets,
+                    weights,
+                    weighted,
+                    words,
+                    rank,
+                    sub,
+                    payload,
+                    sb,
+                    variant,
+                    base,
+                    row_bytes,
+                    param_at,
+                    book_base,
+                    half,
+                    dim,
+                    ring,
+                )
+                j0 += 16
+        tail = np.empty(STEP, dtype=np.float32)
+        for b in range(b0, b1):
+            lo = offsets[b]
+            hi = offsets[b + 1]
             row = out[b]
-            row[:] = 0.0
-            _merge_bag(row, acc, o_sum, used, dim)
-            if mean and offsets[b + 1] > offsets[b]:
-                cnt_b = np.float32(offsets[b + 1] - offsets[b])
+            if j0 < dim:
+                _add_tail(
+                    row,
+                    j0,
+                    words,
+                    rank,
+                    sub,
+                    payload,
+                    sb,
+                    kinds,
+                    bits,
+                    base,
+                    row_bytes,
+                    param_at,
+                    book_base,
+                    half,
+                    dim,
+                    indices,
+                    weights,
+                    weighted,
+                    lo,
+                    hi,
+                    tail,
+                )
+            if mean and hi > lo:
+                cnt_b = np.float32(hi - lo)
                 for j in range(dim):
                     row[j] /= cnt_b
     return int(bad.sum())
