@@ -209,8 +209,8 @@ _WALK_ARGS = (
 )
 
 
-def _walk_intrinsic(width: int) -> Any:
-    """``out[b, j0:j0 + width] = `` the sum over bag b's ids of their rows' values there,
+def _emit_walk(w_: _Walk, width: int) -> None:
+    """IR of ``out[b, j0:j0 + width] = `` the sum over bag b's ids of their rows' values there,
     for every bag b in ``[b0, b1)``, in one walk over the run's ids (the arguments are
     ``_WALK_ARGS``: the table as ``mixed_bag`` takes it, with ``variant`` each class's
     index in ``VARIANTS``, -1 for pruned, and ``sb`` the column books level-major,
@@ -227,195 +227,207 @@ def _walk_intrinsic(width: int) -> Any:
     class's book, or a gather from it for books of ``2**GATHER_BITS`` levels). Each
     lane does the float operations of ``_add_tail``'s scalar loop, in its order, and a
     bag's ``width`` sums stay in vector registers."""
+    builder = b = w_.builder
+    i64 = w_.int
+    f32, i32, i8 = w_.f32, w_.i32, ir.IntType(8)
+    vf, vi32 = ir.VectorType(f32, width), ir.VectorType(i32, width)
+    arg = w_.arg
+    dim, j0 = arg["dim"], arg["j0"]
+    is_half, is_weighted = w_.flag("half"), w_.flag("weighted")
+    p_end = w_.item("offsets", arg["b1"])
+    ring_mask = i64(RING - 1)
 
-    @intrinsic
-    def walk(
-        typingctx: Any,
-        out: Any,
-        b0: Any,
-        b1: Any,
-        j0: Any,
-        indices: Any,
-        offsets: Any,
-        weights: Any,
-        weighted: Any,
-        words: Any,
-        rank: Any,
-        sub: Any,
-        payload: Any,
-        sb: Any,
-        variant: Any,
-        base: Any,
-        row_bytes: Any,
-        param_at: Any,
-        book_base: Any,
-        half: Any,
-        dim: Any,
-        ring: Any,
-    ) -> Any:
-        tys: tuple[Any, ...] = (out, b0, b1, j0, indices, offsets, weights, weighted, words, rank, sub)
-        tys = (*tys, payload, sb, variant, base, row_bytes, param_at, book_base, half, dim, ring)
-        if out.layout != "C" or sb.layout != "C":
-            return None  # the vector loads and stores assume contiguous values: no typing
+    def locate_ahead(q: Any) -> None:
+        """Id ``q``'s class and payload position into the ring; its row prefetched."""
+        c, slot = w_.locate(w_.item("indices", q))
+        rb = w_.item("row_bytes", c)
+        at = b.add(w_.item("base", c), b.mul(slot, rb))
+        b.store(b.or_(b.shl(at, i64(2)), c), b.gep(w_.ptr["ring"], [b.and_(q, ring_mask)]))
+        last = b.add(at, b.sub(rb, i64(1)))
+        for delta in (0, 64, 128):  # a fixed four lines, so no branch depends on where the row starts
+            line = b.add(at, i64(delta))
+            w_.prefetch(b.select(b.icmp_signed("<", line, last), line, last))
+        w_.prefetch(last)
 
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            w_ = _Walk(context, builder, _WALK_ARGS, signature.args, args)
-            b, i64 = builder, w_.int
-            f32, i32, i8 = w_.f32, w_.i32, ir.IntType(8)
-            vf, vi32 = ir.VectorType(f32, width), ir.VectorType(i32, width)
-            arg = w_.arg
-            dim, j0 = arg["dim"], arg["j0"]
-            is_half, is_weighted = w_.flag("half"), w_.flag("weighted")
-            p_end = w_.item("offsets", arg["b1"])
-            ring_mask = i64(RING - 1)
+    p_start = w_.item("offsets", arg["b0"])
+    lead = b.sub(p_end, p_start)
+    lead = b.select(b.icmp_signed("<", lead, i64(AHEAD)), lead, i64(AHEAD))
+    with cgutils.for_range(builder, lead) as first:
+        locate_ahead(b.add(p_start, first.index))
 
-            def locate_ahead(q: Any) -> None:
-                """Id ``q``'s class and payload position into the ring; its row prefetched."""
-                c, slot = w_.locate(w_.item("indices", q))
-                rb = w_.item("row_bytes", c)
-                at = b.add(w_.item("base", c), b.mul(slot, rb))
-                b.store(b.or_(b.shl(at, i64(2)), c), b.gep(w_.ptr["ring"], [b.and_(q, ring_mask)]))
-                last = b.add(at, b.sub(rb, i64(1)))
-                for delta in (0, 64, 128):  # a fixed four lines, so no branch depends on where the row starts
-                    line = b.add(at, i64(delta))
-                    w_.prefetch(b.select(b.icmp_signed("<", line, last), line, last))
-                w_.prefetch(last)
+    total = cgutils.alloca_once(builder, vf)
+    offsets = cgutils.alloca_once(builder, f32)
 
-            p_start = w_.item("offsets", arg["b0"])
-            lead = b.sub(p_end, p_start)
-            lead = b.select(b.icmp_signed("<", lead, i64(AHEAD)), lead, i64(AHEAD))
-            with cgutils.for_range(builder, lead) as first:
-                locate_ahead(b.add(p_start, first.index))
+    def codes_of(at: Any, bits: int) -> Any:
+        """The row's codes of values [j0, j0 + width), one per int32 lane."""
+        first = b.lshr(b.mul(j0, i64(bits)), i64(3))
+        raw = w_.load_at(w_.byte(b.add(at, first)), ir.VectorType(i8, width * bits // 8))
+        if bits == 8:
+            return b.zext(raw, vi32)
+        spread = b.shuffle_vector(
+            raw,
+            ir.Constant(raw.type, ir.Undefined),
+            ir.Constant(vi32, [lane * bits // 8 for lane in range(width)]),
+        )
+        shifted = b.lshr(b.zext(spread, vi32), ir.Constant(vi32, [lane * bits % 8 for lane in range(width)]))
+        return b.and_(shifted, ir.Constant(vi32, [(1 << bits) - 1] * width))
 
-            total = cgutils.alloca_once(builder, vf)
-            offsets = cgutils.alloca_once(builder, f32)
+    def pick(code: Any, candidates: list[Any], bits: int) -> Any:
+        """Per lane, ``candidates[code]``: a tree of selects on the code's bits."""
+        for bit in range(bits):
+            on = b.icmp_unsigned(
+                "!=",
+                b.and_(code, ir.Constant(vi32, [1 << bit] * width)),
+                ir.Constant(vi32, [0] * width),
+            )
+            candidates = [
+                b.select(on, candidates[m + 1], candidates[m]) for m in range(0, len(candidates), 2)
+            ]
+        return candidates[0]
 
-            def codes_of(at: Any, bits: int) -> Any:
-                """The row's codes of values [j0, j0 + width), one per int32 lane."""
-                first = b.lshr(b.mul(j0, i64(bits)), i64(3))
-                raw = w_.load_at(w_.byte(b.add(at, first)), ir.VectorType(i8, width * bits // 8))
-                if bits == 8:
-                    return b.zext(raw, vi32)
-                spread = b.shuffle_vector(
-                    raw,
-                    ir.Constant(raw.type, ir.Undefined),
-                    ir.Constant(vi32, [lane * bits // 8 for lane in range(width)]),
+    def value_of(kind: int, bits: int, c: Any, at: Any, w: Any) -> Any:
+        """The row's values [j0, j0 + width) (weighted); a rowwise row's offset
+        (weighted) is added to ``offsets``."""
+        code = codes_of(at, bits)
+        if kind == COLBOOK and bits >= GATHER_BITS:  # sb[bb + code * dim + j0 + lane]
+            start = b.ptrtoint(b.gep(w_.ptr["sb"], [b.add(w_.item("book_base", c), j0)]), w_.i64)
+            lane = b.add(
+                b.mul(code, _splat(b, b.trunc(dim, i32), width)),
+                ir.Constant(vi32, list(range(width))),
+            )
+            vi64 = ir.VectorType(w_.i64, width)
+            at4 = b.add(_splat(b, start, width), b.shl(b.zext(lane, vi64), ir.Constant(vi64, [2] * width)))
+            ptrs = b.inttoptr(at4, ir.VectorType(f32.as_pointer(), width))
+            every = ir.Constant(ir.VectorType(ir.IntType(1), width), [1] * width)
+            gty = ir.FunctionType(vf, [ptrs.type, i32, every.type, vf])
+            gather = cgutils.get_or_insert_function(
+                b.module, gty, f"llvm.masked.gather.v{width}f32.v{width}p0"
+            )
+            found = b.call(gather, [ptrs, i32(4), every, ir.Constant(vf, ir.Undefined)])
+            return b.fmul(found, _splat(b, w, width))
+        if kind == COLBOOK:
+            bb = b.add(w_.item("book_base", c), j0)
+            found = [
+                b.load(
+                    b.bitcast(b.gep(w_.ptr["sb"], [b.add(bb, b.mul(dim, i64(v)))]), vf.as_pointer()),
+                    align=4,
                 )
-                shifted = b.lshr(
-                    b.zext(spread, vi32), ir.Constant(vi32, [lane * bits % 8 for lane in range(width)])
-                )
-                return b.and_(shifted, ir.Constant(vi32, [(1 << bits) - 1] * width))
+                for v in range(1 << bits)
+            ]
+            return b.fmul(pick(code, found, bits), _splat(b, w, width))
+        q = b.add(at, w_.item("param_at", c))
+        if kind == LEVELS:
+            found = [_splat(b, b.fmul(w_.f16(b.add(q, i64(2 * v))), w), width) for v in range(1 << bits)]
+            return pick(code, found, bits)
+        with b.if_else(is_half) as (then, otherwise):
+            with then:
+                s16, o16 = w_.f16(q), w_.f16(b.add(q, i64(2)))
+                from_half = b.block
+            with otherwise:
+                s32 = w_.load_at(w_.byte(q), f32)
+                o32 = w_.load_at(w_.byte(b.add(q, i64(4))), f32)
+                from_full = b.block
+        s, o = b.phi(f32), b.phi(f32)
+        s.add_incoming(s16, from_half)
+        s.add_incoming(s32, from_full)
+        o.add_incoming(o16, from_half)
+        o.add_incoming(o32, from_full)
+        s, o = b.fmul(s, w), b.fmul(o, w)
+        b.store(b.fadd(b.load(offsets), o), offsets)
+        return b.fmul(b.sitofp(code, vf), _splat(b, s, width))
 
-            def pick(code: Any, candidates: list[Any], bits: int) -> Any:
-                """Per lane, ``candidates[code]``: a tree of selects on the code's bits."""
-                for bit in range(bits):
-                    on = b.icmp_unsigned(
-                        "!=",
-                        b.and_(code, ir.Constant(vi32, [1 << bit] * width)),
-                        ir.Constant(vi32, [0] * width),
-                    )
-                    candidates = [
-                        b.select(on, candidates[m + 1], candidates[m]) for m in range(0, len(candidates), 2)
-                    ]
-                return candidates[0]
-
-            def value_of(kind: int, bits: int, c: Any, at: Any, w: Any) -> Any:
-                """The row's values [j0, j0 + width) (weighted); a rowwise row's offset
-                (weighted) is added to ``offsets``."""
-                code = codes_of(at, bits)
-                if kind == COLBOOK and bits >= GATHER_BITS:  # sb[bb + code * dim + j0 + lane]
-                    start = b.ptrtoint(b.gep(w_.ptr["sb"], [b.add(w_.item("book_base", c), j0)]), w_.i64)
-                    lane = b.add(
-                        b.mul(code, _splat(b, b.trunc(dim, i32), width)),
-                        ir.Constant(vi32, list(range(width))),
-                    )
-                    vi64 = ir.VectorType(w_.i64, width)
-                    at4 = b.add(
-                        _splat(b, start, width), b.shl(b.zext(lane, vi64), ir.Constant(vi64, [2] * width))
-                    )
-                    ptrs = b.inttoptr(at4, ir.VectorType(f32.as_pointer(), width))
-                    every = ir.Constant(ir.VectorType(ir.IntType(1), width), [1] * width)
-                    gty = ir.FunctionType(vf, [ptrs.type, i32, every.type, vf])
-                    gather = cgutils.get_or_insert_function(
-                        b.module, gty, f"llvm.masked.gather.v{width}f32.v{width}p0"
-                    )
-                    found = b.call(gather, [ptrs, i32(4), every, ir.Constant(vf, ir.Undefined)])
-                    return b.fmul(found, _splat(b, w, width))
-                if kind == COLBOOK:
-                    bb = b.add(w_.item("book_base", c), j0)
-                    found = [
-                        b.load(
-                            b.bitcast(b.gep(w_.ptr["sb"], [b.add(bb, b.mul(dim, i64(v)))]), vf.as_pointer()),
-                            align=4,
-                        )
-                        for v in range(1 << bits)
-                    ]
-                    return b.fmul(pick(code, found, bits), _splat(b, w, width))
-                q = b.add(at, w_.item("param_at", c))
-                if kind == LEVELS:
-                    found = [
-                        _splat(b, b.fmul(w_.f16(b.add(q, i64(2 * v))), w), width) for v in range(1 << bits)
-                    ]
-                    return pick(code, found, bits)
-                with b.if_else(is_half) as (then, otherwise):
-                    with then:
-                        s16, o16 = w_.f16(q), w_.f16(b.add(q, i64(2)))
-                        from_half = b.block
-                    with otherwise:
-                        s32 = w_.load_at(w_.byte(q), f32)
-                        o32 = w_.load_at(w_.byte(b.add(q, i64(4))), f32)
-                        from_full = b.block
-                s, o = b.phi(f32), b.phi(f32)
-                s.add_incoming(s16, from_half)
-                s.add_incoming(s32, from_full)
-                o.add_incoming(o16, from_half)
-                o.add_incoming(o32, from_full)
-                s, o = b.fmul(s, w), b.fmul(o, w)
-                b.store(b.fadd(b.load(offsets), o), offsets)
-                return b.fmul(b.sitofp(code, vf), _splat(b, s, width))
-
-            with cgutils.for_range(builder, b.sub(arg["b1"], arg["b0"])) as bags:
-                bag = b.add(arg["b0"], bags.index)
-                lo, hi = w_.item("offsets", bag), w_.item("offsets", b.add(bag, i64(1)))
-                b.store(ir.Constant(vf, [0.0] * width), total)
-                b.store(ir.Constant(f32, 0.0), offsets)
-                with cgutils.for_range(builder, b.sub(hi, lo)) as ids:
-                    p = b.add(lo, ids.index)
-                    q = b.add(p, i64(AHEAD))
-                    with b.if_then(b.icmp_signed("<", q, p_end)):
-                        locate_ahead(q)
-                    e = b.load(b.gep(w_.ptr["ring"], [b.and_(p, ring_mask)]))
-                    c, at = b.and_(e, i64(3)), b.ashr(e, i64(2))
-                    with b.if_else(is_weighted) as (then, otherwise):
-                        with then:
-                            read = w_.item("weights", p)
-                            from_read = b.block
-                        with otherwise:
-                            from_one = b.block
-                    w = b.phi(f32)
-                    w.add_incoming(read, from_read)
-                    w.add_incoming(ir.Constant(f32, 1.0), from_one)
-                    done = b.append_basic_block("id_done")
-                    switch = b.switch(w_.item("variant", c), done)
-                    for index, (kind, bits) in enumerate(VARIANTS):
-                        block = b.append_basic_block(f"variant{index}")
-                        switch.add_case(i64(index), block)
-                        b.position_at_end(block)
-                        b.store(b.fadd(b.load(total), value_of(kind, bits, c, at, w)), total)
-                        b.branch(done)
-                    b.position_at_end(done)
-                start = b.add(b.mul(bag, dim), j0)
-                into = b.bitcast(b.gep(w_.ptr["out"], [start]), vf.as_pointer())
-                b.store(b.fadd(b.load(total), _splat(b, b.load(offsets), width)), into, align=4)
-            return context.get_dummy_value()
-
-        return types.void(*tys), codegen
-
-    return walk
+    with cgutils.for_range(builder, b.sub(arg["b1"], arg["b0"])) as bags:
+        bag = b.add(arg["b0"], bags.index)
+        lo, hi = w_.item("offsets", bag), w_.item("offsets", b.add(bag, i64(1)))
+        b.store(ir.Constant(vf, [0.0] * width), total)
+        b.store(ir.Constant(f32, 0.0), offsets)
+        with cgutils.for_range(builder, b.sub(hi, lo)) as ids:
+            p = b.add(lo, ids.index)
+            q = b.add(p, i64(AHEAD))
+            with b.if_then(b.icmp_signed("<", q, p_end)):
+                locate_ahead(q)
+            e = b.load(b.gep(w_.ptr["ring"], [b.and_(p, ring_mask)]))
+            c, at = b.and_(e, i64(3)), b.ashr(e, i64(2))
+            with b.if_else(is_weighted) as (then, otherwise):
+                with then:
+                    read = w_.item("weights", p)
+                    from_read = b.block
+                with otherwise:
+                    from_one = b.block
+            w = b.phi(f32)
+            w.add_incoming(read, from_read)
+            w.add_incoming(ir.Constant(f32, 1.0), from_one)
+            done = b.append_basic_block("id_done")
+            switch = b.switch(w_.item("variant", c), done)
+            for index, (kind, bits) in enumerate(VARIANTS):
+                block = b.append_basic_block(f"variant{index}")
+                switch.add_case(i64(index), block)
+                b.position_at_end(block)
+                b.store(b.fadd(b.load(total), value_of(kind, bits, c, at, w)), total)
+                b.branch(done)
+            b.position_at_end(done)
+        start = b.add(b.mul(bag, dim), j0)
+        into = b.bitcast(b.gep(w_.ptr["out"], [start]), vf.as_pointer())
+        b.store(b.fadd(b.load(total), _splat(b, b.load(offsets), width)), into, align=4)
 
 
-_WALKS: tuple[Any, ...] = tuple(_walk_intrinsic(width) for width in WIDTHS)
-_WALK128, _WALK64, _WALK16 = _WALKS
+@intrinsic
+def _walk_intrinsic(
+    typingctx: Any,
+    out: Any,
+    b0: Any,
+    b1: Any,
+    j0: Any,
+    indices: Any,
+    offsets: Any,
+    weights: Any,
+    weighted: Any,
+    words: Any,
+    rank: Any,
+    sub: Any,
+    payload: Any,
+    sb: Any,
+    variant: Any,
+    base: Any,
+    row_bytes: Any,
+    param_at: Any,
+    book_base: Any,
+    half: Any,
+    dim: Any,
+    ring: Any,
+) -> Any:
+    """One walk (``_emit_walk``) over the widest of ``WIDTHS`` that the row has left from
+    ``j0``, or the narrowest; returns that width."""
+    tys: tuple[Any, ...] = (out, b0, b1, j0, indices, offsets, weights, weighted, words, rank, sub)
+    tys = (*tys, payload, sb, variant, base, row_bytes, param_at, book_base, half, dim, ring)
+    if out.layout != "C" or sb.layout != "C":
+        return None  # the vector loads and stores assume contiguous values: no typing
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        w_ = _Walk(context, builder, _WALK_ARGS, signature.args, args)
+        left = builder.sub(w_.arg["dim"], w_.arg["j0"])
+        taken = cgutils.alloca_once(builder, w_.i64)
+
+        def walk_from(k: int) -> None:
+            if k == len(WIDTHS) - 1:
+                _emit_walk(w_, WIDTHS[k])
+                builder.store(w_.int(WIDTHS[k]), taken)
+                return
+            with builder.if_else(builder.icmp_signed(">=", left, w_.int(WIDTHS[k]))) as (fits, narrower):
+                with fits:
+                    _emit_walk(w_, WIDTHS[k])
+                    builder.store(w_.int(WIDTHS[k]), taken)
+                with narrower:
+                    walk_from(k + 1)
+
+        walk_from(0)
+        return builder.load(taken)
+
+    return types.intp(*tys), codegen
+
+
+# called from the kernels only (typed here as such: numba supplies the typing context)
+_walk: Any = _walk_intrinsic
 
 
 @numba.njit(cache=True, inline="always")
@@ -555,82 +567,29 @@ def mixed_bag(
         ring = np.empty(RING, dtype=np.int64)
         j0 = 0
         while j0 + STEP <= dim:
-            left = dim - j0
-            if left >= 128:
-                _WALK128(
-                    out,
-                    b0,
-                    b1,
-                    j0,
-                    indices,
-                    offsets,
-                    weights,
-                    weighted,
-                    words,
-                    rank,
-                    sub,
-                    payload,
-                    sb,
-                    variant,
-                    base,
-                    row_bytes,
-                    param_at,
-                    book_base,
-                    half,
-                    dim,
-                    ring,
-                )
-                j0 += 128
-            elif left >= 64:
-                _WALK64(
-                    out,
-                    b0,
-                    b1,
-                    j0,
-                    indices,
-                    offsets,
-                    weights,
-                    weighted,
-                    words,
-                    rank,
-                    sub,
-                    payload,
-                    sb,
-                    variant,
-                    base,
-                    row_bytes,
-                    param_at,
-                    book_base,
-                    half,
-                    dim,
-                    ring,
-                )
-                j0 += 64
-            else:
-                _WALK16(
-                    out,
-                    b0,
-                    b1,
-                    j0,
-                    indices,
-                    offsets,
-                    weights,
-                    weighted,
-                    words,
-                    rank,
-                    sub,
-                    payload,
-                    sb,
-                    variant,
-                    base,
-                    row_bytes,
-                    param_at,
-                    book_base,
-                    half,
-                    dim,
-                    ring,
-                )
-                j0 += 16
+            j0 += _walk(
+                out,
+                b0,
+                b1,
+                j0,
+                indices,
+                offsets,
+                weights,
+                weighted,
+                words,
+                rank,
+                sub,
+                payload,
+                sb,
+                variant,
+                base,
+                row_bytes,
+                param_at,
+                book_base,
+                half,
+                dim,
+                ring,
+            )
         tail = np.empty(STEP, dtype=np.float32)
         for b in range(b0, b1):
             lo = offsets[b]
