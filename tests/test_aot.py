@@ -122,6 +122,34 @@ def test_fused_4bit_bags_compiled_ahead_equal_numbas(dim, threads):
     assert "fused_run" in _aot.status()["compiled_kernels_used"]
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    dim=st.sampled_from([5, 16, 37, 64, 128, 136, 256]),
+    names=st.sampled_from(
+        [
+            ("pruned", "rowwise8", "levels2", "colbook4"),
+            ("levels1", "colbook1", "rowwise2", "colbook2"),
+            ("rowwise4", "pruned"),
+        ]
+    ),
+    threads=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_mixed_bags_compiled_ahead_equal_numbas_bit_for_bit(dim, names, threads, seed):
+    from embpress.layouts.mixed import MixedTable
+    from embpress.quant.codecs import Codec
+
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(90, dim, generator=gen)
+    classes = np.random.default_rng(seed).integers(0, len(names), 90)
+    table = MixedTable.build(weight, classes, [Codec.parse(n) for n in names])
+    idx, bounds, psw = _bags(gen, 90, [5, 0, 17, 1, 9, 30, 2, 40], True)
+    for mode, weights in ((0, None), (1, None), (0, psw)):
+        ahead, under_numba, _ = _both(table, None, threads, idx, bounds, mode, weights)
+        assert torch.equal(ahead, under_numba)
+    assert "mixed_run" in _aot.status()["compiled_kernels_used"]
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_out_of_range_ids_raise_from_compiled_runs(threads):
     gen = torch.Generator().manual_seed(3)
@@ -138,11 +166,14 @@ def test_run_kernels_take_the_tables_fields_then_the_bags_then_a_run():
     """The run kernels' parameters are what ``lookup.run_bags`` passes, in order."""
     import inspect
 
+    from embpress.layouts import _mixed_kernels
     from embpress.layouts.lookup import BlockSparseKernelTable, FusedKernelTable
+    from embpress.layouts.mixed import MixedKernelTable
 
     for kernel, table in (
         (_kernels.block_sparse_run, BlockSparseKernelTable),
         (_kernels.fused_run, FusedKernelTable),
+        (_mixed_kernels.mixed_run, MixedKernelTable),
     ):
         parameters = list(inspect.signature(kernel.py_func).parameters)
         assert parameters == [*table._fields, *Bags._fields, "b0", "b1", "ring", "acc", "out"]

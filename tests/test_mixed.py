@@ -264,6 +264,17 @@ def test_kernel_table_fields_are_the_kernels_parameters():
     assert parameters == [*MixedKernelTable._fields, *Bags._fields, "threads", "out"]
 
 
+def test_the_tables_decoder_ids_are_the_kernels_order():
+    """``MixedTable.kernel_table`` names each class's decoder by its index in the kernel's
+    ``VARIANTS`` (the kernel file is not imported to build it): the two orders agree."""
+    from embpress.layouts import _mixed_kernels
+    from embpress.layouts.mixed import _VARIANTS
+
+    kernel_order = [(KINDS[kind], bits) for kind, bits in _mixed_kernels.VARIANTS]
+    assert sorted(_VARIANTS, key=_VARIANTS.__getitem__) == kernel_order
+    assert {(c.kind, c.bits) for c in CODECS if c.kind != "pruned"} == set(_VARIANTS)
+
+
 def test_build_refuses_bad_input():
     w = torch.randn(10, 4)
     codecs = [P("rowwise8"), P("pruned")]

@@ -27,7 +27,7 @@ from numba.extending import intrinsic
 
 from .. import _kernel_cache
 
-__all__ = ["mixed_bag"]
+__all__ = ["mixed_bag", "mixed_run"]
 
 PRUNED, ROWWISE, LEVELS, COLBOOK = 0, 1, 2, 3  # codecs.KINDS' order
 _M55 = np.int64(0x5555555555555555)
@@ -430,18 +430,6 @@ def _walk_intrinsic(
 _walk: Any = _walk_intrinsic
 
 
-@numba.njit(cache=True, inline="always")
-def _variant(kind: int, nb: int) -> int:
-    """The index of codec (kind, nb bits) in ``VARIANTS``; -1 for pruned."""
-    if kind == ROWWISE:
-        return 0 if nb == 8 else 1 if nb == 4 else 2
-    if kind == LEVELS:
-        return 3 if nb == 2 else 4
-    if kind == COLBOOK:
-        return 5 if nb == 4 else 6 if nb == 2 else 7
-    return -1
-
-
 @numba.njit(cache=True, inline="always", boundscheck=False)
 def _add_tail(
     row: np.ndarray,
@@ -502,13 +490,112 @@ def _add_tail(
         row[j] = tail[j - j_lo] + o_sum
 
 
+@numba.njit(cache=True, inline="always", boundscheck=False)
+def _mixed_bags(
+    words: np.ndarray,
+    rank: np.ndarray,
+    sub: np.ndarray,
+    payload: np.ndarray,
+    sb: np.ndarray,
+    variant: np.ndarray,
+    kinds: np.ndarray,
+    bits: np.ndarray,
+    base: np.ndarray,
+    row_bytes: np.ndarray,
+    param_at: np.ndarray,
+    book_base: np.ndarray,
+    half: bool,
+    rows: int,
+    dim: int,
+    indices: np.ndarray,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    weighted: bool,
+    mean: bool,
+    b0: int,
+    b1: int,
+    ring: np.ndarray,
+    tail: np.ndarray,
+    out: np.ndarray,
+) -> int:
+    """Bags ``[b0, b1)`` of ``mixed_bag`` (``ring``: at least ``RING`` int64, ``tail``: at
+    least ``STEP`` float32 of scratch); returns how many of their ids are out of range
+    (then nothing is computed). Allocates nothing, raises nothing: ``mixed_run`` is this
+    body compiled ahead of time."""
+    n_bad = 0
+    for p in range(offsets[b0], offsets[b1]):
+        if indices[p] < 0 or indices[p] >= rows:
+            n_bad += 1
+    if n_bad:
+        return n_bad
+    j0 = 0
+    while j0 + STEP <= dim:
+        j0 += _walk(
+            out,
+            b0,
+            b1,
+            j0,
+            indices,
+            offsets,
+            weights,
+            weighted,
+            words,
+            rank,
+            sub,
+            payload,
+            sb,
+            variant,
+            base,
+            row_bytes,
+            param_at,
+            book_base,
+            half,
+            dim,
+            ring,
+        )
+    for b in range(b0, b1):
+        lo = offsets[b]
+        hi = offsets[b + 1]
+        row = out[b]
+        if j0 < dim:
+            _add_tail(
+                row,
+                j0,
+                words,
+                rank,
+                sub,
+                payload,
+                sb,
+                kinds,
+                bits,
+                base,
+                row_bytes,
+                param_at,
+                book_base,
+                half,
+                dim,
+                indices,
+                weights,
+                weighted,
+                lo,
+                hi,
+                tail,
+            )
+        if mean and hi > lo:
+            cnt_b = np.float32(hi - lo)
+            for j in range(dim):
+                row[j] /= cnt_b
+    return 0
+
+
 @numba.njit(cache=True, parallel=True, nogil=True, boundscheck=False)
 def mixed_bag(
     words: np.ndarray,
     rank: np.ndarray,
     sub: np.ndarray,
     payload: np.ndarray,
-    books: np.ndarray,
+    sb: np.ndarray,
+    variant: np.ndarray,
     kinds: np.ndarray,
     bits: np.ndarray,
     base: np.ndarray,
@@ -528,15 +615,17 @@ def mixed_bag(
 ) -> int:
     """``out[b]`` = sum / mean over bag b of its decoded rows (pruned rows add 0).
 
-    The table (``layouts.mixed``): ``words``, the class ids as int64 words; ``rank``, the
-    flattened rank directory and its sub-block counts; ``payload`` and ``books``; per class: kind, bits, first
-    payload byte, bytes per row, where its parameters start in a row, first book value.
-    ``half``: rowwise scales are float16 (else float32). The lookups are
-    ``lookup.Bags``' fields, from ``indices`` to ``mean``. Each thread takes a contiguous
-    run of bags; its ids are checked first. Each run is summed in walks over its ids
-    (``_walk_intrinsic``), one per ``WIDTHS`` slice of the row, the last ``dim % STEP``
-    values id by id (``_add_tail``). Returns the number of out-of-range ids (then
-    nothing is computed: the caller raises).
+    The table (``layouts.mixed``, ``MixedKernelTable``): ``words``, the class ids as
+    int64 words; ``rank`` and ``sub``, the rank directory's block and sub-block counts,
+    flattened; ``payload``; ``sb``, the column books level-major (``sb[book_base[c] +
+    level * dim + j]``); per class: its decoder (index in ``VARIANTS``, -1 for pruned),
+    kind, bits, first payload byte, bytes per row, where its parameters start in a row,
+    first book value. ``half``: rowwise scales are float16 (else float32). The lookups
+    are ``lookup.Bags``' fields, from ``indices`` to ``mean``. Each thread takes a
+    contiguous run of bags, summed in walks over its ids (``_walk_intrinsic``), one per
+    ``WIDTHS`` slice of the row, the last ``dim % STEP`` values id by id
+    (``_add_tail``). Returns the number of out-of-range ids (then nothing is computed:
+    the caller raises).
     """
     bags = offsets.shape[0] - 1
     runs = max(1, min(bags, threads))
@@ -547,83 +636,96 @@ def mixed_bag(
         b1 = min(bags, b0 + per_run)
         if b0 >= b1:
             continue
-        n_bad = 0
-        for p in range(offsets[b0], offsets[b1]):
-            if indices[p] < 0 or indices[p] >= rows:
-                n_bad += 1
-        bad[run] = n_bad
-        if n_bad:
-            continue
-        # each class's decoder, and the column books level-major (sb[bb + level * dim + j])
-        variant = np.empty(4, dtype=np.int64)
-        sb = np.empty(books.shape[0], dtype=np.float32)
-        for c in range(4):
-            variant[c] = _variant(kinds[c], bits[c])
-            if kinds[c] == COLBOOK:
-                k = 1 << bits[c]
-                for j in range(dim):
-                    for t in range(k):
-                        sb[book_base[c] + t * dim + j] = books[book_base[c] + j * k + t]
         ring = np.empty(RING, dtype=np.int64)
-        j0 = 0
-        while j0 + STEP <= dim:
-            j0 += _walk(
-                out,
-                b0,
-                b1,
-                j0,
-                indices,
-                offsets,
-                weights,
-                weighted,
-                words,
-                rank,
-                sub,
-                payload,
-                sb,
-                variant,
-                base,
-                row_bytes,
-                param_at,
-                book_base,
-                half,
-                dim,
-                ring,
-            )
         tail = np.empty(STEP, dtype=np.float32)
-        for b in range(b0, b1):
-            lo = offsets[b]
-            hi = offsets[b + 1]
-            row = out[b]
-            if j0 < dim:
-                _add_tail(
-                    row,
-                    j0,
-                    words,
-                    rank,
-                    sub,
-                    payload,
-                    sb,
-                    kinds,
-                    bits,
-                    base,
-                    row_bytes,
-                    param_at,
-                    book_base,
-                    half,
-                    dim,
-                    indices,
-                    weights,
-                    weighted,
-                    lo,
-                    hi,
-                    tail,
-                )
-            if mean and hi > lo:
-                cnt_b = np.float32(hi - lo)
-                for j in range(dim):
-                    row[j] /= cnt_b
+        bad[run] = _mixed_bags(
+            words,
+            rank,
+            sub,
+            payload,
+            sb,
+            variant,
+            kinds,
+            bits,
+            base,
+            row_bytes,
+            param_at,
+            book_base,
+            half,
+            rows,
+            dim,
+            indices,
+            offsets,
+            weights,
+            weighted,
+            mean,
+            b0,
+            b1,
+            ring,
+            tail,
+            out,
+        )
     return int(bad.sum())
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def mixed_run(
+    words: np.ndarray,
+    rank: np.ndarray,
+    sub: np.ndarray,
+    payload: np.ndarray,
+    sb: np.ndarray,
+    variant: np.ndarray,
+    kinds: np.ndarray,
+    bits: np.ndarray,
+    base: np.ndarray,
+    row_bytes: np.ndarray,
+    param_at: np.ndarray,
+    book_base: np.ndarray,
+    half: bool,
+    rows: int,
+    dim: int,
+    indices: np.ndarray,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    weighted: bool,
+    mean: bool,
+    b0: int,
+    b1: int,
+    ring: np.ndarray,
+    acc: np.ndarray,
+    out: np.ndarray,
+) -> int:
+    """One thread's run of ``mixed_bag`` (bags ``[b0, b1)``), as ``lookup.run_bags`` calls a
+    run kernel (``ring``: at least ``RING`` int64, ``acc``: ``dim`` float32 of scratch,
+    the tail's when ``dim`` is at least ``STEP``); returns the out-of-range ids."""
+    return _mixed_bags(
+        words,
+        rank,
+        sub,
+        payload,
+        sb,
+        variant,
+        kinds,
+        bits,
+        base,
+        row_bytes,
+        param_at,
+        book_base,
+        half,
+        rows,
+        dim,
+        indices,
+        offsets,
+        weights,
+        weighted,
+        mean,
+        b0,
+        b1,
+        ring,
+        acc,
+        out,
+    )
 
 
 # several processes may compile into one disk cache at once (see ``_kernel_cache``)

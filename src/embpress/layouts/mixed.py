@@ -67,6 +67,7 @@ from .stats import MaskStats, RowStats, flagged_rows
 
 # numba kernels, loaded (with numba) on first use (see ``_aot``)
 mixed_bag = KernelRef("embpress.layouts._mixed_kernels", "mixed_bag")
+mixed_run = KernelRef("embpress.layouts._mixed_kernels", "mixed_run", returns="int64")
 
 __all__ = ["BLOCK_ROWS", "MixedKernelTable", "MixedTable"]
 
@@ -77,6 +78,18 @@ MAX_ROWS = (1 << 31) - 1  # the rank directory is int32
 _PRUNED = Codec("pruned", 0)
 _SLOT_CHUNK = 1 << 16  # ids whose slots ``_classes_and_slots`` finds at a time
 _SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+# (kind, bits) -> the lookup kernel's decoder index (``_mixed_kernels.VARIANTS``, whose order
+# this is: the kernel file is not imported here)
+_VARIANTS = {
+    ("rowwise", 8): 0,
+    ("rowwise", 4): 1,
+    ("rowwise", 2): 2,
+    ("levels", 2): 3,
+    ("levels", 1): 4,
+    ("colbook", 4): 5,
+    ("colbook", 2): 6,
+    ("colbook", 1): 7,
+}
 
 
 class MixedKernelTable(NamedTuple):
@@ -86,7 +99,8 @@ class MixedKernelTable(NamedTuple):
     rank: np.ndarray  # int32: class_rank flattened
     sub: np.ndarray  # uint8: class_sub flattened
     payload: np.ndarray  # uint8
-    books: np.ndarray  # float32: colbooks
+    sb: np.ndarray  # float32: colbooks level-major (each class's book [2**bits, dim])
+    variant: np.ndarray  # int64 per class: its decoder (_mixed_kernels.VARIANTS), -1 pruned
     kinds: np.ndarray  # int64 per class: codecs.KINDS index
     bits: np.ndarray  # int64 per class
     base: np.ndarray  # int64 per class: first payload byte
@@ -424,12 +438,14 @@ class MixedTable(QuantizedTable):
     def kernel_table(self) -> MixedKernelTable:
         """The kernel's view of the table (CPU buffers)."""
         kinds, bits, base, row_bytes, param_at, book_base = self._kernel_geometry
+        pad = MAX_CLASSES - len(self.codecs)
         return MixedKernelTable(
             words=self.class_ids.numpy().view(np.int64),
             rank=self.class_rank.numpy().reshape(-1),
             sub=self.class_sub.numpy().reshape(-1),
             payload=self.payload.numpy(),
-            books=self.colbooks.numpy(),
+            sb=self._level_major_books(),
+            variant=np.array([*(_VARIANTS.get((c.kind, c.bits), -1) for c in self.codecs), *([-1] * pad)]),
             kinds=kinds,
             bits=bits,
             base=base,
@@ -440,6 +456,18 @@ class MixedTable(QuantizedTable):
             rows=self.num_embeddings,
             dim=self.embedding_dim,
         )
+
+    def _level_major_books(self) -> np.ndarray:
+        """The column books as the lookup kernel reads them: each class's ``[dim, 2**bits]``
+        book transposed to ``[2**bits, dim]`` (a level's values of every column in a row)."""
+        books = self.colbooks.numpy()
+        out = np.empty_like(books)
+        dim = self.embedding_dim
+        for codec, at in zip(self.codecs, self.book_base, strict=True):
+            if codec.kind == "colbook":
+                size = dim << codec.bits
+                out[at : at + size] = books[at : at + size].reshape(dim, -1).T.reshape(-1)
+        return out
 
     def fast_bag(
         self,
@@ -453,7 +481,9 @@ class MixedTable(QuantizedTable):
             return None
         table = self.kernel_args(policy or current_kernel_policy(), self.kernel_table)
         bags = Bags.of(indices, offsets, mode, per_sample_weights)
-        return run_bags(mixed_bag, table, bags, self.num_embeddings, self.embedding_dim)
+        return run_bags(
+            mixed_bag, table, bags, self.num_embeddings, self.embedding_dim, run=mixed_run, owner=self
+        )
 
     # ------------------------------------------------------------------ files
     @classmethod
