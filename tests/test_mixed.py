@@ -265,14 +265,15 @@ def test_kernel_table_fields_are_the_kernels_parameters():
 
 
 def test_the_tables_decoder_ids_are_the_kernels_order():
-    """``MixedTable.kernel_table`` names each class's decoder by its index in the kernel's
-    ``VARIANTS`` (the kernel file is not imported to build it): the two orders agree."""
+    """``MixedTable.kernel_table`` names each class's decoder by its place in ``CODECS``
+    (pruned first, -1); the kernel's ``VARIANTS`` are that order (the kernel file is not
+    imported to build the table)."""
     from embpress.layouts import _mixed_kernels
-    from embpress.layouts.mixed import _VARIANTS
 
     kernel_order = [(KINDS[kind], bits) for kind, bits in _mixed_kernels.VARIANTS]
-    assert sorted(_VARIANTS, key=_VARIANTS.__getitem__) == kernel_order
-    assert {(c.kind, c.bits) for c in CODECS if c.kind != "pruned"} == set(_VARIANTS)
+    assert [(c.kind, c.bits) for c in CODECS] == [("pruned", 0), *kernel_order]
+    _, _, _, table = _table(MIXES[0])
+    assert table.kernel_table().variant.tolist() == [-1, 0, 3, 5]
 
 
 def test_build_refuses_bad_input():

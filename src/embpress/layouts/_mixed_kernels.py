@@ -9,7 +9,7 @@ LLVM IR): each id is located a fixed number of ids before it is added, so its ro
 prefetched by then, and each row is decoded by a switch on its class straight into the
 bag's sums, held in vector registers (up to 128 values of a row per walk).
 
-The helpers (popcount, unaligned float loads, the IR of the walk) are defined here, not
+The helpers (the row's location, unaligned float loads, the IR of the walk) are defined here, not
 imported: numba's disk cache is keyed on the jitted function's own file (see
 ``layouts._kernels``).
 """
@@ -30,25 +30,10 @@ from .. import _kernel_cache
 __all__ = ["mixed_bag", "mixed_run"]
 
 PRUNED, ROWWISE, LEVELS, COLBOOK = 0, 1, 2, 3  # codecs.KINDS' order
-_M55 = np.int64(0x5555555555555555)
+_M55 = 0x5555555555555555  # 01 in every 2-bit field
 AHEAD = 16  # ids ahead (across bags) that a walk locates and whose rows it prefetches
 GATHER_BITS = 4  # column books this wide are read by a gather (a select tree takes 15 selects)
 RING = 32  # located ids a walk holds (a power of two, above AHEAD)
-
-
-@intrinsic
-def _popcount_intrinsic(typingctx: Any, x: Any) -> Any:
-    """Set bits of an int64 (one instruction where the CPU has it)."""
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
-        return builder.call(fn, [args[0]])
-
-    return types.int64(types.int64), codegen
-
-
-# called from the kernels only (typed here as such: numba supplies the typing context)
-_popcount: Any = _popcount_intrinsic
 
 
 def _load_intrinsic(kind: str) -> Any:
@@ -76,24 +61,61 @@ _f16: Any = _load_intrinsic("f16")
 _f32: Any = _load_intrinsic("f32")
 
 
-@numba.njit(cache=True, inline="always")
-def _locate(words: np.ndarray, rank: np.ndarray, sub: np.ndarray, r: int) -> tuple[int, int]:
-    """(class, slot in the class) of row ``r``, without branches: the block's count, the
-    sub-block's, the sub-block's first word when ``r`` is in its second, and the ids below
-    ``r`` in its own word."""
-    word = words[np.uint64(r >> 5)]
-    sh = (r & 31) << 1
-    c = (word >> sh) & 3
-    pat = c * _M55  # the class id in every 2-bit field
-    slot = np.int64(rank[np.uint64(((r >> 8) << 2) + c)]) + np.int64(sub[np.uint64(((r >> 6) << 2) + c)])
-    y = words[np.uint64((r >> 6) << 1)] ^ pat
-    slot += _popcount(~(y | (y >> 1)) & _M55 & -((r >> 5) & 1))
-    y = word ^ pat
-    slot += _popcount(~(y | (y >> 1)) & _M55 & ((np.int64(1) << sh) - 1))
-    return c, slot
+def _emit_locate(builder: Any, words: Any, rank: Any, sub: Any, r: Any) -> tuple[Any, Any]:
+    """IR of (class, slot in its class) of row ``r`` (int64 values) from pointers to the
+    class-id words (int64), the rank directory's block counts (int32) and its sub-block
+    counts (uint8), without branches: the block's count, the sub-block's, the ids of the
+    class in the sub-block's first word when ``r`` is in its second, and those below ``r``
+    in its own word."""
+    b = builder
+    i64 = ir.IntType(64)
+
+    def k(value: int) -> Any:
+        return ir.Constant(i64, value)
+
+    def item(ptr: Any, index: Any) -> Any:
+        return b.load(b.gep(ptr, [index]))
+
+    def popcount(x: Any) -> Any:
+        return b.call(b.module.declare_intrinsic("llvm.ctpop", [i64]), [x])
+
+    def same(y: Any) -> Any:  # the 2-bit fields of y that are 0 (class c's rows), as their low bits
+        return b.and_(b.not_(b.or_(y, b.lshr(y, k(1)))), k(_M55))
+
+    word = item(words, b.lshr(r, k(5)))
+    sh = b.shl(b.and_(r, k(31)), k(1))
+    c = b.and_(b.lshr(word, sh), k(3))
+    pat = b.mul(c, k(_M55))  # the class id in every 2-bit field
+    block_rank = b.sext(item(rank, b.add(b.shl(b.lshr(r, k(8)), k(2)), c)), i64)
+    sub_rank = b.zext(item(sub, b.add(b.shl(b.lshr(r, k(6)), k(2)), c)), i64)
+    first = b.xor(item(words, b.shl(b.lshr(r, k(6)), k(1))), pat)
+    in_second = b.sub(k(0), b.and_(b.lshr(r, k(5)), k(1)))
+    below = b.sub(b.shl(k(1), sh), k(1))
+    slot = b.add(b.add(block_rank, sub_rank), popcount(b.and_(same(first), in_second)))
+    return c, b.add(slot, popcount(b.and_(same(b.xor(word, pat)), below)))
 
 
-VARIANTS = (
+@intrinsic
+def _locate_intrinsic(typingctx: Any, words: Any, rank: Any, sub: Any, r: Any) -> Any:
+    """(class, slot in the class) of row ``r`` (``_emit_locate``), for numba code."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptrs = [
+            context.make_array(ty)(context, builder, v).data
+            for ty, v in zip(signature.args[:3], args[:3], strict=True)
+        ]
+        words, rank, sub = ptrs
+        c, slot = _emit_locate(builder, words, rank, sub, args[3])
+        return context.make_tuple(builder, signature.return_type, [c, slot])
+
+    return types.UniTuple(types.int64, 2)(words, rank, sub, types.int64), codegen
+
+
+# called from the kernels only (typed here as such: numba supplies the typing context)
+_locate: Any = _locate_intrinsic
+
+
+VARIANTS = (  # quant.codecs.CODECS' order, pruned left out: MixedKernelTable.variant indexes it
     (ROWWISE, 8),
     (ROWWISE, 4),
     (ROWWISE, 2),
@@ -159,29 +181,9 @@ class _Walk:
     def prefetch(self, at: Any) -> Any:
         self.builder.call(self._prefetch, [self.byte(at), self.i32(0), self.i32(3), self.i32(1)])
 
-    def popcount(self, x: Any) -> Any:
-        fn = self.builder.module.declare_intrinsic("llvm.ctpop", [self.i64])
-        return self.builder.call(fn, [x])
-
     def locate(self, r: Any) -> tuple[Any, Any]:
-        """(class, slot in its class) of row ``r``: ``_locate`` in IR."""
-        b, i64 = self.builder, self.int
-        word = self.item("words", b.lshr(r, i64(5)))
-        sh = b.shl(b.and_(r, i64(31)), i64(1))
-        c = b.and_(b.lshr(word, sh), i64(3))
-        pat = b.mul(c, i64(int(_M55)))
-        block_rank = self.item("rank", b.add(b.shl(b.lshr(r, i64(8)), i64(2)), c))
-        sub_rank = self.item("sub", b.add(b.shl(b.lshr(r, i64(6)), i64(2)), c))
-        slot = b.add(b.sext(block_rank, self.i64), b.zext(sub_rank, self.i64))
-
-        def same(y: Any) -> Any:  # the 2-bit fields of y that are 0 (class c's rows), as their low bits
-            return b.and_(b.not_(b.or_(y, b.lshr(y, i64(1)))), i64(int(_M55)))
-
-        first = b.xor(self.item("words", b.shl(b.lshr(r, i64(6)), i64(1))), pat)
-        in_second = b.sub(i64(0), b.and_(b.lshr(r, i64(5)), i64(1)))
-        slot = b.add(slot, self.popcount(b.and_(same(first), in_second)))
-        below = b.sub(b.shl(i64(1), sh), i64(1))
-        return c, b.add(slot, self.popcount(b.and_(same(b.xor(word, pat)), below)))
+        """(class, slot in its class) of row ``r`` (``_emit_locate``)."""
+        return _emit_locate(self.builder, self.ptr["words"], self.ptr["rank"], self.ptr["sub"], r)
 
 
 _WALK_ARGS = (

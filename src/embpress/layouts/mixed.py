@@ -40,7 +40,7 @@ import torch
 
 from .._aot import KernelRef
 from .._buffers import empty, empty_tensor
-from ..quant.codecs import Codec, checked_codecs, encode_rows
+from ..quant.codecs import CODECS, Codec, checked_codecs, encode_rows
 from ..quant.packing import packed_length, unpack_codes
 from .base import (
     DTYPES_BY_NAME,
@@ -78,18 +78,6 @@ MAX_ROWS = (1 << 31) - 1  # the rank directory is int32
 _PRUNED = Codec("pruned", 0)
 _SLOT_CHUNK = 1 << 16  # ids whose slots ``_classes_and_slots`` finds at a time
 _SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
-# (kind, bits) -> the lookup kernel's decoder index (``_mixed_kernels.VARIANTS``, whose order
-# this is: the kernel file is not imported here)
-_VARIANTS = {
-    ("rowwise", 8): 0,
-    ("rowwise", 4): 1,
-    ("rowwise", 2): 2,
-    ("levels", 2): 3,
-    ("levels", 1): 4,
-    ("colbook", 4): 5,
-    ("colbook", 2): 6,
-    ("colbook", 1): 7,
-}
 
 
 class MixedKernelTable(NamedTuple):
@@ -100,7 +88,7 @@ class MixedKernelTable(NamedTuple):
     sub: np.ndarray  # uint8: class_sub flattened
     payload: np.ndarray  # uint8
     sb: np.ndarray  # float32: colbooks level-major (each class's book [2**bits, dim])
-    variant: np.ndarray  # int64 per class: its decoder (_mixed_kernels.VARIANTS), -1 pruned
+    variant: np.ndarray  # int64 per class: its decoder (_mixed_kernels.VARIANTS, CODECS' order), -1 pruned
     kinds: np.ndarray  # int64 per class: codecs.KINDS index
     bits: np.ndarray  # int64 per class
     base: np.ndarray  # int64 per class: first payload byte
@@ -445,7 +433,8 @@ class MixedTable(QuantizedTable):
             sub=self.class_sub.numpy().reshape(-1),
             payload=self.payload.numpy(),
             sb=self._level_major_books(),
-            variant=np.array([*(_VARIANTS.get((c.kind, c.bits), -1) for c in self.codecs), *([-1] * pad)]),
+            # the kernel's decoders are CODECS' order without pruned: pruned is -1
+            variant=np.array([*(CODECS.index(c) - 1 for c in self.codecs), *([-1] * pad)]),
             kinds=kinds,
             bits=bits,
             base=base,
