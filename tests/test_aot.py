@@ -550,6 +550,76 @@ def test_compression_compiled_ahead_equals_numbas_bit_for_bit(bits, block, spars
     assert {"encode_rows_run", "count_nonfinite"} <= set(_aot.status()["compiled_kernels_used"])
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dense_compression_compiled_ahead_equals_numbas_bit_for_bit(bits, threads):
+    """``compress``'s default path (no pruning, 4 or 2 bits: each row's min and max, then
+    FBGEMM's clipping-range search) with the kernels compiled ahead of time, rows split
+    across threads, gives numba's table byte for byte; rows of one value (nothing to
+    search) and constant columns included."""
+    import embpress
+
+    gen = torch.Generator().manual_seed(bits + 10 * threads)
+    weight = torch.randn(700, 37, generator=gen) * torch.rand(700, 1, generator=gen)
+    weight[::9] = 0.5  # rows of one value
+    weight[:, 3] *= 8  # outliers: where clipping pays
+    tables = []
+    for aot in ("1", "0"):
+        model = nn.Sequential(nn.EmbeddingBag.from_pretrained(weight.clone(), mode="sum"))
+        with _env(EMBPRESS_AOT=aot), _torch_threads(threads):
+            embpress.post_training_sparse_quantize(
+                model, embpress.DataNormSparsifier, quant=QuantConfig(bits=bits), sparsity_level=0.0
+            )
+        tables.append(model[0].table)
+    ahead, under_numba = tables
+    assert ahead.layout == under_numba.layout == "dense"
+    for name, tensor in ahead.tensors().items():
+        assert torch.equal(tensor, under_numba.tensors()[name]), name
+    assert {"kept_minmax", "greedy_ranges_run"} <= set(_aot.status()["compiled_kernels_used"])
+
+
+def test_search_scratch_width_agrees_with_the_kernel():
+    from embpress.quant import _search
+    from embpress.quant.rowwise import search_scratch_width
+
+    for cols in (1, 7, 8, 9, 64, 100, 128, 129):
+        assert search_scratch_width(cols) == _search.padded_width.py_func(cols)
+
+
+def test_a_fresh_process_compresses_by_default_without_importing_numba(tmp_path):
+    """``embpress compress``'s default settings (4 bits, no pruning) in a fresh process,
+    once the kernels are in the cache: no numba, and the table this process makes."""
+    import embpress
+
+    weight = torch.randn(500, 64, generator=torch.Generator().manual_seed(4))
+    torch.save(weight, tmp_path / "w.pt")
+    model = nn.Sequential(nn.EmbeddingBag.from_pretrained(weight.clone(), mode="sum"))
+    embpress.post_training_sparse_quantize(model, embpress.DataNormSparsifier, quant=QuantConfig(bits=4))
+    child = textwrap.dedent(
+        f"""
+        import sys, torch
+        from torch import nn
+        import embpress
+        weight = torch.load({str(tmp_path / "w.pt")!r}, weights_only=True)
+        model = nn.Sequential(nn.EmbeddingBag.from_pretrained(weight, mode="sum"))
+        embpress.post_training_sparse_quantize(
+            model, embpress.DataNormSparsifier, quant=embpress.QuantConfig(bits=4)
+        )
+        embpress.save(model, {str(tmp_path / "m.safetensors")!r})
+        print("numba" in sys.modules)
+        """
+    )
+    for _ in range(2):  # the first child may build what this process has not
+        done = subprocess.run(
+            [sys.executable, "-c", child], capture_output=True, text=True, timeout=300, check=True
+        )
+    assert done.stdout.split() == ["False"], done.stdout + done.stderr
+    loaded = nn.Sequential(nn.EmbeddingBag(500, 64, mode="sum"))
+    embpress.load(loaded, tmp_path / "m.safetensors")
+    for name, tensor in model[0].table.tensors().items():
+        assert torch.equal(tensor, loaded[0].table.tensors()[name]), name
+
+
 def test_encode_scratch_sizes_agree_with_the_kernels():
     from embpress.layouts import _encode_kernels
     from embpress.layouts.encode import encode_scratch_sizes

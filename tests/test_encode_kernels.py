@@ -117,10 +117,11 @@ def test_encode_rows_is_its_rules_bit_for_bit(rows, cols, bits, width, block_str
 def test_kept_range_orders_signed_zeros_and_skips_pruned_entries() -> None:
     w = np.array([[0.0, -0.0, 2.0], [-3.0, 5.0, 1.0], [7.0, 8.0, 9.0]], np.float32)
     mask = np.array([[1, 1, 1], [0, 0, 1], [0, 0, 0]], bool)
-    lo, hi = kept_minmax(w, mask, True)
+    lo, hi = np.full(3, np.nan, np.float32), np.full(3, np.nan, np.float32)
+    kept_minmax(w, mask, True, lo, hi)
     assert lo.view(np.int32).tolist() == np.array([-0.0, 1.0, 0.0], np.float32).view(np.int32).tolist()
     assert hi.tolist() == [2.0, 1.0, 0.0]
-    lo, hi = kept_minmax(w, mask, False)
+    kept_minmax(w, mask, False, lo, hi)
     assert lo.tolist() == [-0.0, -3.0, 7.0] and hi.tolist() == [2.0, 5.0, 9.0]
 
 

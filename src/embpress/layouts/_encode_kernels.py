@@ -146,16 +146,14 @@ def _row_minmax(w: np.ndarray, mask: np.ndarray, use_mask: bool, r: int) -> tupl
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def kept_minmax(w: np.ndarray, mask: np.ndarray, use_mask: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Min and max of each row over its kept entries (0, 0 where none is kept)."""
-    rows = w.shape[0]
-    lo = np.zeros(rows, dtype=np.float32)
-    hi = np.zeros(rows, dtype=np.float32)
-    for r in numba.prange(rows):
+def kept_minmax(w: np.ndarray, mask: np.ndarray, use_mask: bool, lo: np.ndarray, hi: np.ndarray) -> None:
+    """Min and max of each row over its kept entries (0, 0 where none is kept) into
+    ``lo`` and ``hi`` (float32, a row each). Allocating nothing, it compiles ahead of time
+    (``_aot``); callers split the rows (``mask`` too where ``use_mask``) across threads."""
+    for r in numba.prange(w.shape[0]):
         a, z = _row_minmax(w, mask, use_mask, r)
         lo[r] = a
         hi[r] = z
-    return lo, hi
 
 
 ROWS_PER_TASK = 64  # rows one thread encodes with one set of scratch rows

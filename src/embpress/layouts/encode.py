@@ -29,7 +29,7 @@ count_nonfinite = KernelRef("embpress._finite", "count_nonfinite", returns="int6
 encode_rows = KernelRef("embpress.layouts._encode_kernels", "encode_rows")
 encode_rows_run = KernelRef("embpress.layouts._encode_kernels", "encode_rows_run", returns="none")
 fake_quantize = KernelRef("embpress.layouts._encode_kernels", "fake_quantize")
-kept_minmax = KernelRef("embpress.layouts._encode_kernels", "kept_minmax")
+kept_minmax = KernelRef("embpress.layouts._encode_kernels", "kept_minmax", returns="none")
 
 __all__ = [
     "ERROR_BLOCK_ROWS",
@@ -72,7 +72,11 @@ def _qparams(
     dtype = config.resolved_scale_dtype
     if saved is not None and zero_rows is None:
         return saved
-    lo_np, hi_np = parallel_call(kept_minmax, w, _NO_MASK if mask is None else mask, mask is not None)
+    lo_np, hi_np = np.zeros(w.shape[0], np.float32), np.zeros(w.shape[0], np.float32)
+    if mask is None:
+        rows_call(kept_minmax, w, _NO_MASK, False, lo_np, hi_np, rows=(0, 3, 4))
+    else:
+        rows_call(kept_minmax, w, mask, True, lo_np, hi_np, rows=(0, 1, 3, 4))
     lo, hi = torch.from_numpy(lo_np), torch.from_numpy(hi_np)
     if config.resolved_range_search and saved is None:
         lo, hi = search_ranges(

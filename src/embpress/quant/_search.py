@@ -1,4 +1,6 @@
-"""Numba kernel: FBGEMM's greedy clipping-range search, one row per iteration.
+"""Numba kernels: FBGEMM's greedy clipping-range search, one row per iteration
+(``greedy_ranges``: numba's parallel kernel; ``greedy_ranges_run``: one thread's rows with
+the caller's scratch, compiled ahead of time, see ``_aot``).
 
 Starting from [min, max] of the row's kept entries, the range is shrunk by one of 200
 bins at a time from whichever end lowers the squared quantization error more, for up to
@@ -44,6 +46,65 @@ ROWS_PER_TASK = 64  # rows one thread searches with one set of scratch rows
 LANES = 8  # the packed values are padded to a multiple of this (weight 0): no scalar tail
 
 
+@numba.njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _search_rows(
+    w: np.ndarray,
+    kept: np.ndarray,
+    use_keep: bool,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    bits: int,
+    nbins: int,
+    ratio: float,
+    r0: int,
+    r1: int,
+    values: np.ndarray,
+    weight: np.ndarray,
+) -> None:
+    """Rows [r0, r1) of ``greedy_ranges``, with scratch ``values`` and ``weight`` (each
+    ``padded_width(cols)`` float32)."""
+    levels = (1 << bits) - 1
+    min_bins = nbins * (1.0 - ratio)
+    cols = w.shape[1]
+    for r in range(r0, r1):
+        xmin = float(lo[r])
+        xmax = float(hi[r])
+        if xmax <= xmin:
+            continue
+        count = 0
+        for c in range(cols):
+            if not use_keep or kept[r, c]:
+                values[count] = w[r, c]
+                count += 1
+        n = (count + LANES - 1) // LANES * LANES
+        for j in range(n):
+            weight[j] = 1.0 if j < count else 0.0
+        values[count:n] = 0.0  # the padding: not an earlier row's values
+        step = (xmax - xmin) / nbins
+        cur_min, cur_max = xmin, xmax
+        best = _loss_pair(values, weight, n, xmin, xmax, 0.0, levels)[0]  # [xmin, xmax]
+        best_min, best_max = xmin, xmax
+        while cur_min + min_bins * step < cur_max:
+            loss_l, loss_r = _loss_pair(values, weight, n, cur_min, cur_max, step, levels)
+            if loss_l < loss_r:
+                cur_min += step
+                cur = loss_l
+            else:
+                cur_max -= step
+                cur = loss_r
+            if cur < best:
+                best, best_min, best_max = cur, cur_min, cur_max
+        lo[r] = best_min
+        hi[r] = best_max
+
+
+@numba.njit(cache=True, inline="always")
+def padded_width(cols: int) -> int:
+    """Floats of each scratch row of a search over rows of ``cols`` values
+    (``rowwise.search_scratch_width`` is its numba-free twin; a test compares)."""
+    return (cols + LANES - 1) // LANES * LANES
+
+
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def greedy_ranges(
     w: np.ndarray,
@@ -56,43 +117,35 @@ def greedy_ranges(
     ratio: float,
 ) -> None:
     """Narrow ``lo``/``hi`` (in place) to each row's least-error clipping range."""
-    levels = (1 << bits) - 1
-    min_bins = nbins * (1.0 - ratio)
     rows, cols = w.shape
-    padded = (cols + LANES - 1) // LANES * LANES
+    padded = padded_width(cols)
     for task in numba.prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         values = np.zeros(padded, dtype=np.float32)  # the row's kept values, packed
         weight = np.zeros(padded, dtype=np.float32)
-        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
-            xmin = float(lo[r])
-            xmax = float(hi[r])
-            if xmax <= xmin:
-                continue
-            count = 0
-            for c in range(cols):
-                if not use_keep or kept[r, c]:
-                    values[count] = w[r, c]
-                    count += 1
-            n = (count + LANES - 1) // LANES * LANES
-            for j in range(n):
-                weight[j] = 1.0 if j < count else 0.0
-            values[count:n] = 0.0  # the padding: not an earlier row's values
-            step = (xmax - xmin) / nbins
-            cur_min, cur_max = xmin, xmax
-            best = _loss_pair(values, weight, n, xmin, xmax, 0.0, levels)[0]  # [xmin, xmax]
-            best_min, best_max = xmin, xmax
-            while cur_min + min_bins * step < cur_max:
-                loss_l, loss_r = _loss_pair(values, weight, n, cur_min, cur_max, step, levels)
-                if loss_l < loss_r:
-                    cur_min += step
-                    cur = loss_l
-                else:
-                    cur_max -= step
-                    cur = loss_r
-                if cur < best:
-                    best, best_min, best_max = cur, cur_min, cur_max
-            lo[r] = best_min
-            hi[r] = best_max
+        r0 = task * ROWS_PER_TASK
+        r1 = min(rows, r0 + ROWS_PER_TASK)
+        _search_rows(w, kept, use_keep, lo, hi, bits, nbins, ratio, r0, r1, values, weight)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def greedy_ranges_run(
+    w: np.ndarray,
+    kept: np.ndarray,
+    use_keep: bool,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    bits: int,
+    nbins: int,
+    ratio: float,
+    r0: int,
+    r1: int,
+    values: np.ndarray,
+    weight: np.ndarray,
+) -> None:
+    """Rows [r0, r1) of ``greedy_ranges`` on one thread, with the caller's scratch (each
+    ``padded_width(cols)`` float32): nothing here allocates or raises, so it compiles
+    ahead of time (``_aot``) and callers split the rows across threads."""
+    _search_rows(w, kept, use_keep, lo, hi, bits, nbins, ratio, r0, r1, values, weight)
 
 
 # several processes may compile into one disk cache at once (see ``_kernel_cache``)

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from .._aot import KernelRef
-from .._parallel import parallel_call
+from .._parallel import parallel_call, split_call
 
 # numba kernels, loaded (with numba) on first use (see ``_aot``)
 greedy_ranges = KernelRef("embpress.quant._search", "greedy_ranges")
+greedy_ranges_run = KernelRef("embpress.quant._search", "greedy_ranges_run", returns="none")
+_NBINS, _RATIO = 200, 0.16  # FBGEMM's search: 200 bins, up to 16% of them clipped
 
 __all__ = [
     "RowQParams",
@@ -74,6 +77,12 @@ def row_ranges(w: torch.Tensor, kept: torch.Tensor | None) -> tuple[torch.Tensor
     return lo, hi
 
 
+def search_scratch_width(cols: int) -> int:
+    """Floats of each scratch row of ``greedy_ranges_run`` on rows of ``cols`` values (as
+    ``_search.padded_width``: a multiple of its 8 lanes; a test compares)."""
+    return -(-cols // 8) * 8
+
+
 def search_ranges(
     w: torch.Tensor, kept: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor, bits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +90,17 @@ def search_ranges(
     w_np = w.detach().float().contiguous().numpy()
     kept_np = np.ones((1, 1), dtype=np.bool_) if kept is None else kept.contiguous().numpy()
     lo_np, hi_np = lo.numpy().copy(), hi.numpy().copy()
-    parallel_call(greedy_ranges, w_np, kept_np, kept is not None, lo_np, hi_np, bits, 200, 0.16)
+    args = (w_np, kept_np, kept is not None, lo_np, hi_np, bits, _NBINS, _RATIO)
+    padded = search_scratch_width(w_np.shape[1])
+
+    def part(r0: int, r1: int) -> tuple[Any, ...]:
+        return (*args, r0, r1, np.zeros(padded, np.float32), np.zeros(padded, np.float32))
+
+    compiled = greedy_ranges_run.compiled(part(0, 0))
+    if compiled is None:
+        parallel_call(greedy_ranges, *args)
+    else:
+        split_call(compiled, w_np.shape[0], part, minimum=64)
     return torch.from_numpy(lo_np), torch.from_numpy(hi_np)
 
 
