@@ -228,8 +228,10 @@ print("agree")
 
 def test_concurrent_forwards_under_the_workqueue_threading_layer():
     """numba's workqueue layer (its fallback without OpenMP or TBB) aborts the process when
-    two threads launch parallel kernels at once; lookups, masks and encodes serialise there."""
-    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue", "NUMBA_NUM_THREADS": "2"}
+    two threads launch parallel kernels at once; lookups, masks and encodes serialise there.
+    The kernels run under numba here (``EMBPRESS_AOT=0``): compiled ahead of time, they
+    launch none of numba's parallel kernels."""
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue", "NUMBA_NUM_THREADS": "2", "EMBPRESS_AOT": "0"}
     result = subprocess.run(
         [sys.executable, "-c", _CONCURRENT_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
