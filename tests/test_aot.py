@@ -586,26 +586,45 @@ def test_search_scratch_width_agrees_with_the_kernel():
         assert search_scratch_width(cols) == _search.padded_width.py_func(cols)
 
 
-def test_a_fresh_process_compresses_by_default_without_importing_numba(tmp_path):
-    """``embpress compress``'s default settings (4 bits, no pruning) in a fresh process,
-    once the kernels are in the cache: no numba, and the table this process makes."""
+# settings of post_training_sparse_quantize: sparsify_first, bits, block, sparsity
+_UNIFORM_SETTINGS = [
+    (True, 4, (1, 4), 0.0),  # embpress compress's default: 4 bits, no pruning
+    (True, 8, (1, 4), 0.8),
+    (False, 4, (1, 4), 0.5),  # quantize-first
+    (True, 8, (2, 3), 0.5),  # a block shape of its own kernels
+    (True, 2, (1, 64), 0.5),
+]
+
+
+def test_a_fresh_process_compresses_without_importing_numba(tmp_path):
+    """Uniform compressions (both orders, several block shapes, ``compress``'s default) in
+    a fresh process, once the kernels are in the cache: no numba, and the tables this
+    process makes."""
     import embpress
 
     weight = torch.randn(500, 64, generator=torch.Generator().manual_seed(4))
     torch.save(weight, tmp_path / "w.pt")
-    model = nn.Sequential(nn.EmbeddingBag.from_pretrained(weight.clone(), mode="sum"))
-    embpress.post_training_sparse_quantize(model, embpress.DataNormSparsifier, quant=QuantConfig(bits=4))
+    expected = []
+    for first, bits, block, level in _UNIFORM_SETTINGS:
+        model = nn.Sequential(nn.EmbeddingBag.from_pretrained(weight.clone(), mode="sum"))
+        embpress.post_training_sparse_quantize(
+            model, embpress.DataNormSparsifier, first, quant=QuantConfig(bits=bits),
+            sparsity_level=level, sparse_block_shape=block,
+        )  # fmt: skip
+        expected.append(model[0].table)
     child = textwrap.dedent(
         f"""
         import sys, torch
         from torch import nn
         import embpress
         weight = torch.load({str(tmp_path / "w.pt")!r}, weights_only=True)
-        model = nn.Sequential(nn.EmbeddingBag.from_pretrained(weight, mode="sum"))
-        embpress.post_training_sparse_quantize(
-            model, embpress.DataNormSparsifier, quant=embpress.QuantConfig(bits=4)
-        )
-        embpress.save(model, {str(tmp_path / "m.safetensors")!r})
+        for i, (first, bits, block, level) in enumerate({_UNIFORM_SETTINGS!r}):
+            model = nn.Sequential(nn.EmbeddingBag.from_pretrained(weight.clone(), mode="sum"))
+            embpress.post_training_sparse_quantize(
+                model, embpress.DataNormSparsifier, first, quant=embpress.QuantConfig(bits=bits),
+                sparsity_level=level, sparse_block_shape=block,
+            )
+            embpress.save(model, {str(tmp_path)!r} + f"/m{{i}}.safetensors")
         print("numba" in sys.modules)
         """
     )
@@ -614,10 +633,12 @@ def test_a_fresh_process_compresses_by_default_without_importing_numba(tmp_path)
             [sys.executable, "-c", child], capture_output=True, text=True, timeout=300, check=True
         )
     assert done.stdout.split() == ["False"], done.stdout + done.stderr
-    loaded = nn.Sequential(nn.EmbeddingBag(500, 64, mode="sum"))
-    embpress.load(loaded, tmp_path / "m.safetensors")
-    for name, tensor in model[0].table.tensors().items():
-        assert torch.equal(tensor, loaded[0].table.tensors()[name]), name
+    for i, table in enumerate(expected):
+        loaded = nn.Sequential(nn.EmbeddingBag(500, 64, mode="sum"))
+        embpress.load(loaded, tmp_path / f"m{i}.safetensors")
+        assert loaded[0].table.layout == table.layout
+        for name, tensor in table.tensors().items():
+            assert torch.equal(tensor, loaded[0].table.tensors()[name]), (i, name)
 
 
 def test_encode_scratch_sizes_agree_with_the_kernels():

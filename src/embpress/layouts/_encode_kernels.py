@@ -353,11 +353,11 @@ def encode_rows_run(
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)
-def fake_quantize(w: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: int) -> np.ndarray:
-    """``dequantize(quantize(w))`` row-wise, in float32."""
+def fake_quantize(w: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: int, out: np.ndarray) -> None:
+    """``out`` = ``dequantize(quantize(w))`` row-wise, in float32 (``out`` the caller's, so
+    that it compiles ahead of time, see ``_aot``; callers split the rows across threads)."""
     rows, cols = w.shape
     top = np.float32((1 << bits) - 1)
-    out = np.empty((rows, cols), dtype=np.float32)
     for r in numba.prange(rows):
         s = scale[r]
         o = offset[r]
@@ -365,7 +365,6 @@ def fake_quantize(w: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: in
         for c in range(cols):  # branch-free: vectorised
             t = min(max(np.rint((w[r, c] - o) / divisor), np.float32(0.0)), top)
             out[r, c] = t * s + o
-    return out
 
 
 @numba.njit(cache=True, parallel=True, nogil=True)

@@ -28,7 +28,7 @@ from .stats import MaskStats, row_stats
 count_nonfinite = KernelRef("embpress._finite", "count_nonfinite", returns="int64")
 encode_rows = KernelRef("embpress.layouts._encode_kernels", "encode_rows")
 encode_rows_run = KernelRef("embpress.layouts._encode_kernels", "encode_rows_run", returns="none")
-fake_quantize = KernelRef("embpress.layouts._encode_kernels", "fake_quantize")
+fake_quantize = KernelRef("embpress.layouts._encode_kernels", "fake_quantize", returns="none")
 kept_minmax = KernelRef("embpress.layouts._encode_kernels", "kept_minmax", returns="none")
 
 __all__ = [
@@ -103,9 +103,10 @@ def plain_qparams(w: torch.Tensor, config: QuantConfig) -> RowQParams:
 
 def fake_quantize_table(w: torch.Tensor, qp: RowQParams, bits: int) -> torch.Tensor:
     """``dequantize(quantize(w))`` with the given row parameters."""
-    return torch.from_numpy(
-        parallel_call(fake_quantize, _as_numpy(w), qp.scale.numpy(), qp.offset.numpy(), bits)
-    )
+    x = _as_numpy(w)
+    out = empty(x.shape, np.float32)
+    rows_call(fake_quantize, x, qp.scale.numpy(), qp.offset.numpy(), bits, out, rows=(0, 1, 2, 4))
+    return torch.from_numpy(out)
 
 
 def encode_scratch_sizes(cols: int, width: int) -> tuple[int, int]:

@@ -35,28 +35,51 @@ add_low_histogram = KernelRef(_KERNELS, "add_low_histogram", returns="none")
 count_equal = KernelRef(_KERNELS, "count_equal", returns="int64")
 _mark_below = KernelRef(_KERNELS, "mark_below", returns="none")
 _mark_ties = KernelRef(_KERNELS, "mark_ties", returns="none")
-_block_norms_kernel = KernelRef(_KERNELS, "block_norms")
+_block_norms_kernel = KernelRef(_KERNELS, "block_norms", returns="none")
 _block_norms_1x4_kernel = KernelRef(_KERNELS, "block_norms_1x4", returns="none")
-_expand_kernel = KernelRef(_KERNELS, "expand_block_mask")
+_expand_kernel = KernelRef(_KERNELS, "expand_block_mask", returns="none")
 _expand_1x4_kernel = KernelRef(_KERNELS, "expand_block_mask_1x4", returns="none")
 
 
 def norms_of_blocks(x: np.ndarray, bh: int, bw: int, square: bool, out: np.ndarray) -> None:
     """``out`` = mean of ``|x|`` (or ``x*x``) over each (bh x bw) block (the (1, 4) case by
-    its own kernel, row ranges on several threads)."""
+    its own kernel; row ranges on several threads)."""
     if (bh, bw) == (1, 4) and x.shape[1] % 4 == 0:
         rows_call(_block_norms_1x4_kernel, x, square, out, rows=(0, 2))
     else:
-        parallel_call(_block_norms_kernel, x, bh, bw, square, out)
+
+        def part(lo: int, hi: int) -> tuple[Any, ...]:
+            return x[lo * bh : hi * bh], bh, bw, square, out[lo:hi]
+
+        _block_rows_call(_block_norms_kernel, out.shape[0], bh, part)
 
 
 def expand_mask(pruned: np.ndarray, bh: int, bw: int, out: np.ndarray) -> None:
     """``out`` = element mask of a table from its pruned-block flags (the (1, 4) case by
-    its own kernel, row ranges on several threads)."""
+    its own kernel; row ranges on several threads)."""
     if (bh, bw) == (1, 4) and out.shape[1] % 4 == 0:
         rows_call(_expand_1x4_kernel, pruned, out, rows=(0, 1))
     else:
-        parallel_call(_expand_kernel, pruned, bh, bw, out)
+
+        def part(lo: int, hi: int) -> tuple[Any, ...]:
+            return pruned[lo:hi], bh, bw, out[lo * bh : hi * bh]
+
+        _block_rows_call(_expand_kernel, pruned.shape[0], bh, part)
+
+
+def _block_rows_call(
+    kernel: KernelRef, count: int, bh: int, part: Callable[[int, int], tuple[Any, ...]]
+) -> None:
+    """``kernel(*part(0, count))`` for a kernel over ``count`` rows of (bh x bw) blocks:
+    compiled ahead of time where it can be, ``part(lo, hi)`` (the arguments of block rows
+    [lo, hi): the table's rows from ``lo * bh``) on several threads; else numba's
+    parallel kernel on all of them."""
+    whole = part(0, count)
+    compiled = kernel.compiled(whole)
+    if compiled is None:
+        parallel_call(kernel, *whole)
+    else:
+        split_call(compiled, count, part, minimum=max(1, 256 // bh))
 
 
 # block norms one thread takes at least in the threshold's passes (fewer: one thread)
