@@ -47,6 +47,7 @@ TARGET_ROWS = 1_000_000
 TARGET_SPEEDUP = 20.0
 COLD_REPEATS = 3  # fresh processes per embpress cold row (one load of a noisy machine can swing one)
 COLD_WARM_CALLS = 3  # warm compressions after the first in each of them: their median is "warm"
+DEFAULT_SETTING = "4 bits, no pruning"  # embpress compress's default, in the cold-start table
 
 
 # ------------------------------------------------------------------------------ child side
@@ -247,9 +248,13 @@ def measure_cold(args: argparse.Namespace) -> list[dict[str, Any]]:
     repeats = 1 if args.quick else COLD_REPEATS
     # round after round, each path then the reference, so that a slow spell of the machine
     # (30-50% between minutes) falls on every contender rather than on one path's runs
+    # also embpress compress's default settings (4 bits, no pruning), on the CPU's own path
+    default = {**base, "impl": "ours", "path": "", "empty_cache": False, "bits": 4, "sparsity": 0.0}
+    default["setting"] = DEFAULT_SETTING
     cfgs = []
     for _ in range(repeats):
         cfgs += [{**base, "impl": "ours", "path": p, "empty_cache": False} for p in paths]
+        cfgs.append(default)
         cfgs.append({**base, "impl": "ref", "path": "", "empty_cache": False})
     if not args.quick:  # a full compile: a minute on a small machine
         cfgs.append({**base, "impl": "ours", "path": "", "empty_cache": True})
@@ -264,7 +269,7 @@ def measure_cold(args: argparse.Namespace) -> list[dict[str, Any]]:
     r = common.run_child(script, memfloor, timeout=args.timeout)
     if "error" not in r:
         results.append({**memfloor, **r})
-    runs: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
+    runs: dict[tuple[str, str, bool, str], list[dict[str, Any]]] = {}
     for cfg in cfgs:
         r = common.run_child(script, cfg, timeout=args.timeout)
         label = f"cold {cfg['impl']} path={cfg['path'] or 'auto'} empty_cache={cfg['empty_cache']}"
@@ -276,7 +281,8 @@ def measure_cold(args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"{label}: import+first {r['import'] + r['first']:.2f} s, warm {r['warm']:.2f} s",
                 file=sys.stderr,
             )
-        runs.setdefault((cfg["impl"], cfg["path"], cfg["empty_cache"]), []).append({**cfg, **r})
+        key = (cfg["impl"], cfg["path"], cfg["empty_cache"], cfg.get("setting", ""))
+        runs.setdefault(key, []).append({**cfg, **r})
     for group in runs.values():
         results.append(median_run(group))
     results += measure_serve(args, base, paths, repeats)
@@ -398,11 +404,13 @@ def render_cold(cold: list[dict[str, Any]]) -> list[str]:
     cold = [r for r in cold if r["impl"] not in ("floor", "memfloor")]
     for r in cold:
         who = "embpress" if r["impl"] == "ours" else "reference"
+        if r.get("setting"):
+            who += f" ({r['setting']})"
         cache = "empty" if r["empty_cache"] else "as is"
         name = [
             who,
             r.get("path") or ("auto" if r["impl"] == "ours" else "–"),
-            cache if who == "embpress" else "–",
+            cache if r["impl"] == "ours" else "–",
         ]
         name.append(str(r.get("runs", 1)))
         name.append(("yes" if r["numba"] else "no") if "numba" in r else "–")
@@ -439,7 +447,9 @@ def render_cold(cold: list[dict[str, Any]]) -> list[str]:
         "the reference); the one with the median extra is shown, and the ratio to the reference "
         "divides the medians of their cold times. "
         "*numba*: whether the child imported numba (it does only to compile a kernel, or to run "
-        "one that has no compiled form).",
+        f"one that has no compiled form). *embpress ({DEFAULT_SETTING})*: the same table with "
+        "`embpress compress`'s default settings (a dense table, FBGEMM's clipping search per row), "
+        "on the CPU's own path; not the targets' setting.",
         "",
         common.md_table(
             [
@@ -485,7 +495,7 @@ def render_cold(cold: list[dict[str, Any]]) -> list[str]:
     )
     lines.append("")
     for r in cold:
-        if r["impl"] != "ours" or "first" not in r or r["empty_cache"]:
+        if r["impl"] != "ours" or "first" not in r or r["empty_cache"] or r.get("setting"):
             continue
         cold_total = r["import"] + r["first"]
         extra = cold_total - r["warm"]
