@@ -143,15 +143,24 @@ def rows_call(kernel: Any, *args: Any, rows: tuple[int, ...], minimum: int = 256
     """``kernel(*args)`` for a kernel (an ``_aot.KernelRef``) whose work is independent
     per row of the arguments at positions ``rows`` (their first axis, one length): from
     a library compiled ahead of time where it can be, those arguments split into row
-    ranges across threads (:func:`split_call`; the int results summed); else numba's
+    ranges across threads (:func:`parts_call`; the int results summed); else numba's
     parallel kernel through :func:`parallel_call`."""
-    compiled = kernel.compiled(args)
-    if compiled is None:
-        return parallel_call(kernel, *args)
-    count = args[rows[0]].shape[0]
 
     def part(lo: int, hi: int) -> tuple[Any, ...]:
         return tuple(a[lo:hi] if i in rows else a for i, a in enumerate(args))
 
+    return parts_call(kernel, args[rows[0]].shape[0], part, minimum)
+
+
+def parts_call(kernel: Any, count: int, part: Callable[[int, int], tuple[Any, ...]], minimum: int = 1) -> Any:
+    """``kernel(*part(0, count))`` for a kernel (an ``_aot.KernelRef``) over ``count``
+    independent items, ``part(lo, hi)`` being its arguments for items ``[lo, hi)``:
+    compiled ahead of time where it can be, in parts across threads (:func:`split_call`,
+    at least ``minimum`` items each; the int results summed); else numba's parallel
+    kernel on the whole through :func:`parallel_call`."""
+    whole = part(0, count)
+    compiled = kernel.compiled(whole)
+    if compiled is None:
+        return parallel_call(kernel, *whole)
     total = split_call(compiled, count, part, minimum)
     return None if kernel.returns == "none" else total

@@ -24,7 +24,7 @@ import torch
 from .._aot import KernelRef
 from .._buffers import empty
 from .._collective import LOCAL, Collective
-from .._parallel import parallel_call, rows_call, split_call
+from .._parallel import parts_call, rows_call, split_call
 from .base import BaseDataSparsifier
 
 # numba kernels (``sparsify._kernels``), loaded with numba on first use; those with a
@@ -51,7 +51,7 @@ def norms_of_blocks(x: np.ndarray, bh: int, bw: int, square: bool, out: np.ndarr
         def part(lo: int, hi: int) -> tuple[Any, ...]:
             return x[lo * bh : hi * bh], bh, bw, square, out[lo:hi]
 
-        _block_rows_call(_block_norms_kernel, out.shape[0], bh, part)
+        parts_call(_block_norms_kernel, out.shape[0], part, minimum=max(1, 256 // bh))
 
 
 def expand_mask(pruned: np.ndarray, bh: int, bw: int, out: np.ndarray) -> None:
@@ -64,22 +64,7 @@ def expand_mask(pruned: np.ndarray, bh: int, bw: int, out: np.ndarray) -> None:
         def part(lo: int, hi: int) -> tuple[Any, ...]:
             return pruned[lo:hi], bh, bw, out[lo * bh : hi * bh]
 
-        _block_rows_call(_expand_kernel, pruned.shape[0], bh, part)
-
-
-def _block_rows_call(
-    kernel: KernelRef, count: int, bh: int, part: Callable[[int, int], tuple[Any, ...]]
-) -> None:
-    """``kernel(*part(0, count))`` for a kernel over ``count`` rows of (bh x bw) blocks:
-    compiled ahead of time where it can be, ``part(lo, hi)`` (the arguments of block rows
-    [lo, hi): the table's rows from ``lo * bh``) on several threads; else numba's
-    parallel kernel on all of them."""
-    whole = part(0, count)
-    compiled = kernel.compiled(whole)
-    if compiled is None:
-        parallel_call(kernel, *whole)
-    else:
-        split_call(compiled, count, part, minimum=max(1, 256 // bh))
+        parts_call(_expand_kernel, pruned.shape[0], part, minimum=max(1, 256 // bh))
 
 
 # block norms one thread takes at least in the threshold's passes (fewer: one thread)
