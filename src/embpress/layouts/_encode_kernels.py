@@ -195,6 +195,7 @@ def _encode_range(
     span = e2.shape[0]
     codes4 = codes.view(np.uint32)
     packed4 = packed.view(np.uint32)
+    out4 = out[: out.shape[0] - out.shape[0] % 4].view(np.uint32)  # (1, 4) blocks' codes as words
     for r in range(r0, r1):
         if derive_qparams:
             a, z = _row_minmax(w, mask, use_mask, r)
@@ -209,10 +210,15 @@ def _encode_range(
         live = np.float32(1.0) if s != 0 else np.float32(0.0)
         base = r * cols
         zc = zero_code[r]
+        # the row's views, indexed in 1-D: the loop below then compiles to vector code
+        wr = w[r]
+        xr = ref[r]
+        mr = mask[r] if use_mask else mask[0]
+        outr = out[0:0] if block_stream else out[base : base + cols]
         for c in range(cols):
-            x = ref[r, c]
-            t = min(max(np.rint((w[r, c] - o) / divisor) * live, np.float32(0.0)), top)
-            kept = (not use_mask) or mask[r, c]
+            x = xr[c]
+            t = min(max(np.rint((wr[c] - o) / divisor) * live, np.float32(0.0)), top)
+            kept = (not use_mask) or mr[c]
             d = (t * s + o) - x if kept else -x
             e2[c] = d * d
             r2[c] = x * x
@@ -220,7 +226,7 @@ def _encode_range(
             if block_stream:
                 codes[c] = np.uint8(t)
             else:
-                out[base + c] = np.uint8(t) if kept else zc
+                outr[c] = np.uint8(t) if kept else zc
         if block_stream:  # kept blocks packed without a branch, then one copy
             n = nb
             kept_codes = codes  # no mask: every block is kept
@@ -237,8 +243,13 @@ def _encode_range(
                             packed[n * width + j] = codes[b * width + j]
                         n += np.int64(mask[r, b * width])
             start = row_start[r]
-            for j in range(n * width):
-                out[start + j] = kept_codes[j]
+            if width == 4:  # a word a block
+                kept4 = packed4 if use_mask else codes4
+                for j in range(n):
+                    out4[(start >> 2) + j] = kept4[j]
+            else:
+                for j in range(n * width):
+                    out[start + j] = kept_codes[j]
         h = span // 2
         while h >= 8:
             for i in range(h):
