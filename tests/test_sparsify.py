@@ -315,6 +315,59 @@ def test_a_failed_first_mask_leaves_the_starting_mask_as_it_was(monkeypatch):
     assert torch.equal(mask.bool(), block_norm_mask(x, 0.5))
 
 
+def test_an_unmade_starting_mask_holds_no_memory_and_step_or_failure_gives_a_real_one(monkeypatch):
+    """Within ``_starting_masks_unmade`` (what ``post_training_sparse_quantize`` uses), the
+    starting mask reads as all ones without memory of its own; ``step`` gives the mask a
+    sparsifier made the usual way gives, and a failed first ``step`` a writable all-ones one."""
+    x = torch.randn(64, 16)
+    made = DataNormSparsifier(sparsity_level=0.5)
+    made.add_data("t", x)
+    s = DataNormSparsifier(sparsity_level=0.5)
+    with s._starting_masks_unmade():
+        s.add_data("t", x)
+    s.add_data("u", x)  # after the block: made as usual
+    mask = s.get_mask("t")
+    assert mask.shape == x.shape and mask.dtype == torch.int8 and bool((mask == 1).all())
+    assert mask.stride() == (0, 0) and s.get_mask("u").stride() == (16, 1)
+    assert torch.equal(s.get_data("t", return_original=False), x)
+    assert _seen_during_step(monkeypatch, s, fail=True) == 0
+    assert s.get_mask("t") is mask and mask.stride() == (16, 1) and bool((mask == 1).all())
+    mask[0, 0] = 0  # writable now
+    with s._starting_masks_unmade():
+        s.add_data("v", x)
+    s.step()
+    made.step()
+    assert torch.equal(s.get_mask("v"), made.get_mask("t"))
+    assert s.get_mask("v").stride() == (16, 1)
+
+
+def test_compression_makes_no_starting_mask_with_our_sparsifier_only(monkeypatch):
+    """``post_training_sparse_quantize`` skips writing the starting masks with
+    DataNormSparsifier itself (its step frees them unread), not with a subclass, whose
+    ``update_mask`` may write into them; both give the same model."""
+    import embpress
+
+    class Sub(DataNormSparsifier):
+        pass
+
+    seen: list[bool] = []
+    real = BaseDataSparsifier._all_kept
+
+    def spy(weight, unmade=False):
+        seen.append(unmade)
+        return real(weight, unmade)
+
+    monkeypatch.setattr(BaseDataSparsifier, "_all_kept", staticmethod(spy))
+    weight = torch.randn(40, 8)
+    outs = []
+    for cls in (DataNormSparsifier, Sub):
+        model = nn.Sequential(nn.Embedding.from_pretrained(weight.clone()))
+        embpress.post_training_sparse_quantize(model, cls, sparsity_level=0.5, sparse_block_shape=(1, 4))
+        outs.append(model[0](torch.arange(40)))
+    assert seen == [True, False]
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_a_starting_mask_written_by_the_user_is_kept_while_the_first_is_computed(monkeypatch):
     x = torch.randn(64, 16)
     s = DataNormSparsifier(sparsity_level=0.5)

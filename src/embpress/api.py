@@ -9,6 +9,7 @@ every table has been compressed.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from .layouts import QuantizedTable, encode_table
 from .layouts.encode import fake_quantize_table, finite_table, plain_qparams
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, embedding_scale, module_arguments, output_dtype_of
 from .quant import QuantConfig, RowQParams
+from .sparsify import DataNormSparsifier
 
 __all__ = [
     "Target",
@@ -215,16 +217,24 @@ def post_training_sparse_quantize(
     keys = _sparsifier_keys(targets)
     saved: dict[str, RowQParams] = {}
     originals: dict[str, torch.Tensor] = {}
-    for t in targets:
-        w = weights[t.name]
-        if not sparsify_first:
-            try:
-                saved[t.name] = plain_qparams(w, config)
-            except ValueError as err:
-                raise ValueError(f"table {t.name!r}: {err}") from err
-            originals[t.name] = w
-            w = weights[t.name] = fake_quantize_table(w, saved[t.name], config.bits)
-        sparsifier.add_data(name=keys[t.name], data=w)
+    # our sparsifier's step frees the starting all-ones masks unread: they need not be made
+    # (another class's update_mask might write into them)
+    unmade = (
+        sparsifier._starting_masks_unmade()
+        if type(sparsifier) is DataNormSparsifier
+        else contextlib.nullcontext()
+    )
+    with unmade:
+        for t in targets:
+            w = weights[t.name]
+            if not sparsify_first:
+                try:
+                    saved[t.name] = plain_qparams(w, config)
+                except ValueError as err:
+                    raise ValueError(f"table {t.name!r}: {err}") from err
+                originals[t.name] = w
+                w = weights[t.name] = fake_quantize_table(w, saved[t.name], config.bits)
+            sparsifier.add_data(name=keys[t.name], data=w)
     sparsifier.step()
     replacements: dict[str, nn.Module] = {}
     for t in targets:

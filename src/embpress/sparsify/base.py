@@ -17,9 +17,11 @@ masks have after ``step``), not the data's dtype; it still keeps the data's dtyp
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -79,6 +81,7 @@ class BaseDataSparsifier(abc.ABC):
         self._kept: dict[str, tuple[torch.Tensor, int]] = {}
         # name -> (version, address) of the all-ones mask ``add_data`` made, while untouched
         self._all_ones: dict[str, tuple[int, int]] = {}
+        self._unmade_ones = False  # see _starting_masks_unmade
         self.enable_mask_update = True
         if data_list is not None:
             for name, data in data_list:
@@ -131,7 +134,7 @@ class BaseDataSparsifier(abc.ABC):
             self._delete_data(name)
         fresh = mask is None
         if mask is None:
-            mask, kept = self._all_kept(weight)
+            mask, kept = self._all_kept(weight, unmade=self._unmade_ones)
         self._data[name] = weight
         self.state[name]["mask"] = mask
         if kept is not None:
@@ -142,18 +145,37 @@ class BaseDataSparsifier(abc.ABC):
         return weight if fresh else mask * weight
 
     @staticmethod
-    def _all_kept(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, int] | None]:
+    def _all_kept(
+        weight: torch.Tensor, unmade: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int] | None]:
         """The starting mask (int8 ones, an int8 view of a bool tensor, so that
-        ``kept_mask`` needs no copy; the data's dtype where int8 would change it)."""
+        ``kept_mask`` needs no copy; the data's dtype where int8 would change it).
+        ``unmade``: one True seen at every entry (no memory, read-only)."""
         try:
             own = torch.promote_types(torch.int8, weight.dtype) != weight.dtype
         except RuntimeError:  # dtypes without promotion rules (float8)
             own = True
         if own:
             return torch.ones_like(weight, memory_format=torch.contiguous_format), None
-        kept = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+        if unmade:
+            kept = torch.ones((), dtype=torch.bool, device=weight.device).expand(weight.shape)
+        else:
+            kept = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
         mask = kept.view(torch.int8)
         return mask, (kept, mask._version)
+
+    @contextlib.contextmanager
+    def _starting_masks_unmade(self) -> Iterator[None]:
+        """Within: ``add_data`` gives new data a starting mask that holds no memory (one
+        True seen at every entry, read-only), for a caller that calls ``step`` next and
+        reads no mask before (``api.post_training_sparse_quantize``): writing a table's
+        worth of ones that ``update_mask`` frees unread costs as long as a pass over the
+        table. A failed ``update_mask`` puts back a real all-ones mask."""
+        self._unmade_ones = True
+        try:
+            yield
+        finally:
+            self._unmade_ones = False
 
     def get_data(self, name: str, return_original: bool = True) -> torch.Tensor:
         """The data as added (``return_original``) or with the mask applied."""
