@@ -14,6 +14,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import _kernel_cache
@@ -110,9 +111,26 @@ def _float_intrinsic(typingctx: Any, x: Any) -> Any:
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _copy_intrinsic(typingctx: Any, dst: Any, at: Any, src: Any, start: Any, n: Any) -> Any:
+    """``dst[at:at + n] = src[start:start + n]`` (byte arrays that do not overlap there) as
+    one ``memcpy``: a loop of a few dozen bytes would run byte by byte."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        d = context.make_array(signature.args[0])(context, builder, args[0])
+        s = context.make_array(signature.args[2])(context, builder, args[2])
+        to = builder.gep(d.data, [args[1]])
+        of = builder.gep(s.data, [args[3]])
+        cgutils.raw_memcpy(builder, to, of, args[4], 1)
+        return context.get_dummy_value()
+
+    return types.none(dst, types.intp, src, types.intp, types.intp), codegen
+
+
 # called from the kernels only (typed here as such: numba supplies the typing context)
 _bits: Any = _bits_intrinsic
 _float: Any = _float_intrinsic
+_copy: Any = _copy_intrinsic
 _KEY_LOW, _KEY_HIGH = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
 
 
@@ -402,16 +420,13 @@ def assemble_records(
     per_byte = 8 // bits
     for r in numba.prange(starts.shape[0] - 1):
         a = starts[r]
-        for j in range(bitmap_bytes):
-            records[a + j] = bitmap[r, j]
-        for j in range(2 * scale_bytes):
-            records[a + bitmap_bytes + j] = qparams[r, j]
+        _copy(records, a, bitmap[r], 0, bitmap_bytes)
+        _copy(records, a + bitmap_bytes, qparams[r], 0, 2 * scale_bytes)
         a += header
         c0 = code_start[r]
         n = kept_blocks[r] * width
         if bits == 8:
-            for j in range(n):
-                records[a + j] = codes[c0 + j]
+            _copy(records, a, codes, c0, n)
         else:
             for byte in range((n + per_byte - 1) // per_byte):
                 value = 0
