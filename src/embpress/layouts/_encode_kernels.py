@@ -61,30 +61,72 @@ def count_blocks(
         mixed[r] = m
 
 
+@intrinsic
+def _blocks_of_32_intrinsic(typingctx: Any, row: Any, lo: Any) -> Any:
+    """(bitmap word, kept entries, blocks with a kept entry, mixed blocks) of the 32
+    (1 x 4) blocks ``row[lo:lo + 32]`` (uint32: a block's 4 bool bytes), as vector code:
+    a block's kept count is the top byte of ``word * 0x01010101``."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        b = builder
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v32 = ir.VectorType(i32, 32)
+
+        def splat(x: int) -> Any:
+            return ir.Constant(v32, [x] * 32)
+
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        v = b.load(b.bitcast(b.gep(data, [args[1]]), v32.as_pointer()), align=1)
+        n = b.lshr(b.mul(v, splat(0x01010101)), splat(24))
+        on = b.icmp_unsigned("!=", n, splat(0))
+        word = b.bitcast(on, i32)
+        mixed = b.bitcast(b.and_(on, b.icmp_unsigned("<", n, splat(4))), i32)
+        add = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(i32, [v32]), "llvm.vector.reduce.add.v32i32"
+        )
+        popcount = b.module.declare_intrinsic("llvm.ctpop", [i32])
+        out = [word, b.call(add, [n]), b.call(popcount, [word]), b.call(popcount, [mixed])]
+        return context.make_tuple(b, signature.return_type, [b.zext(x, i64) for x in out])
+
+    return types.UniTuple(types.int64, 4)(row, types.intp), codegen
+
+
+# called from the kernels only (typed here as such: numba supplies the typing context)
+_blocks_of_32: Any = _blocks_of_32_intrinsic
+
+
 @numba.njit(cache=True, parallel=True, nogil=True)
 def count_blocks_of_4(
     mask_words: np.ndarray, kept: np.ndarray, blocks: np.ndarray, mixed: np.ndarray, bitmap: np.ndarray
 ) -> None:
     """:func:`count_blocks` for (1 x 4) blocks, reading the bool mask as one uint32 per
     block (a True byte is 0x01, so the top byte of ``word * 0x01010101`` is the block's
-    kept count). Branch-free; each bitmap word is built in a register (every word of
-    ``bitmap`` is written)."""
+    kept count). Branch-free; 32 blocks at a time in vector code (``_blocks_of_32``), the
+    rest one by one; each bitmap word is built in a register (every word of ``bitmap``
+    is written)."""
     rows, nb = mask_words.shape
     words = (nb + 31) // 32
     for r in numba.prange(rows):
+        row = mask_words[r]
         k = np.int64(0)
         b = np.int64(0)
         m = np.int64(0)
         for wd in range(words):
-            word = np.int64(0)
             lo = wd * 32
-            for blk in range(lo, min(nb, lo + 32)):
-                n = ((np.int64(mask_words[r, blk]) * 0x01010101) >> 24) & 0xFF
-                on = np.int64(n > 0)
-                k += n
-                b += on
-                m += on & np.int64(n < 4)
-                word |= on << (blk - lo)
+            if lo + 32 <= nb:
+                word, kk, bb, mm = _blocks_of_32(row, lo)
+                k += kk
+                b += bb
+                m += mm
+            else:
+                word = np.int64(0)
+                for blk in range(lo, nb):
+                    n = ((np.int64(row[blk]) * 0x01010101) >> 24) & 0xFF
+                    on = np.int64(n > 0)
+                    k += n
+                    b += on
+                    m += on & np.int64(n < 4)
+                    word |= on << (blk - lo)
             bitmap[r, wd] = word
         kept[r] = k
         blocks[r] = b
