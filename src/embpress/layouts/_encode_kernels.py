@@ -255,7 +255,6 @@ def _encode_range(
     span = e2.shape[0]
     codes4 = codes.view(np.uint32)
     packed4 = packed.view(np.uint32)
-    out4 = out[: out.shape[0] - out.shape[0] % 4].view(np.uint32)  # (1, 4) blocks' codes as words
     for r in range(r0, r1):
         if derive_qparams:
             a, z = _row_minmax(w, mask, use_mask, r)
@@ -302,14 +301,7 @@ def _encode_range(
                         for j in range(width):
                             packed[n * width + j] = codes[b * width + j]
                         n += np.int64(mask[r, b * width])
-            start = row_start[r]
-            if width == 4:  # a word a block
-                kept4 = packed4 if use_mask else codes4
-                for j in range(n):
-                    out4[(start >> 2) + j] = kept4[j]
-            else:
-                for j in range(n * width):
-                    out[start + j] = kept_codes[j]
+            _copy(out, row_start[r], kept_codes, 0, n * width)
         h = span // 2
         while h >= 8:
             for i in range(h):
