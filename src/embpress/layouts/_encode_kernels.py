@@ -65,7 +65,10 @@ def count_blocks(
 def _blocks_of_32_intrinsic(typingctx: Any, row: Any, lo: Any) -> Any:
     """(bitmap word, kept entries, blocks with a kept entry, mixed blocks) of the 32
     (1 x 4) blocks ``row[lo:lo + 32]`` (uint32: a block's 4 bool bytes), as vector code:
-    a block's kept count is the top byte of ``word * 0x01010101``."""
+    a block's kept count is the top byte of ``word * 0x01010101``. A contiguous row only
+    (its 32 words are read in one load): another does not compile."""
+    if not (isinstance(row, types.Array) and row.layout == "C" and row.dtype == types.uint32):
+        return None
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         b = builder
@@ -156,7 +159,10 @@ def _float_intrinsic(typingctx: Any, x: Any) -> Any:
 @intrinsic
 def _copy_intrinsic(typingctx: Any, dst: Any, at: Any, src: Any, start: Any, n: Any) -> Any:
     """``dst[at:at + n] = src[start:start + n]`` (byte arrays that do not overlap there) as
-    one ``memcpy``: a loop of a few dozen bytes would run byte by byte."""
+    one ``memcpy``: a loop of a few dozen bytes would run byte by byte. Contiguous
+    arrays only (it indexes their data by bytes): others do not compile."""
+    if not (dst.layout == src.layout == "C" and dst.dtype == src.dtype == types.uint8):
+        return None
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         d = context.make_array(signature.args[0])(context, builder, args[0])
