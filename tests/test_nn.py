@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import subprocess
@@ -438,8 +439,10 @@ def test_lookups_compile_and_agree_for_a_cpu_without_avx512(tmp_path):
     """Compiled for a CPU without AVX-512 (numba told to target Haswell, in a fresh process
     with its own kernel cache), the AVX2 path is chosen, AVX-512 cannot be forced, and
     block-sparse lookups on the AVX2 and generic paths match the plain-torch bags: no
-    AVX-512 instruction reaches that compile."""
+    AVX-512 instruction reaches that compile. The tables it encodes (masks, block counts,
+    records) are byte for byte the ones this process encodes."""
     script = """
+import hashlib
 import torch
 from torch import nn
 from embpress import QuantConfig, QuantizedEmbeddingBag
@@ -465,6 +468,7 @@ for bits in (8, 4):
     for path in ("avx2", "generic"):
         out = bag.table.fast_bag(idx, bounds, 0, None, policy=KernelPolicy(path=path))
         torch.testing.assert_close(out, bag._generic(idx, bounds, None), rtol=1e-5, atol=1e-5)
+    print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in bag.table.tensors().values())).hexdigest())
 print("agree")
 """
     features = "+avx,+avx2,+fma,+f16c,+popcnt,+bmi,+bmi2,+sse4.2,-avx512f,-avx512vl,-avx512bw,-avx512vbmi2"
@@ -478,7 +482,18 @@ print("agree")
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "agree"
+    *digests, last = result.stdout.split()
+    assert last == "agree"
+    torch.manual_seed(0)
+    weight = torch.randn(50, 128)
+    mask = block_norm_mask(weight, 0.7, (1, 4))
+    here = []
+    for bits in (8, 4):
+        float_bag = nn.EmbeddingBag.from_pretrained(weight, mode="sum")
+        bag = QuantizedEmbeddingBag.from_float(float_bag, QuantConfig(bits=bits), mask=mask, block_width=4)
+        tensors = bag.table.tensors().values()
+        here.append(hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors)).hexdigest())
+    assert digests == here
 
 
 @pytest.mark.parametrize("layout", list(TABLE_CLASSES))
