@@ -547,7 +547,8 @@ def test_compression_compiled_ahead_equals_numbas_bit_for_bit(bits, block, spars
     assert ahead.layout == under_numba.layout
     for name, tensor in ahead.tensors().items():
         assert torch.equal(tensor, under_numba.tensors()[name]), name
-    assert {"encode_rows_run", "count_nonfinite"} <= set(_aot.status()["compiled_kernels_used"])
+    used = set(_aot.status()["compiled_kernels_used"])
+    assert "encode_rows_run" in used and (sparsify_first or "count_nonfinite" in used)
 
 
 @pytest.mark.parametrize("bits", [4, 2])

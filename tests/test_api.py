@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -217,6 +218,65 @@ def test_nonfinite_table_is_named_and_model_unchanged(ref_model):
     _unchanged(ref_model, snap)
     ptsq(ref_model, DataNormSparsifier, sparsity_level=0.5, quant=QuantConfig(nonfinite="zero"))
     assert ref_model.emb_seq[0].dequantize()[3, 1] == 0
+
+
+class _CountingFirst(DataNormSparsifier):
+    """DataNormSparsifier under another name: compression counts NaN/Inf first with it."""
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 3e38])
+@pytest.mark.parametrize("block", [(1, 4), (1, 1)])
+@pytest.mark.parametrize("level", [0.5, 0.0])
+def test_nonfinite_values_found_without_counting_first(ref_model, bad, block, level):
+    """With DataNormSparsifier (sparsify-first) the NaN/Inf pass is left out: a NaN (the
+    sparsifier refuses its norm) or an Inf (an infinite norm) is still refused with the
+    count and the model unchanged, or zeroed as the config says, also where nothing is
+    pruned (no norms: counted then); finite values whose block norm overflows (3e38 twice
+    in a block) compress as they do counted first."""
+    with torch.no_grad():
+        ref_model.emb_seq[0].weight[3, 1] = bad
+        ref_model.emb_seq[0].weight[3, 2] = bad
+    twin = copy.deepcopy(ref_model)
+    snap = _snapshot(ref_model)
+    kwargs = {"sparsity_level": level, "sparse_block_shape": block}
+    if not math.isfinite(bad):
+        with pytest.raises(ValueError, match=r"emb_seq\.0.* holds 2 NaN/Inf"):
+            ptsq(ref_model, DataNormSparsifier, **kwargs)
+        _unchanged(ref_model, snap)
+    quant = QuantConfig(nonfinite="zero")
+    ptsq(ref_model, DataNormSparsifier, quant=quant, **kwargs)
+    ptsq(twin, _CountingFirst, quant=quant, **kwargs)
+    others = dict(twin.named_modules())
+    compared = 0
+    for name, module in ref_model.named_modules():
+        if hasattr(module, "table"):
+            other = others[name].table
+            for key, tensor in module.table.tensors().items():
+                assert torch.equal(tensor, other.tensors()[key]), (name, key)
+            compared += 1
+    assert compared >= 2
+
+
+def test_finite_tables_are_counted_later_only_with_our_sparsifier(monkeypatch, ref_model):
+    """The upfront NaN/Inf pass is left out with DataNormSparsifier itself, sparsify-first
+    (its step refuses NaN norms and counts infinite ones); a subclass, whose step may do
+    neither, and quantize-first, which quantizes before the sparsifier runs, count first."""
+    from embpress import api
+
+    seen: list[bool] = []
+    real = api.finite_table
+
+    def spy(w, config, name="table", count=True):
+        seen.append(count)
+        return real(w, config, name, count)
+
+    monkeypatch.setattr(api, "finite_table", spy)
+    tables = sum(1 for m in ref_model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)))
+    for cls, first, expect in ((DataNormSparsifier, True, False), (_CountingFirst, True, True),
+                               (DataNormSparsifier, False, True)):  # fmt: skip
+        seen.clear()
+        ptsq(copy.deepcopy(ref_model), cls, first, sparsity_level=0.5)
+        assert seen == [expect] * tables
 
 
 def test_meta_device_model_is_refused_and_unchanged():

@@ -273,13 +273,15 @@ def _seen_during_step(monkeypatch, s, fail=False):
 
     seen = []
 
+    real = data_norm._block_norm_mask
+
     def spy(data, *args):
         seen.append(s.get_mask("t").numel())
         if fail:
             raise MemoryError("no room for the norms")
-        return block_norm_mask(data, *args)
+        return real(data, *args)
 
-    monkeypatch.setattr(data_norm, "block_norm_mask", spy)
+    monkeypatch.setattr(data_norm, "_block_norm_mask", spy)
     if fail:
         with pytest.raises(MemoryError):
             s.step()
@@ -366,6 +368,32 @@ def test_compression_makes_no_starting_mask_with_our_sparsifier_only(monkeypatch
         outs.append(model[0](torch.arange(40)))
     assert seen == [True, False]
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("block", [(1, 4), (2, 3), (1, 1)])
+def test_the_step_counts_infinite_block_norms_where_it_makes_norms(block):
+    """What ``post_training_sparse_quantize`` reads in place of a NaN/Inf pass: per data,
+    the infinite block norms the threshold's histogram saw (an Inf makes its block's;
+    two finite 3e38 in one block overflow), None where the step made no norms."""
+    from embpress.sparsify import data_norm
+
+    x = torch.randn(40, 12)
+    assert data_norm._block_norm_mask(x, 0.5, block)[1] == 0
+    assert data_norm._block_norm_mask(x, 0.0, block)[1] is None
+    assert data_norm._block_norm_mask(x, 1.0, block)[1] is None  # every block pruned: no threshold
+    x[5, 0] = float("-inf")
+    x[9, 3] = float("inf")
+    assert data_norm._block_norm_mask(x, 0.5, block)[1] == 2
+    y = torch.randn(40, 12)
+    y[0, 0] = y[0, 1] = y[1, 0] = 3e38
+    expect = {(1, 4): 1, (2, 3): 1, (1, 1): 0}[block]
+    assert data_norm._block_norm_mask(y, 0.5, block)[1] == expect
+    s = DataNormSparsifier(sparsity_level=0.5, sparse_block_shape=block)
+    s.add_data("t", x)
+    s.add_data("u", torch.randn(40, 12))
+    s.step()
+    assert s._infinite_norms == {"t": 2, "u": 0}
+    assert torch.equal(s.kept_mask("t"), block_norm_mask(x, 0.5, block))
 
 
 def test_a_starting_mask_written_by_the_user_is_kept_while_the_first_is_computed(monkeypatch):

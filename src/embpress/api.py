@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .layouts import QuantizedTable, encode_table
-from .layouts.encode import fake_quantize_table, finite_table, plain_qparams
+from .layouts.encode import fake_quantize_table, finite_table, nonfinite_count, plain_qparams
 from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, embedding_scale, module_arguments, output_dtype_of
 from .quant import QuantConfig, RowQParams
 from .sparsify import DataNormSparsifier
@@ -126,7 +126,7 @@ def _tied_as_one(targets: list[Target]) -> list[Target]:
     return out
 
 
-def checked_weight(target: Target, config: QuantConfig) -> torch.Tensor:
+def checked_weight(target: Target, config: QuantConfig, count: bool = True) -> torch.Tensor:
     weight = target.module.weight
     if weight.is_meta:
         raise ValueError(
@@ -135,7 +135,7 @@ def checked_weight(target: Target, config: QuantConfig) -> torch.Tensor:
         )
     if weight.layout != torch.strided:
         raise ValueError(f"table {target.name!r} is a {weight.layout} tensor; make it dense first")
-    return finite_table(weight, config, f"table {target.name!r}")
+    return finite_table(weight, config, f"table {target.name!r}", count=count)
 
 
 def _sparsifier_keys(targets: list[Target]) -> dict[str, str]:
@@ -213,7 +213,38 @@ def post_training_sparse_quantize(
     _check_sparsifier_class(data_sparsifier_class)
     targets = find_embeddings(model, select_embeddings)
     sparsifier = data_sparsifier_class(**sparse_config)
-    weights = {t.name: checked_weight(t, config) for t in targets}
+    # with our own sparsifier, sparsify-first, the NaN/Inf pass over each table is left
+    # out: the sparsifier refuses a NaN's block norm and counts infinite ones on its way;
+    # either sign starts again, counting first (see _Unchecked)
+    count_first = not (sparsify_first and type(sparsifier) is DataNormSparsifier)
+    try:
+        _compress(model, targets, sparsifier, sparsify_first, config, count_first)
+        return model
+    except _Unchecked:
+        pass  # out of the handler first: its traceback would hold the first try's tables
+    del sparsifier  # and its masks
+    _compress(model, targets, data_sparsifier_class(**sparse_config), sparsify_first, config, True)
+    return model
+
+
+class _Unchecked(Exception):
+    """A table whose NaN/Inf pass was left out may hold one: compress again, counting
+    first (the count then raises or zeroes them, as ``QuantConfig.nonfinite`` says).
+    Nothing has changed by then: modules are swapped only once every table is built."""
+
+
+def _compress(
+    model: nn.Module,
+    targets: list[Target],
+    sparsifier: Any,
+    sparsify_first: bool,
+    config: QuantConfig,
+    count_first: bool,
+) -> None:
+    """``post_training_sparse_quantize``'s work on ``targets`` with ``sparsifier``;
+    ``count_first``: count each table's NaN/Inf before anything, else raise
+    ``_Unchecked`` where the sparsifier's step says there may be one."""
+    weights = {t.name: checked_weight(t, config, count=count_first) for t in targets}
     keys = _sparsifier_keys(targets)
     saved: dict[str, RowQParams] = {}
     originals: dict[str, torch.Tensor] = {}
@@ -235,7 +266,19 @@ def post_training_sparse_quantize(
                 originals[t.name] = w
                 w = weights[t.name] = fake_quantize_table(w, saved[t.name], config.bits)
             sparsifier.add_data(name=keys[t.name], data=w)
-    sparsifier.step()
+    try:
+        sparsifier.step()
+    except ValueError:
+        if count_first:
+            raise
+        raise _Unchecked from None  # a NaN's block norm, say
+    if not count_first:
+        for t in targets:
+            infinite = sparsifier._infinite_norms.get(keys[t.name])
+            if infinite is None:  # the step made no norms to count (nothing to prune)
+                infinite = nonfinite_count(weights[t.name])
+            if infinite:
+                raise _Unchecked
     replacements: dict[str, nn.Module] = {}
     for t in targets:
         w = weights.pop(t.name)
@@ -256,7 +299,6 @@ def post_training_sparse_quantize(
         new.error = error
         replacements[t.name] = new
     swap_modules(model, targets, replacements)
-    return model
 
 
 def quantized_module(target: Target, table: QuantizedTable) -> QuantizedEmbedding | QuantizedEmbeddingBag:

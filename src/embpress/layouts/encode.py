@@ -40,6 +40,7 @@ __all__ = [
     "fake_quantize_table",
     "finite_table",
     "layout_sizes",
+    "nonfinite_count",
     "plain_qparams",
 ]
 
@@ -135,22 +136,33 @@ def _encode(args: tuple[Any, ...], rows: int, cols: int, width: int) -> None:
         split_call(compiled, rows, part, minimum=256)
 
 
-def finite_table(w: torch.Tensor, config: QuantConfig, name: str = "table") -> torch.Tensor:
-    """``w`` as contiguous float32 on CPU; NaN/Inf refused (or zeroed, per ``config.nonfinite``)."""
+def finite_table(
+    w: torch.Tensor, config: QuantConfig, name: str = "table", count: bool = True
+) -> torch.Tensor:
+    """``w`` as contiguous float32 on CPU; NaN/Inf refused (or zeroed, per
+    ``config.nonfinite``); not looked for where not ``count`` (the caller learns of them
+    otherwise)."""
     if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"{name} is empty or not 2-D (shape {tuple(w.shape)})")
     if not w.is_floating_point():
         raise TypeError(f"{name} has dtype {w.dtype}, expected a float dtype")
     out = w.detach().to("cpu", torch.float32).contiguous()
-    count = rows_call(count_nonfinite, out.numpy(), rows=(0,))
-    if count:
+    if not count:
+        return out
+    found = nonfinite_count(out)
+    if found:
         if config.nonfinite == "raise":
             raise ValueError(
-                f"{name} holds {count} NaN/Inf value(s); fix the table or pass "
+                f"{name} holds {found} NaN/Inf value(s); fix the table or pass "
                 "QuantConfig(nonfinite='zero') to treat them as 0.0"
             )
         out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
     return out
+
+
+def nonfinite_count(w: torch.Tensor) -> int:
+    """How many NaN/Inf a contiguous float32 CPU table holds (row ranges on several threads)."""
+    return int(rows_call(count_nonfinite, w.numpy(), rows=(0,)))
 
 
 MAX_BLOCK_WIDTH = (1 << 31) - 1

@@ -90,16 +90,18 @@ def _histogram(kernel: KernelRef, values: np.ndarray, *before: Any) -> tuple[np.
     return np.sum(parts, axis=0), total
 
 
-def kth_smallest_nonnegative(values: np.ndarray, k: int) -> tuple[float, int, int]:
-    """(k-th smallest value (1-based), how many values are smaller, how many are NaN) of
-    non-negative float32s: a radix select on the float bit patterns (which order as the
-    values do), a histogram of the top 16 bits, then one of the low 16 bits within the
-    bucket holding the k-th; no sort and no copy."""
+def kth_smallest_nonnegative(values: np.ndarray, k: int) -> tuple[float, int, int, int]:
+    """(k-th smallest value (1-based), how many values are smaller, how many are NaN, how
+    many are NaN or infinite) of non-negative float32s: a radix select on the float bit
+    patterns (which order as the values do), a histogram of the top 16 bits, then one of
+    the low 16 bits within the bucket holding the k-th; no sort and no copy."""
     high, nans = _histogram(add_high_histogram, values)
     threshold, below = _select_from_histograms(
         high, lambda bucket: _histogram(add_low_histogram, values, bucket)[0], k
     )
-    return threshold, below, nans
+    # NaN and Inf are the bit patterns from 0x7F800000 up, of either sign
+    nonfinite = int(high[0x7F80:0x8000].sum() + high[0xFF80:].sum())
+    return threshold, below, nans, nonfinite
 
 
 def mark_pruned(norms: np.ndarray, threshold: float, ties: int) -> np.ndarray:
@@ -202,20 +204,22 @@ def _blocks_to_prune(sparsity_level: Any, num_blocks: int) -> int:
     return int(round(sparsity_level * num_blocks))  # noqa: RUF046 - may be a NumPy integer
 
 
-def _pruned_blocks(norms: torch.Tensor, sparsity_level: Any) -> torch.Tensor:
-    """Bool [block rows, block cols]: True where the block is among the k smallest norms."""
+def _pruned_blocks(norms: torch.Tensor, sparsity_level: Any) -> tuple[torch.Tensor, int | None]:
+    """Bool [block rows, block cols]: True where the block is among the k smallest norms;
+    and how many norms are infinite where the threshold's histogram counted them (else
+    None)."""
     num_blocks = norms.numel()
     k = _blocks_to_prune(sparsity_level, num_blocks)
     if k <= 0 or k >= num_blocks:
         if bool(torch.isnan(norms).any()):
             raise ValueError(_NAN_MESSAGE)
-        return torch.full_like(norms, k > 0, dtype=torch.bool)
+        return torch.full_like(norms, k > 0, dtype=torch.bool), None
     flat = norms.contiguous().numpy().ravel()
-    threshold, smaller, nans = kth_smallest_nonnegative(flat, k)
+    threshold, smaller, nans, nonfinite = kth_smallest_nonnegative(flat, k)
     if nans:  # a NaN entry makes its block's norm NaN
         raise ValueError(_NAN_MESSAGE)
     # ties at the threshold: the first ones in row-major order
-    return torch.from_numpy(mark_pruned(norms.numpy(), threshold, k - smaller))
+    return torch.from_numpy(mark_pruned(norms.numpy(), threshold, k - smaller)), nonfinite
 
 
 def _smallest_in_block(
@@ -243,6 +247,19 @@ def block_norm_mask(
     norm: str = "L1",
 ) -> torch.Tensor:
     """The DataNormSparsifier mask of a 2-D (or 1-D) tensor as bool (True = kept)."""
+    return _block_norm_mask(data, sparsity_level, sparse_block_shape, zeros_per_block, norm)[0]
+
+
+def _block_norm_mask(
+    data: torch.Tensor,
+    sparsity_level: float,
+    sparse_block_shape: tuple[int, int] = (1, 4),
+    zeros_per_block: int | None = None,
+    norm: str = "L1",
+) -> tuple[torch.Tensor, int | None]:
+    """:func:`block_norm_mask`, and how many block norms are infinite where that was
+    counted on the way (else None): none means the data holds no NaN or Inf (a NaN's
+    norm is refused, an Inf's is infinite; a finite block's may overflow)."""
     shape = _validate(
         sparsity_level,
         sparse_block_shape,
@@ -257,9 +274,9 @@ def block_norm_mask(
         squeezed = squeezed.reshape(1, -1)
     height, width = squeezed.shape
     if sparsity_level <= 0 or zeros == 0 or squeezed.numel() == 0:
-        return torch.ones(data.shape, dtype=torch.bool, device=data.device)
+        return torch.ones(data.shape, dtype=torch.bool, device=data.device), None
     norms = _block_norms(squeezed, shape, norm)
-    pruned = _pruned_blocks(norms, sparsity_level)
+    pruned, infinite = _pruned_blocks(norms, sparsity_level)
     bh, bw = shape
     spent = norms.numpy()
     if spent.nbytes == height * width:  # blocks of 4 entries: the norms' memory takes the mask
@@ -276,7 +293,7 @@ def block_norm_mask(
             if bool((~mask[rows]).any()):
                 norms = _elementwise_norm(squeezed[rows].float(), norm)
                 mask[rows] |= _smallest_in_block(norms, shape, zeros)
-    return mask.reshape(data.shape).to(data.device)
+    return mask.reshape(data.shape).to(data.device), infinite
 
 
 def _select_from_histograms(
@@ -496,6 +513,9 @@ class DataNormSparsifier(BaseDataSparsifier):
             zeros_per_block = math.prod(_block_shape(sparse_block_shape))
         _validate(sparsity_level, sparse_block_shape, zeros_per_block, norm)
         self.norm = norm
+        # name -> how many of its block norms the last step found infinite (None: not
+        # counted); read by api.post_training_sparse_quantize in place of a NaN/Inf pass
+        self._infinite_norms: dict[str, int | None] = {}
         super().__init__(
             data_list=data_list,
             sparsity_level=sparsity_level,
@@ -530,10 +550,14 @@ class DataNormSparsifier(BaseDataSparsifier):
         A mask still all ones from ``add_data`` is freed first (the new one does not read
         it), and put back if this fails."""
         released = self._release_all_ones(name)
+        self._infinite_norms.pop(name, None)
         try:
-            kept = block_norm_mask(data, sparsity_level, sparse_block_shape, zeros_per_block, self.norm)
+            kept, infinite = _block_norm_mask(
+                data, sparsity_level, sparse_block_shape, zeros_per_block, self.norm
+            )
         except BaseException:
             if released is not None:
                 self._restore_all_ones(name, released)
             raise
         self._set_kept(name, kept)
+        self._infinite_norms[name] = infinite
