@@ -587,6 +587,41 @@ def test_search_scratch_width_agrees_with_the_kernel():
         assert search_scratch_width(cols) == _search.padded_width.py_func(cols)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_range_search_is_the_same_however_rows_are_split(masked):
+    """Rows are searched in pairs (2k with 2k + 1), so a row's range does not depend on
+    where a thread's rows start or end (at even rows), nor on the thread count, and the
+    compiled kernel gives numba's parallel kernel's ranges; a row of one value keeps its
+    range."""
+    from embpress.quant import _search
+
+    gen = np.random.default_rng(5)
+    rows, cols = 301, 40
+    w = gen.standard_normal((rows, cols)).astype(np.float32)
+    w[7] = 1.5  # nothing to search
+    kept = gen.random((rows, cols)) < (0.4 if masked else 1.0)
+    kept[:, 0] = True
+    lo = np.where(kept, w, np.inf).min(1).astype(np.float32)
+    hi = np.where(kept, w, -np.inf).max(1).astype(np.float32)
+    width = _search.padded_width.py_func(cols)
+    results = []
+    for cuts in ([0, rows], [0, 2, 150, 300, rows], [0, 64, 128, 192, 256, rows]):
+        a, b = lo.copy(), hi.copy()
+        for r0, r1 in itertools.pairwise(cuts):
+            scratch = (np.zeros(width, np.float32), np.zeros(width, np.float32))
+            _search.greedy_ranges_run(w, kept, masked, a, b, 4, 200, 0.16, r0, r1, *scratch)
+        results.append((a, b))
+    a, b = lo.copy(), hi.copy()
+    _search.greedy_ranges(w, kept, masked, a, b, 4, 200, 0.16)
+    results.append((a, b))
+    for a, b in results[1:]:
+        np.testing.assert_array_equal(a, results[0][0])
+        np.testing.assert_array_equal(b, results[0][1])
+    assert results[0][0][7] == results[0][1][7] == 1.5
+    assert bool((results[0][0] >= lo).all() and (results[0][1] <= hi).all())
+    assert bool((results[0][0] > lo).any() or (results[0][1] < hi).any())
+
+
 # settings of post_training_sparse_quantize: sparsify_first, bits, block, sparsity
 _UNIFORM_SETTINGS = [
     (True, 4, (1, 4), 0.0),  # embpress compress's default: 4 bits, no pruning

@@ -78,9 +78,9 @@ def row_ranges(w: torch.Tensor, kept: torch.Tensor | None) -> tuple[torch.Tensor
 
 
 def search_scratch_width(cols: int) -> int:
-    """Floats of each scratch row of ``greedy_ranges_run`` on rows of ``cols`` values (as
-    ``_search.padded_width``: a multiple of its 8 lanes; a test compares)."""
-    return -(-cols // 8) * 8
+    """Floats of each scratch array of ``greedy_ranges_run`` on rows of ``cols`` values (as
+    ``_search.padded_width``: two rows, each a multiple of its 8 lanes; a test compares)."""
+    return 2 * (-(-cols // 8) * 8)
 
 
 def search_ranges(
@@ -93,14 +93,17 @@ def search_ranges(
     args = (w_np, kept_np, kept is not None, lo_np, hi_np, bits, _NBINS, _RATIO)
     padded = search_scratch_width(w_np.shape[1])
 
-    def part(r0: int, r1: int) -> tuple[Any, ...]:
+    rows = w_np.shape[0]
+
+    def part(p0: int, p1: int) -> tuple[Any, ...]:  # pairs of rows: parts start at even rows
+        r0, r1 = 2 * p0, min(rows, 2 * p1)
         return (*args, r0, r1, np.zeros(padded, np.float32), np.zeros(padded, np.float32))
 
     compiled = greedy_ranges_run.compiled(part(0, 0))
     if compiled is None:
         parallel_call(greedy_ranges, *args)
     else:
-        split_call(compiled, w_np.shape[0], part, minimum=64)
+        split_call(compiled, (rows + 1) // 2, part, minimum=32)
     return torch.from_numpy(lo_np), torch.from_numpy(hi_np)
 
 
