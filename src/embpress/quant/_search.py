@@ -105,6 +105,32 @@ def _padded_count(kept: np.ndarray, use_keep: bool, r: int, cols: int) -> int:
     return (count + LANES - 1) // LANES * LANES
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _shrink(
+    loss_l: float,
+    loss_r: float,
+    lo: float,
+    hi: float,
+    step: float,
+    min_bins: float,
+    best: float,
+    best_lo: float,
+    best_hi: float,
+) -> tuple[float, float, bool, float, float, float]:
+    """One step of a row's search: the range shrunk by ``step`` at the end whose loss is
+    lower, whether to go on, and the best range so far: (lo, hi, go on, best loss, best
+    lo, best hi)."""
+    if loss_l < loss_r:
+        lo += step
+        cur = loss_l
+    else:
+        hi -= step
+        cur = loss_r
+    if cur < best:
+        best, best_lo, best_hi = cur, lo, hi
+    return lo, hi, lo + min_bins * step < hi, best, best_lo, best_hi
+
+
 @numba.njit(cache=True, nogil=True, fastmath=True, inline="always")
 def _search_rows(
     w: np.ndarray,
@@ -149,25 +175,9 @@ def _search_rows(
         while go1 or go2:
             l1, r1_, l2, r2_ = _losses(values, weight, n, x1, y1, s1, x2, y2, s2, levels)
             if go1:
-                if l1 < r1_:
-                    x1 += s1
-                    cur = l1
-                else:
-                    y1 -= s1
-                    cur = r1_
-                if cur < best1:
-                    best1, b_lo1, b_hi1 = cur, x1, y1
-                go1 = x1 + min_bins * s1 < y1
+                x1, y1, go1, best1, b_lo1, b_hi1 = _shrink(l1, r1_, x1, y1, s1, min_bins, best1, b_lo1, b_hi1)
             if go2:
-                if l2 < r2_:
-                    x2 += s2
-                    cur = l2
-                else:
-                    y2 -= s2
-                    cur = r2_
-                if cur < best2:
-                    best2, b_lo2, b_hi2 = cur, x2, y2
-                go2 = x2 + min_bins * s2 < y2
+                x2, y2, go2, best2, b_lo2, b_hi2 = _shrink(l2, r2_, x2, y2, s2, min_bins, best2, b_lo2, b_hi2)
         lo[r] = b_lo1
         hi[r] = b_hi1
         if second:
