@@ -131,8 +131,16 @@ def _shrink(
     return lo, hi, lo + min_bins * step < hi, best, best_lo, best_hi
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _search_rows(
+@numba.njit(cache=True, inline="always")
+def padded_width(cols: int) -> int:
+    """Floats of each scratch array of a search over rows of ``cols`` values: two rows'
+    packed values, each a multiple of ``LANES`` (``rowwise.search_scratch_width`` is its
+    numba-free twin; a test compares)."""
+    return 2 * ((cols + LANES - 1) // LANES * LANES)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def greedy_ranges_run(
     w: np.ndarray,
     kept: np.ndarray,
     use_keep: bool,
@@ -146,9 +154,11 @@ def _search_rows(
     values: np.ndarray,
     weight: np.ndarray,
 ) -> None:
-    """Rows [r0, r1) of ``greedy_ranges``, two at a time (``r0`` even, so that a row's
-    partner, and with it the order of its sums, is the same however the rows are split),
-    with scratch ``values`` and ``weight`` (each ``padded_width(cols)`` float32)."""
+    """Rows [r0, r1) of ``greedy_ranges`` on one thread, with the caller's scratch (each
+    ``padded_width(cols)`` float32): nothing here allocates or raises, so it compiles
+    ahead of time (``_aot``) and callers split the rows across threads, at even rows.
+    Rows go two at a time, 2k with 2k + 1 (so a row's partner, and with it the order of
+    its sums, is the same however the rows are split)."""
     levels = (1 << bits) - 1
     min_bins = nbins * (1.0 - ratio)
     cols = w.shape[1]
@@ -185,14 +195,6 @@ def _search_rows(
             hi[r + 1] = b_hi2
 
 
-@numba.njit(cache=True, inline="always")
-def padded_width(cols: int) -> int:
-    """Floats of each scratch array of a search over rows of ``cols`` values: two rows'
-    packed values, each a multiple of ``LANES`` (``rowwise.search_scratch_width`` is its
-    numba-free twin; a test compares)."""
-    return 2 * ((cols + LANES - 1) // LANES * LANES)
-
-
 @numba.njit(cache=True, parallel=True, fastmath=True)
 def greedy_ranges(
     w: np.ndarray,
@@ -212,29 +214,7 @@ def greedy_ranges(
         weight = np.zeros(padded, dtype=np.float32)
         r0 = task * ROWS_PER_TASK
         r1 = min(rows, r0 + ROWS_PER_TASK)
-        _search_rows(w, kept, use_keep, lo, hi, bits, nbins, ratio, r0, r1, values, weight)
-
-
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def greedy_ranges_run(
-    w: np.ndarray,
-    kept: np.ndarray,
-    use_keep: bool,
-    lo: np.ndarray,
-    hi: np.ndarray,
-    bits: int,
-    nbins: int,
-    ratio: float,
-    r0: int,
-    r1: int,
-    values: np.ndarray,
-    weight: np.ndarray,
-) -> None:
-    """Rows [r0, r1) of ``greedy_ranges`` on one thread, with the caller's scratch (each
-    ``padded_width(cols)`` float32): nothing here allocates or raises, so it compiles
-    ahead of time (``_aot``) and callers split the rows across threads, at even rows
-    (rows are searched in pairs: 2k with 2k + 1)."""
-    _search_rows(w, kept, use_keep, lo, hi, bits, nbins, ratio, r0, r1, values, weight)
+        greedy_ranges_run(w, kept, use_keep, lo, hi, bits, nbins, ratio, r0, r1, values, weight)
 
 
 # several processes may compile into one disk cache at once (see ``_kernel_cache``)
