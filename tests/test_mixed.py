@@ -24,7 +24,7 @@ from torch import nn
 
 import embpress
 from embpress import QuantizedEmbedding, QuantizedEmbeddingBag
-from embpress.layouts import TABLE_CLASSES, FormatError
+from embpress.layouts import TABLE_CLASSES, FormatError, mixed
 from embpress.layouts.lookup import Bags
 from embpress.layouts.mixed import MixedKernelTable, MixedTable
 from embpress.quant.codecs import CODECS, KINDS, Codec, row_errors
@@ -272,6 +272,7 @@ def test_the_tables_decoder_ids_are_the_kernels_order():
 
     kernel_order = [(KINDS[kind], bits) for kind, bits in _mixed_kernels.VARIANTS]
     assert [(c.kind, c.bits) for c in CODECS] == [("pruned", 0), *kernel_order]
+    assert mixed.GATHER_BITS == _mixed_kernels.GATHER_BITS  # which books kernel_table transposes
     _, _, _, table = _table(MIXES[0])
     assert table.kernel_table().variant.tolist() == [-1, 0, 3, 5]
 

@@ -78,6 +78,9 @@ MAX_ROWS = (1 << 31) - 1  # the rank directory is int32
 _PRUNED = Codec("pruned", 0)
 _SLOT_CHUNK = 1 << 16  # ids whose slots ``_classes_and_slots`` finds at a time
 _SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+# column books this wide are gathered from by the lookup kernel, as stored (column-major);
+# narrower ones are read level-major (``_mixed_kernels.GATHER_BITS``, not imported here)
+GATHER_BITS = 4
 
 
 class MixedKernelTable(NamedTuple):
@@ -87,7 +90,7 @@ class MixedKernelTable(NamedTuple):
     rank: np.ndarray  # int32: class_rank flattened
     sub: np.ndarray  # uint8: class_sub flattened
     payload: np.ndarray  # uint8
-    sb: np.ndarray  # float32: colbooks level-major (each class's book [2**bits, dim])
+    sb: np.ndarray  # float32: colbooks, level-major ([2**bits, dim]) below GATHER_BITS bits
     variant: np.ndarray  # int64 per class: its decoder (_mixed_kernels.VARIANTS, CODECS' order), -1 pruned
     kinds: np.ndarray  # int64 per class: codecs.KINDS index
     bits: np.ndarray  # int64 per class
@@ -448,12 +451,13 @@ class MixedTable(QuantizedTable):
 
     def _level_major_books(self) -> np.ndarray:
         """The column books as the lookup kernel reads them: each class's ``[dim, 2**bits]``
-        book transposed to ``[2**bits, dim]`` (a level's values of every column in a row)."""
+        book transposed to ``[2**bits, dim]`` (a level's values of every column in a row),
+        except books of ``GATHER_BITS`` bits, which the kernel gathers from as stored."""
         books = self.colbooks.numpy()
-        out = np.empty_like(books)
+        out = books.copy()
         dim = self.embedding_dim
         for codec, at in zip(self.codecs, self.book_base, strict=True):
-            if codec.kind == "colbook":
+            if codec.kind == "colbook" and codec.bits < GATHER_BITS:
                 size = dim << codec.bits
                 out[at : at + size] = books[at : at + size].reshape(dim, -1).T.reshape(-1)
         return out
