@@ -23,12 +23,12 @@ from test_layout_contract import _tampered_meta, _tampered_tensors
 from torch import nn
 
 import embpress
-from embpress import QuantizedEmbedding, QuantizedEmbeddingBag
+from embpress import QuantConfig, QuantizedEmbedding, QuantizedEmbeddingBag
 from embpress.layouts import TABLE_CLASSES, FormatError, mixed
 from embpress.layouts.lookup import Bags
 from embpress.layouts.mixed import MixedKernelTable, MixedTable
 from embpress.quant.codecs import CODECS, KINDS, Codec, row_errors
-from embpress.quant.rowwise import choose_qparams
+from embpress.quant.rowwise import choose_qparams, row_ranges, search_ranges
 
 P = Codec.parse
 MIXES = [
@@ -102,7 +102,8 @@ def test_codec_names_sizes_and_parsing():
 
 
 def test_rowwise_qparams_are_choose_qparams_in_float16():
-    """The fused scale/offset kernel gives ``choose_qparams``' float16 values exactly."""
+    """The fused scale/offset kernel gives ``choose_qparams``' float16 values exactly, on
+    the searched clipping ranges at 4 bits and on min/max otherwise."""
     from embpress.quant.codecs import _rowwise_qparams
 
     g = np.random.default_rng(1)
@@ -112,8 +113,47 @@ def test_rowwise_qparams_are_choose_qparams_in_float16():
     for bits in (8, 4, 2):
         scale, offset, bad = _rowwise_qparams(x, rows, bits)
         assert not bad.any()
-        qp = choose_qparams(torch.from_numpy(x.min(1)), torch.from_numpy(x.max(1)), bits, torch.float16)
+        lo, hi = row_ranges(torch.from_numpy(x), None)
+        if bits == 4:
+            searched = search_ranges(torch.from_numpy(x), None, lo, hi, bits)
+            assert bool((searched[0] > lo).any())  # the search clips some rows
+            lo, hi = searched
+        qp = choose_qparams(lo, hi, bits, torch.float16)
         assert np.array_equal(qp.scale.numpy(), scale) and np.array_equal(qp.offset.numpy(), offset)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 400), min_size=1, max_size=60, unique=True))
+def test_rowwise_rows_code_as_in_the_whole_table_whatever_rows_are_with_them(rows):
+    """The clipping-range search pairs rows (2k, 2k + 1) and a row's sums can depend on
+    which of the pair it is: a class of any rows, in any order, holds the errors (and so
+    the ranges) the whole table's search gives those rows."""
+    from embpress.quant.codecs import _parity_order, encode_rows
+
+    g = np.random.default_rng(0)
+    x = g.standard_normal((401, 16)).astype(np.float32)
+    idx = np.array(rows, dtype=np.int64)
+    seq, pos = _parity_order(idx)
+    assert np.array_equal(seq[pos], idx) and np.array_equal(pos % 2, idx % 2)
+    assert seq.shape[0] <= 2 * idx.shape[0]
+    whole = encode_rows(x, None, Codec("rowwise", 4))[0]
+    assert np.array_equal(encode_rows(x, idx, Codec("rowwise", 4))[0], whole[idx])
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_rowwise_rows_are_the_uniform_tables_rows(bits):
+    """A class of rowwise rows stores what ``QuantConfig``'s uniform dense codes store
+    (float16 scales): at 4 bits with the clipping-range search, which the planner's
+    rowwise4 rows share (wherever uniform 4-bit fits a budget, the planner can do at
+    least as well); at 8 and 2 bits on min/max."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(300, 24, generator=g) * torch.rand(300, 1, generator=g) * 3
+    table = MixedTable.build(w, np.zeros(300, np.int64), [Codec("rowwise", bits)])
+    bag = nn.EmbeddingBag.from_pretrained(w, mode="sum")
+    uniform = QuantizedEmbeddingBag.from_float(
+        bag, QuantConfig(bits=bits, scale_dtype=torch.float16, layout="dense", range_search=bits == 4)
+    )
+    assert torch.equal(table.dequantize(), uniform.table.dequantize())
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=lambda c: c.name)

@@ -85,6 +85,8 @@ def rowwise_codes(
     x: np.ndarray,
     rows: np.ndarray,
     bits: int,
+    ranges: np.ndarray,
+    ranged: bool,
     scale: np.ndarray,
     offset: np.ndarray,
     bad: np.ndarray,
@@ -92,15 +94,18 @@ def rowwise_codes(
     write: bool,
     err: np.ndarray,
 ) -> None:
-    """Row ``rows[i]``'s float16 scale and offset of min/max codes, its codes and error in
-    one read of the row.
+    """Row ``rows[i]``'s float16 scale and offset, its codes and error in one read of the
+    row.
 
-    Qparams as ``quant.rowwise.choose_qparams`` gives them for float16 (offset rounded
-    down, scale up, a non-zero range keeps a non-zero scale); ``bad[i]`` where float16
-    cannot hold the row's range (then 0, 0). Codes ``round((x - offset) / scale)`` clamped
-    to [0, 2**bits - 1] (0 where the scale is 0), decoded as ``code * scale + offset`` in
-    float32. The table is finite (``nnan`` lets the min/max vectorise; min and max are
-    exact in any order, and a zero's sign does not change the qparams).
+    The range coded is the row's [min, max], or where ``ranged`` ``[ranges[i, 0],
+    ranges[i, 1]]`` (float32, the clipping range a search chose: values outside are
+    clamped to the end codes). Qparams as ``quant.rowwise.choose_qparams`` gives them for
+    float16 (offset rounded down, scale up, a non-zero range keeps a non-zero scale);
+    ``bad[i]`` where float16 cannot hold the range (then 0, 0). Codes ``round((x -
+    offset) / scale)`` clamped to [0, 2**bits - 1] (0 where the scale is 0), decoded as
+    ``code * scale + offset`` in float32. The table is finite (``nnan`` lets the min/max
+    vectorise; min and max are exact in any order, and a zero's sign does not change the
+    qparams).
     """
     n = rows.shape[0]
     dim = x.shape[1]
@@ -112,11 +117,15 @@ def rowwise_codes(
         for i in range(ch * CHUNK, min(n, (ch + 1) * CHUNK)):
             r = rows[i]
             row = x[r]
-            a = row[0]
-            b = row[0]
-            for j in range(1, dim):
-                a = min(a, row[j])
-                b = max(b, row[j])
+            if ranged:
+                a = ranges[i, 0]
+                b = ranges[i, 1]
+            else:
+                a = row[0]
+                b = row[0]
+                for j in range(1, dim):
+                    a = min(a, row[j])
+                    b = max(b, row[j])
             lo = np.float64(a)
             hi = np.float64(b)
             if abs(lo) > F16_MAX or abs(hi) > F16_MAX:

@@ -4,9 +4,13 @@ A ``Codec`` names a way to store a row, with its bytes per row and the bytes its
 shares:
 
 - ``pruned``: nothing stored; the row decodes to exact 0.0.
-- ``rowwise{8,4,2}``: uniform min/max codes with a float16 scale and offset per row
-  (FBGEMM's fused row: ``ceil(D * bits / 8) + 4`` bytes); the scale and offset are chosen
-  in float16 first and the codes against them, so a row decodes to exactly
+- ``rowwise{8,4,2}``: uniform codes with a float16 scale and offset per row (FBGEMM's
+  fused row: ``ceil(D * bits / 8) + 4`` bytes) over the row's range: at 4 bits FBGEMM's
+  greedy clipping-range search, as ``QuantConfig``'s uniform 4-bit codes (a class of
+  rowwise4 rows holds exactly the uniform table's rows, so wherever uniform 4-bit fits a
+  budget the planner can do at least as well by its own measure), else min/max (the
+  search at 2 bits as well would add as much planning time again); the scale and offset
+  are chosen in float16 first and the codes against them, so a row decodes to exactly
   ``code * scale + offset`` of the stored values.
 - ``levels{2,1}``: 2**bits float16 levels per row, fitted by 1-D k-means over the row's
   values (``ceil(D * bits / 8) + 2 * 2**bits`` bytes): non-uniform levels where a row's
@@ -31,6 +35,7 @@ import torch
 from .._aot import KernelRef
 from .._parallel import parallel_call, rows_call
 from .packing import packed_length
+from .rowwise import row_ranges, search_ranges
 
 # numba kernels, loaded (with numba) on first use (see ``_aot``)
 count_nonfinite = KernelRef("embpress._finite", "count_nonfinite", returns="int64")
@@ -56,6 +61,11 @@ _F16_MAX = 65504.0
 LEVELS_ITERS = 12  # Lloyd steps of a row's levels (most rows settle in fewer)
 COLBOOK_ITERS = 40  # Lloyd steps of a column's book (each costs O(2**bits log n))
 COLBOOK_SAMPLE = 8192  # rows a column book is fitted on, at most
+_SEARCH_ROWS = 1 << 16  # rows whose clipping ranges are searched at a time (a copy of them)
+# rowwise codes of this width code each row on its searched clipping range (QuantConfig's
+# uniform 4-bit codes); the others on min/max: a search of every row at 2 bits too would
+# take planning a 1M x 128 table past its 5 s
+SEARCHED_BITS = 4
 
 
 @dataclass(frozen=True)
@@ -184,15 +194,66 @@ def colbook_midpoints(book: np.ndarray) -> np.ndarray:
 
 
 def _rowwise_qparams(x: np.ndarray, rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float32 scale and offset (float16 values) of min/max codes, and the rows whose range
-    float16 cannot hold (their qparams are 0); ``rowwise_codes`` finds them with the codes."""
+    """float32 scale and offset (float16 values) of a rowwise codec's codes (min/max at 8
+    bits, searched ranges below), and the rows whose range float16 cannot hold (their
+    qparams are 0); ``rowwise_codes`` finds them with the codes."""
     n = rows.shape[0]
     scale, offset = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
     bad = np.empty(n, dtype=np.bool_)
     err = np.empty(n, dtype=np.float64)
     idx = np.ascontiguousarray(rows, np.int64)
-    parallel_call(rowwise_codes, x, idx, bits, scale, offset, bad, np.zeros((1, 1), np.uint8), False, err)
+    ranges, ranged = _coded_ranges(x, idx, bits)
+    none = np.zeros((1, 1), np.uint8)
+    parallel_call(rowwise_codes, x, idx, bits, ranges, ranged, scale, offset, bad, none, False, err)
     return scale, offset, bad
+
+
+def _coded_ranges(x: np.ndarray, idx: np.ndarray, bits: int) -> tuple[np.ndarray, bool]:
+    """The ranges a rowwise codec of ``bits`` codes rows ``idx`` on, as ``rowwise_codes``
+    takes them: at ``SEARCHED_BITS`` FBGEMM's greedy clipping-range search (``rowwise
+    .search_ranges``, what ``QuantConfig``'s uniform codes of that width use), else none
+    (the kernel takes min and max).
+
+    The search takes rows two at a time, 2k with 2k + 1, and a row's result can depend on
+    which of the two it is (the order of its sums), so each row is searched at a
+    position of its table row's parity (``_parity_order``): a row's range is the one a
+    search of the whole table gives it, whichever rows it is coded with. Rows are
+    searched in place where they are a run of the table, else ``_SEARCH_ROWS`` at a time
+    (a copy of each part)."""
+    if bits != SEARCHED_BITS or idx.shape[0] == 0:
+        return np.zeros((1, 2), dtype=np.float32), False
+    seq, pos = _parity_order(idx)
+    found = np.empty((seq.shape[0], 2), dtype=np.float32)
+    if seq[-1] - seq[0] + 1 == seq.shape[0] and bool((np.diff(seq) == 1).all()):
+        parts = [(0, seq.shape[0], x[seq[0] : seq[-1] + 1])]  # a run of rows: no copy
+    else:
+        parts = [
+            (start, min(start + _SEARCH_ROWS, seq.shape[0]), x[seq[start : start + _SEARCH_ROWS]])
+            for start in range(0, seq.shape[0], _SEARCH_ROWS)  # even starts: parities kept
+        ]
+    for start, stop, rows in parts:
+        part = torch.from_numpy(rows)
+        lo, hi = row_ranges(part, None)
+        lo, hi = search_ranges(part, None, lo, hi, bits)
+        found[start:stop, 0] = lo.numpy()
+        found[start:stop, 1] = hi.numpy()
+    return np.ascontiguousarray(found[pos]), True
+
+
+def _parity_order(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to search, where each of ``idx`` is among them): ``idx`` in order, each at a
+    position of its own parity, a copy of the next row filling each gap this leaves."""
+    odd = idx & 1
+    pos = np.empty(idx.shape[0], dtype=np.int64)
+    pos[0] = odd[0]
+    pos[1:] = odd[0] + np.cumsum(1 + (odd[1:] == odd[:-1]))
+    seq = np.empty(int(pos[-1]) + 1, dtype=np.int64)
+    gap = np.ones(seq.shape[0], dtype=np.bool_)
+    gap[pos] = False
+    seq[pos] = idx
+    holes = np.flatnonzero(gap)
+    seq[holes] = seq[holes + 1]  # a hole is always followed by a row of idx
+    return seq, pos
 
 
 def encode_rows(
@@ -229,7 +290,9 @@ def encode_rows(
     if codec.kind == "rowwise":
         scale, offset = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
         bad = np.empty(n, dtype=np.bool_)
-        parallel_call(rowwise_codes, x, idx, codec.bits, scale, offset, bad, target, write, err)
+        ranges, ranged = _coded_ranges(x, idx, codec.bits)
+        qparams = (scale, offset, bad)
+        parallel_call(rowwise_codes, x, idx, codec.bits, ranges, ranged, *qparams, target, write, err)
         _mark_infeasible(err, bad, write)
         if out is not None:
             params = np.stack([scale.astype(np.float16), offset.astype(np.float16)], 1)
