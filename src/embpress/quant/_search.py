@@ -6,17 +6,45 @@ Starting from [min, max] of the row's kept entries, the range is shrunk by one o
 bins at a time from whichever end lowers the squared quantization error more, for up to
 16% of the bins; the range with the lowest error seen is kept (FBGEMM's
 ``param_search_greedy``, used by its ``optimized_qparams`` prepack at 4 and 2 bits).
+
+The loss pass asks LLVM for 512-bit vectors (``_wide_vectors``) where the CPU has them:
+LLVM keeps to 256 bits on x86 CPUs with AVX-512 unless a function says otherwise, and the
+search took about 20% less time with them (the search is arithmetic on values in L1;
+other kernels keep the default).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
+from numba.core import types
+from numba.extending import intrinsic
 
 from .. import _kernel_cache
 
 LANES = 8  # a row's packed values are padded to a multiple of this (weight 0): no scalar tail
 ROWS_PER_TASK = 64  # rows one thread searches with one set of scratch rows (an even number)
+
+
+@intrinsic
+def _wide_vectors_intrinsic(typingctx: Any) -> Any:
+    """Let LLVM vectorise the calling function with 512-bit vectors where the CPU has them
+    (its ``prefer-vector-width``; by default it keeps to 256 bits on x86 CPUs with
+    AVX-512). Emits no code."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        attrs = builder.function.attributes
+        for attr in ('"prefer-vector-width"="512"', '"min-legal-vector-width"="512"'):
+            set.add(attrs, attr)  # string attributes: llvmlite's own add knows only keywords
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+# called from the kernels only (typed here as such: numba supplies the typing context)
+_wide_vectors: Any = _wide_vectors_intrinsic
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)  # reductions: let them vectorize
@@ -37,6 +65,7 @@ def _losses(
     row 2 (from ``values[n]`` on) the same with ``lo2``, ``hi2``, ``step2``. Two rows at
     once: each step of a row's search waits for the one before (divisions, sums, a
     compare), and the other row's work fills that wait."""
+    _wide_vectors()
     sa = np.float32((hi - (lo + step)) / levels)
     sb = np.float32(((hi - step) - lo) / levels)
     sc = np.float32((hi2 - (lo2 + step2)) / levels)
