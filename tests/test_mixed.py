@@ -128,6 +128,7 @@ def test_rowwise_rows_code_as_in_the_whole_table_whatever_rows_are_with_them(row
     """The clipping-range search pairs rows (2k, 2k + 1) and a row's sums can depend on
     which of the pair it is: a class of any rows, in any order, holds the errors (and so
     the ranges) the whole table's search gives those rows."""
+    from embpress.quant import codecs
     from embpress.quant.codecs import _parity_order, encode_rows
 
     g = np.random.default_rng(0)
@@ -138,6 +139,12 @@ def test_rowwise_rows_code_as_in_the_whole_table_whatever_rows_are_with_them(row
     assert seq.shape[0] <= 2 * idx.shape[0]
     whole = encode_rows(x, None, Codec("rowwise", 4))[0]
     assert np.array_equal(encode_rows(x, idx, Codec("rowwise", 4))[0], whole[idx])
+    kept = codecs._SEARCH_BYTES
+    codecs._SEARCH_BYTES = 3 * 2 * 16 * 4  # the rows copied and searched 6 at a time
+    try:
+        assert np.array_equal(encode_rows(x, idx, Codec("rowwise", 4))[0], whole[idx])
+    finally:
+        codecs._SEARCH_BYTES = kept
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])

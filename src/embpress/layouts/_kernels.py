@@ -250,10 +250,9 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
     AVX-512 (``_emit_register_expand``) where the CPU has the expand of this element
     width; else AVX2's table permutes (``_emit_table_expand``) on the AVX-512 and AVX2
     paths; else, and on the generic path, generic IR: 32-bit blocks (8-bit codes) by a
-    network of fixed lane shifts and selects (``_emit_network_expand``), 16-bit blocks by
-    a gather (``_emit_gather_expand``; the network measured 30% slower than it for them
-    on an emulated AVX2 CPU, no faster on AVX-512, and 9-14% faster for 32-bit blocks on
-    both). Every
+    network of fixed lane shifts and selects (``_emit_network_expand``, faster than a
+    gather on the CPUs measured), 16-bit blocks by a gather (``_emit_gather_expand``; the
+    network measured slower for them on an emulated AVX2 CPU). Every
     flavour may read up to 64 bytes past the kept blocks' codes: the caller guarantees
     them (the block-sparse records end with a 64-byte tail for this).
     """
@@ -512,11 +511,9 @@ def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits
     (``_emit_field``: a shift and an and-or) and one exact subtraction of ``2**23 + z``
     gives ``code - z``, so the k-th code of 16 words fills one vector: no cross-lane
     shuffle per row, which measured as the bottleneck of the decode, and no int-to-float
-    conversion (a shift pair and a conversion per vector before, all on one x86 port:
-    about 5-10% more time per lookup, measured in one process against this). A byte
-    shuffle with the exponent byte from a second operand in place of the shift and
-    and-or (8-bit codes) measured 2-5% slower: it competes with the expand's shuffles.
-    Callers sum rows in this order
+    conversion (conversions and shifts share one execution port on x86). A byte shuffle
+    with the exponent byte from a second operand, in place of the shift and and-or,
+    measured slower: it competes with the expand's shuffles. Callers sum rows in this order
     and restore the columns once per bag (``_emit_unstride``). No branch depends on which
     blocks are kept.
 

@@ -8,9 +8,9 @@ bins at a time from whichever end lowers the squared quantization error more, fo
 ``param_search_greedy``, used by its ``optimized_qparams`` prepack at 4 and 2 bits).
 
 The loss pass asks LLVM for 512-bit vectors (``_wide_vectors``) where the CPU has them:
-LLVM keeps to 256 bits on x86 CPUs with AVX-512 unless a function says otherwise, and the
-search took about 20% less time with them (the search is arithmetic on values in L1;
-other kernels keep the default).
+LLVM keeps to 256 bits on x86 CPUs with AVX-512 unless a function says otherwise, and
+the search, arithmetic on values in L1, measured faster with them (other kernels keep
+the default).
 """
 
 from __future__ import annotations

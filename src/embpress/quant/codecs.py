@@ -61,7 +61,7 @@ _F16_MAX = 65504.0
 LEVELS_ITERS = 12  # Lloyd steps of a row's levels (most rows settle in fewer)
 COLBOOK_ITERS = 40  # Lloyd steps of a column's book (each costs O(2**bits log n))
 COLBOOK_SAMPLE = 8192  # rows a column book is fitted on, at most
-_SEARCH_ROWS = 1 << 16  # rows whose clipping ranges are searched at a time (a copy of them)
+_SEARCH_BYTES = 32 << 20  # bytes of rows whose clipping ranges are searched at a time (a copy)
 # rowwise codes of this width code each row on its searched clipping range (QuantConfig's
 # uniform 4-bit codes); the others on min/max: a search of every row at 2 bits too would
 # take planning a 1M x 128 table past its 5 s
@@ -194,9 +194,9 @@ def colbook_midpoints(book: np.ndarray) -> np.ndarray:
 
 
 def _rowwise_qparams(x: np.ndarray, rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float32 scale and offset (float16 values) of a rowwise codec's codes (min/max at 8
-    bits, searched ranges below), and the rows whose range float16 cannot hold (their
-    qparams are 0); ``rowwise_codes`` finds them with the codes."""
+    """float32 scale and offset (float16 values) of a rowwise codec's codes (on searched
+    ranges at ``SEARCHED_BITS``, min/max otherwise), and the rows whose range float16
+    cannot hold (their qparams are 0); ``rowwise_codes`` finds them with the codes."""
     n = rows.shape[0]
     scale, offset = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
     bad = np.empty(n, dtype=np.bool_)
@@ -218,8 +218,8 @@ def _coded_ranges(x: np.ndarray, idx: np.ndarray, bits: int) -> tuple[np.ndarray
     which of the two it is (the order of its sums), so each row is searched at a
     position of its table row's parity (``_parity_order``): a row's range is the one a
     search of the whole table gives it, whichever rows it is coded with. Rows are
-    searched in place where they are a run of the table, else ``_SEARCH_ROWS`` at a time
-    (a copy of each part)."""
+    searched in place where they are a run of the table, else about ``_SEARCH_BYTES`` of
+    them at a time (a copy of each part, an even number of rows)."""
     if bits != SEARCHED_BITS or idx.shape[0] == 0:
         return np.zeros((1, 2), dtype=np.float32), False
     seq, pos = _parity_order(idx)
@@ -227,9 +227,10 @@ def _coded_ranges(x: np.ndarray, idx: np.ndarray, bits: int) -> tuple[np.ndarray
     if seq[-1] - seq[0] + 1 == seq.shape[0] and bool((np.diff(seq) == 1).all()):
         parts = [(0, seq.shape[0], x[seq[0] : seq[-1] + 1])]  # a run of rows: no copy
     else:
+        step = max(2, _SEARCH_BYTES // (8 * max(1, x.shape[1])) * 2)  # even: parities kept
         parts = [
-            (start, min(start + _SEARCH_ROWS, seq.shape[0]), x[seq[start : start + _SEARCH_ROWS]])
-            for start in range(0, seq.shape[0], _SEARCH_ROWS)  # even starts: parities kept
+            (start, min(start + step, seq.shape[0]), x[seq[start : start + step]])
+            for start in range(0, seq.shape[0], step)
         ]
     for start, stop, rows in parts:
         part = torch.from_numpy(rows)
