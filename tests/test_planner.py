@@ -197,6 +197,19 @@ def test_budget_is_spent_when_row_errors_span_many_orders_of_magnitude() -> None
     assert p.predicted_error < float(low.sum() - gain[up].sum())
 
 
+def test_squared_norms_are_the_rows_float64_squared_norms() -> None:
+    """The data-free row weights: each row's squared norm, summed in float64, for float32
+    tables (one pass, the pruned codec's errors) and others alike."""
+    from embpress.planner import squared_norms
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(500, 37, generator=g) * torch.rand(500, 1, generator=g) * 100
+    want = (w.double() ** 2).sum(1).numpy()
+    np.testing.assert_allclose(squared_norms(w), want, rtol=1e-12)
+    np.testing.assert_allclose(squared_norms(w.double()), want, rtol=1e-12)
+    np.testing.assert_allclose(squared_norms(w.half()), (w.half().double() ** 2).sum(1).numpy(), rtol=1e-12)
+
+
 def test_fill_moves_rows_of_a_table_held_in_one_codec() -> None:
     """Rows that all cost the same switch codec at one multiplier together; the bytes the
     search leaves go to rows moved into another codec of the table's set, not only into

@@ -136,8 +136,13 @@ def row_weights(
 
 
 def squared_norms(weight: torch.Tensor) -> np.ndarray:
-    """float64 squared L2 norm of each row of a float table (the data-free row weights)."""
-    w = weight.detach().to("cpu", torch.float64)
+    """float64 squared L2 norm of each row of a float table (the data-free row weights):
+    for a float32 table the pruned codec's errors, one pass with float64 sums (a float64
+    copy of a 1M x 128 table took 0.7 s of a 4.3 s plan)."""
+    w = weight.detach().cpu()
+    if w.dtype == torch.float32:
+        return encode_rows(w.contiguous().numpy(), None, _PRUNED)[0]
+    w = w.to(torch.float64)
     return (w * w).sum(1).numpy()
 
 
