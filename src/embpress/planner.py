@@ -137,8 +137,8 @@ def row_weights(
 
 def squared_norms(weight: torch.Tensor) -> np.ndarray:
     """float64 squared L2 norm of each row of a float table (the data-free row weights):
-    for a float32 table the pruned codec's errors, one pass with float64 sums (a float64
-    copy of a 1M x 128 table took 0.7 s of a 4.3 s plan)."""
+    for a float32 table the pruned codec's errors, one pass with float64 sums and no
+    float64 copy of the table (which cost a sixth of a plan)."""
     w = weight.detach().cpu()
     if w.dtype == torch.float32:
         return encode_rows(w.contiguous().numpy(), None, _PRUNED)[0]
