@@ -477,10 +477,10 @@ class Plan:
             weight = checked_weight(target, QuantConfig())
             counts = _counts_of(usage, target)
             # the weights the codebooks were fitted with at planning
-            norms = squared_norms(weight) if counts is None else None
-            weights = row_weights(tp.rows, counts, self.unseen_weight, norms)
+            norms = squared_norms(weight)
+            weights = row_weights(tp.rows, counts, self.unseen_weight, norms if counts is None else None)
             if self.with_usage:
-                _check_reference(tp, weight, weights)
+                _check_reference(tp, norms, weights)
             try:
                 table = MixedTable.build(weight, tp.assignment, tp.codecs, weights)
             except ValueError as err:
@@ -499,22 +499,22 @@ class Plan:
 def _weighted_errors(values: np.ndarray, codec: Codec, weights: np.ndarray) -> np.ndarray:
     """Each row's squared error under ``codec`` times its weight (``row_errors`` without its
     checks again); inf where the codec cannot hold the row (float16 parameters)."""
-    err = encode_rows(values, None, codec, None, weights)[0]
-    infeasible = ~np.isfinite(err)
-    err *= weights
-    err[infeasible] = np.inf  # also where the row's weight is 0
-    return err
+    return _weighted(encode_rows(values, None, codec, None, weights)[0], weights)
 
 
-def _reference_error(weight: torch.Tensor, weights: np.ndarray) -> float:
-    """The weighted error of pruning every row, summed as planning sums it."""
-    return float(_weighted_errors(weight.numpy(), _PRUNED, weights).sum())
+def _weighted(err: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``err * weights`` (a new array), inf where ``err`` is (also where the weight is 0)."""
+    out = err * weights
+    out[~np.isfinite(err)] = np.inf
+    return out
 
 
-def _check_reference(tp: TablePlan, weight: torch.Tensor, weights: np.ndarray) -> None:
+def _check_reference(tp: TablePlan, norms: np.ndarray, weights: np.ndarray) -> None:
     """Refuse usage (or a table) other than the plan's: the weighted squared norm of the
-    table, a cheap fingerprint of both, must be the plan's ``reference_error``."""
-    got = _reference_error(weight, weights)
+    table (``norms``: its rows' squared norms, the pruned codec's errors, summed as
+    planning sums them), a cheap fingerprint of both, must be the plan's
+    ``reference_error``."""
+    got = float(_weighted(norms, weights).sum())
     if not math.isclose(got, tp.reference_error, rel_tol=1e-9, abs_tol=0.0):
         raise PlanError(
             f"table {tp.name!r}: the usage given is not the one the plan was made with (or the "
@@ -702,11 +702,13 @@ def _check_usage(usage: Usage, model: nn.Module, targets: Sequence[Target]) -> N
 def _table_costs(target: Target, codecs: list[Codec], counts: torch.Tensor | None, unseen: float) -> _Costs:
     weight = checked_weight(target, QuantConfig())  # float32, CPU, contiguous, finite
     rows, dim = weight.shape
-    w = row_weights(rows, counts, unseen, squared_norms(weight) if counts is None else None)
+    # each row's squared norm: the pruned codec's errors, and the data-free row weights
+    norms = squared_norms(weight)
+    w = row_weights(rows, counts, unseen, norms if counts is None else None)
     values = weight.numpy()
     err = np.empty((len(codecs), rows), dtype=np.float64)
     for i, codec in enumerate(codecs):
-        err[i] = _weighted_errors(values, codec, w)
+        err[i] = _weighted(norms, w) if codec.kind == "pruned" else _weighted_errors(values, codec, w)
     pruned = next(i for i, c in enumerate(codecs) if c.kind == "pruned")
     return _Costs(
         name=target.name,

@@ -435,7 +435,7 @@ class MixedTable(QuantizedTable):
             rank=self.class_rank.numpy().reshape(-1),
             sub=self.class_sub.numpy().reshape(-1),
             payload=self.payload.numpy(),
-            sb=self._level_major_books(),
+            sb=self._kernel_books(),
             # the kernel's decoders are CODECS' order without pruned: pruned is -1
             variant=np.array([*(CODECS.index(c) - 1 for c in self.codecs), *([-1] * pad)]),
             kinds=kinds,
@@ -449,7 +449,7 @@ class MixedTable(QuantizedTable):
             dim=self.embedding_dim,
         )
 
-    def _level_major_books(self) -> np.ndarray:
+    def _kernel_books(self) -> np.ndarray:
         """The column books as the lookup kernel reads them: each class's ``[dim, 2**bits]``
         book transposed to ``[2**bits, dim]`` (a level's values of every column in a row),
         except books of ``GATHER_BITS`` bits, which the kernel gathers from as stored."""

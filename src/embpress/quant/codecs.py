@@ -224,7 +224,7 @@ def _coded_ranges(x: np.ndarray, idx: np.ndarray, bits: int) -> tuple[np.ndarray
         return np.zeros((1, 2), dtype=np.float32), False
     seq, pos = _parity_order(idx)
     found = np.empty((seq.shape[0], 2), dtype=np.float32)
-    if seq[-1] - seq[0] + 1 == seq.shape[0] and bool((np.diff(seq) == 1).all()):
+    if bool((np.diff(seq) == 1).all()):
         parts = [(0, seq.shape[0], x[seq[0] : seq[-1] + 1])]  # a run of rows: no copy
     else:
         step = max(2, _SEARCH_BYTES // (8 * max(1, x.shape[1])) * 2)  # even: parities kept
