@@ -348,20 +348,25 @@ def ranged(tmp_path_factory):
         sys.path.remove(str(where))
 
 
-def _split_ranged(bound, values, threads, chunk):
+def _split_ranged(bound, values, threads, chunk, tensors=False):
+    """``ranged`` split over ``values``; ``tensors``: its input and output given as torch
+    tensors (of the same memory), as the lookups hand theirs over."""
     count = values.shape[0]
     scratch = lookup._per_thread(max(1, threads), 1, np.int64)
     out = np.zeros(count, np.int64)
-    total = bound.split((values, 0, 0, scratch[0], out), (1, 2), count, threads, chunk, {3: scratch})
+    given = (torch.from_numpy(values), torch.from_numpy(out)) if tensors else (values, out)
+    total = bound.split((given[0], 0, 0, scratch[0], given[1]), (1, 2), count, threads, chunk, {3: scratch})
     return total, out, scratch[:, 0].copy()
 
 
 @settings(max_examples=40, deadline=None)
-@given(count=st.integers(0, 300), threads=st.integers(1, 6), chunk=st.integers(1, 400))
-def test_a_split_in_c_covers_every_item_once_on_any_threads_and_chunks(ranged, count, threads, chunk):
+@given(count=st.integers(0, 300), threads=st.integers(1, 6), chunk=st.integers(1, 400), tensors=st.booleans())
+def test_a_split_in_c_covers_every_item_once_on_any_threads_and_chunks(
+    ranged, count, threads, chunk, tensors
+):
     bound, _ = ranged
     values = np.arange(1, count + 1, dtype=np.int64)
-    total, out, taken = _split_ranged(bound, values, threads, chunk)
+    total, out, taken = _split_ranged(bound, values, threads, chunk, tensors)
     assert total == count  # the chunks' results summed
     assert out.tolist() == (10 // values).tolist()
     assert taken.sum() == count and (taken[threads:] == 0).all()  # each thread wrote its own row
@@ -380,12 +385,13 @@ def test_a_split_from_several_python_threads_at_once_gives_each_its_own_result(r
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the C wrapper's print
-def test_a_kernel_that_raises_in_a_split_gives_numbas_exception(ranged):
+@pytest.mark.parametrize("tensors", [False, True])
+def test_a_kernel_that_raises_in_a_split_gives_numbas_exception(ranged, tensors):
     bound, _ = ranged
     values = np.arange(1, 101, dtype=np.int64)
     values[77] = 0  # in a chunk another thread may take
     with pytest.raises(ZeroDivisionError):
-        _split_ranged(bound, values, 3, 5)
+        _split_ranged(bound, values, 3, 5, tensors)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
@@ -416,6 +422,8 @@ def test_an_arrays_address_is_numpys_for_every_kind_of_array():
     fixed.flags.writeable = False  # no writable buffer: numpy's answer
     for a in [*arrays, fixed]:
         assert _aot.address(a) == a.ctypes.data
+    tensor = torch.arange(6, dtype=torch.int64).view(2, 3)  # a tensor in an array's place
+    assert _aot.pack(["a2<i8"], [tensor]) == [tensor.data_ptr(), 2, 3]
     assert _aot.pack(["a2<f4", "i", "f", "t2", "b"], [arrays[1], 7, -2.5, (4, 5), True]) == [
         arrays[1].ctypes.data,
         3,

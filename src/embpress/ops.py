@@ -36,7 +36,7 @@ tables are codes, the ids integers), with ``nn.EmbeddingBag``'s formula.
 
 from __future__ import annotations
 
-import itertools
+import operator
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -207,7 +207,7 @@ def _offsets_status(values: np.ndarray, total: int, include_last: bool) -> int:
     n = len(v)
     if n > (0 if include_last else 1) and v[0] != 0:
         return 1
-    if any(b < a for a, b in itertools.pairwise(v)):
+    if not all(map(operator.le, v, v[1:])):  # non-decreasing (map: no Python frame per pair)
         return 2
     return 2 if n and v[-1] > total else 0
 

@@ -2,7 +2,7 @@
 
 A layout's ``fast_bag`` gives a bag kernel two things: the table's arguments as the
 kernel's own NamedTuple (``BlockSparseKernelTable``, ``FusedKernelTable``: geometry and
-arrays, built by keyword) and the lookups as a ``Bags`` (numpy arrays, made in one place by
+arrays, built by keyword) and the lookups as a ``Bags`` (CPU tensors, made in one place by
 ``Bags.of``). ``run_bags`` makes the one call: output allocated, threads as torch's,
 launched safely from any Python thread, and the kernel's count of out-of-range ids turned
 into IndexError (``check_ids``). The fields of each NamedTuple are the kernel's parameters
@@ -72,7 +72,7 @@ KERNEL_POOLINGS = (Pooling.SUM, Pooling.MEAN)
 _MEAN = Pooling.MEAN
 # what the kernels get unweighted: empty, never read (and writable, as the weights of a
 # weighted call are: a read-only array would be another numba signature to compile)
-_NO_WEIGHTS = np.zeros(0, dtype=np.float32)
+_NO_WEIGHTS = torch.zeros(0, dtype=torch.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,11 +231,13 @@ def int64_ids(ids: torch.Tensor) -> np.ndarray:
 
 
 class Bags(NamedTuple):
-    """Sum or mean bags as every bag kernel takes them (its parameters after the table's)."""
+    """Sum or mean bags as every bag kernel takes them (its parameters after the table's):
+    contiguous CPU tensors, whose addresses a compiled kernel takes directly (``_aot.pack``);
+    numba's kernels take them as ``arrays()``."""
 
-    indices: np.ndarray  # int64 ids (the kernels check their range)
-    offsets: np.ndarray  # int64 bag bounds with a final total
-    weights: np.ndarray  # float32, one per id; empty when unweighted
+    indices: torch.Tensor  # int64 ids (the kernels check their range)
+    offsets: torch.Tensor  # int64 bag bounds with a final total
+    weights: torch.Tensor  # float32, one per id; empty when unweighted
     weighted: bool
     mean: bool
 
@@ -254,9 +256,13 @@ class Bags(NamedTuple):
         if per_sample_weights is None:
             weights = _NO_WEIGHTS
         else:
-            weights = per_sample_weights.detach().float().contiguous().numpy()
+            weights = per_sample_weights.detach().float().contiguous()
         weighted = per_sample_weights is not None
-        return cls(int64_ids(indices), int64_ids(offsets), weights, weighted, mode == _MEAN)
+        return cls(indices.long().contiguous(), offsets.long().contiguous(), weights, weighted, mode == _MEAN)
+
+    def arrays(self) -> tuple[Any, ...]:
+        """The fields as numba's kernels take them: numpy views of the same memory."""
+        return (self.indices.numpy(), self.offsets.numpy(), self.weights.numpy(), self.weighted, self.mean)
 
 
 class BlockSparseKernelTable(NamedTuple):
@@ -308,7 +314,7 @@ def run_bags(
     the same.
     """
     count = bags.offsets.shape[0] - 1
-    out = np.empty((count, dim), dtype=np.float32)
+    out = torch.empty((count, dim), dtype=torch.float32)
     if run is not None and _aot.enabled():
         threads, chunk = _threads_and_chunk(bags, count)
         at = len(bags)  # where the run's own arguments start in ``rest``
@@ -323,16 +329,18 @@ def run_bags(
         bound = _bound(run, table, rest, owner)
         if bound is not None:
             check_ids(bound.split(rest, (at, at + 1), count, threads, chunk, scratch), num_embeddings)
-            return torch.from_numpy(out)
+            return out
     from ._kernels import set_threads
 
-    check_ids(parallel_call(kernel, *table, *bags, set_threads(), out), num_embeddings)
-    return torch.from_numpy(out)
+    check_ids(parallel_call(kernel, *table, *bags.arrays(), set_threads(), out.numpy()), num_embeddings)
+    return out
 
 
-# below this many ids a batch runs on the calling thread alone (handing a run to another
-# thread costs more than it saves)
-_IDS_PER_THREAD = 2048
+# below this many ids a batch runs on the calling thread alone: waking another thread and
+# waiting for it costs more than it saves (timed on a virtual machine, where a wake-up is
+# slow: a batch of twice this many ids ran as fast on two threads as on one, half of it
+# slower)
+_IDS_PER_THREAD = 4096
 # a compiled run kernel's bags go to its threads in chunks, about this many per thread, so
 # that a thread that finishes early takes more (Zipf ids make some bags slower)
 _CHUNKS_PER_THREAD = 8
@@ -361,7 +369,7 @@ def run_threads(ids: int) -> int:
 def _threads_and_chunk(bags: Bags, count: int) -> tuple[int, int]:
     """How many threads a compiled run kernel uses on these bags (``run_threads``), and
     how many bags each of its chunks takes."""
-    threads = run_threads(int(bags.offsets[-1]) if count else 0)
+    threads = run_threads(bags.indices.shape[0] if count else 0)
     if threads == 1:
         return 1, max(1, count)
     return threads, max(1, -(-count // (threads * _CHUNKS_PER_THREAD)))
@@ -374,6 +382,11 @@ _BOUND: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], _aot.KernelRef, _a
 )
 
 
+def _numpy(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``values`` with each tensor as its numpy view (the kinds a compiled kernel is keyed by)."""
+    return tuple(v.numpy() if isinstance(v, torch.Tensor) else v for v in values)
+
+
 def _bound(
     run: _aot.KernelRef, table: tuple[Any, ...], rest: tuple[Any, ...], owner: Any
 ) -> _aot.Bound | None:
@@ -381,7 +394,7 @@ def _bound(
     entry = None if owner is None else _BOUND.get(owner)
     if entry is not None and entry[0] is table and entry[1] is run:
         return entry[2]
-    compiled = run.compiled((*table, *rest))
+    compiled = run.compiled((*table, *_numpy(rest)))
     bound = None if compiled is None else compiled.bind(table)
     if owner is not None:
         _BOUND[owner] = (table, run, bound)
