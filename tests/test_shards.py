@@ -158,3 +158,39 @@ def test_mixed_shard_is_the_rows_of_the_table(tmp_path_factory, rows, dim, codec
     ids = torch.randint(0, stop - start, (40,), generator=g)
     offsets = torch.arange(0, 40, 4)
     assert torch.equal(shard.emb(ids, offsets), full.emb(ids + start, offsets))
+
+
+@pytest.mark.parametrize("entry", ["before", "total"])
+def test_a_mixed_shard_refuses_a_directory_that_does_not_match_its_class_ids(tmp_path, entry) -> None:
+    """A shard places its rows by the directory entry before its first block and by the
+    class totals; where either disagrees with the class ids, loading refuses (a shard's
+    reads are not CRC-checked, so the check must be the directory's own)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from embpress.layouts.mixed import MixedTable
+    from embpress.quant.codecs import Codec
+
+    rows, dim = 1000, 16
+    g = torch.Generator().manual_seed(0)
+    codecs = [Codec.parse(c) for c in ("rowwise8", "levels2", "colbook1", "pruned")]
+    assignment = torch.randint(0, 4, (rows,), generator=g).numpy()
+    full = Model(rows, dim)
+    full.emb = embpress.QuantizedEmbeddingBag(
+        MixedTable.build(torch.randn(rows, dim, generator=g), assignment, codecs), mode="sum"
+    )
+    path = tmp_path / "mixed.safetensors"
+    embpress.save(full, path)
+    with safe_open(str(path), "pt") as f:
+        names, metadata = f.keys(), f.metadata()
+        tensors = {k: f.get_tensor(k) for k in names}
+    rank = tensors["tables.emb.class_rank"].clone()
+    row = 1 if entry == "before" else rank.shape[0] - 1  # the entry before block 1, or the totals
+    rank[row, 0] -= 1  # one row moved from class 0 to class 1: the sums still add up
+    rank[row, 1] += 1
+    save_file({**tensors, "tables.emb.class_rank": rank}, str(path), metadata=metadata)
+    model = Model(256, dim)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(embpress.FormatError, match="'class_rank' does not match 'class_ids'"):
+        embpress.load(model, path, shards={"emb": (256, 512)})
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -119,6 +119,22 @@ def _unpack_ids(class_ids: torch.Tensor) -> torch.Tensor:
     return ((class_ids.unsqueeze(-1) >> _SHIFTS.to(class_ids.device)) & 3).reshape(-1)
 
 
+# class ids counted at a time when a shard checks the directory (a quarter of this in bytes)
+_COUNT_ROWS = 1 << 24
+
+
+def _class_counts(read: RowReader, start: int, stop: int) -> torch.Tensor:
+    """int64 ``[4]``: the rows of each class among rows ``start:stop`` (both multiples of
+    ``BLOCK_ROWS`` but ``stop`` possibly the last row) of a stored table's ``class_ids``,
+    read in parts of ``_COUNT_ROWS`` rows."""
+    counts = torch.zeros(MAX_CLASSES, dtype=torch.int64)
+    for lo in range(start, stop, _COUNT_ROWS):
+        hi = min(stop, lo + _COUNT_ROWS)
+        ids = _unpack_ids(read_checked(read, "class_ids", lo // 4, -(-hi // 4)))[: hi - lo]
+        counts += torch.bincount(ids.long(), minlength=MAX_CLASSES)
+    return counts
+
+
 def _rank_directory(ids: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """int32 ``[blocks + 1, 4]``: rows of each class before each block, then the totals;
     uint8 ``[blocks, 4, 4]``: rows of each class in the block before each sub-block."""
@@ -630,7 +646,9 @@ class MixedTable(QuantizedTable):
     def load_rows(cls, meta: dict[str, Any], read: RowReader, start: int, stop: int) -> MixedTable:
         """The class ids of the blocks around ``start:stop``, the directory entry before
         them and the class totals (where each class's rows start), then each class's
-        rows of the range and the column books."""
+        rows of the range and the column books. The two directory entries are checked
+        against a count of every class id (a quarter byte a row, read in parts): a
+        shard's reads are not CRC-checked, and a wrong entry would place its rows."""
         shard = shard_meta(meta, start, stop)
         rows, dim = meta_int(meta, "num_embeddings", 1, MAX_ROWS), meta_int(meta, "embedding_dim", 1, 1 << 24)
         try:
@@ -642,6 +660,11 @@ class MixedTable(QuantizedTable):
         ids = _unpack_ids(read_checked(read, "class_ids", first_block * 64, end_block * 64)).long()
         before = read_checked(read, "class_rank", first_block, first_block + 1)[0].long()
         totals = read_checked(read, "class_rank", _blocks(rows), _blocks(rows) + 1)[0].long()
+        if not (
+            torch.equal(before, _class_counts(read, 0, first_block * BLOCK_ROWS))
+            and torch.equal(totals, before + _class_counts(read, first_block * BLOCK_ROWS, rows))
+        ):  # the directory entries the rows' places come from, against the ids they count
+            raise FormatError("tensor 'class_rank' does not match 'class_ids'")
         offset = start - first_block * BLOCK_ROWS
         head, local = ids[:offset], ids[offset : offset + stop - start]
         segments, base = [], 0
