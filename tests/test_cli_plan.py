@@ -232,17 +232,41 @@ def test_user_errors_are_one_line(ckpt: Path, usage_file: Path, tmp_path: Path) 
     not_usage.write_bytes(b"garbage")
     extra_table = tmp_path / "extra.safetensors"  # counts a table the checkpoint lacks
     embpress.Usage({**embpress.Usage.load(usage_file).counts, "other": torch.ones(3)}).save(extra_table)
+    left_out = tmp_path / "leftout.safetensors"  # wrong rows for a table --tables leaves out
+    embpress.Usage({"emb": embpress.Usage.load(usage_file).counts["emb"], "emb_bag": torch.ones(999)}).save(
+        left_out
+    )
+    left_out_words = ("leftout.safetensors", "'emb_bag'", "999 rows")
     cases: list[tuple[list[str | Path], int, tuple[str, ...]]] = [
         (["plan", ckpt, "--budget", "10"], 1, ("smallest possible size", "bytes")),
         (["plan", ckpt], 2, ("--budget",)),
         (["plan", ckpt, "--budget", "1MB", "--max-error", "1"], 2, ("one of --budget and --max-error",)),
         (["plan", ckpt, "--budget", "12XB"], 2, ("--budget", "not a budget")),
         (["plan", ckpt, "--budget", "3/2"], 2, ("--budget", "(0, 1]")),
-        (["plan", ckpt, "--budget", "1/8", "--usage", wrong_rows], 1, ("599 rows",)),
+        (["plan", ckpt, "--budget", "1/8", "--usage", wrong_rows], 1, ("wrong.safetensors", "599 rows")),
+        (
+            ["compress", ckpt, out, "--budget", "1/8", "--usage", wrong_rows],
+            1,
+            ("wrong.safetensors", "599 rows"),
+        ),
+        (["plan", ckpt, "--budget", "1/8", "--tables", "emb", "--usage", left_out], 1, left_out_words),
+        (
+            ["compress", ckpt, out, "--budget", "1/8", "--tables", "emb", "--usage", left_out],
+            1,
+            left_out_words,
+        ),
         (["plan", ckpt, "--budget", "1/8", "--usage", tmp_path / "none.safetensors"], 1, ("no such file",)),
         (["plan", ckpt, "--budget", "1/8", "--usage", not_usage], 1, ("notusage.safetensors",)),
-        (["plan", ckpt, "--budget", "1/8", "--usage", extra_table], 1, ("does not have: other",)),
-        (["compress", ckpt, out, "--budget", "1/8", "--usage", extra_table], 1, ("does not have: other",)),
+        (
+            ["plan", ckpt, "--budget", "1/8", "--usage", extra_table],
+            1,
+            ("extra.safetensors", "does not have: other"),
+        ),
+        (
+            ["compress", ckpt, out, "--budget", "1/8", "--usage", extra_table],
+            1,
+            ("extra.safetensors", "does not have: other"),
+        ),
         (["plan", ckpt, "--budget", "1/8", "--unseen-weight", "0.5"], 2, ("--unseen-weight",)),
         (["plan", ckpt, "--budget", "1/8", "--json", tmp_path], 2, ("--json", "directory")),
         (["compress", ckpt, out, "--budget", "1/8", "--bits", "2"], 2, ("--bits", "do not combine")),

@@ -474,6 +474,14 @@ def test_plan_file_errors(tmp_path: Path) -> None:
         Plan.load(tmp_path / "bad.json")
     with pytest.raises(PlanError, match="not a regular file"):
         Plan.load(tmp_path)
+    long_number = tmp_path / "long.json"  # JSON, but past the digits Python converts to an int
+    long_number.write_text(
+        json.dumps(plan(Model(), 3000).to_json()).replace(
+            '"budget_bytes": 3000', '"budget_bytes": ' + "9" * 5000
+        )
+    )
+    with pytest.raises(PlanError, match=r"long\.json: not a plan"):
+        Plan.load(long_number)
 
 
 # ------------------------------------------------------------------------------ applying

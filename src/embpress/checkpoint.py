@@ -46,7 +46,7 @@ from .planner import plan as make_plan
 from .quant.config import QuantConfig
 from .report import CheckpointReport, FileReport, TableReport, TensorInfo, human_bytes, quantized_modules
 from .sparsify import DataNormSparsifier
-from .usage import Usage
+from .usage import Usage, UsageError
 
 __all__ = [
     "CompressedCheckpoint",
@@ -647,16 +647,21 @@ def _usage_for(
     usage: Usage | None, modules: Mapping[str, nn.Module], state: Mapping[str, torch.Tensor]
 ) -> Usage | None:
     """``usage`` restricted to the tables being planned (a usage file recorded on the whole
-    model also counts tables a ``--tables`` selection leaves out). ValueError when it counts
-    a table the checkpoint does not have (``<name>.weight``, a 2-D tensor), as
-    :func:`embpress.plan` refuses one that the model does not have."""
+    model also counts tables a ``--tables`` selection leaves out). UsageError when it counts
+    a table the checkpoint does not have (``<name>.weight``, a 2-D tensor) or another
+    number of rows than the checkpoint's, planned or not, as :func:`embpress.plan`
+    refuses usage that does not match the model."""
     if usage is None:
         return None
     if not isinstance(usage, Usage):
         raise TypeError(f"usage must be an embpress.Usage, got {type(usage).__name__}")
     unknown = [n for n in usage.counts if getattr(state.get(n + _SUFFIX), "ndim", None) != 2]
     if unknown:
-        raise ValueError(f"usage names tables the checkpoint does not have: {', '.join(sorted(unknown))}")
+        raise UsageError(f"usage names tables the checkpoint does not have: {', '.join(sorted(unknown))}")
+    for name, counts in usage.counts.items():
+        rows, given = state[name + _SUFFIX].shape[0], counts.numel()
+        if given != rows:
+            raise UsageError(f"table {name!r}: usage has {given} rows, the checkpoint's table {rows}")
     names = [k[: -len(_SUFFIX)] for k in modules]
     return Usage({n: usage.counts[n] for n in names if n in usage.counts})
 
@@ -711,6 +716,8 @@ def plan_checkpoint(
         return plan_state_dict(
             state, keys, budget=budget, max_error=max_error, usage=usage, unseen_weight=unseen_weight
         )
+    except UsageError:
+        raise  # about the usage, not the checkpoint: its caller names the usage's source
     except ValueError as err:
         raise ValueError(f"{src}: {err}") from err
 

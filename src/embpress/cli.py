@@ -51,7 +51,7 @@ from .planner import DEFAULT_UNSEEN_WEIGHT, Plan
 from .quant.config import QuantConfig
 from .report import CheckpointReport, FileReport, TableReport, TensorInfo, human_bytes
 from .sparsify.data_norm import MAX_BLOCK_SIDE
-from .usage import Usage
+from .usage import Usage, UsageError
 
 __all__ = ["cli", "main"]
 
@@ -877,6 +877,8 @@ def _compress_planned(
                 usage=usage,
                 unseen_weight=unseen_weight,
             )
+    except UsageError as err:
+        raise CliError(_named(_in_cli_terms(err), usage_file or src)) from None
     except ValueError as err:
         raise CliError(_named(_in_cli_terms(err), src)) from None
     _save_result(result, dst)
@@ -1095,9 +1097,12 @@ def plan_command(
     if json_out is not None and str(json_out) != "-":
         _check_plan_out(src, json_out)
     usage = _read_usage(usage_file)
-    made = checkpoint.plan_checkpoint(
-        src, table_patterns, budget=budget, max_error=max_error, usage=usage, unseen_weight=unseen_weight
-    )
+    try:
+        made = checkpoint.plan_checkpoint(
+            src, table_patterns, budget=budget, max_error=max_error, usage=usage, unseen_weight=unseen_weight
+        )
+    except UsageError as err:  # the usage file does not fit the checkpoint: it is what to fix
+        raise CliError(_named(str(err), usage_file)) from None
     if json_out is not None and str(json_out) == "-":
         _print_json(made.to_json())
         return

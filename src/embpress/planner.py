@@ -427,6 +427,8 @@ class Plan:
             obj = json.loads(p.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise PlanError(f"{p}: not a JSON file") from None
+        except ValueError:  # json's other refusal: an integer of more digits than Python converts
+            raise PlanError(f"{p}: not a plan (it holds a number too long to read)") from None
         return cls.from_json(obj, f"{p}: plan")
 
     # -------------------------------------------------------------- applying

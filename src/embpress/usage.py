@@ -45,7 +45,9 @@ def _check_counts(name: str, counts: torch.Tensor, where: str) -> torch.Tensor:
     if not isinstance(counts, torch.Tensor) or counts.dim() != 1:
         raise UsageError(f"{where}table {name!r}: counts must be a 1-D tensor")
     if not counts.is_floating_point() and counts.dtype not in (torch.int32, torch.int64):
-        raise UsageError(f"{where}table {name!r}: counts have dtype {counts.dtype}, expected a number type")
+        raise UsageError(
+            f"{where}table {name!r}: counts have dtype {counts.dtype}, expected a float dtype, int32 or int64"
+        )
     out = counts.detach().to("cpu", torch.float64).contiguous()
     if out.is_inference():  # made in torch.inference_mode(): a copy that can be added to outside it
         with torch.inference_mode(False):
