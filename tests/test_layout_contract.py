@@ -265,6 +265,7 @@ def _tampered_meta(meta):
     yield "num_embeddings - 1", {**meta, "num_embeddings": meta["num_embeddings"] - 1}
     yield "embedding_dim halved", {**meta, "embedding_dim": meta["embedding_dim"] // 2}
     yield "bits 3", {**meta, "bits": 3}
+    yield "bits as a float", {**meta, "bits": float(meta["bits"])}  # the JSON holds an integer
     yield "other bits", {**meta, "bits": 4 if meta["bits"] == 8 else 8}
     yield (
         "other scale dtype",

@@ -691,7 +691,7 @@ def base_fields(meta: dict[str, Any]) -> tuple[int, int, int, torch.dtype, int]:
     rows = meta_int(meta, "num_embeddings", 1)
     dim = meta_int(meta, "embedding_dim", 1, 1 << 24)
     bits = meta.get("bits")
-    if bits not in (8, 4, 2) or isinstance(bits, bool):
+    if type(bits) is not int or bits not in (8, 4, 2):  # not a bool, nor a float equal to one
         raise FormatError(f"field 'bits' must be 8, 4 or 2, got {bits!r}")
     name = meta.get("scale_dtype")
     if name not in DTYPES_BY_NAME:

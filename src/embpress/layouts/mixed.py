@@ -510,7 +510,7 @@ class MixedTable(QuantizedTable):
             raise FormatError(f"field 'codecs': {err}") from None
         bits = meta.get("bits")
         top = max(c.bits for c in codecs)
-        if isinstance(bits, bool) or bits != top:
+        if type(bits) is not int or bits != top:  # not a bool, nor a float equal to it
             raise FormatError(f"field 'bits' must be {top} (the codecs' widest), got {bits!r}")
         name = meta.get("scale_dtype")
         has_rowwise = any(c.kind == "rowwise" for c in codecs)
