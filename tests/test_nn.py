@@ -386,6 +386,39 @@ def test_fused_rows_own_kernel_out_of_range():
                 q(torch.tensor([1, bad, 2]), torch.tensor([0, 2]))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_out_of_range_id_anywhere_in_a_dense_batch_is_an_index_error(bits, threads):
+    """torch's FBGEMM kernels word the error differently on one thread and on several;
+    the modules raise nn.Embedding's IndexError wherever the bad id sits."""
+    bag = QuantizedEmbeddingBag.from_float(nn.EmbeddingBag(50, 16), QuantConfig(bits=bits, layout="dense"))
+    emb = QuantizedEmbedding.from_float(nn.Embedding(50, 16), QuantConfig(bits=bits, layout="dense"))
+    with _torch_threads(threads):
+        for pos in (0, 20, 39, 4095):
+            ids = torch.zeros(4096, dtype=torch.int64)
+            ids[pos] = 50 if pos % 2 else -1
+            with pytest.raises(IndexError, match="out of range"):
+                bag(ids, torch.arange(0, 4096, 4))
+            with pytest.raises(IndexError, match="out of range"):
+                emb(ids)
+
+
+@pytest.mark.parametrize("layout", ["dense", "block_sparse", "pruned_rows"])
+def test_strided_ids_look_up_as_nn_does(layout):
+    """Ids that are a strided view (a column slice, 1-D or 2-D) give nn's rows: the kernels
+    read them as a contiguous copy."""
+    g = torch.Generator().manual_seed(0)
+    config = QuantConfig(bits=8, layout=layout)
+    bag = QuantizedEmbeddingBag.from_float(nn.EmbeddingBag(10, 16, mode="sum"), config)
+    emb = QuantizedEmbedding.from_float(nn.Embedding(10, 16), config)
+    ids2 = torch.randint(0, 10, (3, 8), generator=g)[:, ::2]
+    ids1 = torch.randint(0, 10, (12,), generator=g)[::2]
+    assert not ids2.is_contiguous() and not ids1.is_contiguous()
+    _close(bag(ids2), F.embedding_bag(ids2, bag.dequantize(), mode="sum"))
+    _close(emb(ids2), F.embedding(ids2, emb.dequantize()))
+    _close(emb(ids1), F.embedding(ids1, emb.dequantize()))
+
+
 def test_generic_ir_of_the_vector_decode_gives_the_same_sums(monkeypatch):
     """Where the CPU lacks the AVX-512 expands, the kernels emit generic IR in their place
     (LLVM cannot compile an x86-only intrinsic there, taken or not). That IR is compiled

@@ -223,7 +223,7 @@ def bag_bounds(
             bounds = torch.zeros(batch + 1, dtype=torch.int64, device=input.device)
         else:
             bounds = torch.arange(0, batch * length + 1, length, device=input.device)
-        return input.reshape(-1).long(), bounds
+        return input.reshape(-1).long().contiguous(), bounds  # a strided view's reshape may be one too
     # contiguous: torch's FBGEMM bag ops refuse strided ids and offsets
     flat = input.long().contiguous()
     total = flat.numel()
@@ -332,7 +332,7 @@ def embedding_impl(
     """What ``embpress::embedding`` computes, without the op boundary (``fast`` as in
     :func:`embedding_bag_impl`)."""
     _check_indices(input)
-    flat = input.reshape(-1).long()
+    flat = input.reshape(-1).long().contiguous()  # FBGEMM's kernels refuse strided ids
     out = None
     if fast and max_norm is None:
         # one id per bag: the fused kernels check the ids and decode in one pass

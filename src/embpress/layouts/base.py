@@ -234,9 +234,11 @@ def fused_rows_bag(
     # The op sums whatever ``mode`` says (seen with torch 2.13), so mean is divided here.
     try:
         out: torch.Tensor = op(fused, indices, offsets, False, 0, False, per_sample_weights, None, True)
-    except RuntimeError as err:  # the kernel checks every index; say it as nn.Embedding does
-        if "out of bounds" in str(err):
-            raise IndexError(f"index out of range in self ({err})") from None
+    except RuntimeError:  # the kernel checks every index; say it as nn.Embedding does
+        # (its message differs between its one- and multi-threaded kernels: the ids decide)
+        rows = fused.shape[0]
+        if bool(((indices < 0) | (indices >= rows)).any()):
+            raise IndexError(f"index out of range in self (num_embeddings={rows})") from None
         raise
     if out.shape[1] != dim:
         out = out[:, :dim]
