@@ -16,7 +16,7 @@ from torch import nn
 import embpress
 from embpress import Plan, PlanError, Usage, UsageError, plan
 from embpress.layouts.mixed import MixedTable
-from embpress.planner import MAX_CODECS, row_weights
+from embpress.planner import MAX_CODECS, row_weights, squared_norms
 from embpress.quant.codecs import Codec
 
 
@@ -120,6 +120,45 @@ def test_predicted_error_is_the_real_error() -> None:
         )
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_column_book_class_has_at_most_the_error_of_the_every_row_book(seed: int) -> None:
+    """The planner prices a column-book row with the book fitted on every row; the build
+    refits it on the class, and keeps the every-row book where the refit does worse on
+    the class (on heavy-tailed rows a refit from quantiles can settle far worse)."""
+    from embpress.quant.codecs import encode_rows, fit_colbook
+
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(300, 12, generator=g) ** 5  # heavy tails, as trained tables can have
+    codecs = [Codec.parse(c) for c in ("pruned", "colbook4", "rowwise8")]
+    assignment = torch.randint(0, 3, (300,), generator=g).numpy()
+    w = row_weights(300, None, 0.03, squared_norms(weight))
+    table = MixedTable.build(weight, assignment, codecs, w)
+    members = np.flatnonzero(assignment == 1)
+    x = weight.numpy()
+    every_row = encode_rows(x, members, codecs[1], None, w, book=fit_colbook(x, np.arange(300), 4, w))[0]
+    built = ((table.dequantize()[members].double() - weight[members].double()) ** 2).sum(1).numpy()
+    assert float((w[members] * built).sum()) <= float((w[members] * every_row).sum()) * (1 + 1e-9)
+
+
+def test_a_built_table_never_has_more_error_than_its_plan_predicts() -> None:
+    """A plan with column-book rows among others, by budget and by ``max_error``: the table
+    built holds at most the predicted error (the refit alone gave 7x on this table)."""
+    torch.manual_seed(0)
+    weight = torch.randn(300, 12) ** 5
+    codecs = ["rowwise8", "colbook4", "colbook2"]
+    for goal in ({"budget_bytes": weight.numel() * 4 // 6}, {"max_error": 3.0}):
+        model = nn.Module()
+        model.e = nn.Embedding.from_pretrained(weight.clone())
+        p = plan(model, **goal, codecs=codecs)  # type: ignore[arg-type]
+        t = p.tables[0]
+        assert any(c.kind == "colbook" and (t.assignment == i).any() for i, c in enumerate(t.codecs))
+        p.apply(model)
+        w = row_weights(300, None, p.unseen_weight, squared_norms(weight))
+        real = float((w * ((model.e.dequantize().double() - weight.double()) ** 2).sum(1).numpy()).sum())
+        assert real <= p.predicted_error * (1 + 1e-9)
+        assert real <= goal.get("max_error", float("inf")) * (1 + 1e-9)
+
+
 def test_beats_every_uniform_codec_at_its_own_size() -> None:
     """Storing every row with one codec is a plan the planner could pick, so at that
     codec's bytes it is at least as good."""
@@ -184,7 +223,6 @@ def test_budget_is_spent_when_row_errors_span_many_orders_of_magnitude() -> None
     p = plan(model, 160_000)
     assert p.predicted_bytes >= 0.97 * 160_000
     # a hand-made plan within the budget: levels1, and 16000 rows at rowwise2
-    from embpress.planner import squared_norms
     from embpress.quant.codecs import row_errors
 
     w = model.t.weight.detach()

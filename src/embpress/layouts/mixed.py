@@ -33,7 +33,7 @@ bits and scale dtype, pruned entries stored in place as their row's zero code).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -117,6 +117,32 @@ def _pack_ids(assignment: np.ndarray) -> np.ndarray:
 def _unpack_ids(class_ids: torch.Tensor) -> torch.Tensor:
     """uint8 id of every row slot (padding included) of packed ``class_ids``."""
     return ((class_ids.unsqueeze(-1) >> _SHIFTS.to(class_ids.device)) & 3).reshape(-1)
+
+
+def _colbook_class(
+    x: np.ndarray, members: np.ndarray, codec: Codec, seg: np.ndarray, w: np.ndarray | None
+) -> np.ndarray:
+    """Write rows ``members`` of ``x`` into ``seg`` with column book ``codec``; their book.
+
+    The book refitted on the class's rows, or the one fitted on every row where that one
+    gives the class less weighted error: the planner prices a colbook row with the
+    every-row book (it cannot know the class before choosing it), so a table built from a
+    plan never has more error than the plan predicts. Weighted k-means from quantiles can
+    settle worse on a subset of skewed rows than on the whole."""
+    from ..quant.codecs import fit_colbook
+
+    err, fitted = encode_rows(x, members, codec, seg, w)
+    book = cast(np.ndarray, fitted)  # a colbook's levels
+    if members.shape[0] == x.shape[0]:
+        return book  # the class is every row: the same book
+    whole = fit_colbook(x, np.arange(x.shape[0], dtype=np.int64), codec.bits, w)
+    alt = np.empty_like(seg)
+    alt_err, _ = encode_rows(x, members, codec, alt, w, book=whole)
+    mine = w[members] if w is not None else np.ones(members.shape[0])
+    if float((alt_err * mine).sum()) < float((err * mine).sum()):
+        seg[:] = alt
+        return whole
+    return book
 
 
 # class ids counted at a time when a shard checks the directory (a quarter of this in bytes)
@@ -290,7 +316,8 @@ class MixedTable(QuantizedTable):
         row_weights: np.ndarray | None = None,
     ) -> MixedTable:
         """The table of float ``weight`` [R, D] with row r stored by ``codecs[assignment[r]]``
-        (1 to 4 codecs; colbooks fitted on their class's rows, weighted by ``row_weights``).
+        (1 to 4 codecs; colbooks fitted on their class's rows, weighted by ``row_weights``,
+        or fitted on every row where that does better on the class: see ``_colbook_class``).
         ValueError / TypeError naming the argument for bad input."""
         from ..quant.codecs import _checked_table, _checked_weights
 
@@ -319,10 +346,11 @@ class MixedTable(QuantizedTable):
             n, rb = int(class_rows[c]), row_bytes[c]
             members = np.flatnonzero(ids == c)
             seg = payload[start : start + n * rb].reshape(n, rb)
-            if codec.kind != "pruned" and n:
-                _, book = encode_rows(x, members, codec, seg, w)
-            else:
-                book = None
+            book: np.ndarray | None = None
+            if codec.kind == "colbook" and n:
+                book = _colbook_class(x, members, codec, seg, w)
+            elif codec.kind != "pruned" and n:
+                encode_rows(x, members, codec, seg, w)
             if codec.kind == "colbook":
                 books.append(np.zeros((dim, 1 << codec.bits), np.float32) if book is None else book)
             start += n * rb
