@@ -411,6 +411,35 @@ def test_modules_sharing_one_weight_are_planned_as_one_table_with_their_usage_su
     assert tied.enc is tied.dec and tied.enc.nbytes == p.predicted_bytes
 
 
+@pytest.mark.parametrize("selected", ["enc", "dec"])
+@pytest.mark.parametrize("with_usage", [False, True])
+def test_selecting_one_of_tied_modules_plans_their_one_table(selected: str, with_usage: bool) -> None:
+    """Selecting either of two modules over one weight (a T5 decoder's token table) plans
+    the table they share, as the whole model's plan does: it applies to the model it was
+    made from, and both places get the one compressed module."""
+    torch.manual_seed(0)
+    tied = nn.Module()
+    tied.enc, tied.dec = nn.Embedding(300, 8), nn.Embedding(300, 8)
+    tied.dec.weight = tied.enc.weight
+    tied.other = nn.Embedding(50, 8)
+    usage = None
+    if with_usage:
+        with embpress.record_usage(tied) as usage:
+            tied.enc(torch.randint(0, 40, (200,)))
+            tied.dec(torch.randint(100, 160, (200,)))
+            tied.other(torch.randint(0, 50, (20,)))
+    p = plan(tied, 300 * 8 * 4 // 10, usage=usage, select_embeddings=[getattr(tied, selected)])
+    assert [t.name for t in p.tables] == ["enc"]
+    twin = tied.dec if selected == "enc" else tied.enc  # the other place: the same table, counts and all
+    q = plan(tied, 300 * 8 * 4 // 10, usage=usage, select_embeddings=[twin])
+    assert np.array_equal(p.tables[0].assignment, q.tables[0].assignment)
+    p.apply(tied, usage)
+    assert tied.enc is tied.dec and tied.enc.nbytes == p.predicted_bytes
+    assert type(tied.other) is nn.Embedding  # not selected: left alone
+    with pytest.raises(PlanError, match="select_embeddings is empty"):
+        plan(tied, 10_000, select_embeddings=[])
+
+
 # ------------------------------------------------------------------------------ JSON
 def test_json_round_trip_builds_the_same_tables(tmp_path: Path) -> None:
     model = Model()

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -611,7 +612,11 @@ def plan(
         raise TypeError(f"usage must be an embpress.Usage, got {type(usage).__name__}")
     candidates = _candidate_codecs(codecs)
     targets = find_embeddings(model, select_embeddings)
+    if select_embeddings is not None:
+        targets = _whole_tables(model, targets)
     if not targets:
+        if select_embeddings == []:
+            raise PlanError("select_embeddings is empty: no table to plan")
         raise PlanError("the model has no nn.Embedding / nn.EmbeddingBag table to plan")
     if usage is not None:
         _check_usage(usage, model, targets)
@@ -682,6 +687,17 @@ def _counts_of(usage: Usage | None, target: Target) -> torch.Tensor | None:
     if usage is None:
         return None
     return functools.reduce(torch.add, (usage.counts[n] for n in target.names if n in usage.counts))
+
+
+def _whole_tables(model: nn.Module, selected: list[Target]) -> list[Target]:
+    """The selected tables as ``apply`` finds them: a module whose weight other modules
+    share (tied encoder and decoder token tables) is one table with them, named by the
+    first and counted over all, so the plan applies to the model it was made from."""
+    with warnings.catch_warnings():  # what the whole model's search warns of is not selected
+        warnings.simplefilter("ignore")
+        groups = {name: t for t in find_embeddings(model) for name in t.names}
+    whole = {id(groups[t.name]): groups[t.name] for t in selected if t.name in groups}
+    return list(whole.values())
 
 
 def _check_usage(usage: Usage, model: nn.Module, targets: Sequence[Target]) -> None:
