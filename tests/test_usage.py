@@ -72,6 +72,22 @@ def test_hooks_are_gone_after_the_block_and_counts_accumulate():
     assert not model.bag._forward_pre_hooks and not model.emb._forward_pre_hooks
 
 
+def test_a_block_that_counts_nothing_warns_and_one_that_counts_does_not():
+    """A block in which no table is looked up warns, naming the usual cause (a model
+    compiled before recording runs without the hooks); a block with lookups is silent."""
+    import warnings
+
+    model = TwoTables()
+    ids, bag_ids, offsets = torch.tensor([[1, 2]]), torch.tensor([3, 3]), torch.tensor([0])
+    with pytest.warns(UserWarning, match="counted no lookup.*torch.compile"), record_usage(model) as usage:
+        pass
+    assert float(usage["bag"].sum()) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with record_usage(model, usage):
+            model(ids, bag_ids, offsets)
+
+
 def test_include_last_offset_ignores_ids_past_the_last_offset():
     bag = nn.EmbeddingBag(10, 2, include_last_offset=True)
     model = nn.ModuleDict({"bag": bag})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,9 @@ def record_usage(model: nn.Module, usage: Usage | None = None) -> Iterator[Usage
     """Count the rows that each embedding table of ``model`` looks up inside the block.
 
     Pass ``usage`` to add to earlier counts (for example across several blocks).
-    A table shared at several paths is counted once, under its first path.
+    A table shared at several paths is counted once, under its first path. A block in
+    which no table was looked up warns (a ``torch.compile``'d model's graph runs without
+    the hooks that count).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -233,8 +236,16 @@ def record_usage(model: nn.Module, usage: Usage | None = None) -> Iterator[Usage
         )
         for name, module in tables.values()
     ]
+    before = {name: usage.calls[name] for name, _ in tables.values()}
     try:
         yield usage
     finally:
         for h in handles:
             h.remove()
+    if before and all(usage.calls[name] == n for name, n in before.items()):
+        warnings.warn(
+            "record_usage counted no lookup: no embedding module of the model was called in its "
+            "block (a model compiled with torch.compile before recording runs its compiled graph, "
+            "which the recording hooks do not see: record on the model itself, uncompiled)",
+            stacklevel=3,
+        )
