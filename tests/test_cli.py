@@ -143,6 +143,21 @@ def test_compress_equals_python_api(ckpt: Path, bits: int, order: str, block: st
     assert report["settings"]["bits"] == bits and report["settings"]["order"] == order
 
 
+def test_tied_tensors_copied_are_reported_as_the_file_stores_them(tmp_path: Path) -> None:
+    """Two keys over one tensor (a tied head) are stored once: the report counts what the
+    file holds, as `inspect` does."""
+    shared = torch.randn(100, 16)
+    src = tmp_path / "in.pt"
+    torch.save({"emb.weight": torch.randn(10, 4), "a.weight": shared, "b.weight": shared}, src)
+    out = tmp_path / "out.safetensors"
+    done = _run("compress", src, out, "--json")
+    assert done.exit_code == 0, done.stderr
+    copied = json.loads(done.stdout)["copied"]
+    assert copied == {"count": 1, "bytes": shared.numel() * 4}
+    shown = _run("inspect", out).stdout
+    assert "other tensors: 1 (6.25 KiB)" in shown
+
+
 def test_compress_prints_a_table(ckpt: Path) -> None:
     out = ckpt.with_name("out.safetensors")
     result = _run("compress", ckpt, out, "--sparsity", "0.8", "--bits", "4", "--layout", "block_sparse")

@@ -409,6 +409,13 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _stored(tensors: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """(count, bytes) of the tensors a file stores for ``tensors``: keys that are one
+    tensor's data (tied weights) are stored once."""
+    distinct = {eio.view_key(t): t for t in tensors.values()}
+    return len(distinct), sum(_nbytes(t) for t in distinct.values())
+
+
 def _child(parent: nn.Module, name: str) -> nn.Module:
     child = parent._modules.get(name)
     if child is None:
@@ -544,11 +551,17 @@ class CompressedCheckpoint:
     module: nn.Module
     tables: list[TableReport]
     copied: list[str]
-    copied_nbytes: int
+    copied_nbytes: int  # of the tensors the file stores for them (tied keys share one)
     plan: Plan | None = None  # the plan applied, where one was
     # the file the tables were written to chunk by chunk, by one process or several
     # (then ``module`` holds no table)
     written: Path | None = None
+    copied_stored: int | None = None  # tensors the file stores for ``copied`` (None: one each)
+
+    @property
+    def copied_count(self) -> int:
+        """How many tensors the file stores for the copied keys (tied keys share one)."""
+        return len(self.copied) if self.copied_stored is None else self.copied_stored
 
     @property
     def nbytes(self) -> int:
@@ -872,7 +885,8 @@ def compressed_checkpoint(
         qm = cast(QuantizedEmbedding | QuantizedEmbeddingBag, found)
         meta = qm.table.meta()
         reports.append(_table_report(name, meta, qm.nbytes, qm.error, weights[f"{name}{_SUFFIX}"], aliases))
-    return CompressedCheckpoint(root, reports, list(copied), sum(_nbytes(t) for t in copied.values()), plan)
+    count, nbytes = _stored(copied)
+    return CompressedCheckpoint(root, reports, list(copied), nbytes, plan, copied_stored=count)
 
 
 def written_checkpoint(
@@ -888,8 +902,10 @@ def written_checkpoint(
         _table_report(name, meta, nbytes, error, weights[f"{name}{_SUFFIX}"])
         for name, meta, nbytes, error in tables
     ]
-    total = sum(_nbytes(t) for t in copied.values())
-    return CompressedCheckpoint(nn.Module(), reports, list(copied), total, written=Path(path))
+    count, nbytes = _stored(copied)
+    out = CompressedCheckpoint(nn.Module(), reports, list(copied), nbytes, written=Path(path))
+    out.copied_stored = count
+    return out
 
 
 def _apply_plan(

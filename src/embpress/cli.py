@@ -619,7 +619,7 @@ def compress(
         },
         "tables": [_compressed_row(r) for r in result.tables],
         "total": {"bytes_before": before, "bytes_after": after, "ratio": after / before if before else 0.0},
-        "copied": {"count": len(result.copied), "bytes": result.copied_nbytes},
+        "copied": {"count": result.copied_count, "bytes": result.copied_nbytes},
         "file_bytes": {"in": src.stat().st_size, "out": dst.stat().st_size},
     }
     if as_json:
@@ -907,7 +907,7 @@ def _compress_planned(
             "ratio": after / before if before else 0.0,
             "predicted_error": applied.predicted_error,
         },
-        "copied": {"count": len(result.copied), "bytes": result.copied_nbytes},
+        "copied": {"count": result.copied_count, "bytes": result.copied_nbytes},
         "file_bytes": {"in": src.stat().st_size, "out": dst.stat().st_size},
     }
     if as_json:
