@@ -105,12 +105,19 @@ def test_parse_budget_refuses(text: str) -> None:
         ("0", "the size must be at least 1 byte"),
         ("1/2", "'1/2' is not a size"),
         ("abc", "'abc' is not a size"),
+        ("4KiB", "must be at least 16.00 MiB"),
     ],
 )
 def test_memory_option_errors_speak_of_a_size_not_a_budget(tmp_path: Path, value: str, words: str) -> None:
-    """--memory takes bytes only; its errors say so, without the budget's wording."""
+    """--memory takes bytes only, at least what a chunked compression needs; its errors say
+    so, as a usage error, without the budget's wording."""
+    from embpress import streaming
+    from embpress.cli import compress
+
+    memory = next(p for p in compress.params if p.name == "memory")
+    assert memory.type.minimum == streaming.MIN_MEMORY  # type: ignore[attr-defined]
     result = _run("compress", tmp_path / "in.pt", tmp_path / "out.safetensors", "--memory", value)
-    assert result.exit_code != 0
+    assert result.exit_code == 2
     assert words in result.output and "budget" not in result.output and "share" not in result.output
     assert "--memory" in result.output
 

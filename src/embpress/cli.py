@@ -306,17 +306,24 @@ class _Budget(click.ParamType):
 
 
 class _Bytes(click.ParamType):
-    """A number of bytes with an optional unit: 512MiB, 2GB, 600000000."""
+    """A number of bytes with an optional unit (512MiB, 2GB, 600000000), at least ``minimum``."""
 
     name = "SIZE"
 
+    def __init__(self, minimum: int = 0) -> None:
+        self.minimum = minimum
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, int):
-            return value
-        try:
-            return checkpoint.parse_bytes(str(value), "size")
-        except ValueError as err:
-            self.fail(str(err), param, ctx)
+            number = value
+        else:
+            try:
+                number = checkpoint.parse_bytes(str(value), "size")
+            except ValueError as err:
+                self.fail(str(err), param, ctx)
+        if number < self.minimum:
+            self.fail(f"must be at least {human_bytes(self.minimum)}, got {value}", param, ctx)
+        return number
 
 
 class _NonNegative(click.ParamType):
@@ -489,7 +496,7 @@ def _usage_options(fn: F) -> F:
 )
 @click.option(
     "--memory",
-    type=_Bytes(),
+    type=_Bytes(minimum=16 * 2**20),  # streaming.MIN_MEMORY (streaming loads on first use)
     default="512MiB",
     show_default=True,
     help="Working memory of a .safetensors input, which is read and compressed in row "

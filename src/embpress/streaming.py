@@ -209,10 +209,13 @@ def safetensors_rows(path: str | Path, name: str) -> tuple[ReadRows, tuple[int, 
     return read, (shape[0], shape[1])
 
 
+MIN_MEMORY = 16 * 2**20  # the least working memory a chunked compression takes
+
+
 def memory_chunk_bytes(memory: int) -> int:
     """float32 bytes of a row chunk for a working memory of ``memory`` bytes: a chunk is
     held a few times over (the floats, their quantized copy, codes, mask, norms)."""
-    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 16 * 2**20:
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < MIN_MEMORY:
         raise ValueError(f"memory must be at least 16 MiB (in bytes), got {memory!r}")
     return memory // 8
 
