@@ -294,7 +294,7 @@ class Plan:
         )
 
     def __str__(self) -> str:
-        head = ["table", "rows x dim", "choice", "bytes", "ratio", "pred. error", "rel. error"]
+        head = ["table", "rows x dim", "choice", "bytes", "ratio", "pred. error", "rel. sq. error"]
         body = [
             [
                 t.name,
