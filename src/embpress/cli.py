@@ -322,7 +322,8 @@ class _Bytes(click.ParamType):
             except ValueError as err:
                 self.fail(str(err), param, ctx)
         if number < self.minimum:
-            self.fail(f"must be at least {human_bytes(self.minimum)}, got {value}", param, ctx)
+            least = f"{self.minimum >> 20} MiB" if self.minimum % 2**20 == 0 else f"{self.minimum} bytes"
+            self.fail(f"must be at least {least}, got {value}", param, ctx)
         return number
 
 
