@@ -903,9 +903,9 @@ def written_checkpoint(
         for name, meta, nbytes, error in tables
     ]
     count, nbytes = _stored(copied)
-    out = CompressedCheckpoint(nn.Module(), reports, list(copied), nbytes, written=Path(path))
-    out.copied_stored = count
-    return out
+    return CompressedCheckpoint(
+        nn.Module(), reports, list(copied), nbytes, written=Path(path), copied_stored=count
+    )
 
 
 def _apply_plan(
