@@ -143,6 +143,16 @@ def test_compress_equals_python_api(ckpt: Path, bits: int, order: str, block: st
     assert report["settings"]["bits"] == bits and report["settings"]["order"] == order
 
 
+def test_values_beyond_float16_scales_get_a_remedy_the_cli_has(tmp_path: Path) -> None:
+    """4-bit rows keep float16 scales: a table too large for them is refused with the
+    option that stores it (8-bit rows keep float32 scales), which then works."""
+    src = tmp_path / "in.pt"
+    torch.save({"emb.weight": torch.full((10, 4), 3e38)}, src)
+    refused = _run("compress", src, tmp_path / "out.safetensors")
+    assert refused.exit_code == 1 and "use --bits 8" in refused.stderr and "QuantConfig" not in refused.stderr
+    assert _run("compress", src, tmp_path / "out.safetensors", "--bits", "8").exit_code == 0
+
+
 def test_tied_tensors_copied_are_reported_as_the_file_stores_them(tmp_path: Path) -> None:
     """Two keys over one tensor (a tied head) are stored once: the report counts what the
     file holds, as `inspect` does."""

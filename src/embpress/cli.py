@@ -638,6 +638,8 @@ def compress(
 
 def _in_cli_terms(err: Exception) -> str:
     text = str(err).replace("pass QuantConfig(nonfinite='zero')", "pass --nonfinite zero")
+    # 8-bit rows keep float32 scales (FBGEMM's format); 4- and 2-bit ones float16
+    text = text.replace("use QuantConfig(scale_dtype=torch.float32)", "use --bits 8 (float32 row scales)")
     return text.replace(
         "pass the usage the plan was made with", "pass the --usage file the plan was made with"
     )
