@@ -121,6 +121,12 @@ def address(array: np.ndarray) -> int:
         return int(array.ctypes.data)
 
 
+def numpy_args(values: Sequence[Any]) -> list[Any]:
+    """``values`` with each tensor as its numpy view: the arguments as numba and the
+    kinds of :func:`arg_spec` take them (a tensor has ``numpy``, an array does not)."""
+    return [v.numpy() if hasattr(v, "numpy") else v for v in values]
+
+
 def pack(specs: Sequence[str], args: Sequence[Any]) -> list[int]:
     """The argument block of ``args`` (of kinds ``specs``) as the library's
     ``embpress_call`` reads it (``_aot_build``): int64 slots, a float as its IEEE bits.
@@ -435,7 +441,7 @@ class Bound:
         lo, hi = (compiled.slots[first + p] for p in bounds)
         result = compiled.split(address, stride, threads, lo, hi, count, chunk, address + 8 * (stride - 1))
         if block[stride - 1]:
-            full = [v.numpy() if hasattr(v, "numpy") else v for v in rest]  # tensors as numba takes them
+            full = numpy_args(rest)
             full[bounds[0]], full[bounds[1]] = 0, count
             return compiled.ref.numba(*self.prefix, *full)
         return None if compiled.ref.returns == "none" else result

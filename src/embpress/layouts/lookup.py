@@ -382,11 +382,6 @@ _BOUND: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], _aot.KernelRef, _a
 )
 
 
-def _numpy(values: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``values`` with each tensor as its numpy view (the kinds a compiled kernel is keyed by)."""
-    return tuple(v.numpy() if isinstance(v, torch.Tensor) else v for v in values)
-
-
 def _bound(
     run: _aot.KernelRef, table: tuple[Any, ...], rest: tuple[Any, ...], owner: Any
 ) -> _aot.Bound | None:
@@ -394,7 +389,7 @@ def _bound(
     entry = None if owner is None else _BOUND.get(owner)
     if entry is not None and entry[0] is table and entry[1] is run:
         return entry[2]
-    compiled = run.compiled((*table, *_numpy(rest)))
+    compiled = run.compiled((*table, *_aot.numpy_args(rest)))
     bound = None if compiled is None else compiled.bind(table)
     if owner is not None:
         _BOUND[owner] = (table, run, bound)
