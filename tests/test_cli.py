@@ -248,6 +248,89 @@ def test_tied_token_tables_of_an_encoder_decoder_checkpoint_are_one_table(tmp_pa
     assert torch.equal(model.lm_head.weight, head)
 
 
+def test_selecting_one_of_tied_tables_compresses_their_one_table(tmp_path: Path) -> None:
+    """--tables naming one of two embedding tables over one tensor compresses that one
+    table (the other name an alias, no float copy kept), as a model whose two modules share
+    the weight would; a selected table tied to a tensor of another kind is compressed as
+    asked, with one warning line saying the tie is broken."""
+    w = torch.randn(100, 16)
+    src = tmp_path / "in.pt"
+    torch.save({"enc_emb.weight": w, "dec_emb.weight": w, "fc.weight": torch.randn(4, 16)}, src)
+    out = tmp_path / "out.safetensors"
+    done = _run("compress", src, out, "--tables", "dec_emb", "--json")
+    assert done.exit_code == 0, done.stderr
+    report = json.loads(done.stdout)
+    (row,) = report["tables"]
+    assert {row["name"], *row["aliases"]} == {"enc_emb", "dec_emb"}
+    assert report["copied"]["count"] == 1  # fc.weight alone
+    assert "warning" not in done.stderr
+    state = torch.load(src, weights_only=True)
+    api = embpress_checkpoint.compress_state_dict(state, tables=["enc_emb.weight"])
+    assert [(t.name, t.aliases) for t in api.tables] == [("enc_emb", ("dec_emb",))]
+
+    torch.save({"emb.weight": w, "lm_head.weight": w}, src)
+    done = _run("compress", src, out, "--tables", "emb")
+    assert done.exit_code == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1 and "emb.weight (tied to lm_head.weight)" in lines[0] and "untied" in lines[0]
+
+
+def _hf_dir(tmp_path: Path, config: dict[str, object] | str | None) -> Path:
+    """A folder as Hugging Face's save_pretrained leaves it: the tied head's weight is not
+    in model.safetensors, only config.json says the head computes with the token table."""
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    tables = {"tok_emb.weight": torch.randn(50, 8), "pos_emb.weight": torch.randn(16, 8)}
+    save_file(tables, str(folder / "model.safetensors"))
+    if isinstance(config, dict):
+        (folder / "config.json").write_text(json.dumps(config))
+    elif isinstance(config, str):
+        (folder / "config.json").write_text(config)
+    return folder / "model.safetensors"
+
+
+_LM = {"model_type": "x", "architectures": ["XForCausalLM"]}
+
+
+@pytest.mark.parametrize(
+    ("config", "tied"),
+    [
+        ({**_LM, "vocab_size": 50}, True),  # tie_word_embeddings: Hugging Face's default
+        ({**_LM, "architectures": ["XLMHeadModel"], "vocab_size": 50, "tie_word_embeddings": True}, True),
+        ({"model_type": "x", "text_config": {"vocab_size": 50}}, True),  # no classes named: may have a head
+        ({**_LM, "vocab_size": 50, "tie_word_embeddings": False}, False),
+        ({**_LM, "architectures": ["XModel"], "vocab_size": 50}, False),  # no head
+        ({**_LM, "vocab_size": 51}, False),  # another table's size
+        ({"architectures": ["XForCausalLM"], "vocab_size": 50}, False),  # not a Hugging Face config
+        ({**_LM, "architectures": 5, "vocab_size": 50, "text_config": [1]}, True),  # odd fields: ignored
+        ("{not json", False),
+        (None, False),
+    ],
+)
+def test_a_token_table_a_hugging_face_config_ties_to_a_head_stays_float(
+    tmp_path: Path, config: dict[str, object] | str | None, tied: bool
+) -> None:
+    src = _hf_dir(tmp_path, config)
+    out = tmp_path / "out.safetensors"
+    done = _run("compress", src, out, "--json")
+    assert done.exit_code == 0, done.stderr
+    names = [t["name"] for t in json.loads(done.stdout)["tables"]]
+    assert sorted(names) == (["pos_emb"] if tied else ["pos_emb", "tok_emb"])
+    warned = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    if tied:
+        assert len(warned) == 1 and "tok_emb.weight (tied to the output head by" in warned[0]
+        assert "config.json" in warned[0]
+        state = {"tok_emb.weight": torch.zeros(50, 8), "pos_emb.weight": torch.zeros(16, 8)}
+        with pytest.warns(UserWarning, match="left float"):
+            assert find_tables(state, source=src) == ["pos_emb.weight"]
+        assert find_tables(state) == ["tok_emb.weight", "pos_emb.weight"]  # no file: no config
+        asked = _run("compress", src, out, "--tables", "tok_emb", "--json")  # asked for: compressed
+        assert [t["name"] for t in json.loads(asked.stdout)["tables"]] == ["tok_emb"]
+        assert "compressed as selected" in asked.stderr
+    else:
+        assert not warned
+
+
 def test_select_tables_and_name_heuristic() -> None:
     for name in ("emb", "emb1", "embedding", "embeddings", "bert.embeddings.word_embeddings", "embed_tokens"):
         assert looks_like_embedding(name), name

@@ -152,3 +152,24 @@ def test_generate_keeps_its_tokens_and_resizing_says_what_to_do():
     with pytest.raises(AttributeError, match=r"compressed table, not a float 'weight'.*before compressing"):
         model.resize_token_embeddings(508)
     assert not hasattr(model.transformer.wte, "weight")
+
+
+def test_a_save_pretrained_folder_keeps_the_token_table_its_head_is_tied_to(tmp_path):
+    """save_pretrained writes GPT-2's tied head once, as transformer.wte.weight; only
+    config.json says the head computes with it. Compressing the folder's file leaves that
+    table float (with a warning) so that the result loads into GPT2LMHeadModel again."""
+    cfg = transformers.GPT2Config(vocab_size=500, n_embd=32, n_layer=1, n_head=2, n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "gpt2.embp.safetensors"
+    tied = r"transformer\.wte\.weight \(tied to the output head by .*config\.json"
+    with pytest.warns(UserWarning, match=tied):
+        result = embpress.compress_checkpoint(tmp_path / "gpt2" / "model.safetensors", out)
+    assert result is not None and [t.name for t in result.tables] == ["transformer.wpe"]
+    fresh = embpress.load(transformers.GPT2LMHeadModel(cfg).eval(), out)
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    assert isinstance(fresh.transformer.wpe, embpress.QuantizedEmbedding)
+    ids = torch.randint(0, 500, (2, 10))
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids).logits, model(ids).logits, atol=0.05)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
+import json
 import os
 import re
 import stat
@@ -339,11 +340,22 @@ def _tied_keys(state: Mapping[str, torch.Tensor]) -> dict[tuple[Any, ...], list[
     return {k: keys for k, keys in groups.items() if len(keys) > 1}
 
 
-def _untied_from_others(state: Mapping[str, torch.Tensor], found: list[str]) -> list[str]:
+def _is_table(state: Mapping[str, Any], key: str) -> bool:
+    """Whether ``key`` is found as a table by name: an embedding-like module's 2-D float
+    ``.weight`` that its module holds alone."""
+    path = _module_path(key)
+    return path is not None and looks_like_embedding(path) and _table_problem(state, key, path) is None
+
+
+def _untied_from_others(
+    state: Mapping[str, torch.Tensor], found: list[str], heads: Mapping[str, str]
+) -> list[str]:
     """``found`` without the tables tied to a tensor that is not one of them (a language
-    model's output head, ``lm_head.weight``, tied to its token table): that tensor stays
-    float, so compressing the table would add its codes beside the float copy and untie
-    the two. A warning names them; naming the table in ``patterns`` compresses it anyway."""
+    model's output head, ``lm_head.weight``, tied to its token table; or a head that a
+    Hugging Face config ties to a table the file holds alone, ``heads``): that tensor
+    stays float, so compressing the table would add its codes beside the float copy and
+    untie the two. A warning names them; naming the table in ``patterns`` compresses it
+    anyway."""
     chosen = set(found)
     left: list[str] = []
     for keys in _tied_keys(state).values():
@@ -352,6 +364,9 @@ def _untied_from_others(state: Mapping[str, torch.Tensor], found: list[str]) -> 
             tables = [k for k in keys if k in chosen]
             chosen -= set(tables)
             left.append(f"{', '.join(tables)} (tied to {', '.join(others)})")
+    for key in [k for k in found if k in chosen and k in heads]:
+        chosen.discard(key)
+        left.append(f"{key} ({heads[key]})")
     if left:
         warnings.warn(
             "left float, tied to a tensor that is not an embedding table (an output head, "
@@ -362,22 +377,111 @@ def _untied_from_others(state: Mapping[str, torch.Tensor], found: list[str]) -> 
     return [k for k in found if k in chosen]
 
 
-def find_tables(state: Mapping[str, torch.Tensor], patterns: Sequence[str] = ()) -> list[str]:
+def _with_tied(state: Mapping[str, Any], chosen: Sequence[str], heads: Mapping[str, str]) -> list[str]:
+    """``chosen`` (selected by name) with the embedding tables tied to one of them: the
+    same table under another module's name, compressed with it as one (a model's modules
+    on that weight then share the compressed module), in the order of ``state``. A chosen
+    table tied to a tensor of another kind (an output head, or one a Hugging Face config
+    ties to it, ``heads``) is compressed as asked, with a warning: that tensor stays float
+    beside the codes, and a model that ties the two loads the file only untied."""
+    keys = set(chosen)
+    broken: list[str] = []
+    for group in _tied_keys(state).values():
+        if keys.isdisjoint(group):
+            continue
+        keys.update(k for k in group if _is_table(state, k))
+        others = [k for k in group if k not in keys]
+        if others:
+            broken.append(f"{', '.join(k for k in group if k in keys)} (tied to {', '.join(others)})")
+    broken += [f"{k} ({heads[k]})" for k in state if k in keys and k in heads]
+    if broken:
+        warnings.warn(
+            "compressed as selected, though tied to a tensor that stays float (an output "
+            "head, which keeps computing with it): " + "; ".join(broken) + "; the file holds "
+            "both, and a model that ties them loads it only once they are untied",
+            stacklevel=3,
+        )
+    return [k for k in state if k in keys]
+
+
+# model classes whose output head Hugging Face ties to the token table (tie_word_embeddings)
+_HEAD_CLASSES = (
+    "LMHead",
+    "ForCausalLM",
+    "ForMaskedLM",
+    "ForConditionalGeneration",
+    "ForPreTraining",
+    "DoubleHeads",
+)
+_CONFIG_MAX = 4 << 20  # bytes of a config.json read at most
+
+
+def _has_head(model_class: object) -> bool:
+    """Whether a Hugging Face model class name is one with a head tied to its token table."""
+    return isinstance(model_class, str) and any(h in model_class for h in _HEAD_CLASSES)
+
+
+def _config_heads(source: PathLike, state: Mapping[str, Any]) -> dict[str, str]:
+    """The token tables of ``state`` that a Hugging Face ``config.json`` beside the file
+    ``source`` ties to an output head, each with the reason. ``save_pretrained`` writes a
+    tied head's weight once, under the table's name, so only the config says it: its
+    ``tie_word_embeddings`` is true (Hugging Face's default where the key is missing), its
+    model class has such a head (``architectures``), and the table has ``vocab_size``
+    rows (top level or ``text_config``). A config that cannot be read says nothing."""
+    path = Path(source).parent / "config.json"
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _CONFIG_MAX:
+            return {}
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(config, dict) or "model_type" not in config:
+        return {}
+    classes = config.get("architectures")
+    if isinstance(classes, list) and classes and not any(_has_head(c) for c in classes):
+        return {}
+    tied = config.get("tie_word_embeddings", True)
+    vocab: set[int] = set()
+    for part in (config, config.get("text_config")):
+        if isinstance(part, dict) and part.get("tie_word_embeddings", tied) is True:
+            size = part.get("vocab_size")
+            if type(size) is int:
+                vocab.add(size)
+    reason = f"tied to the output head by {path} (tie_word_embeddings)"
+    return {
+        k: reason
+        for k, v in state.items()
+        if (p := _module_path(k)) is not None
+        and looks_like_embedding(p)
+        and len(v.shape) == 2
+        and v.shape[0] in vocab
+    }
+
+
+def find_tables(
+    state: Mapping[str, torch.Tensor], patterns: Sequence[str] = (), *, source: PathLike | None = None
+) -> list[str]:
     """The keys of ``state`` compressed as tables, in the order of ``state``.
 
     Without ``patterns``: every ``<module>.weight`` whose module name looks like an
     embedding (:func:`looks_like_embedding`) and that is a 2-D float tensor, except
     those tied to another kind of tensor (an output head: they stay float). With
     ``patterns`` (fnmatch globs on the key or on the module path): exactly the matched
-    ``.weight`` tensors, each of which must be a 2-D float table (ValueError otherwise).
+    ``.weight`` tensors, each of which must be a 2-D float table (ValueError otherwise),
+    and the embedding tables tied to them (one table under several names).
+
+    ``source``: the file ``state`` was read from. Where a Hugging Face ``config.json``
+    beside it ties the token table to an output head (``tie_word_embeddings``; the file
+    then holds the table alone), that table counts as tied to the head.
     """
     if isinstance(patterns, str):
         raise TypeError(f"patterns must be a list of globs, got the string {patterns!r}")
     candidates = {k: p for k in state if (p := _module_path(k)) is not None}
+    heads = {} if source is None else _config_heads(source, state)
     if not patterns:
-        found = [k for k, p in candidates.items() if looks_like_embedding(p)]
-        found = [k for k in found if _table_problem(state, k, candidates[k]) is None]
-        return _untied_from_others(state, found)
+        found = [k for k in candidates if _is_table(state, k)]
+        return _untied_from_others(state, found, heads)
     chosen: list[str] = []
     for pattern in patterns:
         hits = [
@@ -396,7 +500,7 @@ def find_tables(state: Mapping[str, torch.Tensor], patterns: Sequence[str] = ())
         problem = _table_problem(state, key, candidates[key])
         if problem is not None:
             raise ValueError(f"selected tensor {key!r} {problem}")
-    return [k for k in state if k in chosen]
+    return _with_tied(state, chosen, heads)
 
 
 # ------------------------------------------------------------------------------ compressing
@@ -538,8 +642,7 @@ def _checked_state(state: Any, tables: Sequence[str] | None) -> list[str]:
         problem = "is not a '<module>.weight' tensor" if path is None else _table_problem(state, key, path)
         if problem is not None:
             raise ValueError(f"selected tensor {key!r} {problem}")
-    chosen = set(tables)
-    return [k for k in state if k in chosen]  # state's order, as find_tables gives
+    return _with_tied(state, tables, {})  # state's order, as find_tables gives
 
 
 @dataclass
@@ -721,7 +824,7 @@ def plan_checkpoint(
     :func:`compress_checkpoint` finds them (``patterns``), see :func:`plan_state_dict`."""
     state, _ = load_checkpoint(src)
     try:
-        keys = find_tables(state, patterns)
+        keys = find_tables(state, patterns, source=src)
         if not keys:
             raise ValueError(
                 f"no embedding table found among {len(state)} tensors (choose them with patterns)"
@@ -751,14 +854,7 @@ def _plan_keys(state: Mapping[str, torch.Tensor], the_plan: Plan) -> list[str]:
     named = {f"{t.name}{_SUFFIX}" for t in the_plan.tables}
 
     def tied_table(k: str, v: Any) -> bool:  # an embedding table tied to a planned one
-        path = _module_path(k)
-        return (
-            isinstance(v, torch.Tensor)
-            and eio.view_key(v) in storages
-            and path is not None
-            and looks_like_embedding(path)
-            and _table_problem(state, k, path) is None
-        )
+        return isinstance(v, torch.Tensor) and eio.view_key(v) in storages and _is_table(state, k)
 
     return [k for k, v in state.items() if k in named or tied_table(k, v)]
 
@@ -1031,7 +1127,7 @@ def compress_checkpoint(
     try:
         keys: list[str] | None = None
         if plan is None:
-            keys = find_tables(state, patterns)
+            keys = find_tables(state, patterns, source=src)
             if not keys:
                 raise ValueError(
                     f"no embedding table found among {len(state)} tensors (choose them with patterns)"
@@ -1112,7 +1208,7 @@ def inspect_checkpoint(path: PathLike, patterns: Sequence[str] = ()) -> Checkpoi
     """Which tensors of checkpoint ``path`` :func:`compress_checkpoint` would compress as
     tables (with ``patterns``, as it would take them) and which it would copy unchanged."""
     state, fmt = load_checkpoint(path)
-    tables = set(find_tables(state, patterns))
+    tables = set(find_tables(state, patterns, source=path))
     first = {}
     for keys in _tied_keys(state).values():
         first.update({k: keys[0] for k in keys[1:]})

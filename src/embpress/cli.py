@@ -165,6 +165,7 @@ class _Group(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         shown = warnings.showwarning
         warnings.showwarning = _show_warning  # the library's warnings as one line each
+        _SHOWN.clear()
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as err:
@@ -190,8 +191,16 @@ class _Group(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+_SHOWN: set[str] = set()  # the warning lines this command has printed
+
+
 def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
-    click.echo(f"warning: {_one_line(Exception(str(message)))}", err=True)
+    """A library warning as one 'warning:' line, once per command (a step that runs twice,
+    such as finding the tables, warns once)."""
+    line = f"warning: {_one_line(Exception(str(message)))}"
+    if line not in _SHOWN:
+        _SHOWN.add(line)
+        click.echo(line, err=True)
 
 
 # ------------------------------------------------------------------------------ output helpers
@@ -598,7 +607,7 @@ def compress(
             _save_result(result, dst)
     else:
         state, _ = checkpoint.load_checkpoint(src)
-        tables = checkpoint.find_tables(state, table_patterns)
+        tables = checkpoint.find_tables(state, table_patterns, source=src)
         if not tables:
             raise CliError(
                 f"{src}: no embedding table found among {len(state)} tensors "
@@ -866,7 +875,7 @@ def _compress_planned(
     state, _ = checkpoint.load_checkpoint(src)
     tables: list[str] | None = None
     if given_plan is None:
-        tables = checkpoint.find_tables(state, table_patterns)
+        tables = checkpoint.find_tables(state, table_patterns, source=src)
         if not tables:
             raise CliError(
                 f"{src}: no embedding table found among {len(state)} tensors "

@@ -480,7 +480,7 @@ def safetensors_tables(
     p = Path(src)
     ckpt.check_input_file(p, fits=False)
     lazy = _lazy_state(p, _plain_checkpoint(p))
-    return {k: tuple(lazy[k].shape) for k in ckpt.find_tables(lazy, patterns)}
+    return {k: tuple(lazy[k].shape) for k in ckpt.find_tables(lazy, patterns, source=p)}
 
 
 def _check_output_fits(p: Path, shapes: list[tuple[int, ...]], config: QuantConfig) -> None:
@@ -547,7 +547,7 @@ def compress_safetensors(
     if not lazy:
         raise ValueError(f"{p}: the file holds no tensors")
     try:
-        keys = ckpt.find_tables(lazy, patterns)
+        keys = ckpt.find_tables(lazy, patterns, source=p)
         if not keys:
             raise ValueError(
                 f"no embedding table found among {len(lazy)} tensors (choose them with patterns)"
