@@ -172,6 +172,25 @@ def test_nested_containers_and_error_report():
         assert r.nbytes < r.float_nbytes and 0 < r.rel_frobenius < 1 and r.max_abs_error > 0
 
 
+@pytest.mark.parametrize("magnitude", [1e-39, 1e-20, 1e-3, 1.0, 1e20, 1e36])
+@pytest.mark.parametrize(
+    ("layout", "sparsity"), [("dense", 0.0), ("block_sparse", 0.5), ("pruned_rows", 0.5)]
+)
+def test_the_reported_error_is_the_decoded_tables_at_any_magnitude(magnitude, layout, sparsity):
+    """The report's relative error is the decoded table's, computed in float64, for tables
+    whose squares a float32 sum cannot hold (subnormal rows, rows near 1e20: it read 0.0)."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 16) * magnitude
+    model = nn.Sequential(nn.Embedding.from_pretrained(weight.clone()))
+    block = (1, 16) if layout == "pruned_rows" else (1, 4)
+    ptsq(model, DataNormSparsifier, sparsity_level=sparsity, sparse_block_shape=block,
+         quant=QuantConfig(bits=8, layout=layout))  # fmt: skip
+    (report,) = embpress.compression_report(model)
+    assert report.layout == layout
+    exact = (model[0].dequantize().double() - weight.double()).norm() / weight.double().norm()
+    assert report.rel_frobenius == pytest.approx(float(exact), rel=1e-6)
+
+
 def _snapshot(model):
     return [(n, type(m)) for n, m in model.named_modules()], copy.deepcopy(model.state_dict())
 

@@ -223,6 +223,10 @@ def kept_minmax(w: np.ndarray, mask: np.ndarray, use_mask: bool, lo: np.ndarray,
 
 
 ROWS_PER_TASK = 64  # rows one thread encodes with one set of scratch rows
+# a row's float32 sums of squares are kept where the reference's lies in this range and the
+# error's below its top: squares then neither overflow nor lose what the relative error
+# shows by underflowing (a row of values near 1e-20 or 1e20 is summed in float64 instead)
+_SQUARES_LOW, _SQUARES_HIGH = 2.0**-60, 2.0**60
 
 
 @numba.njit(cache=True, inline="always")
@@ -314,8 +318,16 @@ def _encode_range(
                 e2[i] += e2[i + h]
                 r2[i] += r2[i + h]
             h //= 2
-        err_sq[r] = float(((e2[0] + e2[1]) + (e2[2] + e2[3])) + ((e2[4] + e2[5]) + (e2[6] + e2[7])))
-        ref_sq[r] = float(((r2[0] + r2[1]) + (r2[2] + r2[3])) + ((r2[4] + r2[5]) + (r2[6] + r2[7])))
+        es = float(((e2[0] + e2[1]) + (e2[2] + e2[3])) + ((e2[4] + e2[5]) + (e2[6] + e2[7])))
+        rs = float(((r2[0] + r2[1]) + (r2[2] + r2[3])) + ((r2[4] + r2[5]) + (r2[6] + r2[7])))
+        if not (_SQUARES_LOW <= rs <= _SQUARES_HIGH and es <= _SQUARES_HIGH):
+            es = 0.0  # float32 squares under- or overflowed: the row's sums again in float64
+            rs = 0.0
+            for c in range(cols):
+                es += np.float64(err[c]) * np.float64(err[c])
+                rs += np.float64(xr[c]) * np.float64(xr[c])
+        err_sq[r] = es
+        ref_sq[r] = rs
         m = np.int32(0)  # |d| compared as bits: non-negative floats order as integers
         for c in range(cols):
             v = _bits(err[c])
