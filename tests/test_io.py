@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import embpress
+import embpress.checkpoint as embpress_checkpoint
 import embpress.io as eio
 from embpress import DataNormSparsifier, FormatError, QuantConfig
 from embpress import post_training_sparse_quantize as ptsq
@@ -710,6 +711,8 @@ def test_tensors_of_no_table_are_refused(tmp_path, name):
     path = _saved(tmp_path)
     _edit_tensors(path, lambda tensors: tensors.update({name: torch.zeros(3, dtype=torch.uint8)}))
     _assert_refused(path, "belong to no table", name)
+    with pytest.raises(FormatError, match="belong to no table"):  # inspect says what load says
+        embpress_checkpoint.inspect(path)
 
 
 def test_save_refuses_what_load_would_refuse_and_drops_a_bad_error_report(tmp_path):

@@ -1160,15 +1160,18 @@ def compress_checkpoint(
 def inspect(path: PathLike) -> FileReport:
     """Describe the embpress file ``path``: a :class:`TableReport` per table, and the rest.
 
-    Every header field and every tensor's CRC-32 is checked (FormatError if one is wrong);
-    header and tensors come from one opened, memory-mapped file.
+    Every header field and every tensor's CRC-32 is checked, and that each tensor is a
+    table's or the model's state (FormatError if not, as ``load`` refuses it); header and
+    tensors come from one opened, memory-mapped file.
     """
     p = Path(path)
     check_input_file(p)
     index, tensors = eio.read_file(p, mmap=True)
     tables = []
+    owned: set[str] = set()
     for name, entry in index["tables"].items():
         table = eio.build_table(p, name, entry, tensors)
+        eio.claim_tensors(p, name, table, owned)
         error = entry.get("error") or {}
         rows, dim = table.num_embeddings, table.embedding_dim
         tables.append(
@@ -1188,6 +1191,7 @@ def inspect(path: PathLike) -> FileReport:
                 mode=(entry["module"] or {}).get("mode"),
             )
         )
+    eio.check_no_stray(p, tensors, owned)  # as load refuses it
     other = [t for k, t in tensors.items() if k.startswith(eio.STATE_PREFIX)]
     return FileReport(
         path=str(p),

@@ -21,6 +21,7 @@ import secrets
 import stat
 import tempfile
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -665,6 +666,24 @@ def read_file(
     return _read(Path(path), tensors=True, mmap=mmap, verify=verify)
 
 
+def claim_tensors(p: Path, name: str, table: QuantizedTable, owned: set[str]) -> None:
+    """Add the file keys of table ``name``'s tensors to ``owned``; FormatError where
+    another table already holds one."""
+    for buf in table.tensors():
+        key = f"{TABLE_PREFIX}{name}.{buf}"
+        if key in owned:
+            raise _fail(p, f"tensor {key!r} belongs to two tables")
+        owned.add(key)
+
+
+def check_no_stray(p: Path, tensors: Mapping[str, torch.Tensor], owned: set[str]) -> None:
+    """FormatError where the file holds a tensor that is neither a table's (``owned``) nor
+    the model's other state: a file that says less than it holds is not trusted."""
+    stray = sorted(k for k in tensors if k not in owned and not k.startswith(STATE_PREFIX))
+    if stray:
+        raise _fail(p, f"tensors {stray[:5]} belong to no table")
+
+
 def build_table(
     p: Path, name: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> QuantizedTable:
@@ -876,19 +895,13 @@ def load(
             entry = {**entry, "table": table.meta(), "module": _shard_module(entry["module"], start, stop)}
         else:
             table = build_table(p, name, entry, tensors)
-            for buf in table.tensors():
-                key = f"{TABLE_PREFIX}{name}.{buf}"
-                if key in owned:
-                    raise _fail(p, f"tensor {key!r} belongs to two tables")
-                owned.add(key)
+            claim_tensors(p, name, table, owned)
         resolved = [_resolve(model, p, name, place, entry) for place in (name, *entry["aliases"])]
         module = _module_for(p, name, entry, table, resolved[0][2])
         if device is not None:
             module = module.to(device)
         places.extend((parent, attr, module) for parent, attr, _ in resolved)
-    stray = sorted(k for k in tensors if k not in owned and not k.startswith(STATE_PREFIX))
-    if stray:
-        raise _fail(p, f"tensors {stray[:5]} belong to no table")
+    check_no_stray(p, tensors, owned)
     state = {k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
     replaced = tuple(
         f"{place}." for name, entry in index["tables"].items() for place in (name, *entry["aliases"])
