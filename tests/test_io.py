@@ -862,6 +862,40 @@ def test_load_ties_modules_that_share_a_compressed_weight_and_refuses_a_tied_hea
     assert all(torch.equal(v, before[k]) for k, v in headed.state_dict().items())
 
 
+class _TwoOnOneWeight(nn.Module):
+    """Two modules over one weight: a bag summing and one of ``second`` ("mean", "sum" or
+    "embedding")."""
+
+    def __init__(self, second: str) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(200, 16, mode="sum")
+        self.x_emb = nn.Embedding(200, 16) if second == "embedding" else nn.EmbeddingBag(200, 16, mode=second)
+        self.x_emb.weight = self.emb.weight
+
+
+@pytest.mark.parametrize("second", ["mean", "embedding", "sum"])
+def test_tied_places_that_differ_each_get_their_own_module_on_the_one_table(tmp_path, second):
+    """A checkpoint does not say what each tied name's module is: loading builds each
+    place after its own module (kind, mode), all on the one table; places whose modules
+    agree share one module. They came out as the first place's module (a mean bag summing,
+    an Embedding returning bags), silently."""
+    torch.manual_seed(0)
+    source = _TwoOnOneWeight(second)
+    result = embpress.compress_state_dict(source.state_dict(), quant=QuantConfig(bits=8))
+    assert [(t.name, t.aliases) for t in result.tables] == [("emb", ("x_emb",))]
+    out = tmp_path / "m.safetensors"
+    result.save(out)
+    model = embpress.load(_TwoOnOneWeight(second), out)
+    assert model.emb.table is model.x_emb.table
+    assert (model.emb is model.x_emb) == (second == "sum")
+    ids = torch.randint(0, 200, (3, 4))
+    with torch.no_grad():
+        for name in ("emb", "x_emb"):
+            got, want = getattr(model, name)(ids), getattr(source, name)(ids)
+            assert got.shape == want.shape
+            assert torch.allclose(got, want, atol=0.05), name
+
+
 def test_distinct_empty_tensors_are_each_written(tmp_path):
     """Tied tensors are written once, but two empty buffers are not tied, whatever their
     (shared, meaningless) address: both are in the file and the model loads."""

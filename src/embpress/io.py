@@ -729,6 +729,13 @@ def _module_for(
     return module
 
 
+def _module_key(module: QuantizedEmbedding | QuantizedEmbeddingBag) -> tuple[Any, ...]:
+    """What tells two compressed modules on one table apart: their kind and arguments."""
+    kind = "EmbeddingBag" if isinstance(module, QuantizedEmbeddingBag) else "Embedding"
+    args = tuple(getattr(module, k) for k in sorted(_MODULE_KEYS[kind]))
+    return (kind, args, module.output_dtype, module.output_scale)
+
+
 def _shard_module(module: dict[str, Any] | None, start: int, stop: int) -> dict[str, Any] | None:
     """A table's module arguments for its rows ``start:stop`` alone: ``padding_idx`` counted
     from ``start``, or none where the padding row is not among them."""
@@ -897,10 +904,16 @@ def load(
             table = build_table(p, name, entry, tensors)
             claim_tensors(p, name, table, owned)
         resolved = [_resolve(model, p, name, place, entry) for place in (name, *entry["aliases"])]
-        module = _module_for(p, name, entry, table, resolved[0][2])
-        if device is not None:
-            module = module.to(device)
-        places.extend((parent, attr, module) for parent, attr, _ in resolved)
+        # places whose modules take the same arguments share one module; a place whose own
+        # module differs (another kind, mode or padding row over the same tied weight) gets
+        # its own, on the same table
+        made: dict[tuple[Any, ...], QuantizedEmbedding | QuantizedEmbeddingBag] = {}
+        for parent, attr, current in resolved:
+            module = _module_for(p, name, entry, table, current)
+            module = made.setdefault(_module_key(module), module)
+            if device is not None:
+                module = module.to(device)
+            places.append((parent, attr, module))
     check_no_stray(p, tensors, owned)
     state = {k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
     replaced = tuple(
