@@ -595,3 +595,34 @@ def test_load_state_dict_assigns_and_runs_pre_hooks_as_torch(layout):
         assert buffer is state[f"0.table.{name}"]
     ids, offsets = torch.randint(0, 200, (30,)), torch.arange(0, 30, 5)
     assert torch.equal(skeleton[0](ids, offsets), model[0](ids, offsets))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_load_state_dict_assigns_strided_buffers_as_packed_copies(layout):
+    """The kernels read a table's buffers as packed: a state of strided views (every other
+    element of a larger tensor) assigned with ``assign=True`` is taken as contiguous
+    copies, and lookups read the same values (block-sparse lookups read past the stride,
+    returning garbage; other layouts failed at the first lookup)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(200, 16, mode="sum"))
+    embpress.post_training_sparse_quantize(
+        model, embpress.DataNormSparsifier, quant=QuantConfig(layout=layout), sparsity_level=0.5
+    )
+    state = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor) and value.numel() > 1:
+            wide = torch.zeros(2 * value.numel(), dtype=value.dtype)
+            wide[::2] = value.reshape(-1)
+            value = wide[::2].view(value.shape)
+            assert not value.is_contiguous()
+        state[key] = value
+    other = copy.deepcopy(model)
+    for buffer in other[0].table.buffers():
+        buffer.zero_()  # what a lookup reads after the load is the state's
+    other.load_state_dict(state, assign=True)
+    for buffer in other[0].table.buffers():
+        assert buffer.is_contiguous()
+    ids, offsets = torch.randint(0, 200, (30,)), torch.arange(0, 30, 5)
+    assert torch.equal(other[0](ids, offsets), model[0](ids, offsets))

@@ -451,7 +451,8 @@ class QuantizedTable(nn.Module):
         otherwise under the same shapes, leaving lookups to read past the buffers or
         decode garbage. A state without fields (saved before they were kept) is checked
         against this table's; ``num_pruned`` is taken from the state's. ``assign=True``
-        makes the state's tensors the buffers, as torch does."""
+        makes the state's tensors the buffers, as torch does (a non-contiguous one as a
+        contiguous copy)."""
         for hook in self._load_state_dict_pre_hooks.values():  # as Module._load_from_state_dict
             hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         names = list(self._buffers)
@@ -501,7 +502,8 @@ class QuantizedTable(nn.Module):
             return
         if local_metadata.get("assign_to_params_buffers", False):
             for name, value in incoming.items():
-                self._buffers[name] = value
+                # the kernels read buffers as packed: a strided view is assigned as a copy
+                self._buffers[name] = value.contiguous()
             self._own_op_tensors()
         else:
             with torch.no_grad():
