@@ -437,3 +437,21 @@ def test_gradient_skips_ids_after_the_last_bag():
     rows = q.dequantize()
     expected = torch.stack([rows[1].sum(), rows[2].sum(), rows[4].sum(), torch.tensor(0.0)])
     torch.testing.assert_close(weights.grad, expected)
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_gradient_of_ids_in_no_bag_at_all_is_zero(last):
+    """Ids but no bag (empty offsets; [0] with include_last_offset): the output has no
+    rows, so no weight changes it and each gradient is 0 (the backward indexed the empty
+    gradient and raised; nn.EmbeddingBag's own backward gives these ids nonzero gradients,
+    which no output depends on)."""
+    float_bag = nn.EmbeddingBag(50, 8, mode="sum", include_last_offset=last)
+    q = embpress.QuantizedEmbeddingBag.from_float(
+        float_bag, embpress.QuantConfig(bits=4, layout="block_sparse")
+    )
+    ids, offsets = torch.tensor([1, 2]), torch.tensor([0] if last else [], dtype=torch.long)
+    weights = torch.ones(2, requires_grad=True)
+    out = q(ids, offsets, per_sample_weights=weights)
+    assert out.shape == float_bag(ids, offsets, per_sample_weights=weights.detach()).shape == (0, 8)
+    out.sum().backward()
+    assert torch.equal(weights.grad, torch.zeros(2))

@@ -458,6 +458,9 @@ class _BagWithGradient(torch.autograd.Function):
         none: list[Any] = [None] * (1 + ctx.args)  # the key set, then the op's arguments
         if not ctx.needs_input_grad[1 + _WEIGHTS]:
             return tuple(none)
+        if grad.shape[0] == 0:  # no bag: no id falls in one, each gets a zero gradient
+            none[1 + _WEIGHTS] = grad.new_zeros(ctx.weights_shape)
+            return tuple(none)
         count, *table = ctx.table
         last, padding_idx, max_norm, norm_type = ctx.forms
         saved = ctx.saved_tensors
