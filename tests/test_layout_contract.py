@@ -197,11 +197,13 @@ def test_lookups_follow_the_buffers_written_in_place_or_replaced(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "float"])
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "float", "type:float16", "type:float64"])
 def test_model_dtype_casts_keep_every_buffer_dtype(tmp_path, layout, cast):
     """``model.half()`` / ``.bfloat16()`` / ``.double()`` / ``.float()`` leave a table's
     stored buffers as they are (float ones included: a mixed table's column books), so
-    its file is unchanged and its lookups only come out in the new dtype."""
+    its file is unchanged and its lookups only come out in the new dtype. So does
+    ``model.type(dtype)``, which casts a float module's integer buffers too (it re-typed
+    the codes)."""
     if layout == "mixed":  # with every kind of codec, column books included
         from embpress.layouts.mixed import MixedTable
         from embpress.quant.codecs import Codec
@@ -217,10 +219,14 @@ def test_model_dtype_casts_keep_every_buffer_dtype(tmp_path, layout, cast):
     assert any(d.is_floating_point for d in dtypes.values()) == (layout == "mixed")
     ids, offsets = torch.tensor([0, 5, 59, 7, 7]), torch.tensor([0, 2])
     before, weight = module(ids, offsets), module.dequantize()
-    getattr(module, cast)()
+    if cast.startswith("type:"):
+        module.type(getattr(torch, cast[5:]))
+    else:
+        getattr(module, cast)()
     assert {name: b.dtype for name, b in module.named_buffers()} == dtypes
     assert torch.equal(module.dequantize(), weight)
     expected = {"half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
+    expected |= {"type:float16": torch.float16, "type:float64": torch.float64}
     assert module.output_dtype == expected.get(cast, torch.float32)
     assert torch.equal(module(ids, offsets), before.to(module.output_dtype))
     embpress.save(nn.Sequential(module), tmp_path / "m.safetensors")

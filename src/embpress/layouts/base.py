@@ -410,13 +410,16 @@ class QuantizedTable(nn.Module):
         its format, so ``model.half()`` or ``.double()`` must not re-type a float buffer (a
         mixed table's column books), while moves between devices still apply. A float
         buffer goes through ``fn`` viewed as integers of its width (which the dtype casts
-        of ``Module.to`` / ``half`` / ``double`` leave alone) and is viewed back."""
+        of ``Module.to`` / ``half`` / ``double`` leave alone) and is viewed back; where
+        ``fn`` casts integers too (``Module.type``), a buffer only moves to its device."""
         _KERNEL_ARGS.pop(self, None)
 
         def keep_dtype(t: torch.Tensor) -> torch.Tensor:
-            if not t.is_floating_point():
-                return fn(t)
-            return fn(t.view(_SAME_WIDTH_INT[t.element_size()])).view(t.dtype)
+            viewed = t.view(_SAME_WIDTH_INT[t.element_size()]) if t.is_floating_point() else t
+            out = fn(viewed)
+            if out.dtype != viewed.dtype:  # a cast of integers too (Module.type): the move alone
+                out = viewed.to(out.device)
+            return out.view(t.dtype)
 
         out = super()._apply(keep_dtype, recurse)
         self._own_op_tensors()
