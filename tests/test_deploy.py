@@ -10,6 +10,7 @@ module fixture); one child process loads all of them.
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from typing import Any
@@ -455,3 +456,40 @@ def test_gradient_of_ids_in_no_bag_at_all_is_zero(last):
     assert out.shape == float_bag(ids, offsets, per_sample_weights=weights.detach()).shape == (0, 8)
     out.sum().backward()
     assert torch.equal(weights.grad, torch.zeros(2))
+
+
+def test_an_exported_mixed_table_refuses_another_tables_state():
+    """A mixed table's op arguments say where each class's rows start in its payload, which
+    depends on the table: an exported program given another mixed table's state of the
+    same shapes (``strict=False``) raises instead of reading that state at the first
+    table's places (it returned wrong values); the program's own state still runs."""
+
+    class Bags(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e = nn.EmbeddingBag(400, 32, mode="sum")
+
+        def forward(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+            return self.e(x, o)
+
+    def mixed(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = Bags()
+        embpress.plan(model, budget_bytes=2000).apply(model)
+        return model
+
+    first, other = mixed(0), mixed(1)
+    first_args, other_args = first.e.table.layout_args(), other.e.table.layout_args()
+    assert first_args != other_args  # the seeds give other class sizes
+    assert {k: v.shape for k, v in first.state_dict().items()} == {
+        k: v.shape for k, v in other.state_dict().items()
+    }
+    x, o = torch.randint(0, 400, (64,)), torch.arange(0, 64, 4)
+    saved = io.BytesIO()  # saved and loaded, as a server gets it: its own buffers
+    torch.export.save(torch.export.export(first, (x, o)), saved)
+    saved.seek(0)
+    program = torch.export.load(saved).module()
+    assert torch.equal(program(x, o), first(x, o))
+    program.load_state_dict(other.state_dict(), strict=False)
+    with pytest.raises(ValueError, match="not those of the table the op was made for"):
+        program(x, o)

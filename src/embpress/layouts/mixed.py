@@ -274,6 +274,17 @@ class MixedTable(QuantizedTable):
             raise ValueError(f"layout 'mixed': bad codec in layout_args {layout_args} ({err})") from None
         self.base = [layout_args[3 * c + 2] for c in range(n)]
         self._set_geometry(codecs, None)
+        # the class payloads' starts follow from the rows of each class (the rank
+        # directory's last entry): tensors of another mixed table of the same shapes, as an
+        # exported program given another model's state holds, would be read at wrong places
+        counts = self.class_rank[-1].tolist()
+        starts = [sum(counts[k] * self.row_bytes[k] for k in range(c)) for c in range(n)]
+        if starts != self.base:
+            raise ValueError(
+                f"layout 'mixed': the tensors are not those of the table the op was made for "
+                f"(its class payloads start at bytes {starts}, the op's layout_args say "
+                f"{self.base}): export or compile the model again after loading another table"
+            )
 
     def op_tensors(self) -> list[torch.Tensor]:
         return [self.class_ids, self.class_rank, self.class_sub, self.payload, self.colbooks]
