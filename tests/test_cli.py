@@ -272,7 +272,8 @@ def test_selecting_one_of_tied_tables_compresses_their_one_table(tmp_path: Path)
     done = _run("compress", src, out, "--tables", "emb")
     assert done.exit_code == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
-    assert len(lines) == 1 and "emb.weight (tied to lm_head.weight)" in lines[0] and "untied" in lines[0]
+    assert len(lines) == 1 and "emb.weight (tied to lm_head.weight, which stays float" in lines[0]
+    assert "untied" in lines[0]
 
 
 def _hf_dir(tmp_path: Path, config: dict[str, object] | str | None) -> Path:
@@ -329,6 +330,21 @@ def test_a_token_table_a_hugging_face_config_ties_to_a_head_stays_float(
         assert "compressed as selected" in asked.stderr
     else:
         assert not warned
+
+
+def test_without_the_model_a_position_table_of_as_many_rows_is_not_the_token_table(tmp_path: Path) -> None:
+    """Read from config.json alone (a model transformers cannot build), the token table is
+    the table of ``vocab_size`` rows that is not a position or type table."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**_LM, "vocab_size": 50}))
+    state = {
+        "wpe.weight": torch.zeros(50, 8),
+        "wte.weight": torch.zeros(50, 8),
+        "type_emb.weight": torch.zeros(50, 8),
+    }
+    with pytest.warns(UserWarning, match=r"left float.*wte\.weight"):
+        assert find_tables(state, source=folder / "model.safetensors") == ["wpe.weight", "type_emb.weight"]
 
 
 def test_select_tables_and_name_heuristic() -> None:

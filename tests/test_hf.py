@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import embpress
 
@@ -173,3 +174,71 @@ def test_a_save_pretrained_folder_keeps_the_token_table_its_head_is_tied_to(tmp_
     ids = torch.randint(0, 500, (2, 10))
     with torch.no_grad():
         assert torch.allclose(fresh(ids).logits, model(ids).logits, atol=0.05)
+
+
+def _tiny(name: str):
+    """A small Hugging Face model of class ``name`` and what a compress of its
+    save_pretrained folder leaves float (a token table its head is tied to, a position
+    table with a forward of its own)."""
+    t = transformers
+    if name == "gpt2-square":  # as many positions as tokens: the row count alone cannot tell
+        cfg = t.GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=1, n_head=2)
+        return t.GPT2LMHeadModel(cfg), {"transformer.wte.weight"}
+    if name == "marian":  # a class name with no 'LM' or 'ForCausalLM' in it
+        cfg = t.MarianConfig(
+            vocab_size=60, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, pad_token_id=0,
+            decoder_start_token_id=0, max_position_embeddings=32,
+        )  # fmt: skip
+        return t.MarianMTModel(cfg), {"model.shared.weight"}
+    if name == "opt":  # learned positions with an offset: a forward of their own
+        cfg = t.OPTConfig(
+            vocab_size=60, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+            max_position_embeddings=20, word_embed_proj_dim=16,
+        )  # fmt: skip
+        return t.OPTForCausalLM(cfg), {
+            "model.decoder.embed_tokens.weight",
+            "model.decoder.embed_positions.weight",
+        }
+    cfg = t.ElectraConfig(  # "ForPreTraining" without a head tied to the token table
+        vocab_size=60, embedding_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32,
+    )  # fmt: skip
+    return t.ElectraForPreTraining(cfg), set()
+
+
+@pytest.mark.parametrize("name", ["gpt2-square", "marian", "opt", "electra"])
+def test_a_model_folder_is_compressed_as_its_model_can_load_it(tmp_path, name):
+    """With transformers installed, the model built from the folder's config (on the meta
+    device) says which table its head is tied to and which modules a compressed one
+    cannot replace: those stay float with a warning naming them, every other table is
+    compressed, and the result loads into a model built from the same config (where
+    nothing is left, the error says none was found)."""
+    torch.manual_seed(0)
+    model, float_kept = _tiny(name)
+    model.eval().save_pretrained(tmp_path / "m")
+    src = tmp_path / "m" / "model.safetensors"
+    with safe_open(str(src), "pt") as f:
+        assert float_kept <= set(f.keys())
+    out = tmp_path / "out.safetensors"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = embpress.compress_checkpoint(src, out)
+        except ValueError as err:
+            assert "no embedding table found" in str(err) and name in ("marian", "opt")
+            result = None
+    if float_kept:
+        assert any(
+            "left float" in str(w.message) and all(k in str(w.message) for k in float_kept) for w in caught
+        )
+    if result is None:
+        return
+    compressed = {f"{t.name}.weight" for t in result.tables}
+    assert compressed and not compressed & float_kept
+    if name == "electra":  # its class name says "ForPreTraining", its head is not tied
+        assert "electra.embeddings.word_embeddings.weight" in compressed
+    fresh = type(model)(model.config).eval()
+    embpress.load(fresh, out)
+    for key in compressed:
+        assert isinstance(fresh.get_submodule(key[: -len(".weight")]), embpress.QuantizedEmbedding)

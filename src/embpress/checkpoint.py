@@ -41,7 +41,7 @@ from torch import nn
 from . import io as eio
 from ._collective import LOCAL, Collective
 from .api import post_training_sparse_quantize
-from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
+from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, _scaled_forward
 from .planner import DEFAULT_UNSEEN_WEIGHT, Plan, PlanError
 from .planner import plan as make_plan
 from .quant.config import QuantConfig
@@ -348,14 +348,15 @@ def _is_table(state: Mapping[str, Any], key: str) -> bool:
 
 
 def _untied_from_others(
-    state: Mapping[str, torch.Tensor], found: list[str], heads: Mapping[str, str]
+    state: Mapping[str, torch.Tensor], found: list[str], kept: Mapping[str, str]
 ) -> list[str]:
     """``found`` without the tables tied to a tensor that is not one of them (a language
-    model's output head, ``lm_head.weight``, tied to its token table; or a head that a
-    Hugging Face config ties to a table the file holds alone, ``heads``): that tensor
-    stays float, so compressing the table would add its codes beside the float copy and
-    untie the two. A warning names them; naming the table in ``patterns`` compresses it
-    anyway."""
+    model's output head, ``lm_head.weight``, tied to its token table), nor those that a
+    Hugging Face model folder says to keep float (``kept``, each with its reason: a head
+    tied to a table the file holds alone, a module with its own forward): compressing a
+    tied table would add its codes beside the float copy and untie the two, and ``load``
+    refuses to put a table in place of a module with its own forward. A warning names
+    them; naming the table in ``patterns`` compresses it anyway."""
     chosen = set(found)
     left: list[str] = []
     for keys in _tied_keys(state).values():
@@ -364,26 +365,27 @@ def _untied_from_others(
             tables = [k for k in keys if k in chosen]
             chosen -= set(tables)
             left.append(f"{', '.join(tables)} (tied to {', '.join(others)})")
-    for key in [k for k in found if k in chosen and k in heads]:
+    for key in [k for k in found if k in chosen and k in kept]:
         chosen.discard(key)
-        left.append(f"{key} ({heads[key]})")
+        left.append(f"{key} ({kept[key]})")
     if left:
         warnings.warn(
-            "left float, tied to a tensor that is not an embedding table (an output head, "
-            "which keeps computing with it): " + "; ".join(left) + "; select them with "
-            "--tables / tables= to compress them anyway",
+            "left float, where a compressed module cannot serve (an output head tied to a "
+            "table keeps computing with it; a module with its own forward refuses one): "
+            + "; ".join(left)
+            + "; select them with --tables / tables= to compress them anyway",
             stacklevel=3,
         )
     return [k for k in found if k in chosen]
 
 
-def _with_tied(state: Mapping[str, Any], chosen: Sequence[str], heads: Mapping[str, str]) -> list[str]:
+def _with_tied(state: Mapping[str, Any], chosen: Sequence[str], kept: Mapping[str, str]) -> list[str]:
     """``chosen`` (selected by name) with the embedding tables tied to one of them: the
     same table under another module's name, compressed with it as one (a model's modules
     on that weight then share the compressed module), in the order of ``state``. A chosen
-    table tied to a tensor of another kind (an output head, or one a Hugging Face config
-    ties to it, ``heads``) is compressed as asked, with a warning: that tensor stays float
-    beside the codes, and a model that ties the two loads the file only untied."""
+    table tied to a tensor of another kind (an output head), or one a Hugging Face model
+    folder says to keep float (``kept``), is compressed as asked, with a warning saying
+    what the result then lacks."""
     keys = set(chosen)
     broken: list[str] = []
     for group in _tied_keys(state).values():
@@ -392,19 +394,29 @@ def _with_tied(state: Mapping[str, Any], chosen: Sequence[str], heads: Mapping[s
         keys.update(k for k in group if _is_table(state, k))
         others = [k for k in group if k not in keys]
         if others:
-            broken.append(f"{', '.join(k for k in group if k in keys)} (tied to {', '.join(others)})")
-    broken += [f"{k} ({heads[k]})" for k in state if k in keys and k in heads]
+            tables = ", ".join(k for k in group if k in keys)
+            broken.append(
+                f"{tables} (tied to {', '.join(others)}, which stays float: the file holds both, "
+                "and a model that ties them loads it only once they are untied)"
+            )
+    broken += [
+        f"{k} ({kept[k]}: {_KEPT_CONSEQUENCE[kept[k].split(' ', 1)[0]]})"
+        for k in state
+        if k in keys and k in kept
+    ]
     if broken:
-        warnings.warn(
-            "compressed as selected, though tied to a tensor that stays float (an output "
-            "head, which keeps computing with it): " + "; ".join(broken) + "; the file holds "
-            "both, and a model that ties them loads it only once they are untied",
-            stacklevel=3,
-        )
+        warnings.warn("compressed as selected: " + "; ".join(broken), stacklevel=3)
     return [k for k in state if k in keys]
 
 
-# model classes whose output head Hugging Face ties to the token table (tie_word_embeddings)
+# what compressing a table a model folder says to keep float leaves, by its reason's first word
+_KEPT_CONSEQUENCE = {
+    "tied": "the file holds no float weight for that head, so a model built from that "
+    "config does not load it",
+    "its": "embpress.load refuses to put a table in that module's place",
+}
+# model classes whose output head Hugging Face ties to the token table (tie_word_embeddings),
+# where transformers cannot say itself
 _HEAD_CLASSES = (
     "LMHead",
     "ForCausalLM",
@@ -412,8 +424,11 @@ _HEAD_CLASSES = (
     "ForConditionalGeneration",
     "ForPreTraining",
     "DoubleHeads",
+    "MTModel",
 )
 _CONFIG_MAX = 4 << 20  # bytes of a config.json read at most
+# module names of position and type tables, which a token table's row count may match
+_NOT_TOKENS = re.compile(r"pos|wpe|type", re.IGNORECASE)
 
 
 def _has_head(model_class: object) -> bool:
@@ -421,13 +436,27 @@ def _has_head(model_class: object) -> bool:
     return isinstance(model_class, str) and any(h in model_class for h in _HEAD_CLASSES)
 
 
-def _config_heads(source: PathLike, state: Mapping[str, Any]) -> dict[str, str]:
-    """The token tables of ``state`` that a Hugging Face ``config.json`` beside the file
-    ``source`` ties to an output head, each with the reason. ``save_pretrained`` writes a
-    tied head's weight once, under the table's name, so only the config says it: its
-    ``tie_word_embeddings`` is true (Hugging Face's default where the key is missing), its
-    model class has such a head (``architectures``), and the table has ``vocab_size``
-    rows (top level or ``text_config``). A config that cannot be read says nothing."""
+def _replaceable(cls: type) -> bool:
+    """Whether a compressed module can stand in for modules of class ``cls``: nn.Embedding
+    or nn.EmbeddingBag, a subclass keeping their forward, or a ScaledWordEmbedding."""
+    for base in (nn.Embedding, nn.EmbeddingBag):
+        if issubclass(cls, base) and getattr(cls, "forward", None) is base.forward:
+            return True
+    return (
+        issubclass(cls, nn.Embedding) and _scaled_forward(cast(type, cls)) is not None
+    )  # (mypy: classes hash)
+
+
+def _config_kept(source: PathLike, state: Mapping[str, Any]) -> dict[str, str]:
+    """The tables of ``state`` that a Hugging Face ``config.json`` beside the file
+    ``source`` says to keep float, each with its reason: the token table where the model
+    ties its output head to it (``save_pretrained`` writes the pair once, under the
+    table's name, so only the config says it), and tables of modules with their own
+    forward (learned position tables with an offset). Where ``transformers`` is installed
+    the model is built from the config on the meta device and asked; otherwise the config
+    is read: ``tie_word_embeddings`` true (the default), a model class with such a head,
+    and the table with ``vocab_size`` rows (a position or type table only where no other
+    matches). A config that cannot be read says nothing."""
     path = Path(source).parent / "config.json"
     try:
         info = path.stat()
@@ -438,25 +467,82 @@ def _config_heads(source: PathLike, state: Mapping[str, Any]) -> dict[str, str]:
         return {}
     if not isinstance(config, dict) or "model_type" not in config:
         return {}
+    tied = f"tied to the output head by {path} (tie_word_embeddings)"
+    facts = _model_facts(str(path), info.st_mtime_ns, info.st_size)
+    if facts is not None:
+        head_tied, own_forward = facts
+        kept = {
+            k: f"its module is a {own_forward[k]} with its own forward ({path})"
+            for k in state
+            if k in own_forward
+        }
+        kept |= {k: tied for k in state if k in head_tied}
+        return kept
     classes = config.get("architectures")
     if isinstance(classes, list) and classes and not any(_has_head(c) for c in classes):
         return {}
-    tied = config.get("tie_word_embeddings", True)
+    tie = config.get("tie_word_embeddings", True)
     vocab: set[int] = set()
     for part in (config, config.get("text_config")):
-        if isinstance(part, dict) and part.get("tie_word_embeddings", tied) is True:
+        if isinstance(part, dict) and part.get("tie_word_embeddings", tie) is True:
             size = part.get("vocab_size")
             if type(size) is int:
                 vocab.add(size)
-    reason = f"tied to the output head by {path} (tie_word_embeddings)"
-    return {
-        k: reason
+    sized = [
+        k
         for k, v in state.items()
         if (p := _module_path(k)) is not None
         and looks_like_embedding(p)
         and len(v.shape) == 2
         and v.shape[0] in vocab
-    }
+    ]
+    tokens = [k for k in sized if not _NOT_TOKENS.search(k.rsplit(".", 2)[-2])]
+    return {k: tied for k in (tokens or sized)}
+
+
+@functools.lru_cache(maxsize=8)
+def _model_facts(config: str, mtime_ns: int, size: int) -> tuple[frozenset[str], dict[str, str]] | None:
+    """For the Hugging Face ``config.json`` at ``config`` (its time and size key the cache):
+    the weight names of the token table where the model's output head is tied to it, and
+    the class of each embedding module with its own forward, by weight name; from the
+    model built on the meta device. None where transformers is not installed or cannot
+    build the model (an unknown class, code of its own)."""
+    import logging
+
+    try:
+        import transformers
+    except Exception:  # not installed, or broken: the config is read instead
+        return None
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            settings = transformers.AutoConfig.from_pretrained(str(Path(config).parent))
+            names = getattr(settings, "architectures", None) or []
+            cls = getattr(transformers, names[0], None) if names else None
+            if cls is None:
+                return None
+            with torch.device("meta"):
+                model = cls(settings)
+    except Exception:  # whatever keeps transformers from building it: the config is read instead
+        return None
+    finally:
+        logger.setLevel(level)
+    tables = [
+        (name, m)
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+    ]
+    head = model.get_output_embeddings()
+    tokens = model.get_input_embeddings()
+    weight = getattr(tokens, "weight", None)
+    head_tied: frozenset[str] = frozenset()
+    if weight is not None and getattr(head, "weight", None) is weight:
+        head_tied = frozenset(f"{name}.weight" for name, m in tables if m.weight is weight)
+    own_forward = {f"{name}.weight": type(m).__name__ for name, m in tables if not _replaceable(type(m))}
+    return head_tied, own_forward
 
 
 def find_tables(
@@ -478,10 +564,10 @@ def find_tables(
     if isinstance(patterns, str):
         raise TypeError(f"patterns must be a list of globs, got the string {patterns!r}")
     candidates = {k: p for k in state if (p := _module_path(k)) is not None}
-    heads = {} if source is None else _config_heads(source, state)
+    kept = {} if source is None else _config_kept(source, state)
     if not patterns:
         found = [k for k in candidates if _is_table(state, k)]
-        return _untied_from_others(state, found, heads)
+        return _untied_from_others(state, found, kept)
     chosen: list[str] = []
     for pattern in patterns:
         hits = [
@@ -500,7 +586,7 @@ def find_tables(
         problem = _table_problem(state, key, candidates[key])
         if problem is not None:
             raise ValueError(f"selected tensor {key!r} {problem}")
-    return _with_tied(state, chosen, heads)
+    return _with_tied(state, chosen, kept)
 
 
 # ------------------------------------------------------------------------------ compressing
