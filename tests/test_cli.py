@@ -347,6 +347,16 @@ def test_without_the_model_a_position_table_of_as_many_rows_is_not_the_token_tab
         assert find_tables(state, source=folder / "model.safetensors") == ["wpe.weight", "type_emb.weight"]
 
 
+@pytest.mark.parametrize(
+    "state",
+    [{"emb.weight": [[1.0]]}, {1: torch.ones(2, 2)}, [("emb.weight", torch.ones(2, 2))]],
+    ids=["list value", "int key", "list of pairs"],
+)
+def test_find_tables_refuses_what_is_not_a_state_dict(state: object) -> None:
+    with pytest.raises(TypeError, match="state must"):
+        find_tables(state)  # type: ignore[arg-type]
+
+
 def test_select_tables_and_name_heuristic() -> None:
     for name in ("emb", "emb1", "embedding", "embeddings", "bert.embeddings.word_embeddings", "embed_tokens"):
         assert looks_like_embedding(name), name

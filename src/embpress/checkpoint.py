@@ -298,8 +298,9 @@ def load_checkpoint(path: PathLike) -> tuple[dict[str, torch.Tensor], str]:
 # ------------------------------------------------------------------------------ choosing tables
 def looks_like_embedding(module_path: str) -> bool:
     """Whether a module path names an embedding (``emb1``, ``word_embeddings``, ``wte``,
-    ``tables.3``..., and ``shared``, the token table of Hugging Face's encoder-decoder
-    models: T5, BART, Pegasus, M2M100, whose safetensors files hold it alone).
+    ``embedding_bags.3``..., and ``shared``, the token table of Hugging Face's
+    encoder-decoder models: T5, BART, Pegasus, M2M100, whose safetensors files hold it
+    alone; not ``tables.3``, which ``--tables`` picks).
 
     The last component decides; a numeric one (a ModuleList index) defers to its parent.
     """
@@ -545,6 +546,15 @@ def _model_facts(config: str, mtime_ns: int, size: int) -> tuple[frozenset[str],
     return head_tied, own_forward
 
 
+def _check_state_types(state: Any) -> None:
+    """TypeError unless ``state`` is a mapping of str keys to tensors (a state_dict)."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict of tensors (a state_dict), got {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise TypeError(f"state must map str keys to tensors; {key!r} maps to {type(value).__name__}")
+
+
 def find_tables(
     state: Mapping[str, torch.Tensor], patterns: Sequence[str] = (), *, source: PathLike | None = None
 ) -> list[str]:
@@ -561,6 +571,7 @@ def find_tables(
     beside it ties the token table to an output head (``tie_word_embeddings``; the file
     then holds the table alone), that table counts as tied to the head.
     """
+    _check_state_types(state)
     if isinstance(patterns, str):
         raise TypeError(f"patterns must be a list of globs, got the string {patterns!r}")
     candidates = {k: p for k in state if (p := _module_path(k)) is not None}
@@ -704,11 +715,7 @@ def _dense_tables(state: Mapping[str, torch.Tensor], tables: Sequence[str]) -> d
 
 def _checked_state(state: Any, tables: Sequence[str] | None) -> list[str]:
     """The table keys to compress (``tables``, or those :func:`find_tables` finds), checked."""
-    if not isinstance(state, Mapping):
-        raise TypeError(f"state must be a dict of tensors (a state_dict), got {type(state).__name__}")
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise TypeError(f"state must map str keys to tensors; {key!r} maps to {type(value).__name__}")
+    _check_state_types(state)
     if tables is None:
         keys = find_tables(state)
         if not keys:
