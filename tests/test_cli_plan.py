@@ -212,6 +212,14 @@ def test_tied_tables_with_a_plan(tmp_path: Path) -> None:
     (row,) = json.loads(result.stdout)["tables"]
     assert row["aliases"] == ["dec.embed_tokens"]
     assert json.loads(result.stdout)["copied"]["count"] == 0
+    # a plan of the two as separate tables does not fit the checkpoint that ties them
+    apart = tmp_path / "apart.pt"
+    torch.save({"enc.embed_tokens.weight": shared.clone(), "dec.embed_tokens.weight": shared.clone()}, apart)
+    assert _run("plan", apart, "--budget", "1/8", "--json", plan_path).exit_code == 0
+    refused = _run("compress", src, tmp_path / "out.safetensors", "--plan", plan_path)
+    assert refused.exit_code == 1
+    assert "the plan names 'enc.embed_tokens' and 'dec.embed_tokens' as two tables" in refused.stderr
+    assert "ties them" in refused.stderr
 
 
 def test_compress_defaults_are_4_bits_no_pruning(ckpt: Path, tmp_path: Path) -> None:

@@ -937,13 +937,18 @@ def _plan_keys(state: Mapping[str, torch.Tensor], the_plan: Plan) -> list[str]:
     state_dict's order."""
     if not isinstance(the_plan, Plan):
         raise TypeError(f"plan must be an embpress.Plan, got {type(the_plan).__name__}")
-    storages = set()
+    storages: dict[Any, str] = {}
     for t in the_plan.tables:
         key = f"{t.name}{_SUFFIX}"
         if key not in state:
             raise PlanError(f"the plan names table {t.name!r}, but the checkpoint has no tensor {key!r}")
         if isinstance(state[key], torch.Tensor):
-            storages.add(eio.view_key(state[key]))
+            first = storages.setdefault(eio.view_key(state[key]), t.name)
+            if first != t.name:
+                raise PlanError(
+                    f"the plan names {first!r} and {t.name!r} as two tables, but the checkpoint "
+                    "ties them (one tensor): make the plan from this checkpoint"
+                )
     named = {f"{t.name}{_SUFFIX}" for t in the_plan.tables}
 
     def tied_table(k: str, v: Any) -> bool:  # an embedding table tied to a planned one
