@@ -493,3 +493,22 @@ def test_an_exported_mixed_table_refuses_another_tables_state():
     program.load_state_dict(other.state_dict(), strict=False)
     with pytest.raises(ValueError, match="not those of the table the op was made for"):
         program(x, o)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("odd", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_give_what_torch_gives_on_the_dequantized_table(layout, odd):
+    """A NaN or infinite per-sample weight reaches every column of its bag as in torch's
+    sum over the dequantized rows (NaN where it meets a pruned entry's 0.0): the fused
+    kernels skip pruned entries and fold the weight into the scale, so such bags take the
+    plain path."""
+    torch.manual_seed(0)
+    float_bag = nn.EmbeddingBag(64, 16, mode="sum")
+    q = embpress.QuantizedEmbeddingBag.from_float(
+        float_bag, embpress.QuantConfig(bits=8, layout=layout), mask=torch.rand(64, 16) > 0.5
+    )
+    ref = nn.EmbeddingBag.from_pretrained(q.dequantize(), mode="sum")
+    ids, offsets = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([0, 4])
+    weights = torch.tensor([odd, 1.0, 1.0, 1.0, 0.5, 2.0])
+    got, want = q(ids, offsets, per_sample_weights=weights), ref(ids, offsets, per_sample_weights=weights)
+    torch.testing.assert_close(got, want, equal_nan=True)

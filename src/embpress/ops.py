@@ -316,7 +316,10 @@ def embedding_bag_impl(
         weights = per_sample_weights.reshape(-1)[: flat.numel()].contiguous()
     if fast and mode != MAX and max_norm is None:
         padded = padding_idx is not None and bool((flat == padding_idx).any())
-        out = None if padded else table.fast_bag(flat, bounds, mode, weights)
+        # a NaN or infinite weight times a pruned entry's 0.0 is NaN in torch's sum, which the
+        # fused kernels (they skip pruned entries, fold weights into scales) do not give
+        odd = weights is not None and weights.numel() > 0 and not bool(torch.isfinite(weights).all())
+        out = None if padded or odd else table.fast_bag(flat, bounds, mode, weights)
         if out is not None:
             return out.to(flat.device)
     return generic_bag(table, flat, bounds, weights, mode, padding_idx, max_norm, norm_type)
