@@ -41,7 +41,7 @@ from torch import nn
 from . import io as eio
 from ._collective import LOCAL, Collective
 from .api import post_training_sparse_quantize
-from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, _scaled_forward
+from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, replaceable_class
 from .planner import DEFAULT_UNSEEN_WEIGHT, Plan, PlanError
 from .planner import plan as make_plan
 from .quant.config import QuantConfig
@@ -349,7 +349,7 @@ def _is_table(state: Mapping[str, Any], key: str) -> bool:
 
 
 def _untied_from_others(
-    state: Mapping[str, torch.Tensor], found: list[str], kept: Mapping[str, str]
+    state: Mapping[str, torch.Tensor], found: list[str], kept: Mapping[str, tuple[str, str]]
 ) -> list[str]:
     """``found`` without the tables tied to a tensor that is not one of them (a language
     model's output head, ``lm_head.weight``, tied to its token table), nor those that a
@@ -368,7 +368,7 @@ def _untied_from_others(
             left.append(f"{', '.join(tables)} (tied to {', '.join(others)})")
     for key in [k for k in found if k in chosen and k in kept]:
         chosen.discard(key)
-        left.append(f"{key} ({kept[key]})")
+        left.append(f"{key} ({kept[key][0]})")
     if left:
         warnings.warn(
             "left float, where a compressed module cannot serve (an output head tied to a "
@@ -380,13 +380,15 @@ def _untied_from_others(
     return [k for k in found if k in chosen]
 
 
-def _with_tied(state: Mapping[str, Any], chosen: Sequence[str], kept: Mapping[str, str]) -> list[str]:
+def _with_tied(
+    state: Mapping[str, Any], chosen: Sequence[str], kept: Mapping[str, tuple[str, str]]
+) -> list[str]:
     """``chosen`` (selected by name) with the embedding tables tied to one of them: the
     same table under another module's name, compressed with it as one (a model's modules
     on that weight then share the compressed module), in the order of ``state``. A chosen
     table tied to a tensor of another kind (an output head), or one a Hugging Face model
-    folder says to keep float (``kept``), is compressed as asked, with a warning saying
-    what the result then lacks."""
+    folder says to keep float (``kept``: why, and what the result then lacks), is
+    compressed as asked, with a warning saying what the result lacks."""
     keys = set(chosen)
     broken: list[str] = []
     for group in _tied_keys(state).values():
@@ -400,22 +402,15 @@ def _with_tied(state: Mapping[str, Any], chosen: Sequence[str], kept: Mapping[st
                 f"{tables} (tied to {', '.join(others)}, which stays float: the file holds both, "
                 "and a model that ties them loads it only once they are untied)"
             )
-    broken += [
-        f"{k} ({kept[k]}: {_KEPT_CONSEQUENCE[kept[k].split(' ', 1)[0]]})"
-        for k in state
-        if k in keys and k in kept
-    ]
+    broken += [f"{k} ({kept[k][0]}: {kept[k][1]})" for k in state if k in keys and k in kept]
     if broken:
         warnings.warn("compressed as selected: " + "; ".join(broken), stacklevel=3)
     return [k for k in state if k in keys]
 
 
-# what compressing a table a model folder says to keep float leaves, by its reason's first word
-_KEPT_CONSEQUENCE = {
-    "tied": "the file holds no float weight for that head, so a model built from that "
-    "config does not load it",
-    "its": "embpress.load refuses to put a table in that module's place",
-}
+# what compressing a table that a model folder says to keep float leaves
+_NO_HEAD = "the file holds no float weight for that head, so a model built from that config does not load it"
+_REFUSED = "embpress.load refuses to put a table in that module's place"
 # model classes whose output head Hugging Face ties to the token table (tie_word_embeddings),
 # where transformers cannot say itself
 _HEAD_CLASSES = (
@@ -437,20 +432,10 @@ def _has_head(model_class: object) -> bool:
     return isinstance(model_class, str) and any(h in model_class for h in _HEAD_CLASSES)
 
 
-def _replaceable(cls: type) -> bool:
-    """Whether a compressed module can stand in for modules of class ``cls``: nn.Embedding
-    or nn.EmbeddingBag, a subclass keeping their forward, or a ScaledWordEmbedding."""
-    for base in (nn.Embedding, nn.EmbeddingBag):
-        if issubclass(cls, base) and getattr(cls, "forward", None) is base.forward:
-            return True
-    return (
-        issubclass(cls, nn.Embedding) and _scaled_forward(cast(type, cls)) is not None
-    )  # (mypy: classes hash)
-
-
-def _config_kept(source: PathLike, state: Mapping[str, Any]) -> dict[str, str]:
+def _config_kept(source: PathLike, state: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     """The tables of ``state`` that a Hugging Face ``config.json`` beside the file
-    ``source`` says to keep float, each with its reason: the token table where the model
+    ``source`` says to keep float, each with its reason and what compressing it anyway
+    leaves: the token table where the model
     ties its output head to it (``save_pretrained`` writes the pair once, under the
     table's name, so only the config says it), and tables of modules with their own
     forward (learned position tables with an offset). Where ``transformers`` is installed
@@ -468,12 +453,12 @@ def _config_kept(source: PathLike, state: Mapping[str, Any]) -> dict[str, str]:
         return {}
     if not isinstance(config, dict) or "model_type" not in config:
         return {}
-    tied = f"tied to the output head by {path} (tie_word_embeddings)"
+    tied = (f"tied to the output head by {path} (tie_word_embeddings)", _NO_HEAD)
     facts = _model_facts(str(path), info.st_mtime_ns, info.st_size)
     if facts is not None:
         head_tied, own_forward = facts
         kept = {
-            k: f"its module is a {own_forward[k]} with its own forward ({path})"
+            k: (f"its module is a {own_forward[k]} with its own forward ({path})", _REFUSED)
             for k in state
             if k in own_forward
         }
@@ -489,14 +474,7 @@ def _config_kept(source: PathLike, state: Mapping[str, Any]) -> dict[str, str]:
             size = part.get("vocab_size")
             if type(size) is int:
                 vocab.add(size)
-    sized = [
-        k
-        for k, v in state.items()
-        if (p := _module_path(k)) is not None
-        and looks_like_embedding(p)
-        and len(v.shape) == 2
-        and v.shape[0] in vocab
-    ]
+    sized = [k for k, v in state.items() if _is_table(state, k) and v.shape[0] in vocab]
     tokens = [k for k in sized if not _NOT_TOKENS.search(k.rsplit(".", 2)[-2])]
     return {k: tied for k in (tokens or sized)}
 
@@ -542,7 +520,7 @@ def _model_facts(config: str, mtime_ns: int, size: int) -> tuple[frozenset[str],
     head_tied: frozenset[str] = frozenset()
     if weight is not None and getattr(head, "weight", None) is weight:
         head_tied = frozenset(f"{name}.weight" for name, m in tables if m.weight is weight)
-    own_forward = {f"{name}.weight": type(m).__name__ for name, m in tables if not _replaceable(type(m))}
+    own_forward = {f"{name}.weight": type(m).__name__ for name, m in tables if not replaceable_class(type(m))}
     return head_tied, own_forward
 
 

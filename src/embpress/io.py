@@ -910,10 +910,10 @@ def load(
         made: dict[tuple[Any, ...], QuantizedEmbedding | QuantizedEmbeddingBag] = {}
         for parent, attr, current in resolved:
             module = _module_for(p, name, entry, table, current)
-            module = made.setdefault(_module_key(module), module)
-            if device is not None:
-                module = module.to(device)
-            places.append((parent, attr, module))
+            kind = _module_key(module)
+            if kind not in made:
+                made[kind] = module if device is None else module.to(device)
+            places.append((parent, attr, made[kind]))
     check_no_stray(p, tensors, owned)
     state = {k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
     replaced = tuple(

@@ -114,14 +114,31 @@ def _scaled_forward(cls: type) -> bool | None:
     return _SCALED_RETURNS.get(lines[1])
 
 
+def _keeps_forward(cls: type) -> bool:
+    """Whether ``cls`` is nn.Embedding / nn.EmbeddingBag or a subclass keeping its forward."""
+    return any(
+        issubclass(cls, b) and getattr(cls, "forward", None) is b.forward
+        for b in (nn.Embedding, nn.EmbeddingBag)
+    )
+
+
+def replaceable_class(cls: type) -> bool:
+    """Whether a compressed module can stand in for modules of class ``cls``, known from
+    the class alone (a module whose weights are not at hand, built on the meta device):
+    nn.Embedding / nn.EmbeddingBag, a subclass keeping their forward, or one whose forward
+    is a ScaledWordEmbedding's (:func:`embedding_scale` then reads the module's scale)."""
+    return _keeps_forward(cls) or (
+        issubclass(cls, nn.Embedding) and _scaled_forward(cast(type, cls)) is not None  # (mypy: classes hash)
+    )
+
+
 def embedding_scale(module: nn.Module) -> float | None:
     """What a compressed module replacing ``module`` multiplies its lookups by: 1.0 for
     nn.Embedding / nn.EmbeddingBag (or a subclass that keeps their forward), the scale of a
     Hugging Face ScaledWordEmbedding (as its forward applies it); None for any other
     subclass with its own forward, which a compressed module cannot stand in for."""
-    for base in (nn.Embedding, nn.EmbeddingBag):
-        if isinstance(module, base) and type(module).forward is base.forward:
-            return 1.0
+    if _keeps_forward(type(module)):
+        return 1.0
     if not isinstance(module, nn.Embedding):
         return None
     to_weight_dtype = _scaled_forward(cast(type, type(module)))  # (mypy: classes hash)
