@@ -212,3 +212,65 @@ def test_a_refused_usage_is_left_as_it_was():
     assert list(given.counts) == ["bag"] and given.calls == {"bag": 0}
     with pytest.raises(TypeError, match=r"usage must be an embpress\.Usage"), record_usage(model, {}):  # type: ignore[arg-type]
         pass
+
+
+def test_non_finite_weights_count_as_lookups_and_saved_counts_load(tmp_path):
+    """A NaN or infinite per-sample weight still looks its row up: the row counts as used,
+    every count stays finite, and what save writes, load reads."""
+    bag = nn.EmbeddingBag(6, 2, mode="sum")
+    w = torch.tensor([float("nan"), float("inf"), 1e308, 1e308, 2.0])
+    with record_usage(bag) as usage:
+        bag(torch.tensor([0, 1, 2, 2, 3]), torch.tensor([0]), per_sample_weights=w)
+    counts = usage[""]
+    assert bool(torch.isfinite(counts).all())
+    assert counts[0] > 0 and counts[1] > 0 and counts[2] > 0 and float(counts[3]) == 2.0
+    assert float(counts[4]) == 0.0
+    path = tmp_path / "u.safetensors"
+    usage.save(path)
+    back = Usage.load(path)
+    assert torch.equal(back[""], counts)
+    back.check(bag)
+
+
+def test_a_bare_module_is_the_table_named_by_the_empty_path(tmp_path):
+    emb = nn.Embedding(5, 2)
+    with record_usage(emb) as usage:
+        emb(torch.tensor([1, 1, 4]))
+    assert usage[""].tolist() == [0.0, 2.0, 0.0, 0.0, 1.0]
+    usage.save(tmp_path / "u.safetensors")
+    Usage.load(tmp_path / "u.safetensors").check(emb)
+    Usage({"": torch.zeros(5)}).check(emb)
+
+
+def test_a_call_that_fails_counts_nothing():
+    model = TwoTables()
+    with record_usage(model) as usage:
+        model(torch.tensor([[1, 2]]), torch.tensor([3]), torch.tensor([0]))
+        with pytest.raises((IndexError, RuntimeError)):
+            model.bag(torch.tensor([3, 99]), torch.tensor([0]))  # 99 is out of range: torch refuses
+        with pytest.raises(ValueError):
+            model.bag(torch.tensor([3, 4]), torch.tensor([0]), per_sample_weights=torch.ones(3))
+    assert float(usage["bag"].sum()) == 1.0 and usage.calls["bag"] == 1
+
+
+def test_nested_blocks_with_one_usage_count_each_lookup_once():
+    model = TwoTables()
+    ids, bag_ids, offsets = torch.tensor([[1, 2]]), torch.tensor([3, 3]), torch.tensor([0])
+    with record_usage(model) as usage:
+        with record_usage(model, usage):
+            model(ids, bag_ids, offsets)
+        model(ids, bag_ids, offsets)  # the outer block still counts after the inner one ends
+    assert float(usage["bag"][3]) == 4.0 and usage.calls["bag"] == 2
+    with record_usage(model) as other, record_usage(model, usage):
+        model(ids, bag_ids, offsets)  # two usages: each counts the call
+    assert float(other["bag"][3]) == 2.0 and float(usage["bag"][3]) == 6.0
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_usage_copies_the_counts_it_is_given():
+    given = torch.zeros(10, dtype=torch.float64)
+    usage = Usage({"0": given})
+    model = nn.Sequential(nn.Embedding(10, 4))
+    with record_usage(model, usage):
+        model(torch.tensor([1, 2]))
+    assert float(given.sum()) == 0.0 and float(usage["0"].sum()) == 2.0

@@ -2,13 +2,16 @@
 
 ``with embpress.record_usage(model) as usage: model(batch) ...`` puts a forward pre-hook on
 every ``nn.Embedding`` / ``nn.EmbeddingBag`` (and embpress's quantized ones) and adds, per
-call, the ids into a float64 count per row (``index_add_``: the cost follows the batch, not
-the table). An id adds its
-``|per_sample_weight|`` where the bag has weights, else 1; ``padding_idx`` ids add nothing
-(they add nothing to the output either). The hooks go when the block ends.
+call that returns, the ids into a float64 count per row (``index_add_``: the cost follows
+the batch, not the table). An id adds its ``|per_sample_weight|`` where the bag has
+weights (1 where that weight is NaN: the row was still looked up), else 1; ``padding_idx``
+ids add nothing (they add nothing to the output either). Counts stay finite (an infinite
+sum stops at float64's largest value). The hooks go when the block ends; a table already
+counted into the same ``Usage`` by an enclosing block is not counted twice.
 
 ``usage.save(path)`` writes one safetensors file (no pickle): a 1-D float64 tensor
-``counts.<module path>`` per table, and metadata ``format = "embpress-usage"``,
+``counts.<module path>`` per table (``counts.`` alone for a bare module, whose path is
+empty), and metadata ``format = "embpress-usage"``,
 ``format_version = "1"``. ``Usage.load`` checks every field before it returns, and
 ``usage.check(model)`` that names and row counts match a model's tables.
 """
@@ -16,6 +19,7 @@ the table). An id adds its
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -49,10 +53,10 @@ def _check_counts(name: str, counts: torch.Tensor, where: str) -> torch.Tensor:
         raise UsageError(
             f"{where}table {name!r}: counts have dtype {counts.dtype}, expected a float dtype, int32 or int64"
         )
-    out = counts.detach().to("cpu", torch.float64).contiguous()
-    if out.is_inference():  # made in torch.inference_mode(): a copy that can be added to outside it
-        with torch.inference_mode(False):
-            out = out.clone()
+    # always a copy: recording adds in place, and the caller's tensor stays theirs; a normal
+    # tensor even when made in torch.inference_mode(), so that it can be added to outside it
+    with torch.inference_mode(False):
+        out = counts.detach().to("cpu", torch.float64, copy=True).contiguous()
     if not bool(torch.isfinite(out).all()):
         raise UsageError(f"{where}table {name!r}: counts hold NaN or Inf")
     if bool((out < 0).any()):
@@ -66,10 +70,11 @@ class Usage:
     def __init__(self, counts: Mapping[str, torch.Tensor] | None = None) -> None:
         self.counts: dict[str, torch.Tensor] = {}
         for name, value in (counts or {}).items():
-            if not isinstance(name, str) or not name:
-                raise UsageError(f"table names must be non-empty strings, got {name!r}")
+            if not isinstance(name, str):
+                raise UsageError(f"table names must be strings (module paths), got {name!r}")
             self.counts[name] = _check_counts(name, value, "")
         self.calls: dict[str, int] = dict.fromkeys(self.counts, 0)
+        self._recording: set[int] = set()  # ids of modules a block is counting into this usage
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.counts[name]
@@ -137,7 +142,7 @@ class Usage:
                 if meta.get("format_version") != FORMAT_VERSION:
                     raise UsageError(f"{p}: unsupported usage format version {meta.get('format_version')!r}")
                 for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    if not key.startswith(_PREFIX) or len(key) == len(_PREFIX):
+                    if not key.startswith(_PREFIX):
                         raise UsageError(f"{p}: unexpected tensor {key!r}")
                     counts[key[len(_PREFIX) :]] = f.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as err:
@@ -168,8 +173,10 @@ class _Recorder:
     def __init__(self, usage: Usage, name: str, rows: int, padding_idx: int | None) -> None:
         self.usage, self.name, self.rows = usage, name, rows
         self.padding_idx = padding_idx
+        self.total = float(usage.counts[name].sum())
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        # a forward hook: it runs only after the call returned, so a refused call counts nothing
         ids, weights = _ids_of(module, args, kwargs)
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
             return  # the module itself will refuse it
@@ -177,6 +184,7 @@ class _Recorder:
         w = None
         if isinstance(weights, torch.Tensor) and weights.numel() == flat.numel():
             w = weights.detach().reshape(-1).abs().to(torch.float64)
+            w = torch.where(torch.isnan(w), 1.0, w)  # looked up all the same
         valid = (flat >= 0) & (flat < self.rows)
         if self.padding_idx is not None:
             valid &= flat != self.padding_idx
@@ -186,7 +194,13 @@ class _Recorder:
         if w is None:
             w = torch.ones(flat.numel(), dtype=torch.float64)
         # O(batch), not O(rows): a small batch on a large table costs little
-        self.usage.counts[self.name].index_add_(0, flat.cpu(), w.cpu())
+        counts = self.usage.counts[self.name]
+        counts.index_add_(0, flat.cpu(), w.cpu())
+        # no count exceeds the running total; only when that overflows are the counts clamped
+        # (O(rows), rare), so that they stay finite: what save writes, load reads
+        self.total += float(w.sum())
+        if not math.isfinite(self.total):
+            counts.clamp_(max=torch.finfo(torch.float64).max)
         self.usage.calls[self.name] += 1
 
 
@@ -230,18 +244,21 @@ def record_usage(model: nn.Module, usage: Usage | None = None) -> Iterator[Usage
             with torch.inference_mode(False):
                 usage.counts[name] = torch.zeros(rows, dtype=torch.float64)
         usage.calls.setdefault(name, 0)
+    mine = [(name, module) for name, module in tables.values() if id(module) not in usage._recording]
     handles = [
-        module.register_forward_pre_hook(
+        module.register_forward_hook(
             _Recorder(usage, name, _rows(module), _padding_idx(module)), with_kwargs=True
         )
-        for name, module in tables.values()
+        for name, module in mine
     ]
+    usage._recording.update(id(module) for _, module in mine)
     before = {name: usage.calls[name] for name, _ in tables.values()}
     try:
         yield usage
     finally:
         for h in handles:
             h.remove()
+        usage._recording.difference_update(id(module) for _, module in mine)
     if before and all(usage.calls[name] == n for name, n in before.items()):
         warnings.warn(
             "record_usage counted no lookup: no embedding module of the model was called in its "
