@@ -83,6 +83,8 @@ _PRUNED = Codec("pruned", 0)
 _BISECT_STEPS = 64
 _BISECT_RATIO = 1.05  # stop once lam is known this closely; the greedy fill does the rest
 _FILL_PASSES = 8
+_RESTART_ROWS = 1 << 17  # planning this many rows again costs little
+_RESTART_FACTORS = (1.5, 2.5, 4.0, 8.0)
 _PARALLEL_ROWS = 1 << 16  # below this a table's kernels run on one thread (a launch costs more)
 # the smallest multiplier tried first, relative to one that prunes every row (below it only
 # when it fits: _lam_floor)
@@ -988,6 +990,78 @@ def _plan_budget(costs: list[_Costs], budget: int) -> None:
     _ensure_pruned(costs)
     _bisect(costs, fits, around=lam)
     _fill(costs, budget)
+    if sum(c.rows for c in costs) <= _RESTART_ROWS:
+        _restarts(costs, budget, lam)
+    _not_worse_than_uniform(costs, budget)
+
+
+def _restarts(costs: list[_Costs], budget: int, lam: float) -> None:
+    """Search again with the codecs chosen as for smaller budgets (larger multipliers), and
+    keep the best plan. Which codecs a table keeps decides what its shared codebooks cost;
+    where those weigh much against its rows (small tables), the codecs kept at the
+    budget's own multiplier can be worse than those of a budget a little below it."""
+
+    def fits(nbytes: int, error: float) -> bool:
+        return nbytes <= budget
+
+    best = (sum(c.error() for c in costs), [(c.choice.copy(), c.allowed.copy()) for c in costs])
+    for factor in _RESTART_FACTORS:
+        for c in costs:
+            c.allowed[:] = True
+        _limit_codecs(costs, lam * factor)
+        _ensure_pruned(costs)
+        _bisect(costs, fits, around=lam)
+        _fill(costs, budget)
+        error = sum(c.error() for c in costs)
+        if error < best[0] and sum(c.size() for c in costs) <= budget:
+            best = (error, [(c.choice.copy(), c.allowed.copy()) for c in costs])
+    for c, (choice, allowed) in zip(costs, best[1], strict=True):
+        c.choice[:], c.allowed[:] = choice, allowed
+
+
+def _not_worse_than_uniform(costs: list[_Costs], budget: int) -> None:
+    """Keep the plan no worse than the best uniform setting that fits: every row of every
+    table in one codec. The search misses it where a table's fixed bytes weigh much (a few
+    rows: each class it mixes in costs its own directory and header); then that setting,
+    upgraded by the greedy fill where bytes are left, is the plan."""
+    planned = sum(c.error() for c in costs)
+    best: tuple[float, str] | None = None
+    for codec in costs[0].codecs:
+        if codec.kind == "pruned" or not all(codec in c.codecs for c in costs):
+            continue
+        error = sum(float(c.err[c.codecs.index(codec)].sum()) for c in costs)
+        if error >= planned or (best is not None and error >= best[0]):
+            continue
+        size = sum(int(MixedTable.predicted_size(c.rows, c.dim, [c.rows], [codec])) for c in costs)
+        if size <= budget:
+            best = (error, codec.name)
+    if best is None:
+        return
+    saved = [(c.choice.copy(), c.allowed.copy()) for c in costs]
+    for c in costs:
+        k = next(i for i, codec in enumerate(c.codecs) if codec.name == best[1])
+        c.choice[:] = k
+        if not c.allowed[k]:  # the codec in place of the least used one (pruning stays)
+            _swap_in(c, k)
+    start = [c.choice.copy() for c in costs]
+    _fill(costs, budget)
+    filled = sum(c.error() for c in costs)
+    if filled > best[0] or sum(c.size() for c in costs) > budget:  # the fill's repair lost
+        for c, choice in zip(costs, start, strict=True):
+            c.choice[:] = choice
+    if sum(c.error() for c in costs) >= planned:
+        for c, (choice, allowed) in zip(costs, saved, strict=True):
+            c.choice[:], c.allowed[:] = choice, allowed
+
+
+def _swap_in(c: _Costs, k: int) -> None:
+    """Allow codec ``k`` in table ``c``, dropping its least used allowed codec other than
+    pruning when it already has MAX_CODECS."""
+    if c.allowed.sum() >= MAX_CODECS:
+        counts = np.where(c.allowed, c.counts(), np.iinfo(np.int64).max)
+        counts[_pruned_index(c)] = np.iinfo(np.int64).max
+        c.allowed[int(np.argmin(counts))] = False
+    c.allowed[k] = True
 
 
 def _plan_error(costs: list[_Costs], max_error: float) -> None:
