@@ -966,3 +966,39 @@ def test_a_header_changed_while_the_file_is_read_is_a_format_error(tmp_path, mon
     monkeypatch.setattr(eio, "_memory_bytes", rewritten)
     with pytest.raises(FormatError, match="changed while it was being read"):
         eio.read_file(path)
+
+
+def test_a_field_given_twice_is_refused(tmp_path):
+    """JSON keeps the last of two equal keys silently: a header that says two things of one
+    field is not trusted."""
+    path = _saved(tmp_path)
+
+    def twice(metadata):
+        text = metadata["index"]
+        metadata["index"] = text.replace('"kind":', '"kind": "Embedding", "kind":', 1)
+
+    _rewrite_metadata(path, twice)
+    _assert_refused(path, "header index is not valid JSON", "'kind' appears twice")
+
+
+@pytest.mark.parametrize("layout", ["dense", "pruned_rows", "block_sparse"])
+def test_a_table_field_the_layout_does_not_read_is_refused(tmp_path, layout):
+    torch.manual_seed(0)
+    model = TwoTables()
+    ptsq(model, DataNormSparsifier, sparsity_level=0.7, quant=QuantConfig(layout=layout))
+    path = tmp_path / "m.safetensors"
+    embpress.save(model, path)
+    _edit_table(path, "user", lambda e: e["table"].update(block_width=4, colour="red"))
+    words = ["'user'", "unknown table field", "'colour'"]
+    _assert_refused(path, *words, *(["'block_width'"] if layout != "block_sparse" else []))
+    with pytest.raises(FormatError, match="unknown table field"):
+        embpress.load(_fresh(), path, shards={"user": (0, 100)})
+
+
+def test_a_module_claimed_by_two_tables_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    _edit_table(path, "items", lambda e: e.update(aliases=["user"]))
+    _assert_refused(path, "module 'user' is claimed twice, by tables 'user' and 'items'")
+    path = _saved(tmp_path)
+    _edit_table(path, "user", lambda e: e.update(aliases=["user"]))
+    _assert_refused(path, "module 'user' is claimed twice, by table 'user'")

@@ -550,6 +550,14 @@ def test_plan_file_errors(tmp_path: Path) -> None:
     )
     with pytest.raises(PlanError, match=r"long\.json: not a plan"):
         Plan.load(long_number)
+    twice = tmp_path / "twice.json"  # JSON keeps the last of two equal keys: refused instead
+    twice.write_text(
+        json.dumps(plan(Model(), 3000).to_json()).replace(
+            '"budget_bytes": 3000', '"budget_bytes": 9, "budget_bytes": 3000'
+        )
+    )
+    with pytest.raises(PlanError, match=r"twice\.json: not a plan \(key 'budget_bytes' appears twice"):
+        Plan.load(twice)
 
 
 # ------------------------------------------------------------------------------ applying

@@ -388,7 +388,7 @@ def _parse_index(p: Path, metadata: dict[str, str], keys: set[str]) -> dict[str,
         if int(stored) != index_crc32(metadata["index"]):
             raise _fail(p, "header index is corrupted (its CRC-32 does not match index_crc32)")
     try:
-        index = json.loads(metadata["index"])
+        index = json.loads(metadata["index"], object_pairs_hook=unique_keys)
     except RecursionError:
         raise _fail(p, "header index is not valid JSON (nested too deeply)") from None
     except ValueError as err:  # JSONDecodeError, or an integer of too many digits
@@ -407,8 +407,43 @@ def _parse_index(p: Path, metadata: dict[str, str], keys: set[str]) -> dict[str,
             raise _fail(p, f"crc32 of tensor {key!r} must be an integer in [0, 2**32), got {_shown(value)}")
     for name, entry in index["tables"].items():
         check_entry(p, name, entry)
+    _check_places(p, index["tables"])
     index["format_version"] = version
     return index
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook that refuses a key given twice (ValueError): JSON itself
+    keeps the last one silently, so a file could say two things of one field."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def _check_places(p: Path, tables: dict[str, Any]) -> None:
+    """Each module path is one table's, once: a path given twice (as a table's name or
+    among aliases) would be loaded from whichever came last."""
+    owner: dict[str, str] = {}
+    for name, entry in tables.items():
+        for place in (name, *entry["aliases"]):
+            if place in owner:
+                first = owner[place]
+                where = f"table {first!r}" if first == name else f"tables {first!r} and {name!r}"
+                raise _fail(p, f"module {place!r} is claimed twice, by {where}")
+            owner[place] = name
+
+
+def check_fields(p: Path, name: str, fields: dict[str, Any], table: QuantizedTable) -> None:
+    """A stored table's fields are exactly those its layout writes (``meta()``): a field
+    the layout does not read (a block width on a dense table) is not silently dropped."""
+    unknown = sorted(set(fields) - set(table.meta()))
+    if unknown:
+        raise _fail(
+            p, f"table {name!r}: unknown table field(s) {_shown(unknown)} for layout {table.layout!r}"
+        )
 
 
 def _error_problem(error: Any) -> str | None:
@@ -691,9 +726,11 @@ def build_table(
     prefix = f"{TABLE_PREFIX}{name}."
     own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
-        return TABLE_CLASSES[entry["table"]["layout"]].from_tensors(entry["table"], own)
+        table = TABLE_CLASSES[entry["table"]["layout"]].from_tensors(entry["table"], own)
     except FormatError as err:
         raise _fail(p, f"table {name!r}: {err}") from None
+    check_fields(p, name, entry["table"], table)
+    return table
 
 
 _QUANTIZED = (QuantizedEmbedding, QuantizedEmbeddingBag)
@@ -897,6 +934,7 @@ def load(
     for name, entry in index["tables"].items():
         if name in built:
             table = built[name]
+            check_fields(p, name, entry["table"], table)
             # the model holds the shard's rows, whose ids start at 0
             start, stop = (ranges or {})[name]
             entry = {**entry, "table": table.meta(), "module": _shard_module(entry["module"], start, stop)}
