@@ -1002,3 +1002,36 @@ def test_a_module_claimed_by_two_tables_is_refused(tmp_path):
     path = _saved(tmp_path)
     _edit_table(path, "user", lambda e: e.update(aliases=["user"]))
     _assert_refused(path, "module 'user' is claimed twice, by table 'user'")
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr"])
+def test_save_refuses_state_a_file_cannot_hold_by_name_and_writes_nothing(tmp_path, layout):
+    model = _compressed()
+    model.register_buffer("extra", torch.eye(3).to_sparse(layout=getattr(torch, layout)))
+    words = f"'extra' is a sparse tensor ({layout})"
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match="which an embpress file cannot hold") as info:
+        embpress.save(model, path)
+    assert words in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_into_a_missing_folder_names_the_folder(tmp_path):
+    target = tmp_path / "missing" / "m.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"folder {tmp_path / 'missing'} does not exist"):
+        embpress.save(_compressed(), target)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.bfloat16, torch.complex64, torch.float64, torch.int8])
+def test_state_tensors_of_every_plain_dtype_round_trip(tmp_path, dtype):
+    model = _compressed()
+    value = (torch.arange(6).reshape(2, 3) % 2).to(dtype)
+    model.register_buffer("extra", value.t())  # not contiguous either
+    path = tmp_path / "m.safetensors"
+    embpress.save(model, path)
+    fresh = _fresh()
+    fresh.register_buffer("extra", torch.zeros(3, 2, dtype=dtype))
+    embpress.load(fresh, path)
+    assert fresh.extra.dtype == dtype and torch.equal(fresh.extra, value.t())

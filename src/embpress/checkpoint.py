@@ -35,7 +35,6 @@ from typing import Any, cast
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from . import io as eio
@@ -649,28 +648,6 @@ def build_skeleton(
     return root, modules
 
 
-def _unstorable(t: torch.Tensor) -> str | None:
-    """Why an embpress (safetensors) file cannot hold ``t`` as it is, or None."""
-    if t.layout != torch.strided:
-        return f"a sparse tensor ({_dtype_name(t.layout)})"
-    if t.is_quantized:
-        return "a quantized tensor"
-    if t.is_meta:
-        return "on the meta device (it holds no values)"
-    if not _storable_dtype(t.dtype):
-        return f"of dtype {_dtype_name(t.dtype)}, which safetensors cannot store"
-    return None
-
-
-@functools.cache
-def _storable_dtype(dtype: torch.dtype) -> bool:
-    try:
-        safetensors_save({"t": torch.zeros(1, dtype=dtype)})
-    except Exception:
-        return False
-    return True
-
-
 def _dense_tables(state: Mapping[str, torch.Tensor], tables: Sequence[str]) -> dict[str, torch.Tensor]:
     """``state`` with its sparse (COO/CSR/...) ``tables`` made dense.
 
@@ -686,7 +663,7 @@ def _dense_tables(state: Mapping[str, torch.Tensor], tables: Sequence[str]) -> d
                 _check_fits(f"sparse table {key!r} made dense", _nbytes(t))
                 dense[id(t)] = t.to_dense()
             out[key] = dense[id(t)]
-        elif key not in chosen and (problem := _unstorable(t)) is not None:
+        elif key not in chosen and (problem := eio.unstorable(t)) is not None:
             raise ValueError(f"tensor {key!r} is {problem}, which an embpress file cannot hold")
     return out
 

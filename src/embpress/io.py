@@ -12,6 +12,7 @@ after the whole file has been checked.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
 
@@ -203,6 +205,8 @@ def temp_file_for(target: Path) -> str:
     0o600 would make every output private)."""
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a directory")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"{target}: folder {target.parent} does not exist")
     _remove_stale_temps(target)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(tempfile.TMP_MAX):
@@ -289,12 +293,49 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, kind_from_model: boo
     for key, value in model.state_dict().items():
         if any(key.startswith(p) for p in prefixes):
             continue
+        _check_state_value(key, value)
         view = view_key(value)
         if view in written:  # a tied weight: once, under its first key (load ties it again)
             continue
         written.add(view)
         tensors[f"{STATE_PREFIX}{key}"] = value
     write_file(path, tensors, {"tables": entries})
+
+
+def unstorable(t: torch.Tensor) -> str | None:
+    """Why an embpress (safetensors) file cannot hold ``t`` as it is, or None: it stores
+    dense tensors of the dtypes safetensors knows, with their values."""
+    if t.layout != torch.strided:
+        return f"a sparse tensor ({str(t.layout).removeprefix('torch.')})"
+    if t.is_quantized:
+        return "a quantized tensor"
+    if t.is_meta:
+        return "on the meta device (it holds no values)"
+    if not _storable_dtype(t.dtype):
+        return f"of dtype {str(t.dtype).removeprefix('torch.')}, which safetensors cannot store"
+    return None
+
+
+@functools.cache
+def _storable_dtype(dtype: torch.dtype) -> bool:
+    try:
+        safetensors_bytes({"t": torch.zeros(1, dtype=dtype)})
+    except Exception:
+        return False
+    return True
+
+
+def _check_state_value(key: str, value: Any) -> None:
+    """ValueError, before anything is written, for state the file cannot hold."""
+    if not isinstance(value, torch.Tensor):
+        kind = type(value).__name__
+        raise ValueError(f"state entry {key!r} is a {kind}: an embpress file holds tensors only")
+    problem = unstorable(value)
+    if problem is not None:
+        raise ValueError(
+            f"state tensor {key!r} is {problem}, which an embpress file cannot hold (make it a dense "
+            "tensor of a plain dtype, .to_dense() / .dequantize(), before saving)"
+        )
 
 
 def view_key(t: torch.Tensor) -> tuple[Any, ...]:
