@@ -207,3 +207,19 @@ def test_torchrun_with_a_pt_input_says_it_needs_a_safetensors_one(tmp_path) -> N
     assert not out.exists()
     assert "in.pt: not a safetensors file" in done.stderr and "several processes" in done.stderr
     assert "header is too large" not in done.stderr
+
+
+def test_the_file_does_not_depend_on_the_order_of_the_input_keys(checkpoint, in_memory, tmp_path) -> None:
+    """A .pt checkpoint keeps its keys in the order they were saved, a .safetensors one
+    sorts them: the same tensors give the same file either way."""
+    state = load_file(str(checkpoint))
+    reordered = dict(reversed(list(state.items())))
+    assert list(reordered) != list(state)
+    out = tmp_path / "out.safetensors"
+    embpress.compress_state_dict(reordered, sparsity=0.5, quant=embpress.QuantConfig(bits=8)).save(out)
+    assert out.read_bytes() == in_memory
+    pt = tmp_path / "in.pt"
+    torch.save(reordered, pt)
+    got = CliRunner().invoke(cli, ["compress", str(pt), str(tmp_path / "cli.safetensors"), *ARGS])
+    assert got.exit_code == 0, got.output
+    assert (tmp_path / "cli.safetensors").read_bytes() == in_memory

@@ -348,14 +348,14 @@ def test_other_architecture_is_refused(tmp_path):
         def __init__(self):
             super().__init__(rows=301)
 
-    _assert_refused(path, "'user'", "301", model=Wider())
+    _assert_refused(path, "'items'", "351", model=Wider())  # tables are checked in name order
 
     class Renamed(nn.Module):
         def __init__(self):
             super().__init__()
             self.users = nn.Embedding(300, 16)
 
-    _assert_refused(path, "'user'", model=Renamed())
+    _assert_refused(path, "the model has nothing at 'items'", model=Renamed())
 
 
 def test_inconsistent_index_structures_are_refused(tmp_path):
@@ -408,6 +408,18 @@ def test_pathological_index_json_is_a_format_error(tmp_path, text):
         embpress.io.read_index(path)
     assert str(path) in str(info.value)
     _assert_refused(path, "header index")
+
+
+def test_json_nesting_is_limited_by_a_fixed_depth_not_by_the_stack():
+    """Whether a header reads may not depend on how deep the caller's stack is: past
+    MAX_JSON_DEPTH it is refused before parsing, at any depth up to it the text parses, and
+    brackets inside strings do not count."""
+    limit = embpress.io.MAX_JSON_DEPTH
+    assert embpress.io.strict_json("[" * limit + "]" * limit) is not None
+    assert embpress.io.strict_json('{"a": "' + "[" * 500 + '"}') == {"a": "[" * 500}
+    assert embpress.io.strict_json(r'["\\", "]"]') == ["\\", "]"]
+    with pytest.raises(ValueError, match=f"nested deeper than {limit} levels"):
+        embpress.io.strict_json("[" * (limit + 1) + "]" * (limit + 1))
 
 
 @pytest.mark.parametrize("depth", [800, 950, 980])
@@ -998,7 +1010,7 @@ def test_a_table_field_the_layout_does_not_read_is_refused(tmp_path, layout):
 def test_a_module_claimed_by_two_tables_is_refused(tmp_path):
     path = _saved(tmp_path)
     _edit_table(path, "items", lambda e: e.update(aliases=["user"]))
-    _assert_refused(path, "module 'user' is claimed twice, by tables 'user' and 'items'")
+    _assert_refused(path, "module 'user' is claimed twice, by tables 'items' and 'user'")
     path = _saved(tmp_path)
     _edit_table(path, "user", lambda e: e.update(aliases=["user"]))
     _assert_refused(path, "module 'user' is claimed twice, by table 'user'")

@@ -558,6 +558,14 @@ def test_plan_file_errors(tmp_path: Path) -> None:
     )
     with pytest.raises(PlanError, match=r"twice\.json: not a plan \(key 'budget_bytes' appears twice"):
         Plan.load(twice)
+    deep = tmp_path / "deep.json"  # refused the same way at any stack depth, never parsed
+    deep.write_text(
+        json.dumps(plan(Model(), 3000).to_json()).replace(
+            '"budget_bytes": 3000', '"budget_bytes": ' + "[" * 65 + "]" * 65
+        )
+    )
+    with pytest.raises(PlanError, match=r"deep\.json: not a plan \(nested deeper than 64 levels"):
+        Plan.load(deep)
 
 
 # ------------------------------------------------------------------------------ applying

@@ -148,8 +148,9 @@ def _sort_metadata(fh: Any) -> None:
 
 def file_metadata(index: dict[str, Any]) -> dict[str, str]:
     """The safetensors metadata of an embpress file whose ``index`` (with its crc32) is given,
-    with the CRC-32 of the index text itself (the tensors' CRC-32s do not cover it)."""
-    text = json.dumps(index, allow_nan=False)
+    with the CRC-32 of the index text itself (the tensors' CRC-32s do not cover it). Keys
+    are sorted: the same tables make the same bytes, whatever order the input held them in."""
+    text = json.dumps(index, allow_nan=False, sort_keys=True)
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -429,8 +430,8 @@ def _parse_index(p: Path, metadata: dict[str, str], keys: set[str]) -> dict[str,
         if int(stored) != index_crc32(metadata["index"]):
             raise _fail(p, "header index is corrupted (its CRC-32 does not match index_crc32)")
     try:
-        index = json.loads(metadata["index"], object_pairs_hook=unique_keys)
-    except RecursionError:
+        index = strict_json(metadata["index"])
+    except RecursionError:  # cannot happen below MAX_JSON_DEPTH; kept as a guard
         raise _fail(p, "header index is not valid JSON (nested too deeply)") from None
     except ValueError as err:  # JSONDecodeError, or an integer of too many digits
         raise _fail(p, f"header index is not valid JSON ({err})") from None
@@ -451,6 +452,24 @@ def _parse_index(p: Path, metadata: dict[str, str], keys: set[str]) -> dict[str,
     _check_places(p, index["tables"])
     index["format_version"] = version
     return index
+
+
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def strict_json(text: str) -> Any:
+    """``text`` parsed as JSON, or ValueError: a key given twice in one object, or arrays and
+    objects nested deeper than ``MAX_JSON_DEPTH`` (refused before parsing, so whether a file
+    reads never depends on how deep Python's stack already is)."""
+    depth = deepest = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if match.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return json.loads(text, object_pairs_hook=unique_keys)
 
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

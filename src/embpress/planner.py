@@ -52,7 +52,7 @@ from torch import nn
 from ._aot import KernelRef
 from ._parallel import parallel_call
 from .api import Target, checked_weight, find_embeddings, is_plain_embedding, quantized_module, swap_modules
-from .io import unique_keys
+from .io import strict_json
 from .layouts.mixed import MixedTable
 from .quant import QuantConfig
 from .quant.codecs import CODECS, Codec, encode_rows
@@ -428,11 +428,11 @@ class Plan:
         if not p.is_file():
             raise PlanError(f"{p}: not a regular file")
         try:
-            obj = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+            obj = strict_json(p.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise PlanError(f"{p}: not a JSON file") from None
         except ValueError as err:
-            if "appears twice" in str(err):
+            if "appears twice" in str(err) or "nested deeper" in str(err):
                 raise PlanError(f"{p}: not a plan ({err})") from None
             raise PlanError(f"{p}: not a plan (it holds a number too long to read)") from None
         return cls.from_json(obj, f"{p}: plan")
