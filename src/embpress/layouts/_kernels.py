@@ -249,12 +249,12 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
 
     AVX-512 (``_emit_register_expand``) where the CPU has the expand of this element
     width; else AVX2's table permutes (``_emit_table_expand``) on the AVX-512 and AVX2
-    paths; else, and on the generic path, generic IR: 32-bit blocks (8-bit codes) by a
-    network of fixed lane shifts and selects (``_emit_network_expand``, faster than a
-    gather on the CPUs measured), 16-bit blocks by a gather (``_emit_gather_expand``; the
-    network measured slower for them on an emulated AVX2 CPU). Every
-    flavour may read up to 64 bytes past the kept blocks' codes: the caller guarantees
-    them (the block-sparse records end with a 64-byte tail for this).
+    paths; else, and on the generic path, generic IR: a network of fixed lane shifts and
+    selects (``_emit_network_expand``). A gather (``llvm.masked.gather``) in its place
+    measured slower for 16-bit blocks (4-bit codes) on AMD Zen 5, by about 1.8x, and is
+    what ARM compiles to one load per lane. Every flavour may read up to 64 bytes past
+    the kept blocks' codes: the caller guarantees them (the block-sparse records end with
+    a 64-byte tail for this). ``block`` is i32 (8-bit codes) or i16 (4-bit codes).
     """
     if isinstance(word, ir.Constant) and word.constant & ((1 << word_bits) - 1) == (1 << word_bits) - 1:
         vty = ir.VectorType(block, word_bits)  # every block kept: a plain load
@@ -263,9 +263,7 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
         return _emit_register_expand(builder, cptr, word, block, word_bits, fill)
     if path in (PATH_AVX512, PATH_AVX2) and _paths._host_has("avx2"):
         return _emit_table_expand(builder, cptr, word, block, word_bits, fill)
-    if block.width == 32:
-        return _emit_network_expand(builder, cptr, word, block, word_bits, fill)
-    return _emit_gather_expand(builder, cptr, word, block, word_bits, fill)
+    return _emit_network_expand(builder, cptr, word, block, word_bits, fill)
 
 
 def _network_table(module: Any) -> Any:
@@ -440,49 +438,6 @@ def _emit_table_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits
             kept = _call(builder, "llvm.ctpop.i64", i64, [byte])
             first = builder.gep(first, [builder.mul(kept, ir.Constant(i64, block_bytes))])
     return _concat(builder, pieces)
-
-
-def _emit_gather_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int, fill: int) -> Any:
-    """``_emit_expand`` in generic IR: lane j reads the block whose rank among the kept ones
-    is the popcount of the bits below j (``llvm.ctpop`` of a vector), all lanes in one
-    ``llvm.masked.gather`` of 32-bit values with every lane on (x86 compiles it to
-    ``vpgatherdd``, ARM to loads), then a blend puts ``fill`` in the pruned lanes. Blocks
-    narrower than 32 bits are read as the low bits of a 32-bit value at their byte
-    (little-endian; there is no 16-bit gather). A pruned lane reads the next kept block or
-    at most one block (and 32 bits) past the last one."""
-    i32 = ir.IntType(32)
-    vw = ir.VectorType(i32, word_bits)
-    bits = builder.trunc(word, ir.IntType(word_bits))
-    below = ir.Constant(vw, [(1 << j) - 1 for j in range(word_bits)])
-    spread = _splat(builder, builder.zext(bits, i32), vw)
-    ranks = _call(builder, f"llvm.ctpop.v{word_bits}i32", vw, [builder.and_(spread, below)])
-    byte_at = builder.mul(ranks, ir.Constant(vw, [block.width // 8] * word_bits))
-    pointers = builder.bitcast(
-        _vector_gep(builder, builder.bitcast(cptr, ir.IntType(8).as_pointer()), byte_at),
-        ir.VectorType(i32.as_pointer(), word_bits),
-    )
-    every = ir.Constant(ir.VectorType(ir.IntType(1), word_bits), [1] * word_bits)
-    name = f"llvm.masked.gather.v{word_bits}i32.v{word_bits}p0"
-    gathered = _call(builder, name, vw, [pointers, ir.Constant(i32, 1), every, ir.Constant(vw, ir.Undefined)])
-    vty = ir.VectorType(block, word_bits)
-    if block.width < 32:
-        gathered = builder.trunc(gathered, vty)
-    return builder.select(
-        _lane_bits(builder, bits, word_bits), gathered, ir.Constant(vty, [fill] * word_bits)
-    )
-
-
-def _vector_gep(builder: Any, ptr: Any, index: Any) -> Any:
-    """IR of ``ptr + index`` per lane (a scalar pointer, a vector of int32 element indices):
-    the one ``getelementptr`` that x86's gathers read as base plus 32-bit index (llvmlite's
-    ``gep`` takes scalar indices only). ``_mixed_kernels`` has its twin (see the module
-    docstring: kernel files share no helper)."""
-    gep = ir.instructions.GEPInstr(
-        builder.block, ptr, [index], inbounds=False, name="", source_etype=ptr.type.pointee
-    )
-    gep.type = ir.VectorType(ptr.type, index.type.count)
-    builder._insert(gep)
-    return gep
 
 
 def _strided_order(bits: int, word_bits: int) -> list[int]:

@@ -157,8 +157,7 @@ def _splat(builder: Any, x: Any, lanes: int) -> Any:
 def _vector_gep(builder: Any, ptr: Any, index: Any) -> Any:
     """IR of ``ptr + index`` per lane (a scalar pointer, a vector of int32 element indices):
     the one ``getelementptr`` that x86's gathers read as base plus 32-bit index (llvmlite's
-    ``gep`` takes scalar indices only). ``layouts._kernels`` has its twin: see this file's
-    docstring for why kernel files share no helper."""
+    ``gep`` takes scalar indices only)."""
     gep = ir.instructions.GEPInstr(
         builder.block, ptr, [index], inbounds=False, name="", source_etype=ptr.type.pointee
     )
