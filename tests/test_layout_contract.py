@@ -301,6 +301,39 @@ def test_every_field_that_does_not_fit_is_refused(layout):
             pytest.fail(f"{layout}: {what} was accepted")
 
 
+def _pruned_count_bounds(table):
+    """The least and most pruned entries that ``table``'s stored data allows: exact for
+    block-sparse records (blocks are kept or pruned whole), from the unstored rows to all
+    but one entry of each stored row for layouts that store whole rows, anything for a
+    dense table (a pruned entry and a kept one that rounds to 0 look alike)."""
+    rows, dim = table.num_embeddings, table.embedding_dim
+    if table.layout == "block_sparse":
+        return table.num_pruned, table.num_pruned
+    if table.layout == "pruned_rows":
+        stored = table.kept_rows
+    elif table.layout == "mixed":
+        stored = sum(n for n, c in zip(table.class_rows, table.codecs, strict=True) if c.kind != "pruned")
+    else:
+        return 0, rows * dim
+    return (rows - stored) * dim, rows * dim - stored
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("kind", "width", "dim"), [("blocks", 4, 16), ("entries", 1, 12), ("blocks", 3, 10)])
+def test_a_pruned_count_that_the_stored_rows_rule_out_is_refused(layout, kind, width, dim):
+    # ``inspect`` and ``sparsity`` report the count: a file may not claim a sparsity that
+    # its own rows contradict
+    _, _, _, table, _ = _encoded(layout, 8, 40, dim, kind, width, 2)
+    cls, meta, tensors = TABLE_CLASSES[layout], table.meta(), table.tensors()
+    low, high = _pruned_count_bounds(table)
+    assert low <= table.num_pruned <= high
+    for allowed in (low, high):
+        assert cls.from_tensors({**meta, "num_pruned": allowed}, tensors).num_pruned == allowed
+    for lie in (low - 1, high + 1):
+        with pytest.raises(FormatError, match="num_pruned"):
+            cls.from_tensors({**meta, "num_pruned": lie}, tensors)
+
+
 def test_every_layout_the_config_accepts_is_registered_under_its_own_name():
     assert layout_choices() == ("auto", *TABLE_CLASSES)
     for name, cls in TABLE_CLASSES.items():

@@ -3,6 +3,8 @@ answers lookups for them with local ids, and only what they need is read."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -67,6 +69,54 @@ def test_shard_is_the_rows_of_the_table(tmp_path_factory, layout, rows, dim, bit
     assert torch.equal(shard.other.weight, full.other.weight)  # the rest of the model as saved
 
 
+@settings(max_examples=10, deadline=None)
+@given(layout=st.sampled_from(LAYOUTS), split=st.floats(0, 1), seed=st.integers(0, 1000))
+def test_shards_pruned_counts_fit_their_rows(tmp_path_factory, layout, split, seed) -> None:
+    # the file counts the whole table's pruned entries; a shard's count is its own rows'
+    # exactly where the layout's data says it (block-sparse bitmaps), else within what its
+    # rows allow, and loads as a valid table either way
+    rows, dim = 300, 12
+    full, path = saved_model(tmp_path_factory.mktemp("p"), layout, rows, dim, 8, seed)
+    cut = min(rows - 1, max(1, int(split * rows)))
+    ranges = ((0, cut), (cut, rows))
+    parts = [embpress.load(Model(b - a, dim), path, shards={"emb": (a, b)}).emb for a, b in ranges]
+    counts = [p.table.num_pruned for p in parts]
+    assert all(0 <= n <= p.num_embeddings * dim for n, p in zip(counts, parts, strict=True))
+    if layout == "block_sparse":
+        assert sum(counts) == full.emb.table.num_pruned
+        table = full.emb.table  # each part's count is its rows' pruned blocks (4 entries each)
+        for (a, b), n in zip(ranges, counts, strict=True):
+            kept = table._kept_blocks(table._record_starts(torch.arange(a, b)))
+            assert n == int((~kept).sum()) * 4
+
+
+def _flip_byte(path, key: str) -> None:
+    """Invert the first byte of tensor ``key`` in the safetensors file at ``path`` in place
+    (the index's CRC-32 left as it was)."""
+    raw = bytearray(path.read_bytes())
+    size = int.from_bytes(raw[:8], "little")
+    start, _ = json.loads(raw[8 : 8 + size])[key]["data_offsets"]
+    raw[8 + size + start] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if TABLE_CLASSES[name].row_directory])
+def test_a_shard_reads_the_tensors_that_place_rows_whole_and_checks_them(tmp_path, layout) -> None:
+    # a shard's reads are not covered by the tensors' CRC-32, but the few bytes a row
+    # that say where rows lie are: one changed byte there would load other rows
+    _, path = saved_model(tmp_path, layout, 600, 8, 8, 3)
+    for name in TABLE_CLASSES[layout].row_directory:
+        bad = tmp_path / f"bad-{name}.safetensors"
+        bad.write_bytes(path.read_bytes())
+        _flip_byte(bad, f"tables.emb.{name}")
+        model = Model(100, 8)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(embpress.FormatError, match=rf"rows 300:400: tensor '{name}' is corrupted"):
+            embpress.load(model, bad, shards={"emb": (300, 400)})
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        embpress.load(Model(100, 8), path, shards={"emb": (300, 400)})  # the intact file loads
+
+
 @pytest.mark.parametrize("mode", ["mean", "sum"])
 def test_shard_counts_padding_idx_from_its_first_row(tmp_path, mode) -> None:
     """A shard's padding row is the file's padding_idx in local ids, or none where the
@@ -89,19 +139,31 @@ def test_shard_counts_padding_idx_from_its_first_row(tmp_path, mode) -> None:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_only_what_the_rows_need_is_read(tmp_path, monkeypatch, layout) -> None:
+    # the rows' own bytes in part; the tensors that place rows (``row_directory``, about a
+    # byte a row) whole, so that their CRC-32 can be checked
     full, path = saved_model(tmp_path, layout, 4096, 64, 8, 0)
     read: list[tuple[str, int, int]] = []
-    original = eio._SliceReader.__call__
+    whole: list[str] = []
+    original, original_whole = eio._SliceReader.__call__, eio._SliceReader._whole
 
     def spy(self, name, lo, hi):
         read.append((name, lo, hi))
         return original(self, name, lo, hi)
 
+    def spy_whole(self, name):
+        whole.append(name)
+        return original_whole(self, name)
+
     monkeypatch.setattr(eio._SliceReader, "__call__", spy)
+    monkeypatch.setattr(eio._SliceReader, "_whole", spy_whole)
     embpress.load(Model(300, 64), path, shards={"emb": (1000, 1300)})
     stored = {k: v for k, v in full.emb.table.tensors().items()}
+    directory = TABLE_CLASSES[layout].row_directory
+    assert set(whole) == set(directory)
+    assert sum(stored[n].numel() * stored[n].element_size() for n in directory) <= 4096 + 1024
     for name, lo, hi in read:
-        assert hi - lo <= max(400, stored[name].shape[0] * 400 // 4096 + 64), (name, lo, hi)
+        if name not in directory:
+            assert hi - lo <= max(400, stored[name].shape[0] * 400 // 4096 + 64), (name, lo, hi)
 
 
 def test_bad_shards_refused(tmp_path) -> None:
@@ -163,8 +225,8 @@ def test_mixed_shard_is_the_rows_of_the_table(tmp_path_factory, rows, dim, codec
 @pytest.mark.parametrize("entry", ["before", "total"])
 def test_a_mixed_shard_refuses_a_directory_that_does_not_match_its_class_ids(tmp_path, entry) -> None:
     """A shard places its rows by the directory entry before its first block and by the
-    class totals; where either disagrees with the class ids, loading refuses (a shard's
-    reads are not CRC-checked, so the check must be the directory's own)."""
+    class totals; where either disagrees with the class ids, loading refuses: by the
+    directory's CRC-32, and without it (``verify=False``) by a count of the class ids."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -191,6 +253,8 @@ def test_a_mixed_shard_refuses_a_directory_that_does_not_match_its_class_ids(tmp
     save_file({**tensors, "tables.emb.class_rank": rank}, str(path), metadata=metadata)
     model = Model(256, dim)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(embpress.FormatError, match="'class_rank' does not match 'class_ids'"):
+    with pytest.raises(embpress.FormatError, match="'class_rank' is corrupted"):  # its CRC-32
         embpress.load(model, path, shards={"emb": (256, 512)})
+    with pytest.raises(embpress.FormatError, match="'class_rank' does not match 'class_ids'"):
+        embpress.load(model, path, shards={"emb": (256, 512)}, verify=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

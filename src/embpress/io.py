@@ -589,10 +589,37 @@ _SAFETENSORS_DTYPES = {
 
 
 class _SliceReader:
-    """Parts of one table's tensors from an open safetensors file (``QuantizedTable.load_rows``)."""
+    """Parts of one table's tensors from an open safetensors file (``QuantizedTable.load_rows``).
 
-    def __init__(self, p: Path, handle: Any, prefix: str, keys: set[str]) -> None:
+    The tensors in ``whole`` (the layout's ``row_directory``) are read whole on first use
+    and, given their ``crcs``, CRC-checked; their parts come from that copy."""
+
+    def __init__(
+        self,
+        p: Path,
+        handle: Any,
+        prefix: str,
+        keys: set[str],
+        whole: tuple[str, ...] = (),
+        crcs: dict[str, int] | None = None,
+    ) -> None:
         self.p, self.handle, self.prefix, self.keys = p, handle, prefix, keys
+        self.whole, self.crcs = whole, crcs
+        self._read_whole: dict[str, torch.Tensor] = {}
+
+    def _whole(self, name: str) -> torch.Tensor:
+        if name not in self._read_whole:
+            key = self.prefix + name
+            if key not in self.keys:
+                raise FormatError(f"tensor {name!r} is missing")
+            try:
+                t: torch.Tensor = self.handle.get_tensor(key)
+            except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as err:
+                raise FormatError(f"could not read tensor {name!r} ({err})") from None
+            if self.crcs is not None and crc32(t) != self.crcs[key]:
+                raise FormatError(f"tensor {name!r} is corrupted (CRC-32 mismatch)")
+            self._read_whole[name] = t
+        return self._read_whole[name]
 
     def _slice(self, name: str) -> Any:
         key = self.prefix + name
@@ -604,6 +631,11 @@ class _SliceReader:
         return tuple(int(n) for n in self._slice(name).get_shape())
 
     def __call__(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        if name in self.whole:
+            t = self._whole(name)
+            if not 0 <= lo <= hi <= t.shape[0]:
+                raise FormatError(f"tensor {name!r} (shape {tuple(t.shape)}) has no rows {lo}:{hi}")
+            return t[lo:hi]
         view = self._slice(name)
         if lo >= hi:  # safetensors refuses an empty slice of an empty tensor
             shape = [0, *self.shape(name)[1:]]
@@ -703,10 +735,12 @@ def _read(
                     )
                 prefix = f"{TABLE_PREFIX}{table}."
                 meta = index["tables"][table]["table"]
+                cls = TABLE_CLASSES[meta["layout"]]
+                reader = _SliceReader(
+                    p, f, prefix, set(keys), cls.row_directory, index["crc32"] if verify else None
+                )
                 try:
-                    built[table] = TABLE_CLASSES[meta["layout"]].load_rows(  # type: ignore[index]
-                        meta, _SliceReader(p, f, prefix, set(keys)), start, stop
-                    )
+                    built[table] = cls.load_rows(meta, reader, start, stop)  # type: ignore[index]
                 except FormatError as err:
                     raise _fail(p, f"table {table!r} rows {start}:{stop}: {err}") from None
                 skip.update(k for k in keys if k.startswith(prefix))

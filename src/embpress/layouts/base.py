@@ -286,6 +286,10 @@ class QuantizedTable(nn.Module):
     # whether "auto" weighs this layout for a uniform config (False for a layout that only
     # pays off when something plans it row by row)
     in_auto: ClassVar[bool] = True
+    # the tensors that place rows (a byte or less a row): a row-range load reads them
+    # whole and checks their CRC-32, so that a shard's rows come from where the table
+    # put them (the rows' own bytes, read in part, are checked as a table of their own)
+    row_directory: ClassVar[tuple[str, ...]] = ()
     # for TorchScript: properties it must not compile, class attributes it may read
     __jit_unused_properties__: ClassVar[list[str]] = ["nbytes", "sparsity"]
     __constants__: ClassVar[list[str]] = ["layout"]
@@ -357,8 +361,10 @@ class QuantizedTable(nn.Module):
         """The table of rows ``start:stop`` of a stored table, reading only what those rows
         need (row-wise sharding): ``read(name, lo, hi)`` gives ``tensor[lo:hi]`` along the
         first dimension of the stored tensor ``name`` and ``read.shape(name)`` its shape.
-        What is read is validated as a table of its own (``from_tensors``); ``num_pruned``
-        of the shard is the table's in proportion to its rows.
+        What is read is validated as a table of its own (``from_tensors``); the tensors
+        named in ``row_directory`` come from reads of the whole tensor, CRC-checked.
+        ``num_pruned`` of the shard is its own where its rows tell it, else the table's in
+        proportion to its rows, within what they allow.
         """
         raise NotImplementedError(f"layout {cls.layout!r} cannot load a row range")
 

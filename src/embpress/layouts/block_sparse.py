@@ -140,6 +140,18 @@ def _in_row_bits(sh: RecordShape, device: torch.device | None = None) -> torch.T
     )
 
 
+def _pruned_entries(sh: RecordShape, dim: int, bitmaps: torch.Tensor) -> int:
+    """Entries pruned in the rows of these bitmap bytes (int64 ``[rows, bitmap_bytes]``, no
+    bit set past a row's end): all but those of the kept blocks, a row's last block
+    holding ``dim - (blocks - 1) * block_width`` of them. Blocks are kept or pruned whole
+    (``stats.row_stats``), so this is the table's ``num_pruned`` exactly."""
+    last = sh.blocks - 1
+    kept_blocks = int(popcount_bytes(bitmaps).sum())
+    last_kept = int(((bitmaps[:, last // 8] >> (last % 8)) & 1).sum())
+    kept = kept_blocks * sh.block_width - last_kept * (sh.blocks * sh.block_width - dim)
+    return int(bitmaps.shape[0]) * dim - kept
+
+
 @functools.lru_cache(maxsize=256)
 def record_shape(dim: int, block_width: int, bits: int, scale_dtype: torch.dtype) -> RecordShape:
     """The record geometry of a block-sparse table."""
@@ -186,6 +198,7 @@ class BlockSparseTable(QuantizedTable):
 
     layout = "block_sparse"
     op_tensor_names = ("records", "row_offsets", "group_offsets")
+    row_directory = ("row_offsets", "group_offsets")
     codes_per_block = True
     if TYPE_CHECKING:  # buffers; not class annotations, which TorchScript cannot read as strings
         records: torch.Tensor
@@ -354,8 +367,12 @@ class BlockSparseTable(QuantizedTable):
         rel = even_starts - base
         starts = torch.stack([rel, rel + lengths(rel)], dim=1).reshape(-1)[start - first : stop - first]
         s0, last = int(starts[0]), int(starts[-1]) + int(lengths(starts[-1:])[0])
-        if last > region.shape[0]:
+        if last > region.shape[0] or bool((starts + sh.header > region.shape[0]).any()):
             raise FormatError("tensors 'row_offsets' / 'group_offsets' do not match the records' bitmaps")
+        # the file counts the pruned entries of the whole table only: those of these rows
+        # come from their bitmaps (``from_tensors`` then checks them like a whole table's)
+        bitmaps = region[starts.unsqueeze(1) + torch.arange(sh.bitmap_bytes)].long() & in_row
+        shard["num_pruned"] = _pruned_entries(sh, dim, bitmaps)
         starts = starts - s0
         group_offsets = torch.cat([starts[::group], torch.tensor([last - s0])])
         pair_groups = group_offsets[:-1].repeat_interleave(group // 2)[: (stop - start + 1) // 2]
@@ -535,6 +552,11 @@ class BlockSparseTable(QuantizedTable):
             raise FormatError("tensor 'group_offsets' does not point at its groups' first records")
         if bool((even_bitmap & ~in_row).any()) or bool((odd_bitmap & ~in_row).any()):
             raise FormatError("tensor 'records' marks blocks past the row end as kept")
+        exact = _pruned_entries(sh, dim, torch.cat([even_bitmap, odd_bitmap]))
+        if exact != pruned:
+            raise FormatError(
+                f"field 'num_pruned' is {pruned}, but the records' bitmaps prune {exact} entries"
+            )
         qparams = table._bytes_at(starts, sh.bitmap_bytes, 2 * sh.scale_bytes).view(dtype)
         if not bool(torch.isfinite(qparams).all()):
             raise FormatError("tensor 'records' holds a NaN or Inf scale or offset")

@@ -184,6 +184,7 @@ class MixedTable(QuantizedTable):
     layout = "mixed"
     in_auto = False  # a uniform config is better served by the other layouts' kernels
     op_tensor_names = ("class_ids", "class_rank", "class_sub", "payload", "colbooks")
+    row_directory = ("class_ids", "class_rank", "class_sub", "colbooks")
     __jit_unused_properties__: ClassVar[list[str]] = [*QuantizedTable.__jit_unused_properties__, "class_rows"]
     if TYPE_CHECKING:  # buffers; not class annotations, which TorchScript cannot read as strings
         class_ids: torch.Tensor
@@ -574,8 +575,13 @@ class MixedTable(QuantizedTable):
             raise FormatError("tensor 'class_sub' does not match 'class_ids'")
         class_rows = [int(n) for n in class_rank[-1, : len(codecs)].tolist()]
         pruned_rows = sum(n for n, c in zip(class_rows, codecs, strict=True) if c.kind == "pruned")
-        if pruned < pruned_rows * dim:
-            raise FormatError(f"field 'num_pruned' ({pruned}) is below the pruned rows' entries")
+        stored = rows - pruned_rows  # each holds a kept entry: else it would be in a pruned class
+        if not pruned_rows * dim <= pruned <= rows * dim - stored:
+            raise FormatError(
+                f"field 'num_pruned' ({pruned}) is outside what 'class_ids' allows: from "
+                f"{pruned_rows * dim} (the pruned rows' entries) to {rows * dim - stored} (all but "
+                "one entry of each stored row)"
+            )
         size = sum(n * c.row_bytes(dim, dtype) for n, c in zip(class_rows, codecs, strict=True))
         payload = expect_tensor(tensors, "payload", torch.uint8, (size,))
         colbooks = expect_tensor(
@@ -715,7 +721,8 @@ class MixedTable(QuantizedTable):
             segments.append(read_checked(read, "payload", base + slot * rb, base + (slot + n) * rb))
             base += int(totals[c]) * rb
         pruned_rows = sum(int((local == c).sum()) for c, k in enumerate(codecs) if k.kind == "pruned")
-        shard["num_pruned"] = min(max(shard["num_pruned"], pruned_rows * dim), (stop - start) * dim)
+        stored = stop - start - pruned_rows
+        shard["num_pruned"] = min(max(shard["num_pruned"], pruned_rows * dim), (stop - start) * dim - stored)
         books = read.shape("colbooks")[0]
         local_ids = local.to(torch.uint8).numpy()
         rank, sub = _rank_directory(local_ids, stop - start)

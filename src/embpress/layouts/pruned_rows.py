@@ -64,11 +64,19 @@ def rank_directory(row_bits: torch.Tensor) -> torch.Tensor:
     return (torch.cumsum(counts, 0) - counts).to(torch.int32)
 
 
+def _pruned_bounds(rows: int, dim: int, kept: int) -> tuple[int, int]:
+    """The least and most pruned entries of a table of ``rows`` rows, ``kept`` of them
+    stored: every entry of the others, and at most all but one of each stored row (a row
+    with no kept entry is not stored)."""
+    return (rows - kept) * dim, rows * dim - kept
+
+
 class PrunedRowsTable(QuantizedTable):
     """Kept rows only, plus a zero row, addressed through ``row_bits`` / ``row_rank``."""
 
     layout = "pruned_rows"
     op_tensor_names = ("fused", "row_bits", "row_rank")
+    row_directory = ("row_bits", "row_rank")
     __jit_unused_properties__: ClassVar[list[str]] = [*QuantizedTable.__jit_unused_properties__, "kept_rows"]
     if TYPE_CHECKING:  # buffers; not class annotations, which TorchScript cannot read as strings
         fused: torch.Tensor
@@ -178,6 +186,10 @@ class PrunedRowsTable(QuantizedTable):
             [read_checked(read, "fused", first, first + kept), read_checked(read, "fused", total, total + 1)]
         )
         row_bits = pack_codes(flags.to(torch.uint8), 1)
+        # the file counts the whole table's pruned entries: these rows get their share,
+        # held within what their bitmap allows
+        low, high = _pruned_bounds(stop - start, int(meta["embedding_dim"]), kept)
+        shard["num_pruned"] = min(max(shard["num_pruned"], low), high)
         return cls.from_tensors(
             shard, {"fused": fused, "row_bits": row_bits, "row_rank": rank_directory(row_bits)}
         )
@@ -249,6 +261,12 @@ class PrunedRowsTable(QuantizedTable):
         if not torch.equal(rank_directory(row_bits), row_rank):
             raise FormatError("tensor 'row_rank' does not match 'row_bits'")
         kept = int(popcount_bytes(row_bits).sum())
+        low, high = _pruned_bounds(rows, dim, kept)
+        if not low <= pruned <= high:
+            raise FormatError(
+                f"field 'num_pruned' ({pruned}) is outside what 'row_bits' allows: from {low} (the "
+                f"unstored rows' entries) to {high} (all but one entry of each stored row)"
+            )
         fused = expect_tensor(tensors, "fused", torch.uint8, (kept + 1, fused_row_bytes(dim, bits, dtype)))
         if bool(fused[-1].any()):
             raise FormatError("the last row of 'fused' must be the all-zero row")
