@@ -592,7 +592,9 @@ class _SliceReader:
     """Parts of one table's tensors from an open safetensors file (``QuantizedTable.load_rows``).
 
     The tensors in ``whole`` (the layout's ``row_directory``) are read whole on first use
-    and, given their ``crcs``, CRC-checked; their parts come from that copy."""
+    and, given their ``crcs``, CRC-checked; their parts come from that copy. Rows of a
+    tensor in ``spans`` (``_spans``: where it lies in the file behind ``fd``) are read
+    alone with ``pread``; other reads slice safetensors' view (a mapped file's pages)."""
 
     def __init__(
         self,
@@ -602,9 +604,12 @@ class _SliceReader:
         keys: set[str],
         whole: tuple[str, ...] = (),
         crcs: dict[str, int] | None = None,
+        fd: int | None = None,
+        spans: dict[str, tuple[torch.dtype, tuple[int, ...], int]] | None = None,
     ) -> None:
         self.p, self.handle, self.prefix, self.keys = p, handle, prefix, keys
         self.whole, self.crcs = whole, crcs
+        self.fd, self.spans = fd, spans or {}
         self._read_whole: dict[str, torch.Tensor] = {}
 
     def _whole(self, name: str) -> torch.Tensor:
@@ -636,6 +641,16 @@ class _SliceReader:
             if not 0 <= lo <= hi <= t.shape[0]:
                 raise FormatError(f"tensor {name!r} (shape {tuple(t.shape)}) has no rows {lo}:{hi}")
             return t[lo:hi]
+        span = self.spans.get(self.prefix + name)
+        if span is not None and self.fd is not None and 0 <= lo < hi <= span[1][0]:
+            # the rows alone, by pread (safetensors' pread backend reads the whole tensor
+            # for a slice: a shard of a table larger than memory would not load)
+            dtype, dims, start = span
+            row = math.prod(dims[1:]) * dtype.itemsize
+            try:
+                return _pread_into(self.fd, torch.empty((hi - lo, *dims[1:]), dtype=dtype), start + lo * row)
+            except OSError as err:
+                raise FormatError(f"could not read rows {lo}:{hi} of tensor {name!r} ({err})") from None
         view = self._slice(name)
         if lo >= hi:  # safetensors refuses an empty slice of an empty tensor
             shape = [0, *self.shape(name)[1:]]
@@ -650,22 +665,33 @@ class _SliceReader:
 def _huge_spans(
     p: Path, fd: int, header: int, handle: Any, keys: list[str]
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
-    """(dtype, shape, file offset) of each tensor that belongs on huge pages, so that it is
-    read straight into them (one copy, not two). Dtypes and shapes are what ``handle``
-    (``safe_open`` on the same open file) validated; the offsets come from the header read
-    again, which must agree with them (else the file changed meanwhile: FormatError)."""
-    wanted = {}
+    """``_spans`` of each tensor that belongs on huge pages, so that it is read straight
+    into them (one copy, not two)."""
+    wanted = []
     for key in keys:
         view = handle.get_slice(key)
         dtype, shape = _SAFETENSORS_DTYPES.get(view.get_dtype()), tuple(int(n) for n in view.get_shape())
         if dtype is not None and wants_huge_pages(math.prod(shape) * dtype.itemsize):
-            wanted[key] = (view.get_dtype(), dtype, shape)
-    if not wanted:
-        return {}
+            wanted.append(key)
+    return _spans(p, fd, header, handle, wanted)
+
+
+def _spans(
+    p: Path, fd: int, header: int, handle: Any, keys: list[str]
+) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+    """(dtype, shape, file offset) of each of ``keys`` that has a torch dtype here, for
+    reading it (or some of its rows) with ``pread``. Dtypes and shapes are what ``handle``
+    (``safe_open`` on the same open file) validated; the offsets come from the header read
+    again, which must agree with them (else the file changed meanwhile: FormatError)."""
     spans = {}
     try:
-        entries = json.loads(os.pread(fd, header, 8))
-        for key, (name, dtype, shape) in wanted.items():
+        entries = json.loads(os.pread(fd, header, 8)) if keys else {}
+        for key in keys:
+            view = handle.get_slice(key)
+            name = view.get_dtype()
+            dtype, shape = _SAFETENSORS_DTYPES.get(name), tuple(int(n) for n in view.get_shape())
+            if dtype is None:
+                continue
             entry = entries[key]
             first, last = (int(v) for v in entry["data_offsets"])
             if (
@@ -680,9 +706,8 @@ def _huge_spans(
     return spans
 
 
-def _read_span(fd: int, dtype: torch.dtype, shape: tuple[int, ...], start: int) -> torch.Tensor:
-    """The tensor stored at file offset ``start``, read into a buffer on huge pages."""
-    out = empty_tensor(shape, dtype)
+def _pread_into(fd: int, out: torch.Tensor, start: int) -> torch.Tensor:
+    """``out`` (contiguous) filled with the file's bytes from offset ``start``."""
     view = out.reshape(-1).view(torch.uint8).numpy().data
     done = 0
     while done < len(view):
@@ -691,6 +716,11 @@ def _read_span(fd: int, dtype: torch.dtype, shape: tuple[int, ...], start: int) 
             raise OSError("the file ends before the tensor's last byte")
         done += n
     return out
+
+
+def _read_span(fd: int, dtype: torch.dtype, shape: tuple[int, ...], start: int) -> torch.Tensor:
+    """The tensor stored at file offset ``start``, read into a buffer on huge pages."""
+    return _pread_into(fd, empty_tensor(shape, dtype), start)
 
 
 def _read(
@@ -736,9 +766,12 @@ def _read(
                 prefix = f"{TABLE_PREFIX}{table}."
                 meta = index["tables"][table]["table"]
                 cls = TABLE_CLASSES[meta["layout"]]
-                reader = _SliceReader(
-                    p, f, prefix, set(keys), cls.row_directory, index["crc32"] if verify else None
-                )
+                row_spans = {}
+                if not mmap:  # a mapped file is sliced in place; else the rows are read by pread
+                    header = int.from_bytes(os.pread(fd, 8, 0), "little")
+                    row_spans = _spans(p, fd, header, f, [k for k in keys if k.startswith(prefix)])
+                crcs = index["crc32"] if verify else None
+                reader = _SliceReader(p, f, prefix, set(keys), cls.row_directory, crcs, fd, row_spans)
                 try:
                     built[table] = cls.load_rows(meta, reader, start, stop)  # type: ignore[index]
                 except FormatError as err:
