@@ -169,9 +169,10 @@ def test_only_what_the_rows_need_is_read(tmp_path, monkeypatch, layout) -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux's /proc/self/io")
 @pytest.mark.parametrize("mmap", [False, True])
-def test_a_shard_of_a_large_table_reads_its_rows_not_the_table(tmp_path, mmap) -> None:
+def test_a_shard_of_a_large_table_reads_its_rows_not_the_table(tmp_path, monkeypatch, mmap) -> None:
     # a shard of a table larger than memory must load: the bytes this process reads from
-    # files while loading 1,000 of 300,000 rows stay far below the table's 39 MB
+    # files while loading 1,000 of 300,000 rows stay far below the table's 39 MB, and a
+    # machine of 8 MiB takes the shard (not the whole file)
     torch.manual_seed(0)
     model = nn.Module()
     model.emb = nn.EmbeddingBag(300_000, 128, mode="sum")
@@ -186,6 +187,10 @@ def test_a_shard_of_a_large_table_reads_its_rows_not_the_table(tmp_path, mmap) -
         fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
         return int(fields["rchar"])
 
+    monkeypatch.setattr(eio, "_memory_bytes", lambda: 8 * 2**20)
+    if not mmap:
+        with pytest.raises(embpress.FormatError, match="more than this machine's memory"):
+            embpress.load(model, path)
     before = bytes_read()
     embpress.load(shell, path, shards={"emb": (150_000, 151_000)}, mmap=mmap)
     assert bytes_read() - before < 4 * 2**20

@@ -706,6 +706,18 @@ def _spans(
     return spans
 
 
+# bytes per element of safetensors' dtype names (those a file may hold)
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def _stored_bytes(view: Any) -> int:
+    """Bytes of a tensor in the file, from its safetensors view (dtype and shape)."""
+    return math.prod(int(n) for n in view.get_shape()) * _DTYPE_BYTES.get(view.get_dtype(), 8)
+
+
 def _pread_into(fd: int, out: torch.Tensor, start: int) -> torch.Tensor:
     """``out`` (contiguous) filled with the file's bytes from offset ``start``."""
     view = out.reshape(-1).view(torch.uint8).numpy().data
@@ -781,7 +793,9 @@ def _read(
             spans: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
             if not mmap:
                 header = int.from_bytes(os.pread(fd, 8, 0), "little")
-                data, memory = os.fstat(fd).st_size - 8 - header, _memory_bytes()
+                # what is read whole (a shard's table was read in part above)
+                data = sum(_stored_bytes(f.get_slice(k)) for k in keys)
+                memory = _memory_bytes()
                 if memory is not None and data > memory:
                     raise _fail(
                         p,
