@@ -78,8 +78,11 @@ void NRT_MemInfo_call_dtor(void *meminfo) { (void)meminfo; }
 #       thread t takes the block ``argvs + t * nargs`` (its own scratch) and writes each
 #       chunk's bounds into its slots ``lo_slot`` and ``hi_slot``; chunks are handed out
 #       as threads ask for them. Returns the sum of the calls' results. The calling thread
-#       takes part; the others are the library's own pool, started on first use. A call
-#       made while another thread's is running runs serially on the calling thread.
+#       takes part; the others are the library's own pool, started on first use, which
+#       join the job as they come (thread blocks 1, 2, ... in the order they join); the
+#       call returns once its own share is done and the helpers that joined have
+#       finished. A call made while another thread's is running runs serially on the
+#       calling thread.
 _POOL = r"""
 #include <pthread.h>
 #include <sched.h>
