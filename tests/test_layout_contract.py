@@ -334,6 +334,17 @@ def test_a_pruned_count_that_the_stored_rows_rule_out_is_refused(layout, kind, w
             cls.from_tensors({**meta, "num_pruned": lie}, tensors)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tensor_kinds_are_the_tensors_a_layout_writes(layout):
+    # a row-range load checks the stored tensors against ``tensor_kinds`` before it reads
+    # any part of them, so the declaration must be what ``tensors()`` writes
+    _, _, _, table, _ = _encoded(layout, 4, 40, 16, "blocks", 4, 1)
+    written = {name: (t.dtype, t.dim()) for name, t in table.tensors().items()}
+    declared = {name: (dtype, ndim) for name, dtype, ndim in TABLE_CLASSES[layout].tensor_kinds}
+    assert declared == written
+    assert set(TABLE_CLASSES[layout].row_directory) <= set(declared)
+
+
 def test_every_layout_the_config_accepts_is_registered_under_its_own_name():
     assert layout_choices() == ("auto", *TABLE_CLASSES)
     for name, cls in TABLE_CLASSES.items():

@@ -638,11 +638,11 @@ class _SliceReader:
     def __call__(self, name: str, lo: int, hi: int) -> torch.Tensor:
         if name in self.whole:
             t = self._whole(name)
-            if not 0 <= lo <= hi <= t.shape[0]:
+            if t.dim() == 0 or not 0 <= lo <= hi <= t.shape[0]:
                 raise FormatError(f"tensor {name!r} (shape {tuple(t.shape)}) has no rows {lo}:{hi}")
             return t[lo:hi]
         span = self.spans.get(self.prefix + name)
-        if span is not None and self.fd is not None and 0 <= lo < hi <= span[1][0]:
+        if span is not None and self.fd is not None and span[1] and 0 <= lo < hi <= span[1][0]:
             # the rows alone, by pread (safetensors' pread backend reads the whole tensor
             # for a slice: a shard of a table larger than memory would not load)
             dtype, dims, start = span
@@ -778,6 +778,18 @@ def _read(
                 prefix = f"{TABLE_PREFIX}{table}."
                 meta = index["tables"][table]["table"]
                 cls = TABLE_CLASSES[meta["layout"]]
+                for name, dtype, ndim in cls.tensor_kinds:
+                    key = prefix + name
+                    if key not in keys:
+                        raise _fail(p, f"table {table!r}: tensor {name!r} is missing")
+                    view = f.get_slice(key)
+                    got = _SAFETENSORS_DTYPES.get(view.get_dtype())
+                    if got != dtype or len(view.get_shape()) != ndim:
+                        raise _fail(
+                            p,
+                            f"table {table!r}: tensor {name!r} is {view.get_dtype()} of "
+                            f"{len(view.get_shape())} dimension(s), expected {dtype} of {ndim}",
+                        )
                 row_spans = {}
                 if not mmap:  # a mapped file is sliced in place; else the rows are read by pread
                     header = int.from_bytes(os.pread(fd, 8, 0), "little")

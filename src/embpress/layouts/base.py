@@ -290,6 +290,9 @@ class QuantizedTable(nn.Module):
     # whole and checks their CRC-32, so that a shard's rows come from where the table
     # put them (the rows' own bytes, read in part, are checked as a table of their own)
     row_directory: ClassVar[tuple[str, ...]] = ()
+    # each tensor's name, dtype and number of dimensions, checked before a row-range load
+    # reads any of it (a whole table's tensors are checked in full by ``from_tensors``)
+    tensor_kinds: ClassVar[tuple[tuple[str, torch.dtype, int], ...]] = ()
     # for TorchScript: properties it must not compile, class attributes it may read
     __jit_unused_properties__: ClassVar[list[str]] = ["nbytes", "sparsity"]
     __constants__: ClassVar[list[str]] = ["layout"]

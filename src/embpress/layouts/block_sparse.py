@@ -199,6 +199,11 @@ class BlockSparseTable(QuantizedTable):
     layout = "block_sparse"
     op_tensor_names = ("records", "row_offsets", "group_offsets")
     row_directory = ("row_offsets", "group_offsets")
+    tensor_kinds = (
+        ("records", torch.uint8, 1),
+        ("row_offsets", torch.uint16, 1),
+        ("group_offsets", torch.int64, 1),
+    )
     codes_per_block = True
     if TYPE_CHECKING:  # buffers; not class annotations, which TorchScript cannot read as strings
         records: torch.Tensor

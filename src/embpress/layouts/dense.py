@@ -47,6 +47,7 @@ class DenseTable(QuantizedTable):
 
     layout = "dense"
     op_tensor_names = ("fused",)
+    tensor_kinds = (("fused", torch.uint8, 2),)
     if TYPE_CHECKING:  # buffers; not class annotations, which TorchScript cannot read as strings
         fused: torch.Tensor
 

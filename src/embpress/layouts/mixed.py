@@ -185,6 +185,13 @@ class MixedTable(QuantizedTable):
     in_auto = False  # a uniform config is better served by the other layouts' kernels
     op_tensor_names = ("class_ids", "class_rank", "class_sub", "payload", "colbooks")
     row_directory = ("class_ids", "class_rank", "class_sub", "colbooks")
+    tensor_kinds = (
+        ("class_ids", torch.uint8, 1),
+        ("class_rank", torch.int32, 2),
+        ("class_sub", torch.uint8, 3),
+        ("payload", torch.uint8, 1),
+        ("colbooks", torch.float32, 1),
+    )
     __jit_unused_properties__: ClassVar[list[str]] = [*QuantizedTable.__jit_unused_properties__, "class_rows"]
     if TYPE_CHECKING:  # buffers; not class annotations, which TorchScript cannot read as strings
         class_ids: torch.Tensor

@@ -77,6 +77,7 @@ class PrunedRowsTable(QuantizedTable):
     layout = "pruned_rows"
     op_tensor_names = ("fused", "row_bits", "row_rank")
     row_directory = ("row_bits", "row_rank")
+    tensor_kinds = (("fused", torch.uint8, 2), ("row_bits", torch.uint8, 1), ("row_rank", torch.int32, 1))
     __jit_unused_properties__: ClassVar[list[str]] = [*QuantizedTable.__jit_unused_properties__, "kept_rows"]
     if TYPE_CHECKING:  # buffers; not class annotations, which TorchScript cannot read as strings
         fused: torch.Tensor
