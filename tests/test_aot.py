@@ -198,6 +198,28 @@ def test_offsets_check_compiled_ahead_matches_numba_on_any_input():
     assert ref.compiled((np.arange(3), np.int32(40), False)) is None  # numba types it int32
 
 
+@pytest.mark.parametrize("aot", ["1", "0"])
+def test_the_offsets_check_of_large_batches_equals_numbas(monkeypatch, aot):
+    # ``ops._offsets_status`` calls the compiled kernel's C entry with a block it packs
+    # itself; it must give numba's answer on any bounds, and numba's own where AOT is off
+    from embpress import ops
+
+    monkeypatch.setenv("EMBPRESS_AOT", aot)
+    ref = _aot.KernelRef("embpress.layouts._kernels", "offsets_status", returns="int64")
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        n = int(rng.integers(65, 300))
+        values = np.sort(rng.integers(0, 500, size=n)).astype(np.int64)
+        values[0] = int(rng.choice([0, 0, 3]))
+        if rng.random() < 0.3:
+            values[rng.integers(1, n)] = -1  # out of order
+        for total in (0, int(values.max()), int(values.max()) + 5):
+            for last in (False, True):
+                assert ops._offsets_status(values, total, last) == ref.numba(values, total, last)
+    strided = np.arange(400, dtype=np.int64)[::2]  # not contiguous: not through the C entry
+    assert ops._offsets_status(strided, 800, True) == ref.numba(strided, 800, True) == 0
+
+
 def test_the_key_changes_with_the_source_the_cpu_and_the_argument_kinds(monkeypatch):
     key = _aot.kernel_key("m", "k", ["a1<i8", "i"], "int64")
     assert _aot.kernel_key("m", "k", ["a1<i8", "b"], "int64") != key

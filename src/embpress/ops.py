@@ -36,6 +36,8 @@ tables are codes, the ids integers), with ``nn.EmbeddingBag``'s formula.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import operator
 from collections.abc import Callable
 from typing import Any, cast
@@ -44,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import _aot
 from ._aot import KernelRef
 from .layouts import Pooling, QuantizedTable, table_class
 from .layouts.base import DTYPES_BY_NAME
@@ -198,10 +201,33 @@ def _renorm(rows: torch.Tensor, max_norm: float | None, norm_type: float) -> tor
     return rows * scale
 
 
+# offsets_status's argument block: the values' address and length, total, include_last,
+# then the raise flag (``_aot.pack``'s layout for an int64 array, an int and a bool)
+_STATUS_BLOCK = ctypes.c_int64 * 5
+
+
+@functools.cache
+def _status_entry() -> Callable[[int, int], int] | None:
+    """The C entry of ``offsets_status`` compiled for a C-contiguous int64 array, an int
+    and a bool (None where it has no compiled form: then ``KernelRef.run`` decides)."""
+    compiled = offsets_status.compiled((np.zeros(1, dtype=np.int64), 0, False))
+    return None if compiled is None else compiled.call
+
+
 def _offsets_status(values: np.ndarray, total: int, include_last: bool) -> int:
     """``_kernels.offsets_status``: in Python for a small batch's few bounds (a call into
-    a compiled kernel costs more there), else compiled."""
+    a compiled kernel costs more there), else compiled. Large batches call the compiled
+    kernel's C entry straight, its argument block made here: on every large lookup, after
+    the lookup before it has flushed the caches, the general path (``KernelRef.run``:
+    argument kinds, the library's lookup, packing) took 45-80 µs, this one 15 µs."""
     if values.shape[0] > 64:
+        entry = _status_entry() if _aot.enabled() else None
+        if entry is not None and values.dtype == np.int64 and values.flags.c_contiguous:
+            block = _STATUS_BLOCK(_aot.address(values), values.shape[0], total, include_last, 0)
+            at = ctypes.addressof(block)
+            status = entry(at, at + 32)
+            if not block[4]:  # else the kernel raised: ``run`` reruns it under numba
+                return int(status)
         return int(offsets_status.run(values, total, include_last))
     v = values.tolist()
     n = len(v)
