@@ -98,13 +98,11 @@ typedef struct {
 
 /* How long an idle thread (a worker between jobs, the caller waiting for its helpers)
    polls before it sleeps. Waking a sleeping thread costs tens of microseconds, far more
-   on a virtual machine, where the wake-up goes through the hypervisor. Measured on
-   1M x 128 block-sparse lookups on two threads, alternating with float32 and FBGEMM
-   calls as the lookup benchmark does (AMD Zen 5, 2 vCPUs): a pool that slept between
-   jobs ran at 0.84-0.95x float32 on Zipf ids, one that polls 200 us at 1.06-1.09x, and
-   one that also gave up the core every 64 polls (sched_yield) at 1.02-1.05x: another
-   thread polling there (OpenMP's, after torch's ops) then kept it. OpenMP's threads
-   poll likewise, longer (libgomp: a few hundred thousand spins). */
+   on a virtual machine, where the wake-up goes through the hypervisor; lookups of a
+   millisecond then scale poorly. The poll does not yield the core: where another
+   runtime's threads poll too (OpenMP's, after torch's ops), a yielding thread left them
+   the core and lost more than it saved (measured: bench/meaning.md). OpenMP's threads
+   poll likewise, longer. */
 #define SPIN_NS 200000
 #define MAX_WORKERS 255
 static pthread_mutex_t job_lock = PTHREAD_MUTEX_INITIALIZER; /* one parallel job at a time */

@@ -217,9 +217,10 @@ def _status_entry() -> Callable[[int, int], int] | None:
 def _offsets_status(values: np.ndarray, total: int, include_last: bool) -> int:
     """``_kernels.offsets_status``: in Python for a small batch's few bounds (a call into
     a compiled kernel costs more there), else compiled. Large batches call the compiled
-    kernel's C entry straight, its argument block made here: on every large lookup, after
-    the lookup before it has flushed the caches, the general path (``KernelRef.run``:
-    argument kinds, the library's lookup, packing) took 45-80 µs, this one 15 µs."""
+    kernel's C entry straight, with an argument block made here: this runs on every large
+    lookup, right after the one before has filled the caches with its rows, where the
+    general path (``KernelRef.run``: argument kinds, the library's lookup, packing) costs
+    several times as much (BENCHMARKS.md, bench/meaning.md)."""
     if values.shape[0] > 64:
         entry = _status_entry() if _aot.enabled() else None
         if entry is not None and values.dtype == np.int64 and values.flags.c_contiguous:

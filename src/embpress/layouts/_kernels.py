@@ -251,8 +251,8 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
     width; else AVX2's table permutes (``_emit_table_expand``) on the AVX-512 and AVX2
     paths; else, and on the generic path, generic IR: a network of fixed lane shifts and
     selects (``_emit_network_expand``). A gather (``llvm.masked.gather``) in its place
-    measured slower for 16-bit blocks (4-bit codes) on AMD Zen 5, by about 1.8x, and is
-    what ARM compiles to one load per lane. Every flavour may read up to 64 bytes past
+    measured slower for 16-bit blocks (4-bit codes) on AMD Zen 5 (bench/meaning.md), and
+    ARM compiles it to one load per lane. Every flavour may read up to 64 bytes past
     the kept blocks' codes: the caller guarantees them (the block-sparse records end with
     a 64-byte tail for this). ``block`` is i32 (8-bit codes) or i16 (4-bit codes).
     """
