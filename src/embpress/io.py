@@ -662,30 +662,31 @@ class _SliceReader:
         return out
 
 
-def _huge_spans(
-    p: Path, fd: int, header: int, handle: Any, keys: list[str]
-) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
-    """``_spans`` of each tensor that belongs on huge pages, so that it is read straight
-    into them (one copy, not two)."""
-    wanted = []
-    for key in keys:
-        view = handle.get_slice(key)
-        dtype, shape = _SAFETENSORS_DTYPES.get(view.get_dtype()), tuple(int(n) for n in view.get_shape())
-        if dtype is not None and wants_huge_pages(math.prod(shape) * dtype.itemsize):
-            wanted.append(key)
-    return _spans(p, fd, header, handle, wanted)
+def _header_entries(p: Path, fd: int) -> tuple[int, dict[str, Any]]:
+    """The safetensors header of the file behind ``fd`` read again, for the tensors' file
+    offsets: (its length, its entries). ``safe_open`` validated it; a header that no
+    longer parses means the file changed meanwhile (FormatError)."""
+    try:
+        size = int.from_bytes(os.pread(fd, 8, 0), "little")
+        entries = json.loads(os.pread(fd, size, 8))
+        if not isinstance(entries, dict):
+            raise ValueError("not an object")
+    except (ValueError, RecursionError, OSError):
+        raise _fail(p, "the file changed while it was being read; read it again") from None
+    return size, entries
 
 
 def _spans(
-    p: Path, fd: int, header: int, handle: Any, keys: list[str]
+    p: Path, header: tuple[int, dict[str, Any]], handle: Any, keys: list[str]
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
     """(dtype, shape, file offset) of each of ``keys`` that has a torch dtype here, for
     reading it (or some of its rows) with ``pread``. Dtypes and shapes are what ``handle``
     (``safe_open`` on the same open file) validated; the offsets come from the header read
-    again, which must agree with them (else the file changed meanwhile: FormatError)."""
+    again (``_header_entries``), which must agree with them (else the file changed
+    meanwhile: FormatError)."""
+    size, entries = header
     spans = {}
     try:
-        entries = json.loads(os.pread(fd, header, 8)) if keys else {}
         for key in keys:
             view = handle.get_slice(key)
             name = view.get_dtype()
@@ -700,22 +701,19 @@ def _spans(
                 or last - first != math.prod(shape) * dtype.itemsize
             ):
                 raise ValueError(key)
-            spans[key] = (dtype, shape, 8 + header + first)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, OSError):
+            spans[key] = (dtype, shape, 8 + size + first)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
         raise _fail(p, "the file changed while it was being read; read it again") from None
     return spans
 
 
-# bytes per element of safetensors' dtype names (those a file may hold)
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
-}  # fmt: skip
-
-
-def _stored_bytes(view: Any) -> int:
-    """Bytes of a tensor in the file, from its safetensors view (dtype and shape)."""
-    return math.prod(int(n) for n in view.get_shape()) * _DTYPE_BYTES.get(view.get_dtype(), 8)
+def _stored_bytes(p: Path, header: tuple[int, dict[str, Any]], keys: list[str]) -> int:
+    """Bytes the tensors ``keys`` take in the file, from the header's offsets."""
+    entries = header[1]
+    try:
+        return sum(int(entries[k]["data_offsets"][1]) - int(entries[k]["data_offsets"][0]) for k in keys)
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise _fail(p, "the file changed while it was being read; read it again") from None
 
 
 def _pread_into(fd: int, out: torch.Tensor, start: int) -> torch.Tensor:
@@ -750,8 +748,8 @@ def _read(
     ``tensors=False`` reads the header only. ``expect``: the index the caller read
     before; a file whose index differs now was replaced in between (FormatError).
     ``shards``: tables read by row range (``QuantizedTable.load_rows``) into ``built``
-    instead of whole; their tensors are not in the result (and, being read in part, not
-    CRC-checked).
+    instead of whole; their tensors are not in the result (those that place rows are
+    CRC-checked whole, the rest, read in part, are not).
     """
     fd = _open_regular(p)
     try:
@@ -770,6 +768,7 @@ def _read(
             if not tensors:
                 return index, {}
             skip: set[str] = set()
+            header: tuple[int, dict[str, Any]] | None = None  # read once, where needed
             for table, (start, stop) in (shards or {}).items():
                 if table not in index["tables"]:
                     raise _fail(
@@ -778,22 +777,22 @@ def _read(
                 prefix = f"{TABLE_PREFIX}{table}."
                 meta = index["tables"][table]["table"]
                 cls = TABLE_CLASSES[meta["layout"]]
-                for name, dtype, ndim in cls.tensor_kinds:
-                    key = prefix + name
+                for tensor, dtype, ndim in cls.tensor_kinds:
+                    key = prefix + tensor
                     if key not in keys:
-                        raise _fail(p, f"table {table!r}: tensor {name!r} is missing")
+                        raise _fail(p, f"table {table!r}: tensor {tensor!r} is missing")
                     view = f.get_slice(key)
                     got = _SAFETENSORS_DTYPES.get(view.get_dtype())
                     if got != dtype or len(view.get_shape()) != ndim:
                         raise _fail(
                             p,
-                            f"table {table!r}: tensor {name!r} is {view.get_dtype()} of "
+                            f"table {table!r}: tensor {tensor!r} is {view.get_dtype()} of "
                             f"{len(view.get_shape())} dimension(s), expected {dtype} of {ndim}",
                         )
                 row_spans = {}
                 if not mmap:  # a mapped file is sliced in place; else the rows are read by pread
-                    header = int.from_bytes(os.pread(fd, 8, 0), "little")
-                    row_spans = _spans(p, fd, header, f, [k for k in keys if k.startswith(prefix)])
+                    header = header or _header_entries(p, fd)
+                    row_spans = _spans(p, header, f, [k for k in keys if k.startswith(prefix)])
                 crcs = index["crc32"] if verify else None
                 reader = _SliceReader(p, f, prefix, set(keys), cls.row_directory, crcs, fd, row_spans)
                 try:
@@ -804,17 +803,18 @@ def _read(
             keys = [k for k in keys if k not in skip]
             spans: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
             if not mmap:
-                header = int.from_bytes(os.pread(fd, 8, 0), "little")
-                # what is read whole (a shard's table was read in part above)
-                data = sum(_stored_bytes(f.get_slice(k)) for k in keys)
                 memory = _memory_bytes()
+                header = header or _header_entries(p, fd)
+                data = _stored_bytes(p, header, keys)  # what is read whole (not a shard's table)
                 if memory is not None and data > memory:
                     raise _fail(
                         p,
                         f"its tensors take {human_bytes(data)}, more than this machine's memory "
                         f"({human_bytes(memory)}); load it with mmap=True",
                     )
-                spans = _huge_spans(p, fd, header, f, keys)
+                # tensors that belong on huge pages are read straight into them (one copy)
+                huge = [k for k in keys if wants_huge_pages(_stored_bytes(p, header, [k]))]
+                spans = _spans(p, header, f, huge)
             out = {}
             for key in keys:
                 try:

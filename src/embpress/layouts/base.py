@@ -716,6 +716,24 @@ def base_fields(meta: dict[str, Any]) -> tuple[int, int, int, torch.dtype, int]:
     return rows, dim, int(bits), DTYPES_BY_NAME[name], pruned
 
 
+def stored_rows_pruned(rows: int, dim: int, stored: int) -> tuple[int, int]:
+    """The least and most ``num_pruned`` of a table of ``rows`` rows of which ``stored``
+    are kept whole (layouts that leave a row out where it has no kept entry): every entry
+    of the other rows, and at most all but one entry of each stored row."""
+    return (rows - stored) * dim, rows * dim - stored
+
+
+def check_pruned(pruned: int, bounds: tuple[int, int], source: str) -> None:
+    """FormatError unless ``pruned`` lies within ``bounds`` (``stored_rows_pruned``), which
+    tensor ``source`` says."""
+    low, high = bounds
+    if not low <= pruned <= high:
+        raise FormatError(
+            f"field 'num_pruned' ({pruned}) is outside what {source!r} allows: from {low} (the "
+            f"rows it leaves out) to {high} (all but one entry of each stored row)"
+        )
+
+
 POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 

@@ -372,12 +372,8 @@ class BlockSparseTable(QuantizedTable):
         rel = even_starts - base
         starts = torch.stack([rel, rel + lengths(rel)], dim=1).reshape(-1)[start - first : stop - first]
         s0, last = int(starts[0]), int(starts[-1]) + int(lengths(starts[-1:])[0])
-        if last > region.shape[0] or bool((starts + sh.header > region.shape[0]).any()):
+        if last > region.shape[0]:
             raise FormatError("tensors 'row_offsets' / 'group_offsets' do not match the records' bitmaps")
-        # the file counts the pruned entries of the whole table only: those of these rows
-        # come from their bitmaps (``from_tensors`` then checks them like a whole table's)
-        bitmaps = region[starts.unsqueeze(1) + torch.arange(sh.bitmap_bytes)].long() & in_row
-        shard["num_pruned"] = _pruned_entries(sh, dim, bitmaps)
         starts = starts - s0
         group_offsets = torch.cat([starts[::group], torch.tensor([last - s0])])
         pair_groups = group_offsets[:-1].repeat_interleave(group // 2)[: (stop - start + 1) // 2]
@@ -386,7 +382,8 @@ class BlockSparseTable(QuantizedTable):
             "row_offsets": (starts[::2] - pair_groups).to(torch.int32).to(torch.uint16),
             "group_offsets": group_offsets,
         }
-        return cls.from_tensors(shard, tensors)
+        # the file counts the whole table's pruned entries: these rows' come from their bitmaps
+        return cls._validated(shard, tensors, count_pruned=True)
 
     # --------------------------------------------------------------- lookups
     def _pair_starts(self, rows: torch.Tensor) -> torch.Tensor:
@@ -508,6 +505,15 @@ class BlockSparseTable(QuantizedTable):
 
     @classmethod
     def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BlockSparseTable:
+        return cls._validated(meta, tensors, count_pruned=False)
+
+    @classmethod
+    def _validated(
+        cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], count_pruned: bool
+    ) -> BlockSparseTable:
+        """``from_tensors``; ``count_pruned``: ``num_pruned`` taken from the records'
+        bitmaps (a row range's, which the file does not count) instead of checked against
+        them."""
         rows, dim, bits, dtype, pruned = base_fields(meta)
         width = meta_int(meta, "block_width", 1, dim)
         sh = record_shape(dim, width, bits, dtype)
@@ -558,7 +564,9 @@ class BlockSparseTable(QuantizedTable):
         if bool((even_bitmap & ~in_row).any()) or bool((odd_bitmap & ~in_row).any()):
             raise FormatError("tensor 'records' marks blocks past the row end as kept")
         exact = _pruned_entries(sh, dim, torch.cat([even_bitmap, odd_bitmap]))
-        if exact != pruned:
+        if count_pruned:
+            table.num_pruned = exact
+        elif exact != pruned:
             raise FormatError(
                 f"field 'num_pruned' is {pruned}, but the records' bitmaps prune {exact} entries"
             )

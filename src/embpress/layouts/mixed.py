@@ -54,12 +54,14 @@ from .base import (
     buffer_spec,
     check_fused_qparams,
     check_parts,
+    check_pruned,
     decode_fused,
     expect_tensor,
     make_fused,
     meta_int,
     read_checked,
     shard_meta,
+    stored_rows_pruned,
     summed_meta,
 )
 from .lookup import KERNEL_POOLINGS, Bags, KernelPolicy, current_kernel_policy, run_bags
@@ -582,13 +584,8 @@ class MixedTable(QuantizedTable):
             raise FormatError("tensor 'class_sub' does not match 'class_ids'")
         class_rows = [int(n) for n in class_rank[-1, : len(codecs)].tolist()]
         pruned_rows = sum(n for n, c in zip(class_rows, codecs, strict=True) if c.kind == "pruned")
-        stored = rows - pruned_rows  # each holds a kept entry: else it would be in a pruned class
-        if not pruned_rows * dim <= pruned <= rows * dim - stored:
-            raise FormatError(
-                f"field 'num_pruned' ({pruned}) is outside what 'class_ids' allows: from "
-                f"{pruned_rows * dim} (the pruned rows' entries) to {rows * dim - stored} (all but "
-                "one entry of each stored row)"
-            )
+        # a stored row holds a kept entry (else it would be in a pruned class)
+        check_pruned(pruned, stored_rows_pruned(rows, dim, rows - pruned_rows), "class_ids")
         size = sum(n * c.row_bytes(dim, dtype) for n, c in zip(class_rows, codecs, strict=True))
         payload = expect_tensor(tensors, "payload", torch.uint8, (size,))
         colbooks = expect_tensor(
@@ -728,8 +725,8 @@ class MixedTable(QuantizedTable):
             segments.append(read_checked(read, "payload", base + slot * rb, base + (slot + n) * rb))
             base += int(totals[c]) * rb
         pruned_rows = sum(int((local == c).sum()) for c, k in enumerate(codecs) if k.kind == "pruned")
-        stored = stop - start - pruned_rows
-        shard["num_pruned"] = min(max(shard["num_pruned"], pruned_rows * dim), (stop - start) * dim - stored)
+        low, high = stored_rows_pruned(stop - start, dim, stop - start - pruned_rows)
+        shard["num_pruned"] = min(max(shard["num_pruned"], low), high)
         books = read.shape("colbooks")[0]
         local_ids = local.to(torch.uint8).numpy()
         rank, sub = _rank_directory(local_ids, stop - start)

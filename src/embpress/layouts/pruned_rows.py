@@ -38,6 +38,7 @@ from .base import (
     cat_rows,
     check_fused_qparams,
     check_parts,
+    check_pruned,
     decode_fused,
     expect_tensor,
     fused_row_bytes,
@@ -46,6 +47,7 @@ from .base import (
     popcount_bytes,
     read_checked,
     shard_meta,
+    stored_rows_pruned,
     summed_meta,
 )
 from .lookup import KernelPolicy, check_ids, current_kernel_policy, int64_ids
@@ -62,13 +64,6 @@ def rank_directory(row_bits: torch.Tensor) -> torch.Tensor:
     """int32 exclusive prefix count of set bits, one entry per byte of ``row_bits``."""
     counts = popcount_bytes(row_bits)
     return (torch.cumsum(counts, 0) - counts).to(torch.int32)
-
-
-def _pruned_bounds(rows: int, dim: int, kept: int) -> tuple[int, int]:
-    """The least and most pruned entries of a table of ``rows`` rows, ``kept`` of them
-    stored: every entry of the others, and at most all but one of each stored row (a row
-    with no kept entry is not stored)."""
-    return (rows - kept) * dim, rows * dim - kept
 
 
 class PrunedRowsTable(QuantizedTable):
@@ -189,7 +184,7 @@ class PrunedRowsTable(QuantizedTable):
         row_bits = pack_codes(flags.to(torch.uint8), 1)
         # the file counts the whole table's pruned entries: these rows get their share,
         # held within what their bitmap allows
-        low, high = _pruned_bounds(stop - start, int(meta["embedding_dim"]), kept)
+        low, high = stored_rows_pruned(stop - start, int(meta["embedding_dim"]), kept)
         shard["num_pruned"] = min(max(shard["num_pruned"], low), high)
         return cls.from_tensors(
             shard, {"fused": fused, "row_bits": row_bits, "row_rank": rank_directory(row_bits)}
@@ -262,12 +257,7 @@ class PrunedRowsTable(QuantizedTable):
         if not torch.equal(rank_directory(row_bits), row_rank):
             raise FormatError("tensor 'row_rank' does not match 'row_bits'")
         kept = int(popcount_bytes(row_bits).sum())
-        low, high = _pruned_bounds(rows, dim, kept)
-        if not low <= pruned <= high:
-            raise FormatError(
-                f"field 'num_pruned' ({pruned}) is outside what 'row_bits' allows: from {low} (the "
-                f"unstored rows' entries) to {high} (all but one entry of each stored row)"
-            )
+        check_pruned(pruned, stored_rows_pruned(rows, dim, kept), "row_bits")
         fused = expect_tensor(tensors, "fused", torch.uint8, (kept + 1, fused_row_bytes(dim, bits, dtype)))
         if bool(fused[-1].any()):
             raise FormatError("the last row of 'fused' must be the all-zero row")
