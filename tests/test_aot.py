@@ -220,6 +220,57 @@ def test_the_offsets_check_of_large_batches_equals_numbas(monkeypatch, aot):
     assert ops._offsets_status(strided, 800, True) == ref.numba(strided, 800, True) == 0
 
 
+def test_the_bounds_kernel_compiled_ahead_equals_numba_and_offsets_status():
+    # ``offsets_bounds`` copies the offsets, appends the total and checks them in one pass:
+    # its status is ``offsets_status``'s (include_last False) and, where it is 0, ``out``
+    # holds exactly the offsets then the total
+    ref = _aot.KernelRef("embpress.layouts._kernels", "offsets_bounds", returns="int64")
+    status = _aot.KernelRef("embpress.layouts._kernels", "offsets_status", returns="int64")
+    rng = np.random.default_rng(2)
+    cases = [np.array([], np.int64), np.array([0], np.int64), np.array([4], np.int64)]
+    cases += [np.sort(rng.integers(0, 50, size=n)).astype(np.int64) for n in range(1, 12)]
+    cases += [rng.integers(-3, 50, size=8).astype(np.int64) for _ in range(20)]
+    for values in cases:
+        for total in (0, 10, 49, 60):
+            compiled = ref.compiled((values, total, np.zeros(values.size + 1, np.int64)))
+            assert compiled is not None
+            outs = [np.full(values.size + 1, -7, np.int64) for _ in range(2)]
+            got = compiled(values, total, outs[0])
+            bounds = np.append(values, total)  # what ``offsets_status`` checks
+            assert got == ref.numba(values, total, outs[1]) == status.numba(bounds, total, False)
+            if got == 0:
+                assert outs[0].tolist() == outs[1].tolist() == [*values.tolist(), total]
+
+
+@pytest.mark.parametrize("aot", ["1", "0"])
+def test_bag_bounds_of_large_batches_are_the_offsets_then_the_total(monkeypatch, aot):
+    # a large batch's bounds are made by the compiled ``offsets_bounds`` (AOT on) or by
+    # numpy (off): the same bounds, and nn.EmbeddingBag's errors for bad offsets
+    from embpress import ops
+
+    monkeypatch.setenv("EMBPRESS_AOT", aot)
+    rng = np.random.default_rng(3)
+    for n in (64, 65, 200):
+        offsets = torch.from_numpy(np.sort(rng.integers(0, 900, size=n)).astype(np.int64))
+        offsets[0] = 0
+        ids = torch.randint(0, 10, (1000,))
+        flat, bounds = ops.bag_bounds(ids, offsets, False)
+        assert (ops._made_bounds(offsets, 1000) is not None) == (aot == "1")  # the path taken
+        assert torch.equal(flat, ids) and bounds.tolist() == [*offsets.tolist(), 1000]
+        assert bounds.data_ptr() != offsets.data_ptr()  # the caller's offsets stay its own
+        with pytest.raises(RuntimeError, match=r"has to be 0.*got 5"):
+            ops.bag_bounds(ids, torch.cat([offsets[:1] + 5, offsets[1:]]), False)
+        bad = offsets.clone()
+        bad[n // 2] = -1
+        with pytest.raises(RuntimeError, match="non-decreasing"):
+            ops.bag_bounds(ids, bad, False)
+        with pytest.raises(RuntimeError, match="within the number of indices"):
+            ops.bag_bounds(ids[: int(offsets[-1]) - 1], offsets, False)
+        reference = nn.EmbeddingBag(10, 3, mode="sum")
+        with pytest.raises(RuntimeError):  # torch agrees that these are errors
+            reference(ids, bad)
+
+
 def test_the_key_changes_with_the_source_the_cpu_and_the_argument_kinds(monkeypatch):
     key = _aot.kernel_key("m", "k", ["a1<i8", "i"], "int64")
     assert _aot.kernel_key("m", "k", ["a1<i8", "b"], "int64") != key

@@ -53,6 +53,7 @@ from .layouts.base import DTYPES_BY_NAME
 
 # numba kernels, loaded (with numba) on first use (see ``_aot``)
 offsets_status = KernelRef("embpress.layouts._kernels", "offsets_status", returns="int64")
+offsets_bounds = KernelRef("embpress.layouts._kernels", "offsets_bounds", returns="int64")
 
 __all__ = [
     "MAX",
@@ -239,6 +240,46 @@ def _offsets_status(values: np.ndarray, total: int, include_last: bool) -> int:
     return 2 if n and v[-1] > total else 0
 
 
+# offsets_bounds's argument block: the given offsets' address and length, total, the
+# bounds' address and length, then the raise flag
+_BOUNDS_BLOCK = ctypes.c_int64 * 6
+
+
+@functools.cache
+def _bounds_entry() -> Callable[[int, int], int] | None:
+    """The C entry of ``offsets_bounds`` compiled for C-contiguous int64 arrays (None
+    where it has none)."""
+    compiled = offsets_bounds.compiled((np.zeros(1, dtype=np.int64), 0, np.zeros(2, dtype=np.int64)))
+    return None if compiled is None else compiled.call
+
+
+def _made_bounds(given: torch.Tensor, total: int) -> tuple[int, torch.Tensor] | None:
+    """Offsets ``given`` (contiguous int64 CPU) then ``total``, and ``offsets_status`` of
+    them, by one call of the compiled ``offsets_bounds`` on the tensors' own memory; None
+    where it is not compiled (or raised). A large lookup makes its bounds here: right
+    after the lookup before, numpy's conversions and a second pass cost more than this."""
+    entry = _bounds_entry() if _aot.enabled() else None
+    if entry is None:
+        return None
+    n = given.shape[0]
+    out = torch.empty(n + 1, dtype=torch.int64)
+    block = _BOUNDS_BLOCK(given.data_ptr(), n, total, out.data_ptr(), n + 1, 0)
+    at = ctypes.addressof(block)
+    status = entry(at, at + 40)
+    return None if block[5] else (int(status), out)
+
+
+def _raise_for_offsets(status: int, first: int) -> None:
+    """nn.EmbeddingBag's error for an ``offsets_status`` (nothing for 0)."""
+    if status == 1:
+        raise RuntimeError(
+            "offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to "
+            f"start from position 0. However, got {first}"
+        )
+    if status:
+        raise RuntimeError("offsets must be non-decreasing and within the number of indices")
+
+
 def bag_bounds(
     input: torch.Tensor, offsets: torch.Tensor | None, include_last_offset: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,6 +296,11 @@ def bag_bounds(
     flat = input.long().contiguous()
     total = flat.numel()
     bounds = cast(torch.Tensor, offsets).long().contiguous()
+    if bounds.is_cpu and not include_last_offset and bounds.shape[0] >= 64:
+        made = _made_bounds(bounds, total)
+        if made is not None:
+            _raise_for_offsets(made[0], int(bounds[0]) if made[0] == 1 else 0)
+            return flat, made[1]
     if bounds.is_cpu:
         given = bounds.numpy()
         if include_last_offset:
@@ -271,13 +317,7 @@ def bag_bounds(
     if values.size == 0:  # nn.EmbeddingBag's error type
         raise RuntimeError("offsets must not be empty when include_last_offset=True")
     status = _offsets_status(values, total, include_last_offset)
-    if status == 1:
-        raise RuntimeError(
-            "offsets[0] has to be 0, i.e., the first sequence in the mini-batch has to "
-            f"start from position 0. However, got {int(values[0])}"
-        )
-    if status:
-        raise RuntimeError("offsets must be non-decreasing and within the number of indices")
+    _raise_for_offsets(status, int(values[0]) if status == 1 else 0)
     if values.size == 1:  # no bag (empty offsets): no id is in one, the output is (0, dim)
         return flat[:0], bounds.new_zeros(1)
     if values[-1] < total:

@@ -76,6 +76,7 @@ __all__ = [
     "block_sparse_run",
     "fused_bag",
     "fused_run",
+    "offsets_bounds",
     "offsets_status",
     "path_compiles",
     "process_path",
@@ -1433,5 +1434,26 @@ def offsets_status(values: np.ndarray, total: int, include_last: bool) -> int:
     return 0
 
 
+@numba.njit(cache=True, nogil=True)
+def offsets_bounds(given: np.ndarray, total: int, out: np.ndarray) -> int:
+    """``out`` = offsets ``given`` then ``total`` (``out`` holds one more), and
+    ``offsets_status`` of those bounds (``include_last`` False), in one pass: the bag
+    bounds of every large lookup, made where the check reads them."""
+    n = given.shape[0]
+    if n and given[0] != 0:
+        return 1
+    previous = 0
+    for i in range(n):
+        value = given[i]
+        out[i] = value
+        if value < previous:
+            return 2
+        previous = value
+    out[n] = total
+    return 2 if previous > total else 0
+
+
 # several processes may compile into one disk cache at once (see ``_kernel_cache``)
-_kernel_cache.guard(block_sparse_bag, block_sparse_run, fused_bag, fused_run, remap_rows, offsets_status)
+_kernel_cache.guard(
+    block_sparse_bag, block_sparse_run, fused_bag, fused_run, remap_rows, offsets_status, offsets_bounds
+)
