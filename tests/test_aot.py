@@ -807,3 +807,68 @@ def test_the_threshold_split_across_threads_gives_the_same_mask(monkeypatch, thr
             under_numba = block_norm_mask(weight, 0.6, (1, 4))
     assert torch.equal(split, whole) and torch.equal(split, under_numba)
     assert int((~split).sum()) == round(0.6 * 300 * 4) * 4
+
+
+_TEAM_SCRIPT = """
+import os, sys
+import numpy as np, torch
+from torch import nn
+from embpress import QuantConfig, QuantizedEmbeddingBag, _aot
+from embpress.layouts import lookup
+from embpress.sparsify import block_norm_mask
+
+lookup._IDS_PER_THREAD = 1  # every batch split
+torch.set_num_threads(2)
+gen = torch.Generator().manual_seed(5)
+weight = torch.randn(3000, 64, generator=gen)
+bag = QuantizedEmbeddingBag.from_float(
+    nn.EmbeddingBag.from_pretrained(weight, mode="sum"), QuantConfig(bits=4, layout="block_sparse"),
+    mask=block_norm_mask(weight, 0.8, (1, 4)), block_width=4,
+)
+ids = torch.randint(0, 3000, (20000,), generator=gen)
+offsets = torch.arange(0, 20000, 10)
+torch.mm(torch.randn(600, 600), torch.randn(600, 600))  # torch's OpenMP threads are up
+tasks = len(os.listdir("/proc/self/task"))
+with torch.inference_mode():
+    out = bag(ids, offsets)
+    plain = bag._generic(ids, torch.cat([offsets, torch.tensor([20000])]), None)
+grew = len(os.listdir("/proc/self/task")) - tasks  # threads the split started
+child = -1
+if sys.argv[1] == "fork":  # a forked child splits too (libgomp's team does not survive a fork)
+    pid = os.fork()
+    if pid == 0:
+        import faulthandler
+        faulthandler.dump_traceback_later(60, exit=True)  # a hang fails the test
+        same = np.array_equal(bag(ids, offsets).numpy(), out.numpy())  # no torch op: torch's own would hang
+        os._exit(0 if same else 3)
+    child = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+np.save(sys.argv[2], out.numpy())
+print("team", _aot.status()["thread_team"] is not None, "grew", grew, "child", child,
+      "close", bool(torch.allclose(out, plain, rtol=1e-5, atol=1e-5)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch without OpenMP")
+def test_splits_run_on_torchs_openmp_team_else_on_the_pool_with_the_same_sums(tmp_path):
+    # with torch's OpenMP team the split starts no thread of its own; with
+    # EMBPRESS_OPENMP_TEAM=0 the library's pool starts one; the sums are the same bit for
+    # bit, and a child forked after a split on the team splits on the pool
+    runs = {}
+    for team in ("1", "0"):
+        env = {**os.environ, "EMBPRESS_OPENMP_TEAM": team}
+        out = tmp_path / f"{team}.npy"
+        mode = "fork" if team == "1" else "plain"
+        done = subprocess.run(
+            [sys.executable, "-c", _TEAM_SCRIPT, mode, str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[team] = (done.stdout.split(), np.load(out))
+    team_says, pool_says = runs["1"][0], runs["0"][0]
+    assert team_says == ["team", "True", "grew", "0", "child", "0", "close", "True"]
+    assert pool_says == ["team", "False", "grew", "1", "child", "-1", "close", "True"]
+    assert np.array_equal(runs["1"][1], runs["0"][1])

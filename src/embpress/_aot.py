@@ -264,15 +264,58 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+TEAM_ENV = "EMBPRESS_OPENMP_TEAM"
+
+
+@functools.cache
+def _openmp_team() -> tuple[str, int, int] | None:
+    """The file, and the addresses of ``GOMP_parallel`` and ``omp_get_thread_num``, of the OpenMP
+    library torch runs its parallel ops on, as this process loaded it (found among the
+    mapped files; never loaded here); None where there is none (torch built without
+    OpenMP, no ``/proc``) or ``EMBPRESS_OPENMP_TEAM`` is 0. Compiled kernels split their
+    bags on that team: its threads poll for a while after each of torch's ops, and a pool
+    of embpress's own would compete with them for the cores."""
+    value = os.environ.get(TEAM_ENV)
+    if value is not None and value.strip().lower() in ("0", "false", "no", "off"):
+        return None
+    import torch
+
+    if not torch.backends.openmp.is_available():
+        return None
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    paths = {line.split(None, 5)[5] for line in maps if len(line.split(None, 5)) == 6}
+    for name in sorted(p for p in paths if "omp" in Path(p).name):
+        try:
+            library = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+            parallel, thread_num = library.GOMP_parallel, library.omp_get_thread_num
+        except (OSError, AttributeError):
+            continue
+        return (
+            name,
+            ctypes.cast(parallel, ctypes.c_void_p).value or 0,
+            ctypes.cast(thread_num, ctypes.c_void_p).value or 0,
+        )
+    return None
+
+
 def _open(path: Path) -> Any:
     """The library and its two entry points, typed (``_aot_build`` describes them;
-    OSError / AttributeError where the file cannot be loaded or lacks them)."""
+    OSError / AttributeError where the file cannot be loaded or lacks them); its splits
+    run on torch's OpenMP team where there is one (``_openmp_team``)."""
     _check_trusted(path)
     library = ctypes.CDLL(str(path))
     call = library.embpress_call
     call.argtypes, call.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int64
     split = library.embpress_split
     split.argtypes, split.restype = [ctypes.c_int64] * 8, ctypes.c_int64
+    team = _openmp_team()
+    if team is not None:
+        use_team = library.embpress_use_team
+        use_team.argtypes, use_team.restype = [ctypes.c_void_p, ctypes.c_void_p], None
+        use_team(*team[1:])
     return library, call, split
 
 
@@ -454,6 +497,7 @@ def status() -> dict[str, Any]:
     compiled kernel runs under numba instead (JSON-able)."""
     from ._aot_build import compiler
 
+    team = _openmp_team()
     return {
         "enabled": enabled(),
         "cache_dir": str(cache_dir()),
@@ -461,4 +505,7 @@ def status() -> dict[str, Any]:
         "compiled_kernels_used": sorted(_used),
         "numba_kernels_loaded": sorted(_numba_loaded),
         "numba_fallbacks": dict(sorted(_failures.items())),
+        # where compiled kernels split their bags: torch's OpenMP library (its team), or
+        # None for the libraries' own pools
+        "thread_team": None if team is None else team[0],
     }

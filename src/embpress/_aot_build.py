@@ -78,11 +78,16 @@ void NRT_MemInfo_call_dtor(void *meminfo) { (void)meminfo; }
 #       thread t takes the block ``argvs + t * nargs`` (its own scratch) and writes each
 #       chunk's bounds into its slots ``lo_slot`` and ``hi_slot``; chunks are handed out
 #       as threads ask for them. Returns the sum of the calls' results. The calling thread
-#       takes part; the others are the library's own pool, started on first use, which
-#       join the job as they come (thread blocks 1, 2, ... in the order they join); the
-#       call returns once its own share is done and the helpers that joined have
+#       takes part; the others are torch's OpenMP team where ``embpress_use_team`` gave
+#       it (thread block t for the team's thread t; the call returns after the team's
+#       barrier), else the library's own pool, started on first use, whose threads join
+#       the job as they come (thread blocks 1, 2, ... in the order they join); the call
+#       then returns once its own share is done and the helpers that joined have
 #       finished. A call made while another thread's is running runs serially on the
 #       calling thread.
+#   void embpress_use_team(void *gomp_parallel, void *omp_get_thread_num)
+#       split on the OpenMP team of these two functions (libgomp's ABI) from now on; a
+#       forked child goes back to the pool.
 _POOL = r"""
 #include <pthread.h>
 #include <sched.h>
@@ -214,6 +219,37 @@ static int grow(int wanted) {
     return workers < wanted ? workers : wanted;
 }
 
+/* torch's OpenMP team (libgomp's GOMP_parallel and omp_get_thread_num, as torch's
+   process loaded them), where ``embpress_use_team`` was given them: a job then runs on
+   the threads that run torch's own parallel ops, which poll for a while after each of
+   them, instead of on this pool's threads, which would compete with them for the cores. */
+typedef void (*team_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*team_thread_t)(void);
+static team_parallel_t team_parallel;
+static team_thread_t team_thread;
+
+static void forget_team_in_child(void) {
+    /* libgomp's team does not survive a fork: the child uses the pool */
+    team_parallel = NULL;
+    team_thread = NULL;
+}
+
+void embpress_use_team(void *parallel, void *thread_num) {
+    static int registered;
+    if (!registered) {
+        pthread_atfork(NULL, NULL, forget_team_in_child);
+        registered = 1;
+    }
+    team_thread = (team_thread_t)thread_num;
+    team_parallel = (team_parallel_t)parallel;
+}
+
+static void team_body(void *data) {
+    job_t *job = (job_t *)data;
+    int64_t t = team_thread();
+    if (t < job->threads) work(job, job->argvs + t * job->nargs);
+}
+
 int64_t embpress_split(int64_t *argvs, int64_t nargs, int64_t threads, int64_t lo_slot,
                        int64_t hi_slot, int64_t count, int64_t chunk, int64_t *raised_out) {
     job_t job;
@@ -225,7 +261,11 @@ int64_t embpress_split(int64_t *argvs, int64_t nargs, int64_t threads, int64_t l
     job.count = count;
     job.chunk = chunk > 0 ? chunk : 1;
     if (threads > MAX_WORKERS + 1) threads = MAX_WORKERS + 1;
-    if (threads > 1 && pthread_mutex_trylock(&job_lock) == 0) {
+    if (threads > 1 && team_parallel != NULL && pthread_mutex_trylock(&job_lock) == 0) {
+        job.threads = threads;
+        team_parallel(team_body, &job, (unsigned)threads, 0);
+        pthread_mutex_unlock(&job_lock);
+    } else if (threads > 1 && pthread_mutex_trylock(&job_lock) == 0) {
         pthread_mutex_lock(&pool_mu);
         job.threads = grow((int)threads - 1) + 1;
         current = &job;
