@@ -356,9 +356,16 @@ def system_line(system: dict[str, Any]) -> str:
         f"({features}){compiled}; numba {system['numba']}, llvmlite {system['llvmlite']}, "
         f"LLVM {system['llvm']}, "
         f"{system['torch_threads']} torch / {system['numba_threads']} numba threads "
-        f"({system['numba_threading_layer'] or 'threading layer not started'}); transparent huge "
-        f"pages: {system.get('transparent_huge_pages') or 'none'}."
+        f"({system['numba_threading_layer'] or 'threading layer not started'}); compiled kernels "
+        f"split bags on {_team(system)}; transparent huge pages: "
+        f"{system.get('transparent_huge_pages') or 'none'}."
     )
+
+
+def _team(system: dict[str, Any]) -> str:
+    """Whose threads the compiled kernels split their bags on (``_aot.status``)."""
+    team = (system.get("compiled_kernels") or {}).get("thread_team")
+    return f"torch's OpenMP threads ({Path(team).name})" if team else "their libraries' own pools"
 
 
 def rounds_note(rounds: int) -> str:

@@ -809,6 +809,26 @@ def test_the_threshold_split_across_threads_gives_the_same_mask(monkeypatch, thr
     assert int((~split).sum()) == round(0.6 * 300 * 4) * 4
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mapped files")
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch without OpenMP")
+def test_the_team_is_torchs_own_openmp_runtime_unless_turned_off(monkeypatch):
+    _aot._openmp_team.cache_clear()
+    try:
+        team = _aot._openmp_team()
+        assert team is not None
+        name, parallel, thread_num = team
+        assert Path(name).name.startswith(_aot._OPENMP_RUNTIMES) and parallel and thread_num
+        assert Path(name).resolve().is_relative_to(Path(torch.__file__).resolve().parent)
+        assert _aot.status()["thread_team"] == name
+        _aot._openmp_team.cache_clear()
+        monkeypatch.setenv("EMBPRESS_OPENMP_TEAM", "0")
+        assert _aot._openmp_team() is None and _aot.status()["thread_team"] is None
+    finally:
+        _aot._openmp_team.cache_clear()
+        monkeypatch.undo()
+        _aot._openmp_team()  # this process's libraries keep the team they were given
+
+
 _TEAM_SCRIPT = """
 import os, sys
 import numpy as np, torch

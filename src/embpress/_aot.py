@@ -265,6 +265,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 TEAM_ENV = "EMBPRESS_OPENMP_TEAM"
+# file names of the OpenMP runtimes torch links (GNU's; LLVM's and Intel's export the same
+# GOMP_* entry points)
+_OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp")
 
 
 @functools.cache
@@ -287,7 +290,9 @@ def _openmp_team() -> tuple[str, int, int] | None:
     except OSError:
         return None
     paths = {line.split(None, 5)[5] for line in maps if len(line.split(None, 5)) == 6}
-    for name in sorted(p for p in paths if "omp" in Path(p).name):
+    runtimes = [p for p in paths if Path(p).name.startswith(_OPENMP_RUNTIMES)]
+    torch_lib = str(Path(torch.__file__).resolve().parent)
+    for name in sorted(runtimes, key=lambda p: (not p.startswith(torch_lib), p)):  # torch's own first
         try:
             library = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_NOW)
             parallel, thread_num = library.GOMP_parallel, library.omp_get_thread_num
