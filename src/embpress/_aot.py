@@ -63,10 +63,15 @@ _CHAR = ctypes.c_char
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
+def _switched_off(name: str) -> bool:
+    """Whether the environment variable ``name`` says 0 (or false, no, off)."""
+    value = os.environ.get(name)
+    return value is not None and value.strip().lower() in ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
     """Whether kernels may run from compiled libraries (``EMBPRESS_AOT`` is not 0)."""
-    value = os.environ.get(AOT_ENV)
-    return value is None or value.strip().lower() not in ("0", "false", "no", "off")
+    return not _switched_off(AOT_ENV)
 
 
 def cache_dir() -> Path:
@@ -278,8 +283,7 @@ def _openmp_team() -> tuple[str, int, int] | None:
     OpenMP, no ``/proc``) or ``EMBPRESS_OPENMP_TEAM`` is 0. Compiled kernels split their
     bags on that team: its threads poll for a while after each of torch's ops, and a pool
     of embpress's own would compete with them for the cores."""
-    value = os.environ.get(TEAM_ENV)
-    if value is not None and value.strip().lower() in ("0", "false", "no", "off"):
+    if _switched_off(TEAM_ENV):
         return None
     import torch
 

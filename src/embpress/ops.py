@@ -202,34 +202,50 @@ def _renorm(rows: torch.Tensor, max_norm: float | None, norm_type: float) -> tor
     return rows * scale
 
 
-# offsets_status's argument block: the values' address and length, total, include_last,
-# then the raise flag (``_aot.pack``'s layout for an int64 array, an int and a bool)
-_STATUS_BLOCK = ctypes.c_int64 * 5
+# sample arguments of the offset kernels' compiled forms: C-contiguous int64 arrays, ints
+# and a bool (``_aot.pack`` lays out an array as its address and length, then each scalar)
+_ENTRY_SAMPLES: dict[str, tuple[KernelRef, tuple[Any, ...]]] = {
+    "offsets_status": (offsets_status, (np.zeros(1, dtype=np.int64), 0, False)),
+    "offsets_bounds": (offsets_bounds, (np.zeros(1, dtype=np.int64), 0, np.zeros(2, dtype=np.int64))),
+}
 
 
 @functools.cache
-def _status_entry() -> Callable[[int, int], int] | None:
-    """The C entry of ``offsets_status`` compiled for a C-contiguous int64 array, an int
-    and a bool (None where it has no compiled form: then ``KernelRef.run`` decides)."""
-    compiled = offsets_status.compiled((np.zeros(1, dtype=np.int64), 0, False))
+def _c_entry(name: str) -> Callable[[int, int], int] | None:
+    """The C entry of the offset kernel ``name`` compiled for its sample's argument kinds
+    (None where it has no compiled form)."""
+    ref, sample = _ENTRY_SAMPLES[name]
+    compiled = ref.compiled(sample)
     return None if compiled is None else compiled.call
+
+
+def _call_entry(name: str, *slots: int) -> int | None:
+    """The compiled kernel ``name`` on an argument block of ``slots`` (then its raise
+    flag), through its C entry: its result, or None where it has no compiled form, AOT
+    is off, or it raised. The offset checks of large lookups call it on every lookup,
+    right after the one before has filled the caches with its rows, where the general
+    path (``KernelRef.run``: argument kinds, the library's lookup, packing) costs several
+    times as much (BENCHMARKS.md, bench/meaning.md)."""
+    entry = _c_entry(name) if _aot.enabled() else None
+    if entry is None:
+        return None
+    block = (ctypes.c_int64 * (len(slots) + 1))(*slots, 0)
+    at = ctypes.addressof(block)
+    result = entry(at, at + 8 * len(slots))
+    return None if block[len(slots)] else int(result)
 
 
 def _offsets_status(values: np.ndarray, total: int, include_last: bool) -> int:
     """``_kernels.offsets_status``: in Python for a small batch's few bounds (a call into
-    a compiled kernel costs more there), else compiled. Large batches call the compiled
-    kernel's C entry straight, with an argument block made here: this runs on every large
-    lookup, right after the one before has filled the caches with its rows, where the
-    general path (``KernelRef.run``: argument kinds, the library's lookup, packing) costs
-    several times as much (BENCHMARKS.md, bench/meaning.md)."""
+    a compiled kernel costs more there), else compiled, through its C entry straight
+    (``_call_entry``)."""
     if values.shape[0] > 64:
-        entry = _status_entry() if _aot.enabled() else None
-        if entry is not None and values.dtype == np.int64 and values.flags.c_contiguous:
-            block = _STATUS_BLOCK(_aot.address(values), values.shape[0], total, include_last, 0)
-            at = ctypes.addressof(block)
-            status = entry(at, at + 32)
-            if not block[4]:  # else the kernel raised: ``run`` reruns it under numba
-                return int(status)
+        if values.dtype == np.int64 and values.flags.c_contiguous:
+            status = _call_entry(
+                "offsets_status", _aot.address(values), values.shape[0], total, int(include_last)
+            )
+            if status is not None:  # else ``run`` decides (numba, which raises its own error)
+                return status
         return int(offsets_status.run(values, total, include_last))
     v = values.tolist()
     n = len(v)
@@ -240,33 +256,15 @@ def _offsets_status(values: np.ndarray, total: int, include_last: bool) -> int:
     return 2 if n and v[-1] > total else 0
 
 
-# offsets_bounds's argument block: the given offsets' address and length, total, the
-# bounds' address and length, then the raise flag
-_BOUNDS_BLOCK = ctypes.c_int64 * 6
-
-
-@functools.cache
-def _bounds_entry() -> Callable[[int, int], int] | None:
-    """The C entry of ``offsets_bounds`` compiled for C-contiguous int64 arrays (None
-    where it has none)."""
-    compiled = offsets_bounds.compiled((np.zeros(1, dtype=np.int64), 0, np.zeros(2, dtype=np.int64)))
-    return None if compiled is None else compiled.call
-
-
 def _made_bounds(given: torch.Tensor, total: int) -> tuple[int, torch.Tensor] | None:
     """Offsets ``given`` (contiguous int64 CPU) then ``total``, and ``offsets_status`` of
     them, by one call of the compiled ``offsets_bounds`` on the tensors' own memory; None
     where it is not compiled (or raised). A large lookup makes its bounds here: right
     after the lookup before, numpy's conversions and a second pass cost more than this."""
-    entry = _bounds_entry() if _aot.enabled() else None
-    if entry is None:
-        return None
     n = given.shape[0]
     out = torch.empty(n + 1, dtype=torch.int64)
-    block = _BOUNDS_BLOCK(given.data_ptr(), n, total, out.data_ptr(), n + 1, 0)
-    at = ctypes.addressof(block)
-    status = entry(at, at + 40)
-    return None if block[5] else (int(status), out)
+    status = _call_entry("offsets_bounds", given.data_ptr(), n, total, out.data_ptr(), n + 1)
+    return None if status is None else (status, out)
 
 
 def _raise_for_offsets(status: int, first: int) -> None:
