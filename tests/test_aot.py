@@ -39,6 +39,7 @@ def _env(**values: str | None):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    _aot.enabled.cache_clear()  # (read once per process)
     try:
         yield
     finally:
@@ -47,6 +48,15 @@ def _env(**values: str | None):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        _aot.enabled.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _aot_env_read_afresh():
+    """``EMBPRESS_AOT`` is read once per process: each test here reads what it set."""
+    _aot.enabled.cache_clear()
+    yield
+    _aot.enabled.cache_clear()
 
 
 def _table(gen, rows, dim, bits, width, sparsity, layout="block_sparse"):
@@ -306,6 +316,7 @@ def test_without_a_compiler_numba_runs_the_kernel_and_status_says_why(monkeypatc
     out = table.fast_bag(idx, bounds, 0, None)
     monkeypatch.delenv("CC")
     monkeypatch.setenv(_aot.AOT_ENV, "0")
+    _aot.enabled.cache_clear()
     assert torch.equal(out, table.fast_bag(idx, bounds, 0, None))
     assert "C compiler" in _aot.status()["numba_fallbacks"]["block_sparse_run"]
     assert not list((tmp_path / "kernels").rglob("*.so"))

@@ -151,6 +151,57 @@ def test_lookups_equal_the_float_path_on_the_dequantized_table(case, data):
     torch.testing.assert_close(emb(grid), F.embedding(grid, emb.dequantize(), padding_idx=padding))
 
 
+@settings(max_examples=25, deadline=None)
+@given(_CASES, st.integers(64, 160), st.sampled_from(["sum", "mean"]), st.data())
+def test_large_batches_equal_the_float_path_and_refuse_what_nn_refuses(case, bags, mode, data):
+    """A batch of many bags (1-D int64 ids and offsets on the CPU, no weights) is checked and
+    run in few steps (``ops._plain_bag``): the same sums as the float path, nn.EmbeddingBag's
+    errors for bad offsets and ids, and the same as the full path (int32 ids take it)."""
+    from embpress import ops
+
+    layout, bits, rows, dim, kind, width, seed = case
+    w, mask, config, _, _ = _encoded(layout, bits, rows, dim, kind, min(width, dim), seed)
+    q = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(w, mode=mode), config, mask=mask, block_width=min(width, dim)
+    )
+    sizes = data.draw(st.lists(st.integers(0, 4), min_size=bags, max_size=bags))
+    total = sum(sizes)
+    ids = torch.tensor(
+        data.draw(st.lists(st.integers(0, rows - 1), min_size=total, max_size=total)), dtype=torch.long
+    )
+    offsets = torch.tensor([0, *itertools.accumulate(sizes[:-1])], dtype=torch.long)
+    served = []
+    plain = ops._plain_bag
+
+    def spy(*args):
+        out = plain(*args)
+        served.append(out is not None)
+        return out
+
+    ops._plain_bag = spy
+    try:
+        got = q(ids, offsets)
+        assert served == [True]  # the plain path served it
+        want = F.embedding_bag(ids, q.dequantize(), offsets, mode=mode)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got, q(ids.int(), offsets))  # the full path: the same kernel's sums
+        bad_first = offsets.clone()
+        bad_first[0] = 1
+        with pytest.raises(RuntimeError, match=r"has to be 0.*got 1"):
+            q(ids, bad_first)
+        if total:
+            past = offsets.clone()
+            past[-1] = total + 1
+            with pytest.raises(RuntimeError, match="non-decreasing"):
+                q(ids, past)
+            bad_ids = ids.clone()
+            bad_ids[data.draw(st.integers(0, total - 1))] = data.draw(st.sampled_from([-1, rows]))
+            with pytest.raises(IndexError, match="index out of range"):
+                q(bad_ids, offsets)
+    finally:
+        ops._plain_bag = plain
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_lookups_follow_the_buffers_written_in_place_or_replaced(layout):
     """A table's kernels keep their arguments between lookups (``kernel_args``): writing

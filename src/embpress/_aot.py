@@ -27,7 +27,7 @@ kernel runs under numba as before, and :func:`status` says why. Should a compile
 raise (arguments its callers never pass), it is rerun under numba, which raises its own
 exception.
 
-``EMBPRESS_AOT=0`` turns it off; ``EMBPRESS_CACHE_DIR`` moves the cache (default
+``EMBPRESS_AOT=0`` turns it off (read once per process); ``EMBPRESS_CACHE_DIR`` moves the cache (default
 ``$XDG_CACHE_HOME/embpress``, else ``~/.cache/embpress``).
 """
 
@@ -69,8 +69,11 @@ def _switched_off(name: str) -> bool:
     return value is not None and value.strip().lower() in ("0", "false", "no", "off")
 
 
+@functools.cache
 def enabled() -> bool:
-    """Whether kernels may run from compiled libraries (``EMBPRESS_AOT`` is not 0)."""
+    """Whether kernels may run from compiled libraries (``EMBPRESS_AOT`` is not 0). Read
+    once per process, at its first lookup, as ``EMBPRESS_KERNEL`` is: every lookup asks,
+    and reading the environment costs it several microseconds with cold caches."""
     return not _switched_off(AOT_ENV)
 
 

@@ -36,6 +36,20 @@ __all__ = [
 ]
 
 
+# nn.EmbeddingBag's mode names as the ops' ints (``ops.MODES``' values)
+_MODE_CODES = {name: int(code) for name, code in ops.MODES.items()}
+
+
+def _untraced() -> bool:
+    """Whether nothing traces this call and no torch function or dispatch mode sees it."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._is_tracing()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+    )
+
+
 def _runs_eagerly(*tensors: torch.Tensor | None) -> bool:
     """Whether this forward runs plainly: nothing traces it (torch.compile, torch.export,
     torch.jit.trace, make_fx), no torch function or dispatch mode sees it, no tensor
@@ -46,12 +60,7 @@ def _runs_eagerly(*tensors: torch.Tensor | None) -> bool:
     costs more than the whole lookup of a small batch (see BENCHMARKS.md, "Op boundary").
     Everywhere else they call the op, so graphs hold it and gradients take its formula.
     """
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._is_tracing()
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._is_torch_function_mode_enabled()
-    ):
+    if not _untraced():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
@@ -433,6 +442,33 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         offsets: torch.Tensor | None = None,
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript: see below)
+            # the usual call (ids and offsets on the CPU, no weights), decided in few steps:
+            # a large lookup leaves the caches cold, where each step costs microseconds
+            # (ids and offsets are integer tensors: no gradient can flow through them)
+            if (
+                per_sample_weights is None
+                and type(input) is torch.Tensor
+                and type(offsets) is torch.Tensor
+                and input.is_cpu
+                and _untraced()
+            ):
+                mode_code = _MODE_CODES.get(self.mode)
+                if mode_code is not None:
+                    # (nn.Module's own lookup of the table takes three frames)
+                    plain_table: QuantizedTable = self._modules["table"]  # type: ignore[assignment]
+                    out = ops.embedding_bag_impl(
+                        plain_table,
+                        input,
+                        offsets,
+                        None,
+                        mode_code,
+                        self.include_last_offset,
+                        self.padding_idx,
+                        self.max_norm,
+                        self.norm_type,
+                    )
+                    return self._cast(out)
         table = self.table
         if self.mode != "sum" and self.mode != "mean" and self.mode != "max":  # as nn.EmbeddingBag
             raise ValueError(f"mode has to be one of sum, mean or max, got {self.mode}")

@@ -256,13 +256,18 @@ def _offsets_status(values: np.ndarray, total: int, include_last: bool) -> int:
     return 2 if n and v[-1] > total else 0
 
 
+# from this many offsets on, a batch's bounds are made and checked by a compiled pass
+# (below, Python's own check of a few bounds costs less than the call)
+_BOUNDS_IN_C = 64
+
+
 def _made_bounds(given: torch.Tensor, total: int) -> tuple[int, torch.Tensor] | None:
     """Offsets ``given`` (contiguous int64 CPU) then ``total``, and ``offsets_status`` of
     them, by one call of the compiled ``offsets_bounds`` on the tensors' own memory; None
     where it is not compiled (or raised). A large lookup makes its bounds here: right
     after the lookup before, numpy's conversions and a second pass cost more than this."""
     n = given.shape[0]
-    out = torch.empty(n + 1, dtype=torch.int64)
+    out = torch.from_numpy(np.empty(n + 1, dtype=np.int64))  # (torch.empty's dispatch costs more)
     status = _call_entry("offsets_bounds", given.data_ptr(), n, total, out.data_ptr(), n + 1)
     return None if status is None else (status, out)
 
@@ -294,7 +299,7 @@ def bag_bounds(
     flat = input.long().contiguous()
     total = flat.numel()
     bounds = cast(torch.Tensor, offsets).long().contiguous()
-    if bounds.is_cpu and not include_last_offset and bounds.shape[0] >= 64:
+    if bounds.is_cpu and not include_last_offset and bounds.shape[0] >= _BOUNDS_IN_C:
         made = _made_bounds(bounds, total)
         if made is not None:
             _raise_for_offsets(made[0], int(bounds[0]) if made[0] == 1 else 0)
@@ -357,6 +362,40 @@ def generic_bag(
     )
 
 
+def _plain_bag(
+    table: QuantizedTable,
+    input: torch.Tensor,
+    offsets: torch.Tensor | None,
+    mode: int,
+    include_last_offset: bool,
+) -> torch.Tensor | None:
+    """Sum or mean bags of the usual large lookup, 1-D contiguous int64 ids and many
+    offsets on the CPU, checked and run in few steps; None for any other call (which
+    ``embedding_bag_impl`` goes on to check and run in full, with the same results).
+
+    A large lookup leaves the caches cold, where each step of Python costs about a
+    microsecond: here the arguments' checks reduce to their dtypes and ranks, the bounds
+    are made and checked by one compiled pass (``_made_bounds``) and the layout's fused
+    kernel follows (``fast_bag``)."""
+    if (
+        offsets is None
+        or include_last_offset
+        or input.dtype is not torch.int64
+        or offsets.dtype is not torch.int64
+        or input.dim() != 1
+        or offsets.dim() != 1
+        or offsets.shape[0] < _BOUNDS_IN_C
+        or not (offsets.is_cpu and input.is_contiguous() and offsets.is_contiguous())
+    ):
+        return None
+    made = _made_bounds(offsets, input.shape[0])
+    if made is None:
+        return None
+    if made[0]:
+        _raise_for_offsets(made[0], int(offsets[0]))
+    return table.fast_bag(input, made[1], mode, None)
+
+
 def embedding_bag_impl(
     table: QuantizedTable,
     input: torch.Tensor,
@@ -374,6 +413,10 @@ def embedding_bag_impl(
     ``fast``: use the layout's fused kernel where it serves (the CPU kernel of the op);
     False keeps to plain torch ops (the op's kernel for every other device).
     """
+    if fast and per_sample_weights is None and padding_idx is None and max_norm is None and mode != MAX:
+        out = _plain_bag(table, input, offsets, mode, include_last_offset)
+        if out is not None:
+            return out
     _check_bag_args(input, offsets, per_sample_weights, mode)
     flat, bounds = bag_bounds(input, offsets, include_last_offset)
     weights = None

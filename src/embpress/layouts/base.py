@@ -14,6 +14,7 @@ torch ops.
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import weakref
@@ -30,7 +31,6 @@ from .._buffers import empty_tensor
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..quant.rowwise import RowQParams
 from .lookup import (
-    KERNEL_POOLINGS,
     Bags,
     FusedKernelTable,
     KernelPolicy,
@@ -93,7 +93,13 @@ _FBGEMM_OPS = {
     2: "embedding_bag_2bit_rowwise_offsets",
 }
 _FBGEMM_SCALE = {8: torch.float32, 4: torch.float16, 2: torch.float16}
-_MEAN = Pooling.MEAN
+_SUM, _MEAN = Pooling.SUM, Pooling.MEAN
+
+
+@functools.cache
+def _fbgemm_op(bits: int) -> Any:
+    """torch's FBGEMM bag op for fused rows of ``bits`` (looked up once)."""
+    return getattr(torch.ops.quantized, _FBGEMM_OPS[bits])
 
 
 def _fields_of(extra: Any) -> Any:
@@ -223,14 +229,16 @@ def fused_rows_bag(
     torch's FBGEMM kernel, or embpress's (``own_kernel_serves``) where FBGEMM would leave
     threads idle.
     """
-    if fused.device.type != "cpu" or _FBGEMM_SCALE[bits] != dtype or mode not in KERNEL_POOLINGS:
+    # (the cheap tests first: a large lookup leaves the caches cold, see ops._plain_bag)
+    if not fused.is_cpu or _FBGEMM_SCALE[bits] is not dtype or (mode != _SUM and mode != _MEAN):
         return None
-    if own_kernel_serves(fused, dim, bits, run_threads(indices.numel()), policy):  # float16: checked above
+    # (only 4-bit rows may take embpress's kernel: ``threads`` is asked for those alone)
+    if bits == 4 and own_kernel_serves(fused, dim, bits, run_threads(indices.numel()), policy):
         rows, row_bytes = fused.shape
         table = FusedKernelTable(fused=fused.numpy().reshape(-1), row_bytes=row_bytes, dim=dim)
         bags = Bags.of(indices, offsets, mode, per_sample_weights)
         return run_bags(fused_bag, table, bags, rows, dim, run=fused_run)
-    op = getattr(torch.ops.quantized, _FBGEMM_OPS[bits])
+    op = _fbgemm_op(bits)
     # The op sums whatever ``mode`` says (seen with torch 2.13), so mean is divided here.
     try:
         out: torch.Tensor = op(fused, indices, offsets, False, 0, False, per_sample_weights, None, True)
