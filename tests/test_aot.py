@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -132,6 +133,42 @@ def test_fused_4bit_bags_compiled_ahead_equal_numbas(dim, threads):
     assert "fused_run" in _aot.status()["compiled_kernels_used"]
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    layout=st.sampled_from(["dense", "pruned_rows"]),
+    dim=st.sampled_from([1, 3, 5, 6, 16, 37, 128]),
+    bits=st.sampled_from([8, 4, 2]),
+    threads=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_packed_rows_bags_compiled_ahead_equal_numbas_and_the_float_path(layout, dim, bits, threads, seed):
+    """Fused rows whose qparams FBGEMM does not take (8-bit with float16, 4/2-bit with
+    float32) are summed by embpress's ``packed_rows_run``: compiled ahead, bit for bit as
+    under numba, and the float path's sums on the dequantized table."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(60, dim, generator=gen)
+    mask = (torch.rand(60, 1, generator=gen) > 0.5).expand(60, dim) if layout == "pruned_rows" else None
+    scale_dtype = torch.float16 if bits == 8 else torch.float32
+    config = QuantConfig(bits=bits, layout=layout, scale_dtype=scale_dtype)
+    module = QuantizedEmbeddingBag.from_float(nn.EmbeddingBag.from_pretrained(weight), config, mask=mask)
+    table = module.table
+    idx, bounds, psw = _bags(gen, 60, [5, 0, 17, 1, 9, 30, 2], True)
+    dequantized = module.dequantize()
+    for mode, weights in ((0, None), (1, None), (0, psw)):
+        ahead, under_numba, _ = _both(table, None, threads, idx, bounds, mode, weights)
+        assert torch.equal(ahead, under_numba)
+        want = F.embedding_bag(
+            idx,
+            dequantized,
+            bounds,
+            mode=("sum", "mean")[mode],
+            per_sample_weights=weights,
+            include_last_offset=True,
+        )
+        torch.testing.assert_close(ahead, want, rtol=1e-5, atol=1e-5)
+    assert "packed_rows_run" in _aot.status()["compiled_kernels_used"]
+
+
 @settings(max_examples=20, deadline=None)
 @given(
     dim=st.sampled_from([5, 16, 37, 64, 128, 136, 256]),
@@ -177,12 +214,13 @@ def test_run_kernels_take_the_tables_fields_then_the_bags_then_a_run():
     import inspect
 
     from embpress.layouts import _mixed_kernels
-    from embpress.layouts.lookup import BlockSparseKernelTable, FusedKernelTable
+    from embpress.layouts.lookup import BlockSparseKernelTable, FusedKernelTable, PackedRowsKernelTable
     from embpress.layouts.mixed import MixedKernelTable
 
     for kernel, table in (
         (_kernels.block_sparse_run, BlockSparseKernelTable),
         (_kernels.fused_run, FusedKernelTable),
+        (_kernels.packed_rows_run, PackedRowsKernelTable),
         (_mixed_kernels.mixed_run, MixedKernelTable),
     ):
         parameters = list(inspect.signature(kernel.py_func).parameters)

@@ -606,9 +606,13 @@ def test_kernel_argument_tuples_are_the_kernels_parameters():
 
     from embpress.layouts import _kernels
     from embpress.layouts.block_sparse import RecordShape, record_shape
-    from embpress.layouts.lookup import Bags, BlockSparseKernelTable, FusedKernelTable
+    from embpress.layouts.lookup import Bags, BlockSparseKernelTable, FusedKernelTable, PackedRowsKernelTable
 
-    kernels = {_kernels.block_sparse_bag: BlockSparseKernelTable, _kernels.fused_bag: FusedKernelTable}
+    kernels = {
+        _kernels.block_sparse_bag: BlockSparseKernelTable,
+        _kernels.fused_bag: FusedKernelTable,
+        _kernels.packed_rows_bag: PackedRowsKernelTable,
+    }
     for kernel, table in kernels.items():
         parameters = list(inspect.signature(kernel.py_func).parameters)
         assert parameters == [*table._fields, *Bags._fields, "threads", "out"]

@@ -78,6 +78,8 @@ __all__ = [
     "fused_run",
     "offsets_bounds",
     "offsets_status",
+    "packed_rows_bag",
+    "packed_rows_run",
     "path_compiles",
     "process_path",
     "remap_rows",
@@ -1387,6 +1389,134 @@ def fused_run(
     return bad
 
 
+@numba.njit(cache=True, inline="always")
+def _packed_rows_bags(
+    fused: np.ndarray,
+    row_bytes: int,
+    dim: int,
+    bits: int,
+    half: bool,
+    indices: np.ndarray,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    weighted: bool,
+    mean: bool,
+    b0: int,
+    b1: int,
+    out: np.ndarray,
+) -> None:
+    """Bags [b0, b1) of ``packed_rows_bag`` (ids checked before): each row's codes times
+    its scale plus its offset (both times the id's weight), summed into the bag's row.
+    (Byte positions are unsigned: numba then checks no negative index, and the loops
+    over a row vectorize.)"""
+    packed = (dim * bits + 7) // 8
+    step = 2 if half else 4
+    pairs, quads = dim // 2, dim // 4
+    pf_end = offsets[b1]
+    for b in range(b0, b1):
+        acc = out[b]
+        for j in range(dim):
+            acc[j] = 0.0
+        lo = offsets[b]
+        hi = offsets[b + 1]
+        for p in range(lo, hi):
+            if p + FUSED_PREFETCH < pf_end:  # the row of the id FUSED_PREFETCH on, first and last line
+                ahead = indices[np.uint64(p + FUSED_PREFETCH)] * row_bytes
+                _prefetch(fused, ahead)
+                _prefetch(fused, ahead + row_bytes - 1)
+            at = indices[np.uint64(p)] * row_bytes
+            w = weights[p] if weighted else np.float32(1.0)
+            s = _read_qparam(fused, at + packed, half) * w
+            o = _read_qparam(fused, at + packed + step, half) * w
+            r = np.uint64(at)
+            row = fused[r : r + np.uint64(packed)]
+            if bits == 8:
+                for j in range(dim):
+                    acc[j] += np.float32(row[j]) * s + o
+            elif bits == 4:
+                for k in range(pairs):
+                    byte = row[k]
+                    acc[2 * k] += np.float32(byte & 15) * s + o
+                    acc[2 * k + 1] += np.float32(byte >> 4) * s + o
+                if dim % 2:
+                    acc[dim - 1] += np.float32(row[pairs] & 15) * s + o
+            else:
+                for k in range(quads):
+                    byte = row[k]
+                    acc[4 * k] += np.float32(byte & 3) * s + o
+                    acc[4 * k + 1] += np.float32((byte >> 2) & 3) * s + o
+                    acc[4 * k + 2] += np.float32((byte >> 4) & 3) * s + o
+                    acc[4 * k + 3] += np.float32(byte >> 6) * s + o
+                for j in range(4 * quads, dim):
+                    acc[j] += np.float32((row[j // 4] >> (2 * (j % 4))) & 3) * s + o
+        if mean:
+            _divide(acc, hi - lo)
+
+
+@numba.njit(cache=True, parallel=True, nogil=True)
+def packed_rows_bag(
+    fused: np.ndarray,
+    row_bytes: int,
+    dim: int,
+    bits: int,
+    half: bool,
+    indices: np.ndarray,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    weighted: bool,
+    mean: bool,
+    threads: int,
+    out: np.ndarray,
+) -> int:
+    """Sum / mean bags of fused rows (``layouts.base``: codes of ``bits`` 8, 4 or 2, low
+    bits first, then scale and offset in float16 where ``half``, else float32) of any
+    width: the formats FBGEMM's kernels do not take (8-bit rows with float16 qparams,
+    4- and 2-bit rows with float32 ones). Plain loops, no intrinsic: every kernel path
+    and CPU. Arguments and result as ``fused_bag``'s."""
+    rows = fused.shape[0] // row_bytes
+    bags = offsets.shape[0] - 1
+    runs, per_run = _split_bags(bags, threads)
+    bad = np.zeros(runs, dtype=np.int64)
+    for run in numba.prange(runs):
+        b0 = run * per_run
+        b1 = min(bags, b0 + per_run)
+        bad[run] = _count_bad(offsets, indices, b0, b1, rows)
+        if bad[run] or b0 >= b1:
+            continue
+        _packed_rows_bags(
+            fused, row_bytes, dim, bits, half, indices, offsets, weights, weighted, mean, b0, b1, out
+        )
+    return int(bad.sum())
+
+
+@numba.njit(cache=True, nogil=True)
+def packed_rows_run(
+    fused: np.ndarray,
+    row_bytes: int,
+    dim: int,
+    bits: int,
+    half: bool,
+    indices: np.ndarray,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    weighted: bool,
+    mean: bool,
+    b0: int,
+    b1: int,
+    ring: np.ndarray,
+    acc: np.ndarray,
+    out: np.ndarray,
+) -> int:
+    """One thread's run of ``packed_rows_bag`` (bags [b0, b1)), as ``fused_run``."""
+    rows = fused.shape[0] // row_bytes
+    bad = _count_bad(offsets, indices, b0, b1, rows)
+    if bad == 0 and b0 < b1:
+        _packed_rows_bags(
+            fused, row_bytes, dim, bits, half, indices, offsets, weights, weighted, mean, b0, b1, out
+        )
+    return bad
+
+
 @numba.njit(cache=True, parallel=True, nogil=True)
 def remap_rows(
     indices: np.ndarray,
@@ -1455,5 +1585,13 @@ def offsets_bounds(given: np.ndarray, total: int, out: np.ndarray) -> int:
 
 # several processes may compile into one disk cache at once (see ``_kernel_cache``)
 _kernel_cache.guard(
-    block_sparse_bag, block_sparse_run, fused_bag, fused_run, remap_rows, offsets_status, offsets_bounds
+    block_sparse_bag,
+    block_sparse_run,
+    fused_bag,
+    fused_run,
+    packed_rows_bag,
+    packed_rows_run,
+    remap_rows,
+    offsets_status,
+    offsets_bounds,
 )

@@ -8,8 +8,9 @@ Fused row format (FBGEMM's ``FusedNBitRowwise``; the dense and pruned-row layout
 With float32 scale/offset at 8 bits and float16 at 4 and 2 bits this is byte for byte
 what ``torch.ops.quantized.embedding_bag_{byte,4bit,2bit}_rowwise_offsets`` read, so
 those kernels serve the lookups on CPU (4-bit bags on several threads go to embpress's
-``_kernels.fused_bag``, see ``own_kernel_serves``); any other device decodes with plain
-torch ops.
+``_kernels.fused_bag``, see ``own_kernel_serves``); rows with the other qparam dtype
+(``QuantConfig.scale_dtype``) go to embpress's plain kernel ``_kernels.packed_rows_bag``;
+any other device decodes with plain torch ops.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .lookup import (
     Bags,
     FusedKernelTable,
     KernelPolicy,
+    PackedRowsKernelTable,
     Pooling,
     kernel_path,
     run_bags,
@@ -44,6 +46,8 @@ from .stats import MaskStats, RowStats
 # numba kernels, loaded (with numba) on first use (see ``_aot``)
 fused_bag = KernelRef("embpress.layouts._kernels", "fused_bag")
 fused_run = KernelRef("embpress.layouts._kernels", "fused_run", returns="int64")
+packed_rows_bag = KernelRef("embpress.layouts._kernels", "packed_rows_bag")
+packed_rows_run = KernelRef("embpress.layouts._kernels", "packed_rows_run", returns="int64")
 
 __all__ = [
     "BUFFER_DTYPES",
@@ -227,11 +231,21 @@ def fused_rows_bag(
     """Sum/mean bags over fused rows on CPU; None where no kernel serves (device, dtype).
 
     torch's FBGEMM kernel, or embpress's (``own_kernel_serves``) where FBGEMM would leave
-    threads idle.
+    threads idle; embpress's ``packed_rows_bag`` for rows FBGEMM does not take (their
+    qparams not in FBGEMM's dtype for ``bits``), unless ``policy`` turns embpress's
+    kernels off.
     """
     # (the cheap tests first: a large lookup leaves the caches cold, see ops._plain_bag)
-    if not fused.is_cpu or _FBGEMM_SCALE[bits] is not dtype or (mode != _SUM and mode != _MEAN):
+    if not fused.is_cpu or (mode != _SUM and mode != _MEAN):
         return None
+    if _FBGEMM_SCALE[bits] is not dtype:  # rows FBGEMM's kernels do not take
+        if not (policy.fused_kernel and fused.is_contiguous()):
+            return None
+        rows, row_bytes = fused.shape
+        half = dtype is torch.float16
+        packed = PackedRowsKernelTable(fused.numpy().reshape(-1), row_bytes, dim, bits, half)
+        bags = Bags.of(indices, offsets, mode, per_sample_weights)
+        return run_bags(packed_rows_bag, packed, bags, rows, dim, run=packed_rows_run)
     # (only 4-bit rows may take embpress's kernel: ``threads`` is asked for those alone)
     if bits == 4 and own_kernel_serves(fused, dim, bits, run_threads(indices.numel()), policy):
         rows, row_bytes = fused.shape

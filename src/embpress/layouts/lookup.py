@@ -287,6 +287,16 @@ class FusedKernelTable(NamedTuple):
     dim: int  # 32, 64 or 128
 
 
+class PackedRowsKernelTable(NamedTuple):
+    """``_kernels.packed_rows_bag``'s table arguments: fused rows FBGEMM does not take."""
+
+    fused: np.ndarray  # uint8: the rows back to back
+    row_bytes: int
+    dim: int
+    bits: int  # 8, 4 or 2
+    half: bool  # float16 qparams (else float32)
+
+
 def check_ids(bad: int, num_embeddings: int) -> None:
     """IndexError, worded as ``nn.Embedding``'s, if a kernel counted out-of-range ids."""
     if bad:
