@@ -227,6 +227,16 @@ def test_run_kernels_take_the_tables_fields_then_the_bags_then_a_run():
         assert parameters == [*table._fields, *Bags._fields, "b0", "b1", "ring", "acc", "out"]
 
 
+def test_the_mixed_walks_ring_fits_the_scratch_every_caller_allocates():
+    """The mixed walk keeps its located ids in ``ring[p % RING]``: RING must exceed how
+    far ahead it locates, be a power of two, and fit the ring ``run_bags`` allocates."""
+    from embpress.layouts import _mixed_kernels
+    from embpress.layouts._paths import START_RING
+
+    ring, ahead = _mixed_kernels.RING, _mixed_kernels.AHEAD
+    assert ahead < ring <= START_RING and ring & (ring - 1) == 0
+
+
 def test_offsets_check_compiled_ahead_matches_numba_on_any_input():
     ref = _aot.KernelRef("embpress.layouts._kernels", "offsets_status", returns="int64")
     rng = np.random.default_rng(0)

@@ -31,10 +31,10 @@ __all__ = ["mixed_bag", "mixed_run"]
 
 PRUNED, ROWWISE, LEVELS, COLBOOK = 0, 1, 2, 3  # codecs.KINDS' order
 _M55 = 0x5555555555555555  # 01 in every 2-bit field
-AHEAD = 16  # ids ahead (across bags) that a walk locates and whose rows it prefetches
+AHEAD = 32  # ids ahead (across bags) that a walk locates and whose rows it prefetches
 GATHER_BITS = 4  # column books this wide are read by a gather (a select tree takes 15 selects)
 # (``layouts.mixed.GATHER_BITS`` is the same number: it decides which books it transposes)
-RING = 32  # located ids a walk holds (a power of two, above AHEAD)
+RING = 64  # located ids a walk holds (a power of two, above AHEAD)
 
 
 def _load_intrinsic(kind: str) -> Any:
