@@ -283,6 +283,14 @@ def test_user_errors_are_one_line(ckpt: Path, usage_file: Path, tmp_path: Path) 
             ("extra.safetensors", "does not have: other"),
         ),
         (["plan", ckpt, "--budget", "1/8", "--unseen-weight", "0.5"], 2, ("--unseen-weight",)),
+        (["plan", ckpt, "--budget", "1/8", "--codecs", "rowwise8,rowwise3"], 2, ("--codecs", "'rowwise3'")),
+        (["plan", ckpt, "--budget", "1/8", "--codecs", ","], 2, ("--codecs", "one codec name or more")),
+        (["compress", ckpt, out, "--codecs", "rowwise8"], 2, ("--codecs", "only with")),
+        (
+            ["compress", ckpt, out, "--plan", other_plan, "--codecs", "rowwise8"],
+            2,
+            ("--codecs", "a plan keeps"),
+        ),
         (["plan", ckpt, "--budget", "1/8", "--json", tmp_path], 2, ("--json", "directory")),
         (["compress", ckpt, out, "--budget", "1/8", "--bits", "2"], 2, ("--bits", "do not combine")),
         (["compress", ckpt, out, "--budget", "1/8", "--sparsity", "0.5"], 2, ("--sparsity",)),
@@ -317,6 +325,7 @@ def test_help_texts() -> None:
         "--max-error",
         "--usage",
         "--unseen-weight",
+        "--codecs",
         "--tables",
         "--json",
         "1/16",
@@ -326,6 +335,28 @@ def test_help_texts() -> None:
     text = " ".join(_run("compress", "--help").stdout.split())
     for word in ("--budget", "--plan", "--usage", "4 bits per entry", "[default: 4]"):
         assert word in text, word
+
+
+def test_codecs_limit_what_plan_and_compress_choose(ckpt: Path, tmp_path: Path) -> None:
+    """--codecs: the plan mixes only those codecs (and pruning), and compress builds that
+    plan: the same tables as the library's plan with the same codecs."""
+    names = ["rowwise8", "rowwise4", "rowwise2"]
+    allowed = {*names, "pruned"}
+    default = embpress.plan(_model(), FLOAT32 // 8)
+    assert {c.name for t in default.tables for c in t.codecs} - allowed  # the limit binds here
+    plan_file = tmp_path / "plan.json"
+    result = _run("plan", ckpt, "--budget", "1/8", "--codecs", ",".join(names), "--json", plan_file)
+    assert result.exit_code == 0, result.stderr
+    chosen = {c.name for t in embpress.Plan.load(plan_file).tables for c in t.codecs}
+    assert chosen <= allowed and len(chosen) > 1
+    out = tmp_path / "out.safetensors"
+    result = _run("compress", ckpt, out, "--budget", "1/8", "--codecs", ",".join(names), "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["settings"]["codecs"] == names
+    loaded = embpress.load(_model(), out)
+    for table in embpress.plan(_model(), FLOAT32 // 8, codecs=names).tables:
+        got = loaded.get_submodule(table.name).table
+        assert [c.name for c in got.codecs] == [c.name for c in table.codecs]
 
 
 def test_planned_compress_refuses_several_processes(

@@ -175,6 +175,26 @@ def test_planned_compress_checkpoint_refuses_a_memory_bound(tmp_path: Path) -> N
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_codecs_are_for_making_a_plan(tmp_path: Path) -> None:
+    """``codecs`` limits the planner; with uniform settings or a finished plan it would be
+    ignored, so it is refused there (in memory and from a file), and nothing is written."""
+    from embpress.checkpoint import plan_state_dict
+
+    state = _state()
+    plan = plan_state_dict(state, budget=Fraction(1, 8), codecs=["rowwise4", "rowwise2"])
+    assert {c.name for t in plan.tables for c in t.codecs} <= {"rowwise4", "rowwise2", "pruned"}
+    src, out = tmp_path / "model.pt", tmp_path / "out.safetensors"
+    torch.save(state, src)
+    for kwargs in ({}, {"plan": plan}):
+        with pytest.raises(ValueError, match="codecs= is for making a plan"):
+            embpress.compress_state_dict(state, codecs=["rowwise4"], **kwargs)
+        with pytest.raises(ValueError, match="codecs= is for making a plan"):
+            embpress.compress_checkpoint(src, out, codecs=["rowwise4"], **kwargs)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="unknown codec 'rowwise3'"):
+        plan_state_dict(state, budget=Fraction(1, 8), codecs=["rowwise3"])
+
+
 def test_compress_state_dict_reports_and_round_trip(tmp_path: Path) -> None:
     state = _state()
     state["emb.weight"] = state["emb.weight"].to(torch.bfloat16)

@@ -838,11 +838,13 @@ def plan_state_dict(
     max_error: float | None = None,
     usage: Usage | None = None,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    codecs: Sequence[str] | None = None,
 ) -> Plan:
     """The :func:`embpress.plan` of a state_dict's embedding tables.
 
     ``tables`` as in :func:`compress_state_dict`; ``budget``: bytes (int) or a share of
     the tables' float32 bytes (Fraction), covering those tables alone; or ``max_error``.
+    ``codecs``: the codec names to choose from (default: all, see :func:`embpress.plan`).
     Table names in the plan (and in ``usage``) are the module paths, the keys without
     ``.weight``.
     """
@@ -856,6 +858,7 @@ def plan_state_dict(
         usage=_usage_for(usage, modules, state),
         max_error=max_error,
         unseen_weight=unseen_weight,
+        codecs=codecs,
     )
 
 
@@ -867,6 +870,7 @@ def plan_checkpoint(
     max_error: float | None = None,
     usage: Usage | None = None,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    codecs: Sequence[str] | None = None,
 ) -> Plan:
     """The plan for checkpoint ``src``'s tables (what ``embpress plan`` prints): as
     :func:`compress_checkpoint` finds them (``patterns``), see :func:`plan_state_dict`."""
@@ -878,7 +882,13 @@ def plan_checkpoint(
                 f"no embedding table found among {len(state)} tensors (choose them with patterns)"
             )
         return plan_state_dict(
-            state, keys, budget=budget, max_error=max_error, usage=usage, unseen_weight=unseen_weight
+            state,
+            keys,
+            budget=budget,
+            max_error=max_error,
+            usage=usage,
+            unseen_weight=unseen_weight,
+            codecs=codecs,
         )
     except UsageError:
         raise  # about the usage, not the checkpoint: its caller names the usage's source
@@ -929,6 +939,7 @@ def compress_state_dict(
     max_error: float | None = None,
     usage: Usage | None = None,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    codecs: Sequence[str] | None = None,
 ) -> CompressedCheckpoint:
     """Prune and quantize the embedding tables of a state_dict; everything else is copied.
 
@@ -945,7 +956,7 @@ def compress_state_dict(
 
     Planned: with ``budget`` (bytes, or a Fraction of the tables' float32 bytes) or
     ``max_error``, :func:`plan_state_dict` chooses each row's storage (``usage``,
-    ``unseen_weight`` as there) and the plan is applied; with ``plan``, that plan is
+    ``unseen_weight``, ``codecs`` as there) and the plan is applied; with ``plan``, that plan is
     applied to its tables (``tables`` must then be None; ``usage``: the one it was made
     with, if any, see :meth:`Plan.apply`). The uniform settings do not apply then.
 
@@ -954,6 +965,8 @@ def compress_state_dict(
     planned = plan is not None or budget is not None or max_error is not None
     if plan is not None and (budget is not None or max_error is not None or tables is not None):
         raise ValueError("plan= applies a plan made earlier: give no tables, budget or max_error with it")
+    if codecs is not None and (plan is not None or not planned):
+        raise ValueError("codecs= is for making a plan: give it with budget= or max_error=")
     keys = _checked_state(state, tables if plan is None else _plan_keys(state, plan))
     dense = _dense_tables(state, keys)
     root, modules = build_skeleton(dense, keys)
@@ -967,6 +980,7 @@ def compress_state_dict(
                 usage=_usage_for(usage, modules, state),
                 max_error=max_error,
                 unseen_weight=unseen_weight,
+                codecs=codecs,
             )
         _apply_plan(root, plan, dense, _usage_for(usage, modules, state), on_table)
     else:
@@ -1130,6 +1144,7 @@ def compress_checkpoint(
     max_error: float | None = None,
     usage: Usage | None = None,
     unseen_weight: float = DEFAULT_UNSEEN_WEIGHT,
+    codecs: Sequence[str] | None = None,
     memory: int | None = None,
     collective: Collective | None = None,
 ) -> CompressedCheckpoint | None:
@@ -1151,6 +1166,8 @@ def compress_checkpoint(
     if quant is not None and not isinstance(quant, QuantConfig):  # on every path, before reading
         raise TypeError(f"quant must be an embpress.QuantConfig, got {type(quant).__name__}")
     planned = plan is not None or budget is not None or max_error is not None
+    if codecs is not None and (plan is not None or not planned):
+        raise ValueError("codecs= is for making a plan: give it with budget= or max_error=")
     many = collective is not None and collective.size > 1
     if many and planned:
         raise ValueError("several processes compress with uniform settings only (no budget or plan)")
@@ -1202,6 +1219,7 @@ def compress_checkpoint(
             max_error=max_error,
             usage=usage,
             unseen_weight=unseen_weight,
+            codecs=codecs,
         )
     except ValueError as err:
         raise ValueError(f"{src}: {err}") from err

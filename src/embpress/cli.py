@@ -48,6 +48,7 @@ from safetensors import SafetensorError
 from . import checkpoint
 from .layouts import layout_choices
 from .planner import DEFAULT_UNSEEN_WEIGHT, Plan
+from .quant.codecs import CODECS, Codec
 from .quant.config import QuantConfig
 from .report import CheckpointReport, FileReport, TableReport, TensorInfo, human_bytes
 from .sparsify.data_norm import MAX_BLOCK_SIDE
@@ -314,6 +315,25 @@ class _Budget(click.ParamType):
             self.fail(str(err), param, ctx)
 
 
+class _Codecs(click.ParamType):
+    """Codec names, comma-separated (rowwise8,rowwise4,colbook2...), each one the planner knows."""
+
+    name = "NAMES"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        if not names:
+            self.fail("give one codec name or more, comma-separated", param, ctx)
+        for name in names:
+            try:
+                Codec.parse(name)
+            except ValueError as err:
+                self.fail(str(err), param, ctx)
+        return tuple(names)
+
+
 class _Bytes(click.ParamType):
     """A number of bytes with an optional unit (512MiB, 2GB, 600000000), at least ``minimum``."""
 
@@ -399,7 +419,14 @@ QuantizedEmbeddingBag after the module the model has there.
 
 
 def _usage_options(fn: F) -> F:
-    """The planner's --usage and --unseen-weight (plan, compress)."""
+    """The planner's --usage, --unseen-weight and --codecs (plan, compress)."""
+    fn = click.option(
+        "--codecs",
+        type=_Codecs(),
+        default=None,
+        help="The codecs the planner chooses from, comma-separated [default: all of "
+        f"{', '.join(c.name for c in CODECS)}]; e.g. leave out colbook4 for faster lookups.",
+    )(fn)
     fn = click.option(
         "--unseen-weight",
         type=_Fraction(),
@@ -539,6 +566,7 @@ def compress(
     max_error: float | None,
     usage_file: Path | None,
     unseen_weight: float,
+    codecs: tuple[str, ...] | None,
     plan_file: Path | None,
     memory: int,
     gather: bool,
@@ -566,12 +594,15 @@ def compress(
     if planned:
         _check_planned_options(ctx, budget, max_error, plan_file)
         _compress_planned(
-            src, dst, patterns, budget, max_error, usage_file, unseen_weight, plan_file, as_json
+            src, dst, patterns, budget, max_error, usage_file, unseen_weight, codecs, plan_file, as_json
         )
         return
-    for name in ("usage_file", "unseen_weight"):
+    for name, flag in (
+        ("usage_file", "--usage"),
+        ("unseen_weight", "--unseen-weight"),
+        ("codecs", "--codecs"),
+    ):
         if _given(ctx, name):
-            flag = "--usage" if name == "usage_file" else "--unseen-weight"
             raise click.BadParameter("only with --budget, --max-error or --plan", param_hint=f"'{flag}'")
     if zeros_per_block is not None and zeros_per_block > block[0] * block[1]:
         raise click.BadParameter(
@@ -824,6 +855,8 @@ def _check_planned_options(
         raise click.BadParameter("a plan names its own tables", param_hint="'--tables'")
     if plan_file is not None and _given(ctx, "unseen_weight"):
         raise click.BadParameter("a plan keeps the value it was made with", param_hint="'--unseen-weight'")
+    if plan_file is not None and _given(ctx, "codecs"):
+        raise click.BadParameter("a plan keeps the codecs it chose", param_hint="'--codecs'")
 
 
 T = TypeVar("T")
@@ -857,6 +890,7 @@ def _compress_planned(
     max_error: float | None,
     usage_file: Path | None,
     unseen_weight: float,
+    codecs: tuple[str, ...] | None,
     plan_file: Path | None,
     as_json: bool,
 ) -> None:
@@ -895,6 +929,7 @@ def _compress_planned(
                 max_error=max_error,
                 usage=usage,
                 unseen_weight=unseen_weight,
+                codecs=codecs,
             )
     except UsageError as err:
         raise CliError(_named(_in_cli_terms(err), usage_file or src)) from None
@@ -917,6 +952,7 @@ def _compress_planned(
             "max_error": applied.max_error,
             "usage": None if usage_file is None else str(usage_file),
             "unseen_weight": applied.unseen_weight,
+            "codecs": None if codecs is None else list(codecs),
             "plan": None if plan_file is None else str(plan_file),
         },
         "tables": rows,
@@ -1096,6 +1132,7 @@ def plan_command(
     max_error: float | None,
     usage_file: Path | None,
     unseen_weight: float,
+    codecs: tuple[str, ...] | None,
     patterns: tuple[str, ...],
     json_out: Path | None,
 ) -> None:
@@ -1118,7 +1155,13 @@ def plan_command(
     usage = _read_usage(usage_file)
     try:
         made = checkpoint.plan_checkpoint(
-            src, table_patterns, budget=budget, max_error=max_error, usage=usage, unseen_weight=unseen_weight
+            src,
+            table_patterns,
+            budget=budget,
+            max_error=max_error,
+            usage=usage,
+            unseen_weight=unseen_weight,
+            codecs=codecs,
         )
     except UsageError as err:  # the usage file does not fit the checkpoint: it is what to fix
         raise CliError(_named(str(err), usage_file)) from None
