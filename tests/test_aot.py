@@ -92,7 +92,10 @@ def _both(table, path, threads, idx, bounds, mode, psw):
 def _split_small_batches(monkeypatch):
     """Hand every bag run to its own thread, however small the batch (the tests' batches
     are small; the split is what they check)."""
+    from embpress.layouts import base
+
     monkeypatch.setattr(lookup, "_IDS_PER_THREAD", 1)
+    monkeypatch.setattr(base, "OWN_FUSED_IDS_PER_THREAD", 1)  # embpress's 4-bit kernel takes them
 
 
 @settings(max_examples=30, deadline=None)

@@ -330,20 +330,26 @@ def test_fused_rows_own_kernel_matches_fbgemm_and_generic(layout, dim, mode, wei
     psw = torch.rand(idx.numel(), generator=gen) if weighted and mode == "sum" else None
     code = 0 if mode == "sum" else 1
     expected = q._generic(idx, bounds, psw)
-    with mock.patch.object(lookup, "_IDS_PER_THREAD", 1):  # every batch splits
+    from embpress.layouts import base
+
+    with (  # every batch splits, and embpress's 4-bit kernel takes it
+        mock.patch.object(lookup, "_IDS_PER_THREAD", 1),
+        mock.patch.object(base, "OWN_FUSED_IDS_PER_THREAD", 1),
+    ):
         own, fbgemm = _fast_bag_on_and_off(q.table, "fused_kernel", 2, idx, bounds, code, psw)
     _close(own, expected)
     _close(fbgemm, expected)
 
 
 def test_a_batch_too_small_to_split_stays_with_fbgemms_4bit_kernel(monkeypatch):
-    """On several threads, embpress's 4-bit kernel takes only batches it splits (on one
-    thread FBGEMM's is faster); the sums are the same either way."""
+    """On several threads, embpress's 4-bit kernel takes only batches it splits with
+    ``OWN_FUSED_IDS_PER_THREAD`` ids a thread (a thread of it is slower than FBGEMM's
+    one-thread kernel); the sums are the same either way."""
     from embpress.layouts import base
 
     q = QuantizedEmbeddingBag.from_float(nn.EmbeddingBag(60, 64), QuantConfig(bits=4, layout="dense"))
-    small = torch.randint(0, 60, (2 * lookup._IDS_PER_THREAD - 1,))
-    large = torch.randint(0, 60, (2 * lookup._IDS_PER_THREAD,))
+    small = torch.randint(0, 60, (2 * base.OWN_FUSED_IDS_PER_THREAD - 1,))
+    large = torch.randint(0, 60, (2 * base.OWN_FUSED_IDS_PER_THREAD,))
     calls = []
     real = base.run_bags
     monkeypatch.setattr(base, "run_bags", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -199,6 +199,13 @@ def check_fused_qparams(
             raise FormatError(f"tensor {name!r} holds a NaN or Inf scale or offset (row {row})")
 
 
+# embpress's 4-bit kernel takes a batch on several threads only where each gets this many
+# ids: a thread of it decodes rows slower than FBGEMM's one-thread kernel, so the split
+# must make up for that (two threads, Zen 5, 1M x 128: 8,192 ids took 1.13-1.15x the time
+# of FBGEMM's kernel, 12,288 ids 0.97-1.06x, 16,384 ids 0.90-0.94x)
+OWN_FUSED_IDS_PER_THREAD = 8192
+
+
 def own_kernel_serves(fused: torch.Tensor, dim: int, bits: int, threads: int, policy: KernelPolicy) -> bool:
     """Whether ``fused_bag`` (embpress's numba kernel) serves these fused rows.
 
@@ -207,8 +214,9 @@ def own_kernel_serves(fused: torch.Tensor, dim: int, bits: int, threads: int, po
     threads, 4-bit tables of 32, 64 or 128 columns therefore use embpress's vector kernel,
     which splits them (generic vector IR, no x86 intrinsic: it serves on every kernel path
     and CPU). On one thread FBGEMM's kernel is the faster one and keeps the work, as it
-    does wherever ``policy`` turns embpress's off. ``threads``: those ``run_bags`` would
-    split the batch across (``lookup.run_threads``), one for a batch too small to split.
+    does wherever ``policy`` turns embpress's off. ``threads``: those the batch takes at
+    ``OWN_FUSED_IDS_PER_THREAD`` ids each (``lookup.run_threads``), one for a batch too
+    small to split.
     (The rows must carry float16 qparams, FBGEMM's 4-bit format; ``fused_rows_bag``
     checks that first.)
     """
@@ -247,7 +255,8 @@ def fused_rows_bag(
         bags = Bags.of(indices, offsets, mode, per_sample_weights)
         return run_bags(packed_rows_bag, packed, bags, rows, dim, run=packed_rows_run)
     # (only 4-bit rows may take embpress's kernel: ``threads`` is asked for those alone)
-    if bits == 4 and own_kernel_serves(fused, dim, bits, run_threads(indices.numel()), policy):
+    threads = run_threads(indices.numel(), OWN_FUSED_IDS_PER_THREAD) if bits == 4 else 1
+    if threads > 1 and own_kernel_serves(fused, dim, bits, threads, policy):
         rows, row_bytes = fused.shape
         table = FusedKernelTable(fused=fused.numpy().reshape(-1), row_bytes=row_bytes, dim=dim)
         bags = Bags.of(indices, offsets, mode, per_sample_weights)

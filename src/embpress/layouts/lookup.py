@@ -346,11 +346,11 @@ def run_bags(
     return out
 
 
-# below this many ids a batch runs on the calling thread alone: waking another thread and
-# waiting for it costs more than it saves (timed on a virtual machine, where a wake-up is
-# slow: a batch of twice this many ids ran as fast on two threads as on one, half of it
-# slower)
-_IDS_PER_THREAD = 4096
+# a batch gets a thread for each this many ids (below twice as many, the calling thread
+# alone): waking another thread and waiting for it must cost less than it saves (with the
+# splits on torch's OpenMP team, Zen 5, 2 vCPUs: block-sparse batches of 3,072 to 6,144
+# ids took 0.75-0.94x their one-thread time on two threads, 2,048 ids 0.96-1.02x)
+_IDS_PER_THREAD = 1536
 # a compiled run kernel's bags go to its threads in chunks, about this many per thread, so
 # that a thread that finishes early takes more (Zipf ids make some bags slower)
 _CHUNKS_PER_THREAD = 8
@@ -370,10 +370,12 @@ def _per_thread(threads: int, length: int, dtype: type) -> np.ndarray:
     return raw[shift : shift + threads * row].reshape(threads, row)[:, :length]
 
 
-def run_threads(ids: int) -> int:
+def run_threads(ids: int, per_thread: int | None = None) -> int:
     """How many threads ``run_bags`` splits a batch of ``ids`` ids across when its run
-    kernel is compiled: torch's count, fewer so that each has ``_IDS_PER_THREAD`` ids."""
-    return max(1, min(torch.get_num_threads(), ids // _IDS_PER_THREAD))
+    kernel is compiled: torch's count, fewer so that each has ``per_thread`` ids (default
+    ``_IDS_PER_THREAD``)."""
+    per = _IDS_PER_THREAD if per_thread is None else per_thread
+    return max(1, min(torch.get_num_threads(), ids // per))
 
 
 def _threads_and_chunk(bags: Bags, count: int) -> tuple[int, int]:
