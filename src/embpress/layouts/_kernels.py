@@ -173,8 +173,9 @@ def _block4_intrinsic(bits: int) -> Any:
     The compiler does not vectorise this step on its own (it cannot prove that the table
     and the accumulator do not overlap), so the four lanes are written out: one load of
     the block's bytes, one conversion, a multiply and an add (not fused, as in
-    ``dequantize``), and one load/add/store of the accumulator. ``bits`` is 8 (four bytes)
-    or 4 (two bytes, low nibble first).
+    ``dequantize``), and one load/add/store of the accumulator. ``bits`` is 8 (four bytes),
+    4 (two bytes, low nibble first) or 2 (one byte, low bits first: a block's four codes
+    start at a code index that is a multiple of 4).
     """
 
     @intrinsic
@@ -191,6 +192,15 @@ def _block4_intrinsic(bits: int) -> Any:
                     context, builder, codesty, codes_arr, [args[3]], wraparound=False
                 )
                 lanes = builder.load(builder.bitcast(cptr, b4.as_pointer()), align=1)
+            elif bits == 2:
+                byte_index = builder.lshr(args[3], ir.Constant(args[3].type, 2))
+                cptr = cgutils.get_item_pointer(
+                    context, builder, codesty, codes_arr, [byte_index], wraparound=False
+                )
+                one = builder.insert_element(ir.Constant(b4, ir.Undefined), builder.load(cptr), i32(0))
+                spread = builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, 4), [0, 0, 0, 0]))
+                shifted = builder.lshr(spread, ir.Constant(b4, [0, 2, 4, 6]))
+                lanes = builder.and_(shifted, ir.Constant(b4, [3, 3, 3, 3]))
             else:
                 byte_index = builder.lshr(args[3], ir.Constant(args[3].type, 1))
                 cptr = cgutils.get_item_pointer(
@@ -223,6 +233,7 @@ def _block4_intrinsic(bits: int) -> Any:
 
 _add_block4_u8 = _block4_intrinsic(8)
 _add_block4_u4 = _block4_intrinsic(4)
+_add_block4_u2 = _block4_intrinsic(2)
 
 
 def _path_of(marker: Any) -> int:
@@ -1118,11 +1129,13 @@ def _decode_bag(
                 blk = k * word_bits + _trailing_zeros(word)
                 word &= word - 1
                 col0 = blk * width
-                if width == 4 and col0 + 4 <= dim and bits != 2:
+                if width == 4 and col0 + 4 <= dim:
                     if bits == 8:
                         _add_block4_u8(acc, col0, records, c, s, o)
-                    else:
+                    elif bits == 4:
                         _add_block4_u4(acc, col0, records, c, s, o)
+                    else:
+                        _add_block4_u2(acc, col0, records, c, s, o)
                 else:
                     for j in range(min(width, dim - col0)):
                         pos = c + j
