@@ -18,7 +18,7 @@ Contenders:
 - FBGEMM 8/4-bit: ``torch.ops.quantized.embedding_bag_{byte,4bit}_rowwise_offsets`` on
   ``embedding_bag_{byte,4bit}_prepack`` tables;
 - embpress ``QuantizedEmbeddingBag`` in each layout: dense (nothing pruned) 8/4-bit,
-  block-sparse at 0.8 with (1,4) blocks 8/4-bit, pruned rows at 0.8 with whole-row blocks
+  block-sparse at 0.8 with (1,4) blocks 8/4/2-bit, pruned rows at 0.8 with whole-row blocks
   8/4-bit; built with ``QuantizedEmbeddingBag.from_float`` and the DataNormSparsifier mask
   (the encode path of ``post_training_sparse_quantize``), range search off (values only);
   each on every kernel path this CPU runs (``embpress.layouts.lookup.kernel_paths()``:
@@ -203,7 +203,7 @@ def build_embpress(
     masks = {width: mask_of(width) for _, width, _, _ in plan if width is not None}
     out: dict[str, tuple[Any, float]] = {}
     for label, width, layout, level in plan:
-        for bits in (8, 4):
+        for bits in (8, 4, 2) if label == "block-sparse" else (8, 4):
             config = embpress.QuantConfig(bits=bits, range_search=False, layout=layout)
             module = embpress.QuantizedEmbeddingBag.from_float(
                 emb, config, mask=None if width is None else masks[width], block_width=width or 1

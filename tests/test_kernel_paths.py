@@ -114,7 +114,7 @@ def test_block_sparse_paths_match_the_torch_decoder(
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("dim", [32, 64, 128, 256])
 def test_each_path_serves_the_whole_word_decode(path, bits, dim):
     """(1, 4) blocks with D = 4 * W * words take the whole-word decode on every path, and
@@ -266,8 +266,8 @@ def test_system_info_says_what_runs():
 
 def test_avx512_path_without_vbmi2_expands_16_bit_blocks_with_avx2(monkeypatch):
     """On an AVX-512 CPU without VBMI2 (Skylake-X, Cascade Lake: no 16-bit expand), the
-    AVX-512 path decodes 4-bit rows with AVX2's table permutes (8-bit rows keep the 32-bit
-    expand); compiled afresh for such a CPU, it matches the torch decoder."""
+    AVX-512 path decodes 4- and 2-bit rows with AVX2's table permutes (8-bit rows keep the
+    32-bit expand); compiled afresh for such a CPU, it matches the torch decoder."""
     import numba
 
     from embpress.layouts import block_sparse
@@ -282,10 +282,10 @@ def test_avx512_path_without_vbmi2_expands_16_bit_blocks_with_avx2(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(60, 128, generator=gen)
     idx, bounds, psw = _lookups(gen, 60, [7, 0, 30, 12], True)
-    for bits in (4, 8):
+    for bits in (4, 8, 2):
         q = QuantizedEmbeddingBag.from_float(
             nn.EmbeddingBag.from_pretrained(weight),
-            QuantConfig(bits=bits),
+            QuantConfig(bits=bits, layout="block_sparse"),
             mask=block_norm_mask(weight, 0.7, (1, 4)),
             block_width=4,
         )

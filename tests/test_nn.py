@@ -276,7 +276,15 @@ def test_block_sparse_vector_decode_is_used_where_it_applies():
     machine's CPU does; elsewhere it says so and checks the bit walk is picked)."""
     from embpress.layouts._kernels import vector_decode_supported
 
-    cases = [(128, 8, True), (64, 4, True), (256, 8, True), (36, 8, False), (128, 2, False)]
+    cases = [
+        (128, 8, True),
+        (64, 4, True),
+        (256, 8, True),
+        (36, 8, False),
+        (128, 2, True),
+        (32, 2, True),
+        (36, 2, False),
+    ]
     for dim, bits, expected in cases:
         weight = torch.randn(40, dim)
         mask = block_norm_mask(weight, 0.5, (1, 4))

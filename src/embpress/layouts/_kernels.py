@@ -268,12 +268,14 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
     measured slower for 16-bit blocks (4-bit codes) on AMD Zen 5 (bench/meaning.md), and
     ARM compiles it to one load per lane. Every flavour may read up to 64 bytes past
     the kept blocks' codes: the caller guarantees them (the block-sparse records end with
-    a 64-byte tail for this). ``block`` is i32 (8-bit codes) or i16 (4-bit codes).
+    a 64-byte tail for this). ``block`` is i32 (8-bit codes), i16 (4-bit codes) or i8
+    (2-bit codes).
     """
     if isinstance(word, ir.Constant) and word.constant & ((1 << word_bits) - 1) == (1 << word_bits) - 1:
         vty = ir.VectorType(block, word_bits)  # every block kept: a plain load
         return builder.load(builder.bitcast(cptr, vty.as_pointer()), align=1)
-    if path == PATH_AVX512 and _paths._has_expands(block.width):
+    # (x86 has no expand of fewer than 128 bits: eight 1-byte blocks take the table's)
+    if path == PATH_AVX512 and _paths._has_expands(block.width) and block.width * word_bits >= 128:
         return _emit_register_expand(builder, cptr, word, block, word_bits, fill)
     if path in (PATH_AVX512, PATH_AVX2) and _paths._host_has("avx2"):
         return _emit_table_expand(builder, cptr, word, block, word_bits, fill)
@@ -394,7 +396,8 @@ def _expand_table(module: Any, block_bytes: int) -> Any:
     """The 256-entry permutation table of ``_emit_table_expand`` in ``module`` (one global
     per module, made on first use): entry m holds, per lane j of 8 blocks, where block j's
     value sits among the kept blocks of bitmap byte m. 4-byte blocks: <8 x i8> lane
-    numbers for ``vpermd``; 2-byte blocks: <16 x i8> byte numbers for ``pshufb``. A
+    numbers for ``vpermd``; 2- and 1-byte blocks: <16 x i8> byte numbers for ``pshufb``
+    (1-byte blocks fill the first 8, the rest 0x80). A
     pruned block's entries are 0x80: the top bit marks it (``pshufb`` writes zero there,
     ``vpermd`` reads only the low three bits), so the blend that fills pruned lanes takes
     its mask from the entry, in vector registers."""
@@ -407,10 +410,12 @@ def _expand_table(module: Any, block_bytes: int) -> Any:
         rank, lanes = 0, []
         for j in range(8):
             if (m >> j) & 1:
-                lanes += [rank] if block_bytes == 4 else [2 * rank, 2 * rank + 1]
+                lanes += [rank] if block_bytes in (4, 1) else [2 * rank, 2 * rank + 1]
                 rank += 1
             else:
-                lanes += [0x80] if block_bytes == 4 else [0x80, 0x80]
+                lanes += [0x80] if block_bytes in (4, 1) else [0x80, 0x80]
+        if block_bytes == 1:
+            lanes += [0x80] * 8
         entries.append(ir.Constant(ir.VectorType(i8, len(lanes)), lanes))
     table_ty = ir.ArrayType(entries[0].type, 256)
     table = ir.GlobalVariable(module, table_ty, name)
@@ -441,6 +446,13 @@ def _emit_table_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits
             packed = builder.load(builder.bitcast(first, v8.as_pointer()), align=1)
             lanes = builder.sext(entry, ir.VectorType(i32, 8))
             moved = _call(builder, "llvm.x86.avx2.permd", v8, [packed, lanes])
+        elif block_bytes == 1:
+            v16 = ir.VectorType(i8, 16)
+            packed = builder.load(builder.bitcast(first, v16.as_pointer()), align=1)
+            shuffled = _call(builder, "llvm.x86.ssse3.pshuf.b.128", v16, [packed, entry])
+            low = ir.Constant(ir.VectorType(i32, 8), list(range(8)))
+            moved = builder.shuffle_vector(shuffled, shuffled, low)
+            lanes = builder.shuffle_vector(entry, entry, low)
         else:
             v16 = ir.VectorType(i8, 16)
             packed = builder.load(builder.bitcast(first, v16.as_pointer()), align=1)
@@ -459,12 +471,14 @@ def _strided_order(bits: int, word_bits: int) -> list[int]:
 
     8 bits: for each group of up to 16 blocks, the k-th code of every block (k = 0..3);
     4 bits: for each pair of blocks (a 32-bit word of 8 codes), the m-th code of every
-    pair (m = 0..7).
+    pair (m = 0..7); 2 bits: for each four blocks (a 32-bit word of 16 codes), the m-th
+    code of every four (m = 0..15).
     """
     if bits == 8:
         n = min(word_bits, 16)
         return [4 * (n * g + i) + k for g in range(word_bits // n) for k in range(4) for i in range(n)]
-    return [8 * j + m for m in range(8) for j in range(word_bits // 2)]
+    per = 32 // bits  # codes in a 32-bit word
+    return [per * j + m for m in range(per) for j in range(word_bits * bits // 8)]
 
 
 def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits: int, path: int) -> Any:
@@ -475,7 +489,8 @@ def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits
 
     The kept blocks' codes sit back to back from the byte ``cptr`` points at; an expand
     (``_emit_expand``) spreads them to their block positions and fills pruned blocks with
-    code z. 8-bit blocks are 4 bytes, 4-bit blocks 2 bytes (low nibble first). Every code
+    code z. 8-bit blocks are 4 bytes, 4-bit blocks 2 bytes (low nibble first), 2-bit
+    blocks 1 byte (low bits first). Every code
     is then taken out of its 32-bit word into the mantissa of the float ``2**23 + code``
     (``_emit_field``: a shift and an and-or) and one exact subtraction of ``2**23 + z``
     gives ``code - z``, so the k-th code of 16 words fills one vector: no cross-lane
@@ -503,12 +518,18 @@ def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits
                 group = builder.shuffle_vector(blocks, blocks, ir.Constant(vn, list(range(n * g, n * g + n))))
             for k in range(4):
                 pieces.append(_emit_field(builder, group, 8 * k, 8))
-    else:
+    elif bits == 4:
         blocks = _emit_expand(builder, cptr, word, ir.IntType(16), word_bits, 0x8888, path)
         n = word_bits // 2
         vn = ir.VectorType(i32, n)
         pairs = builder.bitcast(blocks, vn)
         pieces = [_emit_field(builder, pairs, 4 * m, 4) for m in range(8)]
+    else:
+        blocks = _emit_expand(builder, cptr, word, ir.IntType(8), word_bits, 0xAA, path)
+        n = word_bits // 4
+        vn = ir.VectorType(i32, n)
+        fours = builder.bitcast(blocks, vn)
+        pieces = [_emit_field(builder, fours, 2 * m, 2) for m in range(16)]
     while len(pieces) > 1:
         n = pieces[0].type.count
         pieces = [
@@ -601,7 +622,8 @@ def _word_decode_intrinsic(bits: int, word_bits: int) -> Any:
             accty, _, codesty, _, _, _, _, _ = signature.args
             pos, word, s, o = args[3:7]
             codes = context.make_array(codesty)(context, builder, args[2])
-            byte = pos if bits == 8 else builder.lshr(pos, ir.Constant(pos.type, 1))
+            per_byte = 8 // bits  # codes in a byte: a block's start is a byte's
+            byte = builder.lshr(pos, ir.Constant(pos.type, per_byte.bit_length() - 1))
             cptr = cgutils.get_item_pointer(context, builder, codesty, codes, [byte], wraparound=False)
             acc_arr = context.make_array(accty)(context, builder, args[0])
             aptr = cgutils.get_item_pointer(context, builder, accty, acc_arr, [args[1]], wraparound=False)
@@ -977,6 +999,9 @@ _decode_pass_8x32 = _block_sparse_pass_intrinsic(8, 32)
 _decode_pass_4x8 = _block_sparse_pass_intrinsic(4, 8)
 _decode_pass_4x16 = _block_sparse_pass_intrinsic(4, 16)
 _decode_pass_4x32 = _block_sparse_pass_intrinsic(4, 32)
+_decode_pass_2x8 = _block_sparse_pass_intrinsic(2, 8)
+_decode_pass_2x16 = _block_sparse_pass_intrinsic(2, 16)
+_decode_pass_2x32 = _block_sparse_pass_intrinsic(2, 32)
 
 
 # ids ahead whose fused rows are prefetched (FBGEMM's kernels use 16)
@@ -992,6 +1017,9 @@ _decode_word_8x32 = _word_decode_intrinsic(8, 32)
 _decode_word_4x8 = _word_decode_intrinsic(4, 8)
 _decode_word_4x16 = _word_decode_intrinsic(4, 16)
 _decode_word_4x32 = _word_decode_intrinsic(4, 32)
+_decode_word_2x8 = _word_decode_intrinsic(2, 8)
+_decode_word_2x16 = _word_decode_intrinsic(2, 16)
+_decode_word_2x32 = _word_decode_intrinsic(2, 32)
 
 
 @numba.njit(cache=True, inline="always")
@@ -1116,13 +1144,20 @@ def _decode_bag(
                         _decode_word_8x16(acc, col, records, c, word, s, o, path)
                     else:
                         _decode_word_8x8(acc, col, records, c, word, s, o, path)
-                else:
+                elif bits == 4:
                     if word_bits == 32:
                         _decode_word_4x32(acc, col, records, c, word, s, o, path)
                     elif word_bits == 16:
                         _decode_word_4x16(acc, col, records, c, word, s, o, path)
                     else:
                         _decode_word_4x8(acc, col, records, c, word, s, o, path)
+                else:
+                    if word_bits == 32:
+                        _decode_word_2x32(acc, col, records, c, word, s, o, path)
+                    elif word_bits == 16:
+                        _decode_word_2x16(acc, col, records, c, word, s, o, path)
+                    else:
+                        _decode_word_2x8(acc, col, records, c, word, s, o, path)
                 c += _popcount(word) * 4
                 continue
             while word != 0:  # walk the set bits
@@ -1202,13 +1237,20 @@ def _block_sparse_bags(
                     _decode_pass_8x16(*args, pf_end, weights, weighted, half, ring, b == b0, path)
                 else:
                     _decode_pass_8x8(*args, pf_end, weights, weighted, half, ring, b == b0, path)
-            else:
+            elif bits == 4:
                 if word_bits == 32:
                     _decode_pass_4x32(*args, pf_end, weights, weighted, half, ring, b == b0, path)
                 elif word_bits == 16:
                     _decode_pass_4x16(*args, pf_end, weights, weighted, half, ring, b == b0, path)
                 else:
                     _decode_pass_4x8(*args, pf_end, weights, weighted, half, ring, b == b0, path)
+            else:
+                if word_bits == 32:
+                    _decode_pass_2x32(*args, pf_end, weights, weighted, half, ring, b == b0, path)
+                elif word_bits == 16:
+                    _decode_pass_2x16(*args, pf_end, weights, weighted, half, ring, b == b0, path)
+                else:
+                    _decode_pass_2x8(*args, pf_end, weights, weighted, half, ring, b == b0, path)
         else:
             _decode_bag(
                 records, row_offsets, group_offsets, shape, skip, dim, vector, path, indices, lo,

@@ -168,5 +168,5 @@ START_RING = 64
 
 def vector_decode_supported(bits: int) -> bool:
     """Whether block-sparse rows of ``bits`` can be decoded whole bitmap words at a time
-    (8 and 4 bits; every kernel path has an expand for them)."""
-    return bits in (8, 4)
+    (8, 4 and 2 bits; every kernel path has an expand for them)."""
+    return bits in (8, 4, 2)
