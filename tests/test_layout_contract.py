@@ -727,3 +727,19 @@ def test_load_state_dict_assigns_strided_buffers_as_packed_copies(layout):
         assert buffer.is_contiguous()
     ids, offsets = torch.randint(0, 200, (30,)), torch.arange(0, 30, 5)
     assert torch.equal(other[0](ids, offsets), model[0](ids, offsets))
+
+
+def test_a_bad_mode_is_refused_before_the_offsets_are_read():
+    """``embedding_bag_impl`` checks the mode first, as the full path does, also for a
+    batch the plain path would take (many int64 offsets): a bad mode with bad offsets
+    is a ValueError about the mode."""
+    from embpress import ops
+
+    table = encode_table(torch.randn(50, 8), None, QuantConfig(bits=8, layout="dense"))[0]
+    ids = torch.randint(0, 50, (300,))
+    offsets = torch.arange(0, 300, 3)
+    offsets[0] = 2  # bad too
+    with pytest.raises(ValueError, match="mode must be 0"):
+        ops.embedding_bag_impl(table, ids, offsets, None, 5, False, None, None, 2.0)
+    with pytest.raises(RuntimeError, match="has to be 0"):
+        ops.embedding_bag_impl(table, ids, offsets, None, 0, False, None, None, 2.0)

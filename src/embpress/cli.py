@@ -597,11 +597,9 @@ def compress(
             src, dst, patterns, budget, max_error, usage_file, unseen_weight, codecs, plan_file, as_json
         )
         return
-    for name, flag in (
-        ("usage_file", "--usage"),
-        ("unseen_weight", "--unseen-weight"),
-        ("codecs", "--codecs"),
-    ):
+    if _given(ctx, "codecs"):  # (a plan read with --plan keeps its own)
+        raise click.BadParameter("only with --budget or --max-error", param_hint="'--codecs'")
+    for name, flag in (("usage_file", "--usage"), ("unseen_weight", "--unseen-weight")):
         if _given(ctx, name):
             raise click.BadParameter("only with --budget, --max-error or --plan", param_hint=f"'{flag}'")
     if zeros_per_block is not None and zeros_per_block > block[0] * block[1]:

@@ -451,6 +451,7 @@ class QuantizedEmbeddingBag(_QuantizedModule):
                 and type(input) is torch.Tensor
                 and type(offsets) is torch.Tensor
                 and input.is_cpu
+                and offsets.is_cpu  # (meta offsets take the op: its fake kernel gives the shape)
                 and _untraced()
             ):
                 mode_code = _MODE_CODES.get(self.mode)

@@ -386,6 +386,7 @@ def _plain_bag(
         or offsets.dim() != 1
         or offsets.shape[0] < _BOUNDS_IN_C
         or not (offsets.is_cpu and input.is_contiguous() and offsets.is_contiguous())
+        or not _aot.enabled()  # (the bounds' compiled pass: without it the full path makes them)
     ):
         return None
     made = _made_bounds(offsets, input.shape[0])
@@ -413,7 +414,8 @@ def embedding_bag_impl(
     ``fast``: use the layout's fused kernel where it serves (the CPU kernel of the op);
     False keeps to plain torch ops (the op's kernel for every other device).
     """
-    if fast and per_sample_weights is None and padding_idx is None and max_norm is None and mode != MAX:
+    plain = mode == SUM or mode == MEAN  # (any other mode is refused by the full checks)
+    if fast and plain and per_sample_weights is None and padding_idx is None and max_norm is None:
         out = _plain_bag(table, input, offsets, mode, include_last_offset)
         if out is not None:
             return out

@@ -368,8 +368,9 @@ def _lane_bits(builder: Any, bits: Any, lanes: int) -> Any:
 def _emit_register_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int, fill: int) -> Any:
     """``_emit_expand`` with AVX-512's register expands.
 
-    Per 512-bit piece: one plain vector load and the x86 expand (``vpexpandd``/
-    ``vpexpandw``; LLVM may fold the load into it), which takes only as many leading
+    Per piece of up to 512 bits (a word's blocks: 128 bits and up): one plain vector
+    load and the x86 expand (``vpexpandd``/``vpexpandw``/``vpexpandb``; LLVM may fold the
+    load into it), which takes only as many leading
     elements as there are kept blocks. Measured on the benchmark machine (AMD Zen 5,
     cache-hot lookups): LLVM's generic ``llvm.masked.expandload`` in its place was about
     25% slower, and a load masked to the kept blocks 12% slower (its mask waits for the
@@ -427,8 +428,9 @@ def _expand_table(module: Any, block_bytes: int) -> Any:
 
 def _emit_table_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int, fill: int) -> Any:
     """``_emit_expand`` with AVX2: per 8 blocks (one bitmap byte), one unaligned load of the
-    next 8 blocks' worth of bytes, a permute by the byte's entry of ``_expand_table``
-    (``vpermd`` of 32-bit blocks, ``pshufb`` of 16-bit ones) and a blend that puts
+    next 8 blocks' worth of bytes (16 for 1-byte blocks), a permute by the byte's entry
+    of ``_expand_table`` (``vpermd`` of 32-bit blocks, ``pshufb`` of 16- and 8-bit ones)
+    and a blend that puts
     ``fill`` in the pruned lanes (marked by the entry's top bits, so the mask is made in
     vector registers, not moved over from the bitmap byte in a general one); the next
     byte's blocks start after this byte's kept ones (a popcount)."""

@@ -100,7 +100,8 @@ def _host_has(feature: str) -> bool:
 
 def _has_expands(element_bits: int) -> bool:
     """Whether the CPU numba compiles for has the AVX-512 register expand of 32-bit (F, VL)
-    or 16-bit (also VBMI2) elements. Not cached: tests that hide features see the change."""
+    or 16- and 8-bit (also VBMI2) elements. Not cached: tests that hide features see the
+    change."""
     if not (_host_has("avx512f") and _host_has("avx512vl")):
         return False
     return element_bits == 32 or _host_has("avx512vbmi2")
@@ -108,8 +109,8 @@ def _has_expands(element_bits: int) -> bool:
 
 # The kernel paths by number (the kernels take them as ``PATH_MARKERS``): which
 # instructions expand a bitmap word's kept blocks. "avx512": the register expands
-# (``vpexpandd``/``vpexpandw``); "avx2": a permutation from a 256-entry table per bitmap
-# byte (``vpermd`` for 32-bit blocks, ``pshufb`` for 16-bit ones); "generic": LLVM's
+# (``vpexpandd``/``vpexpandw``/``vpexpandb``); "avx2": a permutation from a 256-entry table
+# per bitmap byte (``vpermd`` for 32-bit blocks, ``pshufb`` for 16- and 8-bit ones); "generic": LLVM's
 # generic vector IR only (prefix popcounts and a gather), what a CPU without x86 vectors
 # (ARM) runs.
 PATH_GENERIC = 0

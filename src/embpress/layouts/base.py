@@ -214,9 +214,9 @@ def own_kernel_serves(fused: torch.Tensor, dim: int, bits: int, threads: int, po
     threads, 4-bit tables of 32, 64 or 128 columns therefore use embpress's vector kernel,
     which splits them (generic vector IR, no x86 intrinsic: it serves on every kernel path
     and CPU). On one thread FBGEMM's kernel is the faster one and keeps the work, as it
-    does wherever ``policy`` turns embpress's off. ``threads``: those the batch takes at
-    ``OWN_FUSED_IDS_PER_THREAD`` ids each (``lookup.run_threads``), one for a batch too
-    small to split.
+    does wherever ``policy`` turns embpress's off. ``threads``: those the batch would take
+    at ``OWN_FUSED_IDS_PER_THREAD`` ids each (``lookup.run_threads``), one for a batch too
+    small: where embpress's kernel serves, ``run_bags`` then splits it as any run kernel's.
     (The rows must carry float16 qparams, FBGEMM's 4-bit format; ``fused_rows_bag``
     checks that first.)
     """
@@ -236,7 +236,8 @@ def fused_rows_bag(
     per_sample_weights: torch.Tensor | None,
     policy: KernelPolicy,
 ) -> torch.Tensor | None:
-    """Sum/mean bags over fused rows on CPU; None where no kernel serves (device, dtype).
+    """Sum/mean bags over fused rows on CPU; None where no kernel serves (another device,
+    max pooling, or embpress's kernels turned off for rows FBGEMM does not take).
 
     torch's FBGEMM kernel, or embpress's (``own_kernel_serves``) where FBGEMM would leave
     threads idle; embpress's ``packed_rows_bag`` for rows FBGEMM does not take (their

@@ -80,7 +80,9 @@ class KernelPolicy:
     """Which of embpress's own kernel paths may serve a lookup where they apply.
 
     fused_kernel: 4-bit fused rows (dense, pruned rows) on several threads go to embpress's
-        numba kernel, which splits the bags across threads (else FBGEMM's, on one thread).
+        numba kernel, which splits the bags across threads (else FBGEMM's, on one thread);
+        fused rows whose qparams FBGEMM does not take go to embpress's plain kernel (else
+        the distinct rows are decoded in torch).
     vector_decode: block-sparse rows are decoded whole bitmap words at a time where the
         shape allows (else the set bits are walked).
     path: the instructions of that decode: "avx512" (register expands), "avx2" (table
