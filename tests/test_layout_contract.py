@@ -743,3 +743,27 @@ def test_a_bad_mode_is_refused_before_the_offsets_are_read():
         ops.embedding_bag_impl(table, ids, offsets, None, 5, False, None, None, 2.0)
     with pytest.raises(RuntimeError, match="has to be 0"):
         ops.embedding_bag_impl(table, ids, offsets, None, 0, False, None, None, 2.0)
+
+
+def test_large_batches_without_a_fused_kernel_decode_on_the_bounds_made():
+    """Where the layout's fused kernel does not serve (8-bit rows with float16 scales with
+    embpress's kernels turned off), the plain path decodes the rows and lets torch sum
+    them on the bounds it made: the float path's sums, nn's error for bad offsets."""
+    from embpress import ops
+    from embpress.layouts.lookup import KernelPolicy, kernel_policy
+
+    weight = torch.randn(40, 12)
+    config = QuantConfig(bits=8, layout="dense", scale_dtype=torch.float16)
+    q = QuantizedEmbeddingBag.from_float(nn.EmbeddingBag.from_pretrained(weight, mode="mean"), config)
+    ids = torch.randint(0, 40, (400,))
+    offsets = torch.arange(0, 400, 5)
+    with kernel_policy(KernelPolicy(fused_kernel=False)):
+        assert q.table.fast_bag(ids, torch.arange(0, 401, 5), 1, None) is None
+        plain = ops._plain_bag(q.table, ids, offsets, 1, False)
+        assert plain is not None
+        torch.testing.assert_close(plain, F.embedding_bag(ids, q.dequantize(), offsets, mode="mean"))
+        torch.testing.assert_close(q(ids, offsets), plain, rtol=0, atol=0)
+        bad = offsets.clone()
+        bad[10] = 1
+        with pytest.raises(RuntimeError, match="non-decreasing"):
+            q(ids, bad)

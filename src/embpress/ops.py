@@ -376,7 +376,8 @@ def _plain_bag(
     A large lookup leaves the caches cold, where each step of Python costs about a
     microsecond: here the arguments' checks reduce to their dtypes and ranks, the bounds
     are made and checked by one compiled pass (``_made_bounds``) and the layout's fused
-    kernel follows (``fast_bag``)."""
+    kernel follows (``fast_bag``; where it has none, the decoded rows and torch's bag on
+    the same bounds, as ``embedding_bag_impl``'s full path)."""
     if (
         offsets is None
         or include_last_offset
@@ -394,7 +395,8 @@ def _plain_bag(
         return None
     if made[0]:
         _raise_for_offsets(made[0], int(offsets[0]))
-    return table.fast_bag(input, made[1], mode, None)
+    out = table.fast_bag(input, made[1], mode, None)
+    return generic_bag(table, input, made[1], None, mode) if out is None else out
 
 
 def embedding_bag_impl(

@@ -509,8 +509,10 @@ def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits
     """
     lanes = 4 * word_bits
     i32 = ir.IntType(32)
+    z = 1 << (bits - 1)
+    fill = sum(z << (bits * k) for k in range(4))  # a pruned block: four codes z
     if bits == 8:
-        blocks = _emit_expand(builder, cptr, word, i32, word_bits, 0x80808080, path)
+        blocks = _emit_expand(builder, cptr, word, i32, word_bits, fill, path)
         n = min(word_bits, 16)
         vn = ir.VectorType(i32, n)
         pieces = []
@@ -520,18 +522,10 @@ def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits
                 group = builder.shuffle_vector(blocks, blocks, ir.Constant(vn, list(range(n * g, n * g + n))))
             for k in range(4):
                 pieces.append(_emit_field(builder, group, 8 * k, 8))
-    elif bits == 4:
-        blocks = _emit_expand(builder, cptr, word, ir.IntType(16), word_bits, 0x8888, path)
-        n = word_bits // 2
-        vn = ir.VectorType(i32, n)
-        pairs = builder.bitcast(blocks, vn)
-        pieces = [_emit_field(builder, pairs, 4 * m, 4) for m in range(8)]
-    else:
-        blocks = _emit_expand(builder, cptr, word, ir.IntType(8), word_bits, 0xAA, path)
-        n = word_bits // 4
-        vn = ir.VectorType(i32, n)
-        fours = builder.bitcast(blocks, vn)
-        pieces = [_emit_field(builder, fours, 2 * m, 2) for m in range(16)]
+    else:  # 4 or 2 bits: the blocks read as 32-bit words of 32 // bits codes each
+        blocks = _emit_expand(builder, cptr, word, ir.IntType(4 * bits), word_bits, fill, path)
+        words32 = builder.bitcast(blocks, ir.VectorType(i32, word_bits * bits // 8))
+        pieces = [_emit_field(builder, words32, bits * m, bits) for m in range(32 // bits)]
     while len(pieces) > 1:
         n = pieces[0].type.count
         pieces = [
@@ -540,7 +534,7 @@ def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits
         ]
     vf = ir.VectorType(ir.FloatType(), lanes)
     biased = builder.bitcast(pieces[0], vf)  # 2**23 + code, exactly
-    return builder.fsub(biased, ir.Constant(vf, [float((1 << 23) + (1 << (bits - 1)))] * lanes))
+    return builder.fsub(biased, ir.Constant(vf, [float((1 << 23) + z)] * lanes))
 
 
 def _emit_field(builder: Any, words: Any, shift: int, width: int) -> Any:
