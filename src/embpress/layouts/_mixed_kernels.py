@@ -6,8 +6,9 @@ rows each), its slot in the class from the rank directory (per-class counts befo
 sub-block's earlier ids of that class (at most two words), and decodes the row with its
 class's codec. A thread's bags are summed in one walk over their ids (``_walk_intrinsic``,
 LLVM IR): each id is located a fixed number of ids before it is added, so its row is
-prefetched by then, and each row is decoded by a switch on its class straight into the
-bag's sums, held in vector registers (up to 128 values of a row per walk).
+prefetched by then (and what its locate reads, further ahead still), and each row is
+decoded by a switch on its class straight into the bag's sums, held in vector registers
+(up to 128 values of a row per walk).
 
 The helpers (the row's location, unaligned float loads, the IR of the walk) are defined here, not
 imported: numba's disk cache is keyed on the jitted function's own file (see
@@ -35,6 +36,7 @@ AHEAD = 32  # ids ahead (across bags) that a walk locates and whose rows it pref
 GATHER_BITS = 4  # column books this wide are read by a gather (a select tree takes 15 selects)
 # (``layouts.mixed.GATHER_BITS`` is the same number: it decides which books it transposes)
 RING = 64  # located ids a walk holds (a power of two, above AHEAD)
+META_AHEAD = 64  # ids ahead whose class-id word and rank-directory entries a walk prefetches
 
 
 def _load_intrinsic(kind: str) -> Any:
@@ -208,7 +210,12 @@ class _Walk:
         return self.builder.fpext(half, self.f32)
 
     def prefetch(self, at: Any) -> Any:
-        self.builder.call(self._prefetch, [self.byte(at), self.i32(0), self.i32(3), self.i32(1)])
+        self.prefetch_ptr(self.byte(at))
+
+    def prefetch_ptr(self, ptr: Any) -> Any:
+        """Prefetch the line of ``ptr`` (any pointer) into every cache level."""
+        line = self.builder.bitcast(ptr, ir.IntType(8).as_pointer())
+        self.builder.call(self._prefetch, [line, self.i32(0), self.i32(3), self.i32(1)])
 
     def locate(self, r: Any) -> tuple[Any, Any]:
         """(class, slot in its class) of row ``r`` (``_emit_locate``)."""
@@ -250,8 +257,10 @@ def _emit_walk(w_: _Walk, width: int) -> None:
 
     Each id is located ``AHEAD`` ids before it is added (``_Walk.locate``: class and
     payload position, kept in ``ring`` as ``pos * 4 + class``), and its row prefetched
-    then. Its class then picks its codec's decoder by a switch: 8-bit codes are widened
-    16 at a time straight from memory; narrower codes are read in one load and each
+    then; the class-id word and rank-directory entries that the locate reads are
+    prefetched ``META_AHEAD`` ids before, so that it does not wait on memory. Its class
+    then picks its codec's decoder by a switch: 8-bit codes are widened 16 at a time
+    straight from memory; narrower codes are read in one load and each
     lane gets the byte holding its code (one byte shuffle, zeros from a second operand).
     The codes become values: ``code * scale`` added by one FMA per lane (rowwise; the
     offsets, one per row, summed apart and added to every value once, at the end of the
@@ -284,9 +293,20 @@ def _emit_walk(w_: _Walk, width: int) -> None:
             w_.prefetch(b.select(b.icmp_signed("<", line, last), line, last))
         w_.prefetch(last)
 
+    def prefetch_meta(q: Any) -> None:
+        """Id ``q``'s class-id word and rank-directory entries into the cache (what
+        ``locate_ahead`` reads ``META_AHEAD - AHEAD`` ids later)."""
+        r = w_.item("indices", q)
+        w_.prefetch_ptr(b.gep(w_.ptr["words"], [b.lshr(r, i64(5))]))
+        w_.prefetch_ptr(b.gep(w_.ptr["rank"], [b.shl(b.lshr(r, i64(8)), i64(2))]))
+        w_.prefetch_ptr(b.gep(w_.ptr["sub"], [b.shl(b.lshr(r, i64(6)), i64(2))]))
+
     p_start = w_.item("offsets", arg["b0"])
-    lead = b.sub(p_end, p_start)
-    lead = b.select(b.icmp_signed("<", lead, i64(AHEAD)), lead, i64(AHEAD))
+    span = b.sub(p_end, p_start)
+    lead = b.select(b.icmp_signed("<", span, i64(META_AHEAD)), span, i64(META_AHEAD))
+    with cgutils.for_range(builder, lead) as first:
+        prefetch_meta(b.add(p_start, first.index))
+    lead = b.select(b.icmp_signed("<", span, i64(AHEAD)), span, i64(AHEAD))
     with cgutils.for_range(builder, lead) as first:
         locate_ahead(b.add(p_start, first.index))
 
@@ -396,6 +416,9 @@ def _emit_walk(w_: _Walk, width: int) -> None:
         b.store(ir.Constant(f32, 0.0), offsets)
         with cgutils.for_range(builder, b.sub(hi, lo)) as ids:
             p = b.add(lo, ids.index)
+            q = b.add(p, i64(META_AHEAD))
+            with b.if_then(b.icmp_signed("<", q, p_end)):
+                prefetch_meta(q)
             q = b.add(p, i64(AHEAD))
             with b.if_then(b.icmp_signed("<", q, p_end)):
                 locate_ahead(q)
