@@ -105,6 +105,15 @@ class MixedKernelTable(NamedTuple):
     dim: int
 
 
+def _aligned_copy(values: np.ndarray, align: int = 64) -> np.ndarray:
+    """A copy of 1-D ``values`` that starts on an ``align``-byte boundary."""
+    raw = np.empty(values.nbytes + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    out = raw[start : start + values.nbytes].view(values.dtype)
+    out[:] = values
+    return out
+
+
 def _blocks(rows: int) -> int:
     return -(-rows // BLOCK_ROWS)
 
@@ -517,9 +526,11 @@ class MixedTable(QuantizedTable):
     def _kernel_books(self) -> np.ndarray:
         """The column books as the lookup kernel reads them: each class's ``[dim, 2**bits]``
         book transposed to ``[2**bits, dim]`` (a level's values of every column in a row),
-        except books of ``GATHER_BITS`` bits, which the kernel gathers from as stored."""
+        except books of ``GATHER_BITS`` bits, which the kernel gathers from as stored; on
+        a 64-byte boundary, so that its vector loads of a level's values do not straddle
+        cache lines (a 2-bit column-book row took 1.36x the time when they did)."""
         books = self.colbooks.numpy()
-        out = books.copy()
+        out = _aligned_copy(books)
         dim = self.embedding_dim
         for codec, at in zip(self.codecs, self.book_base, strict=True):
             if codec.kind == "colbook" and codec.bits < GATHER_BITS:
