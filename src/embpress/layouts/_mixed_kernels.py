@@ -336,13 +336,15 @@ def _emit_walk(w_: _Walk, width: int) -> None:
         )
 
     def spread_of(raw: Any, bits: int) -> Any:
-        """<width x i32>: lane i holds the byte of ``raw`` that holds code i (codes of
-        ``bits`` < 8 bits, low bits first), zero-extended: one byte shuffle, with zeros
-        taken from a second operand, into the lanes' low bytes."""
-        nbytes = raw.type.count
-        order = [m for lane in range(width) for m in (lane * bits // 8, nbytes, nbytes, nbytes)]
-        zero = ir.Constant(raw.type, [0] * nbytes)
-        moved = b.shuffle_vector(raw, zero, ir.Constant(ir.VectorType(i32, 4 * width), order))
+        """<width x i32>: lane i holds, in its low byte, the byte of ``raw`` that holds code
+        i (codes of ``bits`` < 8 bits, low bits first): one byte shuffle from ``raw`` alone
+        (AVX-512 VBMI's ``vpermb`` keeps its index register, where a second operand of
+        zeros took ``vpermi2b``, which overwrites it: the indices were reloaded for every
+        row). The lane's upper bytes hold copies of that byte: every reader takes only
+        bits of the low byte (a shift below 8, then a mask of the rest)."""
+        order = [lane * bits // 8 for lane in range(width) for _ in range(4)]
+        undef = ir.Constant(raw.type, ir.Undefined)
+        moved = b.shuffle_vector(raw, undef, ir.Constant(ir.VectorType(i32, 4 * width), order))
         return b.bitcast(moved, vi32)
 
     def code_bits(at: Any, bits: int) -> list[Any]:
