@@ -311,6 +311,24 @@ def test_kernel_table_fields_are_the_kernels_parameters():
     assert parameters == [*MixedKernelTable._fields, *Bags._fields, "threads", "out"]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_the_kernels_books_start_on_a_cache_line_and_hold_the_books(seed):
+    """The kernel reads a level's values of 16 columns at a time: its copy of the books
+    starts on a 64-byte boundary (whatever numpy's allocator gave), level-major below
+    ``GATHER_BITS`` bits, as stored at that width."""
+    *_, table = _table(["colbook2", "colbook4", "colbook1", "rowwise8"], dim=16, seed=seed)
+    sb = table.kernel_table().sb
+    assert sb.ctypes.data % 64 == 0
+    books = table.colbooks.numpy()
+    for codec, at in zip(table.codecs, table.book_base, strict=True):
+        if codec.kind != "colbook":
+            continue
+        size = 16 << codec.bits
+        book = books[at : at + size].reshape(16, 1 << codec.bits)
+        expect = book if codec.bits >= mixed.GATHER_BITS else book.T
+        np.testing.assert_array_equal(sb[at : at + size], expect.reshape(-1))
+
+
 def test_the_tables_decoder_ids_are_the_kernels_order():
     """``MixedTable.kernel_table`` names each class's decoder by its place in ``CODECS``
     (pruned first, -1); the kernel's ``VARIANTS`` are that order (the kernel file is not
