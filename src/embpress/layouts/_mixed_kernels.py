@@ -261,7 +261,7 @@ def _emit_walk(w_: _Walk, width: int) -> None:
     prefetched ``META_AHEAD`` ids before, so that it does not wait on memory. Its class
     then picks its codec's decoder by a switch: 8-bit codes are widened 16 at a time
     straight from memory; narrower codes are read in one load and each
-    lane gets the byte holding its code (one byte shuffle, zeros from a second operand).
+    lane gets the byte holding its code (one byte shuffle of the loaded bytes).
     The codes become values: ``code * scale`` added by one FMA per lane (rowwise; the
     offsets, one per row, summed apart and added to every value once, at the end of the
     bag), or a level picked by a tree of vector selects on the code's bits, each bit
@@ -337,11 +337,11 @@ def _emit_walk(w_: _Walk, width: int) -> None:
 
     def spread_of(raw: Any, bits: int) -> Any:
         """<width x i32>: lane i holds, in its low byte, the byte of ``raw`` that holds code
-        i (codes of ``bits`` < 8 bits, low bits first): one byte shuffle from ``raw`` alone
-        (AVX-512 VBMI's ``vpermb`` keeps its index register, where a second operand of
-        zeros took ``vpermi2b``, which overwrites it: the indices were reloaded for every
-        row). The lane's upper bytes hold copies of that byte: every reader takes only
-        bits of the low byte (a shift below 8, then a mask of the rest)."""
+        i (codes of ``bits`` < 8 bits, low bits first): one byte shuffle from ``raw`` alone,
+        so that x86 can use a one-source permute (AVX-512 VBMI's ``vpermb``), which keeps
+        its index register from row to row (a two-source one overwrites it). The lane's
+        upper bytes hold copies of that byte: every reader takes only bits of the low byte
+        (a shift below 8, then a mask of the rest)."""
         order = [lane * bits // 8 for lane in range(width) for _ in range(4)]
         undef = ir.Constant(raw.type, ir.Undefined)
         moved = b.shuffle_vector(raw, undef, ir.Constant(ir.VectorType(i32, 4 * width), order))

@@ -528,7 +528,7 @@ class MixedTable(QuantizedTable):
         book transposed to ``[2**bits, dim]`` (a level's values of every column in a row),
         except books of ``GATHER_BITS`` bits, which the kernel gathers from as stored; on
         a 64-byte boundary, so that its vector loads of a level's values do not straddle
-        cache lines (a 2-bit column-book row took 1.36x the time when they did)."""
+        cache lines."""
         books = self.colbooks.numpy()
         out = _aligned_copy(books)
         dim = self.embedding_dim
