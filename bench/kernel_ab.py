@@ -77,7 +77,8 @@ def load_versions(versions: list[str], kernel: str, into: Path) -> list[tuple[st
         path.write_text(kernel_source(version, kernel))
         name = f"embpress.layouts._kab_{k}"
         spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
+        if spec is None or spec.loader is None:
+            raise SystemExit(f"kernel_ab.py: version {version!r}: cannot load {path}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
