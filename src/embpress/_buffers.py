@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["empty", "empty_tensor", "huge_pages_mode", "on_huge_pages", "wants_huge_pages"]
+__all__ = ["aligned_zeros", "empty", "empty_tensor", "huge_pages_mode", "on_huge_pages", "wants_huge_pages"]
 
 _POPULATE_FROM = 8 << 20
 _MADV_POPULATE_WRITE = 23  # Linux 5.14; Python's mmap module names it from 3.13 on
@@ -76,6 +76,16 @@ def empty(shape: int | tuple[int, ...], dtype: Any, populate: bool = True) -> np
     if nbytes < _POPULATE_FROM or not hasattr(mmap, "MAP_ANONYMOUS"):
         return np.empty(dims, dtype=dt)
     return np.frombuffer(_mapped(nbytes, populate), dtype=dt).reshape(dims)
+
+
+def aligned_zeros(count: int, dtype: Any, align: int) -> np.ndarray:
+    """Zeroed 1-D array of ``count`` items whose first starts on an ``align``-byte boundary
+    (a multiple of the item size): vector loads of a kernel's small tables then do not
+    straddle cache lines, and rows of different threads' scratch share none."""
+    dt = np.dtype(dtype)
+    raw = np.zeros(count + align // dt.itemsize, dtype=dt)
+    shift = (-raw.ctypes.data % align) // dt.itemsize
+    return raw[shift : shift + count]
 
 
 def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype, populate: bool = True) -> torch.Tensor:

@@ -110,9 +110,9 @@ def _has_expands(element_bits: int) -> bool:
 # The kernel paths by number (the kernels take them as ``PATH_MARKERS``): which
 # instructions expand a bitmap word's kept blocks. "avx512": the register expands
 # (``vpexpandd``/``vpexpandw``/``vpexpandb``); "avx2": a permutation from a 256-entry table
-# per bitmap byte (``vpermd`` for 32-bit blocks, ``pshufb`` for 16- and 8-bit ones); "generic": LLVM's
-# generic vector IR only (prefix popcounts and a gather), what a CPU without x86 vectors
-# (ARM) runs.
+# per bitmap byte (``vpermd`` for 32-bit blocks, ``pshufb`` for 16- and 8-bit ones);
+# "generic": LLVM's generic vector IR only (a network of fixed lane shifts and selects per
+# bitmap byte), what a CPU without x86 vectors (ARM) runs.
 PATH_GENERIC = 0
 PATH_AVX2 = 1
 PATH_AVX512 = 2

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import _aot
-from .._buffers import huge_pages_mode
+from .._buffers import aligned_zeros, huge_pages_mode
 from .._parallel import parallel_call
 from . import _paths
 from ._paths import KERNEL_ENV, KERNEL_PATHS, START_RING, available_paths, process_path
@@ -367,9 +367,7 @@ def _per_thread(threads: int, length: int, dtype: type) -> np.ndarray:
     """Zeroed scratch, a row of ``length`` items per thread, each row on lines of its own."""
     itemsize = np.dtype(dtype).itemsize
     row = -(-length * itemsize // _LINE) * _LINE // itemsize
-    raw: np.ndarray = np.zeros(threads * row + _LINE // itemsize, dtype=dtype)
-    shift = (-raw.ctypes.data % _LINE) // itemsize
-    return raw[shift : shift + threads * row].reshape(threads, row)[:, :length]
+    return aligned_zeros(threads * row, dtype, _LINE).reshape(threads, row)[:, :length]
 
 
 def run_threads(ids: int, per_thread: int | None = None) -> int:

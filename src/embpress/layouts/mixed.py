@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .._aot import KernelRef
-from .._buffers import empty, empty_tensor
+from .._buffers import aligned_zeros, empty, empty_tensor
 from ..quant.codecs import CODECS, Codec, checked_codecs, encode_rows
 from ..quant.packing import packed_length, unpack_codes
 from .base import (
@@ -103,15 +103,6 @@ class MixedKernelTable(NamedTuple):
     half: bool  # rowwise scale and offset are float16
     rows: int
     dim: int
-
-
-def _aligned_copy(values: np.ndarray, align: int = 64) -> np.ndarray:
-    """A copy of 1-D ``values`` that starts on an ``align``-byte boundary."""
-    raw = np.empty(values.nbytes + align, dtype=np.uint8)
-    start = -raw.ctypes.data % align
-    out = raw[start : start + values.nbytes].view(values.dtype)
-    out[:] = values
-    return out
 
 
 def _blocks(rows: int) -> int:
@@ -530,7 +521,8 @@ class MixedTable(QuantizedTable):
         a 64-byte boundary, so that its vector loads of a level's values do not straddle
         cache lines."""
         books = self.colbooks.numpy()
-        out = _aligned_copy(books)
+        out = aligned_zeros(books.shape[0], books.dtype, 64)
+        out[:] = books
         dim = self.embedding_dim
         for codec, at in zip(self.codecs, self.book_base, strict=True):
             if codec.kind == "colbook" and codec.bits < GATHER_BITS:
