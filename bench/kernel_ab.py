@@ -15,7 +15,7 @@ is the working tree's file. Each must run against the working tree's package (th
 modules it imports from). Kernels are compiled afresh in a temporary numba cache (tens of
 seconds per version). Tables: 1M x 128 float32 (seed 0, as ``lookup.py``); ``mixed``: the
 planner's table at 1/8 of float32's bytes (``lookup.build_planned``) or one of 8-bit rows
-only; ``block-sparse``: sparsity 0.8, (1, 4) blocks, 8 and 4 bits, on each kernel path.
+only; ``block-sparse``: sparsity 0.8, (1, 4) blocks, 8 and 4 bits (``--bits``: also 2), on each kernel path.
 Ids: 4,096 bags of 40, Zipf (``common.zipf_indices``), uniform, and ``hot`` (uniform over
 the first 2,000 rows: cache-resident rows, where the instructions per id decide).
 
@@ -87,7 +87,7 @@ def load_versions(versions: list[str], kernel: str, into: Path) -> list[tuple[st
 
 
 def cells(
-    kernel: str, rows: int, dim: int, table: str, paths: list[str]
+    kernel: str, rows: int, dim: int, table: str, paths: list[str], bits: list[int]
 ) -> list[tuple[str, str, tuple[Any, ...]]]:
     """(label, kernel function name, its table arguments) of each timed table."""
     import lookup
@@ -109,7 +109,7 @@ def cells(
     emb = nn.EmbeddingBag.from_pretrained(weight, mode="sum")
     out = []
     for label, (module, _) in lookup.build_embpress(emb, 0.8, ("block-sparse",)).items():
-        if label.endswith("2-bit"):
+        if not any(label.endswith(f" {b}-bit") for b in bits):
             continue
         for path in paths:
             args = tuple(module.table._kernel_table(KernelPolicy(path=path)))
@@ -131,7 +131,9 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="embpress-kernel-ab-") as tmp:
         versions = load_versions(args.versions, args.kernel, Path(tmp))
         results = []
-        for label, fn_name, table in cells(args.kernel, args.rows, args.dim, args.table, args.paths):
+        for label, fn_name, table in cells(
+            args.kernel, args.rows, args.dim, args.table, args.paths, args.bits
+        ):
             for dist in args.dists:
                 seconds: dict[str, list[float]] = {name: [] for name, _ in versions}
                 outs: dict[str, Any] = {}
@@ -202,6 +204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--paths", help="block-sparse: comma-separated kernel paths (default: every path this CPU runs)"
     )
+    p.add_argument("--bits", default="8,4", help="block-sparse: comma-separated code widths of 8, 4, 2")
     p.add_argument("--dists", default=",".join(DISTS), help=f"comma-separated ids of {', '.join(DISTS)}")
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=128)
@@ -213,6 +216,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     available = kernel_paths()
     args.paths = args.paths.split(",") if args.paths else list(available)
+    widths = [b.strip() for b in args.bits.split(",")]
+    if not widths or any(b not in ("8", "4", "2") for b in widths):
+        p.error(f"--bits: comma-separated code widths of 8, 4 and 2, not {args.bits!r}")
+    args.bits = [int(b) for b in widths]
     for path in args.paths:
         if path not in available:
             p.error(f"--paths: this CPU runs {', '.join(available)}, not {path!r}")

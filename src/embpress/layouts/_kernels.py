@@ -20,11 +20,13 @@ walk the set bits (``_decode_bag``). Vector steps are written as LLVM IR (numba
 
 Kernel paths: the expand of a bitmap word's kept blocks comes in three flavours
 (``KERNEL_PATHS``): AVX-512 register expands, AVX2 table permutes, and generic IR (no x86
-intrinsic, what ARM runs). A kernel takes its path as a marker array (``PATH_MARKERS``)
-whose dtype makes each path its own specialisation, compiled and cached when first used:
-a process compiles only the path it runs. ``process_path`` picks that path once (the
-fastest the CPU runs, or ``EMBPRESS_KERNEL``); ``lookup.KernelPolicy.path`` overrides it
-per call, block or process, so tests run every path on one machine.
+intrinsic, what ARM runs); 4- and 2-bit codes without a register expand are shuffled as
+bytes in generic IR on both other paths (``_byte_flow``). A kernel takes its path as a
+marker array (``PATH_MARKERS``) whose dtype makes each path its own specialisation,
+compiled and cached when first used: a process compiles only the path it runs.
+``process_path`` picks that path once (the fastest the CPU runs, or ``EMBPRESS_KERNEL``);
+``lookup.KernelPolicy.path`` overrides it per call, block or process, so tests run every
+path on one machine.
 
 The IR emitters and intrinsics stay in this file with the kernels that use them, on
 purpose. numba's disk cache is keyed on the jitted function's own file (its modification
@@ -56,7 +58,6 @@ from ._paths import (
     _PATH_DTYPES,
     KERNEL_ENV,
     KERNEL_PATHS,
-    PATH_AVX2,
     PATH_AVX512,
     PATH_GENERIC,
     PATH_MARKERS,
@@ -261,25 +262,25 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
     at their block positions; pruned blocks hold ``fill``. ``path``: which instructions
     do it (``KERNEL_PATHS``).
 
-    AVX-512 (``_emit_register_expand``) where the CPU has the expand of this element
-    width; else AVX2's table permutes (``_emit_table_expand``) on the AVX-512 and AVX2
-    paths; else, and on the generic path, generic IR: a network of fixed lane shifts and
-    selects (``_emit_network_expand``). A gather (``llvm.masked.gather``) in its place
-    measured slower for 16-bit blocks (4-bit codes) on AMD Zen 5 (bench/meaning.md), and
-    ARM compiles it to one load per lane. Every flavour may read up to 64 bytes past
-    the kept blocks' codes: the caller guarantees them (the block-sparse records end with
-    a 64-byte tail for this). ``block`` is i32 (8-bit codes), i16 (4-bit codes) or i8
-    (2-bit codes).
+    A row of all kept blocks is one plain load. Else AVX-512's register expands
+    (``_emit_register_expand``) where the CPU has the expand of this element width; on the
+    generic path generic IR, a network of fixed lane shifts and selects
+    (``_emit_network_expand``); else AVX2's table permutes of 4-byte blocks
+    (``_emit_table_expand``). Where no register expand fits, 4- and 2-bit codes do not
+    come here (``_byte_flow``). A gather (``llvm.masked.gather``) in its place measured
+    slower for 16-bit blocks (4-bit codes) on AMD Zen 5 (bench/meaning.md), and ARM
+    compiles it to one load per lane. Every flavour may read up to 64 bytes past the kept
+    blocks' codes: the caller guarantees them (the block-sparse records end with a 64-byte
+    tail for this). ``block`` is i32 (8-bit codes), i16 (4-bit codes) or i8 (2-bit codes).
     """
     if isinstance(word, ir.Constant) and word.constant & ((1 << word_bits) - 1) == (1 << word_bits) - 1:
         vty = ir.VectorType(block, word_bits)  # every block kept: a plain load
         return builder.load(builder.bitcast(cptr, vty.as_pointer()), align=1)
-    # (x86 has no expand of fewer than 128 bits: eight 1-byte blocks take the table's)
     if path == PATH_AVX512 and _paths._has_expands(block.width) and block.width * word_bits >= 128:
         return _emit_register_expand(builder, cptr, word, block, word_bits, fill)
-    if path in (PATH_AVX512, PATH_AVX2) and _paths._host_has("avx2"):
-        return _emit_table_expand(builder, cptr, word, block, word_bits, fill)
-    return _emit_network_expand(builder, cptr, word, block, word_bits, fill)
+    if path == PATH_GENERIC:
+        return _emit_network_expand(builder, cptr, word, block, word_bits, fill)
+    return _emit_table_expand(builder, cptr, word, block, word_bits, fill)
 
 
 def _network_table(module: Any) -> Any:
@@ -342,9 +343,126 @@ def _emit_network_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bi
         kept = builder.bitcast(builder.trunc(byte, i8), ir.VectorType(ir.IntType(1), 8))
         pieces.append(builder.select(kept, v, ir.Constant(v8, [fill] * 8)))
         if lo + 8 < word_bits:
-            count = _call(builder, "llvm.ctpop.i64", i64, [byte])
-            first = builder.gep(first, [builder.mul(count, ir.Constant(i64, block_bytes))])
+            first = _byte_start(builder, cptr, bits, lo + 8, block_bytes)
     return _concat(builder, pieces)
+
+
+def _byte_table(module: Any, block_bytes: int) -> Any:
+    """The table of ``_emit_byte_codes`` in ``module`` (one global per module, made on first
+    use): one <16 x i8> entry per bitmap byte m, holding for each byte of its 8 blocks
+    (``block_bytes`` 2 or 1) where it sits among the kept blocks' bytes, or 0x80 in a
+    pruned block (1-byte blocks fill the first 8 bytes, the rest 0x80)."""
+    name = f"embpress.byte_table.{block_bytes}"
+    if name in module.globals:
+        return module.globals[name]
+    i8 = ir.IntType(8)
+    entries = []
+    for m in range(256):
+        rank, lanes = 0, []
+        for j in range(8):
+            if (m >> j) & 1:
+                lanes += [rank * block_bytes + t for t in range(block_bytes)]
+                rank += 1
+            else:
+                lanes += [0x80] * block_bytes
+        lanes += [0x80] * (16 - len(lanes))
+        entries.append(ir.Constant(ir.VectorType(i8, 16), lanes))
+    table_ty = ir.ArrayType(entries[0].type, len(entries))
+    table = ir.GlobalVariable(module, table_ty, name)
+    table.linkage = "internal"
+    table.global_constant = True
+    table.initializer = ir.Constant(table_ty, entries)
+    return table
+
+
+def _byte_pieces(bits: int, word_bits: int) -> list[tuple[int, int]]:
+    """(first block, blocks) of each 16-byte piece of ``_emit_byte_codes``: 8 blocks of
+    4-bit codes, 16 of 2-bit (two bitmap bytes; 8 in a row of 8 blocks)."""
+    per = min(8 if bits == 4 else 16, word_bits)
+    return [(lo, per) for lo in range(0, word_bits, per)]
+
+
+def _emit_byte_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits: int) -> list[Any]:
+    """The generic path's decode of one bitmap word's 4- or 2-bit codes
+    (``_emit_strided_codes``): per 16-byte piece of the expanded row (``_byte_pieces``),
+    one unaligned load from the piece's first kept block (a popcount of the bitmap bits
+    below it), a byte shuffle by
+    the piece's entries of ``_byte_table``, and code z's bytes selected into the pruned
+    blocks (the entries' top bit); the piece is then widened byte by byte to int32 lanes
+    and each code field of a byte taken out (``_byte_order``). The shuffle is a vector
+    built of bytes extracted at variable indices, no intrinsic: LLVM makes it one
+    ``pshufb`` on x86 and one ``tbl`` on ARM, as long as each piece is widened before
+    the pieces meet (joined as bytes, x86's instruction selection merges them into one
+    wide vector and extracts every byte alone). Returns the pieces' fields, as int32
+    vectors of ``2**23 + code``'s bits, in ``_byte_order``. On the benchmark CPUs it took
+    0.65-0.76x the time of the lane network for 4-bit codes; 8-bit codes, a piece of 4
+    blocks, took 1.05x, so they keep the network (bench/meaning.md)."""
+    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    block_bytes = 4 * bits // 8
+    z = 1 << (bits - 1)
+    fill = sum(z << (bits * k) for k in range(8 // bits)) & 255  # a byte of codes z
+    table = _byte_table(builder.module, block_bytes)
+    bitmap = builder.zext(builder.trunc(word, ir.IntType(word_bits)), i64)
+    v16 = ir.VectorType(i8, 16)
+    v16i32 = ir.VectorType(i32, 16)
+    first8 = ir.Constant(ir.VectorType(i32, 16), list(range(8)) + list(range(16, 24)))
+
+    def entry(lo: int) -> Any:
+        m = builder.and_(builder.lshr(bitmap, ir.Constant(i64, lo)), ir.Constant(i64, 255))
+        return builder.load(builder.gep(table, [ir.Constant(i64, 0), m]), align=16)
+
+    fields = []
+    for lo, blocks in _byte_pieces(bits, word_bits):
+        index = entry(lo)
+        if blocks == 16:  # two bitmap bytes: the second's blocks follow the first's kept ones
+            low = builder.and_(builder.lshr(bitmap, ir.Constant(i64, lo)), ir.Constant(i64, 255))
+            kept = builder.trunc(_call(builder, "llvm.ctpop.i64", i64, [low]), i8)
+            high = builder.add(entry(lo + 8), _splat(builder, kept, v16))
+            index = builder.shuffle_vector(index, high, first8)
+        start = cptr if lo == 0 else _byte_start(builder, cptr, bitmap, lo, block_bytes)
+        packed = builder.load(builder.bitcast(start, v16.as_pointer()), align=1)
+        at = builder.and_(index, ir.Constant(v16, [15] * 16))
+        moved = ir.Constant(v16, ir.Undefined)
+        for t in range(16):
+            byte = builder.extract_element(packed, builder.extract_element(at, ir.Constant(i32, t)))
+            moved = builder.insert_element(moved, byte, ir.Constant(i32, t))
+        pruned = builder.icmp_signed("<", index, ir.Constant(v16, [0] * 16))
+        wide = builder.zext(builder.select(pruned, ir.Constant(v16, [fill] * 16), moved), v16i32)
+        lanes = blocks * 4 * bits // 8  # bytes of this piece that hold codes
+        for m in range(8 // bits):
+            field = builder.lshr(wide, ir.Constant(v16i32, [bits * m] * 16)) if m else wide
+            if m < 8 // bits - 1:
+                field = builder.and_(field, ir.Constant(v16i32, [(1 << bits) - 1] * 16))
+            field = builder.or_(field, ir.Constant(v16i32, [0x4B000000] * 16))
+            if lanes < 16:
+                field = builder.shuffle_vector(
+                    field, field, ir.Constant(ir.VectorType(i32, lanes), list(range(lanes)))
+                )
+            fields.append(field)
+    return fields
+
+
+def _byte_order(bits: int, word_bits: int) -> list[int]:
+    """The column of each lane of ``_emit_byte_codes``' fields end to end: per piece, per
+    code field m of a byte, the piece's bytes in order."""
+    per_byte = 8 // bits
+    order = []
+    for lo, blocks in _byte_pieces(bits, word_bits):
+        nbytes = blocks * 4 // per_byte
+        order += [4 * lo + per_byte * b + m for m in range(per_byte) for b in range(nbytes)]
+    return order
+
+
+def _byte_start(builder: Any, cptr: Any, bits: Any, lo: int, block_bytes: int) -> Any:
+    """i8* to the codes of the blocks from bitmap bit ``lo`` on: ``cptr`` plus the kept
+    blocks below bit ``lo`` (a popcount of the bits below it, each byte's from the word
+    itself, not chained through the bytes before it, so that the loads of a word's bytes
+    do not wait on each other)."""
+    i64 = ir.IntType(64)
+    below = builder.and_(bits, ir.Constant(i64, (1 << lo) - 1))
+    count = _call(builder, "llvm.ctpop.i64", i64, [below])
+    first = builder.bitcast(cptr, ir.IntType(8).as_pointer())
+    return builder.gep(first, [builder.mul(count, ir.Constant(i64, block_bytes))])
 
 
 def _concat(builder: Any, pieces: list[Any]) -> Any:
@@ -393,16 +511,14 @@ def _emit_register_expand(builder: Any, cptr: Any, word: Any, block: Any, word_b
     return _concat(builder, pieces)
 
 
-def _expand_table(module: Any, block_bytes: int) -> Any:
+def _expand_table(module: Any) -> Any:
     """The 256-entry permutation table of ``_emit_table_expand`` in ``module`` (one global
     per module, made on first use): entry m holds, per lane j of 8 blocks, where block j's
-    value sits among the kept blocks of bitmap byte m. 4-byte blocks: <8 x i8> lane
-    numbers for ``vpermd``; 2- and 1-byte blocks: <16 x i8> byte numbers for ``pshufb``
-    (1-byte blocks fill the first 8, the rest 0x80). A
-    pruned block's entries are 0x80: the top bit marks it (``pshufb`` writes zero there,
-    ``vpermd`` reads only the low three bits), so the blend that fills pruned lanes takes
-    its mask from the entry, in vector registers."""
-    name = f"embpress.expand_table.{block_bytes}"
+    value sits among the kept blocks of bitmap byte m (<8 x i8> lane numbers for
+    ``vpermd``). A pruned block's entry is 0x80: the top bit marks it (``vpermd`` reads
+    only the low three bits), so the blend that fills pruned lanes takes its mask from the
+    entry, in vector registers."""
+    name = "embpress.expand_table"
     if name in module.globals:
         return module.globals[name]
     i8 = ir.IntType(8)
@@ -410,14 +526,9 @@ def _expand_table(module: Any, block_bytes: int) -> Any:
     for m in range(256):
         rank, lanes = 0, []
         for j in range(8):
-            if (m >> j) & 1:
-                lanes += [rank] if block_bytes in (4, 1) else [2 * rank, 2 * rank + 1]
-                rank += 1
-            else:
-                lanes += [0x80] if block_bytes in (4, 1) else [0x80, 0x80]
-        if block_bytes == 1:
-            lanes += [0x80] * 8
-        entries.append(ir.Constant(ir.VectorType(i8, len(lanes)), lanes))
+            lanes.append(rank if (m >> j) & 1 else 0x80)
+            rank += (m >> j) & 1
+        entries.append(ir.Constant(ir.VectorType(i8, 8), lanes))
     table_ty = ir.ArrayType(entries[0].type, 256)
     table = ir.GlobalVariable(module, table_ty, name)
     table.linkage = "internal"
@@ -427,55 +538,60 @@ def _expand_table(module: Any, block_bytes: int) -> Any:
 
 
 def _emit_table_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int, fill: int) -> Any:
-    """``_emit_expand`` with AVX2: per 8 blocks (one bitmap byte), one unaligned load of the
-    next 8 blocks' worth of bytes (16 for 1-byte blocks), a permute by the byte's entry
-    of ``_expand_table`` (``vpermd`` of 32-bit blocks, ``pshufb`` of 16- and 8-bit ones)
-    and a blend that puts
-    ``fill`` in the pruned lanes (marked by the entry's top bits, so the mask is made in
-    vector registers, not moved over from the bitmap byte in a general one); the next
-    byte's blocks start after this byte's kept ones (a popcount)."""
-    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-    block_bytes = block.width // 8
-    table = _expand_table(builder.module, block_bytes)
+    """``_emit_expand`` of 4-byte blocks with AVX2: per 8 blocks (one bitmap byte), one
+    unaligned load of the next 8 blocks' worth of bytes, a ``vpermd`` by the byte's entry
+    of ``_expand_table`` and a blend that puts ``fill`` in the pruned lanes (marked by the
+    entry's top bits, so the mask is made in vector registers, not moved over from the
+    bitmap byte in a general one); each byte's blocks start after the kept ones below it
+    (a popcount)."""
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    if block.width != 32:
+        raise ValueError(f"_emit_table_expand: 4-byte blocks only, got i{block.width}")
+    table = _expand_table(builder.module)
     bits = builder.zext(builder.trunc(word, ir.IntType(word_bits)), i64)
-    first = builder.bitcast(cptr, i8.as_pointer())
+    first = builder.bitcast(cptr, ir.IntType(8).as_pointer())
     v8 = ir.VectorType(block, 8)
     pieces = []
     for lo in range(0, word_bits, 8):
         byte = builder.and_(builder.lshr(bits, ir.Constant(i64, lo)), ir.Constant(i64, 255))
         entry = builder.load(builder.gep(table, [ir.Constant(i64, 0), byte]), align=8)
-        if block_bytes == 4:
-            packed = builder.load(builder.bitcast(first, v8.as_pointer()), align=1)
-            lanes = builder.sext(entry, ir.VectorType(i32, 8))
-            moved = _call(builder, "llvm.x86.avx2.permd", v8, [packed, lanes])
-        elif block_bytes == 1:
-            v16 = ir.VectorType(i8, 16)
-            packed = builder.load(builder.bitcast(first, v16.as_pointer()), align=1)
-            shuffled = _call(builder, "llvm.x86.ssse3.pshuf.b.128", v16, [packed, entry])
-            low = ir.Constant(ir.VectorType(i32, 8), list(range(8)))
-            moved = builder.shuffle_vector(shuffled, shuffled, low)
-            lanes = builder.shuffle_vector(entry, entry, low)
-        else:
-            v16 = ir.VectorType(i8, 16)
-            packed = builder.load(builder.bitcast(first, v16.as_pointer()), align=1)
-            moved = builder.bitcast(_call(builder, "llvm.x86.ssse3.pshuf.b.128", v16, [packed, entry]), v8)
-            lanes = builder.bitcast(entry, v8)  # a pruned lane's two bytes are 0x80 0x80
+        packed = builder.load(builder.bitcast(first, v8.as_pointer()), align=1)
+        lanes = builder.sext(entry, ir.VectorType(i32, 8))
+        moved = _call(builder, "llvm.x86.avx2.permd", v8, [packed, lanes])
         pruned = builder.icmp_signed("<", lanes, ir.Constant(lanes.type, [0] * 8))
         pieces.append(builder.select(pruned, ir.Constant(v8, [fill] * 8), moved))
         if lo + 8 < word_bits:
-            kept = _call(builder, "llvm.ctpop.i64", i64, [byte])
-            first = builder.gep(first, [builder.mul(kept, ir.Constant(i64, block_bytes))])
+            first = _byte_start(builder, cptr, bits, lo + 8, 4)
     return _concat(builder, pieces)
 
 
-def _strided_order(bits: int, word_bits: int) -> list[int]:
+# ``_emit_strided_codes``' path for a row whose blocks are all kept (a constant word): no
+# expand, one plain load, the x86 paths' lane order whatever the kernel path
+ALL_KEPT = -1
+
+
+def _byte_flow(bits: int, word_bits: int, path: int) -> bool:
+    """Whether ``_emit_strided_codes`` decodes by byte shuffles in 16-byte pieces
+    (``_emit_byte_codes``): 4- and 2-bit codes wherever the CPU has no AVX-512 register
+    expand of their blocks (it measured faster than an AVX2 table permute of 8 blocks
+    and the generic lane network, on AVX-512 and on AVX2 code generation alike); 8-bit
+    codes expand 4-byte blocks (``_emit_expand``)."""
+    if path == ALL_KEPT or bits == 8:
+        return False
+    block = 4 * bits
+    return not (path == PATH_AVX512 and _paths._has_expands(block) and block * word_bits >= 128)
+
+
+def _strided_order(bits: int, word_bits: int, path: int) -> list[int]:
     """The lane (column) each position of ``_emit_strided_codes``'s vector decodes.
 
-    8 bits: for each group of up to 16 blocks, the k-th code of every block (k = 0..3);
-    4 bits: for each pair of blocks (a 32-bit word of 8 codes), the m-th code of every
-    pair (m = 0..7); 2 bits: for each four blocks (a 32-bit word of 16 codes), the m-th
-    code of every four (m = 0..15).
+    On the x86 paths: 8 bits: for each group of up to 16 blocks, the k-th code of every
+    block (k = 0..3); 4 bits: for each pair of blocks (a 32-bit word of 8 codes), the m-th
+    code of every pair (m = 0..7); 2 bits: for each four blocks (a 32-bit word of 16
+    codes), the m-th code of every four (m = 0..15). On the generic path ``_byte_order``.
     """
+    if _byte_flow(bits, word_bits, path):
+        return _byte_order(bits, word_bits)
     if bits == 8:
         n = min(word_bits, 16)
         return [4 * (n * g + i) + k for g in range(word_bits // n) for k in range(4) for i in range(n)]
@@ -499,9 +615,12 @@ def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits
     shuffle per row, which measured as the bottleneck of the decode, and no int-to-float
     conversion (conversions and shifts share one execution port on x86). A byte shuffle
     with the exponent byte from a second operand, in place of the shift and and-or,
-    measured slower: it competes with the expand's shuffles. Callers sum rows in this order
-    and restore the columns once per bag (``_emit_unstride``). No branch depends on which
-    blocks are kept.
+    measured slower: it competes with the expand's shuffles. 4- and 2-bit codes without a
+    register expand (``_byte_flow``) are shuffled as bytes in 16-byte pieces instead, each
+    widened to 16 int32 lanes (``_emit_byte_codes``), so their fields come in another order.
+    Callers sum rows in this order (``path`` names it; ``ALL_KEPT`` for rows that keep
+    every block) and restore the columns once per bag (``_emit_unstride``). No branch
+    depends on which blocks are kept.
 
     Centring keeps a bag's running sums near the size of its values: a kernel that adds
     the codes' part and the offsets' part of a bag in separate sums (``_emit_scaled_sum``)
@@ -511,7 +630,9 @@ def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits
     i32 = ir.IntType(32)
     z = 1 << (bits - 1)
     fill = sum(z << (bits * k) for k in range(4))  # a pruned block: four codes z
-    if bits == 8:
+    if _byte_flow(bits, word_bits, path):
+        pieces = _emit_byte_codes(builder, cptr, word, bits, word_bits)
+    elif bits == 8:
         blocks = _emit_expand(builder, cptr, word, i32, word_bits, fill, path)
         n = min(word_bits, 16)
         vn = ir.VectorType(i32, n)
@@ -553,9 +674,9 @@ def _emit_field(builder: Any, words: Any, shift: int, width: int) -> Any:
     return builder.or_(field, ir.Constant(vn, [0x4B000000] * n))
 
 
-def _emit_unstride(builder: Any, strided: Any, bits: int, word_bits: int) -> Any:
+def _emit_unstride(builder: Any, strided: Any, bits: int, word_bits: int, path: int) -> Any:
     """IR for the <4W x float> vector in column order from one in ``_strided_order``."""
-    order = _strided_order(bits, word_bits)
+    order = _strided_order(bits, word_bits, path)
     position = [0] * len(order)
     for p, lane in enumerate(order):
         position[lane] = p
@@ -564,10 +685,10 @@ def _emit_unstride(builder: Any, strided: Any, bits: int, word_bits: int) -> Any
     )
 
 
-def _emit_block_spread(builder: Any, by_block: Any, bits: int, word_bits: int) -> Any:
+def _emit_block_spread(builder: Any, by_block: Any, bits: int, word_bits: int, path: int) -> Any:
     """IR for a <4W x float> vector in ``_strided_order`` holding each lane's block's
     value of ``by_block`` (<W x float>)."""
-    blocks = [lane // 4 for lane in _strided_order(bits, word_bits)]
+    blocks = [lane // 4 for lane in _strided_order(bits, word_bits, path)]
     return builder.shuffle_vector(
         by_block, by_block, ir.Constant(ir.VectorType(ir.IntType(32), len(blocks)), blocks)
     )
@@ -590,7 +711,7 @@ def _emit_word_decode(
     values = _emit_strided_codes(builder, cptr, word, bits, word_bits, path)
     offset = _splat(builder, _centred_offset(builder, s, o, bits), vf)
     decoded = _emit_unstride(
-        builder, _emit_scaled_sum(builder, offset, values, _splat(builder, s, vf)), bits, word_bits
+        builder, _emit_scaled_sum(builder, offset, values, _splat(builder, s, vf)), bits, word_bits, path
     )
     kept = builder.bitcast(
         builder.trunc(word, ir.IntType(word_bits)), ir.VectorType(ir.IntType(1), word_bits)
@@ -735,7 +856,7 @@ def _fused_bag_intrinsic(word_bits: int) -> Any:
                 o = builder.fmul(o, w)
                 row = builder.gep(base, [start])
                 # every block kept: a plain load on every path
-                values = _emit_strided_codes(builder, row, all_kept, 4, word_bits, PATH_GENERIC)
+                values = _emit_strided_codes(builder, row, all_kept, 4, word_bits, ALL_KEPT)
                 builder.store(
                     _emit_scaled_sum(builder, builder.load(total), values, _splat(builder, s, vf)), total
                 )
@@ -750,7 +871,9 @@ def _fused_bag_intrinsic(word_bits: int) -> Any:
             )
             summed = builder.fadd(builder.load(total), _splat(builder, builder.load(offsets), vf))
             builder.store(
-                _emit_unstride(builder, summed, 4, word_bits), builder.bitcast(aptr, vf.as_pointer()), align=4
+                _emit_unstride(builder, summed, 4, word_bits, ALL_KEPT),
+                builder.bitcast(aptr, vf.as_pointer()),
+                align=4,
             )
             return context.get_dummy_value()
 
@@ -971,9 +1094,9 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                     added = builder.fadd(by_block, _splat(builder, offset, vblock))
                     builder.store(builder.select(kept, added, by_block), offsets)
                 aptr = builder.bitcast(data(accty, acc_v), vf.as_pointer())
-                by_lane = _emit_block_spread(builder, builder.load(offsets), bits, word_bits)
+                by_lane = _emit_block_spread(builder, builder.load(offsets), bits, word_bits, chosen)
                 summed = builder.fadd(builder.load(total), by_lane)
-                builder.store(_emit_unstride(builder, summed, bits, word_bits), aptr, align=4)
+                builder.store(_emit_unstride(builder, summed, bits, word_bits, chosen), aptr, align=4)
 
             body(_path_of(signature.args[-1]))
             return context.get_dummy_value()

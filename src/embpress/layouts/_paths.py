@@ -110,9 +110,10 @@ def _has_expands(element_bits: int) -> bool:
 # The kernel paths by number (the kernels take them as ``PATH_MARKERS``): which
 # instructions expand a bitmap word's kept blocks. "avx512": the register expands
 # (``vpexpandd``/``vpexpandw``/``vpexpandb``); "avx2": a permutation from a 256-entry table
-# per bitmap byte (``vpermd`` for 32-bit blocks, ``pshufb`` for 16- and 8-bit ones);
-# "generic": LLVM's generic vector IR only (a network of fixed lane shifts and selects per
-# bitmap byte), what a CPU without x86 vectors (ARM) runs.
+# per bitmap byte (``vpermd`` of 32-bit blocks); "generic": LLVM's generic vector IR only
+# (a network of fixed lane shifts and selects per bitmap byte), what a CPU without x86
+# vectors (ARM) runs. 16- and 8-bit blocks (4- and 2-bit codes) take a byte shuffle in
+# generic IR on the avx2 and generic paths (``pshufb`` on x86, ``tbl`` on ARM).
 PATH_GENERIC = 0
 PATH_AVX2 = 1
 PATH_AVX512 = 2
