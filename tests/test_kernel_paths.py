@@ -377,3 +377,111 @@ def test_generic_path_has_no_x86_vector_intrinsic_and_avx2_no_avx512(monkeypatch
     for path in ("generic", "avx2"):
         assert "pshufb" in asm[4, path]
         assert asm[4, path].count("pextrb") < 16, "the byte shuffle was split into single bytes"
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize(
+    ("triple", "cpu", "shuffle", "single"),
+    [
+        ("x86_64-unknown-linux-gnu", "haswell", "vpshufb", "pextrb"),
+        ("x86_64-unknown-linux-gnu", "skylake-avx512", "vpshufb", "pextrb"),
+        ("aarch64-unknown-linux-gnu", "neoverse-n1", "tbl", "umov"),
+    ],
+)
+def test_byte_codes_compile_to_one_shuffle_per_piece(bits, triple, cpu, shuffle, single):
+    """``_emit_byte_codes``' IR for a 128-value row, optimised and compiled by the LLVM that
+    numba uses, for an AVX2 CPU, an AVX-512 one and an ARM Neoverse N1: one byte shuffle
+    (``pshufb`` / ``tbl``) per 16-byte piece on x86, per bitmap byte on ARM, and no byte
+    moved alone (what x86's instruction selection did when the pieces were joined as
+    bytes, and ARM's when one shuffle's index was joined from two bitmap bytes' entries)."""
+    from llvmlite import binding as llvm
+    from llvmlite import ir
+
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    try:
+        target = llvm.Target.from_triple(triple)
+    except RuntimeError:
+        pytest.skip(f"this llvmlite has no {triple} target")
+    i8p, i64, i32 = ir.IntType(8).as_pointer(), ir.IntType(64), ir.IntType(32)
+    module = ir.Module(name="byte_codes")
+    module.triple = triple
+    word_bits = 32
+    fields = 8 // bits * len(_kernels._byte_pieces(bits, word_bits))
+    out_ty = ir.VectorType(i32, 16)
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [i8p, i64, out_ty.as_pointer()]), "decode")
+    builder = ir.IRBuilder(fn.append_basic_block())
+    cptr, word, out = fn.args
+    joined = triple.startswith("x86")  # as ``_emit_strided_codes`` chooses on such a CPU
+    for k, field in enumerate(_kernels._emit_byte_codes(builder, cptr, word, bits, word_bits, joined)):
+        builder.store(field, builder.gep(out, [ir.Constant(i64, k)]))
+    builder.ret_void()
+    assert len(_kernels._byte_order(bits, word_bits)) == 16 * fields
+    machine = target.create_target_machine(cpu=cpu, opt=3)
+    parsed = llvm.parse_assembly(str(module))
+    passes = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(3))
+    passes.getModulePassManager().run(parsed, passes)
+    asm = machine.emit_assembly(parsed)
+    ops = [
+        line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")
+    ]
+    shuffles = sum(
+        2 if blocks == 16 and not joined else 1 for _, blocks in _kernels._byte_pieces(bits, word_bits)
+    )
+    assert ops.count(shuffle) == shuffles
+    assert ops.count(single) == 0
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("word_bits", [8, 16, 32])
+def test_every_lane_order_is_a_permutation_of_the_columns(bits, word_bits):
+    """The lane order of every decode flavour (x86 paths, generic, rows that keep every
+    block) holds each of the word's 4W columns once: restoring the columns
+    (``_emit_unstride``) loses and duplicates nothing."""
+    for path in (*_kernels.KERNEL_PATHS.values(), _kernels.ALL_KEPT):
+        order = _kernels._strided_order(bits, word_bits, path)
+        assert sorted(order) == list(range(4 * word_bits)), (bits, word_bits, path)
+
+
+_SPLIT_SHUFFLES = """
+import sys
+import torch
+from torch import nn
+from embpress.layouts import _paths
+_paths._host_is_x86 = lambda: False  # the formulation an ARM CPU compiles, here on x86
+from embpress import QuantConfig, QuantizedEmbeddingBag
+from embpress.layouts.lookup import KernelPolicy
+from embpress.sparsify import block_norm_mask
+
+torch.manual_seed(0)
+for bits, dim in [(b, d) for b in (8, 4, 2) for d in (32, 64, 128, 256)]:
+    weight = torch.randn(70, dim)
+    q = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(weight), QuantConfig(bits=bits),
+        mask=block_norm_mask(weight, 0.6, (1, 4)), block_width=4,
+    )
+    idx = torch.randint(0, 70, (200,))
+    bounds = torch.arange(0, 201, 8)
+    got = q.table.fast_bag(idx, bounds, 0, None, policy=KernelPolicy(path="generic"))
+    want = nn.functional.embedding_bag(idx, q.table.dequantize(), bounds[:-1], mode="sum")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_generic_path_with_the_arm_shuffles_matches_the_decoder(tmp_path):
+    """The generic path's decode as an ARM CPU compiles it (``_emit_byte_codes`` for 8-bit
+    codes too, and two shuffles per piece of 2-bit codes), compiled afresh in a process
+    of its own on this CPU, sums the same bags as decoding the table and summing in
+    torch, at 8, 4 and 2 bits, for rows of 1, 2, 4 and 8 bitmap bytes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "EMBPRESS_AOT": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", _SPLIT_SHUFFLES], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"

@@ -265,7 +265,7 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
     A row of all kept blocks is one plain load. Else AVX-512's register expands
     (``_emit_register_expand``) where the CPU has the expand of this element width; on the
     generic path generic IR, a network of fixed lane shifts and selects
-    (``_emit_network_expand``); else AVX2's table permutes of 4-byte blocks
+    (``_emit_network_expand``; on x86 only, see ``_byte_flow``); else AVX2's table permutes of 4-byte blocks
     (``_emit_table_expand``). Where no register expand fits, 4- and 2-bit codes do not
     come here (``_byte_flow``). A gather (``llvm.masked.gather``) in its place measured
     slower for 16-bit blocks (4-bit codes) on AMD Zen 5 (bench/meaning.md), and ARM
@@ -349,24 +349,28 @@ def _emit_network_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bi
 
 def _byte_table(module: Any, block_bytes: int) -> Any:
     """The table of ``_emit_byte_codes`` in ``module`` (one global per module, made on first
-    use): one <16 x i8> entry per bitmap byte m, holding for each byte of its 8 blocks
-    (``block_bytes`` 2 or 1) where it sits among the kept blocks' bytes, or 0x80 in a
-    pruned block (1-byte blocks fill the first 8 bytes, the rest 0x80)."""
+    use): one <16 x i8> entry per bitmap byte m (4-byte blocks: per half byte), holding
+    for each byte of its blocks where it sits among the kept blocks' bytes, or 0x80 in a
+    pruned block. 1-byte blocks take 8 bytes: entry m fills the first 8 lanes (the rest
+    0x80), entry 256 + m the last 8 (the first 0x80), for the second byte of a piece."""
     name = f"embpress.byte_table.{block_bytes}"
     if name in module.globals:
         return module.globals[name]
     i8 = ir.IntType(8)
     entries = []
-    for m in range(256):
-        rank, lanes = 0, []
-        for j in range(8):
-            if (m >> j) & 1:
-                lanes += [rank * block_bytes + t for t in range(block_bytes)]
-                rank += 1
-            else:
-                lanes += [0x80] * block_bytes
-        lanes += [0x80] * (16 - len(lanes))
-        entries.append(ir.Constant(ir.VectorType(i8, 16), lanes))
+    per = 4 if block_bytes == 4 else 8  # blocks an entry covers
+    for upper in (False, True) if block_bytes == 1 else (False,):
+        for m in range(1 << per):
+            rank, lanes = 0, []
+            for j in range(per):
+                if (m >> j) & 1:
+                    lanes += [rank * block_bytes + t for t in range(block_bytes)]
+                    rank += 1
+                else:
+                    lanes += [0x80] * block_bytes
+            pad = [0x80] * (16 - len(lanes))
+            lanes = pad + lanes if upper else lanes + pad
+            entries.append(ir.Constant(ir.VectorType(i8, 16), lanes))
     table_ty = ir.ArrayType(entries[0].type, len(entries))
     table = ir.GlobalVariable(module, table_ty, name)
     table.linkage = "internal"
@@ -376,27 +380,33 @@ def _byte_table(module: Any, block_bytes: int) -> Any:
 
 
 def _byte_pieces(bits: int, word_bits: int) -> list[tuple[int, int]]:
-    """(first block, blocks) of each 16-byte piece of ``_emit_byte_codes``: 8 blocks of
-    4-bit codes, 16 of 2-bit (two bitmap bytes; 8 in a row of 8 blocks)."""
-    per = min(8 if bits == 4 else 16, word_bits)
+    """(first block, blocks) of each 16-byte piece of ``_emit_byte_codes``: 4 blocks of
+    8-bit codes, 8 of 4-bit, 16 of 2-bit (two bitmap bytes; 8 in a row of 8 blocks)."""
+    per = min({8: 4, 4: 8, 2: 16}[bits], word_bits)
     return [(lo, per) for lo in range(0, word_bits, per)]
 
 
-def _emit_byte_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits: int) -> list[Any]:
-    """The generic path's decode of one bitmap word's 4- or 2-bit codes
-    (``_emit_strided_codes``): per 16-byte piece of the expanded row (``_byte_pieces``),
+def _emit_byte_codes(
+    builder: Any, cptr: Any, word: Any, bits: int, word_bits: int, joined_index: bool
+) -> list[Any]:
+    """The byte-shuffle decode of one bitmap word's codes (``_emit_strided_codes``, where
+    ``_byte_flow`` says): per 16-byte piece of the expanded row (``_byte_pieces``),
     one unaligned load from the piece's first kept block (a popcount of the bitmap bits
-    below it), a byte shuffle by
-    the piece's entries of ``_byte_table``, and code z's bytes selected into the pruned
-    blocks (the entries' top bit); the piece is then widened byte by byte to int32 lanes
-    and each code field of a byte taken out (``_byte_order``). The shuffle is a vector
-    built of bytes extracted at variable indices, no intrinsic: LLVM makes it one
-    ``pshufb`` on x86 and one ``tbl`` on ARM, as long as each piece is widened before
-    the pieces meet (joined as bytes, x86's instruction selection merges them into one
-    wide vector and extracts every byte alone). Returns the pieces' fields, as int32
-    vectors of ``2**23 + code``'s bits, in ``_byte_order``. On the benchmark CPUs it took
-    0.65-0.76x the time of the lane network for 4-bit codes; 8-bit codes, a piece of 4
-    blocks, took 1.05x, so they keep the network (bench/meaning.md)."""
+    below it), a byte shuffle by the piece's entries of ``_byte_table``, and code z's
+    bytes selected into the pruned blocks (the entries' top bit); the piece is then
+    widened byte by byte to int32 lanes and each code field of a byte taken out
+    (``_byte_order``). The shuffle is a vector built of bytes extracted at variable
+    indices, no intrinsic: LLVM makes it one ``pshufb`` on x86 and one ``tbl`` on ARM, as
+    long as each piece is widened before the pieces meet (joined as bytes, x86's
+    instruction selection merges them into one wide vector and extracts every byte
+    alone). A piece of 2-bit codes spans two bitmap bytes: with ``joined_index`` (x86)
+    one shuffle by an index joined from both bytes' entries, else two shuffles, each
+    byte's from its own start, merged by a select (LLVM's AArch64 selection makes ``tbl``
+    only of an index as loaded, and moves each byte alone otherwise; on x86 the two
+    shuffles took 1.04-1.08x the time). Returns the pieces' fields, as int32 vectors of
+    ``2**23 + code``'s bits, in ``_byte_order``. On the benchmark CPUs it took 0.65-0.76x
+    the time of the lane network for 4-bit codes; 8-bit codes, a piece of 4 blocks, took
+    1.00-1.06x, so x86 keeps the network for them (bench/meaning.md)."""
     i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
     block_bytes = 4 * bits // 8
     z = 1 << (bits - 1)
@@ -405,20 +415,18 @@ def _emit_byte_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits: i
     bitmap = builder.zext(builder.trunc(word, ir.IntType(word_bits)), i64)
     v16 = ir.VectorType(i8, 16)
     v16i32 = ir.VectorType(i32, 16)
-    first8 = ir.Constant(ir.VectorType(i32, 16), list(range(8)) + list(range(16, 24)))
 
-    def entry(lo: int) -> Any:
-        m = builder.and_(builder.lshr(bitmap, ir.Constant(i64, lo)), ir.Constant(i64, 255))
+    def entry(lo: int, upper: bool = False) -> Any:
+        m = builder.and_(
+            builder.lshr(bitmap, ir.Constant(i64, lo)), ir.Constant(i64, 15 if bits == 8 else 255)
+        )
+        if upper:
+            m = builder.add(m, ir.Constant(i64, 256))
         return builder.load(builder.gep(table, [ir.Constant(i64, 0), m]), align=16)
 
-    fields = []
-    for lo, blocks in _byte_pieces(bits, word_bits):
-        index = entry(lo)
-        if blocks == 16:  # two bitmap bytes: the second's blocks follow the first's kept ones
-            low = builder.and_(builder.lshr(bitmap, ir.Constant(i64, lo)), ir.Constant(i64, 255))
-            kept = builder.trunc(_call(builder, "llvm.ctpop.i64", i64, [low]), i8)
-            high = builder.add(entry(lo + 8), _splat(builder, kept, v16))
-            index = builder.shuffle_vector(index, high, first8)
+    def shuffled(lo: int, index: Any) -> tuple[Any, Any]:
+        """The 16 bytes from the first kept block at or after bitmap bit ``lo``, moved by
+        ``index``; and the lanes ``index`` marks pruned."""
         start = cptr if lo == 0 else _byte_start(builder, cptr, bitmap, lo, block_bytes)
         packed = builder.load(builder.bitcast(start, v16.as_pointer()), align=1)
         at = builder.and_(index, ir.Constant(v16, [15] * 16))
@@ -426,7 +434,23 @@ def _emit_byte_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits: i
         for t in range(16):
             byte = builder.extract_element(packed, builder.extract_element(at, ir.Constant(i32, t)))
             moved = builder.insert_element(moved, byte, ir.Constant(i32, t))
-        pruned = builder.icmp_signed("<", index, ir.Constant(v16, [0] * 16))
+        return moved, builder.icmp_signed("<", index, ir.Constant(v16, [0] * 16))
+
+    fields = []
+    for lo, blocks in _byte_pieces(bits, word_bits):
+        if blocks == 16 and joined_index:  # two bitmap bytes, one shuffle: the second's
+            # blocks follow the first's kept ones, so its indices move up by their count
+            low = builder.and_(builder.lshr(bitmap, ir.Constant(i64, lo)), ir.Constant(i64, 255))
+            kept = builder.trunc(_call(builder, "llvm.ctpop.i64", i64, [low]), i8)
+            high = builder.add(entry(lo + 8, upper=True), _splat(builder, kept, v16))
+            first = ir.Constant(ir.VectorType(i32, 16), list(range(8)) + list(range(24, 32)))
+            moved, pruned = shuffled(lo, builder.shuffle_vector(entry(lo), high, first))
+        else:
+            moved, pruned = shuffled(lo, entry(lo))
+        if blocks == 16 and not joined_index:  # each bitmap byte from its own start
+            high, high_pruned = shuffled(lo + 8, entry(lo + 8, upper=True))
+            moved = builder.select(pruned, high, moved)
+            pruned = builder.and_(pruned, high_pruned)
         wide = builder.zext(builder.select(pruned, ir.Constant(v16, [fill] * 16), moved), v16i32)
         lanes = blocks * 4 * bits // 8  # bytes of this piece that hold codes
         for m in range(8 // bits):
@@ -574,10 +598,15 @@ def _byte_flow(bits: int, word_bits: int, path: int) -> bool:
     """Whether ``_emit_strided_codes`` decodes by byte shuffles in 16-byte pieces
     (``_emit_byte_codes``): 4- and 2-bit codes wherever the CPU has no AVX-512 register
     expand of their blocks (it measured faster than an AVX2 table permute of 8 blocks
-    and the generic lane network, on AVX-512 and on AVX2 code generation alike); 8-bit
-    codes expand 4-byte blocks (``_emit_expand``)."""
-    if path == ALL_KEPT or bits == 8:
+    and the generic lane network, on AVX-512 and on AVX2 code generation alike), and
+    8-bit codes on the generic path of a CPU that is not x86 (compiled for an ARM
+    Neoverse N1, the lane network's decode of a 128-value row took 679 instructions, the
+    byte shuffles' 289; on x86 the network measured faster). Other 8-bit codes expand
+    4-byte blocks (``_emit_expand``)."""
+    if path == ALL_KEPT:
         return False
+    if bits == 8:  # the lane network on x86, where it measured faster (bench/meaning.md)
+        return path == PATH_GENERIC and not _paths._host_is_x86()
     block = 4 * bits
     return not (path == PATH_AVX512 and _paths._has_expands(block) and block * word_bits >= 128)
 
@@ -631,7 +660,7 @@ def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits
     z = 1 << (bits - 1)
     fill = sum(z << (bits * k) for k in range(4))  # a pruned block: four codes z
     if _byte_flow(bits, word_bits, path):
-        pieces = _emit_byte_codes(builder, cptr, word, bits, word_bits)
+        pieces = _emit_byte_codes(builder, cptr, word, bits, word_bits, _paths._host_is_x86())
     elif bits == 8:
         blocks = _emit_expand(builder, cptr, word, i32, word_bits, fill, path)
         n = min(word_bits, 16)

@@ -75,6 +75,12 @@ def cpuinfo() -> tuple[str, frozenset[str]] | None:
 
 
 @functools.cache
+def _host_is_x86() -> bool:
+    """Whether numba compiles for an x86 CPU (it compiles for the machine it runs on).
+    Generic IR that LLVM lowers differently by architecture asks (``_kernels._byte_flow``)."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
 def _host_has(feature: str) -> bool:
     """Whether the CPU numba compiles for has ``feature`` (an LLVM name such as
     ``avx512vbmi2``). Where numba is told to compile for a named CPU (``NUMBA_CPU_NAME``,
@@ -113,7 +119,8 @@ def _has_expands(element_bits: int) -> bool:
 # per bitmap byte (``vpermd`` of 32-bit blocks); "generic": LLVM's generic vector IR only
 # (a network of fixed lane shifts and selects per bitmap byte), what a CPU without x86
 # vectors (ARM) runs. 16- and 8-bit blocks (4- and 2-bit codes) take a byte shuffle in
-# generic IR on the avx2 and generic paths (``pshufb`` on x86, ``tbl`` on ARM).
+# generic IR on the avx2 and generic paths (``pshufb`` on x86, ``tbl`` on ARM), and so do
+# 32-bit blocks on the generic path of a CPU that is not x86 (``_kernels._byte_flow``).
 PATH_GENERIC = 0
 PATH_AVX2 = 1
 PATH_AVX512 = 2
