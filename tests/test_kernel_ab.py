@@ -48,3 +48,12 @@ def test_unknown_version_is_one_clear_error() -> None:
     )  # fmt: skip
     assert proc.returncode != 0
     assert "no-such-revision-xyz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_code_width_is_one_clear_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, "bench/kernel_ab.py", "--kernel", "block-sparse", ".", "--bits", "8,3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "--bits" in proc.stderr and "'8,3'" in proc.stderr and "Traceback" not in proc.stderr
