@@ -21,7 +21,8 @@ walk the set bits (``_decode_bag``). Vector steps are written as LLVM IR (numba
 Kernel paths: the expand of a bitmap word's kept blocks comes in three flavours
 (``KERNEL_PATHS``): AVX-512 register expands, AVX2 table permutes, and generic IR (no x86
 intrinsic, what ARM runs); 4- and 2-bit codes without a register expand are shuffled as
-bytes in generic IR on both other paths (``_byte_flow``). A kernel takes its path as a
+bytes in generic IR on both other paths, and on ARM the generic path's 8-bit codes too
+(``_byte_flow``). A kernel takes its path as a
 marker array (``PATH_MARKERS``) whose dtype makes each path its own specialisation,
 compiled and cached when first used: a process compiles only the path it runs.
 ``process_path`` picks that path once (the fastest the CPU runs, or ``EMBPRESS_KERNEL``);
@@ -265,9 +266,9 @@ def _emit_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int,
     A row of all kept blocks is one plain load. Else AVX-512's register expands
     (``_emit_register_expand``) where the CPU has the expand of this element width; on the
     generic path generic IR, a network of fixed lane shifts and selects
-    (``_emit_network_expand``; on x86 only, see ``_byte_flow``); else AVX2's table permutes of 4-byte blocks
-    (``_emit_table_expand``). Where no register expand fits, 4- and 2-bit codes do not
-    come here (``_byte_flow``). A gather (``llvm.masked.gather``) in its place measured
+    (``_emit_network_expand``); else AVX2's table permutes of 4-byte blocks
+    (``_emit_table_expand``). Codes that ``_byte_flow`` shuffles as bytes do not come
+    here. A gather (``llvm.masked.gather``) in its place measured
     slower for 16-bit blocks (4-bit codes) on AMD Zen 5 (bench/meaning.md), and ARM
     compiles it to one load per lane. Every flavour may read up to 64 bytes past the kept
     blocks' codes: the caller guarantees them (the block-sparse records end with a 64-byte
@@ -617,7 +618,8 @@ def _strided_order(bits: int, word_bits: int, path: int) -> list[int]:
     On the x86 paths: 8 bits: for each group of up to 16 blocks, the k-th code of every
     block (k = 0..3); 4 bits: for each pair of blocks (a 32-bit word of 8 codes), the m-th
     code of every pair (m = 0..7); 2 bits: for each four blocks (a 32-bit word of 16
-    codes), the m-th code of every four (m = 0..15). On the generic path ``_byte_order``.
+    codes), the m-th code of every four (m = 0..15). Where ``_byte_flow`` says,
+    ``_byte_order``.
     """
     if _byte_flow(bits, word_bits, path):
         return _byte_order(bits, word_bits)
@@ -644,8 +646,9 @@ def _emit_strided_codes(builder: Any, cptr: Any, word: Any, bits: int, word_bits
     shuffle per row, which measured as the bottleneck of the decode, and no int-to-float
     conversion (conversions and shifts share one execution port on x86). A byte shuffle
     with the exponent byte from a second operand, in place of the shift and and-or,
-    measured slower: it competes with the expand's shuffles. 4- and 2-bit codes without a
-    register expand (``_byte_flow``) are shuffled as bytes in 16-byte pieces instead, each
+    measured slower: it competes with the expand's shuffles. The codes ``_byte_flow``
+    picks (4- and 2-bit ones without a register expand; on a CPU that is not x86, the
+    generic path's 8-bit ones too) are shuffled as bytes in 16-byte pieces instead, each
     widened to 16 int32 lanes (``_emit_byte_codes``), so their fields come in another order.
     Callers sum rows in this order (``path`` names it; ``ALL_KEPT`` for rows that keep
     every block) and restore the columns once per bag (``_emit_unstride``). No branch
