@@ -289,9 +289,6 @@ def _network_table(module: Any) -> Any:
     module, made on first use): entry m (an int32) holds, in bytes 0, 1, 2, the lanes that
     take the lane 4, 2 and 1 below them at each stage of the expand of bitmap byte m, and
     in byte 3 m itself."""
-    name = "embpress.network_table"
-    if name in module.globals:
-        return module.globals[name]
     entries = []
     for m in range(256):
         kept = [j for j in range(8) if m >> j & 1]
@@ -307,12 +304,34 @@ def _network_table(module: Any) -> Any:
             masks.append(mask)
         entries.append(masks[0] | masks[1] << 8 | masks[2] << 16 | m << 24)
     i32 = ir.IntType(32)
-    table_ty = ir.ArrayType(i32, 256)
+    return _constant_table(module, "embpress.network_table", [ir.Constant(i32, e) for e in entries])
+
+
+def _constant_table(module: Any, name: str, entries: list[Any]) -> Any:
+    """The internal constant global ``name`` of ``module`` holding ``entries`` (IR
+    constants of one type) as an array: made on first use, the same global after."""
+    if name in module.globals:
+        return module.globals[name]
+    table_ty = ir.ArrayType(entries[0].type, len(entries))
     table = ir.GlobalVariable(module, table_ty, name)
     table.linkage = "internal"
     table.global_constant = True
-    table.initializer = ir.Constant(table_ty, [ir.Constant(i32, e) for e in entries])
+    table.initializer = ir.Constant(table_ty, entries)
     return table
+
+
+def _kept_lanes(m: int, blocks: int, block_bytes: int) -> list[int]:
+    """For each byte of ``blocks`` blocks of ``block_bytes`` bytes whose bitmap is ``m``:
+    where it sits among the kept blocks' bytes packed back to back, or 0x80 (top bit set)
+    in a pruned block."""
+    rank, lanes = 0, []
+    for j in range(blocks):
+        if (m >> j) & 1:
+            lanes += [rank * block_bytes + t for t in range(block_bytes)]
+            rank += 1
+        else:
+            lanes += [0x80] * block_bytes
+    return lanes
 
 
 def _emit_network_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int, fill: int) -> Any:
@@ -354,30 +373,20 @@ def _byte_table(module: Any, block_bytes: int) -> Any:
     for each byte of its blocks where it sits among the kept blocks' bytes, or 0x80 in a
     pruned block. 1-byte blocks take 8 bytes: entry m fills the first 8 lanes (the rest
     0x80), entry 256 + m the last 8 (the first 0x80), for the second byte of a piece."""
-    name = f"embpress.byte_table.{block_bytes}"
-    if name in module.globals:
-        return module.globals[name]
-    i8 = ir.IntType(8)
+    v16 = ir.VectorType(ir.IntType(8), 16)
+    per = _entry_blocks(block_bytes)
     entries = []
-    per = 4 if block_bytes == 4 else 8  # blocks an entry covers
     for upper in (False, True) if block_bytes == 1 else (False,):
         for m in range(1 << per):
-            rank, lanes = 0, []
-            for j in range(per):
-                if (m >> j) & 1:
-                    lanes += [rank * block_bytes + t for t in range(block_bytes)]
-                    rank += 1
-                else:
-                    lanes += [0x80] * block_bytes
+            lanes = _kept_lanes(m, per, block_bytes)
             pad = [0x80] * (16 - len(lanes))
-            lanes = pad + lanes if upper else lanes + pad
-            entries.append(ir.Constant(ir.VectorType(i8, 16), lanes))
-    table_ty = ir.ArrayType(entries[0].type, len(entries))
-    table = ir.GlobalVariable(module, table_ty, name)
-    table.linkage = "internal"
-    table.global_constant = True
-    table.initializer = ir.Constant(table_ty, entries)
-    return table
+            entries.append(ir.Constant(v16, pad + lanes if upper else lanes + pad))
+    return _constant_table(module, f"embpress.byte_table.{block_bytes}", entries)
+
+
+def _entry_blocks(block_bytes: int) -> int:
+    """Blocks one entry of ``_byte_table`` covers: 16 bytes' worth, at most a bitmap byte."""
+    return min(16 // block_bytes, 8)
 
 
 def _byte_pieces(bits: int, word_bits: int) -> list[tuple[int, int]]:
@@ -419,7 +428,8 @@ def _emit_byte_codes(
 
     def entry(lo: int, upper: bool = False) -> Any:
         m = builder.and_(
-            builder.lshr(bitmap, ir.Constant(i64, lo)), ir.Constant(i64, 15 if bits == 8 else 255)
+            builder.lshr(bitmap, ir.Constant(i64, lo)),
+            ir.Constant(i64, (1 << _entry_blocks(block_bytes)) - 1),
         )
         if upper:
             m = builder.add(m, ir.Constant(i64, 256))
@@ -543,23 +553,9 @@ def _expand_table(module: Any) -> Any:
     ``vpermd``). A pruned block's entry is 0x80: the top bit marks it (``vpermd`` reads
     only the low three bits), so the blend that fills pruned lanes takes its mask from the
     entry, in vector registers."""
-    name = "embpress.expand_table"
-    if name in module.globals:
-        return module.globals[name]
-    i8 = ir.IntType(8)
-    entries = []
-    for m in range(256):
-        rank, lanes = 0, []
-        for j in range(8):
-            lanes.append(rank if (m >> j) & 1 else 0x80)
-            rank += (m >> j) & 1
-        entries.append(ir.Constant(ir.VectorType(i8, 8), lanes))
-    table_ty = ir.ArrayType(entries[0].type, 256)
-    table = ir.GlobalVariable(module, table_ty, name)
-    table.linkage = "internal"
-    table.global_constant = True
-    table.initializer = ir.Constant(table_ty, entries)
-    return table
+    v8 = ir.VectorType(ir.IntType(8), 8)
+    entries = [ir.Constant(v8, _kept_lanes(m, 8, 1)) for m in range(256)]  # lanes, not bytes
+    return _constant_table(module, "embpress.expand_table", entries)
 
 
 def _emit_table_expand(builder: Any, cptr: Any, word: Any, block: Any, word_bits: int, fill: int) -> Any:
