@@ -392,9 +392,10 @@ def test_generic_path_has_no_x86_vector_intrinsic_and_avx2_no_avx512(monkeypatch
 def test_byte_codes_compile_to_one_shuffle_per_piece(bits, triple, cpu, shuffle, single):
     """``_emit_byte_codes``' IR for a 128-value row, optimised and compiled by the LLVM that
     numba uses, for an AVX2 CPU, an AVX-512 one and an ARM Neoverse N1: one byte shuffle
-    (``pshufb`` / ``tbl``) per 16-byte piece on x86, per bitmap byte on ARM, and no byte
-    moved alone (what x86's instruction selection did when the pieces were joined as
-    bytes, and ARM's when one shuffle's index was joined from two bitmap bytes' entries)."""
+    (``pshufb`` / ``tbl``) per 16-byte piece (on ARM two for a piece of 2-bit codes, one
+    per bitmap byte), and no byte moved alone (what x86's instruction selection did when
+    the pieces were joined as bytes, and ARM's when one shuffle's index was joined from two
+    bitmap bytes' entries)."""
     from llvmlite import binding as llvm
     from llvmlite import ir
 
