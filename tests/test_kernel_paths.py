@@ -507,3 +507,70 @@ def test_generic_path_with_the_arm_shuffles_matches_the_decoder(tmp_path):
     assert len(outs["arm"]) == 12
     for arm, x86 in zip(outs["arm"], outs["x86"], strict=True):
         assert torch.equal(arm, x86)
+
+
+_HALF_ROWS = """
+import sys
+import torch
+from embpress.layouts import _kernels
+from embpress.layouts.lookup import KernelPolicy, kernel_paths
+split = sys.argv[1] == "halves"
+_kernels._split_rows = lambda word_bits: split and word_bits == 32  # before any kernel compiles
+sys.path.insert(0, sys.argv[3])
+from test_kernel_paths import _half_row_cases
+
+outs = []
+for q, idx, bounds, psw, want in _half_row_cases():
+    for path in kernel_paths():
+        got = q.table.fast_bag(idx, bounds, 0, psw, policy=KernelPolicy(path=path))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        outs.append(got)
+torch.save(outs, sys.argv[2])
+"""
+
+
+def _half_row_cases() -> list[tuple[Any, torch.Tensor, torch.Tensor, Any, torch.Tensor]]:
+    """Block-sparse 128-value rows at 8, 4 and 2 bits, float32 and float16 row parameters,
+    bags of 0 to 100 ids (across the split decode's chunks of 32), with and without
+    per-sample weights, and the sums of decoding the table in torch."""
+    gen = torch.Generator().manual_seed(3)
+    sizes = [0, 1, 31, 32, 33, 64, 100, 5]
+    cases = []
+    for bits in (8, 4, 2):
+        for scale_dtype in (torch.float32, torch.float16):
+            weight = torch.randn(90, 128, generator=gen)
+            q = QuantizedEmbeddingBag.from_float(
+                nn.EmbeddingBag.from_pretrained(weight),
+                QuantConfig(bits=bits, scale_dtype=scale_dtype),
+                mask=block_norm_mask(weight, 0.75, (1, 4)),
+                block_width=4,
+            )
+            for weighted in (False, True):
+                idx, bounds, psw = _lookups(gen, 90, sizes, weighted)
+                want = _torch_bags(q.table, idx, bounds, "sum", psw)
+                cases.append((q, idx, bounds, psw, want))
+    return cases
+
+
+@pytest.mark.slow
+def test_half_row_walks_sum_as_whole_rows(tmp_path):
+    """The decode in halves of a row (``_kernels._split_rows``: CPUs without AVX-512, whose
+    vector registers cannot hold a 128-value row's sums), forced on and off in processes
+    of their own on this CPU, sums the same bags as decoding the table in torch, and bit
+    for bit as the whole-row decode, on every kernel path: bags shorter and longer than
+    its chunks, weighted or not, float32 and float16 row parameters, 8, 4 and 2 bits."""
+    import os
+    import subprocess
+    import sys
+
+    here = str(Path(__file__).resolve().parent)
+    outs = {}
+    for flavour in ("halves", "whole"):
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / flavour), "EMBPRESS_AOT": "0"}
+        cmd = [sys.executable, "-c", _HALF_ROWS, flavour, str(tmp_path / f"{flavour}.pt"), here]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outs[flavour] = torch.load(tmp_path / f"{flavour}.pt", weights_only=True)
+    assert len(outs["halves"]) == 12 * len(kernel_paths())
+    for halves, whole in zip(outs["halves"], outs["whole"], strict=True):
+        assert torch.equal(halves, whole)

@@ -952,6 +952,30 @@ def _emit_pair_start(builder: Any, row_offsets: Any, group_offsets: Any, shift: 
     return builder.add(base, builder.zext(pair, i64))
 
 
+# lookups per chunk of the split-row decode (``_split_rows``): its second walk's state
+SPLIT_CHUNK = 32
+
+
+def _split_rows(word_bits: int) -> bool:
+    """Whether the one-pass block-sparse decode adds a row of ``word_bits`` blocks in two
+    halves (``_block_sparse_pass_intrinsic``): rows of 32 blocks (128 values) where the CPU
+    numba compiles for has no AVX-512. A row's 128 sums and 32 offset sums take 20 of
+    AVX2's 16 vector registers (and 40 of NEON's 32): LLVM stored and reloaded most of
+    them on every lookup. With AVX-512 they take 10 of 32."""
+    return word_bits == 32 and not (_paths._host_is_x86() and _paths._host_has("avx512f"))
+
+
+def _emit_memory_barrier(builder: Any, pointers: tuple[Any, ...]) -> None:
+    """An empty inline assembly statement that may read and write any memory, that of
+    ``pointers`` included: values stored there before it are in memory, and loads after
+    it read memory again. It emits no instruction on any CPU; it keeps LLVM from carrying
+    values in registers across it (``_split_rows``: one half's sums across the other
+    half's walk)."""
+    fnty = ir.FunctionType(ir.VoidType(), [p.type for p in pointers])
+    constraint = ",".join(["r"] * len(pointers) + ["~{memory}"])
+    builder.asm(fnty, "", constraint, list(pointers), side_effect=True)
+
+
 # ids ahead whose row offset (HEADER_PREFETCH) and record (RECORD_PREFETCH) the one-pass
 # block-sparse decode prefetches; the pair's start is computed RECORD_PREFETCH ids ahead
 # and waits in a ring of START_RING slots
@@ -973,13 +997,14 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
     sums held in registers: the centred
     codes times the scale (``_emit_strided_codes``, one FMA per 16 lanes) and the centred
     offset per block (one add masked by the bitmap word itself: pruned blocks add
-    nothing). The two meet, and the columns are put back in order, once per bag. The
+    nothing). The two meet, and the columns are put back in order, once per bag. Where
+    the CPU's vector registers cannot hold a row's sums (``_split_rows``), each chunk of
+    lookups is walked twice, a half row each time, with the same sums bit for bit. The
     ring carries starts across the bags of a run; ``prime`` fills it for a run's first
     bag. Prefetches run across bag boundaries up to ``pf_end``. Ids must
     be in range (checked before). ``shift``, ``header`` and ``half`` come from the table's
     ``RecordShape`` (``group_shift``, ``header``, ``scale_bytes == 2``: float16 qparams).
     """
-    lanes = 4 * word_bits
 
     @intrinsic
     def decode_pass(
@@ -1010,7 +1035,6 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
             i32 = ir.IntType(32)
             i8p = ir.IntType(8).as_pointer()
             f32 = ir.FloatType()
-            vf = ir.VectorType(f32, lanes)
 
             def data(ty: Any, value: Any) -> Any:
                 return context.make_array(ty)(context, builder, value).data
@@ -1061,72 +1085,170 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 with cgutils.for_range(builder, primed) as first_loop:
                     start_ahead(builder.add(lo, first_loop.index))
 
-            def body(chosen: int) -> None:
-                """The bag's pass with the expands of kernel path ``chosen``."""
-                # the bag's sum of code * scale per lane, and of the rows' offsets per block
-                # (over the rows that keep it): spread to the block's lanes at the end
-                vblock = ir.VectorType(f32, word_bits)
-                total = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
-                offsets = cgutils.alloca_once_value(builder, ir.Constant(vblock, [0.0] * word_bits))
-                with cgutils.for_range(builder, builder.sub(hi, lo)) as loop:
-                    p = builder.add(lo, loop.index)
-                    ahead = builder.add(p, const(HEADER_PREFETCH))
-                    with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
-                        r_ahead = builder.load(builder.gep(ind_p, [ahead]))
-                        fetch(builder.gep(off_p, [builder.lshr(r_ahead, const(1))]))
-                    ahead = builder.add(p, const(RECORD_PREFETCH))
-                    with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
-                        start_ahead(ahead)
-                    slot = builder.load(builder.gep(ring_p, [builder.and_(p, ring_mask)]))
-                    pair = builder.lshr(slot, const(1))
-                    wty = ir.IntType(word_bits)
-                    first = builder.load(
-                        builder.bitcast(builder.gep(rec_p, [pair]), wty.as_pointer()), align=1
-                    )
-                    first_kept = builder.zext(_call(builder, f"llvm.ctpop.i{word_bits}", wty, [first]), i64)
-                    first_length = builder.add(header, builder.mul(first_kept, const(4 * bits // 8)))
-                    start = builder.add(pair, builder.mul(builder.and_(slot, const(1)), first_length))
-                    rec = builder.gep(rec_p, [start])
-                    word = builder.load(builder.bitcast(rec, wty.as_pointer()), align=1)
-                    qp = builder.gep(rec, [const(word_bytes)])
-                    with builder.if_else(is_half) as (then, otherwise):
-                        with then:
-                            hp = builder.bitcast(qp, ir.HalfType().as_pointer())
-                            s_h = builder.fpext(builder.load(hp, align=1), f32)
-                            o_h = builder.fpext(builder.load(builder.gep(hp, [const(1)]), align=1), f32)
-                            from_half = builder.block
-                        with otherwise:
-                            fp = builder.bitcast(qp, f32.as_pointer())
-                            s_f = builder.load(fp, align=1)
-                            o_f = builder.load(builder.gep(fp, [const(1)]), align=1)
-                            from_single = builder.block
-                    s = builder.phi(f32)
-                    s.add_incoming(s_h, from_half)
-                    s.add_incoming(s_f, from_single)
-                    o = builder.phi(f32)
-                    o.add_incoming(o_h, from_half)
-                    o.add_incoming(o_f, from_single)
-                    w = _emit_weight(builder, is_weighted, w_p, p)
-                    s = builder.fmul(s, w)
-                    codes = builder.gep(rec, [header])
-                    values = _emit_strided_codes(
-                        builder, codes, builder.zext(word, i64), bits, word_bits, chosen
-                    )
-                    builder.store(
-                        _emit_scaled_sum(builder, builder.load(total), values, _splat(builder, s, vf)), total
-                    )
-                    # the offset goes to a per-block sum, masked by the bitmap word itself
-                    offset = _centred_offset(builder, s, builder.fmul(o, w), bits)
-                    kept = builder.bitcast(word, ir.VectorType(ir.IntType(1), word_bits))
-                    by_block = builder.load(offsets)
-                    added = builder.fadd(by_block, _splat(builder, offset, vblock))
-                    builder.store(builder.select(kept, added, by_block), offsets)
-                aptr = builder.bitcast(data(accty, acc_v), vf.as_pointer())
-                by_lane = _emit_block_spread(builder, builder.load(offsets), bits, word_bits, chosen)
-                summed = builder.fadd(builder.load(total), by_lane)
-                builder.store(_emit_unstride(builder, summed, bits, word_bits, chosen), aptr, align=4)
+            word_ty = ir.IntType(word_bits)
 
-            body(_path_of(signature.args[-1]))
+            def locate(p: Any) -> tuple[Any, Any, Any, Any]:
+                """Lookup ``p``'s prefetches ahead, then its record: (bitmap word, scale
+                times weight, centred offset times weight, i8* to its first code)."""
+                ahead = builder.add(p, const(HEADER_PREFETCH))
+                with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
+                    r_ahead = builder.load(builder.gep(ind_p, [ahead]))
+                    fetch(builder.gep(off_p, [builder.lshr(r_ahead, const(1))]))
+                ahead = builder.add(p, const(RECORD_PREFETCH))
+                with builder.if_then(builder.icmp_signed("<", ahead, pf_end)):
+                    start_ahead(ahead)
+                slot = builder.load(builder.gep(ring_p, [builder.and_(p, ring_mask)]))
+                pair = builder.lshr(slot, const(1))
+                first = builder.load(
+                    builder.bitcast(builder.gep(rec_p, [pair]), word_ty.as_pointer()), align=1
+                )
+                first_kept = builder.zext(_call(builder, f"llvm.ctpop.i{word_bits}", word_ty, [first]), i64)
+                first_length = builder.add(header, builder.mul(first_kept, const(4 * bits // 8)))
+                start = builder.add(pair, builder.mul(builder.and_(slot, const(1)), first_length))
+                rec = builder.gep(rec_p, [start])
+                word = builder.load(builder.bitcast(rec, word_ty.as_pointer()), align=1)
+                qp = builder.gep(rec, [const(word_bytes)])
+                with builder.if_else(is_half) as (then, otherwise):
+                    with then:
+                        hp = builder.bitcast(qp, ir.HalfType().as_pointer())
+                        s_h = builder.fpext(builder.load(hp, align=1), f32)
+                        o_h = builder.fpext(builder.load(builder.gep(hp, [const(1)]), align=1), f32)
+                        from_half = builder.block
+                    with otherwise:
+                        fp = builder.bitcast(qp, f32.as_pointer())
+                        s_f = builder.load(fp, align=1)
+                        o_f = builder.load(builder.gep(fp, [const(1)]), align=1)
+                        from_single = builder.block
+                s = builder.phi(f32)
+                s.add_incoming(s_h, from_half)
+                s.add_incoming(s_f, from_single)
+                o = builder.phi(f32)
+                o.add_incoming(o_h, from_half)
+                o.add_incoming(o_f, from_single)
+                w = _emit_weight(builder, is_weighted, w_p, p)
+                s = builder.fmul(s, w)
+                offset = _centred_offset(builder, s, builder.fmul(o, w), bits)
+                return word, s, offset, builder.gep(rec, [header])
+
+            def add_row(
+                total: Any, offsets: Any, codes: Any, word: Any, s: Any, offset: Any, wb: int
+            ) -> None:
+                """Add one row's ``wb`` blocks (``word``, an i<wb> bitmap; codes from
+                ``codes``) to the sums in allocas ``total`` (<4wb x float>: the centred
+                codes times the scale, one FMA per 16 lanes, in ``_strided_order``) and
+                ``offsets`` (<wb x float>: the centred offset per block, one add masked by
+                the bitmap word itself: pruned blocks add nothing)."""
+                values = _emit_strided_codes(builder, codes, builder.zext(word, i64), bits, wb, chosen)
+                vrow = ir.VectorType(f32, 4 * wb)
+                builder.store(
+                    _emit_scaled_sum(builder, builder.load(total), values, _splat(builder, s, vrow)), total
+                )
+                kept = builder.bitcast(word, ir.VectorType(ir.IntType(1), wb))
+                by_block = builder.load(offsets)
+                added = builder.fadd(by_block, _splat(builder, offset, ir.VectorType(f32, wb)))
+                builder.store(builder.select(kept, added, by_block), offsets)
+
+            def sums(wb: int) -> tuple[Any, Any]:
+                """Zeroed allocas for ``add_row``'s two sums."""
+                return (
+                    cgutils.alloca_once_value(
+                        builder, ir.Constant(ir.VectorType(f32, 4 * wb), [0.0] * 4 * wb)
+                    ),
+                    cgutils.alloca_once_value(builder, ir.Constant(ir.VectorType(f32, wb), [0.0] * wb)),
+                )
+
+            def finish(total: Any, offsets: Any, wb: int, col: int) -> None:
+                """``acc[col:col+4wb]`` = the sums met: the offsets spread to their
+                blocks' lanes, the columns put back in order."""
+                aptr = builder.gep(data(accty, acc_v), [const(col)])
+                by_lane = _emit_block_spread(builder, builder.load(offsets), bits, wb, chosen)
+                summed = builder.fadd(builder.load(total, align=4), by_lane)
+                vrow = ir.VectorType(f32, 4 * wb)
+                builder.store(
+                    _emit_unstride(builder, summed, bits, wb, chosen),
+                    builder.bitcast(aptr, vrow.as_pointer()),
+                    align=4,
+                )
+
+            def whole_rows() -> None:
+                """The bag in one walk, a row's sums in registers."""
+                total, offsets = sums(word_bits)
+                with cgutils.for_range(builder, builder.sub(hi, lo)) as loop:
+                    word, s, offset, codes = locate(builder.add(lo, loop.index))
+                    add_row(total, offsets, codes, word, s, offset, word_bits)
+                finish(total, offsets, word_bits, 0)
+
+            def half_rows() -> None:
+                """The bag in halves of a row (``_split_rows``): per chunk of
+                ``SPLIT_CHUNK`` lookups, a first walk locates each record, adds its first
+                16 blocks and keeps where the rest start (with the word's upper half,
+                scale and offset); a second walk adds those. Each half's sums fit in the
+                registers, where a whole row's were stored and reloaded on every lookup;
+                between walks they wait in memory (an empty asm statement keeps LLVM from
+                carrying both halves in registers through both walks). Each lane adds
+                the same values in the same order as ``whole_rows``: the same sums, bit
+                for bit."""
+                hb = word_bits // 2
+                block_bytes = 4 * bits // 8
+                halves = [sums(hb), sums(hb)]
+                waiting = [sums(hb) for _ in range(2)]  # (allocas the barrier keeps in memory)
+                kept_codes = cgutils.alloca_once(builder, i8p, size=SPLIT_CHUNK)
+                kept_words = cgutils.alloca_once(builder, i64, size=SPLIT_CHUNK)
+                kept_scales = cgutils.alloca_once(builder, f32, size=SPLIT_CHUNK)
+                kept_offsets = cgutils.alloca_once(builder, f32, size=SPLIT_CHUNK)
+
+                def park(h: int) -> None:
+                    """Half ``h``'s sums into memory, out of the registers."""
+                    for held, kept in zip(halves[h], waiting[h], strict=True):
+                        builder.store(builder.load(held), kept)
+                    _emit_memory_barrier(builder, waiting[h])
+
+                def unpark(h: int) -> None:
+                    for held, kept in zip(halves[h], waiting[h], strict=True):
+                        builder.store(builder.load(kept), held)
+
+                n = builder.sub(hi, lo)
+                chunks = builder.sdiv(builder.add(n, const(SPLIT_CHUNK - 1)), const(SPLIT_CHUNK))
+                park(1)
+                with cgutils.for_range(builder, chunks) as chunk:
+                    c0 = builder.add(lo, builder.mul(chunk.index, const(SPLIT_CHUNK)))
+                    left = builder.sub(hi, c0)
+                    m = builder.select(
+                        builder.icmp_signed("<", left, const(SPLIT_CHUNK)), left, const(SPLIT_CHUNK)
+                    )
+                    with cgutils.for_range(builder, m) as first_walk:
+                        j = first_walk.index
+                        word, s, offset, codes = locate(builder.add(c0, j))
+                        wide = builder.zext(word, i64)
+                        add_row(*halves[0], codes, builder.trunc(wide, ir.IntType(hb)), s, offset, hb)
+                        builder.store(
+                            _byte_start(builder, codes, wide, hb, block_bytes), builder.gep(kept_codes, [j])
+                        )
+                        builder.store(builder.lshr(wide, const(hb)), builder.gep(kept_words, [j]))
+                        builder.store(s, builder.gep(kept_scales, [j]))
+                        builder.store(offset, builder.gep(kept_offsets, [j]))
+                    park(0)
+                    unpark(1)
+                    with cgutils.for_range(builder, m) as second_walk:
+                        j = second_walk.index
+                        add_row(
+                            *halves[1],
+                            builder.load(builder.gep(kept_codes, [j])),
+                            builder.trunc(builder.load(builder.gep(kept_words, [j])), ir.IntType(hb)),
+                            builder.load(builder.gep(kept_scales, [j])),
+                            builder.load(builder.gep(kept_offsets, [j])),
+                            hb,
+                        )
+                    park(1)
+                    unpark(0)
+                for h in range(2):
+                    finish(*halves[h], hb, 4 * hb * h)
+
+            chosen = _path_of(signature.args[-1])
+            if _split_rows(word_bits):
+                half_rows()
+            else:
+                whole_rows()
             return context.get_dummy_value()
 
         sig = types.void(
