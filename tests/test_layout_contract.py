@@ -300,6 +300,61 @@ def test_round_trip_through_tensors_and_a_file(tmp_path, layout, bits):
     assert torch.equal(fresh[0].dequantize(), model[0].dequantize())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_module_round_trips_through_pickle(layout):
+    """Plain pickle (what multiprocessing, joblib and Ray send), whatever the buffers'
+    dtypes (torch cannot unpickle its unsigned 16- to 64-bit tensors): the same buffers,
+    dtypes and lookups after it."""
+    import pickle
+
+    w, mask, config, _, _ = _encoded(layout, 4, 37, 12, "blocks", 4, 0)
+    module = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(w, mode="sum"), config, mask=mask, block_width=4
+    )
+    again = pickle.loads(pickle.dumps(module))
+    held, back = module.table.tensors(), again.table.tensors()
+    assert held.keys() == back.keys()
+    for name, t in held.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    ids, offsets = torch.randint(0, 37, (40,)), torch.arange(0, 40, 5)
+    assert torch.equal(again(ids, offsets), module(ids, offsets))
+
+
+def test_empty_buffers_are_torchs_own():
+    """A table's empty buffers (a planned table with no column books) are allocated by
+    torch, with no storage behind them: one made from numpy has a storage but no data
+    pointer, which ``torch.export.save`` cannot write."""
+    w = torch.randn(37, 12, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(nn.EmbeddingBag.from_pretrained(w, mode="sum"))
+    embpress.plan(model, budget_bytes=37 * 12 * 4 // 4).apply(model)
+    empty = {n: t for n, t in model[0].table.tensors().items() if t.numel() == 0}
+    assert empty, "the plan has no empty buffer to check"
+    for name, t in empty.items():
+        assert t.untyped_storage().data_ptr() == t.data_ptr() == 0, name
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "auto"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_values_beyond_float16_row_parameters_are_refused_by_name(layout, sparsity):
+    """4-bit rows keep float16 scales and offsets: a table whose values need more is
+    refused with one ValueError naming the table and the remedy, in every layout (also
+    where pruned entries must sit on the grid), the model unchanged."""
+    model = nn.Sequential(nn.Embedding(40, 16))
+    with torch.no_grad():
+        model[0].weight.mul_(1e5)
+    before = model[0]
+    config = QuantConfig(bits=4, layout=layout)
+    with pytest.raises(ValueError, match=r"table '0'.*float16.*scale_dtype=torch.float32"):
+        embpress.post_training_sparse_quantize(
+            model,
+            embpress.DataNormSparsifier,
+            quant=config,
+            sparsity_level=sparsity,
+            sparse_block_shape=(1, 4),
+        )
+    assert model[0] is before
+
+
 def _tampered_tensors(tensors):
     """(what, tensors) pairs, each with one tensor missing, retyped, shortened or added."""
     for name, t in tensors.items():

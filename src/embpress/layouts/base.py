@@ -77,6 +77,9 @@ _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int6
 _KERNEL_ARGS: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
 # each table by the id of its first op tensor (``QuantizedTable.owner_of``)
 _OWNERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+# buffer dtypes a pickled table holds as signed views (``QuantizedTable.__getstate__``)
+_PICKLED_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+_PICKLE_VIEWS = "_embpress_unsigned_buffers"
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
 # every dtype a layout's buffers use, by name (how parts describe their buffers)
@@ -561,7 +564,30 @@ class QuantizedTable(nn.Module):
         """Recompute whatever a layout derives from its buffers' values, after
         ``load_state_dict`` wrote new ones in place (nothing by default)."""
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The module's state for pickle, its unsigned 16- to 64-bit buffers as signed views
+        of the same bytes (torch 2.13 pickles those dtypes but cannot unpickle them)."""
+        state = dict(self.__dict__)
+        buffers = dict(state["_buffers"])
+        viewed = {}
+        for name, t in buffers.items():
+            if t is not None and t.dtype in _PICKLED_AS:
+                buffers[name], viewed[name] = t.view(_PICKLED_AS[t.dtype]), t.dtype
+        state["_buffers"], state[_PICKLE_VIEWS] = buffers, viewed
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        for name, dtype in state.pop(_PICKLE_VIEWS, {}).items():
+            state["_buffers"][name] = state["_buffers"][name].view(dtype)
+        super().__setstate__(state)
+        self._own_op_tensors()
+
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        if tensor is not None and tensor.numel() == 0:
+            # an empty tensor of torch's own (one from numpy has a storage but no data
+            # pointer, which ``torch.export.save`` cannot write)
+            tensor = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
         super().register_buffer(name, tensor, persistent)
         if self.op_tensor_names and name == self.op_tensor_names[0]:
             self._own_op_tensors()

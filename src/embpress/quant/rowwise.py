@@ -183,6 +183,8 @@ def _zero_grid(
     scale = _round_sig(best_scale, _MANTISSA_BITS[dtype] - bits, dtype, up=True)
     for _ in range(64):  # fp16 subnormal corner: make z * scale land on dtype's grid
         offset = -(best_z * scale)
+        _check_range(scale, dtype)  # (beyond the dtype's range no offset lands on its grid)
+        _check_range(offset, dtype)
         bad = offset.to(dtype).double() != offset
         if not bool(bad.any()):
             return scale, offset
