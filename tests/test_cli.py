@@ -996,3 +996,10 @@ def test_sigterm_under_torchrun_ends_through_clean_up(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     assert marker.read_text() == "yes"
+
+
+def test_demo_refuses_an_output_folder_it_cannot_write_before_training() -> None:
+    """--out naming something that is not a folder (a device here) is refused in one
+    line before the model trains (the plot was the last step, after the whole sweep)."""
+    result = _run("demo", "--quick", "--out", "/dev/null")
+    assert result.exit_code == 1 and result.stderr.strip() == "error: /dev/null: file exists"

@@ -439,3 +439,43 @@ def test_the_printed_apply_command_runs_as_pasted(ckpt: Path, usage_file: Path, 
     direct = tmp_path / "direct.safetensors"
     assert _run("compress", src, direct, "--budget", "1/16", "--usage", usage).exit_code == 0
     assert out.read_bytes() == direct.read_bytes()
+
+
+def test_outputs_that_are_files_the_command_reads_are_refused(
+    ckpt: Path, usage_file: Path, tmp_path: Path
+) -> None:
+    """OUT or --json naming the --usage or --plan file is refused in one line, before any
+    work: the file read stays as it was (it used to be overwritten by the result)."""
+    plan_file = tmp_path / "plan.json"
+    made = _run("plan", ckpt, "--budget", "1/8", "--usage", usage_file, "--json", plan_file)
+    assert made.exit_code == 0, made.stderr
+    usage_bytes, plan_bytes = usage_file.read_bytes(), plan_file.read_bytes()
+    for args, flag in (
+        (("plan", ckpt, "--budget", "1/8", "--usage", usage_file, "--json", usage_file), "--usage"),
+        (("compress", ckpt, usage_file, "--budget", "1/8", "--usage", usage_file), "--usage"),
+        (("compress", ckpt, plan_file, "--plan", plan_file, "--usage", usage_file), "--plan"),
+    ):
+        refused = _run(*args)
+        assert refused.exit_code == 2, refused.stderr
+        assert f"is the {flag} file" in refused.stderr and len(refused.stderr.strip().splitlines()) <= 3
+    assert usage_file.read_bytes() == usage_bytes and plan_file.read_bytes() == plan_bytes
+
+
+def test_a_plan_of_a_table_with_nan_names_what_can_zero_it(tmp_path: Path) -> None:
+    """A plan needs finite tables: the refusal names the uniform compress that can zero
+    them (--nonfinite zero, which --budget does not take), and that command works."""
+    src = tmp_path / "nan.pt"
+    weight = torch.randn(50, 8)
+    weight[3, 2] = float("nan")
+    torch.save({"emb.weight": weight}, src)
+    for args in (
+        ("plan", src, "--budget", "1/8"),
+        ("compress", src, tmp_path / "o.safetensors", "--budget", "1/8"),
+    ):
+        refused = _run(*args)
+        assert refused.exit_code == 1
+        assert (
+            "compress without --budget, --max-error or --plan can zero them: --nonfinite zero"
+            in refused.stderr
+        )
+    assert _run("compress", src, tmp_path / "o.safetensors", "--nonfinite", "zero").exit_code == 0

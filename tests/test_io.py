@@ -1047,3 +1047,59 @@ def test_state_tensors_of_every_plain_dtype_round_trip(tmp_path, dtype):
     fresh.register_buffer("extra", torch.zeros(3, 2, dtype=dtype))
     embpress.load(fresh, path)
     assert fresh.extra.dtype == dtype and torch.equal(fresh.extra, value.t())
+
+
+def test_load_and_save_refuse_what_is_not_a_model_or_a_device(tmp_path):
+    """A model that is not a module, flags that are not booleans and a device this torch
+    cannot use get a TypeError or ValueError naming them (torch's own was an
+    AssertionError for CUDA on a CPU build), the model unchanged."""
+    model = nn.Sequential(nn.EmbeddingBag(30, 8, mode="sum"))
+    embpress.post_training_sparse_quantize(model, embpress.DataNormSparsifier, sparsity_level=0.5)
+    path = tmp_path / "m.safetensors"
+    embpress.save(model, path)
+    for bad in (None, "model"):
+        with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+            embpress.load(bad, path)
+        with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+            embpress.save(bad, tmp_path / "other.safetensors")
+    with pytest.raises(TypeError, match="verify must be True or False"):
+        embpress.load(model, path, verify="no")
+    fresh = nn.Sequential(nn.EmbeddingBag(30, 8, mode="sum"))
+    before = fresh[0]
+    devices = ["bogus"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        with pytest.raises(ValueError, match=f"device '{device}' cannot hold tensors here"):
+            embpress.load(fresh, path, device=device)
+    assert fresh[0] is before
+
+
+def test_a_long_json_string_is_read_in_bounded_memory():
+    """The nesting check before parsing skips strings without a backtracking state per
+    character: a header string of 4 million characters took about 500 MB (gigabytes for
+    a header of tens of megabytes)."""
+    import tracemalloc
+
+    from embpress.io import strict_json
+
+    text = '{"a": "' + "x" * 4_000_000 + '\\"", "b": [1, {"c": "d\\\\"}]}'
+    tracemalloc.start()
+    try:
+        parsed = strict_json(text)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert parsed["b"] == [1, {"c": "d\\"}] and len(parsed["a"]) == 4_000_001
+    assert peak < 64 * 2**20, peak
+
+
+def test_compress_checkpoint_refuses_to_write_over_its_input(tmp_path):
+    """dst naming src (or a link to it) is refused before anything is read or written."""
+    src = tmp_path / "in.pt"
+    torch.save({"emb.weight": torch.randn(20, 8)}, src)
+    link = tmp_path / "link.pt"
+    link.symlink_to(src)
+    before = src.read_bytes()
+    for dst in (src, link):
+        with pytest.raises(ValueError, match="is the checkpoint src"):
+            embpress.compress_checkpoint(src, dst)
+    assert src.read_bytes() == before

@@ -126,7 +126,9 @@ def _tied_as_one(targets: list[Target]) -> list[Target]:
     return out
 
 
-def checked_weight(target: Target, config: QuantConfig, count: bool = True) -> torch.Tensor:
+def checked_weight(
+    target: Target, config: QuantConfig, count: bool = True, remedy: str | None = None
+) -> torch.Tensor:
     weight = target.module.weight
     if weight.is_meta:
         raise ValueError(
@@ -135,7 +137,7 @@ def checked_weight(target: Target, config: QuantConfig, count: bool = True) -> t
         )
     if weight.layout != torch.strided:
         raise ValueError(f"table {target.name!r} is a {weight.layout} tensor; make it dense first")
-    return finite_table(weight, config, f"table {target.name!r}", count=count)
+    return finite_table(weight, config, f"table {target.name!r}", count=count, remedy=remedy)
 
 
 def _sparsifier_keys(targets: list[Target]) -> dict[str, str]:

@@ -1127,6 +1127,15 @@ def _compress_uniform(
             on_table(key[: -len(_SUFFIX)], elements, True)
 
 
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (links followed; a missing one names
+    none but itself)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def compress_checkpoint(
     src: PathLike,
     dst: PathLike,
@@ -1165,6 +1174,8 @@ def compress_checkpoint(
     """
     if quant is not None and not isinstance(quant, QuantConfig):  # on every path, before reading
         raise TypeError(f"quant must be an embpress.QuantConfig, got {type(quant).__name__}")
+    if same_file(src, dst):
+        raise ValueError(f"dst {dst} is the checkpoint src; write to another path")
     planned = plan is not None or budget is not None or max_error is not None
     if codecs is not None and (plan is not None or not planned):
         raise ValueError("codecs= is for making a plan: give it with budget= or max_error=")

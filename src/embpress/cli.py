@@ -124,7 +124,7 @@ def _describe(err: Exception, subject: object) -> str:
         return _named(str(err), subject)
     if isinstance(err, (ValueError, TypeError, RuntimeError, SafetensorError)):
         # FormatError is a ValueError: the library's own one-line messages
-        return _named(str(err), subject)
+        return _named(_in_cli_terms(err), subject)
     return _named(_INTERNAL, subject)
 
 
@@ -676,6 +676,10 @@ def compress(
 
 def _in_cli_terms(err: Exception) -> str:
     text = str(err).replace("pass QuantConfig(nonfinite='zero')", "pass --nonfinite zero")
+    text = text.replace(
+        "(uniform settings can zero them instead)",
+        "(compress without --budget, --max-error or --plan can zero them: --nonfinite zero)",
+    )
     # 8-bit rows keep float32 scales (FBGEMM's format); 4- and 2-bit ones float16
     text = text.replace("use QuantConfig(scale_dtype=torch.float32)", "use --bits 8 (float32 row scales)")
     return text.replace(
@@ -896,6 +900,7 @@ def _compress_planned(
     table_patterns = _split_patterns(patterns)
     checkpoint.check_input_file(src)
     _check_out(src, dst)
+    _refuse_inputs(dst, "'OUT'", {"--usage": usage_file, "--plan": plan_file})
     usage = _read_usage(usage_file)
     given_plan = _read_plan(plan_file)
     if given_plan is not None and given_plan.with_usage and usage is None:
@@ -1150,6 +1155,7 @@ def plan_command(
     checkpoint.check_input_file(src)
     if json_out is not None and str(json_out) != "-":
         _check_plan_out(src, json_out)
+        _refuse_inputs(json_out, "'--json'", {"--usage": usage_file})
     usage = _read_usage(usage_file)
     try:
         made = checkpoint.plan_checkpoint(
@@ -1178,6 +1184,13 @@ def plan_command(
         words += [] if usage_file is None else ["--usage", str(usage_file)]
         apply = " ".join(shlex.quote(w) for w in words)
         click.echo(f"wrote {json_out}; apply it with: {apply}")
+
+
+def _refuse_inputs(out: Path, hint: str, inputs: dict[str, Path | None]) -> None:
+    """An output path must not be a file the command reads (``inputs``: option -> path)."""
+    for flag, path in inputs.items():
+        if path is not None and checkpoint.same_file(out, path):
+            raise click.BadParameter(f"{out} is the {flag} file; write to another path", param_hint=hint)
 
 
 def _check_plan_out(src: Path, out: Path) -> None:

@@ -15,8 +15,10 @@ when used, so ``import embpress.demo`` works without them.
 from __future__ import annotations
 
 import copy
+import errno
 import importlib.util
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,10 +268,14 @@ def run_demo(
         raise ImportError(
             "the demo plots with matplotlib, which is not installed: pip install 'embpress[cli]'"
         )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # before training: a path that cannot hold the plot fails now
+    if not os.access(out, os.W_OK):
+        raise PermissionError(errno.EACCES, "permission denied", str(out))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run_demo(Path(out_dir), seed, settings or (QUICK if quick else DemoSettings()), console)
+        return _run_demo(out, seed, settings or (QUICK if quick else DemoSettings()), console)
     finally:
         torch.set_num_threads(threads)
 

@@ -277,6 +277,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, kind_from_model: boo
     state_dict, which does not say what kind of module a table belongs to. Every entry is
     checked as ``load`` will check it (a FormatError here, not a file that cannot be read).
     """
+    _check_model(model)
     tables = quantized_modules(model)
     if not tables:
         raise ValueError("model has no QuantizedEmbedding / QuantizedEmbeddingBag to save")
@@ -455,7 +456,9 @@ def _parse_index(p: Path, metadata: dict[str, str], keys: set[str]) -> dict[str,
 
 
 MAX_JSON_DEPTH = 64
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+# possessive: a long string is matched in runs, not one backtracking state per character
+# (which took gigabytes for a header of tens of megabytes)
+_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"')
 _JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
@@ -1050,6 +1053,24 @@ def _checked_shards(shards: Any) -> dict[str, tuple[int, int]] | None:
     return out
 
 
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _checked_device(device: Any) -> torch.device:
+    """``device`` as a torch.device that this torch can put tensors on; ValueError naming
+    it otherwise (torch's own errors for an unknown or absent device are an
+    AssertionError or a list of every device type)."""
+    try:
+        checked = torch.device(device)
+        torch.empty(0, device=checked)
+    except (RuntimeError, AssertionError, TypeError) as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"device {device!r} cannot hold tensors here: {why[:200]}") from None
+    return checked
+
+
 def load(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -1078,6 +1099,12 @@ def load(
     (``id - start``). What is read is validated as a table of those rows, but not
     CRC-checked (the CRC-32 covers whole tensors).
     """
+    _check_model(model)
+    for name, flag in (("mmap", mmap), ("verify", verify)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if device is not None:
+        device = _checked_device(device)
     p = Path(path)
     ranges = _checked_shards(shards)
     built: dict[str, QuantizedTable] = {}

@@ -79,6 +79,8 @@ MAX_CODECS = 4
 # On MovieLens-100k (usage of the training split, AUC on the test split, 1/16 to 1/64 of the
 # float32 bytes) 0 to 0.1 score alike and 0.3 worse; a little keeps unseen rows from zero weight.
 DEFAULT_UNSEEN_WEIGHT = 0.03
+# the remedy a plan's refusal of NaN/Inf names (a plan has no setting that zeroes them)
+PLAN_NONFINITE = "a plan needs finite tables: fix the table first (uniform settings can zero them instead)"
 _ASSIGNMENT_ENCODING = "base64-2bit-le"  # four ids per byte, the first in the low bits
 _PRUNED = Codec("pruned", 0)
 _BISECT_STEPS = 64
@@ -482,7 +484,7 @@ class Plan:
         replacements: dict[str, nn.Module] = {}
         for tp in self.tables:
             target = targets[tp.name]
-            weight = checked_weight(target, QuantConfig())
+            weight = checked_weight(target, QuantConfig(), remedy=PLAN_NONFINITE)
             counts = _counts_of(usage, target)
             # the weights the codebooks were fitted with at planning
             norms = squared_norms(weight)
@@ -723,7 +725,7 @@ def _check_usage(usage: Usage, model: nn.Module, targets: Sequence[Target]) -> N
 
 
 def _table_costs(target: Target, codecs: list[Codec], counts: torch.Tensor | None, unseen: float) -> _Costs:
-    weight = checked_weight(target, QuantConfig())  # float32, CPU, contiguous, finite
+    weight = checked_weight(target, QuantConfig(), remedy=PLAN_NONFINITE)  # float32, CPU, contiguous, finite
     rows, dim = weight.shape
     # each row's squared norm: the pruned codec's errors, and the data-free row weights
     norms = squared_norms(weight)

@@ -137,11 +137,11 @@ def _encode(args: tuple[Any, ...], rows: int, cols: int, width: int) -> None:
 
 
 def finite_table(
-    w: torch.Tensor, config: QuantConfig, name: str = "table", count: bool = True
+    w: torch.Tensor, config: QuantConfig, name: str = "table", count: bool = True, remedy: str | None = None
 ) -> torch.Tensor:
     """``w`` as contiguous float32 on CPU; NaN/Inf refused (or zeroed, per
     ``config.nonfinite``); not looked for where not ``count`` (the caller learns of them
-    otherwise)."""
+    otherwise). ``remedy``: what the refusal suggests, where the caller cannot zero them."""
     if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"{name} is empty or not 2-D (shape {tuple(w.shape)})")
     if not w.is_floating_point():
@@ -152,10 +152,8 @@ def finite_table(
     found = nonfinite_count(out)
     if found:
         if config.nonfinite == "raise":
-            raise ValueError(
-                f"{name} holds {found} NaN/Inf value(s); fix the table or pass "
-                "QuantConfig(nonfinite='zero') to treat them as 0.0"
-            )
+            fix = remedy or "fix the table or pass QuantConfig(nonfinite='zero') to treat them as 0.0"
+            raise ValueError(f"{name} holds {found} NaN/Inf value(s); {fix}")
         out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
     return out
 
