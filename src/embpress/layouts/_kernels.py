@@ -416,7 +416,7 @@ def _emit_byte_codes(
     shuffles took 1.04-1.08x the time). Returns the pieces' fields, as int32 vectors of
     ``2**23 + code``'s bits, in ``_byte_order``. On the benchmark CPUs it took 0.65-0.76x
     the time of the lane network for 4-bit codes; 8-bit codes, a piece of 4 blocks, took
-    1.00-1.06x, so x86 keeps the network for them (bench/meaning.md)."""
+    1.00-1.06x, so AVX-512 code keeps the network for them (bench/meaning.md)."""
     i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
     block_bytes = 4 * bits // 8
     z = 1 << (bits - 1)
@@ -596,14 +596,16 @@ def _byte_flow(bits: int, word_bits: int, path: int) -> bool:
     (``_emit_byte_codes``): 4- and 2-bit codes wherever the CPU has no AVX-512 register
     expand of their blocks (it measured faster than an AVX2 table permute of 8 blocks
     and the generic lane network, on AVX-512 and on AVX2 code generation alike), and
-    8-bit codes on the generic path of a CPU that is not x86 (compiled for an ARM
+    8-bit codes on the generic path of a CPU without AVX-512 (compiled for an ARM
     Neoverse N1, the lane network's decode of a 128-value row took 679 instructions, the
-    byte shuffles' 289; on x86 the network measured faster). Other 8-bit codes expand
-    4-byte blocks (``_emit_expand``)."""
+    byte shuffles' 289; compiled for Haswell, the shuffles took 0.64-0.70x the network's
+    time; with AVX-512's mask registers the network measured faster). Other 8-bit codes
+    expand 4-byte blocks (``_emit_expand``; on the AVX2 path ``vpermd``, which measured
+    faster than the shuffles under a Haswell build too: 1.10-1.13x)."""
     if path == ALL_KEPT:
         return False
-    if bits == 8:  # the lane network on x86, where it measured faster (bench/meaning.md)
-        return path == PATH_GENERIC and not _paths._host_is_x86()
+    if bits == 8:  # the lane network with AVX-512, where it measured faster (bench/meaning.md)
+        return path == PATH_GENERIC and not (_paths._host_is_x86() and _paths._host_has("avx512f"))
     block = 4 * bits
     return not (path == PATH_AVX512 and _paths._has_expands(block) and block * word_bits >= 128)
 

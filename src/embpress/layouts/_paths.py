@@ -120,7 +120,7 @@ def _has_expands(element_bits: int) -> bool:
 # (a network of fixed lane shifts and selects per bitmap byte), what a CPU without x86
 # vectors (ARM) runs. 16- and 8-bit blocks (4- and 2-bit codes) take a byte shuffle in
 # generic IR on the avx2 and generic paths (``pshufb`` on x86, ``tbl`` on ARM), and so do
-# 32-bit blocks on the generic path of a CPU that is not x86 (``_kernels._byte_flow``).
+# 32-bit blocks on the generic path of a CPU without AVX-512 (``_kernels._byte_flow``).
 PATH_GENERIC = 0
 PATH_AVX2 = 1
 PATH_AVX512 = 2
