@@ -285,9 +285,9 @@ def test_finite_tables_are_counted_later_only_with_our_sparsifier(monkeypatch, r
     seen: list[bool] = []
     real = api.finite_table
 
-    def spy(w, config, name="table", count=True):
+    def spy(w, config, name="table", count=True, remedy=None):
         seen.append(count)
-        return real(w, config, name, count)
+        return real(w, config, name, count, remedy)
 
     monkeypatch.setattr(api, "finite_table", spy)
     tables = sum(1 for m in ref_model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)))

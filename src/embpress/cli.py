@@ -425,7 +425,8 @@ def _usage_options(fn: F) -> F:
         type=_Codecs(),
         default=None,
         help="The codecs the planner chooses from, comma-separated [default: all of "
-        f"{', '.join(c.name for c in CODECS)}]; e.g. leave out colbook4 for faster lookups.",
+        f"{', '.join(c.name for c in CODECS)}]; pruning a row is always among them; e.g. "
+        "leave out colbook4 for faster lookups.",
     )(fn)
     fn = click.option(
         "--unseen-weight",
@@ -466,7 +467,7 @@ def _usage_options(fn: F) -> F:
 )
 @click.option(
     "--zeros-per-block",
-    type=click.IntRange(min=0, max=MAX_BLOCK_SIDE * MAX_BLOCK_SIDE),
+    type=click.IntRange(min=0),  # (at most the block's entries: checked with --block)
     metavar="N",
     default=None,
     help="Entries zeroed inside a pruned block (smallest first) [default: the whole block].",
