@@ -406,6 +406,8 @@ def test_inspect_embpress_file(ckpt: Path) -> None:
     text = _run("inspect", out).stdout
     for word in ("format version 2", "emb_bag", "auto", tables["emb"]["layout"], "other tensors: 2"):
         assert word in text, word
+    picked = _run("inspect", out, "--tables", "emb")  # picks a checkpoint's tables: refused, not ignored
+    assert picked.exit_code == 2 and "an embpress file shows all it holds" in picked.stderr
 
 
 def test_inspect_plain_checkpoint(ckpt: Path) -> None:

@@ -1255,6 +1255,10 @@ def inspect(file: Path | None, patterns: tuple[str, ...], system: bool, as_json:
         raise click.UsageError("missing argument FILE (or give --system)")
     table_patterns = _split_patterns(patterns)
     if checkpoint.is_embpress_file(file):
+        if table_patterns:  # (an embpress file's tables are those it holds)
+            raise click.BadParameter(
+                "picks a checkpoint's tables; an embpress file shows all it holds", param_hint="'--tables'"
+            )
         summary = _file_summary(checkpoint.inspect(file))
         if as_json:
             _print_json(summary)
