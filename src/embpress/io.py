@@ -178,10 +178,18 @@ _ST_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _ST_ORDER = {dtype: i for i, dtype in enumerate(SAFETENSORS_DTYPES.values())}
 
 
+def _check_tensor_names(names: Any) -> None:
+    """ValueError for a tensor named ``__metadata__``: safetensors keeps its metadata
+    under that key of the header, and a file holding both cannot be read back."""
+    if "__metadata__" in names:
+        raise ValueError("a tensor cannot be named '__metadata__' (safetensors' metadata key)")
+
+
 def safetensors_layout(specs: dict[str, Spec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
     """What ``write_file`` writes before the data of tensors of these dtypes and shapes
     (safetensors' header, metadata keys sorted), and where each tensor's data starts in
     the file: how processes that each hold a piece of the tensors write one file."""
+    _check_tensor_names(specs)
     order = sorted(specs, key=lambda n: (-_ST_ORDER[specs[n][0]], n))
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
     at, starts = 0, {}
@@ -236,6 +244,7 @@ def write_file(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], i
     same path whose process no longer runs (killed mid-save) are removed first.
     """
     target = Path(path)
+    _check_tensor_names(tensors)
     payload = _unshared(tensors)
     metadata = file_metadata({**index, "crc32": {k: crc32(v) for k, v in payload.items()}})
     tmp = temp_file_for(target)
