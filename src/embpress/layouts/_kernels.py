@@ -1089,7 +1089,7 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
 
             word_ty = ir.IntType(word_bits)
 
-            def locate(p: Any) -> tuple[Any, Any, Any, Any]:
+            def locate(p: Any, weighted: bool) -> tuple[Any, Any, Any, Any]:
                 """Lookup ``p``'s prefetches ahead, then its record: (bitmap word, scale
                 times weight, centred offset times weight, i8* to its first code)."""
                 ahead = builder.add(p, const(HEADER_PREFETCH))
@@ -1127,9 +1127,10 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                 o = builder.phi(f32)
                 o.add_incoming(o_h, from_half)
                 o.add_incoming(o_f, from_single)
-                w = _emit_weight(builder, is_weighted, w_p, p)
-                s = builder.fmul(s, w)
-                offset = _centred_offset(builder, s, builder.fmul(o, w), bits)
+                if weighted:  # (unweighted: s and o as they are, what times 1.0 gave)
+                    w = builder.load(builder.gep(w_p, [p]))
+                    s, o = builder.fmul(s, w), builder.fmul(o, w)
+                offset = _centred_offset(builder, s, o, bits)
                 return word, s, offset, builder.gep(rec, [header])
 
             def add_row(
@@ -1172,15 +1173,15 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                     align=4,
                 )
 
-            def whole_rows() -> None:
+            def whole_rows(weighted: bool) -> None:
                 """The bag in one walk, a row's sums in registers."""
                 total, offsets = sums(word_bits)
                 with cgutils.for_range(builder, builder.sub(hi, lo)) as loop:
-                    word, s, offset, codes = locate(builder.add(lo, loop.index))
+                    word, s, offset, codes = locate(builder.add(lo, loop.index), weighted)
                     add_row(total, offsets, codes, word, s, offset, word_bits)
                 finish(total, offsets, word_bits, 0)
 
-            def half_rows() -> None:
+            def half_rows(weighted: bool) -> None:
                 """The bag in halves of a row (``_split_rows``): per chunk of
                 ``SPLIT_CHUNK`` lookups, a first walk locates each record, adds its first
                 16 blocks and keeps where the rest start (with the word's upper half,
@@ -1220,7 +1221,7 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                     )
                     with cgutils.for_range(builder, m) as first_walk:
                         j = first_walk.index
-                        word, s, offset, codes = locate(builder.add(c0, j))
+                        word, s, offset, codes = locate(builder.add(c0, j), weighted)
                         wide = builder.zext(word, i64)
                         add_row(*halves[0], codes, builder.trunc(wide, ir.IntType(hb)), s, offset, hb)
                         builder.store(
@@ -1247,10 +1248,12 @@ def _block_sparse_pass_intrinsic(bits: int, word_bits: int) -> Any:
                     finish(*halves[h], hb, 4 * hb * h)
 
             chosen = _path_of(signature.args[-1])
-            if _split_rows(word_bits):
-                half_rows()
-            else:
-                whole_rows()
+            walk = half_rows if _split_rows(word_bits) else whole_rows
+            with builder.if_else(is_weighted) as (with_weights, without):  # a walk for each
+                with with_weights:
+                    walk(True)
+                with without:
+                    walk(False)
             return context.get_dummy_value()
 
         sig = types.void(
