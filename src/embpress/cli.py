@@ -1011,8 +1011,7 @@ def _check_out(src: Path, dst: Path) -> None:
         raise click.BadParameter(f"{dst} is a directory", param_hint="'OUT'")
     if info is not None and not stat.S_ISREG(info.st_mode):
         raise click.BadParameter(f"{dst} exists and is not a regular file", param_hint="'OUT'")
-    same = info is not None and os.path.samestat(info, os.stat(src))
-    if same or os.path.realpath(src) == os.path.realpath(dst):
+    if checkpoint.same_file(src, dst):
         raise click.BadParameter(f"{dst} is the input file; write to another path", param_hint="'OUT'")
     parent = Path(os.path.realpath(dst)).parent
     if not parent.is_dir():
@@ -1198,7 +1197,7 @@ def _check_plan_out(src: Path, out: Path) -> None:
     """--json FILE must not be IN or a folder, and its folder must exist."""
     if out.is_dir():
         raise click.BadParameter(f"{out} is a directory", param_hint="'--json'")
-    if out.exists() and (not out.is_file() or os.path.samefile(out, src)):
+    if out.exists() and (not out.is_file() or checkpoint.same_file(out, src)):
         raise click.BadParameter(f"{out} is not a writable plan file", param_hint="'--json'")
     if not Path(os.path.realpath(out)).parent.is_dir():
         raise CliError(f"{out}: folder {Path(os.path.realpath(out)).parent} does not exist")

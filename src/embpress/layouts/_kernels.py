@@ -605,7 +605,7 @@ def _byte_flow(bits: int, word_bits: int, path: int) -> bool:
     if path == ALL_KEPT:
         return False
     if bits == 8:  # the lane network with AVX-512, where it measured faster (bench/meaning.md)
-        return path == PATH_GENERIC and not (_paths._host_is_x86() and _paths._host_has("avx512f"))
+        return path == PATH_GENERIC and not _avx512_registers()
     block = 4 * bits
     return not (path == PATH_AVX512 and _paths._has_expands(block) and block * word_bits >= 128)
 
@@ -958,13 +958,21 @@ def _emit_pair_start(builder: Any, row_offsets: Any, group_offsets: Any, shift: 
 SPLIT_CHUNK = 32
 
 
+def _avx512_registers() -> bool:
+    """Whether the CPU numba compiles for has AVX-512's vector and mask registers (32 of
+    512 bits), which every path's code then uses, whatever its expands: what decides how
+    rows are walked (``_split_rows``) and 8-bit codes moved on the generic path
+    (``_byte_flow``)."""
+    return _paths._host_is_x86() and _paths._host_has("avx512f")
+
+
 def _split_rows(word_bits: int) -> bool:
     """Whether the one-pass block-sparse decode adds a row of ``word_bits`` blocks in two
     halves (``_block_sparse_pass_intrinsic``): rows of 32 blocks (128 values) where the CPU
     numba compiles for has no AVX-512. A row's 128 sums and 32 offset sums take 20 of
     AVX2's 16 vector registers (and 40 of NEON's 32): LLVM stored and reloaded most of
     them on every lookup. With AVX-512 they take 10 of 32."""
-    return word_bits == 32 and not (_paths._host_is_x86() and _paths._host_has("avx512f"))
+    return word_bits == 32 and not _avx512_registers()
 
 
 def _emit_memory_barrier(builder: Any, pointers: tuple[Any, ...]) -> None:

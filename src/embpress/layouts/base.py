@@ -77,8 +77,8 @@ _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int6
 _KERNEL_ARGS: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
 # each table by the id of its first op tensor (``QuantizedTable.owner_of``)
 _OWNERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-# buffer dtypes a pickled table holds as signed views (``QuantizedTable.__getstate__``)
-_PICKLED_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+# buffer dtypes a pickled table holds as signed views of their width (``__getstate__``)
+_UNPICKLABLE = (torch.uint16, torch.uint32, torch.uint64)
 _PICKLE_VIEWS = "_embpress_unsigned_buffers"
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
@@ -571,8 +571,8 @@ class QuantizedTable(nn.Module):
         buffers = dict(state["_buffers"])
         viewed = {}
         for name, t in buffers.items():
-            if t is not None and t.dtype in _PICKLED_AS:
-                buffers[name], viewed[name] = t.view(_PICKLED_AS[t.dtype]), t.dtype
+            if t is not None and t.dtype in _UNPICKLABLE:
+                buffers[name], viewed[name] = t.view(_SAME_WIDTH_INT[t.element_size()]), t.dtype
         state["_buffers"], state[_PICKLE_VIEWS] = buffers, viewed
         return state
 
