@@ -302,6 +302,7 @@ def test_user_errors_are_one_line(ckpt: Path, usage_file: Path, tmp_path: Path) 
         (["compress", ckpt, out, "--budget", "1"], 1, ("smallest possible size",)),
         (["compress", ckpt, out, "--budget", "1/8", "--memory", "1GiB"], 2, ("--memory", "uniform settings")),
         (["compress", ckpt, out, "--plan", other_plan, "--gather"], 2, ("--gather", "uniform settings")),
+        (["compress", ckpt, out, "--memory", "1GiB"], 2, ("--memory", "read whole")),
         (
             ["plan", ckpt, "--budget", "1/8", "--usage", tmp_path],
             1,

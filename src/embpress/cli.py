@@ -618,6 +618,12 @@ def compress(
     streamed = collective is not None or checkpoint.is_safetensors_file(src)
     if not streamed:
         checkpoint.check_input_file(src)
+        if _given(ctx, "memory"):  # a .pt checkpoint unpickles whole: no bound to keep
+            raise click.BadParameter(
+                f"only with a .safetensors IN ({src} is read whole; convert it with "
+                "safetensors.torch.save_file to compress it in bounded memory)",
+                param_hint="'--memory'",
+            )
     _check_out(src, dst)
     config = QuantConfig(bits=int(bits), layout=layout, nonfinite=nonfinite)
     settings: dict[str, Any] = {
