@@ -306,6 +306,38 @@ def test_meta_device_model_is_refused_and_unchanged():
     assert type(model[0]) is nn.Embedding and model[0].weight.is_meta
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"max_norm": 0.0}, "max_norm must be a finite number > 0 or None, got 0.0"),
+        ({"max_norm": -1.0}, "got -1.0"),
+        ({"max_norm": math.inf}, "got inf"),
+        ({"max_norm": math.nan}, "got nan"),
+        ({"max_norm": 1.0, "norm_type": math.nan}, "norm_type must be a number"),
+    ],
+)
+def test_norm_arguments_the_file_cannot_hold_are_refused_first(kwargs, words):
+    """torch's modules take any float max_norm / norm_type; a compressed module (and its file)
+    takes a finite max_norm > 0 and a norm_type that is not NaN: compressing a table with
+    another is refused, naming it, before anything changes (saving it had failed after)."""
+    model = nn.Sequential(nn.Embedding(20, 8), nn.EmbeddingBag(20, 8, **kwargs))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"table '1': .*" + words.replace(".", r"\.")):
+        ptsq(model, DataNormSparsifier, sparsity_level=0.5)
+    with pytest.raises(ValueError, match=r"table '1': "):
+        embpress.plan(model, 1000)
+    assert type(model[0]) is nn.Embedding and type(model[1]) is nn.EmbeddingBag
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    table = embpress.layouts.encode_table(torch.randn(20, 8), None, QuantConfig())[0]
+    with pytest.raises(ValueError, match=words.replace(".", r"\.")):
+        QuantizedEmbeddingBag(table, "sum", **kwargs)
+    with pytest.raises(TypeError, match="max_norm must be a number"):
+        QuantizedEmbedding(table, max_norm="1")  # type: ignore[arg-type]
+    fine = nn.Sequential(nn.Embedding(20, 8, max_norm=2), nn.EmbeddingBag(20, 8, norm_type=math.inf))
+    ptsq(fine, DataNormSparsifier, sparsity_level=0.5)
+    assert fine[0].max_norm == 2.0 and isinstance(fine[0].max_norm, float) and fine[1].norm_type == math.inf
+
+
 def test_sparsifier_without_add_data_names_what_is_missing():
     class StepOnly:
         def step(self):

@@ -106,6 +106,7 @@ def test_parse_budget_refuses(text: str) -> None:
         ("1/2", "'1/2' is not a size"),
         ("abc", "'abc' is not a size"),
         ("4KiB", "must be at least 16 MiB"),
+        ("99999999999999999999TB", "must be at most 9223372036854775807 bytes"),
     ],
 )
 def test_memory_option_errors_speak_of_a_size_not_a_budget(tmp_path: Path, value: str, words: str) -> None:
@@ -258,6 +259,7 @@ def test_user_errors_are_one_line(ckpt: Path, usage_file: Path, tmp_path: Path) 
         (["plan", ckpt, "--budget", "1MB", "--max-error", "1"], 2, ("one of --budget and --max-error",)),
         (["plan", ckpt, "--budget", "12XB"], 2, ("--budget", "not a budget")),
         (["plan", ckpt, "--budget", "3/2"], 2, ("--budget", "(0, 1]")),
+        (["plan", ckpt, "--budget", "9999999999999999999TB"], 2, ("--budget", "at most 9223372036854775807")),
         (["plan", ckpt, "--budget", "1/8", "--usage", wrong_rows], 1, ("wrong.safetensors", "599 rows")),
         (
             ["compress", ckpt, out, "--budget", "1/8", "--usage", wrong_rows],

@@ -205,8 +205,9 @@ def test_large_batches_equal_the_float_path_and_refuse_what_nn_refuses(case, bag
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_lookups_follow_the_buffers_written_in_place_or_replaced(layout):
     """A table's kernels keep their arguments between lookups (``kernel_args``): writing
-    its buffers in place (``load_state_dict``), replacing them, moving the table or
-    forcing another kernel path must show in the very next lookup."""
+    its buffers in place (``load_state_dict``), replacing them or their storage (``.data
+    =``), moving the table or forcing another kernel path must show in the very next
+    lookup."""
     from embpress.layouts.lookup import current_kernel_policy, kernel_path_marker, kernel_paths, kernel_policy
 
     g = torch.Generator().manual_seed(5)
@@ -235,6 +236,12 @@ def test_lookups_follow_the_buffers_written_in_place_or_replaced(layout):
     assert torch.equal(after, bags(other))
     for name, buffer in third.named_buffers():
         setattr(table, name, buffer.clone())
+    assert torch.equal(bags(table), bags(third))
+    for name, buffer in other.named_buffers():  # the same objects, other storage
+        table.get_buffer(name).data = buffer.clone()
+    assert torch.equal(bags(table), bags(other))
+    for name, buffer in third.named_buffers():
+        table.get_buffer(name).data = buffer.clone()
     assert torch.equal(bags(table), bags(third))
     table.to(torch.float32)  # ``_apply``: integer buffers are kept, the arguments dropped
     assert torch.equal(bags(table), bags(third))
@@ -353,6 +360,35 @@ def test_values_beyond_float16_row_parameters_are_refused_by_name(layout, sparsi
             sparse_block_shape=(1, 4),
         )
     assert model[0] is before
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "auto"])
+@pytest.mark.parametrize(("sparsity", "order"), [(0.0, True), (0.5, True), (0.5, False)])
+def test_rows_spanning_more_than_float32_are_refused_by_name(layout, sparsity, order):
+    """Finite values whose row range exceeds float32's (max - min above 3.4e38) would
+    decode the top code to inf (and FBGEMM's fused multiply-add to a finite value): refused
+    with one ValueError naming the table, the model unchanged; 9e37 is stored."""
+    model = nn.Sequential(nn.Embedding(8, 8))
+    with torch.no_grad():
+        model[0].weight[:, :2] = torch.tensor([2e38, -2e38])
+    before = model[0]
+    config = QuantConfig(bits=8, layout=layout, scale_dtype=torch.float32)
+    if layout == "mixed":
+        config = QuantConfig(bits=8, layout=layout)  # (float16 row parameters: refused as such)
+    args = {
+        "quant": config,
+        "sparsity_level": sparsity,
+        "sparse_block_shape": (1, 4),
+        "sparsify_first": order,
+    }
+    with pytest.raises(ValueError, match=r"table '0': .*(float32 holds|float16)"):
+        embpress.post_training_sparse_quantize(model, embpress.DataNormSparsifier, **args)
+    assert model[0] is before
+    if layout != "mixed":
+        with torch.no_grad():
+            model[0].weight[:, :2] = torch.tensor([9e37, -9e37])
+        embpress.post_training_sparse_quantize(model, embpress.DataNormSparsifier, **args)
+        assert bool(torch.isfinite(model[0].dequantize()).all())
 
 
 def _tampered_tensors(tensors):
@@ -822,3 +858,21 @@ def test_large_batches_without_a_fused_kernel_decode_on_the_bounds_made():
         bad[10] = 1
         with pytest.raises(RuntimeError, match="non-decreasing"):
             q(ids, bad)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_huge_per_sample_weights_give_torchs_products(layout):
+    """A per_sample_weight too large to fold into a row's scale and offset (the fused
+    kernels' way) without overflow takes the plain path: every lookup is finite where
+    torch's ``w * row`` on the dequantized table is (a whole bag came out NaN)."""
+    table = _encoded(layout, 8, 300, 32, "blocks", 4, 11)[3]
+    module = QuantizedEmbeddingBag(table, "sum")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 300, (400,), generator=g)
+    weights = torch.tensor([3e38, 1e30, -3e38, 0.5])[torch.arange(400) % 4]
+    for offsets in (torch.arange(400), torch.arange(0, 400, 4)):  # one id a bag, four
+        ref = F.embedding_bag(ids, table.dequantize(), offsets, mode="sum", per_sample_weights=weights)
+        out = module(ids, offsets, weights)
+        assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+        finite = torch.isfinite(ref)
+        torch.testing.assert_close(out[finite], ref[finite], rtol=1e-5, atol=0.0)

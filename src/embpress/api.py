@@ -19,7 +19,14 @@ from torch import nn
 
 from .layouts import QuantizedTable, encode_table
 from .layouts.encode import fake_quantize_table, finite_table, nonfinite_count, plain_qparams
-from .nn import QuantizedEmbedding, QuantizedEmbeddingBag, embedding_scale, module_arguments, output_dtype_of
+from .nn import (
+    QuantizedEmbedding,
+    QuantizedEmbeddingBag,
+    embedding_scale,
+    module_arguments,
+    norm_args,
+    output_dtype_of,
+)
 from .quant import QuantConfig, RowQParams
 from .sparsify import DataNormSparsifier
 
@@ -137,6 +144,12 @@ def checked_weight(
         )
     if weight.layout != torch.strided:
         raise ValueError(f"table {target.name!r} is a {weight.layout} tensor; make it dense first")
+    try:  # before any work: what the compressed module will refuse
+        norm_args(target.module.max_norm, target.module.norm_type)
+    except (TypeError, ValueError) as err:
+        raise type(err)(
+            f"table {target.name!r}: {err} (set the module's max_norm before compressing)"
+        ) from None
     return finite_table(weight, config, f"table {target.name!r}", count=count, remedy=remedy)
 
 

@@ -760,7 +760,7 @@ def parse_budget(text: str) -> Budget:
 
 
 def parse_bytes(text: str, what: str = "size", alternative: str = "") -> int:
-    """A whole number of bytes, at least 1, from text: a decimal number with an optional
+    """A whole number of bytes, 1 to 2**63 - 1, from text: a decimal number with an optional
     unit (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB; the case of a unit's letters does not
     matter). ValueError naming ``what`` otherwise (``alternative``: what else the caller
     takes, for the message)."""
@@ -780,7 +780,12 @@ def parse_bytes(text: str, what: str = "size", alternative: str = "") -> int:
         raise ValueError(f"{shown!r} is not a whole number of bytes")
     if value < 1:
         raise ValueError(f"{shown!r}: the {what} must be at least 1 byte")
+    if value > _MAX_BYTES:  # what a file offset (and the planner's budget) can hold
+        raise ValueError(f"{shown!r}: the {what} must be at most {_MAX_BYTES} bytes (8 EiB)")
     return int(value)
+
+
+_MAX_BYTES = 2**63 - 1
 
 
 def _shown_text(text: str) -> str:

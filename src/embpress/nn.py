@@ -317,6 +317,22 @@ class _QuantizedModule(nn.Module):
         return table.to(weight.device), error
 
 
+def norm_args(max_norm: Any, norm_type: Any) -> tuple[float | None, float]:
+    """``max_norm`` and ``norm_type`` as the modules keep them and the file stores them:
+    ``max_norm`` None or a finite number > 0, ``norm_type`` a number, not NaN (torch's
+    modules take any float; 0, a negative or an infinite max_norm zeroes, flips or leaves
+    the rows, which no model means). ValueError (TypeError) naming the argument otherwise,
+    before anything is built, so a model holding one stays as it was."""
+    for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"max_norm must be a finite number > 0 or None, got {max_norm}")
+    if norm_type is None or math.isnan(norm_type):
+        raise ValueError(f"norm_type must be a number (inf included), got {norm_type}")
+    return (None if max_norm is None else float(max_norm)), float(norm_type)
+
+
 class QuantizedEmbedding(_QuantizedModule):
     """Drop-in for ``nn.Embedding`` (inference): any index shape in, ``[*shape, D]`` out."""
 
@@ -332,8 +348,7 @@ class QuantizedEmbedding(_QuantizedModule):
     ) -> None:
         super().__init__(table, output_dtype, output_scale)
         self.padding_idx = self._padding(padding_idx)
-        self.max_norm = max_norm
-        self.norm_type = norm_type
+        self.max_norm, self.norm_type = norm_args(max_norm, norm_type)
 
     @classmethod
     def from_float(
@@ -407,8 +422,7 @@ class QuantizedEmbeddingBag(_QuantizedModule):
         self.mode = mode
         self.padding_idx = self._padding(padding_idx)
         self.include_last_offset = include_last_offset
-        self.max_norm = max_norm
-        self.norm_type = norm_type
+        self.max_norm, self.norm_type = norm_args(max_norm, norm_type)
 
     @classmethod
     def from_float(

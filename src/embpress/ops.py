@@ -429,12 +429,22 @@ def embedding_bag_impl(
     if fast and mode != MAX and max_norm is None:
         padded = padding_idx is not None and bool((flat == padding_idx).any())
         # a NaN or infinite weight times a pruned entry's 0.0 is NaN in torch's sum, which the
-        # fused kernels (they skip pruned entries, fold weights into scales) do not give
-        odd = weights is not None and weights.numel() > 0 and not bool(torch.isfinite(weights).all())
+        # fused kernels (they skip pruned entries, fold weights into scales) do not give; and
+        # a huge one folded into a row's scale and offset can overflow where w * row does not
+        odd = (
+            weights is not None
+            and weights.numel() > 0
+            and not bool(weights.abs().max() <= _FOLDED_WEIGHT_LIMIT)  # (False for NaN)
+        )
         out = None if padded or odd else table.fast_bag(flat, bounds, mode, weights)
         if out is not None:
             return out.to(flat.device)
     return generic_bag(table, flat, bounds, weights, mode, padding_idx, max_norm, norm_type)
+
+
+# per_sample_weights up to this size are folded into the fused kernels' row parameters;
+# beyond it (no model's weight) the lookup takes the plain path, whose products are torch's
+_FOLDED_WEIGHT_LIMIT = 2.0**64
 
 
 def embedding_impl(

@@ -448,8 +448,10 @@ class Plan:
         every planned table with its shape (checked before anything is built), and nothing
         changes unless every table is built. ``usage`` weights the rows when the shared
         per-column codebooks are fitted, as at planning: a plan made with usage needs the
-        same usage (checked against each table's ``reference_error``), one made without
-        takes none (PlanError otherwise), so the tables are the planned ones.
+        same usage, one made without takes none (PlanError otherwise), and each table must
+        hold the values it was planned for (a retrained model of the same shapes is
+        refused: both checked against the table's ``reference_error``), so the tables and
+        their errors are the planned ones.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -489,8 +491,7 @@ class Plan:
             # the weights the codebooks were fitted with at planning
             norms = squared_norms(weight)
             weights = row_weights(tp.rows, counts, self.unseen_weight, norms if counts is None else None)
-            if self.with_usage:
-                _check_reference(tp, norms, weights)
+            _check_reference(tp, norms, weights, self.with_usage)
             try:
                 table = MixedTable.build(weight, tp.assignment, tp.codecs, weights)
             except ValueError as err:
@@ -519,18 +520,26 @@ def _weighted(err: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return out
 
 
-def _check_reference(tp: TablePlan, norms: np.ndarray, weights: np.ndarray) -> None:
-    """Refuse usage (or a table) other than the plan's: the weighted squared norm of the
+def _check_reference(tp: TablePlan, norms: np.ndarray, weights: np.ndarray, with_usage: bool) -> None:
+    """Refuse a table (or usage) other than the plan's: the weighted squared norm of the
     table (``norms``: its rows' squared norms, the pruned codec's errors, summed as
     planning sums them), a cheap fingerprint of both, must be the plan's
-    ``reference_error``."""
+    ``reference_error``. A plan's rows and codes were chosen for those values: applied to
+    others (a retrained model of the same shapes) its predicted error would not hold."""
     got = float(_weighted(norms, weights).sum())
-    if not math.isclose(got, tp.reference_error, rel_tol=1e-9, abs_tol=0.0):
+    if math.isclose(got, tp.reference_error, rel_tol=1e-9, abs_tol=0.0):
+        return
+    if with_usage:
         raise PlanError(
             f"table {tp.name!r}: the usage given is not the one the plan was made with (or the "
             f"table's values differ): its usage-weighted squared norm is {got:.9g}, the plan's "
             f"{tp.reference_error:.9g}; pass the usage the plan was made with"
         )
+    raise PlanError(
+        f"table {tp.name!r}: its values are not the ones the plan was made for (weighted "
+        f"squared norm {got:.9g}, the plan's {tp.reference_error:.9g}): the plan's rows and "
+        "codes were chosen for those values; make a plan for this model"
+    )
 
 
 # ------------------------------------------------------------------------------ planning
@@ -1010,11 +1019,16 @@ def _restarts(costs: list[_Costs], budget: int, lam: float) -> None:
         return nbytes <= budget
 
     best = (sum(c.error() for c in costs), [(c.choice.copy(), c.allowed.copy()) for c in costs])
+    tried = {tuple(c.allowed.tobytes() for c in costs)}
     for factor in _RESTART_FACTORS:
         for c in costs:
             c.allowed[:] = True
         _limit_codecs(costs, lam * factor)
         _ensure_pruned(costs)
+        sets = tuple(c.allowed.tobytes() for c in costs)
+        if sets in tried:  # the same codecs search the same way
+            continue
+        tried.add(sets)
         _bisect(costs, fits, around=lam)
         _fill(costs, budget)
         error = sum(c.error() for c in costs)
@@ -1022,6 +1036,49 @@ def _restarts(costs: list[_Costs], budget: int, lam: float) -> None:
             best = (error, [(c.choice.copy(), c.allowed.copy()) for c in costs])
     for c, (choice, allowed) in zip(costs, best[1], strict=True):
         c.choice[:], c.allowed[:] = choice, allowed
+    _swap_search(costs, budget, lam, best[0], tried)
+
+
+def _swap_search(costs: list[_Costs], budget: int, lam: float, error: float, tried: set[Any]) -> None:
+    """From the best plan of ``_restarts``, try each table's codec set with one codec (not
+    pruning) swapped for one it does not keep, searching again with the others as they
+    are; take a better plan and go on from it, until no swap improves. The restarts' codec
+    sets come from a few multipliers: between them a set one codec away can be better
+    (a budget 2% larger gave 16% more error on two small tables without it)."""
+
+    def fits(nbytes: int, err: float) -> bool:
+        return nbytes <= budget
+
+    improved = True
+    while improved:
+        improved = False
+        for c in costs:
+            pruned = _pruned_index(c)
+            base = c.allowed.copy()
+            for out in np.flatnonzero(base):
+                for into in np.flatnonzero(~base):
+                    if out == pruned:
+                        continue
+                    saved = [(k.choice.copy(), k.allowed.copy()) for k in costs]
+                    c.allowed[:] = base
+                    c.allowed[out], c.allowed[into] = False, True
+                    sets = tuple(k.allowed.tobytes() for k in costs)
+                    if sets in tried:
+                        c.allowed[:] = base
+                        continue
+                    tried.add(sets)
+                    _bisect(costs, fits, around=lam)
+                    _fill(costs, budget)
+                    got = sum(k.error() for k in costs)
+                    if got < error * (1 - 1e-12) and sum(k.size() for k in costs) <= budget:
+                        error, improved = got, True
+                        break
+                    for k, (choice, allowed) in zip(costs, saved, strict=True):
+                        k.choice[:], k.allowed[:] = choice, allowed
+                if improved:
+                    break
+            if improved:
+                break
 
 
 def _not_worse_than_uniform(costs: list[_Costs], budget: int) -> None:

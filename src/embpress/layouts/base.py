@@ -72,9 +72,12 @@ __all__ = [
 _T = TypeVar("_T")
 # the integer dtype of each float width, for moving a float buffer without re-typing it
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-# per table: the policy, the buffers and the kernel arguments of its last fast lookup
+# per table: the policy, the buffers, their addresses and the kernel arguments of its last
+# fast lookup
 # (``QuantizedTable.kernel_args``); outside the module, so copies and pickles skip it
-_KERNEL_ARGS: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
+_KERNEL_ARGS: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...], tuple[int, ...], Any]] = (
+    weakref.WeakKeyDictionary()
+)
 # each table by the id of its first op tensor (``QuantizedTable.owner_of``)
 _OWNERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 # buffer dtypes a pickled table holds as signed views of their width (``__getstate__``)
@@ -430,23 +433,27 @@ class QuantizedTable(nn.Module):
         lookup, where it would cost a small batch more than its kernel (the key is the
         policy and the path it resolves to, which a test may change). In-place writes
         (``load_state_dict``) keep the buffers, which the views show; ``_apply`` (``.to()``,
-        ``.half()``...) drops the arguments, and a buffer replaced otherwise makes the next
-        lookup build them again."""
+        ``.half()``...) drops the arguments, and a buffer replaced otherwise (or its storage,
+        by ``.data =``) makes the next lookup build them again."""
         held = self.__dict__.get("_buffers")
         if held is None:  # an op's view of tensors (``ops._view``): made for one call
             return build()
         key = (policy, kernel_path(policy))
         buffers = tuple(held.values())
+        # a buffer's ``.data = other`` keeps the object and swaps its storage: the views'
+        # memory may be gone, so its address is part of the key
+        addresses = tuple(b.data_ptr() for b in buffers)
         hit = _KERNEL_ARGS.get(self)
         if (
             hit is not None
             and hit[0] == key
             and len(hit[1]) == len(buffers)
             and all(map(operator.is_, hit[1], buffers))
+            and hit[2] == addresses
         ):
-            return hit[2]
+            return hit[3]
         value = build()
-        _KERNEL_ARGS[self] = (key, buffers, value)
+        _KERNEL_ARGS[self] = (key, buffers, addresses, value)
         return value
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:

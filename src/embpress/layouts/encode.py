@@ -19,7 +19,7 @@ from .._aot import KernelRef
 from .._buffers import empty
 from .._parallel import parallel_call, rows_call, split_call
 from ..quant.config import QuantConfig
-from ..quant.rowwise import RowQParams, choose_qparams, search_ranges
+from ..quant.rowwise import RowQParams, check_span, choose_qparams, search_ranges
 from .base import EncodedTable, QuantizedTable
 from .registry import AUTO, TABLE_CLASSES, table_class
 from .stats import MaskStats, row_stats
@@ -348,5 +348,7 @@ def encode_part(
         derive,
     )
     _encode(args, rows, dim, width)
+    if derive:  # (choose_qparams checks the others)
+        check_span(qp.scale.double() * ((1 << bits) - 1))
     sums = ErrorSums.of_rows(err_sq, ref_sq, max_abs)
     return layout.pack(EncodedTable(codes, code_start, qp, bits, rs, stats)), sums

@@ -155,7 +155,19 @@ def choose_qparams(
         offset[rows] = z_offset
     _check_range(scale, dtype)
     _check_range(offset, dtype)
+    check_span(scale * levels)
     return RowQParams(scale=scale.float(), offset=offset.float(), dtype=dtype)
+
+
+def check_span(span: torch.Tensor) -> None:
+    """Refuse rows whose grid spans more than float32 holds: decoding the top code as
+    ``code * scale + offset`` would overflow to inf (FBGEMM's fused multiply-add would not,
+    so lookups and ``dequantize()`` would disagree)."""
+    if bool((span > _MAX_VALUE[torch.float32]).any()):
+        raise ValueError(
+            "a row's values span more than float32 holds (its largest minus its smallest value "
+            "is above 3.4e38): scale the table down"
+        )
 
 
 def _zero_grid(
