@@ -1005,3 +1005,23 @@ def test_demo_refuses_an_output_folder_it_cannot_write_before_training() -> None
     line before the model trains (the plot was the last step, after the whole sweep)."""
     result = _run("demo", "--quick", "--out", "/dev/null")
     assert result.exit_code == 1 and result.stderr.strip() == "error: /dev/null: file exists"
+
+
+def test_names_from_a_file_are_shown_escaped_not_run_by_the_terminal(tmp_path: Path) -> None:
+    """A table name holding control characters (clear screen, set title) or a line break
+    reaches stdout escaped in every table the commands print (--json escapes by itself)."""
+    name = "x\x1b[2J\x1b]0;pwned\x07\nline_emb"
+    ckpt = tmp_path / "esc.pt"
+    torch.save({f"{name}.weight": torch.randn(40, 8), "head.bias": torch.randn(3)}, ckpt)
+    out = tmp_path / "esc.safetensors"
+    runs = [
+        _run("compress", ckpt, out),
+        _run("inspect", out),
+        _run("inspect", ckpt),
+        _run("plan", ckpt, "--budget", "1/8"),
+    ]
+    for result in runs:
+        assert result.exit_code == 0, result.output
+        assert not any(c in result.stdout for c in "\x1b\x07"), result.stdout
+        assert r"x\x1b[2J\x1b]0;pwned\x07\nline_emb" in result.stdout, result.stdout
+    assert name in embpress.inspect(out).tables[0].name  # the name itself is kept

@@ -1027,6 +1027,10 @@ def test_a_module_claimed_by_two_tables_is_refused(tmp_path):
     path = _saved(tmp_path)
     _edit_table(path, "user", lambda e: e.update(aliases=["user"]))
     _assert_refused(path, "module 'user' is claimed twice, by table 'user'")
+    for alias in (".user", "user.", "a..b"):  # '.user' would be the root's 'user' again
+        path = _saved(tmp_path)
+        _edit_table(path, "items", lambda e, alias=alias: e.update(aliases=[alias]))
+        _assert_refused(path, f"module path '{alias}' has an empty component")
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
@@ -1116,3 +1120,33 @@ def test_compress_checkpoint_refuses_to_write_over_its_input(tmp_path):
         with pytest.raises(ValueError, match="is the checkpoint src"):
             embpress.compress_checkpoint(src, dst)
     assert src.read_bytes() == before
+
+
+def test_writers_refuse_a_target_that_is_not_a_regular_file(tmp_path):
+    """Every writer renames a finished temp file over its target: over a device or a named
+    pipe that would replace the node itself (``save(model, "/dev/null")`` as root removed
+    the device). Refused with a ValueError naming it; the node stays, no temp file is left."""
+    model = nn.Sequential(nn.Embedding(30, 8), nn.EmbeddingBag(20, 8))
+    state = tmp_path / "ck.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, state)
+    pt = tmp_path / "ck.pt"
+    torch.save(model.state_dict(), pt)
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    usage = embpress.Usage({"0": torch.ones(30), "1": torch.ones(20)})
+    the_plan = embpress.plan(model, 600)
+    embpress.post_training_sparse_quantize(
+        compressed := nn.Sequential(nn.Embedding(30, 8)), embpress.DataNormSparsifier
+    )
+    writers = {
+        "save": lambda: embpress.save(compressed, pipe),
+        "compress .pt": lambda: embpress.compress_checkpoint(pt, pipe, ["0", "1"]),
+        "compress .safetensors": lambda: embpress.compress_checkpoint(state, pipe, ["0", "1"]),
+        "usage": lambda: usage.save(pipe),
+        "plan": lambda: the_plan.save(pipe),
+    }
+    for what, write in writers.items():
+        with pytest.raises(ValueError, match=f"{pipe} exists and is not a regular file"):
+            write()
+        assert stat.S_ISFIFO(os.lstat(pipe).st_mode), what
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "ck.safetensors", "pipe"]

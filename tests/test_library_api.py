@@ -240,6 +240,14 @@ def test_compress_state_dict_refuses_bad_arguments() -> None:
         (state, ["nope.weight"], ValueError, "'nope.weight' is not a key"),
         (state, ["fc.bias"], ValueError, "'fc.bias' is not a '<module>.weight' tensor"),
         (state, ["fc.weight"], ValueError, "also holds 'fc.bias'"),
+        # no module holds a tensor named as itself (the in-memory path dropped that tensor)
+        (
+            {"a_emb.weight": torch.randn(10, 8), "a_emb": torch.ones(2)},
+            ["a_emb.weight"],
+            ValueError,
+            "a tensor is named 'a_emb', as its module",
+        ),
+        ({"a_emb.weight": torch.randn(10, 8), "a_emb": torch.ones(2)}, None, ValueError, "no embedding"),
         ({"fc.weight": torch.randn(3, 3)}, None, ValueError, "no embedding table found among 1 tensors"),
         (
             {

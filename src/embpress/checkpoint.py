@@ -326,6 +326,8 @@ def _table_problem(state: Mapping[str, torch.Tensor], key: str, path: str) -> st
     others = [k for k in state if k.startswith(path + ".") and k != key]
     if others:
         return f"is not an embedding: its module {path!r} also holds {others[0]!r}"
+    if path in state:  # (no module holds a tensor named as itself)
+        return f"is not an embedding: a tensor is named {path!r}, as its module"
     if any(not part for part in path.split(".")):
         return "has an empty component in its name"
     return None

@@ -50,7 +50,7 @@ from .layouts import layout_choices
 from .planner import DEFAULT_UNSEEN_WEIGHT, Plan
 from .quant.codecs import CODECS, Codec
 from .quant.config import QuantConfig
-from .report import CheckpointReport, FileReport, TableReport, TensorInfo, human_bytes
+from .report import CheckpointReport, FileReport, TableReport, TensorInfo, human_bytes, printable
 from .sparsify.data_norm import MAX_BLOCK_SIDE
 from .usage import Usage, UsageError
 
@@ -1032,6 +1032,12 @@ def _split_patterns(patterns: Sequence[str]) -> list[str]:
     return split
 
 
+def _text(text: str) -> Text:
+    """Rich text of ``text`` as it reads, characters that do not print escaped
+    (``report.printable``): table names and paths come from the files read."""
+    return Text(printable(text))
+
+
 def _print_compress(summary: dict[str, Any]) -> None:
     console = _stdout()
     s = summary["settings"]
@@ -1049,7 +1055,7 @@ def _print_compress(summary: dict[str, Any]) -> None:
             f"{summary['in']} -> {summary['out']}: sparsity {s['sparsity']:g}, block {s['block'][0]}x"
             f"{s['block'][1]}, {s['bits']} bits, {s['order']}"
         )
-    console.print(Text(title))
+    console.print(_text(title))
     total = summary["total"]
     table = _footed_table(
         [
@@ -1066,11 +1072,11 @@ def _print_compress(summary: dict[str, Any]) -> None:
         ]
     )
     for r in summary["tables"]:
-        name = Text(r["name"] + (f" (= {', '.join(r['aliases'])})" if r["aliases"] else ""))
+        name = _text(r["name"] + (f" (= {', '.join(r['aliases'])})" if r["aliases"] else ""))
         table.add_row(
             name,
             f"{r['rows']} x {r['dim']}",
-            Text(r.get("choice", r["layout"])),
+            _text(r.get("choice", r["layout"])),
             str(r["bits"]),
             f"{r['sparsity']:.4f}",
             human_bytes(r["bytes_before"]),
@@ -1082,7 +1088,7 @@ def _print_compress(summary: dict[str, Any]) -> None:
     console.print(table)
     copied, files = summary["copied"], summary["file_bytes"]
     console.print(
-        Text(
+        _text(
             f"copied {copied['count']} other tensor(s) unchanged ({human_bytes(copied['bytes'])}); "
             f"wrote {summary['out']} ({human_bytes(files['out'])}, input {human_bytes(files['in'])})"
         )
@@ -1330,7 +1336,7 @@ def _print_inspect_embpress(summary: dict[str, Any]) -> None:
         f"{summary['file']}: embpress format version {summary['format_version']}, "
         f"{human_bytes(summary['file_bytes'])}, checksums ok"
     )
-    console.print(Text(title))
+    console.print(_text(title))
     total = summary["total"]
     table = _footed_table(
         [
@@ -1350,7 +1356,7 @@ def _print_inspect_embpress(summary: dict[str, Any]) -> None:
         name = t["name"] + (f" (= {', '.join(t['aliases'])})" if t["aliases"] else "")
         kind = t["kind"] if t["mode"] is None else f"{t['kind']}({t['mode']})"
         table.add_row(
-            Text(name),
+            _text(name),
             kind,
             f"{t['rows']} x {t['dim']}",
             t["layout"],
@@ -1363,7 +1369,7 @@ def _print_inspect_embpress(summary: dict[str, Any]) -> None:
         )
     console.print(table)
     other = summary["other_tensors"]
-    console.print(Text(f"other tensors: {other['count']} ({human_bytes(other['bytes'])})"))
+    console.print(_text(f"other tensors: {other['count']} ({human_bytes(other['bytes'])})"))
 
 
 def _print_inspect_plain(summary: dict[str, Any]) -> None:
@@ -1374,7 +1380,8 @@ def _print_inspect_plain(summary: dict[str, Any]) -> None:
     ):
         rows = summary[part]
         size = human_bytes(sum(r["bytes"] for r in rows if r["tied_to"] is None))  # tied data once
-        console.print(Text(f"{summary['file']} ({summary['format']}): {len(rows)} tensor(s) {title}, {size}"))
+        line = f"{summary['file']} ({summary['format']}): {len(rows)} tensor(s) {title}, {size}"
+        console.print(_text(line))
         if not rows:
             continue
         table = Table()
@@ -1383,10 +1390,10 @@ def _print_inspect_plain(summary: dict[str, Any]) -> None:
         for r in rows:
             shape = " x ".join(str(s) for s in r["shape"]) or "scalar"
             size = human_bytes(r["bytes"]) if r["tied_to"] is None else f"= {r['tied_to']}"
-            table.add_row(Text(r["key"]), shape, r["dtype"], Text(size))
+            table.add_row(_text(r["key"]), shape, r["dtype"], _text(size))
         console.print(table)
     if not summary["tables"]:
-        console.print(Text("no embedding table found by name; choose them with --tables PATTERN"))
+        console.print(_text("no embedding table found by name; choose them with --tables PATTERN"))
 
 
 # ------------------------------------------------------------------------------ demo

@@ -211,9 +211,14 @@ def temp_file_for(target: Path) -> str:
 
     Created with mode 0o666 less the umask, as ``open`` (and ``torch.save``) create
     files: the renamed file is readable by whom the user's umask allows (``mkstemp``'s
-    0o600 would make every output private)."""
+    0o600 would make every output private). An existing ``target`` must be a regular file
+    (or a link to one): renaming over ``/dev/null`` would replace the device."""
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a directory")
+    if target.exists() and not target.is_file():  # the rename would replace the node itself
+        raise ValueError(
+            f"{target} exists and is not a regular file (a device, pipe or socket): write to a file"
+        )
     if not target.parent.is_dir():
         raise FileNotFoundError(f"{target}: folder {target.parent} does not exist")
     _remove_stale_temps(target)
@@ -497,10 +502,13 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _check_places(p: Path, tables: dict[str, Any]) -> None:
     """Each module path is one table's, once: a path given twice (as a table's name or
-    among aliases) would be loaded from whichever came last."""
+    among aliases) would be loaded from whichever came last; and a path has no empty
+    component (``.emb`` and ``emb`` would both be the root's ``emb``)."""
     owner: dict[str, str] = {}
     for name, entry in tables.items():
         for place in (name, *entry["aliases"]):
+            if not all(place.split(".")):  # '.emb' would be the root's 'emb', as 'emb' is
+                raise _fail(p, f"module path {place!r} has an empty component")
             if place in owner:
                 first = owner[place]
                 where = f"table {first!r}" if first == name else f"tables {first!r} and {name!r}"

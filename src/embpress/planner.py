@@ -52,11 +52,11 @@ from torch import nn
 from ._aot import KernelRef
 from ._parallel import parallel_call
 from .api import Target, checked_weight, find_embeddings, is_plain_embedding, quantized_module, swap_modules
-from .io import strict_json
+from .io import strict_json, temp_file_for
 from .layouts.mixed import MixedTable
 from .quant import QuantConfig
 from .quant.codecs import CODECS, Codec, encode_rows
-from .report import human_bytes
+from .report import human_bytes, printable
 from .usage import Usage, UsageError
 
 # numba kernels, loaded (with numba) on first use (see ``_aot``)
@@ -302,7 +302,7 @@ class Plan:
         head = ["table", "rows x dim", "choice", "bytes", "ratio", "pred. error", "rel. sq. error"]
         body = [
             [
-                t.name,
+                printable(t.name),
                 f"{t.rows} x {t.dim}",
                 t.summary(),
                 human_bytes(t.predicted_bytes),
@@ -414,7 +414,7 @@ class Plan:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the plan as JSON (atomically: a temporary file, then a rename)."""
         target = Path(path)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp = Path(temp_file_for(target))  # (refuses a directory or a device in its place)
         try:
             tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=False) + "\n")
             os.replace(tmp, target)

@@ -154,6 +154,15 @@ def compression_report(model: nn.Module) -> list[TableReport]:
     return reports
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that does not print (control characters such as ESC,
+    which a terminal would obey; bidirectional overrides; line breaks) as its Python
+    escape: names read from a file are shown, never run by the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.50 KiB' (binary units)."""
     if n < 1024:
