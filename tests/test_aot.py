@@ -613,6 +613,77 @@ def test_two_processes_building_one_kernel_at_once_both_get_it(tmp_path):
     assert not list((tmp_path / "kernels").rglob(".build-*"))  # no build left behind
 
 
+_BOUNDS_CHILD = textwrap.dedent(
+    """
+    import numpy as np
+    from embpress import _aot
+    ref = _aot.KernelRef("embpress.layouts._kernels", "offsets_bounds", returns="int64")
+    out = np.empty(3, np.int64)
+    assert ref.compiled((np.array([0, 3], np.int64), 5, out)) is not None
+    """
+)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bytes zeroed", "another kernel's"])
+def test_a_library_damaged_after_it_was_built_is_built_again_not_run(tmp_path, damage):
+    """A truncated library in the cache faulted the process in ``dlopen`` (SIGBUS), a
+    damaged one or another kernel's under its name crashed it in the call (SIGSEGV):
+    every library is sealed with a hash of its bytes and name, checked before it is
+    opened, so such a file is built again (in a process of its own: a crash would be
+    that process's)."""
+    env = {**os.environ, _aot.CACHE_ENV: str(tmp_path)}
+
+    def child(source: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+
+    assert json.loads(child(_CHILD).stdout) == {"compiled": True, "status": 2, "failures": {}}
+    (path,) = (tmp_path / "kernels").rglob("offsets_status-*.so")
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "bytes zeroed":
+        path.write_bytes(data[:4096] + bytes(64) + data[4096 + 64 :])
+    else:
+        assert child(_BOUNDS_CHILD).returncode == 0
+        (other,) = (tmp_path / "kernels").rglob("offsets_bounds-*.so")
+        path.write_bytes(other.read_bytes())
+    with pytest.raises(OSError, match="seal does not match"):
+        _aot._check_seal(path)
+    done = child(_CHILD)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == {"compiled": True, "status": 2, "failures": {}}
+    _aot._check_seal(path)  # built again, sealed
+
+
+def test_a_truncated_entry_of_numbas_cache_is_compiled_again(tmp_path):
+    """numba raised ``UnpicklingError`` on a truncated cache entry, in every later process:
+    the guarded caches take it for a miss and compile the kernel again."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), _aot.AOT_ENV: "0"}
+    source = textwrap.dedent(
+        """
+        import numpy as np
+        from embpress.layouts import _kernels
+        print(_kernels.offsets_status(np.array([0, 3, 2], np.int64), 5, True))
+        """
+    )
+
+    def child() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+
+    assert child().stdout.strip() == "2"
+    entries = list(tmp_path.rglob("*offsets_status*.nbc"))
+    assert entries
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    for _ in range(2):  # compiled again, then its new entry loads
+        done = child()
+        assert done.returncode == 0 and done.stdout.strip() == "2", done.stderr[-2000:]
+
+
 def test_a_fresh_process_looks_up_without_importing_numba(tmp_path):
     """Once the kernels are in the cache, ``import embpress``, ``load`` and a lookup of a
     block-sparse table (on two threads) run without numba, and give the same sums."""

@@ -203,35 +203,39 @@ def test_a_path_the_cpu_lacks_is_never_chosen_and_cannot_be_forced(monkeypatch):
     try:
         monkeypatch.delenv(_kernels.KERNEL_ENV, raising=False)
         monkeypatch.setattr(_paths, "_host_has", lambda f: not f.startswith("avx512") and host(f))
-        _kernels.process_path.cache_clear()
+        _paths.process_choice.cache_clear()
         assert "avx512" not in kernel_paths()
         assert kernel_path() == kernel_paths()[0] != "avx512"
         with pytest.raises(ValueError, match="cannot run that kernel path"):
             KernelPolicy(path="avx512")
         monkeypatch.setenv(_kernels.KERNEL_ENV, "avx512")
-        _kernels.process_path.cache_clear()
+        _paths.process_choice.cache_clear()
         with pytest.raises(ValueError, match=r"EMBPRESS_KERNEL='avx512'.*cannot run"):
             kernel_path()
         monkeypatch.setattr(_paths, "_host_has", lambda f: False)
         monkeypatch.setenv(_kernels.KERNEL_ENV, "auto")
-        _kernels.process_path.cache_clear()
+        _paths.process_choice.cache_clear()
         assert kernel_paths() == ("generic",) and kernel_path() == "generic"
     finally:
-        _kernels.process_path.cache_clear()
+        _paths.process_choice.cache_clear()
 
 
 def test_the_environment_forces_the_process_path(monkeypatch):
     try:
         for path in kernel_paths():
             monkeypatch.setenv(_kernels.KERNEL_ENV, f" {path.upper()} ")
-            _kernels.process_path.cache_clear()
+            _paths.process_choice.cache_clear()
             assert kernel_path() == path
             info = system_info()
             assert info["kernel_path"] == path and info["kernel_path_source"].startswith("EMBPRESS_KERNEL")
             with kernel_policy(path="generic"):  # a policy's path overrides the process's
                 assert kernel_path() == "generic" and system_info()["kernel_path_source"] == "policy"
+            monkeypatch.setenv(_kernels.KERNEL_ENV, "nonsense")  # read once: no change now
+            info = system_info()
+            assert info["kernel_path"] == path
+            assert info["kernel_path_source"] == f"EMBPRESS_KERNEL= {path.upper()} "
         monkeypatch.setenv(_kernels.KERNEL_ENV, "fastest")
-        _kernels.process_path.cache_clear()
+        _paths.process_choice.cache_clear()
         with pytest.raises(ValueError, match=r"EMBPRESS_KERNEL='fastest': expected auto or one of"):
             kernel_path()
         weight = torch.randn(10, 32)
@@ -244,7 +248,7 @@ def test_the_environment_forces_the_process_path(monkeypatch):
         with pytest.raises(ValueError, match="EMBPRESS_KERNEL"):
             q(torch.tensor([1, 2]), torch.tensor([0]))
     finally:
-        _kernels.process_path.cache_clear()
+        _paths.process_choice.cache_clear()
 
 
 def test_system_info_says_what_runs():
@@ -574,3 +578,15 @@ def test_half_row_walks_sum_as_whole_rows(tmp_path):
     assert len(outs["halves"]) == 12 * len(kernel_paths())
     for halves, whole in zip(outs["halves"], outs["whole"], strict=True):
         assert torch.equal(halves, whole)
+
+
+def test_a_named_cpu_without_features_compiles_with_the_hosts_as_numba_does(monkeypatch):
+    """numba told a CPU name alone (NUMBA_CPU_NAME) compiles with the host's features: the
+    paths follow the host's then (they had fallen to the generic one alone); with
+    NUMBA_CPU_FEATURES too, only the features it switches on count."""
+    host = kernel_paths()
+    monkeypatch.setattr(_paths, "numba_cpu", lambda: ("skylake-avx512", None))
+    assert _paths.available_paths() == host
+    monkeypatch.setattr(_paths, "numba_cpu", lambda: ("haswell", "+avx,+avx2,+fma,-avx512f"))
+    expected = ("avx2", "generic") if "avx2" in host else ("generic",)
+    assert _paths.available_paths() == expected

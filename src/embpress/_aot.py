@@ -313,11 +313,40 @@ def _openmp_team() -> tuple[str, int, int] | None:
     return None
 
 
+# a built library ends with SEAL_MAGIC and a SHA-256 of its bytes and its file name
+# (``seal``): checked before ``dlopen``, which maps a truncated file's missing pages and
+# faults (SIGBUS) on them, and runs a damaged or another kernel's library (SIGSEGV)
+SEAL_MAGIC = b"embpress-kernel\x01"
+_SEAL_BYTES = len(SEAL_MAGIC) + 32
+
+
+def _seal_digest(body: bytes, name: str) -> bytes:
+    return hashlib.sha256(body + b"\0" + name.encode()).digest()
+
+
+def seal(path: Path, name: str) -> None:
+    """Append the seal of the library at ``path``, to be kept under the file ``name``
+    (the ELF loader ignores bytes past what its headers map)."""
+    body = path.read_bytes()
+    with open(path, "ab") as fh:
+        fh.write(SEAL_MAGIC + _seal_digest(body, name))
+
+
+def _check_seal(path: Path) -> None:
+    """OSError unless the file at ``path`` is a whole library built for its name."""
+    data = path.read_bytes()
+    body, magic, digest = data[:-_SEAL_BYTES], data[-_SEAL_BYTES:-32], data[-32:]
+    if len(data) < _SEAL_BYTES or magic != SEAL_MAGIC or digest != _seal_digest(body, path.name):
+        raise OSError(f"{path}: damaged or another kernel's library (its seal does not match)")
+
+
 def _open(path: Path) -> Any:
     """The library and its two entry points, typed (``_aot_build`` describes them;
-    OSError / AttributeError where the file cannot be loaded or lacks them); its splits
-    run on torch's OpenMP team where there is one (``_openmp_team``)."""
+    OSError / AttributeError where the file cannot be loaded, is not sealed as this
+    kernel's (``seal``) or lacks them); its splits run on torch's OpenMP team where there
+    is one (``_openmp_team``)."""
     _check_trusted(path)
+    _check_seal(path)
     library = ctypes.CDLL(str(path))
     call = library.embpress_call
     call.argtypes, call.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int64

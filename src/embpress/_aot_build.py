@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ._aot import _open, slot_count
+from ._aot import _open, seal, slot_count
 from ._kernel_cache import locked
 
 __all__ = ["CC_ENV", "build", "compiler"]
@@ -441,6 +441,7 @@ def build(
                 raise RuntimeError(f"{cc[0]} could not link a compiled kernel: {done.stderr.strip()[:500]}")
             import ctypes
 
+            seal(linked, target.name)
             ctypes.CDLL(str(linked))  # every symbol binds (RTLD_NOW), or this raises OSError
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(linked, 0o755)

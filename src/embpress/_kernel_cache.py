@@ -45,13 +45,18 @@ def locked(index_path: str) -> Iterator[None]:
 
 
 class _Guarded:
-    """Mixin over a numba ``Cache``: its loads and saves under the index's lock."""
+    """Mixin over a numba ``Cache``: its loads and saves under the index's lock; an entry
+    that does not load (numba would raise ``UnpicklingError`` in every later process) is
+    compiled again."""
 
     _cache_file: Any
 
     def load_overload(self, sig: Any, target_context: Any) -> Any:
         with locked(self._cache_file._index_path):
-            return super().load_overload(sig, target_context)  # type: ignore[misc]
+            try:
+                return super().load_overload(sig, target_context)  # type: ignore[misc]
+            except Exception:  # a damaged entry (truncated, say) is a miss: numba compiles
+                return None  # the kernel again and its save replaces the entry
 
     def save_overload(self, sig: Any, data: Any) -> None:
         with locked(self._cache_file._index_path):

@@ -84,8 +84,9 @@ def _host_is_x86() -> bool:
 def _host_has(feature: str) -> bool:
     """Whether the CPU numba compiles for has ``feature`` (an LLVM name such as
     ``avx512vbmi2``). Where numba is told to compile for a named CPU (``NUMBA_CPU_NAME``,
-    e.g. a portable cache or a test that compiles for an older CPU), only the features
-    ``NUMBA_CPU_FEATURES`` switches on (``+avx2``) count.
+    e.g. a portable cache or a test that compiles for an older CPU) with features
+    (``NUMBA_CPU_FEATURES``), only those it switches on (``+avx2``) count; a name alone
+    compiles with the host's features (numba's rule), so the host's answer counts.
 
     Code generation asks before it emits an x86-only intrinsic: every branch of a kernel is
     compiled, taken or not, and LLVM cannot compile such an intrinsic for a CPU without
@@ -94,8 +95,8 @@ def _host_has(feature: str) -> bool:
     elsewhere from LLVM's host detection.
     """
     name, features = numba_cpu()
-    if name not in (None, "host"):
-        return f"+{feature}" in (f.strip() for f in str(features or "").split(","))
+    if name not in (None, "host") and features is not None:
+        return f"+{feature}" in (f.strip() for f in features.split(","))
     info = cpuinfo()
     if info is not None and platform.machine().lower() in ("x86_64", "amd64"):
         return _CPUINFO_FLAGS.get(feature, feature) in info[1]
@@ -145,22 +146,29 @@ def available_paths() -> tuple[str, ...]:
 KERNEL_ENV = "EMBPRESS_KERNEL"
 
 
-@functools.cache
 def process_path() -> str:
     """The kernel path of this process, chosen once: ``EMBPRESS_KERNEL`` (avx512, avx2 or
     generic; unset, empty or "auto": the first of ``available_paths``). ValueError names
     the variable when it asks for an unknown path or one this CPU cannot run."""
-    forced = os.environ.get(KERNEL_ENV, "").strip().lower()
+    return process_choice()[0]
+
+
+@functools.cache
+def process_choice() -> tuple[str, str]:
+    """(``process_path``, why: "cpu" or ``EMBPRESS_KERNEL=<value>``), read once: a later
+    change of the variable changes neither."""
+    given = os.environ.get(KERNEL_ENV, "")
+    forced = given.strip().lower()
     available = available_paths()
     if forced in ("", "auto"):
-        return available[0]
+        return available[0], "cpu"
     if forced not in KERNEL_PATHS:
         raise ValueError(f"{KERNEL_ENV}={forced!r}: expected auto or one of {', '.join(KERNEL_PATHS)}")
     if forced not in available:
         raise ValueError(
             f"{KERNEL_ENV}={forced!r}: this CPU cannot run that kernel path (it runs {', '.join(available)})"
         )
-    return forced
+    return forced, f"{KERNEL_ENV}={given}"
 
 
 # A kernel takes its path as a marker: an empty array whose dtype names the path. Each path

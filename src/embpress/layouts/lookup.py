@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -34,7 +33,7 @@ from .. import _aot
 from .._buffers import aligned_zeros, huge_pages_mode
 from .._parallel import parallel_call
 from . import _paths
-from ._paths import KERNEL_ENV, KERNEL_PATHS, START_RING, available_paths, process_path
+from ._paths import KERNEL_PATHS, START_RING, available_paths, process_choice, process_path
 
 __all__ = [
     "KERNEL_POOLINGS",
@@ -195,9 +194,8 @@ def system_info() -> dict[str, Any]:
     from llvmlite import binding as llvm_binding
 
     policy = current_kernel_policy()
-    forced = os.environ.get(KERNEL_ENV, "")
     path = kernel_path(policy)
-    source = "policy" if policy.path else (f"{KERNEL_ENV}={forced}" if forced.strip() else "cpu")
+    source = "policy" if policy.path else process_choice()[1]
     host = llvm_binding.get_host_cpu_features()
     try:
         layer: str | None = str(numba.threading_layer())
