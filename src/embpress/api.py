@@ -148,7 +148,7 @@ def checked_weight(
         norm_args(target.module.max_norm, target.module.norm_type)
     except (TypeError, ValueError) as err:
         raise type(err)(
-            f"table {target.name!r}: {err} (set the module's max_norm before compressing)"
+            f"table {target.name!r}: {err} (fix the module's max_norm or norm_type before compressing)"
         ) from None
     return finite_table(weight, config, f"table {target.name!r}", count=count, remedy=remedy)
 

@@ -73,8 +73,8 @@ _T = TypeVar("_T")
 # the integer dtype of each float width, for moving a float buffer without re-typing it
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # per table: the policy, the buffers, their addresses and the kernel arguments of its last
-# fast lookup
-# (``QuantizedTable.kernel_args``); outside the module, so copies and pickles skip it
+# fast lookup (``QuantizedTable.kernel_args``); outside the module, so copies and pickles
+# skip it
 _KERNEL_ARGS: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...], tuple[int, ...], Any]] = (
     weakref.WeakKeyDictionary()
 )
