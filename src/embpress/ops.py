@@ -431,11 +431,7 @@ def embedding_bag_impl(
         # a NaN or infinite weight times a pruned entry's 0.0 is NaN in torch's sum, which the
         # fused kernels (they skip pruned entries, fold weights into scales) do not give; and
         # a huge one folded into a row's scale and offset can overflow where w * row does not
-        odd = (
-            weights is not None
-            and weights.numel() > 0
-            and not bool(weights.abs().max() <= _FOLDED_WEIGHT_LIMIT)  # (False for NaN)
-        )
+        odd = weights is not None and weights.numel() > 0 and not _foldable(weights)
         out = None if padded or odd else table.fast_bag(flat, bounds, mode, weights)
         if out is not None:
             return out.to(flat.device)
@@ -445,6 +441,13 @@ def embedding_bag_impl(
 # per_sample_weights up to this size are folded into the fused kernels' row parameters;
 # beyond it (no model's weight) the lookup takes the plain path, whose products are torch's
 _FOLDED_WEIGHT_LIMIT = 2.0**64
+
+
+def _foldable(weights: torch.Tensor) -> bool:
+    """Whether every weight is within ``_FOLDED_WEIGHT_LIMIT`` (False for NaN): one pass,
+    no copy of the weights."""
+    lo, hi = torch.aminmax(weights)
+    return bool((lo >= -_FOLDED_WEIGHT_LIMIT) & (hi <= _FOLDED_WEIGHT_LIMIT))
 
 
 def embedding_impl(

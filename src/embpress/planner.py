@@ -1010,75 +1010,77 @@ def _plan_budget(costs: list[_Costs], budget: int) -> None:
 
 
 def _restarts(costs: list[_Costs], budget: int, lam: float) -> None:
-    """Search again with the codecs chosen as for smaller budgets (larger multipliers), and
-    keep the best plan. Which codecs a table keeps decides what its shared codebooks cost;
-    where those weigh much against its rows (small tables), the codecs kept at the
-    budget's own multiplier can be worse than those of a budget a little below it."""
-
-    def fits(nbytes: int, error: float) -> bool:
-        return nbytes <= budget
-
-    best = (sum(c.error() for c in costs), [(c.choice.copy(), c.allowed.copy()) for c in costs])
-    tried = {tuple(c.allowed.tobytes() for c in costs)}
+    """Search again with the codecs chosen as for smaller budgets (larger multipliers), then
+    with the best plan's codec sets one codec swapped (``_swap_search``), and keep the best
+    plan. Which codecs a table keeps decides what its shared codebooks cost; where those
+    weigh much against its rows (small tables), the codecs kept at the budget's own
+    multiplier can be worse than those of a budget a little below it."""
+    error, best = sum(c.error() for c in costs), _snapshot(costs)
+    tried = {_codec_sets(costs)}
     for factor in _RESTART_FACTORS:
         for c in costs:
             c.allowed[:] = True
         _limit_codecs(costs, lam * factor)
         _ensure_pruned(costs)
-        sets = tuple(c.allowed.tobytes() for c in costs)
-        if sets in tried:  # the same codecs search the same way
-            continue
-        tried.add(sets)
-        _bisect(costs, fits, around=lam)
-        _fill(costs, budget)
-        error = sum(c.error() for c in costs)
-        if error < best[0] and sum(c.size() for c in costs) <= budget:
-            best = (error, [(c.choice.copy(), c.allowed.copy()) for c in costs])
-    for c, (choice, allowed) in zip(costs, best[1], strict=True):
-        c.choice[:], c.allowed[:] = choice, allowed
-    _swap_search(costs, budget, lam, best[0], tried)
+        got = _search_once(costs, budget, lam, tried)
+        if got < error:
+            error, best = got, _snapshot(costs)
+    _restore(costs, best)
+    _swap_search(costs, budget, lam, error, tried)
 
 
 def _swap_search(costs: list[_Costs], budget: int, lam: float, error: float, tried: set[Any]) -> None:
-    """From the best plan of ``_restarts``, try each table's codec set with one codec (not
-    pruning) swapped for one it does not keep, searching again with the others as they
-    are; take a better plan and go on from it, until no swap improves. The restarts' codec
-    sets come from a few multipliers: between them a set one codec away can be better
-    (a budget 2% larger gave 16% more error on two small tables without it)."""
-
-    def fits(nbytes: int, err: float) -> bool:
-        return nbytes <= budget
-
+    """From the plan in ``costs`` (of ``error``), try each table's codec set with one codec
+    (not pruning) swapped for one it does not keep, the others as they are; take the first
+    better plan and go on from it, until no swap improves. The restarts' codec sets come
+    from a few multipliers: between them a set one codec away can be better (a budget 2%
+    larger gave 16% more error on two small tables without it)."""
     improved = True
     while improved:
         improved = False
-        for c in costs:
-            pruned = _pruned_index(c)
-            base = c.allowed.copy()
-            for out in np.flatnonzero(base):
-                for into in np.flatnonzero(~base):
-                    if out == pruned:
-                        continue
-                    saved = [(k.choice.copy(), k.allowed.copy()) for k in costs]
-                    c.allowed[:] = base
-                    c.allowed[out], c.allowed[into] = False, True
-                    sets = tuple(k.allowed.tobytes() for k in costs)
-                    if sets in tried:
-                        c.allowed[:] = base
-                        continue
-                    tried.add(sets)
-                    _bisect(costs, fits, around=lam)
-                    _fill(costs, budget)
-                    got = sum(k.error() for k in costs)
-                    if got < error * (1 - 1e-12) and sum(k.size() for k in costs) <= budget:
-                        error, improved = got, True
-                        break
-                    for k, (choice, allowed) in zip(costs, saved, strict=True):
-                        k.choice[:], k.allowed[:] = choice, allowed
-                if improved:
-                    break
-            if improved:
+        start = _snapshot(costs)
+        swaps = [
+            (c, out, into)
+            for c in costs
+            for out in np.flatnonzero(c.allowed)
+            if out != _pruned_index(c)
+            for into in np.flatnonzero(~c.allowed)
+        ]
+        for c, out, into in swaps:
+            c.allowed[out], c.allowed[into] = False, True
+            got = _search_once(costs, budget, lam, tried)
+            if got < error * (1 - 1e-12):
+                error, improved = got, True
                 break
+            _restore(costs, start)
+
+
+def _codec_sets(costs: list[_Costs]) -> tuple[bytes, ...]:
+    return tuple(c.allowed.tobytes() for c in costs)
+
+
+def _search_once(costs: list[_Costs], budget: int, lam: float, tried: set[Any]) -> float:
+    """The error of the plan searched with the tables' codec sets as they are (bisection
+    near ``lam``, then the greedy fill); inf for sets in ``tried`` (the same codecs search
+    the same way: not searched again) and for a plan over ``budget``."""
+    sets = _codec_sets(costs)
+    if sets in tried:
+        return math.inf
+    tried.add(sets)
+    _bisect(costs, lambda nbytes, error: nbytes <= budget, around=lam)
+    _fill(costs, budget)
+    if sum(c.size() for c in costs) > budget:
+        return math.inf
+    return sum(c.error() for c in costs)
+
+
+def _snapshot(costs: list[_Costs]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(c.choice.copy(), c.allowed.copy()) for c in costs]
+
+
+def _restore(costs: list[_Costs], snapshot: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    for c, (choice, allowed) in zip(costs, snapshot, strict=True):
+        c.choice[:], c.allowed[:] = choice, allowed
 
 
 def _not_worse_than_uniform(costs: list[_Costs], budget: int) -> None:
@@ -1099,7 +1101,7 @@ def _not_worse_than_uniform(costs: list[_Costs], budget: int) -> None:
             best = (error, codec.name)
     if best is None:
         return
-    saved = [(c.choice.copy(), c.allowed.copy()) for c in costs]
+    saved = _snapshot(costs)
     for c in costs:
         k = next(i for i, codec in enumerate(c.codecs) if codec.name == best[1])
         c.choice[:] = k
@@ -1112,8 +1114,7 @@ def _not_worse_than_uniform(costs: list[_Costs], budget: int) -> None:
         for c, choice in zip(costs, start, strict=True):
             c.choice[:] = choice
     if sum(c.error() for c in costs) >= planned:
-        for c, (choice, allowed) in zip(costs, saved, strict=True):
-            c.choice[:], c.allowed[:] = choice, allowed
+        _restore(costs, saved)
 
 
 def _swap_in(c: _Costs, k: int) -> None:
