@@ -423,6 +423,35 @@ def test_per_sample_weights_get_their_gradient(layout):
             assert weights.grad[0] == 0 and weights.grad[6] == 0  # padding ids
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_per_sample_weights_gradient_under_torch_func(layout):
+    """torch.func.grad and jacrev take d out / d per_sample_weights as they take
+    nn.EmbeddingBag's (the module hands them an autograd.Function, which no custom op's
+    autograd kernel can)."""
+    torch.manual_seed(5)
+    q = embpress.QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag(60, 8, mode="sum", padding_idx=2),
+        embpress.QuantConfig(bits=4, layout=layout),
+        mask=torch.rand(60, 8) > 0.5,
+    )
+    ref = nn.EmbeddingBag(60, 8, mode="sum", padding_idx=2)
+    ref.weight.data = q.dequantize()
+    ids = torch.tensor([2, 0, 7, 7, 39, 1, 2, 22, 59])
+    offsets = torch.tensor([0, 2, 2, 5])
+    weights = torch.rand(9)
+    scale = torch.randn(4, 8)
+
+    def loss(module):
+        return lambda w: (module(ids, offsets, per_sample_weights=w) * scale).sum()
+
+    got = torch.func.grad(loss(q))(weights)
+    torch.testing.assert_close(got, torch.func.grad(loss(ref))(weights), rtol=1e-5, atol=1e-5)
+    assert got[0] == 0 and got[6] == 0  # padding ids
+    jacobian = torch.func.jacrev(lambda w: q(ids, offsets, per_sample_weights=w))(weights)
+    expected = torch.func.jacrev(lambda w: ref(ids, offsets, per_sample_weights=w))(weights)
+    torch.testing.assert_close(jacobian, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_gradient_skips_ids_after_the_last_bag():
     """With include_last_offset, ids after the last offset belong to no bag: the forward
     does not look them up (nor range-check them, as torch), and neither does the gradient,

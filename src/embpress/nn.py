@@ -70,6 +70,19 @@ def _runs_eagerly(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
+def _transformed(weights: torch.Tensor | None) -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``jacrev``...) wants the gradient of
+    ``weights``: the op's autograd kernel cannot serve one (no custom op's can), so the
+    module takes its ``autograd.Function`` itself (``ops.bag_with_gradient``)."""
+    return (
+        weights is not None
+        and not torch.compiler.is_compiling()
+        and torch._C._are_functorch_transforms_active()
+        and torch.is_grad_enabled()
+        and weights.requires_grad
+    )
+
+
 def _check_tensor(value: object, name: str, optional: bool = False) -> None:
     """TypeError for a non-tensor argument (the ops' schema would refuse it less clearly)."""
     if not isinstance(value, torch.Tensor) and not (optional and value is None):
@@ -512,6 +525,26 @@ class QuantizedEmbeddingBag(_QuantizedModule):
                 )
                 return self._cast(out)
         layout, rows, dim, bits, scale_dtype, layout_args = table.op_fields()
+        if not torch.jit.is_scripting():  # noqa: SIM102
+            if _transformed(per_sample_weights):
+                out = ops.bag_with_gradient(
+                    table.op_tensors(),
+                    layout,
+                    rows,
+                    dim,
+                    bits,
+                    scale_dtype,
+                    layout_args,
+                    input,
+                    offsets,
+                    per_sample_weights,
+                    mode,
+                    self.include_last_offset,
+                    self.padding_idx,
+                    self.max_norm,
+                    self.norm_type,
+                )
+                return self._cast(out)
         out = torch.ops.embpress.embedding_bag(
             table.op_tensors(),
             layout,

@@ -566,28 +566,32 @@ _BAG_OP = torch.ops.embpress.embedding_bag.default
 
 
 class _BagWithGradient(torch.autograd.Function):
-    """The op where ``per_sample_weights`` needs a gradient: the kernel below autograd,
-    and the formula above as its backward."""
+    """The op where ``per_sample_weights`` needs a gradient: the op itself as the forward
+    (run with autograd off, it takes the kernel below autograd), and the formula above as
+    its backward. ``forward`` and ``setup_context`` apart, as ``torch.func`` transforms
+    (``grad``, ``jacrev``) require."""
 
     @staticmethod
-    def forward(ctx: Any, below: Any, *args: Any) -> torch.Tensor:
-        with torch._C._AutoDispatchBelowAutograd():
-            out = _BAG_OP.redispatch(below, *args)
-        tensors, *table, input, offsets, weights, _mode, last, padding_idx, max_norm, norm_type = args
+    def forward(*args: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return cast(torch.Tensor, _BAG_OP(*args))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        tensors, *table, input, offsets, weights, _mode, last, padding_idx, max_norm, norm_type = inputs
         ctx.table = (len(tensors), *table)
         ctx.forms = (last, padding_idx, max_norm, norm_type)
-        ctx.args = len(args)
+        ctx.args = len(inputs)
         ctx.weights_shape = weights.shape
         ctx.save_for_backward(*tensors, input, offsets)
-        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        none: list[Any] = [None] * (1 + ctx.args)  # the key set, then the op's arguments
-        if not ctx.needs_input_grad[1 + _WEIGHTS]:
+        none: list[Any] = [None] * ctx.args  # one per op argument
+        if not ctx.needs_input_grad[_WEIGHTS]:
             return tuple(none)
         if grad.shape[0] == 0:  # no bag: no id falls in one, each gets a zero gradient
-            none[1 + _WEIGHTS] = grad.new_zeros(ctx.weights_shape)
+            none[_WEIGHTS] = grad.new_zeros(ctx.weights_shape)
             return tuple(none)
         count, *table = ctx.table
         last, padding_idx, max_norm, norm_type = ctx.forms
@@ -608,8 +612,15 @@ class _BagWithGradient(torch.autograd.Function):
         if padding_idx is not None:
             inside = inside & (flat != padding_idx)
         per_id = (grad.index_select(0, bag) * rows).sum(1) if flat.numel() else rows.sum(1)
-        none[1 + _WEIGHTS] = torch.where(inside, per_id, torch.zeros_like(per_id)).reshape(ctx.weights_shape)
+        none[_WEIGHTS] = torch.where(inside, per_id, torch.zeros_like(per_id)).reshape(ctx.weights_shape)
         return tuple(none)
+
+
+def bag_with_gradient(*args: Any) -> torch.Tensor:
+    """The bag op's arguments -> its output, with ``per_sample_weights``' gradient, as an
+    ``autograd.Function`` called from Python: what ``torch.func`` transforms can take
+    (they refuse it from within an op's autograd kernel)."""
+    return cast(torch.Tensor, _BagWithGradient.apply(*args))
 
 
 def _bag_autograd(keyset: Any, *args: Any) -> torch.Tensor:
@@ -621,7 +632,7 @@ def _bag_autograd(keyset: Any, *args: Any) -> torch.Tensor:
     below = keyset & _BELOW_AUTOGRAD
     weights = args[_WEIGHTS]
     if weights is not None and weights.requires_grad and torch.is_grad_enabled():
-        return cast(torch.Tensor, _BagWithGradient.apply(below, *args))
+        return cast(torch.Tensor, _BagWithGradient.apply(*args))
     with torch._C._AutoDispatchBelowAutograd():
         if below.highestPriorityTypeId() == _CPU:
             return _cpu_bag(*args)
