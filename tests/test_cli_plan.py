@@ -102,7 +102,7 @@ def test_parse_budget_refuses(text: str) -> None:
 @pytest.mark.parametrize(
     ("value", "words"),
     [
-        ("0", "the size must be at least 1 byte"),
+        ("0", "the size must be at least 16 MiB"),
         ("1/2", "'1/2' is not a size"),
         ("abc", "'abc' is not a size"),
         ("4KiB", "must be at least 16 MiB"),
@@ -254,7 +254,11 @@ def test_user_errors_are_one_line(ckpt: Path, usage_file: Path, tmp_path: Path) 
     )
     left_out_words = ("leftout.safetensors", "'emb_bag'", "999 rows")
     cases: list[tuple[list[str | Path], int, tuple[str, ...]]] = [
-        (["plan", ckpt, "--budget", "10"], 1, ("smallest possible size", "bytes")),
+        (
+            ["plan", ckpt, "--budget", "10"],
+            1,
+            ("the budget, 10 bytes (10 B), is below the smallest possible size", "bytes"),
+        ),
         (["plan", ckpt], 2, ("--budget",)),
         (["plan", ckpt, "--budget", "1MB", "--max-error", "1"], 2, ("one of --budget and --max-error",)),
         (["plan", ckpt, "--budget", "12XB"], 2, ("--budget", "not a budget")),

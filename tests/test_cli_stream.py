@@ -63,6 +63,20 @@ def test_memory_option_is_checked(checkpoint, tmp_path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_a_row_the_codes_cannot_hold_is_named_by_its_table_on_both_paths(tmp_path) -> None:
+    """A value too large for a row's float16 scale: the row-chunk path (.safetensors) names
+    the table and its rows, as the in-memory path (.pt) names the table."""
+    tables = {"a_emb.weight": torch.randn(40, 8), "b_emb.weight": torch.randn(30, 8)}
+    tables["b_emb.weight"][7, 0] = 1e30
+    save_file(tables, str(tmp_path / "in.safetensors"))
+    torch.save(tables, tmp_path / "in.pt")
+    for name, where in (("in.safetensors", "table 'b_emb' rows 0:30: "), ("in.pt", "table 'b_emb': ")):
+        got = CliRunner().invoke(cli, ["compress", str(tmp_path / name), str(tmp_path / "o.safetensors")])
+        assert got.exit_code == 1
+        assert f"{name}: {where}row scale or offset does not fit in torch.float16" in got.output
+        assert not (tmp_path / "o.safetensors").exists()
+
+
 def torchrun(
     nproc: int, checkpoint: Path, out: Path, hook: str | None = None, tmp: Path | None = None, extra=()
 ):

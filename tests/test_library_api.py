@@ -175,6 +175,50 @@ def test_planned_compress_checkpoint_refuses_a_memory_bound(tmp_path: Path) -> N
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_compress_checkpoint_checks_memory_on_every_path(tmp_path: Path) -> None:
+    """A memory bound with a .pt src, which is read whole, is refused as the command
+    refuses it (not ignored); a bound that is not an int is a TypeError, one below the
+    minimum a ValueError, on both inputs; nothing is written."""
+    from safetensors.torch import save_file
+
+    pt, st = tmp_path / "model.pt", tmp_path / "model.safetensors"
+    torch.save(_state(), pt)
+    save_file(_state(), str(st))
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(ValueError, match=r"memory bounds the row-chunk path of a \.safetensors src"):
+        embpress.compress_checkpoint(pt, out, memory=1 << 30)
+    for src in (pt, st):
+        for bad in ("16MiB", 32e6, True):
+            with pytest.raises(TypeError, match="memory must be a number of bytes"):
+                embpress.compress_checkpoint(src, out, memory=bad)
+        with pytest.raises(ValueError, match="at least 16 MiB"):
+            embpress.compress_checkpoint(src, out, memory=1 << 20)
+    assert not out.exists()
+    embpress.compress_checkpoint(st, out, memory=1 << 30)
+    assert out.exists()
+
+
+def test_float64_values_beyond_float32_are_refused_not_zeroed(tmp_path: Path) -> None:
+    """A finite float64 value that float32 cannot hold is said as such, not counted as a
+    NaN/Inf, and refused also under nonfinite='zero' (which is for NaN/Inf), on the
+    in-memory and the row-chunk path."""
+    from safetensors.torch import save_file
+
+    state = {"emb.weight": torch.randn(20, 8, dtype=torch.float64)}
+    state["emb.weight"][3, 1] = 1e300
+    src = tmp_path / "model.safetensors"
+    save_file(state, str(src))
+    for nonfinite in ("raise", "zero"):
+        quant = embpress.QuantConfig(bits=8, nonfinite=nonfinite)
+        with pytest.raises(ValueError, match=r"holds 1 finite value\(s\) beyond float32's range"):
+            embpress.compress_state_dict(state, quant=quant)
+        with pytest.raises(ValueError, match=r"holds 1 finite value\(s\) beyond float32's range"):
+            embpress.compress_checkpoint(src, tmp_path / "out.safetensors", quant=quant)
+    state["emb.weight"][3, 1] = float("inf")  # a true Inf is still zeroed where asked
+    zeroed = embpress.compress_state_dict(state, quant=embpress.QuantConfig(bits=8, nonfinite="zero"))
+    assert zeroed.tables[0].nbytes > 0
+
+
 def test_codecs_are_for_making_a_plan(tmp_path: Path) -> None:
     """``codecs`` limits the planner; with uniform settings or a finished plan it would be
     ignored, so it is refused there (in memory and from a file), and nothing is written."""

@@ -118,6 +118,34 @@ def test_a_shard_reads_the_tensors_that_place_rows_whole_and_checks_them(tmp_pat
         embpress.load(Model(100, 8), path, shards={"emb": (300, 400)})  # the intact file loads
 
 
+def test_a_mixed_shard_checks_every_row_directory_tensor(tmp_path) -> None:
+    """As above for the mixed layout (built by plans, not by ``layout="auto"``): each
+    tensor of its row directory is read whole and CRC-checked, also the sub-block
+    directory, which the shard computes again from its class ids."""
+    from embpress.layouts.mixed import MixedTable
+    from embpress.quant.codecs import Codec
+
+    g = torch.Generator().manual_seed(1)
+    codecs = [Codec.parse(c) for c in ("rowwise8", "levels2", "colbook1", "pruned")]
+    full = Model(1000, 16)
+    full.emb = embpress.QuantizedEmbeddingBag(
+        MixedTable.build(
+            torch.randn(1000, 16, generator=g), torch.randint(0, 4, (1000,), generator=g).numpy(), codecs
+        ),
+        mode="sum",
+    )
+    path = tmp_path / "mixed.safetensors"
+    embpress.save(full, path)
+    for name in MixedTable.row_directory:
+        bad = tmp_path / f"bad-{name}.safetensors"
+        bad.write_bytes(path.read_bytes())
+        _flip_byte(bad, f"tables.emb.{name}")
+        with pytest.raises(embpress.FormatError, match=rf"rows 300:400: tensor '{name}' is corrupted"):
+            embpress.load(Model(100, 16), bad, shards={"emb": (300, 400)})
+    shard = embpress.load(Model(100, 16), path, shards={"emb": (300, 400)})
+    assert torch.equal(shard.emb.table.dequantize(), full.emb.table.dequantize()[300:400])
+
+
 @pytest.mark.parametrize("mode", ["mean", "sum"])
 def test_shard_counts_padding_idx_from_its_first_row(tmp_path, mode) -> None:
     """A shard's padding row is the file's padding_idx in local ids, or none where the
@@ -207,13 +235,21 @@ def test_bad_shards_refused(tmp_path) -> None:
         embpress.load(Model(10, 8), path, shards=[("emb", (0, 10))])
     with pytest.raises(embpress.FormatError, match="no table 'nope'"):
         embpress.load(Model(10, 8), path, shards={"nope": (0, 10)})
-    with pytest.raises(embpress.FormatError, match="row range 90:110"):
+    with pytest.raises(ValueError, match=r"\(90, 110\) reaches past the 100 rows of table 'emb'") as past:
         embpress.load(Model(20, 8), path, shards={"emb": (90, 110)})
+    assert not isinstance(past.value, embpress.FormatError)  # the caller's range, not a damaged file
     model = Model(10, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(embpress.FormatError, match="10 x 8"):  # the model's module is not the shard's size
+    # the model's module is not the shard's size: the message gives the shard's rows
+    with pytest.raises(
+        embpress.FormatError, match="model's table is 10 x 8, the file's rows 0:20 are 20 x 8"
+    ):
         embpress.load(model, path, shards={"emb": (0, 20)})
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    np = pytest.importorskip("numpy")
+    shard = embpress.load(Model(10, 8), path, shards={"emb": (np.int64(5), np.int64(15))})  # any integers
+    full = embpress.load(Model(100, 8), path)
+    assert torch.equal(shard.emb.table.dequantize(), full.emb.table.dequantize()[5:15])
 
 
 @settings(max_examples=15, deadline=None)

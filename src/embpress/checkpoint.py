@@ -761,11 +761,11 @@ def parse_budget(text: str) -> Budget:
     return parse_bytes(text, "budget", ", or a share of the float32 table bytes, e.g. 1/16")
 
 
-def parse_bytes(text: str, what: str = "size", alternative: str = "") -> int:
-    """A whole number of bytes, 1 to 2**63 - 1, from text: a decimal number with an optional
-    unit (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB; the case of a unit's letters does not
-    matter). ValueError naming ``what`` otherwise (``alternative``: what else the caller
-    takes, for the message)."""
+def parse_bytes(text: str, what: str = "size", alternative: str = "", minimum: int = 1) -> int:
+    """A whole number of bytes, ``minimum`` to 2**63 - 1, from text: a decimal number with
+    an optional unit (B, kB, MB, GB, TB, KiB, MiB, GiB, TiB; the case of a unit's letters
+    does not matter). ValueError naming ``what`` otherwise (``alternative``: what else the
+    caller takes, for the message)."""
     shown = _shown_text(text)
     match = _BUDGET.fullmatch(text)
     unit = match[2].lower() if match else ""
@@ -780,14 +780,21 @@ def parse_bytes(text: str, what: str = "size", alternative: str = "") -> int:
         raise ValueError(f"{shown!r} is not a number of bytes") from None
     if value != value.to_integral_value():
         raise ValueError(f"{shown!r} is not a whole number of bytes")
-    if value < 1:
-        raise ValueError(f"{shown!r}: the {what} must be at least 1 byte")
+    if value < max(minimum, 1):
+        raise ValueError(f"{shown!r}: the {what} must be at least {_least(max(minimum, 1))}")
     if value > _MAX_BYTES:  # what a file offset (and the planner's budget) can hold
         raise ValueError(f"{shown!r}: the {what} must be at most {_MAX_BYTES} bytes (8 EiB)")
     return int(value)
 
 
 _MAX_BYTES = 2**63 - 1
+
+
+def _least(n: int) -> str:
+    """``n`` bytes as a minimum reads: in MiB where whole, else in bytes."""
+    if n % 2**20 == 0:
+        return f"{n >> 20} MiB"
+    return "1 byte" if n == 1 else f"{n} bytes"
 
 
 def _shown_text(text: str) -> str:
@@ -1193,7 +1200,17 @@ def compress_checkpoint(
         raise ValueError(
             "memory bounds the row-chunk path of uniform settings; a planned compress reads SRC whole"
         )
-    if not planned and (many or is_safetensors_file(src)):
+    streams = not planned and (many or is_safetensors_file(src))
+    if memory is not None:  # its checks before any work, on every path
+        from .streaming import memory_chunk_bytes
+
+        memory_chunk_bytes(memory)
+        if not streams and not planned:
+            raise ValueError(
+                f"memory bounds the row-chunk path of a .safetensors src; {src} is read whole "
+                "(save it with safetensors.torch.save_file to compress it in bounded memory)"
+            )
+    if streams:
         from .streaming import compress_safetensors, memory_chunk_bytes
 
         streamed = compress_safetensors(

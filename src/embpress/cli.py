@@ -343,17 +343,10 @@ class _Bytes(click.ParamType):
         self.minimum = minimum
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, int):
-            number = value
-        else:
-            try:
-                number = checkpoint.parse_bytes(str(value), "size")
-            except ValueError as err:
-                self.fail(str(err), param, ctx)
-        if number < self.minimum:
-            least = f"{self.minimum >> 20} MiB" if self.minimum % 2**20 == 0 else f"{self.minimum} bytes"
-            self.fail(f"must be at least {least}, got {value}", param, ctx)
-        return number
+        try:
+            return checkpoint.parse_bytes(str(value), "size", minimum=self.minimum)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 class _NonNegative(click.ParamType):

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import math
+import numbers
 import os
 import re
 import reprlib
@@ -796,6 +797,12 @@ def _read(
                     )
                 prefix = f"{TABLE_PREFIX}{table}."
                 meta = index["tables"][table]["table"]
+                rows = meta.get("num_embeddings")
+                if isinstance(rows, int) and stop > rows:  # the caller's range, not the file's damage
+                    raise ValueError(
+                        f"shards[{table!r}] = ({start}, {stop}) reaches past the {rows} rows of table "
+                        f"{table!r} in {p}"
+                    )
                 cls = TABLE_CLASSES[meta["layout"]]
                 for tensor, dtype, ndim in cls.tensor_kinds:
                     key = prefix + tensor
@@ -956,9 +963,15 @@ def _shard_module(module: dict[str, Any] | None, start: int, stop: int) -> dict[
 
 
 def _resolve(
-    model: nn.Module, p: Path, table: str, name: str, entry: dict[str, Any]
+    model: nn.Module,
+    p: Path,
+    table: str,
+    name: str,
+    entry: dict[str, Any],
+    shard: tuple[int, int] | None = None,
 ) -> tuple[nn.Module, str, nn.Module]:
-    """(parent, attribute, current module) of ``name`` in ``model``, checked against the table."""
+    """(parent, attribute, current module) of ``name`` in ``model``, checked against the
+    table (``shard``: the rows of it that ``entry`` describes)."""
     parent_name, _, attr = name.rpartition(".")
     try:
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -987,8 +1000,9 @@ def _resolve(
     if (rows, dim) != (meta.get("num_embeddings"), meta.get("embedding_dim")):
         raise _fail(
             p,
-            f"table {table!r}: the model's table is {rows} x {dim}, the file's is "
-            f"{meta.get('num_embeddings')} x {meta.get('embedding_dim')}",
+            f"table {table!r}: the model's table is {rows} x {dim}, the file's "
+            + (f"rows {shard[0]}:{shard[1]} are " if shard is not None else "is ")
+            + f"{meta.get('num_embeddings')} x {meta.get('embedding_dim')}",
         )
     return parent, attr, current
 
@@ -1064,9 +1078,11 @@ def _checked_shards(shards: Any) -> dict[str, tuple[int, int]] | None:
             start, stop = bounds
         except (TypeError, ValueError):
             raise ValueError(f"shards[{name!r}] must be (start, stop), got {bounds!r}") from None
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in (start, stop)) or not 0 <= start < stop:
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (start, stop)) or not (
+            0 <= start < stop
+        ):
             raise ValueError(f"shards[{name!r}] must be integers 0 <= start < stop, got {bounds!r}")
-        out[str(name)] = (start, stop)
+        out[str(name)] = (int(start), int(stop))
     return out
 
 
@@ -1138,7 +1154,8 @@ def load(
         else:
             table = build_table(p, name, entry, tensors)
             claim_tensors(p, name, table, owned)
-        resolved = [_resolve(model, p, name, place, entry) for place in (name, *entry["aliases"])]
+        shard = (ranges or {}).get(name) if name in built else None
+        resolved = [_resolve(model, p, name, place, entry, shard) for place in (name, *entry["aliases"])]
         # places whose modules take the same arguments share one module; a place whose own
         # module differs (another kind, mode or padding row over the same tied weight) gets
         # its own, on the same table

@@ -641,8 +641,8 @@ def plan(
         smallest = sum(_all_pruned_size(c) for c in costs)
         if budget < smallest:
             raise PlanError(
-                f"budget_bytes {budget} is below the smallest possible size of these tables, "
-                f"{smallest} bytes ({human_bytes(smallest)}: every row pruned)"
+                f"the budget, {budget} bytes ({human_bytes(budget)}), is below the smallest possible "
+                f"size of these tables, {smallest} bytes ({human_bytes(smallest)}: every row pruned)"
             )
         _plan_budget(costs, budget)
     else:

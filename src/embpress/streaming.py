@@ -215,7 +215,9 @@ MIN_MEMORY = 16 * 2**20  # the least working memory a chunked compression takes
 def memory_chunk_bytes(memory: int) -> int:
     """float32 bytes of a row chunk for a working memory of ``memory`` bytes: a chunk is
     held a few times over (the floats, their quantized copy, codes, mask, norms)."""
-    if isinstance(memory, bool) or not isinstance(memory, int) or memory < MIN_MEMORY:
+    if isinstance(memory, bool) or not isinstance(memory, int):
+        raise TypeError(f"memory must be a number of bytes (an int), got {type(memory).__name__}")
+    if memory < MIN_MEMORY:
         raise ValueError(f"memory must be at least 16 MiB (in bytes), got {memory!r}")
     return memory // 8
 
@@ -376,16 +378,19 @@ def compress_table_parts(
         x = floats(start, stop)
         saved = None if sparsify_first else plain_qparams(x, config)
         w = x if saved is None else fake_quantize_table(x, saved, config.bits)
-        part, part_sums = encode_part(
-            w,
-            mask,
-            fixed,
-            block_width=width,
-            saved_qparams=saved,
-            reference=None if saved is None else x,
-            checked=True,
-            fixed_width=True,
-        )
+        try:
+            part, part_sums = encode_part(
+                w,
+                mask,
+                fixed,
+                block_width=width,
+                saved_qparams=saved,
+                reference=None if saved is None else x,
+                checked=True,
+                fixed_width=True,
+            )
+        except ValueError as err:  # a row the codes cannot hold: which table's, where
+            raise ValueError(f"{name} rows {start}:{stop}: {err}") from err
         parts.append(part)
         sums = sums + part_sums
         _return_free_memory()

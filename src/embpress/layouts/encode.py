@@ -151,6 +151,12 @@ def finite_table(
         return out
     found = nonfinite_count(out)
     if found:
+        beyond = found - int((~torch.isfinite(w)).sum()) if w.dtype == torch.float64 else 0
+        if beyond:  # finite, but inf once float32: not what nonfinite='zero' is for
+            raise ValueError(
+                f"{name} holds {beyond} finite value(s) beyond float32's range (magnitude above "
+                "3.4e38), which no code can hold; scale the table down"
+            )
         if config.nonfinite == "raise":
             fix = remedy or "fix the table or pass QuantConfig(nonfinite='zero') to treat them as 0.0"
             raise ValueError(f"{name} holds {found} NaN/Inf value(s); {fix}")

@@ -710,6 +710,9 @@ class MixedTable(QuantizedTable):
         dtype = DTYPES_BY_NAME.get(str(meta.get("scale_dtype")), torch.float16)
         first_block, end_block = start // BLOCK_ROWS, -(-stop // BLOCK_ROWS)
         ids = _unpack_ids(read_checked(read, "class_ids", first_block * 64, end_block * 64)).long()
+        # the shard's own sub-block directory comes from its ids below; the file's is read
+        # (whole, CRC-checked, as every row directory tensor) so that damage is found
+        read_checked(read, "class_sub", first_block, end_block)
         before = read_checked(read, "class_rank", first_block, first_block + 1)[0].long()
         totals = read_checked(read, "class_rank", _blocks(rows), _blocks(rows) + 1)[0].long()
         if not (
