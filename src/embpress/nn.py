@@ -525,27 +525,11 @@ class QuantizedEmbeddingBag(_QuantizedModule):
                 )
                 return self._cast(out)
         layout, rows, dim, bits, scale_dtype, layout_args = table.op_fields()
+        bag = torch.ops.embpress.embedding_bag
         if not torch.jit.is_scripting():  # noqa: SIM102
             if _transformed(per_sample_weights):
-                out = ops.bag_with_gradient(
-                    table.op_tensors(),
-                    layout,
-                    rows,
-                    dim,
-                    bits,
-                    scale_dtype,
-                    layout_args,
-                    input,
-                    offsets,
-                    per_sample_weights,
-                    mode,
-                    self.include_last_offset,
-                    self.padding_idx,
-                    self.max_norm,
-                    self.norm_type,
-                )
-                return self._cast(out)
-        out = torch.ops.embpress.embedding_bag(
+                bag = ops.bag_with_gradient  # type: ignore[assignment]
+        out = bag(
             table.op_tensors(),
             layout,
             rows,
