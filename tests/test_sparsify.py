@@ -190,6 +190,40 @@ def test_state_dict_round_trip():
         assert t.data_groups[name] == s.data_groups[name]
 
 
+def test_load_state_dict_refuses_masks_that_do_not_fit_their_data():
+    """As add_data checks a given mask and torch's load refuses it: a mask of another shape
+    (one that broadcasts too) or one that would change the data's dtype is refused, naming
+    the entry, and the sparsifier keeps what it held."""
+    s = DataNormSparsifier()
+    s.add_data("emb", nn.Embedding(6, 8))
+    for bad in (torch.ones(1, 6, 8), torch.ones(6, 4), torch.ones(6, 8, dtype=torch.float64)):
+        state = s.state_dict()
+        state["state"]["emb"]["mask"] = bad.to_sparse_coo()
+        t = DataNormSparsifier()
+        t.add_data("kept", torch.randn(3, 4))
+        with pytest.raises(ValueError, match="Error loading emb: "):
+            t.load_state_dict(state)
+        assert list(t.data_groups) == ["kept"] and "emb" not in t.state
+
+
+def test_a_sparsifier_saves_whole_with_torch_save(tmp_path):
+    """torch.save of the sparsifier itself (as torch's allows): the masks, int8 views of
+    bool tensors, are saved without those, and load with the same masks, which step on."""
+    s = DataNormSparsifier(sparsity_level=0.5)
+    s.add_data("a", torch.randn(6, 8))
+    s.add_data("fresh", torch.randn(4, 4))  # before step: its all-ones starting mask
+    s.step()
+    s.add_data("b", torch.randn(5, 4))
+    torch.save(s, tmp_path / "s.pt")
+    t = torch.load(tmp_path / "s.pt", weights_only=False)
+    for name in ("a", "fresh", "b"):
+        assert torch.equal(t.get_mask(name), s.get_mask(name))
+        assert torch.equal(t.kept_mask(name), s.kept_mask(name))
+    t.step()
+    s.step()
+    assert all(torch.equal(t.get_mask(n), s.get_mask(n)) for n in ("a", "fresh", "b"))
+
+
 def test_user_sparsifier_overrides_update_mask():
     class EveryOtherRow(BaseDataSparsifier):
         def update_mask(self, name, data, **kwargs):

@@ -341,6 +341,19 @@ class BaseDataSparsifier(abc.ABC):
                 data, squashed = container[name], True
             else:
                 raise RuntimeError(f"Error loading {name}: no data in _container")
+            if "mask" in st:  # as add_data checks a given mask, and torch's load refuses it
+                mask = st["mask"]
+                if not isinstance(mask, torch.Tensor) or not isinstance(data, torch.Tensor):
+                    raise TypeError(f"Error loading {name}: its mask and data must be tensors")
+                if tuple(mask.shape) != tuple(data.shape):
+                    raise ValueError(
+                        f"Error loading {name}: a mask of shape {tuple(mask.shape)} for data of "
+                        f"shape {tuple(data.shape)} (they must match)"
+                    )
+                try:
+                    _check_mask(mask, data)
+                except ValueError as err:
+                    raise ValueError(f"Error loading {name}: {err}") from None
             loaded.append((name, st, state_dict["data_groups"][name], data, squashed))
         if strict:
             self.state = defaultdict(dict)
@@ -367,6 +380,14 @@ class BaseDataSparsifier(abc.ABC):
                 self._squashed.add(name)
             else:
                 self._squashed.discard(name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling (``torch.save(sparsifier)``, ``copy``) keeps: everything but the
+        bool tensors whose int8 views are the masks (``torch.save`` refuses one storage
+        seen as two dtypes); ``kept_mask`` then reads the masks themselves."""
+        state = dict(self.__dict__)
+        state["_kept"], state["_all_ones"] = {}, {}
+        return state
 
     def __repr__(self) -> str:
         text = self.__class__.__name__ + " ("
