@@ -219,6 +219,7 @@ def _unchanged(model, snap):
         (lambda m: ptsq(m, DataNormSparsifier, sparsity_level=True), ValueError),
         (lambda m: ptsq(m, object), TypeError),
         (lambda m: ptsq(m, type("NoAddData", (), {"step": lambda s: None})), TypeError),
+        (lambda m: ptsq(m, DataNormSparsifier()), TypeError),  # an instance, not the class
     ],
 )
 def test_bad_input_raises_and_leaves_model_unchanged(ref_model, call, error):
@@ -226,6 +227,11 @@ def test_bad_input_raises_and_leaves_model_unchanged(ref_model, call, error):
     with pytest.raises(error):
         call(ref_model)
     _unchanged(ref_model, snap)
+
+
+def test_a_sparsifier_instance_is_refused_with_what_to_pass(ref_model):
+    with pytest.raises(TypeError, match=r"not DataNormSparsifier\(\)"):
+        ptsq(ref_model, DataNormSparsifier(sparsity_level=0.5))
 
 
 def test_nonfinite_table_is_named_and_model_unchanged(ref_model):

@@ -169,6 +169,11 @@ def _sparsifier_keys(targets: list[Target]) -> dict[str, str]:
 
 
 def _check_sparsifier_class(cls: Any) -> None:
+    if not isinstance(cls, type):
+        raise TypeError(
+            f"data_sparsifier_class must be a class, got a {type(cls).__name__} instance: pass the "
+            "class itself (embpress.DataNormSparsifier, not DataNormSparsifier()), as torch's API takes it"
+        )
     missing = [m for m in ("add_data", "step", "get_mask") if not callable(getattr(cls, m, None))]
     if missing:
         raise TypeError(
