@@ -1001,6 +1001,62 @@ print("team", _aot.status()["thread_team"] is not None, "grew", grew, "child", c
 """
 
 
+_FIRST_IN_CHILD_SCRIPT = """
+import os, sys
+import numpy as np, torch
+from torch import nn
+from embpress import QuantConfig, QuantizedEmbeddingBag, _aot
+from embpress.layouts import lookup
+from embpress.sparsify import block_norm_mask
+
+lookup._IDS_PER_THREAD = 1  # every batch split
+torch.set_num_threads(2)
+gen = torch.Generator().manual_seed(6)
+weight = torch.randn(3000, 64, generator=gen)
+bag = QuantizedEmbeddingBag.from_float(
+    nn.EmbeddingBag.from_pretrained(weight, mode="sum"), QuantConfig(bits=4, layout="block_sparse"),
+    mask=block_norm_mask(weight, 0.8, (1, 4)), block_width=4,
+)
+ids = torch.randint(0, 3000, (20000,), generator=gen)
+offsets = torch.arange(0, 20000, 10)
+if sys.argv[2] == "warm":  # a process of its own builds the library into the cache
+    with torch.inference_mode():
+        bag(ids, offsets)
+    sys.exit(0)
+torch.mm(torch.randn(600, 600), torch.randn(600, 600))  # torch's OpenMP threads are up
+pid = os.fork()  # before any lookup: the child opens the lookup's library first
+if pid == 0:
+    import faulthandler
+    faulthandler.dump_traceback_later(60, exit=True)  # a hang fails the test
+    with torch.inference_mode():
+        out = bag(ids, offsets)  # no other torch op: torch's own would hang
+    np.save(sys.argv[1], out.numpy())
+    os._exit(0 if _aot.status()["thread_team"] is None else 4)
+child = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+with torch.inference_mode():
+    same = np.array_equal(np.load(sys.argv[1]), bag(ids, offsets).numpy())
+print("child", child, "same", same, "team", _aot.status()["thread_team"] is not None)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch without OpenMP")
+def test_a_child_that_opens_a_kernel_first_splits_on_the_pool(tmp_path):
+    # a library first opened in a fork's child must not take up torch's OpenMP team
+    # (libgomp's threads did not survive the fork: its parallel call hung): the child's
+    # lookup splits on the pool, with the parent's sums bit for bit
+    for step in ("warm", "fork"):  # (a child that had to build it might outlast its watchdog)
+        done = subprocess.run(
+            [sys.executable, "-c", _FIRST_IN_CHILD_SCRIPT, str(tmp_path / "child.npy"), step],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "EMBPRESS_OPENMP_TEAM": "1"},
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["child", "0", "same", "True", "team", "True"]
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
 @pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch without OpenMP")
 def test_splits_run_on_torchs_openmp_team_else_on_the_pool_with_the_same_sums(tmp_path):

@@ -264,9 +264,13 @@ _numba_loaded: set[str] = set()  # kernel names whose numba dispatcher was loade
 _touched: set[Path] = set()  # version directories marked as used by this process
 
 
+_forked = False  # whether this process is a fork's child (see _team)
+
+
 def _after_fork_in_child() -> None:
-    global _LOCK
+    global _LOCK, _forked
     _LOCK = threading.Lock()  # a fork during another thread's build leaves it held
+    _forked = True
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -313,6 +317,14 @@ def _openmp_team() -> tuple[str, int, int] | None:
     return None
 
 
+def _team() -> tuple[str, int, int] | None:
+    """``_openmp_team()``, or None in a fork's child: libgomp's team threads do not
+    survive a fork, and its parallel call there hangs. Libraries open at the fork forget
+    the team in the child (their own atfork handler); this keeps a library first opened
+    in the child from taking it up again."""
+    return None if _forked else _openmp_team()
+
+
 # a built library ends with SEAL_MAGIC and a SHA-256 of its bytes and its file name
 # (``seal``): checked before ``dlopen``, which maps a truncated file's missing pages and
 # faults (SIGBUS) on them, and runs a damaged or another kernel's library (SIGSEGV)
@@ -352,7 +364,7 @@ def _open(path: Path) -> Any:
     call.argtypes, call.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int64
     split = library.embpress_split
     split.argtypes, split.restype = [ctypes.c_int64] * 8, ctypes.c_int64
-    team = _openmp_team()
+    team = _team()
     if team is not None:
         use_team = library.embpress_use_team
         use_team.argtypes, use_team.restype = [ctypes.c_void_p, ctypes.c_void_p], None
@@ -538,7 +550,7 @@ def status() -> dict[str, Any]:
     compiled kernel runs under numba instead (JSON-able)."""
     from ._aot_build import compiler
 
-    team = _openmp_team()
+    team = _team()
     return {
         "enabled": enabled(),
         "cache_dir": str(cache_dir()),
