@@ -962,7 +962,8 @@ def test_the_team_is_torchs_own_openmp_runtime_unless_turned_off(monkeypatch):
         _aot._openmp_team()  # this process's libraries keep the team they were given
 
 
-_TEAM_SCRIPT = """
+# a two-thread block-sparse lookup's table and ids, split into every batch (scripts below)
+_SPLIT_SETUP = """
 import os, sys
 import numpy as np, torch
 from torch import nn
@@ -980,6 +981,11 @@ bag = QuantizedEmbeddingBag.from_float(
 )
 ids = torch.randint(0, 3000, (20000,), generator=gen)
 offsets = torch.arange(0, 20000, 10)
+"""
+
+_TEAM_SCRIPT = (
+    _SPLIT_SETUP
+    + """
 torch.mm(torch.randn(600, 600), torch.randn(600, 600))  # torch's OpenMP threads are up
 tasks = len(os.listdir("/proc/self/task"))
 with torch.inference_mode():
@@ -999,26 +1005,12 @@ np.save(sys.argv[2], out.numpy())
 print("team", _aot.status()["thread_team"] is not None, "grew", grew, "child", child,
       "close", bool(torch.allclose(out, plain, rtol=1e-5, atol=1e-5)))
 """
-
-
-_FIRST_IN_CHILD_SCRIPT = """
-import os, sys
-import numpy as np, torch
-from torch import nn
-from embpress import QuantConfig, QuantizedEmbeddingBag, _aot
-from embpress.layouts import lookup
-from embpress.sparsify import block_norm_mask
-
-lookup._IDS_PER_THREAD = 1  # every batch split
-torch.set_num_threads(2)
-gen = torch.Generator().manual_seed(6)
-weight = torch.randn(3000, 64, generator=gen)
-bag = QuantizedEmbeddingBag.from_float(
-    nn.EmbeddingBag.from_pretrained(weight, mode="sum"), QuantConfig(bits=4, layout="block_sparse"),
-    mask=block_norm_mask(weight, 0.8, (1, 4)), block_width=4,
 )
-ids = torch.randint(0, 3000, (20000,), generator=gen)
-offsets = torch.arange(0, 20000, 10)
+
+
+_FIRST_IN_CHILD_SCRIPT = (
+    _SPLIT_SETUP
+    + """
 if sys.argv[2] == "warm":  # a process of its own builds the library into the cache
     with torch.inference_mode():
         bag(ids, offsets)
@@ -1037,6 +1029,7 @@ with torch.inference_mode():
     same = np.array_equal(np.load(sys.argv[1]), bag(ids, offsets).numpy())
 print("child", child, "same", same, "team", _aot.status()["thread_team"] is not None)
 """
+)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
