@@ -229,6 +229,18 @@ def test_bad_input_raises_and_leaves_model_unchanged(ref_model, call, error):
     _unchanged(ref_model, snap)
 
 
+def test_compressing_under_inference_mode_gives_the_same_tables():
+    torch.manual_seed(0)
+    w = torch.randn(60, 16)
+    models = []
+    for inference in (False, True):
+        model = nn.Sequential(nn.EmbeddingBag.from_pretrained(w.clone(), freeze=False))
+        with torch.inference_mode(inference):
+            ptsq(model, DataNormSparsifier, sparsity_level=0.5)
+        models.append(model)
+    assert torch.equal(models[0][0].dequantize(), models[1][0].dequantize())
+
+
 def test_a_sparsifier_instance_is_refused_with_what_to_pass(ref_model):
     with pytest.raises(TypeError, match=r"not DataNormSparsifier\(\)"):
         ptsq(ref_model, DataNormSparsifier(sparsity_level=0.5))
@@ -578,3 +590,59 @@ def test_only_a_forward_that_scales_the_lookup_is_replaced():
         QuantizedEmbedding.from_float(_AlmostScaled(30, 8, 4.0))
     with pytest.raises(ValueError, match="output_scale must be finite"):
         QuantizedEmbedding(model.scaled.table, output_scale=float("inf"))
+
+
+def _one_table() -> nn.Module:
+    model = nn.Module()
+    model.emb = nn.Embedding(50, 16)
+    return model
+
+
+def _meta_embedding() -> nn.Embedding:
+    with torch.device("meta"):
+        return nn.Embedding(5, 4)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "words"),
+    [
+        # a huge int has no float: refused as out of range, not by an OverflowError
+        (lambda: embpress.plan(_one_table(), max_error=10**400), ValueError, "max_error must be a finite"),
+        (
+            lambda: embpress.plan(_one_table(), budget_bytes=2000, unseen_weight=10**400),
+            ValueError,
+            "unseen_weight",
+        ),
+        (
+            lambda: ptsq(_one_table(), DataNormSparsifier, sparsity_level=10**400),
+            ValueError,
+            "sparsity_level",
+        ),
+        # wrong types: a TypeError naming the argument, not an AttributeError from inside
+        (lambda: embpress.compression_report(None), TypeError, "model must be a torch.nn.Module"),
+        (lambda: embpress.Usage([("a", torch.ones(3))]), TypeError, "counts must be a mapping"),
+        (lambda: embpress.Usage({"emb": torch.ones(50)}).check(None), TypeError, "model must be"),
+        (
+            lambda: embpress.Usage({"emb": torch.ones(50)}).check(_one_table(), names="emb"),
+            TypeError,
+            "names",
+        ),
+        (
+            lambda: QuantizedEmbedding.from_float(nn.Embedding(20, 8), mask=[[1] * 8] * 20),
+            TypeError,
+            "mask must",
+        ),
+        # tensors that hold no values
+        (lambda: QuantizedEmbedding.from_float(_meta_embedding()), ValueError, "meta device"),
+        (
+            lambda: QuantizedEmbedding.from_float(nn.Embedding(20, 8), mask=torch.ones(20, 8).to_sparse()),
+            ValueError,
+            "dense tensor",
+        ),
+        (lambda: embpress.Usage({"a": torch.ones(3, device="meta")}), embpress.UsageError, "dense tensor"),
+        (lambda: embpress.Usage({"a": torch.ones(3).to_sparse()}), embpress.UsageError, "dense tensor"),
+    ],
+)
+def test_public_calls_refuse_bad_arguments_clearly(call, error, words):
+    with pytest.raises(error, match=words):
+        call()

@@ -235,6 +235,13 @@ def test_codecs_are_for_making_a_plan(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="codecs= is for making a plan"):
             embpress.compress_checkpoint(src, out, codecs=["rowwise4"], **kwargs)
     assert not out.exists()
+    usage = embpress.Usage({"zz": torch.ones(3)})  # a table the state does not have: unread
+    for kwargs in ({"usage": usage}, {"unseen_weight": 0.9}):  # as codecs: for planning only
+        with pytest.raises(ValueError, match="usage= and unseen_weight= are for planning"):
+            embpress.compress_state_dict(state, **kwargs)
+        with pytest.raises(ValueError, match="usage= and unseen_weight= are for planning"):
+            embpress.compress_checkpoint(src, out, **kwargs)
+    assert not out.exists()
     with pytest.raises(ValueError, match="unknown codec 'rowwise3'"):
         plan_state_dict(state, budget=Fraction(1, 8), codecs=["rowwise3"])
 

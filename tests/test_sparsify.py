@@ -224,6 +224,26 @@ def test_a_sparsifier_saves_whole_with_torch_save(tmp_path):
     assert all(torch.equal(t.get_mask(n), s.get_mask(n)) for n in ("a", "fresh", "b"))
 
 
+def test_the_sparsifier_works_under_inference_mode():
+    """Under torch.inference_mode its tensors have no version counter: the masks come out
+    as outside it, an edit in place is still seen, and squash_mask applies it."""
+    torch.manual_seed(0)
+    w = torch.randn(50, 16)
+    outside = DataNormSparsifier(sparsity_level=0.5)
+    outside.add_data("x", w.clone())
+    outside.step()
+    with torch.inference_mode():
+        s = DataNormSparsifier(sparsity_level=0.5)
+        s.add_data("x", w.clone())
+        assert bool(s.kept_mask("x").all())
+        s.step()
+        assert torch.equal(s.get_mask("x"), outside.get_mask("x"))
+        s.get_mask("x")[0] = 0
+        assert not bool(s.kept_mask("x")[0].any())
+        s.squash_mask()
+        assert s.get_data("x", return_original=False)[0].abs().sum() == 0
+
+
 def test_user_sparsifier_overrides_update_mask():
     class EveryOtherRow(BaseDataSparsifier):
         def update_mask(self, name, data, **kwargs):

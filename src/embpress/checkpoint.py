@@ -981,6 +981,10 @@ def compress_state_dict(
         raise ValueError("plan= applies a plan made earlier: give no tables, budget or max_error with it")
     if codecs is not None and (plan is not None or not planned):
         raise ValueError("codecs= is for making a plan: give it with budget= or max_error=")
+    if not planned and (usage is not None or unseen_weight != DEFAULT_UNSEEN_WEIGHT):
+        raise ValueError(
+            "usage= and unseen_weight= are for planning: give them with budget=, max_error= or plan="
+        )
     keys = _checked_state(state, tables if plan is None else _plan_keys(state, plan))
     dense = _dense_tables(state, keys)
     root, modules = build_skeleton(dense, keys)
@@ -1193,6 +1197,10 @@ def compress_checkpoint(
     planned = plan is not None or budget is not None or max_error is not None
     if codecs is not None and (plan is not None or not planned):
         raise ValueError("codecs= is for making a plan: give it with budget= or max_error=")
+    if not planned and (usage is not None or unseen_weight != DEFAULT_UNSEEN_WEIGHT):
+        raise ValueError(
+            "usage= and unseen_weight= are for planning: give them with budget=, max_error= or plan="
+        )
     many = collective is not None and collective.size > 1
     if many and planned:
         raise ValueError("several processes compress with uniform settings only (no budget or plan)")

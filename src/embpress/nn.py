@@ -318,6 +318,14 @@ class _QuantizedModule(nn.Module):
         config = config if config is not None else QuantConfig()
         if not isinstance(config, QuantConfig):
             raise TypeError(f"config must be an embpress.QuantConfig or None, got {type(config).__name__}")
+        if weight.is_meta:
+            raise ValueError(
+                "the weight is on the meta device (it holds no values): load or initialise it first"
+            )
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask is not None and (mask.is_meta or mask.layout != torch.strided):
+            raise ValueError("mask must be a dense tensor holding values (not meta, not sparse)")
         if mask is not None and tuple(mask.shape) != tuple(weight.shape):
             raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}")
         table, error = encode_table(

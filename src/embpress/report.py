@@ -129,6 +129,8 @@ def quantized_modules(model: nn.Module) -> dict[str, tuple[nn.Module, list[str]]
 
 def compression_report(model: nn.Module) -> list[TableReport]:
     """A :class:`TableReport` for each compressed table of ``model`` (shared tables once)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     reports = []
     for name, (found, aliases) in quantized_modules(model).items():
         module = cast(QuantizedEmbedding | QuantizedEmbeddingBag, found)

@@ -49,6 +49,8 @@ class UsageError(ValueError):
 def _check_counts(name: str, counts: torch.Tensor, where: str) -> torch.Tensor:
     if not isinstance(counts, torch.Tensor) or counts.dim() != 1:
         raise UsageError(f"{where}table {name!r}: counts must be a 1-D tensor")
+    if counts.is_meta or counts.layout != torch.strided:
+        raise UsageError(f"{where}table {name!r}: counts must be a dense tensor holding values")
     if not counts.is_floating_point() and counts.dtype not in (torch.int32, torch.int64):
         raise UsageError(
             f"{where}table {name!r}: counts have dtype {counts.dtype}, expected a float dtype, int32 or int64"
@@ -69,6 +71,10 @@ class Usage:
 
     def __init__(self, counts: Mapping[str, torch.Tensor] | None = None) -> None:
         self.counts: dict[str, torch.Tensor] = {}
+        if counts is not None and not isinstance(counts, Mapping):
+            raise TypeError(
+                f"counts must be a mapping of table name -> 1-D tensor, got {type(counts).__name__}"
+            )
         for name, value in (counts or {}).items():
             if not isinstance(name, str):
                 raise UsageError(f"table names must be strings (module paths), got {name!r}")
@@ -96,6 +102,10 @@ class Usage:
         has counts, every count has its table's row count, and no counts name a table the
         model lacks. A module at several paths is one table: counts under any of its paths
         are its counts."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if names is not None and (isinstance(names, str) or not isinstance(names, (list, tuple))):
+            raise TypeError(f"names must be a list of table names, got {type(names).__name__}")
         tables = {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, _TABLES)}
         unknown = sorted(set(self.counts) - set(tables))
         if unknown:

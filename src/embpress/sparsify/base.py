@@ -44,6 +44,13 @@ def _extract_weight(data: Any) -> torch.Tensor:
     )
 
 
+def _version_of(t: torch.Tensor) -> int | None:
+    """``t._version``, or None for an inference tensor (made under ``torch.inference_mode``),
+    which has no version counter: caches keyed by it then never match, so that a mask
+    edited in place is read as it is."""
+    return None if t.is_inference() else t._version
+
+
 def _check_mask(mask: Any, weight: torch.Tensor) -> None:
     """Refuse a mask that ``mask * weight`` would give another dtype or shape, as torch's
     parametrization does when the data is added (not only at ``squash_mask``)."""
@@ -78,9 +85,9 @@ class BaseDataSparsifier(abc.ABC):
         self._data: dict[str, torch.Tensor] = {}
         self._squashed: set[str] = set()
         # name -> (bool mask, version of the public mask) while that mask is its int8 view
-        self._kept: dict[str, tuple[torch.Tensor, int]] = {}
+        self._kept: dict[str, tuple[torch.Tensor, int | None]] = {}
         # name -> (version, address) of the all-ones mask ``add_data`` made, while untouched
-        self._all_ones: dict[str, tuple[int, int]] = {}
+        self._all_ones: dict[str, tuple[int | None, int]] = {}
         self._unmade_ones = False  # see _starting_masks_unmade
         self.enable_mask_update = True
         if data_list is not None:
@@ -140,14 +147,14 @@ class BaseDataSparsifier(abc.ABC):
         if kept is not None:
             self._kept[name] = kept
             if fresh:
-                self._all_ones[name] = (mask._version, mask.data_ptr())
+                self._all_ones[name] = (_version_of(mask), mask.data_ptr())
         self.data_groups[name] = local_args
         return weight if fresh else mask * weight
 
     @staticmethod
     def _all_kept(
         weight: torch.Tensor, unmade: bool = False
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int] | None]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int | None] | None]:
         """The starting mask (int8 ones, an int8 view of a bool tensor, so that
         ``kept_mask`` needs no copy; the data's dtype where int8 would change it).
         ``unmade``: one True seen at every entry (no memory, read-only)."""
@@ -162,7 +169,7 @@ class BaseDataSparsifier(abc.ABC):
         else:
             kept = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
         mask = kept.view(torch.int8)
-        return mask, (kept, mask._version)
+        return mask, (kept, _version_of(mask))
 
     @contextlib.contextmanager
     def _starting_masks_unmade(self) -> Iterator[None]:
@@ -202,7 +209,7 @@ class BaseDataSparsifier(abc.ABC):
         the mask object stays the same and becomes int8 (here a view of ``kept``)."""
         mask = self.state[name]["mask"]
         mask.data = kept.view(torch.int8)
-        self._kept[name] = (kept, mask._version)
+        self._kept[name] = (kept, _version_of(mask))
 
     def _release_all_ones(self, name: str) -> tuple[tuple[int, ...], torch.device] | None:
         """Free ``name``'s mask while its new one is computed, where it is still the
@@ -215,9 +222,10 @@ class BaseDataSparsifier(abc.ABC):
         cached = self._kept.get(name)
         if (
             mark is None
+            or mark[0] is None
             or not isinstance(mask, torch.Tensor)
             or cached is None
-            or mark != (mask._version, mask.data_ptr())
+            or mark != (_version_of(mask), mask.data_ptr())
             or cached[0].data_ptr() != mask.data_ptr()
         ):
             return None
@@ -231,7 +239,7 @@ class BaseDataSparsifier(abc.ABC):
         shape, device = released
         self._set_kept(name, torch.ones(shape, dtype=torch.bool, device=device))
         mask = self.state[name]["mask"]
-        self._all_ones[name] = (mask._version, mask.data_ptr())
+        self._all_ones[name] = (_version_of(mask), mask.data_ptr())
 
     def kept_mask(self, name: str) -> torch.Tensor:
         """The mask of ``name`` as bool (True = kept), without a copy where it can."""
@@ -239,7 +247,12 @@ class BaseDataSparsifier(abc.ABC):
         cached = self._kept.get(name)
         if cached is not None:
             kept, version = cached
-            if mask._version == version and mask.data_ptr() == kept.data_ptr() and mask.dtype == torch.int8:
+            if (
+                version is not None
+                and _version_of(mask) == version
+                and mask.data_ptr() == kept.data_ptr()
+                and mask.dtype == torch.int8
+            ):
                 return kept
         if mask.dtype == torch.bool:
             return mask

@@ -16,7 +16,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -162,7 +162,7 @@ def _validate(
     if (
         isinstance(sparsity_level, bool)
         or not isinstance(sparsity_level, numbers.Real)
-        or not 0.0 <= float(sparsity_level) <= 1.0
+        or not 0 <= cast(float, sparsity_level) <= 1  # (as it is: a huge int has no float)
     ):
         raise ValueError(f"sparsity_level must be a number in [0, 1], got {sparsity_level!r}")
     bh, bw = _block_shape(sparse_block_shape)
