@@ -616,6 +616,10 @@ def test_apply_refuses_a_model_that_does_not_match() -> None:
         assert type(retrained.emb) is nn.Embedding and type(retrained.bag) is nn.EmbeddingBag
     with pytest.raises(PlanError, match="its values are not the ones the plan was made for"):
         p.apply(retrained)
+    applied = Model()
+    p.apply(applied)
+    with pytest.raises(PlanError, match="which the model holds compressed already"):  # applied twice
+        p.apply(applied)
 
 
 def test_apply_is_atomic() -> None:

@@ -54,6 +54,7 @@ from ._parallel import parallel_call
 from .api import Target, checked_weight, find_embeddings, is_plain_embedding, quantized_module, swap_modules
 from .io import strict_json, temp_file_for
 from .layouts.mixed import MixedTable
+from .nn import QuantizedEmbedding, QuantizedEmbeddingBag
 from .quant import QuantConfig
 from .quant.codecs import CODECS, Codec, encode_rows
 from .report import human_bytes, printable
@@ -471,6 +472,12 @@ class Plan:
         for tp in self.tables:
             target = targets.get(tp.name)
             if target is None:
+                held = dict(model.named_modules()).get(tp.name)
+                if isinstance(held, (QuantizedEmbedding, QuantizedEmbeddingBag)):
+                    raise PlanError(
+                        f"the plan names table {tp.name!r}, which the model holds compressed already "
+                        "(apply a plan to the float model)"
+                    )
                 have = ", ".join(list(targets)[:5]) or "none"
                 raise PlanError(
                     f"the plan names table {tp.name!r}, which the model does not have (it has: {have})"
