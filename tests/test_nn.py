@@ -17,7 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from embpress import QuantConfig, QuantizedEmbedding, QuantizedEmbeddingBag
+from embpress import (
+    DataNormSparsifier,
+    QuantConfig,
+    QuantizedEmbedding,
+    QuantizedEmbeddingBag,
+    post_training_sparse_quantize,
+)
 from embpress.layouts import TABLE_CLASSES, KernelPolicy, kernel_policy, lookup
 from embpress.ops import bag_bounds
 from embpress.sparsify import block_norm_mask
@@ -785,3 +791,23 @@ def test_repr_shows_the_float_modules_arguments_as_nn_does():
     assert "include_last_offset=True" in text  # nn's repr leaves it out; it changes the bags
     plain = repr(_bag("dense")[0])
     assert "padding_idx" not in plain and "max_norm" not in plain and "include_last_offset" not in plain
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_per_sample_weights_of_another_dtype_are_refused_as_torch_refuses_them(dtype):
+    """nn.EmbeddingBag takes per_sample_weights of its weight's dtype only; a compressed one
+    those of its output dtype (the weight it replaced), with the same error type and a
+    message naming that dtype."""
+    model = nn.Sequential(nn.EmbeddingBag(50, 8, mode="sum").to(dtype))
+    post_training_sparse_quantize(model, DataNormSparsifier, sparsity_level=0.5)
+    ref = nn.EmbeddingBag(50, 8, mode="sum").to(dtype)
+    ids, offsets = torch.arange(10), torch.tensor([0, 5])
+    for weights_dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        weights = torch.rand(10).to(weights_dtype)
+        if weights_dtype == dtype:
+            assert model[0](ids, offsets, per_sample_weights=weights).dtype == dtype
+            continue
+        with pytest.raises(RuntimeError):
+            ref(ids, offsets, per_sample_weights=weights)
+        with pytest.raises(RuntimeError, match=f"must have dtype {dtype}, the dtype of the module's output"):
+            model[0](ids, offsets, per_sample_weights=weights)

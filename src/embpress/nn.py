@@ -514,6 +514,13 @@ class QuantizedEmbeddingBag(_QuantizedModule):
             _check_tensor(input, "indices")
             _check_tensor(offsets, "offsets", optional=True)
             _check_tensor(per_sample_weights, "per_sample_weights", optional=True)
+        if not torch.jit.is_scripting():  # noqa: SIM102
+            if per_sample_weights is not None and per_sample_weights.dtype != self.output_dtype:
+                # as nn.EmbeddingBag refuses weights of another dtype than its table's
+                raise RuntimeError(
+                    f"per_sample_weights must have dtype {self.output_dtype}, the dtype of the module's "
+                    f"output (the weight it replaces); got {per_sample_weights.dtype}"
+                )
         if per_sample_weights is not None and per_sample_weights.dtype == self.output_dtype:
             per_sample_weights = per_sample_weights.float()  # the weight's dtype, as nn's take them
         # TorchScript leaves out a block guarded by is_scripting() alone (not one merged with `and`)
