@@ -910,6 +910,18 @@ def plan_checkpoint(
         raise ValueError(f"{src}: {err}") from err
 
 
+def _check_plan_options(
+    planned: bool, plan: Plan | None, codecs: Sequence[str] | None, usage: Usage | None, unseen_weight: float
+) -> None:
+    """Refuse the planner's options where no plan is made (they would be ignored)."""
+    if codecs is not None and (plan is not None or not planned):
+        raise ValueError("codecs= is for making a plan: give it with budget= or max_error=")
+    if not planned and (usage is not None or unseen_weight != DEFAULT_UNSEEN_WEIGHT):
+        raise ValueError(
+            "usage= and unseen_weight= are for planning: give them with budget=, max_error= or plan="
+        )
+
+
 def _plan_keys(state: Mapping[str, torch.Tensor], the_plan: Plan) -> list[str]:
     """The state_dict keys of a plan's tables (each must be there), with the keys of the
     embedding tables tied to them (the same storage; not an output head's), in the
@@ -979,12 +991,7 @@ def compress_state_dict(
     planned = plan is not None or budget is not None or max_error is not None
     if plan is not None and (budget is not None or max_error is not None or tables is not None):
         raise ValueError("plan= applies a plan made earlier: give no tables, budget or max_error with it")
-    if codecs is not None and (plan is not None or not planned):
-        raise ValueError("codecs= is for making a plan: give it with budget= or max_error=")
-    if not planned and (usage is not None or unseen_weight != DEFAULT_UNSEEN_WEIGHT):
-        raise ValueError(
-            "usage= and unseen_weight= are for planning: give them with budget=, max_error= or plan="
-        )
+    _check_plan_options(planned, plan, codecs, usage, unseen_weight)
     keys = _checked_state(state, tables if plan is None else _plan_keys(state, plan))
     dense = _dense_tables(state, keys)
     root, modules = build_skeleton(dense, keys)
@@ -1195,12 +1202,7 @@ def compress_checkpoint(
     if same_file(src, dst):
         raise ValueError(f"dst {dst} is the checkpoint src; write to another path")
     planned = plan is not None or budget is not None or max_error is not None
-    if codecs is not None and (plan is not None or not planned):
-        raise ValueError("codecs= is for making a plan: give it with budget= or max_error=")
-    if not planned and (usage is not None or unseen_weight != DEFAULT_UNSEEN_WEIGHT):
-        raise ValueError(
-            "usage= and unseen_weight= are for planning: give them with budget=, max_error= or plan="
-        )
+    _check_plan_options(planned, plan, codecs, usage, unseen_weight)
     many = collective is not None and collective.size > 1
     if many and planned:
         raise ValueError("several processes compress with uniform settings only (no budget or plan)")

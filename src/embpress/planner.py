@@ -629,7 +629,7 @@ def plan(
     budget, goal_error = _check_goal(budget_bytes, max_error)
     if isinstance(unseen_weight, bool) or not isinstance(unseen_weight, (int, float)):
         raise TypeError(f"unseen_weight must be a number, got {type(unseen_weight).__name__}")
-    if not (0 <= unseen_weight <= 1 and math.isfinite(unseen_weight)):  # (a huge int: no float)
+    if not 0 <= unseen_weight <= 1:  # (False for NaN; a huge int compares without a float)
         raise ValueError(f"unseen_weight must be in [0, 1], got {unseen_weight}")
     if usage is not None and not isinstance(usage, Usage):
         raise TypeError(f"usage must be an embpress.Usage, got {type(usage).__name__}")
@@ -680,7 +680,7 @@ def _check_goal(budget_bytes: Any, max_error: Any) -> tuple[int | None, float | 
         return int(budget_bytes), None
     if isinstance(max_error, bool) or not isinstance(max_error, (int, float, np.floating)):
         raise TypeError(f"max_error must be a number, got {type(max_error).__name__}")
-    if not (max_error >= 0 and max_error < math.inf) or max_error > sys.float_info.max:
+    if not 0 <= max_error <= sys.float_info.max:  # (False for NaN and inf; a huge int too)
         raise ValueError(f"max_error must be a finite number >= 0, got {max_error}")
     return None, float(max_error)
 

@@ -51,9 +51,10 @@ def _version_of(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _check_mask(mask: Any, weight: torch.Tensor) -> None:
+def _check_mask(mask: Any, weight: torch.Tensor, exact: bool = False) -> None:
     """Refuse a mask that ``mask * weight`` would give another dtype or shape, as torch's
-    parametrization does when the data is added (not only at ``squash_mask``)."""
+    parametrization does when the data is added (not only at ``squash_mask``); with
+    ``exact``, also one of another shape that broadcasts (as torch's load refuses it)."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     dtype = torch.result_type(mask, weight)
@@ -65,7 +66,7 @@ def _check_mask(mask: Any, weight: torch.Tensor) -> None:
         shape = torch.broadcast_shapes(mask.shape, weight.shape)
     except RuntimeError:
         shape = None
-    if shape != weight.shape:
+    if shape != weight.shape or (exact and mask.shape != weight.shape):
         raise ValueError(
             f"a mask of shape {tuple(mask.shape)} does not fit data of shape {tuple(weight.shape)}"
         )
@@ -355,18 +356,12 @@ class BaseDataSparsifier(abc.ABC):
             else:
                 raise RuntimeError(f"Error loading {name}: no data in _container")
             if "mask" in st:  # as add_data checks a given mask, and torch's load refuses it
-                mask = st["mask"]
-                if not isinstance(mask, torch.Tensor) or not isinstance(data, torch.Tensor):
-                    raise TypeError(f"Error loading {name}: its mask and data must be tensors")
-                if tuple(mask.shape) != tuple(data.shape):
-                    raise ValueError(
-                        f"Error loading {name}: a mask of shape {tuple(mask.shape)} for data of "
-                        f"shape {tuple(data.shape)} (they must match)"
-                    )
+                if not isinstance(data, torch.Tensor):
+                    raise TypeError(f"Error loading {name}: its data must be a tensor")
                 try:
-                    _check_mask(mask, data)
-                except ValueError as err:
-                    raise ValueError(f"Error loading {name}: {err}") from None
+                    _check_mask(st["mask"], data, exact=True)
+                except (TypeError, ValueError) as err:
+                    raise type(err)(f"Error loading {name}: {err}") from None
             loaded.append((name, st, state_dict["data_groups"][name], data, squashed))
         if strict:
             self.state = defaultdict(dict)
