@@ -35,7 +35,8 @@ class QuantConfig:
             it on at 4 and 2 bits, where it pays; at 8 bits plain min/max is as good.
         layout: ``"auto"`` (the smallest, table by table) or a registered layout's name
             (``embpress.layouts.layout_choices()``: ``"dense"``, ``"pruned_rows"``,
-            ``"block_sparse"``).
+            ``"block_sparse"``, and ``"mixed"``, which "auto" never picks: with one
+            config it holds every row in the rowwise codec of ``bits``).
         nonfinite: ``"raise"`` refuses a table with NaN/Inf (the default);
             ``"zero"`` replaces them by 0.0 before compression.
     """
