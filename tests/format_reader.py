@@ -189,9 +189,8 @@ def mixed(t: dict[str, np.ndarray], f: dict[str, Any]) -> np.ndarray:
     payload_at = book_at = 0
     for c, (kind, bits) in enumerate(codecs):
         packed = math.ceil(d * bits / 8)
-        size = {"pruned": 0, "rowwise": packed + 2 * s, "levels": packed + 2 * 2**bits, "colbook": packed}[
-            kind
-        ]
+        tail = {"rowwise": 2 * s, "levels": 2 * 2**bits}.get(kind, 0)  # scale and offset, or levels
+        size = 0 if kind == "pruned" else packed + tail
         row_bytes.append(size)
         starts.append(payload_at)
         payload_at += int((cls == c).sum()) * size
