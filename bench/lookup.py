@@ -2,7 +2,10 @@
 
 One step = ``bags`` bags of ``pooling`` ids each (sum mode, ``offsets`` given) on a
 ``rows x dim`` table, ids drawn Zipf-like (exponent 1.05, hot rows scattered by a fixed
-permutation) or uniformly. Every contender runs the same steps under
+permutation) or uniformly; successive steps take the next of ``batches`` batches drawn
+with different seeds (the same hot rows), as a server sees new ids in every batch: one
+batch replayed would keep its rows in the caches from step to step (all of them, for a
+table the size of this machine's L3). Every contender runs the same steps under
 ``torch.inference_mode()``; time = median of timed steps after warm-up, for one thread
 (``torch.set_num_threads(1)``) and for torch's default thread count, in many short rounds
 (every contender in turn, shuffled): a figure is the median over rounds. Ratios are to
@@ -35,7 +38,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import functools
 import random
 import statistics
 import sys
@@ -114,6 +116,13 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable[[Any, Any], Any]
 
         fns[FB8_HUGE] = fb8h
         info[FB8_HUGE] = {"bytes": int(w8h.numel()), "layout": "fused rows"}
+        w4h = on_huge_pages(w4)
+
+        def fb4h(idx: Any, off: Any) -> Any:
+            return ops.embedding_bag_4bit_rowwise_offsets(w4h, idx, off, False, 0, False, None, None, False)
+
+        fns[FB4_HUGE] = fb4h
+        info[FB4_HUGE] = {"bytes": int(w4h.numel()), "layout": "fused rows"}
     fns["FBGEMM 4-bit"] = fb4
     info["FBGEMM 4-bit"] = {"bytes": int(w4.numel()), "layout": "fused rows"}
 
@@ -139,6 +148,20 @@ def build(args: argparse.Namespace) -> tuple[dict[str, Callable[[Any, Any], Any]
 PLANNED = "embpress mixed, planned 1/8"
 F32_HUGE = "float32 (huge pages)"
 FB8_HUGE = "FBGEMM 8-bit (huge pages)"
+FB4_HUGE = "FBGEMM 4-bit (huge pages)"
+HUGE_BASE = {"float32": F32_HUGE, "FBGEMM 8-bit": FB8_HUGE, "FBGEMM 4-bit": FB4_HUGE}
+
+
+class Cycle:
+    """``fn(ids, offsets)`` on the next of ``batches`` at each call (then the first again)."""
+
+    def __init__(self, fn: Callable[[Any, Any], Any], batches: list[Any], offsets: Any) -> None:
+        self.fn, self.batches, self.offsets, self.next = fn, batches, offsets, 0
+
+    def __call__(self) -> Any:
+        ids = self.batches[self.next]
+        self.next = (self.next + 1) % len(self.batches)
+        return self.fn(ids, self.offsets)
 
 
 def build_planned(weight: Any, count: int) -> Any:
@@ -272,16 +295,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     all_threads = torch.get_num_threads()
     count = args.bags * args.pooling
     offsets = torch.arange(0, count, args.pooling, dtype=torch.int64)
+    seeds = range(1, args.batches + 1)
     dists = {
-        "zipf": torch.from_numpy(common.zipf_indices(args.rows, count, seed=1)),
-        "uniform": torch.from_numpy(common.uniform_indices(args.rows, count, seed=1)),
+        "zipf": [torch.from_numpy(common.zipf_indices(args.rows, count, seed=s)) for s in seeds],
+        "uniform": [torch.from_numpy(common.uniform_indices(args.rows, count, seed=s)) for s in seeds],
     }
-    hot = {k: common.hot_fraction(v.numpy(), args.rows) for k, v in dists.items()}
+    hot = {k: common.hot_fraction(v[0].numpy(), args.rows) for k, v in dists.items()}
     threads = sorted({1, all_threads})
     results = []
     with torch.inference_mode():
         # sanity: every contender returns [bags, dim] close to the float32 bags where nothing is pruned
-        ids = dists["uniform"]
+        ids = dists["uniform"][0]
         expect = fns["float32"](ids, offsets)
         for name, fn in fns.items():
             out = fn(ids, offsets)
@@ -291,8 +315,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             info[name]["rel_error"] = rel
         for t in threads:
             torch.set_num_threads(t)
-            for dist, ids in dists.items():
-                calls = {name: functools.partial(fn, ids, offsets) for name, fn in fns.items()}
+            for dist, batches in dists.items():
+                calls = {name: Cycle(fn, batches, offsets) for name, fn in fns.items()}
                 if args.interleave:
                     timings = round_robin(calls, args.warmup, args.repeats, args.min_time)
                     figures = {name: [timing] for name, timing in timings.items()}
@@ -332,6 +356,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "dim": args.dim,
         "bags": args.bags,
         "pooling": args.pooling,
+        "batches": args.batches,
         "all_threads": all_threads,
         "hot_top1pct": hot,
         "info": info,
@@ -422,7 +447,14 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path 
         ]
     lines += [
         f"A random normal {data['rows']:,} x {data['dim']} table; one step = {data['bags']:,} bags × "
-        f"{data['pooling']} ids ({data['bags'] * data['pooling']:,} lookups), sum mode. Ids: *zipf* "
+        f"{data['pooling']} ids ({data['bags'] * data['pooling']:,} lookups), sum mode; "
+        + (
+            f"successive steps take {data['batches']} batches of ids (different seeds, the same hot "
+            "rows) in turn, as a server sees new ids in every batch. "
+            if data.get("batches", 1) > 1
+            else "every step the same batch of ids. "
+        )
+        + f"Ids: *zipf* "
         f"(exponent 1.05; the 1% hottest rows get {data['hot_top1pct']['zipf'] * 100:.0f}% of lookups) or "
         f"*uniform* ({data['hot_top1pct']['uniform'] * 100:.0f}%). {stat} step time over at least "
         f"{args.repeats} timed steps{f' and {args.min_time:g} s' if args.min_time > 0 else ''} after "
@@ -505,9 +537,16 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path 
                     if (f"{name} [{path}]", t, d) not in res:
                         continue  # not measured in this run
                     x = ratio(res[(f"{name} [{path}]", t, d)], res[(against, t, d)])
+                    huge = res.get((HUGE_BASE[against], t, d))
+                    on_huge = (
+                        f" ({ratio(res[(f'{name} [{path}]', t, d)], huge):.2f}x {HUGE_BASE[against]})"
+                        if huge is not None
+                        else ""
+                    )
                     lines.append(
                         f"- {name} [{path}], {'1 thread' if t == 1 else f'{t} threads'}, {d}: "
                         f"{x:.2f}x {against} (target {target:g}x): {_verdict(x >= target, emulated)}"
+                        + on_huge
                     )
     if F32_HUGE in data["info"]:
         lines += [
@@ -520,9 +559,9 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path 
             "",
         ]
         for name, against, _ in TARGETS:
-            base_name = F32_HUGE if against == "float32" else FB8_HUGE if against == "FBGEMM 8-bit" else None
-            if base_name is None:
-                continue
+            base_name = HUGE_BASE[against]
+            if (base_name, threads[0], dists[0]) not in res:
+                continue  # a run from before this baseline was measured
             xs = [
                 ratio(res[(f"{name} [{path}]", t, d)], res[(base_name, t, d)])
                 for path in data["paths"]
@@ -538,9 +577,11 @@ def render(data: dict[str, Any], args: argparse.Namespace, cmd: str, plot: Path 
         for t in threads:
             for d in dists:
                 x = ratio(res[(PLANNED, t, d)], res[("float32", t, d)])
+                huge = res.get((F32_HUGE, t, d))
+                on_huge = f" ({ratio(res[(PLANNED, t, d)], huge):.2f}x {F32_HUGE})" if huge else ""
                 lines.append(
                     f"- {PLANNED}, {'1 thread' if t == 1 else f'{t} threads'}, {d}: {x:.2f}x float32 "
-                    f"(target 1x): {_verdict(x >= 1.0, emulated)}"
+                    f"(target 1x): {_verdict(x >= 1.0, emulated)}" + on_huge
                 )
     return "\n".join(lines) + "\n"
 
@@ -583,6 +624,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--bags", type=int, help="bags per step (default 4096; quick 512)")
     p.add_argument("--pooling", type=int, default=40, help="ids per bag")
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=16,
+        help="batches of ids (different seeds) that successive steps take in turn (default 16)",
+    )
     p.add_argument("--sparsity", type=float, default=0.8)
     p.add_argument(
         "--stat",
@@ -619,6 +666,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rounds = args.rounds or (1 if args.quick else 15)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.batches < 1:
+        p.error("--batches must be at least 1")
     if args.quick:
         args.warmup = min(args.warmup, 2)
     common.finish_output_args(args)

@@ -198,9 +198,9 @@ def render(data: dict[str, Any], cmd: str, machine: str, load_note: str) -> str:
     quiet = max(data[k]["plan_cpu_s"] for k in ("uniform", "usage")) / data["threads"]
     verdict = (
         f"Planning {data['rows']:,} x {data['dim']}: {common.fmt_seconds(worst_plan)} "
-        f"(target {PLAN_TARGET_S:.0f} s: {common.pass_fail(worst_plan <= PLAN_TARGET_S)}); applying: "
+        f"(target {PLAN_TARGET_S:.0f} s: **{common.pass_fail(worst_plan <= PLAN_TARGET_S)}**); applying: "
         f"{worst_apply:.2f}x post_training_sparse_quantize's time for the same bytes "
-        f"(target {APPLY_TARGET_RATIO:.0f}x: {common.pass_fail(worst_apply <= APPLY_TARGET_RATIO)}). "
+        f"(target {APPLY_TARGET_RATIO:.0f}x: **{common.pass_fail(worst_apply <= APPLY_TARGET_RATIO)}**). "
         f"Planning used {common.fmt_seconds(quiet * data['threads'])} of CPU: on a quiet machine with "
         f"{data['threads']} cores it takes between {common.fmt_seconds(quiet)} (all of it split over "
         f"the cores) and {common.fmt_seconds(quiet * data['threads'])} (none of it)."

@@ -557,6 +557,8 @@ def targets(model: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
         beats_float: dict[int, float] = {}
         from_float: dict[int, float] = {}
         ses: dict[int, float | None] = {}
+        over: list[int] = []  # the planner's bytes above the budget
+        vacuous: list[int] = []  # no uniform setting fits the budget
         for frac in FRACTIONS:
             p = _planner(model, frac, with_usage)
             u = best_uniform(model, model["float"]["bytes"] // frac)
@@ -564,8 +566,13 @@ def targets(model: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
                 results.append((frac, None))
                 continue
             assert p is not None
+            if p["bytes"] > p["budget"]:
+                results.append((frac, False))
+                over.append(frac)
+                continue
             if u is None:
-                results.append((frac, True))  # nothing uniform fits: any planned model is better
+                results.append((frac, True))  # nothing uniform fits: the target holds, vacuously
+                vacuous.append(frac)
                 continue
             strict = frac >= 16
             ok = better(higher, p[key], u[key]) if strict else not better(higher, u[key], p[key])
@@ -579,14 +586,20 @@ def targets(model: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
         missing = [f for f, ok in results if ok is None]
         bad = [f for f, ok in results if ok is False]
         verdict = None if missing else not bad
+        short = [f for f in bad if f not in over]
+        shortfalls = [_shortfall(f, margins[f], beats_float[f], from_float[f], ses[f]) for f in short]
         detail = (
             "planner not run: " + ", ".join(f"1/{f}" for f in missing)
             if missing
-            else (
-                "short at "
-                + ", ".join(_shortfall(f, margins[f], beats_float[f], from_float[f], ses[f]) for f in bad)
-                if bad
-                else "every budget"
+            else "; ".join(
+                part
+                for part in (
+                    "over the budget at " + ", ".join(f"1/{f}" for f in over) if over else "",
+                    "short at " + ", ".join(shortfalls) if short else "",
+                    "every budget" if not bad else "",
+                    "no uniform setting fits " + ", ".join(f"1/{f}" for f in vacuous) if vacuous else "",
+                )
+                if part
             )
         )
         out.append(

@@ -96,17 +96,51 @@ def run_section(name: str, args: argparse.Namespace, out: Path, md_root: Path) -
             f"**This section failed ({why}); see the run's stderr.**\n",
             seconds,
         )
-    return md_file.read_text(), seconds
+    md = md_file.read_text()
+    head, _, rest = md.partition("\n")
+    info = common.machine_info()
+    stamp = f"_Run {info['date']} on {info['cpu']}, {info['cores']} logical cores._"
+    if stamp not in rest:  # kept in the section's file: a later --only run shows when it ran
+        md = f"{head}\n\n{stamp}\n{rest}"
+        md_file.write_text(md)
+    return md, seconds
 
 
 def summary(sections: dict[str, str]) -> list[str]:
     """Every PASS/FAIL line of the sections, grouped by section."""
     out = []
     for name, md in sections.items():
-        hits = [line.strip() for line in md.splitlines() if re.search(r"\*\*(PASS|FAIL)\*\*", line)]
+        hits = _target_lines(md)
         if hits:
             out.append(f"- {TITLES[name]}:")
-            out += [f"  {h if h.startswith('- ') else '- ' + h}" for h in hits]
+            indent = "  "
+            for h in hits:
+                if h.startswith("*") and not h.startswith("**"):  # a heading of the section
+                    out.append(f"  - {h}")
+                    indent = "    "
+                else:
+                    out.append(f"{indent}{h if h.startswith('- ') else '- ' + h}")
+    return out
+
+
+def _target_lines(md: str) -> list[str]:
+    """The section's PASS/FAIL lines; where they lie under more than one ``### `` heading
+    (one section's targets on two models), each group after its heading in italics."""
+    found: list[tuple[str | None, str]] = []
+    heading = None
+    for line in md.splitlines():
+        if line.startswith("### "):
+            heading = line[4:].strip()
+        elif re.search(r"\*\*(PASS|FAIL)\*\*", line):
+            found.append((heading, line.strip()))
+    if len({h for h, _ in found}) < 2:
+        return [line for _, line in found]
+    out, shown = [], object()
+    for h, line in found:
+        if h != shown:
+            out.append(f"*{h or 'the section'}:*")
+            shown = h
+        out.append(line)
     return out
 
 
