@@ -450,6 +450,13 @@ def test_per_sample_weights_gradient_under_torch_func(layout):
     jacobian = torch.func.jacrev(lambda w: q(ids, offsets, per_sample_weights=w))(weights)
     expected = torch.func.jacrev(lambda w: ref(ids, offsets, per_sample_weights=w))(weights)
     torch.testing.assert_close(jacobian, expected, rtol=1e-5, atol=1e-5)
+    # and compiled, either way round (the op's autograd kernel failed under both)
+    torch._dynamo.reset()
+    compiled = torch.func.grad(torch.compile(loss(q), fullgraph=True, backend="eager"))(weights)
+    torch.testing.assert_close(compiled, got, rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.func.grad(loss(q)), fullgraph=True, backend="eager")(weights)
+    torch.testing.assert_close(compiled, got, rtol=1e-6, atol=1e-6)
 
 
 def test_gradient_skips_ids_after_the_last_bag():
@@ -487,6 +494,22 @@ def test_gradient_of_ids_in_no_bag_at_all_is_zero(last):
     assert torch.equal(weights.grad, torch.zeros(2))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fx_symbolic_trace_records_the_ops(layout):
+    """``torch.fx.symbolic_trace`` (FX quantization of the rest of a model, Hugging Face's
+    fx) traces a compressed model as it traces the float one: the graph calls the embpress
+    ops on the tables' buffers and gives the eager outputs (it raised on the proxies)."""
+    model = compressed_model(layout, 4)
+    graph_module = torch.fx.symbolic_trace(model)
+    targets = {str(n.target) for n in graph_module.graph.nodes if n.op == "call_function"}
+    assert {"embpress.embedding_bag.default", "embpress.embedding.default"} <= {
+        t if t.endswith(".default") else t + ".default" for t in targets
+    }
+    for size in SIZES:
+        inputs = batch(size)
+        assert torch.equal(graph_module(*inputs), model(*inputs))
+
+
 def test_an_exported_mixed_table_refuses_another_tables_state():
     """A mixed table's op arguments say where each class's rows start in its payload, which
     depends on the table: an exported program given another mixed table's state of the
@@ -522,6 +545,65 @@ def test_an_exported_mixed_table_refuses_another_tables_state():
     program.load_state_dict(other.state_dict(), strict=False)
     with pytest.raises(ValueError, match="not those of the table the op was made for"):
         program(x, o)
+
+
+def test_an_exported_mixed_table_in_its_models_process_refuses_another_tables_state():
+    """Not saved, the program shares its buffers with the model: the other table's state
+    copied into them is validated (against the model's fields) before any kernel reads
+    it; the program refuses it as another table, and the model serves what its buffers
+    now hold, that table (both returned NaN, reading it at the first table's places)."""
+
+    class Bags(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e = nn.EmbeddingBag(400, 32, mode="sum")
+
+        def forward(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+            return self.e(x, o)
+
+    def mixed(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = Bags()
+        with torch.no_grad():
+            model.e.weight.mul_(torch.rand(400, 1) * 3)
+        embpress.plan(model, budget_bytes=2000, codecs=["rowwise4", "levels2"]).apply(model)
+        return model
+
+    first, other = mixed(0), mixed(1)
+    assert first.e.table.meta()["codecs"] == other.e.table.meta()["codecs"]
+    assert first.e.table.layout_args() != other.e.table.layout_args()  # other class sizes
+    assert [t.shape for t in first.e.table.buffers()] == [t.shape for t in other.e.table.buffers()]
+    x, o = torch.randint(0, 400, (64,)), torch.arange(0, 64, 4)
+    program = torch.export.export(first, (x, o)).module()
+    assert torch.equal(program(x, o), first(x, o))
+    program.load_state_dict(other.state_dict(), strict=False)
+    with pytest.raises(ValueError, match="not those of the table the op was made for"):
+        program(x, o)
+    assert torch.equal(first(x, o), other(x, o))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_exported_program_refuses_a_damaged_table_instead_of_reading_it(layout):
+    """A state loaded into a saved and loaded program (``strict=False``, as the README
+    puts a state into one), or a tampered program file, reaches the op as tensors the
+    program owns: they are validated as a table before a kernel reads them (a damaged
+    block-sparse offset crashed the process, others gave NaN or garbage)."""
+    model = compressed_model(layout, 8)
+    inputs = batch(17)
+    saved = io.BytesIO()
+    torch.export.save(torch.export.export(model, inputs), saved)
+    saved.seek(0)
+    program = torch.export.load(saved).module()
+    expected = program(*inputs)
+    good = {k: v.clone() for k, v in program.state_dict().items()}
+    for key in [k for k in good if ".table." in k and good[k].numel()]:
+        damaged = {**good, key: good[key].clone()}
+        damaged[key].view(torch.uint8).fill_(0xFF)
+        program.load_state_dict(damaged, strict=False)
+        with pytest.raises(embpress.FormatError, match="not a valid"):
+            program(*inputs)
+        program.load_state_dict(good, strict=False)
+        assert torch.equal(program(*inputs), expected)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

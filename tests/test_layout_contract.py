@@ -391,6 +391,71 @@ def test_rows_spanning_more_than_float32_are_refused_by_name(layout, sparsity, o
         assert bool(torch.isfinite(model[0].dequantize()).all())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_buffers_written_outside_embpress_are_validated_before_a_lookup(layout):
+    """No kernel reads a table whose offsets nobody checked: a buffer written in place or
+    replaced outside embpress (a program's ``load_state_dict`` copies into the buffers it
+    shares with its model) is validated at the next lookup, eager or through the op, and
+    refused with a FormatError when it no longer holds a table; a valid table written the
+    same way is served as that table (what derives from the buffers made again)."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(300, 32, generator=g)
+    mask = _mask("blocks", 300, 32, 4, g)
+    config = QuantConfig(bits=8, layout=layout, range_search=False)
+
+    def bag_of(weight):
+        return QuantizedEmbeddingBag.from_float(
+            nn.EmbeddingBag.from_pretrained(weight, mode="sum"), config, mask=mask, block_width=4
+        )
+
+    bag, other = bag_of(w), bag_of(-2 * w)
+    ids = torch.randint(0, 300, (400,), generator=g)
+    offsets = torch.arange(0, 400, 5)
+
+    def through_op(module):
+        t = module.table
+        return torch.ops.embpress.embedding_bag(
+            t.op_tensors(), *t.op_fields(), ids, offsets, None, 0, False, None, None, 2.0
+        )
+
+    before = bag(ids, offsets)
+    state = {k: v.clone() for k, v in bag.state_dict().items()}
+    for name, buffer in bag.table.named_buffers():
+        if buffer.numel() == 0:
+            continue  # (a mixed table without column books)
+        with torch.no_grad():
+            buffer.view(torch.uint8).fill_(0xFF)  # no valid table holds all ones
+        with pytest.raises(FormatError, match="written or replaced outside embpress"):
+            bag(ids, offsets)
+        with pytest.raises(FormatError):
+            through_op(bag)
+        with pytest.raises(FormatError):  # the op given copies it does not own
+            t = bag.table
+            torch.ops.embpress.embedding_bag(
+                [x.clone() for x in t.op_tensors()],
+                *t.op_fields(),
+                ids,
+                offsets,
+                None,
+                0,
+                False,
+                None,
+                None,
+                2.0,
+            )
+        bag.load_state_dict(state)  # embpress's own load: validated, trusted again
+        assert torch.equal(bag(ids, offsets), before), name
+    same_shapes = all(
+        a.shape == b.shape for a, b in zip(bag.table.buffers(), other.table.buffers(), strict=True)
+    )
+    if same_shapes:  # another valid table copied in place: served as that table
+        with torch.no_grad():
+            for a, b in zip(bag.table.buffers(), other.table.buffers(), strict=True):
+                a.copy_(b)
+        assert torch.equal(bag(ids, offsets), other(ids, offsets))
+        assert torch.equal(through_op(bag), other(ids, offsets))
+
+
 def _tampered_tensors(tensors):
     """(what, tensors) pairs, each with one tensor missing, retyped, shortened or added."""
     for name, t in tensors.items():

@@ -76,7 +76,6 @@ def _transformed(weights: torch.Tensor | None) -> bool:
     module takes its ``autograd.Function`` itself (``ops.bag_with_gradient``)."""
     return (
         weights is not None
-        and not torch.compiler.is_compiling()
         and torch._C._are_functorch_transforms_active()
         and torch.is_grad_enabled()
         and weights.requires_grad
@@ -84,8 +83,9 @@ def _transformed(weights: torch.Tensor | None) -> bool:
 
 
 def _check_tensor(value: object, name: str, optional: bool = False) -> None:
-    """TypeError for a non-tensor argument (the ops' schema would refuse it less clearly)."""
-    if not isinstance(value, torch.Tensor) and not (optional and value is None):
+    """TypeError for a non-tensor argument (the ops' schema would refuse it less clearly);
+    ``torch.fx.symbolic_trace``'s proxies pass (the graph calls the op)."""
+    if not isinstance(value, (torch.Tensor, torch.fx.Proxy)) and not (optional and value is None):
         kind = "a Tensor or None" if optional else "a Tensor"
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
 
@@ -514,14 +514,19 @@ class QuantizedEmbeddingBag(_QuantizedModule):
             _check_tensor(input, "indices")
             _check_tensor(offsets, "offsets", optional=True)
             _check_tensor(per_sample_weights, "per_sample_weights", optional=True)
-        if not torch.jit.is_scripting():  # noqa: SIM102
-            if per_sample_weights is not None and per_sample_weights.dtype != self.output_dtype:
+        if not torch.jit.is_scripting():
+            if isinstance(per_sample_weights, torch.fx.Proxy):  # symbolic_trace: no dtype to read
+                per_sample_weights = per_sample_weights.float()
+            elif per_sample_weights is not None and per_sample_weights.dtype != self.output_dtype:
                 # as nn.EmbeddingBag refuses weights of another dtype than its table's
                 raise RuntimeError(
                     f"per_sample_weights must have dtype {self.output_dtype}, the dtype of the module's "
                     f"output (the weight it replaces); got {per_sample_weights.dtype}"
                 )
-        if per_sample_weights is not None and per_sample_weights.dtype == self.output_dtype:
+        if (
+            isinstance(per_sample_weights, torch.Tensor)  # (not a symbolic_trace proxy)
+            and per_sample_weights.dtype == self.output_dtype
+        ):
             per_sample_weights = per_sample_weights.float()  # the weight's dtype, as nn's take them
         # TorchScript leaves out a block guarded by is_scripting() alone (not one merged with `and`)
         if not torch.jit.is_scripting():  # noqa: SIM102

@@ -342,6 +342,7 @@ def generic_bag(
     norm_type: float = 2.0,
 ) -> torch.Tensor:
     """Decode the distinct rows once, then let torch.nn.functional do the bag (any device)."""
+    table.check_buffers()
     _check_range(flat, table.num_embeddings)
     if flat.numel() == 0:
         return torch.zeros(bounds.numel() - 1, table.embedding_dim, device=flat.device)
@@ -467,6 +468,7 @@ def embedding_impl(
         bounds = torch.arange(flat.numel() + 1, device=flat.device)
         out = table.fast_bag(flat, bounds, SUM, None)
     if out is None:
+        table.check_buffers()
         _check_range(flat, table.num_embeddings)
         out = _renorm(table.decode_rows(flat), max_norm, norm_type)
     return out.reshape(*input.shape, table.embedding_dim)
@@ -489,7 +491,7 @@ def _view(
     owner = cls.owner_of(tensors, num_embeddings, embedding_dim, bits, dtype, layout_args)
     if owner is not None:  # a module's own table: its kernel arguments are kept
         return owner
-    return cls.from_op_args(tensors, num_embeddings, embedding_dim, bits, dtype, layout_args)
+    return cls.checked_view(tensors, num_embeddings, embedding_dim, bits, dtype, layout_args)
 
 
 def _bag_kernel(fast: bool) -> Callable[..., torch.Tensor]:

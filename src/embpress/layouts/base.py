@@ -75,11 +75,32 @@ _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int6
 # per table: the policy, the buffers, their addresses and the kernel arguments of its last
 # fast lookup (``QuantizedTable.kernel_args``); outside the module, so copies and pickles
 # skip it
-_KERNEL_ARGS: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...], tuple[int, ...], Any]] = (
+_Stamps = tuple[tuple[int, int], ...]  # each buffer's data address and version
+_KERNEL_ARGS: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...], _Stamps, Any]] = (
     weakref.WeakKeyDictionary()
 )
 # each table by the id of its first op tensor (``QuantizedTable.owner_of``)
 _OWNERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+# the table attribute holding its buffers as embpress last set or validated them, and
+# their version counters (``QuantizedTable.check_buffers``); not pickled
+_TRUSTED = "_embpress_trusted_buffers"
+# op tensors validated as a table (``QuantizedTable.checked_view``): key -> weak references
+_CHECKED_VIEWS: dict[tuple[Any, ...], tuple[weakref.ReferenceType[torch.Tensor], ...]] = {}
+_CHECKED_VIEWS_KEPT = 64
+
+
+def _stamps(tensors: Sequence[torch.Tensor]) -> tuple[tuple[int | None, int], ...]:
+    """Each tensor's version and data address: an in-place write changes the one, a new
+    storage (``.data = other``) the other."""
+    return tuple((_version_of(t), t.data_ptr()) for t in tensors)
+
+
+def _version_of(t: torch.Tensor) -> int | None:
+    """``t._version``; None for an inference tensor, which has no version counter (and may
+    be written in place only under ``torch.inference_mode``)."""
+    return None if t.is_inference() else t._version
+
+
 # buffer dtypes a pickled table holds as signed views of their width (``__getstate__``)
 _UNPICKLABLE = (torch.uint16, torch.uint32, torch.uint64)
 _PICKLE_VIEWS = "_embpress_unsigned_buffers"
@@ -441,8 +462,9 @@ class QuantizedTable(nn.Module):
         key = (policy, kernel_path(policy))
         buffers = tuple(held.values())
         # a buffer's ``.data = other`` keeps the object and swaps its storage: the views'
-        # memory may be gone, so its address is part of the key
-        addresses = tuple(b.data_ptr() for b in buffers)
+        # memory may be gone, so its address is part of the key; a write in place changes
+        # its version (an inference tensor has none: -1)
+        addresses = tuple((b.data_ptr(), -1 if b.is_inference() else b._version) for b in buffers)
         hit = _KERNEL_ARGS.get(self)
         if (
             hit is not None
@@ -452,6 +474,7 @@ class QuantizedTable(nn.Module):
             and hit[2] == addresses
         ):
             return hit[3]
+        self.check_buffers()  # anything written since embpress set the buffers: validated
         value = build()
         _KERNEL_ARGS[self] = (key, buffers, addresses, value)
         return value
@@ -566,6 +589,7 @@ class QuantizedTable(nn.Module):
         self.num_pruned = int(pruned)
         _KERNEL_ARGS.pop(self, None)
         self._buffers_loaded()
+        self._trust_buffers()
 
     def _buffers_loaded(self) -> None:
         """Recompute whatever a layout derives from its buffers' values, after
@@ -575,6 +599,7 @@ class QuantizedTable(nn.Module):
         """The module's state for pickle, its unsigned 16- to 64-bit buffers as signed views
         of the same bytes (torch 2.13 pickles those dtypes but cannot unpickle them)."""
         state = dict(self.__dict__)
+        state.pop(_TRUSTED, None)  # trusted again where it is unpickled
         buffers = dict(state["_buffers"])
         viewed = {}
         for name, t in buffers.items():
@@ -598,12 +623,99 @@ class QuantizedTable(nn.Module):
         super().register_buffer(name, tensor, persistent)
         if self.op_tensor_names and name == self.op_tensor_names[0]:
             self._own_op_tensors()
+        self._trust_buffers()
 
     def _own_op_tensors(self) -> None:
-        """Let ``owner_of`` find this table from its first op tensor."""
+        """Let ``owner_of`` find this table from its first op tensor, and trust the
+        buffers as they are (embpress set them)."""
         first = self._buffers.get(self.op_tensor_names[0]) if self.op_tensor_names else None
         if first is not None:
             _OWNERS[id(first)] = self
+        self._trust_buffers()
+
+    def _trust_buffers(self) -> None:
+        """Record the buffers as they are: what embpress made or validated."""
+        held = tuple(self._buffers.values())
+        if any(b is None or b.is_inference() for b in held):
+            # no version counter to watch (an inference tensor may be written in place
+            # only under ``torch.inference_mode``): identities alone
+            self.__dict__[_TRUSTED] = (held, None)
+        else:
+            self.__dict__[_TRUSTED] = (held, [b._version for b in held if b is not None])
+
+    def check_buffers(self) -> None:
+        """Validate the buffers if anything replaced them or wrote into them since embpress
+        set or validated them (a program's ``load_state_dict`` copies into the buffers it
+        shares with its model; a user may write a buffer): a FormatError if they no longer
+        hold a valid table of these fields, else what derives from them is made again.
+        Lookups call it first, so that no kernel reads a table whose offsets nobody checked;
+        when nothing changed it reads each buffer's version counter."""
+        state = self.__dict__
+        buffers = state.get("_buffers")
+        if buffers is None:  # an op's view (``checked_view``): checked when made
+            return
+        trusted = state.get(_TRUSTED)
+        if trusted is not None:
+            held, versions = trusted
+            now = tuple(buffers.values())
+            same = len(now) == len(held) and all(map(operator.is_, now, held))
+            if same and (versions is None or [b._version for b in now] == versions):
+                return
+        names = [n for n, b in buffers.items() if b is not None]
+        try:
+            checked = type(self).from_tensors(
+                self.meta(), {n: buffers[n].detach().to("cpu") for n in names}, True
+            )
+        except (FormatError, ValueError, TypeError, IndexError, RuntimeError) as err:
+            raise FormatError(
+                f"the buffers of this {self.layout} table were written or replaced outside "
+                f"embpress and no longer hold a valid table ({err}); load a table with "
+                "embpress.load or load_state_dict on the module"
+            ) from None
+        self.num_pruned = checked.num_pruned
+        _KERNEL_ARGS.pop(self, None)
+        self._buffers_loaded()
+        self._trust_buffers()
+
+    @classmethod
+    def checked_view(
+        cls,
+        tensors: list[torch.Tensor],
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int,
+        scale_dtype: torch.dtype,
+        layout_args: list[int],
+    ) -> QuantizedTable:
+        """``from_op_args``, its tensors validated as a table of these fields the first
+        time they are seen (then remembered while they live, by object and version): an
+        exported program's constants, or a state loaded into it, are checked before a
+        kernel reads them, as a file is."""
+        view = cls.from_op_args(tensors, num_embeddings, embedding_dim, bits, scale_dtype, layout_args)
+        key = (
+            cls,
+            num_embeddings,
+            embedding_dim,
+            bits,
+            scale_dtype,
+            tuple(layout_args),
+            tuple(map(id, tensors)),
+            _stamps(tensors),
+        )
+        refs = _CHECKED_VIEWS.get(key)
+        if refs is not None and all(r() is t for r, t in zip(refs, tensors, strict=True)):
+            return view
+        named = {n: t.detach().to("cpu") for n, t in zip(cls.op_tensor_names, tensors, strict=True)}
+        try:
+            cls.from_tensors(view.meta(), named, True)
+        except (FormatError, ValueError, TypeError, IndexError, RuntimeError) as err:
+            raise FormatError(
+                f"the op was given tensors that are not a valid {cls.layout} table: {err}"
+            ) from None
+        if len(_CHECKED_VIEWS) >= _CHECKED_VIEWS_KEPT:
+            _CHECKED_VIEWS.pop(next(iter(_CHECKED_VIEWS)))
+        _CHECKED_VIEWS[key] = tuple(weakref.ref(t) for t in tensors)
+        return view
 
     @classmethod
     def owner_of(
@@ -634,6 +746,9 @@ class QuantizedTable(nn.Module):
         held = table._buffers
         if any(held.get(n) is not t for n, t in zip(cls.op_tensor_names, tensors, strict=True)):
             return None
+        table.check_buffers()  # written since: validated, what derives from them made again
+        if list(table.layout_args()) != list(layout_args):
+            return None  # now another table's: the op's own fields decide (``checked_view``)
         return table
 
     def dequantize(self, chunk_rows: int = 1 << 16) -> torch.Tensor:
@@ -673,8 +788,13 @@ class QuantizedTable(nn.Module):
         return dict(self.named_buffers())
 
     @classmethod
-    def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QuantizedTable:
-        """Rebuild from :meth:`meta` and :meth:`tensors`, checking every field first."""
+    def from_tensors(
+        cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], count_pruned: bool = False
+    ) -> QuantizedTable:
+        """Rebuild from :meth:`meta` and :meth:`tensors`, checking every field first.
+        ``count_pruned``: tensors whose ``num_pruned`` no file gave (an op's, buffers
+        written in place): it is counted from them, or brought within what they allow,
+        instead of checked."""
         raise NotImplementedError
 
     # --------------------------------------------------------------- the embpress ops
@@ -788,15 +908,19 @@ def stored_rows_pruned(rows: int, dim: int, stored: int) -> tuple[int, int]:
     return (rows - stored) * dim, rows * dim - stored
 
 
-def check_pruned(pruned: int, bounds: tuple[int, int], source: str) -> None:
-    """FormatError unless ``pruned`` lies within ``bounds`` (``stored_rows_pruned``), which
-    tensor ``source`` says."""
+def check_pruned(pruned: int, bounds: tuple[int, int], source: str, count: bool = False) -> int:
+    """``pruned``, or a FormatError unless it lies within ``bounds``
+    (``stored_rows_pruned``), which tensor ``source`` says; with ``count`` (tensors that
+    no file counted: ``from_tensors(count_pruned=True)``) it is brought within them."""
     low, high = bounds
+    if count:
+        return min(max(pruned, low), high)
     if not low <= pruned <= high:
         raise FormatError(
             f"field 'num_pruned' ({pruned}) is outside what {source!r} allows: from {low} (the "
             f"rows it leaves out) to {high} (all but one entry of each stored row)"
         )
+    return pruned
 
 
 POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)

@@ -504,8 +504,10 @@ class BlockSparseTable(QuantizedTable):
         self.__dict__.update(shape=shape, _kernel_shape=tuple(shape))
 
     @classmethod
-    def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> BlockSparseTable:
-        return cls._validated(meta, tensors, count_pruned=False)
+    def from_tensors(
+        cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], count_pruned: bool = False
+    ) -> BlockSparseTable:
+        return cls._validated(meta, tensors, count_pruned)
 
     @classmethod
     def _validated(

@@ -106,6 +106,7 @@ class DenseTable(QuantizedTable):
         per_sample_weights: torch.Tensor | None,
         policy: KernelPolicy | None = None,
     ) -> torch.Tensor | None:
+        self.check_buffers()
         return fused_rows_bag(
             self.fused,
             self.embedding_dim,
@@ -119,8 +120,10 @@ class DenseTable(QuantizedTable):
         )
 
     @classmethod
-    def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> DenseTable:
-        rows, dim, bits, dtype, pruned = base_fields(meta)
+    def from_tensors(
+        cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], count_pruned: bool = False
+    ) -> DenseTable:
+        rows, dim, bits, dtype, pruned = base_fields(meta)  # any count fits a dense table
         fused = expect_tensor(tensors, "fused", torch.uint8, (rows, fused_row_bytes(dim, bits, dtype)))
         check_fused_qparams(fused, dim, bits, dtype)
         return cls(fused, dim, bits, dtype, pruned)

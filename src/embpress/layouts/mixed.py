@@ -548,7 +548,9 @@ class MixedTable(QuantizedTable):
 
     # ------------------------------------------------------------------ files
     @classmethod
-    def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> MixedTable:
+    def from_tensors(
+        cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], count_pruned: bool = False
+    ) -> MixedTable:
         rows = meta_int(meta, "num_embeddings", 1, MAX_ROWS)
         dim = meta_int(meta, "embedding_dim", 1, 1 << 24)
         names = meta.get("codecs")
@@ -588,7 +590,8 @@ class MixedTable(QuantizedTable):
         class_rows = [int(n) for n in class_rank[-1, : len(codecs)].tolist()]
         pruned_rows = sum(n for n, c in zip(class_rows, codecs, strict=True) if c.kind == "pruned")
         # a stored row holds a kept entry (else it would be in a pruned class)
-        check_pruned(pruned, stored_rows_pruned(rows, dim, rows - pruned_rows), "class_ids")
+        bounds = stored_rows_pruned(rows, dim, rows - pruned_rows)
+        pruned = check_pruned(pruned, bounds, "class_ids", count_pruned)
         size = sum(n * c.row_bytes(dim, dtype) for n, c in zip(class_rows, codecs, strict=True))
         payload = expect_tensor(tensors, "payload", torch.uint8, (size,))
         colbooks = expect_tensor(

@@ -234,6 +234,7 @@ class PrunedRowsTable(QuantizedTable):
         fused = self.fused  # a buffer: each read goes through nn.Module.__getattr__
         if fused.device.type != "cpu":
             return None
+        self.check_buffers()
         return fused_rows_bag(
             fused,
             self.embedding_dim,
@@ -247,7 +248,9 @@ class PrunedRowsTable(QuantizedTable):
         )
 
     @classmethod
-    def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PrunedRowsTable:
+    def from_tensors(
+        cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor], count_pruned: bool = False
+    ) -> PrunedRowsTable:
         rows, dim, bits, dtype, pruned = base_fields(meta)
         nbytes = (rows + 7) // 8
         row_bits = expect_tensor(tensors, "row_bits", torch.uint8, (nbytes,))
@@ -257,7 +260,7 @@ class PrunedRowsTable(QuantizedTable):
         if not torch.equal(rank_directory(row_bits), row_rank):
             raise FormatError("tensor 'row_rank' does not match 'row_bits'")
         kept = int(popcount_bytes(row_bits).sum())
-        check_pruned(pruned, stored_rows_pruned(rows, dim, kept), "row_bits")
+        pruned = check_pruned(pruned, stored_rows_pruned(rows, dim, kept), "row_bits", count_pruned)
         fused = expect_tensor(tensors, "fused", torch.uint8, (kept + 1, fused_row_bytes(dim, bits, dtype)))
         if bool(fused[-1].any()):
             raise FormatError("the last row of 'fused' must be the all-zero row")
