@@ -797,11 +797,12 @@ def test_repr_shows_the_float_modules_arguments_as_nn_does():
 def test_per_sample_weights_of_another_dtype_are_refused_as_torch_refuses_them(dtype):
     """nn.EmbeddingBag takes per_sample_weights of its weight's dtype only; a compressed one
     those of its output dtype (the weight it replaced), with the same error type and a
-    message naming that dtype."""
+    message naming that dtype; scripted too."""
     model = nn.Sequential(nn.EmbeddingBag(50, 8, mode="sum").to(dtype))
     post_training_sparse_quantize(model, DataNormSparsifier, sparsity_level=0.5)
     ref = nn.EmbeddingBag(50, 8, mode="sum").to(dtype)
     ids, offsets = torch.arange(10), torch.tensor([0, 5])
+    scripted = torch.jit.script(_WeightedBag(model[0]))
     for weights_dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         weights = torch.rand(10).to(weights_dtype)
         if weights_dtype == dtype:
@@ -811,3 +812,14 @@ def test_per_sample_weights_of_another_dtype_are_refused_as_torch_refuses_them(d
             ref(ids, offsets, per_sample_weights=weights)
         with pytest.raises(RuntimeError, match=f"must have dtype {dtype}, the dtype of the module's output"):
             model[0](ids, offsets, per_sample_weights=weights)
+        with pytest.raises(torch.jit.Error, match="must have the dtype of the module's output"):
+            scripted(ids, offsets, weights)  # (it took them)
+
+
+class _WeightedBag(nn.Module):
+    def __init__(self, bag: nn.Module) -> None:
+        super().__init__()
+        self.bag = bag
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.bag(ids, offsets, per_sample_weights=weights)

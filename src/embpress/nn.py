@@ -514,15 +514,17 @@ class QuantizedEmbeddingBag(_QuantizedModule):
             _check_tensor(input, "indices")
             _check_tensor(offsets, "offsets", optional=True)
             _check_tensor(per_sample_weights, "per_sample_weights", optional=True)
-        if not torch.jit.is_scripting():
+        if not torch.jit.is_scripting():  # noqa: SIM102
             if isinstance(per_sample_weights, torch.fx.Proxy):  # symbolic_trace: no dtype to read
                 per_sample_weights = per_sample_weights.float()
-            elif per_sample_weights is not None and per_sample_weights.dtype != self.output_dtype:
-                # as nn.EmbeddingBag refuses weights of another dtype than its table's
+        if isinstance(per_sample_weights, torch.Tensor) and per_sample_weights.dtype != self.output_dtype:
+            # as nn.EmbeddingBag refuses weights of another dtype than its table's (TorchScript too)
+            if not torch.jit.is_scripting():
                 raise RuntimeError(
                     f"per_sample_weights must have dtype {self.output_dtype}, the dtype of the module's "
                     f"output (the weight it replaces); got {per_sample_weights.dtype}"
                 )
+            raise RuntimeError("per_sample_weights must have the dtype of the module's output")
         if (
             isinstance(per_sample_weights, torch.Tensor)  # (not a symbolic_trace proxy)
             and per_sample_weights.dtype == self.output_dtype
