@@ -510,6 +510,68 @@ def test_fx_symbolic_trace_records_the_ops(layout):
         assert torch.equal(graph_module(*inputs), model(*inputs))
 
 
+def test_fx_traced_bag_checks_its_weights_as_it_runs():
+    """A bag traced on its own: its optional ``per_sample_weights`` may be None when the
+    graph runs (the traced cast failed on None), and weights of another dtype than the
+    module's output are refused as eagerly."""
+    torch.manual_seed(3)
+    bag = embpress.QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag(60, 8, mode="sum").half(),
+        embpress.QuantConfig(bits=8, layout="block_sparse"),
+        mask=torch.rand(60, 8) > 0.5,
+    )
+    graph_module = torch.fx.symbolic_trace(bag)
+    ids, offsets = torch.randint(0, 60, (12,)), torch.tensor([0, 4, 9])
+    weights = torch.rand(12).half()
+    assert torch.equal(graph_module(ids, offsets), bag(ids, offsets))
+    assert torch.equal(graph_module(ids, offsets, weights), bag(ids, offsets, per_sample_weights=weights))
+    with pytest.raises(RuntimeError, match=r"must have dtype torch\.float16"):
+        graph_module(ids, offsets, weights.double())
+
+
+def test_a_loaded_program_of_many_tables_checks_each_once(monkeypatch):
+    """Each table a loaded program's ops are given is validated the first time only,
+    however many tables the program holds (a bounded cache of 64 made a program of more
+    validate every table on every call)."""
+
+    class Many(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bags = nn.ModuleList(nn.EmbeddingBag(40, 8, mode="sum") for _ in range(70))
+
+        def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+            return torch.stack([bag(ids, offsets) for bag in self.bags]).sum(0)
+
+    torch.manual_seed(4)
+    model = Many()
+    embpress.post_training_sparse_quantize(
+        model,
+        embpress.DataNormSparsifier,
+        quant=embpress.QuantConfig(bits=8, layout="block_sparse"),
+        sparsity_level=0.5,
+    )
+    ids, offsets = torch.randint(0, 40, (20,)), torch.tensor([0, 7, 13])
+    saved = io.BytesIO()
+    torch.export.save(torch.export.export(model, (ids, offsets)), saved)
+    saved.seek(0)
+    program = torch.export.load(saved).module()
+    from embpress.layouts.block_sparse import BlockSparseTable
+
+    calls = []
+    real = BlockSparseTable.from_tensors.__func__
+
+    def counted(cls, meta, tensors, count_pruned=False):
+        calls.append(cls)
+        return real(cls, meta, tensors, count_pruned)
+
+    monkeypatch.setattr(BlockSparseTable, "from_tensors", classmethod(counted))
+    first = program(ids, offsets)
+    assert len(calls) == 70
+    assert torch.equal(program(ids, offsets), first) and len(calls) == 70
+    monkeypatch.undo()
+    assert torch.equal(first, model(ids, offsets))
+
+
 def test_an_exported_mixed_table_refuses_another_tables_state():
     """A mixed table's op arguments say where each class's rows start in its payload, which
     depends on the table: an exported program given another mixed table's state of the

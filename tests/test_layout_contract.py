@@ -456,6 +456,76 @@ def test_buffers_written_outside_embpress_are_validated_before_a_lookup(layout):
         assert torch.equal(through_op(bag), other(ids, offsets))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_damaged_buffers_stay_untrusted_through_copies_moves_and_replacement(layout, monkeypatch):
+    """A table damaged in place is not laundered into a trusted one by what copies or
+    moves it (``.to()``, ``.half()``, ``share_memory()``, deepcopy, pickle), nor is a
+    buffer replaced outside embpress (``setattr``, ``register_buffer``, ``.data =``)
+    trusted: the next lookup validates it and raises. A healthy table keeps its trust
+    through the same calls (no validation again, which costs a pass over the table),
+    but where they put its buffers in new memory (``share_memory``)."""
+    import copy
+    import pickle
+
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(300, 32, generator=g)
+    config = QuantConfig(bits=8, layout=layout, range_search=False)
+    bag = QuantizedEmbeddingBag.from_float(
+        nn.EmbeddingBag.from_pretrained(w, mode="sum"),
+        config,
+        mask=_mask("blocks", 300, 32, 4, g),
+        block_width=4,
+    )
+    ids, offsets = torch.randint(0, 300, (400,), generator=g), torch.arange(0, 400, 5)
+    validations = []
+    cls = type(bag.table)
+    real = cls.from_tensors.__func__
+
+    def counted(klass, meta, tensors, count_pruned=False):
+        validations.append(klass)
+        return real(klass, meta, tensors, count_pruned)
+
+    monkeypatch.setattr(cls, "from_tensors", classmethod(counted))
+    expected = bag(ids, offsets)
+    moves = {
+        "to": lambda m: m.to("cpu"),
+        "half": lambda m: m.half(),
+        "share_memory": lambda m: m.share_memory(),
+        "deepcopy": copy.deepcopy,
+        "pickle": lambda m: pickle.loads(pickle.dumps(m)),
+    }
+    for name, move in moves.items():  # healthy: trusted after, no validation but of new memory
+        validations.clear()
+        moved = move(copy.deepcopy(bag))
+        out = moved(ids, offsets)
+        assert torch.equal(out, expected.to(out.dtype)), name  # (half: the output's dtype)
+        assert len(validations) == (name == "share_memory"), name  # (it copies into shared memory)
+    first = bag.table.op_tensor_names[0]
+    for name, move in moves.items():
+        damaged = copy.deepcopy(bag)
+        with torch.no_grad():
+            getattr(damaged.table, first).view(torch.uint8).fill_(0xFF)
+        with pytest.raises(FormatError, match="outside embpress"):
+            move(damaged)(ids, offsets)
+            pytest.fail(name)
+    garbage = (
+        torch.full_like(getattr(bag.table, first), 0xFF)
+        .view(torch.uint8)
+        .view(getattr(bag.table, first).dtype)
+    )
+    replacements = {
+        "setattr": lambda t: setattr(t, first, garbage.clone()),
+        "register_buffer": lambda t: t.register_buffer(first, garbage.clone()),
+        ".data =": lambda t: setattr(getattr(t, first), "data", garbage.clone()),
+    }
+    for name, replace in replacements.items():
+        damaged = copy.deepcopy(bag)
+        replace(damaged.table)
+        with pytest.raises(FormatError, match="outside embpress"):
+            damaged(ids, offsets)
+            pytest.fail(name)
+
+
 def _tampered_tensors(tensors):
     """(what, tensors) pairs, each with one tensor missing, retyped, shortened or added."""
     for name, t in tensors.items():
@@ -593,7 +663,8 @@ class _UnpackedTable(QuantizedTable):
         return self.codes[indices].float() * qp[:, :1] + qp[:, 1:]
 
     @classmethod
-    def from_tensors(cls, meta, tensors):
+    def from_tensors(cls, meta, tensors, count_pruned=False):
+        # (no ``_trust_buffers`` in ``__init__``: its tables are validated at their first lookup)
         rows, dim, bits, dtype, pruned = base_fields(meta)
         codes = expect_tensor(tensors, "codes", torch.uint8, (rows, dim))
         return cls(codes, expect_tensor(tensors, "qparams", torch.float32, (rows, 2)), bits, dtype, pruned)

@@ -82,6 +82,23 @@ def _transformed(weights: torch.Tensor | None) -> bool:
     )
 
 
+def _traced_weights(weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``per_sample_weights`` of a ``torch.fx.symbolic_trace`` graph, checked and cast as
+    the eager module does when the graph runs (a leaf of the graph: tracing cannot read a
+    proxy's dtype, nor whether it is None)."""
+    if weights is None:
+        return None
+    if weights.dtype != dtype:
+        raise RuntimeError(
+            f"per_sample_weights must have dtype {dtype}, the dtype of the module's output "
+            f"(the weight it replaces); got {weights.dtype}"
+        )
+    return weights.float()
+
+
+torch.fx.wrap("_traced_weights")
+
+
 def _check_tensor(value: object, name: str, optional: bool = False) -> None:
     """TypeError for a non-tensor argument (the ops' schema would refuse it less clearly);
     ``torch.fx.symbolic_trace``'s proxies pass (the graph calls the op)."""
@@ -515,8 +532,8 @@ class QuantizedEmbeddingBag(_QuantizedModule):
             _check_tensor(offsets, "offsets", optional=True)
             _check_tensor(per_sample_weights, "per_sample_weights", optional=True)
         if not torch.jit.is_scripting():  # noqa: SIM102
-            if isinstance(per_sample_weights, torch.fx.Proxy):  # symbolic_trace: no dtype to read
-                per_sample_weights = per_sample_weights.float()
+            if isinstance(per_sample_weights, torch.fx.Proxy):  # symbolic_trace: checked as it runs
+                per_sample_weights = _traced_weights(per_sample_weights, self.output_dtype)
         if isinstance(per_sample_weights, torch.Tensor) and per_sample_weights.dtype != self.output_dtype:
             # as nn.EmbeddingBag refuses weights of another dtype than its table's (TorchScript too)
             if not torch.jit.is_scripting():

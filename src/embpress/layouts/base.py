@@ -81,18 +81,20 @@ _KERNEL_ARGS: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...], _Stamps
 )
 # each table by the id of its first op tensor (``QuantizedTable.owner_of``)
 _OWNERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-# the table attribute holding its buffers as embpress last set or validated them, and
-# their version counters (``QuantizedTable.check_buffers``); not pickled
+# the table attribute holding its buffers as embpress last set or validated them, with
+# what torch counts of each (``QuantizedTable.check_buffers``); pickled as a flag
 _TRUSTED = "_embpress_trusted_buffers"
-# op tensors validated as a table (``QuantizedTable.checked_view``): key -> weak references
-_CHECKED_VIEWS: dict[tuple[Any, ...], tuple[weakref.ReferenceType[torch.Tensor], ...]] = {}
-_CHECKED_VIEWS_KEPT = 64
+# op tensors validated as a table (``QuantizedTable.checked_view``), by the id of their
+# first tensor (one entry per table while that tensor lives; a weak reference to it, whose
+# death removes the entry): what was validated, and the other tensors (tensors compare
+# by value, so they cannot be the keys of a WeakKeyDictionary)
+_CHECKED_VIEWS: dict[int, tuple[weakref.ReferenceType[torch.Tensor], tuple[Any, ...], tuple[Any, ...]]] = {}
 
 
-def _stamps(tensors: Sequence[torch.Tensor]) -> tuple[tuple[int | None, int], ...]:
-    """Each tensor's version and data address: an in-place write changes the one, a new
-    storage (``.data = other``) the other."""
-    return tuple((_version_of(t), t.data_ptr()) for t in tensors)
+def _stamps(tensors: Sequence[torch.Tensor]) -> tuple[tuple[int | None, int, Any, Any], ...]:
+    """Each tensor's version, data address, shape and strides: an in-place write changes
+    the version, a new storage (``.data = other``) the address."""
+    return tuple((_version_of(t), t.data_ptr(), t.shape, t.stride()) for t in tensors)
 
 
 def _version_of(t: torch.Tensor) -> int | None:
@@ -485,8 +487,13 @@ class QuantizedTable(nn.Module):
         mixed table's column books), while moves between devices still apply. A float
         buffer goes through ``fn`` viewed as integers of its width (which the dtype casts
         of ``Module.to`` / ``half`` / ``double`` leave alone) and is viewed back; where
-        ``fn`` casts integers too (``Module.type``), a buffer only moves to its device."""
+        ``fn`` casts integers too (``Module.type``), a buffer only moves to its device.
+        Trusted buffers that ``fn`` left in their memory (a cast that integers ignore) stay
+        trusted; new memory (a move, ``share_memory_``, ``to_empty``'s uninitialised
+        buffers) is validated at the next lookup."""
         _KERNEL_ARGS.pop(self, None)
+        kept = self._buffers_trusted()
+        before = {n: (b.data_ptr(), b.nbytes) for n, b in self._buffers.items() if b is not None}
 
         def keep_dtype(t: torch.Tensor) -> torch.Tensor:
             viewed = t.view(_SAME_WIDTH_INT[t.element_size()]) if t.is_floating_point() else t
@@ -497,6 +504,9 @@ class QuantizedTable(nn.Module):
 
         out = super()._apply(keep_dtype, recurse)
         self._own_op_tensors()
+        after = {n: (b.data_ptr(), b.nbytes) for n, b in self._buffers.items() if b is not None}
+        if kept and after == before:
+            self._trust_buffers()
         return out
 
     # --------------------------------------------------------------- state_dict
@@ -599,7 +609,8 @@ class QuantizedTable(nn.Module):
         """The module's state for pickle, its unsigned 16- to 64-bit buffers as signed views
         of the same bytes (torch 2.13 pickles those dtypes but cannot unpickle them)."""
         state = dict(self.__dict__)
-        state.pop(_TRUSTED, None)  # trusted again where it is unpickled
+        # the copy is trusted where this table was (else validated at its first lookup)
+        state[_TRUSTED] = self._buffers_trusted()
         buffers = dict(state["_buffers"])
         viewed = {}
         for name, t in buffers.items():
@@ -612,8 +623,11 @@ class QuantizedTable(nn.Module):
         state = dict(state)
         for name, dtype in state.pop(_PICKLE_VIEWS, {}).items():
             state["_buffers"][name] = state["_buffers"][name].view(dtype)
+        trusted = state.pop(_TRUSTED, False) is True
         super().__setstate__(state)
         self._own_op_tensors()
+        if trusted:
+            self._trust_buffers()
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         if tensor is not None and tensor.numel() == 0:
@@ -623,25 +637,40 @@ class QuantizedTable(nn.Module):
         super().register_buffer(name, tensor, persistent)
         if self.op_tensor_names and name == self.op_tensor_names[0]:
             self._own_op_tensors()
-        self._trust_buffers()
 
     def _own_op_tensors(self) -> None:
-        """Let ``owner_of`` find this table from its first op tensor, and trust the
-        buffers as they are (embpress set them)."""
+        """Let ``owner_of`` find this table from its first op tensor."""
         first = self._buffers.get(self.op_tensor_names[0]) if self.op_tensor_names else None
         if first is not None:
             _OWNERS[id(first)] = self
-        self._trust_buffers()
 
-    def _trust_buffers(self) -> None:
-        """Record the buffers as they are: what embpress made or validated."""
+    def _buffer_record(self) -> tuple[tuple[Any, ...], list[Any] | None]:
+        """The buffers as they are now: the objects, and each one's version, data address,
+        shape and strides (None where one has no version counter: an inference tensor,
+        which may be written in place only under ``torch.inference_mode``)."""
         held = tuple(self._buffers.values())
         if any(b is None or b.is_inference() for b in held):
-            # no version counter to watch (an inference tensor may be written in place
-            # only under ``torch.inference_mode``): identities alone
-            self.__dict__[_TRUSTED] = (held, None)
-        else:
-            self.__dict__[_TRUSTED] = (held, [b._version for b in held if b is not None])
+            return held, None
+        return held, [(b._version, b.data_ptr(), b.shape, b.stride()) for b in held]  # type: ignore[union-attr]
+
+    def _trust_buffers(self, record: tuple[tuple[Any, ...], list[Any] | None] | None = None) -> None:
+        """Trust the buffers as ``record`` (default: now) found them: what embpress made
+        or validated. Layouts call it at the end of ``__init__`` (a table built by its
+        constructor is embpress's own: ``from_tensors`` validates before it builds)."""
+        self.__dict__[_TRUSTED] = self._buffer_record() if record is None else record
+
+    def _buffers_trusted(self) -> bool:
+        """Whether the buffers are the ones embpress last trusted, unwritten since (by
+        what torch counts: in-place ops, a new storage, a new shape)."""
+        state = self.__dict__
+        trusted = state.get(_TRUSTED)
+        if trusted is None:
+            return False
+        held, stamps = trusted
+        now = tuple(state["_buffers"].values())
+        if len(now) != len(held) or not all(map(operator.is_, now, held)):
+            return False
+        return stamps is None or [(b._version, b.data_ptr(), b.shape, b.stride()) for b in now] == stamps
 
     def check_buffers(self) -> None:
         """Validate the buffers if anything replaced them or wrote into them since embpress
@@ -650,17 +679,12 @@ class QuantizedTable(nn.Module):
         hold a valid table of these fields, else what derives from them is made again.
         Lookups call it first, so that no kernel reads a table whose offsets nobody checked;
         when nothing changed it reads each buffer's version counter."""
-        state = self.__dict__
-        buffers = state.get("_buffers")
+        buffers = self.__dict__.get("_buffers")
         if buffers is None:  # an op's view (``checked_view``): checked when made
             return
-        trusted = state.get(_TRUSTED)
-        if trusted is not None:
-            held, versions = trusted
-            now = tuple(buffers.values())
-            same = len(now) == len(held) and all(map(operator.is_, now, held))
-            if same and (versions is None or [b._version for b in now] == versions):
-                return
+        if self._buffers_trusted():
+            return
+        record = self._buffer_record()  # before reading them: a write meanwhile is not trusted
         names = [n for n, b in buffers.items() if b is not None]
         try:
             checked = type(self).from_tensors(
@@ -675,7 +699,7 @@ class QuantizedTable(nn.Module):
         self.num_pruned = checked.num_pruned
         _KERNEL_ARGS.pop(self, None)
         self._buffers_loaded()
-        self._trust_buffers()
+        self._trust_buffers(record)
 
     @classmethod
     def checked_view(
@@ -692,18 +716,14 @@ class QuantizedTable(nn.Module):
         exported program's constants, or a state loaded into it, are checked before a
         kernel reads them, as a file is."""
         view = cls.from_op_args(tensors, num_embeddings, embedding_dim, bits, scale_dtype, layout_args)
-        key = (
-            cls,
-            num_embeddings,
-            embedding_dim,
-            bits,
-            scale_dtype,
-            tuple(layout_args),
-            tuple(map(id, tensors)),
-            _stamps(tensors),
-        )
-        refs = _CHECKED_VIEWS.get(key)
-        if refs is not None and all(r() is t for r, t in zip(refs, tensors, strict=True)):
+        key = (cls, num_embeddings, embedding_dim, bits, scale_dtype, tuple(layout_args), _stamps(tensors))
+        hit = _CHECKED_VIEWS.get(id(tensors[0])) if tensors else None
+        if (
+            hit is not None
+            and hit[0]() is tensors[0]
+            and hit[1] == key
+            and all(map(operator.is_, hit[2], tensors[1:]))
+        ):
             return view
         named = {n: t.detach().to("cpu") for n, t in zip(cls.op_tensor_names, tensors, strict=True)}
         try:
@@ -712,9 +732,15 @@ class QuantizedTable(nn.Module):
             raise FormatError(
                 f"the op was given tensors that are not a valid {cls.layout} table: {err}"
             ) from None
-        if len(_CHECKED_VIEWS) >= _CHECKED_VIEWS_KEPT:
-            _CHECKED_VIEWS.pop(next(iter(_CHECKED_VIEWS)))
-        _CHECKED_VIEWS[key] = tuple(weakref.ref(t) for t in tensors)
+        if tensors:  # (the rest held strongly: they live as long as the first, a table's)
+            first = id(tensors[0])
+
+            def forget(ref: weakref.ReferenceType[torch.Tensor], first: int = first) -> None:
+                entry = _CHECKED_VIEWS.get(first)
+                if entry is not None and entry[0] is ref:
+                    del _CHECKED_VIEWS[first]
+
+            _CHECKED_VIEWS[first] = (weakref.ref(tensors[0], forget), key, tuple(tensors[1:]))
         return view
 
     @classmethod

@@ -232,6 +232,7 @@ class BlockSparseTable(QuantizedTable):
         self.register_buffer("records", records)
         self.register_buffer("row_offsets", row_offsets)
         self.register_buffer("group_offsets", group_offsets)
+        self._trust_buffers()
 
     # --------------------------------------------------------------- encoding
     @classmethod

@@ -56,6 +56,7 @@ class DenseTable(QuantizedTable):
     ) -> None:
         super().__init__(fused.shape[0], embedding_dim, bits, scale_dtype, num_pruned)
         self.register_buffer("fused", fused)
+        self._trust_buffers()
 
     @classmethod
     def predicted_nbytes(cls, stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> int:

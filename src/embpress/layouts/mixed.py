@@ -223,6 +223,7 @@ class MixedTable(QuantizedTable):
         self.register_buffer("payload", payload)
         self.register_buffer("colbooks", colbooks)
         self._set_geometry(codecs, [int(n) for n in class_rank[-1].tolist()])
+        self._trust_buffers()
 
     # ------------------------------------------------------------------ geometry
     def _set_geometry(self, codecs: tuple[Codec, ...], class_rows: list[int] | None) -> None:

@@ -94,6 +94,7 @@ class PrunedRowsTable(QuantizedTable):
         self.register_buffer("fused", fused)
         self.register_buffer("row_bits", row_bits)
         self.register_buffer("row_rank", row_rank)
+        self._trust_buffers()
 
     @classmethod
     def predicted_nbytes(cls, stats: MaskStats, bits: int, scale_dtype: torch.dtype) -> int:
