@@ -572,23 +572,24 @@ def test_a_loaded_program_of_many_tables_checks_each_once(monkeypatch):
     assert torch.equal(first, model(ids, offsets))
 
 
+class _OneBag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.EmbeddingBag(400, 32, mode="sum")
+
+    def forward(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        return self.e(x, o)
+
+
 def test_an_exported_mixed_table_refuses_another_tables_state():
     """A mixed table's op arguments say where each class's rows start in its payload, which
     depends on the table: an exported program given another mixed table's state of the
     same shapes (``strict=False``) raises instead of reading that state at the first
     table's places (it returned wrong values); the program's own state still runs."""
 
-    class Bags(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.e = nn.EmbeddingBag(400, 32, mode="sum")
-
-        def forward(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-            return self.e(x, o)
-
     def mixed(seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        model = Bags()
+        model = _OneBag()
         embpress.plan(model, budget_bytes=2000).apply(model)
         return model
 
@@ -615,17 +616,9 @@ def test_an_exported_mixed_table_in_its_models_process_refuses_another_tables_st
     it; the program refuses it as another table, and the model serves what its buffers
     now hold, that table (both returned NaN, reading it at the first table's places)."""
 
-    class Bags(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.e = nn.EmbeddingBag(400, 32, mode="sum")
-
-        def forward(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-            return self.e(x, o)
-
     def mixed(seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        model = Bags()
+        model = _OneBag()
         with torch.no_grad():
             model.e.weight.mul_(torch.rand(400, 1) * 3)
         embpress.plan(model, budget_bytes=2000, codecs=["rowwise4", "levels2"]).apply(model)
