@@ -82,10 +82,11 @@ def _transformed(weights: torch.Tensor | None) -> bool:
     )
 
 
-def _traced_weights(weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """``per_sample_weights`` of a ``torch.fx.symbolic_trace`` graph, checked and cast as
-    the eager module does when the graph runs (a leaf of the graph: tracing cannot read a
-    proxy's dtype, nor whether it is None)."""
+def _float_weights(weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``per_sample_weights`` as the ops take them (float32), refused unless of the
+    module's output ``dtype`` (as ``nn.EmbeddingBag`` refuses weights of another dtype
+    than its table's). A leaf of ``torch.fx.symbolic_trace`` graphs, so that it runs when
+    the graph runs (tracing cannot read a proxy's dtype, nor whether it is None)."""
     if weights is None:
         return None
     if weights.dtype != dtype:
@@ -96,7 +97,7 @@ def _traced_weights(weights: torch.Tensor | None, dtype: torch.dtype) -> torch.T
     return weights.float()
 
 
-torch.fx.wrap("_traced_weights")
+torch.fx.wrap("_float_weights")
 
 
 def _check_tensor(value: object, name: str, optional: bool = False) -> None:
@@ -531,22 +532,12 @@ class QuantizedEmbeddingBag(_QuantizedModule):
             _check_tensor(input, "indices")
             _check_tensor(offsets, "offsets", optional=True)
             _check_tensor(per_sample_weights, "per_sample_weights", optional=True)
-        if not torch.jit.is_scripting():  # noqa: SIM102
-            if isinstance(per_sample_weights, torch.fx.Proxy):  # symbolic_trace: checked as it runs
-                per_sample_weights = _traced_weights(per_sample_weights, self.output_dtype)
-        if isinstance(per_sample_weights, torch.Tensor) and per_sample_weights.dtype != self.output_dtype:
-            # as nn.EmbeddingBag refuses weights of another dtype than its table's (TorchScript too)
-            if not torch.jit.is_scripting():
-                raise RuntimeError(
-                    f"per_sample_weights must have dtype {self.output_dtype}, the dtype of the module's "
-                    f"output (the weight it replaces); got {per_sample_weights.dtype}"
-                )
-            raise RuntimeError("per_sample_weights must have the dtype of the module's output")
-        if (
-            isinstance(per_sample_weights, torch.Tensor)  # (not a symbolic_trace proxy)
-            and per_sample_weights.dtype == self.output_dtype
-        ):
-            per_sample_weights = per_sample_weights.float()  # the weight's dtype, as nn's take them
+        if not torch.jit.is_scripting():
+            per_sample_weights = _float_weights(per_sample_weights, self.output_dtype)
+        elif per_sample_weights is not None:  # TorchScript's copy of _float_weights
+            if per_sample_weights.dtype != self.output_dtype:
+                raise RuntimeError("per_sample_weights must have the dtype of the module's output")
+            per_sample_weights = per_sample_weights.float()
         # TorchScript leaves out a block guarded by is_scripting() alone (not one merged with `and`)
         if not torch.jit.is_scripting():  # noqa: SIM102
             if _runs_eagerly(input, offsets, per_sample_weights):

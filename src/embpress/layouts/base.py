@@ -31,6 +31,7 @@ from .._aot import KernelRef
 from .._buffers import empty_tensor
 from ..quant.packing import pack_codes, packed_length, unpack_codes
 from ..quant.rowwise import RowQParams
+from ..sparsify.base import _version_of
 from .lookup import (
     Bags,
     FusedKernelTable,
@@ -75,7 +76,7 @@ _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int6
 # per table: the policy, the buffers, their addresses and the kernel arguments of its last
 # fast lookup (``QuantizedTable.kernel_args``); outside the module, so copies and pickles
 # skip it
-_Stamps = tuple[tuple[int, int], ...]  # each buffer's data address and version
+_Stamps = tuple[Any, ...]  # ``_stamps`` of a table's buffers
 _KERNEL_ARGS: weakref.WeakKeyDictionary[Any, tuple[Any, tuple[Any, ...], _Stamps, Any]] = (
     weakref.WeakKeyDictionary()
 )
@@ -91,16 +92,12 @@ _TRUSTED = "_embpress_trusted_buffers"
 _CHECKED_VIEWS: dict[int, tuple[weakref.ReferenceType[torch.Tensor], tuple[Any, ...], tuple[Any, ...]]] = {}
 
 
-def _stamps(tensors: Sequence[torch.Tensor]) -> tuple[tuple[int | None, int, Any, Any], ...]:
-    """Each tensor's version, data address, shape and strides: an in-place write changes
-    the version, a new storage (``.data = other``) the address."""
-    return tuple((_version_of(t), t.data_ptr(), t.shape, t.stride()) for t in tensors)
-
-
-def _version_of(t: torch.Tensor) -> int | None:
-    """``t._version``; None for an inference tensor, which has no version counter (and may
-    be written in place only under ``torch.inference_mode``)."""
-    return None if t.is_inference() else t._version
+def _stamps(tensors: Sequence[torch.Tensor | None]) -> _Stamps:
+    """Each tensor's version, data address, shape and strides (None for a missing one):
+    an in-place write changes the version, a new storage (``.data = other``) the address.
+    An inference tensor has no version (None): it may be written in place only under
+    ``torch.inference_mode``."""
+    return tuple(None if t is None else (_version_of(t), t.data_ptr(), t.shape, t.stride()) for t in tensors)
 
 
 # buffer dtypes a pickled table holds as signed views of their width (``__getstate__``)
@@ -465,8 +462,8 @@ class QuantizedTable(nn.Module):
         buffers = tuple(held.values())
         # a buffer's ``.data = other`` keeps the object and swaps its storage: the views'
         # memory may be gone, so its address is part of the key; a write in place changes
-        # its version (an inference tensor has none: -1)
-        addresses = tuple((b.data_ptr(), -1 if b.is_inference() else b._version) for b in buffers)
+        # its version
+        addresses = _stamps(buffers)
         hit = _KERNEL_ARGS.get(self)
         if (
             hit is not None
@@ -644,16 +641,12 @@ class QuantizedTable(nn.Module):
         if first is not None:
             _OWNERS[id(first)] = self
 
-    def _buffer_record(self) -> tuple[tuple[Any, ...], list[Any] | None]:
-        """The buffers as they are now: the objects, and each one's version, data address,
-        shape and strides (None where one has no version counter: an inference tensor,
-        which may be written in place only under ``torch.inference_mode``)."""
+    def _buffer_record(self) -> tuple[tuple[Any, ...], _Stamps]:
+        """The buffers as they are now: the objects and their ``_stamps``."""
         held = tuple(self._buffers.values())
-        if any(b is None or b.is_inference() for b in held):
-            return held, None
-        return held, [(b._version, b.data_ptr(), b.shape, b.stride()) for b in held]  # type: ignore[union-attr]
+        return held, _stamps(held)
 
-    def _trust_buffers(self, record: tuple[tuple[Any, ...], list[Any] | None] | None = None) -> None:
+    def _trust_buffers(self, record: tuple[tuple[Any, ...], _Stamps] | None = None) -> None:
         """Trust the buffers as ``record`` (default: now) found them: what embpress made
         or validated. Layouts call it at the end of ``__init__`` (a table built by its
         constructor is embpress's own: ``from_tensors`` validates before it builds)."""
@@ -668,9 +661,7 @@ class QuantizedTable(nn.Module):
             return False
         held, stamps = trusted
         now = tuple(state["_buffers"].values())
-        if len(now) != len(held) or not all(map(operator.is_, now, held)):
-            return False
-        return stamps is None or [(b._version, b.data_ptr(), b.shape, b.stride()) for b in now] == stamps
+        return len(now) == len(held) and all(map(operator.is_, now, held)) and _stamps(now) == stamps
 
     def check_buffers(self) -> None:
         """Validate the buffers if anything replaced them or wrote into them since embpress
